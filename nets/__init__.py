@@ -1,0 +1,46 @@
+"""Neural networks as pure functions with hand-written backward passes.
+
+Layers (`nets.layers`), losses (`nets.losses`), models (`nets.mlp`), the two gradient engines
+(`nets.engines`) and the checks between them (`nets.gradcheck`). Nothing here knows about
+optimisers, devices or files.
+"""
+from nets import engines, gradcheck, initializers, layers, losses, mlp
+from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
+from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+from nets.losses import (
+    Loss,
+    Objective,
+    lecture_objective,
+    mean_squared_error,
+    sigmoid_cross_entropy,
+    softmax_cross_entropy,
+)
+from nets.mlp import mlp as build_mlp
+
+__all__ = [
+    "engines",
+    "gradcheck",
+    "initializers",
+    "layers",
+    "losses",
+    "mlp",
+    "Layer",
+    "Dense",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "Identity",
+    "serial",
+    "Loss",
+    "Objective",
+    "lecture_objective",
+    "sigmoid_cross_entropy",
+    "mean_squared_error",
+    "softmax_cross_entropy",
+    "manual",
+    "autodiff",
+    "manual_vjp",
+    "with_manual_vjp",
+    "get_engine",
+    "build_mlp",
+]

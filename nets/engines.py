@@ -1,0 +1,134 @@
+"""Two gradient engines with one interface, and the manual engine as a `jax.custom_vjp`.
+
+An engine turns a model (a `Layer`) and an `Objective` into
+
+    value_and_grad(params, x, targets) -> (E, dE/dparams)
+
+where dE/dparams has the structure of params. `manual` runs the hand-written backward passes
+(loss gradient, then each layer's `backward` from the last to the first, then (lambda/m) w for
+the L2 penalty); `autodiff` runs `jax.value_and_grad` on the same forward functions;
+`manual_vjp` runs `jax.value_and_grad` through `with_manual_vjp` wrappers, so JAX's own
+machinery (grad, vmap, check_grads) drives the hand-written backward passes. All three are
+pure and jit-compatible; none jits by itself, so callers decide where compilation happens.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from nets.layers import Layer
+from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "ValueAndGrad",
+    "manual",
+    "autodiff",
+    "manual_vjp",
+    "with_manual_vjp",
+    "loss_with_manual_vjp",
+    "get_engine",
+]
+
+ValueAndGrad = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+Engine = Callable[[Layer, Objective], ValueAndGrad]
+
+
+def manual(model: Layer, objective: Objective) -> ValueAndGrad:
+    """E and its gradient by the hand-written backward passes (no jax.grad anywhere)."""
+
+    def value_and_grad(params, x, targets):
+        outputs, residuals = model.forward(params, x)
+        m = outputs.shape[0]
+        value = objective.value(params, outputs, targets)
+        doutputs = objective.loss.grad(outputs, targets)
+        dparams, _ = model.backward(params, residuals, doutputs)
+        dpenalty = l2_penalty_grad(params, objective.l2, m)
+        return value, jax.tree.map(lambda a, b: a + b, dparams, dpenalty)
+
+    return value_and_grad
+
+
+def autodiff(model: Layer, objective: Objective) -> ValueAndGrad:
+    """E and its gradient by `jax.value_and_grad` of the forward pass (the reference)."""
+
+    def energy(params, x, targets):
+        return objective.value(params, model.apply(params, x), targets)
+
+    return jax.value_and_grad(energy)
+
+
+def with_manual_vjp(layer: Layer) -> Callable[[Any, jax.Array], jax.Array]:
+    """`layer.apply` as a `jax.custom_vjp` whose backward is `layer.backward`.
+
+    Differentiable in both params and x; the cotangent rule is the hand-written one.
+    """
+
+    @jax.custom_vjp
+    def apply(params, x):
+        return layer.apply(params, x)
+
+    def forward(params, x):
+        y, residuals = layer.forward(params, x)
+        return y, (params, residuals)
+
+    def backward(saved, dy):
+        params, residuals = saved
+        return layer.backward(params, residuals, dy)
+
+    apply.defvjp(forward, backward)
+    return apply
+
+
+def loss_with_manual_vjp(loss: Loss) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`loss.value` as a `jax.custom_vjp` whose output cotangent is `loss.grad`.
+
+    Targets are data, not trained: their cotangent (never needed for training) is delegated to
+    `jax.vjp` so that differentiating with respect to targets stays correct.
+    """
+
+    @jax.custom_vjp
+    def value(outputs, targets):
+        return loss.value(outputs, targets)
+
+    def forward(outputs, targets):
+        return loss.value(outputs, targets), (outputs, targets)
+
+    def backward(saved, g):
+        outputs, targets = saved
+        _, target_vjp = jax.vjp(lambda t: loss.value(outputs, t), targets)
+        return g * loss.grad(outputs, targets), target_vjp(g)[0]
+
+    value.defvjp(forward, backward)
+    return value
+
+
+def manual_vjp(model: Layer, objective: Objective) -> ValueAndGrad:
+    """`jax.value_and_grad` through the custom_vjp-registered hand-written backward passes.
+
+    The L2 term is differentiated by JAX (its gradient is (lambda/m) w, a single line).
+    """
+    apply = with_manual_vjp(model)
+    loss_value = loss_with_manual_vjp(objective.loss)
+
+    def energy(params, x, targets):
+        outputs = apply(params, x)
+        return loss_value(outputs, targets) + l2_penalty(params, objective.l2, outputs.shape[0])
+
+    return jax.value_and_grad(energy)
+
+
+ENGINES: dict[str, Engine] = {
+    "manual": manual,
+    "autodiff": autodiff,
+    "manual_vjp": manual_vjp,
+}
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called `name`; a ValueError lists the choices for an unknown name."""
+    if name not in ENGINES:
+        raise ValueError(f"engine: unknown name {name!r}; choose one of {sorted(ENGINES)}")
+    return ENGINES[name]

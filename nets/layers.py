@@ -1,0 +1,197 @@
+"""Layers as pure functions with hand-written backward passes.
+
+The contract (DESIGN.md), shared by every layer and by `serial`:
+
+    init(key, input_shape)          -> (output_shape, params)
+    forward(params, x)              -> (y, residuals)
+    backward(params, residuals, dy) -> (dparams, dx)
+    apply(params, x)                -> y            # forward without the residuals
+
+`params` is a plain pytree of arrays (a dict per layer; `()` for layers without parameters);
+`residuals` is exactly what `backward` needs; `dparams` has the structure of `params` and
+`dx` the shape of `x`. Shapes carry a leading batch axis; `input_shape` may use -1 for it.
+Weights are stored under the key "w" and biases under "b": the lecture's L2 penalty applies
+to the "w" leaves only (see `nets.losses.l2_penalty`).
+
+Backward passes are written from each layer's math, never by differentiating the forward
+pass. A layer checks the shape of its input once, at trace time, and raises a ValueError
+naming the layer and both shapes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nets import initializers
+
+__all__ = [
+    "Layer",
+    "Dense",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "Identity",
+    "serial",
+    "check_input",
+]
+
+Shape = tuple[int, ...]
+Params = Any
+InitFn = Callable[[jax.Array, Shape], tuple[Shape, Params]]
+ForwardFn = Callable[[Params, jax.Array], tuple[jax.Array, Any]]
+BackwardFn = Callable[[Params, Any, jax.Array], tuple[Params, jax.Array]]
+
+
+class Layer(NamedTuple):
+    """A layer: a name and three pure functions (see the module docstring).
+
+    `sublayers` lists the parts of a combinator such as `serial` (empty for a plain layer),
+    so that reports can name each layer's parameters.
+    """
+
+    name: str
+    init: InitFn
+    forward: ForwardFn
+    backward: BackwardFn
+    sublayers: tuple["Layer", ...] = ()
+
+    def apply(self, params: Params, x: jax.Array) -> jax.Array:
+        """The layer's output, `forward` without the residuals."""
+        return self.forward(params, x)[0]
+
+
+def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
+    """Raise a ValueError unless `x.shape` matches `expected` (-1 matches any size)."""
+    matches = len(x.shape) == len(expected) and all(
+        want in (-1, got) for want, got in zip(expected, x.shape)
+    )
+    if not matches:
+        pretty = tuple("batch" if d == -1 else d for d in expected)
+        raise ValueError(
+            f"{layer_name}: input x has shape {tuple(x.shape)}, expected {pretty}"
+        )
+
+
+def Dense(
+    out_features: int,
+    w_init: initializers.Initializer = initializers.fan_in_uniform(),
+    b_init: initializers.Initializer = initializers.zeros,
+    name: str = "Dense",
+) -> Layer:
+    """Fully connected layer y = x @ w + b.
+
+    Shapes: x (batch, in), w (in, out), b (out,), y (batch, out).
+    Backward, the lecture's recursion with dy = dE/d(pre-activation):
+        dw = x^T @ dy,   db = sum_batch dy,   dx = dy @ w^T.
+    """
+    if out_features < 1:
+        raise ValueError(f"{name}: out_features must be >= 1, got {out_features}")
+
+    def init(key, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"{name}: input_shape {tuple(input_shape)} must be (batch, features)"
+            )
+        in_features = input_shape[-1]
+        key_w, key_b = jax.random.split(key)
+        params = {
+            "w": w_init(key_w, (in_features, out_features)),
+            "b": b_init(key_b, (out_features,)),
+        }
+        return (input_shape[0], out_features), params
+
+    def forward(params, x):
+        check_input(name, x, (-1, params["w"].shape[0]))
+        return x @ params["w"] + params["b"], x
+
+    def backward(params, x, dy):
+        dparams = {"w": x.T @ dy, "b": jnp.sum(dy, axis=0)}
+        return dparams, dy @ params["w"].T
+
+    return Layer(name, init, forward, backward)
+
+
+def _elementwise(
+    name: str,
+    function: Callable[[jax.Array], jax.Array],
+    derivative_from_output: Callable[[jax.Array], jax.Array],
+) -> Layer:
+    """A parameter-free layer y = f(x) whose derivative f'(x) is a function of y."""
+
+    def init(key, input_shape):
+        del key
+        return tuple(input_shape), ()
+
+    def forward(params, x):
+        del params
+        y = function(x)
+        return y, y
+
+    def backward(params, y, dy):
+        del params
+        return (), dy * derivative_from_output(y)
+
+    return Layer(name, init, forward, backward)
+
+
+def Sigmoid(name: str = "Sigmoid") -> Layer:
+    """Logistic unit y = 1 / (1 + exp(-x)); backward: dx = dy * y * (1 - y) (the lecture's)."""
+    return _elementwise(name, jax.nn.sigmoid, lambda y: y * (1 - y))
+
+
+def Tanh(name: str = "Tanh") -> Layer:
+    """y = tanh(x); backward: dx = dy * (1 - y^2)."""
+    return _elementwise(name, jnp.tanh, lambda y: 1 - y * y)
+
+
+def Relu(name: str = "Relu") -> Layer:
+    """y = max(x, 0); backward: dx = dy * [y > 0] (the subgradient at 0 is taken as 0)."""
+    return _elementwise(name, jax.nn.relu, lambda y: (y > 0).astype(y.dtype))
+
+
+def Identity(name: str = "Identity") -> Layer:
+    """y = x; backward: dx = dy."""
+    return _elementwise(name, lambda x: x, jnp.ones_like)
+
+
+def serial(*layers: Layer, name: str = "serial") -> Layer:
+    """Compose layers: forward left to right, backward right to left.
+
+    params and residuals are tuples with one entry per layer.
+    """
+    if not layers:
+        raise ValueError(f"{name}: needs at least one layer")
+
+    def init(key, input_shape):
+        params = []
+        for layer, layer_key in zip(layers, jax.random.split(key, len(layers))):
+            input_shape, layer_params = layer.init(layer_key, input_shape)
+            params.append(layer_params)
+        return input_shape, tuple(params)
+
+    def forward(params, x):
+        _check_param_count(name, params, len(layers))
+        residuals = []
+        for layer, layer_params in zip(layers, params):
+            x, layer_residuals = layer.forward(layer_params, x)
+            residuals.append(layer_residuals)
+        return x, tuple(residuals)
+
+    def backward(params, residuals, dy):
+        dparams = []
+        for layer, layer_params, layer_residuals in reversed(
+            list(zip(layers, params, residuals))
+        ):
+            layer_dparams, dy = layer.backward(layer_params, layer_residuals, dy)
+            dparams.append(layer_dparams)
+        return tuple(reversed(dparams)), dy
+
+    return Layer(name, init, forward, backward, sublayers=tuple(layers))
+
+
+def _check_param_count(name: str, params: Params, expected: int) -> None:
+    if not isinstance(params, (tuple, list)) or len(params) != expected:
+        found = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
+        raise ValueError(f"{name}: params must hold {expected} layer entries, got {found}")

@@ -1,0 +1,176 @@
+"""Losses with hand-written gradients, and the lecture's objective.
+
+A loss is `value(outputs, targets) -> scalar` with `grad(outputs, targets) -> d value /
+d outputs`, written by hand. Shapes: outputs and targets are both (batch, classes); every loss
+is a mean over the m examples of the batch of a sum over outputs.
+
+The lecture's objective adds the L2 penalty of the weights (biases excluded):
+
+    E(w) = -(1/m) sum_i sum_k [y_ik log s_ik + (1 - y_ik) log(1 - s_ik)]
+           + lambda/(2m) sum_l sum_ij (w^l_ij)^2,          s = sigmoid(z^L).
+
+Its weight gradient is (lambda/m) w. The lecture's slides write (lambda/2m) w: that is a slip,
+as the derivative of lambda/(2m) w^2 is (lambda/m) w, and tests/test_losses.py shows jax.grad
+agrees with lambda/m and not with lambda/2m.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Loss",
+    "Objective",
+    "sigmoid_cross_entropy",
+    "mean_squared_error",
+    "softmax_cross_entropy",
+    "lecture_output_error",
+    "lecture_objective",
+    "l2_penalty",
+    "l2_penalty_grad",
+    "is_weight",
+]
+
+
+class Loss(NamedTuple):
+    """`value(outputs, targets) -> scalar`, `grad(outputs, targets) -> (batch, classes)`."""
+
+    name: str
+    value: Callable[[jax.Array, jax.Array], jax.Array]
+    grad: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
+    if outputs.ndim != 2 or outputs.shape != targets.shape:
+        raise ValueError(
+            f"{name}: outputs have shape {tuple(outputs.shape)} and targets "
+            f"{tuple(targets.shape)}; expected equal shapes (batch, classes)"
+        )
+
+
+def _checked(name: str, value, grad) -> Loss:
+    def checked_value(outputs, targets):
+        _check_pair(name, outputs, targets)
+        return value(outputs, targets)
+
+    def checked_grad(outputs, targets):
+        _check_pair(name, outputs, targets)
+        return grad(outputs, targets)
+
+    return Loss(name, checked_value, checked_grad)
+
+
+def lecture_output_error(sigma: jax.Array, targets: jax.Array) -> jax.Array:
+    """The lecture's output error dE/ds^L = -y/s + (1 - y)/(1 - s), per example.
+
+    (The second slide prints the first term with a + sign: a typo; this is the derivative of
+    -[y log s + (1 - y) log(1 - s)].) Divide by m for the batch mean.
+    """
+    return -targets / sigma + (1 - targets) / (1 - sigma)
+
+
+def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
+    """Multi-output sigmoid cross-entropy, mean over examples, sum over outputs.
+
+    from_logits=True: outputs are the logits z and the value is computed stably as
+        (1/m) sum [max(z, 0) - y z + log(1 + exp(-|z|))],
+    with gradient (sigmoid(z) - y)/m: the lecture's output error dE/ds times the sigmoid
+    derivative s(1 - s), simplified (the product is exact; the simplification avoids 0/0
+    when s rounds to 0 or 1).
+    from_logits=False: outputs are the probabilities s in (0, 1) and the gradient is the
+    lecture's dE/ds = (-y/s + (1 - y)/(1 - s))/m, to be backpropagated through a Sigmoid layer.
+    """
+    if from_logits:
+
+        def value(z, y):
+            m = z.shape[0]
+            per_output = jnp.maximum(z, 0) - y * z + jnp.log1p(jnp.exp(-jnp.abs(z)))
+            return jnp.sum(per_output) / m
+
+        def grad(z, y):
+            return (jax.nn.sigmoid(z) - y) / z.shape[0]
+
+        return _checked("sigmoid_cross_entropy", value, grad)
+
+    def value_from_probabilities(s, y):
+        m = s.shape[0]
+        return -jnp.sum(y * jnp.log(s) + (1 - y) * jnp.log1p(-s)) / m
+
+    def grad_from_probabilities(s, y):
+        return lecture_output_error(s, y) / s.shape[0]
+
+    return _checked(
+        "sigmoid_cross_entropy(probabilities)", value_from_probabilities, grad_from_probabilities
+    )
+
+
+def mean_squared_error() -> Loss:
+    """E = (1/(2m)) sum_i sum_k (o_ik - t_ik)^2, gradient (o - t)/m.
+
+    The loss of the 1989 nets, with targets +-1 (LeCun et al. 1989 used targets of +-1 and a
+    scaled tanh output).
+    """
+
+    def value(o, t):
+        return 0.5 * jnp.sum((o - t) ** 2) / o.shape[0]
+
+    def grad(o, t):
+        return (o - t) / o.shape[0]
+
+    return _checked("mean_squared_error", value, grad)
+
+
+def softmax_cross_entropy() -> Loss:
+    """E = -(1/m) sum_i sum_k y_ik log softmax(z_i)_k from logits z.
+
+    Gradient (softmax(z) * sum_k y_k - y)/m, which is (softmax(z) - y)/m for one-hot rows.
+    """
+
+    def value(z, y):
+        return -jnp.sum(y * jax.nn.log_softmax(z, axis=-1)) / z.shape[0]
+
+    def grad(z, y):
+        row_mass = jnp.sum(y, axis=-1, keepdims=True)
+        return (jax.nn.softmax(z, axis=-1) * row_mass - y) / z.shape[0]
+
+    return _checked("softmax_cross_entropy", value, grad)
+
+
+def is_weight(path: tuple[Any, ...]) -> bool:
+    """Whether a params leaf, given by its pytree path, is a weight (key "w")."""
+    return bool(path) and getattr(path[-1], "key", None) == "w"
+
+
+def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
+    """lambda/(2m) * sum of the squared weights ("w" leaves; biases excluded)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    sum_of_squares = sum(jnp.sum(leaf**2) for path, leaf in leaves if is_weight(path))
+    return l2 / (2 * m) * jnp.asarray(sum_of_squares)
+
+
+def l2_penalty_grad(params: Any, l2: float, m: int) -> Any:
+    """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (l2 / m) * leaf if is_weight(path) else jnp.zeros_like(leaf), params
+    )
+
+
+class Objective(NamedTuple):
+    """A loss on the outputs plus lambda/(2m) times the sum of squared weights."""
+
+    loss: Loss
+    l2: float = 0.0
+
+    def value(self, params: Any, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        """E(params) given the model's outputs on a batch of m examples."""
+        m = outputs.shape[0]
+        return self.loss.value(outputs, targets) + l2_penalty(params, self.l2, m)
+
+
+def lecture_objective(l2: float = 0.0, from_logits: bool = True) -> Objective:
+    """The lecture's E(w): sigmoid cross-entropy plus lambda/(2m) sum w^2 (module docstring)."""
+    if l2 < 0:
+        raise ValueError(f"lecture_objective: l2 must be >= 0, got {l2}")
+    return Objective(sigmoid_cross_entropy(from_logits=from_logits), l2)

@@ -1,0 +1,58 @@
+"""Multi-layer perceptrons with the lecture's STEP 0 defaults.
+
+STEP 0 of the lecture fixes the architecture before training: as many inputs as features, as
+many outputs as classes, one hidden layer by default, a hidden width that is a constant factor
+(3 to 4) of the input dimension, and the same width in every hidden layer.
+"""
+from __future__ import annotations
+
+from nets import initializers
+from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+
+__all__ = ["ACTIVATIONS", "mlp", "step0_hidden_units"]
+
+ACTIVATIONS = {"sigmoid": Sigmoid, "tanh": Tanh, "relu": Relu, "identity": Identity}
+
+
+def step0_hidden_units(input_dim: int, factor: float = 3.0) -> int:
+    """The lecture's hidden width: `factor` (3 to 4) times the input dimension."""
+    if not 3.0 <= factor <= 4.0:
+        raise ValueError(f"mlp: hidden_factor must lie in [3, 4] (STEP 0), got {factor}")
+    return round(factor * input_dim)
+
+
+def mlp(
+    input_dim: int,
+    num_classes: int,
+    hidden_layers: int = 1,
+    hidden_units: int | None = None,
+    hidden_factor: float = 3.0,
+    activation: str = "sigmoid",
+    output_activation: str = "identity",
+    w_init: initializers.Initializer | None = None,
+) -> Layer:
+    """An MLP: `hidden_layers` x (Dense -> activation), then Dense -> output_activation.
+
+    Shapes: x (batch, input_dim) -> y (batch, num_classes). With the default identity output
+    the net returns logits for `sigmoid_cross_entropy(from_logits=True)`; with
+    output_activation="sigmoid" it returns the lecture's s^L for the probability form.
+    hidden_units overrides STEP 0's `hidden_factor * input_dim`. Layers are named
+    hidden1, act1, hidden2, act2, ..., output, output_act.
+    """
+    for argument, value in (("input_dim", input_dim), ("num_classes", num_classes)):
+        if value < 1:
+            raise ValueError(f"mlp: {argument} must be >= 1, got {value}")
+    if hidden_layers < 0:
+        raise ValueError(f"mlp: hidden_layers must be >= 0, got {hidden_layers}")
+    for argument, name in (("activation", activation), ("output_activation", output_activation)):
+        if name not in ACTIVATIONS:
+            raise ValueError(f"mlp: {argument}={name!r}; choose one of {sorted(ACTIVATIONS)}")
+    width = hidden_units or step0_hidden_units(input_dim, hidden_factor)
+    dense_kwargs = {} if w_init is None else {"w_init": w_init}
+    layers = []
+    for index in range(1, hidden_layers + 1):
+        layers.append(Dense(width, name=f"hidden{index}", **dense_kwargs))
+        layers.append(ACTIVATIONS[activation](name=f"act{index}"))
+    layers.append(Dense(num_classes, name="output", **dense_kwargs))
+    layers.append(ACTIVATIONS[output_activation](name="output_act"))
+    return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}")
