@@ -1,0 +1,125 @@
+"""One writer for every experiment's results (DESIGN.md, "Experiments and their results").
+
+An experiment's work directory receives `results.json`:
+
+    {"experiment": NAME, "config": {...}, "environment": {"jax": ..., "backend": ...,
+     "devices": [...]}, "metrics": {...}, "history": [...], "seconds": {"compile": s,
+     "run": s}, ...experiment-specific keys}
+
+and `results.md`, the printed table. Results are written before they are printed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+__all__ = [
+    "default_workdir",
+    "environment",
+    "markdown_table",
+    "to_jsonable",
+    "write_results",
+    "save_and_print_table",
+]
+
+
+def default_workdir(experiment: str, root: str | os.PathLike = "runs") -> pathlib.Path:
+    """runs/<experiment>/<UTC timestamp>/ (not created)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return pathlib.Path(root) / experiment / stamp
+
+
+def environment() -> dict:
+    """Versions, backend and devices of this process."""
+    import jaxlib
+    import optax
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "python": sys.version.split()[0],
+        "backend": jax.default_backend(),
+        "devices": [str(device) for device in jax.devices()],
+        "x64": bool(jax.config.read("jax_enable_x64")),
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Arrays and NumPy/JAX scalars as plain Python; non-finite floats as strings."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return to_jsonable(np.asarray(value).tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return value
+
+
+def write_results(
+    workdir: str | os.PathLike,
+    experiment: str,
+    config: dict,
+    metrics: dict,
+    history: Sequence[dict] = (),
+    seconds: dict | None = None,
+    **extra: Any,
+) -> pathlib.Path:
+    """Write `workdir/results.json` (atomically) and return its path."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "experiment": experiment,
+        "config": config,
+        "environment": environment(),
+        "metrics": metrics,
+        "history": list(history),
+        "seconds": seconds or {},
+        **extra,
+    }
+    path = workdir / "results.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(to_jsonable(document), indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of `rows` (dicts), one column per key of `columns`."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_and_print_table(workdir: str | os.PathLike, text: str) -> None:
+    """Write `text` to workdir/results.md, then print it."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.md").write_text(text)
+    print(text, end="" if text.endswith("\n") else "\n")
