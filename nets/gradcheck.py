@@ -14,6 +14,7 @@ so that entries whose true gradient is nearly zero do not dominate. Cosine simil
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import jax
@@ -144,6 +145,18 @@ def gradient_report(
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in TOLERANCES:
         raise ValueError(f"gradient_report: dtype {dtype_name}; choose one of {list(TOLERANCES)}")
+    # float64 needs jax_enable_x64; enable it for this report only, whatever the process set.
+    precision = jax.enable_x64(True) if dtype_name == "float64" else contextlib.nullcontext()
+    with precision:
+        return _gradient_report(
+            model, objective, params, x, targets, dtype, dtype_name, model_name,
+            max_fd_coordinates, seed,
+        )
+
+
+def _gradient_report(
+    model, objective, params, x, targets, dtype, dtype_name, model_name, max_fd_coordinates, seed
+):
     params, x, targets = astype(params, dtype), astype(x, dtype), astype(targets, dtype)
     _, manual_grad = jax.jit(engines.manual(model, objective))(params, x, targets)
     _, autodiff_grad = jax.jit(engines.autodiff(model, objective))(params, x, targets)

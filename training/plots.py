@@ -1,0 +1,62 @@
+"""Plots written as PNG files (matplotlib's Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["save_curves", "save_histogram"]
+
+
+def save_curves(
+    path: str | os.PathLike,
+    panels: Sequence[Mapping],
+    title: str = "",
+) -> None:
+    """One subplot per panel, side by side.
+
+    Each panel is {"ylabel": str, "xlabel": str, "series": {label: (x, y)}, "log": bool}.
+    """
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for label, (xs, ys) in panel["series"].items():
+            axis.plot(xs, ys, label=label, linewidth=1.2)
+        axis.set_xlabel(panel.get("xlabel", "step"))
+        axis.set_ylabel(panel["ylabel"])
+        if panel.get("log"):
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_histogram(
+    path: str | os.PathLike,
+    samples: Mapping[str, Sequence[float]],
+    xlabel: str,
+    title: str = "",
+    bins: int = 40,
+    threshold: float | None = None,
+) -> None:
+    """Overlaid histograms, one per entry of `samples`, with an optional vertical threshold."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for label, values in samples.items():
+        axis.hist(values, bins=bins, alpha=0.55, label=label)
+    if threshold is not None:
+        axis.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("runs")
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
