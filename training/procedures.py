@@ -30,6 +30,7 @@ from training.metrics import classification_error
 __all__ = [
     "TrainResult",
     "RestartResult",
+    "full_batch_descent",
     "cost_checked_descent",
     "misclassified_descent",
     "random_restarts",
@@ -94,6 +95,47 @@ def _stop_update(state: _StopState, energy, step, tolerance, extra_stop=False) -
         stopped,
         jnp.where(stop_now & ~state.stopped, step + 1, state.stop_step),
     )
+
+
+def full_batch_descent(
+    model: Layer,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    x: jax.Array,
+    targets: jax.Array,
+    *,
+    steps: int,
+    engine: engines.Engine = engines.manual,
+    stop_window: int = 50,
+    stop_tolerance: float = 1e-5,
+    monitor: Monitor | None = None,
+) -> TrainResult:
+    """Plain full-batch descent, every step kept: w <- optimizer step from dE/dw.
+
+    The baseline for `cost_checked_descent`. history["energy"][t] is E after step t + 1.
+    Shapes: x (batch, features), targets (batch, classes): the whole training set.
+    """
+    value_and_grad = engine(model, objective)
+    energy, grad = value_and_grad(params, x, targets)
+    stop = _stop_init(stop_window, energy, steps)
+
+    def step(state, index):
+        (params, opt_state, energy, grad), stop = state
+        updates, new_opt_state = optimizer.update(grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_energy, new_grad = value_and_grad(new_params, x, targets)
+        carry = _select(stop.stopped, (params, opt_state, energy, grad),
+                        (new_params, new_opt_state, new_energy, new_grad))
+        new_stop = _stop_update(stop, carry[2], index, stop_tolerance)
+        record = {"energy": carry[2]}
+        if monitor is not None:
+            record.update(monitor(carry[0]))
+        return (carry, new_stop), record
+
+    carry = (params, optimizer.init(params), energy, grad)
+    (carry, stop), history = jax.lax.scan(step, (carry, stop), jnp.arange(steps))
+    return TrainResult(carry[0], history, stop.stop_step, jnp.array(0))
 
 
 def cost_checked_descent(
