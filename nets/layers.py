@@ -68,10 +68,8 @@ def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
         want in (-1, got) for want, got in zip(expected, x.shape)
     )
     if not matches:
-        pretty = tuple("batch" if d == -1 else d for d in expected)
-        raise ValueError(
-            f"{layer_name}: input x has shape {tuple(x.shape)}, expected {pretty}"
-        )
+        pretty = "(" + ", ".join("batch" if d == -1 else str(d) for d in expected) + ")"
+        raise ValueError(f"{layer_name}: input x has shape {tuple(x.shape)}, expected {pretty}")
 
 
 def Dense(
@@ -104,7 +102,7 @@ def Dense(
 
     def forward(params, x):
         check_input(name, x, (-1, params["w"].shape[0]))
-        return x @ params["w"] + params["b"], x
+        return x @ params["w"] + params["b"][None, :], x
 
     def backward(params, x, dy):
         dparams = {"w": x.T @ dy, "b": jnp.sum(dy, axis=0)}

@@ -97,6 +97,8 @@ def write_results(
 
 
 def _format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, (float, np.floating)):
         value = float(value)
         if value == 0 or 1e-3 <= abs(value) < 1e5:

@@ -1,0 +1,127 @@
+"""The gradient report for every model the project has: hand-written backward vs jax.grad.
+
+    python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
+
+For each model in `CASES` (today the MLPs, with each loss; later models add theirs), on a
+random batch: the manual engine's gradient against jax.grad in float64 and float32, and both
+against central finite differences in float64, per layer and parameter (nets/gradcheck.py has
+the tolerance table: float64 <= 1e-10, float32 <= 1e-5, finite differences <= 1e-6).
+
+Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
+"rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
+and results.md. Exits with status 1 if any check fails.
+
+Measured on the 2-core CPU (jax 0.10.2): about 10 s; every check passes, with float64 relative
+errors vs jax.grad of order 1e-16 and vs finite differences of order 1e-8; float32 of order 1e-7.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import nets
+from experiments.common import parser_for, positive, workdir_from
+from nets.gradcheck import TOLERANCES, gradient_report
+from training import results
+
+EXPERIMENT = "gradcheck"
+
+
+class Case(NamedTuple):
+    """A model and objective to check, on inputs of `features` and one-hot/+-1 targets."""
+
+    name: str
+    build: Callable[[], tuple[nets.Layer, nets.Objective]]
+    features: int
+    classes: int
+    target_kind: str = "one_hot"  # or "plus_minus_one"
+
+
+CASES = [
+    Case("mlp_lecture", lambda: (nets.build_mlp(64, 10), nets.lecture_objective(1.0)), 64, 10),
+    Case(
+        "mlp_lecture_probabilities",
+        lambda: (nets.build_mlp(8, 3, hidden_layers=2, output_activation="sigmoid"),
+                 nets.lecture_objective(0.5, from_logits=False)),
+        8, 3,
+    ),
+    Case(
+        "mlp_tanh_mse",
+        lambda: (nets.build_mlp(12, 4, hidden_layers=2, activation="tanh",
+                                output_activation="tanh"),
+                 nets.Objective(nets.mean_squared_error(), 0.1)),
+        12, 4, "plus_minus_one",
+    ),
+    Case(
+        "mlp_relu_softmax",
+        lambda: (nets.build_mlp(10, 5, hidden_layers=3, activation="relu",
+                                w_init=nets.initializers.he_normal()),
+                 nets.Objective(nets.softmax_cross_entropy(), 0.01)),
+        10, 5,
+    ),
+]
+
+
+def case_batch(case: Case, batch: int, key: jax.Array):
+    """Random inputs (batch, features) and targets (batch, classes) for a case."""
+    x_key, label_key = jax.random.split(key)
+    x = jax.random.normal(x_key, (batch, case.features))
+    targets = jax.nn.one_hot(jax.random.randint(label_key, (batch,), 0, case.classes),
+                             case.classes)
+    if case.target_kind == "plus_minus_one":
+        targets = 2 * targets - 1
+    return x, targets
+
+
+def run_checks(batch: int, seed: int, cases=CASES) -> list[dict]:
+    checks = []
+    for index, case in enumerate(cases):
+        model, objective = case.build()
+        init_key, data_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
+        params = model.init(init_key, (-1, case.features))[1]
+        x, targets = case_batch(case, batch, data_key)
+        for dtype in (jnp.float64, jnp.float32):
+            checks += gradient_report(model, objective, params, x, targets, dtype, case.name)
+    return checks
+
+
+def main(argv=None) -> int:
+    parser = parser_for(__doc__)
+    parser.add_argument("--batch", type=positive(int), default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    workdir = workdir_from(args, EXPERIMENT)
+    start = time.perf_counter()
+    checks = run_checks(args.batch, args.seed)
+    seconds = {"compile": None, "run": time.perf_counter() - start}
+    passed = all(check["passed"] for check in checks)
+    failed = [c for c in checks if not c["passed"]]
+    metrics = {
+        "checks": len(checks), "failed": len(failed), "passed": passed,
+        "max_rel_err_vs_autodiff": {
+            dtype: max(c["rel_err_vs_autodiff"] for c in checks if c["dtype"] == dtype)
+            for dtype in TOLERANCES
+        },
+        "max_rel_err_vs_finite_diff": max(
+            c["rel_err_vs_finite_diff"] for c in checks if c["dtype"] == "float64"
+        ),
+    }
+    config = {"batch": args.batch, "seed": args.seed, "tolerances": TOLERANCES,
+              "models": [case.name for case in CASES]}
+    results.write_results(workdir, EXPERIMENT, config, metrics, [], seconds,
+                          checks=checks, passed=passed)
+    columns = ["model", "layer", "param", "dtype", "rel_err_vs_autodiff",
+               "rel_err_vs_finite_diff", "autodiff_rel_err_vs_finite_diff", "cosine", "passed"]
+    verdict = "all checks passed" if passed else f"{len(failed)} of {len(checks)} checks FAILED"
+    results.save_and_print_table(
+        workdir, results.markdown_table(checks, columns) + f"\n{verdict}; results in {workdir}\n"
+    )
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

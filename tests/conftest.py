@@ -1,0 +1,23 @@
+"""Test configuration: float64 available, implicit rank promotion an error, 2 CPU devices.
+
+Float64 is enabled for the whole test process so that the tight checks (manual vs jax.grad
+<= 1e-10) can run; float32 tests build their arrays in float32 explicitly. Layers initialise in
+float32 whatever the setting, and `nets.gradcheck.astype` casts.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+DTYPES = ("float64", "float32")
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request):
+    """Each test using it runs once in float64 and once in float32."""
+    return request.param

@@ -1,0 +1,30 @@
+"""Shared test utilities: the tolerance lookup and random problems."""
+import jax
+import jax.numpy as jnp
+
+from nets.gradcheck import TOLERANCES, relative_error
+
+
+def tolerance(dtype) -> float:
+    """Manual vs jax.grad tolerance for dtype, from the one table in nets.gradcheck."""
+    return TOLERANCES[jnp.dtype(dtype).name]["vs_autodiff"]
+
+
+def assert_close_tree(actual, expected, dtype, what=""):
+    """Every leaf pair within the relative tolerance of dtype; names the leaf on failure."""
+    bound = tolerance(dtype)
+    paths_actual = jax.tree_util.tree_flatten_with_path(actual)[0]
+    leaves_expected = jax.tree.leaves(expected)
+    assert len(paths_actual) == len(leaves_expected), f"{what}: tree structures differ"
+    for (path, a), b in zip(paths_actual, leaves_expected):
+        assert a.shape == b.shape, f"{what}{jax.tree_util.keystr(path)}: shapes differ"
+        error = relative_error(a, b)
+        assert error <= bound, f"{what}{jax.tree_util.keystr(path)}: rel err {error:.3e} > {bound}"
+
+
+def random_batch(key, batch, features, classes, dtype):
+    """x ~ N(0, 1) (batch, features) and one-hot targets (batch, classes)."""
+    x_key, y_key = jax.random.split(key)
+    x = jax.random.normal(x_key, (batch, features), dtype)
+    labels = jax.random.randint(y_key, (batch,), 0, classes)
+    return x, jax.nn.one_hot(labels, classes, dtype=dtype)

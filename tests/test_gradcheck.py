@@ -1,0 +1,70 @@
+"""The gradient report: its error measures, finite differences, and that it can fail."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import gradcheck, layers, losses
+from tests.helpers import random_batch
+from tests.test_engines import broken_dense
+
+
+def test_relative_error_and_cosine_by_hand():
+    assert gradcheck.relative_error([3.0, 4.0], [3.0, 4.0]) == 0.0
+    assert gradcheck.relative_error([3.0, 4.0], [0.0, 0.0]) == 1.0
+    np.testing.assert_allclose(gradcheck.relative_error([1.0, 0.0], [0.0, 1.0]),
+                               np.sqrt(2), rtol=1e-15)
+    assert gradcheck.relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    np.testing.assert_allclose(gradcheck.cosine_similarity([1.0, 1.0], [1.0, 0.0]),
+                               1 / np.sqrt(2), rtol=1e-15)
+    assert gradcheck.cosine_similarity(np.zeros(2), np.zeros(2)) == 1.0
+    assert gradcheck.cosine_similarity(np.zeros(2), np.ones(2)) == 0.0
+
+
+def test_finite_differences_of_a_known_function():
+    """E = sum(w^3) has gradient 3 w^2; central differences are exact up to h^2 w."""
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.1]], jnp.float64)}
+    path = (jax.tree_util.DictKey("w"),)
+    with jax.enable_x64(True):
+        fd = gradcheck.finite_difference_grad(
+            lambda p: jnp.sum(p["w"] ** 3), params, path, np.arange(4), 1e-5
+        )
+    np.testing.assert_allclose(fd, 3 * np.ravel(params["w"]) ** 2, rtol=1e-8)
+
+
+def test_report_passes_for_an_mlp_with_every_row_checked():
+    model = nets.build_mlp(6, 3, hidden_layers=2, hidden_units=8)
+    _, params = model.init(jax.random.key(0), (-1, 6))
+    x, targets = random_batch(jax.random.key(1), 10, 6, 3, jnp.float64)
+    rows = gradcheck.gradient_report(model, losses.lecture_objective(1.0), params, x, targets,
+                                     jnp.float64, max_fd_coordinates=20)
+    assert [(r["layer"], r["param"]) for r in rows] == [
+        ("hidden1", "b"), ("hidden1", "w"), ("hidden2", "b"), ("hidden2", "w"),
+        ("output", "b"), ("output", "w")]
+    assert all(r["passed"] for r in rows)
+    assert all(r["rel_err_vs_autodiff"] <= 1e-10 for r in rows)
+    assert all(r["rel_err_vs_finite_diff"] <= 1e-6 for r in rows)
+    assert [r["fd_coordinates"] for r in rows] == [8, 20, 8, 20, 3, 20]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_report_fails_for_a_wrong_backward(dtype):
+    model = layers.serial(broken_dense(4, "bad"), layers.Sigmoid(), layers.Dense(3, name="ok"))
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    x, targets = random_batch(jax.random.key(1), 7, 5, 3, jnp.float64)
+    rows = gradcheck.gradient_report(model, losses.lecture_objective(0.0), params, x, targets,
+                                     dtype)
+    verdict = {(r["layer"], r["param"]): r["passed"] for r in rows}
+    assert verdict == {("bad", "b"): True, ("bad", "w"): False, ("ok", "b"): True,
+                       ("ok", "w"): True}
+    bad = next(r for r in rows if r["layer"] == "bad" and r["param"] == "w")
+    np.testing.assert_allclose(bad["rel_err_vs_autodiff"], 0.5, rtol=1e-5)  # |2g - g| / |2g|
+
+
+def test_report_rejects_unsupported_dtype():
+    model = nets.build_mlp(2, 2, hidden_units=6)
+    _, params = model.init(jax.random.key(0), (-1, 2))
+    with pytest.raises(ValueError, match="dtype float16"):
+        gradcheck.gradient_report(model, losses.lecture_objective(), params, jnp.zeros((1, 2)),
+                                  jnp.zeros((1, 2)), jnp.float16)

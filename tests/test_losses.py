@@ -1,0 +1,124 @@
+"""Losses against direct NumPy evaluations and their hand-written gradients against jax.grad."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import losses
+from tests.helpers import assert_close_tree
+
+LOSSES = {
+    "sigmoid_ce_logits": (losses.sigmoid_cross_entropy(), "logits"),
+    "sigmoid_ce_probabilities": (losses.sigmoid_cross_entropy(from_logits=False), "probabilities"),
+    "mse": (losses.mean_squared_error(), "logits"),
+    "softmax_ce": (losses.softmax_cross_entropy(), "logits"),
+}
+
+
+def numpy_value(name, outputs, targets):
+    """Each loss written out in float64 NumPy, independently of nets.losses."""
+    o, t = np.asarray(outputs, np.float64), np.asarray(targets, np.float64)
+    m = o.shape[0]
+    if name == "sigmoid_ce_logits":
+        s = 1 / (1 + np.exp(-o))
+        return -np.sum(t * np.log(s) + (1 - t) * np.log(1 - s)) / m
+    if name == "sigmoid_ce_probabilities":
+        return -np.sum(t * np.log(o) + (1 - t) * np.log(1 - o)) / m
+    if name == "mse":
+        return np.sum((o - t) ** 2) / (2 * m)
+    shifted = o - o.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -np.sum(t * log_softmax) / m
+
+
+def sample(kind, key, shape, dtype):
+    z = 2 * jax.random.normal(key, shape, dtype)
+    return jax.nn.sigmoid(z) if kind == "probabilities" else z
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (40, 10)])
+def test_loss_value_matches_numpy(name, shape):
+    loss, kind = LOSSES[name]
+    out_key, target_key = jax.random.split(jax.random.key(shape[0]))
+    outputs = sample(kind, out_key, shape, jnp.float64)
+    targets = jax.random.bernoulli(target_key, 0.3, shape).astype(jnp.float64)
+    np.testing.assert_allclose(loss.value(outputs, targets),
+                               numpy_value(name, outputs, targets), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (40, 10)])
+def test_loss_grad_matches_jax_grad(name, shape, dtype):
+    loss, kind = LOSSES[name]
+    out_key, target_key = jax.random.split(jax.random.key(shape[1]))
+    outputs = sample(kind, out_key, shape, dtype)
+    targets = jax.random.bernoulli(target_key, 0.3, shape).astype(dtype)
+    assert_close_tree(loss.grad(outputs, targets), jax.grad(loss.value)(outputs, targets),
+                      dtype, name)
+
+
+def test_sigmoid_cross_entropy_is_stable_for_large_logits():
+    """At |z| = 100 the naive log(sigmoid) gives inf in float32; the value is exactly known."""
+    z = jnp.array([[100.0, -100.0]], jnp.float32)
+    y = jnp.array([[0.0, 1.0]], jnp.float32)
+    value = losses.sigmoid_cross_entropy().value(z, y)
+    np.testing.assert_allclose(value, 200.0, rtol=1e-6)  # log(1 + e^100) = 100 + O(e^-100)
+    np.testing.assert_allclose(losses.sigmoid_cross_entropy().grad(z, y), [[1.0, -1.0]])
+
+
+def test_lectures_output_error_times_sigmoid_derivative_is_sigma_minus_y():
+    """dE/ds (-y/s + (1-y)/(1-s)) times s(1-s) equals s - y: the logits form's gradient."""
+    z = jnp.linspace(-4, 4, 12, dtype=jnp.float64).reshape(3, 4)
+    y = (jnp.arange(12).reshape(3, 4) % 2).astype(jnp.float64)
+    s = jax.nn.sigmoid(z)
+    np.testing.assert_allclose(losses.lecture_output_error(s, y) * s * (1 - s), s - y,
+                               rtol=1e-12, atol=1e-15)
+    # and the slide's sign typo (+y/s) would not give it
+    assert not np.allclose((y / s + (1 - y) / (1 - s)) * s * (1 - s), s - y)
+
+
+def test_l2_gradient_is_lambda_over_m_not_lambda_over_2m():
+    """jax.grad of the lecture's objective agrees with (lambda/m) w and not with the slide's."""
+    model = nets.build_mlp(3, 2, hidden_units=10)
+    _, params = model.init(jax.random.key(0), (-1, 3))
+    params = nets.gradcheck.astype(params, jnp.float64)
+    l2, m = 0.7, 5
+    penalty_grad = jax.grad(losses.l2_penalty)(params, l2, m)
+    for layer_params, layer_grad in zip(params, penalty_grad):
+        if layer_params:
+            w = layer_params["w"]
+            np.testing.assert_allclose(layer_grad["w"], (l2 / m) * w, rtol=1e-14)
+            assert not np.allclose(layer_grad["w"], (l2 / (2 * m)) * w)
+            np.testing.assert_array_equal(layer_grad["b"], 0)  # biases are not penalised
+    assert_close_tree(losses.l2_penalty_grad(params, l2, m), penalty_grad, jnp.float64)
+
+
+def test_l2_penalty_value_by_hand():
+    params = ({"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([5.0, 5.0])}, (), {"w": jnp.ones((2, 1))})
+    # lambda/(2m) * (1 + 4 + 1 + 1) with lambda = 2, m = 7
+    np.testing.assert_allclose(losses.l2_penalty(params, 2.0, 7), 2.0 / 14 * 7.0)
+
+
+def test_objective_value_is_loss_plus_penalty():
+    loss = losses.mean_squared_error()
+    params = ({"w": jnp.full((2, 2), 3.0), "b": jnp.zeros(2)},)
+    outputs, targets = jnp.ones((4, 2)), jnp.zeros((4, 2))
+    # 0.5 * 8 / 4 + 1.0/(2*4) * 36
+    np.testing.assert_allclose(losses.Objective(loss, 1.0).value(params, outputs, targets),
+                               1.0 + 4.5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_rejects_mismatched_shapes(name):
+    loss, _ = LOSSES[name]
+    with pytest.raises(ValueError, match=r"outputs have shape \(4, 3\) and targets \(4, 2\)"):
+        loss.value(jnp.zeros((4, 3)), jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match="expected equal shapes"):
+        loss.grad(jnp.zeros((4,)), jnp.zeros((4,)))
+
+
+def test_lecture_objective_rejects_negative_lambda():
+    with pytest.raises(ValueError, match="l2 must be >= 0, got -1"):
+        losses.lecture_objective(-1)
