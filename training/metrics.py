@@ -8,18 +8,40 @@ import jax.numpy as jnp
 
 from nets.layers import Layer
 
-__all__ = ["classification_error", "accuracy"]
+__all__ = ["predicted_labels", "target_labels", "classification_error", "accuracy"]
 
 
-def classification_error(model: Layer, params: Any, x: jax.Array, targets: jax.Array):
-    """Fraction of examples whose largest output is not the target's largest entry.
+def predicted_labels(outputs: jax.Array, threshold: float = 0.0) -> jax.Array:
+    """Class index per example: argmax over outputs (batch, classes).
 
-    Shapes: x (batch, ...), targets (batch, classes) (one-hot, or +-1 codes).
+    A single output (batch, 1) is a binary classifier: label 1 where the output exceeds
+    `threshold` (0 for logits or tanh outputs; pass 0.5 for sigmoid probabilities).
+    """
+    if outputs.shape[-1] == 1:
+        return (outputs[:, 0] > threshold).astype(jnp.int32)
+    return jnp.argmax(outputs, axis=-1)
+
+
+def target_labels(targets: jax.Array) -> jax.Array:
+    """Class index per example from one-hot or +-1 rows; a single column (0/1 or +-1) is
+    label 1 where the target exceeds 0.5."""
+    if targets.shape[-1] == 1:
+        return (targets[:, 0] > 0.5).astype(jnp.int32)
+    return jnp.argmax(targets, axis=-1)
+
+
+def classification_error(
+    model: Layer, params: Any, x: jax.Array, targets: jax.Array, threshold: float = 0.0
+) -> jax.Array:
+    """Fraction of examples whose predicted label differs from the target's.
+
+    Shapes: x (batch, ...), targets (batch, classes). See `predicted_labels` for threshold.
     """
     outputs = model.apply(params, x)
-    return jnp.mean(jnp.argmax(outputs, axis=-1) != jnp.argmax(targets, axis=-1))
+    return jnp.mean(predicted_labels(outputs, threshold) != target_labels(targets))
 
 
-def accuracy(model: Layer, params: Any, x: jax.Array, targets: jax.Array):
+def accuracy(model: Layer, params: Any, x: jax.Array, targets: jax.Array,
+             threshold: float = 0.0) -> jax.Array:
     """1 - classification_error."""
-    return 1.0 - classification_error(model, params, x, targets)
+    return 1.0 - classification_error(model, params, x, targets, threshold)

@@ -25,7 +25,7 @@ import optax
 from nets import engines
 from nets.layers import Layer
 from nets.losses import Objective
-from training.metrics import classification_error
+from training.metrics import classification_error, predicted_labels, target_labels
 
 __all__ = [
     "TrainResult",
@@ -71,7 +71,9 @@ def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
 
 
 class _StopState(NamedTuple):
-    best_energies: jax.Array  # (stop_window,) best-so-far energy at the last steps, oldest first
+    # (stop_window,) best energy so far after each of the last steps, oldest first; starts
+    # with E before the first step, so the rule can fire after exactly stop_window steps.
+    best_energies: jax.Array
     stopped: jax.Array
     stop_step: jax.Array
 
@@ -79,9 +81,8 @@ class _StopState(NamedTuple):
 def _stop_init(window: int, energy: jax.Array, steps: int) -> _StopState:
     if window < 1:
         raise ValueError(f"stopping rule: stop_window must be >= 1, got {window}")
-    return _StopState(
-        jnp.full((window,), jnp.inf, energy.dtype), jnp.array(False), jnp.array(steps)
-    )
+    best_energies = jnp.full((window,), jnp.inf, energy.dtype).at[-1].set(energy)
+    return _StopState(best_energies, jnp.array(False), jnp.array(steps))
 
 
 def _stop_update(state: _StopState, energy, step, tolerance, extra_stop=False) -> _StopState:
@@ -239,14 +240,14 @@ def misclassified_descent(
     value_and_grad = engine(model, batch_objective)
     outputs = model.apply(params, x)
     stop = _stop_init(stop_window, objective.value(params, outputs, targets), steps)
-    true_labels = jnp.argmax(targets, axis=-1)
+    true_labels = target_labels(targets)
 
     def step(state, index):
         (params, opt_state, key), stop = state
         key, pick_key = jax.random.split(key)
         outputs = model.apply(params, x)
         energy = objective.value(params, outputs, targets)
-        wrong = jnp.argmax(outputs, axis=-1) != true_labels
+        wrong = predicted_labels(outputs) != true_labels
         wrong_count = jnp.sum(wrong)
         weights = jnp.where(wrong_count > 0, wrong / jnp.maximum(wrong_count, 1), 1 / examples)
         picked = jax.random.choice(pick_key, examples, (batch_size,), p=weights)

@@ -1,0 +1,155 @@
+"""The lecture's procedures: gradient descent, the cost check, picking, restarts, stopping."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+from nets import engines, losses
+from training import metrics, optim, procedures
+from tests.helpers import assert_close_tree, random_batch
+
+XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+XOR_Y = jnp.array([[0.0], [1.0], [1.0], [0.0]])
+
+
+def small_problem(hidden_units=8, batch=40, seed=0):
+    model = nets.build_mlp(4, 3, hidden_units=hidden_units)
+    _, params = model.init(jax.random.key(seed), (-1, 4))
+    x, targets = random_batch(jax.random.key(seed + 1), batch, 4, 3, jnp.float32)
+    return model, params, x, targets
+
+
+def test_gradient_descent_is_w_minus_eta_g():
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, 4.0])}
+    rule = optim.gradient_descent(0.1)
+    updates, _ = rule.update(grads, rule.init(params), params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [0.95, -2.4])
+    sgd_updates, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+    np.testing.assert_allclose(updates["w"], sgd_updates["w"])
+    with pytest.raises(ValueError, match="learning_rate must be > 0, got 0"):
+        optim.gradient_descent(0)
+
+
+def test_full_batch_descent_equals_a_python_loop():
+    model, params, x, targets = small_problem()
+    objective = losses.lecture_objective(0.5)
+    result = jax.jit(lambda p: procedures.full_batch_descent(
+        model, objective, optim.gradient_descent(0.3), p, x, targets, steps=5))(params)
+    value_and_grad = engines.autodiff(model, objective)
+    expected = params
+    for _ in range(5):
+        _, grad = value_and_grad(expected, x, targets)
+        expected = jax.tree.map(lambda w, g: w - 0.3 * g, expected, grad)
+    assert_close_tree(result.params, expected, jnp.float32, "5 steps")
+    np.testing.assert_allclose(result.history["energy"][-1],
+                               value_and_grad(expected, x, targets)[0], rtol=1e-5)
+
+
+def test_cost_checked_descent_only_accepts_decreases():
+    model, params, x, targets = small_problem()
+    result = procedures.cost_checked_descent(
+        model, losses.lecture_objective(0.1), optim.gradient_descent(0.5), params, x, targets,
+        key=jax.random.key(0), steps=60, stop_window=1000)
+    energy, perturbed = np.asarray(result.history["energy"]), np.asarray(result.history["perturbed"])
+    accepted = ~perturbed[1:]
+    assert np.all(np.diff(energy)[accepted] < 0)
+    assert int(result.perturbations) == int(perturbed.sum())
+
+
+def test_cost_checked_descent_undoes_every_overshooting_step():
+    """With eta = 1e4 every step raises E: each is undone, params move only by the noise."""
+    model, params, x, targets = small_problem()
+    result = procedures.cost_checked_descent(
+        model, losses.lecture_objective(0.0), optim.gradient_descent(1e4), params, x, targets,
+        key=jax.random.key(0), steps=10, perturbation_scale=1e-4, stop_window=1000)
+    assert int(result.perturbations) == 10
+    assert bool(jnp.all(result.history["perturbed"]))
+    drift = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(result.params), jax.tree.leaves(params)))
+    assert 0 < drift < 10 * 1e-4 * np.sqrt(10)
+
+
+def test_stopping_rule_fires_when_the_energy_stops_decreasing():
+    model, params, x, targets = small_problem()
+    objective = losses.lecture_objective(0.0)
+    result = procedures.full_batch_descent(
+        model, objective, optim.gradient_descent(1e-9), params, x, targets, steps=100,
+        stop_window=5, stop_tolerance=1e-3)
+    assert int(result.stop_step) == 5  # the first step whose window is full
+    np.testing.assert_allclose(result.history["energy"][5:], result.history["energy"][4])
+
+
+def test_misclassified_descent_reaches_zero_errors_and_stops():
+    """On a linearly separable set the picking procedure ends with nothing misclassified."""
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (60, 2))
+    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(jnp.int32)
+    targets = jax.nn.one_hot(labels, 2)
+    model = nets.build_mlp(2, 2, hidden_layers=0)
+    _, params = model.init(jax.random.key(0), (-1, 2))
+    result = jax.jit(lambda p: procedures.misclassified_descent(
+        model, losses.lecture_objective(0.0), optim.gradient_descent(1.0), p, x, targets,
+        key=jax.random.key(1), steps=3000, batch_size=4, stop_window=3000))(params)
+    stop = int(result.stop_step)
+    assert stop < 3000
+    assert int(result.history["wrong"][stop - 1]) == 0
+    assert int(result.history["wrong"][0]) > 0
+    assert float(metrics.classification_error(model, result.params, x, targets)) == 0.0
+
+
+def test_misclassified_descent_keeps_lambda_over_m_of_the_whole_set():
+    """A full-size batch of misclassified picks gives the full-batch gradient's L2 term."""
+    model, params, x, targets = small_problem(batch=8)
+    objective = losses.lecture_objective(3.0)
+    zero_data = procedures.misclassified_descent(
+        model, objective._replace(loss=losses.Loss("zero", lambda o, t: 0.0 * jnp.sum(o),
+                                                   lambda o, t: jnp.zeros_like(o))),
+        optim.gradient_descent(1.0), params, x, targets, key=jax.random.key(0), steps=1,
+        batch_size=2, stop_window=10)
+    # with the data term zero, one step moves w by -(lambda/m) w with m = 8 (not 2)
+    np.testing.assert_allclose(zero_data.params[0]["w"], params[0]["w"] * (1 - 3.0 / 8),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="batch_size must be in \\[1, 8\\], got 9"):
+        procedures.misclassified_descent(model, objective, optim.gradient_descent(1.0), params,
+                                         x, targets, key=jax.random.key(0), steps=1, batch_size=9)
+
+
+def test_random_restarts_keep_the_lowest_held_out_error():
+    model = nets.build_mlp(2, 1, hidden_units=2, w_init=nets.initializers.fan_in_uniform(6.0))
+    objective = losses.lecture_objective(0.0)
+
+    def init(key):
+        return model.init(key, (-1, 2))[1]
+
+    def train(params, key):
+        del key
+        return procedures.full_batch_descent(model, objective, optim.gradient_descent(2.0),
+                                             params, XOR_X, XOR_Y, steps=300)
+
+    keys = jax.random.split(jax.random.key(0), 12)
+    outcome = jax.jit(lambda k: procedures.random_restarts(init, train, k, model, XOR_X,
+                                                           XOR_Y))(keys)
+    errors = np.asarray(outcome.held_out_errors)
+    assert errors.shape == (12,)
+    assert int(outcome.best_index) == int(np.argmin(errors))
+    assert errors.min() < errors.max()  # the restarts really differ
+    # each restart's error recomputed independently: one output, logit > 0 means class 1
+    for index in range(12):
+        restart_params = jax.tree.map(lambda a: a[index], outcome.restarts.params)
+        logits = np.asarray(model.apply(restart_params, XOR_X))[:, 0]
+        expected = np.mean((logits > 0) != np.array([0, 1, 1, 0], bool))
+        np.testing.assert_allclose(errors[index], expected)
+    assert_close_tree(outcome.best.params,
+                      jax.tree.map(lambda a: a[int(np.argmin(errors))], outcome.restarts.params),
+                      jnp.float32, "best")
+
+
+def test_binary_metrics_use_the_threshold():
+    outputs = jnp.array([[-0.2], [0.3], [0.7]])
+    np.testing.assert_array_equal(metrics.predicted_labels(outputs), [0, 1, 1])
+    np.testing.assert_array_equal(metrics.predicted_labels(outputs, 0.5), [0, 0, 1])
+    np.testing.assert_array_equal(metrics.target_labels(jnp.array([[-1.0], [1.0], [0.0]])),
+                                  [0, 1, 0])
