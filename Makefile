@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The shared data sets beside the checkout, when present (CI, developers); a user without them
+# gets the files downloaded into ~/.cache/nets on first use.
+ifneq ($(wildcard ../shared/data),)
 export NETS_DATA_DIR ?= $(abspath ../shared/data)
+endif
 
-.PHONY: run test test-x64 lint gradcheck xor clean
+.PHONY: run test lint gradcheck xor clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +21,6 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
-
-test-x64: $(VENV)/.installed
-	$(PY) -m pytest -q -m x64
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check nets training experiments tests

@@ -74,11 +74,11 @@ def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
 
 def Dense(
     out_features: int,
-    w_init: initializers.Initializer = initializers.fan_in_uniform(),
+    w_init: initializers.Initializer | None = None,
     b_init: initializers.Initializer = initializers.zeros,
     name: str = "Dense",
 ) -> Layer:
-    """Fully connected layer y = x @ w + b.
+    """Fully connected layer y = x @ w + b (w_init defaults to U(+-2.4/sqrt(fan_in))).
 
     Shapes: x (batch, in), w (in, out), b (out,), y (batch, out).
     Backward, the lecture's recursion with dy = dE/d(pre-activation):
@@ -86,6 +86,7 @@ def Dense(
     """
     if out_features < 1:
         raise ValueError(f"{name}: out_features must be >= 1, got {out_features}")
+    w_init = w_init or initializers.fan_in_uniform()
 
     def init(key, input_shape):
         if len(input_shape) != 2:

@@ -68,7 +68,8 @@ def test_serial_backward_matches_vjp_and_runs_right_to_left(dtype):
 def test_serial_of_serials_equals_flat_serial():
     inner = layers.serial(layers.Dense(3, name="a"), layers.Relu(name="r"))
     nested = layers.serial(inner, layers.Dense(2, name="b"))
-    flat = layers.serial(layers.Dense(3, name="a"), layers.Relu(name="r"), layers.Dense(2, name="b"))
+    flat = layers.serial(layers.Dense(3, name="a"), layers.Relu(name="r"),
+                         layers.Dense(2, name="b"))
     _, nested_params = nested.init(jax.random.key(0), (-1, 4))
     flat_params = (nested_params[0][0], nested_params[0][1], nested_params[1])
     x = jax.random.normal(jax.random.key(1), (5, 4))

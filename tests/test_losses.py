@@ -96,7 +96,8 @@ def test_l2_gradient_is_lambda_over_m_not_lambda_over_2m():
 
 
 def test_l2_penalty_value_by_hand():
-    params = ({"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([5.0, 5.0])}, (), {"w": jnp.ones((2, 1))})
+    params = ({"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([5.0, 5.0])}, (),
+              {"w": jnp.ones((2, 1))})
     # lambda/(2m) * (1 + 4 + 1 + 1) with lambda = 2, m = 7
     np.testing.assert_allclose(losses.l2_penalty(params, 2.0, 7), 2.0 / 14 * 7.0)
 

@@ -7,8 +7,8 @@ import pytest
 
 import nets
 from nets import engines, losses
-from training import metrics, optim, procedures
 from tests.helpers import assert_close_tree, random_batch
+from training import metrics, optim, procedures
 
 XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_Y = jnp.array([[0.0], [1.0], [1.0], [0.0]])
@@ -53,7 +53,8 @@ def test_cost_checked_descent_only_accepts_decreases():
     result = procedures.cost_checked_descent(
         model, losses.lecture_objective(0.1), optim.gradient_descent(0.5), params, x, targets,
         key=jax.random.key(0), steps=60, stop_window=1000)
-    energy, perturbed = np.asarray(result.history["energy"]), np.asarray(result.history["perturbed"])
+    energy = np.asarray(result.history["energy"])
+    perturbed = np.asarray(result.history["perturbed"])
     accepted = ~perturbed[1:]
     assert np.all(np.diff(energy)[accepted] < 0)
     assert int(result.perturbations) == int(perturbed.sum())
@@ -138,7 +139,7 @@ def test_random_restarts_keep_the_lowest_held_out_error():
     assert errors.min() < errors.max()  # the restarts really differ
     # each restart's error recomputed independently: one output, logit > 0 means class 1
     for index in range(12):
-        restart_params = jax.tree.map(lambda a: a[index], outcome.restarts.params)
+        restart_params = jax.tree.map(lambda a, i=index: a[i], outcome.restarts.params)
         logits = np.asarray(model.apply(restart_params, XOR_X))[:, 0]
         expected = np.mean((logits > 0) != np.array([0, 1, 1, 0], bool))
         np.testing.assert_allclose(errors[index], expected)

@@ -1,4 +1,8 @@
-"""Training: data, optimisers, procedures, timing and results. Knows no particular model."""
-from training import metrics, optim, procedures, results, timing
+"""Training: data, optimisers, procedures, metrics, timing, results and plots.
 
-__all__ = ["metrics", "optim", "procedures", "results", "timing"]
+Knows no particular model: everything takes a model (a `nets.Layer`), an objective and a
+gradient engine.
+"""
+from training import data, metrics, optim, plots, procedures, results, timing
+
+__all__ = ["data", "metrics", "optim", "plots", "procedures", "results", "timing"]
