@@ -10,6 +10,9 @@ def tolerance(dtype) -> float:
     return TOLERANCES[jnp.dtype(dtype).name]["vs_autodiff"]
 
 
+F64 = TOLERANCES["float64"]["vs_autodiff"]  # float64 against any exact reference
+
+
 def assert_close_tree(actual, expected, dtype, what=""):
     """Every leaf pair within the relative tolerance of dtype; names the leaf on failure."""
     bound = tolerance(dtype)

@@ -8,7 +8,7 @@ from jax.test_util import check_grads
 import nets
 from nets import engines, layers, losses
 from nets.gradcheck import astype, relative_error
-from tests.helpers import assert_close_tree, random_batch
+from tests.helpers import F64, assert_close_tree, random_batch
 
 MODELS = {
     "lecture": (dict(hidden_layers=1), losses.lecture_objective(0.5)),
@@ -61,8 +61,8 @@ def test_manual_engine_really_runs_the_handwritten_backward():
     params = astype(params, jnp.float64)
     _, manual_grad = engines.manual(model, objective)(params, x, targets)
     _, auto_grad = engines.autodiff(model, objective)(params, x, targets)
-    np.testing.assert_allclose(manual_grad[0]["w"], 2 * auto_grad[0]["w"], rtol=1e-12)
-    np.testing.assert_allclose(manual_grad[2]["w"], auto_grad[2]["w"], rtol=1e-12)
+    np.testing.assert_allclose(manual_grad[0]["w"], 2 * auto_grad[0]["w"], rtol=F64)
+    np.testing.assert_allclose(manual_grad[2]["w"], auto_grad[2]["w"], rtol=F64)
 
 
 def test_manual_vjp_engine_equals_manual_engine():

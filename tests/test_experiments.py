@@ -4,6 +4,7 @@ import json
 import pytest
 
 from experiments import gradcheck, lecture
+from tests.helpers import F64
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
 
@@ -47,12 +48,12 @@ def test_gradcheck_writes_every_check_and_passes(tmp_path):
     required = {"model", "layer", "param", "dtype", "rel_err_vs_autodiff",
                 "rel_err_vs_finite_diff", "cosine", "passed"}
     assert all(required <= set(c) for c in checks)
-    assert all(c["rel_err_vs_autodiff"] <= 1e-10 for c in checks if c["dtype"] == "float64")
+    assert all(c["rel_err_vs_autodiff"] <= F64 for c in checks if c["dtype"] == "float64")
 
 
 def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
-    from tests.test_engines import broken_dense
     import nets
+    from tests.test_engines import broken_dense
 
     broken = gradcheck.Case(
         "broken", lambda: (nets.serial(broken_dense(3, "bad"), nets.Sigmoid(),

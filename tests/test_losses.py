@@ -6,7 +6,7 @@ import pytest
 
 import nets
 from nets import losses
-from tests.helpers import assert_close_tree
+from tests.helpers import F64, assert_close_tree
 
 LOSSES = {
     "sigmoid_ce_logits": (losses.sigmoid_cross_entropy(), "logits"),
@@ -45,7 +45,7 @@ def test_loss_value_matches_numpy(name, shape):
     outputs = sample(kind, out_key, shape, jnp.float64)
     targets = jax.random.bernoulli(target_key, 0.3, shape).astype(jnp.float64)
     np.testing.assert_allclose(loss.value(outputs, targets),
-                               numpy_value(name, outputs, targets), rtol=1e-12)
+                               numpy_value(name, outputs, targets), rtol=F64)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -74,7 +74,7 @@ def test_lectures_output_error_times_sigmoid_derivative_is_sigma_minus_y():
     y = (jnp.arange(12).reshape(3, 4) % 2).astype(jnp.float64)
     s = jax.nn.sigmoid(z)
     np.testing.assert_allclose(losses.lecture_output_error(s, y) * s * (1 - s), s - y,
-                               rtol=1e-12, atol=1e-15)
+                               rtol=F64, atol=1e-15)
     # and the slide's sign typo (+y/s) would not give it
     assert not np.allclose((y / s + (1 - y) / (1 - s)) * s * (1 - s), s - y)
 
@@ -89,7 +89,7 @@ def test_l2_gradient_is_lambda_over_m_not_lambda_over_2m():
     for layer_params, layer_grad in zip(params, penalty_grad):
         if layer_params:
             w = layer_params["w"]
-            np.testing.assert_allclose(layer_grad["w"], (l2 / m) * w, rtol=1e-14)
+            np.testing.assert_allclose(layer_grad["w"], (l2 / m) * w, rtol=F64)
             assert not np.allclose(layer_grad["w"], (l2 / (2 * m)) * w)
             np.testing.assert_array_equal(layer_grad["b"], 0)  # biases are not penalised
     assert_close_tree(losses.l2_penalty_grad(params, l2, m), penalty_grad, jnp.float64)

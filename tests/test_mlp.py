@@ -1,0 +1,103 @@
+"""The lecture's network: STEP 0 defaults, and its objective and recursion in plain NumPy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import engines, losses
+from nets.gradcheck import astype, relative_error
+from tests.helpers import F64
+
+
+def test_step0_defaults():
+    model = nets.build_mlp(64, 10)
+    output_shape, params = model.init(jax.random.key(0), (-1, 64))
+    assert output_shape == (-1, 10)
+    assert [p["w"].shape for p in params if p] == [(64, 192), (192, 10)]
+    deep = nets.build_mlp(20, 3, hidden_layers=3, hidden_factor=4)
+    _, params = deep.init(jax.random.key(0), (-1, 20))
+    assert [p["w"].shape for p in params if p] == [(20, 80), (80, 80), (80, 80), (80, 3)]
+    assert [layer.name for layer in deep.sublayers][:2] == ["hidden1", "act1"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hidden_factor=2.0), "hidden_factor must lie in \\[3, 4\\]"),
+    (dict(activation="swish"), "activation='swish'"),
+    (dict(hidden_layers=-1), "hidden_layers must be >= 0"),
+])
+def test_mlp_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nets.build_mlp(4, 2, **kwargs)
+
+
+def numpy_sigmoid_net(params, x):
+    """The lecture's forward pass: s^0 = x, s^l = sigmoid(s^(l-1) w^l + b^l) for every l."""
+    activations = [np.asarray(x, np.float64)]
+    for layer in params:
+        if layer:
+            z = activations[-1] @ np.asarray(layer["w"]) + np.asarray(layer["b"])
+            activations.append(1 / (1 + np.exp(-z)))
+    return activations
+
+
+def numpy_lecture_objective(params, x, y, l2):
+    s = numpy_sigmoid_net(params, x)[-1]
+    m = x.shape[0]
+    weights = sum(np.sum(np.asarray(layer["w"]) ** 2) for layer in params if layer)
+    return -np.sum(y * np.log(s) + (1 - y) * np.log(1 - s)) / m + l2 / (2 * m) * weights
+
+
+def numpy_lecture_recursion(params, x, y, l2):
+    """The lecture's backward equations, written out literally in NumPy:
+
+    dE/ds^L = (-y/s + (1-y)/(1-s))/m;
+    dE/ds^l_j = sum_p dE/ds^(l+1)_p s^(l+1)_p (1 - s^(l+1)_p) w^(l+1)_jp;
+    dE/dw^l_ij = sum_examples dE/ds^l_j s^l_j (1 - s^l_j) s^(l-1)_i + (lambda/m) w^l_ij.
+    """
+    m = x.shape[0]
+    activations = numpy_sigmoid_net(params, x)
+    weights = [np.asarray(layer["w"]) for layer in params if layer]
+    d_s = (-y / activations[-1] + (1 - y) / (1 - activations[-1])) / m
+    grads = []
+    for level in range(len(weights), 0, -1):
+        s, s_below = activations[level], activations[level - 1]
+        delta = d_s * s * (1 - s)
+        grads.append({"w": s_below.T @ delta + l2 / m * weights[level - 1],
+                      "b": delta.sum(axis=0)})
+        d_s = delta @ weights[level - 1].T
+    return grads[::-1]
+
+
+@pytest.fixture
+def sigmoid_net():
+    model = nets.build_mlp(6, 4, hidden_layers=2, hidden_units=7, output_activation="sigmoid")
+    _, params = model.init(jax.random.key(0), (-1, 6))
+    params = astype(params, jnp.float64)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (11, 6), jnp.float64))
+    y = np.asarray(jax.random.bernoulli(jax.random.key(2), 0.4, (11, 4)), np.float64)
+    return model, params, x, y
+
+
+def test_lecture_objective_matches_numpy(sigmoid_net):
+    model, params, x, y = sigmoid_net
+    objective = losses.lecture_objective(0.8, from_logits=False)
+    value = objective.value(params, model.apply(params, x), y)
+    np.testing.assert_allclose(value, numpy_lecture_objective(params, x, y, 0.8), rtol=F64)
+    # the logits form of the same objective gives the same number
+    logits_model = nets.serial(*model.sublayers[:-1])
+    logits_value = losses.lecture_objective(0.8).value(
+        params[:-1], logits_model.apply(params[:-1], x), y)
+    np.testing.assert_allclose(logits_value, value, rtol=F64)
+
+
+def test_manual_engine_is_the_lectures_recursion(sigmoid_net):
+    model, params, x, y = sigmoid_net
+    _, grads = engines.manual(model, losses.lecture_objective(0.8, from_logits=False))(
+        params, x, y)
+    expected = numpy_lecture_recursion(params, x, y, 0.8)
+    dense_grads = [g for g in grads if g]
+    assert len(dense_grads) == len(expected) == 3
+    for got, want in zip(dense_grads, expected):
+        assert relative_error(got["w"], want["w"]) <= F64
+        assert relative_error(got["b"], want["b"]) <= F64
