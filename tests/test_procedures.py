@@ -154,3 +154,40 @@ def test_binary_metrics_use_the_threshold():
     np.testing.assert_array_equal(metrics.predicted_labels(outputs, 0.5), [0, 0, 1])
     np.testing.assert_array_equal(metrics.target_labels(jnp.array([[-1.0], [1.0], [0.0]])),
                                   [0, 1, 0])
+
+
+@pytest.mark.parametrize("make", [procedures.full_batch, procedures.cost_checked])
+def test_a_nan_gradient_is_rejected_and_the_learning_rate_lowered(make):
+    """A NaN injected at step 3 leaves step 3's state equal to step 2's and halves eta."""
+    model, params, x, targets = small_problem()
+    objective = losses.lecture_objective(0.1)
+    guard = procedures.Guard(factor=0.5, max_failures=3, nan_steps=(3,), nan_leaf=1)
+    poisoned = make(model, objective, optim.gradient_descent(0.2), x, targets, steps_cap=8,
+                    guard=guard, stop_window=100)
+    clean = make(model, objective, optim.gradient_descent(0.2), x, targets, steps_cap=8,
+                 stop_window=100)
+    key = jax.random.key(0)
+    state, records = procedures.run_steps(poisoned, poisoned.init(params, key), 0, 8)
+    clean_state, clean_records = procedures.run_steps(clean, clean.init(params, key), 0, 3)
+    np.testing.assert_array_equal(records["rejected"], [0, 0, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(records["energy"][:3], clean_records["energy"])
+    assert float(records["energy"][3]) == float(records["energy"][2])  # rolled back
+    assert float(state.guard.lr_scale) == 0.5
+    assert int(state.guard.rejected) == 1 and not bool(state.guard.failed)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+
+
+def test_consecutive_failures_freeze_the_run_and_name_the_leaf():
+    model, params, x, targets = small_problem()
+    guard = procedures.Guard(factor=0.5, max_failures=3, nan_steps=(4, 5, 6, 7, 8), nan_leaf=2)
+    procedure = procedures.full_batch(model, losses.lecture_objective(0.1),
+                                      optim.gradient_descent(0.2), x, targets, steps_cap=12,
+                                      guard=guard, stop_window=100)
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 12)
+    assert bool(state.guard.failed)
+    assert int(state.guard.first_bad_step) == 4
+    assert int(state.guard.first_bad_leaf) == 2
+    assert int(state.guard.rejected) == 3  # frozen after the third
+    np.testing.assert_array_equal(records["energy"][3:], records["energy"][3])
+    np.testing.assert_allclose(float(state.guard.lr_scale), 0.125)

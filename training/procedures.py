@@ -1,18 +1,33 @@
 """The lecture's training procedures, each a pure, jit-compatible function of a gradient engine.
 
-Every procedure runs a fixed number of steps as one `lax.scan` (so that it jits whole and vmaps
-over random restarts) and freezes once its stopping rule fires: later steps leave params
-unchanged and `stop_step` records when it happened. Each returns a `TrainResult`:
+A procedure is a pair of pure functions over one `TrainState`:
+
+    init(params, key) -> state
+    step(state, index) -> (state, record)
+
+so that a run is a `lax.scan` of `step` (it jits whole and vmaps over random restarts), and the
+harness (`training.loop`) can run it in chunks, checkpointing the state between them, with
+results bitwise identical to one scan. `run(procedure, params, key, steps)` is that one scan and
+returns a `TrainResult`:
 
     params        the final parameters;
     history       dict of (steps,) arrays: "energy" E(params) after each step (on the
-                  procedure's training data), "perturbed"/"wrong" flags or counts, and the
+                  procedure's training data), procedure-specific flags and counts, and the
                   scalars returned by `monitor(params)` if one was given;
     stop_step     the step at which the stopping rule fired (`steps` if it never did);
     perturbations how many steps were undone and replaced by a random perturbation.
 
 Stopping rule (the lecture's "no significant decrease"): stop when the best energy so far
-decreased by less than `stop_tolerance` (relative) over the last `stop_window` steps.
+decreased by less than `stop_tolerance` (relative) over the last `stop_window` steps. Once a
+run has stopped, later steps leave its state unchanged.
+
+Numerical failures: every step checks that the energy and every gradient leaf it is about to
+use are finite (a handful of reductions). A non-finite step is rejected (the state stays at the
+last good one), the learning rate is multiplied by `Guard.factor`, and after
+`Guard.max_failures` consecutive rejections the run is marked failed and frozen, with the step
+and the parameter leaf where the gradient first became non-finite recorded for the error
+message (`training.loop` raises it). `Guard.nan_steps` injects a NaN into one gradient leaf at
+the given steps, to test all of this.
 """
 from __future__ import annotations
 
@@ -28,16 +43,74 @@ from nets.losses import Objective
 from training.metrics import classification_error, predicted_labels, target_labels
 
 __all__ = [
+    "Guard",
+    "GuardState",
+    "StopState",
+    "TrainState",
+    "Procedure",
     "TrainResult",
     "RestartResult",
+    "full_batch",
+    "cost_checked",
+    "misclassified",
+    "run",
+    "run_steps",
     "full_batch_descent",
     "cost_checked_descent",
     "misclassified_descent",
     "random_restarts",
+    "select_best",
     "perturb",
 ]
 
 Monitor = Callable[[Any], dict]
+
+
+class Guard(NamedTuple):
+    """How steps with a non-finite energy or gradient are handled (module docstring)."""
+
+    factor: float = 0.5
+    max_failures: int = 5
+    nan_steps: tuple[int, ...] = ()
+    nan_leaf: int = 0
+
+
+DEFAULT_GUARD = Guard()
+
+
+class GuardState(NamedTuple):
+    lr_scale: jax.Array  # multiplies every update; lowered by Guard.factor on each rejection
+    consecutive: jax.Array  # rejections in a row
+    rejected: jax.Array  # rejections in all
+    failed: jax.Array  # max_failures consecutive rejections happened
+    first_bad_step: jax.Array  # step of the first rejection of the current streak (-1: none)
+    first_bad_leaf: jax.Array  # flat index of the first non-finite gradient leaf (-1: loss)
+
+
+class StopState(NamedTuple):
+    # (stop_window,) best energy so far after each of the last steps, oldest first; starts
+    # with E before the first step, so the rule can fire after exactly stop_window steps.
+    best_energies: jax.Array
+    stopped: jax.Array
+    stop_step: jax.Array
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue: checkpointing this resumes the run exactly."""
+
+    params: Any
+    opt_state: Any
+    energy: jax.Array  # E(params) on the procedure's training data
+    grad: Any  # dE/dparams at params (full-batch procedures; zeros otherwise)
+    key: jax.Array  # raw uint32 PRNG key data, so that the state serialises as plain arrays
+    perturbations: jax.Array
+    stop: StopState
+    guard: GuardState
+
+
+class Procedure(NamedTuple):
+    init: Callable[[Any, jax.Array], TrainState]
+    step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
 
 
 class TrainResult(NamedTuple):
@@ -60,9 +133,8 @@ def perturb(key: jax.Array, params: Any, scale: float) -> Any:
     """params + scale * N(0, 1) noise, an independent draw for every leaf."""
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    noisy = [
-        leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)
-    ]
+    noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+             for k, leaf in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -70,91 +142,135 @@ def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), if_true, if_false)
 
 
-class _StopState(NamedTuple):
-    # (stop_window,) best energy so far after each of the last steps, oldest first; starts
-    # with E before the first step, so the rule can fire after exactly stop_window steps.
-    best_energies: jax.Array
-    stopped: jax.Array
-    stop_step: jax.Array
+def _key_data(key: jax.Array) -> jax.Array:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
 
 
-def _stop_init(window: int, energy: jax.Array, steps: int) -> _StopState:
+def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(next key data, a typed key for this step) from raw key data."""
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key_data))
+    return jax.random.key_data(next_key), step_key
+
+
+# --- stopping rule -------------------------------------------------------------------------
+
+def _stop_init(window: int, energy: jax.Array, steps_cap: int) -> StopState:
     if window < 1:
         raise ValueError(f"stopping rule: stop_window must be >= 1, got {window}")
     best_energies = jnp.full((window,), jnp.inf, energy.dtype).at[-1].set(energy)
-    return _StopState(best_energies, jnp.array(False), jnp.array(steps))
+    return StopState(best_energies, jnp.array(False), jnp.array(steps_cap, jnp.int32))
 
 
-def _stop_update(state: _StopState, energy, step, tolerance, extra_stop=False) -> _StopState:
+def _stop_update(state: StopState, energy, index, tolerance, extra_stop=False) -> StopState:
     best = jnp.minimum(jnp.min(state.best_energies), energy)
     oldest = state.best_energies[0]
     decrease = (oldest - best) / jnp.abs(oldest)
     stop_now = (jnp.isfinite(oldest) & (decrease < tolerance)) | extra_stop
-    stopped = state.stopped | stop_now
-    return _StopState(
+    return StopState(
         jnp.append(state.best_energies[1:], best),
-        stopped,
-        jnp.where(stop_now & ~state.stopped, step + 1, state.stop_step),
+        state.stopped | stop_now,
+        jnp.where(stop_now & ~state.stopped, index + 1, state.stop_step).astype(jnp.int32),
     )
 
 
-def full_batch_descent(
-    model: Layer,
-    objective: Objective,
-    optimizer: optax.GradientTransformation,
-    params: Any,
-    x: jax.Array,
-    targets: jax.Array,
-    *,
-    steps: int,
-    engine: engines.Engine = engines.manual,
-    stop_window: int = 50,
-    stop_tolerance: float = 1e-5,
-    monitor: Monitor | None = None,
-) -> TrainResult:
-    """Plain full-batch descent, every step kept: w <- optimizer step from dE/dw.
+# --- numerical guard -----------------------------------------------------------------------
 
-    The baseline for `cost_checked_descent`. history["energy"][t] is E after step t + 1.
-    Shapes: x (batch, features), targets (batch, classes): the whole training set.
+def _guard_init() -> GuardState:
+    int32 = jnp.int32
+    return GuardState(jnp.array(1.0, jnp.float32), jnp.array(0, int32), jnp.array(0, int32),
+                      jnp.array(False), jnp.array(-1, int32), jnp.array(-1, int32))
+
+
+def _inject_nan(guard: Guard, grad: Any, index: jax.Array) -> Any:
+    if not guard.nan_steps:
+        return grad
+    poisoned = jnp.any(index == jnp.array(guard.nan_steps))
+    leaves, treedef = jax.tree.flatten(grad)
+    target = leaves[guard.nan_leaf]
+    leaves[guard.nan_leaf] = jnp.where(poisoned, jnp.full_like(target, jnp.nan), target)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _finite(energy: jax.Array, grad: Any) -> tuple[jax.Array, jax.Array]:
+    """(all finite?, flat index of the first non-finite gradient leaf, -1 if only E is)."""
+    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(grad)])
+    ok = jnp.isfinite(energy) & jnp.all(leaf_ok)
+    first_bad = jnp.where(jnp.all(leaf_ok), -1, jnp.argmin(leaf_ok))
+    return ok, first_bad.astype(jnp.int32)
+
+
+def _guard_update(guard: Guard, state: GuardState, ok, first_bad_leaf, index) -> GuardState:
+    starts_streak = ~ok & (state.consecutive == 0)
+    consecutive = jnp.where(ok, 0, state.consecutive + 1)
+    return GuardState(
+        lr_scale=jnp.where(ok, state.lr_scale, state.lr_scale * guard.factor),
+        consecutive=consecutive,
+        rejected=state.rejected + (~ok).astype(jnp.int32),
+        failed=state.failed | (consecutive >= guard.max_failures),
+        first_bad_step=jnp.where(starts_streak, index, jnp.where(ok, -1, state.first_bad_step)),
+        first_bad_leaf=jnp.where(starts_streak, first_bad_leaf,
+                                 jnp.where(ok, -1, state.first_bad_leaf)),
+    )
+
+
+def _scaled(updates: Any, scale: jax.Array) -> Any:
+    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+
+
+def _frozen(state: TrainState) -> jax.Array:
+    return state.stop.stopped | state.guard.failed
+
+
+# --- procedures ----------------------------------------------------------------------------
+
+def _full_batch_init(value_and_grad, optimizer, x, targets, stop_window, steps_cap):
+    def init(params, key):
+        energy, grad = value_and_grad(params, x, targets)
+        return TrainState(params, optimizer.init(params), energy, grad, _key_data(key),
+                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy, steps_cap),
+                          _guard_init())
+
+    return init
+
+
+def full_batch(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
+    x: jax.Array, targets: jax.Array, *, steps_cap: int, engine: engines.Engine = engines.manual,
+    stop_window: int = 50, stop_tolerance: float = 1e-5, monitor: Monitor | None = None,
+    guard: Guard = DEFAULT_GUARD,
+) -> Procedure:
+    """Plain full-batch descent, every finite step kept: w <- optimizer step from dE/dw.
+
+    The baseline for `cost_checked`. Shapes: x (batch, features), targets (batch, classes):
+    the whole training set. `steps_cap` is the value `stop_step` takes if the rule never fires.
     """
     value_and_grad = engine(model, objective)
-    energy, grad = value_and_grad(params, x, targets)
-    stop = _stop_init(stop_window, energy, steps)
 
     def step(state, index):
-        (params, opt_state, energy, grad), stop = state
-        updates, new_opt_state = optimizer.update(grad, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(state.grad, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, _scaled(updates, state.guard.lr_scale))
         new_energy, new_grad = value_and_grad(new_params, x, targets)
-        carry = _select(stop.stopped, (params, opt_state, energy, grad),
-                        (new_params, new_opt_state, new_energy, new_grad))
-        new_stop = _stop_update(stop, carry[2], index, stop_tolerance)
-        record = {"energy": carry[2]}
-        if monitor is not None:
-            record.update(monitor(carry[0]))
-        return (carry, new_stop), record
+        new_grad = _inject_nan(guard, new_grad, index)
+        ok, bad_leaf = _finite(new_energy, new_grad)
+        accepted = state._replace(params=new_params, opt_state=new_opt_state,
+                                  energy=new_energy, grad=new_grad)
+        proposal = _select(ok, accepted, state)
+        proposal = proposal._replace(
+            guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
+        return _finish(state, proposal, index, stop_tolerance, monitor, {"rejected": ~ok})
 
-    carry = (params, optimizer.init(params), energy, grad)
-    (carry, stop), history = jax.lax.scan(step, (carry, stop), jnp.arange(steps))
-    return TrainResult(carry[0], history, stop.stop_step, jnp.array(0))
+    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window,
+                                      steps_cap), step)
 
 
-def cost_checked_descent(
-    model: Layer,
-    objective: Objective,
-    optimizer: optax.GradientTransformation,
-    params: Any,
-    x: jax.Array,
-    targets: jax.Array,
-    *,
-    key: jax.Array,
-    steps: int,
-    engine: engines.Engine = engines.manual,
-    perturbation_scale: float = 1e-3,
-    stop_window: int = 50,
-    stop_tolerance: float = 1e-5,
-    monitor: Monitor | None = None,
-) -> TrainResult:
+def cost_checked(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
+    x: jax.Array, targets: jax.Array, *, steps_cap: int, engine: engines.Engine = engines.manual,
+    perturbation_scale: float = 1e-3, stop_window: int = 50, stop_tolerance: float = 1e-5,
+    monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
+) -> Procedure:
     """Full-batch descent that verifies E decreased after every step.
 
     Each step proposes params' = optimizer step from the gradient at params. If
@@ -162,64 +278,48 @@ def cost_checked_descent(
     by a small random perturbation params + perturbation_scale * N(0, 1) instead (the
     lecture's escape from a plateau or an overshoot), and the step is counted in
     `perturbations`. The gradient computed to check E(params') is reused for the next step,
-    so each step costs one forward and one backward pass.
+    so each step costs one forward and one backward pass. A non-finite E(params') or gradient
+    is a rejection by the guard, not a perturbation.
 
     Shapes: x (batch, features), targets (batch, classes): the whole training set.
     """
     value_and_grad = engine(model, objective)
-    energy, grad = value_and_grad(params, x, targets)
-    carry = (params, optimizer.init(params), energy, grad, key, jnp.array(0))
-    stop = _stop_init(stop_window, energy, steps)
 
     def step(state, index):
-        (params, opt_state, energy, grad, key, perturbations), stop = state
-        key, perturbation_key = jax.random.split(key)
-        updates, new_opt_state = optimizer.update(grad, opt_state, params)
-        candidate = optax.apply_updates(params, updates)
+        key, perturbation_key = _split(state.key)
+        updates, new_opt_state = optimizer.update(state.grad, state.opt_state, state.params)
+        candidate = optax.apply_updates(state.params, _scaled(updates, state.guard.lr_scale))
         candidate_energy, candidate_grad = value_and_grad(candidate, x, targets)
-        improved = candidate_energy < energy
+        candidate_grad = _inject_nan(guard, candidate_grad, index)
+        ok, bad_leaf = _finite(candidate_energy, candidate_grad)
+        improved = ok & (candidate_energy < state.energy)
 
         def keep_step():
             return candidate, new_opt_state, candidate_energy, candidate_grad
 
         def undo_and_perturb():
-            perturbed = perturb(perturbation_key, params, perturbation_scale)
+            perturbed = perturb(perturbation_key, state.params, perturbation_scale)
             perturbed_energy, perturbed_grad = value_and_grad(perturbed, x, targets)
-            return perturbed, opt_state, perturbed_energy, perturbed_grad
+            return perturbed, state.opt_state, perturbed_energy, perturbed_grad
 
-        new_params, new_opt_state, new_energy, new_grad = jax.lax.cond(
-            improved, keep_step, undo_and_perturb
-        )
-        proposal = (new_params, new_opt_state, new_energy, new_grad, key,
-                    perturbations + (~improved).astype(perturbations.dtype))
-        current = (params, opt_state, energy, grad, key, perturbations)
-        carry = _select(stop.stopped, current, proposal)
-        new_stop = _stop_update(stop, carry[2], index, stop_tolerance)
-        record = {"energy": carry[2], "perturbed": ~improved & ~stop.stopped}
-        if monitor is not None:
-            record.update(monitor(carry[0]))
-        return (carry, new_stop), record
+        params, opt_state, energy, grad = jax.lax.cond(improved, keep_step, undo_and_perturb)
+        moved = state._replace(params=params, opt_state=opt_state, energy=energy, grad=grad,
+                               perturbations=state.perturbations + (~improved).astype(jnp.int32))
+        proposal = _select(ok, moved, state)._replace(
+            key=key, guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
+        return _finish(state, proposal, index, stop_tolerance, monitor,
+                       {"perturbed": ok & ~improved, "rejected": ~ok})
 
-    (carry, stop), history = jax.lax.scan(step, (carry, stop), jnp.arange(steps))
-    return TrainResult(carry[0], history, stop.stop_step, carry[5])
+    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window,
+                                      steps_cap), step)
 
 
-def misclassified_descent(
-    model: Layer,
-    objective: Objective,
-    optimizer: optax.GradientTransformation,
-    params: Any,
-    x: jax.Array,
-    targets: jax.Array,
-    *,
-    key: jax.Array,
-    steps: int,
-    batch_size: int,
-    engine: engines.Engine = engines.manual,
-    stop_window: int = 50,
-    stop_tolerance: float = 1e-4,
-    monitor: Monitor | None = None,
-) -> TrainResult:
+def misclassified(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
+    x: jax.Array, targets: jax.Array, *, steps_cap: int, batch_size: int,
+    engine: engines.Engine = engines.manual, stop_window: int = 50,
+    stop_tolerance: float = 1e-4, monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
+) -> Procedure:
     """The lecture's stochastic variant: keep updating on misclassified examples.
 
     Each step classifies the whole training set, draws `batch_size` of the misclassified
@@ -229,41 +329,100 @@ def misclassified_descent(
     of the training set: the mini-batch objective uses lambda * batch_size / m, so its weight
     gradient is (lambda/m) w whatever the batch size.
 
-    history["wrong"] is the number of misclassified training examples before each step.
+    record["wrong"] is the number of misclassified training examples before each step, and
+    record["energy"] the cost on the whole set before it.
     """
     examples = x.shape[0]
     if not 1 <= batch_size <= examples:
         raise ValueError(
             f"misclassified_descent: batch_size must be in [1, {examples}], got {batch_size}"
         )
-    batch_objective = objective._replace(l2=objective.l2 * batch_size / examples)
-    value_and_grad = engine(model, batch_objective)
-    outputs = model.apply(params, x)
-    stop = _stop_init(stop_window, objective.value(params, outputs, targets), steps)
+    batch_value_and_grad = engine(model, objective._replace(
+        l2=objective.l2 * batch_size / examples))
     true_labels = target_labels(targets)
 
+    def init(params, key):
+        energy = objective.value(params, model.apply(params, x), targets)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return TrainState(params, optimizer.init(params), energy, zeros, _key_data(key),
+                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy, steps_cap),
+                          _guard_init())
+
     def step(state, index):
-        (params, opt_state, key), stop = state
-        key, pick_key = jax.random.split(key)
-        outputs = model.apply(params, x)
-        energy = objective.value(params, outputs, targets)
+        key, pick_key = _split(state.key)
+        outputs = model.apply(state.params, x)
+        energy = objective.value(state.params, outputs, targets)
         wrong = predicted_labels(outputs) != true_labels
         wrong_count = jnp.sum(wrong)
         weights = jnp.where(wrong_count > 0, wrong / jnp.maximum(wrong_count, 1), 1 / examples)
         picked = jax.random.choice(pick_key, examples, (batch_size,), p=weights)
-        _, grad = value_and_grad(params, x[picked], targets[picked])
-        updates, new_opt_state = optimizer.update(grad, opt_state, params)
-        new_stop = _stop_update(stop, energy, index, stop_tolerance, wrong_count == 0)
-        proposal = (optax.apply_updates(params, updates), new_opt_state, key)
-        carry = _select(new_stop.stopped, (params, opt_state, key), proposal)
-        record = {"energy": energy, "wrong": wrong_count}
-        if monitor is not None:
-            record.update(monitor(params))
-        return (carry, new_stop), record
+        _, grad = batch_value_and_grad(state.params, x[picked], targets[picked])
+        grad = _inject_nan(guard, grad, index)
+        ok, bad_leaf = _finite(energy, grad)
+        updates, new_opt_state = optimizer.update(grad, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, _scaled(updates, state.guard.lr_scale))
+        moved = state._replace(params=new_params, opt_state=new_opt_state)
+        proposal = _select(ok & (wrong_count > 0), moved, state)._replace(
+            key=key, energy=energy,
+            guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
+        stop = _stop_update(state.stop, energy, index, stop_tolerance, wrong_count == 0)
+        return _finish(state, proposal._replace(stop=stop), index, None, monitor,
+                       {"wrong": wrong_count, "rejected": ~ok}, record_params=state.params)
 
-    carry = (params, optimizer.init(params), key)
-    (carry, stop), history = jax.lax.scan(step, (carry, stop), jnp.arange(steps))
-    return TrainResult(carry[0], history, stop.stop_step, jnp.array(0))
+    return Procedure(init, step)
+
+
+def _finish(state, proposal, index, stop_tolerance, monitor, record, record_params=None):
+    """Freeze a stopped or failed run, update the stop rule, and build the step's record."""
+    if stop_tolerance is not None:
+        proposal = proposal._replace(
+            stop=_stop_update(state.stop, proposal.energy, index, stop_tolerance))
+    frozen = _frozen(state)
+    new_state = _select(frozen, state, proposal)
+    # events (boolean flags) do not happen in a frozen run; counts describe its state
+    record = {"energy": new_state.energy,
+              **{name: value & ~frozen if value.dtype == jnp.bool_ else value
+                 for name, value in record.items()}}
+    if monitor is not None:
+        record.update(monitor(new_state.params if record_params is None else record_params))
+    return new_state, record
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def run_steps(procedure: Procedure, state: TrainState, start: int, length: int):
+    """Steps start .. start + length - 1 as one scan: (state, records of shape (length,))."""
+    return jax.lax.scan(procedure.step, state, jnp.arange(start, start + length, dtype=jnp.int32))
+
+
+def run(procedure: Procedure, params: Any, key: jax.Array, steps: int) -> TrainResult:
+    """A whole run from params: `steps` steps as one scan."""
+    state, history = run_steps(procedure, procedure.init(params, key), 0, steps)
+    return TrainResult(state.params, history, state.stop.stop_step, state.perturbations)
+
+
+def full_batch_descent(model, objective, optimizer, params, x, targets, *, steps, **options):
+    """`run` of `full_batch` (options: engine, stop_window, stop_tolerance, monitor, guard)."""
+    procedure = full_batch(model, objective, optimizer, x, targets, steps_cap=steps, **options)
+    return run(procedure, params, jax.random.key(0), steps)
+
+
+def cost_checked_descent(model, objective, optimizer, params, x, targets, *, key, steps,
+                         **options):
+    """`run` of `cost_checked` (options: engine, perturbation_scale, stop_window,
+    stop_tolerance, monitor, guard)."""
+    procedure = cost_checked(model, objective, optimizer, x, targets, steps_cap=steps,
+                             **options)
+    return run(procedure, params, key, steps)
+
+
+def misclassified_descent(model, objective, optimizer, params, x, targets, *, key, steps,
+                          batch_size, **options):
+    """`run` of `misclassified` (options: engine, stop_window, stop_tolerance, monitor,
+    guard)."""
+    procedure = misclassified(model, objective, optimizer, x, targets, steps_cap=steps,
+                              batch_size=batch_size, **options)
+    return run(procedure, params, key, steps)
 
 
 def random_restarts(
@@ -288,6 +447,11 @@ def random_restarts(
         return result, error
 
     restarts, errors = jax.vmap(one_restart)(keys)
-    best_index = jnp.argmin(errors)
+    return select_best(restarts, errors)
+
+
+def select_best(restarts: TrainResult, held_out_errors: jax.Array) -> RestartResult:
+    """The restart (leading axis) with the lowest held-out error; ties to the lowest index."""
+    best_index = jnp.argmin(held_out_errors)
     best = jax.tree.map(lambda leaf: leaf[best_index], restarts)
-    return RestartResult(best, best_index, errors, restarts)
+    return RestartResult(best, best_index, held_out_errors, restarts)
