@@ -1,6 +1,7 @@
 """The lecture end to end on scikit-learn's embedded 8x8 digits (no network, no data files).
 
     python -m experiments.lecture [--workdir DIR] [--steps 2000] [--lr 0.25] [--l2 1.0] ...
+    python -m experiments.lecture --workdir DIR --resume     # continue after a kill
 
 1. STEP 0: 64 inputs (features), 10 outputs (classes), one hidden layer of 3 x 64 = 192
    sigmoid units, sigmoid outputs; the lecture's objective (sigmoid cross-entropy summed over
@@ -10,42 +11,56 @@
 3. Full-batch gradient descent with the lecture's cost check: a step that does not lower E is
    undone and replaced by a small random perturbation; stop when E stops decreasing.
 4. Five random restarts (vmapped), the one with the lowest held-out error kept.
-5. Train, held-out and test accuracy; curves.png (E and held-out error against step).
+5. Train, held-out and test accuracy; curves.png (E and error against step, train and
+   held-out).
 
 Splits: the 1,797 digits shuffled with the seed, 60% train / 20% held-out / 20% test.
-Writes results.json (DESIGN.md, plus "gradient_report" and "restarts"), results.md, curves.png.
+Runs through the harness (training/harness.py): config.json, environment.json, metrics.jsonl,
+TensorBoard events, checkpoints every --checkpoint-every steps (resumable, bitwise identical),
+results.json (DESIGN.md, plus "gradient_report" and "restarts"), results.md, curves.png.
 
-Measured on the 2-core CPU (jax 0.10.2, defaults): about 20 s in all; test accuracy 0.97-0.98,
+Measured on the 2-core CPU (jax 0.10.2, defaults): about 25 s in all; test accuracy 0.98,
 gradient report relative error manual vs jax.grad about 1e-16 (float64), 1e-7 (float32).
 """
 from __future__ import annotations
+
+import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import nets
-from experiments.common import non_negative, parser_for, positive, workdir_from
-from nets.gradcheck import gradient_report
-from training import data, metrics, optim, plots, procedures, results, timing
+from nets.gradcheck import gradient_report, named_parameters
+from training import data, metrics, optim, plots, procedures, results
+from training.config import ConfigError, option, parse
+from training.harness import open_run, train
 
 EXPERIMENT = "lecture"
 
 
-def parse_args(argv=None):
-    parser = parser_for(__doc__)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=positive(int), default=2000)
-    parser.add_argument("--lr", type=positive(float), default=0.25)
-    parser.add_argument("--l2", type=non_negative(float), default=1.0, help="lambda")
-    parser.add_argument("--restarts", type=positive(int), default=5)
-    parser.add_argument("--hidden-factor", type=float, default=3.0, help="STEP 0 factor, 3-4")
-    parser.add_argument("--hidden-layers", type=non_negative(int), default=1)
-    parser.add_argument("--perturbation", type=non_negative(float), default=1e-3)
-    parser.add_argument("--stop-window", type=positive(int), default=100)
-    parser.add_argument("--stop-tolerance", type=non_negative(float), default=1e-4)
-    parser.add_argument("--engine", choices=sorted(nets.engines.ENGINES), default="manual")
-    return parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = option(0, "seed of the split, the initialisations and the perturbations")
+    steps: int = option(2000, "most gradient-descent steps per restart", ge=1)
+    lr: float = option(0.25, "learning rate eta", gt=0)
+    l2: float = option(1.0, "lambda of the L2 penalty lambda/(2m) sum w^2", ge=0)
+    restarts: int = option(5, "random initialisations, the best kept on held-out error", ge=1)
+    hidden_factor: float = option(3.0, "STEP 0: hidden units per input", ge=3, le=4)
+    hidden_layers: int = option(1, "hidden layers of equal width", ge=0)
+    perturbation: float = option(1e-3, "std of the perturbation after a rejected step", ge=0)
+    stop_window: int = option(100, "steps over which E must keep decreasing", ge=1)
+    stop_tolerance: float = option(1e-4, "least relative decrease over the window", ge=0)
+    engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
+    checkpoint_every: int = option(500, "steps between checkpoints", ge=1)
+    keep_checkpoints: int = option(3, "checkpoints kept", ge=1)
+    nan_factor: float = option(0.5, "learning-rate factor after a non-finite step", gt=0, lt=1)
+    max_failures: int = option(5, "consecutive non-finite steps before the run stops", ge=1)
+    nan_steps: tuple[int, ...] = option((), "inject a NaN gradient at these steps (testing)",
+                                        ge=1)
+    progress_every: int = option(500, "steps between progress lines off a terminal", ge=0)
+    gradient_report: bool = option(True, "check the gradients at initialisation first")
 
 
 def load_splits(seed):
@@ -54,98 +69,134 @@ def load_splits(seed):
     return [(jnp.asarray(x), jnp.asarray(data.one_hot(y, 10))) for x, y in parts]
 
 
-def train_with_restarts(model, objective, splits, config):
-    """The cost-checked descent from `restarts` initialisations, best kept on held-out error."""
+def build(config, splits):
+    """The model, objective and cost-checked procedure the config describes."""
     (x_train, y_train), (x_held, y_held), _ = splits
-    engine = nets.get_engine(config["engine"])
-    optimizer = optim.gradient_descent(config["lr"])
-
-    def init(key):
-        return model.init(key, (-1, x_train.shape[1]))[1]
+    model = nets.build_mlp(x_train.shape[1], 10, hidden_layers=config.hidden_layers,
+                           hidden_factor=config.hidden_factor)
+    objective = nets.lecture_objective(config.l2)
 
     def monitor(params):
-        return {"held_out_error": metrics.classification_error(model, params, x_held, y_held)}
+        return {
+            "train_error": metrics.classification_error(model, params, x_train, y_train),
+            "held_out_error": metrics.classification_error(model, params, x_held, y_held),
+            "held_out_energy": objective.value(params, model.apply(params, x_held), y_held),
+        }
 
-    def train(params, key):
-        return procedures.cost_checked_descent(
-            model, objective, optimizer, params, x_train, y_train, key=key,
-            steps=config["steps"], engine=engine, perturbation_scale=config["perturbation"],
-            stop_window=config["stop_window"], stop_tolerance=config["stop_tolerance"],
-            monitor=monitor,
-        )
+    guard = procedures.Guard(factor=config.nan_factor, max_failures=config.max_failures,
+                             nan_steps=tuple(s - 1 for s in config.nan_steps))
+    procedure = procedures.cost_checked(
+        model, objective, optim.gradient_descent(config.lr), x_train, y_train,
+        engine=nets.get_engine(config.engine),
+        perturbation_scale=config.perturbation, stop_window=config.stop_window,
+        stop_tolerance=config.stop_tolerance, monitor=monitor, guard=guard)
+    return model, objective, procedure
 
-    def run(keys):
-        return procedures.random_restarts(init, train, keys, model, x_held, y_held)
 
-    keys = jax.random.split(jax.random.key(config["seed"]), config["restarts"])
-    return timing.compile_and_run(run, keys)
+def initial_states(model, procedure, config, features):
+    """One TrainState per restart (leading axis): params from init_key, run from train_key."""
+
+    def one(key):
+        init_key, train_key = jax.random.split(key)
+        return procedure.init(model.init(init_key, (-1, features))[1], train_key)
+
+    return jax.vmap(one)(jax.random.split(jax.random.key(config.seed), config.restarts))
+
+
+def vmapped_advance(procedure):
+    """advance(state, start, length) over the restart axis; records (length, restarts)."""
+
+    def advance(state, start, length):
+        state, records = jax.vmap(
+            lambda s: procedures.run_steps(procedure, s, start, length))(state)
+        return state, jax.tree.map(lambda r: jnp.swapaxes(r, 0, 1), records)
+
+    return advance
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    config = {k: v for k, v in vars(args).items() if k != "workdir"}
-    workdir = workdir_from(args, EXPERIMENT)
-    splits = load_splits(args.seed)
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    run = open_run(EXPERIMENT, config, args)
+    splits = load_splits(config.seed)
     (x_train, y_train), (x_held, y_held), (x_test, y_test) = splits
-    model = nets.build_mlp(
-        x_train.shape[1], 10, hidden_layers=args.hidden_layers, hidden_factor=args.hidden_factor,
-    )
-    objective = nets.lecture_objective(args.l2)
+    model, objective, procedure = build(config, splits)
+    features = x_train.shape[1]
 
-    init_params = model.init(jax.random.key(args.seed), (-1, x_train.shape[1]))[1]
+    init_params = model.init(jax.random.key(config.seed), (-1, features))[1]
     report = []
-    for dtype in (jnp.float64, jnp.float32):
+    for dtype in (jnp.float64, jnp.float32) if config.gradient_report else ():
         report += gradient_report(
-            model, objective, init_params, x_train[:100], y_train[:100], dtype, "lecture_mlp"
-        )
+            model, objective, init_params, x_train[:100], y_train[:100], dtype, "lecture_mlp")
 
-    outcome, seconds = train_with_restarts(model, objective, splits, config)
-    best = outcome.best
-    stop = int(best.stop_step)
-    accuracy = {
-        name: float(metrics.accuracy(model, best.params, x, y))
-        for name, (x, y) in (("train", (x_train, y_train)), ("held_out", (x_held, y_held)),
-                             ("test", (x_test, y_test)))
-    }
+    outcome = train(
+        run, vmapped_advance(procedure), initial_states(model, procedure, config, features),
+        total_steps=config.steps, checkpoint_every=config.checkpoint_every,
+        keep=config.keep_checkpoints, progress_every=config.progress_every,
+        leaf_names=[f"{layer}.{param}" for layer, param, _ in
+                    named_parameters(model, init_params)])
+    final = outcome.state
+    held_out_errors = jax.vmap(
+        lambda p: metrics.classification_error(model, p, x_held, y_held))(final.params)
+    best_index = int(jnp.argmin(held_out_errors))
+    best_params = jax.tree.map(lambda leaf: leaf[best_index], final.params)
+    stop_steps = procedures.stop_step(final.stop, outcome.steps_done)
+    stop = int(stop_steps[best_index])
+    accuracy = {name: float(metrics.accuracy(model, best_params, x, y)) for name, (x, y) in
+                (("train", (x_train, y_train)), ("held_out", (x_held, y_held)),
+                 ("test", (x_test, y_test)))}
     restarts = [
-        {"restart": i, "held_out_error": float(outcome.held_out_errors[i]),
-         "final_energy": float(outcome.restarts.history["energy"][i, -1]),
-         "stop_step": int(outcome.restarts.stop_step[i]),
-         "perturbations": int(outcome.restarts.perturbations[i])}
-        for i in range(args.restarts)
+        {"restart": i, "held_out_error": float(held_out_errors[i]),
+         "final_energy": float(final.energy[i]), "stop_step": int(stop_steps[i]),
+         "perturbations": int(final.perturbations[i]),
+         "rejected_non_finite": int(final.guard.rejected[i])}
+        for i in range(config.restarts)
     ]
     history = [
-        {"step": t + 1, "energy": float(best.history["energy"][t]),
-         "held_out_error": float(best.history["held_out_error"][t]),
-         "perturbed": bool(best.history["perturbed"][t])}
-        for t in range(stop)
+        {"step": r["step"], **{name: r[f"{name}/{best_index}"] for name in
+                               ("energy", "train_error", "held_out_error", "held_out_energy",
+                                "perturbed")}}
+        for r in outcome.history if r["step"] <= stop
     ]
     metrics_out = {
         "train_accuracy": accuracy["train"], "held_out_accuracy": accuracy["held_out"],
-        "test_accuracy": accuracy["test"], "best_restart": int(outcome.best_index),
-        "final_energy": history[-1]["energy"] if history else None, "stop_step": stop,
-        "perturbations": int(best.perturbations),
+        "test_accuracy": accuracy["test"], "best_restart": best_index,
+        "final_energy": float(final.energy[best_index]), "stop_step": stop,
+        "perturbations": int(final.perturbations[best_index]),
         "gradient_report_passed": all(row["passed"] for row in report),
-        "architecture": {"inputs": int(x_train.shape[1]), "hidden_layers": args.hidden_layers,
-                         "hidden_units": nets.mlp.step0_hidden_units(x_train.shape[1],
-                                                                     args.hidden_factor),
+        "architecture": {"inputs": features, "hidden_layers": config.hidden_layers,
+                         "hidden_units": nets.mlp.step0_hidden_units(features,
+                                                                     config.hidden_factor),
                          "outputs": 10},
     }
     results.write_results(
-        workdir, EXPERIMENT, config, metrics_out, history, seconds,
-        gradient_report=report, restarts=restarts,
-    )
-    steps = np.arange(1, stop + 1)
+        run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out, history,
+        outcome.seconds, gradient_report=report, restarts=restarts,
+        resumed_from_step=outcome.resumed_from)
+    plot_curves(run.workdir, outcome.history, history, config.restarts, best_index)
+    results.save_and_print_table(
+        run.workdir, render(report, restarts, metrics_out, outcome.seconds, run.workdir))
+    return metrics_out
+
+
+def plot_curves(workdir, all_history, kept_history, restarts, best_index):
+    steps = np.array([r["step"] for r in all_history])
+    kept_steps = np.array([r["step"] for r in kept_history])
+
+    def kept(name):
+        return np.array([r[name] for r in kept_history])
+
     plots.save_curves(workdir / "curves.png", [
         {"ylabel": "E(w) on the training split", "log": True,
-         "series": {f"restart {i}" + (" (kept)" if i == int(outcome.best_index) else ""):
-                    (np.arange(1, args.steps + 1), outcome.restarts.history["energy"][i])
-                    for i in range(args.restarts)}},
-        {"ylabel": "held-out error", "series": {"kept restart": (
-            steps, best.history["held_out_error"][:stop])}},
+         "series": {f"restart {i}" + (" (kept)" if i == best_index else ""):
+                    (steps, np.array([r[f"energy/{i}"] for r in all_history]))
+                    for i in range(restarts)}},
+        {"ylabel": "E(w), kept restart", "log": True,
+         "series": {"train": (kept_steps, kept("energy")),
+                    "held-out": (kept_steps, kept("held_out_energy"))}},
+        {"ylabel": "classification error, kept restart",
+         "series": {"train": (kept_steps, kept("train_error")),
+                    "held-out": (kept_steps, kept("held_out_error"))}},
     ], title="The lecture's cost-checked gradient descent on the 8x8 digits")
-    results.save_and_print_table(workdir, render(report, restarts, metrics_out, seconds, workdir))
-    return metrics_out
 
 
 def render(report, restarts, metrics_out, seconds, workdir):
@@ -168,4 +219,7 @@ def render(report, restarts, metrics_out, seconds, workdir):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, FloatingPointError) as error:
+        sys.exit(f"lecture: {error}")

@@ -162,9 +162,9 @@ def test_a_nan_gradient_is_rejected_and_the_learning_rate_lowered(make):
     model, params, x, targets = small_problem()
     objective = losses.lecture_objective(0.1)
     guard = procedures.Guard(factor=0.5, max_failures=3, nan_steps=(3,), nan_leaf=1)
-    poisoned = make(model, objective, optim.gradient_descent(0.2), x, targets, steps_cap=8,
+    poisoned = make(model, objective, optim.gradient_descent(0.2), x, targets,
                     guard=guard, stop_window=100)
-    clean = make(model, objective, optim.gradient_descent(0.2), x, targets, steps_cap=8,
+    clean = make(model, objective, optim.gradient_descent(0.2), x, targets,
                  stop_window=100)
     key = jax.random.key(0)
     state, records = procedures.run_steps(poisoned, poisoned.init(params, key), 0, 8)
@@ -181,7 +181,7 @@ def test_consecutive_failures_freeze_the_run_and_name_the_leaf():
     model, params, x, targets = small_problem()
     guard = procedures.Guard(factor=0.5, max_failures=3, nan_steps=(4, 5, 6, 7, 8), nan_leaf=2)
     procedure = procedures.full_batch(model, losses.lecture_objective(0.1),
-                                      optim.gradient_descent(0.2), x, targets, steps_cap=12,
+                                      optim.gradient_descent(0.2), x, targets,
                                       guard=guard, stop_window=100)
     state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
                                           0, 12)

@@ -55,6 +55,7 @@ __all__ = [
     "misclassified",
     "run",
     "run_steps",
+    "stop_step",
     "full_batch_descent",
     "cost_checked_descent",
     "misclassified_descent",
@@ -92,7 +93,12 @@ class StopState(NamedTuple):
     # with E before the first step, so the rule can fire after exactly stop_window steps.
     best_energies: jax.Array
     stopped: jax.Array
-    stop_step: jax.Array
+    stop_step: jax.Array  # the step at which the rule fired; -1 while it has not
+
+
+def stop_step(stop: StopState, steps: int) -> jax.Array:
+    """The step at which a run stopped, or `steps` if its rule never fired."""
+    return jnp.where(stop.stop_step < 0, steps, stop.stop_step)
 
 
 class TrainState(NamedTuple):
@@ -156,11 +162,11 @@ def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # --- stopping rule -------------------------------------------------------------------------
 
-def _stop_init(window: int, energy: jax.Array, steps_cap: int) -> StopState:
+def _stop_init(window: int, energy: jax.Array) -> StopState:
     if window < 1:
         raise ValueError(f"stopping rule: stop_window must be >= 1, got {window}")
     best_energies = jnp.full((window,), jnp.inf, energy.dtype).at[-1].set(energy)
-    return StopState(best_energies, jnp.array(False), jnp.array(steps_cap, jnp.int32))
+    return StopState(best_energies, jnp.array(False), jnp.array(-1, jnp.int32))
 
 
 def _stop_update(state: StopState, energy, index, tolerance, extra_stop=False) -> StopState:
@@ -225,11 +231,11 @@ def _frozen(state: TrainState) -> jax.Array:
 
 # --- procedures ----------------------------------------------------------------------------
 
-def _full_batch_init(value_and_grad, optimizer, x, targets, stop_window, steps_cap):
+def _full_batch_init(value_and_grad, optimizer, x, targets, stop_window):
     def init(params, key):
         energy, grad = value_and_grad(params, x, targets)
         return TrainState(params, optimizer.init(params), energy, grad, _key_data(key),
-                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy, steps_cap),
+                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy),
                           _guard_init())
 
     return init
@@ -237,14 +243,14 @@ def _full_batch_init(value_and_grad, optimizer, x, targets, stop_window, steps_c
 
 def full_batch(
     model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
-    x: jax.Array, targets: jax.Array, *, steps_cap: int, engine: engines.Engine = engines.manual,
+    x: jax.Array, targets: jax.Array, *, engine: engines.Engine = engines.manual,
     stop_window: int = 50, stop_tolerance: float = 1e-5, monitor: Monitor | None = None,
     guard: Guard = DEFAULT_GUARD,
 ) -> Procedure:
     """Plain full-batch descent, every finite step kept: w <- optimizer step from dE/dw.
 
     The baseline for `cost_checked`. Shapes: x (batch, features), targets (batch, classes):
-    the whole training set. `steps_cap` is the value `stop_step` takes if the rule never fires.
+    the whole training set.
     """
     value_and_grad = engine(model, objective)
 
@@ -261,13 +267,12 @@ def full_batch(
             guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
         return _finish(state, proposal, index, stop_tolerance, monitor, {"rejected": ~ok})
 
-    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window,
-                                      steps_cap), step)
+    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window), step)
 
 
 def cost_checked(
     model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
-    x: jax.Array, targets: jax.Array, *, steps_cap: int, engine: engines.Engine = engines.manual,
+    x: jax.Array, targets: jax.Array, *, engine: engines.Engine = engines.manual,
     perturbation_scale: float = 1e-3, stop_window: int = 50, stop_tolerance: float = 1e-5,
     monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
 ) -> Procedure:
@@ -310,13 +315,12 @@ def cost_checked(
         return _finish(state, proposal, index, stop_tolerance, monitor,
                        {"perturbed": ok & ~improved, "rejected": ~ok})
 
-    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window,
-                                      steps_cap), step)
+    return Procedure(_full_batch_init(value_and_grad, optimizer, x, targets, stop_window), step)
 
 
 def misclassified(
     model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
-    x: jax.Array, targets: jax.Array, *, steps_cap: int, batch_size: int,
+    x: jax.Array, targets: jax.Array, *, batch_size: int,
     engine: engines.Engine = engines.manual, stop_window: int = 50,
     stop_tolerance: float = 1e-4, monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
 ) -> Procedure:
@@ -345,7 +349,7 @@ def misclassified(
         energy = objective.value(params, model.apply(params, x), targets)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return TrainState(params, optimizer.init(params), energy, zeros, _key_data(key),
-                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy, steps_cap),
+                          jnp.array(0, jnp.int32), _stop_init(stop_window, energy),
                           _guard_init())
 
     def step(state, index):
@@ -390,20 +394,24 @@ def _finish(state, proposal, index, stop_tolerance, monitor, record, record_para
 
 # --- running ---------------------------------------------------------------------------------
 
-def run_steps(procedure: Procedure, state: TrainState, start: int, length: int):
-    """Steps start .. start + length - 1 as one scan: (state, records of shape (length,))."""
-    return jax.lax.scan(procedure.step, state, jnp.arange(start, start + length, dtype=jnp.int32))
+def run_steps(procedure: Procedure, state: TrainState, start, length: int):
+    """Steps start .. start + length - 1 as one scan: (state, records of shape (length,)).
+
+    `start` may be traced (one compilation serves every chunk of the same length).
+    """
+    indices = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+    return jax.lax.scan(procedure.step, state, indices)
 
 
 def run(procedure: Procedure, params: Any, key: jax.Array, steps: int) -> TrainResult:
     """A whole run from params: `steps` steps as one scan."""
     state, history = run_steps(procedure, procedure.init(params, key), 0, steps)
-    return TrainResult(state.params, history, state.stop.stop_step, state.perturbations)
+    return TrainResult(state.params, history, stop_step(state.stop, steps), state.perturbations)
 
 
 def full_batch_descent(model, objective, optimizer, params, x, targets, *, steps, **options):
     """`run` of `full_batch` (options: engine, stop_window, stop_tolerance, monitor, guard)."""
-    procedure = full_batch(model, objective, optimizer, x, targets, steps_cap=steps, **options)
+    procedure = full_batch(model, objective, optimizer, x, targets, **options)
     return run(procedure, params, jax.random.key(0), steps)
 
 
@@ -411,8 +419,7 @@ def cost_checked_descent(model, objective, optimizer, params, x, targets, *, key
                          **options):
     """`run` of `cost_checked` (options: engine, perturbation_scale, stop_window,
     stop_tolerance, monitor, guard)."""
-    procedure = cost_checked(model, objective, optimizer, x, targets, steps_cap=steps,
-                             **options)
+    procedure = cost_checked(model, objective, optimizer, x, targets, **options)
     return run(procedure, params, key, steps)
 
 
@@ -420,8 +427,8 @@ def misclassified_descent(model, objective, optimizer, params, x, targets, *, ke
                           batch_size, **options):
     """`run` of `misclassified` (options: engine, stop_window, stop_tolerance, monitor,
     guard)."""
-    procedure = misclassified(model, objective, optimizer, x, targets, steps_cap=steps,
-                              batch_size=batch_size, **options)
+    procedure = misclassified(model, objective, optimizer, x, targets, batch_size=batch_size,
+                              **options)
     return run(procedure, params, key, steps)
 
 

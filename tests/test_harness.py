@@ -1,0 +1,143 @@
+"""The harness end to end through the lecture experiment: run directories, kill and resume,
+numerical failures, determinism."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import lecture
+from training.checkpoints import Checkpointer
+from training.config import ConfigError
+from training.harness import NonFiniteError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ["--restarts", "2", "--no-gradient-report", "--progress-every", "0"]
+
+
+def final_state(workdir, config_argv):
+    """The newest checkpoint of a run, restored independently of the experiment."""
+    config, _ = lecture.parse(lecture.Config, config_argv)
+    splits = lecture.load_splits(config.seed)
+    model, _, procedure = lecture.build(config, splits)
+    like = lecture.initial_states(model, procedure, config, splits[0][0].shape[1])
+    return Checkpointer(workdir / "checkpoints", say=lambda m: None).restore_latest(like)
+
+
+def metrics_lines(workdir):
+    return (workdir / "metrics.jsonl").read_text().splitlines()
+
+
+def test_run_directory_files(tmp_path):
+    lecture.main(["--workdir", str(tmp_path), "--steps", "20", "--checkpoint-every", "10",
+                  *SMALL])
+    for name in ("config.json", "environment.json", "results.json", "results.md",
+                 "metrics.jsonl", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    environment = json.loads((tmp_path / "environment.json").read_text())
+    for key in ("jax", "jaxlib", "optax", "flax", "backend", "devices", "process_count",
+                "git_commit", "command"):
+        assert key in environment
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["experiment"] == "lecture" and config["config"]["steps"] == 20
+    assert [json.loads(line)["step"] for line in metrics_lines(tmp_path)] == list(range(1, 21))
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [10, 20]
+
+
+def test_a_different_config_is_refused_unless_forced(tmp_path):
+    base = ["--workdir", str(tmp_path), "--checkpoint-every", "10", *SMALL]
+    lecture.main([*base, "--steps", "10"])
+    with pytest.raises(ConfigError, match=r"different config \(steps: 10 -> 20\).*--force"):
+        lecture.main([*base, "--steps", "20"])
+    metrics = lecture.main([*base, "--steps", "20", "--force"])
+    assert metrics["stop_step"] == 20
+    assert len(metrics_lines(tmp_path)) == 20
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="--resume: .* holds no run"):
+        lecture.main(["--workdir", str(tmp_path / "empty"), "--resume", *SMALL])
+
+
+def test_resuming_a_finished_run_does_no_work_and_reports_the_same(tmp_path):
+    argv = ["--workdir", str(tmp_path), "--steps", "30", "--checkpoint-every", "10", *SMALL]
+    first = lecture.main(argv)
+    first_results = json.loads((tmp_path / "results.json").read_text())
+    second = lecture.main([*argv, "--resume"])
+    second_results = json.loads((tmp_path / "results.json").read_text())
+    assert first == second
+    assert second_results["resumed_from_step"] == 30
+    assert second_results["seconds"]["run"] == 0 and second_results["seconds"]["compile"] == 0
+    assert first_results["history"] == second_results["history"]
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    argv = ["--steps", "30", "--checkpoint-every", "15", *SMALL]
+    lecture.main(["--workdir", str(tmp_path / "a"), *argv])
+    lecture.main(["--workdir", str(tmp_path / "b"), *argv])
+    assert metrics_lines(tmp_path / "a") == metrics_lines(tmp_path / "b")
+    other_seed = tmp_path / "c"
+    lecture.main(["--workdir", str(other_seed), "--seed", "1", *argv])
+    assert metrics_lines(tmp_path / "a") != metrics_lines(other_seed)
+
+
+def test_a_nan_is_rolled_back_and_the_run_goes_on(tmp_path):
+    argv = ["--workdir", str(tmp_path), "--steps", "30", "--checkpoint-every", "10",
+            "--nan-steps", "12", *SMALL]
+    lecture.main(argv)
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [r["rejected_non_finite"] for r in document["restarts"]] == [1, 1]
+    records = [json.loads(line) for line in metrics_lines(tmp_path)]
+    assert records[11]["energy/0"] == records[10]["energy/0"]  # step 12 undone
+    assert records[12]["energy/0"] < records[11]["energy/0"]  # and the run went on
+
+
+def test_repeated_nans_stop_with_the_step_and_parameter_named(tmp_path):
+    argv = ["--workdir", str(tmp_path), "--steps", "40", "--checkpoint-every", "10",
+            "--nan-steps", "15,16,17", "--max-failures", "3", *SMALL]
+    with pytest.raises(NonFiniteError, match=r"first at step 15 .*in parameter hidden1\.b"):
+        lecture.main(argv)
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [10]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    """A real subprocess, a real SIGKILL after its second checkpoint, then a plain re-run."""
+    config_argv = ["--steps", "1500", "--checkpoint-every", "100", *SMALL]
+    command = [sys.executable, "-m", "experiments.lecture", *config_argv]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+
+    process = subprocess.Popen([*command, "--workdir", str(killed)], cwd=ROOT, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = Checkpointer(killed / "checkpoints", say=lambda m: None)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if len([s for s in checkpoints.steps() if checkpoints.is_valid(s)]) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted_at = max(checkpoints.steps())
+    assert interrupted_at < 1500
+
+    for workdir in (killed, whole):
+        subprocess.run([*command, "--workdir", str(workdir)], cwd=ROOT, env=environment,
+                       check=True, capture_output=True)
+    resumed = json.loads((killed / "results.json").read_text())
+    uninterrupted = json.loads((whole / "results.json").read_text())
+    assert resumed["resumed_from_step"] >= 100
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    assert resumed["history"] == uninterrupted["history"]
+    assert metrics_lines(killed) == metrics_lines(whole)
+    (step_a, state_a), (step_b, state_b) = (final_state(w, config_argv) for w in (killed, whole))
+    assert step_a == step_b == 1500
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,174 @@
+"""Experiment configs: frozen dataclasses, one per experiment, with command-line flags.
+
+An experiment declares its config as a frozen dataclass whose fields are made with `option`:
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        lr: float = option(0.25, "learning rate eta", gt=0)
+        restarts: int = option(5, "random restarts", ge=1)
+        engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
+
+`parse(Config, argv)` turns every field into a flag (`--lr 0.1`, `--no-flag` for booleans,
+`--nan-steps 3,4` for tuples), adds the harness flags (`--workdir`, `--resume`, `--force`),
+and checks every value against its bounds before any work starts. `check(config)` applies the
+same checks to a config built in code. Errors are `ConfigError`s naming the option, the value
+and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import typing
+from typing import Any, Sequence
+
+__all__ = ["ConfigError", "option", "check", "parse", "to_dict", "differences", "HarnessArgs"]
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed, raised before any work starts."""
+
+
+def option(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None, choices=None):
+    """A config field with its help text and the values it allows."""
+    metadata = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _allowed(meta: dict) -> str:
+    parts = []
+    for key, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(key) is not None:
+            parts.append(f"{symbol} {meta[key]}")
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(map(str, meta["choices"])))
+    return " and ".join(parts) or "any value"
+
+
+def _check_value(name: str, value: Any, meta: dict) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        bad = (
+            (meta.get("gt") is not None and not item > meta["gt"])
+            or (meta.get("ge") is not None and not item >= meta["ge"])
+            or (meta.get("lt") is not None and not item < meta["lt"])
+            or (meta.get("le") is not None and not item <= meta["le"])
+            or (meta.get("choices") and item not in meta["choices"])
+        )
+        if bad:
+            raise ConfigError(f"option --{_flag(name)}: got {value!r}; allowed: {_allowed(meta)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_types(config_class) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def check(config) -> Any:
+    """Raise ConfigError for the first field outside its bounds; return config."""
+    types = _field_types(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        expected = types[field.name]
+        base = typing.get_origin(expected) or expected
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"option --{_flag(field.name)}: got {value!r} of type {type(value).__name__}; "
+                f"expected {getattr(expected, '__name__', expected)}")
+        _check_value(field.name, value, field.metadata)
+    return config
+
+
+def _parser_type(name: str, kind, meta: dict):
+    """An argparse type that converts, checks bounds, and names the option on failure."""
+    item_kind = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+
+    def convert_one(text):
+        try:
+            return item_kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}; expected {item_kind.__name__} ({_allowed(meta)})") from None
+
+    def convert(text):
+        if typing.get_origin(kind) is tuple:
+            value = tuple(convert_one(t) for t in text.split(",") if t.strip())
+        else:
+            value = convert_one(text)
+        try:
+            _check_value(name, value, meta)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}; allowed: {_allowed(meta)}") from None
+        return value
+
+    convert.__name__ = getattr(item_kind, "__name__", "value")
+    return convert
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessArgs:
+    """The harness flags every experiment has."""
+
+    workdir: pathlib.Path | None
+    resume: bool
+    force: bool
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage()
+        self.exit(2, f"{self.prog}: error: {message}\n(see --help for every option and its "
+                     "default)\n")
+
+
+def parse(config_class, argv: Sequence[str] | None, description: str = "",
+          prog: str | None = None):
+    """(config, HarnessArgs) from the command line; exits with status 2 on a bad option."""
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness = parser.add_argument_group("run directory")
+    harness.add_argument("--workdir", type=pathlib.Path, default=None,
+                         help="run directory (default: runs/<experiment>/<UTC timestamp>/)")
+    harness.add_argument("--resume", action="store_true",
+                         help="continue from the newest valid checkpoint in --workdir "
+                              "(re-running with the same --workdir does the same)")
+    harness.add_argument("--force", action="store_true",
+                         help="use --workdir even if it holds a run with a different config")
+    options = parser.add_argument_group("config")
+    types = _field_types(config_class)
+    for field in dataclasses.fields(config_class):
+        kind, meta = types[field.name], field.metadata
+        help_text = f"{meta.get('help', '')} (default: {field.default!r}; {_allowed(meta)})"
+        if kind is bool:
+            options.add_argument(f"--{_flag(field.name)}", dest=field.name, default=field.default,
+                                 action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            options.add_argument(f"--{_flag(field.name)}", dest=field.name, default=field.default,
+                                 type=_parser_type(field.name, kind, meta), help=help_text,
+                                 metavar=_flag(field.name).upper().replace("-", "_"))
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    config = check(config_class(**values))
+    return config, HarnessArgs(args.workdir, args.resume, args.force)
+
+
+def to_dict(config) -> dict:
+    """The config as a JSON-ready dict (tuples as lists)."""
+    items = dataclasses.asdict(config).items()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """'name: saved -> current' for every field that differs (or exists on one side only)."""
+    lines = []
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name, "<absent>") != current.get(name, "<absent>"):
+            lines.append(f"{name}: {saved.get(name, '<absent>')!r} -> "
+                         f"{current.get(name, '<absent>')!r}")
+    return lines

@@ -1,0 +1,210 @@
+"""The research harness: one run directory per run, and a training loop that survives kills.
+
+    config, args = training.config.parse(Config, argv, __doc__)
+    run = open_run("lecture", config, args)          # config.json, environment.json
+    outcome = train(run, advance, state, total_steps=..., checkpoint_every=..., ...)
+
+`open_run` resolves the run directory (default `runs/<experiment>/<UTC timestamp>/`). A
+directory that already holds a run is resumed (with or without `--resume`); if that run's
+config differs, it refuses unless `--force`, naming the fields that differ.
+
+`train` runs `advance(state, start, length) -> (state, records)` chunk by chunk, each chunk one
+jitted call; after every chunk it appends the per-step metrics to `metrics.jsonl` and
+TensorBoard and saves a checkpoint (`training.checkpoints`), so a run killed at any point
+continues from its newest valid checkpoint and ends bitwise identical, on CPU, to one that was
+never interrupted (the same jitted chunks run on the same states). A run whose state reports
+a numerical failure (`procedures.GuardState.failed`) stops with a `NonFiniteError` naming the
+step, layer and parameter, and its last good checkpoint stays in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from training import results
+from training.checkpoints import Checkpointer
+from training.config import ConfigError, HarnessArgs, differences, to_dict
+from training.logbook import MetricsLog, Progress, read_metrics
+
+__all__ = ["Run", "NonFiniteError", "TrainOutcome", "open_run", "environment", "train"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A run rejected too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    experiment: str
+    workdir: pathlib.Path
+    config: Any
+    resuming: bool
+
+
+def _git_commit() -> str | None:
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=pathlib.Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() or None if completed.returncode == 0 else None
+
+
+def environment() -> dict:
+    """results.environment() plus library versions, process count, git commit, command."""
+    import flax
+    import orbax.checkpoint
+
+    return {
+        **results.environment(),
+        "flax": flax.__version__,
+        "orbax_checkpoint": orbax.checkpoint.__version__,
+        "process_count": jax.process_count(),
+        "git_commit": _git_commit(),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    }
+
+
+def _write_json(path: pathlib.Path, document: dict) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(results.to_jsonable(document), indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def open_run(experiment: str, config: Any, args: HarnessArgs) -> Run:
+    """Create or reopen the run directory and write config.json and environment.json."""
+    workdir = (args.workdir or results.default_workdir(experiment)).absolute()
+    config_path = workdir / "config.json"
+    resuming = config_path.exists()
+    if args.resume and not resuming:
+        raise ConfigError(f"option --resume: {workdir} holds no run (no config.json) to resume")
+    if resuming:
+        saved = json.loads(config_path.read_text())
+        changed = differences(saved.get("config", {}), to_dict(config))
+        if saved.get("experiment") != experiment:
+            changed.insert(0, f"experiment: {saved.get('experiment')!r} -> {experiment!r}")
+        if changed and not args.force:
+            raise ConfigError(
+                f"--workdir {workdir} holds a run with a different config ("
+                + "; ".join(changed) + "); pass --force to resume it with the new config, or "
+                "choose another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(config_path, {"experiment": experiment, "config": to_dict(config)})
+    _write_json(workdir / "environment.json", environment())
+    return Run(experiment, workdir, config, resuming)
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    state: Any
+    history: list[dict]  # one record per step, from metrics.jsonl (the whole run)
+    seconds: dict[str, float]  # compile, run, checkpoint
+    resumed_from: int  # the step restored from a checkpoint (0: a fresh start)
+    steps_done: int  # the step the run reached
+
+
+def _default_scalars(records: dict, index: int) -> dict:
+    scalars = {}
+    for name, values in records.items():
+        value = np.asarray(values[index])
+        if value.ndim == 0:
+            scalars[name] = value.item()
+        else:
+            scalars.update({f"{name}/{i}": v.item() for i, v in enumerate(value.ravel())})
+    return scalars
+
+
+def _frozen(state) -> bool:
+    return bool(jnp.all(state.stop.stopped | state.guard.failed))
+
+
+def _raise_if_failed(state, leaf_names: Sequence[str]) -> None:
+    failed = np.atleast_1d(np.asarray(state.guard.failed))
+    if not failed.any():
+        return
+    run_index = int(np.argmax(failed))
+    step = int(np.atleast_1d(np.asarray(state.guard.first_bad_step))[run_index])
+    leaf = int(np.atleast_1d(np.asarray(state.guard.first_bad_leaf))[run_index])
+    where = "the loss" if leaf < 0 else (
+        f"parameter {leaf_names[leaf]}" if leaf < len(leaf_names) else f"gradient leaf {leaf}")
+    scale = float(np.atleast_1d(np.asarray(state.guard.lr_scale))[run_index])
+    restart = f" (restart {run_index})" if failed.size > 1 else ""
+    raise NonFiniteError(
+        f"non-finite gradient first at step {step + 1}{restart}, in {where}; the step was "
+        f"rejected {int(np.atleast_1d(np.asarray(state.guard.consecutive))[run_index])} times "
+        f"in a row with the learning rate lowered to {scale:g} of its value; the last good "
+        "checkpoint is kept")
+
+
+def train(
+    run: Run,
+    advance: Callable[[Any, jax.Array, int], tuple[Any, dict]],
+    initial_state: Any,
+    *,
+    total_steps: int,
+    checkpoint_every: int,
+    keep: int = 3,
+    leaf_names: Sequence[str] = (),
+    scalars: Callable[[dict, int], dict] = _default_scalars,
+    loss_name: str = "energy",
+    progress_every: int = 500,
+    say: Callable[[str], None] = print,
+) -> TrainOutcome:
+    """Run `advance` from the newest valid checkpoint (or `initial_state`) to total_steps.
+
+    advance(state, start, length) -> (state, records): `length` steps from step `start`
+    (a jnp.int32 scalar), records a dict of arrays with a leading axis of `length`; it is
+    jitted here, once per distinct length. `scalars(records, i)` flattens step i's records for
+    the metrics log (default: scalars as they are, vectors as name/0, name/1, ...).
+    """
+    if checkpoint_every < 1 or total_steps < 1:
+        raise ConfigError(f"train: checkpoint_every ({checkpoint_every}) and total_steps "
+                          f"({total_steps}) must be >= 1")
+    checkpointer = Checkpointer(run.workdir / "checkpoints", keep, say=say)
+    seconds = {"compile": 0.0, "run": 0.0, "checkpoint": 0.0}
+    start = time.perf_counter()
+    restored = checkpointer.restore_latest(initial_state)
+    step, state = (0, initial_state) if restored is None else restored
+    seconds["checkpoint"] += time.perf_counter() - start
+    if restored is not None:
+        say(f"resuming {run.experiment} from the checkpoint at step {step} in {run.workdir}")
+    log = MetricsLog(run.workdir, resume_from_step=step)
+    progress = Progress(total_steps, step, progress_every, run.experiment)
+    compiled: dict[int, Any] = {}
+    try:
+        while step < total_steps and not _frozen(state):
+            length = min(checkpoint_every - step % checkpoint_every, total_steps - step)
+            begin = jnp.asarray(step, jnp.int32)
+            if length not in compiled:
+                tick = time.perf_counter()
+                compiled[length] = jax.jit(advance, static_argnums=2).lower(
+                    state, begin, length).compile()
+                seconds["compile"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            new_state, records = jax.block_until_ready(compiled[length](state, begin))
+            seconds["run"] += time.perf_counter() - tick
+            for index in range(length):
+                log.write(step + index + 1, scalars(records, index))
+            _raise_if_failed(new_state, leaf_names)
+            state, step = new_state, step + length
+            tick = time.perf_counter()
+            checkpointer.save(step, state)
+            seconds["checkpoint"] += time.perf_counter() - tick
+            progress.update(step, float(np.mean(np.asarray(records[loss_name])[-1])))
+    finally:
+        progress.close()
+        log.close()
+    return TrainOutcome(state, read_metrics(run.workdir / "metrics.jsonl"), seconds,
+                        0 if restored is None else restored[0], step)
