@@ -16,6 +16,7 @@ errors vs jax.grad of order 1e-16 and vs finite differences of order 1e-8; float
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -24,11 +25,18 @@ import jax
 import jax.numpy as jnp
 
 import nets
-from experiments.common import parser_for, positive, workdir_from
 from nets.gradcheck import TOLERANCES, gradient_report
 from training import results
+from training.config import ConfigError, option, parse, to_dict
+from training.harness import open_run
 
 EXPERIMENT = "gradcheck"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int = option(16, "examples in the random batch of every check", ge=1)
+    seed: int = option(0, "seed of the parameters and the batch")
 
 
 class Case(NamedTuple):
@@ -91,13 +99,10 @@ def run_checks(batch: int, seed: int, cases: list[Case] | None = None) -> list[d
 
 
 def main(argv=None) -> int:
-    parser = parser_for(__doc__)
-    parser.add_argument("--batch", type=positive(int), default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    workdir = workdir_from(args, EXPERIMENT)
+    config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    workdir = open_run(EXPERIMENT, config, harness_args).workdir
     start = time.perf_counter()
-    checks = run_checks(args.batch, args.seed)
+    checks = run_checks(config.batch, config.seed)
     seconds = {"compile": None, "run": time.perf_counter() - start}
     passed = all(check["passed"] for check in checks)
     failed = [c for c in checks if not c["passed"]]
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
             c["rel_err_vs_finite_diff"] for c in checks if c["dtype"] == "float64"
         ),
     }
-    config = {"batch": args.batch, "seed": args.seed, "tolerances": TOLERANCES,
+    config = {**to_dict(config), "tolerances": TOLERANCES,
               "models": sorted({check["model"] for check in checks})}
     results.write_results(workdir, EXPERIMENT, config, metrics, [], seconds,
                           checks=checks, passed=passed)
@@ -125,4 +130,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        sys.exit(f"{EXPERIMENT}: {error}")

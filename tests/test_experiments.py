@@ -35,7 +35,7 @@ def test_lecture_reaches_95_percent_on_the_digits(tmp_path):
 def test_lecture_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         lecture.main(["--lr", "-1"])
-    assert "--lr: must be > 0, got -1" in capsys.readouterr().err
+    assert "argument --lr: got '-1'; allowed: > 0" in capsys.readouterr().err
 
 
 def test_gradcheck_writes_every_check_and_passes(tmp_path):
