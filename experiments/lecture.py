@@ -162,7 +162,7 @@ def main(argv=None):
         "test_accuracy": accuracy["test"], "best_restart": best_index,
         "final_energy": float(final.energy[best_index]), "stop_step": stop,
         "perturbations": int(final.perturbations[best_index]),
-        "gradient_report_passed": all(row["passed"] for row in report),
+        "gradient_report_passed": all(row["passed"] for row in report) if report else None,
         "architecture": {"inputs": features, "hidden_layers": config.hidden_layers,
                          "hidden_units": nets.mlp.step0_hidden_units(features,
                                                                      config.hidden_factor),

@@ -17,12 +17,16 @@ def save_curves(
     panels: Sequence[Mapping],
     title: str = "",
 ) -> None:
-    """One subplot per panel, side by side.
+    """One subplot per panel, at most `columns` (3) to a row.
 
     Each panel is {"ylabel": str, "xlabel": str, "series": {label: (x, y)}, "log": bool}.
     """
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for axis in axes.ravel()[len(panels):]:
+        axis.set_visible(False)
+    for axis, panel in zip(axes.ravel(), panels):
         for label, (xs, ys) in panel["series"].items():
             axis.plot(xs, ys, label=label, linewidth=1.2)
         axis.set_xlabel(panel.get("xlabel", "step"))

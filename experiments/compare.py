@@ -1,0 +1,104 @@
+"""Compare finished runs: their curves overlaid and their final metrics side by side.
+
+    python -m experiments.compare RUN_DIR [RUN_DIR ...] [--workdir DIR] [--metrics a,b]
+
+Reads each run's results.json (DESIGN.md): the "history" records become curves, one panel per
+numeric quantity the runs share (loss, errors, ...), one line per run; the scalar "metrics"
+(nested ones flattened as a.b) become a table with one column per run. Writes
+DIR/compare.png, DIR/results.json ({"runs": [...], "metrics": {name: [value per run]}}) and
+DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from training import plots, results
+
+EXPERIMENT = "compare"
+
+
+def load_run(directory: pathlib.Path) -> dict:
+    path = directory / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"compare: {directory} has no results.json (not a finished run)")
+    return json.loads(path.read_text())
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """Scalar entries of a nested dict as {"a.b": value}; lists and strings are left out."""
+    flat = {}
+    for name, value in metrics.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, key + "."))
+        elif isinstance(value, (int, float, bool)) and not isinstance(value, str):
+            flat[key] = value
+    return flat
+
+
+def shared_curves(histories: list[list[dict]]) -> list[str]:
+    """Numeric history keys (other than step) present in every run, in first-run order."""
+    if not histories or not all(histories):
+        return []
+    names = [k for k, v in histories[0][0].items()
+             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [n for n in names if all(n in h[0] for h in histories)]
+
+
+def labels_for(directories: list[pathlib.Path]) -> list[str]:
+    """Short distinct labels: the last path components that tell the runs apart."""
+    parts = [d.absolute().parts for d in directories]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in directories]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="run directories")
+    parser.add_argument("--workdir", type=pathlib.Path, default=None,
+                        help="where to write the comparison (default: runs/compare/<time>/)")
+    parser.add_argument("--metrics", default="",
+                        help="comma-separated metric names to show (default: all shared)")
+    args = parser.parse_args(argv)
+    documents = [load_run(directory) for directory in args.runs]
+    labels = labels_for(args.runs)
+    workdir = args.workdir or results.default_workdir(EXPERIMENT)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    flat = [flatten(document.get("metrics", {})) for document in documents]
+    wanted = [m for m in args.metrics.split(",") if m] or sorted(set().union(*flat))
+    table = {name: [f.get(name) for f in flat] for name in wanted}
+    histories = [document.get("history", []) for document in documents]
+    curves = shared_curves(histories)
+    if curves:
+        plots.save_curves(workdir / "compare.png", [
+            {"ylabel": name, "log": name.endswith("energy") or name.endswith("loss"),
+             "series": {label: (np.array([r["step"] for r in history]),
+                                np.array([r[name] for r in history], dtype=float))
+                        for label, history in zip(labels, histories)}}
+            for name in curves], title="runs compared")
+    summary = {"runs": [str(d) for d in args.runs], "labels": labels,
+               "experiments": [document.get("experiment") for document in documents],
+               "metrics": table, "curves": curves}
+    (workdir / "results.json").write_text(json.dumps(results.to_jsonable(summary), indent=2))
+    rows = [{"metric": name, **dict(zip(labels, values))} for name, values in table.items()]
+    text = results.markdown_table(rows, ["metric", *labels])
+    text += f"\ncurves of {', '.join(curves) or 'nothing shared'} in {workdir / 'compare.png'}\n"
+    results.save_and_print_table(workdir, text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FileNotFoundError as error:
+        sys.exit(str(error))
