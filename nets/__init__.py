@@ -4,7 +4,8 @@ Layers (`nets.layers`), losses (`nets.losses`), models (`nets.mlp`), the two gra
 (`nets.engines`) and the checks between them (`nets.gradcheck`). Nothing here knows about
 optimisers, devices or files.
 """
-from nets import engines, gradcheck, initializers, layers, losses, mlp
+from nets import conv, engines, gradcheck, initializers, layers, losses, mlp, pooling
+from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
 from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
 from nets.losses import (
@@ -16,6 +17,14 @@ from nets.losses import (
     softmax_cross_entropy,
 )
 from nets.mlp import mlp as build_mlp
+from nets.pooling import (
+    AvgPool,
+    Dropout,
+    Flatten,
+    LocalResponseNorm,
+    MaxPool,
+    Subsampling,
+)
 
 __all__ = [
     "engines",
@@ -43,4 +52,15 @@ __all__ = [
     "with_manual_vjp",
     "get_engine",
     "build_mlp",
+    "conv",
+    "pooling",
+    "Conv2D",
+    "lenet1989_h2_table",
+    "lenet5_c3_table",
+    "AvgPool",
+    "MaxPool",
+    "Subsampling",
+    "Flatten",
+    "LocalResponseNorm",
+    "Dropout",
 ]

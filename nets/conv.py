@@ -1,0 +1,395 @@
+"""2-D convolution (NHWC) with a hand-written backward pass, and LeNet connection tables.
+
+Shape names: x (batch, height, width, in_channels), kernel w (kh, kw, in_channels / groups,
+out_channels) ("HWIO"), y (batch, out_height, out_width, out_channels). With the input padded
+to xp (top/bottom rows and left/right columns of `pad_value`) and strides (sh, sw),
+
+    y[n, i, j, o] = sum_{a, b, c} xp[n, sh i + a, sw j + b, g(o) C_g + c] w[a, b, c, o] + b[..., o]
+
+where C_g = in_channels / groups and g(o) = o // (out_channels / groups) is the group of output
+map o. out_height = (H + top + bottom - kh) // sh + 1: when (H + pads - kh) is not a multiple of
+sh, the last rows of xp are seen by no window (their dx is 0). Likewise for widths.
+
+This module follows the layer contract of `nets.layers` (init, forward, backward, apply).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nets import initializers
+from nets.layers import Layer
+
+__all__ = [
+    "Conv2D",
+    "conv2d_backward_input",
+    "conv2d_backward_kernel",
+    "check_image_input",
+    "lenet1989_h2_table",
+    "lenet5_c3_table",
+    "pair",
+]
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
+    """(value, value) for an int, the pair itself for a pair of positive ints."""
+    try:
+        values = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    except TypeError:
+        values = ()
+    if len(values) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
+        raise ValueError(f"{layer_name}: {what} must be a positive int or pair, got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def _pretty(dims: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def check_image_input(
+    layer_name: str,
+    shape: Sequence[int],
+    channels: int | None = None,
+    min_size: tuple[int, int] = (1, 1),
+    what: str = "input x has shape",
+) -> None:
+    """Raise a ValueError unless `shape` is (batch, height, width, channels) with the
+    given channel count (None: any) and height, width >= min_size.
+
+    The message names the layer, the shape found and the shape expected, as `check_input`
+    in `nets.layers` does (whose message cannot say "height >= k").
+    """
+    shape = tuple(shape)
+    ok = len(shape) == 4 and all(isinstance(d, (int, np.integer)) for d in shape)
+    if ok:
+        _, height, width, found_channels = shape
+        ok = (
+            height >= min_size[0]
+            and width >= min_size[1]
+            and found_channels >= 1
+            and channels in (None, found_channels)
+        )
+    if not ok:
+        expected = _pretty((
+            "batch",
+            f"height >= {min_size[0]}",
+            f"width >= {min_size[1]}",
+            "channels" if channels is None else channels,
+        ))
+        raise ValueError(f"{layer_name}: {what} {shape}, expected {expected}")
+
+
+def _resolve_padding(padding, size: tuple[int, int], kernel, stride) -> Pads:
+    """Explicit ((top, bottom), (left, right)) pads for an input of spatial `size`.
+
+    'SAME' follows XLA/TensorFlow: out = ceil(size / stride), the total padding
+    max((out - 1) stride + k - size, 0) split with the extra row/column at the bottom/right.
+    """
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    if padding == "SAME":
+        pads = []
+        for n, k, s in zip(size, kernel, stride):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    return padding
+
+
+def _validate_padding(padding, name: str):
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME"):
+            raise ValueError(f"{name}: padding {padding!r}; use 'VALID', 'SAME' or "
+                             "((top, bottom), (left, right))")
+        return padding.upper()
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError):
+        pads = ()
+    if len(pads) != 2 or min(min(p) for p in pads) < 0:
+        raise ValueError(f"{name}: padding {padding!r}; use 'VALID', 'SAME' or "
+                         "((top, bottom), (left, right)) with non-negative ints")
+    return pads
+
+
+def _output_size(size: int, k: int, s: int, lo: int, hi: int) -> int:
+    return (size + lo + hi - k) // s + 1
+
+
+def _pad(x: jax.Array, pads: Pads, value: float) -> jax.Array:
+    if not any(lo or hi for lo, hi in pads):
+        return x
+    return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=value)
+
+
+def _grouped_io_swap(w: jax.Array, groups: int) -> jax.Array:
+    """(kh, kw, C_g, O) -> (kh, kw, O / groups, C): the kernel of the transposed convolution.
+
+    Entry [a, b, o', g C_g + c] = w[a, b, c, g O_g + o']: within each group, input and output
+    channels swap places.
+    """
+    kh, kw, c_g, out_channels = w.shape
+    o_g = out_channels // groups
+    swapped = w.reshape(kh, kw, c_g, groups, o_g).transpose(0, 1, 4, 3, 2)
+    return swapped.reshape(kh, kw, o_g, groups * c_g)
+
+
+def conv2d_backward_input(
+    dy: jax.Array, w: jax.Array, stride: tuple[int, int], padded_size: tuple[int, int],
+    groups: int = 1,
+) -> jax.Array:
+    """dxp (batch, Hp, Wp, C) of y = VALID conv(xp, w) with strides, from dy.
+
+    dxp[n, p, q, c] = sum over (i, a) with sh i + a = p, (j, b) with sw j + b = q, and o of
+    dy[n, i, j, o] w[a, b, c, o] (within a group). That is a stride-1 convolution of dy
+    dilated by the strides (sh - 1 zeros between rows, sw - 1 between columns; lhs_dilation)
+    and zero-padded by k - 1 on each side ("full" correlation), with the spatially flipped
+    kernel whose in/out channels are swapped. `extra` = Hp - ((out_h - 1) sh + kh) more zero
+    rows at the bottom give the rows no window used their gradient, 0.
+    """
+    kh, kw = w.shape[:2]
+    (sh, sw), (hp, wp) = stride, padded_size
+    extra_h = hp - ((dy.shape[1] - 1) * sh + kh)
+    extra_w = wp - ((dy.shape[2] - 1) * sw + kw)
+    kernel = _grouped_io_swap(w, groups)[::-1, ::-1]
+    return lax.conv_general_dilated(
+        dy, kernel, window_strides=(1, 1),
+        padding=((kh - 1, kh - 1 + extra_h), (kw - 1, kw - 1 + extra_w)),
+        lhs_dilation=(sh, sw), dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+    )
+
+
+def conv2d_backward_kernel(
+    xp: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], stride: tuple[int, int],
+    groups: int = 1,
+) -> jax.Array:
+    """dw (kh, kw, C_g, O) of y = VALID conv(xp, w) with strides, from xp and dy.
+
+    dw[a, b, c, o] = sum_{n, i, j} xp[n, sh i + a, sw j + b, g(o) C_g + c] dy[n, i, j, o]:
+    a correlation of xp with dy in which the batch axis is summed (it plays the role of the
+    input channels) and the channels of xp play the role of the batch, with dy dilated by the
+    strides (rhs_dilation). We use this form, XLA's own filter-gradient convolution (cuDNN's
+    backward-filter kernel on GPU), rather than patches and a matmul, because patches
+    materialise kh kw copies of the input while this reads xp once. Groups become
+    batch_group_count: group g of the output maps sums only over group g of the channels.
+    Rows of xp that no window uses are cut off first, so the result is exactly (kh, kw).
+    """
+    (kh, kw), (sh, sw) = kernel_size, stride
+    used_h = (dy.shape[1] - 1) * sh + kh
+    used_w = (dy.shape[2] - 1) * sw + kw
+    return lax.conv_general_dilated(
+        xp[:, :used_h, :used_w, :], dy, window_strides=(1, 1), padding="VALID",
+        rhs_dilation=(sh, sw), dimension_numbers=("CHWN", "IHWO", "HWNC"),
+        batch_group_count=groups,
+    )
+
+
+def _table_fan_in_uniform(mask: np.ndarray, scale: float = 2.4) -> initializers.Initializer:
+    """U(+-scale / sqrt(F_o)) per output map o, F_o = kh kw (inputs that o sees).
+
+    LeCun et al. 1998, Appendix A: "uniformly distributed between -2.4/F_i and 2.4/F_i, where
+    F_i is the number of inputs (fan-in) of the unit"; with a connection table the fan-in
+    differs between maps (75, 100 or 150 in C3), so the kernel's full fan-in would be wrong.
+    The square root as in `initializers.fan_in_uniform` (see its docstring).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = shape[0] * shape[1] * mask.sum(axis=0)
+        limit = jnp.asarray(scale / np.sqrt(fan_in), dtype)
+        return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * limit[None, None, None, :]
+
+    return init
+
+
+def _validate_table(connection_table, out_channels: int, groups: int, name: str) -> np.ndarray:
+    table = np.asarray(connection_table)
+    if table.ndim != 2 or table.shape[1] != out_channels:
+        raise ValueError(f"{name}: connection_table has shape {table.shape}, expected "
+                         f"(in_channels, {out_channels})")
+    if not np.isin(table, (0, 1)).all():
+        raise ValueError(f"{name}: connection_table must hold only 0/1 or booleans")
+    table = table.astype(bool)
+    if not table.any(axis=0).all():
+        raise ValueError(f"{name}: every output map must see at least one input map; columns "
+                         f"{np.flatnonzero(~table.any(axis=0)).tolist()} are empty")
+    if groups != 1:
+        raise ValueError(f"{name}: use either connection_table or feature_group_count, not both "
+                         "(a block-diagonal table is a grouped convolution)")
+    return table
+
+
+def Conv2D(
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: str | Pads = "VALID",
+    pad_value: float = 0.0,
+    w_init: initializers.Initializer | None = None,
+    b_init: initializers.Initializer = initializers.zeros,
+    unshared_bias: bool = False,
+    feature_group_count: int = 1,
+    connection_table=None,
+    name: str = "Conv2D",
+) -> Layer:
+    """2-D convolution (cross-correlation, as in every deep-learning library), NHWC.
+
+    Shapes: x (batch, H, W, C); params "w" (kh, kw, C / groups, out_channels) and "b"
+    (out_channels,), or (out_h, out_w, out_channels) with `unshared_bias` (one bias per unit,
+    as in LeCun et al. 1989); y (batch, out_h, out_w, out_channels). Math in the module
+    docstring.
+
+    padding: 'VALID', 'SAME' (XLA's split) or ((top, bottom), (left, right)); the border is
+    filled with `pad_value` (LeCun 1989 pads its [-1, 1] images with -1, the background).
+    feature_group_count: G groups of C / G inputs and out_channels / G outputs (the two
+    towers of AlexNet's conv2, conv4 and conv5).
+    connection_table: boolean (C, out_channels); [i, o] says output map o sees input map i
+    (LeNet-5's C3, LeNet 1989's H2). It is a constant mask on the kernel: y uses
+    w * mask[None, None], dw is masked the same way, and masked weights are initialised to 0,
+    so they stay exactly 0 under gradient descent and the L2 penalty and are no free
+    parameters. The default w_init then uses each map's own fan-in (`_table_fan_in_uniform`).
+    w_init defaults to U(+-2.4 / sqrt(kh kw C / G)).
+
+    Backward (dy: (batch, out_h, out_w, out_channels)):
+        db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
+        dw = correlation of xp with dy (`conv2d_backward_kernel`), times the mask,
+        dx = full correlation of the stride-dilated dy with the flipped, in/out-swapped kernel
+             (`conv2d_backward_input`), with the padding border sliced off.
+    """
+    if out_channels < 1:
+        raise ValueError(f"{name}: out_channels must be >= 1, got {out_channels}")
+    kernel = pair(kernel_size, "kernel_size", name)
+    strides = pair(stride, "stride", name)
+    padding = _validate_padding(padding, name)
+    groups = int(feature_group_count)
+    if groups < 1 or out_channels % groups:
+        raise ValueError(f"{name}: feature_group_count {feature_group_count} must be >= 1 and "
+                         f"divide out_channels {out_channels}")
+    mask = None
+    if connection_table is not None:
+        mask = _validate_table(connection_table, out_channels, groups, name)
+    if w_init is None:
+        w_init = _table_fan_in_uniform(mask) if mask is not None else initializers.fan_in_uniform()
+
+    # Explicit pads (zeros for 'SAME', whose pads depend on the input size, and 'VALID'), and
+    # the smallest height and width whose padded size fits the kernel (SAME always fits).
+    fixed_pads = ((0, 0), (0, 0)) if isinstance(padding, str) else padding
+    min_size = (1, 1) if padding == "SAME" else tuple(
+        max(k - lo - hi, 1) for k, (lo, hi) in zip(kernel, fixed_pads))
+
+    def output_spatial(size: tuple[int, int]) -> tuple[int, int]:
+        pads = _resolve_padding(padding, size, kernel, strides)
+        return tuple(_output_size(n, k, s, *p) for n, k, s, p in zip(size, kernel, strides, pads))
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        channels = input_shape[-1] if len(input_shape) == 4 else None
+        check_image_input(name, input_shape, mask.shape[0] if mask is not None else None,
+                          min_size, what="input_shape")
+        if channels % groups:
+            raise ValueError(f"{name}: input_shape {input_shape} has {channels} channels, not "
+                             f"divisible by feature_group_count {groups}")
+        out_h, out_w = output_spatial(input_shape[1:3])
+        key_w, key_b = jax.random.split(key)
+        w = w_init(key_w, (*kernel, channels // groups, out_channels))
+        if mask is not None:
+            w = w * jnp.asarray(mask, w.dtype)[None, None]
+        bias_shape = (out_h, out_w, out_channels) if unshared_bias else (out_channels,)
+        params = {"w": w, "b": b_init(key_b, bias_shape)}
+        return (input_shape[0], out_h, out_w, out_channels), params
+
+    def check_forward_input(params, x):
+        kernel_in = params["w"].shape[2] * groups
+        check_image_input(name, x.shape, kernel_in, min_size)
+        if unshared_bias:
+            want = params["b"].shape[:2]
+            if output_spatial(x.shape[1:3]) != want:
+                sizes = [_input_sizes(o, k, s, padding, p)
+                         for o, k, s, p in zip(want, kernel, strides, fixed_pads)]
+                expected = _pretty(("batch", *sizes, kernel_in))
+                raise ValueError(f"{name}: input x has shape {tuple(x.shape)}, expected "
+                                 f"{expected} (the unshared bias is {tuple(params['b'].shape)})")
+
+    def masked(w):
+        return w if mask is None else w * jnp.asarray(mask, w.dtype)[None, None]
+
+    def forward(params, x):
+        check_forward_input(params, x)
+        pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
+        y = lax.conv_general_dilated(
+            _pad(x, pads, pad_value), masked(params["w"]), window_strides=strides,
+            padding="VALID", dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+        )
+        b = params["b"]
+        y = y + (b[None] if unshared_bias else b[None, None, None, :])
+        # x, not xp: the padded copy is rebuilt in backward (O(size of x), cheap next to the
+        # convolutions), and its shape gives the pads to slice off without storing ints.
+        return y, x
+
+    def backward(params, x, dy):
+        pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
+        xp = _pad(x, pads, pad_value)
+        dw = masked(conv2d_backward_kernel(xp, dy, kernel, strides, groups))
+        db = jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
+        dxp = conv2d_backward_input(dy, masked(params["w"]), strides, xp.shape[1:3], groups)
+        (top, bottom), (left, right) = pads
+        dx = dxp[:, top:xp.shape[1] - bottom, left:xp.shape[2] - right, :]
+        return {"w": dw, "b": db}, dx
+
+    return Layer(name, init, forward, backward)
+
+
+def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> str:
+    """The input sizes (as 'n' or 'lo..hi') that give `out` outputs along one axis."""
+    if padding == "SAME":
+        lo, hi = (out - 1) * s + 1, out * s
+    else:
+        lo = max((out - 1) * s + k - sum(pads), 1)
+        hi = lo + s - 1
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def lenet1989_h2_table() -> np.ndarray:
+    """The (12, 12) connection table from H1 to H2 of LeCun et al. 1989 (zip codes).
+
+    The paper says only that each H2 unit "combines local information coming from 8 of the
+    12 different feature maps in H1" and does not say which 8. We assume a block scheme, the
+    one of karpathy/lecun1989-repro: H1 maps are split into three blocks of four,
+    B0 = {0..3}, B1 = {4..7}, B2 = {8..11}; H2 maps 0-3 see B0 and B1, maps 4-7 see B1 and
+    B2, maps 8-11 see B2 and B0 (the pairs cycle). Every H2 map sees 8 H1 maps and every H1
+    map feeds 8 H2 maps. Returns table[i, o]: H2 map o sees H1 map i.
+    """
+    blocks = np.arange(12) // 4  # block of each H1 map
+    table = np.zeros((12, 12), bool)
+    for o in range(12):
+        first = o // 4
+        table[:, o] = (blocks == first) | (blocks == (first + 1) % 3)
+    return table
+
+
+# LeCun, Bottou, Bengio and Haffner 1998, Table I: rows are S2 maps 0-5, columns C3 maps 0-15,
+# "X" a connection. Maps 0-5 see 3 contiguous S2 maps, 6-11 see 4 contiguous, 12-14 see 4
+# non-contiguous, 15 sees all 6 (contiguous is modulo 6).
+_LENET5_C3_ROWS = (
+    "X   XXX  XXXX XX",
+    "XX   XXX  XXXX X",
+    "XXX   XXX  X XXX",
+    " XXX  XXXX  X XX",
+    "  XXX  XXXX XX X",
+    "   XXX  XXXX XXX",
+)
+
+
+def lenet5_c3_table() -> np.ndarray:
+    """The (6, 16) S2 -> C3 connection table of LeNet-5 (LeCun et al. 1998, Table I).
+
+    table[i, o] says C3 map o sees S2 map i; 60 connections in all.
+    """
+    return np.array([[mark == "X" for mark in row] for row in _LENET5_C3_ROWS], bool)
+

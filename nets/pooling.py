@@ -1,0 +1,312 @@
+"""Pooling, subsampling, flattening, local response normalisation and dropout (NHWC).
+
+Every layer follows the contract of `nets.layers` (init, forward, backward, apply) with its
+backward written from the math next to its forward. Windows slide over height and width only,
+without padding: with window (kh, kw) and strides (sh, sw), out_h = (H - kh) // sh + 1, and
+rows past the last window get no gradient (dx = 0 there). Likewise for widths.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nets import initializers
+from nets.conv import check_image_input, pair
+from nets.layers import Layer
+
+__all__ = [
+    "AvgPool",
+    "MaxPool",
+    "Subsampling",
+    "Flatten",
+    "LocalResponseNorm",
+    "Dropout",
+    "window_sum",
+    "window_sum_transpose",
+]
+
+
+def _output_size(size: int, k: int, s: int) -> int:
+    return (size - k) // s + 1
+
+
+def window_sum(x: jax.Array, window: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
+    """s[n, i, j, c] = sum_{a < kh, b < kw} x[n, sh i + a, sw j + b, c]; no padding."""
+    # The zero is a NumPy constant, concrete even under jit, so that lax recognises the sum
+    # and uses its differentiable window-sum primitive (a traced zero gives a generic
+    # reduction that jax.grad cannot differentiate).
+    return lax.reduce_window(x, np.zeros((), x.dtype), lax.add, (1, *window, 1),
+                             (1, *stride, 1), "VALID")
+
+
+def window_sum_transpose(
+    ds: jax.Array, window: tuple[int, int], stride: tuple[int, int], size: tuple[int, int]
+) -> jax.Array:
+    """The transpose of `window_sum`: dx[n, p, q, c] = sum of ds over the windows holding (p, q).
+
+    dx[p] = sum_{i: sh i <= p < sh i + kh} ds[i] (and likewise along the width): a stride-1
+    window sum of ds dilated by the strides (base_dilation puts sh - 1 zeros between rows)
+    and zero-padded by k - 1 on both sides, plus `extra` zero rows at the bottom for the rows
+    that no window covers. `size` is (H, W) of x.
+    """
+    pads = [(0, 0)]
+    for k, s, n, out in zip(window, stride, size, ds.shape[1:3]):
+        extra = n - ((out - 1) * s + k)
+        pads.append((k - 1, k - 1 + extra))
+    pads.append((0, 0))
+    return lax.reduce_window(ds, np.zeros((), ds.dtype), lax.add, (1, *window, 1),
+                             (1, 1, 1, 1), pads, base_dilation=(1, *stride, 1))
+
+
+def _pool_init(name, window, stride):
+    def init(key, input_shape):
+        del key
+        check_image_input(name, input_shape, min_size=window, what="input_shape")
+        batch, height, width, channels = input_shape
+        return (batch, _output_size(height, window[0], stride[0]),
+                _output_size(width, window[1], stride[1]), channels), ()
+
+    return init
+
+
+def _window_and_stride(window, stride, name):
+    window = pair(window, "window", name)
+    return window, window if stride is None else pair(stride, "stride", name)
+
+
+def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
+    """Average over each (kh, kw) window; stride defaults to the window (non-overlapping).
+
+    Shapes: x (batch, H, W, C) -> y (batch, (H - kh) // sh + 1, (W - kw) // sw + 1, C).
+    y = window_sum(x) / (kh kw); backward: dx = window_sum_transpose(dy) / (kh kw).
+    """
+    window, stride = _window_and_stride(window, stride, name)
+    area = window[0] * window[1]
+
+    def forward(params, x):
+        del params
+        check_image_input(name, x.shape, min_size=window)
+        # x is kept only for its shape, which the backward needs; under jit no copy is held.
+        return window_sum(x, window, stride) / area, x
+
+    def backward(params, x, dy):
+        del params
+        return (), window_sum_transpose(dy, window, stride, x.shape[1:3]) / area
+
+    return Layer(name, _pool_init(name, window, stride), forward, backward)
+
+
+def _window_views(x, window, stride, out_size):
+    """The kh kw strided views x[:, a + sh i, b + sw j, :], each (batch, out_h, out_w, C)."""
+    (kh, kw), (sh, sw), (out_h, out_w) = window, stride, out_size
+    return [
+        x[:, a:a + (out_h - 1) * sh + 1:sh, b:b + (out_w - 1) * sw + 1:sw, :]
+        for a in range(kh) for b in range(kw)
+    ]
+
+
+def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
+    """Maximum over each (kh, kw) window; stride defaults to the window (3x3 stride 2 works).
+
+    Shapes as `AvgPool`. y[n, i, j, c] = max_{a, b} x[n, sh i + a, sw j + b, c]; the backward
+    routes dy[n, i, j, c] to the one input that attained the maximum, and overlapping windows
+    add up. Ties pick the first position in row-major window order (a, then b), always.
+    Residuals: the winning offset a kw + b per output (int32) and x (for its shape).
+    """
+    window, stride = _window_and_stride(window, stride, name)
+
+    def forward(params, x):
+        del params
+        check_image_input(name, x.shape, min_size=window)
+        out_size = tuple(_output_size(n, k, s) for n, k, s in zip(x.shape[1:3], window, stride))
+        views = jnp.stack(_window_views(x, window, stride, out_size))
+        winner = jnp.argmax(views, axis=0).astype(jnp.int32)  # argmax takes the first maximum
+        return jnp.max(views, axis=0), (winner, x)
+
+    def backward(params, residuals, dy):
+        del params
+        winner, x = residuals
+        (kh, kw), (sh, sw) = window, stride
+        height, width = x.shape[1:3]
+        out_h, out_w = dy.shape[1:3]
+        dx = jnp.zeros(x.shape, dy.dtype)
+        for a in range(kh):
+            for b in range(kw):
+                routed = jnp.where(winner == a * kw + b, dy, jnp.zeros((), dy.dtype))
+                # Put routed[i, j] at (a + sh i, b + sw j): interior padding dilates by the
+                # stride, edge padding shifts by the offset (no scatter needed).
+                dx = dx + lax.pad(routed, jnp.zeros((), dy.dtype), (
+                    (0, 0, 0),
+                    (a, height - a - (out_h - 1) * sh - 1, sh - 1),
+                    (b, width - b - (out_w - 1) * sw - 1, sw - 1),
+                    (0, 0, 0),
+                ))
+        return (), dx
+
+    return Layer(name, _pool_init(name, window, stride), forward, backward)
+
+
+def _coefficient_init(window):
+    """U(+-2.4 / sqrt(kh kw)): a subsampling unit has kh kw inputs (fan_in_uniform's rule)."""
+    limit = 2.4 / math.sqrt(window[0] * window[1])
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def Subsampling(
+    window=2,
+    w_init: initializers.Initializer | None = None,
+    b_init: initializers.Initializer = initializers.zeros,
+    name: str = "Subsampling",
+) -> Layer:
+    """LeNet-5's trainable subsampling (LeCun et al. 1998, section II.B, layers S2 and S4).
+
+    Each map sums its non-overlapping (kh, kw) windows, multiplies by a trainable coefficient
+    and adds a trainable bias (the paper then applies its sigmoid; here that is a separate
+    layer):
+        y[n, i, j, c] = w[c] * s[n, i, j, c] + b[c],   s = window_sum(x) (stride = window).
+    Shapes: x (batch, H, W, C), w (C,), b (C,), y (batch, H // kh, W // kw, C).
+    The coefficient is stored as "w", so the L2 penalty of `nets.losses` applies to it (the
+    lecture penalises every weight and no bias; the paper's coefficient is a weight).
+    w_init defaults to U(+-2.4 / sqrt(kh kw)).
+    Backward: dw[c] = sum_{n,i,j} dy s, db[c] = sum_{n,i,j} dy,
+              dx = window_sum_transpose(dy * w[c]) (each input gets its window's dy w[c]).
+    """
+    window = pair(window, "window", name)
+    w_init = w_init or _coefficient_init(window)
+
+    def init(key, input_shape):
+        output_shape, _ = _pool_init(name, window, window)(key, input_shape)
+        key_w, key_b = jax.random.split(key)
+        channels = input_shape[-1]
+        return output_shape, {"w": w_init(key_w, (channels,)), "b": b_init(key_b, (channels,))}
+
+    def forward(params, x):
+        check_image_input(name, x.shape, params["w"].shape[0], window)
+        sums = window_sum(x, window, window)
+        y = params["w"][None, None, None, :] * sums + params["b"][None, None, None, :]
+        return y, (sums, x)  # x only for its shape
+
+    def backward(params, residuals, dy):
+        sums, x = residuals
+        dparams = {"w": jnp.sum(dy * sums, axis=(0, 1, 2)), "b": jnp.sum(dy, axis=(0, 1, 2))}
+        dx = window_sum_transpose(dy * params["w"][None, None, None, :], window, window,
+                                  x.shape[1:3])
+        return dparams, dx
+
+    return Layer(name, init, forward, backward)
+
+
+def Flatten(name: str = "Flatten") -> Layer:
+    """(batch, H, W, C) -> (batch, H W C), row-major (C fastest); any rank >= 2 works.
+
+    Backward: dx = dy reshaped to the shape of x.
+    """
+
+    def init(key, input_shape):
+        del key
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or min(input_shape[1:]) < 1:
+            raise ValueError(f"{name}: input_shape {input_shape}, expected (batch, ...) with "
+                             "known sizes after the batch axis")
+        return (input_shape[0], math.prod(input_shape[1:])), ()
+
+    def forward(params, x):
+        del params
+        if x.ndim < 2:
+            raise ValueError(f"{name}: input x has shape {tuple(x.shape)}, expected (batch, ...)")
+        return x.reshape(x.shape[0], -1), x  # x only for its shape
+
+    def backward(params, x, dy):
+        del params
+        return (), dy.reshape(x.shape)
+
+    return Layer(name, init, forward, backward)
+
+
+def LocalResponseNorm(
+    size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
+    name: str = "LocalResponseNorm",
+) -> Layer:
+    """Local response normalisation across channels (Krizhevsky et al. 2012, section 3.3).
+
+    With r = size // 2 and the sum over channels j in [c - r, c + r] that exist,
+        d[n, h, w, c] = k + alpha sum_j x[n, h, w, j]^2,    y = x d^(-beta).
+    As in the paper, alpha multiplies the sum itself (Caffe and TensorFlow's AlexNet divide it
+    by size); defaults are the paper's k = 2, n = 5, alpha = 1e-4, beta = 0.75. size must be
+    odd, so that the window is centred.
+    Backward: since c is in the window of j exactly when j is in the window of c,
+        dx[c] = dy[c] d[c]^(-beta)
+                - 2 alpha beta x[c] sum_{j in window(c)} dy[j] x[j] d[j]^(-beta - 1).
+    """
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"{name}: size must be odd and >= 1, got {size}")
+    radius = size // 2
+
+    def channel_window_sum(values):
+        return lax.reduce_window(values, np.zeros((), values.dtype), lax.add, (1, 1, 1, size),
+                                 (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (radius, radius)))
+
+    def init(key, input_shape):
+        del key
+        check_image_input(name, input_shape, what="input_shape")
+        return tuple(input_shape), ()
+
+    def forward(params, x):
+        del params
+        check_image_input(name, x.shape)
+        d = k + alpha * channel_window_sum(x * x)
+        return x * d ** -beta, (x, d)
+
+    def backward(params, residuals, dy):
+        del params
+        x, d = residuals
+        scaled = dy * x * d ** (-beta - 1)
+        return (), dy * d ** -beta - 2 * alpha * beta * x * channel_window_sum(scaled)
+
+    return Layer(name, init, forward, backward)
+
+
+def Dropout(rate: float, name: str = "Dropout") -> Layer:
+    """Inverted dropout (Srivastava et al. 2014; Krizhevsky et al. 2012, section 4.2).
+
+    `forward(params, x, key=None)`: with a key, each unit is kept with probability
+    p = 1 - rate, y = x * m / p with m ~ Bernoulli(p) of x's shape; with key None (inference)
+    y = x. Backward: dx = dy * m / p (the same mask, from the residuals), or dy at inference.
+    Any shape of x works; params are ().
+
+    The layer contract's forward takes no key, and `serial` calls `forward(params, x)`: inside
+    `serial` (and through `Layer.apply`) Dropout is therefore always the identity. Training
+    with dropout means calling this layer's forward with a key yourself (e.g. between the
+    halves of a model). Departure from AlexNet, which multiplied outputs by 0.5 at test time:
+    scaling by 1/p during training instead has the same expectation and makes inference the
+    identity.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}: rate must lie in [0, 1), got {rate}")
+    keep = 1.0 - rate
+
+    def init(key, input_shape):
+        del key
+        return tuple(input_shape), ()
+
+    def forward(params, x, key=None):
+        del params
+        if key is None or rate == 0.0:
+            return x, None
+        kept = jax.random.bernoulli(key, keep, x.shape).astype(x.dtype)
+        scale = kept / jnp.asarray(keep, x.dtype)
+        return x * scale, scale
+
+    def backward(params, scale, dy):
+        del params
+        return (), dy if scale is None else dy * scale
+
+    return Layer(name, init, forward, backward)

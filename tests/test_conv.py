@@ -1,0 +1,309 @@
+"""Conv2D: hand-written backward against jax.vjp, hand-computed values, a NumPy loop reference,
+connection tables and shape errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nets import conv
+from nets.gradcheck import relative_error
+from tests.helpers import F64, assert_close_tree
+
+# (name, layer kwargs, input shape): strides 1, 2, 3 (some not dividing H + pads - k), VALID,
+# SAME, explicit and -1 padding, groups, a connection table, unshared bias.
+CONFIGS = [
+    ("valid", dict(out_channels=4, kernel_size=3), (2, 7, 6, 3)),
+    ("same_stride2", dict(out_channels=5, kernel_size=3, stride=2, padding="SAME"), (2, 8, 7, 2)),
+    ("explicit_minus1_stride3", dict(out_channels=3, kernel_size=(3, 2), stride=(3, 2),
+                                     padding=((1, 2), (0, 1)), pad_value=-1.0), (1, 9, 8, 2)),
+    ("lenet1989_h1", dict(out_channels=4, kernel_size=5, stride=2, padding=((2, 2), (2, 2)),
+                          pad_value=-1.0, unshared_bias=True), (2, 10, 9, 1)),
+    ("groups", dict(out_channels=6, kernel_size=3, padding="SAME", feature_group_count=2),
+     (2, 6, 6, 4)),
+    ("lenet5_c3", dict(out_channels=16, kernel_size=5,
+                       connection_table=conv.lenet5_c3_table()), (2, 7, 6, 6)),
+]
+
+
+def random_problem(layer, input_shape, dtype, seed=0):
+    """N(0, 1) params, x and dy for layer, all in dtype.
+
+    Shapes come from `jax.eval_shape` of init and values from NumPy: compiling jax.random for
+    every new shape would cost seconds per test on a small CPU.
+    """
+    traced = {}
+
+    def init_params(key):
+        traced["output_shape"], params = layer.init(key, input_shape)
+        return params
+
+    shapes = jax.eval_shape(init_params, jax.random.key(0))
+    output_shape = traced["output_shape"]
+    rng = np.random.default_rng(seed)
+
+    def normal(shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    params = jax.tree.map(lambda leaf: normal(leaf.shape), shapes)
+    return params, normal(input_shape), normal((input_shape[0], *output_shape[1:]))
+
+
+def vjp_reference(layer, params, x, dy):
+    """(dparams, dx) from jax.vjp of layer.apply: the autodiff reference."""
+    _, pullback = jax.vjp(layer.apply, params, x)
+    return pullback(dy)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_conv_backward_matches_vjp(config, dtype):
+    name, kwargs, input_shape = config
+    layer = conv.Conv2D(**kwargs, name=name)
+    params, x, dy = random_problem(layer, input_shape, dtype)
+    y, residuals = layer.forward(params, x)
+    assert y.shape == dy.shape and y.dtype == jnp.dtype(dtype)
+    manual = layer.backward(params, residuals, dy)
+    assert_close_tree(manual, vjp_reference(layer, params, x, dy), dtype, name)
+    assert float(jnp.linalg.norm(manual[1])) > 0 and float(jnp.linalg.norm(manual[0]["w"])) > 0
+
+
+def test_vjp_comparison_detects_an_unflipped_kernel():
+    """The comparison above can fail: dx from the kernel without its spatial flip is far off."""
+    layer = conv.Conv2D(3, 3, stride=2)
+    params, x, dy = random_problem(layer, (2, 7, 7, 2), jnp.float64)
+    _, reference_dx = vjp_reference(layer, params, x, dy)
+    unflipped = conv.conv2d_backward_input(dy, params["w"][::-1, ::-1], (2, 2), (7, 7))
+    assert relative_error(unflipped, reference_dx) > 0.1
+    flipped = conv.conv2d_backward_input(dy, params["w"], (2, 2), (7, 7))
+    assert relative_error(flipped, reference_dx) <= F64
+
+
+def as_image(rows):
+    """A (1, H, W, 1) float64 array from a nested list."""
+    return jnp.asarray(rows, jnp.float64)[None, :, :, None]
+
+
+def test_tiny_convolution_by_hand():
+    """3x3 input, 2x2 kernel [[1, 2], [3, 4]], stride 1, bias 0.5, dy [[1, 0], [0, 2]].
+
+    y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + 0.5:
+        y00 = 1 + 4 + 12 + 20 = 37, y01 = 2 + 6 + 15 + 24 = 47,
+        y10 = 4 + 10 + 21 + 32 = 67, y11 = 5 + 12 + 24 + 36 = 77.
+    dw[a, b] = x[a, b] dy00 + x[1+a, 1+b] dy11 = [[1 + 10, 2 + 12], [4 + 16, 5 + 18]];
+    db = 3; dx[p, q] = w[p, q] dy00 + w[p-1, q-1] dy11 = [[1, 2, 0], [3, 4 + 2, 4], [0, 6, 8]].
+    """
+    layer = conv.Conv2D(1, 2)
+    params = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.float64)[:, :, None, None],
+              "b": jnp.asarray([0.5], jnp.float64)}
+    x = as_image([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    y, residuals = layer.forward(params, x)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[37.5, 47.5], [67.5, 77.5]])
+    dparams, dx = layer.backward(params, residuals, as_image([[1, 0], [0, 2]]))
+    np.testing.assert_array_equal(dparams["w"][:, :, 0, 0], [[11, 14], [20, 23]])
+    np.testing.assert_array_equal(dparams["b"], [3])
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 2, 0], [3, 6, 4], [0, 6, 8]])
+
+
+def test_tiny_strided_convolution_with_minus_one_padding_by_hand():
+    """x [[1, 2], [3, 4]] padded with -1 on top and left: [[-1, -1, -1], [-1, 1, 2], [-1, 3, 4]].
+
+    Kernel [[1, 2], [3, 4]], stride 2: one output, y = -1 - 2 - 3 + 4 = -2 (the last padded row
+    and column are seen by no window). With dy = 5: dw = 5 [[-1, -1], [-1, 1]], and dx is
+    5 w[1, 1] = 20 at x[0, 0] and exactly 0 at the unused row and column.
+    """
+    layer = conv.Conv2D(1, 2, stride=2, padding=((1, 0), (1, 0)), pad_value=-1.0)
+    params = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.float64)[:, :, None, None],
+              "b": jnp.zeros(1, jnp.float64)}
+    y, residuals = layer.forward(params, as_image([[1, 2], [3, 4]]))
+    np.testing.assert_array_equal(y, [[[[-2.0]]]])
+    dparams, dx = layer.backward(params, residuals, as_image([[5]]))
+    np.testing.assert_array_equal(dparams["w"][:, :, 0, 0], [[-5, -5], [-5, 5]])
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[20, 0], [0, 0]])
+
+
+def numpy_conv_reference(x, w, b, stride, pads, pad_value, mask=None, groups=1):
+    """y, and a function dy -> (dw, db, dx), by direct sums over each window (float64 NumPy)."""
+    x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
+    w = w if mask is None else w * mask[None, None]
+    xp = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+    batch, hp, wp, channels = xp.shape
+    kh, kw, c_g, out_channels = w.shape
+    o_g = out_channels // groups
+    out_h, out_w = (hp - kh) // stride[0] + 1, (wp - kw) // stride[1] + 1
+    y = np.zeros((batch, out_h, out_w, out_channels))
+    for i in range(out_h):
+        for j in range(out_w):
+            for o in range(out_channels):
+                g = o // o_g
+                window = xp[:, stride[0] * i:stride[0] * i + kh, stride[1] * j:stride[1] * j + kw,
+                            g * c_g:(g + 1) * c_g]
+                y[:, i, j, o] = np.sum(window * w[None, :, :, :, o], axis=(1, 2, 3))
+    y += b if b.ndim == 3 else b[None, None, None, :]
+
+    def backward(dy):
+        dy = np.asarray(dy, np.float64)
+        dw, dxp = np.zeros_like(w), np.zeros_like(xp)
+        for i in range(out_h):
+            for j in range(out_w):
+                for o in range(out_channels):
+                    g = o // o_g
+                    rows = slice(stride[0] * i, stride[0] * i + kh)
+                    cols = slice(stride[1] * j, stride[1] * j + kw)
+                    chans = slice(g * c_g, (g + 1) * c_g)
+                    weight = dy[:, i, j, o][:, None, None, None]
+                    dw[:, :, :, o] += np.sum(weight * xp[:, rows, cols, chans], axis=0)
+                    dxp[:, rows, cols, chans] += weight * w[None, :, :, :, o]
+        if mask is not None:
+            dw *= mask[None, None]
+        db = dy.sum(axis=0) if b.ndim == 3 else dy.sum(axis=(0, 1, 2))
+        (top, bottom), (left, right) = pads
+        return dw, db, dxp[:, top:hp - bottom, left:wp - right]
+
+    return y, backward
+
+
+@pytest.mark.parametrize("variant", ["table_unshared", "groups"])
+def test_conv_against_numpy_loops(variant):
+    """Stride 2 with H + pads - k odd, padding with -1, and a connection table (or groups)."""
+    rng = np.random.default_rng(3)
+    if variant == "table_unshared":
+        table = rng.random((4, 5)) < 0.5
+        table[0] = True  # every output map sees at least one input
+        kwargs = dict(connection_table=table, unshared_bias=True)
+        extra = dict(mask=table)
+    else:
+        kwargs = dict(feature_group_count=2)
+        extra = dict(groups=2)
+    pads = ((2, 0), (1, 0))
+    layer = conv.Conv2D(4 if variant == "groups" else 5, 3, stride=2, padding=pads,
+                        pad_value=-1.0, **kwargs)
+    params, x, dy = random_problem(layer, (2, 10, 11, 4), jnp.float64, seed=5)
+    if variant == "table_unshared":  # masked entries nonzero: the mask must remove them
+        assert np.all(params["w"][:, :, ~table] != 0)
+    expected_y, numpy_backward = numpy_conv_reference(
+        x, params["w"], params["b"], (2, 2), pads, -1.0, **extra)
+    y, residuals = layer.forward(params, x)
+    assert y.shape == expected_y.shape == (2, 5, 5, params["b"].shape[-1])
+    assert relative_error(y, expected_y) <= F64
+    dparams, dx = layer.backward(params, residuals, dy)
+    for name, got, want in zip(("dw", "db", "dx"), (dparams["w"], dparams["b"], dx),
+                               numpy_backward(dy)):
+        assert relative_error(got, want) <= F64, name
+    # Padded size 12 by 12; the windows cover padded rows and columns 0..10, so the last input
+    # row and column (padded index 11) get exactly no gradient.
+    np.testing.assert_array_equal(dx[:, -1], 0)
+    np.testing.assert_array_equal(dx[:, :, -1], 0)
+
+
+def test_same_padding_matches_xla_same():
+    layer = conv.Conv2D(3, (4, 3), stride=(3, 2), padding="SAME")
+    params, x, _ = random_problem(layer, (2, 10, 7, 2), jnp.float64)
+    expected = jax.lax.conv_general_dilated(x, params["w"], (3, 2), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = layer.apply(params, x)
+    assert y.shape == (2, 4, 4, 3)
+    assert relative_error(y, expected + params["b"][None, None, None, :]) <= F64
+
+
+def test_lenet5_c3_table_is_table_one():
+    """Table I of LeCun et al. 1998, written column by column from the paper's text."""
+    columns = [{o % 6, (o + 1) % 6, (o + 2) % 6} for o in range(6)]
+    columns += [{(o + d) % 6 for d in range(4)} for o in range(6)]
+    columns += [{0, 1, 3, 4}, {1, 2, 4, 5}, {0, 2, 3, 5}, set(range(6))]
+    expected = np.array([[i in column for column in columns] for i in range(6)])
+    table = conv.lenet5_c3_table()
+    assert table.shape == (6, 16) and table.dtype == bool
+    assert table.sum() == 60
+    np.testing.assert_array_equal(table, expected)
+
+
+def test_lenet1989_h2_table_has_eight_inputs_per_map():
+    table = conv.lenet1989_h2_table()
+    assert table.shape == (12, 12)
+    np.testing.assert_array_equal(table.sum(axis=0), 8)
+    np.testing.assert_array_equal(table.sum(axis=1), 8)
+    np.testing.assert_array_equal(table[:, 0], np.arange(12) < 8)  # maps 0-3 see blocks 0, 1
+    np.testing.assert_array_equal(table[:, 8], (np.arange(12) < 4) | (np.arange(12) >= 8))
+
+
+def test_masked_weights_stay_exactly_zero():
+    table = conv.lenet5_c3_table()
+    layer = conv.Conv2D(16, 5, connection_table=table)
+    params, x, dy = random_problem(layer, (2, 6, 6, 6), jnp.float64)
+    masked = ~table[None, None] & np.ones((5, 5, 1, 1), bool)
+    # Even with nonzero values there, the gradient of masked entries is exactly 0 ...
+    dparams, _ = layer.backward(params, layer.forward(params, x)[1], dy)
+    np.testing.assert_array_equal(dparams["w"][masked], 0)
+    assert np.all(dparams["w"][~masked] != 0)
+    # ... and they have no effect on y, whatever their value.
+    zeroed = {**params, "w": jnp.where(masked, 0.0, params["w"])}
+    np.testing.assert_array_equal(layer.apply(zeroed, x), layer.apply(params, x))
+    # From init's zeros, a gradient step (with the L2 term (lambda/m) w) keeps them 0.
+    stepped = zeroed["w"] - 0.1 * (dparams["w"] + 0.5 * zeroed["w"])
+    np.testing.assert_array_equal(stepped[masked], 0)
+
+
+def test_table_init_uses_each_maps_fan_in():
+    """C3 maps 0-5 have fan-in 75, 6-14 have 100, 15 has 150 (LeCun et al. 1998)."""
+    layer = conv.Conv2D(16, 5, connection_table=conv.lenet5_c3_table())
+    _, params = layer.init(jax.random.key(0), (-1, 14, 14, 6))
+    table = conv.lenet5_c3_table()
+    np.testing.assert_array_equal(np.asarray(params["w"])[:, :, ~table], 0)
+    assert np.all(np.asarray(params["w"])[:, :, table] != 0)
+    largest = np.max(np.abs(np.asarray(params["w"])), axis=(0, 1, 2))
+    fan_in = 25 * table.sum(axis=0)
+    assert np.all(largest <= 2.4 / np.sqrt(fan_in))
+    assert np.all(largest >= 0.8 * 2.4 / np.sqrt(fan_in))
+
+
+def test_init_shapes_lenet1989_h1():
+    """16x16 input padded by 2 with -1, 5x5 kernels, stride 2: 8x8x12 units, 768 biases."""
+    layer = conv.Conv2D(12, 5, stride=2, padding=((2, 2), (2, 2)), pad_value=-1.0,
+                        unshared_bias=True)
+    output_shape, params = layer.init(jax.random.key(0), (-1, 16, 16, 1))
+    assert output_shape == (-1, 8, 8, 12)
+    assert params["w"].shape == (5, 5, 1, 12) and params["b"].shape == (8, 8, 12)
+    grouped = conv.Conv2D(256, 5, padding="SAME", feature_group_count=2)
+    assert grouped.init(jax.random.key(0), (-1, 27, 27, 96))[1]["w"].shape == (5, 5, 48, 256)
+
+
+def test_forward_rejects_wrong_channels_naming_layer_and_shapes():
+    layer = conv.Conv2D(4, 3, name="conv7")
+    _, params = layer.init(jax.random.key(0), (-1, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"conv7: input x has shape \(2, 8, 8, 5\), expected "
+                                         r"\(batch, height >= 3, width >= 3, 3\)"):
+        layer.forward(params, jnp.zeros((2, 8, 8, 5)))
+    with pytest.raises(ValueError, match=r"conv7: input x has shape \(8, 8, 3\)"):
+        layer.forward(params, jnp.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match=r"conv7: input x has shape \(1, 2, 8, 3\)"):
+        layer.forward(params, jnp.zeros((1, 2, 8, 3)))
+
+
+def test_unshared_bias_rejects_other_spatial_sizes():
+    layer = conv.Conv2D(2, 5, stride=2, padding=((2, 2), (2, 2)), unshared_bias=True, name="H1")
+    _, params = layer.init(jax.random.key(0), (-1, 16, 16, 1))
+    fits = jnp.zeros((1, 15, 16, 1), jnp.float32)  # 15 rows give 8 outputs, as 16 do
+    assert layer.apply(params, fits).shape == (1, 8, 8, 2)
+    with pytest.raises(ValueError, match=r"H1: input x has shape \(1, 12, 16, 1\), expected "
+                                         r"\(batch, 15..16, 15..16, 1\)"):
+        layer.forward(params, jnp.zeros((1, 12, 16, 1), jnp.float32))
+
+
+def test_init_rejects_bad_shapes_and_arguments():
+    with pytest.raises(ValueError, match=r"big: input_shape \(-1, 4, 9, 1\), expected "
+                                         r"\(batch, height >= 5, width >= 5, channels\)"):
+        conv.Conv2D(2, 5, name="big").init(jax.random.key(0), (-1, 4, 9, 1))
+    # Padding makes the same input large enough.
+    assert conv.Conv2D(2, 5, padding=((1, 0), (0, 0))).init(
+        jax.random.key(0), (-1, 4, 9, 1))[0] == (-1, 1, 5, 2)
+    with pytest.raises(ValueError, match=r"c3: input_shape \(-1, 14, 14, 4\), expected "
+                                         r"\(batch, height >= 5, width >= 5, 6\)"):
+        conv.Conv2D(16, 5, connection_table=conv.lenet5_c3_table(), name="c3").init(
+            jax.random.key(0), (-1, 14, 14, 4))
+    with pytest.raises(ValueError, match="not divisible by feature_group_count 2"):
+        conv.Conv2D(4, 3, feature_group_count=2).init(jax.random.key(0), (-1, 5, 5, 3))
+    with pytest.raises(ValueError, match="padding"):
+        conv.Conv2D(4, 3, padding="FULL")
+    with pytest.raises(ValueError, match="connection_table has shape"):
+        conv.Conv2D(4, 3, connection_table=np.ones((3, 5), bool))
+    with pytest.raises(ValueError, match="not both"):
+        conv.Conv2D(4, 3, feature_group_count=2, connection_table=np.ones((2, 4), bool))

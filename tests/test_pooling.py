@@ -1,0 +1,240 @@
+"""Pooling, subsampling, flatten, LRN and dropout: backward against jax.vjp, values by hand and
+against NumPy loops, and shape errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nets import engines, gradcheck, layers, losses, pooling
+from nets.conv import Conv2D, lenet5_c3_table
+from nets.gradcheck import relative_error
+from tests.helpers import F64, assert_close_tree
+
+
+def tie_free(shape, dtype, seed=0):
+    """A random permutation of distinct values 0.1 k - 1 (distinct in float32 as well)."""
+    rng = np.random.default_rng(seed)
+    values = 0.1 * rng.permutation(int(np.prod(shape))) - 1.0
+    return jnp.asarray(values.reshape(shape), dtype)
+
+
+def normal(shape, dtype, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def vjp_reference(apply, params, x, dy):
+    """(dparams, dx) from jax.vjp of apply: the autodiff reference."""
+    _, pullback = jax.vjp(apply, params, x)
+    return pullback(dy)
+
+
+# (layer, input shape): windows that do and do not divide H and W, overlapping 3x3 stride 2.
+CASES = [
+    (lambda: pooling.AvgPool(2), (2, 6, 5, 3)),
+    (lambda: pooling.AvgPool((3, 2), stride=(2, 3)), (2, 8, 7, 2)),
+    (lambda: pooling.MaxPool(2), (2, 6, 5, 3)),
+    (lambda: pooling.MaxPool(3, stride=2), (2, 8, 7, 2)),
+    (lambda: pooling.Subsampling(2), (2, 7, 6, 3)),
+    (lambda: pooling.Flatten(), (2, 3, 4, 5)),
+    (lambda: pooling.LocalResponseNorm(5, k=1.0, alpha=0.3, beta=0.75), (2, 3, 2, 7)),
+    (lambda: pooling.LocalResponseNorm(3, alpha=0.5, beta=1.5), (1, 2, 3, 2)),
+]
+CASE_IDS = ["avg2", "avg3x2_stride2x3", "max2", "max3_stride2", "subsampling", "flatten",
+            "lrn5", "lrn3_few_channels"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_matches_vjp(case, dtype):
+    make_layer, input_shape = case
+    layer = make_layer()
+    output_shape, params = layer.init(jax.random.key(0), input_shape)
+    if params:
+        params = {"w": normal(params["w"].shape, dtype, 1),
+                  "b": normal(params["b"].shape, dtype, 2)}
+    x = tie_free(input_shape, dtype)
+    y, residuals = layer.forward(params, x)
+    assert y.shape == tuple(output_shape) and y.dtype == jnp.dtype(dtype)
+    dy = normal(y.shape, dtype, 3)
+    manual = layer.backward(params, residuals, dy)
+    assert_close_tree(manual, vjp_reference(layer.apply, params, x, dy), dtype, layer.name)
+    assert float(jnp.linalg.norm(manual[1])) > 0
+
+
+def test_dropout_backward_matches_vjp(dtype):
+    layer = pooling.Dropout(0.5)
+    key = jax.random.key(7)
+    x, dy = normal((4, 3, 5), dtype, 0), normal((4, 3, 5), dtype, 1)
+    y, residuals = layer.forward((), x, key=key)
+    manual = layer.backward((), residuals, dy)
+    reference = vjp_reference(lambda p, x: layer.forward(p, x, key=key)[0], (), x, dy)
+    assert_close_tree(manual, reference, dtype, "Dropout")
+    assert relative_error(manual[1], dy) > 0.1  # the mask did something
+
+
+def image(rows):
+    """(1, H, W, 1) float64 from a nested list."""
+    return jnp.asarray(rows, jnp.float64)[None, :, :, None]
+
+
+def test_avg_pool_by_hand():
+    """x = 0..15 in a 4x4 grid; the 2x2 means are (0+1+4+5)/4 = 2.5, 4.5, 10.5, 12.5."""
+    layer = pooling.AvgPool(2)
+    y, residuals = layer.forward((), image(np.arange(16.0).reshape(4, 4)))
+    np.testing.assert_array_equal(y[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+    _, dx = layer.backward((), residuals, image([[4, 8], [12, 16]]))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 1, 2, 2], [1, 1, 2, 2],
+                                                   [3, 3, 4, 4], [3, 3, 4, 4]])
+
+
+def test_max_pool_routes_gradient_only_to_the_max():
+    """Overlapping 3x3 stride 2 on 5x5: the 9 at the centre is the max of all four windows."""
+    x = image([[1, 0, 2, 0, 3],
+               [0, 0, 0, 0, 0],
+               [4, 0, 9, 0, 5],
+               [0, 0, 0, 0, 0],
+               [6, 0, 7, 0, 8]])
+    layer = pooling.MaxPool(3, stride=2)
+    y, residuals = layer.forward((), x)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[9, 9], [9, 9]])
+    _, dx = layer.backward((), residuals, image([[1, 2], [3, 4]]))
+    expected = np.zeros((5, 5))
+    expected[2, 2] = 1 + 2 + 3 + 4
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+    # Non-overlapping 2x2 on 4x5: each dy goes to its window's max; the last column is unused.
+    x = image([[1, 5, 0, 2, 9], [3, 2, 7, 1, 9], [0, 0, 1, 2, 9], [8, 1, 3, 4, 9]])
+    y, residuals = pooling.MaxPool(2).forward((), x)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[5, 7], [8, 4]])
+    _, dx = pooling.MaxPool(2).backward((), residuals, image([[10, 20], [30, 40]]))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 10, 0, 0, 0], [0, 0, 20, 0, 0],
+                                                   [0, 0, 0, 0, 0], [30, 0, 0, 40, 0]])
+
+
+def test_max_pool_ties_go_to_the_first_position():
+    layer = pooling.MaxPool(2)
+    _, residuals = layer.forward((), jnp.ones((1, 4, 4, 2), jnp.float64))
+    _, dx = layer.backward((), residuals, jnp.ones((1, 2, 2, 2), jnp.float64))
+    expected = np.zeros((4, 4))
+    expected[::2, ::2] = 1
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+    np.testing.assert_array_equal(dx[0, :, :, 1], expected)
+
+
+def test_subsampling_by_hand():
+    """x = 0..15 in a 4x4 grid, w = 0.5, b = 1: window sums 10, 18, 42, 50 -> 6, 10, 22, 26.
+
+    With dy = 1: dw = 10 + 18 + 42 + 50 = 120, db = 4, dx = w = 0.5 everywhere.
+    """
+    layer = pooling.Subsampling(2)
+    output_shape, params = layer.init(jax.random.key(0), (-1, 4, 4, 1))
+    assert output_shape == (-1, 2, 2, 1) and params["w"].shape == params["b"].shape == (1,)
+    assert float(jnp.abs(params["w"][0])) <= 2.4 / 2  # fan-in 4
+    params = {"w": jnp.asarray([0.5], jnp.float64), "b": jnp.asarray([1.0], jnp.float64)}
+    y, residuals = layer.forward(params, image(np.arange(16.0).reshape(4, 4)))
+    np.testing.assert_array_equal(y[0, :, :, 0], [[6, 10], [22, 26]])
+    dparams, dx = layer.backward(params, residuals, jnp.ones((1, 2, 2, 1), jnp.float64))
+    np.testing.assert_array_equal(dparams["w"], [120])
+    np.testing.assert_array_equal(dparams["b"], [4])
+    np.testing.assert_array_equal(dx, 0.5)
+
+
+def test_lrn_against_numpy_loop():
+    """AlexNet's formula, one channel at a time, with the window cut at the edges."""
+    size, k, alpha, beta = 5, 2.0, 0.05, 0.75
+    x = normal((2, 3, 2, 9), jnp.float64, 4)
+    y = pooling.LocalResponseNorm(size, k, alpha, beta).apply((), x)
+    xs = np.asarray(x)
+    expected = np.empty_like(xs)
+    channels = xs.shape[-1]
+    for c in range(channels):
+        lo, hi = max(0, c - size // 2), min(channels - 1, c + size // 2)
+        total = np.sum(xs[..., lo:hi + 1] ** 2, axis=-1)
+        expected[..., c] = xs[..., c] / (k + alpha * total) ** beta
+    assert relative_error(y, expected) <= F64
+    assert relative_error(y, xs / k**beta) > 1e-3  # the neighbours matter
+
+
+def test_flatten_is_row_major_with_channels_fastest():
+    x = jnp.arange(24.0).reshape(2, 2, 3, 2)
+    layer = pooling.Flatten()
+    assert layer.init(None, (-1, 2, 3, 2))[0] == (-1, 12)
+    y, residuals = layer.forward((), x)
+    np.testing.assert_array_equal(y[1], np.arange(12.0, 24.0))
+    np.testing.assert_array_equal(layer.backward((), residuals, y)[1], x)
+
+
+def test_dropout_identity_without_key_and_inside_serial():
+    layer = pooling.Dropout(0.5)
+    x = normal((3, 4), jnp.float64, 0)
+    y, residuals = layer.forward((), x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(layer.backward((), residuals, 2 * x)[1], 2 * x)
+    model = layers.serial(layers.Identity(), layer)
+    np.testing.assert_array_equal(model.apply(((), ()), x), x)
+
+
+def test_dropout_keeps_a_fraction_and_scales():
+    rate = 0.25
+    x = jnp.ones((50, 40), jnp.float64)
+    y, scale = pooling.Dropout(rate).forward((), x, key=jax.random.key(3))
+    kept = np.asarray(y) != 0
+    np.testing.assert_array_equal(np.asarray(y)[kept], 1 / (1 - rate))
+    # 2000 Bernoulli(0.75) draws: the standard deviation of the mean is about 0.01.
+    assert abs(kept.mean() - (1 - rate)) < 0.04
+    _, dx = pooling.Dropout(rate).backward((), scale, x)
+    np.testing.assert_array_equal(dx, y)  # the same mask
+
+
+@pytest.mark.parametrize("make_layer,minimum", [
+    (lambda: pooling.AvgPool(3, name="pool1"), 3),
+    (lambda: pooling.MaxPool(3, 2, name="pool1"), 3),
+    (lambda: pooling.LocalResponseNorm(name="pool1"), 1),
+])
+def test_rejects_bad_input_shapes_naming_layer_and_shapes(make_layer, minimum):
+    layer = make_layer()
+    with pytest.raises(ValueError, match=rf"pool1: input x has shape \(4, 6, 6\), expected "
+                                         rf"\(batch, height >= {minimum}, width >= {minimum}, "
+                                         r"channels\)"):
+        layer.forward((), jnp.zeros((4, 6, 6)))
+    with pytest.raises(ValueError, match=r"pool1: input_shape \(-1, 6, 6\), expected"):
+        layer.init(None, (-1, 6, 6))
+
+
+def test_pool_and_subsampling_reject_small_or_mismatched_inputs():
+    with pytest.raises(ValueError, match=r"MaxPool: input x has shape \(1, 2, 5, 1\), expected "
+                                         r"\(batch, height >= 3, width >= 3, channels\)"):
+        pooling.MaxPool(3).forward((), jnp.zeros((1, 2, 5, 1)))
+    layer = pooling.Subsampling(2, name="S2")
+    _, params = layer.init(jax.random.key(0), (-1, 28, 28, 6))
+    with pytest.raises(ValueError, match=r"S2: input x has shape \(1, 28, 28, 4\), expected "
+                                         r"\(batch, height >= 2, width >= 2, 6\)"):
+        layer.forward(params, jnp.zeros((1, 28, 28, 4), jnp.float32))
+    with pytest.raises(ValueError, match="size must be odd"):
+        pooling.LocalResponseNorm(4)
+    with pytest.raises(ValueError, match="rate must lie in"):
+        pooling.Dropout(1.0)
+
+
+def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
+    """Conv, subsampling, table, LRN, max pool, dropout (identity in serial) and flatten in one
+    `serial`, jitted: the manual engine against jax.grad, and jax.grad through the manual VJPs.
+
+    Under jit the window sums must stay differentiable (a traced reduce_window init value is
+    not), which the eager tests above cannot see.
+    """
+    model = layers.serial(
+        Conv2D(6, 3, padding="SAME", pad_value=-1.0, name="C1"), layers.Tanh(name="t1"),
+        pooling.Subsampling(2, name="S2"), layers.Sigmoid(name="s2"),
+        Conv2D(16, 3, connection_table=lenet5_c3_table(), unshared_bias=True, name="C3"),
+        layers.Relu(name="r3"), pooling.LocalResponseNorm(3, alpha=0.1, name="lrn"),
+        pooling.MaxPool(2, name="pool"), pooling.Dropout(0.5, name="drop"),
+        pooling.Flatten(name="flat"), layers.Dense(4, name="out"))
+    output_shape, params = model.init(jax.random.key(0), (-1, 10, 10, 1))
+    assert output_shape == (-1, 4)
+    params = gradcheck.astype(params, dtype)
+    x = normal((3, 10, 10, 1), dtype, 5)
+    targets = jax.nn.one_hot(jnp.arange(3), 4, dtype=dtype)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.1)
+    _, reference = jax.jit(engines.autodiff(model, objective))(params, x, targets)
+    for engine in (engines.manual, engines.manual_vjp):
+        _, grads = jax.jit(engine(model, objective))(params, x, targets)
+        assert_close_tree(grads, reference, dtype, engine.__name__)
