@@ -53,6 +53,11 @@ class Config:
     stop_window: int = option(100, "steps over which E must keep decreasing", ge=1)
     stop_tolerance: float = option(1e-4, "least relative decrease over the window", ge=0)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
+    procedure: str = option("cost_checked", "cost_checked: full-batch descent with the cost "
+                            "check; misclassified: steps on batches of misclassified examples",
+                            choices=("cost_checked", "misclassified"))
+    batch_size: int = option(32, "misclassified examples per step (--procedure misclassified)",
+                             ge=1)
     checkpoint_every: int = option(500, "steps between checkpoints", ge=1)
     keep_checkpoints: int = option(3, "checkpoints kept", ge=1)
     nan_factor: float = option(0.5, "learning-rate factor after a non-finite step", gt=0, lt=1)
@@ -83,13 +88,20 @@ def build(config, splits):
             "held_out_energy": objective.value(params, model.apply(params, x_held), y_held),
         }
 
+    if config.batch_size > x_train.shape[0]:
+        raise ConfigError(f"option --batch-size: got {config.batch_size}; allowed: at most the "
+                          f"{x_train.shape[0]} training examples")
     guard = procedures.Guard(factor=config.nan_factor, max_failures=config.max_failures,
                              nan_steps=tuple(s - 1 for s in config.nan_steps))
-    procedure = procedures.cost_checked(
-        model, objective, optim.gradient_descent(config.lr), x_train, y_train,
-        engine=nets.get_engine(config.engine),
-        perturbation_scale=config.perturbation, stop_window=config.stop_window,
-        stop_tolerance=config.stop_tolerance, monitor=monitor, guard=guard)
+    common = dict(engine=nets.get_engine(config.engine), stop_window=config.stop_window,
+                  stop_tolerance=config.stop_tolerance, monitor=monitor, guard=guard)
+    optimizer = optim.gradient_descent(config.lr)
+    if config.procedure == "misclassified":
+        procedure = procedures.misclassified(model, objective, optimizer, x_train, y_train,
+                                             batch_size=config.batch_size, **common)
+    else:
+        procedure = procedures.cost_checked(model, objective, optimizer, x_train, y_train,
+                                            perturbation_scale=config.perturbation, **common)
     return model, objective, procedure
 
 
@@ -151,12 +163,9 @@ def main(argv=None):
          "rejected_non_finite": int(final.guard.rejected[i])}
         for i in range(config.restarts)
     ]
-    history = [
-        {"step": r["step"], **{name: r[f"{name}/{best_index}"] for name in
-                               ("energy", "train_error", "held_out_error", "held_out_energy",
-                                "perturbed")}}
-        for r in outcome.history if r["step"] <= stop
-    ]
+    recorded = [name.split("/")[0] for name in outcome.history[0] if name.endswith("/0")]
+    history = [{"step": r["step"], **{name: r[f"{name}/{best_index}"] for name in recorded}}
+               for r in outcome.history if r["step"] <= stop]
     metrics_out = {
         "train_accuracy": accuracy["train"], "held_out_accuracy": accuracy["held_out"],
         "test_accuracy": accuracy["test"], "best_restart": best_index,
