@@ -332,17 +332,25 @@ def Conv2D(
         # convolutions), and its shape gives the pads to slice off without storing ints.
         return y, x
 
-    def backward(params, x, dy):
+    def transpose(w, x, dy, power):
+        """(dparams, dx) of y = conv(xp, w) + b, with xp and w raised to `power` (1: the
+        gradient; 2: the Gauss-Newton diagonal, since every output is a sum of w * xp)."""
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        xp = _pad(x, pads, pad_value)
+        xp = _pad(x, pads, pad_value) ** power
         dw = masked(conv2d_backward_kernel(xp, dy, kernel, strides, groups))
         db = jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
-        dxp = conv2d_backward_input(dy, masked(params["w"]), strides, xp.shape[1:3], groups)
+        dxp = conv2d_backward_input(dy, masked(w) ** power, strides, xp.shape[1:3], groups)
         (top, bottom), (left, right) = pads
         dx = dxp[:, top:xp.shape[1] - bottom, left:xp.shape[2] - right, :]
         return {"w": dw, "b": db}, dx
 
-    return Layer(name, init, forward, backward)
+    def backward(params, x, dy):
+        return transpose(params["w"], x, dy, 1)
+
+    def curvature(params, x, d2y):
+        return transpose(params["w"], x, d2y, 2)
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> str:

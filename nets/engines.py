@@ -30,6 +30,7 @@ __all__ = [
     "with_manual_vjp",
     "loss_with_manual_vjp",
     "get_engine",
+    "curvature_diagonal",
 ]
 
 ValueAndGrad = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -132,3 +133,29 @@ def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise ValueError(f"engine: unknown name {name!r}; choose one of {sorted(ENGINES)}")
     return ENGINES[name]
+
+
+def curvature_diagonal(model: Layer, objective: Objective):
+    """diag(d2E/dparams2) in LeCun's Gauss-Newton diagonal approximation, backpropagated by hand.
+
+    Returns `diagonal(params, x, targets) -> pytree like params`: the loss curvature at the
+    outputs (`Loss.curvature`) run back through every layer's `curvature` (nets/layers.py),
+    plus lambda/m for every weight from the L2 penalty. For the last layer, and for nets in
+    which every unit reaches the output by one path (one hidden layer and one output), this is
+    the exact diagonal of the Gauss-Newton matrix; elsewhere it drops the cross terms
+    (LeCun et al. 1989, section 5).
+    """
+    if model.curvature is None:
+        raise ValueError(f"{model.name}: some layer has no curvature (Gauss-Newton) backward")
+    if objective.loss.curvature is None:
+        raise ValueError(f"{objective.loss.name}: this loss defines no curvature")
+
+    def diagonal(params, x, targets):
+        outputs, residuals = model.forward(params, x)
+        d2params, _ = model.curvature(params, residuals, objective.loss.curvature(outputs,
+                                                                                    targets))
+        ones = jax.tree.map(jax.numpy.ones_like, params)
+        penalty = l2_penalty_grad(ones, objective.l2, outputs.shape[0])
+        return jax.tree.map(lambda a, b: a + b, d2params, penalty)
+
+    return diagonal

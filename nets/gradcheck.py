@@ -18,10 +18,11 @@ import contextlib
 from typing import Any, Iterator
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from nets import engines
+from nets import engines, losses
 from nets.layers import Layer
 from nets.losses import Objective
 
@@ -34,6 +35,8 @@ __all__ = [
     "astype",
     "finite_difference_grad",
     "gradient_report",
+    "gauss_newton_diagonal",
+    "hessian_diagonal",
 ]
 
 TOLERANCES = {
@@ -209,3 +212,34 @@ def _gradient_report(
         row["passed"] = bool(passed)
         rows.append(row)
     return rows
+
+
+def _flat_function(function, params):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return flat, unravel, lambda vector: function(unravel(vector))
+
+
+def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,
+                          targets: jax.Array) -> Any:
+    """The exact diagonal of the Gauss-Newton matrix J^T H J + (lambda/m) I_weights, by jax.
+
+    J = d outputs / d params (jax.jacrev), H = the loss's curvature at the outputs (a diagonal
+    for the elementwise losses). The independent reference for `engines.curvature_diagonal`.
+    """
+    flat, unravel, outputs_of = _flat_function(lambda p: model.apply(p, x), params)
+    jacobian = jax.jacrev(outputs_of)(flat)  # (batch, classes, parameters)
+    outputs = model.apply(params, x)
+    weights = objective.loss.curvature(outputs, targets)
+    diagonal = jnp.einsum("bc,bcp->p", weights, jacobian**2)
+    ones = jax.tree.map(jnp.ones_like, params)
+    penalty, _ = jax.flatten_util.ravel_pytree(
+        losses.l2_penalty_grad(ones, objective.l2, outputs.shape[0]))
+    return unravel(diagonal + penalty)
+
+
+def hessian_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,
+                     targets: jax.Array) -> Any:
+    """jnp.diag(jax.hessian(E)) over all parameters: the true second derivatives."""
+    flat, unravel, energy = _flat_function(
+        lambda p: objective.value(p, model.apply(p, x), targets), params)
+    return unravel(jnp.diag(jax.hessian(energy)(flat)))

@@ -6,6 +6,7 @@ The contract (DESIGN.md), shared by every layer and by `serial`:
     forward(params, x)              -> (y, residuals)
     backward(params, residuals, dy) -> (dparams, dx)
     apply(params, x)                -> y            # forward without the residuals
+    curvature(params, residuals, d2y) -> (d2params, d2x)   # optional, see below
 
 `params` is a plain pytree of arrays (a dict per layer; `()` for layers without parameters);
 `residuals` is exactly what `backward` needs; `dparams` has the structure of `params` and
@@ -16,6 +17,13 @@ to the "w" leaves only (see `nets.losses.l2_penalty`).
 Backward passes are written from each layer's math, never by differentiating the forward
 pass. A layer checks the shape of its input once, at trace time, and raises a ValueError
 naming the layer and both shapes.
+
+`curvature` backpropagates diagonal second derivatives in the Gauss-Newton approximation
+(LeCun 1987; LeCun et al. 1989, section 5; "Efficient BackProp" section 9.1): given d2y, the
+diagonal of d2E/dy2 per example, it returns the diagonal d2E/dparams2 (summed over the batch)
+and d2E/dx2, treating each layer's Jacobian J as if the second derivatives it connects were
+diagonal: d2x_i = sum_j J_ji^2 d2y_j, and for an elementwise f, d2x = f'(x)^2 d2y (the f''
+term dropped). Layers without it leave the field None.
 """
 from __future__ import annotations
 
@@ -48,7 +56,8 @@ class Layer(NamedTuple):
     """A layer: a name and three pure functions (see the module docstring).
 
     `sublayers` lists the parts of a combinator such as `serial` (empty for a plain layer),
-    so that reports can name each layer's parameters.
+    so that reports can name each layer's parameters. `curvature` is the optional
+    Gauss-Newton diagonal backward (module docstring), with backward's signature.
     """
 
     name: str
@@ -56,6 +65,7 @@ class Layer(NamedTuple):
     forward: ForwardFn
     backward: BackwardFn
     sublayers: tuple["Layer", ...] = ()
+    curvature: BackwardFn | None = None
 
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """The layer's output, `forward` without the residuals."""
@@ -109,7 +119,11 @@ def Dense(
         dparams = {"w": x.T @ dy, "b": jnp.sum(dy, axis=0)}
         return dparams, dy @ params["w"].T
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, x, d2y):
+        """d2w = (x^2)^T d2y, d2b = sum_batch d2y, d2x = d2y (w^2)^T."""
+        return backward({"w": params["w"] ** 2}, x**2, d2y)
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def _elementwise(
@@ -132,7 +146,11 @@ def _elementwise(
         del params
         return (), dy * derivative_from_output(y)
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, y, d2y):
+        del params
+        return (), d2y * derivative_from_output(y) ** 2
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def Sigmoid(name: str = "Sigmoid") -> Layer:
@@ -178,16 +196,21 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             residuals.append(layer_residuals)
         return x, tuple(residuals)
 
-    def backward(params, residuals, dy):
-        dparams = []
-        for layer, layer_params, layer_residuals in reversed(
-            list(zip(layers, params, residuals))
-        ):
-            layer_dparams, dy = layer.backward(layer_params, layer_residuals, dy)
-            dparams.append(layer_dparams)
-        return tuple(reversed(dparams)), dy
+    def backward_through(method):
+        def run_backward(params, residuals, dy):
+            dparams = []
+            for layer, layer_params, layer_residuals in reversed(
+                list(zip(layers, params, residuals))
+            ):
+                layer_dparams, dy = getattr(layer, method)(layer_params, layer_residuals, dy)
+                dparams.append(layer_dparams)
+            return tuple(reversed(dparams)), dy
 
-    return Layer(name, init, forward, backward, sublayers=tuple(layers))
+        return run_backward
+
+    has_curvature = all(layer.curvature is not None for layer in layers)
+    return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(layers),
+                 curvature=backward_through("curvature") if has_curvature else None)
 
 
 def _check_param_count(name: str, params: Params, expected: int) -> None:

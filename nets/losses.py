@@ -35,11 +35,16 @@ __all__ = [
 
 
 class Loss(NamedTuple):
-    """`value(outputs, targets) -> scalar`, `grad(outputs, targets) -> (batch, classes)`."""
+    """`value(outputs, targets) -> scalar`, `grad(outputs, targets) -> (batch, classes)`.
+
+    `curvature(outputs, targets) -> (batch, classes)` is the diagonal of the loss's Hessian
+    with respect to the outputs (the Gauss-Newton matrix of the loss itself), where defined.
+    """
 
     name: str
     value: Callable[[jax.Array, jax.Array], jax.Array]
     grad: Callable[[jax.Array, jax.Array], jax.Array]
+    curvature: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
@@ -50,16 +55,15 @@ def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
         )
 
 
-def _checked(name: str, value, grad) -> Loss:
-    def checked_value(outputs, targets):
-        _check_pair(name, outputs, targets)
-        return value(outputs, targets)
+def _checked(name: str, value, grad, curvature) -> Loss:
+    def checked(function):
+        def run(outputs, targets):
+            _check_pair(name, outputs, targets)
+            return function(outputs, targets)
 
-    def checked_grad(outputs, targets):
-        _check_pair(name, outputs, targets)
-        return grad(outputs, targets)
+        return run
 
-    return Loss(name, checked_value, checked_grad)
+    return Loss(name, checked(value), checked(grad), checked(curvature))
 
 
 def lecture_output_error(sigma: jax.Array, targets: jax.Array) -> jax.Array:
@@ -92,7 +96,12 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
         def grad(z, y):
             return (jax.nn.sigmoid(z) - y) / z.shape[0]
 
-        return _checked("sigmoid_cross_entropy", value, grad)
+        def curvature(z, y):
+            s = jax.nn.sigmoid(z)
+            del y
+            return s * (1 - s) / z.shape[0]
+
+        return _checked("sigmoid_cross_entropy", value, grad, curvature)
 
     def value_from_probabilities(s, y):
         m = s.shape[0]
@@ -101,9 +110,11 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
     def grad_from_probabilities(s, y):
         return lecture_output_error(s, y) / s.shape[0]
 
-    return _checked(
-        "sigmoid_cross_entropy(probabilities)", value_from_probabilities, grad_from_probabilities
-    )
+    def curvature_from_probabilities(s, y):
+        return (y / s**2 + (1 - y) / (1 - s) ** 2) / s.shape[0]
+
+    return _checked("sigmoid_cross_entropy(probabilities)", value_from_probabilities,
+                    grad_from_probabilities, curvature_from_probabilities)
 
 
 def mean_squared_error() -> Loss:
@@ -119,7 +130,11 @@ def mean_squared_error() -> Loss:
     def grad(o, t):
         return (o - t) / o.shape[0]
 
-    return _checked("mean_squared_error", value, grad)
+    def curvature(o, t):
+        del t
+        return jnp.ones_like(o) / o.shape[0]
+
+    return _checked("mean_squared_error", value, grad, curvature)
 
 
 def softmax_cross_entropy() -> Loss:
@@ -135,7 +150,11 @@ def softmax_cross_entropy() -> Loss:
         row_mass = jnp.sum(y, axis=-1, keepdims=True)
         return (jax.nn.softmax(z, axis=-1) * row_mass - y) / z.shape[0]
 
-    return _checked("softmax_cross_entropy", value, grad)
+    def curvature(z, y):
+        p = jax.nn.softmax(z, axis=-1)
+        return p * (1 - p) * jnp.sum(y, axis=-1, keepdims=True) / z.shape[0]
+
+    return _checked("softmax_cross_entropy", value, grad, curvature)
 
 
 def is_weight(path: tuple[Any, ...]) -> bool:

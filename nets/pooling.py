@@ -97,7 +97,12 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
         del params
         return (), window_sum_transpose(dy, window, stride, x.shape[1:3]) / area
 
-    return Layer(name, _pool_init(name, window, stride), forward, backward)
+    def curvature(params, x, d2y):
+        """Every Jacobian entry is 1/(kh kw): d2x = window_sum_transpose(d2y) / (kh kw)^2."""
+        return backward(params, x, d2y / area)
+
+    return Layer(name, _pool_init(name, window, stride), forward, backward,
+                 curvature=curvature)
 
 
 def _window_views(x, window, stride, out_size):
@@ -147,7 +152,8 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
                 ))
         return (), dx
 
-    return Layer(name, _pool_init(name, window, stride), forward, backward)
+    # Jacobian entries are 0 or 1, so squaring them changes nothing: d2x routes like dx.
+    return Layer(name, _pool_init(name, window, stride), forward, backward, curvature=backward)
 
 
 def _coefficient_init(window):
@@ -201,7 +207,12 @@ def Subsampling(
                                   x.shape[1:3])
         return dparams, dx
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, residuals, d2y):
+        """d2w = sum d2y * sums^2, d2b = sum d2y, d2x = spread(d2y * w^2)."""
+        sums, x = residuals
+        return backward({"w": params["w"] ** 2, "b": params["b"]}, (sums**2, x), d2y)
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def Flatten(name: str = "Flatten") -> Layer:
@@ -228,7 +239,7 @@ def Flatten(name: str = "Flatten") -> Layer:
         del params
         return (), dy.reshape(x.shape)
 
-    return Layer(name, init, forward, backward)
+    return Layer(name, init, forward, backward, curvature=backward)
 
 
 def LocalResponseNorm(

@@ -1,14 +1,17 @@
 """Update rules as `optax.GradientTransformation`s.
 
 Any optax optimiser works with either gradient engine, since both return the same pytree;
-this module adds the rules of the lecture (and, later, LeCun's diagonal second-order steps).
+this module adds the rule of the lecture and LeCun's diagonal second-order steps.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
-__all__ = ["gradient_descent"]
+__all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState"]
 
 
 def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
@@ -32,3 +35,47 @@ def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
         return jax.tree.map(lambda g: -learning_rate * g, updates), state
 
     return optax.GradientTransformation(init, update)
+
+
+class DiagonalLevenbergMarquardtState(NamedTuple):
+    """The current estimate h of diag(d2E/dw2), one entry per parameter."""
+
+    curvature: Any
+
+
+def diagonal_levenberg_marquardt(
+    learning_rate: float, mu: float
+) -> optax.GradientTransformationExtraArgs:
+    """LeCun's per-parameter step sizes from a diagonal second-derivative estimate.
+
+        w_k <- w_k - eta / (mu + h_kk) * dE/dw_k
+
+    (LeCun et al. 1989, section 5; "Efficient BackProp", section 9.1, the stochastic diagonal
+    Levenberg-Marquardt method). h is not computed here: pass a fresh estimate (a pytree like
+    the params, e.g. from `nets.engines.curvature_diagonal` averaged over a subset of examples)
+    as `update(grads, state, params, curvature=h)`; between estimates the last one is kept.
+    mu > 0 keeps the step finite where h is near 0.
+
+    Args:
+      learning_rate: eta > 0.
+      mu: the damping mu > 0.
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state holds h (zeros until the first
+      estimate, which makes the first steps plain descent with step eta / mu).
+    """
+    if not learning_rate > 0 or not mu > 0:
+        raise ValueError(f"diagonal_levenberg_marquardt: learning_rate and mu must be > 0, got "
+                         f"{learning_rate} and {mu}")
+
+    def init(params):
+        return DiagonalLevenbergMarquardtState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None, *, curvature=None, **extra_args):
+        del params, extra_args
+        if curvature is not None:
+            state = DiagonalLevenbergMarquardtState(curvature)
+        steps = jax.tree.map(lambda g, h: -learning_rate * g / (mu + h), updates,
+                             state.curvature)
+        return steps, state
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,154 @@
+"""LeCun's Gauss-Newton diagonal, backpropagated by hand, against jax's exact matrices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+from nets import engines, gradcheck, layers, losses
+from nets.gradcheck import astype, relative_error
+from tests.helpers import F64, assert_close_tree, random_batch
+from training import optim
+
+
+def problem(model, objective, features, classes, batch=6, targets="one_hot"):
+    _, params = model.init(jax.random.key(0), (-1, features))
+    params = astype(params, jnp.float64)
+    x, y = random_batch(jax.random.key(1), batch, features, classes, jnp.float64)
+    if targets == "plus_minus_one":
+        y = 2 * y - 1
+    return params, x, y
+
+
+@pytest.mark.parametrize("objective", [
+    losses.Objective(losses.mean_squared_error(), 0.3),
+    losses.lecture_objective(0.7),
+])
+def test_one_hidden_layer_one_output_is_exact(objective):
+    """Every unit reaches the single output by one path: no cross terms to drop."""
+    model = nets.build_mlp(5, 1, hidden_units=4, activation="tanh")
+    params, x, y = problem(model, objective, 5, 1, batch=7)
+    y = (y > 0).astype(y.dtype) if objective.loss.name.startswith("sigmoid") else y
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated, exact, jnp.float64, "one path")
+
+
+def test_the_last_layer_is_exact_in_any_net():
+    model = nets.build_mlp(6, 3, hidden_layers=2, hidden_units=5, activation="tanh",
+                           output_activation="tanh")
+    objective = losses.Objective(losses.mean_squared_error(), 0.1)
+    params, x, y = problem(model, objective, 6, 3, targets="plus_minus_one")
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated[-2], exact[-2], jnp.float64, "output layer")
+    # deeper layers: the diagonal approximation differs (cross terms), and is still positive
+    assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
+    assert all(bool(jnp.all(leaf >= 0)) for leaf in jax.tree.leaves(backpropagated))
+
+
+def test_dense_and_activation_curvature_by_hand():
+    """Dense: d2w = (x^2)^T d2y; tanh: d2x = (1 - y^2)^2 d2y."""
+    dense = layers.Dense(2)
+    params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "b": jnp.zeros(2)}
+    x = jnp.array([[2.0, -1.0]])
+    _, residuals = dense.forward(params, x)
+    d2params, d2x = dense.curvature(params, residuals, jnp.array([[1.0, 4.0]]))
+    np.testing.assert_allclose(d2params["w"], [[4.0, 16.0], [1.0, 4.0]])
+    np.testing.assert_allclose(d2params["b"], [1.0, 4.0])
+    np.testing.assert_allclose(d2x, [[1.0 + 16.0, 9.0 + 1.0]])
+    tanh = layers.Tanh()
+    y, residuals = tanh.forward((), jnp.array([[0.5]]))
+    _, d2x = tanh.curvature((), residuals, jnp.array([[2.0]]))
+    np.testing.assert_allclose(d2x, 2.0 * (1 - np.tanh(0.5) ** 2) ** 2, rtol=F64)
+
+
+def conv_problem(conv, size):
+    model = layers.serial(conv, layers.Tanh(), nets.Flatten(), layers.Dense(1, name="readout"))
+    _, params = model.init(jax.random.key(0), (-1, size, size, 3))
+    params = astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, size, size, 3), jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error(), 0.2)
+    y = jnp.ones((3, 1), jnp.float64)
+    return (engines.curvature_diagonal(model, objective)(params, x, y),
+            gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+
+
+def test_conv_curvature_is_exact_where_each_weight_is_used_once():
+    """A kernel covering the whole (-1-padded) input: one position, no sharing, no cross
+    terms, so the backpropagated diagonal is the exact Gauss-Newton diagonal, pad^2 included."""
+    backpropagated, exact = conv_problem(
+        nets.Conv2D(2, 4, padding=((1, 1), (1, 1)), pad_value=-1.0), 2)
+    assert_close_tree(backpropagated, exact, jnp.float64, "conv")
+
+
+def test_shared_weights_are_where_the_diagonal_approximation_differs():
+    """Unshared biases are used once (exact); a shared kernel sums over positions, whose
+    cross terms the diagonal approximation drops (LeCun 1989, section 5)."""
+    backpropagated, exact = conv_problem(
+        nets.Conv2D(2, 3, stride=2, padding="SAME", pad_value=-1.0, unshared_bias=True), 7)
+    assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "unshared bias")
+    assert_close_tree(backpropagated[-1], exact[-1], jnp.float64, "readout")
+    assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
+
+
+def test_loss_curvatures_are_the_diagonal_of_jax_hessian():
+    z = jax.random.normal(jax.random.key(0), (3, 4), jnp.float64)
+    y = jax.nn.one_hot(jnp.array([0, 2, 3]), 4, dtype=jnp.float64)
+    for loss, outputs in ((losses.mean_squared_error(), z),
+                          (losses.sigmoid_cross_entropy(), z),
+                          (losses.sigmoid_cross_entropy(from_logits=False), jax.nn.sigmoid(z)),
+                          (losses.softmax_cross_entropy(), z)):
+        hessian = jax.hessian(lambda o, loss=loss: loss.value(o, y))(outputs)
+        diagonal = jnp.einsum("bcbc->bc", hessian)
+        assert relative_error(loss.curvature(outputs, y), diagonal) <= F64, loss.name
+
+
+def test_hessian_reference_agrees_with_gauss_newton_at_zero_residual():
+    """MSE with outputs equal to targets: the Hessian is exactly J^T J (no residual term)."""
+    model = nets.build_mlp(3, 2, hidden_units=4, activation="tanh")
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    params, x, _ = problem(model, objective, 3, 2)
+    y = model.apply(params, x)
+    assert_close_tree(gradcheck.hessian_diagonal(model, objective, params, x, y),
+                      gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
+                      jnp.float64, "zero residual")
+
+
+def test_diagonal_levenberg_marquardt_step():
+    rule = optim.diagonal_levenberg_marquardt(0.1, mu=0.5)
+    params = {"w": jnp.array([1.0, 1.0])}
+    state = rule.init(params)
+    grads = {"w": jnp.array([2.0, -4.0])}
+    updates, state = rule.update(grads, state, params, curvature={"w": jnp.array([1.5, 0.0])})
+    np.testing.assert_allclose(updates["w"], [-0.1 * 2 / 2.0, 0.1 * 4 / 0.5])
+    updates, _ = rule.update(grads, state, params)  # keeps the last estimate
+    np.testing.assert_allclose(updates["w"], [-0.1, 0.8])
+    chained = optax.chain(rule)
+    assert chained.init(params) is not None
+    with pytest.raises(ValueError, match="mu must be > 0"):
+        optim.diagonal_levenberg_marquardt(0.1, mu=0.0)
+
+
+def test_a_layer_without_curvature_is_named():
+    model = layers.serial(layers.Dense(2), layers.Layer("custom", *layers.Identity()[1:4]))
+    with pytest.raises(ValueError, match="no curvature"):
+        engines.curvature_diagonal(model, losses.Objective(losses.mean_squared_error()))
+
+
+@pytest.mark.parametrize("pool", [nets.AvgPool(2), nets.MaxPool(2), nets.Subsampling(2)])
+def test_pooling_curvature_is_exact_on_single_path_parameters(pool):
+    """Unshared conv biases reach the output through the pooling by one path each, so their
+    diagonal (and the subsampling coefficient, used once per example) is exact."""
+    model = layers.serial(nets.Conv2D(2, 1, unshared_bias=True), pool, layers.Tanh(),
+                          nets.Flatten(), layers.Dense(1, name="readout"))
+    _, params = model.init(jax.random.key(0), (-1, 2, 2, 3))
+    params = astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (4, 2, 2, 3), jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    y = jnp.zeros((4, 1), jnp.float64)
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "biases")
+    assert_close_tree(backpropagated[1:], exact[1:], jnp.float64, "after the pooling")
