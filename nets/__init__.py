@@ -4,7 +4,20 @@ Layers (`nets.layers`), losses (`nets.losses`), models (`nets.mlp`), the two gra
 (`nets.engines`) and the checks between them (`nets.gradcheck`). Nothing here knows about
 optimisers, devices or files.
 """
-from nets import conv, engines, gradcheck, initializers, layers, losses, mlp, pooling
+from nets import (
+    accounting,
+    conv,
+    engines,
+    gradcheck,
+    initializers,
+    layers,
+    losses,
+    mlp,
+    models,
+    pooling,
+)
+from nets.accounting import ModelCount
+from nets.accounting import count as count_model
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
 from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
@@ -17,6 +30,14 @@ from nets.losses import (
     softmax_cross_entropy,
 )
 from nets.mlp import mlp as build_mlp
+from nets.models import (
+    ScaledTanh,
+    alexnet,
+    channel_groups,
+    lenet5,
+    lenet1989,
+    lenet1989_modern,
+)
 from nets.pooling import (
     AvgPool,
     Dropout,
@@ -63,4 +84,14 @@ __all__ = [
     "Flatten",
     "LocalResponseNorm",
     "Dropout",
+    "accounting",
+    "models",
+    "ModelCount",
+    "count_model",
+    "ScaledTanh",
+    "channel_groups",
+    "lenet1989",
+    "lenet1989_modern",
+    "lenet5",
+    "alexnet",
 ]

@@ -1,0 +1,235 @@
+"""Model accounting: units, free parameters, connections and multiply-adds, from the model.
+
+`count(model, input_shape)` walks a model's layers (descending into `serial`, and into
+`nets.models.channel_groups` group by group), takes every layer's output shape and parameter
+shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated: AlexNet's 61 M
+parameters cost nothing), and applies the rule of the layer's kind. Per example:
+
+    units        the outputs of a layer with weights (its neurons; the activation that follows
+                 belongs to the same units). The inputs are counted apart (`inputs`), and
+                 `units` totals neurons + inputs, as LeCun et al. 1989 count their 1,256;
+                 `neurons` excludes them, as Krizhevsky et al. 2012 count their 650,000.
+    params       free (trainable) parameters: kernel entries a connection table masks out are
+                 constant zeros and do not count; unshared biases count one per unit.
+    connections  weighted inputs of every unit, a shared weight counted once per use, plus
+                 one per unit for its bias (the 1989 and 1998 papers' convention). Windows
+                 reaching into the padding count in full (the 1989 paper's 19,968 for H1 is
+                 768 units x (25 + 1)).
+    macs         multiply-adds of the weighted sums: connections without the biases. For
+                 trainable subsampling (y = w sum(x) + b) each summed input counts as one, as
+                 w sum(x) = sum(w x) does. Activations, pooling, normalisation and dropout
+                 are not counted (nor are they in the papers' figures).
+
+Layers without parameters (activations, pooling, LRN, flatten, dropout) add no units,
+parameters, connections or multiply-adds: a pooled map is not a new set of neurons in
+Krizhevsky et al.'s 650,000. A layer's kind is the builder that made it, read from its
+forward function's `__qualname__` ("Conv2D.<locals>.forward" -> "Conv2D"); `RULES` maps kinds
+with parameters to their rule, and `register_rule` adds one.
+
+Two facts are not in the shapes and are read from the builders' closures (one place,
+`_closure_value`): the connection table of a Conv2D (`mask`, in the closure of its `init`) and
+the window of a Subsampling layer (`window`). Groups follow from the shapes (input channels /
+kernel input channels), unshared biases from the bias shape. If a builder renames these, the
+accounting raises an error naming the layer and the missing name; a `Layer.info` field set by
+the builders would make this lookup unnecessary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from nets.layers import Layer
+
+__all__ = [
+    "LayerCount",
+    "ModelCount",
+    "RULES",
+    "count",
+    "layer_kind",
+    "register_rule",
+]
+
+Shape = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCount:
+    """One layer's figures, per example (see the module docstring)."""
+
+    name: str
+    kind: str
+    output_shape: Shape
+    units: int
+    params: int
+    connections: int
+    macs: int
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "output_shape": list(self.output_shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCount:
+    """A model's figures: `layers` (the inputs first, then every layer with parameters) and
+    the totals. units = neurons + inputs."""
+
+    name: str
+    input_shape: Shape
+    layers: tuple[LayerCount, ...]
+
+    @property
+    def inputs(self) -> int:
+        return math.prod(self.input_shape[1:])
+
+    @property
+    def neurons(self) -> int:
+        return sum(layer.units for layer in self.layers if layer.kind != "input")
+
+    @property
+    def units(self) -> int:
+        return self.neurons + self.inputs
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def connections(self) -> int:
+        return sum(layer.connections for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def layer(self, name: str) -> LayerCount:
+        """The row of the layer called `name` (KeyError naming the rows otherwise)."""
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"{self.name}: no counted layer {name!r}; rows are "
+                       f"{[row.name for row in self.layers]}")
+
+    def totals(self) -> dict:
+        return {"inputs": self.inputs, "neurons": self.neurons, "units": self.units,
+                "params": self.params, "connections": self.connections, "macs": self.macs}
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "input_shape": list(self.input_shape), **self.totals(),
+                "layers": [row.as_dict() for row in self.layers]}
+
+
+def layer_kind(layer: Layer) -> str:
+    """The builder that made `layer`: "Conv2D", "Dense", "serial", "_elementwise", ...
+
+    That is the function whose locals hold `layer.forward`: "Conv2D.<locals>.forward" ->
+    "Conv2D" (a builder nested in another function is named by itself, not its parent).
+    """
+    qualname = getattr(layer.forward, "__qualname__", type(layer.forward).__name__)
+    parts = [part for part in qualname.split(".")[:-1] if part != "<locals>"]
+    return parts[-1] if parts else qualname
+
+
+def _closure_value(layer: Layer, function_name: str, variable: str) -> Any:
+    """The value of `variable` captured by `layer.<function_name>` (its builder's argument)."""
+    function = getattr(layer, function_name)
+    captured = inspect.getclosurevars(function).nonlocals
+    if variable not in captured:
+        raise ValueError(
+            f"accounting: layer {layer.name!r} ({layer_kind(layer)}) has no {variable!r} in the "
+            f"closure of its {function_name}; update nets.accounting for its builder")
+    return captured[variable]
+
+
+def _shapes(layer: Layer, input_shape: Shape) -> tuple[Shape, Any]:
+    """(output_shape, params as ShapeDtypeStructs) from layer.init, allocating nothing."""
+    found = {}
+
+    def init_params(key):
+        found["output_shape"], params = layer.init(key, input_shape)
+        return params
+
+    params = jax.eval_shape(init_params, jax.random.key(0))
+    return tuple(found["output_shape"]), params
+
+
+Rule = Callable[[Layer, Shape, Shape, Any], tuple[int, int, int, int]]
+"""rule(layer, input_shape, output_shape, param shapes) -> (units, params, connections, macs)"""
+
+
+def _dense(layer, input_shape, output_shape, params):
+    fan_in, out = params["w"].shape
+    macs = fan_in * out
+    return out, fan_in * out + math.prod(params["b"].shape), macs + out, macs
+
+
+def _conv2d(layer, input_shape, output_shape, params):
+    kh, kw, group_channels, out_channels = params["w"].shape
+    mask = _closure_value(layer, "init", "mask")
+    if mask is None:
+        weights_per_map = np.full(out_channels, kh * kw * group_channels)
+    else:
+        # table[i, o]: map o sees input map i; masked kernel entries are constant zeros.
+        weights_per_map = kh * kw * np.asarray(mask, bool).sum(axis=0)
+    _, out_h, out_w, _ = output_shape
+    units = out_h * out_w * out_channels
+    kernel_params = int(weights_per_map.sum())
+    macs = out_h * out_w * kernel_params
+    return units, kernel_params + math.prod(params["b"].shape), macs + units, macs
+
+
+def _subsampling(layer, input_shape, output_shape, params):
+    kh, kw = _closure_value(layer, "init", "window")
+    units = math.prod(output_shape[1:])
+    params_count = math.prod(params["w"].shape) + math.prod(params["b"].shape)
+    macs = units * kh * kw
+    return units, params_count, macs + units, macs
+
+
+RULES: dict[str, Rule] = {"Dense": _dense, "Conv2D": _conv2d, "Subsampling": _subsampling}
+
+
+def register_rule(kind: str, rule: Rule) -> None:
+    """Count layers made by the builder `kind` with `rule` (see `Rule`)."""
+    RULES[kind] = rule
+
+
+def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
+    kind = layer_kind(layer)
+    if kind == "serial":
+        rows = []
+        for sublayer in layer.sublayers:
+            input_shape, sub_rows = _walk(sublayer, input_shape)
+            rows += sub_rows
+        return input_shape, rows
+    output_shape, params = _shapes(layer, input_shape)
+    if not jax.tree.leaves(params):
+        return output_shape, []
+    if kind == "channel_groups":
+        groups = len(layer.sublayers)
+        group_shape = (*input_shape[:-1], input_shape[-1] // groups)
+        rows = []
+        for index, sublayer in enumerate(layer.sublayers):
+            _, sub_rows = _walk(sublayer, group_shape)
+            rows += [dataclasses.replace(row, name=f"{row.name}[{index}]") for row in sub_rows]
+        return output_shape, rows
+    if kind not in RULES:
+        raise ValueError(f"accounting: layer {layer.name!r} of kind {kind!r} has parameters but "
+                         f"no counting rule; known kinds {sorted(RULES)} (see register_rule)")
+    figures = RULES[kind](layer, input_shape, output_shape, params)
+    return output_shape, [LayerCount(layer.name, kind, output_shape, *map(int, figures))]
+
+
+def count(model: Layer, input_shape: Shape) -> ModelCount:
+    """Units, parameters, connections and multiply-adds of `model` on inputs of input_shape.
+
+    input_shape: (batch, ...) with batch -1 or any size; the figures are per example.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    _, rows = _walk(model, input_shape)
+    inputs = LayerCount("input", "input", input_shape, math.prod(input_shape[1:]), 0, 0, 0)
+    return ModelCount(model.name, input_shape, (inputs, *rows))

@@ -1,0 +1,329 @@
+"""The lecture's historical nets: LeNet 1989, LeNet-5 (1998) and AlexNet (2012).
+
+Every builder returns a `serial` of the layers of `nets.layers`, `nets.conv` and
+`nets.pooling` (init, forward, backward, apply), named after the paper's layers so that
+`nets.accounting` and the gradient reports can refer to them. Inputs are NHWC.
+
+Where the papers are silent we assume, and say so here (the numbers of `nets.accounting`
+follow from these choices):
+
+LeCun et al. 1989, "Backpropagation Applied to Handwritten Zip Code Recognition":
+  * Padding. The paper gives 16x16 inputs and 8x8 H1 maps with 5x5 receptive fields two
+    pixels apart, which needs a border, but not its width or value. We pad by 2 on every side
+    with -1, the background of its [-1, 1] images (20x20; (20 - 5) // 2 + 1 = 8), and pad H1's
+    8x8 maps the same way for H2 (12x12 -> 4x4). The last padded row and column are seen by no
+    window. As karpathy/lecun1989-repro.
+  * Which 8 of the 12 H1 maps each H2 map sees: not given; `nets.conv.lenet1989_h2_table`.
+  * Activation. The paper uses "a scaled hyperbolic tangent" on every unit, outputs included,
+    without its constants here; with `scaled_tanh=True` we take the 1998 paper's
+    f(a) = 1.7159 tanh(2a/3) (LeCun et al. 1998, Appendix A), else plain tanh (the lecture's).
+  * Initialisation: U(+-2.4/sqrt(F)) (the paper writes 2.4/F; see `nets.initializers`), F the
+    fan-in of each unit (200 for H2 with its table).
+
+LeCun, Bottou, Bengio and Haffner 1998, "Gradient-Based Learning Applied to Document
+Recognition", Section II.B:
+  * The output layer is a Dense layer (84 x 10 weights and 10 biases, 850 parameters,
+    returning scores for a softmax or squared-error loss), not the paper's Euclidean RBF units
+    y_i = sum_j (x_j - w_ij)^2, whose 840 centres were set by hand to stylised 7x12 bitmaps and
+    are not counted among its 60,000 trainable parameters.
+  * S2 and S4 are trainable subsampling (a coefficient and a bias per map), followed by the
+    squashing function, as in the paper; every squash is A tanh(S a), A = 1.7159, S = 2/3.
+  * C5 is a 5x5 convolution on the 5x5 S4 maps (1x1 output), as the paper labels it; then a
+    flatten.
+  * Initialisation: the paper's U(+-2.4/F_i) with the square root, as above.
+
+Krizhevsky, Sutskever and Hinton 2012, "ImageNet Classification with Deep Convolutional
+Neural Networks", Section 3.5 and Figure 2:
+  * Input 227x227x3, not the paper's "224x224x3": with 11x11 kernels at stride 4 and no
+    padding, only 227 gives the 55x55 conv1 maps of Figure 2 ((227 - 11) / 4 + 1 = 55). The
+    builder takes any size >= 67 (67 is the smallest for which every pool has a window).
+  * Paddings: conv2 pads 2, conv3-5 pad 1 (zeros; the paper gives only the map sizes, which
+    these paddings reproduce: 27x27 and 13x13).
+  * Two towers (`towers=2`): conv1's 96 kernels are two towers of 48 over the same image (a
+    plain convolution); conv2, conv4, conv5 are grouped convolutions (each tower sees its own
+    maps); conv3 and the fully connected layers see both towers. Local response normalisation
+    runs within each tower (`channel_groups`): the paper sums over "adjacent kernel maps"
+    without saying whether adjacency crosses the GPUs; we assume not, each GPU holding only
+    its own 48 or 128 maps. `towers=1` is the one-tower variant (ungrouped convolutions, LRN
+    over all maps).
+  * Order after conv1 and conv2: ReLU, then LRN (k=2, n=5, alpha=1e-4, beta=0.75, Section
+    3.3), then 3x3 max pooling at stride 2 (Section 3.4); conv5 is followed by the same pool.
+  * Dropout (rate 0.5) after the ReLUs of fc6 and fc7 (Section 4.2). Inside `serial`,
+    `nets.pooling.Dropout` is the identity; training with dropout calls its forward with a key.
+  * The output layer returns 1000 logits (the paper's softmax belongs to the loss).
+  * Initialisation as Section 5: weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5 and
+    the hidden fully connected layers, 0 elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from nets import initializers
+from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
+from nets.layers import Dense, Layer, Relu, Sigmoid, Tanh, serial
+from nets.pooling import Dropout, Flatten, LocalResponseNorm, MaxPool, Subsampling
+
+__all__ = [
+    "SCALED_TANH_AMPLITUDE",
+    "SCALED_TANH_SLOPE",
+    "LENET1989_INPUT_SHAPE",
+    "LENET5_INPUT_SHAPE",
+    "ALEXNET_INPUT_SHAPE",
+    "ScaledTanh",
+    "channel_groups",
+    "lenet1989",
+    "lenet1989_modern",
+    "lenet5",
+    "alexnet",
+]
+
+# LeCun et al. 1998, Appendix A: f(a) = A tanh(S a) with f(+-1) = +-1, f'' largest at +-1.
+SCALED_TANH_AMPLITUDE = 1.7159
+SCALED_TANH_SLOPE = 2.0 / 3.0
+
+LENET1989_INPUT_SHAPE = (-1, 16, 16, 1)
+LENET5_INPUT_SHAPE = (-1, 32, 32, 1)
+ALEXNET_INPUT_SHAPE = (-1, 227, 227, 3)
+
+
+def ScaledTanh(
+    amplitude: float = SCALED_TANH_AMPLITUDE,
+    slope: float = SCALED_TANH_SLOPE,
+    name: str = "ScaledTanh",
+) -> Layer:
+    """y = A tanh(S x), elementwise (LeCun et al. 1998, Appendix A: A = 1.7159, S = 2/3).
+
+    Shapes: any; y has the shape of x; params ().
+    Backward, from the output y: dy/dx = A S (1 - tanh^2(S x)) = (S / A) (A^2 - y^2), so
+        dx = dy * (S / A) * (A^2 - y^2).
+    """
+
+    def init(key, input_shape):
+        del key
+        return tuple(input_shape), ()
+
+    def forward(params, x):
+        del params
+        y = amplitude * jnp.tanh(slope * x)
+        return y, y
+
+    def backward(params, y, dy):
+        del params
+        return (), dy * ((slope / amplitude) * (amplitude * amplitude - y * y))
+
+    return Layer(name, init, forward, backward)
+
+
+def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
+    """`layer` applied separately to each of `groups` equal slices of the channel axis.
+
+    Shapes: x (..., C) -> the per-group outputs (..., C_out / groups each) concatenated along
+    the last axis. Group g sees channels [g C / G, (g + 1) C / G) and has its own params
+    (params is a tuple of G entries). This is AlexNet's split across two GPUs for layers that
+    mix channels without weights, such as local response normalisation.
+    Backward: dy is split the same way, each group's backward runs on its slice, and the dx
+    slices are concatenated (dparams is the tuple of the groups' dparams).
+    """
+    name = name or f"{layer.name}_x{groups}"
+    if groups < 1:
+        raise ValueError(f"{name}: groups must be >= 1, got {groups}")
+
+    def split(x):
+        if x.shape[-1] % groups:
+            raise ValueError(f"{name}: input x has shape {tuple(x.shape)}, expected a last "
+                             f"axis divisible by {groups} groups")
+        return jnp.split(x, groups, axis=-1)
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if not input_shape or input_shape[-1] % groups:
+            raise ValueError(f"{name}: input_shape {input_shape}, expected a last axis "
+                             f"divisible by {groups} groups")
+        group_shape = (*input_shape[:-1], input_shape[-1] // groups)
+        params, out_channels = [], 0
+        for group_key in jax.random.split(key, groups):
+            output_shape, group_params = layer.init(group_key, group_shape)
+            params.append(group_params)
+            out_channels += output_shape[-1]
+        return (*output_shape[:-1], out_channels), tuple(params)
+
+    def forward(params, x):
+        outputs, residuals = zip(*(
+            layer.forward(group_params, part) for group_params, part in zip(params, split(x))
+        ))
+        return jnp.concatenate(outputs, axis=-1), tuple(residuals)
+
+    def backward(params, residuals, dy):
+        dparams, dx = zip(*(
+            layer.backward(group_params, group_residuals, part)
+            for group_params, group_residuals, part in zip(params, residuals, split(dy))
+        ))
+        return tuple(dparams), jnp.concatenate(dx, axis=-1)
+
+    return Layer(name, init, forward, backward, sublayers=(layer,) * groups)
+
+
+def _activation(activation: str) -> Callable[..., Layer]:
+    choices = {"tanh": Tanh, "scaled_tanh": ScaledTanh, "relu": Relu, "sigmoid": Sigmoid}
+    if activation not in choices:
+        raise ValueError(f"activation {activation!r}; choose one of {sorted(choices)}")
+    return choices[activation]
+
+
+# H1 and H2 of the 1989 net: 5x5 kernels at stride 2 on inputs padded by 2 with -1.
+_LENET1989_PADDING = ((2, 2), (2, 2))
+
+
+def lenet1989(activation: str = "tanh", scaled_tanh: bool = False) -> Layer:
+    """LeCun et al. 1989's zip-code net: H1 12@8x8, H2 12@4x4, H3 30, output 10.
+
+    Input x: (batch, 16, 16, 1), grey levels in [-1, 1]; output (batch, 10), squashed.
+    H1: 5x5 kernels at stride 2 over the input padded with -1 to 20x20, one bias per unit.
+    H2: the same over H1 padded with -1 to 12x12, each map seeing 8 of the 12 H1 maps
+    (`lenet1989_h2_table`), one bias per unit. H3: 30 units, output: 10 units, both fully
+    connected. The activation (tanh, or 1.7159 tanh(2x/3) with `scaled_tanh`; relu and sigmoid
+    are accepted too) follows every layer, the output included. The module docstring lists
+    the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
+    """
+    if scaled_tanh:
+        if activation != "tanh":
+            raise ValueError(f"lenet1989: scaled_tanh=True scales tanh, not {activation!r}")
+        activation = "scaled_tanh"
+    squash = _activation(activation)
+    conv = dict(kernel_size=5, stride=2, padding=_LENET1989_PADDING, pad_value=-1.0,
+                unshared_bias=True)
+    return serial(
+        Conv2D(12, **conv, name="H1"),
+        squash(name="H1_act"),
+        Conv2D(12, **conv, connection_table=lenet1989_h2_table(), name="H2"),
+        squash(name="H2_act"),
+        Flatten(name="flatten"),
+        Dense(30, name="H3"),
+        squash(name="H3_act"),
+        Dense(10, name="output"),
+        squash(name="output_act"),
+        name=f"lenet1989_{activation}",
+    )
+
+
+def lenet1989_modern() -> Layer:
+    """The 1989 net's sizes with today's habits: ReLU, max pooling, shared biases.
+
+    Input x: (batch, 16, 16, 1) in [-1, 1]; output (batch, 10) logits (no output squash).
+    H1: 12 maps of 5x5 kernels at stride 1 over the input padded with -1 (16x16), ReLU, 2x2
+    max pooling -> 12@8x8. H2: 12 maps of 5x5 kernels over all 12 H1 maps (no table) with zero
+    padding, ReLU, 2x2 max pooling -> 12@4x4 (after a ReLU the background is 0). H3: 30 ReLU
+    units; output: 10 units. Our own variant; no paper describes it.
+    """
+    return serial(
+        Conv2D(12, 5, padding=((2, 2), (2, 2)), pad_value=-1.0,
+               w_init=initializers.he_normal(), name="H1"),
+        Relu(name="H1_act"),
+        MaxPool(2, name="H1_pool"),
+        Conv2D(12, 5, padding="SAME", w_init=initializers.he_normal(), name="H2"),
+        Relu(name="H2_act"),
+        MaxPool(2, name="H2_pool"),
+        Flatten(name="flatten"),
+        Dense(30, w_init=initializers.he_normal(), name="H3"),
+        Relu(name="H3_act"),
+        Dense(10, name="output"),
+        name="lenet1989_modern",
+    )
+
+
+def lenet5(activation: str = "scaled_tanh") -> Layer:
+    """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2), with a Dense output layer.
+
+    Input x: (batch, 32, 32, 1) (28x28 digits centred in a 32x32 field); output (batch, 10)
+    scores. C1 6@28x28 (5x5), S2 6@14x14 (trainable 2x2 subsampling), C3 16@10x10 (5x5 over
+    the S2 maps of `lenet5_c3_table`), S4 16@5x5, C5 120@1x1 (5x5), F6 84, output 10 (Dense,
+    not the paper's RBF: see the module docstring). `activation` (default the paper's
+    1.7159 tanh(2a/3)) follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3,
+    C3_act, S4, S4_act, C5, C5_act, flatten, F6, F6_act, output.
+    """
+    squash = _activation(activation)
+    return serial(
+        Conv2D(6, 5, name="C1"),
+        squash(name="C1_act"),
+        Subsampling(2, name="S2"),
+        squash(name="S2_act"),
+        Conv2D(16, 5, connection_table=lenet5_c3_table(), name="C3"),
+        squash(name="C3_act"),
+        Subsampling(2, name="S4"),
+        squash(name="S4_act"),
+        Conv2D(120, 5, name="C5"),
+        squash(name="C5_act"),
+        Flatten(name="flatten"),
+        Dense(84, name="F6"),
+        squash(name="F6_act"),
+        Dense(10, name="output"),
+        name=f"lenet5_{activation}",
+    )
+
+
+def alexnet(towers: int = 2, num_classes: int = 1000, dropout_rate: float = 0.5) -> Layer:
+    """AlexNet (Krizhevsky et al. 2012, Figure 2), in two towers or one.
+
+    Input x: (batch, 227, 227, 3) (any size >= 67 works; the fully connected fan-in follows
+    it); output (batch, num_classes) logits. With 227: conv1 96@55x55 (11x11, stride 4), ReLU,
+    LRN, max pool 3x3/2 -> 27x27; conv2 256@27x27 (5x5, pad 2, grouped by tower), ReLU, LRN,
+    pool -> 13x13; conv3 384@13x13 (3x3, pad 1, across towers); conv4 384 and conv5 256
+    (3x3, pad 1, grouped), ReLU each; pool -> 6x6x256; fc6 4096, fc7 4096 (ReLU, dropout);
+    output num_classes. The module docstring lists the assumptions.
+    """
+    if towers not in (1, 2):
+        raise ValueError(f"alexnet: towers must be 1 or 2, got {towers}")
+
+    def conv(out_channels, kernel, name, stride=1, padding="VALID", groups=1, bias=0.0):
+        pads = padding if isinstance(padding, str) else ((padding, padding),) * 2
+        return Conv2D(out_channels, kernel, stride=stride, padding=pads,
+                      w_init=initializers.normal(0.01), b_init=_constant(bias),
+                      feature_group_count=groups, name=name)
+
+    def dense(units, name, bias=0.0):
+        return Dense(units, w_init=initializers.normal(0.01), b_init=_constant(bias), name=name)
+
+    def lrn(name):
+        if towers == 1:
+            return LocalResponseNorm(name=name)
+        return channel_groups(LocalResponseNorm(name=name), towers, name=name)
+
+    return serial(
+        conv(96, 11, "conv1", stride=4),
+        Relu(name="conv1_act"),
+        lrn("conv1_lrn"),
+        MaxPool(3, 2, name="conv1_pool"),
+        conv(256, 5, "conv2", padding=2, groups=towers, bias=1.0),
+        Relu(name="conv2_act"),
+        lrn("conv2_lrn"),
+        MaxPool(3, 2, name="conv2_pool"),
+        conv(384, 3, "conv3", padding=1),
+        Relu(name="conv3_act"),
+        conv(384, 3, "conv4", padding=1, groups=towers, bias=1.0),
+        Relu(name="conv4_act"),
+        conv(256, 3, "conv5", padding=1, groups=towers, bias=1.0),
+        Relu(name="conv5_act"),
+        MaxPool(3, 2, name="conv5_pool"),
+        Flatten(name="flatten"),
+        dense(4096, "fc6", bias=1.0),
+        Relu(name="fc6_act"),
+        Dropout(dropout_rate, name="fc6_dropout"),
+        dense(4096, "fc7", bias=1.0),
+        Relu(name="fc7_act"),
+        Dropout(dropout_rate, name="fc7_dropout"),
+        dense(num_classes, "output"),
+        name=f"alexnet_{towers}tower{'s' if towers > 1 else ''}",
+    )
+
+
+def _constant(value: float) -> initializers.Initializer:
+    """All entries `value` (AlexNet's biases of 1 or 0)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.full(shape, value, dtype)
+
+    return init
