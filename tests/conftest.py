@@ -5,8 +5,13 @@ Float64 is enabled for the whole test process so that the tight checks (manual v
 float32 whatever the setting, and `nets.gradcheck.astype` casts.
 """
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# The shared data sets beside the checkout (the Makefile sets the same when they exist).
+_SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    os.environ.setdefault("NETS_DATA_DIR", str(_SHARED_DATA))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -191,3 +191,52 @@ def test_consecutive_failures_freeze_the_run_and_name_the_leaf():
     assert int(state.guard.rejected) == 3  # frozen after the third
     np.testing.assert_array_equal(records["energy"][3:], records["energy"][3])
     np.testing.assert_allclose(float(state.guard.lr_scale), 0.125)
+
+
+def test_stochastic_passes_with_batch_one_is_online_sgd_in_order():
+    """One pass = one update per example, in the data's order, as a Python loop does it."""
+    model, params, x, targets = small_problem(batch=7)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.1),
+                                             x, targets)
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 2)
+    value_and_grad = engines.autodiff(model, objective)
+    expected = params
+    for _ in range(2):
+        for i in range(7):
+            _, grad = value_and_grad(expected, x[i:i + 1], targets[i:i + 1])
+            expected = jax.tree.map(lambda w, g: w - 0.1 * g, expected, grad)
+    assert_close_tree(state.params, expected, jnp.float32, "online SGD")
+    np.testing.assert_allclose(records["energy"][-1],
+                               objective.value(expected, model.apply(expected, x), targets),
+                               rtol=1e-5)
+
+
+def test_shuffled_batches_visit_every_example():
+    order = jnp.array([4, 0, 3, 1, 2])
+    batches = procedures._batches(order, 2)
+    np.testing.assert_array_equal(batches, [[4, 0], [3, 1], [2, 4]])
+    assert set(np.asarray(batches).ravel()) == set(range(5))
+
+
+def test_stochastic_passes_hand_the_curvature_to_the_optimizer():
+    """With h = 0 everywhere and mu = 1, the diagonal rule is plain descent."""
+    model, params, x, targets = small_problem(batch=5)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    lm = procedures.stochastic_passes(model, objective,
+                                      optim.diagonal_levenberg_marquardt(0.1, 1.0), x, targets,
+                                      curvature=lambda p: zero)
+    sgd = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.1), x,
+                                       targets)
+    key = jax.random.key(0)
+    lm_state, _ = procedures.run_steps(lm, lm.init(params, key), 0, 1)
+    sgd_state, _ = procedures.run_steps(sgd, sgd.init(params, key), 0, 1)
+    assert_close_tree(lm_state.params, sgd_state.params, jnp.float32, "h = 0")
+    halved = procedures.stochastic_passes(
+        model, objective, optim.diagonal_levenberg_marquardt(0.1, 1.0), x, targets,
+        curvature=lambda p: jax.tree.map(jnp.ones_like, p))
+    halved_state, _ = procedures.run_steps(halved, halved.init(params, key), 0, 1)
+    first_step = jax.tree.map(lambda a, b: a - b, halved_state.params, params)
+    assert bool(jnp.any(jnp.abs(first_step[0]["w"]) > 0))

@@ -97,7 +97,7 @@ class Progress:
             elapsed = time.perf_counter() - self._started
             rate = (step - self._start_step) / elapsed if elapsed > 0 else float("nan")
             print(f"{self.description} step {step}/{self.total} loss {loss:.4g} "
-                  f"({rate:.0f} steps/s)", flush=True)
+                  f"({rate:.3g} steps/s)", flush=True)
         self.step = step
 
     def close(self) -> None:

@@ -38,13 +38,14 @@ def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
 
 
 class DiagonalLevenbergMarquardtState(NamedTuple):
-    """The current estimate h of diag(d2E/dw2), one entry per parameter."""
+    """The current estimate h of diag(d2E/dw2), one entry per parameter, and the step count."""
 
     curvature: Any
+    count: jax.Array
 
 
 def diagonal_levenberg_marquardt(
-    learning_rate: float, mu: float
+    learning_rate: float | optax.Schedule, mu: float
 ) -> optax.GradientTransformationExtraArgs:
     """LeCun's per-parameter step sizes from a diagonal second-derivative estimate.
 
@@ -57,25 +58,25 @@ def diagonal_levenberg_marquardt(
     mu > 0 keeps the step finite where h is near 0.
 
     Args:
-      learning_rate: eta > 0.
+      learning_rate: eta > 0, or an optax schedule of the update count.
       mu: the damping mu > 0.
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state holds h (zeros until the first
       estimate, which makes the first steps plain descent with step eta / mu).
     """
-    if not learning_rate > 0 or not mu > 0:
+    if not (callable(learning_rate) or learning_rate > 0) or not mu > 0:
         raise ValueError(f"diagonal_levenberg_marquardt: learning_rate and mu must be > 0, got "
                          f"{learning_rate} and {mu}")
 
     def init(params):
-        return DiagonalLevenbergMarquardtState(jax.tree.map(jnp.zeros_like, params))
+        return DiagonalLevenbergMarquardtState(jax.tree.map(jnp.zeros_like, params),
+                                               jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None, *, curvature=None, **extra_args):
         del params, extra_args
-        if curvature is not None:
-            state = DiagonalLevenbergMarquardtState(curvature)
-        steps = jax.tree.map(lambda g, h: -learning_rate * g / (mu + h), updates,
-                             state.curvature)
-        return steps, state
+        eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        h = state.curvature if curvature is None else curvature
+        steps = jax.tree.map(lambda g, hk: (-eta * g / (mu + hk)).astype(g.dtype), updates, h)
+        return steps, DiagonalLevenbergMarquardtState(h, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -53,6 +53,7 @@ __all__ = [
     "full_batch",
     "cost_checked",
     "misclassified",
+    "stochastic_passes",
     "run",
     "run_steps",
     "stop_step",
@@ -372,6 +373,84 @@ def misclassified(
         stop = _stop_update(state.stop, energy, index, stop_tolerance, wrong_count == 0)
         return _finish(state, proposal._replace(stop=stop), index, None, monitor,
                        {"wrong": wrong_count, "rejected": ~ok}, record_params=state.params)
+
+    return Procedure(init, step)
+
+
+def _batches(order: jax.Array, batch_size: int) -> jax.Array:
+    """`order` (n,) as (ceil(n / b), b) indices; the last batch is completed with the first
+    indices of `order`, so every example is used at least once per pass."""
+    count = -(-order.shape[0] // batch_size)
+    padded = jnp.concatenate([order, order[: count * batch_size - order.shape[0]]])
+    return padded.reshape(count, batch_size)
+
+
+def stochastic_passes(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
+    x: jax.Array, targets: jax.Array, *, batch_size: int = 1, shuffle: bool = False,
+    engine: engines.Engine = engines.manual,
+    curvature: Callable[[Any], Any] | None = None,
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
+) -> Procedure:
+    """Stochastic gradient descent in which one step of the procedure is one pass over the data.
+
+    With batch_size=1 and shuffle=False the patterns are presented one at a time in a constant
+    order, updating after each, as in LeCun et al. 1989. With shuffle, each pass visits a new
+    permutation (from the state's key); the last batch of a pass is completed with the first
+    examples of its order. `curvature(params) -> h` (e.g. the Gauss-Newton diagonal averaged
+    over a subset) is evaluated once at the start of each pass and handed to the optimizer as
+    `update(..., curvature=h)` (`optim.diagonal_levenberg_marquardt`); optimizers that take
+    no such argument ignore it. `augment(key, x_batch) -> x_batch` transforms each batch.
+    The L2 term keeps lambda/(2m) with m the size of the data set (module docstring of
+    `misclassified`). Non-finite examples are skipped by the guard (module docstring).
+
+    record: "energy", E on the whole set after the pass, and monitor(params).
+    """
+    examples = x.shape[0]
+    if not 1 <= batch_size <= examples:
+        raise ValueError(
+            f"stochastic_passes: batch_size must be in [1, {examples}], got {batch_size}")
+    value_and_grad = engine(model, objective._replace(l2=objective.l2 * batch_size / examples))
+    optimizer = optax.with_extra_args_support(optimizer)
+
+    def init(params, key):
+        energy = objective.value(params, model.apply(params, x), targets)
+        return TrainState(params, optimizer.init(params), energy,
+                          jax.tree.map(jnp.zeros_like, params), _key_data(key),
+                          jnp.array(0, jnp.int32), _stop_init(1, energy), _guard_init())
+
+    def step(state, index):
+        key, order_key = _split(state.key)
+        order = (jax.random.permutation(order_key, examples) if shuffle
+                 else jnp.arange(examples))
+        batches = _batches(order, batch_size)
+        extra = {} if curvature is None else {"curvature": curvature(state.params)}
+
+        def one_batch(carry, batch):
+            params, opt_state, guard_state, batch_key = carry
+            batch_key, augment_key = jax.random.split(batch_key)
+            xb = x[batch] if augment is None else augment(augment_key, x[batch])
+            energy, grad = value_and_grad(params, xb, targets[batch])
+            grad = _inject_nan(guard, grad, index)
+            ok, bad_leaf = _finite(energy, grad)
+            ok_and_running = ok & ~guard_state.failed
+            updates, new_opt_state = optimizer.update(grad, opt_state, params, **extra)
+            new_params = optax.apply_updates(params, _scaled(updates, guard_state.lr_scale))
+            params, opt_state = _select(ok_and_running, (new_params, new_opt_state),
+                                        (params, opt_state))
+            guard_state = jax.lax.cond(
+                guard_state.failed, lambda: guard_state,
+                lambda: _guard_update(guard, guard_state, ok, bad_leaf, index))
+            return (params, opt_state, guard_state, batch_key), None
+
+        carry = (state.params, state.opt_state, state.guard,
+                 jax.random.fold_in(jax.random.wrap_key_data(key), 1))
+        (params, opt_state, guard_state, _), _ = jax.lax.scan(one_batch, carry, batches)
+        energy = objective.value(params, model.apply(params, x), targets)
+        proposal = state._replace(params=params, opt_state=opt_state, energy=energy, key=key,
+                                  guard=guard_state)
+        return _finish(state, proposal, index, None, monitor, {})
 
     return Procedure(init, step)
 

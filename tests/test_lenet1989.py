@@ -1,0 +1,32 @@
+"""experiments.lenet1989: one-pass smoke runs of each variant on small subsets."""
+import json
+
+import pytest
+
+from experiments import lenet1989
+from training.config import ConfigError
+
+SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
+         "--progress-every", "0"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "sdlm", "--curvature-examples", "50"],
+                                   ["--variant", "modern", "--batch-size", "8", "--lr", "0.003"],
+                                   ["--engine", "autodiff", "--activation", "scaled_tanh"]])
+def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
+    metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, *extra])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [h["pass"] for h in document["history"]] == [1, 2]
+    for key in ("train_error", "test_error", "train_loss", "test_loss"):
+        assert key in document["history"][0]
+    assert metrics["train_misses"] == round(metrics["train_error"] * 300)
+    assert 0 <= metrics["test_misses"] <= 100
+    assert document["paper"]["test_misses"] == 102
+    assert document["seconds"]["run"] > 0
+    # two passes of training beat chance by far even on 300 digits
+    assert metrics["train_error"] < 0.5
+
+
+def test_subset_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--test-examples: got 5000; allowed: at most 2007"):
+        lenet1989.main(["--workdir", str(tmp_path), "--test-examples", "5000"])
