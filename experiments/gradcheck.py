@@ -2,10 +2,11 @@
 
     python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
 
-For each model in `CASES` (today the MLPs, with each loss; later models add theirs), on a
-random batch: the manual engine's gradient against jax.grad in float64 and float32, and both
-against central finite differences in float64, per layer and parameter (nets/gradcheck.py has
-the tolerance table: float64 <= 1e-10, float32 <= 1e-5, finite differences <= 1e-6).
+For each model in `CASES` (the MLPs with each loss, LeNet-1989 in its three forms, LeNet-5,
+and AlexNet at a reduced 67x67 input), on a random batch: the manual engine's gradient against
+jax.grad in float64 and float32, and both against central finite differences in float64, per
+layer and parameter (nets/gradcheck.py has the tolerance table: float64 <= 1e-10, float32
+<= 1e-5, finite differences <= 1e-6; finite differences on up to 256 coordinates a tensor).
 
 Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
 "rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import nets
+from nets import models
 from nets.gradcheck import TOLERANCES, gradient_report
 from training import results
 from training.config import ConfigError, option, parse, to_dict
@@ -40,44 +42,63 @@ class Config:
 
 
 class Case(NamedTuple):
-    """A model and objective to check, on inputs of `features` and one-hot/+-1 targets."""
+    """A model and objective to check, on inputs of `input_shape` (no batch axis) and one-hot
+    or +-1 targets."""
 
     name: str
     build: Callable[[], tuple[nets.Layer, nets.Objective]]
-    features: int
+    input_shape: tuple[int, ...]
     classes: int
     target_kind: str = "one_hot"  # or "plus_minus_one"
+    fd_coordinates: int = 256  # finite differences on at most this many entries per tensor
+    fd_step: float = 1e-6
+
+
+def _mse(l2=0.0):
+    return nets.Objective(nets.mean_squared_error(), l2)
 
 
 CASES = [
-    Case("mlp_lecture", lambda: (nets.build_mlp(64, 10), nets.lecture_objective(1.0)), 64, 10),
+    Case("mlp_lecture", lambda: (nets.build_mlp(64, 10), nets.lecture_objective(1.0)), (64,), 10),
     Case(
         "mlp_lecture_probabilities",
         lambda: (nets.build_mlp(8, 3, hidden_layers=2, output_activation="sigmoid"),
                  nets.lecture_objective(0.5, from_logits=False)),
-        8, 3,
+        (8,), 3,
     ),
     Case(
         "mlp_tanh_mse",
         lambda: (nets.build_mlp(12, 4, hidden_layers=2, activation="tanh",
-                                output_activation="tanh"),
-                 nets.Objective(nets.mean_squared_error(), 0.1)),
-        12, 4, "plus_minus_one",
+                                output_activation="tanh"), _mse(0.1)),
+        (12,), 4, "plus_minus_one",
     ),
     Case(
         "mlp_relu_softmax",
         lambda: (nets.build_mlp(10, 5, hidden_layers=3, activation="relu",
                                 w_init=nets.initializers.he_normal()),
                  nets.Objective(nets.softmax_cross_entropy(), 0.01)),
-        10, 5,
+        (10,), 5,
     ),
+    Case("lenet1989", lambda: (models.lenet1989(), _mse()), (16, 16, 1), 10, "plus_minus_one"),
+    Case("lenet1989_scaled_tanh", lambda: (models.lenet1989(scaled_tanh=True), _mse(0.1)),
+         (16, 16, 1), 10, "plus_minus_one"),
+    Case("lenet1989_modern",
+         lambda: (models.lenet1989_modern(), nets.Objective(nets.softmax_cross_entropy())),
+         (16, 16, 1), 10),
+    Case("lenet5", lambda: (models.lenet5(), _mse()), (32, 32, 1), 10, "plus_minus_one"),
+    # AlexNet's layers at a reduced input size (67x67 is the smallest its strides allow). Its
+    # conv1 gradients are ~1e-5 of E: finite differences there are limited by rounding (see
+    # nets.gradcheck.finite_difference_tolerance); a larger step crosses ReLU kinks instead.
+    Case("alexnet_67x67",
+         lambda: (models.alexnet(num_classes=5), nets.Objective(nets.softmax_cross_entropy())),
+         (67, 67, 3), 5, fd_coordinates=6),
 ]
 
 
 def case_batch(case: Case, batch: int, key: jax.Array):
-    """Random inputs (batch, features) and targets (batch, classes) for a case."""
+    """Random inputs (batch, *input_shape) and targets (batch, classes) for a case."""
     x_key, label_key = jax.random.split(key)
-    x = jax.random.normal(x_key, (batch, case.features))
+    x = jax.random.normal(x_key, (batch, *case.input_shape))
     targets = jax.nn.one_hot(jax.random.randint(label_key, (batch,), 0, case.classes),
                              case.classes)
     if case.target_kind == "plus_minus_one":
@@ -91,10 +112,12 @@ def run_checks(batch: int, seed: int, cases: list[Case] | None = None) -> list[d
     for index, case in enumerate(CASES if cases is None else cases):
         model, objective = case.build()
         init_key, data_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
-        params = model.init(init_key, (-1, case.features))[1]
+        params = model.init(init_key, (-1, *case.input_shape))[1]
         x, targets = case_batch(case, batch, data_key)
         for dtype in (jnp.float64, jnp.float32):
-            checks += gradient_report(model, objective, params, x, targets, dtype, case.name)
+            checks += gradient_report(model, objective, params, x, targets, dtype, case.name,
+                                      max_fd_coordinates=case.fd_coordinates,
+                                      fd_step=case.fd_step)
     return checks
 
 
