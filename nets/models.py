@@ -114,7 +114,11 @@ def ScaledTanh(
         del params
         return (), dy * ((slope / amplitude) * (amplitude * amplitude - y * y))
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, y, d2y):
+        del params
+        return (), d2y * ((slope / amplitude) * (amplitude * amplitude - y * y)) ** 2
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:

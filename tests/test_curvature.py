@@ -152,3 +152,14 @@ def test_pooling_curvature_is_exact_on_single_path_parameters(pool):
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
     assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "biases")
     assert_close_tree(backpropagated[1:], exact[1:], jnp.float64, "after the pooling")
+
+
+def test_curvature_experiment_rows_on_the_small_nets():
+    from experiments import curvature
+
+    entries = {entry[0]: entry for entry in curvature.nets_to_compare()}
+    rows = curvature.compare(*entries["mlp_2_hidden_tanh"], batch=4, seed=0)
+    by_layer = {(r["layer"], r["param"]): r for r in rows}
+    assert by_layer[("output", "w")]["backpropagated_vs_gauss_newton"] <= F64
+    assert by_layer[("hidden1", "w")]["backpropagated_vs_gauss_newton"] > 1e-3
+    assert all(r["gauss_newton_vs_hessian"] is not None for r in rows)

@@ -1,0 +1,115 @@
+"""LeCun's backpropagated Gauss-Newton diagonal beside the exact matrices computed by jax.
+
+    python -m experiments.curvature [--workdir DIR] [--batch 8] [--seed 0]
+
+For each net, per layer and parameter tensor: the diagonal second derivatives that
+`nets.engines.curvature_diagonal` backpropagates by hand (the h of the diagonal
+Levenberg-Marquardt optimizer), the diagonal of the exact Gauss-Newton matrix J^T H J
+(`nets.gradcheck.gauss_newton_diagonal`, jacobians by jax) and, where the net is small enough,
+jnp.diag(jax.hessian(E)). Relative errors are norm ratios over the tensor. What to expect:
+the backpropagated diagonal equals the Gauss-Newton diagonal for the last layer and wherever a
+parameter reaches the output by a single path; elsewhere it drops the cross terms (shared
+weights, several paths), as LeCun et al. 1989 (section 5) accept; the Gauss-Newton diagonal
+differs from the Hessian's by the residual-times-second-derivative terms.
+
+Writes results.json (metrics: the largest relative errors; "rows": one per tensor), results.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from nets import gradcheck, models
+from training import results
+from training.config import ConfigError, option, parse
+from training.harness import open_run
+
+EXPERIMENT = "curvature"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int = option(8, "examples the diagonals are averaged over", ge=1)
+    seed: int = option(0, "seed of the parameters and the inputs")
+
+
+def nets_to_compare():
+    """(name, model, objective, input shape, classes, with the full Hessian?)."""
+    mse = nets.Objective(nets.mean_squared_error(), 0.0)
+    return [
+        ("mlp_1_hidden_1_output", nets.build_mlp(6, 1, hidden_units=5, activation="tanh",
+                                                 output_activation="tanh"), mse, (6,), 1, True),
+        ("mlp_2_hidden_tanh", nets.build_mlp(6, 3, hidden_layers=2, hidden_units=5,
+                                             activation="tanh", output_activation="tanh"),
+         mse, (6,), 3, True),
+        ("small_conv", nets.serial(nets.Conv2D(3, 3, padding="SAME", pad_value=-1.0),
+                                   nets.Tanh(), nets.Flatten(), nets.Dense(2), nets.Tanh()),
+         mse, (5, 5, 1), 2, True),
+        ("lenet1989", models.lenet1989(), mse, (16, 16, 1), 10, False),
+    ]
+
+
+def compare(name, model, objective, input_shape, classes, with_hessian, batch, seed):
+    key_params, key_x, key_t = jax.random.split(jax.random.fold_in(jax.random.key(seed),
+                                                                   len(name)), 3)
+    with jax.enable_x64(True):
+        params = gradcheck.astype(model.init(key_params, (-1, *input_shape))[1], jnp.float64)
+        x = jax.random.normal(key_x, (batch, *input_shape), jnp.float64)
+        targets = jnp.where(jax.random.bernoulli(key_t, 0.5, (batch, classes)), 1.0, -1.0)
+        backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
+        exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
+        hessian = (gradcheck.hessian_diagonal(model, objective, params, x, targets)
+                   if with_hessian else None)
+        rows = []
+        for (layer, param, _), h_bp, h_gn, h_hess in zip(
+                gradcheck.named_parameters(model, params), jax.tree.leaves(backpropagated),
+                jax.tree.leaves(exact),
+                jax.tree.leaves(hessian) if with_hessian else [None] * len(
+                    jax.tree.leaves(exact))):
+            rows.append({
+                "net": name, "layer": layer, "param": param,
+                "mean_backpropagated": float(np.mean(h_bp)),
+                "mean_gauss_newton": float(np.mean(h_gn)),
+                "mean_hessian": None if h_hess is None else float(np.mean(h_hess)),
+                "backpropagated_vs_gauss_newton": gradcheck.relative_error(h_bp, h_gn),
+                "gauss_newton_vs_hessian": (None if h_hess is None
+                                            else gradcheck.relative_error(h_gn, h_hess)),
+                "min_backpropagated": float(np.min(h_bp)),
+            })
+    return rows
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    run = open_run(EXPERIMENT, config, args)
+    rows = []
+    for entry in nets_to_compare():
+        rows += compare(*entry, config.batch, config.seed)
+    last_layers = [r for r in rows if r["layer"] == "output" or r["net"] ==
+                   "mlp_1_hidden_1_output"]
+    metrics_out = {
+        "max_backpropagated_vs_gauss_newton": max(r["backpropagated_vs_gauss_newton"]
+                                                  for r in rows),
+        "max_backpropagated_vs_gauss_newton_where_exact": max(
+            r["backpropagated_vs_gauss_newton"] for r in last_layers) if last_layers else None,
+        "all_backpropagated_non_negative": all(r["min_backpropagated"] >= 0 for r in rows),
+    }
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
+                          [], {}, rows=rows)
+    columns = ["net", "layer", "param", "mean_backpropagated", "mean_gauss_newton",
+               "mean_hessian", "backpropagated_vs_gauss_newton", "gauss_newton_vs_hessian"]
+    results.save_and_print_table(run.workdir, results.markdown_table(rows, columns)
+                                 + f"\nResults in {run.workdir}\n")
+    return metrics_out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"{EXPERIMENT}: {error}")

@@ -1,0 +1,31 @@
+"""experiments.lenet5: the input normalisation, and a short run of each optimizer."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import lenet5
+
+
+def test_inputs_are_centred_with_the_papers_levels():
+    image = np.zeros((1, 784), np.float32)
+    image[0, 0] = 1.0
+    x = np.asarray(lenet5.to_lenet5_input(image))
+    assert x.shape == (1, 32, 32, 1)
+    np.testing.assert_allclose(x[0, 2, 2, 0], 1.175, rtol=1e-6)  # the first pixel, moved in by 2
+    np.testing.assert_allclose(x[0, 0, 0, 0], -0.1, rtol=1e-6)
+    assert np.sum(np.isclose(x, 1.175)) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sdlm", "adamw"])
+def test_short_runs_report_per_pass(tmp_path, optimizer):
+    extra = ["--batch-size", "16"] if optimizer == "adamw" else []
+    metrics = lenet5.main(["--workdir", str(tmp_path), "--split", "test-only", "--passes", "2",
+                           "--train-examples", "300", "--test-examples", "100",
+                           "--curvature-examples", "50", "--optimizer", optimizer,
+                           "--progress-every", "0", *extra])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert "not the paper's protocol" in document["protocol"]
+    assert [h["pass"] for h in document["history"]] == [1, 2]
+    assert metrics["train_examples"] == 300 and metrics["test_examples"] == 100
+    assert metrics["train_error"] < 0.6  # far better than chance after 600 updates
