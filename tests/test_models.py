@@ -295,3 +295,14 @@ def test_tower_lrn_keeps_towers_apart():
     assert not np.allclose(single.apply((), x)[..., 3], single.apply((), changed)[..., 3])
     with pytest.raises(ValueError, match="divisible"):
         towers.apply(params, x[..., :7])
+
+
+def test_alexnet_full_size_forward_on_cpu():
+    """One real 227x227 forward pass (not just shapes): 61 M parameters, finite outputs."""
+    model = models.alexnet()
+    output_shape, params = model.init(jax.random.key(0), (-1, 227, 227, 3))
+    assert output_shape == (-1, 1000)
+    x = jax.random.normal(jax.random.key(1), (1, 227, 227, 3), jnp.float32)
+    logits = jax.jit(model.apply)(params, x)
+    assert logits.shape == (1, 1000)
+    assert bool(jnp.all(jnp.isfinite(logits)))
