@@ -35,12 +35,6 @@ from training.harness import open_run
 EXPERIMENT = "gradcheck"
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    batch: int = option(16, "examples in the random batch of every check", ge=1)
-    seed: int = option(0, "seed of the parameters and the batch")
-
-
 class Case(NamedTuple):
     """A model and objective to check, on inputs of `input_shape` (no batch axis) and one-hot
     or +-1 targets."""
@@ -95,6 +89,14 @@ CASES = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int = option(16, "examples in the random batch of every check", ge=1)
+    seed: int = option(0, "seed of the parameters and the batch")
+    models: tuple[str, ...] = option((), "comma-separated models to check (default: all)",
+                                     choices=tuple(case.name for case in CASES))
+
+
 def case_batch(case: Case, batch: int, key: jax.Array):
     """Random inputs (batch, *input_shape) and targets (batch, classes) for a case."""
     x_key, label_key = jax.random.split(key)
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
     config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     workdir = open_run(EXPERIMENT, config, harness_args).workdir
     start = time.perf_counter()
-    checks = run_checks(config.batch, config.seed)
+    cases = [case for case in CASES if not config.models or case.name in config.models]
+    checks = run_checks(config.batch, config.seed, cases)
     seconds = {"compile": None, "run": time.perf_counter() - start}
     passed = all(check["passed"] for check in checks)
     failed = [c for c in checks if not c["passed"]]

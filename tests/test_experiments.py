@@ -39,11 +39,16 @@ def test_lecture_rejects_bad_options(capsys):
 
 
 def test_gradcheck_writes_every_check_and_passes(tmp_path):
-    assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "4"]) == 0
+    """Every model but AlexNet (its float64 check is in tests/test_models.py; here it would
+    double the suite's longest test)."""
+    names = [case.name for case in gradcheck.CASES if case.name != "alexnet_67x67"]
+    assert len(names) == len(gradcheck.CASES) - 1
+    assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "4",
+                           "--models", ",".join(names)]) == 0
     document = read_results(tmp_path)
     checks = document["checks"]
     assert document["passed"] is True
-    assert {c["model"] for c in checks} == {case.name for case in gradcheck.CASES}
+    assert {c["model"] for c in checks} == set(names)
     assert {c["dtype"] for c in checks} == {"float64", "float32"}
     required = {"model", "layer", "param", "dtype", "rel_err_vs_autodiff",
                 "rel_err_vs_finite_diff", "cosine", "passed"}
@@ -58,7 +63,7 @@ def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
     broken = gradcheck.Case(
         "broken", lambda: (nets.serial(broken_dense(3, "bad"), nets.Sigmoid(),
                                        nets.Dense(2, name="out")),
-                           nets.lecture_objective(0.0)), 4, 2)
+                           nets.lecture_objective(0.0)), (4,), 2)
     monkeypatch.setattr(gradcheck, "CASES", [broken])
     assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "3"]) == 1
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
