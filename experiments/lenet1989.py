@@ -14,7 +14,9 @@ harness. Optimisers:
         example (the PyTorch re-implementation's 0.03 on the mean over the 10 outputs);
   sdlm  LeCun's stochastic diagonal Levenberg-Marquardt: step eta / (mu + h_kk), with h the
         Gauss-Newton diagonal backpropagated by hand (nets.engines.curvature_diagonal),
-        re-estimated on the first --curvature-examples training digits before every pass.
+        re-estimated on the first --curvature-examples training digits before every pass;
+        mu = 0.02 and eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, the schedule
+        of LeCun et al. 1998 (Appendix C), since the 1989 paper gives none.
 The modern variant (ours): nets.models.lenet1989_modern (ReLU, max pooling), softmax
 cross-entropy, AdamW with a cosine decay of the learning rate over the run, mini-batches in a
 new order every pass, random shifts of up to one pixel.
@@ -53,7 +55,7 @@ EXPERIMENT = "lenet1989"
 PAPER = {"train_error": 0.0014, "train_misses": 10, "test_error": 0.050, "test_misses": 102,
          "train_loss": 2.5e-3, "test_loss": 1.8e-2}
 PYTORCH_REPRO = {"train_error": 0.0032, "test_error": 0.0593, "test_misses": 119}
-DEFAULT_LR = {"sgd": 0.006, "sdlm": 0.001, "adamw": 1e-3}
+DEFAULT_LR = {"sgd": 0.006, "sdlm": 5e-4, "adamw": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Config:
     passes: int = option(23, "passes over the training set (modern default: use 60)", ge=1)
     lr: float = option(0.0, "learning rate; 0 takes the default of the optimizer "
                             f"({DEFAULT_LR})", ge=0)
-    mu: float = option(0.05, "sdlm damping mu in eta / (mu + h)", gt=0)
+    mu: float = option(0.02, "sdlm damping mu in eta / (mu + h)", gt=0)
     curvature_examples: int = option(500, "sdlm: digits the diagonal is estimated on", ge=1)
     activation: str = option("tanh", "1989 variant: tanh or 1.7159 tanh(2x/3)",
                              choices=("tanh", "scaled_tanh"))
@@ -111,7 +113,10 @@ def build(config, splits):
     if name == "sgd":
         optimizer = optim.gradient_descent(lr)
     elif name == "sdlm":
-        optimizer = optim.diagonal_levenberg_marquardt(lr, config.mu)
+        n = x_train.shape[0]  # one update per example: the schedule counts examples
+        schedule = optax.piecewise_constant_schedule(
+            lr, {2 * n: 0.4, 5 * n: 0.5, 8 * n: 0.5, 12 * n: 0.2})
+        optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
         diagonal = nets.engines.curvature_diagonal(model, objective)
         subset = min(config.curvature_examples, x_train.shape[0])
 
