@@ -8,7 +8,7 @@ ifneq ($(wildcard ../shared/data),)
 export NETS_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: run test lint gradcheck xor clean
+.PHONY: run test lint gradcheck xor bench bench-quick clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ gradcheck: $(VENV)/.installed
 
 xor: $(VENV)/.installed
 	$(PY) -m experiments.xor_restarts
+
+# The benchmark suite; PyTorch (the reference for some families) is installed if absent.
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet 'torch==2.13.0'
+	$(PY) -m experiments.bench
+
+bench-quick: $(VENV)/.installed
+	$(PY) -m pip install --quiet 'torch==2.13.0'
+	$(PY) -m experiments.bench --quick
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache

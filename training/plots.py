@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["save_curves", "save_histogram"]
+__all__ = ["save_curves", "save_histogram", "save_bars"]
 
 
 def save_curves(
@@ -59,6 +59,26 @@ def save_histogram(
     axis.set_xlabel(xlabel)
     axis.set_ylabel("runs")
     axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_bars(path: str | os.PathLike, values: Mapping[str, float], xlabel: str,
+              title: str = "", log: bool = False, reference: float | None = 1.0) -> None:
+    """Horizontal bars, one per entry, with an optional vertical reference line."""
+    figure, axis = plt.subplots(figsize=(8, 0.35 * len(values) + 1.5))
+    names = list(values)
+    axis.barh(range(len(names)), [values[n] for n in names])
+    axis.set_yticks(range(len(names)), names, fontsize=8)
+    axis.invert_yaxis()
+    if log:
+        axis.set_xscale("log")
+    if reference is not None:
+        axis.axvline(reference, color="k", linestyle="--", linewidth=1)
+    axis.set_xlabel(xlabel)
     if title:
         axis.set_title(title)
     figure.tight_layout()

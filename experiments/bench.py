@@ -1,0 +1,464 @@
+"""The benchmark suite: every speed claim beside its reference, measured in one process.
+
+    python -m experiments.bench [--quick] [--families engine,recipe,lenet5_torch,...]
+    make bench
+
+Families (targets from the issue; "ratio" is always this codebase / its reference, measured
+in this process, interleaved A B A B, after warm-up; compile time reported apart):
+  engine        manual engine / autodiff engine, one jitted SGD step: MLP 784-1024-1024-10
+                (batch 256), LeNet-1989 (batch 1 and 64), LeNet-5 (batch 128). Target <= 1.0,
+                and no more temporary memory (XLA's memory analysis of each compiled step).
+  recipe        LeNet-1989's 1989 recipe (one-example SGD in a constant order over the 7,291
+                USPS digits; 23 passes, 1 with --quick), wall time including compilation,
+                against PyTorch eager running the same recipe. Target: >= 60x faster.
+  lenet5_torch  LeNet-5 batch-128 training step against PyTorch eager. Target <= 0.8.
+  per_example   vmap per-example gradient step / batch-gradient step (MLP, LeNet-5 at batch
+                128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
+  utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
+                (float32, width 1024, batch 256). Target >= 0.6 on CPU.
+PyTorch (`pip install torch==2.13.0`, the CPU build; the `bench` extra) is optional: without it
+the PyTorch families are skipped with a note. Threads: XLA's and PyTorch's intra-op pools are
+both left at the machine's core count, and recorded (training.benchmark.thread_settings).
+
+Writes results.json ({"benchmarks": [{"family", "name", "variant", "median_s", "p10_s",
+"p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the DESIGN.md keys),
+results.md and ratios.png. BENCHMARKS.md at the top of the repository keeps the latest table
+per machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from nets.models import lenet5, lenet1989
+from training import benchmark, data, optim, plots, procedures, results
+from training.config import ConfigError, option, parse
+from training.harness import open_run
+
+EXPERIMENT = "bench"
+FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation")
+TARGETS = {"engine": ("<=", 1.0), "recipe": ("<=", 1 / 60), "lenet5_torch": ("<=", 0.8),
+           "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
+           "per_example/vmap_vs_batch/lenet5": ("<=", 4.0),
+           "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    quick: bool = option(False, "fewer repetitions and a 1-pass recipe: under 5 minutes on 2 "
+                                "CPU cores")
+    families: tuple[str, ...] = option(FAMILIES, "comma-separated families to run",
+                                       choices=FAMILIES)
+    repeats: int = option(20, "timed repetitions per measurement (--quick: 10)", ge=10)
+    recipe_passes: int = option(23, "passes of the 1989 recipe (--quick: 1)", ge=1)
+    seed: int = option(0, "seed of parameters and inputs")
+    size: str = option("full", "full: the issue's sizes; smallest: tiny sizes for smoke tests "
+                       "(the ratios then mean little)", choices=("full", "smallest"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    mlp_width: int = 1024
+    mlp_batch: int = 256
+    lenet1989_batches: tuple[int, ...] = (1, 64)
+    lenet5_batch: int = 128
+    recipe_examples: int = 0  # 0: all 7,291 digits
+
+
+SMALLEST = Sizes(mlp_width=32, mlp_batch=8, lenet1989_batches=(1, 4), lenet5_batch=4,
+                 recipe_examples=50)
+
+
+def sizes_of(config) -> Sizes:
+    return SMALLEST if config.size == "smallest" else Sizes()
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{getattr(device, 'device_kind', '')}"
+
+
+def row(family, name, variant, measurement, ratio=None, ratio_of=None, **extra):
+    """One `benchmarks` entry."""
+    return {"family": family, "name": name, "variant": variant,
+            "median_s": measurement.median_s, "p10_s": measurement.p10_s,
+            "p90_s": measurement.p90_s, "compile_s": measurement.compile_s,
+            "repeats": measurement.repeats, "ratio": ratio, "ratio_of": ratio_of,
+            "device": device_name(), **extra}
+
+
+# --- family: engine ------------------------------------------------------------------------
+
+def sgd_step(model, objective, engine, lr=0.01):
+    value_and_grad = engine(model, objective)
+
+    def step(params, x, targets):
+        energy, grad = value_and_grad(params, x, targets)
+        return jax.tree.map(lambda w, g: w - lr * g, params, grad), energy
+
+    return step
+
+
+def mlp(sizes):
+    """(name, the MLP 784-W-W-10 with ReLU)."""
+    width = sizes.mlp_width
+    return (f"mlp_784_{width}_{width}_10",
+            nets.build_mlp(784, 10, hidden_layers=2, hidden_units=width, activation="relu"))
+
+
+def engine_cases(sizes):
+    mse = nets.Objective(nets.mean_squared_error(), 0.0)
+    softmax = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    mlp_name, mlp_model = mlp(sizes)
+    return [
+        (f"{mlp_name}/b{sizes.mlp_batch}", mlp_model, softmax, (784,), sizes.mlp_batch),
+        *[(f"lenet1989/b{batch}", lenet1989(), mse, (16, 16, 1), batch)
+          for batch in sizes.lenet1989_batches],
+        (f"lenet5/b{sizes.lenet5_batch}", lenet5(), softmax, (32, 32, 1), sizes.lenet5_batch),
+    ]
+
+
+def random_problem(model, input_shape, batch, key):
+    params = model.init(key, (-1, *input_shape))[1]
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, *input_shape), jnp.float32)
+    labels = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10)
+    return params, x, jax.nn.one_hot(labels, 10, dtype=jnp.float32)
+
+
+def temp_bytes(compiled) -> int | None:
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+
+
+def family_engine(config, key):
+    rows = []
+    for name, model, objective, input_shape, batch in engine_cases(sizes_of(config)):
+        args = random_problem(model, input_shape, batch, key)
+        compiled = {}
+        for engine_name in ("manual", "autodiff"):
+            step = sgd_step(model, objective, nets.get_engine(engine_name))
+            compiled[engine_name] = benchmark.compile_jitted(step, *args)
+        (manual_fn, manual_compile), (auto_fn, auto_compile) = compiled["manual"], compiled[
+            "autodiff"]
+        manual, auto = benchmark.compare(manual_fn, args, auto_fn, args, config.repeats)
+        manual.compile_s, auto.compile_s = manual_compile, auto_compile
+        rows.append(row("engine", name, "manual", manual, manual.median_s / auto.median_s,
+                        "manual/autodiff", temp_bytes=temp_bytes(manual_fn)))
+        rows.append(row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn)))
+    return rows
+
+
+# --- family: recipe (LeNet-1989, 1989 SGD) ------------------------------------------------
+
+def usps_recipe_data(examples):
+    images, labels = data.load_usps("train")
+    images, labels = (images[:examples], labels[:examples]) if examples else (images, labels)
+    return images.reshape(-1, 16, 16, 1), 2 * data.one_hot(labels, 10) - 1
+
+
+def jax_recipe(images, targets, passes, seed):
+    """Wall time of `passes` passes of one-example SGD (eta 0.006), compilation included."""
+    start = time.perf_counter()
+    model = lenet1989()
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    x, t = jnp.asarray(images), jnp.asarray(targets)
+    procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.006),
+                                             x, t)
+    state = procedure.init(model.init(jax.random.key(seed), (-1, 16, 16, 1))[1],
+                           jax.random.key(seed + 1))
+    one_pass = jax.jit(lambda s, i: procedures.run_steps(procedure, s, i, 1))
+    for index in range(passes):
+        state, records = one_pass(state, jnp.int32(index))
+    jax.block_until_ready(state)
+    return time.perf_counter() - start, float(records["energy"][-1])
+
+
+def torch_lenet1989(torch, seed):
+    """The same net in PyTorch: -1 padding, stride-2 5x5 convs, the H2 table, unshared
+    biases, tanh everywhere, U(+-2.4/sqrt(F)) weights."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, fan_in):
+        bound = 2.4 / fan_in**0.5
+        return ((torch.rand(shape, generator=generator) * 2 - 1) * bound).requires_grad_()
+
+    mask = torch.tensor(np.asarray(nets.lenet1989_h2_table(), np.float32).T)[:, :, None, None]
+    params = {"w1": uniform((12, 1, 5, 5), 25), "b1": torch.zeros(12, 8, 8, requires_grad=True),
+              "w2": uniform((12, 12, 5, 5), 200), "b2": torch.zeros(12, 4, 4,
+                                                                      requires_grad=True),
+              "w3": uniform((30, 192), 192), "b3": torch.zeros(30, requires_grad=True),
+              "w4": uniform((10, 30), 30), "b4": torch.zeros(10, requires_grad=True)}
+    functional = torch.nn.functional
+
+    def forward(x):
+        h1 = torch.tanh(functional.conv2d(functional.pad(x, (2, 2, 2, 2), value=-1.0),
+                                          params["w1"], stride=2) + params["b1"])
+        h2 = torch.tanh(functional.conv2d(functional.pad(h1, (2, 2, 2, 2), value=-1.0),
+                                          params["w2"] * mask, stride=2) + params["b2"])
+        h3 = torch.tanh(h2.flatten(1) @ params["w3"].T + params["b3"])
+        return torch.tanh(h3 @ params["w4"].T + params["b4"])
+
+    return params, forward
+
+
+def torch_recipe(torch, images, targets, passes, seed):
+    start = time.perf_counter()
+    params, forward = torch_lenet1989(torch, seed)
+    x = torch.tensor(images.transpose(0, 3, 1, 2).copy())
+    t = torch.tensor(np.asarray(targets))
+    for _ in range(passes):
+        for i in range(x.shape[0]):
+            loss = 0.5 * torch.sum((forward(x[i:i + 1]) - t[i:i + 1]) ** 2)
+            for p in params.values():
+                p.grad = None
+            loss.backward()
+            with torch.no_grad():
+                for p in params.values():
+                    p -= 0.006 * p.grad
+    with torch.no_grad():
+        energy = float(0.5 * torch.sum((forward(x) - t) ** 2) / x.shape[0])
+    return time.perf_counter() - start, energy
+
+
+def family_recipe(config, key, torch):
+    images, targets = usps_recipe_data(sizes_of(config).recipe_examples)
+    passes = 1 if config.quick else config.recipe_passes
+    jax_seconds, jax_energy = jax_recipe(images, targets, passes, config.seed)
+    measurement = benchmark.Measurement(jax_seconds, jax_seconds, jax_seconds, None, 1)
+    name = f"lenet1989_recipe/{passes}_passes_of_{images.shape[0]}"
+    if torch is None:
+        return [row("recipe", name, "jax_manual", measurement, energy_after=jax_energy,
+                    note="PyTorch absent: pip install torch==2.13.0 to compare")]
+    torch_seconds, torch_energy = torch_recipe(torch, images, targets, passes, config.seed)
+    torch_measurement = benchmark.Measurement(torch_seconds, torch_seconds, torch_seconds,
+                                              None, 1)
+    return [row("recipe", name, "jax_manual", measurement, jax_seconds / torch_seconds,
+                "jax/torch_eager", energy_after=jax_energy,
+                note="wall time of the whole recipe, compilation included (one run)"),
+            row("recipe", name, "torch_eager", torch_measurement, energy_after=torch_energy)]
+
+
+# --- family: LeNet-5 against PyTorch -----------------------------------------------------
+
+def torch_lenet5(torch, seed):
+    torch.manual_seed(seed)
+    functional = torch.nn.functional
+    table = torch.tensor(np.asarray(nets.lenet5_c3_table(), np.float32).T)[:, :, None, None]
+
+    def weight(*shape):
+        return (torch.randn(*shape) * 0.1).requires_grad_()
+
+    params = {"c1": weight(6, 1, 5, 5), "c1b": torch.zeros(6, requires_grad=True),
+              "s2": torch.ones(6, requires_grad=True), "s2b": torch.zeros(6, requires_grad=True),
+              "c3": weight(16, 6, 5, 5), "c3b": torch.zeros(16, requires_grad=True),
+              "s4": torch.ones(16, requires_grad=True),
+              "s4b": torch.zeros(16, requires_grad=True),
+              "c5": weight(120, 16, 5, 5), "c5b": torch.zeros(120, requires_grad=True),
+              "f6": weight(84, 120), "f6b": torch.zeros(84, requires_grad=True),
+              "out": weight(10, 84), "outb": torch.zeros(10, requires_grad=True)}
+
+    def squash(a):
+        return 1.7159 * torch.tanh(2 * a / 3)
+
+    def subsample(x, coefficient, bias):
+        return (functional.avg_pool2d(x, 2) * 4 * coefficient[None, :, None, None]
+                + bias[None, :, None, None])
+
+    def forward(x):
+        h = squash(functional.conv2d(x, params["c1"], params["c1b"]))
+        h = squash(subsample(h, params["s2"], params["s2b"]))
+        h = squash(functional.conv2d(h, params["c3"] * table, params["c3b"]))
+        h = squash(subsample(h, params["s4"], params["s4b"]))
+        h = squash(functional.conv2d(h, params["c5"], params["c5b"])).flatten(1)
+        h = squash(h @ params["f6"].T + params["f6b"])
+        return h @ params["out"].T + params["outb"]
+
+    def step(x, labels):
+        loss = functional.cross_entropy(forward(x), labels)
+        for p in params.values():
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for p in params.values():
+                p -= 0.01 * p.grad
+        return loss
+
+    return step
+
+
+def family_lenet5_torch(config, key, torch):
+    model = lenet5()
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    batch = sizes_of(config).lenet5_batch
+    name = f"lenet5/b{batch}"
+    args = random_problem(model, (32, 32, 1), batch, key)
+    step, compile_s = benchmark.compile_jitted(
+        sgd_step(model, objective, nets.engines.manual), *args)
+    if torch is None:
+        return [row("lenet5_torch", name, "jax_manual",
+                    benchmark.time_calls(step, args, config.repeats, compile_s=compile_s),
+                    note="PyTorch absent: pip install torch==2.13.0 to compare")]
+    torch_step = torch_lenet5(torch, config.seed)
+    x = torch.tensor(np.asarray(args[1]).transpose(0, 3, 1, 2).copy())
+    labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long)
+    ours, theirs = benchmark.compare(step, args, torch_step, (x, labels), config.repeats)
+    ours.compile_s = compile_s
+    return [row("lenet5_torch", name, "jax_manual", ours,
+                ours.median_s / theirs.median_s, "jax/torch_eager"),
+            row("lenet5_torch", name, "torch_eager", theirs)]
+
+
+# --- family: per-example gradients -------------------------------------------------------
+
+def per_example_functions(model, objective):
+    value_and_grad = nets.manual(model, objective)
+
+    def per_example_step(params, x, targets, lr=0.01):
+        grads = jax.vmap(lambda xi, ti: value_and_grad(params, xi[None], ti[None])[1])(
+            x, targets)
+        mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        return jax.tree.map(lambda w, g: w - lr * g, params, mean)
+
+    def single_gradient(params, xi, ti):
+        return value_and_grad(params, xi[None], ti[None])[1]
+
+    return per_example_step, single_gradient
+
+
+def family_per_example(config, key):
+    rows = []
+    softmax = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    sizes = sizes_of(config)
+    batch = sizes.lenet5_batch
+    for name, model, input_shape in (("mlp", mlp(sizes)[1], (784,)),
+                                     ("lenet5", lenet5(), (32, 32, 1))):
+        args = random_problem(model, input_shape, batch, key)
+        batch_step, batch_compile = benchmark.compile_jitted(
+            lambda p, x, t, model=model: sgd_step(model, softmax, nets.manual)(p, x, t)[0],
+            *args)
+        per_example, single = per_example_functions(model, softmax)
+        vmap_step, vmap_compile = benchmark.compile_jitted(per_example, *args)
+        vmapped, batched = benchmark.compare(vmap_step, args, batch_step, args, config.repeats)
+        vmapped.compile_s, batched.compile_s = vmap_compile, batch_compile
+        rows.append(row("per_example", f"vmap_vs_batch/{name}", "vmap_per_example", vmapped,
+                        vmapped.median_s / batched.median_s, "vmap_per_example/batch"))
+        rows.append(row("per_example", f"vmap_vs_batch/{name}", "batch", batched))
+        single_fn, _ = benchmark.compile_jitted(single, args[0], args[1][0], args[2][0])
+        params, x, targets = args
+
+        def python_loop(params, x, targets, single_fn=single_fn):
+            return [single_fn(params, x[i], targets[i]) for i in range(x.shape[0])]
+
+        loop, vmapped_again = benchmark.compare(python_loop, args, vmap_step, args,
+                                                max(10, config.repeats // 2))
+        rows.append(row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
+                        loop.median_s / vmapped_again.median_s, "python_loop/vmap"))
+    return rows
+
+
+# --- family: utilisation -------------------------------------------------------------------
+
+def family_utilisation(config, key):
+    sizes = sizes_of(config)
+    batch, width = sizes.mlp_batch, sizes.mlp_width
+    layers = [(784, width), (width, width), (width, 10)]
+    name, model = mlp(sizes)
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    args = random_problem(model, (784,), batch, key)
+    step, compile_s = benchmark.compile_jitted(sgd_step(model, objective, nets.manual), *args)
+    # forward 2 B n m per layer; backward 2 B n m for dW and 2 B n m for dx (the manual
+    # backward computes dx of the first layer too, so count it)
+    step_flops = sum(6 * batch * n * m for n, m in layers)
+    a = jax.random.normal(key, (batch, width), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (width, width), jnp.float32)
+    matmul, _ = benchmark.compile_jitted(lambda a, b: a @ b, a, b)
+    train, mm = benchmark.compare(step, args, matmul, (a, b), config.repeats)
+    train.compile_s = compile_s
+    train_rate = step_flops / train.median_s
+    matmul_rate = 2 * batch * width * width / mm.median_s
+    return [row("utilisation", f"{name}/b{batch}", "training_step", train,
+                train_rate / matmul_rate, "training_flops_per_s/matmul_flops_per_s",
+                flops_per_s=train_rate),
+            row("utilisation", f"matmul_{batch}x{width}x{width}", "jit(a@b)", mm,
+                flops_per_s=matmul_rate)]
+
+
+# --- the suite -------------------------------------------------------------------------------
+
+def load_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def target_met(entry):
+    for key in (f"{entry['family']}/{entry['name'].split('/')[0]}/"
+                f"{entry['name'].split('/')[-1]}", f"{entry['family']}/{entry['name']}",
+                f"{entry['family']}/{entry['name'].split('/')[0]}", entry["family"]):
+        if key in TARGETS:
+            sense, bound = TARGETS[key]
+            met = entry["ratio"] <= bound if sense == "<=" else entry["ratio"] >= bound
+            return f"{sense} {bound:g}", bool(met)
+    return None, None
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    if config.quick:
+        config = dataclasses.replace(config, repeats=10, recipe_passes=1)
+    run = open_run(EXPERIMENT, config, args)
+    torch = load_torch()
+    if torch is not None:
+        torch.set_num_threads(benchmark.thread_settings()["cpu_count"])
+    key = jax.random.key(config.seed)
+    runners = {"engine": lambda: family_engine(config, key),
+               "recipe": lambda: family_recipe(config, key, torch),
+               "lenet5_torch": lambda: family_lenet5_torch(config, key, torch),
+               "per_example": lambda: family_per_example(config, key),
+               "utilisation": lambda: family_utilisation(config, key)}
+    rows, start = [], time.perf_counter()
+    for family in config.families:
+        print(f"bench: {family} ...", flush=True)
+        rows += runners[family]()
+    for entry in rows:
+        if entry["ratio"] is not None:
+            entry["target"], entry["target_met"] = target_met(entry)
+    results.write_results(
+        run.workdir, EXPERIMENT, dataclasses.asdict(config),
+        {"ratios": {f"{r['family']}/{r['name']}": r["ratio"] for r in rows
+                    if r["ratio"] is not None},
+         "targets_met": sum(bool(r.get("target_met")) for r in rows),
+         "targets_missed": sum(r.get("target_met") is False for r in rows)},
+        [], {"run": time.perf_counter() - start}, benchmarks=rows,
+        threads=benchmark.thread_settings(), torch=None if torch is None else torch.__version__,
+        matmul_precision=str(jax.config.jax_default_matmul_precision))
+    ratios = [r for r in rows if r["ratio"] is not None]
+    if ratios:
+        plots.save_bars(run.workdir / "ratios.png",
+                        {f"{r['family']}/{r['name']}": r["ratio"] for r in ratios},
+                        xlabel="ratio (this codebase / reference; see ratio_of)", log=True)
+    columns = ["family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s",
+               "ratio", "ratio_of", "target", "target_met"]
+    header = (f"device {device_name()}, jax {jax.__version__}, torch "
+              f"{None if torch is None else torch.__version__}, threads "
+              f"{benchmark.thread_settings()}\n\n")
+    results.save_and_print_table(run.workdir, header + results.markdown_table(rows, columns)
+                                 + f"\nResults in {run.workdir}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, data.DataError) as error:
+        sys.exit(f"{EXPERIMENT}: {error}")

@@ -1,0 +1,85 @@
+"""Timing for benchmarks: compile time apart, warm-up, repetitions, interleaved comparisons.
+
+`time_jitted(function, *args)` compiles once (timed), warms up, then times `repeats` calls
+with `block_until_ready`, returning median, 10th and 90th percentiles. `compare` times two
+callables alternately, A B A B ..., so that a slow drift of the machine (another process,
+thermal limits) affects both alike; ratios are only ever taken between two things measured
+this way in one process. Results are `Measurement`s, written as the `benchmarks` rows of
+experiments/bench.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+__all__ = ["Measurement", "compile_jitted", "time_calls", "compare", "thread_settings"]
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Wall times of one callable: per-call percentiles over `repeats` calls, and compile."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    compile_s: float | None
+    repeats: int
+
+    @classmethod
+    def from_samples(cls, samples, compile_s=None):
+        samples = np.asarray(samples, np.float64)
+        return cls(float(np.median(samples)), float(np.percentile(samples, 10)),
+                   float(np.percentile(samples, 90)), compile_s, int(samples.size))
+
+
+def compile_jitted(function: Callable, *args: Any) -> tuple[Callable, float]:
+    """(compiled function, seconds to lower and compile it for these arguments)."""
+    start = time.perf_counter()
+    compiled = jax.jit(function).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _call(function, args):
+    start = time.perf_counter()
+    jax.block_until_ready(function(*args))
+    return time.perf_counter() - start
+
+
+def time_calls(function: Callable, args: tuple, repeats: int = 10, warmup: int = 2,
+               compile_s: float | None = None) -> Measurement:
+    """Median/p10/p90 of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        _call(function, args)
+    return Measurement.from_samples([_call(function, args) for _ in range(repeats)], compile_s)
+
+
+def compare(a: Callable, a_args: tuple, b: Callable, b_args: tuple, repeats: int = 10,
+            warmup: int = 2) -> tuple[Measurement, Measurement]:
+    """Time a and b alternately (a, b, a, b, ...) after warming both up."""
+    for _ in range(warmup):
+        _call(a, a_args)
+        _call(b, b_args)
+    samples_a, samples_b = [], []
+    for _ in range(repeats):
+        samples_a.append(_call(a, a_args))
+        samples_b.append(_call(b, b_args))
+    return Measurement.from_samples(samples_a), Measurement.from_samples(samples_b)
+
+
+def thread_settings() -> dict:
+    """The thread counts both sides run with (recorded with every benchmark run)."""
+    settings = {"cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        import torch
+
+        settings["torch_threads"] = torch.get_num_threads()
+        settings["torch_interop_threads"] = torch.get_num_interop_threads()
+    except ImportError:
+        pass
+    return settings
