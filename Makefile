@@ -42,3 +42,9 @@ bench-quick: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache
+
+.PHONY: multihost-demo
+# Two CPU processes on 127.0.0.1 train the MLP data-parallel and compare with one device
+# (README.md, "Over examples, devices and hosts").
+multihost-demo: $(VENV)/.installed
+	$(PY) -m experiments.multihost_demo --launch 2

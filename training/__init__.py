@@ -3,6 +3,28 @@
 Knows no particular model: everything takes a model (a `nets.Layer`), an objective and a
 gradient engine.
 """
-from training import data, metrics, optim, plots, procedures, results, timing
+from training import (
+    benchmark,
+    data,
+    distributed,
+    metrics,
+    optim,
+    parallel,
+    plots,
+    procedures,
+    results,
+    timing,
+)
 
-__all__ = ["data", "metrics", "optim", "plots", "procedures", "results", "timing"]
+__all__ = [
+    "benchmark",
+    "data",
+    "distributed",
+    "metrics",
+    "optim",
+    "parallel",
+    "plots",
+    "procedures",
+    "results",
+    "timing",
+]

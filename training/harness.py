@@ -101,8 +101,9 @@ def open_run(experiment: str, config: Any, args: HarnessArgs) -> Run:
                 + "; ".join(changed) + "); pass --force to resume it with the new config, or "
                 "choose another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(config_path, {"experiment": experiment, "config": to_dict(config)})
-    _write_json(workdir / "environment.json", environment())
+    if jax.process_index() == 0:  # one writer in a multi-process run
+        _write_json(config_path, {"experiment": experiment, "config": to_dict(config)})
+        _write_json(workdir / "environment.json", environment())
     return Run(experiment, workdir, config, resuming)
 
 
@@ -180,8 +181,10 @@ def train(
     seconds["checkpoint"] += time.perf_counter() - start
     if restored is not None:
         say(f"resuming {run.experiment} from the checkpoint at step {step} in {run.workdir}")
-    log = MetricsLog(run.workdir, resume_from_step=step)
-    progress = Progress(total_steps, step, progress_every, run.experiment)
+    main_process = jax.process_index() == 0  # logs from process 0 only; checkpoints from all
+    log = MetricsLog(run.workdir, resume_from_step=step, enabled=main_process)
+    progress = Progress(total_steps, step, progress_every if main_process else 0,
+                        run.experiment)
     compiled: dict[int, Any] = {}
     try:
         while step < total_steps and not _frozen(state):

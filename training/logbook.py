@@ -48,8 +48,12 @@ class MetricsLog:
     """Append-only per-step metrics: metrics.jsonl and TensorBoard, in one workdir."""
 
     def __init__(self, workdir: str | os.PathLike, resume_from_step: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, enabled: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._stream = self._writer = None
+        if not enabled:  # a process other than 0 of a multi-process run writes nothing
+            return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_from_step]
         temporary = self.path.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -63,6 +67,8 @@ class MetricsLog:
                                          purge_step=resume_from_step + 1)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), **to_jsonable(scalars)}
         self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()
@@ -73,7 +79,8 @@ class MetricsLog:
                     self._writer.add_scalar(name, value, int(step))
 
     def close(self) -> None:
-        self._stream.close()
+        if self._stream is not None:
+            self._stream.close()
         if self._writer is not None:
             self._writer.close()
 

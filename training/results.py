@@ -77,8 +77,10 @@ def write_results(
     seconds: dict | None = None,
     **extra: Any,
 ) -> pathlib.Path:
-    """Write `workdir/results.json` (atomically) and return its path."""
+    """Write `workdir/results.json` (atomically) and return its path (process 0 only)."""
     workdir = pathlib.Path(workdir)
+    if jax.process_index() != 0:
+        return workdir / "results.json"
     workdir.mkdir(parents=True, exist_ok=True)
     document = {
         "experiment": experiment,
@@ -120,7 +122,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 
 
 def save_and_print_table(workdir: str | os.PathLike, text: str) -> None:
-    """Write `text` to workdir/results.md, then print it."""
+    """Write `text` to workdir/results.md, then print it (process 0 only)."""
+    if jax.process_index() != 0:
+        return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.md").write_text(text)

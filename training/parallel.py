@@ -1,0 +1,411 @@
+"""Over examples and over devices: per-example gradients and data-parallel steps.
+
+Model code never names a device or a batch axis (DESIGN.md, "Devices and hosts"); this module
+maps it over both. Every loss in `nets.losses` is a mean over the m examples of a batch, plus
+lambda/(2m) times the squared weights, and both facts are used below.
+
+Per example (`jax.vmap`):
+
+    per_example_value_and_grad(model, objective, engine)(params, x, targets)
+        -> (values (batch,), grads: params' pytree with a leading (batch,) axis)
+
+runs the engine on each example alone, as a batch of one, under `jax.vmap`: the hand-written
+backward passes for `engines.manual`, `vmap(grad)` for `engines.autodiff`. Example i's share of
+the objective is E_i = loss_i + lambda/(2m) sum w^2, so that mean_i E_i = E and
+mean_i dE_i/dw = dE/dw, the batch gradient. `weighted_sum` combines them (weights 1/m: the
+mean); `gradient_norms` and `clip_gradients` give and bound each example's gradient norm;
+`private_value_and_grad` is the DP-SGD gradient (Abadi et al. 2016, Algorithm 1): clip every
+example's loss gradient to norm C, average, add Gaussian noise of standard deviation sigma C / m
+from an explicit key. `pick_hardest_misclassified` ranks the misclassified examples by their
+gradient norm or loss, for the lecture's "pick misclassified examples" procedure.
+
+Over devices, one step with three spellings (`form`), all over a 1-D mesh whose axis is
+`BATCH_AXIS` and all with any engine and any optax optimizer:
+
+    "shard_map"  jit(shard_map(local step)): explicit in_specs P() for the replicated params and
+                 optimizer state, P("batch") for the batch; each device computes the gradient
+                 of its shard and `lax.pmean` averages them before the update.
+    "pmap"       the same local step under `jax.pmap` (in maintenance mode; in current JAX it
+                 is implemented with jit and shard_map), batch laid out (devices, batch/devices).
+    "jit"        the plain single-device step under `jax.jit` with NamedSharding annotations
+                 (params replicated, batch split); XLA's partitioner inserts the all-reduce.
+
+`data_parallel(...)` returns a `DataParallel` with `step(params, opt_state, x, targets) ->
+(params, opt_state, energy, grad)`, `value_and_grad(params, x, targets) -> (energy, grad)`,
+and the placement helpers `place_state`, `place_batch` and `fetch`. Devices may span several
+processes (`training.distributed`): each process passes `place_batch` the examples it holds,
+and the global batch is their concatenation in process order.
+
+Each device's gradient is the mean over its b/N examples; their mean is the gradient of the
+global batch only when every device has the same number of examples, so a global batch not
+divisible by the device count is a ValueError. The L2 term is split the same way: each device
+uses lambda/N, whose mean over devices gives back lambda/(2m) sum w^2 for the global m.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nets import engines
+from nets.layers import Layer
+from nets.losses import Objective, l2_penalty, l2_penalty_grad
+from training.metrics import predicted_labels, target_labels
+
+__all__ = [
+    "BATCH_AXIS",
+    "FORMS",
+    "per_example_value_and_grad",
+    "gradient_norms",
+    "clip_gradients",
+    "weighted_sum",
+    "private_value_and_grad",
+    "pick_hardest_misclassified",
+    "batch_mesh",
+    "check_batch",
+    "DataParallel",
+    "data_parallel",
+]
+
+BATCH_AXIS = "batch"
+FORMS = ("shard_map", "pmap", "jit")
+
+PerExample = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+# --- over examples ---------------------------------------------------------------------------
+
+def per_example_value_and_grad(
+    model: Layer, objective: Objective, engine: engines.Engine = engines.manual
+) -> PerExample:
+    """Each example's share of E and its gradient, by `jax.vmap` of the engine over examples.
+
+    Returns `value_and_grads(params, x, targets) -> (values, grads)`. Shapes: x (batch, ...),
+    targets (batch, ...); values (batch,); each grads leaf (batch, *leaf.shape).
+    values[i] = loss(x_i, t_i) + lambda/(2m) sum w^2 and grads[i] its gradient, so that their
+    means over the batch are E and dE/dparams (module docstring).
+    """
+
+    def value_and_grads(params, x, targets):
+        examples = x.shape[0]
+        # a batch of one divides the penalty by 1; lambda/m keeps example i's share of it
+        single = engine(model, objective._replace(l2=objective.l2 / examples))
+
+        def one_example(x_i, target_i):
+            return single(params, x_i[None], target_i[None])
+
+        return jax.vmap(one_example)(x, targets)
+
+    return value_and_grads
+
+
+def gradient_norms(grads: Any) -> jax.Array:
+    """||g_i||, the Euclidean norm of each example's whole gradient (all leaves): (batch,)."""
+    squares = [jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+               for leaf in jax.tree.leaves(grads)]
+    return jnp.sqrt(sum(squares))
+
+
+def clip_gradients(grads: Any, max_norm: float) -> tuple[Any, jax.Array]:
+    """Each example's gradient scaled to norm at most C: g_i min(1, C / ||g_i||).
+
+    Returns (clipped grads, the norms before clipping (batch,)). A zero gradient stays zero.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip_gradients: max_norm must be > 0, got {max_norm}")
+    norms = gradient_norms(grads)
+    tiny = jnp.finfo(norms.dtype).tiny
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norms, tiny)).astype(norms.dtype)
+
+    def scaled(leaf):
+        return leaf * scale.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+
+    return jax.tree.map(scaled, grads), norms
+
+
+def weighted_sum(grads: Any, weights: jax.Array) -> Any:
+    """sum_i weights_i g_i over the examples: a pytree like params, from per-example grads.
+
+    Written as a contraction (`jnp.tensordot`) rather than `jnp.sum(weights * g, axis=0)`:
+    XLA's CPU backend reduces the leading axis of a large array slowly (about 30x slower for
+    the MLP's (128, 256, 768) per-example weight gradients), while a dot is its fast path; on
+    accelerators both are fast. Mean: weights = 1/m.
+    """
+    return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1),
+                        grads)
+
+
+def private_value_and_grad(
+    model: Layer, objective: Objective, engine: engines.Engine = engines.manual, *,
+    clip_norm: float, noise_multiplier: float = 0.0,
+) -> Callable[..., tuple[jax.Array, Any]]:
+    """The DP-SGD gradient (Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    Algorithm 1): per-example loss gradients clipped to norm C, averaged, plus noise.
+
+        g = (1/m) (sum_i clip_C(dloss_i/dw) + sigma C xi) + (lambda/m) w,   xi ~ N(0, I)
+
+    Returns `value_and_grad(params, x, targets, key=None) -> (E, g)`; with noise_multiplier
+    sigma = 0 it has the engine's signature. The L2 term does not depend on the data, so its
+    gradient is added after clipping, untouched (a departure from clipping E_i whole, which
+    would shrink the penalty with the data term). sigma > 0 needs an explicit `key`.
+    """
+    if not noise_multiplier >= 0:
+        raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
+                         f"{noise_multiplier}")
+    data_term = per_example_value_and_grad(model, objective._replace(l2=0.0), engine)
+
+    def value_and_grad(params, x, targets, key=None):
+        examples = x.shape[0]
+        losses, grads = data_term(params, x, targets)
+        # clip_C(g_i) = g_i min(1, C / ||g_i||): the clipped sum is one weighted sum
+        norms = gradient_norms(grads)
+        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
+        summed = weighted_sum(grads, scale)
+        if noise_multiplier > 0:
+            if key is None:
+                raise ValueError("private_value_and_grad: noise_multiplier > 0 needs a PRNG "
+                                 "key (value_and_grad(params, x, targets, key))")
+            leaves, treedef = jax.tree.flatten(summed)
+            keys = jax.random.split(key, len(leaves))
+            leaves = [leaf + noise_multiplier * clip_norm
+                      * jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
+                      for leaf, leaf_key in zip(leaves, keys)]
+            summed = jax.tree.unflatten(treedef, leaves)
+        penalty = l2_penalty_grad(params, objective.l2, examples)
+        grad = jax.tree.map(lambda s, p: s / examples + p, summed, penalty)
+        return jnp.mean(losses) + l2_penalty(params, objective.l2, examples), grad
+
+    return value_and_grad
+
+
+def pick_hardest_misclassified(
+    model: Layer, objective: Objective, engine: engines.Engine = engines.manual, *,
+    count: int, by: str = "grad_norm", threshold: float = 0.0,
+) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The `count` misclassified examples with the largest gradient norm (or loss).
+
+    For the lecture's "pick misclassified examples" procedure (`procedures.misclassified`
+    draws them uniformly): here the misclassified examples are ranked by ||dE_i/dw|| (by
+    "grad_norm") or by E_i (by "loss") and the largest taken. When fewer than `count` are
+    misclassified, the rest are the correctly classified examples with the largest scores.
+    Returns `pick(params, x, targets) -> (indices (count,), misclassified (count,) bool)`.
+    Shapes: x (batch, ...), targets (batch, classes) one-hot or +-1 (`training.metrics`).
+    """
+    if by not in ("grad_norm", "loss"):
+        raise ValueError(f"pick_hardest_misclassified: by={by!r}; choose 'grad_norm' or 'loss'")
+    value_and_grads = per_example_value_and_grad(model, objective, engine)
+
+    def pick(params, x, targets):
+        if not 1 <= count <= x.shape[0]:
+            raise ValueError(f"pick_hardest_misclassified: count must be in [1, {x.shape[0]}],"
+                             f" got {count}")
+        values, grads = value_and_grads(params, x, targets)
+        score = gradient_norms(grads) if by == "grad_norm" else values
+        wrong = predicted_labels(model.apply(params, x), threshold) != target_labels(targets)
+        # misclassified first, each group by descending score (lexsort: last key is primary)
+        order = jnp.lexsort((-score, ~wrong))
+        indices = order[:count]
+        return indices, wrong[indices]
+
+    return pick
+
+
+# --- over devices ----------------------------------------------------------------------------
+
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis `BATCH_AXIS` over `devices` (default: every device of every
+    process, `jax.devices()`). Axis type Auto: the "jit" form leaves the collectives to XLA."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def check_batch(global_batch: int, devices: int) -> None:
+    """Raise a ValueError unless the global batch splits evenly over the devices."""
+    if global_batch % devices:
+        raise ValueError(
+            f"data parallel: a global batch of {global_batch} examples does not split evenly "
+            f"over {devices} devices; use a multiple of {devices} (each device's gradient is a "
+            "mean over its examples, and the mean of the means is the batch gradient only for "
+            "equal shards)")
+
+
+class DataParallel(NamedTuple):
+    """A data-parallel step and its placement helpers (module docstring).
+
+    step(params, opt_state, x, targets) -> (params, opt_state, energy, grad): jitted (or
+        pmapped); params and opt_state from `place_state`, x and targets from `place_batch`.
+        energy and grad are E and dE/dparams of the global batch, before the update.
+    value_and_grad(params, x, targets) -> (energy, grad): the same without the update.
+    place_state(tree) -> the tree replicated on every device of the mesh.
+    place_batch(x, targets) -> the global batch split over the devices, from the examples this
+        process holds (all of them in a single process): (batch, ...) for "shard_map" and
+        "jit", (local devices, batch / devices, ...) for "pmap".
+    fetch(tree) -> one copy of a replicated tree, as NumPy arrays on the host.
+    """
+
+    form: str
+    mesh: Mesh
+    step: Callable
+    value_and_grad: Callable
+    place_state: Callable[[Any], Any]
+    place_batch: Callable[[Any, Any], tuple[Any, Any]]
+    fetch: Callable[[Any], Any]
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+
+def _replicate(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf on every device of the mesh (a global array even across processes)."""
+    sharding = NamedSharding(mesh, P())
+
+    def place(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
+
+
+def _split_batch(mesh: Mesh, tree: Any) -> Any:
+    """This process's examples as its part of a global batch sharded over the mesh."""
+    sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    return jax.tree.map(
+        lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), tree)
+
+
+def _fetch(tree: Any) -> Any:
+    def one_copy(leaf):
+        if isinstance(leaf, jax.Array):
+            if not leaf.is_fully_replicated:
+                raise ValueError(f"fetch: an array of shape {leaf.shape} is not replicated")
+            return np.asarray(leaf.addressable_shards[0].data)
+        return np.asarray(leaf)
+
+    return jax.tree.map(one_copy, tree)
+
+
+def _update(optimizer, params, opt_state, grad):
+    updates, opt_state = optimizer.update(grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def data_parallel(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation, *,
+    engine: engines.Engine = engines.manual, form: str = "shard_map",
+    mesh: Mesh | None = None,
+) -> DataParallel:
+    """The data-parallel training step of `form` over `mesh` (default `batch_mesh()`).
+
+    See the module docstring for the three forms; the step and gradient are the same up to
+    float rounding in all of them, and equal to the single-device ones.
+    """
+    if form not in FORMS:
+        raise ValueError(f"data_parallel: form={form!r}; choose one of {FORMS}")
+    mesh = batch_mesh() if mesh is None else mesh
+    if mesh.axis_names != (BATCH_AXIS,):
+        raise ValueError(f"data_parallel: the mesh must be 1-D with axis {BATCH_AXIS!r}, got "
+                         f"axes {mesh.axis_names}")
+    devices = mesh.size
+    replicate = lambda tree: _replicate(mesh, tree)  # noqa: E731
+
+    # one device's view: its shard's mean gradient, then the mean over devices (pmean)
+    local_value_and_grad = engine(model, objective._replace(l2=objective.l2 / devices))
+
+    def local_gradient(params, x, targets):
+        energy, grad = local_value_and_grad(params, x, targets)
+        return jax.lax.pmean((energy, grad), BATCH_AXIS)
+
+    def local_step(params, opt_state, x, targets):
+        energy, grad = local_gradient(params, x, targets)
+        params, opt_state = _update(optimizer, params, opt_state, grad)
+        return params, opt_state, energy, grad
+
+    def checked(function):
+        def run(params, *args):
+            check_batch(args[-2].shape[0], devices)
+            return function(params, *args)
+
+        return run
+
+    if form == "shard_map":
+        def sharded(function, replicated_args):
+            # check_vma=False: model code is not typed by mesh axis (a scan carry that
+            # starts from zeros is "invariant" and leaves "varying", which check_vma rejects),
+            # and without that typing each device's gradient of the replicated params stays
+            # its own (with it, differentiating sums it over devices by itself), so that the
+            # reduction is the explicit pmean above, for either engine.
+            mapped = jax.shard_map(
+                function, mesh=mesh,
+                in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS)),
+                out_specs=P(), check_vma=False)
+            return jax.jit(checked(mapped))
+
+        step = sharded(local_step, 2)
+        value_and_grad = sharded(local_gradient, 1)
+        place_batch = lambda x, targets: _split_batch(mesh, (x, targets))  # noqa: E731
+    elif form == "pmap":
+        # given identically in every process; each maps over its own (local) devices
+        pmap_devices = list(mesh.devices.flat)
+        local_devices = sum(d.process_index == jax.process_index() for d in pmap_devices)
+
+        def pmapped(function, replicated_args):
+            return jax.pmap(function, BATCH_AXIS, devices=pmap_devices,
+                            in_axes=(None,) * replicated_args + (0, 0), out_axes=None)
+
+        def checked_layout(function):
+            def run(params, *args):
+                if np.shape(args[-2])[0] != local_devices:
+                    raise ValueError(
+                        f"data parallel (pmap): x has shape {np.shape(args[-2])}; expected "
+                        f"({local_devices} local devices, batch / devices, ...): pass the "
+                        "batch through place_batch")
+                return function(params, *args)
+
+            return run
+
+        step = checked_layout(pmapped(local_step, 2))
+        value_and_grad = checked_layout(pmapped(local_gradient, 1))
+
+        local_split = NamedSharding(
+            Mesh(np.array([d for d in pmap_devices if d.process_index == jax.process_index()]),
+                 (BATCH_AXIS,)), P(BATCH_AXIS))
+
+        def place_batch(x, targets):
+            return jax.tree.map(lambda leaf: jax.device_put(
+                np.asarray(leaf).reshape(local_devices, -1, *np.shape(leaf)[1:]), local_split),
+                (x, targets))
+    else:
+        full_value_and_grad = engine(model, objective)
+        replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXIS))
+
+        def annotated(params, x, targets):
+            # the annotations: params on every device, the batch split over them
+            return (jax.lax.with_sharding_constraint(params, replicated),
+                    jax.lax.with_sharding_constraint(x, split),
+                    jax.lax.with_sharding_constraint(targets, split))
+
+        def full_gradient(params, x, targets):
+            return full_value_and_grad(*annotated(params, x, targets))
+
+        def full_step(params, opt_state, x, targets):
+            energy, grad = full_gradient(params, x, targets)
+            params, opt_state = _update(optimizer, params, opt_state, grad)
+            return params, opt_state, energy, grad
+
+        step = jax.jit(checked(full_step), out_shardings=replicated)
+        value_and_grad = jax.jit(checked(full_gradient), out_shardings=replicated)
+        place_batch = lambda x, targets: _split_batch(mesh, (x, targets))  # noqa: E731
+
+    def place_batch_checked(x, targets):
+        check_batch(np.shape(x)[0] * jax.process_count(), devices)
+        return place_batch(x, targets)
+
+    return DataParallel(form, mesh, step, value_and_grad, replicate, place_batch_checked,
+                        _fetch)
