@@ -240,3 +240,21 @@ def test_stochastic_passes_hand_the_curvature_to_the_optimizer():
     halved_state, _ = procedures.run_steps(halved, halved.init(params, key), 0, 1)
     first_step = jax.tree.map(lambda a, b: a - b, halved_state.params, params)
     assert bool(jnp.any(jnp.abs(first_step[0]["w"]) > 0))
+
+
+def test_misclassified_descent_with_the_hardest_examples_picked():
+    """The per-example-gradient picker plugs into the lecture's procedure and trains."""
+    from training import parallel
+
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (40, 2))
+    targets = jax.nn.one_hot((x[:, 0] - x[:, 1] > 0).astype(jnp.int32), 2)
+    model = nets.build_mlp(2, 2, hidden_layers=0)
+    _, params = model.init(jax.random.key(0), (-1, 2))
+    objective = losses.lecture_objective(0.0)
+    pick = parallel.pick_hardest_misclassified(model, objective, count=4)
+    result = procedures.misclassified_descent(
+        model, objective, optim.gradient_descent(1.0), params, x, targets,
+        key=jax.random.key(1), steps=200, batch_size=4, stop_window=200, pick=pick)
+    wrong = np.asarray(result.history["wrong"])
+    assert wrong[0] > 0 and wrong[-1] < wrong[0]

@@ -324,6 +324,7 @@ def misclassified(
     x: jax.Array, targets: jax.Array, *, batch_size: int,
     engine: engines.Engine = engines.manual, stop_window: int = 50,
     stop_tolerance: float = 1e-4, monitor: Monitor | None = None, guard: Guard = DEFAULT_GUARD,
+    pick: Callable[[Any, jax.Array, jax.Array], Any] | None = None,
 ) -> Procedure:
     """The lecture's stochastic variant: keep updating on misclassified examples.
 
@@ -333,6 +334,10 @@ def misclassified(
     decrease (module docstring). The L2 term keeps the lecture's lambda/(2m) with m the size
     of the training set: the mini-batch objective uses lambda * batch_size / m, so its weight
     gradient is (lambda/m) w whatever the batch size.
+
+    `pick(params, x, targets) -> indices (batch_size,)` (or `(indices, flags)`, as
+    `training.parallel.pick_hardest_misclassified` returns) replaces the uniform draw, e.g.
+    to take the misclassified examples with the largest per-example gradient norm.
 
     record["wrong"] is the number of misclassified training examples before each step, and
     record["energy"] the cost on the whole set before it.
@@ -360,7 +365,11 @@ def misclassified(
         wrong = predicted_labels(outputs) != true_labels
         wrong_count = jnp.sum(wrong)
         weights = jnp.where(wrong_count > 0, wrong / jnp.maximum(wrong_count, 1), 1 / examples)
-        picked = jax.random.choice(pick_key, examples, (batch_size,), p=weights)
+        if pick is None:
+            picked = jax.random.choice(pick_key, examples, (batch_size,), p=weights)
+        else:
+            chosen = pick(state.params, x, targets)
+            picked = chosen[0] if isinstance(chosen, tuple) else chosen
         _, grad = batch_value_and_grad(state.params, x[picked], targets[picked])
         grad = _inject_nan(guard, grad, index)
         ok, bad_leaf = _finite(energy, grad)
