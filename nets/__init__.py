@@ -15,6 +15,7 @@ from nets import (
     mlp,
     models,
     pooling,
+    recurrent,
 )
 from nets.accounting import ModelCount
 from nets.accounting import count as count_model
@@ -45,6 +46,19 @@ from nets.pooling import (
     LocalResponseNorm,
     MaxPool,
     Subsampling,
+)
+from nets.recurrent import (
+    Cell,
+    LastStep,
+    TimeDistributed,
+    bptt,
+    elman,
+    gru,
+    lstm,
+    rnn,
+    scan_cell,
+    sequence_cross_entropy,
+    sequence_model,
 )
 
 __all__ = [
@@ -94,4 +108,16 @@ __all__ = [
     "lenet1989_modern",
     "lenet5",
     "alexnet",
+    "recurrent",
+    "Cell",
+    "elman",
+    "lstm",
+    "gru",
+    "scan_cell",
+    "bptt",
+    "rnn",
+    "LastStep",
+    "TimeDistributed",
+    "sequence_model",
+    "sequence_cross_entropy",
 ]

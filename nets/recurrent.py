@@ -1,0 +1,603 @@
+"""Recurrent nets: cells with a hand-written step backward, one scan helper, sequence layers.
+
+A cell is one time step (DESIGN.md, "Recurrent nets"), a `Cell` of pure functions:
+
+    init(key, input_size)                          -> params
+    initial_carry(batch, dtype)                    -> carry (zeros)
+    step(params, carry, x_t)                       -> (carry, y_t, residuals)
+    step_backward(params, residuals, dcarry, dy_t) -> (dparams, dcarry_prev, dx_t)
+
+Shapes: x_t (batch, input_size), y_t (batch, hidden); the carry is h (batch, hidden) for Elman
+and GRU and the pair (h, c) for LSTM, h first. `dcarry` is dE/d(the carry the step emitted),
+arriving from the later steps; `dy_t` is dE/dy_t; `dcarry_prev` is dE/d(the carry the step
+read). Every step backward is written from the cell's equations (in each cell's docstring),
+never by differentiating the step.
+
+Parameters: each cell keeps its input and recurrent weights stacked in one matrix
+w = [W_x; W_h] of shape (input_size + hidden, gates * hidden), so that the L2 penalty of
+`nets.losses` (the leaves keyed "w") covers both, and its biases in "b" (gates * hidden,).
+LSTM peephole weights are vectors under "p" (3, hidden), not penalised. Initialisation: each
+gate's W_x block Glorot-uniform, each gate's W_h block orthogonal (Saxe et al. 2014), biases
+zero except the LSTM forget gate's, 1 (Gers et al. 2000; Jozefowicz et al. 2015).
+
+Running a cell over time (one helper for every cell):
+
+    scan_cell(cell, params, xs, carry0=None, mask=None, truncation=None, unroll=1)
+        -> (ys, carry_T, residuals)
+    bptt(cell, params, residuals, dys, dcarry_T=None, truncation=None, unroll=1)
+        -> (dparams, dxs, dcarry0)          (+ dcarries with return_dcarries=True)
+
+xs (batch, time, features) and ys (batch, time, hidden), as DESIGN.md has sequences; both run
+`lax.scan` over the time axis (time-major inside). `scan_cell` saves each step's residuals;
+`bptt` is backpropagation through time, a reverse `lax.scan` of `step_backward` that sums the
+parameter gradients of all steps. Options, of the helper and never of a cell:
+
+- carry0: the initial state (default zeros); `bptt` returns its gradient dcarry0.
+- mask (batch, time), 1 for real steps and 0 for padding: a masked step leaves the carry as it
+  was, outputs y_t = 0, and contributes no gradient (its dcarry passes through unchanged).
+- truncation=k: truncated BPTT with windows [0, k), [k, 2k), ...: no gradient crosses a window
+  boundary through the carry. The forward pass places `stop_gradient` on the carry entering
+  steps k, 2k, ... (values unchanged), so `jax.grad` of the forward gives the same truncated
+  gradient as `bptt`; the gradient of carry0 flows through the first window only.
+- unroll: passed to both scans.
+
+Sequence layers follow the Layer contract of `nets.layers`, so the manual and autodiff engines
+and the losses work on whole sequence models: `rnn(cell)` (batch, time, in) -> (batch, time,
+hidden); `LastStep()` (batch, time, f) -> (batch, f); `TimeDistributed(layer)` applies a
+(batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them;
+`sequence_cross_entropy()` is the per-character loss on (batch, time, classes) logits and
+integer targets (batch, time). `stack_forward`/`stack_backward` run a per-step
+`sequence_model` from given states and return the final ones, for truncated BPTT that carries
+the state across windows (experiments/char_rnn.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nets import initializers
+from nets.layers import Dense, Layer, serial
+from nets.losses import Loss
+
+__all__ = [
+    "Cell",
+    "ScanResiduals",
+    "elman",
+    "lstm",
+    "gru",
+    "CELLS",
+    "make_cell",
+    "hidden_of",
+    "scan_cell",
+    "bptt",
+    "rnn",
+    "LastStep",
+    "TimeDistributed",
+    "sequence_model",
+    "stack_forward",
+    "stack_backward",
+    "sequence_cross_entropy",
+]
+
+Params = Any
+Carry = Any
+
+
+class Cell(NamedTuple):
+    """One recurrent step and its hand-written backward (module docstring)."""
+
+    name: str
+    hidden_size: int
+    init: Callable[[jax.Array, int], Params]
+    initial_carry: Callable[[int, Any], Carry]
+    step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array, Any]]
+    step_backward: Callable[[Params, Any, Carry, jax.Array], tuple[Params, Carry, jax.Array]]
+
+    def input_size(self, params: Params) -> int:
+        """Input features of the cell with these params (rows of w above the hidden ones)."""
+        return params["w"].shape[0] - self.hidden_size
+
+
+def hidden_of(carry: Carry) -> jax.Array:
+    """h of a carry: the carry itself (Elman, GRU) or its first entry (LSTM's (h, c))."""
+    return carry[0] if isinstance(carry, (tuple, list)) else carry
+
+
+def _stacked_weights(key, input_size: int, hidden: int, gates: int) -> jax.Array:
+    """[W_x; W_h] (input_size + hidden, gates * hidden): Glorot W_x, orthogonal W_h blocks."""
+    keys = jax.random.split(key, 2 * gates)
+    glorot = initializers.glorot_uniform()
+    w_x = [glorot(k, (input_size, hidden)) for k in keys[:gates]]
+    w_h = [jax.random.orthogonal(k, hidden, dtype=jnp.float32) for k in keys[gates:]]
+    return jnp.concatenate([jnp.concatenate(w_x, 1), jnp.concatenate(w_h, 1)], 0)
+
+
+def _check_size(name: str, hidden_size: int) -> None:
+    if hidden_size < 1:
+        raise ValueError(f"{name}: hidden_size must be >= 1, got {hidden_size}")
+
+
+def _zeros_carry(hidden: int, pair: bool):
+    def initial_carry(batch, dtype=jnp.float32):
+        h = jnp.zeros((batch, hidden), dtype)
+        return (h, h) if pair else h
+
+    return initial_carry
+
+
+def _row(vector: jax.Array) -> jax.Array:
+    """A (features,) vector as a (1, features) row, broadcast explicitly against a batch."""
+    return vector[None, :]
+
+
+# --- cells ------------------------------------------------------------------------------------
+
+_ACTIVATIONS = {
+    # name: (f, f' as a function of the output)
+    "tanh": (jnp.tanh, lambda h: 1 - h * h),
+    "sigmoid": (jax.nn.sigmoid, lambda h: h * (1 - h)),
+}
+
+
+def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -> Cell:
+    """Elman's simple recurrent net (Elman 1990): h_t = f([x_t, h_{t-1}] w + b), y_t = h_t.
+
+    f is tanh or the logistic sigmoid. Backward, with dh = dcarry + dy_t the total dE/dh_t:
+        da = dh * f'(h_t),  dw = [x_t, h_{t-1}]^T da,  db = sum_batch da,
+        [dx_t, dh_{t-1}] = da w^T.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"elman: activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+    name = name or f"elman_{activation}"
+    _check_size(name, hidden_size)
+    function, derivative = _ACTIVATIONS[activation]
+    hidden = hidden_size
+
+    def init(key, input_size):
+        return {"w": _stacked_weights(key, input_size, hidden, 1),
+                "b": jnp.zeros((hidden,), jnp.float32)}
+
+    def step(params, h, x):
+        xh = jnp.concatenate([x, h], axis=-1)
+        h_new = function(xh @ params["w"] + _row(params["b"]))
+        return h_new, h_new, (xh, h_new)
+
+    def step_backward(params, residuals, dh_new, dy):
+        xh, h_new = residuals
+        da = (dh_new + dy) * derivative(h_new)
+        dxh = da @ params["w"].T
+        inputs = xh.shape[1] - hidden
+        return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
+
+    return Cell(name, hidden, init, _zeros_carry(hidden, False), step, step_backward)
+
+
+def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
+         name: str | None = None) -> Cell:
+    """Long short-term memory (Hochreiter and Schmidhuber 1997, with the forget gate of Gers et
+    al. 2000 and, optionally, the peepholes of Gers and Schmidhuber 2000).
+
+    z = [x_t, h_{t-1}] w + b, split into the gate blocks (i, f, g, o):
+        i = sigmoid(z_i + p_i * c_{t-1}),  f = sigmoid(z_f + p_f * c_{t-1}),  g = tanh(z_g),
+        c_t = f * c_{t-1} + i * g,  o = sigmoid(z_o + p_o * c_t),  h_t = o * tanh(c_t),
+    carry (h_t, c_t), y_t = h_t; the peephole terms p (3, hidden) only with peepholes=True.
+    b_f starts at `forget_bias` (1). Backward, dh = dcarry_h + dy_t, dc = dcarry_c:
+        da_o = dh tanh(c_t) o (1 - o);  dc += dh o (1 - tanh^2 c_t) + da_o p_o;
+        da_i = dc g i (1 - i);  da_f = dc c_{t-1} f (1 - f);  da_g = dc i (1 - g^2);
+        dc_{t-1} = dc f + da_i p_i + da_f p_f;  dp = sum_batch (da_i c_{t-1}, da_f c_{t-1},
+        da_o c_t);  dw = [x_t, h_{t-1}]^T da;  [dx_t, dh_{t-1}] = da w^T.
+    """
+    name = name or ("lstm_peephole" if peepholes else "lstm")
+    _check_size(name, hidden_size)
+    hidden = hidden_size
+
+    def init(key, input_size):
+        bias = jnp.zeros((4 * hidden,), jnp.float32).at[hidden:2 * hidden].set(forget_bias)
+        params = {"w": _stacked_weights(key, input_size, hidden, 4), "b": bias}
+        if peepholes:
+            params["p"] = jnp.zeros((3, hidden), jnp.float32)
+        return params
+
+    def step(params, carry, x):
+        h, c = carry
+        xh = jnp.concatenate([x, h], axis=-1)
+        z = xh @ params["w"] + _row(params["b"])
+        z_i, z_f, z_g, z_o = (z[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        if peepholes:
+            p = params["p"]
+            z_i, z_f = z_i + _row(p[0]) * c, z_f + _row(p[1]) * c
+        i, f, g = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_g)
+        c_new = f * c + i * g
+        if peepholes:
+            z_o = z_o + _row(params["p"][2]) * c_new
+        o = jax.nn.sigmoid(z_o)
+        tanh_c = jnp.tanh(c_new)
+        h_new = o * tanh_c
+        return (h_new, c_new), h_new, (xh, c, c_new, i, f, g, o, tanh_c)
+
+    def step_backward(params, residuals, dcarry, dy):
+        xh, c, c_new, i, f, g, o, tanh_c = residuals
+        dh_new, dc_new = dcarry
+        dh_new = dh_new + dy
+        da_o = dh_new * tanh_c * o * (1 - o)
+        dc_new = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
+        if peepholes:
+            dc_new = dc_new + da_o * _row(params["p"][2])
+        da_i = dc_new * g * i * (1 - i)
+        da_f = dc_new * c * f * (1 - f)
+        da_g = dc_new * i * (1 - g * g)
+        dc = dc_new * f
+        dparams = {}
+        if peepholes:
+            p = params["p"]
+            dc = dc + da_i * _row(p[0]) + da_f * _row(p[1])
+            dparams["p"] = jnp.stack([jnp.sum(da_i * c, 0), jnp.sum(da_f * c, 0),
+                                      jnp.sum(da_o * c_new, 0)])
+        da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
+        dxh = da @ params["w"].T
+        inputs = xh.shape[1] - hidden
+        dparams.update({"w": xh.T @ da, "b": jnp.sum(da, axis=0)})
+        return dparams, (dxh[:, inputs:], dc), dxh[:, :inputs]
+
+    return Cell(name, hidden, init, _zeros_carry(hidden, True), step, step_backward)
+
+
+def gru(hidden_size: int, name: str = "gru") -> Cell:
+    """Gated recurrent unit in the form of Cho et al. 2014 (eqs. 5-8): the reset gate scales
+    h_{t-1} *before* the recurrent matrix of the candidate (cuDNN and PyTorch apply it after:
+    r * (U_n h + b_n), a different function), and z = 1 keeps the old state.
+
+    With w = [W_x; W_h] split into the blocks (r, z, n) of (input_size + hidden, hidden):
+        r = sigmoid(x W_xr + h U_r + b_r),  z = sigmoid(x W_xz + h U_z + b_z),
+        n = tanh(x W_xn + (r * h) U_n + b_n),  h_t = z * h + (1 - z) * n,  y_t = h_t.
+    Backward, dh' = dcarry + dy_t:
+        da_z = dh' (h - n) z (1 - z);  da_n = dh' (1 - z)(1 - n^2);  d(rh) = da_n U_n^T;
+        da_r = d(rh) h r (1 - r);  dh = dh' z + d(rh) r + [da_r, da_z] [U_r, U_z]^T;
+        dW_x = x^T [da_r, da_z, da_n];  d[U_r, U_z] = h^T [da_r, da_z];  dU_n = (r h)^T da_n;
+        db = sum_batch [da_r, da_z, da_n];  dx = [da_r, da_z, da_n] W_x^T.
+    """
+    _check_size(name, hidden_size)
+    hidden = hidden_size
+
+    def init(key, input_size):
+        return {"w": _stacked_weights(key, input_size, hidden, 3),
+                "b": jnp.zeros((3 * hidden,), jnp.float32)}
+
+    def split(w, inputs):
+        return w[:inputs], w[inputs:, :2 * hidden], w[inputs:, 2 * hidden:]
+
+    def step(params, h, x):
+        w_x, u_rz, u_n = split(params["w"], x.shape[1])
+        a_x = x @ w_x + _row(params["b"])
+        a_rz = jax.nn.sigmoid(a_x[:, :2 * hidden] + h @ u_rz)
+        r, z = a_rz[:, :hidden], a_rz[:, hidden:]
+        rh = r * h
+        n = jnp.tanh(a_x[:, 2 * hidden:] + rh @ u_n)
+        h_new = z * h + (1 - z) * n
+        return h_new, h_new, (x, h, r, z, n, rh)
+
+    def step_backward(params, residuals, dh_new, dy):
+        x, h, r, z, n, rh = residuals
+        w_x, u_rz, u_n = split(params["w"], x.shape[1])
+        dh_new = dh_new + dy
+        da_z = dh_new * (h - n) * z * (1 - z)
+        da_n = dh_new * (1 - z) * (1 - n * n)
+        drh = da_n @ u_n.T
+        da_r = drh * h * r * (1 - r)
+        da_rz = jnp.concatenate([da_r, da_z], axis=-1)
+        dh = dh_new * z + drh * r + da_rz @ u_rz.T
+        da = jnp.concatenate([da_rz, da_n], axis=-1)
+        dw_h = jnp.concatenate([h.T @ da_rz, rh.T @ da_n], axis=1)
+        dparams = {"w": jnp.concatenate([x.T @ da, dw_h], axis=0), "b": jnp.sum(da, axis=0)}
+        return dparams, dh, da @ w_x.T
+
+    return Cell(name, hidden, init, _zeros_carry(hidden, False), step, step_backward)
+
+
+CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru")
+
+
+def make_cell(kind: str, hidden_size: int) -> Cell:
+    """A cell by name: one of `CELLS` ("elman" alone means tanh)."""
+    builders = {
+        "elman": lambda: elman(hidden_size, "tanh", name="elman_tanh"),
+        "elman_tanh": lambda: elman(hidden_size, "tanh"),
+        "elman_sigmoid": lambda: elman(hidden_size, "sigmoid"),
+        "lstm": lambda: lstm(hidden_size),
+        "lstm_peephole": lambda: lstm(hidden_size, peepholes=True),
+        "gru": lambda: gru(hidden_size),
+    }
+    if kind not in builders:
+        raise ValueError(f"make_cell: unknown cell {kind!r}; choose one of {sorted(builders)}")
+    return builders[kind]()
+
+
+# --- the scan helper ------------------------------------------------------------------------
+
+class ScanResiduals(NamedTuple):
+    """What `bptt` needs from `scan_cell`: every step's residuals stacked on a leading time
+    axis (time-major), and the mask as (time, batch) (None without one)."""
+
+    steps: Any
+    mask: jax.Array | None
+
+
+def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
+    """Per example: if_true where condition (batch,) holds, else if_false (pytrees alike)."""
+    return jax.tree.map(lambda a, b: jnp.where(condition[:, None], a, b), if_true, if_false)
+
+
+def _window_start(t: jax.Array, truncation: int | None) -> jax.Array:
+    """Whether step t begins a truncation window other than the first."""
+    if truncation is None:
+        return jnp.array(False)
+    return (t > 0) & (t % truncation == 0)
+
+
+def _check_sequence(name: str, x: jax.Array, features: int | None) -> None:
+    """Raise a ValueError unless x is (batch, time, features) (any features when None)."""
+    if x.ndim != 3 or (features is not None and x.shape[2] != features):
+        want = "features" if features is None else str(features)
+        raise ValueError(f"{name}: input x has shape {tuple(x.shape)}, expected (batch, time, "
+                         f"{want})")
+
+
+def _check_options(name: str, xs, mask, truncation) -> None:
+    _check_sequence(name, xs, None)
+    if mask is not None and tuple(mask.shape) != tuple(xs.shape[:2]):
+        raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, expected (batch, time) = "
+                         f"{tuple(xs.shape[:2])}")
+    if truncation is not None and truncation < 1:
+        raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+
+
+def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
+              mask: jax.Array | None = None, truncation: int | None = None,
+              unroll: int = 1) -> tuple[jax.Array, Carry, ScanResiduals]:
+    """Run `cell` over xs (batch, time, features): (ys (batch, time, hidden), carry_T, residuals).
+
+    carry0 defaults to the cell's zeros; mask (batch, time) and truncation as in the module
+    docstring. `residuals` are for `bptt` with the same truncation.
+    """
+    _check_options(f"scan_cell({cell.name})", xs, mask, truncation)
+    batch, time = xs.shape[:2]
+    if carry0 is None:
+        carry0 = cell.initial_carry(batch, xs.dtype)
+    mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
+
+    def one_step(carry, inputs):
+        t, x_t, m_t = inputs
+        if truncation is not None:
+            carry = jax.tree.map(
+                lambda c: jnp.where(_window_start(t, truncation), lax.stop_gradient(c), c), carry)
+        new_carry, y_t, residuals = cell.step(params, carry, x_t)
+        if m_t is not None:
+            new_carry = _select(m_t, new_carry, carry)
+            y_t = jnp.where(m_t[:, None], y_t, jnp.zeros_like(y_t))
+        return new_carry, (y_t, residuals)
+
+    inputs = (jnp.arange(time), jnp.swapaxes(xs, 0, 1), mask_tm)
+    carry_T, (ys_tm, steps) = lax.scan(one_step, carry0, inputs, unroll=unroll)
+    return jnp.swapaxes(ys_tm, 0, 1), carry_T, ScanResiduals(steps, mask_tm)
+
+
+def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
+         dcarry_T: Carry = None, truncation: int | None = None, unroll: int = 1,
+         return_dcarries: bool = False):
+    """Backpropagation through time: a reverse `lax.scan` of the cell's `step_backward`.
+
+    dys (batch, time, hidden) = dE/dys; dcarry_T = dE/dcarry_T (default zeros). Returns
+    (dparams, dxs (batch, time, features), dcarry0), and with return_dcarries also dcarries,
+    the carry pytree with a time axis after the batch one: dcarries[:, t] = dE/d(the carry
+    emitted by step t), the gradient arriving from the later steps (dys[:, t] not included),
+    truncated like the rest. A masked step's incoming gradients are zeroed before its step
+    backward, which is linear in them, so it contributes exactly nothing, and its dcarry
+    passes through unchanged.
+    """
+    if truncation is not None and truncation < 1:
+        raise ValueError(f"bptt({cell.name}): truncation must be >= 1 (or None), got "
+                         f"{truncation}")
+    batch, time = dys.shape[:2]
+    if dcarry_T is None:
+        dcarry_T = cell.initial_carry(batch, dys.dtype)
+    zero_dparams = jax.tree.map(jnp.zeros_like, params)
+
+    def one_step_back(state, inputs):
+        dcarry, dparams = state
+        t, step_residuals, dy_t, m_t = inputs
+        if m_t is not None:
+            dcarry_in = _select(m_t, dcarry, jax.tree.map(jnp.zeros_like, dcarry))
+            dy_t = jnp.where(m_t[:, None], dy_t, jnp.zeros_like(dy_t))
+        else:
+            dcarry_in = dcarry
+        step_dparams, dcarry_prev, dx_t = cell.step_backward(params, step_residuals,
+                                                             dcarry_in, dy_t)
+        if m_t is not None:
+            dcarry_prev = _select(m_t, dcarry_prev, dcarry)
+        if truncation is not None:
+            cut = _window_start(t, truncation)
+            dcarry_prev = jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d),
+                                       dcarry_prev)
+        dparams = jax.tree.map(jnp.add, dparams, step_dparams)
+        return (dcarry_prev, dparams), (dx_t, dcarry if return_dcarries else None)
+
+    inputs = (jnp.arange(time), residuals.steps, jnp.swapaxes(dys, 0, 1), residuals.mask)
+    (dcarry0, dparams), (dxs_tm, dcarries_tm) = lax.scan(
+        one_step_back, (dcarry_T, zero_dparams), inputs, reverse=True, unroll=unroll)
+    dxs = jnp.swapaxes(dxs_tm, 0, 1)
+    if return_dcarries:
+        return dparams, dxs, dcarry0, jax.tree.map(lambda d: jnp.swapaxes(d, 0, 1), dcarries_tm)
+    return dparams, dxs, dcarry0
+
+
+# --- sequence layers --------------------------------------------------------------------------
+
+def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
+        name: str | None = None) -> Layer:
+    """A Layer running `cell` over x (batch, time, in) from the zero state: y (batch, time,
+    hidden), the cell's y_t at every step. Backward: `bptt` (with the same truncation).
+
+    The Layer contract has one input, so there is no mask here: batches of padded sequences
+    call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
+    name = name or cell.name
+    if truncation is not None and truncation < 1:
+        raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+
+    def init(key, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, time, "
+                             "features)")
+        return (input_shape[0], input_shape[1], cell.hidden_size), cell.init(key, input_shape[2])
+
+    def forward(params, x):
+        _check_sequence(name, x, cell.input_size(params))
+        ys, _, residuals = scan_cell(cell, params, x, truncation=truncation, unroll=unroll)
+        return ys, residuals
+
+    def backward(params, residuals, dy):
+        dparams, dx, _ = bptt(cell, params, residuals, dy, truncation=truncation, unroll=unroll)
+        return dparams, dx
+
+    return Layer(name, init, forward, backward)
+
+
+def LastStep(name: str = "LastStep") -> Layer:
+    """y = x[:, -1]: (batch, time, features) -> (batch, features); backward puts dy at the last
+    step and zeros elsewhere."""
+
+    def init(key, input_shape):
+        del key
+        if len(input_shape) != 3:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, time, "
+                             "features)")
+        return (input_shape[0], input_shape[2]), ()
+
+    def forward(params, x):
+        del params
+        _check_sequence(name, x, None)
+        return x[:, -1, :], x  # x only for its shape: it is alive in the rnn's residuals anyway
+
+    def backward(params, x, dy):
+        del params
+        return (), jnp.zeros_like(x).at[:, -1, :].set(dy)
+
+    return Layer(name, init, forward, backward)
+
+
+def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
+    """`layer` (batch, f) -> (batch, g) applied at every time step: (batch, time, f) ->
+    (batch, time, g), by folding time into the batch. Parameters are shared across steps."""
+    name = name or f"TimeDistributed({layer.name})"
+
+    def init(key, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, time, "
+                             "features)")
+        batch, time = input_shape[:2]
+        (_, out), params = layer.init(key, (-1, input_shape[2]))
+        return (batch, time, out), params
+
+    def forward(params, x):
+        _check_sequence(name, x, None)
+        batch, time, features = x.shape
+        y, residuals = layer.forward(params, x.reshape(batch * time, features))
+        return y.reshape(batch, time, y.shape[-1]), residuals
+
+    def backward(params, residuals, dy):
+        batch, time, out = dy.shape
+        dparams, dx = layer.backward(params, residuals, dy.reshape(batch * time, out))
+        return dparams, dx.reshape(batch, time, dx.shape[-1])
+
+    return Layer(name, init, forward, backward)
+
+
+def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
+                   truncation: int | None = None, unroll: int = 1,
+                   name: str = "sequence_model") -> Layer:
+    """A stack of `rnn` layers (one per cell, bottom first) and a Dense output projection
+    (Glorot-uniform), at every step (batch, time, out_features) or, with last_step, at the
+    last one (batch, out_features). params: one entry per layer, as in `serial`."""
+    layers = [rnn(cell, truncation=truncation, unroll=unroll, name=f"{cell.name}_{index}")
+              for index, cell in enumerate(cells)]
+    if last_step:
+        layers += [LastStep(), _projection(out_features)]
+    else:
+        layers.append(TimeDistributed(_projection(out_features), name="output"))
+    return serial(*layers, name=name)
+
+
+def _projection(out_features: int) -> Layer:
+    return Dense(out_features, w_init=initializers.glorot_uniform(), name="output")
+
+
+# Forward and backward of a per-step `sequence_model` from given states and to final ones,
+# for truncated BPTT that carries the state from one window to the next. (The output layer's
+# forward and backward read their shapes from params, so out_features=1 stands for any.)
+_PER_STEP_OUTPUT = TimeDistributed(_projection(1), name="output")
+
+
+def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = None,
+                  truncation: int | None = None, unroll: int = 1):
+    """`sequence_model(cells, out_features)` run from the states carries0 (one per cell,
+    default zeros): (outputs (batch, time, out_features), carries_T (tuple, one per cell),
+    residuals). params are that model's, (cell params..., output params)."""
+    carries0 = (None,) * len(cells) if carries0 is None else tuple(carries0)
+    hs, carries_T, residuals = xs, [], []
+    for cell, cell_params, carry0 in zip(cells, params[:-1], carries0):
+        hs, carry_T, cell_residuals = scan_cell(cell, cell_params, hs, carry0,
+                                                truncation=truncation, unroll=unroll)
+        carries_T.append(carry_T)
+        residuals.append(cell_residuals)
+    outputs, output_residuals = _PER_STEP_OUTPUT.forward(params[-1], hs)
+    return outputs, tuple(carries_T), (tuple(residuals), output_residuals)
+
+
+def stack_backward(cells: Any, params: Params, residuals: Any, doutputs: jax.Array,
+                   dcarries_T: Any = None, truncation: int | None = None, unroll: int = 1):
+    """The hand-written backward of `stack_forward`: (dparams, dxs, dcarries0), dparams with
+    the structure of params; dcarries_T (one per cell, default zeros) is dE/dcarries_T."""
+    cell_residuals, output_residuals = residuals
+    doutput_params, dhs = _PER_STEP_OUTPUT.backward(params[-1], output_residuals, doutputs)
+    dcarries_T = (None,) * len(cells) if dcarries_T is None else tuple(dcarries_T)
+    dparams, dcarries0 = [doutput_params], []
+    for cell, cell_params, residual, dcarry_T in reversed(
+            list(zip(cells, params[:-1], cell_residuals, dcarries_T))):
+        dcell, dhs, dcarry0 = bptt(cell, cell_params, residual, dhs, dcarry_T, truncation,
+                                   unroll)
+        dparams.append(dcell)
+        dcarries0.append(dcarry0)
+    return tuple(reversed(dparams)), dhs, tuple(reversed(dcarries0))
+
+
+def sequence_cross_entropy() -> Loss:
+    """Softmax cross-entropy per step, in nats, averaged over batch and time.
+
+    outputs: logits (batch, time, classes); targets: integer classes (batch, time).
+        E = -(1/(m T)) sum_i sum_t log softmax(z_it)[y_it],
+        dE/dz_it = (softmax(z_it) - onehot(y_it)) / (m T).
+    (Averaging over time too keeps the step size independent of the window length; divide by
+    log 2 for bits per character.)
+    """
+    name = "sequence_cross_entropy"
+
+    def check(z, y):
+        if z.ndim != 3 or tuple(y.shape) != tuple(z.shape[:2]):
+            raise ValueError(f"{name}: outputs have shape {tuple(z.shape)} and targets "
+                             f"{tuple(y.shape)}; expected (batch, time, classes) and "
+                             "(batch, time)")
+
+    def value(z, y):
+        check(z, y)
+        log_p = jax.nn.log_softmax(z, axis=-1)
+        picked = jnp.take_along_axis(log_p, y[:, :, None].astype(jnp.int32), axis=-1)
+        return -jnp.sum(picked) / (z.shape[0] * z.shape[1])
+
+    def grad(z, y):
+        check(z, y)
+        one_hot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+        return (jax.nn.softmax(z, axis=-1) - one_hot) / (z.shape[0] * z.shape[1])
+
+    return Loss(name, value, grad)

@@ -1,0 +1,364 @@
+"""training.parallel: per-example gradients against a loop, clipping, DP-SGD, picking, and the
+data-parallel step in its three forms against one device.
+
+In-process tests use the 2 CPU devices of conftest (float64, tolerance 1e-10). The 4-device
+check runs this file as a script in a subprocess with XLA_FLAGS set before JAX starts (the
+device count is fixed once JAX has started): every form and engine on the MLP, LeNet-1989 and
+an LSTM, float32 with matmul precision "highest", tolerance 1e-5.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+from nets import engines, models, recurrent
+from nets.gradcheck import relative_error
+from tests.helpers import F64, assert_close_tree, random_batch
+from training import metrics, parallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENGINES = {"manual": engines.manual, "autodiff": engines.autodiff}
+FLOAT32 = 1e-5  # the float32 tolerance of nets.gradcheck.TOLERANCES
+
+
+# --- problems --------------------------------------------------------------------------------
+
+def mlp_problem(batch, dtype, seed=0, l2=0.3):
+    model = nets.build_mlp(6, 3, hidden_units=10)
+    params = model.init(jax.random.key(seed), (-1, 6))[1]
+    x, targets = random_batch(jax.random.key(seed + 1), batch, 6, 3, dtype)
+    return model, nets.lecture_objective(l2), cast(params, dtype), x, targets
+
+
+def lenet_problem(batch, dtype, seed=0):
+    model = models.lenet1989()
+    params = model.init(jax.random.key(seed), (-1, 16, 16, 1))[1]
+    x_key, label_key = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.uniform(x_key, (batch, 16, 16, 1), dtype, -1, 1)
+    targets = 2 * jax.nn.one_hot(jax.random.randint(label_key, (batch,), 0, 10), 10,
+                                 dtype=dtype) - 1
+    return model, nets.Objective(nets.mean_squared_error(), 0.1), cast(params, dtype), x, targets
+
+
+def lstm_problem(batch, dtype, seed=0, time=5, features=3, classes=4):
+    model = recurrent.sequence_model([recurrent.lstm(6)], classes)
+    params = model.init(jax.random.key(seed), (-1, time, features))[1]
+    x_key, label_key = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(x_key, (batch, time, features), dtype)
+    targets = jax.random.randint(label_key, (batch, time), 0, classes)
+    return (model, nets.Objective(recurrent.sequence_cross_entropy(), 0.05), cast(params, dtype),
+            x, targets)
+
+
+PROBLEMS = {"mlp": mlp_problem, "lenet1989": lenet_problem, "lstm": lstm_problem}
+
+
+def cast(tree, dtype):
+    return jax.tree.map(lambda leaf: leaf.astype(dtype), tree)
+
+
+def single_example_energy(model, objective, batch):
+    """E_i by hand: the loss on example i alone plus lambda/(2m) sum w^2, m the batch size."""
+
+    def energy(params, x_i, target_i):
+        outputs = model.apply(params, x_i[None])
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        weights = sum(jnp.sum(leaf ** 2) for path, leaf in leaves if nets.losses.is_weight(path))
+        return (objective.loss.value(outputs, target_i[None])
+                + objective.l2 / (2 * batch) * weights)
+
+    return energy
+
+
+# --- per example -----------------------------------------------------------------------------
+
+def flat_rows(grads):
+    """Per-example gradients as a (batch, parameters) NumPy matrix."""
+    return np.asarray(jax.vmap(lambda g: jax.flatten_util.ravel_pytree(g)[0])(grads))
+
+
+@pytest.fixture(scope="module")
+def mlp_case():
+    """One float64 MLP batch and its per-example values and gradients (manual engine)."""
+    model, objective, params, x, targets = mlp_problem(16, jnp.float64)
+    values, grads = jax.jit(parallel.per_example_value_and_grad(model, objective))(
+        params, x, targets)
+    return model, objective, params, x, targets, values, grads
+
+
+@pytest.mark.parametrize("name, engine", [("mlp", "manual"), ("mlp", "autodiff"),
+                                          ("lenet1989", "manual"), ("lstm", "manual")])
+def test_per_example_gradients_equal_a_loop_over_examples(name, engine):
+    batch = 4
+    model, objective, params, x, targets = PROBLEMS[name](batch, jnp.float64)
+    values, grads = jax.jit(parallel.per_example_value_and_grad(
+        model, objective, ENGINES[engine]))(params, x, targets)
+    one_example = jax.jit(jax.value_and_grad(single_example_energy(model, objective, batch)))
+    loop = [one_example(params, x[i], targets[i]) for i in range(batch)]
+
+    rows = flat_rows(grads)
+    assert relative_error(rows[0], rows[1]) > 0.05  # really one gradient per example
+    for i, (value, grad) in enumerate(loop):
+        assert abs(float(values[i]) - float(value)) <= F64 * abs(float(value))
+        assert_close_tree(jax.tree.map(lambda leaf, i=i: leaf[i], grads), grad, jnp.float64,
+                          f"{name}/{engine} example {i}")
+
+
+@pytest.mark.parametrize("engine", ["manual", "autodiff"])
+def test_mean_of_per_example_gradients_is_the_batch_gradient(engine):
+    model, objective, params, x, targets = mlp_problem(8, jnp.float64)
+    values, grads = jax.jit(parallel.per_example_value_and_grad(
+        model, objective, ENGINES[engine]))(params, x, targets)
+    energy, grad = jax.jit(ENGINES[engine](model, objective))(params, x, targets)
+    assert abs(float(jnp.mean(values)) - float(energy)) <= F64 * float(energy)
+    assert_close_tree(jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), grads), grad,
+                      jnp.float64, "mean per-example")
+
+
+def test_clipping_bounds_each_norm_and_keeps_small_gradients(mlp_case):
+    *_, grads = mlp_case
+    flat = flat_rows(grads)
+    norms = np.asarray(jax.jit(parallel.gradient_norms)(grads))
+    np.testing.assert_allclose(norms, np.linalg.norm(flat, axis=1), rtol=1e-12)
+    bound = float(np.median(norms))
+    clipped, before = jax.jit(parallel.clip_gradients, static_argnums=1)(grads, bound)
+    flat_clipped = flat_rows(clipped)
+    after = np.linalg.norm(flat_clipped, axis=1)
+    assert (norms > bound).any() and (norms < bound).any()
+    np.testing.assert_allclose(before, norms)
+    np.testing.assert_allclose(after, np.minimum(norms, bound), rtol=1e-12)
+    small = norms < bound
+    np.testing.assert_array_equal(flat_clipped[small], flat[small])
+    cosine = np.sum(flat_clipped * flat, axis=1) / (after * norms)
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-12)  # directions kept
+    zero, _ = parallel.clip_gradients({"w": jnp.zeros((3, 2))}, 1.0)
+    np.testing.assert_array_equal(zero["w"], 0.0)
+    with pytest.raises(ValueError, match="max_norm"):
+        parallel.clip_gradients(grads, 0.0)
+
+
+def test_private_gradient_clips_the_data_term_and_adds_scaled_noise(mlp_case):
+    model, objective, params, x, targets, values, grads = mlp_case
+    batch = x.shape[0]
+    energy, grad = jax.jit(engines.autodiff(model, objective))(params, x, targets)
+    # a bound no example reaches: the plain batch gradient
+    loose_energy, loose_grad = jax.jit(parallel.private_value_and_grad(
+        model, objective, clip_norm=1e6))(params, x, targets)
+    assert abs(float(loose_energy) - float(energy)) <= F64 * float(energy)
+    assert_close_tree(loose_grad, grad, jnp.float64, "unclipped")
+
+    # the data term alone is each example's gradient less its share of the penalty
+    penalty = jax.flatten_util.ravel_pytree(
+        nets.losses.l2_penalty_grad(params, objective.l2, batch))[0]
+    data = flat_rows(grads) - np.asarray(penalty)[None, :]
+    norms = np.linalg.norm(data, axis=1)
+    clip = float(np.min(norms)) / 2
+    expected = (data * (clip / norms)[:, None]).mean(axis=0) + np.asarray(penalty)
+    sigma = 2.0
+    noisy = jax.jit(parallel.private_value_and_grad(model, objective, clip_norm=clip,
+                                                    noise_multiplier=sigma))
+    with pytest.raises(ValueError, match="key"):
+        noisy(params, x, targets)
+    key = jax.random.key(3)
+    draws = jax.flatten_util.ravel_pytree(noisy(params, x, targets, key)[1])[0]
+    np.testing.assert_array_equal(draws, jax.flatten_util.ravel_pytree(
+        noisy(params, x, targets, key)[1])[0])  # the key alone decides the noise
+    tight = parallel.private_value_and_grad(model, objective, clip_norm=clip)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(
+        jax.jit(tight)(params, x, targets)[1])[0], expected, rtol=1e-10)
+    noise = (np.asarray(draws) - expected) / (sigma * clip / batch)
+    assert noise.size > 100
+    assert abs(noise.std() - 1) < 0.2 and abs(noise.mean()) < 4 / np.sqrt(noise.size)
+
+
+@pytest.mark.parametrize("by", ["grad_norm", "loss"])
+def test_pick_hardest_misclassified(mlp_case, by):
+    model, objective, params, x, targets, values, grads = mlp_case
+    wrong = np.asarray(metrics.predicted_labels(model.apply(params, x))
+                       != metrics.target_labels(targets))
+    score = np.linalg.norm(flat_rows(grads), axis=1) if by == "grad_norm" else np.asarray(values)
+    count = int(wrong.sum())
+    assert 3 <= count < x.shape[0] - 2
+    wrong_indices, right_indices = np.flatnonzero(wrong), np.flatnonzero(~wrong)
+    for asked in (3, count + 2):  # fewer, then more than are misclassified
+        pick = jax.jit(parallel.pick_hardest_misclassified(model, objective, count=asked, by=by))
+        indices, picked_wrong = pick(params, x, targets)
+        hardest = np.concatenate([wrong_indices[np.argsort(-score[wrong])],
+                                  right_indices[np.argsort(-score[~wrong])]])
+        np.testing.assert_array_equal(indices, hardest[:asked])
+        np.testing.assert_array_equal(picked_wrong, np.arange(asked) < count)
+
+
+# --- over devices, in process (2 devices) ----------------------------------------------------
+
+def single_device_steps(model, objective, optimizer, engine, params, x, targets, steps):
+    """The reference: the engine on the whole batch, on one device. (first grad, params)."""
+    value_and_grad = engine(model, objective)
+
+    @jax.jit
+    def step(params, opt_state):
+        grad = value_and_grad(params, x, targets)[1]
+        updates, opt_state = optimizer.update(grad, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, grad
+
+    opt_state, first_grad = optimizer.init(params), None
+    for _ in range(steps):
+        params, opt_state, grad = step(params, opt_state)
+        first_grad = grad if first_grad is None else first_grad
+    return first_grad, params
+
+
+def data_parallel_steps(model, objective, optimizer, engine, form, params, x, targets, steps,
+                        mesh=None):
+    """(first grad, params after `steps`, placed batch) from the data-parallel step."""
+    run = parallel.data_parallel(model, objective, optimizer, engine=engine, form=form,
+                                 mesh=mesh)
+    placed_params = run.place_state(params)
+    opt_state = run.place_state(optimizer.init(params))
+    batch = run.place_batch(np.asarray(x), np.asarray(targets))
+    first_grad = None
+    for _ in range(steps):
+        placed_params, opt_state, _, grad = run.step(placed_params, opt_state, *batch)
+        first_grad = run.fetch(grad) if first_grad is None else first_grad
+    return first_grad, run.fetch(placed_params), batch
+
+
+@pytest.mark.parametrize("engine", ["manual", "autodiff"])
+@pytest.mark.parametrize("form", parallel.FORMS)
+def test_two_devices_equal_one_device(form, engine):
+    assert jax.device_count() == 2
+    model, objective, params, x, targets = mlp_problem(8, jnp.float64)
+    optimizer = optax.adam(0.05)
+    grad, final = single_device_steps(model, objective, optimizer, ENGINES[engine], params, x,
+                                      targets, 5)
+    dp_grad, dp_final, batch = data_parallel_steps(model, objective, optimizer, ENGINES[engine],
+                                                   form, params, x, targets, 5)
+    assert len(batch[0].sharding.device_set) == 2  # the batch is split over both devices
+    assert relative_error(*(jax.flatten_util.ravel_pytree(t)[0] for t in (
+        engines.autodiff(model, objective)(params, x[:4], targets[:4])[1], grad))) > 1e-2
+    assert_close_tree(dp_grad, grad, jnp.float64, f"{form}/{engine} gradient")
+    assert_close_tree(dp_final, final, jnp.float64, f"{form}/{engine} params after 5 steps")
+
+
+@pytest.mark.parametrize("form", parallel.FORMS)
+def test_a_batch_not_divisible_by_the_devices_is_a_clear_error(form):
+    model, objective, params, x, targets = mlp_problem(5, jnp.float32)
+    optimizer = optax.sgd(0.1)
+    run = parallel.data_parallel(model, objective, optimizer, form=form)
+    with pytest.raises(ValueError, match="batch of 5 examples .* over 2 devices"):
+        run.place_batch(x, targets)
+    with pytest.raises(ValueError, match="5"):
+        run.step(run.place_state(params), run.place_state(optimizer.init(params)), x, targets)
+
+
+def test_unknown_form_and_mesh_are_rejected():
+    model, objective, *_ = mlp_problem(4, jnp.float32)
+    with pytest.raises(ValueError, match="form='pjit'"):
+        parallel.data_parallel(model, objective, optax.sgd(0.1), form="pjit")
+    mesh = jax.make_mesh((2,), ("data",))
+    with pytest.raises(ValueError, match="axis 'batch'"):
+        parallel.data_parallel(model, objective, optax.sgd(0.1), mesh=mesh)
+
+
+def test_scaling_experiment_writes_its_table_and_plot(tmp_path):
+    """A reduced `python -m experiments.scaling` on the 2 devices of this process."""
+    from experiments import scaling
+
+    assert scaling.device_counts(8, 0) == [1, 2, 4, 8]
+    assert scaling.device_counts(6, 0) == [1, 2, 4, 6]
+    assert scaling.device_counts(8, 2) == [1, 2]
+    assert scaling.main(["--workdir", str(tmp_path), "--no-per-example", "--forms",
+                         "shard_map", "--engines", "manual", "--repetitions", "2",
+                         "--per-device-batch", "4", "--global-batch", "8"]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = document["metrics"]["scaling"]
+    assert [(r["form"], r["mode"], r["devices"], r["batch"]) for r in rows] == [
+        ("single", "weak", 1, 4), ("shard_map", "weak", 1, 4), ("shard_map", "weak", 2, 8),
+        ("single", "strong", 1, 8), ("shard_map", "strong", 1, 8),
+        ("shard_map", "strong", 2, 8)]
+    assert all(r["step_ms"] > 0 and r["compile_s"] >= 0 for r in rows)
+    assert document["metrics"]["matmul_precision"].startswith("default")
+    assert "float32 matmul precision: default" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+# --- over 4 devices, in a subprocess ---------------------------------------------------------
+
+FOUR_DEVICE_CASES = [  # (problem, engine, form): every model in every form, each engine in
+    # every form and for every model (the 2-device tests cross both engines with every form)
+    ("mlp", "manual", "shard_map"), ("mlp", "autodiff", "pmap"), ("mlp", "manual", "jit"),
+    ("lenet1989", "autodiff", "shard_map"), ("lenet1989", "manual", "pmap"),
+    ("lenet1989", "autodiff", "jit"),
+    ("lstm", "manual", "shard_map"), ("lstm", "autodiff", "pmap"), ("lstm", "manual", "jit"),
+]
+
+
+def four_device_report(batch=16, steps=5):
+    """Run in a process with 4 CPU devices: per case, the relative errors of the data-parallel
+    gradient and parameters after `steps` against one device, and a sanity difference (one
+    device's shard alone against the whole batch)."""
+    rows, references = [], {}
+    flat = lambda tree: np.asarray(jax.flatten_util.ravel_pytree(tree)[0])  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        for name, engine, form in FOUR_DEVICE_CASES:
+            model, objective, params, x, targets = PROBLEMS[name](batch, jnp.float32)
+            optimizer = optax.sgd(0.05, momentum=0.9)
+            if (name, engine) not in references:
+                grad, final = single_device_steps(model, objective, optimizer, ENGINES[engine],
+                                                  params, x, targets, steps)
+                shard = jax.jit(ENGINES[engine](model, objective))(
+                    params, x[:batch // 4], targets[:batch // 4])[1]
+                references[name, engine] = grad, final, relative_error(flat(shard), flat(grad))
+            grad, final, shard_difference = references[name, engine]
+            dp_grad, dp_final, placed = data_parallel_steps(
+                model, objective, optimizer, ENGINES[engine], form, params, x, targets, steps)
+            rows.append({
+                "case": f"{name}/{engine}/{form}",
+                "devices": len(placed[0].sharding.device_set),
+                "dtype": str(flat(dp_final).dtype),
+                "grad": max(relative_error(a, b) for a, b in
+                            zip(jax.tree.leaves(dp_grad), jax.tree.leaves(grad))),
+                "params": max(relative_error(a, b) for a, b in
+                              zip(jax.tree.leaves(dp_final), jax.tree.leaves(final))),
+                "one_shard_vs_batch": shard_difference,
+            })
+    try:
+        run = parallel.data_parallel(*PROBLEMS["mlp"](4, jnp.float32)[:2], optax.sgd(0.1))
+        run.place_batch(np.zeros((10, 6), np.float32), np.zeros((10, 3), np.float32))
+        error = None
+    except ValueError as raised:
+        error = str(raised)
+    return {"device_count": jax.device_count(), "rows": rows, "indivisible_error": error}
+
+
+def test_four_devices_equal_one_device_for_every_form_engine_and_model():
+    # unoptimised machine code compiles in half the time and is as exact (no fast-math)
+    flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    environment = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT),
+                   "JAX_ENABLE_X64": "0"}
+    completed = subprocess.run([sys.executable, __file__], env=environment, cwd=ROOT,
+                               capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["device_count"] == 4
+    assert len(report["rows"]) == len(FOUR_DEVICE_CASES)
+    for row in report["rows"]:
+        assert row["devices"] == 4 and row["dtype"] == "float32", row
+        assert row["one_shard_vs_batch"] > 1e-2, row  # the devices' shards really differ
+        assert row["grad"] <= FLOAT32, row
+        assert row["params"] <= FLOAT32, row
+    assert "batch of 10 examples" in report["indivisible_error"]
+    assert "over 4 devices" in report["indivisible_error"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(four_device_report()))

@@ -1,0 +1,310 @@
+"""nets.recurrent: each cell's hand-written BPTT against jax.grad, the helper's options, causality.
+
+Compilation dominates the cost here, so each cell is checked on a few lengths (1, 17, 200) with
+sizes drawn from a seeded generator, every option switched on in some case.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import recurrent
+from nets.gradcheck import gradient_report, relative_error
+from tests.helpers import assert_close_tree
+
+CELLS = recurrent.CELLS
+
+
+def random_like(rng, tree, dtype, scale=1.0):
+    """N(0, scale^2) arrays (drawn by NumPy) shaped like the leaves of `tree` (arrays or
+    ShapeDtypeStructs). NumPy, not eager jax.random: every eager op of a new shape compiles,
+    and with random sizes that would cost more than the checks."""
+    return jax.tree.map(lambda leaf: jnp.asarray(scale * rng.standard_normal(leaf.shape), dtype),
+                        tree)
+
+
+def random_params(cell, input_size, rng, dtype):
+    """Random params of the cell's shapes, N(0, 0.5^2) on every leaf (peepholes and biases
+    included), so that no term of a backward pass is multiplied by an exact zero."""
+    shapes = jax.eval_shape(functools.partial(cell.init, input_size=input_size),
+                            jax.random.key(0))
+    return random_like(rng, shapes, dtype, 0.5)
+
+
+def lengths_mask(lengths, time):
+    return jnp.arange(time)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def problem(kind, time, dtype, seed, with_mask, with_carry0):
+    """A cell of random sizes, params, inputs, an optional mask and initial state, and the
+    random linear read-outs R_y, R_c that define E = sum(ys R_y) + sum(carry_T R_c)."""
+    rng = np.random.default_rng(seed)
+    batch, features, hidden = (int(rng.integers(1, 5)), int(rng.integers(1, 6)),
+                               int(rng.integers(1, 7)))
+    cell = recurrent.make_cell(kind, hidden)
+    params = random_params(cell, features, rng, dtype)
+    xs = random_like(rng, jnp.zeros((batch, time, features)), dtype)
+    zero_carry = jax.eval_shape(functools.partial(cell.initial_carry, batch))
+    carry0 = random_like(rng, zero_carry, dtype) if with_carry0 else None
+    mask = None
+    if with_mask:
+        lengths = rng.integers(0, time + 1, batch)
+        lengths[0] = time  # keep one full-length sequence
+        mask = jnp.asarray(np.arange(time)[None, :] < lengths[:, None])
+    read_y = random_like(rng, jnp.zeros((batch, time, hidden)), dtype)
+    read_carry = random_like(rng, zero_carry, dtype)
+    return cell, params, xs, carry0, mask, read_y, read_carry
+
+
+def energy_of(cell, mask, truncation, read_y, read_carry, unroll=1):
+    def energy(params, xs, carry0):
+        ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, carry0, mask, truncation, unroll)
+        pairs = zip(jax.tree.leaves(carry_T), jax.tree.leaves(read_carry))
+        return jnp.sum(ys * read_y) + sum(jnp.sum(c * r) for c, r in pairs)
+
+    return energy
+
+
+def manual_gradients(cell, mask, truncation, read_y, read_carry, unroll=1):
+    def gradients(params, xs, carry0):
+        _, _, residuals = recurrent.scan_cell(cell, params, xs, carry0, mask, truncation, unroll)
+        return recurrent.bptt(cell, params, residuals, read_y, read_carry, truncation, unroll)
+
+    return gradients
+
+
+CASES = {
+    # name: (time, dtype, mask, carry0, truncation); unroll: in the masked-steps test
+    "T1": (1, "float64", False, False, None),
+    "T17_mask_carry0_truncated": (17, "float64", True, True, 5),
+    "T200_mask_truncated": (200, "float64", True, False, 30),
+    "T200_float32": (200, "float32", False, True, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", CELLS)
+def test_bptt_matches_jax_grad_through_the_scan(kind, case):
+    """dparams, dxs and dcarry0 by the hand-written BPTT equal jax.grad of the scanned forward
+    (with stop_gradient at the window boundaries when truncated): 1e-10 in float64, 1e-5 in
+    float32."""
+    time, dtype, with_mask, with_carry0, truncation = CASES[case]
+    seed = CELLS.index(kind) * 10 + list(CASES).index(case)
+    cell, params, xs, carry0, mask, read_y, read_carry = problem(
+        kind, time, dtype, seed, with_mask, with_carry0)
+    if carry0 is None:
+        carry0 = cell.initial_carry(xs.shape[0], xs.dtype)
+    energy = energy_of(cell, mask, truncation, read_y, read_carry)
+    manual = manual_gradients(cell, mask, truncation, read_y, read_carry)
+
+    @jax.jit  # one compilation for both
+    def both(params, xs, carry0):
+        return manual(params, xs, carry0), jax.grad(energy, argnums=(0, 1, 2))(params, xs, carry0)
+
+    actual, expected = both(params, xs, carry0)
+    assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(expected[0]))
+    assert_close_tree(actual, expected, dtype, f"{kind}/{case}")
+
+
+def test_truncation_matches_windows_with_stop_gradient_and_changes_the_gradient():
+    """The reference for truncated BPTT built outside the helper: the sequence cut into windows
+    of k steps, each run from stop_gradient(the previous window's final carry), and jax.grad.
+    Truncation must also actually change the gradient (else the check proves nothing)."""
+    time, k = 17, 5
+    cell, params, xs, carry0, mask, read_y, read_carry = problem("lstm", time, "float64", 7,
+                                                                 True, True)
+
+    def windowed_energy(params, xs, carry0):
+        carry, ys = carry0, []
+        for start in range(0, time, k):
+            if start:
+                carry = jax.lax.stop_gradient(carry)
+            window = slice(start, start + k)
+            ys_w, carry, _ = recurrent.scan_cell(cell, params, xs[:, window], carry,
+                                                 mask[:, window])
+            ys.append(ys_w)
+        pairs = zip(jax.tree.leaves(carry), jax.tree.leaves(read_carry))
+        return jnp.sum(jnp.concatenate(ys, 1) * read_y) + sum(jnp.sum(c * r) for c, r in pairs)
+
+    @jax.jit
+    def all_three(params, xs, carry0):
+        return (jax.grad(windowed_energy, argnums=(0, 1, 2))(params, xs, carry0),
+                manual_gradients(cell, mask, k, read_y, read_carry)(params, xs, carry0),
+                manual_gradients(cell, mask, None, read_y, read_carry)(params, xs, carry0))
+
+    reference, truncated, full = all_three(params, xs, carry0)
+    assert relative_error(full[0]["w"], truncated[0]["w"]) > 1e-3
+    assert relative_error(full[1], truncated[1]) > 1e-3
+    assert_close_tree(truncated, reference, "float64", "truncated vs windows")
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_scan_runs_the_step_in_order(kind):
+    """scan_cell's outputs and final carry equal a Python loop over cell.step."""
+    cell, params, xs, carry0, _, _, _ = problem(kind, 6, "float64", 3, False, True)
+    ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, carry0)
+    carry, expected = carry0, []
+    for t in range(xs.shape[1]):
+        carry, y_t, _ = cell.step(params, carry, xs[:, t])
+        expected.append(y_t)
+    assert_close_tree((ys, carry_T), (jnp.stack(expected, 1), carry), "float64", kind)
+
+
+def test_masked_steps_keep_the_carry_and_contribute_no_gradient():
+    """A padded sequence with its mask gives the final state, outputs and gradients of the
+    unpadded sequence; its padded inputs get exactly zero gradient."""
+    time, length = 9, 4
+    cell, params, xs, _, _, read_y, read_carry = problem("gru", time, "float64", 11, False,
+                                                         False)
+    xs, read_y = xs[:1], read_y[:1]
+    read_carry = read_carry[:1]
+    mask = lengths_mask([length], time)
+    padded = manual_gradients(cell, mask, None, read_y, read_carry, unroll=3)  # unroll as well
+    short = manual_gradients(cell, None, None, read_y[:, :length], read_carry)
+    zero = cell.initial_carry(1, xs.dtype)
+    dparams, dxs, dcarry0 = jax.jit(padded)(params, xs, zero)
+    dparams_short, dxs_short, dcarry0_short = jax.jit(short)(params, xs[:, :length], zero)
+    assert np.all(np.asarray(dxs[:, length:]) == 0)
+    assert_close_tree((dparams, dxs[:, :length], dcarry0),
+                      (dparams_short, dxs_short, dcarry0_short), "float64", "padded vs short")
+    ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, mask=mask, unroll=3)
+    ys_short, carry_short, _ = recurrent.scan_cell(cell, params, xs[:, :length])
+    assert np.all(np.asarray(ys[:, length:]) == 0)
+    assert_close_tree((ys[:, :length], carry_T), (ys_short, carry_short), "float64", "forward")
+
+
+@pytest.mark.parametrize("kind", ["elman_tanh", "lstm_peephole", "gru"])
+def test_causality_output_at_t_does_not_depend_on_later_inputs(kind):
+    """d y_t / d x_s is exactly zero for s > t, by the manual BPTT and by jax.grad, and not
+    zero at s = t."""
+    time, t = 8, 3
+    cell, params, xs, _, _, _, _ = problem(kind, time, "float64", 5, False, False)
+    ys = recurrent.scan_cell(cell, params, xs)[0]
+    read = jnp.zeros_like(ys).at[:, t].set(1.0)
+    _, _, residuals = recurrent.scan_cell(cell, params, xs)
+    _, dxs_manual, _ = recurrent.bptt(cell, params, residuals, read)
+    dxs_autodiff = jax.grad(lambda x: jnp.sum(recurrent.scan_cell(cell, params, x)[0] * read))(xs)
+    for dxs in (dxs_manual, dxs_autodiff):
+        assert np.all(np.asarray(dxs[:, t + 1:]) == 0)
+        assert np.any(np.asarray(dxs[:, t]) != 0)
+
+
+def test_dcarries_are_the_gradients_of_each_step_state():
+    """bptt(return_dcarries=True)[3][:, t] = dE/d(carry after step t): jax.grad of E with a
+    zero perturbation added to every emitted carry."""
+    time = 12
+    cell, params, xs, _, _, read_y, read_carry = problem("lstm", time, "float64", 13, False,
+                                                         False)
+    _, _, residuals = recurrent.scan_cell(cell, params, xs)
+    dcarries = recurrent.bptt(cell, params, residuals, read_y, read_carry,
+                              return_dcarries=True)[3]
+    batch = xs.shape[0]
+
+    def perturbed_energy(deltas):
+        def one_step(carry, inputs):
+            x_t, delta_t = inputs
+            carry, y_t, _ = cell.step(params, carry, x_t)
+            carry = jax.tree.map(jnp.add, carry, delta_t)
+            return carry, y_t
+
+        deltas_tm = jax.tree.map(lambda d: jnp.swapaxes(d, 0, 1), deltas)
+        carry_T, ys = jax.lax.scan(one_step, cell.initial_carry(batch, xs.dtype),
+                                   (jnp.swapaxes(xs, 0, 1), deltas_tm))
+        pairs = zip(jax.tree.leaves(carry_T), jax.tree.leaves(read_carry))
+        return jnp.sum(jnp.swapaxes(ys, 0, 1) * read_y) + sum(jnp.sum(c * r) for c, r in pairs)
+
+    zeros = jax.tree.map(jnp.zeros_like, dcarries)
+    assert_close_tree(dcarries, jax.grad(perturbed_energy)(zeros), "float64", "dcarries")
+
+
+def test_sequence_models_agree_across_engines_and_with_finite_differences():
+    """An LSTM with peepholes, a per-step projection and the sequence cross-entropy: manual vs
+    jax.grad and finite differences, every parameter (stacks: test_stack_backward_...). Then an
+    Elman net read at its last step, truncated, with MSE and the L2 penalty: manual vs jax.grad
+    (finite differences see the untruncated gradient, so they do not apply)."""
+    rng = np.random.default_rng(0)
+    model = recurrent.sequence_model([recurrent.lstm(4, peepholes=True)], 5)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 7, 2))[1], jax.random.key(0))
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    x = random_like(rng, jnp.zeros((3, 7, 2)), jnp.float64)
+    targets = jnp.asarray(rng.integers(0, 5, (3, 7)))
+    rows = gradient_report(model, nets.Objective(recurrent.sequence_cross_entropy(), 0.0),
+                           params, x, targets, max_fd_coordinates=24)
+    assert {row["layer"] for row in rows} == {"lstm_peephole_0", "output"}
+    assert all(row["passed"] for row in rows), rows
+
+    elman = recurrent.sequence_model([recurrent.elman(4)], 2, last_step=True, truncation=2)
+    shapes = jax.eval_shape(lambda key: elman.init(key, (-1, 5, 2))[1], jax.random.key(0))
+    objective = nets.Objective(nets.mean_squared_error(), l2=0.5)
+    args = (random_like(rng, shapes, jnp.float64, 0.5), x[:, :5],
+            random_like(rng, jnp.zeros((3, 2)), jnp.float64))
+    untruncated_model = recurrent.sequence_model([recurrent.elman(4)], 2, last_step=True)
+    manual, autodiff, untruncated = jax.jit(lambda *a: (
+        nets.manual(elman, objective)(*a), nets.autodiff(elman, objective)(*a),
+        nets.autodiff(untruncated_model, objective)(*a)))(*args)
+    assert_close_tree(manual, autodiff, "float64", "elman last step")
+    assert relative_error(untruncated[1][0]["w"], manual[1][0]["w"]) > 1e-3
+    # the recurrent matrix is under "w", so the L2 penalty reaches it
+    assert nets.losses.is_weight((jax.tree_util.DictKey("w"),))
+
+
+def test_sequence_cross_entropy_gradient_is_the_derivative_of_its_value():
+    logits = jax.random.normal(jax.random.key(1), (2, 3, 4), jnp.float64)
+    targets = jnp.array([[0, 3, 1], [2, 2, 0]])
+    loss = recurrent.sequence_cross_entropy()
+    assert_close_tree(loss.grad(logits, targets),
+                      jax.grad(loss.value)(logits, targets), "float64", "cross-entropy")
+    uniform = loss.value(jnp.zeros((2, 3, 4)), targets)
+    assert float(uniform) == pytest.approx(np.log(4))
+
+
+def test_lstm_forget_bias_starts_at_one_and_layers_check_their_input():
+    hidden = 3
+    params = recurrent.lstm(hidden).init(jax.random.key(0), 2)
+    np.testing.assert_array_equal(params["b"][hidden:2 * hidden], 1.0)
+    np.testing.assert_array_equal(params["b"][:hidden], 0.0)
+    assert params["w"].shape == (2 + hidden, 4 * hidden)
+    layer = recurrent.rnn(recurrent.gru(hidden))
+    shape, gru_params = layer.init(jax.random.key(0), (-1, 5, 2))
+    assert shape == (-1, 5, hidden)
+    with pytest.raises(ValueError, match=r"gru: input x has shape \(4, 5, 3\), expected "
+                                         r"\(batch, time, 2\)"):
+        layer.forward(gru_params, jnp.zeros((4, 5, 3)))
+    with pytest.raises(ValueError, match="truncation must be >= 1"):
+        recurrent.rnn(recurrent.gru(hidden), truncation=0)
+
+
+def test_stack_backward_from_given_states_matches_jax_grad():
+    """stack_forward/stack_backward (truncated BPTT that carries the state across windows):
+    dparams, dxs and dcarries0 against jax.grad, with given initial states and a read-out of
+    the final ones."""
+    rng = np.random.default_rng(21)
+    cells = (recurrent.lstm(3), recurrent.elman(2))
+    model = recurrent.sequence_model(cells, 4)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 6, 5))[1], jax.random.key(0))
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    xs = random_like(rng, jnp.zeros((2, 6, 5)), jnp.float64)
+    carry_shapes = tuple(jax.eval_shape(functools.partial(c.initial_carry, 2)) for c in cells)
+    carries0 = random_like(rng, carry_shapes, jnp.float64)
+    read_out = random_like(rng, jnp.zeros((2, 6, 4)), jnp.float64)
+    read_carries = random_like(rng, carry_shapes, jnp.float64)
+
+    def energy(params, xs, carries0):
+        outputs, carries_T, _ = recurrent.stack_forward(cells, params, xs, carries0)
+        pairs = zip(jax.tree.leaves(carries_T), jax.tree.leaves(read_carries))
+        return jnp.sum(outputs * read_out) + sum(jnp.sum(c * r) for c, r in pairs)
+
+    @jax.jit
+    def both(params, xs, carries0):
+        outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0)
+        manual = recurrent.stack_backward(cells, params, residuals, read_out, read_carries)
+        return manual, jax.grad(energy, argnums=(0, 1, 2))(params, xs, carries0), outputs
+
+    manual, expected, outputs = both(params, xs, carries0)
+    assert_close_tree(manual, expected, "float64", "stack")
+    # from the zero state, the stack is the sequence_model Layer
+    assert_close_tree(recurrent.stack_forward(cells, params, xs)[0], model.apply(params, xs),
+                      "float64", "stack vs model")

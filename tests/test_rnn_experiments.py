@@ -1,0 +1,94 @@
+"""Smoke runs of the recurrent-net experiments at tiny sizes: results files and their keys."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import adding_problem, char_rnn, vanishing
+from tests.helpers import assert_close_tree
+
+DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
+
+
+def read_results(workdir):
+    document = json.loads((workdir / "results.json").read_text())
+    assert DESIGN_KEYS <= set(document)
+    assert (workdir / "results.md").read_text().strip()
+    return document
+
+
+def test_adding_problem_data_has_the_stated_baseline():
+    """Two markers, one per half; the target is the sum of the marked values; predicting 1
+    has MSE 1/6."""
+    x, targets = adding_problem.adding_batch(jax.random.key(0), 4000, 10)
+    markers = np.asarray(x[:, :, 1])
+    np.testing.assert_array_equal(markers[:, :5].sum(1), 1)
+    np.testing.assert_array_equal(markers[:, 5:].sum(1), 1)
+    np.testing.assert_allclose(targets[:, 0], np.sum(x[:, :, 0] * markers, 1), rtol=1e-6)
+    assert float(jnp.mean((targets - 1) ** 2)) == pytest.approx(1 / 6, abs=0.01)
+
+
+def test_adding_problem_runs_each_cell_and_reports_steps_to_threshold(tmp_path):
+    metrics = adding_problem.main([
+        "--workdir", str(tmp_path), "--cells", "gru", "--lengths", "6", "--steps", "20",
+        "--eval-every", "10", "--hidden", "4", "--batch-size", "8", "--test-examples", "16",
+        "--engine", "autodiff", "--progress-every", "0"])
+    document = read_results(tmp_path)
+    assert set(metrics) == {"gru_T6"}
+    assert set(metrics["gru_T6"]) == {"final_test_mse", "steps_to_mse_below_0.01", "solved"}
+    assert [h["step"] for h in document["history"] if h["cell"] == "gru"] == [10, 20]
+    assert document["baseline_mse"] == pytest.approx(1 / 6)
+    assert (tmp_path / "gru_T6" / "metrics.jsonl").exists()
+    assert (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+def test_vanishing_reports_decay_rates_and_agrees_with_jax_grad(tmp_path):
+    metrics = vanishing.main([
+        "--workdir", str(tmp_path), "--cells", "elman_sigmoid,elman_tanh",
+        "--length", "40", "--hidden", "4", "--train-steps", "10", "--examples", "8",
+        "--batch-size", "8"])
+    document = read_results(tmp_path)
+    assert set(metrics) == {f"{c}/{s}/{d}" for c in ("elman_sigmoid", "elman_tanh")
+                            for s in ("init", "trained") for d in ("float32", "float64")}
+    for name, profile in document["profiles"].items():
+        assert len(profile["manual"]) == 40
+        bound = 1e-10 if name.endswith("float64") else 1e-5
+        assert profile["max_rel_diff"] <= bound, name
+    # sigmoid's derivative is at most 1/4, tanh's 1: the sigmoid net's gradient falls faster
+    assert (metrics["elman_sigmoid/init/float64"]["decades_per_step"]
+            > metrics["elman_tanh/init/float64"]["decades_per_step"] > 0)
+    assert (tmp_path / "vanishing.png").stat().st_size > 5_000
+
+
+def test_char_rnn_trains_evaluates_and_samples(tmp_path):
+    metrics = char_rnn.main([
+        "--workdir", str(tmp_path), "--layers", "2", "--hidden", "8", "--window", "16",
+        "--batch-size", "4", "--epochs", "2", "--train-chars", "2000", "--eval-chars", "600",
+        "--eval-streams", "4", "--sample-chars", "50", "--progress-every", "0"])
+    document = read_results(tmp_path)
+    assert [h["epoch"] for h in document["history"]] == [1, 2]
+    assert metrics["held_out_bpc"] == pytest.approx(metrics["held_out_nats"] / np.log(2))
+    assert metrics["held_out_nats"] < np.log(65)  # better than uniform after two epochs
+    samples = (tmp_path / "samples.txt").read_text()
+    assert samples.count("ROMEO:\n") == 2 and "temperature 0.8" in samples
+    assert len(document["samples"]["0.8"]) == len("ROMEO:\n") + 50
+
+
+def test_char_rnn_engines_agree_on_a_window_from_given_states():
+    """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64."""
+    from nets import recurrent
+
+    rng = np.random.default_rng(0)
+    cells = [recurrent.lstm(4)]
+    model = recurrent.sequence_model(cells, 5)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.3,
+                          model.init(jax.random.key(0), (-1, 4, 5))[1])
+    xs = jax.nn.one_hot(rng.integers(0, 5, (2, 4)), 5, dtype=jnp.float64)
+    targets = jnp.asarray(rng.integers(0, 5, (2, 4)))
+    carries = ((jnp.full((2, 4), -0.3), jnp.full((2, 4), 0.7)),)
+    objective = char_rnn.nets.Objective(recurrent.sequence_cross_entropy(), 0.0)
+    results = [jax.jit(char_rnn.value_grad_and_carries(cells, objective, engine))(
+        params, xs, targets, carries) for engine in ("manual", "autodiff")]
+    assert_close_tree(results[0], results[1], "float64", "char_rnn engines")
