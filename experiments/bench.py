@@ -16,6 +16,12 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
                 (float32, width 1024, batch 256). Target >= 0.6 on CPU.
+  rnn           Elman/LSTM/GRU (batch 64, T 100, hidden 256, 32 inputs, a Dense readout of
+                the last step, MSE): manual BPTT / jax.grad step (target <= 1.0); the LSTM's
+                `unroll` sweep 1, 2, 4, 8, 16 (ratio to unroll 1); the scan LSTM and GRU
+                against PyTorch nn.LSTM / nn.GRU running the same step (target <= 1.0; torch's
+                GRU is the cuDNN variant, ours Cho et al.'s: the same cost, not the same
+                function).
 PyTorch (`pip install torch==2.13.0`, the CPU build; the `bench` extra) is optional: without it
 the PyTorch families are skipped with a note. Threads: XLA's and PyTorch's intra-op pools are
 both left at the machine's core count, and recorded (training.benchmark.thread_settings).
@@ -42,8 +48,9 @@ from training.config import ConfigError, option, parse
 from training.harness import open_run
 
 EXPERIMENT = "bench"
-FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation")
+FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn")
 TARGETS = {"engine": ("<=", 1.0), "recipe": ("<=", 1 / 60), "lenet5_torch": ("<=", 0.8),
+           "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
            "per_example/vmap_vs_batch/lenet5": ("<=", 4.0),
            "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6)}
@@ -69,10 +76,11 @@ class Sizes:
     lenet1989_batches: tuple[int, ...] = (1, 64)
     lenet5_batch: int = 128
     recipe_examples: int = 0  # 0: all 7,291 digits
+    rnn: tuple[int, int, int] = (64, 100, 256)  # batch, time, hidden
 
 
 SMALLEST = Sizes(mlp_width=32, mlp_batch=8, lenet1989_batches=(1, 4), lenet5_batch=4,
-                 recipe_examples=50)
+                 recipe_examples=50, rnn=(4, 5, 8))
 
 
 def sizes_of(config) -> Sizes:
@@ -391,6 +399,88 @@ def family_utilisation(config, key):
                 flops_per_s=matmul_rate)]
 
 
+# --- family: recurrent nets ----------------------------------------------------------------
+
+RNN_INPUTS, RNN_OUTPUTS = 32, 10
+
+
+def rnn_problem(kind, sizes, key, unroll=1):
+    from nets import recurrent
+
+    batch, time_steps, hidden = sizes.rnn
+    model = recurrent.sequence_model([recurrent.make_cell(kind, hidden)], RNN_OUTPUTS,
+                                     last_step=True, unroll=unroll)
+    params = model.init(key, (-1, time_steps, RNN_INPUTS))[1]
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, time_steps, RNN_INPUTS),
+                          jnp.float32)
+    targets = jax.random.normal(jax.random.fold_in(key, 2), (batch, RNN_OUTPUTS), jnp.float32)
+    return model, (params, x, targets)
+
+
+def torch_rnn_step(torch, kind, sizes, x, targets):
+    _, _, hidden = sizes.rnn
+    recurrent_layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](
+        RNN_INPUTS, hidden, batch_first=True)
+    readout = torch.nn.Linear(hidden, RNN_OUTPUTS)
+    parameters = [*recurrent_layer.parameters(), *readout.parameters()]
+
+    def step(x, targets):
+        outputs, _ = recurrent_layer(x)
+        loss = 0.5 * torch.sum((readout(outputs[:, -1]) - targets) ** 2) / x.shape[0]
+        for p in parameters:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for p in parameters:
+                p -= 0.01 * p.grad
+        return loss
+
+    return step, (torch.tensor(np.asarray(x)), torch.tensor(np.asarray(targets)))
+
+
+def family_rnn(config, key, torch):
+    sizes = sizes_of(config)
+    batch, time_steps, hidden = sizes.rnn
+    shape = f"b{batch}_t{time_steps}_h{hidden}"
+    mse = nets.Objective(nets.mean_squared_error(), 0.0)
+    rows, compiled_manual = [], {}
+    for kind in ("elman", "lstm", "gru"):
+        model, args = rnn_problem(kind, sizes, key)
+        manual_fn, manual_compile = benchmark.compile_jitted(
+            sgd_step(model, mse, nets.manual), *args)
+        auto_fn, auto_compile = benchmark.compile_jitted(
+            sgd_step(model, mse, nets.autodiff), *args)
+        manual, auto = benchmark.compare(manual_fn, args, auto_fn, args, config.repeats)
+        manual.compile_s, auto.compile_s = manual_compile, auto_compile
+        rows.append(row("rnn", f"engine/{kind}/{shape}", "manual", manual,
+                        manual.median_s / auto.median_s, "manual/autodiff",
+                        temp_bytes=temp_bytes(manual_fn)))
+        rows.append(row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
+                        temp_bytes=temp_bytes(auto_fn)))
+        compiled_manual[kind] = (manual_fn, args, manual_compile)
+    base_fn, base_args, _ = compiled_manual["lstm"]
+    for unroll in (2, 4, 8, 16):
+        model, args = rnn_problem("lstm", sizes, key, unroll=unroll)
+        unrolled_fn, compile_s = benchmark.compile_jitted(sgd_step(model, mse, nets.manual),
+                                                          *args)
+        unrolled, base = benchmark.compare(unrolled_fn, args, base_fn, base_args,
+                                           config.repeats)
+        unrolled.compile_s = compile_s
+        rows.append(row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
+                        unrolled.median_s / base.median_s, "unroll_k/unroll_1"))
+    for kind in ("lstm", "gru"):
+        ours_fn, args, compile_s = compiled_manual[kind]
+        if torch is None:
+            continue
+        torch_step, torch_args = torch_rnn_step(torch, kind, sizes, args[1], args[2])
+        ours, theirs = benchmark.compare(ours_fn, args, torch_step, torch_args, config.repeats)
+        ours.compile_s = compile_s
+        rows.append(row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
+                        ours.median_s / theirs.median_s, f"jax/torch_nn_{kind}"))
+        rows.append(row("rnn", f"torch/{kind}/{shape}", f"torch_nn_{kind}", theirs))
+    return rows
+
+
 # --- the suite -------------------------------------------------------------------------------
 
 def load_torch():
@@ -425,7 +515,8 @@ def main(argv=None):
                "recipe": lambda: family_recipe(config, key, torch),
                "lenet5_torch": lambda: family_lenet5_torch(config, key, torch),
                "per_example": lambda: family_per_example(config, key),
-               "utilisation": lambda: family_utilisation(config, key)}
+               "utilisation": lambda: family_utilisation(config, key),
+               "rnn": lambda: family_rnn(config, key, torch)}
     rows, start = [], time.perf_counter()
     for family in config.families:
         print(f"bench: {family} ...", flush=True)
