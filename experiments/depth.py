@@ -1,0 +1,198 @@
+"""Representability against learnability: test error against training-set size, per depth.
+
+    python -m experiments.depth [--workdir DIR] [--depths 1,2,4,8] [--sizes 100,300,900,2400,7200]
+        [--width 64] [--activation sigmoid] [--updates 2000] [--seeds 3]
+
+The lecture's trade-off in architecture design: a deeper net can represent more functions with
+the same units per layer, but it is harder to learn, from few examples and by gradient descent.
+On one fixed task, the USPS digits (256 grey levels in [-1, 1], 10 classes; the 2,007 test
+digits held out), MLPs of 1, 2, 4 and 8 hidden layers of --width units (`nets.build_mlp`,
+--activation, weights U(+-2.4/sqrt(F))) are trained with the lecture's objective (sigmoid
+cross-entropy, lambda = --l2) on random subsets of --sizes training digits (a different subset,
+initialisation and order per seed), each for the same --updates mini-batch updates of
+--batch-size with Adam (`experiments.pretraining.learning_curves`: shuffled passes of
+`procedures.stochastic_passes`, errors recorded --records times). No early stopping: the
+final error is reported, and the lowest test error along the way beside it (optimistic, since
+it is picked on the test set; it shows how much of the gap is overfitting).
+
+All sizes and seeds of one depth run as one vmapped, jitted program (one compilation per depth
+instead of one per size): each subset is repeated up to the largest size, which is why every
+size must divide the largest (7,200 of the 7,291 digits by default). The loss and errors over
+the repeated set are those over the subset; a pass over it is max/size passes over the subset
+in one shuffled order, so a mini-batch can hold an example twice.
+
+Writes results.json (DESIGN.md keys; metrics: final test and train error, mean and std over
+seeds, per depth and size, and the best depth per size; history: the errors along training per
+depth, size and seed), results.md and depth.png (test error, and train error, against log10 of
+the training-set size, one curve per depth).
+
+Measured on the 2-core CPU (jax 0.10.2, shared with other jobs), defaults (64-unit sigmoid
+layers, 2,000 updates of 64 with Adam 1e-3, 3 seeds): 48 s wall (compile 6 s, run 34 s; 11
+s and 39 s while other jobs ran).
+USPS test error, mean of 3 seeds (train error in brackets):
+
+    size     1 hidden          2 hidden          4 hidden          8 hidden        best
+    100      0.220 (0)         0.231 (0)         0.254 (0)         0.520 (0.20)    1
+    300      0.143 (0)         0.150 (0)         0.165 (0)         0.487 (0.35)    1
+    900      0.105 (0.0004)    0.108 (0.0004)    0.120 (0)         0.458 (0.36)    1
+    2,400    0.090 (0.011)     0.088 (0.004)     0.094 (0.002)     0.404 (0.33)    2
+    7,200    0.079 (0.027)     0.077 (0.018)     0.076 (0.008)     0.290 (0.23)    4
+
+(standard deviations over seeds: 0.02-0.03 at 100 examples, <= 0.005 at 7,200 for 1 to 4
+layers; 0.08 to 0.20 for 8 layers.)
+
+What it shows: the trade-off, both halves. Representability: with more layers of the same
+width the net fits its training set better (at 7,200 examples the train error falls from 2.7%
+with one layer to 0.8% with four), and once the data are plentiful that turns into the lowest
+test error (four layers best at 7,200, two at 2,400). Learnability: with few examples the
+deeper nets generalise worse (at 100, 300 and 900 examples one layer is best and four layers
+the worst of the three), and eight sigmoid layers cannot be learned at all in this budget
+(train error 20-36%, test 29-52%, and very different from seed to seed): the vanishing
+gradient of experiments.precision, met in training. The best depth grows with the data: 1, 1,
+1, 2, 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nets
+from experiments.pretraining import TRAIN_SIZE, init_params, labelled_subsets, learning_curves
+from training import data, plots, results
+from training.config import ConfigError, option, parse
+from training.harness import open_run
+
+EXPERIMENT = "depth"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    depths: tuple[int, ...] = option((1, 2, 4, 8), "numbers of hidden layers", ge=1)
+    sizes: tuple[int, ...] = option((100, 300, 900, 2400, 7200), "training-set sizes, each "
+                                    "a divisor of the largest", ge=10, le=TRAIN_SIZE)
+    width: int = option(64, "units in every hidden layer", ge=1)
+    activation: str = option("sigmoid", "hidden activation", choices=("sigmoid", "tanh", "relu"))
+    updates: int = option(2000, "mini-batch updates per run, whatever the size", ge=1)
+    batch_size: int = option(64, "mini-batch size (the whole set when it is smaller)", ge=1)
+    lr: float = option(1e-3, "Adam learning rate", gt=0)
+    l2: float = option(0.0, "lambda of the lecture's penalty lambda/(2m) sum w^2", ge=0)
+    seeds: int = option(3, "seeds (subset, initialisation, order), vmapped", ge=1)
+    records: int = option(10, "points on each learning curve", ge=1)
+    test_examples: int = option(0, "use only the first N test digits (0: all 2,007)", ge=0)
+    seed: int = option(0, "base seed")
+
+
+def load(config):
+    x_train, y_train = data.load_usps("train")
+    x_test, y_test = data.load_usps("test")
+    if config.test_examples:
+        x_test, y_test = x_test[: config.test_examples], y_test[: config.test_examples]
+    return (x_train, y_train), (x_test, data.one_hot(y_test, 10))
+
+
+def common_length_subsets(config, x_train, y_train):
+    """(x, targets) of shape (sizes x seeds, max(sizes), ...): each seed's random subset of
+    each size, repeated max(sizes) / size times, so that every run has the same shapes and
+    all of them share one compiled program per depth. The mean loss and the error over the
+    repeated set are those over the subset (every example appears equally often)."""
+    length = max(config.sizes)
+    xs, targets = [], []
+    for size in config.sizes:
+        x, t = labelled_subsets(x_train, y_train, size, config.seeds, config.seed)
+        xs.append(np.tile(np.asarray(x), (1, length // size, 1)))
+        targets.append(np.tile(np.asarray(t), (1, length // size, 1)))
+    return jnp.asarray(np.concatenate(xs)), jnp.asarray(np.concatenate(targets))
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    uneven = [size for size in config.sizes if max(config.sizes) % size]
+    if uneven:
+        raise ConfigError(f"option --sizes: {uneven} do not divide the largest size "
+                          f"{max(config.sizes)}; allowed: divisors of it (see the docstring)")
+    run = open_run(EXPERIMENT, config, args)
+    (x_train, y_train), test = load(config)
+    objective = nets.lecture_objective(config.l2)
+    optimizer = optax.adam(config.lr)
+    seconds = {"compile": 0.0, "run": 0.0}
+    finals, history = {}, []
+    subsets = common_length_subsets(config, x_train, y_train)
+    for depth in config.depths:
+        model = nets.build_mlp(x_train.shape[1], 10, hidden_layers=depth,
+                               hidden_units=config.width, activation=config.activation)
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), depth),
+                                len(config.sizes) * config.seeds)
+        params = init_params(model, keys, x_train.shape[1])
+        curve, spent = learning_curves(model, objective, optimizer, params, keys, subsets, test,
+                                       updates=config.updates, batch_size=config.batch_size,
+                                       records=config.records)
+        for phase in ("compile", "run"):
+            seconds[phase] += spent[phase]
+        for index, size in enumerate(config.sizes):
+            runs = slice(index * config.seeds, (index + 1) * config.seeds)
+            train_error, test_error = curve["train_error"][runs], curve["test_error"][runs]
+            history += [{"depth": depth, "size": size, "updates": updates,
+                         "train_error": train_error[:, r], "test_error": test_error[:, r]}
+                        for r, updates in enumerate(curve["updates"])]
+            finals[depth, size] = {
+                "test_error": float(test_error[:, -1].mean()),
+                "test_error_std": float(test_error[:, -1].std()),
+                "train_error": float(train_error[:, -1].mean()),
+                "best_test_error": float(test_error.min(axis=1).mean()),
+                "updates": curve["updates"][-1],
+            }
+            print(f"{depth} hidden layers, {size} examples: test error "
+                  f"{finals[depth, size]['test_error']:.4f}, train error "
+                  f"{finals[depth, size]['train_error']:.4f}", flush=True)
+    metrics_out = {name: {str(depth): {str(size): finals[depth, size][name]
+                                       for size in config.sizes} for depth in config.depths}
+                   for name in ("test_error", "test_error_std", "train_error",
+                                "best_test_error")}
+    metrics_out["best_depth"] = {str(size): min(config.depths,
+                                                key=lambda d, s=size: finals[d, s]["test_error"])
+                                 for size in config.sizes}
+    rows = [{"hidden layers": depth, "size": size, **finals[depth, size]}
+            for depth in config.depths for size in config.sizes]
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
+                          history, seconds, table=rows)
+    sizes = np.array(config.sizes)
+    plots.save_curves(run.workdir / "depth.png", [
+        {"xlabel": "log10(training examples)", "ylabel": f"{name.replace('_', ' ')} "
+         f"(mean of {config.seeds} seeds)", "log": True,
+         "series": {f"{depth} hidden": (np.log10(sizes), np.array(
+             [finals[depth, size][name] for size in config.sizes]))
+             for depth in config.depths}}
+        for name in ("test_error", "train_error")],
+        title=f"USPS, {config.width}-unit {config.activation} layers, {config.updates} "
+              "updates: error against training-set size")
+    results.save_and_print_table(run.workdir, render(config, finals, metrics_out, seconds,
+                                                     run.workdir))
+    return metrics_out
+
+
+def render(config, finals, metrics_out, seconds, workdir):
+    table = [{"size": size, **{f"{depth} hidden": finals[depth, size]["test_error"]
+                               for depth in config.depths},
+              "best depth": metrics_out["best_depth"][str(size)]} for size in config.sizes]
+    train = [{"size": size, **{f"{depth} hidden": finals[depth, size]["train_error"]
+                               for depth in config.depths}} for size in config.sizes]
+    return "\n".join([
+        f"## USPS test error (mean of {config.seeds} seeds) after {config.updates} updates, "
+        f"{config.width}-unit {config.activation} hidden layers",
+        results.markdown_table(table),
+        "## Training error",
+        results.markdown_table(train),
+        f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s. Results in {workdir}",
+    ])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, data.DataError) as error:
+        sys.exit(f"{EXPERIMENT}: {error}")
