@@ -8,7 +8,13 @@ ifneq ($(wildcard ../shared/data),)
 export NETS_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: run test lint gradcheck xor bench bench-quick clean
+.PHONY: run test lint gradcheck xor bench bench-quick clean $(REPRODUCTIONS)
+
+# One target per reproduction: `make lenet1989` runs `python -m experiments.lenet1989`.
+REPRODUCTIONS := lenet1989 lenet5 seed_table curvature adding_problem vanishing char_rnn \
+	precision pretraining memory_time depth scaling
+$(REPRODUCTIONS): $(VENV)/.installed
+	$(PY) -m experiments.$@
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
