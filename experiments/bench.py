@@ -22,6 +22,10 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 against PyTorch nn.LSTM / nn.GRU running the same step (target <= 1.0; torch's
                 GRU is the cuDNN variant, ours Cho et al.'s: the same cost, not the same
                 function).
+  scaling       device scaling (experiments.scaling in a subprocess, so that it can simulate 4
+                CPU devices): the MLP's step time per data-parallel form at 1, 2, 4 devices,
+                weak and strong, manual engine; ratio = parallel efficiency (speed-up over
+                the number of devices; only p50 is measured there, p10/p90 are left empty).
 PyTorch (`pip install torch==2.13.0`, the CPU build; the `bench` extra) is optional: without it
 the PyTorch families are skipped with a note. Threads: XLA's and PyTorch's intra-op pools are
 both left at the machine's core count, and recorded (training.benchmark.thread_settings).
@@ -48,7 +52,7 @@ from training.config import ConfigError, option, parse
 from training.harness import open_run
 
 EXPERIMENT = "bench"
-FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn")
+FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn", "scaling")
 TARGETS = {"engine": ("<=", 1.0), "recipe": ("<=", 1 / 60), "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
@@ -481,6 +485,39 @@ def family_rnn(config, key, torch):
     return rows
 
 
+# --- family: device scaling ----------------------------------------------------------------
+
+def family_scaling(config, workdir):
+    import json
+    import os
+    import subprocess
+
+    small = config.size == "smallest"
+    command = [sys.executable, "-m", "experiments.scaling", "--workdir", str(workdir),
+               "--no-per-example", "--engines", "manual",
+               "--repetitions", str(config.repeats),
+               *(["--forms", "shard_map", "--per-device-batch", "2", "--global-batch", "8"]
+                 if small else [])]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+         os.environ.get("PYTHONPATH", "")])}
+    environment.pop("XLA_FLAGS", None)  # let the experiment simulate its own devices
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+    scaling = json.loads((workdir / "results.json").read_text())["metrics"]["scaling"]
+    rows = []
+    for entry in scaling:
+        if entry["form"] == "single":
+            continue
+        seconds = entry["step_ms"] / 1e3
+        measurement = benchmark.Measurement(seconds, None, None, entry["compile_s"],
+                                            config.repeats)
+        rows.append(row("scaling", f"{entry['mode']}/{entry['form']}/{entry['engine']}",
+                        f"{entry['devices']}_devices_batch_{entry['batch']}", measurement,
+                        entry.get("efficiency"), "speedup/devices",
+                        examples_per_s=entry["examples_per_s"]))
+    return rows
+
+
 # --- the suite -------------------------------------------------------------------------------
 
 def load_torch():
@@ -516,7 +553,8 @@ def main(argv=None):
                "lenet5_torch": lambda: family_lenet5_torch(config, key, torch),
                "per_example": lambda: family_per_example(config, key),
                "utilisation": lambda: family_utilisation(config, key),
-               "rnn": lambda: family_rnn(config, key, torch)}
+               "rnn": lambda: family_rnn(config, key, torch),
+               "scaling": lambda: family_scaling(config, run.workdir / "scaling")}
     rows, start = [], time.perf_counter()
     for family in config.families:
         print(f"bench: {family} ...", flush=True)

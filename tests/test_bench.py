@@ -14,7 +14,9 @@ def test_quick_smallest_run_writes_the_schema(tmp_path):
     assert {r["family"] for r in rows} == set(bench.FAMILIES)
     for entry in rows:
         assert ROW_KEYS <= set(entry), entry
-        assert entry["median_s"] > 0 and entry["p10_s"] <= entry["median_s"] <= entry["p90_s"]
+        assert entry["median_s"] > 0
+        if entry["family"] != "scaling":  # the scaling experiment measures medians only
+            assert entry["p10_s"] <= entry["median_s"] <= entry["p90_s"]
         assert entry["repeats"] >= 10 or entry["family"] == "recipe"
     assert all(r["ratio_of"] for r in rows if r["ratio"] is not None)
     assert (tmp_path / "results.md").read_text().startswith("device ")
