@@ -90,6 +90,9 @@ class Checkpointer:
             self._manager.reload()
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() != 0:  # orbax saves collectively; one process verifies and prunes
+            self._manager.reload()
+            return
         root = self.directory / str(step)
         temporary = root / (MANIFEST + ".tmp")
         temporary.write_text(json.dumps(_files(root), indent=0))
