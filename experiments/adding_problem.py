@@ -101,87 +101,6 @@ def adding_batch(key: jax.Array, batch: int, length: int, dtype=jnp.float32):
     return x, jnp.sum(values * markers, axis=1, keepdims=True)
 
 
-def initial_state(params, opt_state, key) -> procedures.TrainState:
-    """A `procedures.TrainState` for the procedures here (grad unused: ()), so that
-    `harness.train` can checkpoint and resume them."""
-    key_data = (jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                else key)
-    int32 = jnp.int32
-    guard = procedures.GuardState(jnp.array(1.0, jnp.float32), jnp.array(0, int32),
-                                  jnp.array(0, int32), jnp.array(False), jnp.array(-1, int32),
-                                  jnp.array(-1, int32))
-    stop = procedures.StopState(jnp.full((1,), jnp.inf, jnp.float32), jnp.array(False),
-                                jnp.array(-1, int32))
-    dtype = jax.tree.leaves(params)[0].dtype
-    return procedures.TrainState(params, opt_state, jnp.array(jnp.inf, dtype), (), key_data,
-                                 jnp.array(0, int32), stop, guard)
-
-
-def guarded_update(optimizer, params, opt_state, guard, energy, grad, update_index,
-                   max_failures: int = 5):
-    """One optimizer step unless the energy or a gradient leaf is non-finite: then the step is
-    skipped and the learning rate halved; `max_failures` skips in a row mark the run failed
-    (the harness then raises, naming the step and leaf), as the Guard of
-    `training.procedures` does. Returns (params, opt_state, guard)."""
-    update_index = jnp.asarray(update_index, jnp.int32)
-    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)])
-    ok = jnp.isfinite(energy) & jnp.all(leaf_ok) & ~guard.failed
-    updates, new_opt_state = optimizer.update(grad, opt_state, params)
-    updates = jax.tree.map(lambda u: (u * guard.lr_scale).astype(u.dtype), updates)
-    new_params = optax.apply_updates(params, updates)
-    params, opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
-                                     (new_params, new_opt_state), (params, opt_state))
-    rejected = ~ok & ~guard.failed
-    consecutive = jnp.where(ok, 0, guard.consecutive + 1)
-    starts = rejected & (guard.consecutive == 0)
-    bad_leaf = jnp.where(jnp.all(leaf_ok), -1, jnp.argmin(leaf_ok)).astype(jnp.int32)
-    guard = guard._replace(
-        lr_scale=jnp.where(rejected, guard.lr_scale * 0.5, guard.lr_scale),
-        consecutive=consecutive,
-        rejected=guard.rejected + rejected.astype(jnp.int32),
-        failed=guard.failed | (consecutive >= max_failures),
-        first_bad_step=jnp.where(starts, update_index, guard.first_bad_step),
-        first_bad_leaf=jnp.where(starts, bad_leaf, guard.first_bad_leaf))
-    return params, opt_state, guard
-
-
-def online(model, objective, optimizer, sample, *, engine, steps_per_record: int,
-           monitor=None) -> procedures.Procedure:
-    """A procedure on fresh data: each of its steps is `steps_per_record` optimizer steps, each
-    on a new batch `sample(key) -> (x, targets)`; record "energy" is their mean loss, plus
-    `monitor(params)`. Non-finite steps are skipped (`guarded_update`). (A candidate for
-    `training.procedures`, whose procedures draw their batches from one fixed array.)
-    """
-    value_and_grad = engine(model, objective)
-
-    def init(params, key):
-        return initial_state(params, optimizer.init(params), key)
-
-    def update(carry, update_index):
-        params, opt_state, guard, key_data = carry
-        next_key, batch_key = jax.random.split(jax.random.wrap_key_data(key_data))
-        x, targets = sample(batch_key)
-        energy, grad = value_and_grad(params, x, targets)
-        params, opt_state, guard = guarded_update(optimizer, params, opt_state, guard, energy,
-                                                  grad, update_index)
-        return (params, opt_state, guard, jax.random.key_data(next_key)), energy
-
-    def step(state, index):
-        first = index * steps_per_record
-        carry = (state.params, state.opt_state, state.guard, state.key)
-        (params, opt_state, guard, key), energies = jax.lax.scan(
-            update, carry, first + jnp.arange(steps_per_record, dtype=jnp.int32))
-        energy = jnp.mean(energies).astype(state.energy.dtype)
-        new_state = state._replace(params=params, opt_state=opt_state, guard=guard, key=key,
-                                   energy=energy)
-        record = {"energy": energy}
-        if monitor is not None:
-            record.update(monitor(params))
-        return new_state, record
-
-    return procedures.Procedure(init, step)
-
-
 def make_optimizer(lr, clip: float) -> optax.GradientTransformation:
     """Adam (lr a float or an optax schedule), after clipping the gradient's global norm to
     `clip` (none for clip = 0)."""
@@ -200,7 +119,7 @@ def build(config, cell_name: str, length: int, dtype=jnp.float32):
     def monitor(params):
         return {"test_mse": jnp.mean((model.apply(params, x_test) - t_test) ** 2)}
 
-    procedure = online(
+    procedure = procedures.online(
         model, objective, make_optimizer(config.lr, config.clip),
         lambda key: adding_batch(key, config.batch_size, length, dtype),
         engine=nets.get_engine(config.engine), steps_per_record=config.eval_every,

@@ -192,7 +192,7 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
     optimizer = adding_problem.make_optimizer(schedule, config.clip)
 
     def init(params, key):
-        return adding_problem.initial_state(params, optimizer.init(params), key)
+        return procedures.initial_state(params, optimizer.init(params), key)
 
     def step(state, epoch):
         next_key, offset_key = jax.random.split(jax.random.wrap_key_data(state.key))
@@ -205,7 +205,7 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
                                         (batch, window + 1))
             xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
             energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries)
-            params, opt_state, guard = adding_problem.guarded_update(
+            params, opt_state, guard = procedures.guarded_update(
                 optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
             # a non-finite window restarts the streams from the zero state
             carries = jax.tree.map(lambda new, zero: jnp.where(jnp.isfinite(energy), new, zero),

@@ -221,7 +221,7 @@ def train(config, model, objective, params, cell_name):
     records = -(-config.train_steps // steps_per_record)
     x_test, t_test = adding_problem.adding_batch(jax.random.key(config.seed + 7), 500,
                                                  config.length)
-    procedure = adding_problem.online(
+    procedure = procedures.online(
         model, objective, adding_problem.make_optimizer(config.lr, config.clip),
         lambda key: adding_problem.adding_batch(key, config.batch_size, config.length),
         engine=nets.get_engine(config.engine), steps_per_record=steps_per_record,

@@ -258,3 +258,24 @@ def test_misclassified_descent_with_the_hardest_examples_picked():
         key=jax.random.key(1), steps=200, batch_size=4, stop_window=200, pick=pick)
     wrong = np.asarray(result.history["wrong"])
     assert wrong[0] > 0 and wrong[-1] < wrong[0]
+
+
+def test_guarded_update_rejects_non_finite_steps_and_stops_after_a_failure():
+    params = {"w": jnp.array([1.0, 2.0])}
+    rule = optim.gradient_descent(0.5)
+    state = procedures.initial_state(params, rule.init(params), jax.random.key(0))
+    good = {"w": jnp.array([2.0, 2.0])}
+    moved, opt_state, guard_state = procedures.guarded_update(
+        rule, params, state.opt_state, state.guard, jnp.array(1.0), good, 0)
+    np.testing.assert_allclose(moved["w"], [0.0, 1.0])
+    bad = {"w": jnp.array([jnp.nan, 0.0])}
+    kept, _, guard_state = procedures.guarded_update(
+        rule, moved, opt_state, guard_state, jnp.array(1.0), bad, 1,
+        procedures.Guard(max_failures=1))
+    np.testing.assert_array_equal(kept["w"], moved["w"])
+    assert bool(guard_state.failed) and int(guard_state.first_bad_step) == 1
+    assert float(guard_state.lr_scale) == 0.5 and int(guard_state.first_bad_leaf) == 0
+    frozen, _, after = procedures.guarded_update(
+        rule, kept, opt_state, guard_state, jnp.array(1.0), good, 2)
+    np.testing.assert_array_equal(frozen["w"], kept["w"])  # a failed run takes no step
+    assert int(after.rejected) == 1

@@ -54,6 +54,9 @@ __all__ = [
     "cost_checked",
     "misclassified",
     "stochastic_passes",
+    "online",
+    "initial_state",
+    "guarded_update",
     "run",
     "run_steps",
     "stop_step",
@@ -425,9 +428,7 @@ def stochastic_passes(
 
     def init(params, key):
         energy = objective.value(params, model.apply(params, x), targets)
-        return TrainState(params, optimizer.init(params), energy,
-                          jax.tree.map(jnp.zeros_like, params), _key_data(key),
-                          jnp.array(0, jnp.int32), _stop_init(1, energy), _guard_init())
+        return initial_state(params, optimizer.init(params), key, energy)
 
     def step(state, index):
         key, order_key = _split(state.key)
@@ -441,16 +442,8 @@ def stochastic_passes(
             batch_key, augment_key = jax.random.split(batch_key)
             xb = x[batch] if augment is None else augment(augment_key, x[batch])
             energy, grad = value_and_grad(params, xb, targets[batch])
-            grad = _inject_nan(guard, grad, index)
-            ok, bad_leaf = _finite(energy, grad)
-            ok_and_running = ok & ~guard_state.failed
-            updates, new_opt_state = optimizer.update(grad, opt_state, params, **extra)
-            new_params = optax.apply_updates(params, _scaled(updates, guard_state.lr_scale))
-            params, opt_state = _select(ok_and_running, (new_params, new_opt_state),
-                                        (params, opt_state))
-            guard_state = jax.lax.cond(
-                guard_state.failed, lambda: guard_state,
-                lambda: _guard_update(guard, guard_state, ok, bad_leaf, index))
+            params, opt_state, guard_state = guarded_update(
+                optimizer, params, opt_state, guard_state, energy, grad, index, guard, **extra)
             return (params, opt_state, guard_state, batch_key), None
 
         carry = (state.params, state.opt_state, state.guard,
@@ -460,6 +453,77 @@ def stochastic_passes(
         proposal = state._replace(params=params, opt_state=opt_state, energy=energy, key=key,
                                   guard=guard_state)
         return _finish(state, proposal, index, None, monitor, {})
+
+    return Procedure(init, step)
+
+
+def initial_state(params: Any, opt_state: Any, key: jax.Array, energy: jax.Array | None = None,
+                  grad: Any = ()) -> TrainState:
+    """A fresh `TrainState` for procedures that keep no gradient between steps (grad ()) and
+    have no stopping rule; energy defaults to +inf in the params' dtype."""
+    if energy is None:
+        energy = jnp.array(jnp.inf, jax.tree.leaves(params)[0].dtype)
+    return TrainState(params, opt_state, energy, grad, _key_data(key), jnp.array(0, jnp.int32),
+                      _stop_init(1, energy), _guard_init())
+
+
+def guarded_update(
+    optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+    guard_state: GuardState, energy: jax.Array, grad: Any, index: jax.Array,
+    guard: Guard = DEFAULT_GUARD, **extra_args: Any,
+) -> tuple[Any, Any, GuardState]:
+    """One optimizer step, taken only if E and every gradient leaf are finite and the run has
+    not failed; otherwise params and optimizer state stay and the guard records a rejection
+    (module docstring). `index` is the step the guard reports; `extra_args` go to
+    `optimizer.update` (e.g. curvature=h). Returns (params, opt_state, guard_state)."""
+    index = jnp.asarray(index, jnp.int32)
+    grad = _inject_nan(guard, grad, index)
+    ok, bad_leaf = _finite(energy, grad)
+    updates, new_opt_state = optimizer.update(grad, opt_state, params, **extra_args)
+    new_params = optax.apply_updates(params, _scaled(updates, guard_state.lr_scale))
+    params, opt_state = _select(ok & ~guard_state.failed, (new_params, new_opt_state),
+                                (params, opt_state))
+    guard_state = _select(guard_state.failed, guard_state,
+                          _guard_update(guard, guard_state, ok, bad_leaf, index))
+    return params, opt_state, guard_state
+
+
+def online(
+    model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
+    sample: Callable[[jax.Array], tuple[jax.Array, jax.Array]], *, steps_per_record: int,
+    engine: engines.Engine = engines.manual, monitor: Monitor | None = None,
+    guard: Guard = DEFAULT_GUARD,
+) -> Procedure:
+    """Stochastic descent on fresh data: one step of the procedure is `steps_per_record`
+    optimizer steps, each on a new batch `sample(key) -> (x, targets)` (problems that generate
+    their data, such as the adding problem). record: "energy", the mean loss of those batches,
+    and monitor(params). Non-finite steps are rejected by the guard (`guarded_update`)."""
+    value_and_grad = engine(model, objective)
+
+    def init(params, key):
+        return initial_state(params, optimizer.init(params), key)
+
+    def update(carry, update_index):
+        params, opt_state, guard_state, key_data = carry
+        key_data, batch_key = _split(key_data)
+        x, targets = sample(batch_key)
+        energy, grad = value_and_grad(params, x, targets)
+        params, opt_state, guard_state = guarded_update(
+            optimizer, params, opt_state, guard_state, energy, grad, update_index, guard)
+        return (params, opt_state, guard_state, key_data), energy
+
+    def step(state, index):
+        first = index * steps_per_record
+        carry = (state.params, state.opt_state, state.guard, state.key)
+        (params, opt_state, guard_state, key), energies = jax.lax.scan(
+            update, carry, first + jnp.arange(steps_per_record, dtype=jnp.int32))
+        energy = jnp.mean(energies).astype(state.energy.dtype)
+        new_state = state._replace(params=params, opt_state=opt_state, guard=guard_state,
+                                   key=key, energy=energy)
+        record = {"energy": energy}
+        if monitor is not None:
+            record.update(monitor(params))
+        return new_state, record
 
     return Procedure(init, step)
 
