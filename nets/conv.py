@@ -26,6 +26,10 @@ from nets.layers import Layer
 
 __all__ = [
     "Conv2D",
+    "IMPLEMENTATIONS",
+    "conv2d_patches",
+    "conv2d_patch_kernel",
+    "conv2d_from_patches",
     "conv2d_backward_input",
     "conv2d_backward_kernel",
     "check_image_input",
@@ -36,6 +40,11 @@ __all__ = [
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+IMPLEMENTATIONS = ("conv", "patches")
+# The "patches" forward takes y from the patches up to this many patch entries (4 MB in
+# float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
+# LeNet-1989 at batch 1 and 64, the convolution for the 7,291 training digits at once.
+PATCH_PRODUCT_MAX_SIZE = 2**20
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -191,6 +200,118 @@ def conv2d_backward_kernel(
     )
 
 
+def _space_to_depth(xp: jax.Array, stride: tuple[int, int], blocks: tuple[int, int]) -> jax.Array:
+    """(batch, Hs, Ws, sh, sw, C) blocks of xp: entry [n, u, v, r, q, c] = xp[n, sh u + r,
+    sw v + q, c] for Hs, Ws = `blocks`. Rows and columns past xp are zeros; those past Hs sh
+    and Ws sw are dropped (the callers only drop rows that no window uses)."""
+    (sh, sw), (hs, ws) = stride, blocks
+    height, width = hs * sh, ws * sw
+    xp = xp[:, :height, :width, :]
+    xp = jnp.pad(xp, ((0, 0), (0, height - xp.shape[1]), (0, width - xp.shape[2]), (0, 0)))
+    batch, _, _, channels = xp.shape
+    return xp.reshape(batch, hs, sh, ws, sw, channels).transpose(0, 1, 3, 2, 4, 5)
+
+
+def _patch_geometry(kernel_size, stride, out_size):
+    """((kkh, kkw), (Hs, Ws)): kernel offsets in blocks of the stride, ceil(k / s), and the
+    blocks of the input that the windows of an (out_h, out_w) output read."""
+    blocks = tuple(-(-k // s) for k, s in zip(kernel_size, stride))
+    return blocks, tuple(o - 1 + b for o, b in zip(out_size, blocks))
+
+
+def conv2d_patches(
+    xp: jax.Array, kernel_size: tuple[int, int], stride: tuple[int, int],
+    out_size: tuple[int, int],
+) -> jax.Array:
+    """Patches (batch, out_h, out_w, kkh, kkw, sh, sw, C) of the padded input for a strided
+    convolution, gathered block-wise (space to depth) so that any stride needs only
+    kkh kkw = ceil(kh / sh) ceil(kw / sw) slices instead of kh kw:
+
+        patches[n, i, j, a', b', r, q, c] = xp[n, sh (i + a') + r, sw (j + b') + q, c],
+
+    the input under kernel offset (a, b) = (sh a' + r, sw b' + q) of window (i, j). Offsets
+    a >= kh or b >= kw read rows that `conv2d_patch_kernel` pairs with zero weights.
+    """
+    blocks, extent = _patch_geometry(kernel_size, stride, out_size)
+    xs = _space_to_depth(xp, stride, extent)
+    (out_h, out_w) = out_size
+    slices = [xs[:, a:a + out_h, b:b + out_w] for a in range(blocks[0]) for b in range(blocks[1])]
+    patches = jnp.stack(slices, axis=3)
+    return patches.reshape(*patches.shape[:3], *blocks, *patches.shape[4:])
+
+
+def conv2d_patch_kernel(w: jax.Array, stride: tuple[int, int]) -> jax.Array:
+    """The kernel (kh, kw, C_g, O) as (kkh, kkw, sh, sw, C_g, O), zero-padded to kkh sh by
+    kkw sw, in the order of `conv2d_patches`: entry [a', b', r, q] = w[sh a' + r, sw b' + q]."""
+    (sh, sw), (kh, kw) = stride, w.shape[:2]
+    (kkh, kkw), _ = _patch_geometry((kh, kw), stride, (1, 1))
+    wp = jnp.pad(w, ((0, kkh * sh - kh), (0, kkw * sw - kw), (0, 0), (0, 0)))
+    return wp.reshape(kkh, sh, kkw, sw, *w.shape[2:]).transpose(0, 2, 1, 3, 4, 5)
+
+
+def _kernel_from_patch_kernel(dwp: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+    """Inverse of `conv2d_patch_kernel`: (kkh, kkw, sh, sw, C_g, O) -> (kh, kw, C_g, O)."""
+    kkh, kkw, sh, sw = dwp.shape[:4]
+    full = dwp.transpose(0, 2, 1, 3, 4, 5).reshape(kkh * sh, kkw * sw, *dwp.shape[4:])
+    return full[:kernel_size[0], :kernel_size[1]]
+
+
+def conv2d_from_patches(patches: jax.Array, wp: jax.Array, groups: int) -> jax.Array:
+    """y[n, i, j, o] = sum over (a', b', r, q, c) of patches * wp, within the group of o."""
+    batch, out_h, out_w = patches.shape[:3]
+    taps = int(np.prod(wp.shape[:4]))
+    c_g, out_channels = wp.shape[4:]
+    if groups == 1:
+        y = patches.reshape(-1, taps * c_g) @ wp.reshape(taps * c_g, out_channels)
+    else:
+        y = jnp.einsum("mkgc,kcgo->mgo", patches.reshape(-1, taps, groups, c_g),
+                       wp.reshape(taps, c_g, groups, out_channels // groups))
+    return y.reshape(batch, out_h, out_w, out_channels)
+
+
+def _patch_kernel_gradient(patches: jax.Array, dy: jax.Array, groups: int) -> jax.Array:
+    """dwp (kkh, kkw, sh, sw, C_g, O) = sum over (n, i, j) of patches (x) dy, per group."""
+    taps_shape = patches.shape[3:7]
+    taps = int(np.prod(taps_shape))
+    channels, out_channels = patches.shape[-1], dy.shape[-1]
+    c_g = channels // groups
+    if groups == 1:
+        # dy^T patches, (O, taps C) and then transposed: XLA:CPU runs this product 2.5x
+        # faster than patches^T dy, but only if the barrier keeps it from folding the
+        # transpose into the product's layout.
+        dwp = lax.optimization_barrier(dy.reshape(-1, out_channels).T
+                                       @ patches.reshape(-1, taps * c_g)).T
+    else:
+        dwp = jnp.einsum("mkgc,mgo->kcgo", patches.reshape(-1, taps, groups, c_g),
+                         dy.reshape(-1, groups, out_channels // groups))
+    return dwp.reshape(*taps_shape, c_g, out_channels)
+
+
+def _patch_input_gradient(
+    dy: jax.Array, wp: jax.Array, groups: int, padded_size: tuple[int, int],
+) -> jax.Array:
+    """dxp (batch, Hp, Wp, C): each window's dpatches = dy wp^T, added back where the window
+    read them (the transpose of `conv2d_patches`: kkh kkw shifted block images)."""
+    batch, out_h, out_w, out_channels = dy.shape
+    kkh, kkw, sh, sw, c_g, _ = wp.shape
+    taps = kkh * kkw * sh * sw
+    if groups == 1:
+        dpatches = dy.reshape(-1, out_channels) @ wp.reshape(taps * c_g, out_channels).T
+    else:
+        dpatches = jnp.einsum("mgo,kcgo->mkgc", dy.reshape(-1, groups, out_channels // groups),
+                              wp.reshape(taps, c_g, groups, out_channels // groups))
+    dpatches = dpatches.reshape(batch, out_h, out_w, kkh, kkw, sh, sw, c_g * groups)
+    hs, ws = out_h - 1 + kkh, out_w - 1 + kkw
+    blocks = sum(
+        jnp.pad(dpatches[:, :, :, a, b],
+                ((0, 0), (a, hs - out_h - a), (b, ws - out_w - b), (0, 0), (0, 0), (0, 0)))
+        for a in range(kkh) for b in range(kkw))
+    full = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(batch, hs * sh, ws * sw, -1)
+    hp, wp_ = padded_size
+    full = full[:, :hp, :wp_]
+    return jnp.pad(full, ((0, 0), (0, hp - full.shape[1]), (0, wp_ - full.shape[2]), (0, 0)))
+
+
 def _table_fan_in_uniform(mask: np.ndarray, scale: float = 2.4) -> initializers.Initializer:
     """U(+-scale / sqrt(F_o)) per output map o, F_o = kh kw (inputs that o sees).
 
@@ -236,6 +357,7 @@ def Conv2D(
     unshared_bias: bool = False,
     feature_group_count: int = 1,
     connection_table=None,
+    implementation: str = "conv",
     name: str = "Conv2D",
 ) -> Layer:
     """2-D convolution (cross-correlation, as in every deep-learning library), NHWC.
@@ -255,6 +377,14 @@ def Conv2D(
     so they stay exactly 0 under gradient descent and the L2 penalty and are no free
     parameters. The default w_init then uses each map's own fan-in (`_table_fan_in_uniform`).
     w_init defaults to U(+-2.4 / sqrt(kh kw C / G)).
+    implementation: how the three products are computed, with the same results:
+      "conv"     lax.conv_general_dilated for y, dx and dw (XLA's convolution kernels);
+      "patches"  the forward pass gathers the input's patches block-wise for the stride
+                 (`conv2d_patches`) and keeps them as residuals; dw and dx are matrix
+                 products with them (dx added back window by window), and so is y while the
+                 patches are small (`PATCH_PRODUCT_MAX_SIZE`; XLA's convolution above, where
+                 `apply` lets XLA drop the patches). On CPU this is faster for small images
+                 (BENCHMARKS.md), where XLA's transposed convolutions are slow.
 
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
@@ -264,6 +394,9 @@ def Conv2D(
     """
     if out_channels < 1:
         raise ValueError(f"{name}: out_channels must be >= 1, got {out_channels}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{name}: implementation must be one of {IMPLEMENTATIONS}, got "
+                         f"{implementation!r}")
     kernel = pair(kernel_size, "kernel_size", name)
     strides = pair(stride, "stride", name)
     padding = _validate_padding(padding, name)
@@ -322,33 +455,50 @@ def Conv2D(
     def forward(params, x):
         check_forward_input(params, x)
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        y = lax.conv_general_dilated(
-            _pad(x, pads, pad_value), masked(params["w"]), window_strides=strides,
-            padding="VALID", dimension_numbers=_DIMENSIONS, feature_group_count=groups,
-        )
+        xp = _pad(x, pads, pad_value)
+        patches = None
+        if implementation == "patches":
+            patches = conv2d_patches(xp, kernel, strides, output_spatial(x.shape[1:3]))
+        if patches is not None and patches.size <= PATCH_PRODUCT_MAX_SIZE:
+            y = conv2d_from_patches(patches, conv2d_patch_kernel(masked(params["w"]), strides),
+                                    groups)
+        else:  # the patches, if any, serve backward only: `apply` lets XLA drop them
+            y = lax.conv_general_dilated(
+                xp, masked(params["w"]), window_strides=strides, padding="VALID",
+                dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+            )
         b = params["b"]
         y = y + (b[None] if unshared_bias else b[None, None, None, :])
         # x, not xp: the padded copy is rebuilt in backward (O(size of x), cheap next to the
         # convolutions), and its shape gives the pads to slice off without storing ints.
-        return y, x
+        return y, (x, patches)
 
-    def transpose(w, x, dy, power):
+    def transpose(w, residuals, dy, power):
         """(dparams, dx) of y = conv(xp, w) + b, with xp and w raised to `power` (1: the
         gradient; 2: the Gauss-Newton diagonal, since every output is a sum of w * xp)."""
+        x, patches = residuals
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        xp = _pad(x, pads, pad_value) ** power
-        dw = masked(conv2d_backward_kernel(xp, dy, kernel, strides, groups))
+        padded_size = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads))
+        w = masked(w) ** power
+        if implementation == "patches":
+            dwp = _patch_kernel_gradient(patches ** power, dy, groups)
+            dw = _kernel_from_patch_kernel(dwp, kernel)
+            dxp = _patch_input_gradient(dy, conv2d_patch_kernel(w, strides), groups,
+                                        padded_size)
+        else:
+            xp = _pad(x, pads, pad_value) ** power
+            dw = conv2d_backward_kernel(xp, dy, kernel, strides, groups)
+            dxp = conv2d_backward_input(dy, w, strides, padded_size, groups)
         db = jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
-        dxp = conv2d_backward_input(dy, masked(w) ** power, strides, xp.shape[1:3], groups)
         (top, bottom), (left, right) = pads
-        dx = dxp[:, top:xp.shape[1] - bottom, left:xp.shape[2] - right, :]
-        return {"w": dw, "b": db}, dx
+        dx = dxp[:, top:padded_size[0] - bottom, left:padded_size[1] - right, :]
+        return {"w": masked(dw), "b": db}, dx
 
-    def backward(params, x, dy):
-        return transpose(params["w"], x, dy, 1)
+    def backward(params, residuals, dy):
+        return transpose(params["w"], residuals, dy, 1)
 
-    def curvature(params, x, d2y):
-        return transpose(params["w"], x, d2y, 2)
+    def curvature(params, residuals, d2y):
+        return transpose(params["w"], residuals, d2y, 2)
 
     return Layer(name, init, forward, backward, curvature=curvature)
 

@@ -163,17 +163,29 @@ def is_weight(path: tuple[Any, ...]) -> bool:
 
 
 def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
-    """lambda/(2m) * sum of the squared weights ("w" leaves; biases excluded)."""
+    """lambda/(2m) * sum of the squared weights ("w" leaves; biases excluded).
+
+    A Python lambda of 0 gives an exact 0 without touching the weights (so that XLA drops
+    the sums, and an infinite weight does not make the penalty NaN)."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if _is_zero(l2):
+        arrays = [leaf for _, leaf in leaves]
+        return jnp.zeros((), jnp.result_type(*arrays) if arrays else float)
     sum_of_squares = sum(jnp.sum(leaf**2) for path, leaf in leaves if is_weight(path))
     return l2 / (2 * m) * jnp.asarray(sum_of_squares)
 
 
 def l2_penalty_grad(params: Any, l2: float, m: int) -> Any:
-    """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest."""
+    """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest (all 0 for a
+    Python lambda of 0)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: (l2 / m) * leaf if is_weight(path) else jnp.zeros_like(leaf), params
+        lambda path, leaf: (l2 / m) * leaf if is_weight(path) and not _is_zero(l2)
+        else jnp.zeros_like(leaf), params
     )
+
+
+def _is_zero(l2: Any) -> bool:
+    return isinstance(l2, (int, float)) and l2 == 0
 
 
 class Objective(NamedTuple):

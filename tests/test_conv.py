@@ -54,10 +54,11 @@ def vjp_reference(layer, params, x, dy):
     return pullback(dy)
 
 
+@pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_conv_backward_matches_vjp(config, dtype):
+def test_conv_backward_matches_vjp(config, implementation, dtype):
     name, kwargs, input_shape = config
-    layer = conv.Conv2D(**kwargs, name=name)
+    layer = conv.Conv2D(**kwargs, implementation=implementation, name=name)
     params, x, dy = random_problem(layer, input_shape, dtype)
     y, residuals = layer.forward(params, x)
     assert y.shape == dy.shape and y.dtype == jnp.dtype(dtype)
@@ -161,8 +162,9 @@ def numpy_conv_reference(x, w, b, stride, pads, pad_value, mask=None, groups=1):
     return y, backward
 
 
+@pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
 @pytest.mark.parametrize("variant", ["table_unshared", "groups"])
-def test_conv_against_numpy_loops(variant):
+def test_conv_against_numpy_loops(variant, implementation):
     """Stride 2 with H + pads - k odd, padding with -1, and a connection table (or groups)."""
     rng = np.random.default_rng(3)
     if variant == "table_unshared":
@@ -175,7 +177,7 @@ def test_conv_against_numpy_loops(variant):
         extra = dict(groups=2)
     pads = ((2, 0), (1, 0))
     layer = conv.Conv2D(4 if variant == "groups" else 5, 3, stride=2, padding=pads,
-                        pad_value=-1.0, **kwargs)
+                        pad_value=-1.0, implementation=implementation, **kwargs)
     params, x, dy = random_problem(layer, (2, 10, 11, 4), jnp.float64, seed=5)
     if variant == "table_unshared":  # masked entries nonzero: the mask must remove them
         assert np.all(params["w"][:, :, ~table] != 0)
@@ -307,3 +309,46 @@ def test_init_rejects_bad_shapes_and_arguments():
         conv.Conv2D(4, 3, connection_table=np.ones((3, 5), bool))
     with pytest.raises(ValueError, match="not both"):
         conv.Conv2D(4, 3, feature_group_count=2, connection_table=np.ones((2, 4), bool))
+
+
+@pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
+def test_conv_curvature_against_numpy_loops(implementation):
+    """The Gauss-Newton diagonal of a conv is its backward with x and w squared:
+    d2w = sum of xp^2 d2y over windows, d2x = sum of w^2 d2y (the -1 border squares to 1)."""
+    rng = np.random.default_rng(4)
+    table = rng.random((3, 4)) < 0.6
+    table[0] = True
+    pads = ((2, 1), (1, 2))
+    layer = conv.Conv2D(4, (3, 4), stride=(2, 3), padding=pads, pad_value=-1.0,
+                        connection_table=table, unshared_bias=True,
+                        implementation=implementation)
+    params, x, d2y = random_problem(layer, (2, 9, 10, 3), jnp.float64, seed=6)
+    d2y = jnp.abs(d2y)
+    _, numpy_backward = numpy_conv_reference(x**2, params["w"] ** 2, params["b"], (2, 3), pads,
+                                             1.0, mask=table)
+    _, residuals = layer.forward(params, x)
+    d2params, d2x = layer.curvature(params, residuals, d2y)
+    for name, got, want in zip(("d2w", "d2b", "d2x"), (d2params["w"], d2params["b"], d2x),
+                               numpy_backward(d2y)):
+        assert relative_error(got, want) <= F64, name
+
+
+@pytest.mark.parametrize("stride, kernel", [((1, 1), (5, 5)), ((2, 2), (5, 5)),
+                                            ((3, 2), (2, 3)), ((2, 3), (4, 1))])
+def test_patches_times_patch_kernel_is_the_convolution(stride, kernel):
+    """The block-wise patches and the zero-padded kernel reproduce lax's strided convolution
+    (groups of 2 included), so their geometry is right for every stride and kernel size."""
+    rng = np.random.default_rng(7)
+    xp = jnp.asarray(rng.standard_normal((2, 11, 10, 4)))
+    w = jnp.asarray(rng.standard_normal((*kernel, 2, 6)))
+    expected = jax.lax.conv_general_dilated(xp, w, stride, "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=2)
+    patches = conv.conv2d_patches(xp, kernel, stride, expected.shape[1:3])
+    got = conv.conv2d_from_patches(patches, conv.conv2d_patch_kernel(w, stride), 2)
+    assert relative_error(got, expected) <= F64
+
+
+def test_unknown_implementation_is_named():
+    with pytest.raises(ValueError, match=r"H1: implementation must be one of .*'im2col'"):
+        conv.Conv2D(4, 3, implementation="im2col", name="H1")

@@ -439,8 +439,10 @@ def stochastic_passes(
 
         def one_batch(carry, batch):
             params, opt_state, guard_state, batch_key = carry
-            batch_key, augment_key = jax.random.split(batch_key)
-            xb = x[batch] if augment is None else augment(augment_key, x[batch])
+            xb = x[batch]
+            if augment is not None:  # no key splitting (a loop of its own on CPU) otherwise
+                batch_key, augment_key = jax.random.split(batch_key)
+                xb = augment(augment_key, xb)
             energy, grad = value_and_grad(params, xb, targets[batch])
             params, opt_state, guard_state = guarded_update(
                 optimizer, params, opt_state, guard_state, energy, grad, index, guard, **extra)
