@@ -10,7 +10,7 @@ digits held out), MLPs of 1, 2, 4 and 8 hidden layers of --width units (`nets.bu
 --activation, weights U(+-2.4/sqrt(F))) are trained with the lecture's objective (sigmoid
 cross-entropy, lambda = --l2) on random subsets of --sizes training digits (a different subset,
 initialisation and order per seed), each for the same --updates mini-batch updates of
---batch-size with Adam (`experiments.pretraining.learning_curves`: shuffled passes of
+--batch-size with Adam (`training.curves.learning_curves`: shuffled passes of
 `procedures.stochastic_passes`, errors recorded --records times). No early stopping: the
 final error is reported, and the lowest test error along the way beside it (optimistic, since
 it is picked on the test set; it shows how much of the gap is overfitting).
@@ -62,12 +62,15 @@ import numpy as np
 import optax
 
 import nets
-from experiments.pretraining import TRAIN_SIZE, init_params, labelled_subsets, learning_curves
 from training import data, plots, results
 from training.config import ConfigError, option, parse
+from training.curves import init_params, labelled_subsets, learning_curves
 from training.harness import open_run
 
 EXPERIMENT = "depth"
+# The USPS training digits, len(data.load_usps("train")[0]): a literal, so that the bound on
+# --sizes in Config needs no data file at import.
+TRAIN_SIZE = 7291
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,8 @@ def common_length_subsets(config, x_train, y_train):
     length = max(config.sizes)
     xs, targets = [], []
     for size in config.sizes:
-        x, t = labelled_subsets(x_train, y_train, size, config.seeds, config.seed)
+        x, t = labelled_subsets(x_train, y_train, size, config.seeds, config.seed,
+                                classes=10)
         xs.append(np.tile(np.asarray(x), (1, length // size, 1)))
         targets.append(np.tile(np.asarray(t), (1, length // size, 1)))
     return jnp.asarray(np.concatenate(xs)), jnp.asarray(np.concatenate(targets))

@@ -64,8 +64,6 @@ is worse than none.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import sys
 
 import jax
@@ -75,8 +73,9 @@ import optax
 
 import nets
 from nets import autoencoder
-from training import data, metrics, optim, plots, procedures, results, timing
+from training import data, optim, plots, procedures, results, timing
 from training.config import ConfigError, option, parse
+from training.curves import init_params, labelled_subsets, learning_curves
 from training.harness import open_run
 
 EXPERIMENT = "pretraining"
@@ -124,13 +123,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     if config.optimizer == "adam":
         return optax.adam(config.lr or 1e-3)
     return optim.gradient_descent(config.lr or 0.5)
-
-
-def passes_for(updates: int, examples: int, batch_size: int, records: int) -> tuple[int, int]:
-    """(passes per record, batch size): at least `updates` updates in `records` equal chunks."""
-    batch = min(batch_size, examples)
-    per_pass = math.ceil(examples / batch)
-    return max(1, math.ceil(updates / (per_pass * records))), batch
 
 
 def vmapped_passes(model, objective, optimizer, batch_size, passes, x_axis):
@@ -191,60 +183,6 @@ def _add(seconds, spent):
         seconds[phase] += spent[phase]
 
 
-def labelled_subsets(x_train, y_train, size, seeds, base_seed):
-    """(x, targets) of shape (seeds, size, ...): a random subset of `size` examples per seed
-    (one-hot targets), drawn from the seed sequence [base_seed, seed, size]."""
-    picks = [np.random.default_rng([base_seed, seed, size]).permutation(len(x_train))[:size]
-             for seed in range(seeds)]
-    return (jnp.asarray(np.stack([x_train[p] for p in picks])),
-            jnp.asarray(np.stack([data.one_hot(y_train[p], 10) for p in picks])))
-
-
-def learning_curves(model, objective, optimizer, params, keys, subset, test, *, updates,
-                    batch_size, records):
-    """Supervised training of one run per row of params, vmapped; errors along the way.
-
-    params and keys have a leading run axis; subset = (x, targets) of shape (runs, n, ...), the
-    training examples of each run; test = (x_test, targets_test), shared. Each run makes at
-    least `updates` updates of min(batch_size, n) examples by `procedures.stochastic_passes`
-    (shuffled passes), in `records` equal chunks, each followed by the train and test error:
-    one jitted call.
-
-    Returns ({"updates": [...], "train_error": (runs, records), "test_error": (runs, records)},
-    {"compile": s, "run": s}).
-    """
-    (x, targets), (x_test, t_test) = subset, test
-    passes, batch = passes_for(updates, x.shape[1], batch_size, records)
-
-    def one(params, key, x, targets, x_test, t_test):
-        procedure = procedures.stochastic_passes(model, objective, optimizer, x, targets,
-                                                 batch_size=batch, shuffle=True)
-
-        def chunk(state, record):
-            state, _ = procedures.run_steps(procedure, state, record * passes, passes)
-            return state, (metrics.classification_error(model, state.params, x, targets),
-                           metrics.classification_error(model, state.params, x_test, t_test))
-
-        _, errors = jax.lax.scan(chunk, procedure.init(params, key), jnp.arange(records))
-        return errors
-
-    # The test set is an argument, not a constant of the program: XLA would try to fold it.
-    (train_error, test_error), seconds = timing.compile_and_run(
-        jax.vmap(one, in_axes=(0, 0, 0, 0, None, None)), params, keys, x, targets,
-        jnp.asarray(x_test), jnp.asarray(t_test))
-    updates_per_record = passes * math.ceil(x.shape[1] / batch)
-    return ({"updates": [(r + 1) * updates_per_record for r in range(records)],
-             "train_error": np.asarray(train_error), "test_error": np.asarray(test_error)},
-            seconds)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def init_params(model, keys, features):
-    """model.init for each key, (runs,) + params: one jitted call, compiled once per model and
-    shape (op by op, every random op of the init would be compiled on its own)."""
-    return jax.vmap(lambda key: model.init(key, (-1, features))[1])(keys)
-
-
 def initial_params(model, keys, encoders, start):
     """Each seed's initial params of the MLP: random, or with the encoders stacked in."""
     params = init_params(model, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), 256)
@@ -271,7 +209,8 @@ def main(argv=None):
                           *(initial_params(model, keys, encoders, start) for start in STARTS))
     curves = {}
     for size in config.labelled:
-        x, targets = labelled_subsets(x_train, y_train, size, config.seeds, config.seed)
+        x, targets = labelled_subsets(x_train, y_train, size, config.seeds, config.seed,
+                                      classes=10)
         both, spent = learning_curves(
             model, nets.lecture_objective(config.l2), optimizer, params,
             jnp.concatenate([keys, keys]),

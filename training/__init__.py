@@ -1,10 +1,12 @@
-"""Training: data, optimisers, procedures, metrics, timing, results and plots.
+"""Training: data, optimisers, procedures, learning curves, metrics, timing, results and
+plots.
 
 Knows no particular model: everything takes a model (a `nets.Layer`), an objective and a
 gradient engine.
 """
 from training import (
     benchmark,
+    curves,
     data,
     distributed,
     metrics,
@@ -18,6 +20,7 @@ from training import (
 
 __all__ = [
     "benchmark",
+    "curves",
     "data",
     "distributed",
     "metrics",
