@@ -181,7 +181,8 @@ def _activation(activation: str) -> Callable[..., Layer]:
 _LENET1989_PADDING = ((2, 2), (2, 2))
 
 
-def lenet1989(activation: str = "tanh", scaled_tanh: bool = False) -> Layer:
+def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
+              implementation: str = "patches") -> Layer:
     """LeCun et al. 1989's zip-code net: H1 12@8x8, H2 12@4x4, H3 30, output 10.
 
     Input x: (batch, 16, 16, 1), grey levels in [-1, 1]; output (batch, 10), squashed.
@@ -191,6 +192,8 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False) -> Layer:
     connected. The activation (tanh, or 1.7159 tanh(2x/3) with `scaled_tanh`; relu and sigmoid
     are accepted too) follows every layer, the output included. The module docstring lists
     the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
+    `implementation` is that of both convolutions (`nets.conv.Conv2D`): "patches", the
+    default, made the training step faster than "conv" on CPU (BENCHMARKS.md, README).
     """
     if scaled_tanh:
         if activation != "tanh":
@@ -198,7 +201,7 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False) -> Layer:
         activation = "scaled_tanh"
     squash = _activation(activation)
     conv = dict(kernel_size=5, stride=2, padding=_LENET1989_PADDING, pad_value=-1.0,
-                unshared_bias=True)
+                unshared_bias=True, implementation=implementation)
     return serial(
         Conv2D(12, **conv, name="H1"),
         squash(name="H1_act"),
@@ -213,32 +216,37 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False) -> Layer:
     )
 
 
-def lenet1989_modern() -> Layer:
-    """The 1989 net's sizes with today's habits: ReLU, max pooling, shared biases.
+def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30) -> Layer:
+    """The 1989 net's layout with today's habits: ReLU, max pooling, shared biases.
 
     Input x: (batch, 16, 16, 1) in [-1, 1]; output (batch, 10) logits (no output squash).
-    H1: 12 maps of 5x5 kernels at stride 1 over the input padded with -1 (16x16), ReLU, 2x2
-    max pooling -> 12@8x8. H2: 12 maps of 5x5 kernels over all 12 H1 maps (no table) with zero
-    padding, ReLU, 2x2 max pooling -> 12@4x4 (after a ReLU the background is 0). H3: 30 ReLU
-    units; output: 10 units. Our own variant; no paper describes it.
+    H1: h1_maps maps of 5x5 kernels at stride 1 over the input padded with -1 (16x16), ReLU,
+    2x2 max pooling -> h1_maps@8x8. H2: h2_maps maps of 5x5 kernels over all H1 maps (no
+    table) with zero padding, ReLU, 2x2 max pooling -> h2_maps@4x4 (after a ReLU the
+    background is 0). H3: h3_units ReLU units; output: 10 units. The defaults are the 1989
+    sizes (12, 12, 30); experiments.lenet1989 widens them. Our own variant; no paper describes
+    it.
     """
+    for name, size in (("h1_maps", h1_maps), ("h2_maps", h2_maps), ("h3_units", h3_units)):
+        if size < 1:
+            raise ValueError(f"lenet1989_modern: {name} must be >= 1, got {size}")
     return serial(
-        Conv2D(12, 5, padding=((2, 2), (2, 2)), pad_value=-1.0,
+        Conv2D(h1_maps, 5, padding=((2, 2), (2, 2)), pad_value=-1.0,
                w_init=initializers.he_normal(), name="H1"),
         Relu(name="H1_act"),
         MaxPool(2, name="H1_pool"),
-        Conv2D(12, 5, padding="SAME", w_init=initializers.he_normal(), name="H2"),
+        Conv2D(h2_maps, 5, padding="SAME", w_init=initializers.he_normal(), name="H2"),
         Relu(name="H2_act"),
         MaxPool(2, name="H2_pool"),
         Flatten(name="flatten"),
-        Dense(30, w_init=initializers.he_normal(), name="H3"),
+        Dense(h3_units, w_init=initializers.he_normal(), name="H3"),
         Relu(name="H3_act"),
         Dense(10, name="output"),
         name="lenet1989_modern",
     )
 
 
-def lenet5(activation: str = "scaled_tanh") -> Layer:
+def lenet5(activation: str = "scaled_tanh", implementation: str | None = None) -> Layer:
     """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2), with a Dense output layer.
 
     Input x: (batch, 32, 32, 1) (28x28 digits centred in a 32x32 field); output (batch, 10)
@@ -247,18 +255,21 @@ def lenet5(activation: str = "scaled_tanh") -> Layer:
     not the paper's RBF: see the module docstring). `activation` (default the paper's
     1.7159 tanh(2a/3)) follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3,
     C3_act, S4, S4_act, C5, C5_act, flatten, F6, F6_act, output.
+    `implementation` of the three convolutions (`nets.conv.Conv2D`); None takes the fastest
+    measured on CPU at batch 128 (BENCHMARKS.md): "conv" for C1 and C3, "patches" for C5.
     """
     squash = _activation(activation)
+    c1, c3, c5 = (implementation,) * 3 if implementation else ("conv", "conv", "patches")
     return serial(
-        Conv2D(6, 5, name="C1"),
+        Conv2D(6, 5, implementation=c1, name="C1"),
         squash(name="C1_act"),
         Subsampling(2, name="S2"),
         squash(name="S2_act"),
-        Conv2D(16, 5, connection_table=lenet5_c3_table(), name="C3"),
+        Conv2D(16, 5, connection_table=lenet5_c3_table(), implementation=c3, name="C3"),
         squash(name="C3_act"),
         Subsampling(2, name="S4"),
         squash(name="S4_act"),
-        Conv2D(120, 5, name="C5"),
+        Conv2D(120, 5, implementation=c5, name="C5"),
         squash(name="C5_act"),
         Flatten(name="flatten"),
         Dense(84, name="F6"),

@@ -11,7 +11,8 @@ SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
 
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "sdlm", "--curvature-examples", "50"],
-                                   ["--variant", "modern", "--batch-size", "8", "--lr", "0.003"],
+                                   ["--variant", "modern", "--batch-size", "8", "--lr", "0.003",
+                                    "--h1-maps", "6", "--h2-maps", "8", "--h3-units", "20"],
                                    ["--engine", "autodiff", "--activation", "scaled_tanh"]])
 def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, *extra])
@@ -30,3 +31,12 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
 def test_subset_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--test-examples: got 5000; allowed: at most 2007"):
         lenet1989.main(["--workdir", str(tmp_path), "--test-examples", "5000"])
+
+
+def test_passes_default_per_variant():
+    """--passes 0 (the default) becomes 23 for the 1989 recipe and MODERN_PASSES for the
+    modern variant; an explicit count is kept."""
+    assert lenet1989.resolve(lenet1989.Config()).passes == 23
+    modern = lenet1989.Config(variant="modern")
+    assert lenet1989.resolve(modern).passes == lenet1989.MODERN_PASSES == 60
+    assert lenet1989.resolve(lenet1989.Config(variant="modern", passes=5)).passes == 5

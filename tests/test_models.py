@@ -68,6 +68,26 @@ def test_small_model_shapes(build, input_shape, output_shape):
     assert y.shape == output_shape and y.dtype == jnp.float32
 
 
+def test_lenet1989_modern_widths_set_the_layer_sizes():
+    """h1_maps, h2_maps, h3_units set each layer's kernel and bias shapes (distinct sizes, so a
+    swapped pair shows); the parameter count is worked out by hand, and the defaults are the
+    1989 sizes."""
+    model = models.lenet1989_modern(h1_maps=4, h2_maps=6, h3_units=7)
+    output_shape, params = init_shapes(model, (-1, 16, 16, 1))
+    assert output_shape == (-1, 10)
+    shapes = {layer.name: {k: v.shape for k, v in p.items()}
+              for layer, p in zip(model.sublayers, params) if p}
+    assert shapes == {"H1": {"w": (5, 5, 1, 4), "b": (4,)}, "H2": {"w": (5, 5, 4, 6), "b": (6,)},
+                      "H3": {"w": (6 * 4 * 4, 7), "b": (7,)}, "output": {"w": (7, 10), "b": (10,)}}
+    hand_count = (25 * 1 * 4 + 4) + (25 * 4 * 6 + 6) + (96 * 7 + 7) + (7 * 10 + 10)
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == hand_count == 1_469
+    y = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((3, 16, 16, 1), jnp.float32))
+    assert y.shape == (3, 10)
+    default = init_shapes(models.lenet1989_modern(), (-1, 16, 16, 1))[1]
+    assert sum(leaf.size for leaf in jax.tree.leaves(default)) == (
+        (25 * 12 + 12) + (25 * 12 * 12 + 12) + (192 * 30 + 30) + (30 * 10 + 10))
+
+
 @pytest.mark.parametrize("towers", [1, 2])
 def test_alexnet_shapes_by_eval_shape(towers):
     """227x227x3 -> 1000 logits, and the paper's Figure 2 map sizes, without running it."""
@@ -103,6 +123,8 @@ def test_builders_reject_bad_arguments():
         models.lenet5(activation="softsign")
     with pytest.raises(ValueError, match="scaled_tanh"):
         models.lenet1989(activation="relu", scaled_tanh=True)
+    with pytest.raises(ValueError, match="h2_maps"):
+        models.lenet1989_modern(h2_maps=0)
 
 
 # ------------------------------------------------------- the 1989 net against NumPy
@@ -177,6 +199,8 @@ GRADIENT_CASES = {
     "lenet1989": (lambda: models.lenet1989(), (3, 16, 16, 1), "mse"),
     "lenet1989_scaled": (lambda: models.lenet1989(scaled_tanh=True), (3, 16, 16, 1), "mse"),
     "lenet1989_modern": (lambda: models.lenet1989_modern(), (3, 16, 16, 1), "softmax"),
+    "lenet1989_modern_widths": (lambda: models.lenet1989_modern(4, 6, 7), (3, 16, 16, 1),
+                                "softmax"),
     "lenet5": (lambda: models.lenet5(), (3, 32, 32, 1), "softmax"),
 }
 
