@@ -46,7 +46,6 @@ net does learn short sequences (`--cells elman --lengths 10,20`): T = 10 solved 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import jax
@@ -58,8 +57,8 @@ import nets
 from nets import recurrent
 from nets.gradcheck import named_parameters
 from training import plots, procedures, results
-from training.config import ConfigError, option, parse
-from training.harness import NonFiniteError, Run, open_run, train
+from training.config import option, parse, run_main
+from training.harness import Run, open_run, train
 
 EXPERIMENT = "adding_problem"
 THRESHOLD = 0.01
@@ -195,7 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, NonFiniteError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

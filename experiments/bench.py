@@ -48,7 +48,7 @@ import numpy as np
 import nets
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, plots, procedures, results
-from training.config import ConfigError, option, parse
+from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "bench"
@@ -587,7 +587,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

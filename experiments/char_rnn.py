@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 
 import jax
@@ -57,8 +56,8 @@ import nets
 from experiments import adding_problem
 from nets import recurrent
 from training import data, plots, procedures, results
-from training.config import ConfigError, option, parse
-from training.harness import NonFiniteError, open_run, train
+from training.config import ConfigError, option, parse, run_main
+from training.harness import open_run, train
 
 EXPERIMENT = "char_rnn"
 LOG2 = math.log(2.0)
@@ -317,7 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, NonFiniteError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

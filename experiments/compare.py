@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
 from training import plots, results
+from training.config import run_main
 
 EXPERIMENT = "compare"
 
@@ -25,7 +25,7 @@ EXPERIMENT = "compare"
 def load_run(directory: pathlib.Path) -> dict:
     path = directory / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"compare: {directory} has no results.json (not a finished run)")
+        raise FileNotFoundError(f"{directory} has no results.json (not a finished run)")
     return json.loads(path.read_text())
 
 
@@ -98,7 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FileNotFoundError as error:
-        sys.exit(str(error))
+    run_main(main, EXPERIMENT, extra_errors=(FileNotFoundError,))

@@ -17,7 +17,6 @@ Writes results.json (metrics: the largest relative errors; "rows": one per tenso
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import numpy as np
 import nets
 from nets import gradcheck, models
 from training import results
-from training.config import ConfigError, option, parse
+from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "curvature"
@@ -109,7 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

@@ -54,7 +54,6 @@ gradient of experiments.precision, met in training. The best depth grows with th
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ import optax
 
 import nets
 from training import data, plots, results
-from training.config import ConfigError, option, parse
+from training.config import ConfigError, option, parse, run_main
 from training.curves import init_params, labelled_subsets, learning_curves
 from training.harness import open_run
 
@@ -196,7 +195,4 @@ def render(config, finals, metrics_out, seconds, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

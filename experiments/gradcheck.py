@@ -18,7 +18,6 @@ errors vs jax.grad of order 1e-16 and vs finite differences of order 1e-8; float
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -29,7 +28,7 @@ import nets
 from nets import models
 from nets.gradcheck import TOLERANCES, gradient_report
 from training import results
-from training.config import ConfigError, option, parse, to_dict
+from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
 EXPERIMENT = "gradcheck"
@@ -156,7 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

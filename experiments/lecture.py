@@ -26,7 +26,6 @@ manual vs jax.grad about 1e-16 (float64), 1e-7 (float32).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ import numpy as np
 import nets
 from nets.gradcheck import gradient_report, named_parameters
 from training import data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lecture"
@@ -229,7 +228,4 @@ def render(report, restarts, metrics_out, seconds, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FloatingPointError) as error:
-        sys.exit(f"lecture: {error}")
+    run_main(main, EXPERIMENT)

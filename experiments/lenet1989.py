@@ -44,7 +44,6 @@ numbers of the last full runs.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,7 @@ import nets
 from nets.gradcheck import named_parameters
 from nets.models import lenet1989, lenet1989_modern
 from training import augment, data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet1989"
@@ -242,7 +241,4 @@ def render(config, history, metrics_out, outcome, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FloatingPointError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

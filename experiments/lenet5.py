@@ -25,7 +25,6 @@ metrics with the final numbers and misses; "protocol"), results.md, curves.png.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import nets
 from nets.gradcheck import named_parameters
 from nets.models import lenet5
 from training import data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet5"
@@ -180,7 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FloatingPointError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

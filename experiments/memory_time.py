@@ -75,14 +75,13 @@ import ctypes
 import dataclasses
 import multiprocessing
 import resource
-import sys
 import time
 import tracemalloc
 
 import numpy as np
 
 from training import data, results
-from training.config import ConfigError, option, parse
+from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "memory_time"
@@ -380,7 +379,4 @@ def render(config, rows, seconds, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

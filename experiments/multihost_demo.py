@@ -37,7 +37,7 @@ import nets
 from nets import engines
 from nets.gradcheck import relative_error
 from training import distributed, parallel, results
-from training.config import ConfigError, option, parse, to_dict
+from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
 EXPERIMENT = "multihost_demo"
@@ -188,7 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

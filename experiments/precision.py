@@ -72,7 +72,6 @@ What it shows:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import jax
@@ -82,7 +81,7 @@ import numpy as np
 import nets
 from nets.gradcheck import astype, named_parameters, relative_error
 from training import data, plots, results, timing
-from training.config import ConfigError, option, parse
+from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "precision"
@@ -299,7 +298,4 @@ def render(rows, metrics, seconds, config, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

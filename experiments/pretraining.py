@@ -64,7 +64,6 @@ is worse than none.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +73,7 @@ import optax
 import nets
 from nets import autoencoder
 from training import data, optim, plots, procedures, results, timing
-from training.config import ConfigError, option, parse
+from training.config import ConfigError, option, parse, run_main
 from training.curves import init_params, labelled_subsets, learning_curves
 from training.harness import open_run
 
@@ -335,7 +334,4 @@ def render(config, rows, metrics_out, seconds, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, data.DataError) as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -59,7 +58,7 @@ import optax
 import nets
 from nets import engines, models
 from training import parallel, plots, results
-from training.config import ConfigError, option, parse, to_dict
+from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
 EXPERIMENT = "scaling"
@@ -344,7 +343,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

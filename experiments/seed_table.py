@@ -31,12 +31,11 @@ AlexNet (two towers, 227x227) 659,272 neurons (+154,587 inputs), 60,965,224 para
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 from nets import accounting, models
 from training import results
-from training.config import ConfigError, option, parse, to_dict
+from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
 EXPERIMENT = "seed_table"
@@ -223,7 +222,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

@@ -51,7 +51,6 @@ gradient at that step.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import jax
@@ -63,7 +62,7 @@ from experiments import adding_problem
 from nets import recurrent
 from nets.gradcheck import astype, relative_error
 from training import plots, procedures, results
-from training.config import ConfigError, option, parse
+from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "vanishing"
@@ -236,7 +235,4 @@ def train(config, model, objective, params, cell_name):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +70,7 @@ import numpy as np
 import nets
 from nets import initializers
 from training import optim, plots, procedures, results, timing
-from training.config import ConfigError, option, parse, to_dict
+from training.config import ConfigError, option, parse, run_main, to_dict
 from training.harness import open_run
 from training.plots import plt  # pyplot on the Agg backend
 
@@ -389,7 +388,4 @@ def render(rows, metrics_out, seconds, args, workdir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"{EXPERIMENT}: {error}")
+    run_main(main, EXPERIMENT)

@@ -3,7 +3,9 @@ import dataclasses
 
 import pytest
 
-from training.config import ConfigError, check, differences, option, parse, to_dict
+from training.config import ConfigError, check, differences, option, parse, run_main, to_dict
+from training.data import DataError
+from training.harness import NonFiniteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +64,37 @@ def test_differences_name_each_changed_field():
     assert differences(to_dict(Config()), to_dict(Config(lr=0.2, batch=8))) == [
         "batch: 32 -> 8", "lr: 0.1 -> 0.2"]
     assert differences({"a": 1}, {}) == ["a: 1 -> '<absent>'"]
+
+
+def _exit_code(main, **kwargs):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, "demo", **kwargs)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("returned,code", [(None, 0), ({"loss": 0.5}, 0), (0, 0), (3, 3)])
+def test_run_main_exits_with_an_int_from_main_and_zero_otherwise(returned, code):
+    assert _exit_code(lambda: returned) == code
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("option --lr: got -1"), DataError("usps.bz2 is missing"),
+    NonFiniteError("5 non-finite steps"), FloatingPointError("invalid value (nan)")])
+def test_run_main_turns_user_errors_into_one_line(error):
+    def main():
+        raise error
+    assert _exit_code(main) == f"demo: {error}"  # a str code: printed to stderr, status 1
+
+
+def test_run_main_reports_extra_errors_and_lets_other_errors_through():
+    def missing():
+        raise FileNotFoundError("runs/a has no results.json")
+    assert _exit_code(missing, extra_errors=(FileNotFoundError,)) == (
+        "demo: runs/a has no results.json")
+    with pytest.raises(FileNotFoundError):
+        run_main(missing, "demo")
+
+    def bug():
+        raise KeyError("loss")
+    with pytest.raises(KeyError):
+        run_main(bug, "demo", extra_errors=(FileNotFoundError,))

@@ -12,17 +12,26 @@ An experiment declares its config as a frozen dataclass whose fields are made wi
 `--nan-steps 3,4` for tuples), adds the harness flags (`--workdir`, `--resume`, `--force`),
 and checks every value against its bounds before any work starts. `check(config)` applies the
 same checks to a config built in code. Errors are `ConfigError`s naming the option, the value
-and what is allowed.
+and what is allowed. Every experiment module ends with
+
+    if __name__ == "__main__":
+        run_main(main, EXPERIMENT)
+
+so that a bad value, a missing data file or a diverged run ends in one line, not a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import pathlib
+import sys
 import typing
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["ConfigError", "option", "check", "parse", "to_dict", "differences", "HarnessArgs"]
+from training.data import DataError
+
+__all__ = ["ConfigError", "option", "check", "parse", "to_dict", "differences", "HarnessArgs",
+           "USER_ERRORS", "run_main"]
 
 
 class ConfigError(ValueError):
@@ -172,3 +181,33 @@ def differences(saved: dict, current: dict) -> list[str]:
             lines.append(f"{name}: {saved.get(name, '<absent>')!r} -> "
                          f"{current.get(name, '<absent>')!r}")
     return lines
+
+
+# A bad option, a missing or corrupt data file, and a run that diverged (training.harness's
+# NonFiniteError is a FloatingPointError; naming the subclass here would import the harness, and
+# JAX with it, into every config parse, and the harness imports this module).
+USER_ERRORS = (ConfigError, DataError, FloatingPointError)
+
+
+def run_main(main: Callable[[], Any], name: str,
+             extra_errors: tuple[type[BaseException], ...] = ()) -> typing.NoReturn:
+    """Run an experiment's `main()` from the command line and exit the process.
+
+    Exits with main's return value when it is an int, as `sys.exit(main())` would (gradcheck
+    returns 1 when a check fails), and with status 0 for anything else: most mains return their
+    metrics dict for tests and notebooks, which is not an exit status.
+
+    The errors a user can cause and fix (`USER_ERRORS`, and any of `extra_errors`) end in the one
+    line `"{name}: {error}"` on stderr and status 1; any other exception is a bug and keeps its
+    traceback.
+
+    Args:
+      main: the experiment's entry point, called with no arguments (it reads sys.argv).
+      name: the prefix of the error line, usually the module's EXPERIMENT.
+      extra_errors: further exception types to report the same way.
+    """
+    try:
+        status = main()
+    except (*USER_ERRORS, *extra_errors) as error:
+        sys.exit(f"{name}: {error}")
+    sys.exit(status if isinstance(status, int) else 0)
