@@ -246,7 +246,7 @@ def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30) -
     )
 
 
-def lenet5(activation: str = "scaled_tanh", implementation: str | None = None) -> Layer:
+def lenet5(activation: str = "scaled_tanh", implementation: str = "patches") -> Layer:
     """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2), with a Dense output layer.
 
     Input x: (batch, 32, 32, 1) (28x28 digits centred in a 32x32 field); output (batch, 10)
@@ -255,21 +255,20 @@ def lenet5(activation: str = "scaled_tanh", implementation: str | None = None) -
     not the paper's RBF: see the module docstring). `activation` (default the paper's
     1.7159 tanh(2a/3)) follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3,
     C3_act, S4, S4_act, C5, C5_act, flatten, F6, F6_act, output.
-    `implementation` of the three convolutions (`nets.conv.Conv2D`); None takes the fastest
-    measured on CPU at batch 128 (BENCHMARKS.md): "conv" for C1 and C3, "patches" for C5.
+    `implementation` of the three convolutions (`nets.conv.Conv2D`): "patches", the default,
+    made the training step at batch 128 faster than "conv" on CPU (BENCHMARKS.md, README).
     """
     squash = _activation(activation)
-    c1, c3, c5 = (implementation,) * 3 if implementation else ("conv", "conv", "patches")
     return serial(
-        Conv2D(6, 5, implementation=c1, name="C1"),
+        Conv2D(6, 5, implementation=implementation, name="C1"),
         squash(name="C1_act"),
         Subsampling(2, name="S2"),
         squash(name="S2_act"),
-        Conv2D(16, 5, connection_table=lenet5_c3_table(), implementation=c3, name="C3"),
+        Conv2D(16, 5, connection_table=lenet5_c3_table(), implementation=implementation, name="C3"),
         squash(name="C3_act"),
         Subsampling(2, name="S4"),
         squash(name="S4_act"),
-        Conv2D(120, 5, implementation=c5, name="C5"),
+        Conv2D(120, 5, implementation=implementation, name="C5"),
         squash(name="C5_act"),
         Flatten(name="flatten"),
         Dense(84, name="F6"),
