@@ -352,3 +352,20 @@ def test_patches_times_patch_kernel_is_the_convolution(stride, kernel):
 def test_unknown_implementation_is_named():
     with pytest.raises(ValueError, match=r"H1: implementation must be one of .*'im2col'"):
         conv.Conv2D(4, 3, implementation="im2col", name="H1")
+
+
+@pytest.mark.parametrize("max_size", [0, 2**40], ids=["y_by_xla_conv", "y_by_patches"])
+def test_patches_forward_takes_either_product(max_size, monkeypatch):
+    """Above PATCH_PRODUCT_MAX_SIZE the "patches" layer takes y from XLA's convolution and
+    keeps the patches for backward only; below it, from the patches. Both match jax.vjp."""
+    monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", max_size)
+    name, kwargs, input_shape = CONFIGS[3]  # LeNet-1989's H1: stride 2, -1 padding, unshared
+    layer = conv.Conv2D(**kwargs, implementation="patches", name=name)
+    params, x, dy = random_problem(layer, input_shape, jnp.float64)
+    y, residuals = layer.forward(params, x)
+    expected_y = jax.lax.conv_general_dilated(
+        jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0), params["w"],
+        (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"][None]
+    assert relative_error(y, expected_y) <= F64
+    assert_close_tree(layer.backward(params, residuals, dy),
+                      vjp_reference(layer, params, x, dy), jnp.float64, name)
