@@ -17,7 +17,8 @@ harness. Optimisers:
         Gauss-Newton diagonal backpropagated by hand (nets.engines.curvature_diagonal),
         re-estimated on the first --curvature-examples training digits before every pass;
         mu = 0.02 and eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, the schedule
-        of LeCun et al. 1998 (Appendix C), since the 1989 paper gives none.
+        of LeCun et al. 1998 (Appendix C), since the 1989 paper gives none (--schedule
+        constant keeps eta). With mu >> h it is SGD with step eta / mu (tested).
 The modern variant (ours): nets.models.lenet1989_modern (ReLU, max pooling, shared biases)
 widened to H1 24@8x8, H2 24@4x4 (5x5 kernels over all H1 maps), H3 64 units (--h1-maps,
 --h2-maps, --h3-units; 40,338 parameters against the 1989 sizes' 10,024), softmax
@@ -79,6 +80,8 @@ class Config:
                             f"({DEFAULT_LR})", ge=0)
     mu: float = option(0.02, "sdlm damping mu in eta / (mu + h)", gt=0)
     curvature_examples: int = option(500, "sdlm: digits the diagonal is estimated on", ge=1)
+    schedule: str = option("1998", "sdlm: eta schedule, 1998 (LeCun et al. 1998, Appendix C) "
+                                   "or constant", choices=("1998", "constant"))
     activation: str = option("tanh", "1989 variant: tanh or 1.7159 tanh(2x/3)",
                              choices=("tanh", "scaled_tanh"))
     batch_size: int = option(32, "modern variant: mini-batch size", ge=1)
@@ -136,7 +139,8 @@ def build(config, splits):
     elif name == "sdlm":
         n = x_train.shape[0]  # one update per example: the schedule counts examples
         schedule = optax.piecewise_constant_schedule(
-            lr, {2 * n: 0.4, 5 * n: 0.5, 8 * n: 0.5, 12 * n: 0.2})
+            lr, {2 * n: 0.4, 5 * n: 0.5, 8 * n: 0.5, 12 * n: 0.2} if config.schedule == "1998"
+            else {})
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
         diagonal = nets.engines.curvature_diagonal(model, objective)
         subset = min(config.curvature_examples, x_train.shape[0])

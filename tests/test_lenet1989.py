@@ -40,3 +40,14 @@ def test_passes_default_per_variant():
     modern = lenet1989.Config(variant="modern")
     assert lenet1989.resolve(modern).passes == lenet1989.MODERN_PASSES == 60
     assert lenet1989.resolve(lenet1989.Config(variant="modern", passes=5)).passes == 5
+
+
+def test_sdlm_with_a_huge_mu_and_constant_eta_is_sgd(tmp_path):
+    """eta / (mu + h) = 0.006 / (1 + h / mu): with mu = 1e6 and a constant schedule the SDLM
+    run takes SGD's steps up to a relative 1e-6, so both runs end at the same losses."""
+    sgd = lenet1989.main(["--workdir", str(tmp_path / "sgd"), *SMALL])
+    sdlm = lenet1989.main(["--workdir", str(tmp_path / "sdlm"), *SMALL, "--optimizer", "sdlm",
+                           "--schedule", "constant", "--mu", "1e6", "--lr", "6e3",
+                           "--curvature-examples", "50"])
+    for key in ("train_loss", "test_loss"):
+        assert sdlm[key] == pytest.approx(sgd[key], rel=1e-4), key
