@@ -138,9 +138,7 @@ def build(config, splits):
         optimizer = optim.gradient_descent(lr)
     elif name == "sdlm":
         n = x_train.shape[0]  # one update per example: the schedule counts examples
-        schedule = optax.piecewise_constant_schedule(
-            lr, {2 * n: 0.4, 5 * n: 0.5, 8 * n: 0.5, 12 * n: 0.2} if config.schedule == "1998"
-            else {})
+        schedule = optim.lecun1998_schedule(lr, n) if config.schedule == "1998" else lr
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
         diagonal = nets.engines.curvature_diagonal(model, objective)
         subset = min(config.curvature_examples, x_train.shape[0])

@@ -111,9 +111,7 @@ def build(config, train_split, test_split):
     if config.optimizer == "sgd":
         optimizer = optim.gradient_descent(lr)
     elif config.optimizer == "sdlm":
-        schedule = optax.piecewise_constant_schedule(lr, {
-            2 * updates_per_pass: 0.4, 5 * updates_per_pass: 0.5, 8 * updates_per_pass: 0.5,
-            12 * updates_per_pass: 0.2})
+        schedule = optim.lecun1998_schedule(lr, updates_per_pass)
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
         diagonal = nets.engines.curvature_diagonal(model, objective)
         subset = min(config.curvature_examples, x_train.shape[0])

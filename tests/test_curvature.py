@@ -163,3 +163,13 @@ def test_curvature_experiment_rows_on_the_small_nets():
     assert by_layer[("output", "w")]["backpropagated_vs_gauss_newton"] <= F64
     assert by_layer[("hidden1", "w")]["backpropagated_vs_gauss_newton"] > 1e-3
     assert all(r["gauss_newton_vs_hessian"] is not None for r in rows)
+
+
+def test_lecun1998_schedule_by_hand():
+    """LeCun et al. 1998, Appendix C: 5e-4 for 2 passes, 2e-4 for 3, 1e-4 for 3, 5e-5 for 4,
+    then 1e-5 (here 10 updates a pass)."""
+    schedule = optim.lecun1998_schedule(5e-4, 10)
+    expected = {0: 5e-4, 19: 5e-4, 20: 2e-4, 49: 2e-4, 50: 1e-4, 80: 5e-5, 119: 5e-5,
+                120: 1e-5, 500: 1e-5}
+    for count, eta in expected.items():
+        assert float(schedule(count)) == pytest.approx(eta, rel=1e-6), count

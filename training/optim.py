@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState"]
+__all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState",
+           "lecun1998_schedule"]
 
 
 def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
@@ -80,3 +81,12 @@ def diagonal_levenberg_marquardt(
         return steps, DiagonalLevenbergMarquardtState(h, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def lecun1998_schedule(learning_rate: float, updates_per_pass: int) -> optax.Schedule:
+    """The step-size schedule of LeCun et al. 1998 (Appendix C) for SDLM, by update count:
+    eta for 2 passes, then x0.4, and x0.5 after 5 and 8 passes, x0.2 after 12 (from 5e-4:
+    5e-4, 2e-4, 1e-4, 5e-5, 1e-5)."""
+    return optax.piecewise_constant_schedule(learning_rate, {
+        2 * updates_per_pass: 0.4, 5 * updates_per_pass: 0.5, 8 * updates_per_pass: 0.5,
+        12 * updates_per_pass: 0.2})
