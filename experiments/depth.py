@@ -90,10 +90,8 @@ class Config:
 
 
 def load(config):
-    x_train, y_train = data.load_usps("train")
-    x_test, y_test = data.load_usps("test")
-    if config.test_examples:
-        x_test, y_test = x_test[: config.test_examples], y_test[: config.test_examples]
+    (x_train, y_train), (x_test, y_test) = data.load_usps_splits(
+        test_examples=config.test_examples)
     return (x_train, y_train), (x_test, data.one_hot(y_test, 10))
 
 

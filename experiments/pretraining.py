@@ -105,12 +105,8 @@ class Config:
 
 def load(config):
     """((x_train, labels_train), (x_test, targets_test)): x (n, 256) in [-1, 1]."""
-    x_train, y_train = data.load_usps("train")
-    x_test, y_test = data.load_usps("test")
-    if config.train_examples:
-        x_train, y_train = x_train[: config.train_examples], y_train[: config.train_examples]
-    if config.test_examples:
-        x_test, y_test = x_test[: config.test_examples], y_test[: config.test_examples]
+    (x_train, y_train), (x_test, y_test) = data.load_usps_splits(config.train_examples,
+                                                                 config.test_examples)
     too_many = [n for n in config.labelled if n > len(x_train)]
     if too_many:
         raise ConfigError(f"option --labelled: got {too_many}; allowed: at most the "

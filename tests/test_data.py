@@ -107,6 +107,17 @@ def test_usps_real(shared, split, n):
     assert histogram.sum() == n
 
 
+def test_usps_splits_cut_each_split_and_refuse_too_many(shared):
+    (x_train, y_train), (x_test, y_test) = data.load_usps_splits(5, 0)
+    assert x_train.shape == (5, 256) and y_train.shape == (5,)
+    assert x_test.shape == (2007, 256) and y_test.shape == (2007,)
+    full_test = data.load_usps("test", download=False)[0]
+    np.testing.assert_array_equal(x_test, full_test)
+    with pytest.raises(data.DataError, match="usps test: asked for the first 3000 digits, "
+                                             "there are 2007"):
+        data.load_usps_splits(0, 3000)
+
+
 def test_usps_first_row_matches_file(shared):
     fields = gzip.open(SHARED / "usps/zip.test.gz", "rt").readline().split()
     images, labels = data.load_usps("test", download=False)

@@ -49,6 +49,7 @@ __all__ = [
     "data_dirs",
     "fetch",
     "load_digits",
+    "load_usps_splits",
     "load_usps",
     "load_mnist",
     "load_text",
@@ -436,6 +437,20 @@ def load_usps(split: str, *, download: bool = True) -> tuple[np.ndarray, np.ndar
     _check_split(split)
     relpath = f"usps/zip.{split}.gz"
     return _parse_file(fetch(relpath, download=download), relpath, _parse_usps)
+
+
+def load_usps_splits(train_examples: int = 0, test_examples: int = 0):
+    """((x_train, labels_train), (x_test, labels_test)) of `load_usps`, each cut to its first
+    `train_examples` / `test_examples` digits (0: all 7,291 / 2,007); more than there are is
+    a DataError naming the split."""
+    splits = []
+    for split, limit in (("train", train_examples), ("test", test_examples)):
+        images, labels = load_usps(split)
+        if limit > images.shape[0]:
+            raise DataError(f"usps {split}: asked for the first {limit} digits, there are "
+                            f"{images.shape[0]}")
+        splits.append((images[:limit], labels[:limit]) if limit else (images, labels))
+    return tuple(splits)
 
 
 def _mnist_path(relpath: str, download: bool) -> pathlib.Path:
