@@ -66,6 +66,7 @@ DEFAULT_LR = {"sgd": 0.006, "sdlm": 5e-4, "adamw": 1e-3}
 PAPER_PASSES = 23
 MODERN_PASSES = 60
 MODERN_WIDTHS = (24, 24, 64)  # H1 maps, H2 maps, H3 units; the 1989 net has 12, 12, 30
+FAN_IN_EXPONENT = {"sqrt_fan_in": 0.5, "fan_in": 1.0}  # --init: U(+-2.4 / F^exponent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Config:
                                    "or constant", choices=("1998", "constant"))
     activation: str = option("tanh", "1989 variant: tanh or 1.7159 tanh(2x/3)",
                              choices=("tanh", "scaled_tanh"))
+    init: str = option("sqrt_fan_in", "1989 variant: weights U(+-2.4/sqrt(F)), or U(+-2.4/F) "
+                                      "as the paper's text reads (fan_in)",
+                       choices=tuple(FAN_IN_EXPONENT))
     batch_size: int = option(32, "modern variant: mini-batch size", ge=1)
     weight_decay: float = option(1e-4, "modern variant: AdamW weight decay", ge=0)
     max_shift: int = option(1, "modern variant: random shifts of up to this many pixels", ge=0)
@@ -125,7 +129,8 @@ def build(config, splits):
     """(model, objective, procedure) for the variant and optimizer of the config."""
     (x_train, t_train), (x_test, t_test) = splits
     if config.variant == "1989":
-        model = lenet1989(scaled_tanh=config.activation == "scaled_tanh")
+        model = lenet1989(scaled_tanh=config.activation == "scaled_tanh",
+                          fan_in_exponent=FAN_IN_EXPONENT[config.init])
         objective = nets.Objective(nets.mean_squared_error(), 0.0)
         name = config.optimizer
     else:

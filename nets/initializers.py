@@ -34,17 +34,19 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[-2] * receptive_field, shape[-1] * receptive_field
 
 
-def fan_in_uniform(scale: float = 2.4) -> Initializer:
-    """U(-scale/sqrt(F), +scale/sqrt(F)), F the fan-in.
+def fan_in_uniform(scale: float = 2.4, exponent: float = 0.5) -> Initializer:
+    """U(-scale/F^exponent, +scale/F^exponent), F the fan-in.
 
     After LeCun et al. 1989 ("Backpropagation applied to handwritten zip code
-    recognition"), whose text reads 2.4/F. We assume the square-root form, as common
-    reproductions do: it keeps the pre-activation variance independent of F, which is
-    the stated purpose of scaling by the fan-in.
+    recognition"), whose text reads 2.4/F (exponent=1). The default is the square-root
+    form, as common reproductions use: it keeps the pre-activation variance independent of
+    F, which is the stated purpose of scaling by the fan-in.
     """
+    if not exponent >= 0:
+        raise ValueError(f"fan_in_uniform: exponent must be >= 0, got {exponent}")
 
     def init(key, shape, dtype=jnp.float32):
-        limit = scale / math.sqrt(fans(shape)[0])
+        limit = scale / fans(shape)[0] ** exponent
         return jax.random.uniform(key, shape, dtype, -limit, limit)
 
     return init

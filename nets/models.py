@@ -17,8 +17,9 @@ LeCun et al. 1989, "Backpropagation Applied to Handwritten Zip Code Recognition"
   * Activation. The paper uses "a scaled hyperbolic tangent" on every unit, outputs included,
     without its constants here; with `scaled_tanh=True` we take the 1998 paper's
     f(a) = 1.7159 tanh(2a/3) (LeCun et al. 1998, Appendix A), else plain tanh (the lecture's).
-  * Initialisation: U(+-2.4/sqrt(F)) (the paper writes 2.4/F; see `nets.initializers`), F the
-    fan-in of each unit (200 for H2 with its table).
+  * Initialisation: U(+-2.4/sqrt(F)) by default (`fan_in_exponent=0.5`; the paper writes
+    2.4/F, `fan_in_exponent=1`; see `nets.initializers`), F the fan-in of each unit (200 for
+    H2 with its table).
 
 LeCun, Bottou, Bengio and Haffner 1998, "Gradient-Based Learning Applied to Document
 Recognition", Section II.B:
@@ -62,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import initializers
-from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
+from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table, table_fan_in_uniform
 from nets.layers import Dense, Layer, Relu, Sigmoid, Tanh, serial
 from nets.pooling import Dropout, Flatten, LocalResponseNorm, MaxPool, Subsampling
 
@@ -182,7 +183,7 @@ _LENET1989_PADDING = ((2, 2), (2, 2))
 
 
 def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
-              implementation: str = "patches") -> Layer:
+              implementation: str = "patches", fan_in_exponent: float = 0.5) -> Layer:
     """LeCun et al. 1989's zip-code net: H1 12@8x8, H2 12@4x4, H3 30, output 10.
 
     Input x: (batch, 16, 16, 1), grey levels in [-1, 1]; output (batch, 10), squashed.
@@ -194,23 +195,28 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
     the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
     `implementation` is that of both convolutions (`nets.conv.Conv2D`): "patches", the
     default, made the training step faster than "conv" on CPU (BENCHMARKS.md, README).
+    Every weight starts U(+-2.4 / F^fan_in_exponent), F the fan-in of its unit: 0.5, the
+    default, or the paper's text, 1.
     """
     if scaled_tanh:
         if activation != "tanh":
             raise ValueError(f"lenet1989: scaled_tanh=True scales tanh, not {activation!r}")
         activation = "scaled_tanh"
     squash = _activation(activation)
+    uniform = initializers.fan_in_uniform(2.4, fan_in_exponent)
     conv = dict(kernel_size=5, stride=2, padding=_LENET1989_PADDING, pad_value=-1.0,
                 unshared_bias=True, implementation=implementation)
+    table = lenet1989_h2_table()
     return serial(
-        Conv2D(12, **conv, name="H1"),
+        Conv2D(12, **conv, w_init=uniform, name="H1"),
         squash(name="H1_act"),
-        Conv2D(12, **conv, connection_table=lenet1989_h2_table(), name="H2"),
+        Conv2D(12, **conv, connection_table=table,
+               w_init=table_fan_in_uniform(table, 2.4, fan_in_exponent), name="H2"),
         squash(name="H2_act"),
         Flatten(name="flatten"),
-        Dense(30, name="H3"),
+        Dense(30, w_init=uniform, name="H3"),
         squash(name="H3_act"),
-        Dense(10, name="output"),
+        Dense(10, w_init=uniform, name="output"),
         squash(name="output_act"),
         name=f"lenet1989_{activation}",
     )

@@ -330,3 +330,17 @@ def test_alexnet_full_size_forward_on_cpu():
     logits = jax.jit(model.apply)(params, x)
     assert logits.shape == (1, 1000)
     assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_lenet1989_init_limits_follow_each_units_fan_in(exponent):
+    """U(+-2.4 / F^exponent) with F = 25 (H1), 200 (H2: 8 maps of 5x5), 192 (H3), 30 (output):
+    every weight inside its limit and the largest of each layer near it (hand-computed F)."""
+    params = models.lenet1989(fan_in_exponent=exponent).init(jax.random.key(3),
+                                                              (-1, 16, 16, 1))[1]
+    fan_ins = {0: 25, 2: 200, 5: 192, 7: 30}
+    for index, fan_in in fan_ins.items():
+        weights = np.abs(np.asarray(params[index]["w"]))
+        live = weights[weights > 0]  # H2's masked weights are exactly 0
+        limit = 2.4 / fan_in**exponent
+        assert live.max() <= limit and live.max() >= 0.9 * limit, (index, live.max(), limit)
