@@ -4,7 +4,11 @@
 with `block_until_ready`, returning median, 10th and 90th percentiles. `compare` times two
 callables alternately, A B A B ..., so that a slow drift of the machine (another process,
 thermal limits) affects both alike; ratios are only ever taken between two things measured
-this way in one process. Results are `Measurement`s, written as the `benchmarks` rows of
+this way in one process. Each timed call follows `settle` untimed calls of the same callable,
+so that both sides are timed in their steady state, as a training loop runs them: the first
+call after switching pays for the other side's footprint (caches, freed buffers, thread pools
+gone to sleep; LeNet-5's batch-128 step took 8.8 ms back to back but 12.1 ms right after
+the autodiff step). Results are `Measurement`s, written as the `benchmarks` rows of
 experiments/bench.py.
 """
 from __future__ import annotations
@@ -59,15 +63,18 @@ def time_calls(function: Callable, args: tuple, repeats: int = 10, warmup: int =
 
 
 def compare(a: Callable, a_args: tuple, b: Callable, b_args: tuple, repeats: int = 10,
-            warmup: int = 2) -> tuple[Measurement, Measurement]:
-    """Time a and b alternately (a, b, a, b, ...) after warming both up."""
+            warmup: int = 2, settle: int = 1) -> tuple[Measurement, Measurement]:
+    """Time a and b alternately (a, b, a, b, ...) after warming both up; each timed call
+    comes after `settle` untimed calls of the same callable (see the module docstring)."""
     for _ in range(warmup):
         _call(a, a_args)
         _call(b, b_args)
     samples_a, samples_b = [], []
     for _ in range(repeats):
-        samples_a.append(_call(a, a_args))
-        samples_b.append(_call(b, b_args))
+        for function, args, samples in ((a, a_args, samples_a), (b, b_args, samples_b)):
+            for _ in range(settle):
+                _call(function, args)
+            samples.append(_call(function, args))
     return Measurement.from_samples(samples_a), Measurement.from_samples(samples_b)
 
 
