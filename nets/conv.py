@@ -47,6 +47,11 @@ IMPLEMENTATIONS = ("conv", "patches")
 # LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 10.8 ms with
 # 2**20), the convolution for the 7,291 training digits at once (0.10 s against 0.37 s).
 PATCH_PRODUCT_MAX_SIZE = 2**22
+# From this many entries of the patches' gradient on, "patches" adds the input gradient back
+# in place, one update per kernel offset, and below it as one sum of padded copies: on the
+# 2-core CPU the updates took LeNet-5's C3 input gradient at batch 128 from 1.8 to 0.7 ms;
+# the sum is the faster for one example (one operation instead of kkh kkw).
+COL2IM_IN_PLACE_MIN_SIZE = 2**16
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -278,12 +283,16 @@ def _kernel_matrix(wp: jax.Array, groups: int) -> jax.Array:
 def conv2d_from_patches(patches: jax.Array, wp: jax.Array, groups: int) -> jax.Array:
     """y[n, i, j, o] = sum over (a', b', r, q, c) of patches * wp, within the group of o."""
     batch, out_h, out_w = patches.shape[5:]
-    if groups == 1:
+    if groups == 1 and out_h * out_w > 1:
         # (O, windows) and then transposed: XLA:CPU runs this product 3-4x faster than
-        # patches^T wp (LeNet-5's C1 and C3), but only if the barrier keeps it from folding
-        # the transpose into the product's layout.
+        # patches^T wp (LeNet-5's C1 and C3 at batch 128), but only if the barrier keeps it
+        # from folding the transpose into the product's layout. Not for 1x1 outputs (C5),
+        # where the transpose made one example's LeNet-5 step 1.5x slower.
         y = lax.optimization_barrier(wp.reshape(-1, wp.shape[-1]).T
                                      @ patches.reshape(-1, batch * out_h * out_w)).T
+    elif groups == 1:
+        y = lax.dot_general(patches.reshape(-1, batch * out_h * out_w),
+                            wp.reshape(-1, wp.shape[-1]), (((0,), (0,)), ((), ())))
     else:
         y = jnp.einsum("tgcm,tcgo->mgo", _patch_matrix(patches, groups),
                        _kernel_matrix(wp, groups))
@@ -318,10 +327,15 @@ def _patch_input_gradient(
                               dy_matrix.reshape(-1, groups, out_channels // groups))
     dpatches = dpatches.reshape(kkh, kkw, sh, sw, c_g * groups, batch, out_h, out_w)
     hs, ws = out_h - 1 + kkh, out_w - 1 + kkw
-    blocks = jnp.zeros((sh, sw, c_g * groups, batch, hs, ws), dy.dtype)
-    for a in range(kkh):  # in-place adds: XLA:CPU ran them 2.6x faster than a sum of pads
-        for b in range(kkw):
-            blocks = blocks.at[..., a:a + out_h, b:b + out_w].add(dpatches[a, b])
+    if dpatches.size >= COL2IM_IN_PLACE_MIN_SIZE:
+        blocks = jnp.zeros((sh, sw, c_g * groups, batch, hs, ws), dy.dtype)
+        for a in range(kkh):
+            for b in range(kkw):
+                blocks = blocks.at[..., a:a + out_h, b:b + out_w].add(dpatches[a, b])
+    else:
+        no_pad = ((0, 0),) * 4
+        blocks = sum(jnp.pad(dpatches[a, b], (*no_pad, (a, hs - out_h - a), (b, ws - out_w - b)))
+                     for a in range(kkh) for b in range(kkw))  # (sh, sw, C, batch, Hs, Ws)
     full = blocks.transpose(3, 4, 0, 5, 1, 2).reshape(batch, hs * sh, ws * sw, -1)
     hp, wp_ = padded_size
     full = full[:, :hp, :wp_]

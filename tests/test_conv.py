@@ -349,6 +349,25 @@ def test_patches_times_patch_kernel_is_the_convolution(stride, kernel):
     assert relative_error(got, expected) <= F64
 
 
+@pytest.mark.parametrize("min_size", [0, 2**40], ids=["col2im_in_place", "col2im_sum_of_pads"])
+@pytest.mark.parametrize("name, kwargs, input_shape", [
+    CONFIGS[3], CONFIGS[4], CONFIGS[5],
+    ("one_by_one_output", dict(out_channels=3, kernel_size=5), (2, 5, 5, 4)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_patches_backward_either_col2im(name, kwargs, input_shape, min_size, monkeypatch):
+    """Both ways "patches" adds the input gradient back (in place per kernel offset, or one
+    sum of padded copies; COL2IM_IN_PLACE_MIN_SIZE picks), match jax.vjp in float64, and y
+    (from the transposed product, or the plain one for a 1x1 output) lax's convolution."""
+    monkeypatch.setattr(conv, "COL2IM_IN_PLACE_MIN_SIZE", min_size)
+    layer = conv.Conv2D(**kwargs, implementation="patches", name=name)
+    params, x, dy = random_problem(layer, input_shape, jnp.float64)
+    y, residuals = layer.forward(params, x)
+    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
+    assert relative_error(y, expected_y) <= F64
+    assert_close_tree(layer.backward(params, residuals, dy),
+                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+
+
 def test_unknown_implementation_is_named():
     with pytest.raises(ValueError, match=r"H1: implementation must be one of .*'im2col'"):
         conv.Conv2D(4, 3, implementation="im2col", name="H1")
