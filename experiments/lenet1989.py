@@ -40,8 +40,8 @@ the final numbers and the misses; results.md sets them beside the paper's and th
 re-implementation's.
 
 Where we depart from or guess at the paper: the H2 connection scheme (nets/conv.py); the
-square-root fan-in by default (nets/initializers.py); plain tanh unless --activation scaled_tanh; the
-curvature subset and mu, which the paper does not give.
+square-root fan-in by default (nets/initializers.py); plain tanh unless --activation
+scaled_tanh; the curvature subset and mu, which the paper does not give.
 
 Measured on the 2-core CPU (jax 0.10.2), defaults: see README.md (Experiments) for the
 numbers of the last full runs.
