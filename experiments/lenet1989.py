@@ -28,10 +28,10 @@ widened to H1 24@8x8, H2 24@4x4 (5x5 kernels over all H1 maps), H3 64 units (--h
 --h2-maps, --h3-units; 40,338 parameters against the 1989 sizes' 10,024), softmax
 cross-entropy, AdamW (lr 1e-3, weight decay 1e-4) with a cosine decay of the learning rate
 over 60 passes, mini-batches of 32 in a new order every pass, random shifts of up to one
-pixel. Expected: test error 2.64% (53 misses) at seed 0, 2.84% and 2.39% at seeds 1 and 2,
-all <= 3.0%; about 7 min on one CPU core (40 passes: 2.79%, 56 misses). The 1989 sizes
-(--h1-maps 12 --h2-maps 12 --h3-units 30) fit the training set as well but reach only 3.34%
-in 40 passes, 3.04% in 80.
+pixel. Expected: test error 2.64% (53 misses) at seed 0, 2.29% and 2.14% at seeds 1 and 2,
+all <= 3.0%; about 100 s on one CPU core. Measured with the "conv" convolutions, 7 min: 40
+passes gave 2.79% (56 misses), and the 1989 sizes (--h1-maps 12 --h2-maps 12 --h3-units 30)
+fit the training set as well but reached only 3.34% in 40 passes, 3.04% in 80.
 
 Reported after every pass (results.json "history"): train_error, test_error, train_loss,
 test_loss, where the loss of the 1989 variant is the paper's MSE, the mean over examples and

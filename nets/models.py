@@ -222,7 +222,8 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
     )
 
 
-def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30) -> Layer:
+def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30,
+                     implementation: str = "patches") -> Layer:
     """The 1989 net's layout with today's habits: ReLU, max pooling, shared biases.
 
     Input x: (batch, 16, 16, 1) in [-1, 1]; output (batch, 10) logits (no output squash).
@@ -231,17 +232,20 @@ def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30) -
     table) with zero padding, ReLU, 2x2 max pooling -> h2_maps@4x4 (after a ReLU the
     background is 0). H3: h3_units ReLU units; output: 10 units. The defaults are the 1989
     sizes (12, 12, 30); experiments.lenet1989 widens them. Our own variant; no paper describes
-    it.
+    it. `implementation` of both convolutions (`nets.conv.Conv2D`): "patches", the default,
+    made a pass of experiments.lenet1989's modern variant 4.4x faster than "conv" on one CPU
+    core (1.57 s against 6.97 s: XLA's kernel-gradient convolution for H2 took 22 ms a batch).
     """
     for name, size in (("h1_maps", h1_maps), ("h2_maps", h2_maps), ("h3_units", h3_units)):
         if size < 1:
             raise ValueError(f"lenet1989_modern: {name} must be >= 1, got {size}")
     return serial(
         Conv2D(h1_maps, 5, padding=((2, 2), (2, 2)), pad_value=-1.0,
-               w_init=initializers.he_normal(), name="H1"),
+               w_init=initializers.he_normal(), implementation=implementation, name="H1"),
         Relu(name="H1_act"),
         MaxPool(2, name="H1_pool"),
-        Conv2D(h2_maps, 5, padding="SAME", w_init=initializers.he_normal(), name="H2"),
+        Conv2D(h2_maps, 5, padding="SAME", w_init=initializers.he_normal(),
+               implementation=implementation, name="H2"),
         Relu(name="H2_act"),
         MaxPool(2, name="H2_pool"),
         Flatten(name="flatten"),
