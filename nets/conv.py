@@ -44,8 +44,9 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 IMPLEMENTATIONS = ("conv", "patches")
 # The "patches" forward takes y from the patches up to this many patch entries (16 MB in
 # float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
-# LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 10.8 ms with
-# 2**20), the convolution for the 7,291 training digits at once (0.10 s against 0.37 s).
+# LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 11.5-12.2 ms
+# with 2**20, taps-first patches), the convolution for the 7,291 training digits at once
+# (0.10 s against 0.37 s, windows-first patches).
 PATCH_PRODUCT_MAX_SIZE = 2**22
 # From this many entries of the patches' gradient on, "patches" adds the input gradient back
 # in place, one update per kernel offset, and below it as one sum of padded copies: on the
