@@ -117,3 +117,12 @@ def test_dense_rejects_bad_sizes():
         layers.Dense(0)
     with pytest.raises(ValueError, match="must be \\(batch, features\\)"):
         layers.Dense(3).init(jax.random.key(0), (2, 3, 4))
+
+
+def test_fan_in_uniform_exponent_is_checked_and_applied():
+    """U(+-2.4/F^e): with e = 1 (LeCun et al. 1989's text) the largest of 7,500 draws lies just
+    under 2.4/300; a negative exponent is refused by name."""
+    weights = initializers.fan_in_uniform(2.4, 1.0)(jax.random.key(1), (300, 25))
+    assert 0.99 * 2.4 / 300 <= float(jnp.max(jnp.abs(weights))) <= 2.4 / 300
+    with pytest.raises(ValueError, match=r"fan_in_uniform: exponent must be >= 0, got -1"):
+        initializers.fan_in_uniform(2.4, -1.0)
