@@ -14,6 +14,7 @@ This module follows the layer contract of `nets.layers` (init, forward, backward
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -32,6 +33,8 @@ __all__ = [
     "conv2d_from_patches",
     "conv2d_backward_input",
     "conv2d_backward_kernel",
+    "conv2d_gather_patches",
+    "window_index",
     "table_fan_in_uniform",
     "check_image_input",
     "lenet1989_h2_table",
@@ -41,9 +44,9 @@ __all__ = [
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-IMPLEMENTATIONS = ("conv", "patches")
-# The "patches" forward takes y from the patches up to this many patch entries (16 MB in
-# float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
+IMPLEMENTATIONS = ("conv", "patches", "gather")
+# The "patches" and "gather" forwards take y from the patches up to this many patch entries
+# (16 MB in float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
 # LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 11.5-12.2 ms
 # with 2**20, taps-first patches), the convolution for the 7,291 training digits at once
 # (0.10 s against 0.37 s, windows-first patches).
@@ -53,6 +56,16 @@ PATCH_PRODUCT_MAX_SIZE = 2**22
 # 2-core CPU the updates took LeNet-5's C3 input gradient at batch 128 from 1.8 to 0.7 ms;
 # the sum is the faster for one example (one operation instead of kkh kkw).
 COL2IM_IN_PLACE_MIN_SIZE = 2**16
+# From this many entries of the patches' gradient on, "gather" adds it back into dx as one
+# gather and sum over the transposed table, and below it as one scatter-add: on the 2-core
+# CPU the scatter made LeNet-1989's one-example step 12% faster (a pass of the 1989 recipe
+# 0.219 s against 0.249 s), the gather its batch-64 step 8% faster (1.39 ms against 1.52 ms).
+GATHER_INPUT_GRADIENT_MIN_SIZE = 2**16
+# Up to this many patch entries, "gather" copies the patches out transposed before the kernel
+# gradient's product (the barrier keeps XLA from folding the copy back into the product): on
+# one core, LeNet-1989's one-example recipe pass took 0.197 s against 0.257 s, but the copy
+# made the batch-64 step slower (1.77 ms against 1.24 ms; 102 k and 307 k entries there).
+TRANSPOSED_PATCHES_MAX_SIZE = 2**15
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -343,6 +356,108 @@ def _patch_input_gradient(
     return jnp.pad(full, ((0, 0), (0, hp - full.shape[1]), (0, wp_ - full.shape[2]), (0, 0)))
 
 
+@functools.lru_cache(maxsize=None)
+def window_index(size: tuple[int, int], pads: Pads, kernel_size: tuple[int, int],
+                 stride: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The constant tables of the "gather" convolution of an (H, W) input with `pads`.
+
+    index (windows, kh kw): index[i out_w + j, a kw + b] = r W + q, the flat position of the
+    input under kernel offset (a, b) of window (i, j), r = sh i + a - top and
+    q = sw j + b - left, or H W (a slot holding the pad value) when (r, q) is in the border.
+    uses (H W, U): the transpose; uses[p] lists the flat entries w kh kw + t of
+    (windows, kh kw) at which index equals p, padded with windows kh kw (a slot that reads
+    0). U is the most windows that read one position, ceil(kh / sh) ceil(kw / sw) at most.
+    Positions that no window reads (see the module docstring) list only the zero slot.
+    """
+    (height, width), ((top, bottom), (left, right)) = size, pads
+    (kh, kw), (sh, sw) = kernel_size, stride
+    out_h = _output_size(height, kh, sh, top, bottom)
+    out_w = _output_size(width, kw, sw, left, right)
+    rows = (sh * np.arange(out_h)[:, None, None, None] + np.arange(kh)[None, None, :, None]
+            - top)
+    cols = (sw * np.arange(out_w)[None, :, None, None] + np.arange(kw)[None, None, None, :]
+            - left)
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    index = np.where(inside, rows * width + cols, height * width)
+    index = index.reshape(out_h * out_w, kh * kw).astype(np.int32)
+    flat = index.ravel()
+    entries = np.flatnonzero(flat < height * width)  # increasing: each use list is sorted
+    positions = flat[entries]
+    counts = np.bincount(positions, minlength=height * width)
+    uses = np.full((height * width, max(int(counts.max(initial=0)), 1)), flat.size, np.int32)
+    order = np.argsort(positions, kind="stable")
+    rank = np.arange(positions.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    uses[positions[order], rank] = entries[order]
+    return index, uses
+
+
+def conv2d_gather_patches(x: jax.Array, pads: Pads, pad_value: float,
+                          kernel_size: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
+    """Patches (batch, windows, kh kw, C) of x (batch, H, W, C) padded by `pads` with
+    `pad_value`, in one gather: patches[n, i out_w + j, a kw + b, c] = xp[n, sh i + a,
+    sw j + b, c]. Each entry is a run of C channels, read from x or from one appended
+    position holding the pad value (`window_index`); the padded input is never built."""
+    batch, height, width, channels = x.shape
+    index, _ = window_index((height, width), pads, kernel_size, stride)
+    border = jnp.full((batch, 1, channels), pad_value, x.dtype)
+    return jnp.concatenate([x.reshape(batch, height * width, channels), border], axis=1)[:, index]
+
+
+def _gather_product(patches: jax.Array, w: jax.Array, groups: int) -> jax.Array:
+    """y (batch windows, O) = patches (batch, windows, kh kw, C) times w (kh, kw, C_g, O),
+    within the groups."""
+    rows = patches.shape[0] * patches.shape[1]
+    if groups == 1:
+        return patches.reshape(rows, -1) @ w.reshape(-1, w.shape[-1])
+    taps, c_g, out_channels = w.shape[0] * w.shape[1], w.shape[2], w.shape[3]
+    return jnp.einsum("mtgc,tcgo->mgo", patches.reshape(rows, taps, groups, c_g),
+                      w.reshape(taps, c_g, groups, out_channels // groups)
+                      ).reshape(rows, out_channels)
+
+
+def _gather_kernel_gradient(patches: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
+                            groups: int) -> jax.Array:
+    """dw (kh, kw, C_g, O) = patches^T dy summed over batch and windows, per group. Up to
+    TRANSPOSED_PATCHES_MAX_SIZE entries, patches^T is copied out before the product."""
+    rows, out_channels = patches.shape[0] * patches.shape[1], dy.shape[-1]
+    taps, channels = patches.shape[2], patches.shape[3]
+    dy = dy.reshape(rows, out_channels)
+    if groups == 1 and patches.size <= TRANSPOSED_PATCHES_MAX_SIZE:
+        dw = lax.optimization_barrier(patches.reshape(rows, -1).T) @ dy
+    elif groups == 1:
+        dw = patches.reshape(rows, -1).T @ dy
+    else:
+        dw = jnp.einsum("mtgc,mgo->tcgo", patches.reshape(rows, taps, groups, channels // groups),
+                        dy.reshape(rows, groups, out_channels // groups))
+    return dw.reshape(*kernel_size, channels // groups, out_channels)
+
+
+def _gather_input_gradient(dy: jax.Array, w: jax.Array, size: tuple[int, int], pads: Pads,
+                           stride: tuple[int, int], groups: int) -> jax.Array:
+    """dx (batch, H, W, C): the patches' gradient dy w^T, each entry added back at the
+    position of x it was read from, as one gather and sum over `window_index`'s uses (the
+    entries read from the border are dropped). Below GATHER_INPUT_GRADIENT_MIN_SIZE entries
+    of the patches' gradient, one scatter-add over the index instead."""
+    batch, channels = dy.shape[0], w.shape[2] * groups
+    rows, out_channels = dy.size // dy.shape[-1], dy.shape[-1]
+    taps = w.shape[0] * w.shape[1]
+    dy = dy.reshape(rows, out_channels)
+    if groups == 1:
+        dpatches = lax.dot_general(dy, w.reshape(-1, out_channels), (((1,), (1,)), ((), ())))
+    else:
+        dpatches = jnp.einsum("mgo,tcgo->mtgc", dy.reshape(rows, groups, out_channels // groups),
+                              w.reshape(taps, w.shape[2], groups, out_channels // groups))
+    dpatches = dpatches.reshape(batch, -1, channels)  # (batch, windows kh kw, C)
+    index, uses = window_index(size, pads, w.shape[:2], stride)
+    if dpatches.size < GATHER_INPUT_GRADIENT_MIN_SIZE:
+        dx = jnp.zeros((batch, size[0] * size[1] + 1, channels), dy.dtype)
+        dx = dx.at[:, index.ravel()].add(dpatches)[:, :-1]  # the last slot: the border
+    else:
+        dpatches = jnp.pad(dpatches, ((0, 0), (0, 1), (0, 0)))  # the slot that reads 0
+        dx = jnp.sum(dpatches[:, uses], axis=2)
+    return dx.reshape(batch, *size, channels)
+
+
 def table_fan_in_uniform(mask: np.ndarray, scale: float = 2.4,
                          exponent: float = 0.5) -> initializers.Initializer:
     """U(+-scale / F_o^exponent) per output map o, F_o = kh kw (inputs that o sees).
@@ -417,7 +532,12 @@ def Conv2D(
                  products with them (dx added back window by window), and so is y while the
                  patches are small (`PATCH_PRODUCT_MAX_SIZE`; XLA's convolution above, where
                  `apply` lets XLA drop the patches). On CPU this is faster for small images
-                 (BENCHMARKS.md), where XLA's transposed convolutions are slow.
+                 (BENCHMARKS.md), where XLA's transposed convolutions are slow;
+      "gather"   the patches (batch, windows, kh kw, C) in one gather with a constant index
+                 table (`conv2d_gather_patches`), y and dw as one product each, and dx as one
+                 gather and sum over the transposed table (`window_index`): the fewest
+                 operations, the fastest for one example at a time (LeNet-1989's 1989 recipe;
+                 y from XLA's convolution above `PATCH_PRODUCT_MAX_SIZE` as for "patches").
 
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
@@ -489,17 +609,22 @@ def Conv2D(
         check_forward_input(params, x)
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
         xp = _pad(x, pads, pad_value)
+        out_size = output_spatial(x.shape[1:3])
         patches = None
         if implementation == "patches":
-            patches = conv2d_patches(xp, kernel, strides, output_spatial(x.shape[1:3]))
-        if patches is not None and patches.size <= PATCH_PRODUCT_MAX_SIZE:
-            y = conv2d_from_patches(patches, conv2d_patch_kernel(masked(params["w"]), strides),
-                                    groups)
-        else:  # the patches, if any, serve backward only: `apply` lets XLA drop them
-            y = lax.conv_general_dilated(
-                xp, masked(params["w"]), window_strides=strides, padding="VALID",
-                dimension_numbers=_DIMENSIONS, feature_group_count=groups,
-            )
+            patches = conv2d_patches(xp, kernel, strides, out_size)
+        elif implementation == "gather":
+            patches = conv2d_gather_patches(x, pads, pad_value, kernel, strides)
+        w = masked(params["w"])
+        if patches is None or patches.size > PATCH_PRODUCT_MAX_SIZE:
+            # the patches, if any, serve backward only: `apply` lets XLA drop them
+            y = lax.conv_general_dilated(xp, w, window_strides=strides, padding="VALID",
+                                         dimension_numbers=_DIMENSIONS,
+                                         feature_group_count=groups)
+        elif implementation == "gather":
+            y = _gather_product(patches, w, groups).reshape(x.shape[0], *out_size, -1)
+        else:
+            y = conv2d_from_patches(patches, conv2d_patch_kernel(w, strides), groups)
         b = params["b"]
         y = y + (b[None] if unshared_bias else b[None, None, None, :])
         # x, not xp: the padded copy is rebuilt in backward (O(size of x), cheap next to the
@@ -513,6 +638,10 @@ def Conv2D(
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
         padded_size = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads))
         w = masked(w) ** power
+        if implementation == "gather":
+            dw = _gather_kernel_gradient(patches ** power, dy, kernel, groups)
+            dx = _gather_input_gradient(dy, w, x.shape[1:3], pads, strides, groups)
+            return {"w": masked(dw), "b": bias_gradient(dy)}, dx
         if implementation == "patches":
             dwp = _patch_kernel_gradient(patches ** power, dy, groups)
             dw = _kernel_from_patch_kernel(dwp, kernel)
@@ -522,10 +651,12 @@ def Conv2D(
             xp = _pad(x, pads, pad_value) ** power
             dw = conv2d_backward_kernel(xp, dy, kernel, strides, groups)
             dxp = conv2d_backward_input(dy, w, strides, padded_size, groups)
-        db = jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
         (top, bottom), (left, right) = pads
         dx = dxp[:, top:padded_size[0] - bottom, left:padded_size[1] - right, :]
-        return {"w": masked(dw), "b": db}, dx
+        return {"w": masked(dw), "b": bias_gradient(dy)}, dx
+
+    def bias_gradient(dy):
+        return jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
 
     def backward(params, residuals, dy):
         return transpose(params["w"], residuals, dy, 1)

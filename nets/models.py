@@ -183,7 +183,7 @@ _LENET1989_PADDING = ((2, 2), (2, 2))
 
 
 def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
-              implementation: str = "patches", fan_in_exponent: float = 0.5) -> Layer:
+              implementation: str = "gather", fan_in_exponent: float = 0.5) -> Layer:
     """LeCun et al. 1989's zip-code net: H1 12@8x8, H2 12@4x4, H3 30, output 10.
 
     Input x: (batch, 16, 16, 1), grey levels in [-1, 1]; output (batch, 10), squashed.
@@ -193,8 +193,9 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
     connected. The activation (tanh, or 1.7159 tanh(2x/3) with `scaled_tanh`; relu and sigmoid
     are accepted too) follows every layer, the output included. The module docstring lists
     the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
-    `implementation` is that of both convolutions (`nets.conv.Conv2D`): "patches", the
-    default, made the training step faster than "conv" on CPU (BENCHMARKS.md, README).
+    `implementation` is that of both convolutions (`nets.conv.Conv2D`): "gather", the
+    default, made the training step the fastest on CPU, for one example (0.72x the time of
+    "patches", which beat "conv") and for 64 (0.86x) (BENCHMARKS.md, README).
     Every weight starts U(+-2.4 / F^fan_in_exponent), F the fan-in of its unit: 0.5, the
     default, or the paper's text, 1.
     """

@@ -220,6 +220,31 @@ def test_shuffled_batches_visit_every_example():
     assert set(np.asarray(batches).ravel()) == set(range(5))
 
 
+def test_stochastic_passes_without_a_guard_take_every_step():
+    """guard=None: on finite data the same parameters as with the guard (up to float32
+    rounding: XLA fuses the update differently); a NaN in the data is taken, not rejected."""
+    model, params, x, targets = small_problem(batch=7)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+
+    def final_params(x, guard):
+        procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.1),
+                                                 x, targets, guard=guard)
+        state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                        0, 2)
+        return state
+
+    guarded, unguarded = final_params(x, procedures.DEFAULT_GUARD), final_params(x, None)
+    assert_close_tree(unguarded.params, guarded.params, jnp.float32, "guard=None")
+    poisoned = x.at[3, 0].set(jnp.nan)
+    assert int(final_params(poisoned, procedures.DEFAULT_GUARD).guard.rejected) == 2
+    assert all(bool(jnp.all(jnp.isfinite(leaf)))
+               for leaf in jax.tree.leaves(final_params(poisoned, procedures.DEFAULT_GUARD).params))
+    unguarded_poisoned = final_params(poisoned, None)
+    assert int(unguarded_poisoned.guard.rejected) == 0
+    assert not all(bool(jnp.all(jnp.isfinite(leaf)))
+                   for leaf in jax.tree.leaves(unguarded_poisoned.params))
+
+
 def test_stochastic_passes_hand_the_curvature_to_the_optimizer():
     """With h = 0 everywhere and mu = 1, the diagonal rule is plain descent."""
     model, params, x, targets = small_problem(batch=5)
