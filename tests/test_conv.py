@@ -388,3 +388,46 @@ def test_patches_forward_takes_either_product(max_size, monkeypatch):
     assert relative_error(y, expected_y) <= F64
     assert_close_tree(layer.backward(params, residuals, dy),
                       vjp_reference(layer, params, x, dy), jnp.float64, name)
+
+
+def test_window_index_by_hand():
+    """A 2x3 input padded by one row on top and one column on the left, 2x2 kernel, stride
+    (1, 2): windows (0, 0) and (0, 1) on the padded row, (1, 0) and (1, 1) below it.
+
+    Padded map (B = border, digits = flat positions of x):
+        B B B B
+        B 0 1 2
+        B 3 4 5
+    out_h = (3 - 2) // 1 + 1 = 2, out_w = (4 - 2) // 2 + 1 = 2; the border is slot 6. Entries
+    of (windows, taps) are numbered window * 4 + tap, the taps in the order (0,0), (0,1),
+    (1,0), (1,1).
+    """
+    index, uses = conv.window_index((2, 3), ((1, 0), (1, 0)), (2, 2), (1, 2))
+    np.testing.assert_array_equal(index, [[6, 6, 6, 0], [6, 6, 1, 2],
+                                          [6, 0, 6, 3], [1, 2, 4, 5]])
+    # position 0 is read by entries 3 (window 0, tap 3) and 9 (window 2, tap 1); 16 = zero slot
+    np.testing.assert_array_equal(uses, [[3, 9], [6, 12], [7, 13], [11, 16],
+                                         [14, 16], [15, 16]])
+
+
+@pytest.mark.parametrize("dx_by_gather", [False, True], ids=["dx_scatter", "dx_gather_sum"])
+@pytest.mark.parametrize("dw_transposed", [False, True], ids=["dw_plain", "dw_transposed"])
+@pytest.mark.parametrize("y_by_patches", [False, True], ids=["y_by_xla_conv", "y_by_patches"])
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], CONFIGS[3], CONFIGS[4], CONFIGS[5]],
+                         ids=lambda c: c[0])
+def test_gather_takes_every_path(config, y_by_patches, dw_transposed, dx_by_gather,
+                                 monkeypatch):
+    """Every way "gather" computes y (the product, or XLA's convolution above
+    PATCH_PRODUCT_MAX_SIZE), dw (with the transposed patches copied out, or not) and dx (one
+    scatter-add, or one gather and sum) matches lax's convolution and jax.vjp in float64."""
+    monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", 2**40 if y_by_patches else 0)
+    monkeypatch.setattr(conv, "TRANSPOSED_PATCHES_MAX_SIZE", 2**40 if dw_transposed else 0)
+    monkeypatch.setattr(conv, "GATHER_INPUT_GRADIENT_MIN_SIZE", 0 if dx_by_gather else 2**40)
+    name, kwargs, input_shape = config
+    layer = conv.Conv2D(**kwargs, implementation="gather", name=name)
+    params, x, dy = random_problem(layer, input_shape, jnp.float64)
+    y, residuals = layer.forward(params, x)
+    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
+    assert relative_error(y, expected_y) <= F64
+    assert_close_tree(layer.backward(params, residuals, dy),
+                      vjp_reference(layer, params, x, dy), jnp.float64, name)
