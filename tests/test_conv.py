@@ -349,6 +349,18 @@ def test_patches_times_patch_kernel_is_the_convolution(stride, kernel):
     assert relative_error(got, expected) <= F64
 
 
+def assert_matches_conv_and_vjp(implementation, name, kwargs, input_shape):
+    """y of `implementation` against the "conv" layer's (lax's convolution), and its
+    hand-written backward against jax.vjp, both in float64."""
+    layer = conv.Conv2D(**kwargs, implementation=implementation, name=name)
+    params, x, dy = random_problem(layer, input_shape, jnp.float64)
+    y, residuals = layer.forward(params, x)
+    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
+    assert relative_error(y, expected_y) <= F64
+    assert_close_tree(layer.backward(params, residuals, dy),
+                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+
+
 @pytest.mark.parametrize("min_size", [0, 2**40], ids=["col2im_in_place", "col2im_sum_of_pads"])
 @pytest.mark.parametrize("name, kwargs, input_shape", [
     CONFIGS[3], CONFIGS[4], CONFIGS[5],
@@ -359,13 +371,7 @@ def test_patches_backward_either_col2im(name, kwargs, input_shape, min_size, mon
     sum of padded copies; COL2IM_IN_PLACE_MIN_SIZE picks), match jax.vjp in float64, and y
     (from the transposed product, or the plain one for a 1x1 output) lax's convolution."""
     monkeypatch.setattr(conv, "COL2IM_IN_PLACE_MIN_SIZE", min_size)
-    layer = conv.Conv2D(**kwargs, implementation="patches", name=name)
-    params, x, dy = random_problem(layer, input_shape, jnp.float64)
-    y, residuals = layer.forward(params, x)
-    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
-    assert relative_error(y, expected_y) <= F64
-    assert_close_tree(layer.backward(params, residuals, dy),
-                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+    assert_matches_conv_and_vjp("patches", name, kwargs, input_shape)
 
 
 def test_unknown_implementation_is_named():
@@ -424,10 +430,4 @@ def test_gather_takes_every_path(config, y_by_patches, dw_transposed, dx_by_gath
     monkeypatch.setattr(conv, "TRANSPOSED_PATCHES_MAX_SIZE", 2**40 if dw_transposed else 0)
     monkeypatch.setattr(conv, "GATHER_INPUT_GRADIENT_MIN_SIZE", 0 if dx_by_gather else 2**40)
     name, kwargs, input_shape = config
-    layer = conv.Conv2D(**kwargs, implementation="gather", name=name)
-    params, x, dy = random_problem(layer, input_shape, jnp.float64)
-    y, residuals = layer.forward(params, x)
-    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
-    assert relative_error(y, expected_y) <= F64
-    assert_close_tree(layer.backward(params, residuals, dy),
-                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+    assert_matches_conv_and_vjp("gather", name, kwargs, input_shape)
