@@ -534,10 +534,12 @@ def Conv2D(
                  `apply` lets XLA drop the patches). On CPU this is faster for small images
                  (BENCHMARKS.md), where XLA's transposed convolutions are slow;
       "gather"   the patches (batch, windows, kh kw, C) in one gather with a constant index
-                 table (`conv2d_gather_patches`), y and dw as one product each, and dx as one
-                 gather and sum over the transposed table (`window_index`): the fewest
-                 operations, the fastest for one example at a time (LeNet-1989's 1989 recipe;
-                 y from XLA's convolution above `PATCH_PRODUCT_MAX_SIZE` as for "patches").
+                 table (`conv2d_gather_patches`, `window_index`), y and dw as one product
+                 each, and dx as one scatter-add over the table (from
+                 `GATHER_INPUT_GRADIENT_MIN_SIZE` on, one gather and sum over its transpose):
+                 the fewest operations, the fastest for one example at a time (LeNet-1989's
+                 1989 recipe; y from XLA's convolution above `PATCH_PRODUCT_MAX_SIZE` as for
+                 "patches").
 
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
