@@ -431,3 +431,20 @@ def test_gather_takes_every_path(config, y_by_patches, dw_transposed, dx_by_gath
     monkeypatch.setattr(conv, "GATHER_INPUT_GRADIENT_MIN_SIZE", 0 if dx_by_gather else 2**40)
     name, kwargs, input_shape = config
     assert_matches_conv_and_vjp("gather", name, kwargs, input_shape)
+
+
+@pytest.mark.parametrize("pad_value", [0.0, -1.0, 2.5])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_constant_padding_by_linearity(pad_value, groups):
+    """conv(pad_c(x)) computed as conv with zero padding plus c times the border's own
+    convolution equals lax's convolution of the explicitly padded input."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((3, 9, 8, 4)))
+    w = jnp.asarray(rng.standard_normal((3, 4, 4 // groups, 6)))
+    pads = ((2, 1), (0, 3))
+    expected = jax.lax.conv_general_dilated(
+        jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value), w, (2, 3), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    got = conv.conv2d_constant_padded(x, w, pads, pad_value, (2, 3), groups)
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) <= F64
