@@ -380,9 +380,8 @@ def _patch_input_gradient(
     return jnp.pad(full, ((0, 0), (0, hp - full.shape[1]), (0, wp_ - full.shape[2]), (0, 0)))
 
 
-@functools.lru_cache(maxsize=None)
-def window_index(size: tuple[int, int], pads: Pads, kernel_size: tuple[int, int],
-                 stride: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def window_index(size: Sequence[int], pads, kernel_size: Sequence[int],
+                 stride: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """The constant tables of the "gather" convolution of an (H, W) input with `pads`.
 
     index (windows, kh kw): index[i out_w + j, a kw + b] = r W + q, the flat position of the
@@ -392,7 +391,14 @@ def window_index(size: tuple[int, int], pads: Pads, kernel_size: tuple[int, int]
     (windows, kh kw) at which index equals p, padded with windows kh kw (a slot that reads
     0). U is the most windows that read one position, ceil(kh / sh) ceil(kw / sw) at most.
     Positions that no window reads (see the module docstring) list only the zero slot.
+    Computed once per geometry (the arguments as tuples of ints) and cached.
     """
+    return _window_index(tuple(map(int, size)), tuple(tuple(map(int, p)) for p in pads),
+                         tuple(map(int, kernel_size)), tuple(map(int, stride)))
+
+
+@functools.lru_cache(maxsize=None)
+def _window_index(size, pads, kernel_size, stride):
     (height, width), ((top, bottom), (left, right)) = size, pads
     (kh, kw), (sh, sw) = kernel_size, stride
     out_h = _output_size(height, kh, sh, top, bottom)

@@ -408,7 +408,7 @@ def test_window_index_by_hand():
     of (windows, taps) are numbered window * 4 + tap, the taps in the order (0,0), (0,1),
     (1,0), (1,1).
     """
-    index, uses = conv.window_index((2, 3), ((1, 0), (1, 0)), (2, 2), (1, 2))
+    index, uses = conv.window_index([2, 3], [[1, 0], [1, 0]], (2, 2), np.array([1, 2]))
     np.testing.assert_array_equal(index, [[6, 6, 6, 0], [6, 6, 1, 2],
                                           [6, 0, 6, 3], [1, 2, 4, 5]])
     # position 0 is read by entries 3 (window 0, tap 3) and 9 (window 2, tap 1); 16 = zero slot
