@@ -194,8 +194,9 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
     are accepted too) follows every layer, the output included. The module docstring lists
     the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
     `implementation` is that of both convolutions (`nets.conv.Conv2D`): "gather", the
-    default, made the training step the fastest on CPU, for one example (0.72x the time of
-    "patches", which beat "conv") and for 64 (0.86x) (BENCHMARKS.md, README).
+    default, made the training step the fastest on the 2-core CPU, for one example (25 us a
+    step in a scan against 47 us with "patches", which beat "conv") and for 64 (1.4 against
+    1.7 ms) (BENCHMARKS.md, README).
     Every weight starts U(+-2.4 / F^fan_in_exponent), F the fan-in of its unit: 0.5, the
     default, or the paper's text, 1.
     """
