@@ -640,17 +640,16 @@ def Conv2D(
     def forward(params, x):
         check_forward_input(params, x)
         pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        xp = _pad(x, pads, pad_value)
         out_size = output_spatial(x.shape[1:3])
         patches = None
         if implementation == "patches":
-            patches = conv2d_patches(xp, kernel, strides, out_size)
+            patches = conv2d_patches(_pad(x, pads, pad_value), kernel, strides, out_size)
         elif implementation == "gather":
             patches = conv2d_gather_patches(x, pads, pad_value, kernel, strides)
         w = masked(params["w"])
         if patches is None:
-            y = lax.conv_general_dilated(xp, w, window_strides=strides, padding="VALID",
-                                         dimension_numbers=_DIMENSIONS,
+            y = lax.conv_general_dilated(_pad(x, pads, pad_value), w, window_strides=strides,
+                                         padding="VALID", dimension_numbers=_DIMENSIONS,
                                          feature_group_count=groups)
         elif patches.size > PATCH_PRODUCT_MAX_SIZE:
             # the patches serve backward only: `apply` lets XLA drop them
@@ -661,8 +660,8 @@ def Conv2D(
             y = conv2d_from_patches(patches, conv2d_patch_kernel(w, strides), groups)
         b = params["b"]
         y = y + (b[None] if unshared_bias else b[None, None, None, :])
-        # x, not xp: the padded copy is rebuilt in backward (O(size of x), cheap next to the
-        # convolutions), and its shape gives the pads to slice off without storing ints.
+        # x, not the padded copy: "conv" rebuilds it in backward (O(size of x), cheap next to
+        # the convolutions), and its shape gives the pads to slice off without storing ints.
         return y, (x, patches)
 
     def transpose(w, residuals, dy, power):
