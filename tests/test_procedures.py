@@ -245,6 +245,38 @@ def test_stochastic_passes_without_a_guard_take_every_step():
                    for leaf in jax.tree.leaves(unguarded_poisoned.params))
 
 
+def test_online_without_a_guard_takes_the_steps_the_guard_rejects():
+    """online(guard=None) on fresh batches: the guarded run's parameters on finite batches;
+    on NaN batches every step is taken (NaN parameters), where the guard rejects them all."""
+    model, params, _, _ = small_problem()
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+
+    def sample(key, poisoned=False):
+        x, targets = random_batch(key, 8, 4, 3, jnp.float32)
+        return (x * jnp.nan if poisoned else x), targets
+
+    def final_state(sample, guard):
+        procedure = procedures.online(model, objective, optim.gradient_descent(0.1), sample,
+                                      steps_per_record=4, guard=guard)
+        state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                        0, 1)
+        return state
+
+    assert_close_tree(final_state(sample, None).params,
+                      final_state(sample, procedures.DEFAULT_GUARD).params, jnp.float32,
+                      "online guard=None")
+
+    def nan_sample(key):
+        return sample(key, poisoned=True)
+
+    guarded = final_state(nan_sample, procedures.DEFAULT_GUARD)
+    assert int(guarded.guard.rejected) == 4
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(guarded.params))
+    unguarded = final_state(nan_sample, None)
+    assert int(unguarded.guard.rejected) == 0
+    assert not any(bool(jnp.any(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(unguarded.params))
+
+
 def test_stochastic_passes_hand_the_curvature_to_the_optimizer():
     """With h = 0 everywhere and mu = 1, the diagonal rule is plain descent."""
     model, params, x, targets = small_problem(batch=5)
