@@ -22,6 +22,11 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 against PyTorch nn.LSTM / nn.GRU running the same step (target <= 1.0; torch's
                 GRU is the cuDNN variant, ours Cho et al.'s: the same cost, not the same
                 function).
+  On a CPU with several cores, lenet5_torch and rnn also time the same SGD step data-parallel
+  over one JAX CPU device per core (`--cpu-devices`; `training.parallel.data_parallel`, form
+  "shard_map": each device computes the gradient of its share of the batch on its own core,
+  one all-reduce averages them) against PyTorch again: XLA:CPU spreads one small product
+  over two cores poorly, PyTorch well, and a device per core gives each core its own work.
   scaling       device scaling (experiments.scaling in a subprocess, so that it can simulate 4
                 CPU devices): the MLP's step time per data-parallel form at 1, 2, 4 devices,
                 weak and strong, manual engine; ratio = parallel efficiency (speed-up over
@@ -38,16 +43,18 @@ per machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import nets
 from nets.models import lenet5, lenet1989
-from training import benchmark, data, optim, plots, procedures, results
+from training import benchmark, data, optim, parallel, plots, procedures, results
 from training.config import option, parse, run_main
 from training.harness import open_run
 
@@ -71,6 +78,10 @@ class Config:
     seed: int = option(0, "seed of parameters and inputs")
     size: str = option("full", "full: the issue's sizes; smallest: tiny sizes for smoke tests "
                        "(the ratios then mean little)", choices=("full", "smallest"))
+    cpu_devices: int = option(0, "JAX CPU devices for the data-parallel rows, one a core: 0 "
+                                 "= the core count, 1 = no such rows. Takes effect only "
+                                 "before JAX starts (a process whose JAX has started keeps "
+                                 "its devices; results.json records them)", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +126,36 @@ def sgd_step(model, objective, engine, lr=0.01):
         return jax.tree.map(lambda w, g: w - lr * g, params, grad), energy
 
     return step
+
+
+def request_cpu_devices(count: int) -> None:
+    """Ask JAX for `count` CPU devices (0: one per core). Only possible before JAX starts; a
+    process whose JAX has started (a test, an interactive session) keeps its devices."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count or os.cpu_count() or 1)
+    except RuntimeError:
+        pass
+
+
+def data_parallel_rows(family, name, model, objective, args, reference, repeats):
+    """`sgd_step`'s update (lr 0.01) data-parallel over every CPU device, against `reference`
+    = (variant, step, args, ratio_of) timed alternately with it. No rows off the CPU or with
+    one device."""
+    devices = len(jax.devices())
+    if jax.default_backend() != "cpu" or devices < 2 or args[1].shape[0] % devices:
+        return []
+    optimizer = optax.sgd(0.01)
+    run = parallel.data_parallel(model, objective, optimizer, form="shard_map")
+    params, x, targets = args
+    placed = (run.place_state(params), run.place_state(optimizer.init(params)),
+              *run.place_batch(np.asarray(x), np.asarray(targets)))
+    step, compile_s = benchmark.compile_jitted(run.step, *placed)
+    reference_variant, reference_step, reference_args, ratio_of = reference
+    ours, theirs = benchmark.compare(step, placed, reference_step, reference_args, repeats)
+    ours.compile_s = compile_s
+    return [row(family, name, f"jax_manual_data_parallel_{devices}_cpu_devices", ours,
+                ours.median_s / theirs.median_s, ratio_of),
+            row(family, name, f"{reference_variant}_beside_data_parallel", theirs)]
 
 
 def mlp(sizes):
@@ -332,7 +373,10 @@ def family_lenet5_torch(config, key, torch):
     ours.compile_s = compile_s
     return [row("lenet5_torch", name, "jax_manual", ours,
                 ours.median_s / theirs.median_s, "jax/torch_eager"),
-            row("lenet5_torch", name, "torch_eager", theirs)]
+            row("lenet5_torch", name, "torch_eager", theirs),
+            *data_parallel_rows("lenet5_torch", name, model, objective, args,
+                                ("torch_eager", torch_step, (x, labels), "jax/torch_eager"),
+                                config.repeats)]
 
 
 # --- family: per-example gradients -------------------------------------------------------
@@ -454,7 +498,7 @@ def family_rnn(config, key, torch):
     batch, time_steps, hidden = sizes.rnn
     shape = f"b{batch}_t{time_steps}_h{hidden}"
     mse = nets.Objective(nets.mean_squared_error(), 0.0)
-    rows, compiled_manual = [], {}
+    rows, compiled_manual, models = [], {}, {}
     for kind in ("elman", "lstm", "gru"):
         model, args = rnn_problem(kind, sizes, key)
         manual_fn, manual_compile = benchmark.compile_jitted(
@@ -468,7 +512,7 @@ def family_rnn(config, key, torch):
                         temp_bytes=temp_bytes(manual_fn)))
         rows.append(row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
                         temp_bytes=temp_bytes(auto_fn)))
-        compiled_manual[kind] = (manual_fn, args, manual_compile)
+        compiled_manual[kind], models[kind] = (manual_fn, args, manual_compile), model
     base_fn, base_args, _ = compiled_manual["lstm"]
     for unroll in (2, 4, 8, 16):
         model, args = rnn_problem("lstm", sizes, key, unroll=unroll)
@@ -489,6 +533,9 @@ def family_rnn(config, key, torch):
         rows.append(row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
                         ours.median_s / theirs.median_s, f"jax/torch_nn_{kind}"))
         rows.append(row("rnn", f"torch/{kind}/{shape}", f"torch_nn_{kind}", theirs))
+        rows += data_parallel_rows(
+            "rnn", f"torch/{kind}/{shape}", models[kind], mse, args,
+            (f"torch_nn_{kind}", torch_step, torch_args, f"jax/torch_nn_{kind}"), config.repeats)
     return rows
 
 
@@ -548,6 +595,7 @@ def target_met(entry):
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    request_cpu_devices(config.cpu_devices)
     if config.quick:
         config = dataclasses.replace(config, repeats=10, recipe_passes=1)
     run = open_run(EXPERIMENT, config, args)
@@ -577,6 +625,7 @@ def main(argv=None):
          "targets_missed": sum(r.get("target_met") is False for r in rows)},
         [], {"run": time.perf_counter() - start}, benchmarks=rows,
         threads=benchmark.thread_settings(), torch=None if torch is None else torch.__version__,
+        devices=[str(d) for d in jax.devices()],
         matmul_precision=str(jax.config.jax_default_matmul_precision))
     ratios = [r for r in rows if r["ratio"] is not None]
     if ratios:
@@ -585,8 +634,8 @@ def main(argv=None):
                         xlabel="ratio (this codebase / reference; see ratio_of)", log=True)
     columns = ["family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s",
                "ratio", "ratio_of", "target", "target_met"]
-    header = (f"device {device_name()}, jax {jax.__version__}, torch "
-              f"{None if torch is None else torch.__version__}, threads "
+    header = (f"device {device_name()} ({len(jax.devices())} devices), jax "
+              f"{jax.__version__}, torch {None if torch is None else torch.__version__}, threads "
               f"{benchmark.thread_settings()}\n\n")
     results.save_and_print_table(run.workdir, header + results.markdown_table(rows, columns)
                                  + f"\nResults in {run.workdir}\n")

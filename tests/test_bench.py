@@ -21,3 +21,26 @@ def test_quick_smallest_run_writes_the_schema(tmp_path):
     assert all(r["ratio_of"] for r in rows if r["ratio"] is not None)
     assert (tmp_path / "results.md").read_text().startswith("device ")
     assert (tmp_path / "ratios.png").stat().st_size > 5_000
+
+
+def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
+    """On the 2 CPU devices of conftest, against a jitted single-device step as reference."""
+    import jax
+    import nets
+
+    assert jax.device_count() == 2
+    model = nets.build_mlp(6, 3, hidden_units=5)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    args = bench.random_problem(model, (6,), 4, jax.random.key(0))[:2] + (
+        jax.random.normal(jax.random.key(1), (4, 3)),)
+    single = jax.jit(bench.sgd_step(model, objective, nets.manual))
+    rows = bench.data_parallel_rows("family", "mlp", model, objective, args,
+                                    ("single", single, args, "dp/single"), repeats=10)
+    assert [r["variant"] for r in rows] == ["jax_manual_data_parallel_2_cpu_devices",
+                                            "single_beside_data_parallel"]
+    assert rows[0]["ratio"] == rows[0]["median_s"] / rows[1]["median_s"]
+    assert rows[0]["ratio_of"] == "dp/single" and rows[0]["compile_s"] > 0
+    # a batch the devices cannot share evenly gets no rows rather than a wrong split
+    odd = (args[0], args[1][:3], args[2][:3])
+    assert bench.data_parallel_rows("family", "mlp", model, objective, odd,
+                                    ("single", single, odd, "dp/single"), repeats=10) == []

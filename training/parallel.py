@@ -24,7 +24,9 @@ Over devices, one step with three spellings (`form`), all over a 1-D mesh whose 
 
     "shard_map"  jit(shard_map(local step)): explicit in_specs P() for the replicated params and
                  optimizer state, P("batch") for the batch; each device computes the gradient
-                 of its shard and `lax.pmean` averages them before the update.
+                 of its shard and `lax.pmean` averages them before the update, in one
+                 all-reduce of all the leaves raveled into one vector (one collective per
+                 leaf cost LeNet-5 about 1 ms a step on 2 CPU devices).
     "pmap"       the same local step under `jax.pmap` (in maintenance mode; in current JAX it
                  is implemented with jit and shard_map), batch laid out (devices, batch/devices).
     "jit"        the plain single-device step under `jax.jit` with NamedSharding annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -70,6 +73,7 @@ __all__ = [
     "check_batch",
     "DataParallel",
     "data_parallel",
+    "mean_over_devices",
 ]
 
 BATCH_AXIS = "batch"
@@ -291,6 +295,15 @@ def _fetch(tree: Any) -> Any:
     return jax.tree.map(one_copy, tree)
 
 
+def mean_over_devices(tree: Any) -> Any:
+    """The mean of every leaf of tree over the devices of `BATCH_AXIS` (inside a mapped
+    function), as one `lax.pmean` of the leaves raveled into one vector rather than one
+    collective per leaf. Leaves of mixed dtypes are averaged in their common dtype and cast
+    back."""
+    flat, unravel = jax.flatten_util.ravel_pytree(tree)
+    return unravel(jax.lax.pmean(flat, BATCH_AXIS))
+
+
 def _update(optimizer, params, opt_state, grad):
     updates, opt_state = optimizer.update(grad, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -319,8 +332,7 @@ def data_parallel(
     local_value_and_grad = engine(model, objective._replace(l2=objective.l2 / devices))
 
     def local_gradient(params, x, targets):
-        energy, grad = local_value_and_grad(params, x, targets)
-        return jax.lax.pmean((energy, grad), BATCH_AXIS)
+        return mean_over_devices(local_value_and_grad(params, x, targets))
 
     def local_step(params, opt_state, x, targets):
         energy, grad = local_gradient(params, x, targets)
