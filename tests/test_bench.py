@@ -1,6 +1,9 @@
 """experiments.bench --quick on the smallest sizes: the results schema (no speed asserted)."""
 import json
 
+import jax
+
+import nets
 from experiments import bench
 
 ROW_KEYS = {"family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s", "ratio",
@@ -25,9 +28,6 @@ def test_quick_smallest_run_writes_the_schema(tmp_path):
 
 def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
     """On the 2 CPU devices of conftest, against a jitted single-device step as reference."""
-    import jax
-    import nets
-
     assert jax.device_count() == 2
     model = nets.build_mlp(6, 3, hidden_units=5)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
