@@ -112,7 +112,8 @@ def row(family, name, variant, measurement, ratio=None, ratio_of=None, **extra):
     return {"family": family, "name": name, "variant": variant,
             "median_s": measurement.median_s, "p10_s": measurement.p10_s,
             "p90_s": measurement.p90_s, "compile_s": measurement.compile_s,
-            "repeats": measurement.repeats, "ratio": ratio, "ratio_of": ratio_of,
+            "repeats": measurement.repeats,
+            "calls_per_sample": measurement.calls_per_sample, "ratio": ratio, "ratio_of": ratio_of,
             "device": device_name(), **extra}
 
 

@@ -1,10 +1,12 @@
 """experiments.bench --quick on the smallest sizes: the results schema (no speed asserted)."""
 import json
+import time
 
 import jax
 
 import nets
 from experiments import bench
+from training import benchmark
 
 ROW_KEYS = {"family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s", "ratio",
             "ratio_of", "device"}
@@ -44,3 +46,19 @@ def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
     odd = (args[0], args[1][:3], args[2][:3])
     assert bench.data_parallel_rows("family", "mlp", model, objective, odd,
                                     ("single", single, odd, "dp/single"), repeats=10) == []
+
+
+def test_short_calls_are_timed_several_to_a_sample():
+    """A 0.5 ms call is timed 2-4 to a sample (MIN_SAMPLE_S = 2 ms), a 3 ms call alone."""
+    def short():
+        time.sleep(5e-4)
+
+    def long():
+        time.sleep(3e-3)
+
+    fast, slow = benchmark.compare(short, (), long, (), repeats=10)
+    assert benchmark.MIN_SAMPLE_S == 2e-3
+    assert 2 <= fast.calls_per_sample <= 4 and slow.calls_per_sample == 1
+    assert 5e-4 <= fast.median_s < 3e-3 <= slow.median_s
+    alone = benchmark.time_calls(short, (), repeats=10)
+    assert 2 <= alone.calls_per_sample <= 4 and alone.repeats == 10

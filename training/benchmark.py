@@ -8,12 +8,17 @@ this way in one process. Each timed call follows `settle` untimed calls of the s
 so that both sides are timed in their steady state, as a training loop runs them: the first
 call after switching pays for the other side's footprint (caches, freed buffers, thread pools
 gone to sleep; LeNet-5's batch-128 step took 8.8 ms back to back but 12.1 ms right after
-the autodiff step). Results are `Measurement`s, written as the `benchmarks` rows of
-experiments/bench.py.
+the autodiff step). A callable faster than `MIN_SAMPLE_S` is timed over several blocked
+calls per sample, as many as make a sample last that long (from its warm-up time), and the
+sample is their mean: one LeNet-1989 example's step (about 0.1 ms) otherwise gave
+manual/autodiff ratios from 0.83 to 1.22 across runs of the same code, most of a single
+call's time being the scheduler's jitter. Results are `Measurement`s, written as the
+`benchmarks` rows of experiments/bench.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable
@@ -21,24 +26,30 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["Measurement", "compile_jitted", "time_calls", "compare", "thread_settings"]
+__all__ = ["Measurement", "MIN_SAMPLE_S", "compile_jitted", "time_calls", "compare",
+           "thread_settings"]
+
+MIN_SAMPLE_S = 2e-3
 
 
 @dataclasses.dataclass
 class Measurement:
-    """Wall times of one callable: per-call percentiles over `repeats` calls, and compile."""
+    """Wall times of one callable: per-call percentiles over `repeats` samples (each the mean
+    of `calls_per_sample` blocked calls), and compile."""
 
     median_s: float
     p10_s: float
     p90_s: float
     compile_s: float | None
     repeats: int
+    calls_per_sample: int = 1
 
     @classmethod
-    def from_samples(cls, samples, compile_s=None):
+    def from_samples(cls, samples, compile_s=None, calls_per_sample=1):
         samples = np.asarray(samples, np.float64)
         return cls(float(np.median(samples)), float(np.percentile(samples, 10)),
-                   float(np.percentile(samples, 90)), compile_s, int(samples.size))
+                   float(np.percentile(samples, 90)), compile_s, int(samples.size),
+                   calls_per_sample)
 
 
 def compile_jitted(function: Callable, *args: Any) -> tuple[Callable, float]:
@@ -54,28 +65,42 @@ def _call(function, args):
     return time.perf_counter() - start
 
 
+def _sample(function, args, calls):
+    """Mean seconds of `calls` calls, each waited for."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        jax.block_until_ready(function(*args))
+    return (time.perf_counter() - start) / calls
+
+
+def _warm_up(function, args, warmup):
+    """Run `warmup` untimed calls; the calls per sample that make a sample last MIN_SAMPLE_S."""
+    seconds = min(_call(function, args) for _ in range(max(warmup, 1)))
+    return max(1, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9)))
+
+
 def time_calls(function: Callable, args: tuple, repeats: int = 10, warmup: int = 2,
                compile_s: float | None = None) -> Measurement:
-    """Median/p10/p90 of `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        _call(function, args)
-    return Measurement.from_samples([_call(function, args) for _ in range(repeats)], compile_s)
+    """Median/p10/p90 of `repeats` samples after `warmup` untimed calls."""
+    calls = _warm_up(function, args, warmup)
+    return Measurement.from_samples([_sample(function, args, calls) for _ in range(repeats)],
+                                    compile_s, calls)
 
 
 def compare(a: Callable, a_args: tuple, b: Callable, b_args: tuple, repeats: int = 10,
             warmup: int = 2, settle: int = 1) -> tuple[Measurement, Measurement]:
     """Time a and b alternately (a, b, a, b, ...) after warming both up; each timed call
     comes after `settle` untimed calls of the same callable (see the module docstring)."""
-    for _ in range(warmup):
-        _call(a, a_args)
-        _call(b, b_args)
+    calls_a, calls_b = _warm_up(a, a_args, warmup), _warm_up(b, b_args, warmup)
     samples_a, samples_b = [], []
     for _ in range(repeats):
-        for function, args, samples in ((a, a_args, samples_a), (b, b_args, samples_b)):
+        for function, args, calls, samples in ((a, a_args, calls_a, samples_a),
+                                               (b, b_args, calls_b, samples_b)):
             for _ in range(settle):
                 _call(function, args)
-            samples.append(_call(function, args))
-    return Measurement.from_samples(samples_a), Measurement.from_samples(samples_b)
+            samples.append(_sample(function, args, calls))
+    return (Measurement.from_samples(samples_a, calls_per_sample=calls_a),
+            Measurement.from_samples(samples_b, calls_per_sample=calls_b))
 
 
 def thread_settings() -> dict:
