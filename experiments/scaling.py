@@ -20,8 +20,10 @@ throughputs, efficiency the speed-up over N (weak: T1 / TN; strong: T1 / (N TN))
 "single" is the plain jitted step with no mesh.
 
 Timing: every function is called once (compilation plus one run: `compile_s` is that first
-call less the steady step), then `--repetitions` times (default 10), each waited for with
-`block_until_ready`; the median is reported. On a CPU backend the experiment asks JAX for
+call less the steady step), then `--repetitions` samples are timed (default 10) with
+`training.benchmark.time_calls`: each sample is one call waited for with `block_until_ready`,
+or for a call under 2 ms the mean of as many such calls as make 2 ms; the median is
+reported. On a CPU backend the experiment asks JAX for
 `--cpu-devices` simulated devices (`jax_num_cpu_devices`, before JAX starts; an XLA_FLAGS
 device count takes precedence): they share the machine's cores, so the numbers there show
 only the overhead of each form, not a speed-up. The same command runs unchanged on a machine
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import time
 from typing import Any, Callable
 
@@ -57,7 +58,7 @@ import optax
 
 import nets
 from nets import engines, models
-from training import parallel, plots, results
+from training import benchmark, parallel, plots, results
 from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
@@ -121,17 +122,14 @@ def problem(name: str, batch: int, key: jax.Array):
 
 def time_calls(function: Callable[[], Any], repetitions: int) -> dict:
     """{"first_s": the first call (compilation and one run), "median_s": the median of
-    `repetitions` further calls}, each waited for with block_until_ready."""
+    `repetitions` samples after it (`training.benchmark.time_calls`), "calls_per_sample"}."""
     start = time.perf_counter()
     jax.block_until_ready(function())
     first = time.perf_counter() - start
-    times = []
-    for _ in range(repetitions):
-        start = time.perf_counter()
-        jax.block_until_ready(function())
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"first_s": first, "median_s": median, "compile_s": max(first - median, 0.0)}
+    steady = benchmark.time_calls(function, (), repetitions, warmup=1)
+    return {"first_s": first, "median_s": steady.median_s,
+            "compile_s": max(first - steady.median_s, 0.0),
+            "calls_per_sample": steady.calls_per_sample}
 
 
 def sgd_step(gradient: Callable, lr: float) -> Callable:

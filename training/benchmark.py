@@ -1,7 +1,8 @@
 """Timing for benchmarks: compile time apart, warm-up, repetitions, interleaved comparisons.
 
-`time_jitted(function, *args)` compiles once (timed), warms up, then times `repeats` calls
-with `block_until_ready`, returning median, 10th and 90th percentiles. `compare` times two
+`compile_jitted(function, *args)` compiles once (timed); `time_calls` warms up, then times
+`repeats` calls with `block_until_ready`, returning median, 10th and 90th percentiles.
+`compare` times two
 callables alternately, A B A B ..., so that a slow drift of the machine (another process,
 thermal limits) affects both alike; ratios are only ever taken between two things measured
 this way in one process. Each timed call follows `settle` untimed calls of the same callable,
