@@ -300,7 +300,10 @@ def mean_over_devices(tree: Any) -> Any:
     """The mean of every leaf of tree over the devices of `BATCH_AXIS` (inside a mapped
     function), as one `lax.pmean` of the leaves raveled into one vector rather than one
     collective per leaf. Leaves of mixed dtypes are averaged in their common dtype and cast
-    back."""
+    back. Over one device the tree is returned as it is (raveling it cost a 256-768-10 MLP's
+    step 0.77 -> 1.0 ms)."""
+    if jax.lax.axis_size(BATCH_AXIS) == 1:
+        return tree
     flat, unravel = jax.flatten_util.ravel_pytree(tree)
     return unravel(jax.lax.pmean(flat, BATCH_AXIS))
 
