@@ -274,20 +274,28 @@ def test_the_mapped_forms_reduce_the_gradient_in_one_all_reduce(form):
 
 
 def test_mean_over_devices_averages_every_leaf_and_keeps_dtypes():
+    """Small leaves of two dtypes (raveled together) and one of SMALL_LEAF elements (reduced
+    as it is), each example's row on its own device, against NumPy's mean; and the one
+    all-reduce: (the 9 small elements in float64, the large leaf)."""
     mesh = parallel.batch_mesh()
     rng = np.random.default_rng(0)
     tree = {"a": rng.normal(size=(2, 3)), "b": rng.normal(size=(2, 5)).astype(np.float32),
-            "c": rng.normal(size=(2,))}
+            "c": rng.normal(size=(2,)), "d": rng.normal(size=(2, parallel.SMALL_LEAF))}
     mapped = jax.jit(jax.shard_map(
         lambda t: parallel.mean_over_devices(jax.tree.map(lambda v: v[0], t)), mesh=mesh,
         in_specs=jax.sharding.PartitionSpec(parallel.BATCH_AXIS),
         out_specs=jax.sharding.PartitionSpec(), check_vma=False))
-    out = mapped(jax.tree.map(jnp.asarray, tree))
+    placed = jax.tree.map(jnp.asarray, tree)
+    out = mapped(placed)
     assert {k: v.dtype for k, v in out.items()} == {"a": jnp.float64, "b": jnp.float32,
-                                                     "c": jnp.float64}
+                                                     "c": jnp.float64, "d": jnp.float64}
     for name, value in tree.items():
         np.testing.assert_allclose(np.asarray(out[name]), value.mean(axis=0),
                                    rtol=1e-6 if name == "b" else 1e-15)
+    hlo = mapped.lower(placed).compile().as_text()
+    reductions = [line.split(" = ")[1].split(" all-reduce")[0] for line in hlo.splitlines()
+                  if " all-reduce(" in line or " all-reduce-start(" in line]
+    assert reductions == [f"(f64[9]{{0}}, f64[{parallel.SMALL_LEAF}]{{0}})"], reductions
 
 
 @pytest.mark.parametrize("form", parallel.FORMS)
