@@ -220,6 +220,80 @@ def test_shuffled_batches_visit_every_example():
     assert set(np.asarray(batches).ravel()) == set(range(5))
 
 
+def loop_sgd_skipping(model, objective, params, x, targets, skipped, lr, passes, factor=0.5):
+    """Reference: one-example SGD as a Python loop (jax.grad) that skips the examples in
+    `skipped`, multiplying the learning rate by `factor` at each skip, as the guard does."""
+    value_and_grad = engines.autodiff(model, objective)
+    scale = 1.0
+    for _ in range(passes):
+        for i in range(x.shape[0]):
+            if i in skipped:
+                scale *= factor
+                continue
+            _, grad = value_and_grad(params, x[i:i + 1], targets[i:i + 1])
+            step = lr * scale
+            params = jax.tree.map(lambda w, g, step=step: w - step * g, params, grad)
+    return params
+
+
+def infinite_on_large_targets(loss):
+    """`loss` whose value is +inf on a batch with a target above 100; its gradient is kept:
+    a step with a non-finite energy but a finite gradient."""
+    def value(o, t):
+        return jnp.where(jnp.any(t > 100.0), jnp.inf, loss.value(o, t))
+
+    return loss._replace(value=value)
+
+
+@pytest.mark.parametrize("guard_every_step", [False, True])
+@pytest.mark.parametrize("poison", ["nan_input", "infinite_energy"])
+def test_stochastic_passes_reject_non_finite_examples(poison, guard_every_step):
+    """Checked after the pass (the default) or at every step: the non-finite example is
+    skipped in both passes and the learning rate halved each time, as a Python loop that
+    skips it; no other example is lost."""
+    model, params, x, targets = small_problem(batch=7)
+    loss = losses.mean_squared_error()
+    if poison == "nan_input":
+        x = x.at[3, 0].set(jnp.nan)
+    else:
+        loss = infinite_on_large_targets(loss)
+        targets = targets.at[3, 0].set(1000.0)
+    objective = losses.Objective(loss, 0.0)
+    procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.1),
+                                             x, targets, guard_every_step=guard_every_step)
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 2)
+    expected = loop_sgd_skipping(model, objective, params, x, targets, {3}, 0.1, passes=2)
+    assert_close_tree(state.params, expected, jnp.float32, f"{poison} skipped")
+    assert int(state.guard.rejected) == 2 and not bool(state.guard.failed)
+    assert float(state.guard.lr_scale) == 0.25
+    assert int(state.guard.consecutive) == 0 and int(state.guard.first_bad_step) == -1
+
+
+def test_a_pass_after_a_rejected_one_is_unchecked_at_the_lowered_rate():
+    """Pass 0: a NaN gradient at each of the 7 examples, all rejected (eta halved 7 times,
+    the parameters kept). Pass 1 is clean and runs unchecked at eta 0.1 / 2^7: the parameters
+    of one loop pass at that rate, and the guard state of checking every step."""
+    model, params, x, targets = small_problem(batch=7)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    guard = procedures.Guard(max_failures=100, nan_steps=(0,))
+
+    def final_state(guard_every_step):
+        procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.1),
+                                                 x, targets, guard=guard,
+                                                 guard_every_step=guard_every_step)
+        return procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                    0, 2)[0]
+
+    deferred, per_step = final_state(False), final_state(True)
+    expected = loop_sgd_skipping(model, objective, params, x, targets, set(), 0.1 / 2**7, 1)
+    assert_close_tree(deferred.params, expected, jnp.float32, "pass 1 at eta / 2^7")
+    assert_close_tree(per_step.params, expected, jnp.float32, "pass 1 at eta / 2^7")
+    assert float(deferred.guard.lr_scale) == 0.5**7 and int(deferred.guard.rejected) == 7
+    for field, value in deferred.guard._asdict().items():
+        assert value == getattr(per_step.guard, field), field
+
+
 def test_stochastic_passes_without_a_guard_take_every_step():
     """guard=None: on finite data the same parameters as with the guard (up to float32
     rounding: XLA fuses the update differently); a NaN in the data is taken, not rejected."""
