@@ -30,9 +30,9 @@ message (`training.loop` raises it). `Guard.nan_steps` injects a NaN into one gr
 the given steps, to test all of this. `stochastic_passes` and `online` also take guard=None:
 no check, every step is taken (as plain SGD elsewhere, PyTorch's included). The check is about
 20 small operations a step: with it, a pass of LeNet-1989's one-example recipe took 0.70 s
-against 0.52 s on the 2-core CPU (medians, interleaved), so `stochastic_passes` checks once per pass and repeats
-only a pass that went wrong, step by step (its docstring); `experiments.bench`, which compares
-that recipe with PyTorch's, turns the guard off.
+against 0.52 s on the 2-core CPU (medians, interleaved), so `stochastic_passes` checks once
+per pass and repeats only a pass that went wrong, step by step (its docstring);
+`experiments.bench`, which compares that recipe with PyTorch's, turns the guard off.
 """
 from __future__ import annotations
 
@@ -460,7 +460,7 @@ def stochastic_passes(
                 batch_key, augment_key = jax.random.split(batch_key)
                 xb = augment(augment_key, xb)
             energy, grad = value_and_grad(params, xb, targets[batch])
-            if guard is not None:
+            if guard is not None and step_guard is None:  # guarded_update injects otherwise
                 grad = _inject_nan(guard, grad, index)
             params, opt_state, guard_state = guarded_update(
                 optimizer, params, opt_state, guard_state, energy, grad, index, step_guard,
