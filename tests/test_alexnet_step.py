@@ -1,0 +1,44 @@
+"""experiments.alexnet_step: AlexNet's full-size training step, its gradient check and files."""
+import json
+
+import pytest
+
+from experiments import alexnet_step
+
+
+@pytest.mark.slow
+def test_full_size_step_on_the_cpu(tmp_path):
+    """227x227, 1000 classes, one example: float64 manual vs jax.grad within 1e-10 at full
+    size, float32 within twice jax.grad's own float32 error (+1e-5), the loss falls."""
+    metrics = alexnet_step.main(["--workdir", str(tmp_path), "--batch", "1", "--steps", "3",
+                                 "--repeats", "1"])
+    assert metrics["params"] == 60_965_224  # the seed table's count (tests/test_accounting.py)
+    assert metrics["batch"] == 1
+    assert metrics["float64_passed"] is True and metrics["float64_max_error"] <= 1e-10
+    assert metrics["float32_passed"] is True
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert metrics["step_s"] > 0 and metrics["compile_s"] > 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert len(document["gradient_errors"]) == 16  # w and b of 5 convs and 3 dense layers
+    assert [h["step"] for h in document["history"]] == [0, 1, 2]
+    assert (tmp_path / "loss.png").stat().st_size > 5_000
+    assert "float64 manual vs jax.grad" in (tmp_path / "results.md").read_text()
+
+
+def test_batch_defaults_to_two_on_the_cpu_and_the_papers_128_elsewhere(monkeypatch):
+    assert alexnet_step.resolved_batch(alexnet_step.Config()) == 2
+    assert alexnet_step.resolved_batch(alexnet_step.Config(batch=5)) == 5
+    monkeypatch.setattr(alexnet_step.jax, "default_backend", lambda: "gpu")
+    assert alexnet_step.resolved_batch(alexnet_step.Config()) == 128
+
+
+def test_verdict_fails_on_errors_over_the_tolerances():
+    good = {"float64_manual_vs_autodiff": 1e-15, "float32_manual_vs_float64": 2e-2,
+            "float32_autodiff_vs_float64": 2e-2}
+    bad64 = {**good, "float64_manual_vs_autodiff": 1e-8}
+    bad32 = {**good, "float32_manual_vs_float64": 4e-2 + 2e-5}
+    assert alexnet_step.gradient_verdict([good])["float64_passed"] is True
+    assert alexnet_step.gradient_verdict([good])["float32_passed"] is True
+    assert alexnet_step.gradient_verdict([good, bad64])["float64_passed"] is False
+    assert alexnet_step.gradient_verdict([good, bad32])["float32_passed"] is False
+    assert alexnet_step.gradient_verdict([])["float64_passed"] is None
