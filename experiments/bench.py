@@ -15,7 +15,8 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   per_example   vmap per-example gradient step / batch-gradient step (MLP, LeNet-5 at batch
                 128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
-                (float32, width 1024, batch 256). Target >= 0.6 on CPU.
+                (float32, width 1024, batch 256). Target >= 0.6 on CPU. On a GPU also in
+                bfloat16 (params, inputs and the matmul; --utilisation-dtypes): >= 0.5.
   rnn           Elman/LSTM/GRU (batch 64, T 100, hidden 256, 32 inputs, a Dense readout of
                 the last step, MSE): manual BPTT / jax.grad step (target <= 1.0); the LSTM's
                 `unroll` sweep 1, 2, 4, 8, 16 (ratio to unroll 1); the scan LSTM and GRU
@@ -32,8 +33,11 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 weak and strong, manual engine; ratio = parallel efficiency (speed-up over
                 the number of devices; only p50 is measured there, p10/p90 are left empty).
 PyTorch (`pip install torch==2.13.0`, the CPU build; the `bench` extra) is optional: without it
-the PyTorch families are skipped with a note. Threads: XLA's and PyTorch's intra-op pools are
-both left at the machine's core count, and recorded (training.benchmark.thread_settings).
+the PyTorch families are skipped with a note. When JAX runs on a GPU and the installed torch
+sees CUDA, the PyTorch references run there too (cuDNN for nn.LSTM/nn.GRU), each timed call
+ending in torch.cuda.synchronize(); rows record `torch_device`. Threads: XLA's and PyTorch's
+intra-op pools are both left at the machine's core count, and recorded
+(training.benchmark.thread_settings).
 
 Writes results.json ({"benchmarks": [{"family", "name", "variant", "median_s", "p10_s",
 "p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the DESIGN.md keys),
@@ -53,6 +57,7 @@ import numpy as np
 import optax
 
 import nets
+from nets.gradcheck import astype
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
 from training.config import option, parse, run_main
@@ -64,7 +69,8 @@ TARGETS = {"engine": ("<=", 1.0), "recipe": ("<=", 1 / 60), "lenet5_torch": ("<=
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
            "per_example/vmap_vs_batch/lenet5": ("<=", 4.0),
-           "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6)}
+           "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6),
+           "utilisation/bfloat16": (">=", 0.5)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,9 @@ class Config:
     seed: int = option(0, "seed of parameters and inputs")
     size: str = option("full", "full: the issue's sizes; smallest: tiny sizes for smoke tests "
                        "(the ratios then mean little)", choices=("full", "smallest"))
+    utilisation_dtypes: str = option("auto", "utilisation: auto (float32; plus bfloat16 on a "
+                                             "GPU), float32, or float32,bfloat16",
+                                     choices=("auto", "float32", "float32,bfloat16"))
     cpu_devices: int = option(0, "JAX CPU devices for the data-parallel rows, one a core: 0 "
                                  "= the core count, 1 = no such rows. Takes effect only "
                                  "before JAX starts (a process whose JAX has started keeps "
@@ -251,12 +260,15 @@ def torch_lenet1989(torch, seed):
         bound = 2.4 / fan_in**0.5
         return ((torch.rand(shape, generator=generator) * 2 - 1) * bound).requires_grad_()
 
-    mask = torch.tensor(np.asarray(nets.lenet1989_h2_table(), np.float32).T)[:, :, None, None]
+    device = torch_device(torch)
+    mask = torch.tensor(np.asarray(nets.lenet1989_h2_table(), np.float32).T,
+                        device=device)[:, :, None, None]
     params = {"w1": uniform((12, 1, 5, 5), 25), "b1": torch.zeros(12, 8, 8, requires_grad=True),
               "w2": uniform((12, 12, 5, 5), 200), "b2": torch.zeros(12, 4, 4,
                                                                       requires_grad=True),
               "w3": uniform((30, 192), 192), "b3": torch.zeros(30, requires_grad=True),
               "w4": uniform((10, 30), 30), "b4": torch.zeros(10, requires_grad=True)}
+    params = on_device(torch, params)
     functional = torch.nn.functional
 
     def forward(x):
@@ -270,11 +282,17 @@ def torch_lenet1989(torch, seed):
     return params, forward
 
 
+def on_device(torch, params):
+    """Leaf tensors made on the CPU (seeded there), moved to `torch_device`, requiring grad."""
+    device = torch_device(torch)
+    return {name: p.detach().to(device).requires_grad_() for name, p in params.items()}
+
+
 def torch_recipe(torch, images, targets, passes, seed):
     start = time.perf_counter()
     params, forward = torch_lenet1989(torch, seed)
-    x = torch.tensor(images.transpose(0, 3, 1, 2).copy())
-    t = torch.tensor(np.asarray(targets))
+    x = torch.tensor(images.transpose(0, 3, 1, 2).copy(), device=torch_device(torch))
+    t = torch.tensor(np.asarray(targets), device=torch_device(torch))
     for _ in range(passes):
         for i in range(x.shape[0]):
             loss = 0.5 * torch.sum((forward(x[i:i + 1]) - t[i:i + 1]) ** 2)
@@ -304,7 +322,8 @@ def family_recipe(config, key, torch):
     return [row("recipe", name, "jax_manual", measurement, jax_seconds / torch_seconds,
                 "jax/torch_eager", energy_after=jax_energy,
                 note="wall time of the whole recipe, compilation included (one run)"),
-            row("recipe", name, "torch_eager", torch_measurement, energy_after=torch_energy)]
+            row("recipe", name, "torch_eager", torch_measurement, energy_after=torch_energy,
+                torch_device=torch_device(torch))]
 
 
 # --- family: LeNet-5 against PyTorch -----------------------------------------------------
@@ -312,7 +331,8 @@ def family_recipe(config, key, torch):
 def torch_lenet5(torch, seed):
     torch.manual_seed(seed)
     functional = torch.nn.functional
-    table = torch.tensor(np.asarray(nets.lenet5_c3_table(), np.float32).T)[:, :, None, None]
+    table = torch.tensor(np.asarray(nets.lenet5_c3_table(), np.float32).T,
+                         device=torch_device(torch))[:, :, None, None]
 
     def weight(*shape):
         return (torch.randn(*shape) * 0.1).requires_grad_()
@@ -325,6 +345,7 @@ def torch_lenet5(torch, seed):
               "c5": weight(120, 16, 5, 5), "c5b": torch.zeros(120, requires_grad=True),
               "f6": weight(84, 120), "f6b": torch.zeros(84, requires_grad=True),
               "out": weight(10, 84), "outb": torch.zeros(10, requires_grad=True)}
+    params = on_device(torch, params)
 
     def squash(a):
         return 1.7159 * torch.tanh(2 * a / 3)
@@ -352,7 +373,7 @@ def torch_lenet5(torch, seed):
                 p -= 0.01 * p.grad
         return loss
 
-    return step
+    return torch_synchronized(torch, step)
 
 
 def family_lenet5_torch(config, key, torch):
@@ -368,13 +389,15 @@ def family_lenet5_torch(config, key, torch):
                     benchmark.time_calls(step, args, config.repeats, compile_s=compile_s),
                     note="PyTorch absent: pip install torch==2.13.0 to compare")]
     torch_step = torch_lenet5(torch, config.seed)
-    x = torch.tensor(np.asarray(args[1]).transpose(0, 3, 1, 2).copy())
-    labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long)
+    x = torch.tensor(np.asarray(args[1]).transpose(0, 3, 1, 2).copy(),
+                     device=torch_device(torch))
+    labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long,
+                          device=torch_device(torch))
     ours, theirs = benchmark.compare(step, args, torch_step, (x, labels), config.repeats)
     ours.compile_s = compile_s
     return [row("lenet5_torch", name, "jax_manual", ours,
                 ours.median_s / theirs.median_s, "jax/torch_eager"),
-            row("lenet5_torch", name, "torch_eager", theirs),
+            row("lenet5_torch", name, "torch_eager", theirs, torch_device=torch_device(torch)),
             *data_parallel_rows("lenet5_torch", name, model, objective, args,
                                 ("torch_eager", torch_step, (x, labels), "jax/torch_eager"),
                                 config.repeats)]
@@ -430,29 +453,42 @@ def family_per_example(config, key):
 
 # --- family: utilisation -------------------------------------------------------------------
 
+def utilisation_dtypes(config) -> tuple[str, ...]:
+    """float32, plus bfloat16 on a GPU (the issue's GPU target), or as --utilisation-dtypes
+    says."""
+    if config.utilisation_dtypes != "auto":
+        return tuple(config.utilisation_dtypes.split(","))
+    return ("float32",) if jax.default_backend() == "cpu" else ("float32", "bfloat16")
+
+
 def family_utilisation(config, key):
     sizes = sizes_of(config)
     batch, width = sizes.mlp_batch, sizes.mlp_width
     layers = [(784, width), (width, width), (width, 10)]
     name, model = mlp(sizes)
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
-    args = random_problem(model, (784,), batch, key)
-    step, compile_s = benchmark.compile_jitted(sgd_step(model, objective, nets.manual), *args)
     # forward 2 B n m per layer; backward 2 B n m for dW and 2 B n m for dx (the manual
     # backward computes dx of the first layer too, so count it)
     step_flops = sum(6 * batch * n * m for n, m in layers)
-    a = jax.random.normal(key, (batch, width), jnp.float32)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (width, width), jnp.float32)
-    matmul, _ = benchmark.compile_jitted(lambda a, b: a @ b, a, b)
-    train, mm = benchmark.compare(step, args, matmul, (a, b), config.repeats)
-    train.compile_s = compile_s
-    train_rate = step_flops / train.median_s
-    matmul_rate = 2 * batch * width * width / mm.median_s
-    return [row("utilisation", f"{name}/b{batch}", "training_step", train,
-                train_rate / matmul_rate, "training_flops_per_s/matmul_flops_per_s",
-                flops_per_s=train_rate),
-            row("utilisation", f"matmul_{batch}x{width}x{width}", "jit(a@b)", mm,
-                flops_per_s=matmul_rate)]
+    rows = []
+    for dtype in utilisation_dtypes(config):
+        args = astype(random_problem(model, (784,), batch, key), dtype)
+        step, compile_s = benchmark.compile_jitted(sgd_step(model, objective, nets.manual),
+                                                   *args)
+        a = jax.random.normal(key, (batch, width), dtype)
+        b = jax.random.normal(jax.random.fold_in(key, 1), (width, width), dtype)
+        matmul, _ = benchmark.compile_jitted(lambda a, b: a @ b, a, b)
+        train, mm = benchmark.compare(step, args, matmul, (a, b), config.repeats)
+        train.compile_s = compile_s
+        train_rate = step_flops / train.median_s
+        matmul_rate = 2 * batch * width * width / mm.median_s
+        suffix = "" if dtype == "float32" else f"/{dtype}"
+        rows += [row("utilisation", f"{name}/b{batch}{suffix}", "training_step", train,
+                     train_rate / matmul_rate, "training_flops_per_s/matmul_flops_per_s",
+                     flops_per_s=train_rate, dtype=dtype),
+                 row("utilisation", f"matmul_{batch}x{width}x{width}{suffix}", "jit(a@b)", mm,
+                     flops_per_s=matmul_rate, dtype=dtype)]
+    return rows
 
 
 # --- family: recurrent nets ----------------------------------------------------------------
@@ -475,9 +511,10 @@ def rnn_problem(kind, sizes, key, unroll=1):
 
 def torch_rnn_step(torch, kind, sizes, x, targets):
     _, _, hidden = sizes.rnn
+    device = torch_device(torch)
     recurrent_layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](
-        RNN_INPUTS, hidden, batch_first=True)
-    readout = torch.nn.Linear(hidden, RNN_OUTPUTS)
+        RNN_INPUTS, hidden, batch_first=True).to(device)
+    readout = torch.nn.Linear(hidden, RNN_OUTPUTS).to(device)
     parameters = [*recurrent_layer.parameters(), *readout.parameters()]
 
     def step(x, targets):
@@ -491,7 +528,8 @@ def torch_rnn_step(torch, kind, sizes, x, targets):
                 p -= 0.01 * p.grad
         return loss
 
-    return step, (torch.tensor(np.asarray(x)), torch.tensor(np.asarray(targets)))
+    return torch_synchronized(torch, step), (torch.tensor(np.asarray(x), device=device),
+                                             torch.tensor(np.asarray(targets), device=device))
 
 
 def family_rnn(config, key, torch):
@@ -533,7 +571,8 @@ def family_rnn(config, key, torch):
         ours.compile_s = compile_s
         rows.append(row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
                         ours.median_s / theirs.median_s, f"jax/torch_nn_{kind}"))
-        rows.append(row("rnn", f"torch/{kind}/{shape}", f"torch_nn_{kind}", theirs))
+        rows.append(row("rnn", f"torch/{kind}/{shape}", f"torch_nn_{kind}", theirs,
+                        torch_device=torch_device(torch)))
         rows += data_parallel_rows(
             "rnn", f"torch/{kind}/{shape}", models[kind], mse, args,
             (f"torch_nn_{kind}", torch_step, torch_args, f"jax/torch_nn_{kind}"), config.repeats)
@@ -583,10 +622,34 @@ def load_torch():
     return torch
 
 
+def torch_device(torch) -> str:
+    """Where the PyTorch references run: "cuda" when JAX runs on a GPU and this torch sees one
+    (so that a ratio sets two GPU runs side by side: cuDNN's LSTM and GRU, PyTorch's
+    convolutions), else "cpu"."""
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def torch_synchronized(torch, function):
+    """`function`, followed on CUDA by a wait for the kernels it queued, so that its wall time
+    counts them (`benchmark.compare` waits for JAX's arrays only)."""
+    if torch_device(torch) == "cpu":
+        return function
+
+    def run(*args):
+        result = function(*args)
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
 def target_met(entry):
     for key in (f"{entry['family']}/{entry['name'].split('/')[0]}/"
                 f"{entry['name'].split('/')[-1]}", f"{entry['family']}/{entry['name']}",
-                f"{entry['family']}/{entry['name'].split('/')[0]}", entry["family"]):
+                f"{entry['family']}/{entry['name'].split('/')[0]}",
+                f"{entry['family']}/{entry['name'].split('/')[-1]}", entry["family"]):
         if key in TARGETS:
             sense, bound = TARGETS[key]
             met = entry["ratio"] <= bound if sense == "<=" else entry["ratio"] >= bound

@@ -62,3 +62,46 @@ def test_short_calls_are_timed_several_to_a_sample():
     assert 5e-4 <= fast.median_s < 3e-3 <= slow.median_s
     alone = benchmark.time_calls(short, (), repeats=10)
     assert 2 <= alone.calls_per_sample <= 4 and alone.repeats == 10
+
+
+class FakeCuda:
+    """Stands in for torch.cuda: available, and counting synchronize() calls."""
+
+    def __init__(self):
+        self.synchronized = 0
+
+    def is_available(self):
+        return True
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+class FakeTorch:
+    def __init__(self):
+        self.cuda = FakeCuda()
+
+
+def test_torch_references_run_on_cuda_beside_a_gpu_and_wait_for_their_kernels(monkeypatch):
+    torch = FakeTorch()
+    step = bench.torch_synchronized(torch, lambda x: x + 1)
+    assert bench.torch_device(torch) == "cpu"  # JAX on the CPU: torch stays there too
+    assert step(1) == 2 and torch.cuda.synchronized == 0
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    assert bench.torch_device(torch) == "cuda"
+    step = bench.torch_synchronized(torch, lambda x: x + 1)
+    assert step(1) == 2 and torch.cuda.synchronized == 1
+    torch.cuda.is_available = lambda: False  # a CPU-only torch beside a GPU
+    assert bench.torch_device(torch) == "cpu"
+
+
+def test_utilisation_in_bfloat16_has_its_own_rows_and_target():
+    config = bench.Config(size="smallest", repeats=10, utilisation_dtypes="float32,bfloat16")
+    rows = bench.family_utilisation(config, jax.random.key(0))
+    assert [(r["dtype"], r["variant"]) for r in rows] == [
+        ("float32", "training_step"), ("float32", "jit(a@b)"),
+        ("bfloat16", "training_step"), ("bfloat16", "jit(a@b)")]
+    assert rows[2]["name"].endswith("/bfloat16") and rows[2]["ratio"] > 0
+    assert bench.target_met(rows[0])[0] == ">= 0.6"
+    assert bench.target_met(rows[2])[0] == ">= 0.5"
+    assert bench.utilisation_dtypes(bench.Config()) == ("float32",)  # auto, on the CPU
