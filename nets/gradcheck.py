@@ -168,20 +168,23 @@ def gradient_report(
 ) -> list[dict]:
     """Manual vs jax.grad (and, in float64, both vs finite differences), per layer and param.
 
-    Params, x and targets are cast to dtype first. Finite differences are taken in float64 on
-    up to `max_fd_coordinates` coordinates of each tensor (all of them when the tensor is that
-    small; otherwise a seeded random sample), with step `fd_step`: the rounding error of a
-    central difference is about eps |E| / h, so a net whose gradients are far smaller than E
-    (deep nets' first layers) needs a larger h. Returns one dict per parameter tensor with keys
-    model, layer, param, dtype, max_abs_err, rel_err_vs_autodiff, cosine,
-    rel_err_vs_finite_diff (manual), autodiff_rel_err_vs_finite_diff, fd_coordinates, passed.
+    Params, x and targets are cast to dtype first; products run at matmul precision "highest".
+    Finite differences are taken in float64 on up to `max_fd_coordinates` coordinates of each
+    tensor (all of them when the tensor is that small; otherwise a seeded random sample), with
+    step `fd_step`: the rounding error of a central difference is about eps |E| / h, so a net
+    whose gradients are far smaller than E (deep nets' first layers) needs a larger h. Returns
+    one dict per parameter tensor with keys model, layer, param, dtype, max_abs_err,
+    rel_err_vs_autodiff, cosine, rel_err_vs_finite_diff (manual),
+    autodiff_rel_err_vs_finite_diff, fd_coordinates, passed.
     """
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in TOLERANCES:
         raise ValueError(f"gradient_report: dtype {dtype_name}; choose one of {list(TOLERANCES)}")
     # float64 needs jax_enable_x64; enable it for this report only, whatever the process set.
     precision = jax.enable_x64(True) if dtype_name == "float64" else contextlib.nullcontext()
-    with precision:
+    # Full-precision float32 products on every backend (a GPU's default may use TF32, whose
+    # 10-bit mantissa would make the two engines differ by ~1e-3 for rounding alone).
+    with precision, jax.default_matmul_precision("highest"):
         return _gradient_report(
             model, objective, params, x, targets, dtype, dtype_name, model_name,
             max_fd_coordinates, seed, fd_step,

@@ -1,4 +1,5 @@
-"""Test configuration: float64 available, implicit rank promotion an error, 2 CPU devices.
+"""Test configuration: float64 available, implicit rank promotion an error, 2 CPU devices,
+float32 matrix products at full precision (matmul precision "highest", for GPUs).
 
 Float64 is enabled for the whole test process so that the tight checks (manual vs jax.grad
 <= 1e-10) can run; float32 tests build their arrays in float32 explicitly. Layers initialise in
@@ -18,6 +19,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The float32 tolerances assume full float32 products; a GPU's default may use TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 DTYPES = ("float64", "float32")
 
