@@ -20,8 +20,9 @@ Dropout: inside `serial` the Dropout layers are the identity (nets/pooling.py, D
 these steps train without it; the paper's 0.5 dropout on fc6 and fc7 is the one departure.
 
 Writes DIR/results.json (DESIGN.md keys; "metrics": params, batch, step_s, compile_s,
-examples_per_s, temp_bytes, max_relative_error, gradient_check_passed; "history": the loss per
-step; "gradient_errors": per leaf), results.md and loss.png.
+examples_per_s, temp_bytes, loss_first, loss_last, float64_max_error, float64_passed,
+float32_max_ratio, float32_passed, device; "history": the loss per step; "gradient_errors":
+per leaf), results.md and loss.png.
 
 Expected on the 2-core CPU (jax 0.10.2, batch 2, 2026-12-02): 51 s in all; the step
 compiles in 3.5 s and takes 0.81 s (2.5 examples/s, 32 MB of XLA temporaries); the loss on
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import nets
+from experiments.bench import temp_bytes
 from nets.gradcheck import TOLERANCES, astype, named_parameters, relative_error
 from nets.models import alexnet
 from training import benchmark, plots, results
@@ -85,6 +87,8 @@ def random_batch(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
 
 
 def training_step(model, objective, optimizer):
+    """step(params, opt_state, x, targets) -> (params, opt_state, loss before the update),
+    the gradient by the hand-written backward passes."""
     value_and_grad = nets.manual(model, objective)
 
     def step(params, opt_state, x, targets):
@@ -178,7 +182,7 @@ def main(argv=None) -> dict:
                "step_s": timing.median_s, "step_p10_s": timing.p10_s,
                "step_p90_s": timing.p90_s, "compile_s": compile_s,
                "examples_per_s": batch / timing.median_s,
-               "temp_bytes": _temp_bytes(step), "loss_first": history[0]["loss"],
+               "temp_bytes": temp_bytes(step), "loss_first": history[0]["loss"],
                "loss_last": history[-1]["loss"], **gradient_verdict(errors),
                "device": str(jax.devices()[0].device_kind)}
     results.write_results(workdir, EXPERIMENT, to_dict(config), metrics, history,
@@ -189,13 +193,6 @@ def main(argv=None) -> dict:
         title=f"AlexNet {config.towers} tower(s), batch {batch}, {metrics['device']}")
     results.save_and_print_table(workdir, render(metrics, errors, workdir))
     return metrics
-
-
-def _temp_bytes(compiled) -> int | None:
-    try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-    except (AttributeError, TypeError, NotImplementedError):
-        return None
 
 
 def render(metrics: dict, errors: list[dict], workdir) -> str:
