@@ -657,6 +657,23 @@ def target_met(entry):
     return None, None
 
 
+def write_benchmarks(workdir, config, rows, seconds, torch) -> None:
+    """results.json with the rows so far, each with its target and whether it was met."""
+    for entry in rows:
+        if entry["ratio"] is not None:
+            entry["target"], entry["target_met"] = target_met(entry)
+    results.write_results(
+        workdir, EXPERIMENT, dataclasses.asdict(config),
+        {"ratios": {f"{r['family']}/{r['name']}": r["ratio"] for r in rows
+                    if r["ratio"] is not None},
+         "targets_met": sum(bool(r.get("target_met")) for r in rows),
+         "targets_missed": sum(r.get("target_met") is False for r in rows)},
+        [], {"run": seconds}, benchmarks=rows,
+        threads=benchmark.thread_settings(), torch=None if torch is None else torch.__version__,
+        devices=[str(d) for d in jax.devices()],
+        matmul_precision=str(jax.config.jax_default_matmul_precision))
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     request_cpu_devices(config.cpu_devices)
@@ -678,19 +695,8 @@ def main(argv=None):
     for family in config.families:
         print(f"bench: {family} ...", flush=True)
         rows += runners[family]()
-    for entry in rows:
-        if entry["ratio"] is not None:
-            entry["target"], entry["target_met"] = target_met(entry)
-    results.write_results(
-        run.workdir, EXPERIMENT, dataclasses.asdict(config),
-        {"ratios": {f"{r['family']}/{r['name']}": r["ratio"] for r in rows
-                    if r["ratio"] is not None},
-         "targets_met": sum(bool(r.get("target_met")) for r in rows),
-         "targets_missed": sum(r.get("target_met") is False for r in rows)},
-        [], {"run": time.perf_counter() - start}, benchmarks=rows,
-        threads=benchmark.thread_settings(), torch=None if torch is None else torch.__version__,
-        devices=[str(d) for d in jax.devices()],
-        matmul_precision=str(jax.config.jax_default_matmul_precision))
+        # after every family, so that a run cut short (a time limit) keeps what it measured
+        write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch)
     ratios = [r for r in rows if r["ratio"] is not None]
     if ratios:
         plots.save_bars(run.workdir / "ratios.png",

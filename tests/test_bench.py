@@ -3,6 +3,7 @@ import json
 import time
 
 import jax
+import pytest
 
 import nets
 from experiments import bench
@@ -105,3 +106,18 @@ def test_utilisation_in_bfloat16_has_its_own_rows_and_target():
     assert bench.target_met(rows[0])[0] == ">= 0.6"
     assert bench.target_met(rows[2])[0] == ">= 0.5"
     assert bench.utilisation_dtypes(bench.Config()) == ("float32",)  # auto, on the CPU
+
+
+def test_a_run_cut_short_keeps_the_families_it_finished(tmp_path, monkeypatch):
+    """results.json is written after every family: a failure (or a time limit) in the second
+    leaves the first one's rows on disk."""
+    def broken(*args):
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(bench, "family_rnn", broken)
+    with pytest.raises(RuntimeError, match="cut short"):
+        bench.main(["--workdir", str(tmp_path), "--quick", "--size", "smallest",
+                    "--families", "utilisation,rnn"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert {r["family"] for r in document["benchmarks"]} == {"utilisation"}
+    assert document["metrics"]["targets_met"] + document["metrics"]["targets_missed"] == 1
