@@ -110,10 +110,11 @@ def gradient_errors(model, objective, params, x, targets) -> list[dict]:
     measure float32 rounding, not the backward pass. The float32 criterion is therefore
     scaled by jax.grad's own float32 error e_jax (`gradient_verdict`); the float64 check is
     the exact one."""
-    wide = astype((params, x, targets), jnp.float64)
-    with jax.default_matmul_precision("highest"):
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        wide = astype((params, x, targets), jnp.float64)
         manual64 = jax.jit(nets.manual(model, objective))(*wide)[1]
         exact = jax.jit(nets.autodiff(model, objective))(*wide)[1]
+    with jax.default_matmul_precision("highest"):
         manual32 = jax.jit(nets.manual(model, objective))(params, x, targets)[1]
         autodiff32 = jax.jit(nets.autodiff(model, objective))(params, x, targets)[1]
     rows = []
@@ -155,8 +156,6 @@ def gradient_verdict(errors: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
-    if config.check_gradient:
-        jax.config.update("jax_enable_x64", True)  # the float64 check; the step stays float32
     workdir = open_run(EXPERIMENT, config, harness_args).workdir
     batch = resolved_batch(config)
     model = alexnet(towers=config.towers)
