@@ -1,18 +1,34 @@
 """Test configuration: float64 available, implicit rank promotion an error, 2 CPU devices,
 float32 matrix products at full precision (matmul precision "highest", for GPUs).
 
+One JAX compilation cache serves the whole run (a fresh directory, removed at the end): the
+experiments build new closures over the same programs in test after test, in both xdist workers
+and in subprocesses, and compiling them again took about a fifth of the suite's time
+(tests/test_harness.py: 134 s without the cache, 105 s with it, 2-core CPU).
+
 Float64 is enabled for the whole test process so that the tight checks (manual vs jax.grad
 <= 1e-10) can run; float32 tests build their arrays in float32 explicitly. Layers initialise in
 float32 whatever the setting, and `nets.gradcheck.astype` casts.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 # The shared data sets beside the checkout (the Makefile sets the same when they exist).
 _SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 if _SHARED_DATA.is_dir():
     os.environ.setdefault("NETS_DATA_DIR", str(_SHARED_DATA))
+
+# Created by the first process (pytest itself, or its xdist controller) and inherited by the
+# workers and the subprocesses they start; a JAX_COMPILATION_CACHE_DIR set by the user wins.
+_OWNS_CACHE = "NETS_TEST_COMPILATION_CACHE" not in os.environ
+if _OWNS_CACHE:
+    os.environ["NETS_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="nets-test-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["NETS_TEST_COMPILATION_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -23,6 +39,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 DTYPES = ("float64", "float32")
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ["NETS_TEST_COMPILATION_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(params=DTYPES)
