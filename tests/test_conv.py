@@ -425,7 +425,7 @@ def test_gather_takes_every_path(config, y_by_patches, dw_transposed, dx_by_gath
                                  monkeypatch):
     """Every way "gather" computes y (the product, or XLA's convolution above
     PATCH_PRODUCT_MAX_SIZE), dw (with the transposed patches copied out, or not) and dx (one
-    scatter-add, or one gather and sum) matches lax's convolution and jax.vjp in float64."""
+    scatter-add, or a sum of gathers) matches lax's convolution and jax.vjp in float64."""
     monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", 2**40 if y_by_patches else 0)
     monkeypatch.setattr(conv, "TRANSPOSED_PATCHES_MAX_SIZE", 2**40 if dw_transposed else 0)
     monkeypatch.setattr(conv, "GATHER_INPUT_GRADIENT_MIN_SIZE", 0 if dx_by_gather else 2**40)
