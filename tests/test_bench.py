@@ -1,6 +1,7 @@
 """experiments.bench --quick on the smallest sizes: the results schema (no speed asserted)."""
 import json
 import time
+import types
 
 import jax
 import pytest
@@ -25,6 +26,8 @@ def test_quick_smallest_run_writes_the_schema(tmp_path):
             assert entry["p10_s"] <= entry["median_s"] <= entry["p90_s"]
         assert entry["repeats"] >= 10 or entry["family"] == "recipe"
     assert all(r["ratio_of"] for r in rows if r["ratio"] is not None)
+    assert all(r["temp_ratio"] > 0 for r in rows if r["family"] in ("engine", "rnn")
+               and r["variant"] == "manual")
     assert (tmp_path / "results.md").read_text().startswith("device ")
     assert (tmp_path / "ratios.png").stat().st_size > 5_000
 
@@ -94,6 +97,28 @@ def test_torch_references_run_on_cuda_beside_a_gpu_and_wait_for_their_kernels(mo
     assert step(1) == 2 and torch.cuda.synchronized == 1
     torch.cuda.is_available = lambda: False  # a CPU-only torch beside a GPU
     assert bench.torch_device(torch) == "cpu"
+
+
+def test_the_engine_target_also_asks_for_no_more_temporaries():
+    """Manual/autodiff <= 1 in time and in XLA's temporary bytes (the issue's "peak memory no
+    higher")."""
+    class Compiled:
+        def __init__(self, size):
+            self.size = size
+
+        def memory_analysis(self):
+            return types.SimpleNamespace(temp_size_in_bytes=self.size)
+
+    assert bench.memory_extras(Compiled(300), Compiled(200)) == {"temp_bytes": 300,
+                                                                 "temp_ratio": 1.5}
+    assert bench.memory_extras(Compiled(300), Compiled(0))["temp_ratio"] is None
+    assert bench.memory_extras(object(), Compiled(200)) == {"temp_bytes": None,
+                                                            "temp_ratio": None}
+    entry = {"family": "engine", "name": "lenet1989/b64", "ratio": 0.8, "temp_ratio": 1.09}
+    assert bench.target_met(entry) == ("<= 1, temp <= 1", False)
+    assert bench.target_met({**entry, "temp_ratio": 0.94}) == ("<= 1, temp <= 1", True)
+    assert bench.target_met({**entry, "ratio": 1.2, "temp_ratio": 0.94})[1] is False
+    assert bench.target_met({**entry, "temp_ratio": None}) == ("<= 1", True)
 
 
 def test_utilisation_in_bfloat16_has_its_own_rows_and_target():
