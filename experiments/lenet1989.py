@@ -20,7 +20,7 @@ harness. Optimisers:
         of LeCun et al. 1998 (Appendix C), since the 1989 paper gives none (--schedule
         constant keeps eta). With mu >> h it is SGD with step eta / mu (tested). Closest to
         the paper: --optimizer sdlm --init fan_in --schedule constant --lr 2e-4, test error
-        4.98-5.83% over seeds 0-9, median 109 misses (paper 5.0%, 102); 100 at seed 3.
+        5.03-5.83% over seeds 0-9, 101-117 misses, median 108.5 (paper 5.0%, 102).
 --init fan_in starts every weight U(+-2.4/F) as the paper's text reads, F the fan-in of its
 unit; the default sqrt_fan_in, U(+-2.4/sqrt(F)), is what common reproductions use.
 The modern variant (ours): nets.models.lenet1989_modern (ReLU, max pooling, shared biases)
