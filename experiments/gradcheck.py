@@ -3,10 +3,11 @@
     python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
 
 For each model in `CASES` (the MLPs with each loss, LeNet-1989 in its three forms, LeNet-5,
-and AlexNet at a reduced 67x67 input), on a random batch: the manual engine's gradient against
-jax.grad in float64 and float32, and both against central finite differences in float64, per
-layer and parameter (nets/gradcheck.py has the tolerance table: float64 <= 1e-10, float32
-<= 1e-5, finite differences <= 1e-6; finite differences on up to 256 coordinates a tensor).
+and AlexNet at a reduced 67x67 input with its dropout masks drawn), on a random batch: the
+manual engine's gradient against jax.grad in float64 and float32, and both against central
+finite differences in float64, per layer and parameter (nets/gradcheck.py has the tolerance
+table: float64 <= 1e-10, float32 <= 1e-5, finite differences <= 1e-6; finite differences on
+up to 256 coordinates a tensor).
 
 Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
 "rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
@@ -46,6 +47,7 @@ class Case(NamedTuple):
     target_kind: str = "one_hot"  # or "plus_minus_one"
     fd_coordinates: int = 256  # finite differences on at most this many entries per tensor
     fd_step: float = 1e-6
+    dropout: bool = False  # the model's Dropout layers active: all gradients with one key
 
 
 def _mse(l2=0.0):
@@ -80,12 +82,13 @@ CASES = [
          lambda: (models.lenet1989_modern(), nets.Objective(nets.softmax_cross_entropy())),
          (16, 16, 1), 10),
     Case("lenet5", lambda: (models.lenet5(), _mse()), (32, 32, 1), 10, "plus_minus_one"),
-    # AlexNet's layers at a reduced input size (67x67 is the smallest its strides allow). Its
-    # conv1 gradients are ~1e-5 of E: finite differences there are limited by rounding (see
-    # nets.gradcheck.finite_difference_tolerance); a larger step crosses ReLU kinks instead.
+    # AlexNet's layers at a reduced input size (67x67 is the smallest its strides allow), with
+    # its dropout on, as in training. Its conv1 gradients are ~1e-5 of E: finite differences
+    # there are limited by rounding (see nets.gradcheck.finite_difference_tolerance); a larger
+    # step crosses ReLU kinks instead.
     Case("alexnet_67x67",
          lambda: (models.alexnet(num_classes=5), nets.Objective(nets.softmax_cross_entropy())),
-         (67, 67, 3), 5, fd_coordinates=6),
+         (67, 67, 3), 5, fd_coordinates=6, dropout=True),
 ]
 
 
@@ -114,12 +117,14 @@ def run_checks(batch: int, seed: int, cases: list[Case] | None = None) -> list[d
     for index, case in enumerate(CASES if cases is None else cases):
         model, objective = case.build()
         init_key, data_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
+        dropout_key = jax.random.fold_in(data_key, 1)
         params = model.init(init_key, (-1, *case.input_shape))[1]
         x, targets = case_batch(case, batch, data_key)
         for dtype in (jnp.float64, jnp.float32):
             checks += gradient_report(model, objective, params, x, targets, dtype, case.name,
                                       max_fd_coordinates=case.fd_coordinates,
-                                      fd_step=case.fd_step)
+                                      fd_step=case.fd_step,
+                                      key=dropout_key if case.dropout else None)
     return checks
 
 

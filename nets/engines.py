@@ -2,9 +2,12 @@
 
 An engine turns a model (a `Layer`) and an `Objective` into
 
-    value_and_grad(params, x, targets) -> (E, dE/dparams)
+    value_and_grad(params, x, targets, key=None) -> (E, dE/dparams)
 
-where dE/dparams has the structure of params. `manual` runs the hand-written backward passes
+where dE/dparams has the structure of params. `key` is for stochastic models (dropout,
+nets/layers.py): the model's random draws come from it, the same ones in every engine for
+the same key, and the gradient is that of E with those draws held fixed; None runs the model
+at inference. `manual` runs the hand-written backward passes
 (loss gradient, then each layer's `backward` from the last to the first, then (lambda/m) w for
 the L2 penalty); `autodiff` runs `jax.value_and_grad` on the same forward functions;
 `manual_vjp` runs `jax.value_and_grad` through `with_manual_vjp` wrappers, so JAX's own
@@ -17,7 +20,7 @@ from typing import Any, Callable
 
 import jax
 
-from nets.layers import Layer
+from nets.layers import Layer, forward_with_key
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
 
 __all__ = [
@@ -33,15 +36,15 @@ __all__ = [
     "curvature_diagonal",
 ]
 
-ValueAndGrad = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+ValueAndGrad = Callable[..., tuple[jax.Array, Any]]  # (params, x, targets, key=None)
 Engine = Callable[[Layer, Objective], ValueAndGrad]
 
 
 def manual(model: Layer, objective: Objective) -> ValueAndGrad:
     """E and its gradient by the hand-written backward passes (no jax.grad anywhere)."""
 
-    def value_and_grad(params, x, targets):
-        outputs, residuals = model.forward(params, x)
+    def value_and_grad(params, x, targets, key=None):
+        outputs, residuals = forward_with_key(model, params, x, key)
         m = outputs.shape[0]
         value = objective.value(params, outputs, targets)
         doutputs = objective.loss.grad(outputs, targets)
@@ -55,31 +58,37 @@ def manual(model: Layer, objective: Objective) -> ValueAndGrad:
 def autodiff(model: Layer, objective: Objective) -> ValueAndGrad:
     """E and its gradient by `jax.value_and_grad` of the forward pass (the reference)."""
 
-    def energy(params, x, targets):
-        return objective.value(params, model.apply(params, x), targets)
+    def energy(params, x, targets, key=None):
+        return objective.value(params, model.apply(params, x, key), targets)
 
     return jax.value_and_grad(energy)
 
 
-def with_manual_vjp(layer: Layer) -> Callable[[Any, jax.Array], jax.Array]:
-    """`layer.apply` as a `jax.custom_vjp` whose backward is `layer.backward`.
+def with_manual_vjp(layer: Layer) -> Callable[..., jax.Array]:
+    """`layer.apply` as a `jax.custom_vjp` whose backward is `layer.backward`:
+    `apply(params, x, key=None)`.
 
-    Differentiable in both params and x; the cotangent rule is the hand-written one.
+    Differentiable in both params and x; the cotangent rule is the hand-written one. The key
+    (stochastic layers) gets no cotangent.
     """
 
     @jax.custom_vjp
-    def apply(params, x):
-        return layer.apply(params, x)
+    def apply_with_key(params, x, key):
+        return layer.apply(params, x, key)
 
-    def forward(params, x):
-        y, residuals = layer.forward(params, x)
+    def forward(params, x, key):
+        y, residuals = forward_with_key(layer, params, x, key)
         return y, (params, residuals)
 
     def backward(saved, dy):
         params, residuals = saved
-        return layer.backward(params, residuals, dy)
+        return (*layer.backward(params, residuals, dy), None)
 
-    apply.defvjp(forward, backward)
+    apply_with_key.defvjp(forward, backward)
+
+    def apply(params, x, key=None):
+        return apply_with_key(params, x, key)
+
     return apply
 
 
@@ -114,8 +123,8 @@ def manual_vjp(model: Layer, objective: Objective) -> ValueAndGrad:
     apply = with_manual_vjp(model)
     loss_value = loss_with_manual_vjp(objective.loss)
 
-    def energy(params, x, targets):
-        outputs = apply(params, x)
+    def energy(params, x, targets, key=None):
+        outputs = apply(params, x, key)
         return loss_value(outputs, targets) + l2_penalty(params, objective.l2, outputs.shape[0])
 
     return jax.value_and_grad(energy)

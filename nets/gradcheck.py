@@ -182,6 +182,7 @@ def gradient_report(
     max_fd_coordinates: int = 256,
     seed: int = 0,
     fd_step: float = FINITE_DIFFERENCE_STEP,
+    key: jax.Array | None = None,
 ) -> list[dict]:
     """Manual vs jax.grad (and, in float64, both vs finite differences), per layer and param.
 
@@ -192,7 +193,8 @@ def gradient_report(
     whose gradients are far smaller than E (deep nets' first layers) needs a larger h. Returns
     one dict per parameter tensor with keys model, layer, param, dtype, max_abs_err,
     rel_err_vs_autodiff, cosine, rel_err_vs_finite_diff (manual),
-    autodiff_rel_err_vs_finite_diff, fd_coordinates, passed.
+    autodiff_rel_err_vs_finite_diff, fd_coordinates, passed. `key` goes to a stochastic
+    model (dropout): all three gradients then hold the same draws fixed.
     """
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in TOLERANCES:
@@ -204,24 +206,24 @@ def gradient_report(
     with precision, jax.default_matmul_precision("highest"):
         return _gradient_report(
             model, objective, params, x, targets, dtype, dtype_name, model_name,
-            max_fd_coordinates, seed, fd_step,
+            max_fd_coordinates, seed, fd_step, key,
         )
 
 
 def _gradient_report(
     model, objective, params, x, targets, dtype, dtype_name, model_name, max_fd_coordinates, seed,
-    fd_step,
+    fd_step, key,
 ):
     params, x, targets = astype(params, dtype), astype(x, dtype), astype(targets, dtype)
-    _, manual_grad = jax.jit(engines.manual(model, objective))(params, x, targets)
-    _, autodiff_grad = jax.jit(engines.autodiff(model, objective))(params, x, targets)
+    _, manual_grad = jax.jit(engines.manual(model, objective))(params, x, targets, key)
+    _, autodiff_grad = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
 
     with_fd = dtype_name == "float64"
     if with_fd:
         params64, x64, targets64 = (astype(t, jnp.float64) for t in (params, x, targets))
 
         def energy(p):
-            return objective.value(p, model.apply(p, x64), targets64)
+            return objective.value(p, model.apply(p, x64, key), targets64)
 
         energy_value = energy(params64)
 

@@ -8,6 +8,13 @@ The contract (DESIGN.md), shared by every layer and by `serial`:
     apply(params, x)                -> y            # forward without the residuals
     curvature(params, residuals, d2y) -> (d2params, d2x)   # optional, see below
 
+A layer that draws random numbers (dropout) is marked `stochastic` and its forward also takes
+a keyword `key`: `forward(params, x, key=None)`, key None meaning inference (no draw). The
+combinators pass keys on: `serial` splits its key into one per stochastic layer, so that
+each draws its own numbers; `forward_with_key(layer, params, x, key)` below calls any layer with or
+without one, and the engines (nets/engines.py) take the same optional key. The backward pass
+needs no key: what was drawn is in the residuals.
+
 `params` is a plain pytree of arrays (a dict per layer; `()` for layers without parameters);
 `residuals` is exactly what `backward` needs; `dparams` has the structure of `params` and
 `dx` the shape of `x`. Shapes carry a leading batch axis; `input_shape` may use -1 for it.
@@ -43,6 +50,8 @@ __all__ = [
     "Identity",
     "serial",
     "check_input",
+    "forward_with_key",
+    "layer_keys",
 ]
 
 Shape = tuple[int, ...]
@@ -58,6 +67,7 @@ class Layer(NamedTuple):
     `sublayers` lists the parts of a combinator such as `serial` (empty for a plain layer),
     so that reports can name each layer's parameters. `curvature` is the optional
     Gauss-Newton diagonal backward (module docstring), with backward's signature.
+    `stochastic` marks a forward that takes a keyword `key` (module docstring).
     """
 
     name: str
@@ -66,10 +76,36 @@ class Layer(NamedTuple):
     backward: BackwardFn
     sublayers: tuple["Layer", ...] = ()
     curvature: BackwardFn | None = None
+    stochastic: bool = False
 
-    def apply(self, params: Params, x: jax.Array) -> jax.Array:
-        """The layer's output, `forward` without the residuals."""
-        return self.forward(params, x)[0]
+    def apply(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The layer's output: `forward` without the residuals (key: `forward_with_key`)."""
+        return forward_with_key(self, params, x, key)[0]
+
+
+def forward_with_key(layer: Layer, params: Params, x: jax.Array,
+            key: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """`layer.forward(params, x)`, or with `key=key` when a key is given.
+
+    A key is for a stochastic layer (one that draws random numbers, such as dropout); given
+    to a layer with none it would change nothing, which is taken for a mistake: ValueError.
+    """
+    if key is None:
+        return layer.forward(params, x)
+    if not layer.stochastic:
+        raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
+                         "numbers (no Dropout)")
+    return layer.forward(params, x, key=key)
+
+
+def layer_keys(layers: tuple[Layer, ...], key: jax.Array | None) -> list[jax.Array | None]:
+    """One independent key for each stochastic layer of `layers` (split from `key`), None for
+    the others and for all when key is None."""
+    stochastic = [layer.stochastic for layer in layers]
+    if key is None or not any(stochastic):
+        return [None] * len(layers)
+    keys = iter(jax.random.split(key, sum(stochastic)))
+    return [next(keys) if is_stochastic else None for is_stochastic in stochastic]
 
 
 def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
@@ -176,7 +212,8 @@ def Identity(name: str = "Identity") -> Layer:
 def serial(*layers: Layer, name: str = "serial") -> Layer:
     """Compose layers: forward left to right, backward right to left.
 
-    params and residuals are tuples with one entry per layer.
+    params and residuals are tuples with one entry per layer. Stochastic when any layer is;
+    its forward's key is then split into one key per stochastic layer (`layer_keys`).
     """
     if not layers:
         raise ValueError(f"{name}: needs at least one layer")
@@ -188,11 +225,11 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             params.append(layer_params)
         return input_shape, tuple(params)
 
-    def forward(params, x):
+    def forward_all(params, x, key=None):
         _check_param_count(name, params, len(layers))
         residuals = []
-        for layer, layer_params in zip(layers, params):
-            x, layer_residuals = layer.forward(layer_params, x)
+        for layer, layer_params, layer_key in zip(layers, params, layer_keys(layers, key)):
+            x, layer_residuals = forward_with_key(layer, layer_params, x, layer_key)
             residuals.append(layer_residuals)
         return x, tuple(residuals)
 
@@ -209,8 +246,9 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
         return run_backward
 
     has_curvature = all(layer.curvature is not None for layer in layers)
-    return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(layers),
-                 curvature=backward_through("curvature") if has_curvature else None)
+    return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
+                 curvature=backward_through("curvature") if has_curvature else None,
+                 stochastic=any(layer.stochastic for layer in layers))
 
 
 def _check_param_count(name: str, params: Params, expected: int) -> None:

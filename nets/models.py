@@ -49,8 +49,9 @@ Neural Networks", Section 3.5 and Figure 2:
     over all maps).
   * Order after conv1 and conv2: ReLU, then LRN (k=2, n=5, alpha=1e-4, beta=0.75, Section
     3.3), then 3x3 max pooling at stride 2 (Section 3.4); conv5 is followed by the same pool.
-  * Dropout (rate 0.5) after the ReLUs of fc6 and fc7 (Section 4.2). Inside `serial`,
-    `nets.pooling.Dropout` is the identity; training with dropout calls its forward with a key.
+  * Dropout (rate 0.5) after the ReLUs of fc6 and fc7 (Section 4.2): the model is stochastic;
+    given a key (`value_and_grad(params, x, targets, key)`) each Dropout draws its own mask,
+    without one (inference) both are the identity.
   * The output layer returns 1000 logits (the paper's softmax belongs to the loss).
   * Initialisation as Section 5: weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5 and
     the hidden fully connected layers, 0 elsewhere.
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 
 from nets import initializers
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table, table_fan_in_uniform
-from nets.layers import Dense, Layer, Relu, Sigmoid, Tanh, serial
+from nets.layers import Dense, Layer, Relu, Sigmoid, Tanh, forward_with_key, layer_keys, serial
 from nets.pooling import Dropout, Flatten, LocalResponseNorm, MaxPool, Subsampling
 
 __all__ = [
@@ -155,9 +156,11 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
             out_channels += output_shape[-1]
         return (*output_shape[:-1], out_channels), tuple(params)
 
-    def forward(params, x):
+    def forward(params, x, key=None):
+        keys = layer_keys((layer,) * groups, key)
         outputs, residuals = zip(*(
-            layer.forward(group_params, part) for group_params, part in zip(params, split(x))
+            forward_with_key(layer, group_params, part, group_key)
+            for group_params, part, group_key in zip(params, split(x), keys)
         ))
         return jnp.concatenate(outputs, axis=-1), tuple(residuals)
 
@@ -168,7 +171,8 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
         ))
         return tuple(dparams), jnp.concatenate(dx, axis=-1)
 
-    return Layer(name, init, forward, backward, sublayers=(layer,) * groups)
+    return Layer(name, init, forward, backward, sublayers=(layer,) * groups,
+                 stochastic=layer.stochastic)
 
 
 def _activation(activation: str) -> Callable[..., Layer]:

@@ -7,6 +7,7 @@ rows past the last window get no gradient (dx = 0 there). Likewise for widths.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -118,9 +119,11 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
     """Maximum over each (kh, kw) window; stride defaults to the window (3x3 stride 2 works).
 
     Shapes as `AvgPool`. y[n, i, j, c] = max_{a, b} x[n, sh i + a, sw j + b, c]; the backward
-    routes dy[n, i, j, c] to the one input that attained the maximum, and overlapping windows
-    add up. Ties pick the first position in row-major window order (a, then b), always.
-    Residuals: the winning offset a kw + b per output (int32) and x (for its shape).
+    routes dy[n, i, j, c] to the input that attained the maximum, and overlapping windows add
+    up. A window whose maximum is attained k times (ties) gives each of them dy / k: jax.grad's
+    convention (the mean of the one-sided subgradients), so that the two engines agree at
+    ties too, e.g. in windows of ReLU zeros or where float32 rounds near-equal values to one.
+    Residuals: x and y.
     """
     window, stride = _window_and_stride(window, stride, name)
 
@@ -128,32 +131,45 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         del params
         check_image_input(name, x.shape, min_size=window)
         out_size = tuple(_output_size(n, k, s) for n, k, s in zip(x.shape[1:3], window, stride))
-        views = jnp.stack(_window_views(x, window, stride, out_size))
-        winner = jnp.argmax(views, axis=0).astype(jnp.int32)  # argmax takes the first maximum
-        return jnp.max(views, axis=0), (winner, x)
+        # one reduce_max over the stacked views: its jax.grad splits ties evenly (a chain of
+        # pairwise maxima would halve at each link instead)
+        y = jnp.max(jnp.stack(_window_views(x, window, stride, out_size)), axis=0)
+        return y, (x, y)
+
+    def route_to_maxima(residuals, dy, power):
+        """dx: dy / k**power to each of the k positions of a window that attain its max."""
+        x, y = residuals
+        (_, kw), (sh, sw) = window, stride
+        height, width = x.shape[1:3]
+        out_h, out_w = dy.shape[1:3]
+        attains = [view == y for view in _window_views(x, window, stride, (out_h, out_w))]
+        count = functools.reduce(jnp.add, [a.astype(dy.dtype) for a in attains])
+        share = dy / count**power
+        dx = jnp.zeros(x.shape, dy.dtype)
+        for offset, attained in enumerate(attains):
+            a, b = divmod(offset, kw)
+            routed = jnp.where(attained, share, jnp.zeros((), dy.dtype))
+            # Put routed[i, j] at (a + sh i, b + sw j): interior padding dilates by the
+            # stride, edge padding shifts by the offset (no scatter needed).
+            dx = dx + lax.pad(routed, jnp.zeros((), dy.dtype), (
+                (0, 0, 0),
+                (a, height - a - (out_h - 1) * sh - 1, sh - 1),
+                (b, width - b - (out_w - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ))
+        return dx
 
     def backward(params, residuals, dy):
         del params
-        winner, x = residuals
-        (kh, kw), (sh, sw) = window, stride
-        height, width = x.shape[1:3]
-        out_h, out_w = dy.shape[1:3]
-        dx = jnp.zeros(x.shape, dy.dtype)
-        for a in range(kh):
-            for b in range(kw):
-                routed = jnp.where(winner == a * kw + b, dy, jnp.zeros((), dy.dtype))
-                # Put routed[i, j] at (a + sh i, b + sw j): interior padding dilates by the
-                # stride, edge padding shifts by the offset (no scatter needed).
-                dx = dx + lax.pad(routed, jnp.zeros((), dy.dtype), (
-                    (0, 0, 0),
-                    (a, height - a - (out_h - 1) * sh - 1, sh - 1),
-                    (b, width - b - (out_w - 1) * sw - 1, sw - 1),
-                    (0, 0, 0),
-                ))
-        return (), dx
+        return (), route_to_maxima(residuals, dy, 1)
 
-    # Jacobian entries are 0 or 1, so squaring them changes nothing: d2x routes like dx.
-    return Layer(name, _pool_init(name, window, stride), forward, backward, curvature=backward)
+    def curvature(params, residuals, d2y):
+        """The Jacobian's entries are 1/k at the k maxima: d2x gets d2y / k^2 there."""
+        del params
+        return (), route_to_maxima(residuals, d2y, 2)
+
+    return Layer(name, _pool_init(name, window, stride), forward, backward,
+                 curvature=curvature)
 
 
 def _coefficient_init(window):
@@ -289,14 +305,15 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
     """Inverted dropout (Srivastava et al. 2014; Krizhevsky et al. 2012, section 4.2).
 
     `forward(params, x, key=None)`: with a key, each unit is kept with probability
-    p = 1 - rate, y = x * m / p with m ~ Bernoulli(p) of x's shape; with key None (inference)
+    p = 1 - rate, y = x * m / p with m ~ Bernoulli(p) of x's shape (the same m for a key in
+    any dtype); with key None (inference)
     y = x. Backward: dx = dy * m / p (the same mask, from the residuals), or dy at inference.
     Any shape of x works; params are ().
 
-    The layer contract's forward takes no key, and `serial` calls `forward(params, x)`: inside
-    `serial` (and through `Layer.apply`) Dropout is therefore always the identity. Training
-    with dropout means calling this layer's forward with a key yourself (e.g. between the
-    halves of a model). Departure from AlexNet, which multiplied outputs by 0.5 at test time:
+    The layer is `stochastic` (nets/layers.py): `serial` hands it its own key split from the
+    model's, and the engines take that key (`value_and_grad(params, x, targets, key)`), so a
+    training step with dropout passes a fresh key each step; without one the model runs at
+    inference. Departure from AlexNet, which multiplied outputs by 0.5 at test time:
     scaling by 1/p during training instead has the same expectation and makes inference the
     identity.
     """
@@ -312,7 +329,9 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         del params
         if key is None or rate == 0.0:
             return x, None
-        kept = jax.random.bernoulli(key, keep, x.shape).astype(x.dtype)
+        # drawn in float32 whatever x's dtype and the x64 mode, so that a key gives the same
+        # mask in float32 and float64 (a float64 p would draw other bits)
+        kept = jax.random.bernoulli(key, jnp.float32(keep), x.shape).astype(x.dtype)
         scale = kept / jnp.asarray(keep, x.dtype)
         return x * scale, scale
 
@@ -320,4 +339,4 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         del params
         return (), dy if scale is None else dy * scale
 
-    return Layer(name, init, forward, backward)
+    return Layer(name, init, forward, backward, stochastic=True)

@@ -154,6 +154,27 @@ def test_pooling_curvature_is_exact_on_single_path_parameters(pool):
     assert_close_tree(backpropagated[1:], exact[1:], jnp.float64, "after the pooling")
 
 
+def test_max_pool_curvature_at_ties_is_the_gauss_newton_diagonal():
+    """Ties in every window (zeros after a ReLU, repeated values): the Jacobian's 1/k
+    entries, squared, against the exact Gauss-Newton diagonal of the conv biases behind the
+    pooling, each of which reaches the output by one path."""
+    model = layers.serial(nets.Conv2D(2, 1, unshared_bias=True, name="conv"), nets.MaxPool(2),
+                          layers.Tanh(), nets.Flatten(), layers.Dense(1, name="readout"))
+    _, params = model.init(jax.random.key(0), (-1, 4, 4, 3))
+    params = astype(params, jnp.float64)
+    # w = 0 and b constant per 2x2 block pair: every window of the conv's output ties
+    params[0]["w"] = jnp.zeros_like(params[0]["w"])
+    params[0]["b"] = jnp.asarray(np.repeat(np.repeat([[0.5, 1.0], [1.5, 0.5]], 2, 0), 2, 1)
+                                 [:, :, None] * np.array([1.0, -1.0]), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (4, 4, 4, 3), jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    y = jnp.zeros((4, 1), jnp.float64)
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "tied biases")
+    assert float(jnp.min(exact[0]["b"])) > 0
+
+
 def test_curvature_experiment_rows_on_the_small_nets():
     from experiments import curvature
 

@@ -205,9 +205,10 @@ GRADIENT_CASES = {
 }
 
 
-def gradients(model, input_shape, loss, dtype, classes=10, params=None):
+def gradients(model, input_shape, loss, dtype, classes=10, params=None, key=None):
     """(params, manual (E, grad), autodiff (E, grad)) on a random batch, with the L2 term;
-    params default to `numpy_params`. loss: "mse" (+-1 targets) or "softmax" (one-hot)."""
+    params default to `numpy_params`. loss: "mse" (+-1 targets) or "softmax" (one-hot); key:
+    for a model with dropout, the same in both engines."""
     if params is None:
         params = numpy_params(init_shapes(model, (-1, *input_shape[1:]))[1], dtype)
     if loss == "mse":
@@ -217,8 +218,8 @@ def gradients(model, input_shape, loss, dtype, classes=10, params=None):
         objective = nets.Objective(nets.softmax_cross_entropy(), 0.5)
         targets = targets_for(input_shape[0], classes, dtype)
     x = random_inputs(input_shape, dtype)
-    manual = jax.jit(engines.manual(model, objective))(params, x, targets)
-    autodiff = jax.jit(engines.autodiff(model, objective))(params, x, targets)
+    manual = jax.jit(engines.manual(model, objective))(params, x, targets, key)
+    autodiff = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
     return params, manual, autodiff
 
 
@@ -253,19 +254,33 @@ def test_manual_gradient_matches_jax_grad(case, dtype):
 
 
 def test_alexnet_manual_gradient_matches_jax_grad_at_67x67():
-    """Two towers in float64 (about 5 s on 2 cores; the one-tower net differs only in layers
-    tests/test_conv.py and test_pooling.py check): the smallest input every pool accepts
-    (67x67: conv1 15x15, pools to 7, 3, 1), 5 classes, the full 4096-unit dense layers."""
+    """Two towers in float64 with dropout active (about 5 s on 2 cores; the one-tower net
+    differs only in layers tests/test_conv.py and test_pooling.py check): the smallest input
+    every pool accepts (67x67: conv1 15x15, pools to 7, 3, 1), 5 classes, the full 4096-unit
+    dense layers, both engines given the same key."""
     towers, dtype = 2, "float64"
     model = models.alexnet(towers=towers, num_classes=5)
     input_shape = (2, 67, 67, 3)
     params = numpy_params(init_shapes(model, (-1, 67, 67, 3))[1], dtype)
+    key = jax.random.key(3)
     _, (value, manual), (reference_value, autodiff) = gradients(
-        model, input_shape, "softmax", dtype, classes=5, params=params)
+        model, input_shape, "softmax", dtype, classes=5, params=params, key=key)
     assert relative_error(value, reference_value) <= tolerance(dtype)
     assert_close_tree(manual, autodiff, dtype, f"alexnet{towers}")
     for leaf in jax.tree.leaves(manual):
         assert float(jnp.linalg.norm(leaf)) > 0
+    # The masks were drawn: of the fc6 units whose ReLU is on in both examples, about 1/4 are
+    # dropped in both; and jax.grad's fc7.w has no data term (only the L2 term's (lambda/m) w,
+    # lambda = 0.5, m = 2) in exactly the rows whose input is zero in both examples.
+    residuals = jax.jit(model.forward)(params, random_inputs(input_shape, dtype), key=key)[1]
+    relu_on, scale = np.asarray(residuals[-6]) > 0, np.asarray(residuals[-5])
+    silent = np.all((scale == 0) | ~relu_on, axis=0)
+    both_on = np.all(relu_on, axis=0)
+    dropped_in_both = np.mean(np.all(scale == 0, axis=0)[both_on])
+    assert both_on.sum() > 1000 and 0.2 < dropped_in_both < 0.3, (both_on.sum(),
+                                                                   dropped_in_both)
+    data_term = np.asarray(autodiff[-4]["w"]) - 0.25 * np.asarray(params[-4]["w"])
+    np.testing.assert_array_equal(np.max(np.abs(data_term), axis=1) <= 1e-12, silent)
 
 
 # ------------------------------------------------------------ layers of models.py
@@ -304,6 +319,14 @@ def test_channel_groups_backward_matches_jax_vjp(dtype):
     dy = jnp.asarray(np.random.default_rng(1).standard_normal((5, 6)), dtype)
     _, pullback = jax.vjp(layer.apply, params, x)
     assert_close_tree(layer.backward(params, residuals, dy), pullback(dy), dtype, "towers")
+
+
+def test_channel_groups_give_each_group_its_own_dropout_mask():
+    layer = models.channel_groups(pooling.Dropout(0.5), 2, name="towers")
+    assert layer.stochastic
+    y = layer.apply(((), ()), jnp.ones((4, 64), jnp.float64), jax.random.key(0))
+    assert not np.array_equal(y[:, :32], y[:, 32:])
+    np.testing.assert_array_equal(layer.apply(((), ()), jnp.ones((4, 64))), 1.0)
 
 
 def test_tower_lrn_keeps_towers_apart():

@@ -8,7 +8,7 @@ import pytest
 from nets import engines, gradcheck, layers, losses, pooling
 from nets.conv import Conv2D, lenet5_c3_table
 from nets.gradcheck import relative_error
-from tests.helpers import F64, assert_close_tree
+from tests.helpers import F64, assert_close_tree, tolerance
 
 
 def tie_free(shape, dtype, seed=0):
@@ -109,14 +109,44 @@ def test_max_pool_routes_gradient_only_to_the_max():
                                                    [0, 0, 0, 0, 0], [30, 0, 0, 40, 0]])
 
 
-def test_max_pool_ties_go_to_the_first_position():
+def test_max_pool_splits_a_tie_evenly_by_hand():
+    """2x2 windows of [[3, 3], [1, 3]] (three maxima), [[0, 0], [0, 0]] (four) and a single
+    max: dy = 12 gives 4 to each of the three 3s, 3 to each zero, 12 to the lone max."""
+    x = image([[3, 3, 0, 0, 5, 1],
+               [1, 3, 0, 0, 2, 4]])
     layer = pooling.MaxPool(2)
-    _, residuals = layer.forward((), jnp.ones((1, 4, 4, 2), jnp.float64))
-    _, dx = layer.backward((), residuals, jnp.ones((1, 2, 2, 2), jnp.float64))
-    expected = np.zeros((4, 4))
-    expected[::2, ::2] = 1
-    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
-    np.testing.assert_array_equal(dx[0, :, :, 1], expected)
+    y, residuals = layer.forward((), x)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[3, 0, 5]])
+    _, dx = layer.backward((), residuals, image([[12, 12, 12]]))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[4, 4, 3, 3, 12, 0],
+                                                  [0, 4, 3, 3, 0, 0]])
+    # the Gauss-Newton diagonal squares the Jacobian's 1/k: 12/9, 12/16, 12
+    _, d2x = layer.curvature((), residuals, image([[12, 12, 12]]))
+    np.testing.assert_allclose(d2x[0, :, :, 0], [[12 / 9, 12 / 9, 0.75, 0.75, 12, 0],
+                                                 [0, 12 / 9, 0.75, 0.75, 0, 0]], rtol=1e-15)
+
+
+@pytest.mark.parametrize("window,stride", [(2, 2), (3, 2)])
+def test_max_pool_backward_matches_vjp_with_ties(window, stride, dtype):
+    """Inputs of a ReLU layer (many zeros) with repeated positive values: every window that
+    ties, overlapping or not, against jax.vjp (which splits ties evenly as well)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, 9, 8, 3)), 0), dtype)
+    layer = pooling.MaxPool(window, stride)
+    y, residuals = layer.forward((), x)
+    dy = normal(y.shape, dtype, 1)
+    manual = layer.backward((), residuals, dy)
+    assert_close_tree(manual, vjp_reference(layer.apply, (), x, dy), dtype, "MaxPool")
+    # the comparison can fail: routing each tie to its first position is far off
+    winner = np.argmax(np.stack([np.asarray(v) for v in pooling._window_views(
+        x, (window, window), (stride, stride), y.shape[1:3])]), axis=0)
+    first_only = np.zeros(x.shape)
+    for offset in range(window * window):
+        a, b = divmod(offset, window)
+        sliced = first_only[:, a:a + (y.shape[1] - 1) * stride + 1:stride,
+                            b:b + (y.shape[2] - 1) * stride + 1:stride]
+        sliced += np.where(winner == offset, np.asarray(dy), 0.0)
+    assert relative_error(first_only, manual[1]) > 0.1
 
 
 def test_subsampling_by_hand():
@@ -182,6 +212,100 @@ def test_dropout_keeps_a_fraction_and_scales():
     assert abs(kept.mean() - (1 - rate)) < 0.04
     _, dx = pooling.Dropout(rate).backward((), scale, x)
     np.testing.assert_array_equal(dx, y)  # the same mask
+
+
+def dropout_mlp():
+    """5 -> 7 (ReLU, dropout 0.5) -> 6 (tanh, dropout 0.3) -> 3, in one `serial`."""
+    return layers.serial(
+        layers.Dense(7, name="h1"), layers.Relu(name="r1"), pooling.Dropout(0.5, name="d1"),
+        layers.Dense(6, name="h2"), layers.Tanh(name="t2"), pooling.Dropout(0.3, name="d2"),
+        layers.Dense(3, name="out"))
+
+
+def dropout_problem(dtype):
+    model = dropout_mlp()
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 5))[1], dtype)
+    x = normal((4, 5), dtype, 1)
+    targets = jax.nn.one_hot(jnp.array([0, 1, 2, 1]), 3, dtype=dtype)
+    return model, params, x, targets, losses.Objective(losses.softmax_cross_entropy(), 0.1)
+
+
+def test_dropout_mask_of_a_key_is_the_same_in_every_dtype_and_x64_mode():
+    """A gradient check compares float32 and float64 runs of the same masks."""
+    layer, key = pooling.Dropout(0.5), jax.random.key(4)
+    masks = [layer.forward((), jnp.ones((6, 50), dtype), key=key)[1] != 0
+             for dtype in (jnp.float64, jnp.float32, jnp.bfloat16)]
+    with jax.enable_x64(False):
+        masks.append(layer.forward((), jnp.ones((6, 50), jnp.float32), key=key)[1] != 0)
+    for mask in masks[1:]:
+        np.testing.assert_array_equal(mask, masks[0])
+
+
+def test_serial_gives_each_dropout_its_own_mask_from_the_key():
+    model = layers.serial(pooling.Dropout(0.5, name="a"), pooling.Dropout(0.5, name="b"))
+    assert model.stochastic and not layers.serial(layers.Relu()).stochastic
+    ones = jnp.ones((8, 64), jnp.float64)
+    _, (first, second) = model.forward(((), ()), ones, key=jax.random.key(1))
+    assert not np.array_equal(first, second)
+    _, (again, _) = model.forward(((), ()), ones, key=jax.random.key(1))
+    np.testing.assert_array_equal(again, first)
+    _, (other, _) = model.forward(((), ()), ones, key=jax.random.key(2))
+    assert not np.array_equal(other, first)
+    # y = x * m1/p * m2/p: every entry is 0 or 4
+    y = model.apply(((), ()), ones, jax.random.key(1))
+    assert set(np.unique(np.asarray(y))) <= {0.0, 4.0}
+
+
+def test_a_key_for_a_model_without_dropout_is_an_error():
+    model = layers.serial(layers.Dense(3, name="hidden"), layers.Relu(), name="mlp")
+    _, params = model.init(jax.random.key(0), (-1, 2))
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    for engine in (engines.manual, engines.autodiff, engines.manual_vjp):
+        with pytest.raises(ValueError, match="mlp: a key was given, but no layer in it draws"):
+            engine(model, objective)(params, jnp.ones((1, 2)), jnp.ones((1, 3)),
+                                     jax.random.key(0))
+
+
+def test_engines_agree_with_dropout_active(dtype):
+    """With a key, the three engines hold the same masks: manual and manual_vjp against
+    jax.grad at the tolerance of dtype, and E differs from E at inference (no key)."""
+    model, params, x, targets, objective = dropout_problem(dtype)
+    key = jax.random.key(7)
+    reference_value, reference = jax.jit(engines.autodiff(model, objective))(
+        params, x, targets, key)
+    for engine in (engines.manual, engines.manual_vjp):
+        value, grads = jax.jit(engine(model, objective))(params, x, targets, key)
+        assert relative_error(value, reference_value) <= tolerance(dtype)
+        assert_close_tree(grads, reference, dtype, engine.__name__)
+    inference_value, _ = engines.autodiff(model, objective)(params, x, targets)
+    assert abs(float(inference_value) - float(reference_value)) > 1e-3
+
+
+def test_dropped_units_get_no_gradient_on_their_incoming_weights():
+    """By hand: a unit dropped in every example passes nothing on, so dE/dw of the weights
+    into it is zero (here only the L2 term's (lambda/m) w remains: lambda = 0), while kept
+    units' weights get a gradient."""
+    model, params, _, _, _ = dropout_problem(jnp.float64)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    x = normal((1, 5), jnp.float64, 3)
+    targets = jnp.array([[0.0, 1.0, 0.0]], jnp.float64)
+    key = jax.random.key(11)
+    _, residuals = model.forward(params, x, key=key)
+    kept = np.asarray(residuals[2])[0] != 0  # d1's scale m/p, one example
+    assert 0 < kept.sum() < kept.size
+    _, grads = engines.manual(model, objective)(params, x, targets, key)
+    dw = np.asarray(grads[0]["w"])
+    np.testing.assert_array_equal(dw[:, ~kept], 0.0)
+    active = (np.asarray(residuals[1])[0] > 0) & kept  # ReLU on and kept
+    assert np.all(np.abs(dw[:, active]).sum(axis=0) > 0)
+
+
+def test_gradient_report_with_a_key_passes_finite_differences():
+    model, params, x, targets, objective = dropout_problem(jnp.float64)
+    rows = gradcheck.gradient_report(model, objective, params, x, targets, jnp.float64,
+                                     key=jax.random.key(7))
+    assert rows and all(row["passed"] for row in rows)
+    assert max(row["rel_err_vs_finite_diff"] for row in rows) < 1e-6
 
 
 @pytest.mark.parametrize("make_layer,minimum", [
