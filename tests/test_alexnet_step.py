@@ -8,14 +8,14 @@ from experiments import alexnet_step
 
 @pytest.mark.slow
 def test_full_size_step_on_the_cpu(tmp_path):
-    """227x227, 1000 classes, one example: float64 manual vs jax.grad within 1e-10 at full
-    size, float32 within twice jax.grad's own float32 error (+1e-5), the loss falls."""
+    """227x227, 1000 classes, one example, dropout on: manual vs jax.grad within 1e-10 in
+    float64 and 1e-5 in float32 at full size, the loss falls."""
     metrics = alexnet_step.main(["--workdir", str(tmp_path), "--batch", "1", "--steps", "3",
                                  "--repeats", "1"])
     assert metrics["params"] == 60_965_224  # the seed table's count (tests/test_accounting.py)
     assert metrics["batch"] == 1
     assert metrics["float64_passed"] is True and metrics["float64_max_error"] <= 1e-10
-    assert metrics["float32_passed"] is True
+    assert metrics["float32_passed"] is True and metrics["float32_max_error"] <= 1e-5
     assert metrics["loss_last"] < metrics["loss_first"]
     assert metrics["step_s"] > 0 and metrics["compile_s"] > 0
     document = json.loads((tmp_path / "results.json").read_text())
@@ -33,10 +33,10 @@ def test_batch_defaults_to_two_on_the_cpu_and_the_papers_128_elsewhere(monkeypat
 
 
 def test_verdict_fails_on_errors_over_the_tolerances():
-    good = {"float64_manual_vs_autodiff": 1e-15, "float32_manual_vs_float64": 2e-2,
-            "float32_autodiff_vs_float64": 2e-2}
+    good = {"float64_manual_vs_autodiff": 1e-15, "float32_manual_vs_autodiff": 5e-7,
+            "float32_manual_vs_float64": 2e-2, "float32_autodiff_vs_float64": 2e-2}
     bad64 = {**good, "float64_manual_vs_autodiff": 1e-8}
-    bad32 = {**good, "float32_manual_vs_float64": 4e-2 + 2e-5}
+    bad32 = {**good, "float32_manual_vs_autodiff": 2e-5}
     assert alexnet_step.gradient_verdict([good])["float64_passed"] is True
     assert alexnet_step.gradient_verdict([good])["float32_passed"] is True
     assert alexnet_step.gradient_verdict([good, bad64])["float64_passed"] is False
