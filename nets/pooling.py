@@ -123,32 +123,38 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
     up. A window whose maximum is attained k times (ties) gives each of them dy / k: jax.grad's
     convention (the mean of the one-sided subgradients), so that the two engines agree at
     ties too, e.g. in windows of ReLU zeros or where float32 rounds near-equal values to one.
-    Residuals: x and y.
+    Residuals: per output, the window offsets a kw + b that attain the maximum as the bits of
+    one int32 (kh kw <= 31), and x (for its shape).
     """
     window, stride = _window_and_stride(window, stride, name)
+    if window[0] * window[1] > 31:
+        raise ValueError(f"{name}: window {window} has {window[0] * window[1]} positions; at "
+                         "most 31 are supported")
 
     def forward(params, x):
         del params
         check_image_input(name, x.shape, min_size=window)
         out_size = tuple(_output_size(n, k, s) for n, k, s in zip(x.shape[1:3], window, stride))
+        views = _window_views(x, window, stride, out_size)
         # one reduce_max over the stacked views: its jax.grad splits ties evenly (a chain of
         # pairwise maxima would halve at each link instead)
-        y = jnp.max(jnp.stack(_window_views(x, window, stride, out_size)), axis=0)
-        return y, (x, y)
+        y = jnp.max(jnp.stack(views), axis=0)
+        attained = functools.reduce(jnp.bitwise_or, [
+            (view == y).astype(jnp.int32) << offset for offset, view in enumerate(views)])
+        return y, (attained, x)
 
     def route_to_maxima(residuals, dy, power):
         """dx: dy / k**power to each of the k positions of a window that attain its max."""
-        x, y = residuals
-        (_, kw), (sh, sw) = window, stride
+        attained, x = residuals
+        (kh, kw), (sh, sw) = window, stride
         height, width = x.shape[1:3]
         out_h, out_w = dy.shape[1:3]
-        attains = [view == y for view in _window_views(x, window, stride, (out_h, out_w))]
-        count = functools.reduce(jnp.add, [a.astype(dy.dtype) for a in attains])
-        share = dy / count**power
+        ties = lax.population_count(attained).astype(dy.dtype)
+        share = dy / (ties if power == 1 else ties * ties)
         dx = jnp.zeros(x.shape, dy.dtype)
-        for offset, attained in enumerate(attains):
+        for offset in range(kh * kw):
             a, b = divmod(offset, kw)
-            routed = jnp.where(attained, share, jnp.zeros((), dy.dtype))
+            routed = jnp.where((attained >> offset) & 1 == 1, share, jnp.zeros((), dy.dtype))
             # Put routed[i, j] at (a + sh i, b + sw j): interior padding dilates by the
             # stride, edge padding shifts by the offset (no scatter needed).
             dx = dx + lax.pad(routed, jnp.zeros((), dy.dtype), (

@@ -336,6 +336,8 @@ def test_pool_and_subsampling_reject_small_or_mismatched_inputs():
         pooling.LocalResponseNorm(4)
     with pytest.raises(ValueError, match="rate must lie in"):
         pooling.Dropout(1.0)
+    with pytest.raises(ValueError, match=r"MaxPool: window \(6, 6\) has 36 positions; at most 31"):
+        pooling.MaxPool(6)
 
 
 def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
