@@ -26,7 +26,7 @@ float32_max_error, float32_passed, device; "history": the loss per step; "gradie
 per leaf), results.md and loss.png.
 
 Expected on the 2-core CPU (jax 0.10.2, batch 2, dropout, 2026-12-02): 38 s in all; the
-step compiles in 2.4 s and takes 0.41 s (4.8 examples/s, 31 MB of XLA temporaries); the
+step compiles in 2.5 s and takes 0.41-0.45 s (4.4-4.8 examples/s, 33 MB of XLA temporaries); the
 loss on the batch 8.47, 2.31, 1.19, 0.31, 1.26 over 5 steps (each step draws new masks);
 manual vs jax.grad at most 9.9e-16 in float64 and 4.5e-7 in float32 (conv1.w). Both float32
 gradients are up to 1e-2 from the float64 one, identically (`gradient_errors`: max-pool
