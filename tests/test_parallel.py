@@ -249,6 +249,50 @@ def test_two_devices_equal_one_device(form, engine):
     assert_close_tree(dp_final, final, jnp.float64, f"{form}/{engine} params after 5 steps")
 
 
+def dropout_problem(batch, dtype):
+    """6 -> 10 (ReLU, dropout 0.5) -> 3, the lecture's objective with L2."""
+    model = nets.serial(nets.Dense(10, name="hidden"), nets.Relu(), nets.Dropout(0.5),
+                        nets.Dense(3, name="output"))
+    params = model.init(jax.random.key(0), (-1, 6))[1]
+    x, targets = random_batch(jax.random.key(1), batch, 6, 3, dtype)
+    return model, nets.lecture_objective(0.3), cast(params, dtype), x, targets
+
+
+@pytest.mark.parametrize("form", parallel.FORMS)
+def test_two_devices_with_dropout_give_each_shard_its_own_masks(form):
+    """"jit": the single-device gradient with the same key. "shard_map"/"pmap": the mean over
+    the two shards of the single-device gradient of shard i with key fold_in(key, i) (and
+    lambda/2, the module docstring's split): a step that gave both shards one key, or none,
+    fails it."""
+    model, objective, params, x, targets = dropout_problem(8, jnp.float64)
+    key = jax.random.key(5)
+    run = parallel.data_parallel(model, objective, optax.sgd(0.1), form=form)
+    energy, grad = run.value_and_grad(run.place_state(params),
+                                      *run.place_batch(np.asarray(x), np.asarray(targets)),
+                                      key=key)
+    if form == "jit":
+        expected = engines.manual(model, objective)(params, x, targets, key)
+    else:
+        shard = engines.manual(model, objective._replace(l2=objective.l2 / 2))
+        shards = [shard(params, x[4 * i:4 * i + 4], targets[4 * i:4 * i + 4],
+                        jax.random.fold_in(key, i)) for i in range(2)]
+        expected = jax.tree.map(lambda a, b: (a + b) / 2, *shards)
+        same_key = [shard(params, x[4 * i:4 * i + 4], targets[4 * i:4 * i + 4], key)
+                    for i in range(2)]
+        assert relative_error(*(jax.flatten_util.ravel_pytree(t)[0] for t in (
+            jax.tree.map(lambda a, b: (a + b) / 2, *same_key)[1], expected[1]))) > 1e-2
+    assert_close_tree(run.fetch((energy, grad)), expected, jnp.float64, form)
+    inference = engines.manual(model, objective)(params, x, targets)
+    assert abs(float(energy) - float(inference[0])) > 1e-3  # the masks were drawn
+    # the key may also come positionally, and a step takes it the same way
+    state = (run.place_state(params), run.place_state(optax.sgd(0.1).init(params)))
+    batch = run.place_batch(np.asarray(x), np.asarray(targets))
+    by_name = run.step(*state, *batch, key=key)[3]
+    assert_close_tree(run.fetch(run.step(*state, *batch, key)[3]), run.fetch(by_name),
+                      jnp.float64, "positional key")
+    assert_close_tree(run.fetch(by_name), expected[1], jnp.float64, f"{form} step")
+
+
 def all_reduce_shapes(form, devices):
     """The result shapes of the all-reduces in the compiled data-parallel LeNet-1989 step."""
     model, objective, params, x, targets = lenet_problem(4, jnp.float32)

@@ -32,11 +32,17 @@ Over devices, one step with three spellings (`form`), all over a 1-D mesh whose 
     "jit"        the plain single-device step under `jax.jit` with NamedSharding annotations
                  (params replicated, batch split); XLA's partitioner inserts the all-reduce.
 
-`data_parallel(...)` returns a `DataParallel` with `step(params, opt_state, x, targets) ->
-(params, opt_state, energy, grad)`, `value_and_grad(params, x, targets) -> (energy, grad)`,
-and the placement helpers `place_state`, `place_batch` and `fetch`. Devices may span several
-processes (`training.distributed`): each process passes `place_batch` the examples it holds,
-and the global batch is their concatenation in process order.
+`data_parallel(...)` returns a `DataParallel` with `step(params, opt_state, x, targets, key=None)
+-> (params, opt_state, energy, grad)`, `value_and_grad(params, x, targets, key=None) -> (energy,
+grad)`, and the placement helpers `place_state`, `place_batch` and `fetch`. The key is for a
+model with dropout (pass a new one each step, the same in every process): "jit" draws the masks
+of the single-device step with that key; "shard_map" and "pmap" give each device its own key,
+the key folded with the device's index (`device_key`), so that no two shards share masks, and
+their step equals the mean of the single-device gradients of the shards under those keys.
+
+Devices may span several processes (`training.distributed`): each process passes
+`place_batch` the examples it holds, and the global batch is their concatenation in process
+order.
 
 Each device's gradient is the mean over its b/N examples; their mean is the gradient of the
 global batch only when every device has the same number of examples, so a global batch not
@@ -74,6 +80,7 @@ __all__ = [
     "DataParallel",
     "data_parallel",
     "mean_over_devices",
+    "device_key",
     "SMALL_LEAF",
 ]
 
@@ -243,10 +250,12 @@ def check_batch(global_batch: int, devices: int) -> None:
 class DataParallel(NamedTuple):
     """A data-parallel step and its placement helpers (module docstring).
 
-    step(params, opt_state, x, targets) -> (params, opt_state, energy, grad): jitted (or
-        pmapped); params and opt_state from `place_state`, x and targets from `place_batch`.
-        energy and grad are E and dE/dparams of the global batch, before the update.
-    value_and_grad(params, x, targets) -> (energy, grad): the same without the update.
+    step(params, opt_state, x, targets, key=None) -> (params, opt_state, energy, grad):
+        jitted (or pmapped); params and opt_state from `place_state`, x and targets from
+        `place_batch`. energy and grad are E and dE/dparams of the global batch, before the
+        update; key: the dropout masks' (module docstring).
+    value_and_grad(params, x, targets, key=None) -> (energy, grad): the same without the
+        update.
     place_state(tree) -> the tree replicated on every device of the mesh.
     place_batch(x, targets) -> the global batch split over the devices, from the examples this
         process holds (all of them in a single process): (batch, ...) for "shard_map" and
@@ -319,6 +328,24 @@ def mean_over_devices(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _with_key(args: tuple, key: Any, arity: int) -> tuple[tuple, Any]:
+    """(the arity arguments before the key, the key) from a call that passed the key as a last
+    positional argument or by name."""
+    if len(args) == arity + 1 and key is None:
+        return args[:-1], args[-1]
+    if len(args) != arity:
+        raise TypeError(f"data parallel: expected {arity} arguments and an optional key, got "
+                        f"{len(args)}")
+    return args, key
+
+
+def device_key(key: jax.Array | None) -> jax.Array | None:
+    """Inside a mapped function, this device's key for its shard's random draws (dropout):
+    `key` folded with the device's index on `BATCH_AXIS`, so that no two shards share masks.
+    None stays None."""
+    return None if key is None else jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS))
+
+
 def _update(optimizer, params, opt_state, grad):
     updates, opt_state = optimizer.update(grad, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -346,18 +373,19 @@ def data_parallel(
     # one device's view: its shard's mean gradient, then the mean over devices (pmean)
     local_value_and_grad = engine(model, objective._replace(l2=objective.l2 / devices))
 
-    def local_gradient(params, x, targets):
-        return mean_over_devices(local_value_and_grad(params, x, targets))
+    def local_gradient(params, x, targets, key):
+        return mean_over_devices(local_value_and_grad(params, x, targets, device_key(key)))
 
-    def local_step(params, opt_state, x, targets):
-        energy, grad = local_gradient(params, x, targets)
+    def local_step(params, opt_state, x, targets, key):
+        energy, grad = local_gradient(params, x, targets, key)
         params, opt_state = _update(optimizer, params, opt_state, grad)
         return params, opt_state, energy, grad
 
-    def checked(function):
-        def run(params, *args):
-            check_batch(args[-2].shape[0], devices)
-            return function(params, *args)
+    def checked(function, arity):
+        def run(*args, key=None):
+            args, key = _with_key(args, key, arity)
+            check_batch(np.shape(args[-2])[0], devices)
+            return function(*args, key)
 
         return run
 
@@ -370,9 +398,9 @@ def data_parallel(
             # reduction is the explicit pmean above, for either engine.
             mapped = jax.shard_map(
                 function, mesh=mesh,
-                in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS)),
+                in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS), P()),
                 out_specs=P(), check_vma=False)
-            return jax.jit(checked(mapped))
+            return checked(jax.jit(mapped), replicated_args + 2)
 
         step = sharded(local_step, 2)
         value_and_grad = sharded(local_gradient, 1)
@@ -384,21 +412,22 @@ def data_parallel(
 
         def pmapped(function, replicated_args):
             return jax.pmap(function, BATCH_AXIS, devices=pmap_devices,
-                            in_axes=(None,) * replicated_args + (0, 0), out_axes=None)
+                            in_axes=(None,) * replicated_args + (0, 0, None), out_axes=None)
 
-        def checked_layout(function):
-            def run(params, *args):
+        def checked_layout(function, arity):
+            def run(*args, key=None):
+                args, key = _with_key(args, key, arity)
                 if np.shape(args[-2])[0] != local_devices:
                     raise ValueError(
                         f"data parallel (pmap): x has shape {np.shape(args[-2])}; expected "
                         f"({local_devices} local devices, batch / devices, ...): pass the "
                         "batch through place_batch")
-                return function(params, *args)
+                return function(*args, key)
 
             return run
 
-        step = checked_layout(pmapped(local_step, 2))
-        value_and_grad = checked_layout(pmapped(local_gradient, 1))
+        step = checked_layout(pmapped(local_step, 2), 4)
+        value_and_grad = checked_layout(pmapped(local_gradient, 1), 3)
 
         local_split = NamedSharding(
             Mesh(np.array([d for d in pmap_devices if d.process_index == jax.process_index()]),
@@ -418,16 +447,16 @@ def data_parallel(
                     jax.lax.with_sharding_constraint(x, split),
                     jax.lax.with_sharding_constraint(targets, split))
 
-        def full_gradient(params, x, targets):
-            return full_value_and_grad(*annotated(params, x, targets))
+        def full_gradient(params, x, targets, key):
+            return full_value_and_grad(*annotated(params, x, targets), key)
 
-        def full_step(params, opt_state, x, targets):
-            energy, grad = full_gradient(params, x, targets)
+        def full_step(params, opt_state, x, targets, key):
+            energy, grad = full_gradient(params, x, targets, key)
             params, opt_state = _update(optimizer, params, opt_state, grad)
             return params, opt_state, energy, grad
 
-        step = jax.jit(checked(full_step), out_shardings=replicated)
-        value_and_grad = jax.jit(checked(full_gradient), out_shardings=replicated)
+        step = checked(jax.jit(full_step, out_shardings=replicated), 4)
+        value_and_grad = checked(jax.jit(full_gradient, out_shardings=replicated), 3)
         place_batch = lambda x, targets: _split_batch(mesh, (x, targets))  # noqa: E731
 
     def place_batch_checked(x, targets):
