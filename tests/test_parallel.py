@@ -59,6 +59,15 @@ def lstm_problem(batch, dtype, seed=0, time=5, features=3, classes=4):
             x, targets)
 
 
+def dropout_problem(batch, dtype):
+    """6 -> 10 (ReLU, dropout 0.5) -> 3, the lecture's objective with L2."""
+    model = nets.serial(nets.Dense(10, name="hidden"), nets.Relu(), nets.Dropout(0.5),
+                        nets.Dense(3, name="output"))
+    params = model.init(jax.random.key(0), (-1, 6))[1]
+    x, targets = random_batch(jax.random.key(1), batch, 6, 3, dtype)
+    return model, nets.lecture_objective(0.3), cast(params, dtype), x, targets
+
+
 PROBLEMS = {"mlp": mlp_problem, "lenet1989": lenet_problem, "lstm": lstm_problem}
 
 
@@ -111,6 +120,42 @@ def test_per_example_gradients_equal_a_loop_over_examples(name, engine):
         assert abs(float(values[i]) - float(value)) <= F64 * abs(float(value))
         assert_close_tree(jax.tree.map(lambda leaf, i=i: leaf[i], grads), grad, jnp.float64,
                           f"{name}/{engine} example {i}")
+
+
+@pytest.mark.parametrize("engine", ["manual", "autodiff"])
+def test_per_example_gradients_with_dropout_equal_a_loop_with_split_keys(engine):
+    """Example i draws its masks from split(key, m)[i]: against jax.grad of example i's energy
+    with that key, one example at a time."""
+    batch = 4
+    model, objective, params, x, targets = dropout_problem(batch, jnp.float64)
+    key = jax.random.key(9)
+    values, grads = jax.jit(parallel.per_example_value_and_grad(
+        model, objective, ENGINES[engine]))(params, x, targets, key)
+    penalty = jax.jit(lambda p: nets.losses.l2_penalty(p, objective.l2, batch))
+
+    def energy(params, x_i, target_i, key_i):
+        return objective.loss.value(model.apply(params, x_i[None], key_i),
+                                    target_i[None]) + penalty(params)
+
+    one_example = jax.jit(jax.value_and_grad(energy))
+    for i, key_i in enumerate(jax.random.split(key, batch)):
+        value, grad = one_example(params, x[i], targets[i], key_i)
+        assert abs(float(values[i]) - float(value)) <= F64 * abs(float(value))
+        assert_close_tree(jax.tree.map(lambda leaf, i=i: leaf[i], grads), grad, jnp.float64,
+                          f"{engine} example {i}")
+    without = parallel.per_example_value_and_grad(model, objective)(params, x, targets)[0]
+    assert float(jnp.max(jnp.abs(without - values))) > 1e-3  # the masks were drawn
+
+
+def test_private_gradient_with_dropout_draws_masks_from_its_key():
+    model, objective, params, x, targets = dropout_problem(4, jnp.float64)
+    private = jax.jit(parallel.private_value_and_grad(model, objective, clip_norm=0.5))
+    key = jax.random.key(2)
+    first, again = private(params, x, targets, key), private(params, x, targets, key)
+    assert_close_tree(again, first, jnp.float64, "same key")
+    other = private(params, x, targets, jax.random.key(3))
+    assert abs(float(other[0]) - float(first[0])) > 1e-6
+    assert abs(float(private(params, x, targets)[0]) - float(first[0])) > 1e-6
 
 
 @pytest.mark.parametrize("engine", ["manual", "autodiff"])
@@ -247,15 +292,6 @@ def test_two_devices_equal_one_device(form, engine):
         engines.autodiff(model, objective)(params, x[:4], targets[:4])[1], grad))) > 1e-2
     assert_close_tree(dp_grad, grad, jnp.float64, f"{form}/{engine} gradient")
     assert_close_tree(dp_final, final, jnp.float64, f"{form}/{engine} params after 5 steps")
-
-
-def dropout_problem(batch, dtype):
-    """6 -> 10 (ReLU, dropout 0.5) -> 3, the lecture's objective with L2."""
-    model = nets.serial(nets.Dense(10, name="hidden"), nets.Relu(), nets.Dropout(0.5),
-                        nets.Dense(3, name="output"))
-    params = model.init(jax.random.key(0), (-1, 6))[1]
-    x, targets = random_batch(jax.random.key(1), batch, 6, 3, dtype)
-    return model, nets.lecture_objective(0.3), cast(params, dtype), x, targets
 
 
 @pytest.mark.parametrize("form", parallel.FORMS)

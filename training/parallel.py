@@ -97,21 +97,23 @@ def per_example_value_and_grad(
 ) -> PerExample:
     """Each example's share of E and its gradient, by `jax.vmap` of the engine over examples.
 
-    Returns `value_and_grads(params, x, targets) -> (values, grads)`. Shapes: x (batch, ...),
-    targets (batch, ...); values (batch,); each grads leaf (batch, *leaf.shape).
+    Returns `value_and_grads(params, x, targets, key=None) -> (values, grads)`. Shapes: x
+    (batch, ...), targets (batch, ...); values (batch,); each grads leaf (batch, *leaf.shape).
     values[i] = loss(x_i, t_i) + lambda/(2m) sum w^2 and grads[i] its gradient, so that their
-    means over the batch are E and dE/dparams (module docstring).
+    means over the batch are E and dE/dparams (module docstring). With a key (a model with
+    dropout) example i draws its masks from `jax.random.split(key, batch)[i]`.
     """
 
-    def value_and_grads(params, x, targets):
+    def value_and_grads(params, x, targets, key=None):
         examples = x.shape[0]
         # a batch of one divides the penalty by 1; lambda/m keeps example i's share of it
         single = engine(model, objective._replace(l2=objective.l2 / examples))
 
-        def one_example(x_i, target_i):
-            return single(params, x_i[None], target_i[None])
+        def one_example(x_i, target_i, key_i):
+            return single(params, x_i[None], target_i[None], key_i)
 
-        return jax.vmap(one_example)(x, targets)
+        keys = None if key is None else jax.random.split(key, examples)
+        return jax.vmap(one_example)(x, targets, keys)
 
     return value_and_grads
 
@@ -164,7 +166,9 @@ def private_value_and_grad(
     Returns `value_and_grad(params, x, targets, key=None) -> (E, g)`; with noise_multiplier
     sigma = 0 it has the engine's signature. The L2 term does not depend on the data, so its
     gradient is added after clipping, untouched (a departure from clipping E_i whole, which
-    would shrink the penalty with the data term). sigma > 0 needs an explicit `key`.
+    would shrink the penalty with the data term). sigma > 0 needs an explicit `key`; for a
+    model with dropout the key is split into the noise's and the masks' (without a key the
+    model runs at inference, as in the engines).
     """
     if not noise_multiplier >= 0:
         raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
@@ -173,7 +177,10 @@ def private_value_and_grad(
 
     def value_and_grad(params, x, targets, key=None):
         examples = x.shape[0]
-        losses, grads = data_term(params, x, targets)
+        dropout_key = None
+        if model.stochastic and key is not None:
+            key, dropout_key = jax.random.split(key)
+        losses, grads = data_term(params, x, targets, dropout_key)
         # clip_C(g_i) = g_i min(1, C / ||g_i||): the clipped sum is one weighted sum
         norms = gradient_norms(grads)
         scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
