@@ -341,8 +341,9 @@ def test_pool_and_subsampling_reject_small_or_mismatched_inputs():
 
 
 def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
-    """Conv, subsampling, table, LRN, max pool, dropout (identity in serial) and flatten in one
-    `serial`, jitted: the manual engine against jax.grad, and jax.grad through the manual VJPs.
+    """Conv, subsampling, table, LRN, max pool, dropout and flatten in one `serial`, jitted,
+    at inference and with a key: the manual engine against jax.grad, and jax.grad through the
+    manual VJPs.
 
     Under jit the window sums must stay differentiable (a traced reduce_window init value is
     not), which the eager tests above cannot see.
@@ -360,7 +361,8 @@ def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
     x = normal((3, 10, 10, 1), dtype, 5)
     targets = jax.nn.one_hot(jnp.arange(3), 4, dtype=dtype)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.1)
-    _, reference = jax.jit(engines.autodiff(model, objective))(params, x, targets)
-    for engine in (engines.manual, engines.manual_vjp):
-        _, grads = jax.jit(engine(model, objective))(params, x, targets)
-        assert_close_tree(grads, reference, dtype, engine.__name__)
+    for key in (None, jax.random.key(8)):
+        _, reference = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
+        for engine in (engines.manual, engines.manual_vjp):
+            _, grads = jax.jit(engine(model, objective))(params, x, targets, key)
+            assert_close_tree(grads, reference, dtype, f"{engine.__name__}, key {key}")
