@@ -7,12 +7,14 @@ An engine turns a model (a `Layer`) and an `Objective` into
 where dE/dparams has the structure of params. `key` is for stochastic models (dropout,
 nets/layers.py): the model's random draws come from it, the same ones in every engine for
 the same key, and the gradient is that of E with those draws held fixed; None runs the model
-at inference. `manual` runs the hand-written backward passes
-(loss gradient, then each layer's `backward` from the last to the first, then (lambda/m) w for
-the L2 penalty); `autodiff` runs `jax.value_and_grad` on the same forward functions;
-`manual_vjp` runs `jax.value_and_grad` through `with_manual_vjp` wrappers, so JAX's own
-machinery (grad, vmap, check_grads) drives the hand-written backward passes. All three are
-pure and jit-compatible; none jits by itself, so callers decide where compilation happens.
+at inference.
+
+`manual` runs the hand-written backward passes (loss gradient, then each layer's `backward`
+from the last to the first, then (lambda/m) w for the L2 penalty); `autodiff` runs
+`jax.value_and_grad` on the same forward functions; `manual_vjp` runs `jax.value_and_grad`
+through `with_manual_vjp` wrappers, so JAX's own machinery (grad, vmap, check_grads) drives
+the hand-written backward passes. All three are pure and jit-compatible; none jits by
+itself, so callers decide where compilation happens.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ The contract (DESIGN.md), shared by every layer and by `serial`:
 
 A layer that draws random numbers (dropout) is marked `stochastic` and its forward also takes
 a keyword `key`: `forward(params, x, key=None)`, key None meaning inference (no draw). The
-combinators pass keys on: `serial` splits its key into one per stochastic layer, so that
-each draws its own numbers; `forward_with_key(layer, params, x, key)` below calls any layer with or
-without one, and the engines (nets/engines.py) take the same optional key. The backward pass
-needs no key: what was drawn is in the residuals.
+combinators pass keys on: `serial` splits its key into one per stochastic layer, so that each
+draws its own numbers. `forward_with_key(layer, params, x, key)` below calls any layer with
+or without one, and the engines (nets/engines.py) take the same optional key. The backward
+pass needs no key: what was drawn is in the residuals.
 
 `params` is a plain pytree of arrays (a dict per layer; `()` for layers without parameters);
 `residuals` is exactly what `backward` needs; `dparams` has the structure of `params` and
