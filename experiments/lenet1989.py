@@ -98,6 +98,8 @@ class Config:
     h1_maps: int = option(MODERN_WIDTHS[0], "modern variant: H1 feature maps", ge=1)
     h2_maps: int = option(MODERN_WIDTHS[1], "modern variant: H2 feature maps", ge=1)
     h3_units: int = option(MODERN_WIDTHS[2], "modern variant: H3 hidden units", ge=1)
+    dropout: float = option(0.0, "modern variant: dropout rate after H3's ReLU (0: none)",
+                            ge=0, lt=1)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     seed: int = option(0, "seed of the initialisation (and the modern variant's order)")
     train_examples: int = option(0, "use the first N training digits (0: all 7,291)", ge=0)
@@ -138,7 +140,8 @@ def build(config, splits):
         objective = nets.Objective(nets.mean_squared_error(), 0.0)
         name = config.optimizer
     else:
-        model = lenet1989_modern(config.h1_maps, config.h2_maps, config.h3_units)
+        model = lenet1989_modern(config.h1_maps, config.h2_maps, config.h3_units,
+                                 dropout_rate=config.dropout)
         objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
         name = "adamw"
     lr = config.lr or DEFAULT_LR[name]

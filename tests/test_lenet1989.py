@@ -28,6 +28,19 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert metrics["train_error"] < 0.5
 
 
+def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):
+    """Dropout after H3 (a new mask each batch, none when measuring): two passes on 300 digits
+    beat chance (90% error) clearly, though dropout slows these first passes (train error
+    0.52-0.56 at rate 0.2 against 0.39 without, measured)."""
+    metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, "--variant", "modern",
+                              "--batch-size", "8", "--lr", "0.003", "--h1-maps", "6",
+                              "--h2-maps", "8", "--h3-units", "20", "--dropout", "0.2"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["config"]["dropout"] == 0.2
+    assert [h["pass"] for h in document["history"]] == [1, 2]
+    assert metrics["train_error"] < 0.7
+
+
 def test_subset_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--test-examples: got 5000; allowed: at most 2007"):
         lenet1989.main(["--workdir", str(tmp_path), "--test-examples", "5000"])

@@ -86,6 +86,11 @@ def test_lenet1989_modern_widths_set_the_layer_sizes():
     default = init_shapes(models.lenet1989_modern(), (-1, 16, 16, 1))[1]
     assert sum(leaf.size for leaf in jax.tree.leaves(default)) == (
         (25 * 12 + 12) + (25 * 12 * 12 + 12) + (192 * 30 + 30) + (30 * 10 + 10))
+    assert not models.lenet1989_modern().stochastic
+    dropped = models.lenet1989_modern(h1_maps=4, h2_maps=6, h3_units=7, dropout_rate=0.5)
+    assert dropped.stochastic
+    assert [layer.name for layer in dropped.sublayers][-3:] == ["H3_act", "H3_dropout",
+                                                                "output"]
 
 
 @pytest.mark.parametrize("towers", [1, 2])

@@ -213,6 +213,57 @@ def test_stochastic_passes_with_batch_one_is_online_sgd_in_order():
                                rtol=1e-5)
 
 
+def dropout_mlp(rate):
+    """4 -> 64 (ReLU, dropout) -> 3."""
+    return nets.serial(nets.Dense(64, name="hidden"), nets.Relu(), nets.Dropout(rate),
+                       nets.Dense(3, name="output"))
+
+
+def test_stochastic_passes_train_through_dropout_and_measure_e_without_it():
+    """One update on one example: the hidden units its mask dropped keep their incoming
+    weights (no gradient reaches them), about half of the active ones; E after the pass is the
+    objective at inference. The same state key gives the same run, another key another."""
+    model = dropout_mlp(0.5)
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 1, 4, 3, jnp.float32)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(0.5),
+                                             x, targets)
+
+    def one_pass(key):
+        return procedures.run_steps(procedure, procedure.init(params, key), 0, 1)
+
+    state, records = one_pass(jax.random.key(2))
+    changed = np.any(np.asarray(state.params[0]["w"]) != np.asarray(params[0]["w"]), axis=0)
+    active = (np.asarray(x)[0] @ np.asarray(params[0]["w"]) + np.asarray(params[0]["b"])) > 0
+    assert not np.any(changed & ~active)  # inactive ReLUs pass nothing back either
+    assert 0.3 < changed.sum() / active.sum() < 0.7, (changed.sum(), active.sum())
+    np.testing.assert_allclose(records["energy"][-1], objective.value(
+        state.params, model.apply(state.params, x), targets), rtol=1e-6)
+    again, _ = one_pass(jax.random.key(2))
+    assert_close_tree(again.params, state.params, jnp.float32, "same key")
+    other, _ = one_pass(jax.random.key(3))
+    assert np.any(np.asarray(other.params[0]["w"]) != np.asarray(state.params[0]["w"]))
+
+
+def test_stochastic_passes_with_dropout_rate_zero_equal_the_plain_model():
+    plain = nets.serial(nets.Dense(64, name="hidden"), nets.Relu(),
+                        nets.Dense(3, name="output"))
+    _, plain_params = plain.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 12, 4, 3, jnp.float32)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    finals = []
+    for model, params in ((plain, plain_params),
+                          (dropout_mlp(0.0), (plain_params[0], (), (), plain_params[2]))):
+        procedure = procedures.stochastic_passes(model, objective, optax.adam(0.01), x,
+                                                 targets, batch_size=4, shuffle=True)
+        state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(5)),
+                                        0, 3)
+        finals.append(state.params)
+    assert_close_tree(finals[1][3], finals[0][2], jnp.float32, "output layer")
+    assert_close_tree(finals[1][0], finals[0][0], jnp.float32, "hidden layer")
+
+
 def test_shuffled_batches_visit_every_example():
     order = jnp.array([4, 0, 3, 1, 2])
     batches = procedures._batches(order, 2)

@@ -421,6 +421,8 @@ def stochastic_passes(
     over a subset) is evaluated once at the start of each pass and handed to the optimizer as
     `update(..., curvature=h)` (`optim.diagonal_levenberg_marquardt`); optimizers that take
     no such argument ignore it. `augment(key, x_batch) -> x_batch` transforms each batch.
+    A model with dropout (`model.stochastic`) gets a new key every batch, from the state's
+    key like the order; E after the pass is measured at inference (no dropout).
     The L2 term keeps lambda/(2m) with m the size of the data set (module docstring of
     `misclassified`). Non-finite examples are skipped by the guard (module docstring).
 
@@ -459,7 +461,10 @@ def stochastic_passes(
             if augment is not None:  # no key splitting (a loop of its own on CPU) otherwise
                 batch_key, augment_key = jax.random.split(batch_key)
                 xb = augment(augment_key, xb)
-            energy, grad = value_and_grad(params, xb, targets[batch])
+            dropout_key = None
+            if model.stochastic:
+                batch_key, dropout_key = jax.random.split(batch_key)
+            energy, grad = value_and_grad(params, xb, targets[batch], dropout_key)
             if guard is not None and step_guard is None:  # guarded_update injects otherwise
                 grad = _inject_nan(guard, grad, index)
             params, opt_state, guard_state = guarded_update(
