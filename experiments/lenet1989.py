@@ -32,8 +32,9 @@ over 60 passes, mini-batches of 32 in a new order every pass, random shifts of u
 pixel. Expected: test error 2.64% (53 misses) at seed 0, 2.29% and 2.14% at seeds 1 and 2,
 all <= 3.0%; about 100 s on one CPU core. --dropout 0.5 (after H3's ReLU, a new mask every
 batch): 2.54%, 2.44% and 2.34% at seeds 0-2, no better on average. Measured with the "conv"
-convolutions, 7 min: 40 passes gave 2.79% (56 misses), and the 1989 sizes (--h1-maps 12 --h2-maps 12 --h3-units 30)
-fit the training set as well but reached only 3.34% in 40 passes, 3.04% in 80.
+convolutions, 7 min: 40 passes gave 2.79% (56 misses), and the 1989 sizes (--h1-maps 12
+--h2-maps 12 --h3-units 30) fit the training set as well but reached only 3.34% in 40 passes,
+3.04% in 80.
 
 Reported after every pass (results.json "history"): train_error, test_error, train_loss,
 test_loss, where the loss of the 1989 variant is the paper's MSE, the mean over examples and
