@@ -151,10 +151,14 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         out_h, out_w = dy.shape[1:3]
         ties = lax.population_count(attained).astype(dy.dtype)
         share = dy / (ties if power == 1 else ties * ties)
+        # a window holding a NaN attains nothing (NaN == NaN is false): its dy / 0 goes to all
+        # of its inputs, non-finite as jax.grad's 0/0 there, never a silent zero
+        nothing = attained == 0
         dx = jnp.zeros(x.shape, dy.dtype)
         for offset in range(kh * kw):
             a, b = divmod(offset, kw)
-            routed = jnp.where((attained >> offset) & 1 == 1, share, jnp.zeros((), dy.dtype))
+            routed = jnp.where(((attained >> offset) & 1 == 1) | nothing, share,
+                               jnp.zeros((), dy.dtype))
             # Put routed[i, j] at (a + sh i, b + sw j): interior padding dilates by the
             # stride, edge padding shifts by the offset (no scatter needed).
             dx = dx + lax.pad(routed, jnp.zeros((), dy.dtype), (
