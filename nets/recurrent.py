@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nets import initializers
-from nets.layers import Dense, Layer, serial
+from nets.layers import Dense, Layer, forward_with_key, serial
 from nets.losses import Loss
 
 __all__ = [
@@ -514,7 +514,8 @@ def LastStep(name: str = "LastStep") -> Layer:
 
 def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
     """`layer` (batch, f) -> (batch, g) applied at every time step: (batch, time, f) ->
-    (batch, time, g), by folding time into the batch. Parameters are shared across steps."""
+    (batch, time, g), by folding time into the batch. Parameters are shared across steps; a
+    stochastic layer (dropout) draws for every example and step apart from one key."""
     name = name or f"TimeDistributed({layer.name})"
 
     def init(key, input_shape):
@@ -525,10 +526,10 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         (_, out), params = layer.init(key, (-1, input_shape[2]))
         return (batch, time, out), params
 
-    def forward(params, x):
+    def forward(params, x, key=None):
         _check_sequence(name, x, None)
         batch, time, features = x.shape
-        y, residuals = layer.forward(params, x.reshape(batch * time, features))
+        y, residuals = forward_with_key(layer, params, x.reshape(batch * time, features), key)
         return y.reshape(batch, time, y.shape[-1]), residuals
 
     def backward(params, residuals, dy):
@@ -536,7 +537,7 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         dparams, dx = layer.backward(params, residuals, dy.reshape(batch * time, out))
         return dparams, dx.reshape(batch, time, dx.shape[-1])
 
-    return Layer(name, init, forward, backward)
+    return Layer(name, init, forward, backward, stochastic=layer.stochastic)
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,

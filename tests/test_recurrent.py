@@ -308,3 +308,25 @@ def test_stack_backward_from_given_states_matches_jax_grad():
     # from the zero state, the stack is the sequence_model Layer
     assert_close_tree(recurrent.stack_forward(cells, params, xs)[0], model.apply(params, xs),
                       "float64", "stack vs model")
+
+
+def test_time_distributed_dropout_draws_per_step_and_the_engines_agree():
+    """TimeDistributed(Dense, ReLU, Dropout) under a key: a mask for every example and step
+    (rows of the folded (batch * time, units) scale differ), and the manual gradient of the
+    whole model equals jax.grad's with the same key (float64)."""
+    inner = nets.serial(nets.Dense(6, name="dense"), nets.Relu(), nets.Dropout(0.5))
+    model = nets.serial(recurrent.TimeDistributed(inner), recurrent.LastStep(),
+                        nets.Dense(3, name="readout"))
+    assert model.stochastic
+    _, params = model.init(jax.random.key(0), (-1, 4, 3))
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 3), jnp.float64)
+    targets = jax.nn.one_hot(jnp.array([0, 2]), 3, dtype=jnp.float64)
+    key = jax.random.key(2)
+    scale = np.asarray(model.forward(params, x, key=key)[1][0][2])
+    assert scale.shape == (8, 6) and len({row.tobytes() for row in scale}) > 4
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.1)
+    _, manual = jax.jit(nets.manual(model, objective))(params, x, targets, key)
+    _, reference = jax.jit(nets.autodiff(model, objective))(params, x, targets, key)
+    assert_close_tree(manual, reference, jnp.float64, "TimeDistributed dropout")
+    assert float(jnp.linalg.norm(manual[0][0]["w"])) > 0
