@@ -137,19 +137,30 @@ def test_a_layer_without_curvature_is_named():
         engines.curvature_diagonal(model, losses.Objective(losses.mean_squared_error()))
 
 
+def pooled_net(pool, size):
+    """conv 1x1 (2 maps, unshared biases) -> pool -> tanh -> readout, float64 params, and a
+    batch of 4 random (size, size, 3) inputs."""
+    model = layers.serial(nets.Conv2D(2, 1, unshared_bias=True, name="conv"), pool,
+                          layers.Tanh(), nets.Flatten(), layers.Dense(1, name="readout"))
+    _, params = model.init(jax.random.key(0), (-1, size, size, 3))
+    x = jax.random.normal(jax.random.key(1), (4, size, size, 3), jnp.float64)
+    return model, astype(params, jnp.float64), x
+
+
+def curvature_and_gauss_newton(model, params, x):
+    """(the backpropagated diagonal, the exact Gauss-Newton diagonal from jax's jacobians),
+    mean squared error against zero targets."""
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    y = jnp.zeros((x.shape[0], 1), jnp.float64)
+    return (engines.curvature_diagonal(model, objective)(params, x, y),
+            gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+
+
 @pytest.mark.parametrize("pool", [nets.AvgPool(2), nets.MaxPool(2), nets.Subsampling(2)])
 def test_pooling_curvature_is_exact_on_single_path_parameters(pool):
     """Unshared conv biases reach the output through the pooling by one path each, so their
     diagonal (and the subsampling coefficient, used once per example) is exact."""
-    model = layers.serial(nets.Conv2D(2, 1, unshared_bias=True), pool, layers.Tanh(),
-                          nets.Flatten(), layers.Dense(1, name="readout"))
-    _, params = model.init(jax.random.key(0), (-1, 2, 2, 3))
-    params = astype(params, jnp.float64)
-    x = jax.random.normal(jax.random.key(1), (4, 2, 2, 3), jnp.float64)
-    objective = losses.Objective(losses.mean_squared_error(), 0.0)
-    y = jnp.zeros((4, 1), jnp.float64)
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
-    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    backpropagated, exact = curvature_and_gauss_newton(*pooled_net(pool, 2))
     assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "biases")
     assert_close_tree(backpropagated[1:], exact[1:], jnp.float64, "after the pooling")
 
@@ -158,19 +169,12 @@ def test_max_pool_curvature_at_ties_is_the_gauss_newton_diagonal():
     """Ties in every window (zeros after a ReLU, repeated values): the Jacobian's 1/k
     entries, squared, against the exact Gauss-Newton diagonal of the conv biases behind the
     pooling, each of which reaches the output by one path."""
-    model = layers.serial(nets.Conv2D(2, 1, unshared_bias=True, name="conv"), nets.MaxPool(2),
-                          layers.Tanh(), nets.Flatten(), layers.Dense(1, name="readout"))
-    _, params = model.init(jax.random.key(0), (-1, 4, 4, 3))
-    params = astype(params, jnp.float64)
+    model, params, x = pooled_net(nets.MaxPool(2), 4)
     # w = 0 and b constant per 2x2 block pair: every window of the conv's output ties
     params[0]["w"] = jnp.zeros_like(params[0]["w"])
     params[0]["b"] = jnp.asarray(np.repeat(np.repeat([[0.5, 1.0], [1.5, 0.5]], 2, 0), 2, 1)
                                  [:, :, None] * np.array([1.0, -1.0]), jnp.float64)
-    x = jax.random.normal(jax.random.key(1), (4, 4, 4, 3), jnp.float64)
-    objective = losses.Objective(losses.mean_squared_error(), 0.0)
-    y = jnp.zeros((4, 1), jnp.float64)
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
-    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    backpropagated, exact = curvature_and_gauss_newton(model, params, x)
     assert_close_tree(backpropagated[0]["b"], exact[0]["b"], jnp.float64, "tied biases")
     assert float(jnp.min(exact[0]["b"])) > 0
 
