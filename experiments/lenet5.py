@@ -102,8 +102,8 @@ def load(config):
 def build(config, train_split, test_split):
     x_train, t_train = train_split
     # One example at a time, the gather convolutions are the faster (146 against 185 us a
-    # step on the 2-core CPU); for mini-batches, the model's default patches.
-    model = lenet5(implementation="gather" if config.batch_size == 1 else "patches")
+    # step with "patches" on the 2-core CPU); for mini-batches, the model's default.
+    model = lenet5(implementation="gather") if config.batch_size == 1 else lenet5()
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
     lr = config.lr or DEFAULT_LR[config.optimizer]
     if config.batch_size > x_train.shape[0]:

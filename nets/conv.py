@@ -36,6 +36,8 @@ __all__ = [
     "conv2d_constant_padded",
     "conv2d_gather_patches",
     "window_index",
+    "conv2d_rows",
+    "conv2d_band_matrix",
     "table_fan_in_uniform",
     "check_image_input",
     "lenet1989_h2_table",
@@ -45,7 +47,7 @@ __all__ = [
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-IMPLEMENTATIONS = ("conv", "patches", "gather")
+IMPLEMENTATIONS = ("conv", "patches", "gather", "rows")
 # The "patches" and "gather" forwards take y from the patches up to this many patch entries
 # (16 MB in float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
 # LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 11.5-12.2 ms
@@ -67,6 +69,10 @@ GATHER_INPUT_GRADIENT_MIN_SIZE = 2**16
 # one core, LeNet-1989's one-example recipe pass took 0.197 s against 0.257 s, but the copy
 # made the batch-64 step slower (1.77 ms against 1.24 ms; 102 k and 307 k entries there).
 TRANSPOSED_PATCHES_MAX_SIZE = 2**15
+# The most entries of the banded kernel matrix of "rows" (64 MB in float32): it has
+# kh Wp C out_w O entries, Wp / kw times the kernel's products per output row for stride 1,
+# so the implementation is for narrow images; a wider layer raises a ValueError naming it.
+ROWS_BAND_MAX_SIZE = 2**24
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -492,6 +498,90 @@ def _gather_input_gradient(dy: jax.Array, w: jax.Array, size: tuple[int, int], p
     return dx.reshape(batch, *size, channels)
 
 
+def conv2d_rows(xp: jax.Array, kernel_height: int, stride_height: int, out_height: int
+                ) -> jax.Array:
+    """The input rows each output row reads, (batch out_h, kh Wp C), from the padded input
+    xp (batch, Hp, Wp, C): rows[n out_h + i, (a, q, c)] = xp[n, sh i + a, q, c]."""
+    batch, _, width, channels = xp.shape
+    span = stride_height * (out_height - 1) + 1
+    rows = jnp.stack([xp[:, a:a + span:stride_height] for a in range(kernel_height)], axis=2)
+    return rows.reshape(batch * out_height, kernel_height * width * channels)
+
+
+@functools.lru_cache(maxsize=None)
+def _band_index(padded_width: int, kernel_width: int, stride_width: int, out_width: int
+                ) -> np.ndarray:
+    """(Wp, out_w): the kernel column b = q - sw j that input column q meets in window
+    column j, or kw (a zero column) where window j does not read q."""
+    offset = np.arange(padded_width)[:, None] - stride_width * np.arange(out_width)[None, :]
+    inside = (offset >= 0) & (offset < kernel_width)
+    return np.where(inside, offset, kernel_width).astype(np.int32)
+
+
+def _ungrouped(w: jax.Array, groups: int) -> jax.Array:
+    """w (kh, kw, C_g, O) as the (kh, kw, C, O) kernel of one group, zero between groups."""
+    if groups == 1:
+        return w
+    kh, kw, c_g, out_channels = w.shape
+    blocks = w.reshape(kh, kw, 1, c_g, groups, out_channels // groups)
+    eye = jnp.eye(groups, dtype=w.dtype).reshape(1, 1, groups, 1, groups, 1)  # [h, g]: h == g
+    return (blocks * eye).reshape(kh, kw, groups * c_g, out_channels)
+
+
+def _grouped(full: jax.Array, groups: int) -> jax.Array:
+    """Inverse of `_ungrouped`: the diagonal blocks of (kh, kw, C, O) as (kh, kw, C_g, O)."""
+    if groups == 1:
+        return full
+    kh, kw, channels, out_channels = full.shape
+    blocks = full.reshape(kh, kw, groups, channels // groups, groups, out_channels // groups)
+    return jnp.einsum("abhcgo,hg->abcgo", blocks, jnp.eye(groups, dtype=full.dtype)
+                      ).reshape(kh, kw, channels // groups, out_channels)
+
+
+def conv2d_band_matrix(w: jax.Array, padded_width: int, stride_width: int, out_width: int,
+                       groups: int = 1) -> jax.Array:
+    """The kernel w (kh, kw, C_g, O) as the banded matrix T (kh Wp C, out_w O) with
+
+        T[(a, q, c), (j, o)] = w[a, q - sw j, c, o] if 0 <= q - sw j < kw (c in o's group),
+
+    and 0 elsewhere, so that an output row is one product: y[n, i] = rows[n, i] T
+    (`conv2d_rows`). Every entry is a weight or 0, so T(w)^2 = T(w^2)."""
+    full = _ungrouped(w, groups)
+    kh, kw, channels, out_channels = full.shape
+    index = _band_index(padded_width, kw, stride_width, out_width)
+    band = jnp.pad(full, ((0, 0), (0, 1), (0, 0), (0, 0)))[:, index]  # (kh, Wp, out_w, C, O)
+    return band.transpose(0, 1, 3, 2, 4).reshape(kh * padded_width * channels,
+                                                  out_width * out_channels)
+
+
+def _band_kernel_gradient(dband: jax.Array, kernel_size: tuple[int, int], padded_width: int,
+                          stride_width: int, out_width: int, groups: int) -> jax.Array:
+    """dw (kh, kw, C_g, O) from dT (kh Wp C, out_w O), the gradient of the band matrix:
+    each weight stands once in every window column, dw[a, b, c, o] = sum_j
+    dT[(a, sw j + b, c), (j, o)]."""
+    kh, kw = kernel_size
+    channels = dband.shape[0] // (kh * padded_width)
+    out_channels = dband.shape[1] // out_width
+    dband = dband.reshape(kh, padded_width, channels, out_width, out_channels)
+    columns = stride_width * np.arange(out_width)[None, :] + np.arange(kw)[:, None]  # (kw, out_w)
+    windows = np.broadcast_to(np.arange(out_width)[None, :], columns.shape)
+    per_window = dband.transpose(0, 2, 4, 1, 3)[..., columns, windows]  # (kh, C, O, kw, out_w)
+    full = jnp.sum(per_window, axis=-1).transpose(0, 3, 1, 2)
+    return _grouped(full, groups)
+
+
+def _rows_input_gradient(drows: jax.Array, stride_height: int, padded_height: int,
+                         out_height: int) -> jax.Array:
+    """dxp (batch, Hp, Wp, C) from drows (batch, out_h, kh, Wp, C), the transpose of
+    `conv2d_rows`: row a of output row i goes back to input row sh i + a."""
+    batch, _, kernel_height, width, channels = drows.shape
+    span = stride_height * (out_height - 1) + 1
+    dxp = jnp.zeros((batch, padded_height, width, channels), drows.dtype)
+    for a in range(kernel_height):
+        dxp = dxp.at[:, a:a + span:stride_height].add(drows[:, :, a])
+    return dxp
+
+
 def table_fan_in_uniform(mask: np.ndarray, scale: float = 2.4,
                          exponent: float = 0.5) -> initializers.Initializer:
     """U(+-scale / F_o^exponent) per output map o, F_o = kh kw (inputs that o sees).
@@ -574,6 +664,14 @@ def Conv2D(
                  the fewest operations, the fastest for one example at a time (LeNet-1989's
                  1989 recipe; y from XLA's convolution above `PATCH_PRODUCT_MAX_SIZE` as for
                  "patches").
+      "rows"     each output row as one product: the kh input rows it reads
+                 (`conv2d_rows`, batch out_h by kh Wp C) times the kernel laid out as a
+                 banded matrix (`conv2d_band_matrix`, kh Wp C by out_w O); dw sums the band
+                 gradient rows^T dy along its diagonals and dx is dy T^T added back row by
+                 row. Wp / kw times the multiply-adds of the other forms (stride 1), in a
+                 few large products and no per-offset copies: the fastest for LeNet-5 at
+                 batch 128 on CPU. The band matrix is limited to `ROWS_BAND_MAX_SIZE`
+                 entries (a ValueError names the layer), which keeps it to narrow images.
 
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
@@ -651,7 +749,12 @@ def Conv2D(
         elif implementation == "gather":
             patches = conv2d_gather_patches(x, pads, pad_value, kernel, strides)
         w = masked(params["w"])
-        if patches is None:
+        if implementation == "rows":
+            xp = _pad(x, pads, pad_value)
+            patches = conv2d_rows(xp, kernel[0], strides[0], out_size[0])
+            y = (patches @ band_matrix(w, xp.shape[2], out_size[1])).reshape(
+                x.shape[0], *out_size, out_channels)
+        elif patches is None:
             y = lax.conv_general_dilated(_pad(x, pads, pad_value), w, window_strides=strides,
                                          padding="VALID", dimension_numbers=_DIMENSIONS,
                                          feature_group_count=groups)
@@ -679,7 +782,15 @@ def Conv2D(
             dw = _gather_kernel_gradient(patches ** power, dy, kernel, groups)
             dx = _gather_input_gradient(dy, w, x.shape[1:3], pads, strides, groups)
             return {"w": masked(dw), "b": bias_gradient(dy)}, dx
-        if implementation == "patches":
+        if implementation == "rows":
+            batch, out_h, out_w, _ = dy.shape
+            dy_rows = dy.reshape(batch * out_h, out_w * out_channels)
+            dband = lax.dot_general(patches ** power, dy_rows, (((0,), (0,)), ((), ())))
+            dw = _band_kernel_gradient(dband, kernel, padded_size[1], strides[1], out_w, groups)
+            drows = dy_rows @ band_matrix(w, padded_size[1], out_w).T
+            dxp = _rows_input_gradient(drows.reshape(batch, out_h, kernel[0], padded_size[1], -1),
+                                       strides[0], padded_size[0], out_h)
+        elif implementation == "patches":
             dwp = _patch_kernel_gradient(patches ** power, dy, groups)
             dw = _kernel_from_patch_kernel(dwp, kernel)
             dxp = _patch_input_gradient(dy, conv2d_patch_kernel(w, strides), groups,
@@ -691,6 +802,15 @@ def Conv2D(
         (top, bottom), (left, right) = pads
         dx = dxp[:, top:padded_size[0] - bottom, left:padded_size[1] - right, :]
         return {"w": masked(dw), "b": bias_gradient(dy)}, dx
+
+    def band_matrix(w, padded_width, out_width):
+        size = kernel[0] * padded_width * w.shape[2] * groups * out_width * out_channels
+        if size > ROWS_BAND_MAX_SIZE:
+            raise ValueError(
+                f"{name}: implementation 'rows' needs a band matrix of {size} entries for a "
+                f"padded width {padded_width}, more than ROWS_BAND_MAX_SIZE = "
+                f"{ROWS_BAND_MAX_SIZE}; use 'patches' or 'conv' for this layer")
+        return conv2d_band_matrix(w, padded_width, strides[1], out_width, groups)
 
     def bias_gradient(dy):
         return jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))

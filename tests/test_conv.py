@@ -349,6 +349,44 @@ def test_patches_times_patch_kernel_is_the_convolution(stride, kernel):
     assert relative_error(got, expected) <= F64
 
 
+def test_band_matrix_by_hand():
+    """A 1x2 kernel [[1, 2]] over a padded width of 5, stride 2: windows j = 0, 1 read
+    columns 2j and 2j + 1, so T (5, 2) holds the kernel's two taps down each column from
+    row 2j, zeros elsewhere; the last column (q = 4) is read by no window."""
+    w = jnp.asarray([[1.0, 2.0]], jnp.float64)[:, :, None, None]
+    band = conv.conv2d_band_matrix(w, padded_width=5, stride_width=2, out_width=2)
+    np.testing.assert_array_equal(band, [[1, 0], [2, 0], [0, 1], [0, 2], [0, 0]])
+
+
+@pytest.mark.parametrize("stride, kernel, groups", [((1, 1), (5, 5), 1), ((2, 2), (5, 5), 2),
+                                                    ((3, 2), (2, 3), 1), ((2, 3), (4, 1), 2)])
+def test_rows_times_band_matrix_is_the_convolution(stride, kernel, groups):
+    """The input rows times the banded kernel reproduce lax's strided (grouped) convolution."""
+    rng = np.random.default_rng(8)
+    xp = jnp.asarray(rng.standard_normal((2, 11, 10, 4)))
+    w = jnp.asarray(rng.standard_normal((*kernel, 4 // groups, 6)))
+    expected = jax.lax.conv_general_dilated(xp, w, stride, "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
+    (out_h, out_w) = expected.shape[1:3]
+    rows = conv.conv2d_rows(xp, kernel[0], stride[0], out_h)
+    band = conv.conv2d_band_matrix(w, 10, stride[1], out_w, groups)
+    assert relative_error((rows @ band).reshape(expected.shape), expected) <= F64
+
+
+def test_rows_refuses_a_band_matrix_too_large(monkeypatch):
+    """AlexNet's conv1 as "rows" would need 11 * 227 * 3 * 55 * 96 = 39,552,480 band entries;
+    the layer names itself, the size and the limit instead of allocating them."""
+    layer = conv.Conv2D(96, 11, stride=4, implementation="rows", name="conv1")
+    params = jax.eval_shape(lambda: layer.init(jax.random.key(0), (1, 227, 227, 3))[1])
+    with pytest.raises(ValueError, match=r"conv1: implementation 'rows' needs a band matrix "
+                                         r"of 39552480 entries for a padded width 227"):
+        jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct((1, 227, 227, 3), jnp.float32))
+    monkeypatch.setattr(conv, "ROWS_BAND_MAX_SIZE", 2**26)
+    y = jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct((1, 227, 227, 3), jnp.float32))
+    assert y.shape == (1, 55, 55, 96)
+
+
 def assert_matches_conv_and_vjp(implementation, name, kwargs, input_shape):
     """y of `implementation` against the "conv" layer's (lax's convolution), and its
     hand-written backward against jax.vjp, both in float64."""
