@@ -59,6 +59,7 @@ import numpy as np
 import optax
 
 import nets
+from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters
 from nets.models import lenet1989, lenet1989_modern
 from training import augment, data, metrics, optim, plots, procedures, results
@@ -104,6 +105,9 @@ class Config:
     dropout: float = option(0.0, "modern variant: dropout rate after H3's ReLU (0: none)",
                             ge=0, lt=1)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
+    conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
+                       "for the 1989 variant, patches for the modern one",
+                       choices=("auto", *IMPLEMENTATIONS))
     seed: int = option(0, "seed of the initialisation (and the modern variant's order)")
     train_examples: int = option(0, "use the first N training digits (0: all 7,291)", ge=0)
     test_examples: int = option(0, "use the first N test digits (0: all 2,007)", ge=0)
@@ -134,16 +138,27 @@ def load(config):
     return splits
 
 
+def conv_implementation(config) -> str:
+    """--conv, with auto resolved to each variant's fastest by measurement on the 2-core
+    CPU (README, "Convolutional nets"): "gather" for the 1989 recipe's one-example steps,
+    "patches" for the modern variant's mini-batches."""
+    if config.conv != "auto":
+        return config.conv
+    return "gather" if config.variant == "1989" else "patches"
+
+
 def build(config, splits):
     """(model, objective, procedure) for the variant and optimizer of the config."""
     (x_train, t_train), (x_test, t_test) = splits
     if config.variant == "1989":
         model = lenet1989(scaled_tanh=config.activation == "scaled_tanh",
+                          implementation=conv_implementation(config),
                           fan_in_exponent=FAN_IN_EXPONENT[config.init])
         objective = nets.Objective(nets.mean_squared_error(), 0.0)
         name = config.optimizer
     else:
         model = lenet1989_modern(config.h1_maps, config.h2_maps, config.h3_units,
+                                 implementation=conv_implementation(config),
                                  dropout_rate=config.dropout)
         objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
         name = "adamw"

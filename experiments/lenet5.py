@@ -12,13 +12,14 @@ and the test-only split otherwise. Images: 28x28 centred in a 32x32 field, backg
 and foreground 1.175 (the paper's normalisation, Section II.A).
 
 Model: nets.models.lenet5 (C1, trainable-subsampling S2, C3 with Table I, S4, C5, F6 84, all
-1.7159 tanh(2a/3); the "gather" convolutions for per-example updates, "patches" for
-mini-batches, the faster of each), with a Dense output and softmax cross-entropy in place of
-the paper's Euclidean RBF output and MAP criterion (we assume this; the RBF prototypes of
-Figure 3 are not published as data). Optimisers: per-example SGD (default, eta 0.01), the paper's
-stochastic diagonal Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500
-examples before each pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in
-the paper's Appendix C), or AdamW with mini-batches.
+1.7159 tanh(2a/3); the "gather" convolutions for per-example updates, the model's default
+"rows" for mini-batches, the faster of each; --conv picks one of nets.conv.IMPLEMENTATIONS),
+with a Dense output and softmax cross-entropy in place of the paper's Euclidean RBF output and
+MAP criterion (we assume this; the RBF prototypes of Figure 3 are not published as data).
+Optimisers: per-example SGD (default, eta 0.01), the paper's stochastic diagonal
+Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500 examples before each
+pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in the paper's Appendix C),
+or AdamW with mini-batches.
 
 Writes results.json (history per pass: train_error, test_error, train_loss, test_loss;
 metrics with the final numbers and misses; "protocol"), results.md, curves.png.
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 
 import nets
+from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters
 from nets.models import lenet5
 from training import data, metrics, optim, plots, procedures, results
@@ -59,6 +61,8 @@ class Config:
     train_examples: int = option(0, "use the first N training images (0: all)", ge=0)
     test_examples: int = option(0, "use the first N test images (0: all)", ge=0)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
+    conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
+                       "for --batch-size 1, rows otherwise", choices=("auto", *IMPLEMENTATIONS))
     seed: int = option(0, "seed of the initialisation and the order")
     checkpoint_every: int = option(1, "passes between checkpoints", ge=1)
     progress_every: int = option(1, "passes between progress lines off a terminal", ge=0)
@@ -99,11 +103,18 @@ def load(config):
     return parts[0], parts[1], protocol
 
 
+def conv_implementation(config) -> str:
+    """--conv, with auto resolved: one example at a time the "gather" convolutions are the
+    faster (146 against 185 us a step with "patches" on the 2-core CPU), for mini-batches
+    the model's default "rows"."""
+    if config.conv != "auto":
+        return config.conv
+    return "gather" if config.batch_size == 1 else "rows"
+
+
 def build(config, train_split, test_split):
     x_train, t_train = train_split
-    # One example at a time, the gather convolutions are the faster (146 against 185 us a
-    # step with "patches" on the 2-core CPU); for mini-batches, the model's default.
-    model = lenet5(implementation="gather") if config.batch_size == 1 else lenet5()
+    model = lenet5(implementation=conv_implementation(config))
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
     lr = config.lr or DEFAULT_LR[config.optimizer]
     if config.batch_size > x_train.shape[0]:

@@ -29,3 +29,11 @@ def test_short_runs_report_per_pass(tmp_path, optimizer):
     assert [h["pass"] for h in document["history"]] == [1, 2]
     assert metrics["train_examples"] == 300 and metrics["test_examples"] == 100
     assert metrics["train_error"] < 0.6  # far better than chance after 600 updates
+
+
+def test_conv_option_resolves_by_batch_size():
+    """--conv auto: "gather" for per-example updates, the model's default "rows" for
+    mini-batches; a name is kept."""
+    assert lenet5.conv_implementation(lenet5.Config()) == "gather"
+    assert lenet5.conv_implementation(lenet5.Config(batch_size=16)) == "rows"
+    assert lenet5.conv_implementation(lenet5.Config(batch_size=16, conv="patches")) == "patches"
