@@ -8,6 +8,10 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   engine        manual engine / autodiff engine, one jitted SGD step: MLP 784-1024-1024-10
                 (batch 256), LeNet-1989 (batch 1 and 64), LeNet-5 (batch 128). Target <= 1.0,
                 and no more temporary memory (XLA's memory analysis of each compiled step).
+  conv          each Conv2D implementation ("conv", "patches", "gather", "rows") against the
+                model's default, one jitted SGD step with the manual engine: LeNet-5 (batch
+                128; default "rows") and LeNet-1989 (batch 1; default "gather"). No target:
+                the evidence for each model's default.
   recipe        LeNet-1989's 1989 recipe (one-example SGD in a constant order over the 7,291
                 USPS digits; 23 passes, 1 with --quick), wall time including compilation,
                 against PyTorch eager running the same recipe. Target: >= 60x faster.
@@ -59,6 +63,7 @@ import numpy as np
 import optax
 
 import nets
+from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import astype
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
@@ -66,7 +71,8 @@ from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "bench"
-FAMILIES = ("engine", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn", "scaling")
+FAMILIES = ("engine", "conv", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn",
+            "scaling")
 TARGETS = {"engine": ("<=", 1.0), "recipe": ("<=", 1 / 60), "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
@@ -226,6 +232,35 @@ def family_engine(config, key):
         rows.append(row("engine", name, "manual", manual, manual.median_s / auto.median_s,
                         "manual/autodiff", **memory_extras(manual_fn, auto_fn)))
         rows.append(row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn)))
+    return rows
+
+
+# --- family: convolution implementations --------------------------------------------------
+
+def conv_cases(sizes):
+    """(name, model factory, its default implementation, objective, input shape, batch)."""
+    return [(f"lenet5/b{sizes.lenet5_batch}", lambda implementation: lenet5(
+                implementation=implementation), "rows",
+             nets.Objective(nets.softmax_cross_entropy(), 0.0), (32, 32, 1), sizes.lenet5_batch),
+            ("lenet1989/b1", lambda implementation: lenet1989(implementation=implementation),
+             "gather", nets.Objective(nets.mean_squared_error(), 0.0), (16, 16, 1), 1)]
+
+
+def family_conv(config, key):
+    rows = []
+    for name, build, default, objective, input_shape, batch in conv_cases(sizes_of(config)):
+        args = random_problem(build(default), input_shape, batch, key)
+        base_fn, base_compile = benchmark.compile_jitted(
+            sgd_step(build(default), objective, nets.manual), *args)
+        alone = benchmark.time_calls(base_fn, args, config.repeats, compile_s=base_compile)
+        rows.append(row("conv", name, default, alone, note="the model's default"))
+        for implementation in (i for i in IMPLEMENTATIONS if i != default):
+            step, compile_s = benchmark.compile_jitted(
+                sgd_step(build(implementation), objective, nets.manual), *args)
+            other, base = benchmark.compare(step, args, base_fn, args, config.repeats)
+            other.compile_s = compile_s
+            rows.append(row("conv", name, implementation, other, other.median_s / base.median_s,
+                            f"{implementation}/{default}", reference_median_s=base.median_s))
     return rows
 
 
@@ -702,6 +737,7 @@ def main(argv=None):
         torch.set_num_threads(benchmark.thread_settings()["cpu_count"])
     key = jax.random.key(config.seed)
     runners = {"engine": lambda: family_engine(config, key),
+               "conv": lambda: family_conv(config, key),
                "recipe": lambda: family_recipe(config, key, torch),
                "lenet5_torch": lambda: family_lenet5_torch(config, key, torch),
                "per_example": lambda: family_per_example(config, key),
