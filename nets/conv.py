@@ -48,11 +48,14 @@ __all__ = [
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 IMPLEMENTATIONS = ("conv", "patches", "gather", "rows")
-# The "patches" and "gather" forwards take y from the patches up to this many patch entries
-# (16 MB in float32), and XLA's convolution above it: on the 2-core CPU the product was faster for
-# LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128 (its step 9.0 ms against 11.5-12.2 ms
-# with 2**20, taps-first patches), the convolution for the 7,291 training digits at once
-# (0.10 s against 0.37 s, windows-first patches).
+# The "patches", "gather" and "rows" forwards take y from their own product up to this many
+# entries of the patches (or rows; 16 MB in float32), and XLA's convolution above it: on the
+# 2-core CPU the product was faster for LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128
+# (its step 9.0 ms against 11.5-12.2 ms with 2**20, taps-first patches), the convolution for
+# the 7,291 training digits at once (0.10 s against 0.37 s, windows-first patches). Above it
+# `apply` never builds the patches, which matters where the input is a constant (a data set
+# closed over by a jitted function): XLA folded LeNet-5's "rows" of 8,000 images, 143 MB, at
+# compile time (9.2 s against 1.2 s to compile E and the error on 8,000 + 2,000 images).
 PATCH_PRODUCT_MAX_SIZE = 2**22
 # From this many entries of the patches' gradient on, "patches" adds the input gradient back
 # in place, one update per kernel offset, and below it as one sum of padded copies: on the
@@ -752,8 +755,9 @@ def Conv2D(
         if implementation == "rows":
             xp = _pad(x, pads, pad_value)
             patches = conv2d_rows(xp, kernel[0], strides[0], out_size[0])
-            y = (patches @ band_matrix(w, xp.shape[2], out_size[1])).reshape(
-                x.shape[0], *out_size, out_channels)
+            band = band_matrix(w, xp.shape[2], out_size[1])
+        if implementation == "rows" and patches.size <= PATCH_PRODUCT_MAX_SIZE:
+            y = (patches @ band).reshape(x.shape[0], *out_size, out_channels)
         elif patches is None:
             y = lax.conv_general_dilated(_pad(x, pads, pad_value), w, window_strides=strides,
                                          padding="VALID", dimension_numbers=_DIMENSIONS,

@@ -434,6 +434,17 @@ def test_patches_forward_takes_either_product(max_size, monkeypatch):
                       vjp_reference(layer, params, x, dy), jnp.float64, name)
 
 
+@pytest.mark.parametrize("max_size", [0, 2**40], ids=["y_by_xla_conv", "y_by_rows"])
+@pytest.mark.parametrize("config", [CONFIGS[3], CONFIGS[5]], ids=lambda c: c[0])
+def test_rows_forward_takes_either_product(config, max_size, monkeypatch):
+    """Above PATCH_PRODUCT_MAX_SIZE rows the "rows" layer takes y from XLA's convolution and
+    keeps the rows for backward only (E over a whole data set); below it, from the band
+    product. Both match lax's convolution and jax.vjp in float64."""
+    monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", max_size)
+    name, kwargs, input_shape = config
+    assert_matches_conv_and_vjp("rows", name, kwargs, input_shape)
+
+
 def test_window_index_by_hand():
     """A 2x3 input padded by one row on top and one column on the left, 2x2 kernel, stride
     (1, 2): windows (0, 0) and (0, 1) on the padded row, (1, 0) and (1, 1) below it.
