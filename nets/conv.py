@@ -522,7 +522,8 @@ def _band_index(padded_width: int, kernel_width: int, stride_width: int, out_wid
 
 
 def _ungrouped(w: jax.Array, groups: int) -> jax.Array:
-    """w (kh, kw, C_g, O) as the (kh, kw, C, O) kernel of one group, zero between groups."""
+    """w (kh, kw, C_g, O) as a kernel over all C input channels, (kh, kw, C, O): output map
+    o keeps its weights on its own group's channels and has zeros on the others."""
     if groups == 1:
         return w
     kh, kw, c_g, out_channels = w.shape
