@@ -15,7 +15,7 @@ This module follows the layer contract of `nets.layers` (init, forward, backward
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,6 @@ __all__ = [
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-IMPLEMENTATIONS = ("conv", "patches", "gather", "rows")
 # The "patches", "gather" and "rows" forwards take y from their own product up to this many
 # entries of the patches (or rows; 16 MB in float32), and XLA's convolution above it: on the
 # 2-core CPU the product was faster for LeNet-1989 at batch 1 and 64 and LeNet-5 at batch 128
@@ -169,6 +168,32 @@ def _pad(x: jax.Array, pads: Pads, value: float) -> jax.Array:
     return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=value)
 
 
+class _Call(NamedTuple):
+    """What the products of one call need: the layer's settings and its input's geometry."""
+
+    name: str
+    size: tuple[int, int]  # (H, W) of x
+    pads: Pads
+    padded_size: tuple[int, int]  # (Hp, Wp)
+    out_size: tuple[int, int]  # (out_h, out_w)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    pad_value: float
+
+
+def _unpad(dxp: jax.Array, pads: Pads) -> jax.Array:
+    """dx (batch, H, W, C) from dxp (batch, Hp, Wp, C): the border sliced off."""
+    (top, bottom), (left, right) = pads
+    return dxp[:, top:dxp.shape[1] - bottom, left:dxp.shape[2] - right, :]
+
+
+def _large_output(call: _Call, x: jax.Array, w: jax.Array) -> jax.Array:
+    """y from XLA's convolution, for patches (or rows) over PATCH_PRODUCT_MAX_SIZE entries:
+    they then serve backward only, and `apply` lets XLA drop them."""
+    return conv2d_constant_padded(x, w, call.pads, call.pad_value, call.stride, call.groups)
+
+
 def conv2d_constant_padded(x: jax.Array, w: jax.Array, pads: Pads, pad_value: float,
                            stride: tuple[int, int], groups: int = 1) -> jax.Array:
     """The VALID convolution of x padded by `pads` with `pad_value`, without building the
@@ -252,6 +277,24 @@ def conv2d_backward_kernel(
         rhs_dilation=(sh, sw), dimension_numbers=("CHWN", "IHWO", "HWNC"),
         batch_group_count=groups,
     )
+
+
+def _conv_forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+    """"conv": y from XLA's convolution of the padded input; nothing saved beyond x."""
+    y = lax.conv_general_dilated(_pad(x, call.pads, call.pad_value), w,
+                                 window_strides=call.stride, padding="VALID",
+                                 dimension_numbers=_DIMENSIONS, feature_group_count=call.groups)
+    return y, None
+
+
+def _conv_transpose(call: _Call, x: jax.Array, saved: None, w: jax.Array, dy: jax.Array,
+                    power: int) -> tuple[jax.Array, jax.Array]:
+    """"conv": dw and dx by XLA's convolutions. The padded input is rebuilt from x (O(size
+    of x), cheap next to the convolutions)."""
+    xp = _pad(x, call.pads, call.pad_value) ** power
+    dw = conv2d_backward_kernel(xp, dy, call.kernel, call.stride, call.groups)
+    dxp = conv2d_backward_input(dy, w, call.stride, call.padded_size, call.groups)
+    return dw, _unpad(dxp, call.pads)
 
 
 def _space_to_depth(xc: jax.Array, stride: tuple[int, int], blocks: tuple[int, int]) -> jax.Array:
@@ -389,6 +432,25 @@ def _patch_input_gradient(
     return jnp.pad(full, ((0, 0), (0, hp - full.shape[1]), (0, wp_ - full.shape[2]), (0, 0)))
 
 
+def _patches_forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """"patches": the block-wise patches of the padded input, saved, and y as their product
+    with the patch kernel."""
+    patches = conv2d_patches(_pad(x, call.pads, call.pad_value), call.kernel, call.stride,
+                             call.out_size)
+    if patches.size > PATCH_PRODUCT_MAX_SIZE:
+        return _large_output(call, x, w), patches
+    return conv2d_from_patches(patches, conv2d_patch_kernel(w, call.stride), call.groups), patches
+
+
+def _patches_transpose(call: _Call, x: jax.Array, patches: jax.Array, w: jax.Array,
+                       dy: jax.Array, power: int) -> tuple[jax.Array, jax.Array]:
+    """"patches": dw = patches dy, dx = the windows' w dy^T added back."""
+    dwp = _patch_kernel_gradient(patches ** power, dy, call.groups)
+    dxp = _patch_input_gradient(dy, conv2d_patch_kernel(w, call.stride), call.groups,
+                                call.padded_size)
+    return _kernel_from_patch_kernel(dwp, call.kernel), _unpad(dxp, call.pads)
+
+
 def window_index(size: Sequence[int], pads, kernel_size: Sequence[int],
                  stride: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """The constant tables of the "gather" convolution of an (H, W) input with `pads`.
@@ -501,6 +563,23 @@ def _gather_input_gradient(dy: jax.Array, w: jax.Array, size: tuple[int, int], p
     return dx.reshape(batch, *size, channels)
 
 
+def _gather_forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """"gather": the patches in one gather, saved, and y as one product."""
+    patches = conv2d_gather_patches(x, call.pads, call.pad_value, call.kernel, call.stride)
+    if patches.size > PATCH_PRODUCT_MAX_SIZE:
+        return _large_output(call, x, w), patches
+    y = _gather_product(patches, w, call.groups)
+    return y.reshape(x.shape[0], *call.out_size, -1), patches
+
+
+def _gather_transpose(call: _Call, x: jax.Array, patches: jax.Array, w: jax.Array,
+                      dy: jax.Array, power: int) -> tuple[jax.Array, jax.Array]:
+    """"gather": dw = patches^T dy, dx = dy w^T added back over the index table."""
+    dw = _gather_kernel_gradient(patches ** power, dy, call.kernel, call.groups)
+    dx = _gather_input_gradient(dy, w, call.size, call.pads, call.stride, call.groups)
+    return dw, dx
+
+
 def conv2d_rows(xp: jax.Array, kernel_height: int, stride_height: int, out_height: int
                 ) -> jax.Array:
     """The input rows each output row reads, (batch out_h, kh Wp C), from the padded input
@@ -584,6 +663,56 @@ def _rows_input_gradient(drows: jax.Array, stride_height: int, padded_height: in
     for a in range(kernel_height):
         dxp = dxp.at[:, a:a + span:stride_height].add(drows[:, :, a])
     return dxp
+
+
+def _band_matrix(call: _Call, w: jax.Array) -> jax.Array:
+    """`conv2d_band_matrix` for this call, or a ValueError naming the layer when the band
+    would exceed ROWS_BAND_MAX_SIZE entries."""
+    (_, padded_width), (_, out_width) = call.padded_size, call.out_size
+    size = call.kernel[0] * padded_width * w.shape[2] * call.groups * out_width * w.shape[3]
+    if size > ROWS_BAND_MAX_SIZE:
+        raise ValueError(
+            f"{call.name}: implementation 'rows' needs a band matrix of {size} entries for a "
+            f"padded width {padded_width}, more than ROWS_BAND_MAX_SIZE = "
+            f"{ROWS_BAND_MAX_SIZE}; use 'patches' or 'conv' for this layer")
+    return conv2d_band_matrix(w, padded_width, call.stride[1], out_width, call.groups)
+
+
+def _rows_forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """"rows": the input rows each output row reads, saved, and y = rows T(w)."""
+    xp = _pad(x, call.pads, call.pad_value)
+    rows = conv2d_rows(xp, call.kernel[0], call.stride[0], call.out_size[0])
+    band = _band_matrix(call, w)
+    if rows.size > PATCH_PRODUCT_MAX_SIZE:
+        return _large_output(call, x, w), rows
+    return (rows @ band).reshape(x.shape[0], *call.out_size, -1), rows
+
+
+def _rows_transpose(call: _Call, x: jax.Array, rows: jax.Array, w: jax.Array, dy: jax.Array,
+                    power: int) -> tuple[jax.Array, jax.Array]:
+    """"rows": dT = rows^T dy summed along the band's diagonals into dw; dx = dy T^T added
+    back kh rows at a time."""
+    batch, out_h, out_w, out_channels = dy.shape
+    (kh, _), (padded_height, padded_width) = call.kernel, call.padded_size
+    dy_rows = dy.reshape(batch * out_h, out_w * out_channels)
+    dband = lax.dot_general(rows ** power, dy_rows, (((0,), (0,)), ((), ())))
+    dw = _band_kernel_gradient(dband, call.kernel, padded_width, call.stride[1], out_w,
+                               call.groups)
+    drows = dy_rows @ _band_matrix(call, w).T
+    dxp = _rows_input_gradient(drows.reshape(batch, out_h, kh, padded_width, -1),
+                               call.stride[0], padded_height, out_h)
+    return dw, _unpad(dxp, call.pads)
+
+
+# Each implementation's (forward, transpose): forward(call, x, w) -> (y without the bias,
+# saved) and transpose(call, x, saved, w ** power, dy, power) -> (dw, dx), w masked.
+_PRODUCTS = {
+    "conv": (_conv_forward, _conv_transpose),
+    "patches": (_patches_forward, _patches_transpose),
+    "gather": (_gather_forward, _gather_transpose),
+    "rows": (_rows_forward, _rows_transpose),
+}
+IMPLEMENTATIONS = tuple(_PRODUCTS)
 
 
 def table_fan_in_uniform(mask: np.ndarray, scale: float = 2.4,
@@ -743,79 +872,29 @@ def Conv2D(
     def masked(w):
         return w if mask is None else w * jnp.asarray(mask, w.dtype)[None, None]
 
+    forward_products, transpose_products = _PRODUCTS[implementation]
+
+    def call_geometry(size: tuple[int, int]) -> _Call:
+        pads = _resolve_padding(padding, size, kernel, strides)
+        padded_size = tuple(n + lo + hi for n, (lo, hi) in zip(size, pads))
+        return _Call(name, size, pads, padded_size, output_spatial(size), kernel, strides,
+                     groups, pad_value)
+
     def forward(params, x):
         check_forward_input(params, x)
-        pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        out_size = output_spatial(x.shape[1:3])
-        patches = None
-        if implementation == "patches":
-            patches = conv2d_patches(_pad(x, pads, pad_value), kernel, strides, out_size)
-        elif implementation == "gather":
-            patches = conv2d_gather_patches(x, pads, pad_value, kernel, strides)
-        w = masked(params["w"])
-        if implementation == "rows":
-            xp = _pad(x, pads, pad_value)
-            patches = conv2d_rows(xp, kernel[0], strides[0], out_size[0])
-            band = band_matrix(w, xp.shape[2], out_size[1])
-        if implementation == "rows" and patches.size <= PATCH_PRODUCT_MAX_SIZE:
-            y = (patches @ band).reshape(x.shape[0], *out_size, out_channels)
-        elif patches is None:
-            y = lax.conv_general_dilated(_pad(x, pads, pad_value), w, window_strides=strides,
-                                         padding="VALID", dimension_numbers=_DIMENSIONS,
-                                         feature_group_count=groups)
-        elif patches.size > PATCH_PRODUCT_MAX_SIZE:
-            # the patches serve backward only: `apply` lets XLA drop them
-            y = conv2d_constant_padded(x, w, pads, pad_value, strides, groups)
-        elif implementation == "gather":
-            y = _gather_product(patches, w, groups).reshape(x.shape[0], *out_size, -1)
-        else:
-            y = conv2d_from_patches(patches, conv2d_patch_kernel(w, strides), groups)
+        y, saved = forward_products(call_geometry(x.shape[1:3]), x, masked(params["w"]))
         b = params["b"]
         y = y + (b[None] if unshared_bias else b[None, None, None, :])
-        # x, not the padded copy: "conv" rebuilds it in backward (O(size of x), cheap next to
-        # the convolutions), and its shape gives the pads to slice off without storing ints.
-        return y, (x, patches)
+        # x, not the padded copy: backward reads the call geometry off its shape.
+        return y, (x, saved)
 
     def transpose(w, residuals, dy, power):
         """(dparams, dx) of y = conv(xp, w) + b, with xp and w raised to `power` (1: the
         gradient; 2: the Gauss-Newton diagonal, since every output is a sum of w * xp)."""
-        x, patches = residuals
-        pads = _resolve_padding(padding, x.shape[1:3], kernel, strides)
-        padded_size = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads))
-        w = masked(w) ** power
-        if implementation == "gather":
-            dw = _gather_kernel_gradient(patches ** power, dy, kernel, groups)
-            dx = _gather_input_gradient(dy, w, x.shape[1:3], pads, strides, groups)
-            return {"w": masked(dw), "b": bias_gradient(dy)}, dx
-        if implementation == "rows":
-            batch, out_h, out_w, _ = dy.shape
-            dy_rows = dy.reshape(batch * out_h, out_w * out_channels)
-            dband = lax.dot_general(patches ** power, dy_rows, (((0,), (0,)), ((), ())))
-            dw = _band_kernel_gradient(dband, kernel, padded_size[1], strides[1], out_w, groups)
-            drows = dy_rows @ band_matrix(w, padded_size[1], out_w).T
-            dxp = _rows_input_gradient(drows.reshape(batch, out_h, kernel[0], padded_size[1], -1),
-                                       strides[0], padded_size[0], out_h)
-        elif implementation == "patches":
-            dwp = _patch_kernel_gradient(patches ** power, dy, groups)
-            dw = _kernel_from_patch_kernel(dwp, kernel)
-            dxp = _patch_input_gradient(dy, conv2d_patch_kernel(w, strides), groups,
-                                        padded_size)
-        else:
-            xp = _pad(x, pads, pad_value) ** power
-            dw = conv2d_backward_kernel(xp, dy, kernel, strides, groups)
-            dxp = conv2d_backward_input(dy, w, strides, padded_size, groups)
-        (top, bottom), (left, right) = pads
-        dx = dxp[:, top:padded_size[0] - bottom, left:padded_size[1] - right, :]
+        x, saved = residuals
+        dw, dx = transpose_products(call_geometry(x.shape[1:3]), x, saved, masked(w) ** power,
+                                    dy, power)
         return {"w": masked(dw), "b": bias_gradient(dy)}, dx
-
-    def band_matrix(w, padded_width, out_width):
-        size = kernel[0] * padded_width * w.shape[2] * groups * out_width * out_channels
-        if size > ROWS_BAND_MAX_SIZE:
-            raise ValueError(
-                f"{name}: implementation 'rows' needs a band matrix of {size} entries for a "
-                f"padded width {padded_width}, more than ROWS_BAND_MAX_SIZE = "
-                f"{ROWS_BAND_MAX_SIZE}; use 'patches' or 'conv' for this layer")
-        return conv2d_band_matrix(w, padded_width, strides[1], out_width, groups)
 
     def bias_gradient(dy):
         return jnp.sum(dy, axis=0) if unshared_bias else jnp.sum(dy, axis=(0, 1, 2))
