@@ -358,6 +358,123 @@ def _update(optimizer, params, opt_state, grad):
     return optax.apply_updates(params, updates), opt_state
 
 
+def _checked(function: Callable, arity: int, devices: int) -> Callable:
+    """`function(*args, key)` called as run(*args[, key]), after checking that the batch
+    (the second-to-last argument) splits evenly over `devices`."""
+    def run(*args, key=None):
+        args, key = _with_key(args, key, arity)
+        check_batch(np.shape(args[-2])[0], devices)
+        return function(*args, key)
+
+    return run
+
+
+def _local_functions(model, objective, optimizer, engine, devices):
+    """One device's (gradient, step) inside a mapped function: its shard's mean gradient, then
+    the mean over devices (pmean). The L2 term is split over the devices, so that their mean
+    carries it once."""
+    local_value_and_grad = engine(model, objective._replace(l2=objective.l2 / devices))
+
+    def local_gradient(params, x, targets, key):
+        return mean_over_devices(local_value_and_grad(params, x, targets, device_key(key)))
+
+    def local_step(params, opt_state, x, targets, key):
+        energy, grad = local_gradient(params, x, targets, key)
+        params, opt_state = _update(optimizer, params, opt_state, grad)
+        return params, opt_state, energy, grad
+
+    return local_gradient, local_step
+
+
+def _shard_map_form(model, objective, optimizer, engine, mesh):
+    """(step, value_and_grad, place_batch) by `jax.shard_map` over the mesh."""
+    local_gradient, local_step = _local_functions(model, objective, optimizer, engine,
+                                                  mesh.size)
+
+    def sharded(function, replicated_args):
+        # check_vma=False: model code is not typed by mesh axis (a scan carry that starts
+        # from zeros is "invariant" and leaves "varying", which check_vma rejects), and
+        # without that typing each device's gradient of the replicated params stays its own
+        # (with it, differentiating sums it over devices by itself), so that the reduction
+        # is the explicit pmean of `_local_functions`, for either engine.
+        mapped = jax.shard_map(
+            function, mesh=mesh,
+            in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS), P()),
+            out_specs=P(), check_vma=False)
+        return _checked(jax.jit(mapped), replicated_args + 2, mesh.size)
+
+    def place_batch(x, targets):
+        return _split_batch(mesh, (x, targets))
+
+    return sharded(local_step, 2), sharded(local_gradient, 1), place_batch
+
+
+def _pmap_form(model, objective, optimizer, engine, mesh):
+    """(step, value_and_grad, place_batch) by `jax.pmap` over the mesh's devices. The mesh is
+    given identically in every process; each maps over its own (local) devices, and the
+    batch arrives as (local devices, batch / devices, ...)."""
+    local_gradient, local_step = _local_functions(model, objective, optimizer, engine,
+                                                  mesh.size)
+    pmap_devices = list(mesh.devices.flat)
+    own_devices = [d for d in pmap_devices if d.process_index == jax.process_index()]
+    local_devices = len(own_devices)
+
+    def pmapped(function, replicated_args):
+        mapped = jax.pmap(function, BATCH_AXIS, devices=pmap_devices,
+                          in_axes=(None,) * replicated_args + (0, 0, None), out_axes=None)
+        arity = replicated_args + 2
+
+        def run(*args, key=None):
+            args, key = _with_key(args, key, arity)
+            if np.shape(args[-2])[0] != local_devices:
+                raise ValueError(
+                    f"data parallel (pmap): x has shape {np.shape(args[-2])}; expected "
+                    f"({local_devices} local devices, batch / devices, ...): pass the "
+                    "batch through place_batch")
+            return mapped(*args, key)
+
+        return run
+
+    local_split = NamedSharding(Mesh(np.array(own_devices), (BATCH_AXIS,)), P(BATCH_AXIS))
+
+    def place_batch(x, targets):
+        return jax.tree.map(lambda leaf: jax.device_put(
+            np.asarray(leaf).reshape(local_devices, -1, *np.shape(leaf)[1:]), local_split),
+            (x, targets))
+
+    return pmapped(local_step, 2), pmapped(local_gradient, 1), place_batch
+
+
+def _jit_form(model, objective, optimizer, engine, mesh):
+    """(step, value_and_grad, place_batch) by `jax.jit` of the whole batch's step, with the
+    params replicated and the batch split by sharding annotations (XLA partitions it)."""
+    full_value_and_grad = engine(model, objective)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXIS))
+
+    def annotated(params, x, targets):
+        return (jax.lax.with_sharding_constraint(params, replicated),
+                jax.lax.with_sharding_constraint(x, split),
+                jax.lax.with_sharding_constraint(targets, split))
+
+    def full_gradient(params, x, targets, key):
+        return full_value_and_grad(*annotated(params, x, targets), key)
+
+    def full_step(params, opt_state, x, targets, key):
+        energy, grad = full_gradient(params, x, targets, key)
+        params, opt_state = _update(optimizer, params, opt_state, grad)
+        return params, opt_state, energy, grad
+
+    def place_batch(x, targets):
+        return _split_batch(mesh, (x, targets))
+
+    return (_checked(jax.jit(full_step, out_shardings=replicated), 4, mesh.size),
+            _checked(jax.jit(full_gradient, out_shardings=replicated), 3, mesh.size),
+            place_batch)
+
+
+_FORM_BUILDERS = {"shard_map": _shard_map_form, "pmap": _pmap_form, "jit": _jit_form}
+
+
 def data_parallel(
     model: Layer, objective: Objective, optimizer: optax.GradientTransformation, *,
     engine: engines.Engine = engines.manual, form: str = "shard_map",
@@ -374,101 +491,15 @@ def data_parallel(
     if mesh.axis_names != (BATCH_AXIS,):
         raise ValueError(f"data_parallel: the mesh must be 1-D with axis {BATCH_AXIS!r}, got "
                          f"axes {mesh.axis_names}")
-    devices = mesh.size
-    replicate = lambda tree: _replicate(mesh, tree)  # noqa: E731
-
-    # one device's view: its shard's mean gradient, then the mean over devices (pmean)
-    local_value_and_grad = engine(model, objective._replace(l2=objective.l2 / devices))
-
-    def local_gradient(params, x, targets, key):
-        return mean_over_devices(local_value_and_grad(params, x, targets, device_key(key)))
-
-    def local_step(params, opt_state, x, targets, key):
-        energy, grad = local_gradient(params, x, targets, key)
-        params, opt_state = _update(optimizer, params, opt_state, grad)
-        return params, opt_state, energy, grad
-
-    def checked(function, arity):
-        def run(*args, key=None):
-            args, key = _with_key(args, key, arity)
-            check_batch(np.shape(args[-2])[0], devices)
-            return function(*args, key)
-
-        return run
-
-    if form == "shard_map":
-        def sharded(function, replicated_args):
-            # check_vma=False: model code is not typed by mesh axis (a scan carry that
-            # starts from zeros is "invariant" and leaves "varying", which check_vma rejects),
-            # and without that typing each device's gradient of the replicated params stays
-            # its own (with it, differentiating sums it over devices by itself), so that the
-            # reduction is the explicit pmean above, for either engine.
-            mapped = jax.shard_map(
-                function, mesh=mesh,
-                in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS), P()),
-                out_specs=P(), check_vma=False)
-            return checked(jax.jit(mapped), replicated_args + 2)
-
-        step = sharded(local_step, 2)
-        value_and_grad = sharded(local_gradient, 1)
-        place_batch = lambda x, targets: _split_batch(mesh, (x, targets))  # noqa: E731
-    elif form == "pmap":
-        # given identically in every process; each maps over its own (local) devices
-        pmap_devices = list(mesh.devices.flat)
-        local_devices = sum(d.process_index == jax.process_index() for d in pmap_devices)
-
-        def pmapped(function, replicated_args):
-            return jax.pmap(function, BATCH_AXIS, devices=pmap_devices,
-                            in_axes=(None,) * replicated_args + (0, 0, None), out_axes=None)
-
-        def checked_layout(function, arity):
-            def run(*args, key=None):
-                args, key = _with_key(args, key, arity)
-                if np.shape(args[-2])[0] != local_devices:
-                    raise ValueError(
-                        f"data parallel (pmap): x has shape {np.shape(args[-2])}; expected "
-                        f"({local_devices} local devices, batch / devices, ...): pass the "
-                        "batch through place_batch")
-                return function(*args, key)
-
-            return run
-
-        step = checked_layout(pmapped(local_step, 2), 4)
-        value_and_grad = checked_layout(pmapped(local_gradient, 1), 3)
-
-        local_split = NamedSharding(
-            Mesh(np.array([d for d in pmap_devices if d.process_index == jax.process_index()]),
-                 (BATCH_AXIS,)), P(BATCH_AXIS))
-
-        def place_batch(x, targets):
-            return jax.tree.map(lambda leaf: jax.device_put(
-                np.asarray(leaf).reshape(local_devices, -1, *np.shape(leaf)[1:]), local_split),
-                (x, targets))
-    else:
-        full_value_and_grad = engine(model, objective)
-        replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXIS))
-
-        def annotated(params, x, targets):
-            # the annotations: params on every device, the batch split over them
-            return (jax.lax.with_sharding_constraint(params, replicated),
-                    jax.lax.with_sharding_constraint(x, split),
-                    jax.lax.with_sharding_constraint(targets, split))
-
-        def full_gradient(params, x, targets, key):
-            return full_value_and_grad(*annotated(params, x, targets), key)
-
-        def full_step(params, opt_state, x, targets, key):
-            energy, grad = full_gradient(params, x, targets, key)
-            params, opt_state = _update(optimizer, params, opt_state, grad)
-            return params, opt_state, energy, grad
-
-        step = checked(jax.jit(full_step, out_shardings=replicated), 4)
-        value_and_grad = checked(jax.jit(full_gradient, out_shardings=replicated), 3)
-        place_batch = lambda x, targets: _split_batch(mesh, (x, targets))  # noqa: E731
+    step, value_and_grad, place_batch = _FORM_BUILDERS[form](model, objective, optimizer,
+                                                             engine, mesh)
 
     def place_batch_checked(x, targets):
-        check_batch(np.shape(x)[0] * jax.process_count(), devices)
+        check_batch(np.shape(x)[0] * jax.process_count(), mesh.size)
         return place_batch(x, targets)
 
-    return DataParallel(form, mesh, step, value_and_grad, replicate, place_batch_checked,
+    def place_state(tree):
+        return _replicate(mesh, tree)
+
+    return DataParallel(form, mesh, step, value_and_grad, place_state, place_batch_checked,
                         _fetch)
