@@ -26,6 +26,7 @@ manual vs jax.grad about 1e-16 (float64), 1e-7 (float32).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,7 @@ def initial_states(model, procedure, config, features):
         init_key, train_key = jax.random.split(key)
         return procedure.init(model.init(init_key, (-1, features))[1], train_key)
 
-    return jax.vmap(one)(jax.random.split(jax.random.key(config.seed), config.restarts))
+    return jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(config.seed), config.restarts))
 
 
 def vmapped_advance(procedure):
@@ -147,13 +148,14 @@ def main(argv=None):
         leaf_names=[f"{layer}.{param}" for layer, param, _ in
                     named_parameters(model, init_params)])
     final = outcome.state
-    held_out_errors = jax.vmap(
-        lambda p: metrics.classification_error(model, p, x_held, y_held))(final.params)
+    held_out_errors = jax.jit(jax.vmap(
+        lambda p: metrics.classification_error(model, p, x_held, y_held)))(final.params)
     best_index = int(jnp.argmin(held_out_errors))
     best_params = jax.tree.map(lambda leaf: leaf[best_index], final.params)
     stop_steps = procedures.stop_step(final.stop, outcome.steps_done)
     stop = int(stop_steps[best_index])
-    accuracy = {name: float(metrics.accuracy(model, best_params, x, y)) for name, (x, y) in
+    accuracy_of = jax.jit(functools.partial(metrics.accuracy, model))
+    accuracy = {name: float(accuracy_of(best_params, x, y)) for name, (x, y) in
                 (("train", (x_train, y_train)), ("held_out", (x_held, y_held)),
                  ("test", (x_test, y_test)))}
     restarts = [

@@ -167,8 +167,9 @@ def train(
 
     advance(state, start, length) -> (state, records): `length` steps from step `start`
     (a jnp.int32 scalar), records a dict of arrays with a leading axis of `length`; it is
-    jitted here, once per distinct length. `scalars(records, i)` flattens step i's records for
-    the metrics log (default: scalars as they are, vectors as name/0, name/1, ...).
+    jitted here, once per distinct length. `scalars(records, i)` flattens step i's records (NumPy
+    arrays by then) for the metrics log (default: scalars as they are, vectors as name/0,
+    name/1, ...).
     """
     if checkpoint_every < 1 or total_steps < 1:
         raise ConfigError(f"train: checkpoint_every ({checkpoint_every}) and total_steps "
@@ -198,6 +199,7 @@ def train(
             tick = time.perf_counter()
             new_state, records = jax.block_until_ready(compiled[length](state, begin))
             seconds["run"] += time.perf_counter() - tick
+            records = jax.device_get(records)  # one transfer, not one per step and name
             for index in range(length):
                 log.write(step + index + 1, scalars(records, index))
             _raise_if_failed(new_state, leaf_names)

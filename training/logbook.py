@@ -24,6 +24,8 @@ from training.results import to_jsonable
 
 __all__ = ["MetricsLog", "Progress", "read_metrics", "interactive"]
 
+_TENSORBOARD_QUEUE = 100_000  # events held for tensorboardX's writer thread
+
 
 def interactive() -> bool:
     """Whether to draw progress bars: stdout is a terminal and CI is not set."""
@@ -63,8 +65,11 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            # The default queue of 10 events made every add_scalar wait for tensorboardX's
+            # writer thread: 3.3 ms a step for the lecture's 12 scalars, against 0.8 ms.
             self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                                         purge_step=resume_from_step + 1)
+                                         purge_step=resume_from_step + 1,
+                                         max_queue=_TENSORBOARD_QUEUE)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
