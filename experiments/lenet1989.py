@@ -170,11 +170,8 @@ def build(config, splits):
         n = x_train.shape[0]  # one update per example: the schedule counts examples
         schedule = optim.lecun1998_schedule(lr, n) if config.schedule == "1998" else lr
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
-        diagonal = nets.engines.curvature_diagonal(model, objective)
-        subset = min(config.curvature_examples, x_train.shape[0])
-
-        def curvature(params):
-            return diagonal(params, x_train[:subset], t_train[:subset])
+        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train,
+                                                   config.curvature_examples)
     else:
         batches_per_pass = -(-x_train.shape[0] // config.batch_size)
         schedule = optax.cosine_decay_schedule(lr, config.passes * batches_per_pass)

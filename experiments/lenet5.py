@@ -127,11 +127,8 @@ def build(config, train_split, test_split):
     elif config.optimizer == "sdlm":
         schedule = optim.lecun1998_schedule(lr, updates_per_pass)
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
-        diagonal = nets.engines.curvature_diagonal(model, objective)
-        subset = min(config.curvature_examples, x_train.shape[0])
-
-        def curvature(params):
-            return diagonal(params, x_train[:subset], t_train[:subset])
+        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train,
+                                                   config.curvature_examples)
     else:
         optimizer = optax.adamw(optax.cosine_decay_schedule(lr, config.passes * updates_per_pass))
 

@@ -35,6 +35,24 @@ def test_one_hidden_layer_one_output_is_exact(objective):
     assert_close_tree(backpropagated, exact, jnp.float64, "one path")
 
 
+def test_curvature_on_subset_is_the_exact_diagonal_on_the_first_examples():
+    """The closure stochastic_passes takes: the first `examples` only, all when there are
+    fewer; on a one-path net against jax's exact Gauss-Newton diagonal of those examples."""
+    from training import procedures
+
+    model = nets.build_mlp(5, 1, hidden_units=4, activation="tanh")
+    objective = losses.Objective(losses.mean_squared_error(), 0.3)
+    params, x, y = problem(model, objective, 5, 1, batch=9)
+    first_four = procedures.curvature_on_subset(model, objective, x, y, 4)(params)
+    assert_close_tree(first_four, gradcheck.gauss_newton_diagonal(
+        model, objective, params, x[:4], y[:4]), jnp.float64, "first 4 of 9")
+    assert relative_error(first_four[0]["w"], gradcheck.gauss_newton_diagonal(
+        model, objective, params, x, y)[0]["w"]) > 1e-3
+    every = procedures.curvature_on_subset(model, objective, x, y, 50)(params)
+    assert_close_tree(every, gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
+                      jnp.float64, "50 asked, 9 there")
+
+
 def test_the_last_layer_is_exact_in_any_net():
     model = nets.build_mlp(6, 3, hidden_layers=2, hidden_units=5, activation="tanh",
                            output_activation="tanh")

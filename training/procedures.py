@@ -60,6 +60,7 @@ __all__ = [
     "cost_checked",
     "misclassified",
     "stochastic_passes",
+    "curvature_on_subset",
     "online",
     "initial_state",
     "guarded_update",
@@ -401,6 +402,16 @@ def _batches(order: jax.Array, batch_size: int) -> jax.Array:
     count = -(-order.shape[0] // batch_size)
     padded = jnp.concatenate([order, order[: count * batch_size - order.shape[0]]])
     return padded.reshape(count, batch_size)
+
+
+def curvature_on_subset(model: Layer, objective: Objective, x: jax.Array,
+                        targets: jax.Array, examples: int) -> Callable[[Any], Any]:
+    """`curvature(params) -> h` for `stochastic_passes`: the Gauss-Newton diagonal
+    (`engines.curvature_diagonal`) averaged over the first `examples` of x (all of them when
+    there are fewer), as LeCun et al. 1989 re-estimate it on a subset before each pass."""
+    diagonal = engines.curvature_diagonal(model, objective)
+    subset = min(examples, x.shape[0])
+    return lambda params: diagonal(params, x[:subset], targets[:subset])
 
 
 def stochastic_passes(
