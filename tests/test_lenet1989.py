@@ -2,10 +2,12 @@
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import lenet1989
 from tests.helpers import tolerance
+from training import data
 from training.config import ConfigError
 
 SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
@@ -94,3 +96,18 @@ def test_the_recipe_trains_alike_with_every_convolution(tmp_path):
         for key in ("train_loss", "test_loss"):
             assert metrics[key] == pytest.approx(runs["gather"][key],
                                                  rel=tolerance(jnp.float32)), (conv, key)
+
+
+def test_target_scales_the_plus_minus_one_targets(capsys):
+    """--target 0.6: the true class's output is trained towards +0.6, the others towards -0.6
+    (the 1989 paper keeps its targets inside the sigmoid's quadratic range); 0 and values above
+    1 are refused."""
+    (_, targets), _ = lenet1989.load(lenet1989.Config(target=0.6, train_examples=7,
+                                                      test_examples=3))
+    labels = data.load_usps("train")[1][:7]
+    expected = np.where(np.arange(10) == labels[:, None], 0.6, -0.6).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(targets), expected)
+    for value in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            lenet1989.main(["--target", value])
+        assert f"--target: got '{value}'; allowed: > 0 and <= 1" in capsys.readouterr().err
