@@ -17,7 +17,8 @@ SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "sdlm", "--curvature-examples", "50"],
                                    ["--variant", "modern", "--batch-size", "8", "--lr", "0.003",
                                     "--h1-maps", "6", "--h2-maps", "8", "--h3-units", "20"],
-                                   ["--engine", "autodiff", "--activation", "scaled_tanh"]])
+                                   ["--engine", "autodiff", "--activation", "scaled_tanh",
+                                    "--target", "0.9"]])
 def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, *extra])
     document = json.loads((tmp_path / "results.json").read_text())
@@ -30,6 +31,8 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert document["seconds"]["run"] > 0
     # two passes of training beat chance by far even on 300 digits
     assert metrics["train_error"] < 0.5
+    note = "MSE is against targets +-0.9"
+    assert (note in (tmp_path / "results.md").read_text()) == ("--target" in extra)
 
 
 def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):
