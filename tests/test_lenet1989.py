@@ -1,5 +1,6 @@
 """experiments.lenet1989: one-pass smoke runs of each variant on small subsets."""
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +115,23 @@ def test_target_scales_the_plus_minus_one_targets(capsys):
         with pytest.raises(SystemExit):
             lenet1989.main(["--target", value])
         assert f"--target: got '{value}'; allowed: > 0 and <= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "modern", "--optimizer", "sdlm"],
+     "--optimizer: got 'sdlm'; it applies only with --variant 1989 (got --variant modern)"),
+    (["--variant", "modern", "--target", "0.6"],
+     "--target: got 0.6; it applies only with --variant 1989"),
+    (["--mu", "0.05"], "--mu: got 0.05; it applies only with --optimizer sdlm (got --optimizer "
+                       "sgd)"),
+    (["--schedule", "constant"],
+     "--schedule: got 'constant'; it applies only with --optimizer sdlm"),
+    (["--dropout", "0.5"], "--dropout: got 0.5; it applies only with --variant modern"),
+    (["--h3-units", "32"], "--h3-units: got 32; it applies only with --variant modern"),
+])
+def test_an_option_that_would_do_nothing_is_refused(tmp_path, argv, message):
+    """Each option of one variant or optimizer, changed from its default under another, stops
+    the run before any work instead of being silently ignored."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lenet1989.main(["--workdir", str(tmp_path / "run"), *argv])
+    assert not (tmp_path / "run").exists()
