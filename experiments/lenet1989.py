@@ -24,8 +24,9 @@ harness. Optimisers:
         --target 0.577, test error 4.63-5.98% over seeds 0-9, 93-120 misses, mean 104.5,
         5 seeds at most 100 (paper 5.0%, 102); with the default +-1 targets 101-117, mean
         108.8.
---target t trains towards +-t rather than +-1 (1989 variant): the paper keeps its targets "within the
-quadratic range of the sigmoid"; tanh's second derivative peaks at +-1/sqrt(3) = +-0.577.
+--target t (1989 variant) trains towards +-t rather than +-1: the paper keeps its targets
+"within the quadratic range of the sigmoid"; tanh's second derivative peaks at +-1/sqrt(3) =
++-0.577.
 --init fan_in starts every weight U(+-2.4/F) as the paper's text reads, F the fan-in of its
 unit; the default sqrt_fan_in, U(+-2.4/sqrt(F)), is what common reproductions use.
 The modern variant (ours): nets.models.lenet1989_modern (ReLU, max pooling, shared biases)
@@ -67,7 +68,7 @@ from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters
 from nets.models import lenet1989, lenet1989_modern
 from training import augment, data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet1989"
@@ -122,24 +123,12 @@ class Config:
 
 
 # Options that act on one variant (or one optimizer) only; given elsewhere they are refused.
-ONLY_FOR = {
+ONLY_WITH = {
     **dict.fromkeys(("optimizer", "activation", "init", "target"), ("variant", "1989")),
     **dict.fromkeys(("mu", "curvature_examples", "schedule"), ("optimizer", "sdlm")),
     **dict.fromkeys(("batch_size", "weight_decay", "max_shift", "h1_maps", "h2_maps",
                      "h3_units", "dropout"), ("variant", "modern")),
 }
-
-
-def check_options(config):
-    """Refuses an option changed from its default where it would have no effect, e.g. --mu
-    without --optimizer sdlm or --dropout with the 1989 variant."""
-    defaults = Config()
-    for name, (switch, value) in ONLY_FOR.items():
-        if getattr(config, name) != getattr(defaults, name) and getattr(config, switch) != value:
-            flag = name.replace("_", "-")
-            raise ConfigError(f"option --{flag}: got {getattr(config, name)!r}; it applies only "
-                              f"with --{switch} {value} (got --{switch} "
-                              f"{getattr(config, switch)})")
 
 
 def resolve(config):
@@ -231,7 +220,7 @@ def build(config, splits):
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
-    check_options(config)
+    check_applicable(config, ONLY_WITH)
     config = resolve(config)
     run = open_run(EXPERIMENT, config, args)
     splits = load(config)

@@ -38,12 +38,16 @@ from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters
 from nets.models import lenet5
 from training import data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet5"
 PAPER_TEST_ERROR = 0.0095
 DEFAULT_LR = {"sgd": 0.01, "sdlm": 5e-4, "adamw": 1e-3}
+
+
+# The sdlm options; given with another optimizer they are refused, not ignored.
+ONLY_WITH = dict.fromkeys(("mu", "curvature_examples"), ("optimizer", "sdlm"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +151,7 @@ def build(config, train_split, test_split):
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    check_applicable(config, ONLY_WITH)
     run = open_run(EXPERIMENT, config, args)
     train_split, test_split, protocol = load(config)
     model, procedure, lr = build(config, train_split, test_split)

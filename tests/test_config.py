@@ -3,7 +3,16 @@ import dataclasses
 
 import pytest
 
-from training.config import ConfigError, check, differences, option, parse, run_main, to_dict
+from training.config import (
+    ConfigError,
+    check,
+    check_applicable,
+    differences,
+    option,
+    parse,
+    run_main,
+    to_dict,
+)
 from training.data import DataError
 from training.harness import NonFiniteError
 
@@ -98,3 +107,15 @@ def test_run_main_reports_extra_errors_and_lets_other_errors_through():
         raise KeyError("loss")
     with pytest.raises(KeyError):
         run_main(bug, "demo", extra_errors=(FileNotFoundError,))
+
+
+def test_an_option_that_would_do_nothing_is_refused():
+    """--batch only with --engine autodiff here: changed from its default under the other
+    engine it is refused with both options named; at its default, or with the engine it
+    needs, it is accepted."""
+    only_with = {"batch": ("engine", "autodiff")}
+    with pytest.raises(ConfigError, match=r"option --batch: got 7; it applies only with "
+                                          r"--engine autodiff \(got --engine manual\)"):
+        check_applicable(Config(batch=7), only_with)
+    assert check_applicable(Config(), only_with) == Config()
+    assert check_applicable(Config(batch=7, engine="autodiff"), only_with).batch == 7

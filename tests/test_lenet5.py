@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import lenet5
+from training.config import ConfigError
 
 
 def test_inputs_are_centred_with_the_papers_levels():
@@ -19,10 +20,11 @@ def test_inputs_are_centred_with_the_papers_levels():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sdlm", "adamw"])
 def test_short_runs_report_per_pass(tmp_path, optimizer):
-    extra = ["--batch-size", "16"] if optimizer == "adamw" else []
+    extra = {"adamw": ["--batch-size", "16"], "sdlm": ["--curvature-examples", "50"]}.get(
+        optimizer, [])
     metrics = lenet5.main(["--workdir", str(tmp_path), "--split", "test-only", "--passes", "2",
                            "--train-examples", "300", "--test-examples", "100",
-                           "--curvature-examples", "50", "--optimizer", optimizer,
+                           "--optimizer", optimizer,
                            "--progress-every", "0", *extra])
     document = json.loads((tmp_path / "results.json").read_text())
     assert "not the paper's protocol" in document["protocol"]
@@ -37,3 +39,10 @@ def test_conv_option_resolves_by_batch_size():
     assert lenet5.conv_implementation(lenet5.Config()) == "gather"
     assert lenet5.conv_implementation(lenet5.Config(batch_size=16)) == "rows"
     assert lenet5.conv_implementation(lenet5.Config(batch_size=16, conv="patches")) == "patches"
+
+
+def test_an_sdlm_option_without_sdlm_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"--mu: got 0\.1; it applies only with --optimizer "
+                                          r"sdlm \(got --optimizer adamw\)"):
+        lenet5.main(["--workdir", str(tmp_path / "run"), "--optimizer", "adamw", "--mu", "0.1"])
+    assert not (tmp_path / "run").exists()

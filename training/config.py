@@ -11,8 +11,9 @@ An experiment declares its config as a frozen dataclass whose fields are made wi
 `parse(Config, argv)` turns every field into a flag (`--lr 0.1`, `--no-flag` for booleans,
 `--nan-steps 3,4` for tuples), adds the harness flags (`--workdir`, `--resume`, `--force`),
 and checks every value against its bounds before any work starts. `check(config)` applies the
-same checks to a config built in code. Errors are `ConfigError`s naming the option, the value
-and what is allowed. Every experiment module ends with
+same checks to a config built in code, and `check_applicable(config, only_with)` refuses an
+option that would do nothing (an optimizer's option given with another optimizer). Errors are
+`ConfigError`s naming the option, the value and what is allowed. Every experiment module ends with
 
     if __name__ == "__main__":
         run_main(main, EXPERIMENT)
@@ -30,8 +31,8 @@ from typing import Any, Callable, Sequence
 
 from training.data import DataError
 
-__all__ = ["ConfigError", "option", "check", "parse", "to_dict", "differences", "HarnessArgs",
-           "USER_ERRORS", "run_main"]
+__all__ = ["ConfigError", "option", "check", "check_applicable", "parse", "to_dict",
+           "differences", "HarnessArgs", "USER_ERRORS", "run_main"]
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,20 @@ def check(config) -> Any:
                 f"option --{_flag(field.name)}: got {value!r} of type {type(value).__name__}; "
                 f"expected {getattr(expected, '__name__', expected)}")
         _check_value(field.name, value, field.metadata)
+    return config
+
+
+def check_applicable(config, only_with: dict[str, tuple[str, Any]]) -> Any:
+    """Raise ConfigError for an option changed from its default where it would do nothing.
+
+    only_with maps an option to the (option, value) it needs, e.g. {"mu": ("optimizer",
+    "sdlm")}: `--mu 0.05` with another optimizer is refused, not silently ignored."""
+    defaults = type(config)()
+    for name, (switch, needed) in only_with.items():
+        value, switched = getattr(config, name), getattr(config, switch)
+        if value != getattr(defaults, name) and switched != needed:
+            raise ConfigError(f"option --{_flag(name)}: got {value!r}; it applies only with "
+                              f"--{_flag(switch)} {needed} (got --{_flag(switch)} {switched})")
     return config
 
 
