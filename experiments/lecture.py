@@ -20,8 +20,9 @@ TensorBoard events, checkpoints every --checkpoint-every steps (resumable, bitwi
 results.json (DESIGN.md, plus "gradient_report" and "restarts"), results.md, curves.png.
 
 Measured on the 2-core CPU (jax 0.10.2, defaults, 2026-12-03): 45 s in all (training 18 s,
-compile 4 s; training took 46 s with the restarts vmapped, see `advance_each_restart`); test accuracy 0.9805, held-out 0.9583, train 0.9731; gradient report relative error
-manual vs jax.grad about 1e-16 (float64), 1e-7 (float32).
+compile 4 s; training took 46 s with the restarts vmapped, see `advance_each_restart`); test
+accuracy 0.9805, held-out 0.9583, train 0.9731; gradient report relative error manual vs
+jax.grad about 1e-16 (float64), 1e-7 (float32).
 """
 from __future__ import annotations
 
