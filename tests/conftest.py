@@ -15,9 +15,10 @@ against 53 s). For the same reason LLVM optimises the compiled code at level 1, 
 default 2 (`--xla_backend_optimization_level=1`): the whole suite took 834 s against 1,145 s,
 one run each on the same host and day (2026-12-03); tests/test_conv.py with
 tests/test_curvature.py, one worker, 229 against 257 s; AlexNet's full-size step 29 against
-35 s, the lecture's restarts 61 s either way. Level 0 compiles faster still (199 s for those
-two files) but runs slowly: AlexNet's step 106 s, the lecture 106 s. The code under test is
-the same; the experiments' and benchmarks' numbers in README.md are measured with XLA's
+35 s, the lecture's restarts 61 s either way (one test of the 32 timed in both full runs was
+clearly slower: the four-device one, 46 against 37 s). Level 0 compiles faster still (199 s
+for those two files) but runs slowly: AlexNet's step 106 s, the lecture 106 s. The code under
+test is the same; the experiments' and benchmarks' numbers in README.md are measured with XLA's
 defaults. A jaxlib that no longer knows these flags would abort every process on them, so they
 are first tried in a subprocess and left out if refused.
 
