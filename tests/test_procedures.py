@@ -118,6 +118,33 @@ def test_misclassified_descent_keeps_lambda_over_m_of_the_whole_set():
                                          x, targets, key=jax.random.key(0), steps=1, batch_size=9)
 
 
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_random_restarts_equal_a_loop_over_the_keys(one_at_a_time):
+    """Vmapped or mapped, each restart is the run its key gives alone; cost-checked descent
+    with a step size that gets steps rejected, so that the cost check's cond matters."""
+    model = nets.build_mlp(2, 1, hidden_units=2, w_init=nets.initializers.fan_in_uniform(6.0))
+    objective = losses.lecture_objective(0.0)
+
+    def init(key):
+        return model.init(key, (-1, 2))[1]
+
+    def train(params, key):
+        return procedures.cost_checked_descent(model, objective, optim.gradient_descent(8.0),
+                                               params, XOR_X, XOR_Y, key=key, steps=40)
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    outcome = jax.jit(lambda k: procedures.random_restarts(
+        init, train, k, model, XOR_X, XOR_Y, one_at_a_time=one_at_a_time))(keys)
+    assert int(np.sum(outcome.restarts.perturbations)) > 0  # some steps were undone
+    train_alone = jax.jit(train)
+    for index, key in enumerate(keys):
+        init_key, train_key = jax.random.split(key)
+        alone = train_alone(init(init_key), train_key)
+        assert int(outcome.restarts.perturbations[index]) == int(alone.perturbations)
+        assert_close_tree(jax.tree.map(lambda a, i=index: a[i], outcome.restarts.params),
+                          alone.params, jnp.float32, f"restart {index}")
+
+
 def test_random_restarts_keep_the_lowest_held_out_error():
     model = nets.build_mlp(2, 1, hidden_units=2, w_init=nets.initializers.fan_in_uniform(6.0))
     objective = losses.lecture_objective(0.0)

@@ -663,12 +663,19 @@ def random_restarts(
     model: Layer,
     x_held_out: jax.Array,
     targets_held_out: jax.Array,
+    *,
+    one_at_a_time: bool = False,
 ) -> RestartResult:
-    """Train one run per key (vmapped) and keep the one with the lowest held-out error.
+    """Train one run per key and keep the one with the lowest held-out error.
 
     `init(key) -> params` and `train(params, key) -> TrainResult` must give every restart the
     same shapes, which holds for any fixed architecture. keys: (restarts,) of PRNG keys.
     Ties go to the lowest index.
+
+    The restarts are vmapped, or run one after another with `lax.map` when `one_at_a_time`.
+    Under vmap a `lax.cond` in the step (the cost check of `cost_checked`) becomes a select
+    that computes both branches at every step: for nets big enough to keep the CPU busy,
+    one at a time is faster (experiments.lecture: 9.7 against 18.4 ms a step).
     """
 
     def one_restart(key):
@@ -677,7 +684,10 @@ def random_restarts(
         error = classification_error(model, result.params, x_held_out, targets_held_out)
         return result, error
 
-    restarts, errors = jax.vmap(one_restart)(keys)
+    if one_at_a_time:
+        restarts, errors = jax.lax.map(one_restart, keys)
+    else:
+        restarts, errors = jax.vmap(one_restart)(keys)
     return select_best(restarts, errors)
 
 
