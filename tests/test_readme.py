@@ -1,0 +1,58 @@
+"""The README's layer example runs as printed, and its gradient check can fail."""
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- tested: tests/test_readme.py -->"
+CORRECT_DX = 'return dparams, dy * params["g"][None, :]'
+
+
+def readme_example() -> str:
+    """The python block that follows the marker in README.md."""
+    text = README.read_text()
+    if text.count(MARKER) != 1:
+        raise AssertionError(f"README.md: expected one {MARKER!r}, found {text.count(MARKER)}")
+    match = re.match(r"\s*```python\n(.*?)\n```", text.split(MARKER)[1], re.S)
+    if match is None:
+        raise AssertionError(f"README.md: no ```python block right after {MARKER!r}")
+    return match.group(1)
+
+
+def run(source: str) -> dict:
+    namespace: dict = {"__name__": "readme_example"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(source, "README.md", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def failed_layers(report: list[dict]) -> set[str]:
+    return {row["layer"] for row in report if not row["passed"]}
+
+
+@pytest.fixture(scope="module")
+def example() -> str:
+    return readme_example()
+
+
+def test_readme_layer_example_passes_its_check_and_trains(example):
+    namespace = run(example)
+    report = namespace["report"]
+    assert [(row["layer"], row["param"]) for row in report] == [
+        ("hidden", "b"), ("hidden", "w"), ("scale", "b"), ("scale", "g"), ("out", "b"),
+        ("out", "w")]
+    assert failed_layers(report) == set()
+    assert max(row["rel_err_vs_autodiff"] for row in report) <= 1e-10
+    assert float(namespace["energy"]) < 0.05  # the README says 0.013 after 100 steps
+
+
+def test_readme_layer_example_check_catches_a_missing_gain_in_dx(example):
+    """The bug the README describes: dx without its factor g shows in the layer below."""
+    assert example.count(CORRECT_DX) == 1
+    report = run(example.replace(CORRECT_DX, "return dparams, dy"))["report"]
+    assert failed_layers(report) == {"hidden"}
