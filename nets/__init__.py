@@ -21,7 +21,17 @@ from nets.accounting import ModelCount
 from nets.accounting import count as count_model
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
-from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+from nets.layers import (
+    Dense,
+    Identity,
+    Layer,
+    Relu,
+    Sigmoid,
+    Tanh,
+    parallel,
+    residual,
+    serial,
+)
 from nets.losses import (
     Loss,
     Objective,
@@ -75,6 +85,8 @@ __all__ = [
     "Relu",
     "Identity",
     "serial",
+    "parallel",
+    "residual",
     "Loss",
     "Objective",
     "lecture_objective",

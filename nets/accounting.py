@@ -1,6 +1,7 @@
 """Model accounting: units, free parameters, connections and multiply-adds, from the model.
 
-`count(model, input_shape)` walks a model's layers (descending into `serial`, and into
+`count(model, input_shape)` walks a model's layers (descending into `serial`, into each
+branch of `parallel` and `residual`, all on the same input, and into
 `nets.models.channel_groups` group by group), takes every layer's output shape and parameter
 shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated: AlexNet's 61 M
 parameters cost nothing), and applies the rule of the layer's kind. Per example:
@@ -209,6 +210,11 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
     output_shape, params = _shapes(layer, input_shape)
     if not jax.tree.leaves(params):
         return output_shape, []
+    if kind == "parallel":
+        rows = []
+        for sublayer in layer.sublayers:
+            rows += _walk(sublayer, input_shape)[1]
+        return output_shape, rows
     if kind == "channel_groups":
         groups = len(layer.sublayers)
         group_shape = (*input_shape[:-1], input_shape[-1] // groups)

@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nets import initializers
 
@@ -49,6 +50,8 @@ __all__ = [
     "Relu",
     "Identity",
     "serial",
+    "parallel",
+    "residual",
     "check_input",
     "forward_with_key",
     "layer_keys",
@@ -249,6 +252,103 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
     return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(layer.stochastic for layer in layers))
+
+
+COMBINES = ("concat", "sum")
+
+
+def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") -> Layer:
+    """Branches side by side on one input: y = [f_1(x), ..., f_n(x)] or f_1(x) + ... + f_n(x).
+
+    Shapes: x (batch, ...); branch b maps x to (batch, ..., C_b). combine="concat" joins the
+    outputs along the last axis (the other axes must agree; an Inception block),
+    combine="sum" adds them (equal shapes; `residual` is the sum with the identity).
+    params and the branches' residuals are tuples with one entry per branch; "concat" also
+    keeps x, whose shape tells backward each branch's width C_b.
+    Backward: branch b gets its slice of dy ("concat") or all of dy ("sum"), and since x fans
+    out to every branch, dx = sum_b dx_b. Curvature (Gauss-Newton diagonal): the same, with
+    d2x = sum_b d2x_b: the cross terms between branches are dropped like every off-diagonal
+    term. Stochastic when a branch is; the key is split into one per stochastic branch.
+    """
+    if not branches:
+        raise ValueError(f"{name}: needs at least one branch")
+    if combine not in COMBINES:
+        raise ValueError(f"{name}: combine must be one of {COMBINES}, got {combine!r}")
+
+    def joined_shape(shapes):
+        shapes = [tuple(shape) for shape in shapes]
+        if combine == "sum":
+            if len(set(shapes)) != 1:
+                raise ValueError(f"{name}: combine='sum' needs equal branch output shapes, got "
+                                 f"{shapes}")
+            return shapes[0]
+        if len({shape[:-1] for shape in shapes}) != 1:
+            raise ValueError(f"{name}: combine='concat' needs branch outputs equal in all but "
+                             f"the last axis, got {shapes}")
+        return (*shapes[0][:-1], sum(shape[-1] for shape in shapes))
+
+    def init(key, input_shape):
+        shapes, params = [], []
+        for branch, branch_key in zip(branches, jax.random.split(key, len(branches))):
+            shape, branch_params = branch.init(branch_key, input_shape)
+            shapes.append(shape)
+            params.append(branch_params)
+        return joined_shape(shapes), tuple(params)
+
+    def forward(params, x, key=None):
+        _check_param_count(name, params, len(branches))
+        outputs, residuals = [], []
+        for branch, branch_params, branch_key in zip(branches, params,
+                                                     layer_keys(branches, key)):
+            y, branch_residuals = forward_with_key(branch, branch_params, x, branch_key)
+            outputs.append(y)
+            residuals.append(branch_residuals)
+        joined_shape([y.shape for y in outputs])
+        y = jnp.concatenate(outputs, axis=-1) if combine == "concat" else sum_all(outputs)
+        return y, (tuple(residuals), x if combine == "concat" else None)
+
+    def split(params, x, dy):
+        """dy's share of each branch: its slice along the last axis, or all of it."""
+        if combine == "sum":
+            return [dy] * len(branches)
+        widths = [jax.eval_shape(branch.apply, branch_params, x).shape[-1]
+                  for branch, branch_params in zip(branches, params)]
+        return jnp.split(dy, np.cumsum(widths)[:-1].tolist(), axis=-1)
+
+    def backward_through(method):
+        def run_backward(params, residuals, dy):
+            branch_residuals, x = residuals
+            dparams, dxs = [], []
+            for branch, branch_params, residual_b, dy_b in zip(
+                    branches, params, branch_residuals, split(params, x, dy)):
+                dparams_b, dx_b = getattr(branch, method)(branch_params, residual_b, dy_b)
+                dparams.append(dparams_b)
+                dxs.append(dx_b)
+            return tuple(dparams), sum_all(dxs)
+
+        return run_backward
+
+    has_curvature = all(branch.curvature is not None for branch in branches)
+    return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(branches),
+                 curvature=backward_through("curvature") if has_curvature else None,
+                 stochastic=any(branch.stochastic for branch in branches))
+
+
+def residual(block: Layer, name: str = "residual") -> Layer:
+    """y = x + block(x) (He et al. 2016): `parallel(Identity(), block, combine="sum")`.
+
+    block must keep the shape of x. params is ((), block's params); backward: dx = dy + the
+    block's dx.
+    """
+    return parallel(Identity(name=f"{name}_identity"), block, combine="sum", name=name)
+
+
+def sum_all(arrays: list[jax.Array]) -> jax.Array:
+    """The elementwise sum of equally shaped arrays."""
+    total = arrays[0]
+    for array in arrays[1:]:
+        total = total + array
+    return total
 
 
 def _check_param_count(name: str, params: Params, expected: int) -> None:

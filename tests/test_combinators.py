@@ -1,0 +1,165 @@
+"""`parallel` and `residual`: backward against jax.vjp, hand-computed values, curvature,
+accounting, keys and errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import engines, gradcheck, layers, losses
+from tests.helpers import assert_close_tree
+
+
+def vjp_reference(layer, params, x, dy):
+    """(dparams, dx) from jax.vjp of layer.apply: the independent reference."""
+    _, pullback = jax.vjp(layer.apply, params, x)
+    return pullback(dy)
+
+
+def generic(params, key, dtype):
+    """params moved off their initial values (zero biases hide errors), cast to dtype."""
+    flat, unravel = jax.flatten_util.ravel_pytree(gradcheck.astype(params, dtype))
+    return unravel(flat + 0.3 * jax.random.normal(key, flat.shape, dtype))
+
+
+def check_backward(model, input_shape, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    _, params = model.init(keys[0], (-1, *input_shape[1:]))
+    params = generic(params, keys[1], dtype)
+    x = jax.random.normal(keys[2], input_shape, dtype)
+    dy = jax.random.normal(keys[3], jax.eval_shape(model.apply, params, x).shape, dtype)
+
+    @jax.jit
+    def manual_and_reference(params, x, dy):
+        y, residuals = model.forward(params, x)
+        return y, model.backward(params, residuals, dy), vjp_reference(model, params, x, dy)
+
+    y, manual, reference = manual_and_reference(params, x, dy)
+    assert_close_tree(manual, reference, dtype, model.name)
+    return y
+
+
+def branches(widths):
+    return [layers.Dense(widths[0], name="dense"),
+            layers.serial(layers.Dense(widths[1], name="inner"), layers.Tanh(name="tanh")),
+            layers.Identity(name="identity")]
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_parallel_concat_backward_matches_vjp(batch, dtype):
+    model = layers.parallel(*branches((3, 4)), name="concat")
+    y = check_backward(model, (batch, 5), dtype)
+    assert y.shape == (batch, 3 + 4 + 5)
+
+
+def test_parallel_sum_backward_matches_vjp(dtype):
+    model = layers.parallel(*branches((5, 5)), combine="sum", name="sum")
+    assert check_backward(model, (6, 5), dtype).shape == (6, 5)
+
+
+def test_residual_blocks_in_a_net_match_vjp(dtype):
+    block = layers.serial(layers.Dense(6, name="a"), layers.Relu(name="relu"),
+                          layers.Dense(6, name="b"))
+    model = layers.serial(layers.Dense(6, name="in"), layers.Tanh(name="tanh"),
+                          layers.residual(block, name="res1"),
+                          layers.residual(layers.serial(layers.Dense(6, name="c"),
+                                                        layers.Tanh(name="t2")), name="res2"),
+                          layers.Dense(3, name="out"))
+    check_backward(model, (8, 4), dtype)
+
+
+def test_inception_block_of_convolutions_concatenated_on_channels(dtype):
+    """NHWC: 1x1, 3x3 and 5x5 'SAME' convolutions side by side, joined on the channel axis."""
+    model = layers.parallel(
+        nets.Conv2D(2, 1, name="1x1"),
+        layers.serial(nets.Conv2D(3, 3, padding="SAME", name="3x3"), layers.Relu(name="r")),
+        nets.Conv2D(4, 5, padding="SAME", name="5x5"), name="inception")
+    assert check_backward(model, (2, 6, 6, 3), dtype).shape == (2, 6, 6, 9)
+
+
+def test_parallel_by_hand():
+    """[x, x]: dx = dy's two halves added; x + x: dx = 2 dy; a residual around a zero block
+    is the identity, dx = dy, and the block's dw = x^T dy."""
+    x = jnp.array([[1.0, -2.0]])
+    dy = jnp.array([[10.0, 20.0, 300.0, 400.0]])
+    twice = layers.parallel(layers.Identity(), layers.Identity())
+    y, residuals = twice.forward(((), ()), x)
+    np.testing.assert_array_equal(y, [[1.0, -2.0, 1.0, -2.0]])
+    np.testing.assert_array_equal(twice.backward(((), ()), residuals, dy)[1], [[310.0, 420.0]])
+    doubled = layers.parallel(layers.Identity(), layers.Identity(), combine="sum")
+    y, residuals = doubled.forward(((), ()), x)
+    np.testing.assert_array_equal(y, 2 * x)
+    np.testing.assert_array_equal(doubled.backward(((), ()), residuals, dy[:, :2])[1],
+                                  [[20.0, 40.0]])
+    block = layers.Dense(2, name="zero")
+    params = ((), {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
+    around = layers.residual(block)
+    y, residuals = around.forward(params, x)
+    np.testing.assert_array_equal(y, x)
+    (_, dblock), dx = around.backward(params, residuals, dy[:, :2])
+    np.testing.assert_array_equal(dx, dy[:, :2])
+    np.testing.assert_array_equal(dblock["w"], [[10.0, 20.0], [-20.0, -40.0]])
+
+
+def test_parallel_curvature_is_exact_where_each_branch_reaches_the_outputs_once():
+    """Two Dense branches concatenated into the outputs: every weight reaches one output by
+    one path, so the backpropagated diagonal is jax's exact Gauss-Newton diagonal."""
+    model = layers.parallel(layers.Dense(3, name="left"),
+                            layers.serial(layers.Dense(2, name="right"), layers.Tanh()))
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = generic(model.init(keys[0], (-1, 4))[1], keys[1], jnp.float64)
+    x = jax.random.normal(keys[2], (5, 4), jnp.float64)
+    y = jax.random.normal(keys[3], (5, 5), jnp.float64)
+    assert_close_tree(engines.curvature_diagonal(model, objective)(params, x, y),
+                      gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
+                      jnp.float64, "parallel")
+
+
+def test_accounting_counts_every_branch_on_the_same_input():
+    """Dense 5->3 and 5->4 side by side: 7 units, 3*6 + 4*6 = 42 parameters and connections,
+    35 multiply-adds; a residual counts its block."""
+    count = nets.count_model(layers.parallel(layers.Dense(3, name="a"), layers.Dense(4, name="b")),
+                             (-1, 5))
+    assert (count.neurons, count.params, count.connections, count.macs) == (7, 42, 42, 35)
+    count = nets.count_model(layers.residual(layers.Dense(5, name="block")), (-1, 5))
+    assert (count.neurons, count.params, count.macs) == (5, 30, 25)
+
+
+def test_each_stochastic_branch_draws_its_own_mask_and_the_engines_agree():
+    model = layers.serial(layers.parallel(nets.Dropout(0.5, name="a"), nets.Dropout(0.5, name="b")),
+                          layers.Dense(2, name="out"))
+    assert model.stochastic
+    _, params = model.init(jax.random.key(0), (-1, 40))
+    x = jnp.ones((3, 40))
+    key = jax.random.key(5)
+    y, _ = model.sublayers[0].forward(params[0], x, key=key)
+    assert not np.array_equal(y[:, :40] == 0, y[:, 40:] == 0)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    targets = jnp.zeros((3, 2))
+    manual = engines.manual(model, objective)(params, x, targets, key)
+    autodiff = engines.autodiff(model, objective)(params, x, targets, key)
+    assert_close_tree(manual, autodiff, jnp.float32, "dropout branches")
+
+
+def test_bad_combinations_are_named():
+    with pytest.raises(ValueError, match="join: needs at least one branch"):
+        layers.parallel(name="join")
+    with pytest.raises(ValueError, match=r"join: combine must be one of \('concat', 'sum'\), "
+                                         r"got 'mean'"):
+        layers.parallel(layers.Identity(), combine="mean", name="join")
+    unequal = layers.parallel(layers.Dense(3), layers.Dense(4), combine="sum", name="join")
+    with pytest.raises(ValueError, match=r"join: combine='sum' needs equal branch output "
+                                         r"shapes, got \[\(-1, 3\), \(-1, 4\)\]"):
+        unequal.init(jax.random.key(0), (-1, 5))
+    pooled = layers.parallel(nets.Conv2D(2, 3, name="valid"), nets.Conv2D(2, 1, name="same"),
+                             name="join")
+    with pytest.raises(ValueError, match="join: combine='concat' needs branch outputs equal in "
+                                         "all but the last axis"):
+        pooled.init(jax.random.key(0), (-1, 5, 5, 1))
+    model = layers.parallel(layers.Dense(3), layers.Dense(4), name="join")
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    with pytest.raises(ValueError, match="join: params must hold 2 layer entries, got 1"):
+        model.apply(params[:1], jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"Dense: input x has shape \(2, 6\)"):
+        model.apply(params, jnp.ones((2, 6)))
