@@ -14,6 +14,7 @@ from nets import (
     losses,
     mlp,
     models,
+    normalization,
     pooling,
     recurrent,
 )
@@ -49,6 +50,7 @@ from nets.models import (
     lenet1989,
     lenet1989_modern,
 )
+from nets.normalization import LayerNorm
 from nets.pooling import (
     AvgPool,
     Dropout,
@@ -110,6 +112,8 @@ __all__ = [
     "Flatten",
     "LocalResponseNorm",
     "Dropout",
+    "normalization",
+    "LayerNorm",
     "accounting",
     "models",
     "ModelCount",

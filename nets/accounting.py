@@ -191,7 +191,14 @@ def _subsampling(layer, input_shape, output_shape, params):
     return units, params_count, macs + units, macs
 
 
-RULES: dict[str, Rule] = {"Dense": _dense, "Conv2D": _conv2d, "Subsampling": _subsampling}
+def _normalisation(layer, input_shape, output_shape, params):
+    """A per-feature gain and bias after normalising: parameters, but no new neurons (as
+    with local response normalisation) and no weighted sums."""
+    return 0, sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)), 0, 0
+
+
+RULES: dict[str, Rule] = {"Dense": _dense, "Conv2D": _conv2d, "Subsampling": _subsampling,
+                          "LayerNorm": _normalisation}
 
 
 def register_rule(kind: str, rule: Rule) -> None:
