@@ -42,6 +42,7 @@ from nets.losses import (
     softmax_cross_entropy,
 )
 from nets.mlp import mlp as build_mlp
+from nets.mlp import residual_mlp
 from nets.models import (
     ScaledTanh,
     alexnet,
@@ -101,6 +102,7 @@ __all__ = [
     "with_manual_vjp",
     "get_engine",
     "build_mlp",
+    "residual_mlp",
     "conv",
     "pooling",
     "Conv2D",

@@ -7,9 +7,10 @@ many outputs as classes, one hidden layer by default, a hidden width that is a c
 from __future__ import annotations
 
 from nets import initializers
-from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, residual, serial
+from nets.normalization import LayerNorm
 
-__all__ = ["ACTIVATIONS", "mlp", "step0_hidden_units"]
+__all__ = ["ACTIVATIONS", "mlp", "residual_mlp", "step0_hidden_units"]
 
 ACTIVATIONS = {"sigmoid": Sigmoid, "tanh": Tanh, "relu": Relu, "identity": Identity}
 
@@ -56,3 +57,42 @@ def mlp(
     layers.append(Dense(num_classes, name="output", **dense_kwargs))
     layers.append(ACTIVATIONS[output_activation](name="output_act"))
     return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}")
+
+
+def residual_mlp(
+    input_dim: int,
+    num_classes: int,
+    width: int = 64,
+    blocks: int = 2,
+    activation: str = "relu",
+    w_init: initializers.Initializer | None = None,
+) -> Layer:
+    """A pre-norm residual MLP: Dense to `width`, `blocks` residual blocks, LayerNorm, Dense.
+
+    Block b: y = x + Dense(act(Dense(LayerNorm(x)))), all of width `width` (the pre-activation
+    order of He et al. 2016, "Identity mappings in deep residual networks", with layer
+    normalisation in place of batch normalisation). Shapes: x (batch, input_dim) -> logits
+    (batch, num_classes). Layers are named embed, block1 (norm1, inner1, act1, outer1), ...,
+    final_norm, output.
+    """
+    for argument, value in (("input_dim", input_dim), ("num_classes", num_classes),
+                            ("width", width)):
+        if value < 1:
+            raise ValueError(f"residual_mlp: {argument} must be >= 1, got {value}")
+    if blocks < 0:
+        raise ValueError(f"residual_mlp: blocks must be >= 0, got {blocks}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"residual_mlp: activation={activation!r}; choose one of "
+                         f"{sorted(ACTIVATIONS)}")
+    dense_kwargs = {} if w_init is None else {"w_init": w_init}
+    layers = [Dense(width, name="embed", **dense_kwargs)]
+    for index in range(1, blocks + 1):
+        block = serial(LayerNorm(width, name=f"norm{index}"),
+                       Dense(width, name=f"inner{index}", **dense_kwargs),
+                       ACTIVATIONS[activation](name=f"act{index}"),
+                       Dense(width, name=f"outer{index}", **dense_kwargs),
+                       name=f"block{index}_layers")
+        layers.append(residual(block, name=f"block{index}"))
+    layers += [LayerNorm(width, name="final_norm"), Dense(num_classes, name="output",
+                                                          **dense_kwargs)]
+    return serial(*layers, name=f"residual_mlp{blocks}x{width}_{activation}")

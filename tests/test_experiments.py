@@ -56,6 +56,19 @@ def test_gradcheck_writes_every_check_and_passes(tmp_path):
     assert all(c["rel_err_vs_autodiff"] <= F64 for c in checks if c["dtype"] == "float64")
 
 
+def test_gradcheck_checks_a_model_at_the_same_point_alone_or_after_others():
+    """A case's parameters and batch come from its name, not its place in the list."""
+    first, second = (case for case in gradcheck.CASES
+                     if case.name in ("mlp_lecture_probabilities", "mlp_tanh_mse"))
+    together = [row for row in gradcheck.run_checks(3, 0, [first, second])
+                if row["model"] == second.name]
+    alone = gradcheck.run_checks(3, 0, [second])
+    assert [row["rel_err_vs_autodiff"] for row in together] == [
+        row["rel_err_vs_autodiff"] for row in alone]
+    assert [row["rel_err_vs_finite_diff"] for row in together] == [
+        row["rel_err_vs_finite_diff"] for row in alone]
+
+
 def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
     import nets
     from tests.test_engines import broken_dense

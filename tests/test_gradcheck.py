@@ -68,3 +68,66 @@ def test_report_rejects_unsupported_dtype():
     with pytest.raises(ValueError, match="dtype float16"):
         gradcheck.gradient_report(model, losses.lecture_objective(), params, jnp.zeros((1, 2)),
                                   jnp.zeros((1, 2)), jnp.float16)
+
+
+def kinked_relu_net(offset):
+    """One Dense unit then ReLU, MSE; example 0's pre-activation is `offset` above zero, so a
+    step h > offset of the bias crosses the ReLU's kink."""
+    model = layers.serial(layers.Dense(1, name="unit"), layers.Relu(name="relu"))
+    x = jnp.array([[1.0, 0.0], [0.3, 2.0], [-0.5, 1.0]], jnp.float64)
+    params = ({"w": jnp.array([[0.7], [0.4]], jnp.float64),
+               "b": jnp.array([-0.7 + offset], jnp.float64)}, ())
+    return model, params, x, jnp.full((3, 1), 2.0, jnp.float64)
+
+
+def test_a_kink_within_the_step_is_left_out_of_the_finite_difference_comparison():
+    """At a pre-activation 0.4 h from the ReLU's kink the bias's central difference is off by
+    (h - 0.4 h) / 2h of the derivative's jump; the report leaves that coordinate out (and the
+    bias has no other), says so, and still compares the weights."""
+    h = gradcheck.FINITE_DIFFERENCE_STEP
+    model, params, x, targets = kinked_relu_net(0.4 * h)
+    objective = losses.Objective(losses.mean_squared_error())
+    with jax.enable_x64(True):
+        energy = lambda p: objective.value(p, model.apply(p, x), targets)  # noqa: E731
+        bias = (jax.tree_util.SequenceKey(0), jax.tree_util.DictKey("b"))
+        fd = gradcheck.finite_difference_grad(energy, params, bias, np.array([0]), h)
+        exact = jax.grad(energy)(params)[0]["b"]
+    assert abs(fd[0] - exact[0]) > 0.1 * abs(exact[0])  # the kink spoils the difference
+    rows = {r["param"]: r for r in gradcheck.gradient_report(model, objective, params, x,
+                                                               targets, jnp.float64)}
+    assert rows["b"]["fd_kinks"] == 1 and rows["b"]["fd_coordinates"] == 0
+    assert not rows["b"]["passed"]  # more than half of its coordinates left out
+    assert rows["w"]["fd_kinks"] == 1 and rows["w"]["fd_coordinates"] == 1
+    model, params, x, targets = kinked_relu_net(100 * h)
+    rows = gradcheck.gradient_report(model, objective, params, x, targets, jnp.float64)
+    assert all(r["passed"] and r["fd_kinks"] == 0 for r in rows)
+
+
+def test_a_wrong_derivative_shared_by_both_engines_is_not_taken_for_a_kink():
+    """y = sin(x) with a derivative of 2 cos(x) in both the custom_jvp (jax.grad) and the
+    hand-written backward: the engines agree, the central differences catch them."""
+
+    @jax.custom_jvp
+    def wrong_sin(x):
+        return jnp.sin(x)
+
+    wrong_sin.defjvp(lambda primals, tangents: (jnp.sin(primals[0]),
+                                                2 * jnp.cos(primals[0]) * tangents[0]))
+
+    def forward(params, x):
+        del params
+        return wrong_sin(x), x
+
+    def backward(params, x, dy):
+        del params
+        return (), dy * 2 * jnp.cos(x)
+
+    model = layers.serial(layers.Dense(3, name="unit"),
+                          layers.Layer("wrong_sin", lambda key, shape: (shape, ()), forward,
+                                       backward))
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 6, 4, 3, jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error())
+    rows = gradcheck.gradient_report(model, objective, params, x, targets, jnp.float64)
+    assert all(r["rel_err_vs_autodiff"] <= F64 for r in rows)
+    assert all(r["fd_kinks"] == 0 and not r["passed"] for r in rows if r["layer"] == "unit")

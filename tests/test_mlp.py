@@ -101,3 +101,46 @@ def test_manual_engine_is_the_lectures_recursion(sigmoid_net):
     for got, want in zip(dense_grads, expected):
         assert relative_error(got["w"], want["w"]) <= F64
         assert relative_error(got["b"], want["b"]) <= F64
+
+
+def numpy_residual_mlp(params, x, eps=1e-5):
+    """The pre-norm residual MLP in NumPy: embed, x + W2 relu(W1 norm(x)) per block, norm,
+    output."""
+    def dense(p, h):
+        return h @ np.asarray(p["w"]) + np.asarray(p["b"])
+
+    def norm(p, h):
+        centred = h - h.mean(axis=-1, keepdims=True)
+        s = np.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+        return np.asarray(p["g"]) * centred / s + np.asarray(p["b"])
+
+    embed, *blocks, final_norm, output = params
+    h = dense(embed, np.asarray(x, np.float64))
+    for (_, (norm_p, inner, _, outer)) in blocks:
+        h = h + dense(outer, np.maximum(dense(inner, norm(norm_p, h)), 0))
+    return dense(output, norm(final_norm, h))
+
+
+def test_residual_mlp_matches_numpy_and_counts_its_parameters():
+    model = nets.residual_mlp(6, 3, width=8, blocks=2)
+    output_shape, params = model.init(jax.random.key(0), (-1, 6))
+    assert output_shape == (-1, 3)
+    flat, unravel = jax.flatten_util.ravel_pytree(astype(params, jnp.float64))
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape, jnp.float64))
+    x = jax.random.normal(jax.random.key(2), (5, 6), jnp.float64)
+    np.testing.assert_allclose(model.apply(params, x), numpy_residual_mlp(params, x),
+                               rtol=1e-12, atol=1e-12)
+    # embed 6*8+8, two blocks of (norm 16 + 2 x Dense 72), final norm 16, output 8*3+3
+    assert nets.count_model(model, (-1, 6)).params == 56 + 2 * (16 + 144) + 16 + 27
+    assert [layer.name for layer in model.sublayers] == [
+        "embed", "block1", "block2", "final_norm", "output"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=0), "residual_mlp: width must be >= 1, got 0"),
+    (dict(blocks=-1), "residual_mlp: blocks must be >= 0, got -1"),
+    (dict(activation="gelu"), "residual_mlp: activation='gelu'"),
+])
+def test_residual_mlp_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nets.residual_mlp(4, 2, **kwargs)
