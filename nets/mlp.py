@@ -7,7 +7,8 @@ many outputs as classes, one hidden layer by default, a hidden width that is a c
 from __future__ import annotations
 
 from nets import initializers
-from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, residual, serial
+from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+from nets.layers import residual as residual_block
 from nets.normalization import LayerNorm
 
 __all__ = ["ACTIVATIONS", "mlp", "residual_mlp", "step0_hidden_units"]
@@ -31,6 +32,7 @@ def mlp(
     activation: str = "sigmoid",
     output_activation: str = "identity",
     w_init: initializers.Initializer | None = None,
+    residual: bool = False,
 ) -> Layer:
     """An MLP: `hidden_layers` x (Dense -> activation), then Dense -> output_activation.
 
@@ -39,6 +41,9 @@ def mlp(
     output_activation="sigmoid" it returns the lecture's s^L for the probability form.
     hidden_units overrides STEP 0's `hidden_factor * input_dim`. Layers are named
     hidden1, act1, hidden2, act2, ..., output, output_act.
+    residual=True makes hidden layers 2, 3, ... residual blocks, h_l = h_(l-1) +
+    act(h_(l-1) W_l + b_l) (`nets.layers.residual`, named block2, block3, ...), with the same
+    parameters as the plain net: only the identity paths are added.
     """
     for argument, value in (("input_dim", input_dim), ("num_classes", num_classes)):
         if value < 1:
@@ -52,11 +57,16 @@ def mlp(
     dense_kwargs = {} if w_init is None else {"w_init": w_init}
     layers = []
     for index in range(1, hidden_layers + 1):
-        layers.append(Dense(width, name=f"hidden{index}", **dense_kwargs))
-        layers.append(ACTIVATIONS[activation](name=f"act{index}"))
+        hidden = [Dense(width, name=f"hidden{index}", **dense_kwargs),
+                  ACTIVATIONS[activation](name=f"act{index}")]
+        if residual and index > 1:
+            hidden = [residual_block(serial(*hidden, name=f"block{index}_layers"),
+                                    name=f"block{index}")]
+        layers += hidden
     layers.append(Dense(num_classes, name="output", **dense_kwargs))
     layers.append(ACTIVATIONS[output_activation](name="output_act"))
-    return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}")
+    suffix = "_residual" if residual else ""
+    return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}{suffix}")
 
 
 def residual_mlp(
@@ -92,7 +102,7 @@ def residual_mlp(
                        ACTIVATIONS[activation](name=f"act{index}"),
                        Dense(width, name=f"outer{index}", **dense_kwargs),
                        name=f"block{index}_layers")
-        layers.append(residual(block, name=f"block{index}"))
+        layers.append(residual_block(block, name=f"block{index}"))
     layers += [LayerNorm(width, name="final_norm"), Dense(num_classes, name="output",
                                                           **dense_kwargs)]
     return serial(*layers, name=f"residual_mlp{blocks}x{width}_{activation}")

@@ -144,3 +144,23 @@ def test_residual_mlp_matches_numpy_and_counts_its_parameters():
 def test_residual_mlp_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         nets.residual_mlp(4, 2, **kwargs)
+
+
+def test_residual_hidden_layers_add_identity_paths_and_no_parameters():
+    """h_l = h_(l-1) + sigmoid(h_(l-1) W_l + b_l) for l >= 2, against NumPy, with the plain
+    net's parameters."""
+    plain = nets.build_mlp(5, 3, hidden_layers=3, hidden_units=6)
+    skip = nets.build_mlp(5, 3, hidden_layers=3, hidden_units=6, residual=True)
+    _, params = skip.init(jax.random.key(0), (-1, 5))
+    params = astype(params, jnp.float64)
+    assert nets.count_model(skip, (-1, 5)).params == nets.count_model(plain, (-1, 5)).params
+    assert [layer.name for layer in skip.sublayers] == [
+        "hidden1", "act1", "block2", "block3", "output", "output_act"]
+    x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+    dense = [jax.tree.map(np.asarray, layer)
+             for layer in (params[0], params[2][1][0], params[3][1][0], params[4])]
+    h = 1 / (1 + np.exp(-(np.asarray(x) @ dense[0]["w"] + dense[0]["b"])))
+    for layer in dense[1:3]:
+        h = h + 1 / (1 + np.exp(-(h @ layer["w"] + layer["b"])))
+    np.testing.assert_allclose(skip.apply(params, x), h @ dense[3]["w"] + dense[3]["b"],
+                               rtol=1e-12)
