@@ -1,7 +1,7 @@
 """Numerical precision against depth: where rounding, not backpropagation, loses the gradient.
 
     python -m experiments.precision [--workdir DIR] [--depths 2,4,...,20] [--width 64]
-        [--batch 256] [--activations sigmoid,tanh,relu]
+        [--batch 256] [--activations sigmoid,tanh,relu] [--residual]
 
 The lecture lists "numerical precision errors with layers" among the challenges of training.
 For MLPs (`nets.build_mlp`) of 2 to 20 hidden layers of --width units (sigmoid and tanh, and
@@ -68,6 +68,15 @@ What it shows:
     bfloat16 and 1.2e-3 in float16, against errors of 0.33 and 0.11; sigmoid float16 from
     depth 10: both exactly zero): the error comes from the rounded forward pass both share,
     not from either backward pass.
+
+`--residual` (2026-12-03, 45 s): hidden layers 2, 3, ... become residual blocks h + act(h W + b)
+with the same parameters. The first layer's gradient then keeps its size: sigmoid norms 1.7,
+2.3 and 2.2 at depths 2, 10 and 20 (plain: 0.40, 3.6e-5, 3.3e-10), so float16 holds it
+(relative error <= 6.5e-4 at every depth, against 1.0 from depth 10) and bfloat16 stays at its
+rounding level (<= 6.4e-3). Without normalisation ReLU blocks make it grow instead (norm 5.1 at
+depth 2, 4.6e4 at depth 20), yet its low-precision errors stay small (bfloat16 <= 9.3e-3,
+float16 <= 2.8e-3, against 0.33 and 0.11 plain at depth 20); tanh grows from 6.8 to 44
+(bfloat16 <= 3.3e-2, float16 <= 4.2e-3). float64 manual vs jax.grad <= 4.8e-16 throughout.
 """
 from __future__ import annotations
 
@@ -98,6 +107,8 @@ class Config:
     width: int = option(64, "units in every hidden layer", ge=1)
     batch: int = option(256, "digits the gradient is taken on", ge=1, le=1797)
     seed: int = option(0, "seed of the initialisation and of the digits picked")
+    residual: bool = option(False, "hidden layers 2, 3, ... as residual blocks h + act(h W + b) "
+                            "(`nets.build_mlp(..., residual=True)`: identity paths added)")
     jit: bool = option(False, "jit each gradient program (as training runs it) instead of "
                               "dispatching it op by op (the default: 3x faster here, as the "
                               "ops' compilations are shared across depths)")
@@ -205,7 +216,8 @@ def main(argv=None):
     for activation in config.activations:
         for depth in config.depths:
             model = nets.build_mlp(x.shape[1], 10, hidden_layers=depth,
-                                   hidden_units=config.width, activation=activation)
+                                   hidden_units=config.width, activation=activation,
+                                   residual=config.residual)
             key = jax.random.fold_in(jax.random.key(config.seed), depth)
             params = model.init(key, (-1, x.shape[1]))[1]
             grads = gradients(model, objective, params, x, targets, seconds, config.jit)

@@ -85,6 +85,22 @@ def test_precision(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_precision_residual_keeps_the_first_layer_gradient(tmp_path):
+    """Eight sigmoid layers: the plain net's first-layer gradient is orders of magnitude
+    smaller than the residual net's (identity paths carry it), and equal in float64 across
+    engines either way."""
+    norms = {}
+    for residual in (False, True):
+        workdir = tmp_path / str(residual)
+        metrics = precision.main(["--workdir", str(workdir), "--depths", "8", "--width", "16",
+                                  "--batch", "32", "--activations", "sigmoid",
+                                  "--jit", *(["--residual"] if residual else [])])
+        assert read_results(workdir, "precision")["config"]["residual"] is residual
+        assert metrics["float64_manual_vs_autodiff_max"] <= F64
+        norms[residual] = metrics["first_layer_reference_norm_at_deepest"]["sigmoid"]
+    assert norms[True] > 100 * norms[False]
+
+
 def test_pretraining(tmp_path):
     metrics = pretraining.main([
         "--workdir", str(tmp_path), "--labelled", "50", "--train-examples", "300",
