@@ -27,20 +27,24 @@ depth, size and seed), results.md and depth.png (test error, and train error, ag
 the training-set size, one curve per depth).
 
 Measured on the 2-core CPU (jax 0.10.2), defaults (64-unit sigmoid layers, 2,000 updates of 64
-with Adam 1e-3, 3 seeds): 48 s wall on 2026-12-02 (compile 6 s, run 34 s); 114 s on the slower
-host of 2026-12-03 (compile 15 s, run 85 s). USPS test error, mean of 3 seeds (train error in
-brackets), 2026-12-03:
+with Adam 1e-3, 3 seeds): 48 s wall on 2026-12-02 (compile 6 s, run 34 s); on the slower host
+of 2026-12-03 114 s (compile 15 s, run 85 s), and 124 s with `--residual` (compile 17 s, run
+90 s). `--residual` turns hidden layers 2, 3, ... into residual blocks h + sigmoid(h W + b): the
+same parameters, with identity paths added (`nets.build_mlp(..., residual=True)`); one hidden
+layer has no block, so its column is the same for both. USPS test error, mean of 3 seeds,
+2026-12-03 (for eight layers the train error in brackets):
 
-    size     1 hidden          2 hidden          4 hidden          8 hidden        best
-    100      0.220 (0)         0.231 (0)         0.254 (0)         0.562 (0.29)    1
-    300      0.143 (0)         0.150 (0)         0.165 (0)         0.584 (0.47)    1
-    900      0.105 (0.0004)    0.108 (0.0004)    0.120 (0)         0.463 (0.38)    1
-    2,400    0.090 (0.011)     0.088 (0.004)     0.094 (0.002)     0.403 (0.33)    2
-    7,200    0.079 (0.027)     0.077 (0.018)     0.076 (0.008)     0.280 (0.22)    4
+    size   1 hidden   2 plain  2 resid.   4 plain  4 resid.   8 plain        8 resid.     best
+    100    0.220      0.231    0.227      0.254    0.223      0.562 (0.29)   0.224 (0)    1, 1
+    300    0.143      0.150    0.147      0.165    0.145      0.584 (0.47)   0.152 (0)    1, 1
+    900    0.105      0.108    0.107      0.120    0.107      0.463 (0.38)   0.108 (0)    1, 1
+    2,400  0.090      0.088    0.085      0.094    0.085      0.403 (0.33)   0.086 (6e-4) 2, 4
+    7,200  0.079      0.077    0.074      0.076    0.071      0.280 (0.22)   0.069 (9e-3) 4, 8
 
-(standard deviations over seeds: 0.02-0.03 at 100 examples, <= 0.005 at 7,200 for 1 to 4
-layers; 0.06 to 0.23 for 8 layers. On 2026-12-02 the 8-layer column read 0.520, 0.487, 0.458,
-0.404 and 0.290: these runs are that sensitive to rounding.)
+("best": the best depth, plain then residual. Standard deviations over seeds: 0.02-0.03 at 100
+examples, <= 0.005 at 7,200 for 1 to 4 layers; for 8 layers 0.06 to 0.23 plain, 0.002-0.023
+residual. On 2026-12-02 the plain 8-layer column read 0.520, 0.487, 0.458, 0.404 and 0.290:
+these runs are that sensitive to rounding.)
 
 What it shows: the trade-off, both halves. Representability: with more layers of the same
 width the net fits its training set better (at 7,200 examples the train error falls from 2.7%
@@ -52,21 +56,10 @@ the worst of the three), and eight sigmoid layers cannot be learned at all in th
 gradient of experiments.precision, met in training. The best depth grows with the data: 1, 1,
 1, 2, 4.
 
-`--residual` turns hidden layers 2, 3, ... into residual blocks h + sigmoid(h W + b): the same
-parameters, with identity paths added (`nets.build_mlp(..., residual=True)`). 2026-12-03,
-124 s (compile 17 s, run 90 s):
-
-    size     1 hidden          2 hidden          4 hidden          8 hidden        best
-    100      0.220 (0)         0.227 (0)         0.223 (0)         0.224 (0)       1
-    300      0.143 (0)         0.147 (0)         0.145 (0)         0.152 (0)       1
-    900      0.105 (0.0004)    0.107 (0.0004)    0.107 (0.0004)    0.108 (0)       1
-    2,400    0.090 (0.011)     0.085 (0.004)     0.085 (0.001)     0.086 (0.0006)  4
-    7,200    0.079 (0.027)     0.074 (0.020)     0.071 (0.013)     0.069 (0.009)   8
-
-(8 layers: standard deviations 0.002-0.023.) The identity paths carry the gradient past the
-sigmoids: eight layers now train (0.9% train error at 7,200 examples against 22%) and are the
-best depth at 7,200 examples (6.9% test error, against 7.6% for the best plain net), and with
-few examples depth no longer costs much (100 examples: 22.4% at eight layers against 56.2%).
+The identity paths carry the gradient past the sigmoids: eight residual layers train (0.9%
+train error at 7,200 examples against 22%) and are the best depth at 7,200 examples (6.9% test
+error, against 7.6% for the best plain net), and with few examples depth no longer costs much
+(100 examples: 22.4% at eight layers against 56.2%).
 """
 from __future__ import annotations
 
