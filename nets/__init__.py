@@ -6,6 +6,7 @@ optimisers, devices or files.
 """
 from nets import (
     accounting,
+    attention,
     conv,
     engines,
     gradcheck,
@@ -20,6 +21,7 @@ from nets import (
 )
 from nets.accounting import ModelCount
 from nets.accounting import count as count_model
+from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
 from nets.layers import (
@@ -138,4 +140,8 @@ __all__ = [
     "TimeDistributed",
     "sequence_model",
     "sequence_cross_entropy",
+    "attention",
+    "SelfAttention",
+    "PositionalEmbedding",
+    "transformer_lm",
 ]

@@ -1,10 +1,12 @@
 """Model accounting: units, free parameters, connections and multiply-adds, from the model.
 
 `count(model, input_shape)` walks a model's layers (descending into `serial`, into each
-branch of `parallel` and `residual`, all on the same input, and into
-`nets.models.channel_groups` group by group), takes every layer's output shape and parameter
-shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated: AlexNet's 61 M
-parameters cost nothing), and applies the rule of the layer's kind. Per example:
+branch of `parallel` and `residual`, all on the same input, into
+`nets.models.channel_groups` group by group, and into `TimeDistributed` once for all steps,
+its units, connections and multiply-adds times the steps), takes every layer's output shape
+and parameter shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated:
+AlexNet's 61 M parameters cost nothing), and applies the rule of the layer's kind. Per
+example:
 
     units        the outputs of a layer with weights (its neurons; the activation that follows
                  belongs to the same units). The inputs are counted apart (`inputs`), and
@@ -19,7 +21,9 @@ parameters cost nothing), and applies the rule of the layer's kind. Per example:
     macs         multiply-adds of the weighted sums: connections without the biases. For
                  trainable subsampling (y = w sum(x) + b) each summed input counts as one, as
                  w sum(x) = sum(w x) does. Activations, pooling, normalisation and dropout
-                 are not counted (nor are they in the papers' figures).
+                 are not counted (nor are they in the papers' figures). Self-attention's
+                 products q k^T and p v are multiply-adds without weights: in macs, not in
+                 connections.
 
 Layers without parameters (activations, pooling, LRN, flatten, dropout) add no units,
 parameters, connections or multiply-adds: a pooled map is not a new set of neurons in
@@ -191,14 +195,30 @@ def _subsampling(layer, input_shape, output_shape, params):
     return units, params_count, macs + units, macs
 
 
-def _normalisation(layer, input_shape, output_shape, params):
-    """A per-feature gain and bias after normalising: parameters, but no new neurons (as
-    with local response normalisation) and no weighted sums."""
+def _parameters_only(layer, input_shape, output_shape, params):
+    """A per-feature gain and bias after normalising, or learned positions added to the
+    input: parameters, but no new neurons (as with local response normalisation) and no
+    weighted sums."""
     return 0, sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)), 0, 0
 
 
+def _self_attention(layer, input_shape, output_shape, params):
+    """Per example of T steps and F features: the q, k, v and output neurons (4 T F units),
+    their weighted inputs and biases, and as multiply-adds also the two products of the
+    attention itself, q k^T and p v, F each per attended pair (T^2 pairs, T (T + 1) / 2
+    when causal); these have no weights, so they are not connections."""
+    _, steps, features = input_shape
+    weights = params["qkv"]["w"].shape[0] * params["qkv"]["w"].shape[1] + math.prod(
+        params["out"]["w"].shape)
+    biases = params["qkv"]["b"].shape[0] + params["out"]["b"].shape[0]
+    pairs = steps * (steps + 1) // 2 if _closure_value(layer, "forward", "causal") else steps**2
+    return (4 * steps * features, weights + biases, steps * (weights + biases),
+            steps * weights + 2 * pairs * features)
+
+
 RULES: dict[str, Rule] = {"Dense": _dense, "Conv2D": _conv2d, "Subsampling": _subsampling,
-                          "LayerNorm": _normalisation}
+                          "LayerNorm": _parameters_only, "PositionalEmbedding": _parameters_only,
+                          "SelfAttention": _self_attention}
 
 
 def register_rule(kind: str, rule: Rule) -> None:
@@ -222,6 +242,13 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
         for sublayer in layer.sublayers:
             rows += _walk(sublayer, input_shape)[1]
         return output_shape, rows
+    if kind == "TimeDistributed":
+        inner = _closure_value(layer, "init", "layer")
+        batch, steps, features = input_shape
+        _, sub_rows = _walk(inner, (batch, features))
+        return output_shape, [dataclasses.replace(
+            row, output_shape=(batch, steps, *row.output_shape[1:]), units=row.units * steps,
+            connections=row.connections * steps, macs=row.macs * steps) for row in sub_rows]
     if kind == "channel_groups":
         groups = len(layer.sublayers)
         group_shape = (*input_shape[:-1], input_shape[-1] // groups)

@@ -146,6 +146,14 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
+def _first_without_curvature(layer: Layer) -> str:
+    """The name of the innermost layer of `layer` that has no curvature backward."""
+    for sublayer in layer.sublayers:
+        if sublayer.curvature is None:
+            return _first_without_curvature(sublayer)
+    return layer.name
+
+
 def curvature_diagonal(model: Layer, objective: Objective):
     """diag(d2E/dparams2) in LeCun's Gauss-Newton diagonal approximation, backpropagated by hand.
 
@@ -157,7 +165,8 @@ def curvature_diagonal(model: Layer, objective: Objective):
     (LeCun et al. 1989, section 5).
     """
     if model.curvature is None:
-        raise ValueError(f"{model.name}: some layer has no curvature (Gauss-Newton) backward")
+        raise ValueError(f"{model.name}: layer {_first_without_curvature(model)!r} has no "
+                         "curvature (Gauss-Newton) backward")
     if objective.loss.curvature is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no curvature")
 

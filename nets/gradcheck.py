@@ -346,10 +346,11 @@ def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: ja
     for the elementwise losses). The independent reference for `engines.curvature_diagonal`.
     """
     flat, unravel, outputs_of = _flat_function(lambda p: model.apply(p, x), params)
-    jacobian = jax.jacrev(outputs_of)(flat)  # (batch, classes, parameters)
+    jacobian = jax.jacrev(outputs_of)(flat)  # (*outputs.shape, parameters)
     outputs = model.apply(params, x)
     weights = objective.loss.curvature(outputs, targets)
-    diagonal = jnp.einsum("bc,bcp->p", weights, jacobian**2)
+    diagonal = jnp.einsum("o,op->p", weights.reshape(-1),
+                          jacobian.reshape(weights.size, -1) ** 2)
     ones = jax.tree.map(jnp.ones_like, params)
     penalty, _ = jax.flatten_util.ravel_pytree(
         losses.l2_penalty_grad(ones, objective.l2, outputs.shape[0]))

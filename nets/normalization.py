@@ -48,7 +48,8 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
     def init(key, input_shape):
         del key
         check(input_shape, "input_shape")
-        return tuple(input_shape), {"g": jnp.ones((features,)), "b": jnp.zeros((features,))}
+        return tuple(input_shape), {"g": jnp.ones((features,), jnp.float32),
+                                     "b": jnp.zeros((features,), jnp.float32)}
 
     def along_rows(vector, ndim):
         """(features,) -> (1, ..., 1, features), so that it multiplies rows without rank

@@ -515,7 +515,8 @@ def LastStep(name: str = "LastStep") -> Layer:
 def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
     """`layer` (batch, f) -> (batch, g) applied at every time step: (batch, time, f) ->
     (batch, time, g), by folding time into the batch. Parameters are shared across steps; a
-    stochastic layer (dropout) draws for every example and step apart from one key."""
+    stochastic layer (dropout) draws for every example and step apart from one key. The
+    backward and curvature passes fold time the same way."""
     name = name or f"TimeDistributed({layer.name})"
 
     def init(key, input_shape):
@@ -532,12 +533,17 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         y, residuals = forward_with_key(layer, params, x.reshape(batch * time, features), key)
         return y.reshape(batch, time, y.shape[-1]), residuals
 
-    def backward(params, residuals, dy):
-        batch, time, out = dy.shape
-        dparams, dx = layer.backward(params, residuals, dy.reshape(batch * time, out))
-        return dparams, dx.reshape(batch, time, dx.shape[-1])
+    def folded(method):
+        def run(params, residuals, dy):
+            batch, time, out = dy.shape
+            dparams, dx = method(params, residuals, dy.reshape(batch * time, out))
+            return dparams, dx.reshape(batch, time, dx.shape[-1])
 
-    return Layer(name, init, forward, backward, stochastic=layer.stochastic)
+        return run
+
+    curvature = None if layer.curvature is None else folded(layer.curvature)
+    return Layer(name, init, forward, folded(layer.backward), curvature=curvature,
+                 stochastic=layer.stochastic)
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,

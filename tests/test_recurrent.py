@@ -330,3 +330,20 @@ def test_time_distributed_dropout_draws_per_step_and_the_engines_agree():
     _, reference = jax.jit(nets.autodiff(model, objective))(params, x, targets, key)
     assert_close_tree(manual, reference, jnp.float64, "TimeDistributed dropout")
     assert float(jnp.linalg.norm(manual[0][0]["w"])) > 0
+
+
+def test_time_distributed_curvature_is_the_exact_gauss_newton_diagonal_of_one_hidden_layer():
+    """Per-step Dense, tanh, per-step Dense (outputs flattened for the squared error): one
+    hidden layer and one output layer, so every unit reaches each output by one path and the
+    backpropagated diagonal (time folded into the batch) is jax's exact Gauss-Newton one."""
+    model = nets.serial(recurrent.TimeDistributed(nets.Dense(4, name="hidden")),
+                        nets.Tanh(), recurrent.TimeDistributed(nets.Dense(3, name="out")),
+                        nets.Flatten())
+    _, params = model.init(jax.random.key(0), (-1, 5, 2))
+    params = nets.gradcheck.astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 2), jnp.float64)
+    targets = jax.random.normal(jax.random.key(2), (3, 15), jnp.float64)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
+    exact = nets.gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
+    assert_close_tree(backpropagated, exact, jnp.float64, "per-step net")

@@ -1,0 +1,195 @@
+"""Multi-head self-attention (Vaswani et al. 2017) with a hand-written backward pass, learned
+positions, and a small decoder-only transformer built from them.
+
+On a sequence x (batch, T, F) with H heads of width D = F / H, for each example and head:
+
+    [q k v] = x W_qkv + b_qkv                       q, k, v (T, D) per head
+    s = q k^T / sqrt(D)                             s (T, T); with `causal`, s_ts = -inf for s > t
+    p = softmax(s) along its last axis              p_t. sums to 1
+    o = p v                                         o (T, D), the heads side by side (T, F)
+    y = o W_o + b_o                                 y (T, F)
+
+Backward, given dy (the chain rule through each line above, bottom up):
+
+    dW_o = o^T dy,  db_o = sum dy,  do = dy W_o^T
+    dp = do v^T,    dv = p^T do
+    ds = p * (dp - rowsum(p * dp))                  the softmax's Jacobian diag(p) - p p^T
+    dq = ds k / sqrt(D),  dk = ds^T q / sqrt(D)
+    dW_qkv = x^T [dq dk dv],  db_qkv = sum [dq dk dv],  dx = [dq dk dv] W_qkv^T
+
+(sums over batch and time). A masked score has p = 0, so ds is 0 there without a mask in
+the backward pass. The residuals are x, q, k, v, p and o: memory grows as batch H T^2.
+
+No Gauss-Newton curvature (`nets.layers`): every output step depends on every earlier input
+step through p, so the Jacobian is dense across time and its squared entries would cost
+T^2 F^2 a head. The curvature engine (LeCun's diagonal method) refuses a model with this
+layer, naming it; first-order optimisers take it as any other.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from nets import initializers
+from nets.layers import Dense, Layer, Relu, residual, serial
+from nets.normalization import LayerNorm
+from nets.recurrent import TimeDistributed
+
+__all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm"]
+
+
+def _check_sequence(name: str, shape, features: int, what: str = "input x") -> None:
+    if len(shape) != 3 or shape[-1] != features:
+        raise ValueError(f"{name}: {what} has shape {tuple(shape)}, expected "
+                         f"(batch, time, {features})")
+
+
+def SelfAttention(features: int, heads: int, causal: bool = True,
+                  name: str = "SelfAttention") -> Layer:
+    """Multi-head scaled dot-product self-attention over (batch, time, features).
+
+    params: {"qkv": {"w": (F, 3F), "b": (3F,)}, "out": {"w": (F, F), "b": (F,)}}; the q, k
+    and v columns of W_qkv hold the heads in order (head h: columns h D to (h + 1) D of each).
+    W_qkv's three blocks and W_o are Glorot-uniform as (F, F) matrices, the biases 0. With
+    causal (the default, a language model's) step t attends to steps 0..t only. The module
+    docstring gives the forward and backward math.
+    """
+    for argument, value in (("features", features), ("heads", heads)):
+        if value < 1:
+            raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
+    if features % heads:
+        raise ValueError(f"{name}: features ({features}) must be a multiple of heads ({heads})")
+    width = features // heads
+    scale = 1.0 / math.sqrt(width)
+    glorot = initializers.glorot_uniform()
+
+    def init(key, input_shape):
+        _check_sequence(name, input_shape, features, "input_shape")
+        keys = jax.random.split(key, 4)
+        w_qkv = jnp.concatenate([glorot(k, (features, features)) for k in keys[:3]], axis=1)
+        params = {"qkv": {"w": w_qkv, "b": jnp.zeros((3 * features,), jnp.float32)},
+                  "out": {"w": glorot(keys[3], (features, features)),
+                          "b": jnp.zeros((features,), jnp.float32)}}
+        return tuple(input_shape), params
+
+    def split_heads(z):
+        """(batch, T, F) -> (batch, T, H, D)."""
+        return z.reshape(*z.shape[:2], heads, width)
+
+    def merge_heads(z):
+        """(batch, T, H, D) -> (batch, T, F)."""
+        return z.reshape(*z.shape[:2], features)
+
+    def dense(params, z):
+        return jnp.einsum("btf,fg->btg", z, params["w"]) + params["b"][None, None, :]
+
+    def dense_backward(params, z, dz_out):
+        dparams = {"w": jnp.einsum("btf,btg->fg", z, dz_out), "b": jnp.sum(dz_out, axis=(0, 1))}
+        return dparams, jnp.einsum("btg,fg->btf", dz_out, params["w"])
+
+    def forward(params, x):
+        _check_sequence(name, x.shape, features)
+        q, k, v = (split_heads(z) for z in jnp.split(dense(params["qkv"], x), 3, axis=-1))
+        s = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+        if causal:
+            steps = x.shape[1]
+            visible = jnp.arange(steps)[:, None] >= jnp.arange(steps)[None, :]
+            s = jnp.where(visible[None, None], s, -jnp.inf)
+        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        p = e / jnp.sum(e, axis=-1, keepdims=True)
+        o = merge_heads(jnp.einsum("bhts,bshd->bthd", p, v))
+        return dense(params["out"], o), (x, q, k, v, p, o)
+
+    def backward(params, residuals, dy):
+        x, q, k, v, p, o = residuals
+        dout, do = dense_backward(params["out"], o, dy)
+        do = split_heads(do)
+        dp = jnp.einsum("bthd,bshd->bhts", do, v)
+        dv = jnp.einsum("bhts,bthd->bshd", p, do)
+        ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+        dq = jnp.einsum("bhts,bshd->bthd", ds, k) * scale
+        dk = jnp.einsum("bhts,bthd->bshd", ds, q) * scale
+        dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+        dqkv_params, dx = dense_backward(params["qkv"], x, dqkv)
+        return {"qkv": dqkv_params, "out": dout}, dx
+
+    return Layer(name, init, forward, backward)
+
+
+def PositionalEmbedding(context: int, features: int, std: float = 0.02,
+                        name: str = "PositionalEmbedding") -> Layer:
+    """A learned vector per position added to the input: y[:, t] = x[:, t] + p[t].
+
+    Shapes: x (batch, T, F) with T <= context, p (context, F) drawn N(0, std^2) (GPT-2's
+    0.02), y like x. Backward: dx = dy, dp[t] = sum over the batch of dy[:, t] for t < T and
+    0 for the positions a shorter input does not reach. The key "p" is not a weight for the
+    lecture's L2 penalty.
+    """
+    for argument, value in (("context", context), ("features", features)):
+        if value < 1:
+            raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
+
+    def check(shape, what="input x"):
+        _check_sequence(name, shape, features, what)
+        if shape[1] > context:
+            raise ValueError(f"{name}: {what} has {shape[1]} steps, more than the "
+                             f"{context} positions of the context")
+
+    def init(key, input_shape):
+        check(input_shape, "input_shape")
+        return tuple(input_shape), {"p": initializers.normal(std)(key, (context, features))}
+
+    def forward(params, x):
+        check(x.shape)
+        return x + params["p"][None, : x.shape[1]], None
+
+    def backward(params, residuals, dy):
+        del residuals
+        dp = jnp.zeros_like(params["p"]).at[: dy.shape[1]].set(jnp.sum(dy, axis=0))
+        return {"p": dp}, dy
+
+    def curvature(params, residuals, d2y):
+        return backward(params, residuals, d2y)
+
+    return Layer(name, init, forward, backward, curvature=curvature)
+
+
+def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
+                   blocks: int = 2, name: str = "transformer_lm") -> Layer:
+    """A decoder-only (GPT-style, pre-norm) transformer over one-hot tokens.
+
+    (batch, T, vocabulary) one-hot -> logits (batch, T, vocabulary), T <= context. A Dense
+    at every step (on one-hot rows, a token embedding), learned positions, then `blocks`
+    blocks of
+
+        x = x + SelfAttention(LayerNorm(x))               causal, `heads` heads
+        x = x + Dense(Relu(Dense(LayerNorm(x))))          widths 4 F then F, at every step
+
+    and a final LayerNorm and Dense to the vocabulary. Layers are named embed, positions,
+    block1 (norm1a, attention1, norm1b, inner1, act1, outer1), ..., final_norm, output.
+    """
+    if vocabulary < 1:
+        raise ValueError(f"{name}: vocabulary must be >= 1, got {vocabulary}")
+    if blocks < 0:
+        raise ValueError(f"{name}: blocks must be >= 0, got {blocks}")
+    glorot = initializers.glorot_uniform()
+
+    def per_step(out_features, layer_name):
+        return TimeDistributed(Dense(out_features, w_init=glorot, name=layer_name),
+                               name=layer_name)
+
+    layers = [per_step(features, "embed"),
+              PositionalEmbedding(context, features, name="positions")]
+    for index in range(1, blocks + 1):
+        attend = serial(LayerNorm(features, name=f"norm{index}a"),
+                        SelfAttention(features, heads, name=f"attention{index}"),
+                        name=f"attend{index}")
+        mix = serial(LayerNorm(features, name=f"norm{index}b"),
+                     per_step(4 * features, f"inner{index}"), Relu(name=f"act{index}"),
+                     per_step(features, f"outer{index}"), name=f"mix{index}")
+        layers += [residual(attend, name=f"block{index}_attention"),
+                   residual(mix, name=f"block{index}_mlp")]
+    layers += [LayerNorm(features, name="final_norm"), per_step(vocabulary, "output")]
+    return serial(*layers, name=name)

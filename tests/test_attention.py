@@ -1,0 +1,203 @@
+"""Self-attention, learned positions and the small transformer: backward passes against
+jax.vjp, a NumPy forward, causality, the gradient report, accounting, training and errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+from nets import engines, gradcheck, losses
+from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
+from nets.recurrent import sequence_cross_entropy
+from tests.helpers import assert_close_tree
+
+
+def perturbed(params, dtype, seed, scale=0.3):
+    """params cast to dtype and moved off their initial values (biases away from 0)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(gradcheck.astype(params, dtype))
+    return unravel(flat + scale * jax.random.normal(jax.random.key(seed), flat.shape, dtype))
+
+
+def random_attention(shape, heads, causal, dtype, seed=0):
+    layer = SelfAttention(shape[-1], heads, causal=causal, name="attention")
+    _, params = layer.init(jax.random.key(seed), (-1, *shape[1:]))
+    x = jax.random.normal(jax.random.key(seed + 1), shape, dtype)
+    return layer, perturbed(params, dtype, seed + 2), x
+
+
+def numpy_attention(params, x, heads, causal):
+    """The forward pass head by head and step by step in float64 NumPy, an independent
+    reference for the einsum forward."""
+    p = jax.tree.map(np.asarray, params)
+    x = np.asarray(x, np.float64)
+    batch, steps, features = x.shape
+    width = features // heads
+    y = np.zeros_like(x)
+    for b in range(batch):
+        qkv = x[b] @ p["qkv"]["w"] + p["qkv"]["b"]
+        q, k, v = qkv[:, :features], qkv[:, features:2 * features], qkv[:, 2 * features:]
+        o = np.zeros((steps, features))
+        for h in range(heads):
+            cols = slice(h * width, (h + 1) * width)
+            for t in range(steps):
+                seen = t + 1 if causal else steps
+                scores = np.array([q[t, cols] @ k[s, cols] for s in range(seen)])
+                weights = np.exp(scores / np.sqrt(width) - np.max(scores / np.sqrt(width)))
+                weights /= weights.sum()
+                o[t, cols] = sum(weights[s] * v[s, cols] for s in range(seen))
+        y[b] = o @ p["out"]["w"] + p["out"]["b"]
+    return y
+
+
+@pytest.mark.parametrize("shape, heads, causal", [
+    ((1, 1, 4), 1, True), ((2, 5, 12), 3, True), ((2, 5, 12), 3, False),
+    ((3, 7, 8), 8, True), ((2, 6, 6), 1, False)])
+def test_backward_matches_vjp(shape, heads, causal, dtype):
+    layer, params, x = random_attention(shape, heads, causal, dtype)
+    dy = jax.random.normal(jax.random.key(9), shape, dtype)
+
+    @jax.jit
+    def manual_and_reference(params, x, dy):
+        _, residuals = layer.forward(params, x)
+        _, pullback = jax.vjp(layer.apply, params, x)
+        return layer.backward(params, residuals, dy), pullback(dy)
+
+    manual, reference = manual_and_reference(params, x, dy)
+    assert_close_tree(manual, reference, dtype, f"SelfAttention{shape} heads={heads}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_matches_a_numpy_loop(causal):
+    layer, params, x = random_attention((2, 5, 6), 2, causal, jnp.float64, seed=4)
+    np.testing.assert_allclose(layer.apply(params, x), numpy_attention(params, x, 2, causal),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_one_step_attends_to_itself_only():
+    """T = 1: the softmax over one score is 1, so y = (x W_v + b_v) W_o + b_o."""
+    layer, params, x = random_attention((3, 1, 4), 2, True, jnp.float64, seed=6)
+    w_v, b_v = params["qkv"]["w"][:, 8:], params["qkv"]["b"][8:]
+    expected = ((x[:, 0] @ w_v + b_v[None, :]) @ params["out"]["w"]
+                + params["out"]["b"][None, :])
+    np.testing.assert_allclose(layer.apply(params, x)[:, 0], expected, rtol=1e-12)
+
+
+def test_causal_outputs_ignore_the_future_and_its_gradient_is_zero():
+    layer, params, x = random_attention((2, 6, 4), 2, True, jnp.float64, seed=7)
+    later = x.at[:, 4:].add(5.0)
+    np.testing.assert_allclose(layer.apply(params, later)[:, :4], layer.apply(params, x)[:, :4],
+                               rtol=1e-12)
+    dy = jnp.zeros_like(x).at[:, 2].set(1.0)
+    _, residuals = layer.forward(params, x)
+    _, dx = layer.backward(params, residuals, dy)
+    assert float(jnp.max(jnp.abs(dx[:, 3:]))) == 0.0
+    assert float(jnp.min(jnp.abs(dx[:, :3]))) > 0.0
+    full = SelfAttention(4, 2, causal=False)
+    assert not np.allclose(full.apply(params, later)[:, :4], full.apply(params, x)[:, :4])
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+def test_positions_backward_matches_vjp(steps, dtype):
+    layer = PositionalEmbedding(5, 4, name="positions")
+    _, params = layer.init(jax.random.key(0), (-1, steps, 4))
+    params = gradcheck.astype(params, dtype)
+    x = jax.random.normal(jax.random.key(1), (2, steps, 4), dtype)
+    dy = jax.random.normal(jax.random.key(2), (2, steps, 4), dtype)
+    _, residuals = layer.forward(params, x)
+    _, pullback = jax.vjp(layer.apply, params, x)
+    assert_close_tree(layer.backward(params, residuals, dy), pullback(dy), dtype, "positions")
+    dparams, _ = layer.backward(params, residuals, dy)
+    assert np.all(np.asarray(dparams["p"][steps:]) == 0)
+
+
+def small_lm(seed=0, dtype=jnp.float64, vocabulary=5, steps=6):
+    model = transformer_lm(vocabulary, context=8, features=8, heads=2, blocks=2)
+    _, params = model.init(jax.random.key(seed), (-1, steps, vocabulary))
+    ids = jax.random.randint(jax.random.key(seed + 1), (3, steps + 1), 0, vocabulary)
+    x = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
+    return model, perturbed(params, dtype, seed + 2, 0.1), x, ids[:, 1:]
+
+
+def test_transformer_gradients_pass_the_report():
+    """Every parameter tensor of a 2-block transformer: manual against jax.grad in float64
+    and float32, and against finite differences."""
+    model, params, x, targets = small_lm()
+    objective = losses.Objective(sequence_cross_entropy(), 0.0)
+    for dtype in (jnp.float64, jnp.float32):
+        report = gradcheck.gradient_report(model, objective, params, x, targets, dtype=dtype)
+        failed = [(row["layer"], row["param"]) for row in report if not row["passed"]]
+        assert not failed, (jnp.dtype(dtype).name, failed)
+    assert {"attention1", "attention2", "positions", "embed", "output"} <= {
+        row["layer"] for row in report}
+
+
+def test_training_learns_to_copy_the_previous_token():
+    """Target at step t is the token at t - 1 (at t = 0 the token itself): only attention can
+    fetch it. One block, the manual engine and Adam take the loss from 1.96 to about 3e-4
+    nats in 200 steps (measured); with position-wise layers alone (blocks=0) the best is
+    (7/8) log 5 = 1.41 on fresh data, and 1.37 was measured on these 64 sequences."""
+    vocabulary, steps = 5, 8
+    ids = jax.random.randint(jax.random.key(0), (64, steps), 0, vocabulary)
+    x = jax.nn.one_hot(ids, vocabulary, dtype=jnp.float32)
+    targets = jnp.concatenate([ids[:, :1], ids[:, :-1]], axis=1)
+    objective = losses.Objective(sequence_cross_entropy(), 0.0)
+
+    def losses_over_training(blocks):
+        model = transformer_lm(vocabulary, steps, features=16, heads=2, blocks=blocks)
+        params = model.init(jax.random.key(1), (-1, steps, vocabulary))[1]
+        value_and_grad = engines.manual(model, objective)
+        optimizer = optax.adam(1e-2)
+
+        def step(carry, _):
+            params, state = carry
+            energy, grad = value_and_grad(params, x, targets)
+            updates, state = optimizer.update(grad, state, params)
+            return (optax.apply_updates(params, updates), state), energy
+
+        _, energies = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)), None,
+                                                     length=200))(params)
+        return float(energies[0]), float(energies[-1])
+
+    start, end = losses_over_training(1)
+    assert start > 1.5 and end < 0.01, (start, end)
+    assert losses_over_training(0)[1] > 1.2
+
+
+def test_accounting_by_hand():
+    """F = 4, T = 3, causal: q k v and output neurons 4 T F = 48; weights 4 F^2 = 64 and
+    biases 4 F = 16; connections T (64 + 16) = 240; multiply-adds T 64 + 2 F (1 + 2 + 3) =
+    240. The per-step Dense in front counts T times its units, connections and macs."""
+    model = nets.serial(nets.recurrent.TimeDistributed(nets.Dense(4, name="embed")),
+                        PositionalEmbedding(3, 4, name="positions"),
+                        SelfAttention(4, 2, name="attention"))
+    count = nets.count_model(model, (-1, 3, 2))
+    rows = {row.name: row for row in count.layers}
+    assert (rows["embed"].units, rows["embed"].params, rows["embed"].connections,
+            rows["embed"].macs) == (12, 12, 36, 24)
+    assert (rows["positions"].units, rows["positions"].params) == (0, 12)
+    attention = rows["attention"]
+    assert (attention.units, attention.params, attention.connections, attention.macs) == (
+        48, 80, 240, 240)
+    full = nets.count_model(SelfAttention(4, 2, causal=False), (-1, 3, 4))
+    assert full.macs == 3 * 64 + 2 * 4 * 9
+
+
+def test_bad_sizes_shapes_and_curvature_are_named():
+    with pytest.raises(ValueError, match=r"att: features \(6\) must be a multiple of heads "
+                                         r"\(4\)"):
+        SelfAttention(6, 4, name="att")
+    with pytest.raises(ValueError, match="att: heads must be >= 1, got 0"):
+        SelfAttention(6, 0, name="att")
+    layer, params, x = random_attention((2, 3, 4), 2, True, jnp.float32)
+    with pytest.raises(ValueError, match=r"attention: input x has shape \(2, 4\), expected "
+                                         r"\(batch, time, 4\)"):
+        layer.apply(params, x[:, 0])
+    positions = PositionalEmbedding(4, 2, name="pos")
+    _, pos_params = positions.init(jax.random.key(0), (-1, 4, 2))
+    with pytest.raises(ValueError, match="pos: input x has 5 steps, more than the 4 positions"):
+        positions.apply(pos_params, jnp.ones((1, 5, 2)))
+    model, params, x, targets = small_lm()
+    objective = losses.Objective(sequence_cross_entropy(), 0.0)
+    with pytest.raises(ValueError, match="layer 'attention1' has no curvature"):
+        engines.curvature_diagonal(model, objective)(params, x, targets)
