@@ -111,10 +111,11 @@ class Sizes:
     lenet5_batch: int = 128
     recipe_examples: int = 0  # 0: all 7,291 digits
     rnn: tuple[int, int, int] = (64, 100, 256)  # batch, time, hidden
+    transformer: tuple[int, int, int] = (32, 64, 128)  # batch, context, features
 
 
 SMALLEST = Sizes(mlp_width=32, mlp_batch=8, lenet1989_batches=(1, 4), lenet5_batch=4,
-                 recipe_examples=50, rnn=(4, 5, 8))
+                 recipe_examples=50, rnn=(4, 5, 8), transformer=(2, 4, 8))
 
 
 def sizes_of(config) -> Sizes:
@@ -197,13 +198,29 @@ def engine_cases(sizes):
         (f"residual_mlp_784_{sizes.mlp_width}x2_10/b{sizes.mlp_batch}",
          nets.residual_mlp(784, 10, width=sizes.mlp_width, blocks=2), softmax, (784,),
          sizes.mlp_batch),
+        transformer_case(sizes),
     ]
 
 
+def transformer_case(sizes):
+    """char_transformer's model (2 blocks, 4 heads, 65 characters) on one-hot windows."""
+    batch, context, features = sizes.transformer
+    model = nets.transformer_lm(65, context, features, heads=min(4, features), blocks=2)
+    return (f"transformer_2x{features}_ctx{context}/b{batch}", model,
+            nets.Objective(nets.sequence_cross_entropy(), 0.0), (context, 65), batch)
+
+
 def random_problem(model, input_shape, batch, key):
+    """params, inputs (batch, *input_shape) and targets: one-hot over 10 classes, or for a
+    sequence model (input_shape (time, vocabulary)) next-token ids (batch, time)."""
     params = model.init(key, (-1, *input_shape))[1]
+    label_key = jax.random.fold_in(key, 2)
+    if len(input_shape) == 2:
+        time, vocabulary = input_shape
+        ids = jax.random.randint(label_key, (batch, time + 1), 0, vocabulary)
+        return params, jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=jnp.float32), ids[:, 1:]
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, *input_shape), jnp.float32)
-    labels = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10)
+    labels = jax.random.randint(label_key, (batch,), 0, 10)
     return params, x, jax.nn.one_hot(labels, 10, dtype=jnp.float32)
 
 

@@ -86,7 +86,8 @@ def named_parameters(model: Layer, params: Any) -> Iterator[tuple[str, str, tupl
     """(layer name, parameter name, pytree path) for every leaf of `params`.
 
     Combinators (layers with `sublayers`) are descended into, so each leaf is named after the
-    plain layer that owns it.
+    plain layer that owns it; a leaf nested inside a layer's params is named by its keys
+    joined with dots ("qkv.w").
     """
     yield from _named(model, params, ())
 
@@ -97,7 +98,8 @@ def _named(model, params, prefix):
             yield from _named(layer, layer_params, prefix + (jax.tree_util.SequenceKey(index),))
         return
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        param_name = jax.tree_util.keystr(path).strip("[]'\"") or "value"
+        param_name = ".".join(str(getattr(key, "key", getattr(key, "idx", key)))
+                              for key in path) or "value"
         yield model.name, param_name, prefix + tuple(path)
 
 

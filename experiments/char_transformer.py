@@ -1,0 +1,265 @@
+"""A character-level transformer on Tiny Shakespeare, beside the char-rnn LSTM.
+
+    python -m experiments.char_transformer [--workdir DIR] [--context 64] [--features 128]
+        [--heads 4] [--blocks 2] [--epochs 6] [--engine manual|autodiff]
+
+The same text, split and vocabulary as `experiments.char_rnn` (the first 90% of the
+1,115,394 characters for training, the last 10% held out, 65 characters). The model is
+`nets.transformer_lm`: a per-step Dense on one-hot characters (an embedding), learned
+positions, --blocks pre-norm blocks of causal multi-head self-attention and a 4x-wide ReLU
+MLP, and a softmax over the next character at every step, every backward pass written by hand
+(nets/attention.py; `--engine autodiff` takes jax.grad of the same forward).
+
+Training: each step reads --batch-size windows of --context + 1 characters at random
+offsets of the training text (inputs the first --context, targets the last); the loss is the
+per-character cross-entropy in nats averaged over every position. Adam with the gradient's
+global norm clipped to --clip; the learning rate decays by --lr-decay per epoch of
+--steps-per-epoch steps. One epoch is one jitted `lax.scan`, checkpointed by the harness.
+
+Held out, after every epoch: the held-out text cut into consecutive windows of --context
+characters, each predicting its next characters from the window alone. Position t of a
+window sees t + 1 characters, so on average about context / 2, where the LSTM of char_rnn
+carries its state along the whole text: `held_out_nats` is the mean over all positions,
+`held_out_nats_last` the last position's (a full window of context), and results.json's
+`held_out_nats_by_position` the final curve (also plotted). `samples.txt` holds --sample-chars characters
+generated after --prime at --temperature and at 1.0, the last --context characters fed back.
+
+Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine): see the README
+("A transformer, by hand").
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nets
+from experiments import adding_problem
+from experiments.char_rnn import LOG2, Corpus
+from nets import engines
+from training import data, plots, procedures, results
+from training.config import ConfigError, option, parse, run_main
+from training.harness import open_run, train
+
+EXPERIMENT = "char_transformer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    context: int = option(64, "characters a window holds (the attention's reach)", ge=1)
+    features: int = option(128, "width of the model", ge=1)
+    heads: int = option(4, "attention heads per block (must divide --features)", ge=1)
+    blocks: int = option(2, "transformer blocks", ge=0)
+    batch_size: int = option(32, "windows per optimizer step", ge=1)
+    steps_per_epoch: int = option(490, "optimizer steps per epoch", ge=1)
+    epochs: int = option(6, "epochs", ge=1)
+    lr: float = option(1e-3, "Adam learning rate", gt=0)
+    lr_decay: float = option(0.9, "learning-rate factor per epoch", gt=0, le=1)
+    clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
+    held_out: float = option(0.1, "fraction of the text held out, from its end", gt=0, lt=1)
+    train_chars: int = option(0, "use only the first N training characters (0: all)", ge=0)
+    eval_chars: int = option(0, "evaluate on the first N held-out characters (0: all)", ge=0)
+    eval_batch: int = option(64, "held-out windows evaluated together", ge=1)
+    engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
+    temperature: float = option(0.8, "sampling temperature of samples.txt", gt=0)
+    sample_chars: int = option(1000, "characters generated per sample", ge=1)
+    prime: str = option("ROMEO:\n", "prompt the samples start from")
+    seed: int = option(0, "seed of initialisation, windows and samples")
+    progress_every: int = option(1, "epochs between progress lines off a terminal", ge=0)
+
+
+def check_config(config: Config, corpus: Corpus) -> None:
+    if config.features % config.heads:
+        raise ConfigError(f"option --heads: {config.heads} does not divide --features "
+                          f"{config.features}")
+    for name, ids in (("training", corpus.train), ("held-out", corpus.held_out)):
+        if len(ids) < config.context + 1:
+            raise ConfigError(f"option --context: {config.context} + 1 characters do not fit "
+                              f"in the {len(ids)} {name} characters")
+    if not 1 <= len(config.prime) <= config.context:
+        raise ConfigError(f"option --prime: {len(config.prime)} characters; it needs 1 to "
+                          f"--context {config.context}")
+
+
+def random_windows(ids: jax.Array, key: jax.Array, batch: int, context: int) -> jax.Array:
+    """(batch, context + 1) windows of ids starting at uniform random offsets."""
+    starts = jax.random.randint(key, (batch,), 0, ids.shape[0] - context)
+    return jax.vmap(lambda start: jax.lax.dynamic_slice(ids, (start,), (context + 1,)))(starts)
+
+
+def held_out_windows(ids: np.ndarray, context: int) -> np.ndarray:
+    """Consecutive windows (n, context + 1), each overlapping the next by one character: the
+    inputs of window i are ids[i context : (i + 1) context], its targets one further on."""
+    count = (len(ids) - 1) // context
+    starts = np.arange(count)[:, None] * context
+    return ids[starts + np.arange(context + 1)[None, :]]
+
+
+def held_out_loss_by_position(model, params, windows: jax.Array, vocabulary: int,
+                              eval_batch: int) -> jax.Array:
+    """Mean cross-entropy in nats at each position t of the windows, (context,): position t
+    predicts from t + 1 characters. The last partial batch of windows is dropped."""
+    batches = windows.shape[0] // eval_batch
+    chunks = windows[: batches * eval_batch].reshape(batches, eval_batch, -1)
+    dtype = jax.tree.leaves(params)[0].dtype
+
+    def totals(chunk):
+        logits = model.apply(params, jax.nn.one_hot(chunk[:, :-1], vocabulary, dtype=dtype))
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.sum(jnp.take_along_axis(log_p, chunk[:, 1:, None], axis=-1)[..., 0],
+                        axis=0)
+
+    return jnp.sum(jax.lax.map(totals, chunks), axis=0) / (batches * eval_batch)
+
+
+def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, config,
+                      monitor) -> procedures.Procedure:
+    """One procedure step = one epoch of --steps-per-epoch updates on random windows;
+    record: "energy" (mean training loss of the epoch, nats), monitor(params)."""
+    value_and_grad = engines.get_engine(config.engine)(model, objective)
+    steps = config.steps_per_epoch
+    schedule = optax.exponential_decay(config.lr, steps, config.lr_decay, staircase=True)
+    optimizer = adding_problem.make_optimizer(schedule, config.clip)
+
+    def init(params, key):
+        return procedures.initial_state(params, optimizer.init(params), key)
+
+    def step(state, epoch):
+        next_key, epoch_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        dtype = jax.tree.leaves(state.params)[0].dtype
+
+        def update(carry, index):
+            params, opt_state, guard = carry
+            windows = random_windows(train_ids, jax.random.fold_in(epoch_key, index),
+                                     config.batch_size, config.context)
+            xs = jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype)
+            energy, grad = value_and_grad(params, xs, windows[:, 1:])
+            params, opt_state, guard = procedures.guarded_update(
+                optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
+            return (params, opt_state, guard), energy
+
+        (params, opt_state, guard), energies = jax.lax.scan(
+            update, (state.params, state.opt_state, state.guard),
+            jnp.arange(steps, dtype=jnp.int32))
+        energy = jnp.mean(energies).astype(state.energy.dtype)
+        new_state = state._replace(params=params, opt_state=opt_state, guard=guard,
+                                   energy=energy, key=jax.random.key_data(next_key))
+        return new_state, {"energy": energy, **monitor(params)}
+
+    return procedures.Procedure(init, step)
+
+
+def generate(model, params, prime: np.ndarray, key: jax.Array, length: int,
+             temperature: float, vocabulary: int, context: int) -> jax.Array:
+    """`length` ids sampled one at a time from softmax(logits / temperature) after the prompt,
+    each appended to a window of the last `context` ids that is run through the model whole
+    (the causal mask makes the padding after the last id invisible to it)."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    window = jnp.zeros((context,), jnp.int32).at[: len(prime)].set(
+        jnp.asarray(prime, jnp.int32))
+
+    def one_char(state, step_key):
+        window, filled = state
+        logits = model.apply(params, jax.nn.one_hot(window[None], vocabulary, dtype=dtype))
+        char = jax.random.categorical(step_key, logits[0, filled - 1] / temperature).astype(
+            jnp.int32)
+        full = filled == context
+        window = jnp.where(full, jnp.roll(window, -1).at[-1].set(char),
+                           window.at[jnp.minimum(filled, context - 1)].set(char))
+        return (window, jnp.minimum(filled + 1, context)), char
+
+    _, chars = jax.lax.scan(one_char, (window, jnp.asarray(len(prime), jnp.int32)),
+                            jax.random.split(key, length))
+    return chars
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    corpus = Corpus(data.load_text(), config.held_out, config.train_chars, config.eval_chars)
+    check_config(config, corpus)
+    prime = corpus.encode(config.prime)
+    run = open_run(EXPERIMENT, config, args)
+    vocabulary = len(corpus.vocabulary)
+    model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
+                                config.blocks)
+    objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
+    params = model.init(jax.random.key(config.seed), (-1, config.context, vocabulary))[1]
+    train_ids = jnp.asarray(corpus.train)
+    eval_windows = jnp.asarray(held_out_windows(corpus.held_out, config.context))
+    eval_batch = min(config.eval_batch, eval_windows.shape[0])
+
+    def by_position(params):
+        return held_out_loss_by_position(model, params, eval_windows, vocabulary, eval_batch)
+
+    def monitor(params):
+        nats = by_position(params)
+        return {"held_out_nats": jnp.mean(nats), "held_out_bpc": jnp.mean(nats) / LOG2,
+                "held_out_nats_last": nats[-1]}
+
+    procedure = epochs_of_windows(model, objective, train_ids, vocabulary, config, monitor)
+    outcome = train(
+        run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),
+        procedure.init(params, jax.random.key(config.seed + 1)),
+        total_steps=config.epochs, checkpoint_every=1, keep=2,
+        progress_every=config.progress_every, loss_name="held_out_nats",
+        leaf_names=[f"{layer}.{name}" for layer, name, _ in
+                    nets.gradcheck.named_parameters(model, params)])
+    history = [{"epoch": r["step"], "train_nats": r["energy"], "train_bpc": r["energy"] / LOG2,
+                "held_out_nats": r["held_out_nats"], "held_out_bpc": r["held_out_bpc"],
+                "held_out_nats_last": r["held_out_nats_last"]} for r in outcome.history]
+    final = history[-1]
+    position_nats = np.asarray(jax.jit(by_position)(outcome.state.params))
+    tick = time.perf_counter()
+    samples = {}
+    for temperature in dict.fromkeys((config.temperature, 1.0)):
+        chars = jax.jit(generate, static_argnums=(0, 4, 5, 6, 7))(
+            model, outcome.state.params, prime, jax.random.key(config.seed + 2),
+            config.sample_chars, temperature, vocabulary, config.context)
+        samples[temperature] = config.prime + corpus.decode(np.asarray(chars))
+    sample_seconds = time.perf_counter() - tick
+    (run.workdir / "samples.txt").write_text("".join(
+        f"=== temperature {t} ===\n{text}\n\n" for t, text in samples.items()))
+    parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
+    metrics = {"held_out_nats": final["held_out_nats"], "held_out_bpc": final["held_out_bpc"],
+               "held_out_nats_last": final["held_out_nats_last"],
+               "train_nats": final["train_nats"], "epochs": outcome.steps_done,
+               "parameters": int(parameters), "vocabulary": vocabulary,
+               "train_chars": int(train_ids.size),
+               "held_out_chars": int(eval_batch * (eval_windows.shape[0] // eval_batch)
+                                     * config.context),
+               "rejected_non_finite": int(outcome.state.guard.rejected)}
+    seconds = {**outcome.seconds, "samples": sample_seconds}
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics, history,
+                          seconds, samples={str(t): s for t, s in samples.items()},
+                          held_out_nats_by_position=[float(v) for v in position_nats],
+                          resumed_from_step=outcome.resumed_from)
+    epochs = np.array([h["epoch"] for h in history])
+    title = (f"{config.blocks} blocks of {config.features}, {config.heads} heads, context "
+             f"{config.context}")
+    plots.save_curves(run.workdir / "curves.png", [
+        {"xlabel": "epoch", "ylabel": "bits per character", "series": {
+            "train": (epochs, np.array([h["train_bpc"] for h in history])),
+            "held out": (epochs, np.array([h["held_out_bpc"] for h in history])),
+            "held out, last position": (
+                epochs, np.array([h["held_out_nats_last"] / LOG2 for h in history]))}},
+         {"xlabel": "characters seen (position + 1)", "ylabel": "held-out bits per character",
+          "series": {"after training": (np.arange(1, config.context + 1),
+                                        position_nats / LOG2)}}],
+        title=f"char transformer on Tiny Shakespeare: {title}")
+    results.save_and_print_table(run.workdir, "\n".join([
+        f"## char transformer, {title}, {parameters:,} parameters, batch {config.batch_size}, "
+        "per epoch",
+        results.markdown_table(history),
+        f"Sample at temperature {config.temperature}:\n\n```\n"
+        f"{samples[config.temperature][:400]}\n```\n",
+        f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, checkpoints "
+        f"{seconds['checkpoint']:.1f} s. Results in {run.workdir}"]))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main, EXPERIMENT)
