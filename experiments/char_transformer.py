@@ -21,8 +21,9 @@ characters, each predicting its next characters from the window alone. Position 
 window sees t + 1 characters, so on average about context / 2, where the LSTM of char_rnn
 carries its state along the whole text: `held_out_nats` is the mean over all positions,
 `held_out_nats_last` the last position's (a full window of context), and results.json's
-`held_out_nats_by_position` the final curve (also plotted). `samples.txt` holds --sample-chars characters
-generated after --prime at --temperature and at 1.0, the last --context characters fed back.
+`held_out_nats_by_position` the final curve (also plotted). `samples.txt` holds
+--sample-chars characters generated after --prime at --temperature and at 1.0, the last
+--context characters fed back.
 
 Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine): see the README
 ("A transformer, by hand").
