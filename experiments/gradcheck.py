@@ -18,7 +18,8 @@ Measured on the 2-core CPU (jax 0.10.2, 2026-12-03, a slow host, AlexNet's dropo
 most of it compiling; all 254 checks pass, with float64 relative errors vs jax.grad <= 1.2e-15
 and vs finite differences <= 7.7e-8 (AlexNet's conv2 1.2e-4 and conv1 2.2e-5, within their
 rounding bounds); float32 <= 1.0e-6 (the transformer's; the other models <= 6.6e-7). Of
-11,518 coordinates differenced, one (AlexNet's conv1) was left out for a ReLU kink within the step (`fd_kinks`, nets.gradcheck.smooth_coordinates).
+11,518 coordinates differenced, one (AlexNet's conv1) was left out for a ReLU kink within
+the step (`fd_kinks`, nets.gradcheck.smooth_coordinates).
 """
 from __future__ import annotations
 
