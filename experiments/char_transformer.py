@@ -21,7 +21,10 @@ characters, each predicting its next characters from the window alone. Position 
 window sees t + 1 characters, so on average about context / 2, where the LSTM of char_rnn
 carries its state along the whole text: `held_out_nats` is the mean over all positions,
 `held_out_nats_last` the last position's (a full window of context), and results.json's
-`held_out_nats_by_position` the final curve (also plotted). `samples.txt` holds
+`held_out_nats_by_position` the final curve (also plotted). After training,
+`attention.png` shows every head's weights on the first held-out window, and results.json's
+`attention_distance` how far back each head looks on average, sum_s p[t, s] (t - s) over the
+first --eval-batch windows and their positions. `samples.txt` holds
 --sample-chars characters generated after --prime at --temperature and at 1.0, the last
 --context characters fed back.
 
@@ -154,6 +157,19 @@ def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, c
     return procedures.Procedure(init, step)
 
 
+def attention_summary(model, params, windows: jax.Array, vocabulary: int):
+    """(maps of the first window {layer: (heads, T, T)}, mean distance looked back per head
+    {layer: [heads]}: the average over windows and positions t of sum_s p[t, s] (t - s))."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    maps = nets.attention.attention_maps(
+        model, params, jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype))
+    steps = windows.shape[1] - 1
+    back = (jnp.arange(steps)[:, None] - jnp.arange(steps)[None, :]).astype(dtype)
+    distance = {name: jnp.mean(jnp.sum(p * back[None, None], axis=-1), axis=(0, 2))
+                for name, p in maps.items()}
+    return {name: p[0] for name, p in maps.items()}, distance
+
+
 def generate(model, params, prime: np.ndarray, key: jax.Array, length: int,
              temperature: float, vocabulary: int, context: int) -> jax.Array:
     """`length` ids sampled one at a time from softmax(logits / temperature) after the prompt,
@@ -224,6 +240,9 @@ def main(argv=None):
     sample_seconds = time.perf_counter() - tick
     (run.workdir / "samples.txt").write_text("".join(
         f"=== temperature {t} ===\n{text}\n\n" for t, text in samples.items()))
+    first_maps, distance = jax.jit(attention_summary, static_argnums=(0, 3))(
+        model, outcome.state.params, eval_windows[:eval_batch], vocabulary)
+    attention_distance = {name: [float(d) for d in value] for name, value in distance.items()}
     parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
     metrics = {"held_out_nats": final["held_out_nats"], "held_out_bpc": final["held_out_bpc"],
                "held_out_nats_last": final["held_out_nats_last"],
@@ -237,6 +256,7 @@ def main(argv=None):
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics, history,
                           seconds, samples={str(t): s for t, s in samples.items()},
                           held_out_nats_by_position=[float(v) for v in position_nats],
+                          attention_distance=attention_distance,
                           resumed_from_step=outcome.resumed_from)
     epochs = np.array([h["epoch"] for h in history])
     title = (f"{config.blocks} blocks of {config.features}, {config.heads} heads, context "
@@ -251,6 +271,12 @@ def main(argv=None):
           "series": {"after training": (np.arange(1, config.context + 1),
                                         position_nats / LOG2)}}],
         title=f"char transformer on Tiny Shakespeare: {title}")
+    if first_maps:
+        plots.save_heatmaps(
+            run.workdir / "attention.png", [list(np.asarray(p)) for p in first_maps.values()],
+            list(first_maps), [f"head {h + 1}" for h in range(config.heads)],
+            "attended step s", "step t", title="attention weights p[t, s], first held-out "
+            "window")
     results.save_and_print_table(run.workdir, "\n".join([
         f"## char transformer, {title}, {parameters:,} parameters, batch {config.batch_size}, "
         "per epoch",

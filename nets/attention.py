@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from nets import initializers
+from nets.accounting import layer_kind
 from nets.layers import Dense, Layer, Relu, residual, serial
 from nets.normalization import LayerNorm
 from nets.recurrent import TimeDistributed
 
-__all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm"]
+__all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm", "attention_maps"]
 
 
 def _check_sequence(name: str, shape, features: int, what: str = "input x") -> None:
@@ -193,3 +194,24 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
                    residual(mix, name=f"block{index}_mlp")]
     layers += [LayerNorm(features, name="final_norm"), per_step(vocabulary, "output")]
     return serial(*layers, name=name)
+
+
+def attention_maps(model: Layer, params, x: jax.Array) -> dict[str, jax.Array]:
+    """The softmax weights p (batch, heads, T, T) of every SelfAttention in `model` on x, by
+    layer name, read from the forward pass's residuals: p[b, h, t, s] is how much step t of
+    example b attends to step s in head h. Descends into `serial` and into the branches of
+    `parallel` and `residual`, as `transformer_lm` nests its attention."""
+    _, residuals = model.forward(params, x)
+    return dict(_maps(model, residuals))
+
+
+def _maps(layer: Layer, residuals):
+    kind = layer_kind(layer)
+    if kind == "SelfAttention":
+        yield layer.name, residuals[4]
+    elif kind == "serial":
+        for sublayer, sub_residuals in zip(layer.sublayers, residuals):
+            yield from _maps(sublayer, sub_residuals)
+    elif kind == "parallel":
+        for branch, branch_residuals in zip(layer.sublayers, residuals[0]):
+            yield from _maps(branch, branch_residuals)

@@ -164,6 +164,32 @@ def test_training_learns_to_copy_the_previous_token():
     assert losses_over_training(0)[1] > 1.2
 
 
+def test_attention_maps_are_each_blocks_softmax_weights():
+    """One map per block, (batch, heads, T, T), rows summing to 1 and zero above the diagonal;
+    block 1's equals the softmax of its scores recomputed from its input by the NumPy loop's
+    math (q k^T / sqrt(D) over visible steps)."""
+    model, params, x, _ = small_lm(seed=5)
+    maps = nets.attention.attention_maps(model, params, x)
+    assert list(maps) == ["attention1", "attention2"]
+    for p in maps.values():
+        assert p.shape == (3, 2, 6, 6)
+        np.testing.assert_allclose(jnp.sum(p, axis=-1), 1, rtol=1e-12)
+        assert np.all(np.asarray(p)[:, :, np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]
+                      == 0)
+    embed, positions, (_, attend) = model.sublayers[0], model.sublayers[1], \
+        model.sublayers[2].sublayers
+    h = positions.apply(params[1], embed.apply(params[0], x))
+    h = attend.sublayers[0].apply(params[2][1][0], h)
+    w, b = np.asarray(params[2][1][1]["qkv"]["w"]), np.asarray(params[2][1][1]["qkv"]["b"])
+    qkv = np.asarray(h) @ w + b
+    q, k = qkv[..., 0:8].reshape(3, 6, 2, 4), qkv[..., 8:16].reshape(3, 6, 2, 4)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(4)
+    scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(maps["attention1"], expected, rtol=1e-10, atol=1e-15)
+
+
 def test_accounting_by_hand():
     """F = 4, T = 3, causal: q k v and output neurons 4 T F = 48; weights 4 F^2 = 64 and
     biases 4 F = 16; connections T (64 + 16) = 240; multiply-adds T 64 + 2 F (1 + 2 + 3) =

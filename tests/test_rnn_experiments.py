@@ -108,6 +108,10 @@ def test_char_transformer_trains_evaluates_and_samples(tmp_path):
     assert metrics["held_out_nats"] == pytest.approx(np.mean(document["held_out_nats_by_position"]),
                                                      rel=1e-6)
     assert metrics["held_out_chars"] == 64 * 8  # 74 windows of 8, in 4 batches of 16
+    assert {name: len(d) for name, d in document["attention_distance"].items()} == {
+        "attention1": 2}
+    assert all(0 <= d <= 7 for d in document["attention_distance"]["attention1"])
+    assert (tmp_path / "attention.png").stat().st_size > 5_000
     samples = (tmp_path / "samples.txt").read_text()
     assert samples.count("ROMEO:\n") == 2
     assert len(document["samples"]["0.8"]) == len("ROMEO:\n") + 50

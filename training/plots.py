@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["save_curves", "save_histogram", "save_bars"]
+__all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps"]
 
 
 def save_curves(
@@ -82,5 +82,31 @@ def save_bars(path: str | os.PathLike, values: Mapping[str, float], xlabel: str,
     if title:
         axis.set_title(title)
     figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_heatmaps(path: str | os.PathLike, rows: Sequence[Sequence], row_labels: Sequence[str],
+                  column_labels: Sequence[str], xlabel: str, ylabel: str,
+                  title: str = "") -> None:
+    """A grid of matrices shown as images, rows[i][j] in row i and column j, on one colour
+    scale from 0 to the largest entry."""
+    count_rows, count_columns = len(rows), max(len(row) for row in rows)
+    figure, axes = plt.subplots(count_rows, count_columns, squeeze=False,
+                                figsize=(2.8 * count_columns + 0.8, 2.8 * count_rows + 0.6))
+    top = max(float(matrix.max()) for row in rows for matrix in row)
+    for i, row in enumerate(rows):
+        for j, axis in enumerate(axes[i]):
+            if j >= len(row):
+                axis.set_visible(False)
+                continue
+            image = axis.imshow(row[j], vmin=0, vmax=top, cmap="viridis")
+            axis.set_title(f"{row_labels[i]}, {column_labels[j]}", fontsize=8)
+            axis.set_xlabel(xlabel, fontsize=7)
+            axis.set_ylabel(ylabel, fontsize=7)
+            axis.tick_params(labelsize=6)
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    if title:
+        figure.suptitle(title)
     figure.savefig(path, dpi=110)
     plt.close(figure)
