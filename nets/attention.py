@@ -5,7 +5,7 @@ On a sequence x (batch, T, F) with H heads of width D = F / H, for each example 
 
     [q k v] = x W_qkv + b_qkv                       q, k, v (T, D) per head
     s = q k^T / sqrt(D)                             s (T, T); with `causal`, s_ts = -inf for s > t
-    p = softmax(s) along its last axis              p_t. sums to 1
+    p = softmax(s) along its last axis              each row p_t sums to 1
     o = p v                                         o (T, D), the heads side by side (T, F)
     y = o W_o + b_o                                 y (T, F)
 
@@ -21,9 +21,9 @@ Backward, given dy (the chain rule through each line above, bottom up):
 the backward pass. The residuals are x, q, k, v, p and o: memory grows as batch H T^2.
 
 No Gauss-Newton curvature (`nets.layers`): every output step depends on every earlier input
-step through p, so the Jacobian is dense across time and its squared entries would cost
-T^2 F^2 a head. The curvature engine (LeCun's diagonal method) refuses a model with this
-layer, naming it; first-order optimisers take it as any other.
+step through p, so the Jacobian dy/dx is dense across time, (T F)^2 entries an example.
+`nets.engines.curvature_diagonal` (LeCun's diagonal method) refuses a model with this layer,
+naming it; first-order optimisers take it as any other.
 """
 from __future__ import annotations
 
