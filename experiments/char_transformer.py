@@ -14,7 +14,9 @@ Training: each step reads --batch-size windows of --context + 1 characters at ra
 offsets of the training text (inputs the first --context, targets the last); the loss is the
 per-character cross-entropy in nats averaged over every position. Adam with the gradient's
 global norm clipped to --clip; the learning rate decays by --lr-decay per epoch of
---steps-per-epoch steps. One epoch is one jitted `lax.scan`, checkpointed by the harness.
+--steps-per-epoch steps. --dropout > 0 drops units after the positions and at the end of
+every residual branch during training (a new key every step; none held out or sampling).
+One epoch is one jitted `lax.scan`, checkpointed by the harness.
 
 Held out, after every epoch: the held-out text cut into consecutive windows of --context
 characters, each predicting its next characters from the window alone. Position t of a
@@ -58,6 +60,8 @@ class Config:
     features: int = option(128, "width of the model", ge=1)
     heads: int = option(4, "attention heads per block (must divide --features)", ge=1)
     blocks: int = option(2, "transformer blocks", ge=0)
+    dropout: float = option(0.0, "dropout rate after the positions and at the end of every "
+                            "residual branch, in training only", ge=0, lt=1)
     batch_size: int = option(32, "windows per optimizer step", ge=1)
     steps_per_epoch: int = option(490, "optimizer steps per epoch", ge=1)
     epochs: int = option(6, "epochs", ge=1)
@@ -138,10 +142,13 @@ def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, c
 
         def update(carry, index):
             params, opt_state, guard = carry
+            # step i's windows from key (epoch, i), its dropout masks from (epoch, steps + i)
             windows = random_windows(train_ids, jax.random.fold_in(epoch_key, index),
                                      config.batch_size, config.context)
+            dropout_key = jax.random.fold_in(epoch_key, steps + index)
             xs = jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype)
-            energy, grad = value_and_grad(params, xs, windows[:, 1:])
+            energy, grad = value_and_grad(params, xs, windows[:, 1:],
+                                          dropout_key if config.dropout > 0 else None)
             params, opt_state, guard = procedures.guarded_update(
                 optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
             return (params, opt_state, guard), energy
@@ -202,7 +209,7 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
     vocabulary = len(corpus.vocabulary)
     model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
-                                config.blocks)
+                                config.blocks, config.dropout)
     objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
     params = model.init(jax.random.key(config.seed), (-1, config.context, vocabulary))[1]
     train_ids = jnp.asarray(corpus.train)

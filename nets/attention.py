@@ -36,6 +36,7 @@ from nets import initializers
 from nets.accounting import layer_kind
 from nets.layers import Dense, Layer, Relu, residual, serial
 from nets.normalization import LayerNorm
+from nets.pooling import Dropout
 from nets.recurrent import TimeDistributed
 
 __all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm", "attention_maps"]
@@ -158,7 +159,8 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
-                   blocks: int = 2, name: str = "transformer_lm") -> Layer:
+                   blocks: int = 2, dropout: float = 0.0,
+                   name: str = "transformer_lm") -> Layer:
     """A decoder-only (GPT-style, pre-norm) transformer over one-hot tokens.
 
     (batch, T, vocabulary) one-hot -> logits (batch, T, vocabulary), T <= context. A Dense
@@ -170,26 +172,35 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
 
     and a final LayerNorm and Dense to the vocabulary. Layers are named embed, positions,
     block1 (norm1a, attention1, norm1b, inner1, act1, outer1), ..., final_norm, output.
+    With dropout > 0 (GPT's placement), `Dropout(dropout)` follows the positions and ends
+    each block's two residual branches (drop0, drop1a, drop1b, ...); the model is then
+    stochastic: training steps pass a key, inference none.
     """
     if vocabulary < 1:
         raise ValueError(f"{name}: vocabulary must be >= 1, got {vocabulary}")
     if blocks < 0:
         raise ValueError(f"{name}: blocks must be >= 0, got {blocks}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name}: dropout must lie in [0, 1), got {dropout}")
     glorot = initializers.glorot_uniform()
 
     def per_step(out_features, layer_name):
         return TimeDistributed(Dense(out_features, w_init=glorot, name=layer_name),
                                name=layer_name)
 
+    def dropped(layer_name):
+        return [Dropout(dropout, name=layer_name)] if dropout > 0 else []
+
     layers = [per_step(features, "embed"),
-              PositionalEmbedding(context, features, name="positions")]
+              PositionalEmbedding(context, features, name="positions"), *dropped("drop0")]
     for index in range(1, blocks + 1):
         attend = serial(LayerNorm(features, name=f"norm{index}a"),
                         SelfAttention(features, heads, name=f"attention{index}"),
-                        name=f"attend{index}")
+                        *dropped(f"drop{index}a"), name=f"attend{index}")
         mix = serial(LayerNorm(features, name=f"norm{index}b"),
                      per_step(4 * features, f"inner{index}"), Relu(name=f"act{index}"),
-                     per_step(features, f"outer{index}"), name=f"mix{index}")
+                     per_step(features, f"outer{index}"), *dropped(f"drop{index}b"),
+                     name=f"mix{index}")
         layers += [residual(attend, name=f"block{index}_attention"),
                    residual(mix, name=f"block{index}_mlp")]
     layers += [LayerNorm(features, name="final_norm"), per_step(vocabulary, "output")]

@@ -97,7 +97,8 @@ def test_char_rnn_engines_agree_on_a_window_from_given_states():
 def test_char_transformer_trains_evaluates_and_samples(tmp_path):
     metrics = char_transformer.main([
         "--workdir", str(tmp_path), "--context", "8", "--features", "8", "--heads", "2",
-        "--blocks", "1", "--batch-size", "4", "--steps-per-epoch", "10", "--epochs", "2",
+        "--blocks", "1", "--dropout", "0.1", "--batch-size", "4", "--steps-per-epoch", "10",
+        "--epochs", "2",
         "--train-chars", "2000", "--eval-chars", "600", "--eval-batch", "16",
         "--sample-chars", "50", "--progress-every", "0"])
     document = read_results(tmp_path)
