@@ -30,8 +30,18 @@ first --eval-batch windows and their positions. `samples.txt` holds
 --sample-chars characters generated after --prime at --temperature and at 1.0, the last
 --context characters fed back.
 
-Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine): see the README
-("A transformer, by hand").
+Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine, a slow host,
+2026-12-03), defaults (421,825 parameters): 229-232 s of training in three runs, 6-9 s
+compile, held-out loss in nats/char (mean over positions; at position 64):
+
+    epoch       1      2      3      4      5      6       12 (--epochs 12, 548 s)
+    train     2.327  1.812  1.657  1.581  1.533  1.503    1.389
+    held out  2.076  1.882  1.789  1.744  1.714  1.688    1.622
+    last      2.145  1.857  1.755  1.724  1.725  1.682
+
+The held-out loss by position falls to 1.63 by 16 characters seen and stays at 1.65-1.68
+up to 64. char_rnn's 2x256 LSTM reaches 1.585 in 6 epochs (500 s). --dropout 0.1, 12 epochs:
+1.701 (train 1.594): no gain at this size. README, "Attention and a small transformer".
 """
 from __future__ import annotations
 
