@@ -245,6 +245,26 @@ def generate(cells, params, prime: np.ndarray, key: jax.Array, length: int,
     return chars
 
 
+def epoch_history(records, extra_keys=()) -> list[dict]:
+    """The harness's per-epoch records as rows: epoch, train and held-out loss in nats and
+    bits per character, and `extra_keys` as recorded."""
+    return [{"epoch": r["step"], "train_nats": r["energy"], "train_bpc": r["energy"] / LOG2,
+             "held_out_nats": r["held_out_nats"], "held_out_bpc": r["held_out_bpc"],
+             **{key: r[key] for key in extra_keys}} for r in records]
+
+
+def write_samples(workdir, config, corpus: Corpus, sample) -> tuple[dict, float]:
+    """`sample(temperature) -> ids` at config.temperature and at 1.0, each after the prompt
+    config.prime, decoded and written to workdir/samples.txt: ({temperature: text}, seconds)."""
+    tick = time.perf_counter()
+    samples = {temperature: config.prime + corpus.decode(np.asarray(sample(temperature)))
+               for temperature in dict.fromkeys((config.temperature, 1.0))}
+    seconds = time.perf_counter() - tick
+    (workdir / "samples.txt").write_text("".join(
+        f"=== temperature {t} ===\n{text}\n\n" for t, text in samples.items()))
+    return samples, seconds
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     corpus = Corpus(data.load_text(), config.held_out, config.train_chars, config.eval_chars)
@@ -271,20 +291,14 @@ def main(argv=None):
         progress_every=config.progress_every, loss_name="held_out_nats",
         leaf_names=[f"{layer}.{name}" for layer, name, _ in
                     nets.gradcheck.named_parameters(model, params)])
-    history = [{"epoch": r["step"], "train_nats": r["energy"], "train_bpc": r["energy"] / LOG2,
-                "held_out_nats": r["held_out_nats"], "held_out_bpc": r["held_out_bpc"]}
-               for r in outcome.history]
+    history = epoch_history(outcome.history)
     final = history[-1]
-    tick = time.perf_counter()
-    samples = {}
-    for temperature in dict.fromkeys((config.temperature, 1.0)):
-        chars = jax.jit(generate, static_argnums=(0, 4, 5, 6))(
-            tuple(cells), outcome.state.params, prime, jax.random.key(config.seed + 2),
-            config.sample_chars, temperature, vocabulary)
-        samples[temperature] = config.prime + corpus.decode(np.asarray(chars))
-    sample_seconds = time.perf_counter() - tick
-    (run.workdir / "samples.txt").write_text("".join(
-        f"=== temperature {t} ===\n{text}\n\n" for t, text in samples.items()))
+    sample = jax.jit(generate, static_argnums=(0, 4, 5, 6))
+    samples, sample_seconds = write_samples(
+        run.workdir, config, corpus,
+        lambda temperature: sample(tuple(cells), outcome.state.params, prime,
+                                   jax.random.key(config.seed + 2), config.sample_chars,
+                                   temperature, vocabulary))
     parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
     metrics = {"held_out_nats": final["held_out_nats"], "held_out_bpc": final["held_out_bpc"],
                "train_nats": final["train_nats"], "epochs": outcome.steps_done,

@@ -46,7 +46,6 @@ up to 64. char_rnn's 2x256 LSTM reaches 1.585 in 6 epochs (500 s). --dropout 0.1
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,7 @@ import optax
 
 import nets
 from experiments import adding_problem
-from experiments.char_rnn import LOG2, Corpus
+from experiments.char_rnn import LOG2, Corpus, epoch_history, write_samples
 from nets import engines
 from training import data, plots, procedures, results
 from training.config import ConfigError, option, parse, run_main
@@ -242,21 +241,15 @@ def main(argv=None):
         progress_every=config.progress_every, loss_name="held_out_nats",
         leaf_names=[f"{layer}.{name}" for layer, name, _ in
                     nets.gradcheck.named_parameters(model, params)])
-    history = [{"epoch": r["step"], "train_nats": r["energy"], "train_bpc": r["energy"] / LOG2,
-                "held_out_nats": r["held_out_nats"], "held_out_bpc": r["held_out_bpc"],
-                "held_out_nats_last": r["held_out_nats_last"]} for r in outcome.history]
+    history = epoch_history(outcome.history, ("held_out_nats_last",))
     final = history[-1]
     position_nats = np.asarray(jax.jit(by_position)(outcome.state.params))
-    tick = time.perf_counter()
-    samples = {}
-    for temperature in dict.fromkeys((config.temperature, 1.0)):
-        chars = jax.jit(generate, static_argnums=(0, 4, 5, 6, 7))(
-            model, outcome.state.params, prime, jax.random.key(config.seed + 2),
-            config.sample_chars, temperature, vocabulary, config.context)
-        samples[temperature] = config.prime + corpus.decode(np.asarray(chars))
-    sample_seconds = time.perf_counter() - tick
-    (run.workdir / "samples.txt").write_text("".join(
-        f"=== temperature {t} ===\n{text}\n\n" for t, text in samples.items()))
+    sample = jax.jit(generate, static_argnums=(0, 4, 5, 6, 7))
+    samples, sample_seconds = write_samples(
+        run.workdir, config, corpus,
+        lambda temperature: sample(model, outcome.state.params, prime,
+                                   jax.random.key(config.seed + 2), config.sample_chars,
+                                   temperature, vocabulary, config.context))
     first_maps, distance = jax.jit(attention_summary, static_argnums=(0, 3))(
         model, outcome.state.params, eval_windows[:eval_batch], vocabulary)
     attention_distance = {name: [float(d) for d in value] for name, value in distance.items()}

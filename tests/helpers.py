@@ -31,3 +31,16 @@ def random_batch(key, batch, features, classes, dtype):
     x = jax.random.normal(x_key, (batch, features), dtype)
     labels = jax.random.randint(y_key, (batch,), 0, classes)
     return x, jax.nn.one_hot(labels, classes, dtype=dtype)
+
+
+def backward_and_vjp(layer, params, x, dy):
+    """In one jit: layer.backward's (dparams, dx), from its own forward's residuals, and
+    jax.vjp's of layer.apply at the same point (the independent reference)."""
+
+    @jax.jit
+    def both(params, x, dy):
+        _, residuals = layer.forward(params, x)
+        _, pullback = jax.vjp(layer.apply, params, x)
+        return layer.backward(params, residuals, dy), pullback(dy)
+
+    return both(params, x, dy)

@@ -10,7 +10,7 @@ import nets
 from nets import engines, gradcheck, losses
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.recurrent import sequence_cross_entropy
-from tests.helpers import assert_close_tree
+from tests.helpers import assert_close_tree, backward_and_vjp
 
 
 def perturbed(params, dtype, seed, scale=0.3):
@@ -56,14 +56,7 @@ def numpy_attention(params, x, heads, causal):
 def test_backward_matches_vjp(shape, heads, causal, dtype):
     layer, params, x = random_attention(shape, heads, causal, dtype)
     dy = jax.random.normal(jax.random.key(9), shape, dtype)
-
-    @jax.jit
-    def manual_and_reference(params, x, dy):
-        _, residuals = layer.forward(params, x)
-        _, pullback = jax.vjp(layer.apply, params, x)
-        return layer.backward(params, residuals, dy), pullback(dy)
-
-    manual, reference = manual_and_reference(params, x, dy)
+    manual, reference = backward_and_vjp(layer, params, x, dy)
     assert_close_tree(manual, reference, dtype, f"SelfAttention{shape} heads={heads}")
 
 

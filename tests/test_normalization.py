@@ -8,7 +8,7 @@ import pytest
 import nets
 from nets import engines, gradcheck, layers, losses
 from nets.normalization import LayerNorm
-from tests.helpers import assert_close_tree
+from tests.helpers import assert_close_tree, backward_and_vjp
 
 
 def random_layer_norm(shape, dtype, seed=0, eps=1e-5):
@@ -26,14 +26,7 @@ def random_layer_norm(shape, dtype, seed=0, eps=1e-5):
 def test_backward_matches_vjp(shape, dtype):
     layer, params, x = random_layer_norm(shape, dtype)
     dy = jax.random.normal(jax.random.key(9), shape, dtype)
-
-    @jax.jit
-    def manual_and_reference(params, x, dy):
-        _, residuals = layer.forward(params, x)
-        _, pullback = jax.vjp(layer.apply, params, x)
-        return layer.backward(params, residuals, dy), pullback(dy)
-
-    manual, reference = manual_and_reference(params, x, dy)
+    manual, reference = backward_and_vjp(layer, params, x, dy)
     assert_close_tree(manual, reference, dtype, f"LayerNorm{shape}")
 
 
