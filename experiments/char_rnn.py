@@ -64,7 +64,21 @@ LOG2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class TextOptions:
+    """Options every Tiny Shakespeare experiment shares (data, engine, samples, progress)."""
+
+    held_out: float = option(0.1, "fraction of the text held out, from its end", gt=0, lt=1)
+    train_chars: int = option(0, "use only the first N training characters (0: all)", ge=0)
+    eval_chars: int = option(0, "evaluate on the first N held-out characters (0: all)", ge=0)
+    engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
+    temperature: float = option(0.8, "sampling temperature of samples.txt", gt=0)
+    sample_chars: int = option(1000, "characters generated per sample", ge=1)
+    prime: str = option("ROMEO:\n", "prompt the samples start from")
+    progress_every: int = option(1, "epochs between progress lines off a terminal", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TextOptions):
     cell: str = option("lstm", "recurrent cell", choices=recurrent.CELLS)
     layers: int = option(2, "stacked recurrent layers", ge=1)
     hidden: int = option(256, "hidden units per layer", ge=1)
@@ -74,17 +88,9 @@ class Config:
     lr: float = option(2e-3, "Adam learning rate", gt=0)
     lr_decay: float = option(0.9, "learning-rate factor per epoch", gt=0, le=1)
     clip: float = option(5.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
-    held_out: float = option(0.1, "fraction of the text held out, from its end", gt=0, lt=1)
-    train_chars: int = option(0, "use only the first N training characters (0: all)", ge=0)
-    eval_chars: int = option(0, "evaluate on the first N held-out characters (0: all)", ge=0)
     eval_streams: int = option(32, "parallel streams of held-out text", ge=1)
-    engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
-    temperature: float = option(0.8, "sampling temperature of samples.txt", gt=0)
-    sample_chars: int = option(1000, "characters generated per sample", ge=1)
-    prime: str = option("ROMEO:\n", "prompt the samples start from")
     unroll: int = option(1, "lax.scan unroll of the time loop", ge=1)
     seed: int = option(0, "seed of initialisation, stream offsets and samples")
-    progress_every: int = option(1, "epochs between progress lines off a terminal", ge=0)
 
 
 class Corpus:
@@ -265,6 +271,18 @@ def write_samples(workdir, config, corpus: Corpus, sample) -> tuple[dict, float]
     return samples, seconds
 
 
+def save_and_print_report(workdir, heading: str, history, sample: str, temperature: float,
+                          seconds: dict) -> None:
+    """results.md (and stdout): the per-epoch table under `heading`, the start of the sample
+    at `temperature`, and the compile, run and checkpoint seconds."""
+    results.save_and_print_table(workdir, "\n".join([
+        f"## {heading}, per epoch",
+        results.markdown_table(history),
+        f"Sample at temperature {temperature}:\n\n```\n{sample[:400]}\n```\n",
+        f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, checkpoints "
+        f"{seconds['checkpoint']:.1f} s. Results in {workdir}"]))
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     corpus = Corpus(data.load_text(), config.held_out, config.train_chars, config.eval_chars)
@@ -318,14 +336,10 @@ def main(argv=None):
             "train": (epochs, np.array([h["train_bpc"] for h in history])),
             "held out": (epochs, np.array([h["held_out_bpc"] for h in history]))}}],
         title=f"char-rnn on Tiny Shakespeare: {config.layers} x {config.hidden} {config.cell}")
-    results.save_and_print_table(run.workdir, "\n".join([
-        f"## char-rnn, {config.layers} x {config.hidden} {config.cell}, {parameters:,} "
-        f"parameters, window {config.window}, batch {config.batch_size}, per epoch",
-        results.markdown_table(history),
-        f"Sample at temperature {config.temperature}:\n\n```\n"
-        f"{samples[config.temperature][:400]}\n```\n",
-        f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, checkpoints "
-        f"{seconds['checkpoint']:.1f} s. Results in {run.workdir}"]))
+    save_and_print_report(
+        run.workdir, f"char-rnn, {config.layers} x {config.hidden} {config.cell}, "
+        f"{parameters:,} parameters, window {config.window}, batch {config.batch_size}",
+        history, samples[config.temperature], config.temperature, seconds)
     return metrics
 
 

@@ -54,7 +54,14 @@ import optax
 
 import nets
 from experiments import adding_problem
-from experiments.char_rnn import LOG2, Corpus, epoch_history, write_samples
+from experiments.char_rnn import (
+    LOG2,
+    Corpus,
+    TextOptions,
+    epoch_history,
+    save_and_print_report,
+    write_samples,
+)
 from nets import engines
 from training import data, plots, procedures, results
 from training.config import ConfigError, option, parse, run_main
@@ -64,7 +71,7 @@ EXPERIMENT = "char_transformer"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TextOptions):
     context: int = option(64, "characters a window holds (the attention's reach)", ge=1)
     features: int = option(128, "width of the model", ge=1)
     heads: int = option(4, "attention heads per block (must divide --features)", ge=1)
@@ -77,16 +84,8 @@ class Config:
     lr: float = option(1e-3, "Adam learning rate", gt=0)
     lr_decay: float = option(0.9, "learning-rate factor per epoch", gt=0, le=1)
     clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
-    held_out: float = option(0.1, "fraction of the text held out, from its end", gt=0, lt=1)
-    train_chars: int = option(0, "use only the first N training characters (0: all)", ge=0)
-    eval_chars: int = option(0, "evaluate on the first N held-out characters (0: all)", ge=0)
     eval_batch: int = option(64, "held-out windows evaluated together", ge=1)
-    engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
-    temperature: float = option(0.8, "sampling temperature of samples.txt", gt=0)
-    sample_chars: int = option(1000, "characters generated per sample", ge=1)
-    prime: str = option("ROMEO:\n", "prompt the samples start from")
     seed: int = option(0, "seed of initialisation, windows and samples")
-    progress_every: int = option(1, "epochs between progress lines off a terminal", ge=0)
 
 
 def check_config(config: Config, corpus: Corpus) -> None:
@@ -287,14 +286,10 @@ def main(argv=None):
             list(first_maps), [f"head {h + 1}" for h in range(config.heads)],
             "attended step s", "step t", title="attention weights p[t, s], first held-out "
             "window")
-    results.save_and_print_table(run.workdir, "\n".join([
-        f"## char transformer, {title}, {parameters:,} parameters, batch {config.batch_size}, "
-        "per epoch",
-        results.markdown_table(history),
-        f"Sample at temperature {config.temperature}:\n\n```\n"
-        f"{samples[config.temperature][:400]}\n```\n",
-        f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, checkpoints "
-        f"{seconds['checkpoint']:.1f} s. Results in {run.workdir}"]))
+    save_and_print_report(
+        run.workdir, f"char transformer, {title}, {parameters:,} parameters, batch "
+        f"{config.batch_size}", history, samples[config.temperature], config.temperature,
+        seconds)
     return metrics
 
 
