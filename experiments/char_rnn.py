@@ -182,17 +182,17 @@ def windows_per_epoch(stream_length: int, window: int) -> int:
     return (stream_length - window - 1) // window
 
 
-def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
-                 config, monitor) -> procedures.Procedure:
-    """One procedure step = one epoch of truncated BPTT over the streams (module docstring);
-    record: "energy" (mean training loss of the epoch, nats), monitor(params)."""
-    value_and_grad = value_grad_and_carries(cells, objective, config.engine)
-    batch, length = train_streams.shape
-    window = config.window
-    steps = windows_per_epoch(length, window)
-    if steps < 1:
-        raise ConfigError(f"option --window: got {window}; the {length} characters per stream "
-                          "do not hold two windows (use fewer --batch-size or more text)")
+def epochs_of_updates(config, steps: int, gradient_step, initial_extra,
+                      monitor) -> procedures.Procedure:
+    """One procedure step = one epoch: a `lax.scan` of `steps` optimizer updates, Adam at
+    config.lr decayed by config.lr_decay per epoch after clipping the gradient's global norm
+    to config.clip, a non-finite update skipped (`procedures.guarded_update`).
+
+    `gradient_step(epoch_key, index, params, extra) -> (energy, grad, extra)` gives update
+    `index` of the epoch its gradient; `extra` is carried from update to update (a recurrent
+    net's states), starting each epoch at `initial_extra(dtype)`; epoch_key is new every
+    epoch. Record: "energy" (the epoch's mean training loss), monitor(params).
+    """
     schedule = optax.exponential_decay(config.lr, steps, config.lr_decay, staircase=True)
     optimizer = adding_problem.make_optimizer(schedule, config.clip)
 
@@ -200,32 +200,54 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
         return procedures.initial_state(params, optimizer.init(params), key)
 
     def step(state, epoch):
-        next_key, offset_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        offset = jax.random.randint(offset_key, (), 0, window)
+        next_key, epoch_key = jax.random.split(jax.random.wrap_key_data(state.key))
         dtype = jax.tree.leaves(state.params)[0].dtype
 
         def update(carry, index):
-            params, opt_state, guard, carries = carry
-            ids = jax.lax.dynamic_slice(train_streams, (0, offset + index * window),
-                                        (batch, window + 1))
-            xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
-            energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries)
+            params, opt_state, guard, extra = carry
+            energy, grad, extra = gradient_step(epoch_key, index, params, extra)
             params, opt_state, guard = procedures.guarded_update(
                 optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
-            # a non-finite window restarts the streams from the zero state
-            carries = jax.tree.map(lambda new, zero: jnp.where(jnp.isfinite(energy), new, zero),
-                                   new_carries, zero_carries(cells, batch, dtype))
-            return (params, opt_state, guard, carries), energy
+            return (params, opt_state, guard, extra), energy
 
-        carry = (state.params, state.opt_state, state.guard, zero_carries(cells, batch, dtype))
-        (params, opt_state, guard, _), energies = jax.lax.scan(update, carry,
-                                                          jnp.arange(steps, dtype=jnp.int32))
+        carry = (state.params, state.opt_state, state.guard, initial_extra(dtype))
+        (params, opt_state, guard, _), energies = jax.lax.scan(
+            update, carry, jnp.arange(steps, dtype=jnp.int32))
         energy = jnp.mean(energies).astype(state.energy.dtype)
         new_state = state._replace(params=params, opt_state=opt_state, guard=guard,
                                    energy=energy, key=jax.random.key_data(next_key))
         return new_state, {"energy": energy, **monitor(params)}
 
     return procedures.Procedure(init, step)
+
+
+def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
+                 config, monitor) -> procedures.Procedure:
+    """One procedure step = one epoch of truncated BPTT over the streams (module docstring),
+    from a random offset in [0, window) drawn from the epoch's key; record as
+    `epochs_of_updates`."""
+    value_and_grad = value_grad_and_carries(cells, objective, config.engine)
+    batch, length = train_streams.shape
+    window = config.window
+    steps = windows_per_epoch(length, window)
+    if steps < 1:
+        raise ConfigError(f"option --window: got {window}; the {length} characters per stream "
+                          "do not hold two windows (use fewer --batch-size or more text)")
+
+    def gradient_step(epoch_key, index, params, carries):
+        offset = jax.random.randint(epoch_key, (), 0, window)
+        dtype = jax.tree.leaves(params)[0].dtype
+        ids = jax.lax.dynamic_slice(train_streams, (0, offset + index * window),
+                                    (batch, window + 1))
+        xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
+        energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries)
+        # a non-finite window restarts the streams from the zero state
+        carries = jax.tree.map(lambda new, zero: jnp.where(jnp.isfinite(energy), new, zero),
+                               new_carries, zero_carries(cells, batch, dtype))
+        return energy, grad, carries
+
+    return epochs_of_updates(config, steps, gradient_step,
+                             lambda dtype: zero_carries(cells, batch, dtype), monitor)
 
 
 def generate(cells, params, prime: np.ndarray, key: jax.Array, length: int,
@@ -257,6 +279,19 @@ def epoch_history(records, extra_keys=()) -> list[dict]:
     return [{"epoch": r["step"], "train_nats": r["energy"], "train_bpc": r["energy"] / LOG2,
              "held_out_nats": r["held_out_nats"], "held_out_bpc": r["held_out_bpc"],
              **{key: r[key] for key in extra_keys}} for r in records]
+
+
+def train_epochs(run, procedure: procedures.Procedure, model, params, config):
+    """config.epochs steps of `procedure` (one epoch each) from params, seeded by
+    config.seed + 1, through the harness: a checkpoint after every epoch (two kept), progress
+    on the held-out loss, the parameters named by layer in the logs. The harness's outcome."""
+    return train(
+        run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),
+        procedure.init(params, jax.random.key(config.seed + 1)),
+        total_steps=config.epochs, checkpoint_every=1, keep=2,
+        progress_every=config.progress_every, loss_name="held_out_nats",
+        leaf_names=[f"{layer}.{name}" for layer, name, _ in
+                    nets.gradcheck.named_parameters(model, params)])
 
 
 def write_samples(workdir, config, corpus: Corpus, sample) -> tuple[dict, float]:
@@ -302,13 +337,7 @@ def main(argv=None):
         return {"held_out_nats": nats, "held_out_bpc": nats / LOG2}
 
     procedure = tbptt_epochs(cells, objective, train_streams, vocabulary, config, monitor)
-    outcome = train(
-        run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),
-        procedure.init(params, jax.random.key(config.seed + 1)),
-        total_steps=config.epochs, checkpoint_every=1, keep=2,
-        progress_every=config.progress_every, loss_name="held_out_nats",
-        leaf_names=[f"{layer}.{name}" for layer, name, _ in
-                    nets.gradcheck.named_parameters(model, params)])
+    outcome = train_epochs(run, procedure, model, params, config)
     history = epoch_history(outcome.history)
     final = history[-1]
     sample = jax.jit(generate, static_argnums=(0, 4, 5, 6))

@@ -50,22 +50,22 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import nets
-from experiments import adding_problem
 from experiments.char_rnn import (
     LOG2,
     Corpus,
     TextOptions,
     epoch_history,
+    epochs_of_updates,
     save_and_print_report,
+    train_epochs,
     write_samples,
 )
 from nets import engines
 from training import data, plots, procedures, results
 from training.config import ConfigError, option, parse, run_main
-from training.harness import open_run, train
+from training.harness import open_run
 
 EXPERIMENT = "char_transformer"
 
@@ -134,42 +134,23 @@ def held_out_loss_by_position(model, params, windows: jax.Array, vocabulary: int
 
 def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, config,
                       monitor) -> procedures.Procedure:
-    """One procedure step = one epoch of --steps-per-epoch updates on random windows;
-    record: "energy" (mean training loss of the epoch, nats), monitor(params)."""
+    """One procedure step = one epoch of --steps-per-epoch updates on random windows; record
+    as `char_rnn.epochs_of_updates`. Update i of an epoch draws its windows from the key
+    (epoch, i) and its dropout masks from (epoch, steps + i)."""
     value_and_grad = engines.get_engine(config.engine)(model, objective)
     steps = config.steps_per_epoch
-    schedule = optax.exponential_decay(config.lr, steps, config.lr_decay, staircase=True)
-    optimizer = adding_problem.make_optimizer(schedule, config.clip)
 
-    def init(params, key):
-        return procedures.initial_state(params, optimizer.init(params), key)
+    def gradient_step(epoch_key, index, params, extra):
+        windows = random_windows(train_ids, jax.random.fold_in(epoch_key, index),
+                                 config.batch_size, config.context)
+        dropout_key = jax.random.fold_in(epoch_key, steps + index)
+        dtype = jax.tree.leaves(params)[0].dtype
+        xs = jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype)
+        energy, grad = value_and_grad(params, xs, windows[:, 1:],
+                                      dropout_key if config.dropout > 0 else None)
+        return energy, grad, extra
 
-    def step(state, epoch):
-        next_key, epoch_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        dtype = jax.tree.leaves(state.params)[0].dtype
-
-        def update(carry, index):
-            params, opt_state, guard = carry
-            # step i's windows from key (epoch, i), its dropout masks from (epoch, steps + i)
-            windows = random_windows(train_ids, jax.random.fold_in(epoch_key, index),
-                                     config.batch_size, config.context)
-            dropout_key = jax.random.fold_in(epoch_key, steps + index)
-            xs = jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype)
-            energy, grad = value_and_grad(params, xs, windows[:, 1:],
-                                          dropout_key if config.dropout > 0 else None)
-            params, opt_state, guard = procedures.guarded_update(
-                optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
-            return (params, opt_state, guard), energy
-
-        (params, opt_state, guard), energies = jax.lax.scan(
-            update, (state.params, state.opt_state, state.guard),
-            jnp.arange(steps, dtype=jnp.int32))
-        energy = jnp.mean(energies).astype(state.energy.dtype)
-        new_state = state._replace(params=params, opt_state=opt_state, guard=guard,
-                                   energy=energy, key=jax.random.key_data(next_key))
-        return new_state, {"energy": energy, **monitor(params)}
-
-    return procedures.Procedure(init, step)
+    return epochs_of_updates(config, steps, gradient_step, lambda dtype: (), monitor)
 
 
 def attention_summary(model, params, windows: jax.Array, vocabulary: int):
@@ -233,13 +214,7 @@ def main(argv=None):
                 "held_out_nats_last": nats[-1]}
 
     procedure = epochs_of_windows(model, objective, train_ids, vocabulary, config, monitor)
-    outcome = train(
-        run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),
-        procedure.init(params, jax.random.key(config.seed + 1)),
-        total_steps=config.epochs, checkpoint_every=1, keep=2,
-        progress_every=config.progress_every, loss_name="held_out_nats",
-        leaf_names=[f"{layer}.{name}" for layer, name, _ in
-                    nets.gradcheck.named_parameters(model, params)])
+    outcome = train_epochs(run, procedure, model, params, config)
     history = epoch_history(outcome.history, ("held_out_nats_last",))
     final = history[-1]
     position_nats = np.asarray(jax.jit(by_position)(outcome.state.params))
