@@ -202,23 +202,32 @@ def engine_cases(sizes):
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenWindows:
+    """The input of a language model: windows of `context` token ids of `vocabulary`."""
+    context: int
+    vocabulary: int
+
+
 def transformer_case(sizes):
-    """char_transformer's model (2 blocks, 4 heads, 65 characters) on one-hot windows."""
+    """char_transformer's model (2 blocks, 4 heads, 65 characters) on windows of ids."""
     batch, context, features = sizes.transformer
     model = nets.transformer_lm(65, context, features, heads=min(4, features), blocks=2)
     return (f"transformer_2x{features}_ctx{context}/b{batch}", model,
-            nets.Objective(nets.sequence_cross_entropy(), 0.0), (context, 65), batch)
+            nets.Objective(nets.sequence_cross_entropy(), 0.0), TokenWindows(context, 65),
+            batch)
 
 
 def random_problem(model, input_shape, batch, key):
-    """params, inputs (batch, *input_shape) and targets: one-hot over 10 classes, or for a
-    sequence model (input_shape (time, vocabulary)) next-token ids (batch, time)."""
-    params = model.init(key, (-1, *input_shape))[1]
+    """params, inputs (batch, *input_shape) and targets one-hot over 10 classes; for
+    `TokenWindows` ids (batch, context) in and the next ids out."""
     label_key = jax.random.fold_in(key, 2)
-    if len(input_shape) == 2:
-        time, vocabulary = input_shape
-        ids = jax.random.randint(label_key, (batch, time + 1), 0, vocabulary)
-        return params, jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=jnp.float32), ids[:, 1:]
+    if isinstance(input_shape, TokenWindows):
+        params = model.init(key, (-1, input_shape.context))[1]
+        ids = jax.random.randint(label_key, (batch, input_shape.context + 1), 0,
+                                 input_shape.vocabulary)
+        return params, ids[:, :-1], ids[:, 1:]
+    params = model.init(key, (-1, *input_shape))[1]
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, *input_shape), jnp.float32)
     labels = jax.random.randint(label_key, (batch,), 0, 10)
     return params, x, jax.nn.one_hot(labels, 10, dtype=jnp.float32)

@@ -5,7 +5,7 @@
 
 The same text, split and vocabulary as `experiments.char_rnn` (the first 90% of the
 1,115,394 characters for training, the last 10% held out, 65 characters). The model is
-`nets.transformer_lm`: a per-step Dense on one-hot characters (an embedding), learned
+`nets.transformer_lm`: an embedding of each character id (`nets.Embedding`), learned
 positions, --blocks pre-norm blocks of causal multi-head self-attention and a 4x-wide ReLU
 MLP, and a softmax over the next character at every step, every backward pass written by hand
 (nets/attention.py; `--engine autodiff` takes jax.grad of the same forward).
@@ -30,18 +30,19 @@ first --eval-batch windows and their positions. `samples.txt` holds
 --sample-chars characters generated after --prime at --temperature and at 1.0, the last
 --context characters fed back.
 
-Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine, a slow host,
-2026-12-03), defaults (421,825 parameters): 229-232 s of training in three runs, 6-9 s
-compile, held-out loss in nats/char (mean over positions; at position 64):
+Measured on the shared 2-core CPU (jax 0.10.2, float32, manual engine, 2026-12-03),
+defaults (421,697 parameters): 156 s of training, 6 s compile, held-out loss in nats/char
+(mean over positions; at position 64):
 
-    epoch       1      2      3      4      5      6       12 (--epochs 12, 548 s)
-    train     2.327  1.812  1.657  1.581  1.533  1.503    1.389
-    held out  2.076  1.882  1.789  1.744  1.714  1.688    1.622
-    last      2.145  1.857  1.755  1.724  1.725  1.682
+    epoch       1      2      3      4      5      6       12 (--epochs 12, 287 s)
+    train     2.349  1.843  1.669  1.587  1.539  1.508    1.393
+    held out  2.127  1.888  1.800  1.746  1.709  1.685    1.621
+    last      2.226  1.854  1.780  1.713  1.685  1.659    1.607
 
-The held-out loss by position falls to 1.63 by 16 characters seen and stays at 1.65-1.68
-up to 64. char_rnn's 2x256 LSTM reaches 1.585 in 6 epochs (500 s). --dropout 0.1, 12 epochs:
-1.701 (train 1.594): no gain at this size. README, "Attention and a small transformer".
+The held-out loss by position falls to 1.60 by 16 characters seen and moves between 1.56
+and 1.71 up to 64. char_rnn's 2x256 LSTM reaches 1.585 in 6 epochs (500 s). --dropout 0.1,
+12 epochs: 1.701 (train 1.594; the one-hot model of before `nets.Embedding`): no gain at
+this size. README, "Attention and a small transformer".
 """
 from __future__ import annotations
 
@@ -115,16 +116,14 @@ def held_out_windows(ids: np.ndarray, context: int) -> np.ndarray:
     return ids[starts + np.arange(context + 1)[None, :]]
 
 
-def held_out_loss_by_position(model, params, windows: jax.Array, vocabulary: int,
-                              eval_batch: int) -> jax.Array:
+def held_out_loss_by_position(model, params, windows: jax.Array, eval_batch: int) -> jax.Array:
     """Mean cross-entropy in nats at each position t of the windows, (context,): position t
     predicts from t + 1 characters. The last partial batch of windows is dropped."""
     batches = windows.shape[0] // eval_batch
     chunks = windows[: batches * eval_batch].reshape(batches, eval_batch, -1)
-    dtype = jax.tree.leaves(params)[0].dtype
 
     def totals(chunk):
-        logits = model.apply(params, jax.nn.one_hot(chunk[:, :-1], vocabulary, dtype=dtype))
+        logits = model.apply(params, chunk[:, :-1])
         log_p = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.sum(jnp.take_along_axis(log_p, chunk[:, 1:, None], axis=-1)[..., 0],
                         axis=0)
@@ -132,7 +131,7 @@ def held_out_loss_by_position(model, params, windows: jax.Array, vocabulary: int
     return jnp.sum(jax.lax.map(totals, chunks), axis=0) / (batches * eval_batch)
 
 
-def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, config,
+def epochs_of_windows(model, objective, train_ids: jax.Array, config,
                       monitor) -> procedures.Procedure:
     """One procedure step = one epoch of --steps-per-epoch updates on random windows; record
     as `char_rnn.epochs_of_updates`. Update i of an epoch draws its windows from the key
@@ -144,21 +143,18 @@ def epochs_of_windows(model, objective, train_ids: jax.Array, vocabulary: int, c
         windows = random_windows(train_ids, jax.random.fold_in(epoch_key, index),
                                  config.batch_size, config.context)
         dropout_key = jax.random.fold_in(epoch_key, steps + index)
-        dtype = jax.tree.leaves(params)[0].dtype
-        xs = jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype)
-        energy, grad = value_and_grad(params, xs, windows[:, 1:],
+        energy, grad = value_and_grad(params, windows[:, :-1], windows[:, 1:],
                                       dropout_key if config.dropout > 0 else None)
         return energy, grad, extra
 
     return epochs_of_updates(config, steps, gradient_step, lambda dtype: (), monitor)
 
 
-def attention_summary(model, params, windows: jax.Array, vocabulary: int):
+def attention_summary(model, params, windows: jax.Array):
     """(maps of the first window {layer: (heads, T, T)}, mean distance looked back per head
     {layer: [heads]}: the average over windows and positions t of sum_s p[t, s] (t - s))."""
     dtype = jax.tree.leaves(params)[0].dtype
-    maps = nets.attention.attention_maps(
-        model, params, jax.nn.one_hot(windows[:, :-1], vocabulary, dtype=dtype))
+    maps = nets.attention.attention_maps(model, params, windows[:, :-1])
     steps = windows.shape[1] - 1
     back = (jnp.arange(steps)[:, None] - jnp.arange(steps)[None, :]).astype(dtype)
     distance = {name: jnp.mean(jnp.sum(p * back[None, None], axis=-1), axis=(0, 2))
@@ -167,17 +163,16 @@ def attention_summary(model, params, windows: jax.Array, vocabulary: int):
 
 
 def generate(model, params, prime: np.ndarray, key: jax.Array, length: int,
-             temperature: float, vocabulary: int, context: int) -> jax.Array:
+             temperature: float, context: int) -> jax.Array:
     """`length` ids sampled one at a time from softmax(logits / temperature) after the prompt,
     each appended to a window of the last `context` ids that is run through the model whole
     (the causal mask makes the padding after the last id invisible to it)."""
-    dtype = jax.tree.leaves(params)[0].dtype
     window = jnp.zeros((context,), jnp.int32).at[: len(prime)].set(
         jnp.asarray(prime, jnp.int32))
 
     def one_char(state, step_key):
         window, filled = state
-        logits = model.apply(params, jax.nn.one_hot(window[None], vocabulary, dtype=dtype))
+        logits = model.apply(params, window[None])
         char = jax.random.categorical(step_key, logits[0, filled - 1] / temperature).astype(
             jnp.int32)
         full = filled == context
@@ -200,32 +195,32 @@ def main(argv=None):
     model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
                                 config.blocks, config.dropout)
     objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
-    params = model.init(jax.random.key(config.seed), (-1, config.context, vocabulary))[1]
+    params = model.init(jax.random.key(config.seed), (-1, config.context))[1]
     train_ids = jnp.asarray(corpus.train)
     eval_windows = jnp.asarray(held_out_windows(corpus.held_out, config.context))
     eval_batch = min(config.eval_batch, eval_windows.shape[0])
 
     def by_position(params):
-        return held_out_loss_by_position(model, params, eval_windows, vocabulary, eval_batch)
+        return held_out_loss_by_position(model, params, eval_windows, eval_batch)
 
     def monitor(params):
         nats = by_position(params)
         return {"held_out_nats": jnp.mean(nats), "held_out_bpc": jnp.mean(nats) / LOG2,
                 "held_out_nats_last": nats[-1]}
 
-    procedure = epochs_of_windows(model, objective, train_ids, vocabulary, config, monitor)
+    procedure = epochs_of_windows(model, objective, train_ids, config, monitor)
     outcome = train_epochs(run, procedure, model, params, config)
     history = epoch_history(outcome.history, ("held_out_nats_last",))
     final = history[-1]
     position_nats = np.asarray(jax.jit(by_position)(outcome.state.params))
-    sample = jax.jit(generate, static_argnums=(0, 4, 5, 6, 7))
+    sample = jax.jit(generate, static_argnums=(0, 4, 5, 6))
     samples, sample_seconds = write_samples(
         run.workdir, config, corpus,
         lambda temperature: sample(model, outcome.state.params, prime,
                                    jax.random.key(config.seed + 2), config.sample_chars,
-                                   temperature, vocabulary, config.context))
-    first_maps, distance = jax.jit(attention_summary, static_argnums=(0, 3))(
-        model, outcome.state.params, eval_windows[:eval_batch], vocabulary)
+                                   temperature, config.context))
+    first_maps, distance = jax.jit(attention_summary, static_argnums=0)(
+        model, outcome.state.params, eval_windows[:eval_batch])
     attention_distance = {name: [float(d) for d in value] for name, value in distance.items()}
     parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
     metrics = {"held_out_nats": final["held_out_nats"], "held_out_bpc": final["held_out_bpc"],

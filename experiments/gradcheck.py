@@ -86,11 +86,11 @@ CASES = [
                  nets.Objective(nets.softmax_cross_entropy(), 0.01)),
         (10,), 5,
     ),
-    # A sequence case: inputs (batch, 6, 7), targets the next-token ids (batch, 6).
+    # A sequence case: inputs token ids (batch, 6) of 7, targets the next-token ids (batch, 6).
     Case("transformer_lm",
          lambda: (nets.transformer_lm(7, context=6, features=8, heads=2, blocks=2),
                   nets.Objective(nets.sequence_cross_entropy())),
-         (6, 7), 7, "sequence"),
+         (6,), 7, "sequence"),
     Case("lenet1989", lambda: (models.lenet1989(), _mse()), (16, 16, 1), 10, "plus_minus_one"),
     Case("lenet1989_scaled_tanh", lambda: (models.lenet1989(scaled_tanh=True), _mse(0.1)),
          (16, 16, 1), 10, "plus_minus_one"),
@@ -117,12 +117,13 @@ class Config:
 
 
 def case_batch(case: Case, batch: int, key: jax.Array):
-    """Random inputs (batch, *input_shape) and targets: (batch, classes), or for a sequence
-    case class ids (batch, time)."""
+    """Random inputs (batch, *input_shape) and targets: (batch, classes); for a sequence case
+    token ids (batch, time) in and out, both in [0, classes)."""
     x_key, label_key = jax.random.split(key)
-    x = jax.random.normal(x_key, (batch, *case.input_shape))
     if case.target_kind == "sequence":
-        return x, jax.random.randint(label_key, (batch, case.input_shape[0]), 0, case.classes)
+        ids = jax.random.randint(label_key, (batch, case.input_shape[0] + 1), 0, case.classes)
+        return ids[:, :-1], ids[:, 1:]
+    x = jax.random.normal(x_key, (batch, *case.input_shape))
     targets = jax.nn.one_hot(jax.random.randint(label_key, (batch,), 0, case.classes),
                              case.classes)
     if case.target_kind == "plus_minus_one":

@@ -26,6 +26,7 @@ from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
 from nets.layers import (
     Dense,
+    Embedding,
     Identity,
     Layer,
     Relu,
@@ -85,6 +86,7 @@ __all__ = [
     "mlp",
     "Layer",
     "Dense",
+    "Embedding",
     "Sigmoid",
     "Tanh",
     "Relu",

@@ -195,6 +195,14 @@ def _subsampling(layer, input_shape, output_shape, params):
     return units, params_count, macs + units, macs
 
 
+def _embedding(layer, input_shape, output_shape, params):
+    """A lookup: one unit per output feature at each position, each with one connection (the
+    weight of its token, as from the one active input of a one-hot row), no bias and no
+    multiply-add."""
+    units = math.prod(output_shape[1:])
+    return units, math.prod(params["w"].shape), units, 0
+
+
 def _parameters_only(layer, input_shape, output_shape, params):
     """A per-feature gain and bias after normalising, or learned positions added to the
     input: parameters, but no new neurons (as with local response normalisation) and no
@@ -216,7 +224,8 @@ def _self_attention(layer, input_shape, output_shape, params):
             steps * weights + 2 * pairs * features)
 
 
-RULES: dict[str, Rule] = {"Dense": _dense, "Conv2D": _conv2d, "Subsampling": _subsampling,
+RULES: dict[str, Rule] = {"Dense": _dense, "Embedding": _embedding, "Conv2D": _conv2d,
+                          "Subsampling": _subsampling,
                           "LayerNorm": _parameters_only, "PositionalEmbedding": _parameters_only,
                           "SelfAttention": _self_attention}
 

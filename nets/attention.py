@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from nets import initializers
 from nets.accounting import layer_kind
-from nets.layers import Dense, Layer, Relu, residual, serial
+from nets.layers import Dense, Embedding, Layer, Relu, residual, serial
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
 from nets.recurrent import TimeDistributed
@@ -161,11 +161,10 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
                    blocks: int = 2, dropout: float = 0.0,
                    name: str = "transformer_lm") -> Layer:
-    """A decoder-only (GPT-style, pre-norm) transformer over one-hot tokens.
+    """A decoder-only (GPT-style, pre-norm) transformer over token ids.
 
-    (batch, T, vocabulary) one-hot -> logits (batch, T, vocabulary), T <= context. A Dense
-    at every step (on one-hot rows, a token embedding), learned positions, then `blocks`
-    blocks of
+    ids (batch, T), integers in [0, vocabulary) -> logits (batch, T, vocabulary), T <=
+    context. A token embedding (`nets.Embedding`), learned positions, then `blocks` blocks of
 
         x = x + SelfAttention(LayerNorm(x))               causal, `heads` heads
         x = x + Dense(Relu(Dense(LayerNorm(x))))          widths 4 F then F, at every step
@@ -191,7 +190,7 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
     def dropped(layer_name):
         return [Dropout(dropout, name=layer_name)] if dropout > 0 else []
 
-    layers = [per_step(features, "embed"),
+    layers = [Embedding(vocabulary, features, w_init=glorot, name="embed"),
               PositionalEmbedding(context, features, name="positions"), *dropped("drop0")]
     for index in range(1, blocks + 1):
         attend = serial(LayerNorm(features, name=f"norm{index}a"),

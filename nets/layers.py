@@ -46,6 +46,7 @@ from nets import initializers
 __all__ = [
     "Layer",
     "Dense",
+    "Embedding",
     "Sigmoid",
     "Tanh",
     "Relu",
@@ -164,6 +165,56 @@ def Dense(
         return backward({"w": params["w"] ** 2}, x**2, d2y)
 
     return Layer(name, init, forward, backward, curvature=curvature)
+
+
+def Embedding(
+    vocabulary: int,
+    features: int,
+    w_init: initializers.Initializer | None = None,
+    name: str = "Embedding",
+) -> Layer:
+    """A learned vector per token: y[..., :] = w[ids[...], :] (the one-hot product without it).
+
+    Shapes: ids integers (batch, ...) in [0, vocabulary), w (vocabulary, features), y (batch,
+    ..., features). The same function as a bias-free Dense on one-hot rows, at the cost of a
+    gather rather than a product with the vocabulary. w_init defaults to Glorot uniform on
+    (vocabulary, features), the Dense-on-one-hot's init.
+    Backward: dw[v] = sum of dy over the positions whose id is v (a scatter-add); the ids get
+    no gradient (dx is float0 zeros, as `jax.grad(..., allow_int=True)` gives an integer
+    input). Curvature: d2w[v] = the sum of d2y at those positions, exact, since each output is
+    one weight times 1.
+    An id outside [0, vocabulary) cannot be caught at trace time: its row of y is NaN (not
+    the nearest valid row, nor for -1 the last, as a plain gather would give) and it adds
+    nothing to dw.
+    """
+    for argument, value in (("vocabulary", vocabulary), ("features", features)):
+        if value < 1:
+            raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
+    w_init = w_init or initializers.glorot_uniform()
+
+    def init(key, input_shape):
+        if len(input_shape) < 1:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, ...)")
+        return (*input_shape, features), {"w": w_init(key, (vocabulary, features))}
+
+    def rows_of(ids):
+        """ids, with every id outside [0, vocabulary) (negative ones too) set to vocabulary,
+        a row that the gather fills with NaN and the scatter drops."""
+        return jnp.where((ids >= 0) & (ids < vocabulary), ids, vocabulary)
+
+    def forward(params, ids):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name}: input ids must be integers in [0, {vocabulary}), got "
+                             f"dtype {ids.dtype} with shape {tuple(ids.shape)}")
+        y = jnp.take(params["w"], rows_of(ids), axis=0, mode="fill", fill_value=jnp.nan)
+        return y, ids
+
+    def backward(params, ids, dy):
+        dw = jnp.zeros_like(params["w"]).at[rows_of(ids).reshape(-1)].add(
+            dy.reshape(-1, dy.shape[-1]), mode="drop")
+        return {"w": dw}, np.zeros(ids.shape, jax.dtypes.float0)
+
+    return Layer(name, init, forward, backward, curvature=backward)
 
 
 def _elementwise(

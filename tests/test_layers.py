@@ -126,3 +126,74 @@ def test_fan_in_uniform_exponent_is_checked_and_applied():
     assert 0.99 * 2.4 / 300 <= float(jnp.max(jnp.abs(weights))) <= 2.4 / 300
     with pytest.raises(ValueError, match=r"fan_in_uniform: exponent must be >= 0, got -1"):
         initializers.fan_in_uniform(2.4, -1.0)
+
+
+def random_embedding(ids_shape, vocabulary=5, features=3, dtype=jnp.float64, seed=0):
+    """An Embedding, its params in dtype, and ids with every token repeated somewhere."""
+    layer = layers.Embedding(vocabulary, features, name="embed")
+    _, params = layer.init(jax.random.key(seed), (-1, *ids_shape[1:]))
+    ids = jax.random.randint(jax.random.key(seed + 1), ids_shape, 0, vocabulary)
+    return layer, gradcheck.astype(params, dtype), ids
+
+
+@pytest.mark.parametrize("ids_shape", [(1,), (7,), (3, 6), (2, 4, 5)])
+def test_embedding_backward_matches_vjp_and_gives_ids_no_gradient(ids_shape, dtype):
+    """dw, a scatter-add over repeated ids, against jax.vjp in the weights; dx is float0 zeros
+    of the ids' shape (what jax.vjp gives an integer input)."""
+    layer, params, ids = random_embedding(ids_shape, dtype=dtype)
+    dy = jax.random.normal(jax.random.key(9), (*ids_shape, 3), dtype)
+    _, residuals = layer.forward(params, ids)
+    dparams, dx = layer.backward(params, residuals, dy)
+    _, pullback = jax.vjp(lambda p: layer.apply(p, ids), params)
+    assert_close_tree(dparams, pullback(dy)[0], dtype, f"Embedding{ids_shape}")
+    assert dx.shape == ids.shape and dx.dtype == jax.dtypes.float0
+    _, pullback_both = jax.vjp(layer.apply, params, ids)
+    assert pullback_both(dy)[1].dtype == jax.dtypes.float0
+
+
+def test_embedding_is_the_bias_free_dense_on_one_hot_rows():
+    """The forward equals one_hot(ids) @ w exactly, and the backward's dw equals the Dense
+    product one_hot^T dy, in float64."""
+    layer, params, ids = random_embedding((4, 6), vocabulary=7, features=5)
+    one_hot = jax.nn.one_hot(ids, 7, dtype=jnp.float64)
+    np.testing.assert_array_equal(layer.apply(params, ids), one_hot @ params["w"])
+    dy = jax.random.normal(jax.random.key(3), (4, 6, 5), jnp.float64)
+    _, residuals = layer.forward(params, ids)
+    dw = layer.backward(params, residuals, dy)[0]["w"]
+    expected = one_hot.reshape(-1, 7).T @ dy.reshape(-1, 5)
+    np.testing.assert_allclose(dw, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_embedding_curvature_is_the_exact_gauss_newton_diagonal():
+    """d2w against diag(J^T diag(d2y) J), J = dy/dw from jax.jacobian: exact for a lookup."""
+    layer, params, ids = random_embedding((3, 4), vocabulary=4, features=2)
+    d2y = jax.random.uniform(jax.random.key(5), (3, 4, 2), jnp.float64)
+    _, residuals = layer.forward(params, ids)
+    d2w = layer.curvature(params, residuals, d2y)[0]["w"]
+    jacobian = jax.jacobian(lambda w: layer.apply({"w": w}, ids))(params["w"]).reshape(24, 8)
+    exact = jnp.diag(jacobian.T @ (d2y.reshape(-1)[:, None] * jacobian)).reshape(4, 2)
+    np.testing.assert_allclose(d2w, exact, rtol=1e-14, atol=0)
+
+
+def test_embedding_ids_out_of_range_give_nan_rows_and_no_gradient():
+    """-1 and the vocabulary size are neither wrapped nor clamped: their outputs are NaN and
+    they add nothing to dw; the valid positions are untouched."""
+    layer, params, _ = random_embedding((1,), vocabulary=3, features=2)
+    ids = jnp.array([[0, -1, 3, 2]])
+    y, residuals = layer.forward(params, ids)
+    assert np.all(np.isnan(y[0, 1:3])) and not np.any(np.isnan(y[0, [0, 3]]))
+    np.testing.assert_array_equal(y[0, [0, 3]], params["w"][jnp.array([0, 2])])
+    dw = layer.backward(params, residuals, jnp.ones((1, 4, 2), jnp.float64))[0]["w"]
+    np.testing.assert_array_equal(dw, [[1, 1], [0, 0], [1, 1]])
+
+
+def test_embedding_rejects_bad_sizes_and_non_integer_ids():
+    with pytest.raises(ValueError, match="tok: vocabulary must be >= 1, got 0"):
+        layers.Embedding(0, 4, name="tok")
+    with pytest.raises(ValueError, match="tok: features must be >= 1, got 0"):
+        layers.Embedding(4, 0, name="tok")
+    layer = layers.Embedding(4, 2, name="tok")
+    _, params = layer.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(ValueError, match=r"tok: input ids must be integers in \[0, 4\), got "
+                                         r"dtype float32 with shape \(2, 3\)"):
+        layer.apply(params, jnp.ones((2, 3), jnp.float32))

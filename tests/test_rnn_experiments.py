@@ -125,13 +125,11 @@ def test_char_transformer_held_out_windows_and_loss():
     windows = char_transformer.held_out_windows(ids, 8)
     np.testing.assert_array_equal(windows, [np.arange(9), np.arange(8, 17), np.arange(16, 25)])
     model = char_rnn.nets.transformer_lm(5, 4, features=8, heads=2, blocks=1)
-    params = model.init(jax.random.key(0), (-1, 4, 5))[1]
+    params = model.init(jax.random.key(0), (-1, 4))[1]
     windows = jnp.asarray(np.random.default_rng(0).integers(0, 5, (6, 5)))
-    log_p = jax.nn.log_softmax(model.apply(params, jax.nn.one_hot(windows[:, :-1], 5,
-                                                                  dtype=jnp.float32)))
+    log_p = jax.nn.log_softmax(model.apply(params, windows[:, :-1]))
     expected = [np.mean([-log_p[w, t, windows[w, t + 1]] for w in range(6)]) for t in range(4)]
-    chunked = char_transformer.held_out_loss_by_position(model, params, windows, 5,
-                                                         eval_batch=3)
+    chunked = char_transformer.held_out_loss_by_position(model, params, windows, eval_batch=3)
     np.testing.assert_allclose(chunked, expected, rtol=1e-6)
 
 
@@ -141,16 +139,16 @@ def test_char_transformer_generation_matches_a_plain_loop():
     on exactly the last `context` characters: the padding after them is invisible (causal)."""
     context, vocabulary = 5, 6
     model = char_rnn.nets.transformer_lm(vocabulary, context, features=8, heads=2, blocks=1)
-    params = model.init(jax.random.key(3), (-1, context, vocabulary))[1]
+    params = model.init(jax.random.key(3), (-1, context))[1]
     params = jax.tree.map(lambda a: a + 2.0 * jax.random.normal(jax.random.key(4), a.shape),
                           params)
     prime = np.array([1, 4, 2])
     chars = char_transformer.generate(model, params, prime, jax.random.key(0), 9, 1e-6,
-                                      vocabulary, context)
+                                      context)
     text = list(prime)
     for _ in range(9):
         window = jnp.asarray(text[-context:])[None]
-        logits = model.apply(params, jax.nn.one_hot(window, vocabulary, dtype=jnp.float32))
+        logits = model.apply(params, window)
         text.append(int(jnp.argmax(logits[0, -1])))
     np.testing.assert_array_equal(np.asarray(chars), text[len(prime):])
     assert len(set(text[len(prime):])) > 1
