@@ -10,7 +10,12 @@ jnp.diag(jax.hessian(E)). Relative errors are norm ratios over the tensor. What 
 the backpropagated diagonal equals the Gauss-Newton diagonal for the last layer and wherever a
 parameter reaches the output by a single path; elsewhere it drops the cross terms (shared
 weights, several paths), as LeCun et al. 1989 (section 5) accept; the Gauss-Newton diagonal
-differs from the Hessian's by the residual-times-second-derivative terms.
+differs from the Hessian's by the residual-times-second-derivative terms. The nets: two small
+tanh MLPs, a small convolutional net, LeNet-1989 and a 2-block transformer on token ids (its
+logits flattened under MSE), whose attention applies the diagonal rule stage by stage
+(nets/attention.py). Measured 2026-12-03 (batch 8, seed 0, 91 s on 2 CPU cores): the
+transformer's final LayerNorm and output layer equal to the Gauss-Newton diagonal within
+2.1e-15, its blocks 16-80% off, attention 34-80%.
 
 Writes results.json (metrics: the largest relative errors; "rows": one per tensor), results.md.
 """
@@ -38,8 +43,11 @@ class Config:
 
 
 def nets_to_compare():
-    """(name, model, objective, input shape, classes, with the full Hessian?)."""
+    """(name, model, objective, input shape, classes, with the full Hessian?, vocabulary):
+    inputs are N(0, 1), or with a vocabulary token ids; targets +-1 for every output."""
     mse = nets.Objective(nets.mean_squared_error(), 0.0)
+    transformer = nets.serial(nets.transformer_lm(5, context=6, features=8, heads=2, blocks=2),
+                              nets.Flatten(), name="transformer_lm")
     return [
         ("mlp_1_hidden_1_output", nets.build_mlp(6, 1, hidden_units=5, activation="tanh",
                                                  output_activation="tanh"), mse, (6,), 1, True),
@@ -50,15 +58,19 @@ def nets_to_compare():
                                    nets.Tanh(), nets.Flatten(), nets.Dense(2), nets.Tanh()),
          mse, (5, 5, 1), 2, True),
         ("lenet1989", models.lenet1989(), mse, (16, 16, 1), 10, False),
+        # 6 ids of 5 tokens in, the 6 x 5 logits (flattened) against +-1 targets
+        ("transformer_lm_2_blocks", transformer, mse, (6,), 30, True, 5),
     ]
 
 
-def compare(name, model, objective, input_shape, classes, with_hessian, batch, seed):
+def compare(name, model, objective, input_shape, classes, with_hessian, vocabulary=None, *,
+            batch, seed):
     key_params, key_x, key_t = jax.random.split(jax.random.fold_in(jax.random.key(seed),
                                                                    len(name)), 3)
     with jax.enable_x64(True):
         params = gradcheck.astype(model.init(key_params, (-1, *input_shape))[1], jnp.float64)
-        x = jax.random.normal(key_x, (batch, *input_shape), jnp.float64)
+        x = (jax.random.normal(key_x, (batch, *input_shape), jnp.float64) if vocabulary is None
+             else jax.random.randint(key_x, (batch, *input_shape), 0, vocabulary))
         targets = jnp.where(jax.random.bernoulli(key_t, 0.5, (batch, classes)), 1.0, -1.0)
         backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
         exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
@@ -88,7 +100,7 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
     rows = []
     for entry in nets_to_compare():
-        rows += compare(*entry, config.batch, config.seed)
+        rows += compare(*entry, batch=config.batch, seed=config.seed)
     last_layers = [r for r in rows if r["layer"] == "output" or r["net"] ==
                    "mlp_1_hidden_1_output"]
     metrics_out = {

@@ -20,10 +20,16 @@ Backward, given dy (the chain rule through each line above, bottom up):
 (sums over batch and time). A masked score has p = 0, so ds is 0 there without a mask in
 the backward pass. The residuals are x, q, k, v, p and o: memory grows as batch H T^2.
 
-No Gauss-Newton curvature (`nets.layers`): every output step depends on every earlier input
-step through p, so the Jacobian dy/dx is dense across time, (T F)^2 entries an example.
-`nets.engines.curvature_diagonal` (LeCun's diagonal method) refuses a model with this layer,
-naming it; first-order optimisers take it as any other.
+Curvature (LeCun's Gauss-Newton diagonal, `nets.layers`), given d2y: the layer's rule
+d2in_i = sum_j J_ji^2 d2out_j applied stage by stage through the five lines above, as
+`serial` applies it layer by layer (the squared Jacobian of the whole layer is dense across
+time, (T F)^2 entries an example; the stages drop its cross terms):
+
+    d2W_o = (o^2)^T d2y,  d2b_o = sum d2y,  d2o = d2y (W_o^2)^T
+    d2p = d2o (v^2)^T,    d2v = (p^2)^T d2o
+    d2s = p^2 ((1 - 2p) d2p + rowsum(p^2 d2p))     sum_i (p_i (delta_ij - p_j))^2 d2p_i
+    d2q = d2s (k^2) / D,  d2k = d2s^T (q^2) / D
+    d2W_qkv = (x^2)^T [d2q d2k d2v],  d2b_qkv = sum [d2q d2k d2v],  d2x = [..] (W_qkv^2)^T
 """
 from __future__ import annotations
 
@@ -117,7 +123,21 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         dqkv_params, dx = dense_backward(params["qkv"], x, dqkv)
         return {"qkv": dqkv_params, "out": dout}, dx
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, residuals, d2y):
+        x, q, k, v, p, o = residuals
+        squared = jax.tree.map(jnp.square, params)
+        d2out, d2o = dense_backward(squared["out"], o * o, d2y)
+        d2o = split_heads(d2o)
+        d2p = jnp.einsum("bthd,bshd->bhts", d2o, v * v)
+        d2v = jnp.einsum("bhts,bthd->bshd", p * p, d2o)
+        d2s = p * p * ((1 - 2 * p) * d2p + jnp.sum(p * p * d2p, axis=-1, keepdims=True))
+        d2q = jnp.einsum("bhts,bshd->bthd", d2s, k * k) * scale**2
+        d2k = jnp.einsum("bhts,bthd->bshd", d2s, q * q) * scale**2
+        d2qkv = jnp.concatenate([merge_heads(d2q), merge_heads(d2k), merge_heads(d2v)], axis=-1)
+        d2qkv_params, d2x = dense_backward(squared["qkv"], x * x, d2qkv)
+        return {"qkv": d2qkv_params, "out": d2out}, d2x
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def PositionalEmbedding(context: int, features: int, std: float = 0.02,
