@@ -3,7 +3,7 @@
     python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
 
 For each model in `CASES` (the MLPs with each loss and a residual one with LayerNorm, a
-2-block transformer on random sequences, LeNet-1989 in its three forms, LeNet-5, and AlexNet
+2-block transformer on random token ids, LeNet-1989 in its three forms, LeNet-5, and AlexNet
 at a reduced 67x67 input with its dropout masks drawn), on a random batch: the manual engine's
 gradient against jax.grad in float64 and float32, and both against central
 finite differences in float64, per layer and parameter (nets/gradcheck.py has the tolerance
@@ -14,12 +14,12 @@ Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dty
 "rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
 and results.md. Exits with status 1 if any check fails.
 
-Measured on the 2-core CPU (jax 0.10.2, 2026-12-03, a slow host, AlexNet's dropout on): 204 s,
-most of it compiling; all 254 checks pass, with float64 relative errors vs jax.grad <= 1.2e-15
-and vs finite differences <= 7.7e-8 (AlexNet's conv2 1.2e-4 and conv1 2.2e-5, within their
-rounding bounds); float32 <= 1.0e-6 (the transformer's; the other models <= 6.6e-7). Of
-11,518 coordinates differenced, one (AlexNet's conv1) was left out for a ReLU kink within
-the step (`fd_kinks`, nets.gradcheck.smooth_coordinates).
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-03, AlexNet's dropout on, the transformer on
+token ids): 135 s, most of it compiling; all 252 checks pass, with float64 relative errors vs
+jax.grad <= 1.1e-15 and vs finite differences <= 7.7e-8 (AlexNet's conv2 1.2e-4 and conv1
+2.2e-5, within their rounding bounds); float32 <= 6.6e-7. Of 11,510 coordinates differenced,
+one (AlexNet's conv1) was left out for a ReLU kink within the step (`fd_kinks`,
+nets.gradcheck.smooth_coordinates).
 """
 from __future__ import annotations
 
