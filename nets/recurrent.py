@@ -611,7 +611,9 @@ def sequence_cross_entropy() -> Loss:
         E = -(1/(m T)) sum_i sum_t log softmax(z_it)[y_it],
         dE/dz_it = (softmax(z_it) - onehot(y_it)) / (m T).
     (Averaging over time too keeps the step size independent of the window length; divide by
-    log 2 for bits per character.)
+    log 2 for bits per character.) Curvature, the diagonal of d2E/dz2 (whose full block per
+    step is (diag(p) - p p^T) / (m T), p = softmax(z_it)): p (1 - p) / (m T), as
+    `nets.softmax_cross_entropy` gives per example.
     """
     name = "sequence_cross_entropy"
 
@@ -632,4 +634,9 @@ def sequence_cross_entropy() -> Loss:
         one_hot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
         return (jax.nn.softmax(z, axis=-1) - one_hot) / (z.shape[0] * z.shape[1])
 
-    return Loss(name, value, grad)
+    def curvature(z, y):
+        check(z, y)
+        p = jax.nn.softmax(z, axis=-1)
+        return p * (1 - p) / (z.shape[0] * z.shape[1])
+
+    return Loss(name, value, grad, curvature)

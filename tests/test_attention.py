@@ -11,6 +11,7 @@ from nets import engines, gradcheck, losses
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.recurrent import sequence_cross_entropy
 from tests.helpers import F64, assert_close_tree, backward_and_vjp
+from training import optim
 
 
 def perturbed(params, dtype, seed, scale=0.3):
@@ -345,3 +346,32 @@ def test_transformer_curvature_is_exact_after_the_last_block_and_an_approximatio
     for key in (("attention1", "qkv.w"), ("attention2", "qkv.w"), ("attention1", "out.w")):
         assert errors[key] > 0.1, (key, errors[key])
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(backpropagated))
+
+
+def test_lecuns_diagonal_method_trains_the_transformer():
+    """The copy-the-previous-token task of the test above with LeCun's stochastic diagonal
+    Levenberg-Marquardt steps eta / (mu + h), h backpropagated through attention and
+    re-estimated every 10 steps: eta = 1e-2, mu = 1e-3 take the loss from 2.48 to 8e-5 nats in
+    200 steps (measured; Adam 1e-2 reached 6e-4, plain gradient descent 4.8e-4 at its best
+    rate, 1, and NaN at 3)."""
+    vocabulary, steps = 5, 8
+    ids = jax.random.randint(jax.random.key(0), (64, steps), 0, vocabulary)
+    targets = jnp.concatenate([ids[:, :1], ids[:, :-1]], axis=1)
+    objective = losses.Objective(sequence_cross_entropy(), 0.0)
+    model = transformer_lm(vocabulary, steps, features=16, heads=2, blocks=1)
+    params = model.init(jax.random.key(1), (-1, steps))[1]
+    value_and_grad = engines.manual(model, objective)
+    diagonal = engines.curvature_diagonal(model, objective)
+    optimizer = optim.diagonal_levenberg_marquardt(1e-2, 1e-3)
+
+    def step(carry, index):
+        params, state = carry
+        energy, grad = value_and_grad(params, ids, targets)
+        h = jax.lax.cond(index % 10 == 0, lambda: diagonal(params, ids, targets),
+                         lambda: state.curvature)
+        updates, state = optimizer.update(grad, state, params, curvature=h)
+        return (optax.apply_updates(params, updates), state), energy
+
+    _, energies = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)),
+                                                 jnp.arange(200)))(params)
+    assert float(energies[0]) > 2.0 and float(energies[-1]) < 1e-3, energies[[0, -1]]

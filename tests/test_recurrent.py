@@ -347,3 +347,13 @@ def test_time_distributed_curvature_is_the_exact_gauss_newton_diagonal_of_one_hi
     backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
     exact = nets.gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
     assert_close_tree(backpropagated, exact, jnp.float64, "per-step net")
+
+
+def test_sequence_cross_entropy_curvature_is_the_diagonal_of_its_hessian():
+    """p (1 - p) / (m T) against jnp.diag of jax.hessian of the loss in the logits, float64."""
+    loss = recurrent.sequence_cross_entropy()
+    z = jax.random.normal(jax.random.key(0), (2, 3, 4), jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (2, 3), 0, 4)
+    hessian = jax.hessian(lambda z: loss.value(z, y))(z).reshape(24, 24)
+    np.testing.assert_allclose(loss.curvature(z, y), jnp.diag(hessian).reshape(2, 3, 4),
+                               rtol=1e-12, atol=0)
