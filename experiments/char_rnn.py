@@ -182,35 +182,38 @@ def windows_per_epoch(stream_length: int, window: int) -> int:
     return (stream_length - window - 1) // window
 
 
-def epochs_of_updates(config, steps: int, gradient_step, initial_extra,
-                      monitor) -> procedures.Procedure:
-    """One procedure step = one epoch: a `lax.scan` of `steps` optimizer updates, Adam at
-    config.lr decayed by config.lr_decay per epoch after clipping the gradient's global norm
-    to config.clip, a non-finite update skipped (`procedures.guarded_update`).
+def epochs_of_updates(config, steps: int, gradient_step, initial_extra, monitor,
+                      make_optimizer=adding_problem.make_optimizer) -> procedures.Procedure:
+    """One procedure step = one epoch: a `lax.scan` of `steps` optimizer updates at config.lr
+    decayed by config.lr_decay per epoch, `make_optimizer(schedule, config.clip)` (Adam after
+    clipping the gradient's global norm), a non-finite update skipped
+    (`procedures.guarded_update`).
 
-    `gradient_step(epoch_key, index, params, extra) -> (energy, grad, extra)` gives update
-    `index` of the epoch its gradient; `extra` is carried from update to update (a recurrent
-    net's states), starting each epoch at `initial_extra(dtype)`; epoch_key is new every
-    epoch. Record: "energy" (the epoch's mean training loss), monitor(params).
+    `gradient_step(epoch_key, index, params, extra) -> (energy, grad, extra, update_args)`
+    gives update `index` of the epoch its gradient and the keyword arguments of the
+    optimizer's update ({} for Adam; curvature=h for LeCun's method); `extra` is carried from
+    update to update (a recurrent net's states), starting each epoch at
+    `initial_extra(params)`; epoch_key is new every epoch. Record: "energy" (the epoch's mean
+    training loss), monitor(params).
     """
     schedule = optax.exponential_decay(config.lr, steps, config.lr_decay, staircase=True)
-    optimizer = adding_problem.make_optimizer(schedule, config.clip)
+    optimizer = make_optimizer(schedule, config.clip)
 
     def init(params, key):
         return procedures.initial_state(params, optimizer.init(params), key)
 
     def step(state, epoch):
         next_key, epoch_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        dtype = jax.tree.leaves(state.params)[0].dtype
 
         def update(carry, index):
             params, opt_state, guard, extra = carry
-            energy, grad, extra = gradient_step(epoch_key, index, params, extra)
+            energy, grad, extra, update_args = gradient_step(epoch_key, index, params, extra)
             params, opt_state, guard = procedures.guarded_update(
-                optimizer, params, opt_state, guard, energy, grad, epoch * steps + index)
+                optimizer, params, opt_state, guard, energy, grad, epoch * steps + index,
+                **update_args)
             return (params, opt_state, guard, extra), energy
 
-        carry = (state.params, state.opt_state, state.guard, initial_extra(dtype))
+        carry = (state.params, state.opt_state, state.guard, initial_extra(state.params))
         (params, opt_state, guard, _), energies = jax.lax.scan(
             update, carry, jnp.arange(steps, dtype=jnp.int32))
         energy = jnp.mean(energies).astype(state.energy.dtype)
@@ -244,10 +247,12 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
         # a non-finite window restarts the streams from the zero state
         carries = jax.tree.map(lambda new, zero: jnp.where(jnp.isfinite(energy), new, zero),
                                new_carries, zero_carries(cells, batch, dtype))
-        return energy, grad, carries
+        return energy, grad, carries, {}
 
-    return epochs_of_updates(config, steps, gradient_step,
-                             lambda dtype: zero_carries(cells, batch, dtype), monitor)
+    def initial_carries(params):
+        return zero_carries(cells, batch, jax.tree.leaves(params)[0].dtype)
+
+    return epochs_of_updates(config, steps, gradient_step, initial_carries, monitor)
 
 
 def generate(cells, params, prime: np.ndarray, key: jax.Array, length: int,

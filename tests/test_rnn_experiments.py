@@ -8,6 +8,7 @@ import pytest
 
 from experiments import adding_problem, char_rnn, char_transformer, vanishing
 from tests.helpers import assert_close_tree
+from training.config import ConfigError
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
 
@@ -152,3 +153,23 @@ def test_char_transformer_generation_matches_a_plain_loop():
         text.append(int(jnp.argmax(logits[0, -1])))
     np.testing.assert_array_equal(np.asarray(chars), text[len(prime):])
     assert len(set(text[len(prime):])) > 1
+
+
+def test_char_transformer_with_lecuns_method_trains_and_refuses_what_it_cannot_do(tmp_path):
+    """--optimizer sdlm: h backpropagated every 3 updates; 2 short epochs bring the held-out
+    loss below a uniform guess's log 65. Its options are refused with Adam, and dropout (no
+    curvature) is refused with it."""
+    common = ["--context", "8", "--features", "8", "--heads", "2", "--blocks", "1",
+              "--batch-size", "4", "--steps-per-epoch", "10", "--train-chars", "2000",
+              "--eval-chars", "600", "--eval-batch", "16", "--sample-chars", "20",
+              "--progress-every", "0"]
+    metrics = char_transformer.main(["--workdir", str(tmp_path), *common, "--epochs", "2",
+                                     "--optimizer", "sdlm", "--lr", "1e-3", "--mu", "1e-4",
+                                     "--curvature-every", "3"])
+    assert metrics["held_out_nats"] < np.log(65) and metrics["rejected_non_finite"] == 0
+    assert read_results(tmp_path)["config"]["optimizer"] == "sdlm"
+    with pytest.raises(ConfigError, match="option --mu: got 0.01; it applies only with "
+                                          "--optimizer sdlm"):
+        char_transformer.main([*common, "--mu", "0.01"])
+    with pytest.raises(ConfigError, match="option --dropout: LeCun's diagonal method"):
+        char_transformer.main([*common, "--optimizer", "sdlm", "--dropout", "0.1"])
