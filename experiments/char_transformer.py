@@ -103,9 +103,6 @@ ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
 
 def check_config(config: Config, corpus: Corpus) -> None:
     check_applicable(config, ONLY_WITH)
-    if config.optimizer == "sdlm" and config.dropout > 0:
-        raise ConfigError("option --dropout: LeCun's diagonal method (--optimizer sdlm) needs "
-                          "every layer's curvature, and Dropout has none; use --dropout 0")
     if config.features % config.heads:
         raise ConfigError(f"option --heads: {config.heads} does not divide --features "
                           f"{config.features}")
@@ -163,7 +160,7 @@ def epochs_of_windows(model, objective, train_ids: jax.Array, config,
     as `char_rnn.epochs_of_updates`. Update i of an epoch draws its windows from the key
     (epoch, i) and its dropout masks from (epoch, steps + i). With --optimizer sdlm the
     diagonal h is backpropagated on the step's windows at updates 0, k, 2k, ... of every
-    epoch (k = --curvature-every) and kept in between."""
+    epoch (k = --curvature-every) and kept in between, at inference (no dropout)."""
     value_and_grad = engines.get_engine(config.engine)(model, objective)
     steps = config.steps_per_epoch
     sdlm = config.optimizer == "sdlm"

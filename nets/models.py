@@ -164,14 +164,18 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
         ))
         return jnp.concatenate(outputs, axis=-1), tuple(residuals)
 
-    def backward(params, residuals, dy):
-        dparams, dx = zip(*(
-            layer.backward(group_params, group_residuals, part)
-            for group_params, group_residuals, part in zip(params, residuals, split(dy))
-        ))
-        return tuple(dparams), jnp.concatenate(dx, axis=-1)
+    def backward_by(method):
+        def run(params, residuals, dy):
+            dparams, dx = zip(*(
+                getattr(layer, method)(group_params, group_residuals, part)
+                for group_params, group_residuals, part in zip(params, residuals, split(dy))
+            ))
+            return tuple(dparams), jnp.concatenate(dx, axis=-1)
 
-    return Layer(name, init, forward, backward, sublayers=(layer,) * groups,
+        return run
+
+    return Layer(name, init, forward, backward_by("backward"), sublayers=(layer,) * groups,
+                 curvature=None if layer.curvature is None else backward_by("curvature"),
                  stochastic=layer.stochastic)
 
 

@@ -282,6 +282,10 @@ def LocalResponseNorm(
     Backward: since c is in the window of j exactly when j is in the window of c,
         dx[c] = dy[c] d[c]^(-beta)
                 - 2 alpha beta x[c] sum_{j in window(c)} dy[j] x[j] d[j]^(-beta - 1).
+    Curvature, sum_j J_jc^2 d2y[j] with J_jc = delta_jc d[j]^(-beta) - 2 alpha beta x[j] x[c]
+    d[j]^(-beta - 1) for c in window(j):
+        d2x[c] = d2y[c] d[c]^(-2 beta) (1 - 4 alpha beta x[c]^2 / d[c])
+                 + 4 alpha^2 beta^2 x[c]^2 sum_{j in window(c)} d2y[j] x[j]^2 d[j]^(-2 beta - 2).
     """
     if size < 1 or size % 2 == 0:
         raise ValueError(f"{name}: size must be odd and >= 1, got {size}")
@@ -308,7 +312,14 @@ def LocalResponseNorm(
         scaled = dy * x * d ** (-beta - 1)
         return (), dy * d ** -beta - 2 * alpha * beta * x * channel_window_sum(scaled)
 
-    return Layer(name, init, forward, backward)
+    def curvature(params, residuals, d2y):
+        del params
+        x, d = residuals
+        window_terms = channel_window_sum(d2y * x * x * d ** (-2 * beta - 2))
+        return (), (d2y * d ** (-2 * beta) * (1 - 4 * alpha * beta * x * x / d)
+                    + 4 * (alpha * beta) ** 2 * x * x * window_terms)
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def Dropout(rate: float, name: str = "Dropout") -> Layer:
@@ -349,4 +360,8 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         del params
         return (), dy if scale is None else dy * scale
 
-    return Layer(name, init, forward, backward, stochastic=True)
+    def curvature(params, scale, d2y):
+        del params
+        return (), d2y if scale is None else d2y * scale * scale
+
+    return Layer(name, init, forward, backward, curvature=curvature, stochastic=True)

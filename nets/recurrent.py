@@ -491,7 +491,7 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
 
 def LastStep(name: str = "LastStep") -> Layer:
     """y = x[:, -1]: (batch, time, features) -> (batch, features); backward puts dy at the last
-    step and zeros elsewhere."""
+    step and zeros elsewhere, and so does the curvature with d2y (a Jacobian of ones)."""
 
     def init(key, input_shape):
         del key
@@ -509,7 +509,7 @@ def LastStep(name: str = "LastStep") -> Layer:
         del params
         return (), jnp.zeros_like(x).at[:, -1, :].set(dy)
 
-    return Layer(name, init, forward, backward)
+    return Layer(name, init, forward, backward, curvature=backward)
 
 
 def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:

@@ -216,3 +216,50 @@ def test_lecun1998_schedule_by_hand():
                 120: 1e-5, 500: 1e-5}
     for count, eta in expected.items():
         assert float(schedule(count)) == pytest.approx(eta, rel=1e-6), count
+
+
+def squared_jacobian_pullback(apply, x, d2y):
+    """sum_j (dy_j / dx_i)^2 d2y_j from jax.jacobian: the diagonal rule's d2x."""
+    jacobian = jax.jacobian(apply)(x)
+    return jnp.tensordot(d2y, jacobian**2, axes=d2y.ndim)
+
+
+@pytest.mark.parametrize("make_layer, shape, key", [
+    (lambda: nets.LocalResponseNorm(size=5, k=0.5, alpha=0.3, beta=0.75), (2, 2, 2, 7), None),
+    (lambda: nets.LocalResponseNorm(size=3, k=1.0, alpha=0.8, beta=0.6), (1, 3, 1, 4), None),
+    (lambda: nets.Dropout(0.4), (3, 5), 7),
+    (lambda: nets.Dropout(0.4), (3, 5), None),
+    (lambda: nets.recurrent.LastStep(), (2, 4, 3), None),
+])
+def test_parameter_free_curvature_is_the_squared_jacobian(make_layer, shape, key):
+    """d2x of local response normalisation (its alpha large enough that the cross-channel
+    terms count), dropout with and without a mask and LastStep, against sum_j J_ji^2 d2y_j
+    from jax.jacobian, float64."""
+    layer = make_layer()
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    rng = None if key is None else jax.random.key(key)
+    y, residuals = layers.forward_with_key(layer, (), x, rng)
+    d2y = jax.random.uniform(jax.random.key(2), y.shape, jnp.float64)
+    _, d2x = layer.curvature((), residuals, d2y)
+    expected = squared_jacobian_pullback(
+        lambda x: layers.forward_with_key(layer, (), x, rng)[0], x, d2y)
+    assert relative_error(d2x, expected) <= F64
+
+
+def test_channel_groups_curvature_is_exact_for_a_last_layer():
+    """AlexNet's two-tower convolution (nets.models.channel_groups) as the last layer under
+    MSE: each weight enters linearly, so the backpropagated diagonal is the exact Gauss-Newton
+    diagonal of jax's Jacobian."""
+    from nets import models
+
+    conv = models.channel_groups(nets.Conv2D(2, 3, padding="SAME", name="conv"), groups=2,
+                                 name="towers")
+    model = nets.serial(conv, nets.Flatten(), name="net")
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    _, params = model.init(jax.random.key(0), (-1, 4, 4, 4))
+    params = astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 4, 4, 4), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (3, 64), jnp.float64)
+    assert_close_tree(engines.curvature_diagonal(model, objective)(params, x, y),
+                      gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
+                      jnp.float64, "channel groups")
