@@ -103,6 +103,8 @@ class Cell(NamedTuple):
     step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array, Any]]
     step_backward: Callable[[Params, Any, Carry, jax.Array], tuple[Params, Carry, jax.Array]]
     backward_weights: Callable[[Params], Any] | None = None
+    step_curvature: Callable[[Params, Any, Carry, jax.Array], tuple[Params, Carry, jax.Array]] \
+        | None = None
 
     def input_size(self, params: Params) -> int:
         """Input features of the cell with these params (rows of w above the hidden ones)."""
@@ -148,6 +150,23 @@ def _row(vector: jax.Array) -> jax.Array:
     return vector[None, :]
 
 
+def _cell(name, hidden, init, initial_carry, step, factors, pullback,
+          backward_weights=None) -> Cell:
+    """A Cell whose step backward is `pullback(weights, factors(residuals), dcarry, dy)`, every
+    local derivative of the step a factor of its products, and whose step curvature is the
+    same pullback of the squared factors (bptt squares the weights): LeCun's diagonal rule
+    d2in_i = sum_j J_ji^2 d2out_j, stage by stage through the step."""
+    def step_backward(weights, residuals, dcarry, dy):
+        return pullback(weights, factors(residuals), dcarry, dy)
+
+    def step_curvature(squared_weights, residuals, d2carry, d2y):
+        squared = jax.tree.map(jnp.square, factors(residuals))
+        return pullback(squared_weights, squared, d2carry, d2y)
+
+    return Cell(name, hidden, init, initial_carry, step, step_backward, backward_weights,
+                step_curvature)
+
+
 # --- cells ------------------------------------------------------------------------------------
 
 _ACTIVATIONS = {
@@ -180,16 +199,20 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         h_new = function(xh @ params["w"] + _row(params["b"]))
         return h_new, h_new, (xh, h_new)
 
-    def step_backward(params, residuals, dh_new, dy):
+    def factors(residuals):
+        xh, h_new = residuals
+        return xh, derivative(h_new)
+
+    def pullback(params, factors, dh_new, dy):
         # one product for [dx_t, dh_{t-1}]: the LSTM's and GRU's backward_weights, measured
         # here, made this step 10% slower on two cores (7% faster on one)
-        xh, h_new = residuals
-        da = (dh_new + dy) * derivative(h_new)
+        xh, slope = factors
+        da = (dh_new + dy) * slope
         dxh = da @ params["w"].T
         inputs = xh.shape[1] - hidden
         return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
 
-    return Cell(name, hidden, init, _zeros_carry(hidden, False), step, step_backward)
+    return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback)
 
 
 def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
@@ -239,30 +262,35 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         return {**_transposed_blocks(params["w"], hidden), **({"p": params["p"]} if peepholes
                                                               else {})}
 
-    def step_backward(weights, residuals, dcarry, dy):
+    def factors(residuals):
         xh, c, c_new, i, f, g, o, tanh_c = residuals
+        return {"xh": xh, "c": c, "c_new": c_new, "i": i, "f": f, "g": g, "o": o,
+                "tanh_c": tanh_c, "do": o * (1 - o), "dtanh_c": 1 - tanh_c * tanh_c,
+                "di": i * (1 - i), "df": f * (1 - f), "dg": 1 - g * g}
+
+    def pullback(weights, k, dcarry, dy):
         dh_new, dc_new = dcarry
         dh_new = dh_new + dy
-        da_o = dh_new * tanh_c * o * (1 - o)
-        dc_new = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
+        da_o = dh_new * k["tanh_c"] * k["do"]
+        dc_new = dc_new + dh_new * k["o"] * k["dtanh_c"]
         if peepholes:
             dc_new = dc_new + da_o * _row(weights["p"][2])
-        da_i = dc_new * g * i * (1 - i)
-        da_f = dc_new * c * f * (1 - f)
-        da_g = dc_new * i * (1 - g * g)
-        dc = dc_new * f
+        da_i = dc_new * k["g"] * k["di"]
+        da_f = dc_new * k["c"] * k["df"]
+        da_g = dc_new * k["i"] * k["dg"]
+        dc = dc_new * k["f"]
         dparams = {}
         if peepholes:
             p = weights["p"]
             dc = dc + da_i * _row(p[0]) + da_f * _row(p[1])
-            dparams["p"] = jnp.stack([jnp.sum(da_i * c, 0), jnp.sum(da_f * c, 0),
-                                      jnp.sum(da_o * c_new, 0)])
+            dparams["p"] = jnp.stack([jnp.sum(da_i * k["c"], 0), jnp.sum(da_f * k["c"], 0),
+                                      jnp.sum(da_o * k["c_new"], 0)])
         da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
-        dparams.update({"w": xh.T @ da, "b": jnp.sum(da, axis=0)})
+        dparams.update({"w": k["xh"].T @ da, "b": jnp.sum(da, axis=0)})
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
-    return Cell(name, hidden, init, _zeros_carry(hidden, True), step, step_backward,
-                backward_weights)
+    return _cell(name, hidden, init, _zeros_carry(hidden, True), step, factors, pullback,
+                 backward_weights)
 
 
 def gru(hidden_size: int, name: str = "gru") -> Cell:
@@ -303,22 +331,27 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         w_x, u_rz, u_n = split(params["w"], params["w"].shape[0] - hidden)
         return {"w_x_t": w_x.T, "u_rz_t": u_rz.T, "u_n_t": u_n.T}
 
-    def step_backward(weights, residuals, dh_new, dy):
+    def factors(residuals):
         x, h, r, z, n, rh = residuals
+        return {"x": x, "h": h, "r": r, "z": z, "rh": rh, "h_minus_n": h - n,
+                "one_minus_z": 1 - z, "dz": z * (1 - z), "dn": 1 - n * n, "dr": r * (1 - r)}
+
+    def pullback(weights, k, dh_new, dy):
         dh_new = dh_new + dy
-        da_z = dh_new * (h - n) * z * (1 - z)
-        da_n = dh_new * (1 - z) * (1 - n * n)
+        da_z = dh_new * k["h_minus_n"] * k["dz"]
+        da_n = dh_new * k["one_minus_z"] * k["dn"]
         drh = da_n @ weights["u_n_t"]
-        da_r = drh * h * r * (1 - r)
+        da_r = drh * k["h"] * k["dr"]
         da_rz = jnp.concatenate([da_r, da_z], axis=-1)
-        dh = dh_new * z + drh * r + da_rz @ weights["u_rz_t"]
+        dh = dh_new * k["z"] + drh * k["r"] + da_rz @ weights["u_rz_t"]
         da = jnp.concatenate([da_rz, da_n], axis=-1)
-        dw_h = jnp.concatenate([h.T @ da_rz, rh.T @ da_n], axis=1)
-        dparams = {"w": jnp.concatenate([x.T @ da, dw_h], axis=0), "b": jnp.sum(da, axis=0)}
+        dw_h = jnp.concatenate([k["h"].T @ da_rz, k["rh"].T @ da_n], axis=1)
+        dparams = {"w": jnp.concatenate([k["x"].T @ da, dw_h], axis=0),
+                   "b": jnp.sum(da, axis=0)}
         return dparams, dh, da @ weights["w_x_t"]
 
-    return Cell(name, hidden, init, _zeros_carry(hidden, False), step, step_backward,
-                backward_weights)
+    return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
+                 backward_weights)
 
 
 CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru")
@@ -410,7 +443,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
 
 def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
          dcarry_T: Carry = None, truncation: int | None = None, unroll: int = 1,
-         return_dcarries: bool = False):
+         return_dcarries: bool = False, curvature: bool = False):
     """Backpropagation through time: a reverse `lax.scan` of the cell's `step_backward`.
 
     dys (batch, time, hidden) = dE/dys; dcarry_T = dE/dcarry_T (default zeros). Returns
@@ -420,10 +453,19 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
     truncated like the rest. A masked step's incoming gradients are zeroed before its step
     backward, which is linear in them, so it contributes exactly nothing, and its dcarry
     passes through unchanged.
+
+    With curvature=True the same scan backpropagates LeCun's diagonal second derivatives
+    instead (`nets.layers`): dys, dcarry_T and the results are d2E/d(.)^2 diagonals, and each
+    step runs the cell's `step_curvature` with the squared weights.
     """
     if truncation is not None and truncation < 1:
         raise ValueError(f"bptt({cell.name}): truncation must be >= 1 (or None), got "
                          f"{truncation}")
+    step_back = cell.step_backward
+    if curvature:
+        if cell.step_curvature is None:
+            raise ValueError(f"bptt({cell.name}): this cell has no step curvature")
+        step_back, params = cell.step_curvature, jax.tree.map(jnp.square, params)
     batch, time = dys.shape[:2]
     if dcarry_T is None:
         dcarry_T = cell.initial_carry(batch, dys.dtype)
@@ -438,7 +480,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
             dy_t = jnp.where(m_t[:, None], dy_t, jnp.zeros_like(dy_t))
         else:
             dcarry_in = dcarry
-        step_dparams, dcarry_prev, dx_t = cell.step_backward(weights, step_residuals,
+        step_dparams, dcarry_prev, dx_t = step_back(weights, step_residuals,
                                                              dcarry_in, dy_t)
         if m_t is not None:
             dcarry_prev = _select(m_t, dcarry_prev, dcarry)
@@ -463,7 +505,8 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
 def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
         name: str | None = None) -> Layer:
     """A Layer running `cell` over x (batch, time, in) from the zero state: y (batch, time,
-    hidden), the cell's y_t at every step. Backward: `bptt` (with the same truncation).
+    hidden), the cell's y_t at every step. Backward: `bptt` (with the same truncation); its
+    curvature is `bptt(..., curvature=True)`.
 
     The Layer contract has one input, so there is no mask here: batches of padded sequences
     call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
@@ -482,11 +525,16 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
         ys, _, residuals = scan_cell(cell, params, x, truncation=truncation, unroll=unroll)
         return ys, residuals
 
-    def backward(params, residuals, dy):
-        dparams, dx, _ = bptt(cell, params, residuals, dy, truncation=truncation, unroll=unroll)
-        return dparams, dx
+    def backward_by(curvature):
+        def run(params, residuals, dy):
+            dparams, dx, _ = bptt(cell, params, residuals, dy, truncation=truncation,
+                                  unroll=unroll, curvature=curvature)
+            return dparams, dx
 
-    return Layer(name, init, forward, backward)
+        return run
+
+    return Layer(name, init, forward, backward_by(False),
+                 curvature=backward_by(True) if cell.step_curvature is not None else None)
 
 
 def LastStep(name: str = "LastStep") -> Layer:

@@ -253,10 +253,12 @@ def test_bad_sizes_shapes_and_curvature_are_named():
     _, pos_params = positions.init(jax.random.key(0), (-1, 4, 2))
     with pytest.raises(ValueError, match="pos: input x has 5 steps, more than the 4 positions"):
         positions.apply(pos_params, jnp.ones((1, 5, 2)))
-    recurrent_model = nets.recurrent.sequence_model([nets.recurrent.make_cell("gru", 4)], 3)
-    objective = losses.Objective(sequence_cross_entropy(), 0.0)
-    with pytest.raises(ValueError, match="layer 'gru_0' has no curvature"):
-        engines.curvature_diagonal(recurrent_model, objective)
+    dense = nets.Dense(3, name="mine")
+    without = dense._replace(curvature=None)  # a layer of one's own, written without one
+    model = nets.serial(nets.Dense(4, name="first"), nets.serial(without, name="inner"))
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    with pytest.raises(ValueError, match="serial: layer 'mine' has no curvature"):
+        engines.curvature_diagonal(model, objective)
 
 
 def squared_jacobian_pullback(function, inputs, d2out):

@@ -357,3 +357,82 @@ def test_sequence_cross_entropy_curvature_is_the_diagonal_of_its_hessian():
     hessian = jax.hessian(lambda z: loss.value(z, y))(z).reshape(24, 24)
     np.testing.assert_allclose(loss.curvature(z, y), jnp.diag(hessian).reshape(2, 3, 4),
                                rtol=1e-12, atol=0)
+
+
+def perturbed_cell_params(cell, input_size, seed):
+    """Float64 params of `cell`, moved off their init (so the peepholes and biases are not
+    0)."""
+    params = cell.init(jax.random.key(seed), input_size)
+    return jax.tree.map(lambda a: a.astype(jnp.float64) + 0.3 * jax.random.normal(
+        jax.random.key(seed + 1), a.shape, jnp.float64), params)
+
+
+@pytest.mark.parametrize("kind", ["elman_tanh", "elman_sigmoid", "lstm", "gru"])
+def test_one_step_curvature_is_the_exact_gauss_newton_diagonal(kind):
+    """One step from a nonzero state: every weight reaches each output h_j by one path (LSTM:
+    through its own gate; GRU's U_r: through r_k, r_k h_k and n_j), so LeCun's diagonal rule,
+    bptt(curvature=True), equals sum_j (dh_j/dw)^2 d2y_j from jax's Jacobian (float64)."""
+    cell = recurrent.make_cell(kind, 3)
+    params = perturbed_cell_params(cell, 2, 0)
+    x = jax.random.normal(jax.random.key(2), (4, 1, 2), jnp.float64)
+    carry0 = jax.tree.map(lambda c: jax.random.normal(jax.random.key(3), c.shape, jnp.float64),
+                          cell.initial_carry(4, jnp.float64))
+    d2y = jax.random.uniform(jax.random.key(4), (4, 1, 3), jnp.float64)
+    _, _, residuals = recurrent.scan_cell(cell, params, x, carry0)
+    d2params = recurrent.bptt(cell, params, residuals, d2y, curvature=True)[0]
+    jacobian = jax.jacobian(lambda p: recurrent.scan_cell(cell, p, x, carry0)[0])(params)
+    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+    assert_close_tree(d2params, exact, jnp.float64, f"{kind} one step")
+
+
+@pytest.mark.parametrize("kind", recurrent.CELLS)
+def test_curvature_scan_is_the_step_curvature_run_back_through_time(kind):
+    """bptt(curvature=True) over 6 steps with a padding mask and truncation to windows of 4,
+    against a Python loop of the cell's step_curvature run backwards with the squared
+    weights, zeroing what the mask and the window boundary stop; all entries >= 0."""
+    cell = recurrent.make_cell(kind, 3)
+    params = perturbed_cell_params(cell, 2, 5)
+    x = jax.random.normal(jax.random.key(6), (2, 6, 2), jnp.float64)
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], jnp.float64)
+    d2ys = jax.random.uniform(jax.random.key(7), (2, 6, 3), jnp.float64)
+    _, _, residuals = recurrent.scan_cell(cell, params, x, mask=mask, truncation=4)
+    d2params, d2xs, _ = recurrent.bptt(cell, params, residuals, d2ys, truncation=4,
+                                       curvature=True)
+    squared = jax.tree.map(jnp.square, params)
+    weights = squared if cell.backward_weights is None else cell.backward_weights(squared)
+    d2carry = cell.initial_carry(2, jnp.float64)
+    total = jax.tree.map(jnp.zeros_like, params)
+    d2x_steps = [None] * 6
+    for t in reversed(range(6)):
+        step_residuals = jax.tree.map(lambda r, t=t: r[t], residuals.steps)
+        keep = mask[:, t][:, None]
+        incoming = jax.tree.map(lambda d, keep=keep: d * keep, d2carry)
+        step_d2params, d2carry_prev, d2x_steps[t] = cell.step_curvature(
+            weights, step_residuals, incoming, d2ys[:, t] * keep)
+        total = jax.tree.map(jnp.add, total, step_d2params)
+        d2carry = jax.tree.map(lambda prev, d, keep=keep: keep * prev + (1 - keep) * d,
+                               d2carry_prev, d2carry)
+        if t == 4:
+            d2carry = jax.tree.map(jnp.zeros_like, d2carry)
+    assert_close_tree(d2params, total, jnp.float64, f"{kind} through time")
+    np.testing.assert_allclose(d2xs, jnp.stack(d2x_steps, axis=1), rtol=1e-12, atol=1e-15)
+    assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves((d2params, d2xs)))
+
+
+def test_a_sequence_model_has_lecuns_curvature():
+    """Every layer of a stacked LSTM/GRU sequence model now has a curvature pass, so
+    engines.curvature_diagonal runs on it; the readout (the last layer) is exact against
+    jax's Gauss-Newton diagonal."""
+    model = recurrent.sequence_model([recurrent.make_cell("lstm", 4),
+                                      recurrent.make_cell("gru", 3)], 2, last_step=True)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    _, params = model.init(jax.random.key(0), (-1, 5, 2))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 2), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
+    from nets import engines, gradcheck
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated[-1], exact[-1], jnp.float64, "readout")
+    assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
+    assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(backpropagated))
