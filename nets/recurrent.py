@@ -13,6 +13,12 @@ arriving from the later steps; `dy_t` is dE/dy_t; `dcarry_prev` is dE/d(the carr
 read). Every step backward is written from the cell's equations (in each cell's docstring),
 never by differentiating the step.
 
+Every built-in cell also gives `step_curvature(weights, residuals, d2carry, d2y_t)`, LeCun's
+diagonal second derivatives through the step (`nets.layers`), with the signature of
+`step_backward`: each cell writes its step backward once, as a pullback whose products take
+the step's local derivatives as factors, and the curvature is that pullback of the squared
+factors with the squared weights; `bptt(..., curvature=True)` runs it back through time.
+
 A cell may also give `backward_weights(params)`: what its step backward reads in place of
 params, made once per sequence by `bptt` outside the reverse scan. The LSTM and GRU give their
 weight blocks transposed and apart (W_x^T, W_h^T), so that dx_t and dh_{t-1} are separate
