@@ -488,3 +488,37 @@ def test_guarded_update_rejects_non_finite_steps_and_stops_after_a_failure():
         rule, kept, opt_state, guard_state, jnp.array(1.0), good, 2)
     np.testing.assert_array_equal(frozen["w"], kept["w"])  # a failed run takes no step
     assert int(after.rejected) == 1
+
+
+def test_online_with_lecuns_curvature_steps_eta_over_mu_plus_h():
+    """online(curvature_every=3) with the diagonal Levenberg-Marquardt optimizer: the first
+    update is -eta g / (mu + h), h the backpropagated diagonal at the initial params on the
+    first batch; the fourth uses a fresh h, the second and third the first one (checked
+    against a loop that recomputes each step by hand)."""
+    model = nets.build_mlp(4, 2, hidden_units=3, activation="tanh")
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    _, params = model.init(jax.random.key(0), (-1, 4))
+
+    def sample(key):
+        return random_batch(key, 5, 4, 2, jnp.float32)
+
+    eta, mu = 0.05, 0.01
+    procedure = procedures.online(model, objective, optim.diagonal_levenberg_marquardt(eta, mu),
+                                  sample, steps_per_record=4, curvature_every=3)
+    state = procedure.init(params, jax.random.key(1))
+    key_data = state.key
+    new_state, _ = jax.jit(procedure.step)(state, 0)
+    value_and_grad = engines.manual(model, objective)
+    diagonal = engines.curvature_diagonal(model, objective)
+    expected = params
+    for index in range(4):
+        key_data, batch_key = procedures._split(key_data)
+        x, targets = sample(batch_key)
+        if index % 3 == 0:
+            h = diagonal(expected, x, targets)
+        grad = value_and_grad(expected, x, targets)[1]
+        expected = jax.tree.map(lambda w, g, hk: w - eta * g / (mu + hk), expected, grad, h)
+    assert_close_tree(new_state.params, expected, jnp.float32, "online sdlm")
+    with pytest.raises(ValueError, match="online: curvature_every must be >= 1"):
+        procedures.online(model, objective, optax.sgd(0.1), sample, steps_per_record=2,
+                          curvature_every=0)

@@ -171,3 +171,17 @@ def test_char_transformer_with_lecuns_method_trains_and_refuses_what_it_cannot_d
     with pytest.raises(ConfigError, match="option --mu: got 0.01; it applies only with "
                                           "--optimizer sdlm"):
         char_transformer.main([*common, "--mu", "0.01"])
+
+
+def test_adding_problem_with_lecuns_method_runs_and_its_options_need_it(tmp_path):
+    """--optimizer sdlm: h backpropagated through the LSTM every 5 steps; finite results. Its
+    options are refused with Adam."""
+    common = ["--cells", "lstm", "--lengths", "6", "--steps", "20", "--eval-every", "10",
+              "--hidden", "4", "--batch-size", "8", "--test-examples", "16",
+              "--progress-every", "0"]
+    metrics = adding_problem.main(["--workdir", str(tmp_path), *common, "--optimizer", "sdlm",
+                                   "--lr", "1e-2", "--mu", "1e-2", "--curvature-every", "5"])
+    assert np.isfinite(metrics["lstm_T6"]["final_test_mse"])
+    with pytest.raises(ConfigError, match="option --curvature-every: got 3; it applies only "
+                                          "with --optimizer sdlm"):
+        adding_problem.main([*common, "--curvature-every", "3"])

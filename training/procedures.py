@@ -564,31 +564,49 @@ def online(
     model: Layer, objective: Objective, optimizer: optax.GradientTransformation,
     sample: Callable[[jax.Array], tuple[jax.Array, jax.Array]], *, steps_per_record: int,
     engine: engines.Engine = engines.manual, monitor: Monitor | None = None,
-    guard: Guard | None = DEFAULT_GUARD,
+    guard: Guard | None = DEFAULT_GUARD, curvature_every: int | None = None,
 ) -> Procedure:
     """Stochastic descent on fresh data: one step of the procedure is `steps_per_record`
     optimizer steps, each on a new batch `sample(key) -> (x, targets)` (problems that generate
     their data, such as the adding problem). record: "energy", the mean loss of those batches,
-    and monitor(params). Non-finite steps are rejected by the guard (`guarded_update`)."""
+    and monitor(params). Non-finite steps are rejected by the guard (`guarded_update`).
+
+    With curvature_every = k (for `optim.diagonal_levenberg_marquardt`), LeCun's diagonal h
+    (`engines.curvature_diagonal`) is backpropagated on the step's batch at the first of every
+    k updates of a record, handed to the optimizer as curvature=h, and kept in between."""
     value_and_grad = engine(model, objective)
+    if curvature_every is not None and curvature_every < 1:
+        raise ValueError(f"online: curvature_every must be >= 1 (or None), got "
+                         f"{curvature_every}")
+    diagonal = (None if curvature_every is None
+                else engines.curvature_diagonal(model, objective))
 
     def init(params, key):
         return initial_state(params, optimizer.init(params), key)
 
-    def update(carry, update_index):
-        params, opt_state, guard_state, key_data = carry
+    def update(carry, indices):
+        update_index, within_record = indices
+        params, opt_state, guard_state, key_data, h = carry
         key_data, batch_key = _split(key_data)
         x, targets = sample(batch_key)
         energy, grad = value_and_grad(params, x, targets)
+        extra = {}
+        if diagonal is not None:
+            h = jax.lax.cond(within_record % curvature_every == 0,
+                             lambda: diagonal(params, x, targets), lambda: h)
+            extra = {"curvature": h}
         params, opt_state, guard_state = guarded_update(
-            optimizer, params, opt_state, guard_state, energy, grad, update_index, guard)
-        return (params, opt_state, guard_state, key_data), energy
+            optimizer, params, opt_state, guard_state, energy, grad, update_index, guard,
+            **extra)
+        return (params, opt_state, guard_state, key_data, h), energy
 
     def step(state, index):
         first = index * steps_per_record
-        carry = (state.params, state.opt_state, state.guard, state.key)
-        (params, opt_state, guard_state, key), energies = jax.lax.scan(
-            update, carry, first + jnp.arange(steps_per_record, dtype=jnp.int32))
+        h = () if diagonal is None else jax.tree.map(jnp.zeros_like, state.params)
+        carry = (state.params, state.opt_state, state.guard, state.key, h)
+        within = jnp.arange(steps_per_record, dtype=jnp.int32)
+        (params, opt_state, guard_state, key, _), energies = jax.lax.scan(
+            update, carry, (first + within, within))
         energy = jnp.mean(energies).astype(state.energy.dtype)
         new_state = state._replace(params=params, opt_state=opt_state, guard=guard_state,
                                    key=key, energy=energy)
