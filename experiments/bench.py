@@ -762,7 +762,7 @@ def main(argv=None):
     request_cpu_devices(config.cpu_devices)
     if config.quick:
         config = dataclasses.replace(config, repeats=10, recipe_passes=1)
-    run = open_run(EXPERIMENT, config, args)
+    run = open_run(EXPERIMENT, config, args, compilation_cache=False)  # compile_s: cold
     torch = load_torch()
     if torch is not None:
         torch.set_num_threads(benchmark.thread_settings()["cpu_count"])

@@ -43,7 +43,7 @@ def test_run_directory_files(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     environment = json.loads((tmp_path / "environment.json").read_text())
     for key in ("jax", "jaxlib", "optax", "flax", "backend", "devices", "process_count",
-                "git_commit", "command"):
+                "git_commit", "command", "compilation_cache"):
         assert key in environment
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["experiment"] == "lecture" and config["config"]["steps"] == 20
@@ -148,3 +148,75 @@ def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp
     assert step_a == step_b == 1500
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+CACHE_PROBE = """
+import dataclasses, json, pathlib, sys
+import jax, jax.numpy as jnp
+from training import config, harness
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+if sys.argv[1] == "open_run":
+    Empty = dataclasses.make_dataclass("Empty", [], frozen=True)
+    args = config.HarnessArgs(pathlib.Path(sys.argv[2]), False, False)
+    harness.open_run("probe", Empty(), args, compilation_cache=False)
+    directory = None
+else:
+    directory = harness.use_compilation_cache()
+jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.arange(5.0)).block_until_ready()
+print(json.dumps({"directory": directory, "hits": len(hits)}))
+"""
+
+
+def cache_probe(tmp_path, *argv, **env):
+    """Run CACHE_PROBE in a fresh process with NETS_CACHE_DIR in tmp_path and no compilation
+    cache of the test suite's own; returns its JSON line."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
+                                        "NETS_COMPILATION_CACHE"))}
+    environment.update(PYTHONPATH=str(ROOT), NETS_CACHE_DIR=str(tmp_path / "cache"), **env)
+    completed = subprocess.run([sys.executable, "-c", CACHE_PROBE, *argv], cwd=ROOT,
+                               env=environment, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+def test_the_compilation_cache_serves_a_second_process(tmp_path):
+    default = tmp_path / "cache" / "jax-compilation"
+    first = cache_probe(tmp_path, "cache")
+    assert first == {"directory": str(default), "hits": 0}
+    assert any(default.iterdir())
+    second = cache_probe(tmp_path, "cache")
+    assert second["directory"] == str(default) and second["hits"] >= 1
+
+
+def test_the_compilation_cache_can_be_moved_or_turned_off(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    assert cache_probe(tmp_path, "cache", NETS_COMPILATION_CACHE=str(elsewhere)) == {
+        "directory": str(elsewhere), "hits": 0}
+    assert any(elsewhere.iterdir())
+    assert cache_probe(tmp_path, "cache", NETS_COMPILATION_CACHE="off") == {
+        "directory": None, "hits": 0}
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_benchmark_run_compiles_cold_even_with_a_user_cache(tmp_path):
+    users = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "users"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    assert cache_probe(tmp_path, "cache", **users) == {"directory": users[
+        "JAX_COMPILATION_CACHE_DIR"], "hits": 0}
+    entries = sorted((tmp_path / "users").iterdir())
+    assert entries
+    probe = cache_probe(tmp_path, "open_run", str(tmp_path / "run"), **users)
+    assert probe == {"directory": None, "hits": 0}
+    assert sorted((tmp_path / "users").iterdir()) == entries
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["compilation_cache"] is None
+
+
+def test_an_unwritable_workdir_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"--workdir: cannot create .*file/run"):
+        lecture.main(["--workdir", str(blocker / "run"), *SMALL])

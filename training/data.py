@@ -145,7 +145,10 @@ REGISTRY: dict[str, RemoteFile] = {
 # Finding, verifying and downloading files.
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
+    """The user's cache directory for this project: ``$NETS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/nets``, else ``~/.cache/nets``. Downloads go here, and the experiments'
+    compilation cache (`training.harness.use_compilation_cache`) lives beneath it."""
     if os.environ.get("NETS_CACHE_DIR"):
         return pathlib.Path(os.environ["NETS_CACHE_DIR"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
@@ -155,7 +158,7 @@ def _cache_dir() -> pathlib.Path:
 
 def data_dirs() -> list[pathlib.Path]:
     """Directories searched for data files, in order: ``$NETS_DATA_DIR`` if set, then the cache."""
-    dirs = [_cache_dir()]
+    dirs = [cache_dir()]
     if os.environ.get("NETS_DATA_DIR"):
         dirs.insert(0, pathlib.Path(os.environ["NETS_DATA_DIR"]).expanduser())
     return dirs
@@ -167,7 +170,7 @@ def _how_to_obtain(relpath: str, url: str | None = None) -> str:
     source = f"download it from {url}" if url else "obtain a copy"
     return (
         f"To fix: {source} and set NETS_DATA_DIR to a directory holding it as {relpath} "
-        f"(or put it in the cache, {_cache_dir() / relpath})."
+        f"(or put it in the cache, {cache_dir() / relpath})."
     )
 
 
@@ -283,7 +286,7 @@ def fetch(relpath: str, *, download: bool = True, url: str | None = None) -> pat
             f"{relpath} not found (looked in {looked}) and download=False. "
             + _how_to_obtain(relpath, url)
         )
-    target = _cache_dir() / relpath
+    target = cache_dir() / relpath
     _download(remote, url or remote.url, target)
     return target
 
