@@ -56,7 +56,7 @@ import nets
 from experiments import adding_problem
 from nets import recurrent
 from training import data, plots, procedures, results
-from training.config import ConfigError, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "char_rnn"
@@ -85,12 +85,19 @@ class Config(TextOptions):
     batch_size: int = option(32, "parallel streams of training text", ge=1)
     window: int = option(64, "characters per truncated-BPTT window (one optimizer step)", ge=1)
     epochs: int = option(6, "passes over the training text", ge=1)
-    lr: float = option(2e-3, "Adam learning rate", gt=0)
+    optimizer: str = option("adam", "adam, or LeCun's diagonal Levenberg-Marquardt (sdlm)",
+                            choices=("adam", "sdlm"))
+    lr: float = option(2e-3, "learning rate (sdlm: eta)", gt=0)
+    mu: float = option(1e-3, "sdlm: the damping mu of eta / (mu + h)", gt=0)
+    curvature_every: int = option(10, "sdlm: windows between estimates of h", ge=1)
     lr_decay: float = option(0.9, "learning-rate factor per epoch", gt=0, le=1)
     clip: float = option(5.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
     eval_streams: int = option(32, "parallel streams of held-out text", ge=1)
     unroll: int = option(1, "lax.scan unroll of the time loop", ge=1)
     seed: int = option(0, "seed of initialisation, stream offsets and samples")
+
+
+ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
 
 
 class Corpus:
@@ -150,6 +157,24 @@ def value_grad_and_carries(cells, objective, engine: str):
         return value, grad, carries_T
 
     return {"manual": manual, "autodiff": autodiff}[engine]
+
+
+def window_curvature(cells, objective):
+    """`h(params, xs, targets, carries0)`: LeCun's Gauss-Newton diagonal of one window's loss
+    (`stack_backward(curvature=True)`, as `engines.curvature_diagonal` for the model), the
+    states carried in held constant as in the gradient, plus lambda/m per weight from the
+    objective's L2 term."""
+    loss = objective.loss
+
+    def diagonal(params, xs, targets, carries0):
+        outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0)
+        d2params = recurrent.stack_backward(cells, params, residuals,
+                                            loss.curvature(outputs, targets), curvature=True)[0]
+        penalty = nets.losses.l2_penalty_grad(jax.tree.map(jnp.ones_like, params),
+                                               objective.l2, xs.shape[0])
+        return jax.tree.map(jnp.add, d2params, penalty)
+
+    return diagonal
 
 
 def zero_carries(cells, batch: int, dtype) -> tuple:
@@ -237,22 +262,39 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
         raise ConfigError(f"option --window: got {window}; the {length} characters per stream "
                           "do not hold two windows (use fewer --batch-size or more text)")
 
-    def gradient_step(epoch_key, index, params, carries):
+    sdlm = config.optimizer == "sdlm"
+    diagonal = window_curvature(cells, objective) if sdlm else None
+
+    def gradient_step(epoch_key, index, params, extra):
+        carries, h = extra
         offset = jax.random.randint(epoch_key, (), 0, window)
         dtype = jax.tree.leaves(params)[0].dtype
         ids = jax.lax.dynamic_slice(train_streams, (0, offset + index * window),
                                     (batch, window + 1))
         xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
         energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries)
+        update_args = {}
+        if sdlm:
+            h = jax.lax.cond(index % config.curvature_every == 0,
+                             lambda: diagonal(params, xs, ids[:, 1:], carries), lambda: h)
+            update_args = {"curvature": h}
         # a non-finite window restarts the streams from the zero state
         carries = jax.tree.map(lambda new, zero: jnp.where(jnp.isfinite(energy), new, zero),
                                new_carries, zero_carries(cells, batch, dtype))
-        return energy, grad, carries, {}
+        return energy, grad, (carries, h), update_args
 
-    def initial_carries(params):
-        return zero_carries(cells, batch, jax.tree.leaves(params)[0].dtype)
+    def initial_extra(params):
+        """The zero states, and h = 0 until update 0 of the epoch estimates it."""
+        return (zero_carries(cells, batch, jax.tree.leaves(params)[0].dtype),
+                jax.tree.map(jnp.zeros_like, params) if sdlm else ())
 
-    return epochs_of_updates(config, steps, gradient_step, initial_carries, monitor)
+    make_optimizer = adding_problem.make_optimizer
+    if sdlm:
+        def make_optimizer(schedule, clip):
+            return adding_problem.sdlm_optimizer(schedule, config.mu, clip)
+
+    return epochs_of_updates(config, steps, gradient_step, initial_extra, monitor,
+                             make_optimizer)
 
 
 def generate(cells, params, prime: np.ndarray, key: jax.Array, length: int,
@@ -325,6 +367,7 @@ def save_and_print_report(workdir, heading: str, history, sample: str, temperatu
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    check_applicable(config, ONLY_WITH)
     corpus = Corpus(data.load_text(), config.held_out, config.train_chars, config.eval_chars)
     prime = corpus.encode(config.prime)
     run = open_run(EXPERIMENT, config, args)

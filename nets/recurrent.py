@@ -642,17 +642,23 @@ def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = Non
 
 
 def stack_backward(cells: Any, params: Params, residuals: Any, doutputs: jax.Array,
-                   dcarries_T: Any = None, truncation: int | None = None, unroll: int = 1):
+                   dcarries_T: Any = None, truncation: int | None = None, unroll: int = 1,
+                   curvature: bool = False):
     """The hand-written backward of `stack_forward`: (dparams, dxs, dcarries0), dparams with
-    the structure of params; dcarries_T (one per cell, default zeros) is dE/dcarries_T."""
+    the structure of params; dcarries_T (one per cell, default zeros) is dE/dcarries_T.
+
+    With curvature=True, LeCun's diagonal second derivatives instead (`bptt`): doutputs is
+    d2E/doutputs^2 (the loss's `curvature`), the results are d2E/d(.)^2 diagonals, and the
+    states carried in from the previous window are constants, as in the gradient."""
     cell_residuals, output_residuals = residuals
-    doutput_params, dhs = _PER_STEP_OUTPUT.backward(params[-1], output_residuals, doutputs)
+    output_backward = _PER_STEP_OUTPUT.curvature if curvature else _PER_STEP_OUTPUT.backward
+    doutput_params, dhs = output_backward(params[-1], output_residuals, doutputs)
     dcarries_T = (None,) * len(cells) if dcarries_T is None else tuple(dcarries_T)
     dparams, dcarries0 = [doutput_params], []
     for cell, cell_params, residual, dcarry_T in reversed(
             list(zip(cells, params[:-1], cell_residuals, dcarries_T))):
         dcell, dhs, dcarry0 = bptt(cell, cell_params, residual, dhs, dcarry_T, truncation,
-                                   unroll)
+                                   unroll, curvature=curvature)
         dparams.append(dcell)
         dcarries0.append(dcarry0)
     return tuple(reversed(dparams)), dhs, tuple(reversed(dcarries0))

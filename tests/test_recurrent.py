@@ -436,3 +436,51 @@ def test_a_sequence_model_has_lecuns_curvature():
     assert_close_tree(backpropagated[-1], exact[-1], jnp.float64, "readout")
     assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(backpropagated))
+
+
+@pytest.mark.parametrize("kind", ["elman_tanh", "lstm"])
+def test_stack_curvature_from_given_states_is_the_exact_gauss_newton_diagonal(kind):
+    """stack_backward(curvature=True) from nonzero carried states, one step and one output:
+    each weight of these cells reaches the output through one hidden unit, so LeCun's rule
+    is exact, against sum (dy/dw)^2 d2y from jax's Jacobian of stack_forward (float64). The
+    same states at zero give another diagonal: the carried states are used."""
+    cell = recurrent.make_cell(kind, 3)
+    model = recurrent.sequence_model([cell], 1)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 1, 2))[1], jax.random.key(0))
+    params = random_like(np.random.default_rng(8), shapes, jnp.float64, 0.5)
+    x = jax.random.normal(jax.random.key(9), (4, 1, 2), jnp.float64)
+    carries0 = (jax.tree.map(lambda c: jax.random.normal(jax.random.key(10), c.shape,
+                                                         jnp.float64),
+                             cell.initial_carry(4, jnp.float64)),)
+    d2y = jax.random.uniform(jax.random.key(11), (4, 1, 1), jnp.float64)
+
+    def curvature(carries0):
+        _, _, residuals = recurrent.stack_forward([cell], params, x, carries0)
+        return recurrent.stack_backward([cell], params, residuals, d2y, curvature=True)[0]
+
+    jacobian = jax.jacobian(lambda p: recurrent.stack_forward([cell], p, x, carries0)[0])(params)
+    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+    assert_close_tree(curvature(carries0), exact, jnp.float64, f"{kind} stack curvature")
+    zero_state = curvature(None)
+    assert relative_error(zero_state[0]["w"], exact[0]["w"]) > 1e-3
+
+
+def test_stack_curvature_from_zero_states_is_the_sequence_models():
+    """From zero states, stack_backward(curvature=True) of an LSTM-over-GRU stack is
+    engines.curvature_diagonal of the same sequence_model (float64, 5 steps, softmax
+    cross-entropy per step)."""
+    from nets import engines
+
+    cells = (recurrent.make_cell("lstm", 4), recurrent.make_cell("gru", 3))
+    model = recurrent.sequence_model(cells, 5)
+    objective = nets.Objective(recurrent.sequence_cross_entropy(), 0.0)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 5, 2))[1], jax.random.key(0))
+    params = random_like(np.random.default_rng(12), shapes, jnp.float64, 0.5)
+    x = jax.random.normal(jax.random.key(13), (3, 5, 2), jnp.float64)
+    y = jax.random.randint(jax.random.key(14), (3, 5), 0, 5)
+    outputs, _, residuals = recurrent.stack_forward(cells, params, x)
+    stacked = recurrent.stack_backward(cells, params, residuals,
+                                       objective.loss.curvature(outputs, y), curvature=True)[0]
+    assert_close_tree(stacked, engines.curvature_diagonal(model, objective)(params, x, y),
+                      jnp.float64, "stack vs model")
+    assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(stacked))
