@@ -50,6 +50,13 @@ bench-quick: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache
 
+.PHONY: lenet1989-seeds
+# LeCun's method with the best settings found here, at ten seeds (README.md, "Experiments").
+lenet1989-seeds: $(VENV)/.installed
+	$(PY) -m experiments.seeds --experiment lenet1989 --seeds 0,1,2,3,4,5,6,7,8,9 \
+		--metrics test_misses,test_error,train_misses,test_loss --at-most test_misses=100 \
+		-- --optimizer sdlm --init fan_in --schedule constant --lr 2e-4 --target 0.577
+
 .PHONY: multihost-demo
 # Two CPU processes on 127.0.0.1 train the MLP data-parallel and compare with one device
 # (README.md, "Over examples, devices and hosts").

@@ -19,7 +19,8 @@ def save_curves(
 ) -> None:
     """One subplot per panel, at most `columns` (3) to a row.
 
-    Each panel is {"ylabel": str, "xlabel": str, "series": {label: (x, y)}, "log": bool}.
+    Each panel is {"ylabel": str, "xlabel": str, "series": {label: (x, y)}, "log": bool,
+    "marker": a matplotlib marker for the points (default none)}.
     """
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
@@ -28,7 +29,7 @@ def save_curves(
         axis.set_visible(False)
     for axis, panel in zip(axes.ravel(), panels):
         for label, (xs, ys) in panel["series"].items():
-            axis.plot(xs, ys, label=label, linewidth=1.2)
+            axis.plot(xs, ys, label=label, linewidth=1.2, marker=panel.get("marker"))
         axis.set_xlabel(panel.get("xlabel", "step"))
         axis.set_ylabel(panel["ylabel"])
         if panel.get("log"):

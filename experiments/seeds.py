@@ -1,0 +1,255 @@
+"""One experiment at several seeds, each in a run directory of its own, and the spread of its
+final metrics.
+
+    python -m experiments.seeds --experiment lenet1989 --seeds 0,1,2,3,4,5,6,7,8,9 \\
+        [--workdir DIR] [--metrics test_misses,test_error] [--at-most test_misses=100] \\
+        -- --optimizer sdlm --init fan_in --schedule constant --lr 2e-4 --target 0.577
+
+Everything after `--` goes to `python -m experiments.<experiment>` unchanged; this script adds
+`--seed K --workdir DIR/seed_K` and runs the seeds one after another in this process (each
+program compiled for the first seed is loaded from the compilation cache for the next,
+`training.harness.use_compilation_cache`). The experiment's options are checked before the
+first run, and `--seed` or `--workdir` among them are refused. Re-running the same command
+with the same `--workdir` continues the sweep: a seed whose run finished is resumed by the
+harness, which does no work for it (experiments without checkpoints run it again).
+
+Writes into DIR (default `runs/seeds/<experiment>/<UTC timestamp>/`):
+- `results.json`: `metrics` {metric: {n, mean, sd, median, min, max}} over the seeds (sd with
+  n - 1; 0 for one seed), `history` one record per seed {"seed", metric: value}, and with
+  `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise;
+- `results.md`: the summary and the per-seed table; `spread.png`: each metric by seed.
+
+The metrics are the numbers the experiment's `main` returns (a nested dict's keys joined by
+"/"); `--metrics` picks some, in order (default: every number, booleans left out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from training import plots, results
+from training.config import ConfigError, option, parse, run_main
+from training.harness import open_run
+
+EXPERIMENT = "seeds"
+NOT_SWEPT = ("bench", "multihost_demo", "seeds")  # own processes and devices, or this script
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    experiment: str = option("lecture", "the experiment to run (a module of experiments/ whose "
+                             "Config has a seed)")
+    seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated")
+    metrics: tuple[str, ...] = option((), "the metrics to summarise, in order (default: all)")
+    at_most: str = option("", "METRIC=VALUE: count the seeds with METRIC <= VALUE")
+    at_least: str = option("", "METRIC=VALUE: count the seeds with METRIC >= VALUE")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep(Config):
+    """The config with the experiment's own options (the argv after --), as config.json
+    records it: resuming with other options is refused like any other config change."""
+
+    experiment_options: tuple[str, ...] = ()
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(this script's options, the experiment's): argv split at the first `--`."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def experiment_module(name: str):
+    """The module `experiments.<name>`, if its Config has a seed field."""
+    try:
+        module = importlib.import_module(f"experiments.{name}")
+    except ModuleNotFoundError:
+        module = None
+    config_class = getattr(module, "Config", None)
+    has_seed = (config_class is not None and dataclasses.is_dataclass(config_class)
+                and "seed" in {field.name for field in dataclasses.fields(config_class)})
+    if name in NOT_SWEPT or not has_seed or not hasattr(module, "main"):
+        raise ConfigError(f"option --experiment: got {name!r}; allowed: an experiment with a "
+                          f"--seed option, one of {', '.join(sweepable())}")
+    return module
+
+
+def sweepable() -> list[str]:
+    """The experiments this script can run (their Config has a seed), by file name."""
+    names = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        if path.stem.startswith("_") or path.stem in NOT_SWEPT:
+            continue
+        if "seed: int = option(" in path.read_text():
+            names.append(path.stem)
+    return names
+
+
+def check_experiment_options(module, options: Sequence[str]) -> None:
+    """Refuse --seed and --workdir (set per run here), and any option the experiment would
+    refuse, before the first run."""
+    for flag in ("--seed", "--workdir"):
+        if any(o == flag or o.startswith(flag + "=") for o in options):
+            raise ConfigError(f"experiment option {flag}: it is set for each run by "
+                              f"experiments.{EXPERIMENT}; give the seeds with --seeds and the "
+                              "directory with --workdir before the --")
+    parse(module.Config, [*options, "--seed", "0"], prog=f"python -m {module.__name__}")
+
+
+def threshold(text: str, flag: str) -> tuple[str, float] | None:
+    """("metric", value) from "metric=value", or None for ""."""
+    if not text:
+        return None
+    name, _, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise ConfigError(f"option --{flag}: got {text!r}; expected METRIC=VALUE, e.g. "
+                          "test_misses=100") from None
+
+
+def numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric entries of a (nested) metrics dict, nested keys joined by "/", booleans
+    and everything else left out."""
+    found = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(numbers(value, name + "/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, (bool, np.bool_)):
+            found[name] = float(value)
+    return found
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """n, mean, sd (n - 1 in the denominator; 0 for one value), median, min, max."""
+    array = np.asarray(values, np.float64)
+    sd = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
+    return {"n": int(array.size), "mean": float(np.mean(array)), "sd": sd,
+            "median": float(np.median(array)), "min": float(np.min(array)),
+            "max": float(np.max(array))}
+
+
+def chosen_metrics(config: Config, per_seed: list[dict]) -> list[str]:
+    """--metrics, each checked against what every run returned; default: the first run's
+    numbers in its order, those every run returned."""
+    common = [name for name in per_seed[0] if all(name in row for row in per_seed)]
+    if not config.metrics:
+        return common
+    missing = [name for name in config.metrics if name not in common]
+    if missing:
+        raise ConfigError(f"option --metrics: got {', '.join(missing)}; allowed: metrics every "
+                          f"run returned, {', '.join(common)}")
+    return list(config.metrics)
+
+
+def counts(config: Config, per_seed: list[dict], seeds: Sequence[int]) -> dict:
+    """{"at_most" / "at_least": {"metric", "value", "seeds", "count"}} for the options given."""
+    out = {}
+    for flag, compare in (("at_most", np.less_equal), ("at_least", np.greater_equal)):
+        rule = threshold(getattr(config, flag), flag.replace("_", "-"))
+        if rule is None:
+            continue
+        name, value = rule
+        if not all(name in row for row in per_seed):
+            raise ConfigError(f"option --{flag.replace('_', '-')}: no metric {name!r} in every "
+                              f"run; allowed: {', '.join(per_seed[0])}")
+        meeting = [seed for seed, row in zip(seeds, per_seed) if compare(row[name], value)]
+        out[flag] = {"metric": name, "value": value, "seeds": meeting, "count": len(meeting)}
+    return out
+
+
+def number(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):d}"
+    return f"{value:.4g}"
+
+
+def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
+           tallies: dict, seconds: float) -> str:
+    options = " ".join(config.experiment_options) or "(defaults)"
+    lines = [f"## {config.experiment} at {len(config.seeds)} seeds: {options}", "",
+             "| metric | mean | sd | median | min | max |", "|---|---|---|---|---|---|"]
+    for name in names:
+        s = stats[name]
+        lines.append(f"| {name} | {s['mean']:.4g} | {s['sd']:.3g} | {number(s['median'])} | "
+                     f"{number(s['min'])} | {number(s['max'])} |")
+    for flag, sign in (("at_most", "<="), ("at_least", ">=")):
+        if flag in tallies:
+            t = tallies[flag]
+            lines += ["", f"{t['count']} of {len(config.seeds)} seeds have {t['metric']} "
+                          f"{sign} {number(t['value'])}: {t['seeds']}"]
+    lines += ["", "| seed | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for seed, row in zip(config.seeds, per_seed):
+        lines.append(f"| {seed} | " + " | ".join(number(row[n]) for n in names) + " |")
+    lines += ["", f"{len(config.seeds)} runs in {seconds:.1f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    own, experiment_options = split_argv(sys.argv[1:] if argv is None else argv)
+    parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    config = Sweep(**dataclasses.asdict(parsed), experiment_options=tuple(experiment_options))
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"option --seeds: got {','.join(map(str, config.seeds))}; allowed: "
+                          "distinct seeds, at least one")
+    for flag in ("at_most", "at_least"):
+        threshold(getattr(config, flag), flag.replace("_", "-"))
+    module = experiment_module(config.experiment)
+    check_experiment_options(module, experiment_options)
+    if args.workdir is None:
+        args = dataclasses.replace(args, workdir=results.default_workdir(
+            f"{EXPERIMENT}/{config.experiment}"))
+    run = open_run(EXPERIMENT, config, args)
+
+    start = time.perf_counter()
+    per_seed = []
+    for index, seed in enumerate(config.seeds):
+        print(f"{EXPERIMENT}: {config.experiment} seed {seed} ({index + 1} of "
+              f"{len(config.seeds)})", flush=True)
+        seed_argv = [*experiment_options, "--seed", str(seed),
+                     "--workdir", str(run.workdir / f"seed_{seed}")]
+        returned = module.main([*seed_argv, "--force"] if args.force else seed_argv)
+        per_seed.append(numbers(returned if isinstance(returned, dict) else {}))
+        if index == 0:  # a misspelt metric stops the sweep after one run, not all of them
+            if not per_seed[0]:
+                raise ConfigError(f"option --experiment: experiments.{config.experiment} "
+                                  "returned no metrics to summarise")
+            chosen_metrics(config, per_seed)
+            counts(config, per_seed, config.seeds[:1])
+    seconds = time.perf_counter() - start
+
+    names = chosen_metrics(config, per_seed)
+    stats = {name: summary([row[name] for row in per_seed]) for name in names}
+    tallies = counts(config, per_seed, config.seeds)
+    history = [{"seed": seed, **{name: row[name] for name in names}}
+               for seed, row in zip(config.seeds, per_seed)]
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), stats, history,
+                          {"run": seconds}, thresholds=tallies,
+                          runs={str(seed): f"seed_{seed}" for seed in config.seeds})
+    panels = [{"xlabel": "seed", "ylabel": name, "marker": "o",
+               "series": {"runs": (np.asarray(config.seeds), np.asarray([r[name] for r in
+                                                                        per_seed]))}}
+              for name in names if not math.isclose(stats[name]["min"], stats[name]["max"])]
+    if panels:
+        plots.save_curves(run.workdir / "spread.png", panels[:9],
+                          title=f"{config.experiment} by seed")
+    results.save_and_print_table(run.workdir, render(config, names, stats, per_seed, tallies,
+                                                     seconds))
+    return {"summary": stats, "per_seed": history, "thresholds": tallies}
+
+
+if __name__ == "__main__":
+    run_main(main, EXPERIMENT)

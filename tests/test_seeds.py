@@ -1,0 +1,67 @@
+"""experiments.seeds: a sweep over seeds against the same runs made one by one."""
+import json
+import statistics
+
+import pytest
+
+from experiments import lecture, seeds
+from training.config import ConfigError
+
+SMALL = ["--steps", "20", "--restarts", "2", "--no-gradient-report", "--progress-every", "0"]
+
+
+def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path):
+    """Seeds 0, 2 and 5 of a short lecture run: each seed's metrics are those of
+    `experiments.lecture --seed K` run alone, and the summary is the statistics module's."""
+    sweep = seeds.main(["--experiment", "lecture", "--seeds", "0,2,5", "--workdir",
+                        str(tmp_path / "sweep"), "--metrics", "test_accuracy,final_energy",
+                        "--at-least", "test_accuracy=0.73", "--", *SMALL])
+    alone = [lecture.main([*SMALL, "--seed", str(seed), "--workdir",
+                           str(tmp_path / f"alone_{seed}")]) for seed in (0, 2, 5)]
+    assert [row["seed"] for row in sweep["per_seed"]] == [0, 2, 5]
+    for name in ("test_accuracy", "final_energy"):
+        values = [float(metrics[name]) for metrics in alone]
+        assert [row[name] for row in sweep["per_seed"]] == values
+        assert sweep["summary"][name] == pytest.approx({
+            "n": 3, "mean": statistics.mean(values), "sd": statistics.stdev(values),
+            "median": statistics.median(values), "min": min(values), "max": max(values)},
+            rel=1e-12)
+    meeting = [seed for seed, m in zip((0, 2, 5), alone) if m["test_accuracy"] >= 0.73]
+    assert sweep["thresholds"]["at_least"] == {"metric": "test_accuracy", "value": 0.73,
+                                               "seeds": meeting, "count": len(meeting)}
+    document = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert document["metrics"] == sweep["summary"]
+    assert document["config"]["experiment_options"] == SMALL
+    for name in ("results.md", "spread.png", "seed_2/results.json", "seed_5/config.json"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    assert f"{len(meeting)} of 3 seeds have test_accuracy >= 0.73" in (
+        tmp_path / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experiment", "bench"], "--experiment: got 'bench'; allowed: an experiment with a "
+                                "--seed option, one of .*lenet1989"),
+    (["--experiment", "no_such"], "--experiment: got 'no_such'"),
+    (["--experiment", "seed_table"], "--experiment: got 'seed_table'"),
+    (["--seeds", "1,1"], "--seeds: got 1,1; allowed: distinct seeds"),
+    (["--at-most", "test_misses"], "--at-most: got 'test_misses'; expected METRIC=VALUE"),
+    (["--", "--seed", "3"], "experiment option --seed: it is set for each run"),
+    (["--", "--workdir=x"], "experiment option --workdir: it is set for each run"),
+])
+def test_bad_sweeps_are_refused_before_any_run(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        seeds.main(["--workdir", str(tmp_path / "sweep"), *argv])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_bad_experiment_option_stops_the_sweep_before_any_run(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        seeds.main(["--workdir", str(tmp_path / "sweep"), "--", "--steps", "many"])
+    assert stop.value.code == 2 and not (tmp_path / "sweep").exists()
+
+
+def test_a_misspelt_metric_stops_the_sweep_after_its_first_run(tmp_path):
+    with pytest.raises(ConfigError, match="--metrics: got test_acc; allowed: .*test_accuracy"):
+        seeds.main(["--workdir", str(tmp_path / "sweep"), "--seeds", "0,1", "--metrics",
+                    "test_acc", "--", *SMALL])
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("seed_*")) == ["seed_0"]
