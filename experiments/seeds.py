@@ -19,6 +19,11 @@ Writes into DIR (default `runs/seeds/<experiment>/<UTC timestamp>/`):
   `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise;
 - `results.md`: the summary and the per-seed table; `spread.png`: each metric by seed.
 
+Measured on the shared 2-core CPU (jax 0.10.2, 2026-12-03), the command above (`make
+lenet1989-seeds`): test misses 120, 96, 99, 93, 110, 108, 98, 114, 94 and 113 at seeds 0-9,
+mean 104.5, sd 9.62, median 103.5, "5 of 10 seeds have test_misses <= 100: [1, 2, 3, 6, 8]",
+in 2 min 58 s; the same misses as ten separate runs. The paper's single run: 102 misses.
+
 The metrics are the numbers the experiment's `main` returns (a nested dict's keys joined by
 "/"); `--metrics` picks some, in order (default: every number, booleans left out).
 """
