@@ -75,29 +75,33 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def experiment_module(name: str):
-    """The module `experiments.<name>`, if its Config has a seed field."""
-    try:
-        module = importlib.import_module(f"experiments.{name}")
-    except ModuleNotFoundError:
-        module = None
-    config_class = getattr(module, "Config", None)
-    has_seed = (config_class is not None and dataclasses.is_dataclass(config_class)
-                and "seed" in {field.name for field in dataclasses.fields(config_class)})
-    if name in NOT_SWEPT or not has_seed or not hasattr(module, "main"):
+    """The module `experiments.<name>`, if it can be swept (`_sweepable`)."""
+    module = None if name in NOT_SWEPT else _import(name)
+    if module is None or not _sweepable(module):
         raise ConfigError(f"option --experiment: got {name!r}; allowed: an experiment with a "
                           f"--seed option, one of {', '.join(sweepable())}")
     return module
 
 
+def _import(name: str):
+    try:
+        return importlib.import_module(f"experiments.{name}")
+    except ModuleNotFoundError:
+        return None
+
+
+def _sweepable(module) -> bool:
+    """Whether the module has a `main` and a dataclass `Config` with a seed field."""
+    config_class = getattr(module, "Config", None)
+    return (hasattr(module, "main") and dataclasses.is_dataclass(config_class)
+            and "seed" in {field.name for field in dataclasses.fields(config_class)})
+
+
 def sweepable() -> list[str]:
-    """The experiments this script can run (their Config has a seed), by file name."""
-    names = []
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        if path.stem.startswith("_") or path.stem in NOT_SWEPT:
-            continue
-        if "seed: int = option(" in path.read_text():
-            names.append(path.stem)
-    return names
+    """The experiments this script can run, by module name."""
+    stems = sorted(path.stem for path in pathlib.Path(__file__).parent.glob("*.py")
+                   if not path.stem.startswith("_") and path.stem not in NOT_SWEPT)
+    return [stem for stem in stems if _sweepable(_import(stem))]
 
 
 def check_experiment_options(module, options: Sequence[str]) -> None:
