@@ -3,7 +3,8 @@
     python -m experiments.compare RUN_DIR [RUN_DIR ...] [--workdir DIR] [--metrics a,b]
 
 Reads each run's results.json (DESIGN.md): the "history" records become curves, one panel per
-numeric quantity the runs share (loss, errors, ...), one line per run; the scalar "metrics"
+numeric quantity the runs share (loss, errors, ...), one line per run, against the step, pass,
+epoch or seed the records count (COUNTERS; their index otherwise); the scalar "metrics"
 (nested ones flattened as a.b) become a table with one column per run. Writes
 DIR/compare.png, DIR/results.json ({"runs": [...], "metrics": {name: [value per run]}}) and
 DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/.
@@ -41,13 +42,33 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
+# What a history record counts, by experiment: steps (the lecture), passes (the LeNets),
+# epochs (the language models), seeds (experiments.seeds).
+COUNTERS = ("step", "pass", "epoch", "seed")
+
+
+def counter(histories: list[list[dict]]) -> str | None:
+    """The first of COUNTERS that every run's history records, or None."""
+    return next((name for name in COUNTERS
+                 if histories and all(h and name in h[0] for h in histories)), None)
+
+
 def shared_curves(histories: list[list[dict]]) -> list[str]:
-    """Numeric history keys (other than step) present in every run, in first-run order."""
+    """Numeric history keys (other than the counter) present in every run, in first-run
+    order."""
     if not histories or not all(histories):
         return []
     names = [k for k, v in histories[0][0].items()
-             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+             if k != counter(histories) and isinstance(v, (int, float))
+             and not isinstance(v, bool)]
     return [n for n in names if all(n in h[0] for h in histories)]
+
+
+def x_values(history: list[dict], key: str | None) -> np.ndarray:
+    """The history's counter, or 1, 2, ... for a history without one."""
+    if key is None:
+        return np.arange(1, len(history) + 1)
+    return np.array([record[key] for record in history])
 
 
 def labels_for(directories: list[pathlib.Path]) -> list[str]:
@@ -78,11 +99,12 @@ def main(argv=None) -> int:
     wanted = [m for m in args.metrics.split(",") if m] or sorted(set().union(*flat))
     table = {name: [f.get(name) for f in flat] for name in wanted}
     histories = [document.get("history", []) for document in documents]
-    curves = shared_curves(histories)
+    curves, x_key = shared_curves(histories), counter(histories)
     if curves:
         plots.save_curves(workdir / "compare.png", [
-            {"ylabel": name, "log": name.endswith("energy") or name.endswith("loss"),
-             "series": {label: (np.array([r["step"] for r in history]),
+            {"ylabel": name, "xlabel": x_key or "record",
+             "log": name.endswith("energy") or name.endswith("loss"),
+             "series": {label: (x_values(history, x_key),
                                 np.array([r[name] for r in history], dtype=float))
                         for label, history in zip(labels, histories)}}
             for name in curves], title="runs compared")

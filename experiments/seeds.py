@@ -248,9 +248,10 @@ def main(argv=None):
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), stats, history,
                           {"run": seconds}, thresholds=tallies,
                           runs={str(seed): f"seed_{seed}" for seed in config.seeds})
+    x = np.asarray(config.seeds)
     panels = [{"xlabel": "seed", "ylabel": name, "marker": "o",
-               "series": {"runs": (np.asarray(config.seeds), np.asarray([r[name] for r in
-                                                                        per_seed]))}}
+               "series": {"runs": (x, np.asarray([row[name] for row in per_seed])),
+                          "mean": (x, np.full(x.shape, stats[name]["mean"]))}}
               for name in names if not math.isclose(stats[name]["min"], stats[name]["max"])]
     if panels:
         plots.save_curves(run.workdir / "spread.png", panels[:9],

@@ -29,3 +29,26 @@ def test_compare_overlays_curves_and_tabulates_metrics(tmp_path, capsys):
 def test_compare_names_a_directory_without_results(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no results.json"):
         compare.main([str(tmp_path)])
+
+
+def write_run(directory, counter, values):
+    directory.mkdir(parents=True)
+    history = [{counter: i + 1, "test_error": v} for i, v in enumerate(values)]
+    (directory / "results.json").write_text(json.dumps(
+        {"experiment": "lenet1989", "metrics": {"test_error": values[-1]}, "history": history}))
+
+
+def test_compare_plots_against_passes_epochs_or_the_record_index(tmp_path):
+    """LeNet histories count passes, the language models' epochs: each is the x axis (never a
+    curve of its own); runs that share none are plotted against the record index."""
+    write_run(tmp_path / "a", "pass", [0.09, 0.07, 0.06])
+    write_run(tmp_path / "b", "pass", [0.10, 0.08, 0.05])
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                         "--workdir", str(tmp_path / "cmp")]) == 0
+    summary = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert summary["curves"] == ["test_error"]
+    assert summary["metrics"]["test_error"] == [0.06, 0.05]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    assert compare.counter([[{"epoch": 1, "pass": 1}], [{"epoch": 1}]]) == "epoch"
+    assert compare.counter([[{"pass": 1}], [{"epoch": 1}]]) is None
+    assert list(compare.x_values([{"e": 0.1}, {"e": 0.2}], None)) == [1, 2]
