@@ -185,6 +185,18 @@ def number(value: float) -> str:
     return f"{value:.4g}"
 
 
+PER_SEED_COLUMNS = 8
+
+
+def per_seed_columns(config: Sweep, names: list[str], stats: dict) -> list[str]:
+    """The per-seed table's columns: every --metrics name; by default the first
+    PER_SEED_COLUMNS metrics that differ between seeds."""
+    if config.metrics:
+        return names
+    varying = [n for n in names if not math.isclose(stats[n]["min"], stats[n]["max"])]
+    return varying[:PER_SEED_COLUMNS]
+
+
 def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
            tallies: dict, seconds: float) -> str:
     options = " ".join(config.experiment_options) or "(defaults)"
@@ -199,10 +211,15 @@ def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
             t = tallies[flag]
             lines += ["", f"{t['count']} of {len(config.seeds)} seeds have {t['metric']} "
                           f"{sign} {number(t['value'])}: {t['seeds']}"]
-    lines += ["", "| seed | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(names)]
+    columns = per_seed_columns(config, names, stats)
+    lines += ["", "| seed | " + " | ".join(columns) + " |",
+              "|---|" + "---|" * len(columns)]
     for seed, row in zip(config.seeds, per_seed):
-        lines.append(f"| {seed} | " + " | ".join(number(row[n]) for n in names) + " |")
+        lines.append(f"| {seed} | " + " | ".join(number(row[n]) for n in columns) + " |")
+    left_out = len(names) - len(columns)
+    if left_out:
+        lines += ["", f"({left_out} more metrics by seed in results.json, the same at every "
+                      f"seed or past the first {PER_SEED_COLUMNS}; --metrics picks them)"]
     lines += ["", f"{len(config.seeds)} runs in {seconds:.1f} s"]
     return "\n".join(lines) + "\n"
 

@@ -65,3 +65,12 @@ def test_a_misspelt_metric_stops_the_sweep_after_its_first_run(tmp_path):
         seeds.main(["--workdir", str(tmp_path / "sweep"), "--seeds", "0,1", "--metrics",
                     "test_acc", "--", *SMALL])
     assert sorted(p.name for p in (tmp_path / "sweep").glob("seed_*")) == ["seed_0"]
+
+
+def test_the_per_seed_table_shows_what_differs_unless_told():
+    stats = {f"m{i}": {"min": 0.0, "max": float(i % 2)} for i in range(20)}
+    default = seeds.Sweep()
+    assert seeds.per_seed_columns(default, list(stats), stats) == [
+        f"m{i}" for i in range(1, 16, 2)]
+    chosen = seeds.Sweep(metrics=("m0", "m2"))
+    assert seeds.per_seed_columns(chosen, ["m0", "m2"], stats) == ["m0", "m2"]
