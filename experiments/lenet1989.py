@@ -45,8 +45,10 @@ convolutions, 7 min: 40 passes gave 2.79% (56 misses), and the 1989 sizes (--h1-
 3.04% in 80.
 
 Reported after every pass (results.json "history"): train_error, test_error, train_loss,
-test_loss, where the loss of the 1989 variant is the paper's MSE, the mean over examples and
-the 10 outputs of (o - t)^2, and of the modern variant the softmax cross-entropy. "metrics" has
+test_loss (and held_out_error, held_out_loss with --held-out N, which trains on all but the
+last N training digits and measures on those: settings can be chosen without the test set),
+where the loss of the 1989 variant is the paper's MSE, the mean over examples and the 10
+outputs of (o - t)^2, and of the modern variant the softmax cross-entropy. "metrics" has
 the final numbers and the misses; results.md sets them beside the paper's and the PyTorch
 re-implementation's.
 
@@ -121,6 +123,9 @@ class Config:
     seed: int = option(0, "seed of the initialisation (and the modern variant's order)")
     train_examples: int = option(0, "use the first N training digits (0: all 7,291)", ge=0)
     test_examples: int = option(0, "use the first N test digits (0: all 2,007)", ge=0)
+    held_out: int = option(0, "hold out the last N of the training digits: not trained on, "
+                              "measured after every pass (for choosing settings without "
+                              "the test set)", ge=0)
     checkpoint_every: int = option(1, "passes between checkpoints", ge=1)
     progress_every: int = option(1, "passes between progress lines off a terminal", ge=0)
 
@@ -143,8 +148,9 @@ def resolve(config):
 
 
 def load(config):
-    """((x_train, t_train), (x_test, t_test)): x (n, 16, 16, 1) in [-1, 1], t (n, 10)."""
-    splits = []
+    """{"train": (x, t), "test": (x, t)}, and "held_out": (x, t) with --held-out N (the last N
+    of the training digits, taken out of "train"): x (n, 16, 16, 1) in [-1, 1], t (n, 10)."""
+    splits = {}
     for split, limit in (("train", config.train_examples), ("test", config.test_examples)):
         images, labels = data.load_usps(split)
         if limit > images.shape[0]:
@@ -153,7 +159,15 @@ def load(config):
         images, labels = (images[:limit], labels[:limit]) if limit else (images, labels)
         one_hot = data.one_hot(labels, 10)
         targets = (2 * one_hot - 1) * config.target if config.variant == "1989" else one_hot
-        splits.append((jnp.asarray(images.reshape(-1, 16, 16, 1)), jnp.asarray(targets)))
+        splits[split] = (jnp.asarray(images.reshape(-1, 16, 16, 1)), jnp.asarray(targets))
+    if config.held_out:
+        x_train, t_train = splits["train"]
+        if config.held_out >= x_train.shape[0]:
+            raise ConfigError(f"option --held-out: got {config.held_out}; allowed: fewer than "
+                              f"the {x_train.shape[0]} training digits")
+        cut = x_train.shape[0] - config.held_out
+        splits["train"], splits["held_out"] = (x_train[:cut], t_train[:cut]), (x_train[cut:],
+                                                                                t_train[cut:])
     return splits
 
 
@@ -168,7 +182,7 @@ def conv_implementation(config) -> str:
 
 def build(config, splits):
     """(model, objective, procedure) for the variant and optimizer of the config."""
-    (x_train, t_train), (x_test, t_test) = splits
+    x_train, t_train = splits["train"]
     if config.variant == "1989":
         model = lenet1989(scaled_tanh=config.activation == "scaled_tanh",
                           implementation=conv_implementation(config),
@@ -202,11 +216,12 @@ def build(config, splits):
             return jnp.mean((outputs - t) ** 2)  # the paper's MSE: mean over the 10 outputs too
         return objective.loss.value(outputs, t)
 
+    def error(params, x, t):
+        return metrics.classification_error(model, params, x, t)
+
     def monitor(params):
-        return {"train_error": metrics.classification_error(model, params, x_train, t_train),
-                "test_error": metrics.classification_error(model, params, x_test, t_test),
-                "train_loss": loss(params, x_train, t_train),
-                "test_loss": loss(params, x_test, t_test)}
+        return {f"{split}_{name}": measure(params, x, t) for split, (x, t) in splits.items()
+                for name, measure in (("error", error), ("loss", loss))}
 
     if config.variant == "modern" and config.batch_size > x_train.shape[0]:
         raise ConfigError(f"option --batch-size: got {config.batch_size}; allowed: at most the "
@@ -235,15 +250,13 @@ def main(argv=None):
         total_steps=config.passes, checkpoint_every=config.checkpoint_every, keep=3,
         progress_every=config.progress_every, loss_name="train_loss",
         leaf_names=[f"{layer}.{param}" for layer, param, _ in named_parameters(model, params)])
-    history = [{"pass": r["step"], **{k: r[k] for k in ("train_error", "test_error",
-                                                       "train_loss", "test_loss")}}
-               for r in outcome.history]
+    measured = [f"{split}_{name}" for name in ("error", "loss") for split in splits]
+    history = [{"pass": r["step"], **{k: r[k] for k in measured}} for r in outcome.history]
     final = history[-1]
-    (x_train, _), (x_test, _) = splits
     metrics_out = {
-        **{k: final[k] for k in ("train_error", "test_error", "train_loss", "test_loss")},
-        "train_misses": round(final["train_error"] * x_train.shape[0]),
-        "test_misses": round(final["test_error"] * x_test.shape[0]),
+        **{k: final[k] for k in measured},
+        **{f"{split}_misses": round(final[f"{split}_error"] * x.shape[0])
+           for split, (x, _) in splits.items()},
         "passes": outcome.steps_done, "learning_rate": lr,
         "rejected_non_finite": int(outcome.state.guard.rejected),
     }
@@ -252,13 +265,13 @@ def main(argv=None):
                           resumed_from_step=outcome.resumed_from)
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": "classification error", "log": True,
-         "series": {split: (np.array([h["pass"] for h in history]),
-                            np.array([h[f"{split}_error"] for h in history]))
-                    for split in ("train", "test")}},
+         "series": {split.replace("_", "-"): (np.array([h["pass"] for h in history]),
+                                              np.array([h[f"{split}_error"] for h in history]))
+                    for split in splits}},
         {"xlabel": "pass", "ylabel": "loss", "log": True,
-         "series": {split: (np.array([h["pass"] for h in history]),
-                            np.array([h[f"{split}_loss"] for h in history]))
-                    for split in ("train", "test")}},
+         "series": {split.replace("_", "-"): (np.array([h["pass"] for h in history]),
+                                              np.array([h[f"{split}_loss"] for h in history]))
+                    for split in splits}},
     ], title=f"LeNet-1989 on USPS ({config.variant} variant)")
     results.save_and_print_table(run.workdir, render(config, history, metrics_out, outcome,
                                                      run.workdir))

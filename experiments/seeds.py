@@ -29,14 +29,18 @@ The metrics are the numbers the experiment's `main` returns (a nested dict's key
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import math
+import multiprocessing
 import pathlib
 import sys
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from training import plots, results
@@ -55,6 +59,8 @@ class Config:
     metrics: tuple[str, ...] = option((), "the metrics to summarise, in order (default: all)")
     at_most: str = option("", "METRIC=VALUE: count the seeds with METRIC <= VALUE")
     at_least: str = option("", "METRIC=VALUE: count the seeds with METRIC >= VALUE")
+    jobs: int = option(1, "runs at once, each in a process of its own with its output in "
+                          "DIR/seed_K.log (1: one after another in this process)", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +230,92 @@ def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
     return "\n".join(lines) + "\n"
 
 
+def seed_argv(config: Sweep, seed: int, workdir: pathlib.Path, force: bool) -> list[str]:
+    """The experiment's argv for one seed: its options, --seed K, --workdir DIR/seed_K."""
+    argv = [*config.experiment_options, "--seed", str(seed),
+            "--workdir", str(workdir / f"seed_{seed}")]
+    return [*argv, "--force"] if force else argv
+
+
+def check_first_run(config: Sweep, row: dict, seed: int) -> None:
+    """Stop the sweep after its first finished run when that run returned nothing to
+    summarise, or lacks a metric named by --metrics, --at-most or --at-least."""
+    if not row:
+        raise ConfigError(f"option --experiment: experiments.{config.experiment} "
+                          "returned no metrics to summarise")
+    chosen_metrics(config, [row])
+    counts(config, [row], [seed])
+
+
+def run_seeds(config: Sweep, module, workdir: pathlib.Path, force: bool) -> list[dict]:
+    """Each seed's numbers (`numbers` of what the experiment's main returned), in the order
+    of --seeds: one run after another in this process, or with --jobs N > 1 in N spawned
+    processes (`run_in_worker`), which take this process's JAX settings."""
+    if config.jobs == 1:
+        per_seed = []
+        for index, seed in enumerate(config.seeds):
+            print(f"{EXPERIMENT}: {config.experiment} seed {seed} ({index + 1} of "
+                  f"{len(config.seeds)})", flush=True)
+            per_seed.append(numbers(_as_dict(module.main(seed_argv(config, seed, workdir,
+                                                                   force)))))
+            if index == 0:  # a misspelt metric stops the sweep after one run, not all of them
+                check_first_run(config, per_seed[0], seed)
+        return per_seed
+    return run_in_workers(config, workdir, force)
+
+
+def _as_dict(returned) -> dict:
+    return returned if isinstance(returned, dict) else {}
+
+
+JAX_SETTINGS = ("jax_enable_x64", "jax_numpy_rank_promotion", "jax_default_matmul_precision")
+
+
+def run_in_workers(config: Sweep, workdir: pathlib.Path, force: bool) -> list[dict]:
+    """--jobs N: the seeds in a pool of N spawned processes (fork is unsafe once JAX has
+    started threads), each run's output in DIR/seed_K.log. A run is submitted only when a
+    worker is free, so that the first run to finish is checked as with one job before any
+    further run starts."""
+    settings = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
+    workers = min(config.jobs, len(config.seeds))
+    waiting, running, by_seed = list(config.seeds), {}, {}
+    print(f"{EXPERIMENT}: {config.experiment} at {len(config.seeds)} seeds, {workers} at a "
+          f"time; each run's output in {workdir}/seed_K.log", flush=True)
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_apply_jax_settings, initargs=(settings,)) as pool:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                seed = waiting.pop(0)
+                running[pool.submit(run_in_worker, config.experiment,
+                                    seed_argv(config, seed, workdir, force),
+                                    str(workdir / f"seed_{seed}.log"))] = seed
+            done, _ = concurrent.futures.wait(running,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                seed = running.pop(future)
+                by_seed[seed] = future.result()
+                print(f"{EXPERIMENT}: {config.experiment} seed {seed} done ({len(by_seed)} of "
+                      f"{len(config.seeds)})", flush=True)
+                if len(by_seed) == 1:
+                    check_first_run(config, by_seed[seed], seed)
+    return [by_seed[seed] for seed in config.seeds]
+
+
+def _apply_jax_settings(settings: dict) -> None:
+    for name, value in settings.items():
+        jax.config.update(name, value)
+
+
+def run_in_worker(experiment: str, argv: list[str], log_path: str) -> dict:
+    """One run of experiments.<experiment> in a worker process, its stdout and stderr into
+    log_path (not a terminal, so the run's progress stays quiet); its numbers."""
+    module = importlib.import_module(f"experiments.{experiment}")
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        return numbers(_as_dict(module.main(argv)))
+
+
 def main(argv=None):
     own, experiment_options = split_argv(sys.argv[1:] if argv is None else argv)
     parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
@@ -241,20 +333,7 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
 
     start = time.perf_counter()
-    per_seed = []
-    for index, seed in enumerate(config.seeds):
-        print(f"{EXPERIMENT}: {config.experiment} seed {seed} ({index + 1} of "
-              f"{len(config.seeds)})", flush=True)
-        seed_argv = [*experiment_options, "--seed", str(seed),
-                     "--workdir", str(run.workdir / f"seed_{seed}")]
-        returned = module.main([*seed_argv, "--force"] if args.force else seed_argv)
-        per_seed.append(numbers(returned if isinstance(returned, dict) else {}))
-        if index == 0:  # a misspelt metric stops the sweep after one run, not all of them
-            if not per_seed[0]:
-                raise ConfigError(f"option --experiment: experiments.{config.experiment} "
-                                  "returned no metrics to summarise")
-            chosen_metrics(config, per_seed)
-            counts(config, per_seed, config.seeds[:1])
+    per_seed = run_seeds(config, module, run.workdir, args.force)
     seconds = time.perf_counter() - start
 
     names = chosen_metrics(config, per_seed)

@@ -54,6 +54,33 @@ def test_subset_larger_than_the_data_is_refused(tmp_path):
         lenet1989.main(["--workdir", str(tmp_path), "--test-examples", "5000"])
 
 
+def test_held_out_digits_are_the_last_of_the_training_set_and_never_trained_on(tmp_path):
+    """--held-out 100 of the first 400 training digits: the run trains on digits 0-299 exactly
+    as --train-examples 300 does (the same losses), and measures digits 300-399, whose error and
+    misses it reports; more held-out digits than training digits are refused."""
+    base = ["--test-examples", "100", "--passes", "2", "--progress-every", "0"]
+    held = lenet1989.main(["--workdir", str(tmp_path / "held"), "--train-examples", "400",
+                           "--held-out", "100", *base])
+    plain = lenet1989.main(["--workdir", str(tmp_path / "plain"), "--train-examples", "300",
+                            *base])
+    for key in ("train_loss", "test_loss", "train_misses", "test_misses"):
+        assert held[key] == plain[key], key
+    splits = lenet1989.load(lenet1989.Config(train_examples=400, held_out=100))
+    x_all, labels = data.load_usps("train")
+    np.testing.assert_array_equal(np.asarray(splits["held_out"][0]).reshape(100, 256),
+                                  x_all[300:400])
+    document = json.loads((tmp_path / "held" / "results.json").read_text())
+    assert [set(h) for h in document["history"]] == [{
+        "pass", "train_error", "test_error", "held_out_error", "train_loss", "test_loss",
+        "held_out_loss"}] * 2
+    assert held["held_out_misses"] == round(held["held_out_error"] * 100)
+    assert "held_out_error" not in plain
+    with pytest.raises(ConfigError, match="--held-out: got 400; allowed: fewer than the 400 "
+                                          "training digits"):
+        lenet1989.main(["--workdir", str(tmp_path / "bad"), "--train-examples", "400",
+                        "--held-out", "400"])
+
+
 def test_passes_default_per_variant():
     """--passes 0 (the default) becomes 23 for the 1989 recipe and MODERN_PASSES for the
     modern variant; an explicit count is kept."""
@@ -106,8 +133,8 @@ def test_target_scales_the_plus_minus_one_targets(capsys):
     """--target 0.6: the true class's output is trained towards +0.6, the others towards -0.6
     (the 1989 paper keeps its targets inside the sigmoid's quadratic range); 0 and values above
     1 are refused."""
-    (_, targets), _ = lenet1989.load(lenet1989.Config(target=0.6, train_examples=7,
-                                                      test_examples=3))
+    _, targets = lenet1989.load(lenet1989.Config(target=0.6, train_examples=7,
+                                                 test_examples=3))["train"]
     labels = data.load_usps("train")[1][:7]
     expected = np.where(np.arange(10) == labels[:, None], 0.6, -0.6).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(targets), expected)

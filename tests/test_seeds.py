@@ -10,12 +10,14 @@ from training.config import ConfigError
 SMALL = ["--steps", "20", "--restarts", "2", "--no-gradient-report", "--progress-every", "0"]
 
 
-def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path):
-    """Seeds 0, 2 and 5 of a short lecture run: each seed's metrics are those of
-    `experiments.lecture --seed K` run alone, and the summary is the statistics module's."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path, jobs):
+    """Seeds 0, 2 and 5 of a short lecture run, in this process or two worker processes at a
+    time: each seed's metrics are those of `experiments.lecture --seed K` run alone, and the
+    summary is the statistics module's."""
     sweep = seeds.main(["--experiment", "lecture", "--seeds", "0,2,5", "--workdir",
                         str(tmp_path / "sweep"), "--metrics", "test_accuracy,final_energy",
-                        "--at-least", "test_accuracy=0.73", "--", *SMALL])
+                        "--at-least", "test_accuracy=0.73", "--jobs", str(jobs), "--", *SMALL])
     alone = [lecture.main([*SMALL, "--seed", str(seed), "--workdir",
                            str(tmp_path / f"alone_{seed}")]) for seed in (0, 2, 5)]
     assert [row["seed"] for row in sweep["per_seed"]] == [0, 2, 5]
@@ -36,6 +38,10 @@ def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path):
         assert (tmp_path / "sweep" / name).is_file(), name
     assert f"{len(meeting)} of 3 seeds have test_accuracy >= 0.73" in (
         tmp_path / "sweep" / "results.md").read_text()
+    logs = sorted(p.name for p in (tmp_path / "sweep").glob("seed_*.log"))
+    assert logs == ([] if jobs == 1 else ["seed_0.log", "seed_2.log", "seed_5.log"])
+    if jobs > 1:  # each worker's output went to its log, not to the terminal
+        assert "## " in (tmp_path / "sweep" / "seed_2.log").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -65,6 +71,16 @@ def test_a_misspelt_metric_stops_the_sweep_after_its_first_run(tmp_path):
         seeds.main(["--workdir", str(tmp_path / "sweep"), "--seeds", "0,1", "--metrics",
                     "test_acc", "--", *SMALL])
     assert sorted(p.name for p in (tmp_path / "sweep").glob("seed_*")) == ["seed_0"]
+
+
+def test_with_workers_a_misspelt_metric_cancels_the_runs_not_yet_started(tmp_path):
+    """Two workers, four seeds: the first run to finish fails the check, so only the two runs
+    started before it (one worker per run) are made."""
+    with pytest.raises(ConfigError, match="--metrics: got test_acc; allowed: .*test_accuracy"):
+        seeds.main(["--workdir", str(tmp_path / "sweep"), "--seeds", "0,1,2,3", "--jobs", "2",
+                    "--metrics", "test_acc", "--", *SMALL])
+    made = sorted(p.name for p in (tmp_path / "sweep").glob("seed_*") if p.is_dir())
+    assert made == ["seed_0", "seed_1"]
 
 
 def test_the_per_seed_table_shows_what_differs_unless_told():
