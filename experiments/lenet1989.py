@@ -16,7 +16,9 @@ harness. Optimisers:
         example (the PyTorch re-implementation's 0.03 on the mean over the 10 outputs):
         test error 5.58-7.13% over seeds 0-9, mean 6.12% (122.9 misses), 4 seeds at most
         6.0%; with --lr 0.01 mean 5.87% (117.8), 8 seeds; with --init fan_in --lr 0.01
-        5.18-6.13%, mean 5.54% (111.1), 9 seeds (python -m experiments.seeds, README);
+        5.18-6.13%, mean 5.54% (111.1), 9 seeds; with --init fan_in alone (the init that
+        --held-out 1000 picks) 5.08-5.98%, mean 5.63% (112.9), all 10 seeds
+        (python -m experiments.seeds, README);
   sdlm  LeCun's stochastic diagonal Levenberg-Marquardt: step eta / (mu + h_kk), with h the
         Gauss-Newton diagonal backpropagated by hand (nets.engines.curvature_diagonal),
         re-estimated on the first --curvature-examples training digits before every pass;
