@@ -8,6 +8,14 @@ epoch or seed the records count (COUNTERS; their index otherwise); the scalar "m
 (nested ones flattened as a.b) become a table with one column per run. Writes
 DIR/compare.png, DIR/results.json ({"runs": [...], "metrics": {name: [value per run]}}) and
 DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/.
+
+When every directory is a sweep of `experiments.seeds`, the table has one row per sweep
+instead: its experiment options, its number of seeds, and for each metric (--metrics picks
+them by the sweep's own names, e.g. test_misses) "mean ± sd [min, max]" over its seeds;
+results.json adds "sweeps", one record per sweep. E.g. several settings of LeNet-1989 on
+held-out digits, one sweep each:
+
+    python -m experiments.compare runs/seeds/lenet1989/* --metrics held_out_misses,test_misses
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import pathlib
 import numpy as np
 
 from training import plots, results
-from training.config import run_main
+from training.config import ConfigError, run_main
 
 EXPERIMENT = "compare"
 
@@ -71,6 +79,54 @@ def x_values(history: list[dict], key: str | None) -> np.ndarray:
     return np.array([record[key] for record in history])
 
 
+SWEEP_STATS = ("n", "mean", "sd", "min", "max")
+
+
+def is_sweep(document: dict) -> bool:
+    return document.get("experiment") == "seeds"
+
+
+def sweep_metrics(documents: list[dict], wanted: list[str]) -> list[str]:
+    """--metrics (checked against every sweep), or the metrics every sweep summarised, in the
+    first sweep's order."""
+    shared = [name for name in documents[0].get("metrics", {})
+              if all(name in d.get("metrics", {}) for d in documents)]
+    missing = [name for name in wanted if name not in shared]
+    if missing:
+        raise ConfigError(f"option --metrics: got {', '.join(missing)}; allowed: the metrics "
+                         f"every sweep summarised, {', '.join(shared)}")
+    return wanted or shared
+
+
+def sweep_records(documents: list[dict], labels: list[str], names: list[str]) -> list[dict]:
+    """One record per sweep: label, the experiment's options, and {metric: {n, mean, sd, min,
+    max}} over its seeds."""
+    return [{"label": label,
+             "options": " ".join(d.get("config", {}).get("experiment_options", []))
+             or "(defaults)",
+             "metrics": {name: {stat: d["metrics"][name][stat] for stat in SWEEP_STATS}
+                         for name in names}}
+            for label, d in zip(labels, documents)]
+
+
+def spread(stats: dict) -> str:
+    """ "mean ± sd [min, max]" of one metric of one sweep."""
+    return (f"{stats['mean']:.4g} ± {stats['sd']:.3g} [{_number(stats['min'])}, "
+            f"{_number(stats['max'])}]")
+
+
+def _number(value: float) -> str:
+    return f"{int(value):d}" if float(value).is_integer() else f"{value:.4g}"
+
+
+def sweep_table(records: list[dict]) -> str:
+    names = list(records[0]["metrics"]) if records else []
+    rows = [{"sweep": r["label"], "options": r["options"],
+             "seeds": next(iter(r["metrics"].values()))["n"] if names else 0,
+             **{name: spread(r["metrics"][name]) for name in names}} for r in records]
+    return results.markdown_table(rows, ["sweep", "options", "seeds", *names])
+
+
 def labels_for(directories: list[pathlib.Path]) -> list[str]:
     """Short distinct labels: the last path components that tell the runs apart."""
     parts = [d.absolute().parts for d in directories]
@@ -95,8 +151,14 @@ def main(argv=None) -> int:
     workdir = args.workdir or results.default_workdir(EXPERIMENT)
     workdir.mkdir(parents=True, exist_ok=True)
 
+    requested = [m for m in args.metrics.split(",") if m]
+    sweeps = None
+    if all(is_sweep(document) for document in documents):
+        names = sweep_metrics(documents, requested)
+        sweeps = sweep_records(documents, labels, names)
+        requested = [f"{name}.{stat}" for name in names for stat in SWEEP_STATS]
     flat = [flatten(document.get("metrics", {})) for document in documents]
-    wanted = [m for m in args.metrics.split(",") if m] or sorted(set().union(*flat))
+    wanted = requested or sorted(set().union(*flat))
     table = {name: [f.get(name) for f in flat] for name in wanted}
     histories = [document.get("history", []) for document in documents]
     curves, x_key = shared_curves(histories), counter(histories)
@@ -110,10 +172,14 @@ def main(argv=None) -> int:
             for name in curves], title="runs compared")
     summary = {"runs": [str(d) for d in args.runs], "labels": labels,
                "experiments": [document.get("experiment") for document in documents],
-               "metrics": table, "curves": curves}
+               "metrics": table, "curves": curves,
+               **({"sweeps": sweeps} if sweeps is not None else {})}
     (workdir / "results.json").write_text(json.dumps(results.to_jsonable(summary), indent=2))
-    rows = [{"metric": name, **dict(zip(labels, values))} for name, values in table.items()]
-    text = results.markdown_table(rows, ["metric", *labels])
+    if sweeps is not None:
+        text = sweep_table(sweeps)
+    else:
+        rows = [{"metric": name, **dict(zip(labels, values))} for name, values in table.items()]
+        text = results.markdown_table(rows, ["metric", *labels])
     text += f"\ncurves of {', '.join(curves) or 'nothing shared'} in {workdir / 'compare.png'}\n"
     results.save_and_print_table(workdir, text)
     return 0

@@ -1,9 +1,11 @@
-"""experiments.compare on two small lecture runs."""
+"""experiments.compare on small lecture runs and sweeps of them."""
 import json
+import statistics
 
 import pytest
 
-from experiments import compare, lecture
+from experiments import compare, lecture, seeds
+from training.config import ConfigError
 
 SMALL = ["--restarts", "2", "--no-gradient-report", "--progress-every", "0", "--steps", "20",
          "--checkpoint-every", "20"]
@@ -52,3 +54,34 @@ def test_compare_plots_against_passes_epochs_or_the_record_index(tmp_path):
     assert compare.counter([[{"epoch": 1, "pass": 1}], [{"epoch": 1}]]) == "epoch"
     assert compare.counter([[{"pass": 1}], [{"epoch": 1}]]) is None
     assert list(compare.x_values([{"e": 0.1}, {"e": 0.2}], None)) == [1, 2]
+
+
+def test_compare_of_seed_sweeps_has_one_row_per_sweep(tmp_path, capsys):
+    """Two sweeps of experiments.seeds (lecture at two step sizes, seeds 0 and 1): one row
+    each with its options and, per metric, the mean, sd, min and max that Python's
+    statistics give over the runs the sweep made; a metric not in every sweep is refused."""
+    sweeps = {lr: seeds.main(["--experiment", "lecture", "--seeds", "0,1", "--workdir",
+                              str(tmp_path / f"lr_{lr}"), "--metrics",
+                              "test_accuracy,final_energy", "--", *SMALL, "--lr", lr])
+              for lr in ("0.05", "0.3")}
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "lr_0.05"), str(tmp_path / "lr_0.3"), "--metrics",
+                         "final_energy", "--workdir", str(tmp_path / "cmp")]) == 0
+    summary = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [s["options"] for s in summary["sweeps"]] == [
+        " ".join([*SMALL, "--lr", lr]) for lr in ("0.05", "0.3")]
+    for record, lr in zip(summary["sweeps"], ("0.05", "0.3")):
+        values = [row["final_energy"] for row in sweeps[lr]["per_seed"]]
+        assert list(record["metrics"]) == ["final_energy"]
+        assert record["metrics"]["final_energy"] == pytest.approx({
+            "n": 2, "mean": statistics.mean(values), "sd": statistics.stdev(values),
+            "min": min(values), "max": max(values)}, rel=1e-12)
+    printed = capsys.readouterr().out
+    assert "| sweep | options | seeds | final_energy |" in printed
+    stats = summary["sweeps"][1]["metrics"]["final_energy"]
+    assert (f"| lr_0.3 | {summary['sweeps'][1]['options']} | 2 | {stats['mean']:.4g} ± "
+            f"{stats['sd']:.3g} [{stats['min']:.4g}, {stats['max']:.4g}] |") in printed
+    with pytest.raises(ConfigError, match="--metrics: got test_acc; allowed: the metrics "
+                                          "every sweep summarised, test_accuracy, final_energy"):
+        compare.main([str(tmp_path / "lr_0.05"), str(tmp_path / "lr_0.3"), "--metrics",
+                      "test_acc", "--workdir", str(tmp_path / "bad")])
