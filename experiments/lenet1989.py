@@ -163,13 +163,11 @@ def load(config):
         targets = (2 * one_hot - 1) * config.target if config.variant == "1989" else one_hot
         splits[split] = (jnp.asarray(images.reshape(-1, 16, 16, 1)), jnp.asarray(targets))
     if config.held_out:
-        x_train, t_train = splits["train"]
-        if config.held_out >= x_train.shape[0]:
-            raise ConfigError(f"option --held-out: got {config.held_out}; allowed: fewer than "
-                              f"the {x_train.shape[0]} training digits")
-        cut = x_train.shape[0] - config.held_out
-        splits["train"], splits["held_out"] = (x_train[:cut], t_train[:cut]), (x_train[cut:],
-                                                                                t_train[cut:])
+        try:
+            splits["train"], splits["held_out"] = data.hold_out_last(
+                *splits["train"], config.held_out, "training digits")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return splits
 
 

@@ -21,8 +21,10 @@ Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500 examples
 pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in the paper's Appendix C),
 or AdamW with mini-batches.
 
-Writes results.json (history per pass: train_error, test_error, train_loss, test_loss;
-metrics with the final numbers and misses; "protocol"), results.md, curves.png.
+Writes results.json (history per pass: train_error, test_error, train_loss, test_loss, and
+held_out_error, held_out_loss with --held-out N, which trains on all but the last N training
+images and measures on those; metrics with the final numbers and misses; "protocol"),
+results.md, curves.png.
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ class Config:
     batch_size: int = option(1, "examples per update (adamw: try 32)", ge=1)
     train_examples: int = option(0, "use the first N training images (0: all)", ge=0)
     test_examples: int = option(0, "use the first N test images (0: all)", ge=0)
+    held_out: int = option(0, "hold out the last N of the training images: not trained on, "
+                              "measured after every pass (for choosing settings without "
+                              "the test set)", ge=0)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
                        "for --batch-size 1, rows otherwise", choices=("auto", *IMPLEMENTATIONS))
@@ -79,7 +84,8 @@ def to_lenet5_input(images: np.ndarray) -> jnp.ndarray:
 
 
 def load(config):
-    """((x_train, t_train), (x_test, t_test), protocol)."""
+    """({"train": (x, t), "test": (x, t)}, protocol), and "held_out": (x, t) with --held-out N
+    (the last N training images, taken out of "train"): x (n, 32, 32, 1), t (n, 10)."""
     split = config.split
     if split == "auto":
         try:
@@ -96,15 +102,21 @@ def load(config):
             images[8000:], labels[8000:])
         protocol = ("MNIST test set only: first 8,000 images for training, last 2,000 for "
                     "testing (not the paper's protocol)")
-    parts = []
+    splits = {}
     for name, (x, y), limit in (("train", (x_train, y_train), config.train_examples),
                                 ("test", (x_test, y_test), config.test_examples)):
         if limit > x.shape[0]:
             raise ConfigError(f"option --{name}-examples: got {limit}; allowed: at most "
                               f"{x.shape[0]}")
         x, y = (x[:limit], y[:limit]) if limit else (x, y)
-        parts.append((to_lenet5_input(x), jnp.asarray(data.one_hot(y, 10))))
-    return parts[0], parts[1], protocol
+        splits[name] = (to_lenet5_input(x), jnp.asarray(data.one_hot(y, 10)))
+    if config.held_out:
+        try:
+            splits["train"], splits["held_out"] = data.hold_out_last(
+                *splits["train"], config.held_out, "training images")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return splits, protocol
 
 
 def conv_implementation(config) -> str:
@@ -116,8 +128,8 @@ def conv_implementation(config) -> str:
     return "gather" if config.batch_size == 1 else "rows"
 
 
-def build(config, train_split, test_split):
-    x_train, t_train = train_split
+def build(config, splits):
+    x_train, t_train = splits["train"]
     model = lenet5(implementation=conv_implementation(config))
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
     lr = config.lr or DEFAULT_LR[config.optimizer]
@@ -137,8 +149,7 @@ def build(config, train_split, test_split):
         optimizer = optax.adamw(optax.cosine_decay_schedule(lr, config.passes * updates_per_pass))
 
     def monitor(params):
-        return {name: value for split, (x, t) in (("train", train_split), ("test", test_split))
-                for name, value in (
+        return {name: value for split, (x, t) in splits.items() for name, value in (
                     (f"{split}_error", metrics.classification_error(model, params, x, t)),
                     (f"{split}_loss", objective.loss.value(model.apply(params, x), t)))}
 
@@ -153,8 +164,8 @@ def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
     run = open_run(EXPERIMENT, config, args)
-    train_split, test_split, protocol = load(config)
-    model, procedure, lr = build(config, train_split, test_split)
+    splits, protocol = load(config)
+    model, procedure, lr = build(config, splits)
     params = model.init(jax.random.key(config.seed), (-1, 32, 32, 1))[1]
     outcome = train(
         run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),
@@ -162,15 +173,14 @@ def main(argv=None):
         total_steps=config.passes, checkpoint_every=config.checkpoint_every,
         progress_every=config.progress_every, loss_name="train_loss",
         leaf_names=[f"{layer}.{param}" for layer, param, _ in named_parameters(model, params)])
-    columns = ("train_error", "test_error", "train_loss", "test_loss")
+    columns = [f"{split}_{kind}" for kind in ("error", "loss") for split in splits]
     history = [{"pass": r["step"], **{k: r[k] for k in columns}} for r in outcome.history]
     final = history[-1]
     metrics_out = {**{k: final[k] for k in columns},
-                   "train_misses": round(final["train_error"] * train_split[0].shape[0]),
-                   "test_misses": round(final["test_error"] * test_split[0].shape[0]),
-                   "train_examples": int(train_split[0].shape[0]),
-                   "test_examples": int(test_split[0].shape[0]), "learning_rate": lr,
-                   "passes": outcome.steps_done}
+                   **{f"{split}_misses": round(final[f"{split}_error"] * x.shape[0])
+                      for split, (x, _) in splits.items()},
+                   **{f"{split}_examples": int(x.shape[0]) for split, (x, _) in splits.items()},
+                   "learning_rate": lr, "passes": outcome.steps_done}
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, protocol=protocol,
                           paper_test_error_full_split=PAPER_TEST_ERROR,
@@ -178,8 +188,9 @@ def main(argv=None):
     passes = np.array([h["pass"] for h in history])
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": f"{kind}", "log": True,
-         "series": {split: (passes, np.array([h[f"{split}_{kind}"] for h in history]))
-                    for split in ("train", "test")}}
+         "series": {split.replace("_", "-"): (passes, np.array([h[f"{split}_{kind}"]
+                                                                for h in history]))
+                    for split in splits}}
         for kind in ("error", "loss")], title=f"LeNet-5 on MNIST ({protocol.split(':')[0]})")
     seconds = outcome.seconds
     results.save_and_print_table(run.workdir, "\n".join([

@@ -466,3 +466,17 @@ def test_split_rejects_bad_fractions(fractions, match):
     images, labels = np.zeros((10, 3)), np.zeros(10, np.int32)
     with pytest.raises(ValueError, match=match):
         data.split(images, labels, fractions, seed=0)
+
+
+def test_hold_out_last_takes_the_final_examples_in_order():
+    x, t = np.arange(10).reshape(5, 2), np.arange(5)
+    (x_kept, t_kept), (x_held, t_held) = data.hold_out_last(x, t, 2)
+    np.testing.assert_array_equal(x_kept, x[:3])
+    np.testing.assert_array_equal(t_held, [3, 4])
+    np.testing.assert_array_equal(x_held, [[6, 7], [8, 9]])
+    (x_kept, _), (x_held, _) = data.hold_out_last(x, t, 0)
+    assert x_kept.shape == (5, 2) and x_held.shape == (0, 2)
+    for count in (5, -1):
+        with pytest.raises(ValueError, match=f"--held-out: got {count}; allowed: fewer than "
+                                             "the 5 training examples"):
+            data.hold_out_last(x, t, count)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import lenet5
+from training import data
 from training.config import ConfigError
 
 
@@ -46,3 +47,30 @@ def test_an_sdlm_option_without_sdlm_is_refused(tmp_path):
                                           r"sdlm \(got --optimizer adamw\)"):
         lenet5.main(["--workdir", str(tmp_path / "run"), "--optimizer", "adamw", "--mu", "0.1"])
     assert not (tmp_path / "run").exists()
+
+
+def test_held_out_images_are_the_last_training_images_and_never_trained_on(tmp_path):
+    """--held-out 50 of the first 250 training images: the run trains on images 0-199 exactly
+    as --train-examples 200 does (the same losses) and measures images 200-249; more held-out
+    images than training images are refused before any work."""
+    base = ["--split", "test-only", "--passes", "1", "--test-examples", "100",
+            "--progress-every", "0"]
+    held = lenet5.main(["--workdir", str(tmp_path / "held"), "--train-examples", "250",
+                        "--held-out", "50", *base])
+    plain = lenet5.main(["--workdir", str(tmp_path / "plain"), "--train-examples", "200",
+                         *base])
+    for key in ("train_loss", "test_loss", "train_misses", "test_misses", "train_examples"):
+        assert held[key] == plain[key], key
+    assert held["held_out_examples"] == 50
+    assert held["held_out_misses"] == round(held["held_out_error"] * 50)
+    splits, _ = lenet5.load(lenet5.Config(split="test-only", train_examples=250, held_out=50))
+    images = data.load_mnist("test")[0]
+    np.testing.assert_array_equal(np.asarray(splits["held_out"][0]),
+                                  np.asarray(lenet5.to_lenet5_input(images[200:250])))
+    history = json.loads((tmp_path / "held" / "results.json").read_text())["history"]
+    assert {"held_out_error", "held_out_loss"} <= set(history[0])
+    with pytest.raises(ConfigError, match="--held-out: got 250; allowed: fewer than the 250 "
+                                          "training images"):
+        lenet5.main(["--workdir", str(tmp_path / "bad"), "--train-examples", "250",
+                     "--held-out", "250", *base])
+    assert not (tmp_path / "bad" / "results.json").exists()

@@ -510,6 +510,17 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def hold_out_last(x, t, count: int, what: str = "training examples"):
+    """((x, t) without their last `count` examples, (x, t) of those): a held-out split taken
+    from the end, in order. Raises ValueError (naming the --held-out option) unless
+    0 <= count < the number of examples."""
+    n = x.shape[0]
+    if not 0 <= count < n:
+        raise ValueError(f"option --held-out: got {count}; allowed: fewer than the {n} {what}")
+    cut = n - count
+    return (x[:cut], t[:cut]), (x[cut:], t[cut:])
+
+
 def split(
     images: np.ndarray, labels: np.ndarray, fractions: Sequence[float], *, seed: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
