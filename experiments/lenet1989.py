@@ -295,12 +295,17 @@ def render(config, history, metrics_out, outcome, workdir):
     targets_note = ([f"This run's MSE is against targets +-{config.target:g}; the paper "
                      "does not give its targets, so the MSEs are not comparable."]
                     if config.variant == "1989" and config.target != 1 else [])
+    held_out_note = ([f"Held out (the last {config.held_out} training digits, not trained on): "
+                      f"error {metrics_out['held_out_error']:.4f}, "
+                      f"{metrics_out['held_out_misses']} misses."]
+                     if config.held_out else [])
     return "\n".join([
         f"## LeNet-1989 on the zip-code digits: {config.variant} variant, per pass",
         results.markdown_table(history),
         "## Final, beside the published numbers",
         results.markdown_table(comparison),
         *targets_note,
+        *held_out_note,
         f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, "
         f"checkpoints {seconds['checkpoint']:.1f} s. Results in {workdir}",
     ])

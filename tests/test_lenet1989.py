@@ -75,6 +75,9 @@ def test_held_out_digits_are_the_last_of_the_training_set_and_never_trained_on(t
         "held_out_loss"}]
     assert held["held_out_misses"] == round(held["held_out_error"] * 100)
     assert "held_out_error" not in plain
+    assert (f"Held out (the last 100 training digits, not trained on): error "
+            f"{held['held_out_error']:.4f}, {held['held_out_misses']} misses."
+            in (tmp_path / "held" / "results.md").read_text())
     with pytest.raises(ConfigError, match="--held-out: got 400; allowed: fewer than the 400 "
                                           "training digits"):
         lenet1989.main(["--workdir", str(tmp_path / "bad"), "--train-examples", "400",
