@@ -198,6 +198,9 @@ def main(argv=None):
         results.markdown_table(history),
         f"Final test error {final['test_error']:.4f} ({metrics_out['test_misses']} misses of "
         f"{metrics_out['test_examples']}); the paper's 0.95% is for the full 60k/10k split.",
+        *([f"Held out (the last {config.held_out} training images, not trained on): error "
+           f"{final['held_out_error']:.4f} ({metrics_out['held_out_misses']} misses)."]
+          if config.held_out else []),
         f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s. Results in "
         f"{run.workdir}"]))
     return metrics_out

@@ -63,6 +63,9 @@ def test_held_out_images_are_the_last_training_images_and_never_trained_on(tmp_p
         assert held[key] == plain[key], key
     assert held["held_out_examples"] == 50
     assert held["held_out_misses"] == round(held["held_out_error"] * 50)
+    assert (f"Held out (the last 50 training images, not trained on): error "
+            f"{held['held_out_error']:.4f} ({held['held_out_misses']} misses)."
+            in (tmp_path / "held" / "results.md").read_text())
     splits, _ = lenet5.load(lenet5.Config(split="test-only", train_examples=250, held_out=50))
     images = data.load_mnist("test")[0]
     np.testing.assert_array_equal(np.asarray(splits["held_out"][0]),
