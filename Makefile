@@ -53,7 +53,7 @@ clean:
 .PHONY: lenet1989-seeds
 # LeCun's method with the best settings found here, at ten seeds (README.md, "Experiments").
 lenet1989-seeds: $(VENV)/.installed
-	$(PY) -m experiments.seeds --experiment lenet1989 --seeds 0,1,2,3,4,5,6,7,8,9 --jobs 2 \
+	$(PY) -m experiments.seeds --experiment lenet1989 --seeds 0-9 --jobs 2 \
 		--metrics test_misses,test_error,train_misses,test_loss --at-most test_misses=100 \
 		-- --optimizer sdlm --init fan_in --schedule constant --lr 2e-4 --target 0.577
 

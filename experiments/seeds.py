@@ -1,7 +1,7 @@
 """One experiment at several seeds, each in a run directory of its own, and the spread of its
 final metrics.
 
-    python -m experiments.seeds --experiment lenet1989 --seeds 0,1,2,3,4,5,6,7,8,9 \\
+    python -m experiments.seeds --experiment lenet1989 --seeds 0-9 \\
         [--workdir DIR] [--metrics test_misses,test_error] [--at-most test_misses=100] \\
         [--jobs 2] -- --optimizer sdlm --init fan_in --schedule constant --lr 2e-4 \\
         --target 0.577
@@ -60,7 +60,7 @@ NOT_SWEPT = ("bench", "multihost_demo", "seeds")  # own processes and devices, o
 class Config:
     experiment: str = option("lecture", "the experiment to run (a module of experiments/ whose "
                              "Config has a seed)")
-    seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated")
+    seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated; A-B for A to B")
     metrics: tuple[str, ...] = option((), "the metrics to summarise, in order (default: all)")
     at_most: str = option("", "METRIC=VALUE: count the seeds with METRIC <= VALUE")
     at_least: str = option("", "METRIC=VALUE: count the seeds with METRIC >= VALUE")

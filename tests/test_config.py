@@ -37,7 +37,18 @@ def test_defaults_and_overrides():
     assert str(args.workdir) == "w" and args.resume
 
 
+def test_integer_tuples_take_ranges():
+    """"A-B" in an integer tuple stands for A, A + 1, ..., B, among single items."""
+    assert parse(Config, ["--steps-list", "3-6"])[0].steps_list == (3, 4, 5, 6)
+    assert parse(Config, ["--steps-list", "1,4-5,9"])[0].steps_list == (1, 4, 5, 9)
+    assert parse(Config, ["--steps-list", "7-7"])[0].steps_list == (7,)
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--steps-list", "6-3"], "argument --steps-list: got '6-3'; the range '6-3' ends before "
+                              "it starts"),
+    (["--steps-list", "0-2"], "argument --steps-list: got '0-2'; allowed: >= 1"),
+    (["--steps-list", "1-x"], "argument --steps-list: got '1-x'; expected int"),
     (["--lr", "-1"], "argument --lr: got '-1'; allowed: > 0"),
     (["--lr", "fast"], "argument --lr: got 'fast'; expected float"),
     (["--batch", "0"], "argument --batch: got '0'; allowed: >= 1"),

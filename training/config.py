@@ -9,11 +9,12 @@ An experiment declares its config as a frozen dataclass whose fields are made wi
         engine: str = option("manual", "gradient engine", choices=("manual", "autodiff"))
 
 `parse(Config, argv)` turns every field into a flag (`--lr 0.1`, `--no-flag` for booleans,
-`--nan-steps 3,4` for tuples), adds the harness flags (`--workdir`, `--resume`, `--force`),
-and checks every value against its bounds before any work starts. `check(config)` applies the
-same checks to a config built in code, and `check_applicable(config, only_with)` refuses an
-option that would do nothing (an optimizer's option given with another optimizer). Errors are
-`ConfigError`s naming the option, the value and what is allowed. Every experiment module ends with
+`--nan-steps 3,4` for tuples, `--seeds 0-9` for the integers 0 to 9), adds the harness flags
+(`--workdir`, `--resume`, `--force`), and checks every value against its bounds before any work
+starts. `check(config)` applies the same checks to a config built in code, and
+`check_applicable(config, only_with)` refuses an option that would do nothing (an optimizer's
+option given with another optimizer). Errors are `ConfigError`s naming the option, the value
+and what is allowed. Every experiment module ends with
 
     if __name__ == "__main__":
         run_main(main, EXPERIMENT)
@@ -119,9 +120,21 @@ def _parser_type(name: str, kind, meta: dict):
             raise argparse.ArgumentTypeError(
                 f"got {text!r}; expected {item_kind.__name__} ({_allowed(meta)})") from None
 
+    def items(text):
+        """The comma-separated items; for integers "A-B" (0 <= A <= B) stands for A, ..., B."""
+        for item in (t.strip() for t in text.split(",")):
+            first, dash, last = item.partition("-")
+            if item_kind is int and dash and first.isdigit() and last.isdigit():
+                if int(last) < int(first):
+                    raise argparse.ArgumentTypeError(
+                        f"got {text!r}; the range {item!r} ends before it starts")
+                yield from range(int(first), int(last) + 1)
+            elif item:
+                yield convert_one(item)
+
     def convert(text):
         if typing.get_origin(kind) is tuple:
-            value = tuple(convert_one(t) for t in text.split(",") if t.strip())
+            value = tuple(items(text))
         else:
             value = convert_one(text)
         try:
