@@ -17,7 +17,8 @@ logits flattened under MSE), whose attention applies the diagonal rule stage by 
 transformer's final LayerNorm and output layer equal to the Gauss-Newton diagonal within
 2.1e-15, its blocks 16-80% off, attention 34-80%.
 
-Writes results.json (metrics: the largest relative errors; "rows": one per tensor), results.md.
+Writes results.json (metrics: the largest relative errors; "rows": one per tensor), results.md
+and curvature.png (every diagonal entry against the exact one, per net; `--nets` picks nets).
 """
 from __future__ import annotations
 
@@ -29,17 +30,23 @@ import numpy as np
 
 import nets
 from nets import gradcheck, models
-from training import results
+from training import plots, results
 from training.config import option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "curvature"
 
 
+NAMES = ("mlp_1_hidden_1_output", "mlp_2_hidden_tanh", "small_conv", "lenet1989",
+         "transformer_lm_2_blocks")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     batch: int = option(8, "examples the diagonals are averaged over", ge=1)
     seed: int = option(0, "seed of the parameters and the inputs")
+    nets: tuple[str, ...] = option((), "comma-separated nets to compare (default: all)",
+                                   choices=NAMES)
 
 
 def nets_to_compare():
@@ -63,8 +70,10 @@ def nets_to_compare():
     ]
 
 
-def compare(name, model, objective, input_shape, classes, with_hessian, vocabulary=None, *,
-            batch, seed):
+def diagonals(name, model, objective, input_shape, classes, with_hessian, vocabulary=None, *,
+              batch, seed):
+    """[(layer, param, backpropagated, gauss_newton, hessian or None)], one per parameter
+    tensor, as float64 NumPy arrays, at a random point and batch drawn from seed and name."""
     key_params, key_x, key_t = jax.random.split(jax.random.fold_in(jax.random.key(seed),
                                                                    len(name)), 3)
     with jax.enable_x64(True):
@@ -74,33 +83,66 @@ def compare(name, model, objective, input_shape, classes, with_hessian, vocabula
         targets = jnp.where(jax.random.bernoulli(key_t, 0.5, (batch, classes)), 1.0, -1.0)
         backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
         exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
-        hessian = (gradcheck.hessian_diagonal(model, objective, params, x, targets)
-                   if with_hessian else None)
-        rows = []
-        for (layer, param, _), h_bp, h_gn, h_hess in zip(
-                gradcheck.named_parameters(model, params), jax.tree.leaves(backpropagated),
-                jax.tree.leaves(exact),
-                jax.tree.leaves(hessian) if with_hessian else [None] * len(
-                    jax.tree.leaves(exact))):
-            rows.append({
-                "net": name, "layer": layer, "param": param,
-                "mean_backpropagated": float(np.mean(h_bp)),
-                "mean_gauss_newton": float(np.mean(h_gn)),
-                "mean_hessian": None if h_hess is None else float(np.mean(h_hess)),
-                "backpropagated_vs_gauss_newton": gradcheck.relative_error(h_bp, h_gn),
-                "gauss_newton_vs_hessian": (None if h_hess is None
-                                            else gradcheck.relative_error(h_gn, h_hess)),
-                "min_backpropagated": float(np.min(h_bp)),
-            })
-    return rows
+        hessian = (jax.tree.leaves(gradcheck.hessian_diagonal(model, objective, params, x,
+                                                               targets))
+                   if with_hessian else [None] * len(jax.tree.leaves(exact)))
+        return [(layer, param, np.asarray(h_bp), np.asarray(h_gn),
+                 None if h_hess is None else np.asarray(h_hess))
+                for (layer, param, _), h_bp, h_gn, h_hess in zip(
+                    gradcheck.named_parameters(model, params), jax.tree.leaves(backpropagated),
+                    jax.tree.leaves(exact), hessian)]
+
+
+def rows_of(name, tensors) -> list[dict]:
+    """One row per tensor of `diagonals`: means, relative errors (norm ratios), minimum."""
+    return [{
+        "net": name, "layer": layer, "param": param,
+        "mean_backpropagated": float(np.mean(h_bp)),
+        "mean_gauss_newton": float(np.mean(h_gn)),
+        "mean_hessian": None if h_hess is None else float(np.mean(h_hess)),
+        "backpropagated_vs_gauss_newton": gradcheck.relative_error(h_bp, h_gn),
+        "gauss_newton_vs_hessian": (None if h_hess is None
+                                    else gradcheck.relative_error(h_gn, h_hess)),
+        "min_backpropagated": float(np.min(h_bp)),
+    } for layer, param, h_bp, h_gn, h_hess in tensors]
+
+
+def compare(name, *entry, batch, seed) -> list[dict]:
+    """The rows of one net of `nets_to_compare` (name first, then the rest of its entry)."""
+    return rows_of(name, diagonals(name, *entry, batch=batch, seed=seed))
+
+
+def plot_panels(name, tensors) -> list[dict]:
+    """Every entry of the backpropagated diagonal against the exact Gauss-Newton one, one
+    series per layer; and, where the Hessian was computed, the Gauss-Newton diagonal against
+    the Hessian's."""
+    layers = list(dict.fromkeys(layer for layer, *_ in tensors))
+
+    def series(pick):
+        return {layer: tuple(np.concatenate(arrays) for arrays in zip(*[
+            (h_gn.ravel(), pick(h_bp, h_hess).ravel())
+            for tensor_layer, _, h_bp, h_gn, h_hess in tensors if tensor_layer == layer]))
+            for layer in layers}
+
+    panels = [{"title": name, "xlabel": "Gauss-Newton diagonal (jacobians)",
+               "ylabel": "backpropagated diagonal", "series": series(lambda bp, _: bp)}]
+    if tensors[0][4] is not None:
+        panels.append({"title": f"{name}: Hessian", "xlabel": "Gauss-Newton diagonal",
+                       "ylabel": "diag(jax.hessian)",
+                       "series": series(lambda _, hess: hess)})
+    return panels
 
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     run = open_run(EXPERIMENT, config, args)
-    rows = []
+    rows, panels = [], []
     for entry in nets_to_compare():
-        rows += compare(*entry, batch=config.batch, seed=config.seed)
+        if config.nets and entry[0] not in config.nets:
+            continue
+        tensors = diagonals(*entry, batch=config.batch, seed=config.seed)
+        rows += rows_of(entry[0], tensors)
+        panels += plot_panels(entry[0], tensors)
     last_layers = [r for r in rows if r["layer"] == "output" or r["net"] ==
                    "mlp_1_hidden_1_output"]
     metrics_out = {
@@ -112,6 +154,8 @@ def main(argv=None):
     }
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           [], {}, rows=rows)
+    plots.save_scatter(run.workdir / "curvature.png", panels,
+                       title="diagonal second derivatives, one point per parameter")
     columns = ["net", "layer", "param", "mean_backpropagated", "mean_gauss_newton",
                "mean_hessian", "backpropagated_vs_gauss_newton", "gauss_newton_vs_hessian"]
     results.save_and_print_table(run.workdir, results.markdown_table(rows, columns)

@@ -12,7 +12,8 @@ up to 256 coordinates a tensor).
 
 Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
 "rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
-and results.md. Exits with status 1 if any check fails.
+results.md, and errors.png (every tensor's relative errors beside the tolerances). Exits
+with status 1 if any check fails.
 
 Measured on the 2-core CPU (jax 0.10.2, 2026-12-03, AlexNet's dropout on, the transformer on
 token ids): 135 s, most of it compiling; all 252 checks pass, with float64 relative errors vs
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import nets
 from nets import models
 from nets.gradcheck import TOLERANCES, gradient_report
-from training import results
+from training import plots, results
 from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
@@ -154,6 +155,29 @@ def run_checks(batch: int, seed: int, cases: list[Case] | None = None) -> list[d
     return checks
 
 
+def save_error_plot(path, checks: list[dict]) -> None:
+    """Every tensor's relative errors, one strip per model, beside the tolerances."""
+    models_in_order = list(dict.fromkeys(check["model"] for check in checks))
+
+    def points(dtype, key):
+        return [(c["model"], c[key]) for c in checks
+                if c["dtype"] == dtype and c[key] is not None]
+
+    plots.save_strips(path, models_in_order, {
+        "float64, manual vs jax.grad": points("float64", "rel_err_vs_autodiff"),
+        "float32, manual vs jax.grad": points("float32", "rel_err_vs_autodiff"),
+        "float64, manual vs finite differences": points("float64", "rel_err_vs_finite_diff"),
+    }, "relative error per parameter tensor", title="hand-written backward passes",
+        references={
+        f"float64 tolerance {TOLERANCES['float64']['vs_autodiff']:.0e}":
+            TOLERANCES["float64"]["vs_autodiff"],
+        f"float32 tolerance {TOLERANCES['float32']['vs_autodiff']:.0e}":
+            TOLERANCES["float32"]["vs_autodiff"],
+        f"finite differences {TOLERANCES['float64']['vs_finite_diff']:.0e} (raised where "
+        "rounding needs it)": TOLERANCES["float64"]["vs_finite_diff"],
+    })
+
+
 def main(argv=None) -> int:
     config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     workdir = open_run(EXPERIMENT, config, harness_args).workdir
@@ -179,6 +203,7 @@ def main(argv=None) -> int:
               "models": sorted({check["model"] for check in checks})}
     results.write_results(workdir, EXPERIMENT, config, metrics, [], seconds,
                           checks=checks, passed=passed)
+    save_error_plot(workdir / "errors.png", checks)
     columns = ["model", "layer", "param", "dtype", "rel_err_vs_autodiff",
                "rel_err_vs_finite_diff", "autodiff_rel_err_vs_finite_diff", "fd_kinks", "cosine",
                "passed"]

@@ -19,7 +19,8 @@ operations.
 
 Writes DIR/results.json (DESIGN.md keys, plus "models": {name: {inputs, neurons, units, params,
 connections, macs, input_shape, layers: [per-layer rows]}}, "table": the comparison rows,
-"notes"), and results.md, the printed tables.
+"notes"), results.md, the printed tables, and layers.png (each layer's units, parameters and
+connections, on a log scale: weight sharing is the gap between the last two).
 
 Expected output (measured on the 2-core CPU, jax 0.10.2: about 2 s in all, nothing is run
 through the nets; the counts are machine-independent): LeNet-1989 1,256 units (1,000 +
@@ -34,7 +35,7 @@ import dataclasses
 import time
 
 from nets import accounting, models
-from training import results
+from training import plots, results
 from training.config import option, parse, run_main, to_dict
 from training.harness import open_run
 
@@ -203,6 +204,22 @@ def render(table: list[dict], counts: dict, note_lines: list[str], workdir) -> s
     return "".join(parts)
 
 
+def layer_panels(counts: dict) -> list[dict]:
+    """Per net, each layer's units, free parameters and connections: a shared weight is one
+    parameter but as many connections as it has uses."""
+    panels = []
+    for name, counted in counts.items():
+        layers = [layer for layer in counted.layers if layer.connections]
+        panels.append({
+            "title": TITLES[name], "groups": [layer.name for layer in layers], "log": True,
+            "ylabel": "count (per example)",
+            "series": {quantity: [getattr(layer, field) for layer in layers]
+                       for quantity, field in (("units", "units"), ("parameters", "params"),
+                                               ("connections", "connections"))},
+        })
+    return panels
+
+
 def main(argv=None) -> dict:
     config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     workdir = open_run(EXPERIMENT, config, harness_args).workdir
@@ -217,6 +234,8 @@ def main(argv=None) -> dict:
     metrics = {name: counted.totals() for name, counted in counts.items()}
     results.write_results(workdir, EXPERIMENT, to_dict(config), metrics, [], seconds,
                           models=model_figures, table=table, notes=note_lines)
+    plots.save_grouped_bars(workdir / "layers.png", layer_panels(counts),
+                            title="units, parameters and connections per layer")
     results.save_and_print_table(workdir, render(table, counts, note_lines, workdir))
     return metrics
 

@@ -1,4 +1,6 @@
 """LeCun's Gauss-Newton diagonal, backpropagated by hand, against jax's exact matrices."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,6 +208,30 @@ def test_curvature_experiment_rows_on_the_small_nets():
     assert by_layer[("output", "w")]["backpropagated_vs_gauss_newton"] <= F64
     assert by_layer[("hidden1", "w")]["backpropagated_vs_gauss_newton"] > 1e-3
     assert all(r["gauss_newton_vs_hessian"] is not None for r in rows)
+
+
+def test_curvature_experiment_end_to_end_on_two_nets(tmp_path):
+    """--nets picks nets; every tensor gets a row, the plot is written, and its points are the
+    backpropagated and exact diagonals themselves: on the output layer, equal (a single path
+    per output)."""
+    from experiments import curvature
+
+    assert tuple(entry[0] for entry in curvature.nets_to_compare()) == curvature.NAMES
+    metrics = curvature.main(["--workdir", str(tmp_path), "--batch", "3",
+                              "--nets", "mlp_2_hidden_tanh,small_conv"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert {row["net"] for row in document["rows"]} == {"mlp_2_hidden_tanh", "small_conv"}
+    assert len(document["rows"]) == 6 + 4
+    assert metrics["max_backpropagated_vs_gauss_newton_where_exact"] <= F64
+    assert (tmp_path / "curvature.png").stat().st_size > 20_000
+    entry = {entry[0]: entry for entry in curvature.nets_to_compare()}["mlp_2_hidden_tanh"]
+    tensors = curvature.diagonals(*entry, batch=3, seed=0)
+    panels = curvature.plot_panels("mlp_2_hidden_tanh", tensors)
+    assert [panel["title"] for panel in panels] == ["mlp_2_hidden_tanh",
+                                                   "mlp_2_hidden_tanh: Hessian"]
+    exact, backpropagated = panels[0]["series"]["output"]
+    assert exact.size == 3 * 5 + 3
+    np.testing.assert_allclose(backpropagated, exact, rtol=F64)
 
 
 def test_lecun1998_schedule_by_hand():

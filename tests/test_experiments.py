@@ -54,6 +54,7 @@ def test_gradcheck_writes_every_check_and_passes(tmp_path):
                 "rel_err_vs_finite_diff", "cosine", "passed"}
     assert all(required <= set(c) for c in checks)
     assert all(c["rel_err_vs_autodiff"] <= F64 for c in checks if c["dtype"] == "float64")
+    assert (tmp_path / "errors.png").stat().st_size > 10_000
 
 
 def test_gradcheck_checks_a_model_at_the_same_point_alone_or_after_others():

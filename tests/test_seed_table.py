@@ -4,6 +4,7 @@ import json
 import pytest
 
 from experiments import seed_table
+from nets import accounting
 from training.config import ConfigError
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
@@ -48,6 +49,25 @@ def test_computed_numbers(run):
         "H2", 192, 2_592, 38_592)
     c3 = document["models"]["lenet1998"]["layers"][3]
     assert (c3["name"], c3["params"], c3["connections"]) == ("C3", 1_516, 151_600)
+
+
+def test_layer_plot_shows_the_issue_s_per_layer_counts(run):
+    """The figures the plot draws, against the per-layer counts the issue gives by hand."""
+    workdir, _, _ = run
+    assert (workdir / "layers.png").stat().st_size > 10_000
+    built = seed_table.build_models(seed_table.Config())
+    counts = {name: accounting.count(model, shape) for name, (model, shape, _) in built.items()}
+    panels = {panel["title"]: panel for panel in seed_table.layer_panels(counts)}
+    lenet89 = panels["LeNet-1989"]
+    assert lenet89["groups"] == ["H1", "H2", "H3", "output"]
+    assert lenet89["series"] == {"units": [768, 192, 30, 10],
+                                 "parameters": [1_068, 2_592, 5_790, 310],
+                                 "connections": [19_968, 38_592, 5_790, 310]}
+    lenet98 = panels["LeNet-1998"]
+    assert lenet98["groups"][:6] == ["C1", "S2", "C3", "S4", "C5", "F6"]
+    assert lenet98["series"]["parameters"][:6] == [156, 12, 1_516, 32, 48_120, 10_164]
+    assert lenet98["series"]["connections"][:6] == [122_304, 5_880, 151_600, 2_000, 48_120,
+                                                    10_164]
 
 
 def test_table_rows_and_columns(run):

@@ -5,11 +5,34 @@ import os
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps"]
+__all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps", "save_scatter",
+           "save_strips", "save_grouped_bars"]
+
+
+def _grid(count: int, width: float, height: float, columns: int = 3):
+    """A figure with `count` visible subplots, at most `columns` to a row."""
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows),
+                                squeeze=False)
+    for axis in axes.ravel()[count:]:
+        axis.set_visible(False)
+    return figure, axes.ravel()[:count]
+
+
+def _finish(figure, path: str | os.PathLike, title: str, outside_legend: bool = False) -> None:
+    """The title over all subplots, a tight layout, the PNG written (grown to hold a legend
+    placed outside the axes), the figure closed."""
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight" if outside_legend else None)
+    plt.close(figure)
 
 
 def save_curves(
@@ -22,12 +45,8 @@ def save_curves(
     Each panel is {"ylabel": str, "xlabel": str, "series": {label: (x, y)}, "log": bool,
     "marker": a matplotlib marker for the points (default none)}.
     """
-    columns = min(3, len(panels))
-    rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
-    for axis in axes.ravel()[len(panels):]:
-        axis.set_visible(False)
-    for axis, panel in zip(axes.ravel(), panels):
+    figure, axes = _grid(len(panels), 5.5, 4)
+    for axis, panel in zip(axes, panels):
         for label, (xs, ys) in panel["series"].items():
             axis.plot(xs, ys, label=label, linewidth=1.2, marker=panel.get("marker"))
         axis.set_xlabel(panel.get("xlabel", "step"))
@@ -36,11 +55,7 @@ def save_curves(
             axis.set_yscale("log")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(figure, path, title)
 
 
 def save_histogram(
@@ -111,3 +126,93 @@ def save_heatmaps(path: str | os.PathLike, rows: Sequence[Sequence], row_labels:
         figure.suptitle(title)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def save_scatter(path: str | os.PathLike, panels: Sequence[Mapping], title: str = "",
+                 dynamic_range: float = 1e12) -> None:
+    """One log-log subplot per panel, each with the line y = x.
+
+    Each panel is {"title": str, "xlabel": str, "ylabel": str, "series": {label: (x, y)}}.
+    Points with x or y at or below the panel's largest value over `dynamic_range` (zeros and
+    negative values among them) are left out, and the panel's title says how many.
+    """
+    figure, axes = _grid(len(panels), 4.5, 4)
+    for axis, panel in zip(axes, panels):
+        if len(panel["series"]) > 10:  # more than the default cycle's colours
+            axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+        pairs = {label: list(zip(xs, ys)) for label, (xs, ys) in panel["series"].items()}
+        top = max((max(x, y) for points in pairs.values() for x, y in points), default=0.0)
+        bottom = top / dynamic_range
+        left_out = 0
+        for label, points in pairs.items():
+            kept = [(x, y) for x, y in points if x > bottom and y > bottom]
+            left_out += len(points) - len(kept)
+            if kept:
+                axis.scatter(*zip(*kept), s=6, alpha=0.6, label=label)
+        shown = [value for points in pairs.values() for x, y in points if min(x, y) > bottom
+                 for value in (x, y)]
+        if shown:
+            axis.plot([min(shown), max(shown)], [min(shown), max(shown)], color="k",
+                      linewidth=0.8, label="y = x")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel(panel["xlabel"], fontsize=8)
+        axis.set_ylabel(panel["ylabel"], fontsize=8)
+        suffix = (f"\n({left_out} points <= {bottom:.0e} not shown)" if left_out else "")
+        axis.set_title(panel["title"] + suffix, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    _finish(figure, path, title)
+
+
+def save_strips(path: str | os.PathLike, rows: Sequence[str],
+                series: Mapping[str, Sequence[tuple[str, float]]], xlabel: str,
+                title: str = "", references: Mapping[str, float] | None = None,
+                floor: float = 1e-18) -> None:
+    """One horizontal strip per row, the values of every series as points along it, on a log
+    x axis. `series` is {label: [(row, value), ...]}; `references` {label: x} are dashed
+    vertical lines (tolerances). Values below `floor`, zeros included, are drawn at `floor`,
+    and the x label says so."""
+    figure, axis = plt.subplots(figsize=(11, 0.4 * len(rows) + 1.8))
+    position = {row: index for index, row in enumerate(rows)}
+    offsets = [0.25 * (k - (len(series) - 1) / 2) / max(1, len(series) - 1)
+               for k in range(len(series))]
+    for offset, (label, points) in zip(offsets, series.items()):
+        axis.scatter([max(value, floor) for _, value in points],
+                     [position[row] + offset for row, _ in points], s=10, alpha=0.7,
+                     label=label)
+    for (label, x), style in zip((references or {}).items(), ("--", ":", "-.", "-")):
+        axis.axvline(x, color="k", linestyle=style, linewidth=1, label=label)
+    axis.set_xscale("log")
+    axis.set_yticks(range(len(rows)), rows, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel(f"{xlabel} (below {floor:.0e}: drawn at {floor:.0e})")
+    axis.grid(alpha=0.3, axis="x")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _finish(figure, path, title, outside_legend=True)
+
+
+def save_grouped_bars(path: str | os.PathLike, panels: Sequence[Mapping],
+                      title: str = "") -> None:
+    """One subplot per panel {"title": str, "groups": [names], "series": {label: [one value
+    per group]}, "log": bool, "ylabel": str}: in each group one bar per series, side by
+    side."""
+    figure, axes = _grid(len(panels), 5.5, 4)
+    for axis, panel in zip(axes, panels):
+        groups, series = panel["groups"], panel["series"]
+        width = 0.8 / len(series)
+        for k, (label, values) in enumerate(series.items()):
+            if len(values) != len(groups):
+                raise ValueError(f"save_grouped_bars: series {label!r} has {len(values)} "
+                                 f"values for {len(groups)} groups")
+            axis.bar([g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))],
+                     values, width=width, label=label)
+        axis.set_xticks(range(len(groups)), groups, fontsize=7, rotation=45, ha="right")
+        if panel.get("log"):
+            axis.set_yscale("log")
+        axis.set_ylabel(panel.get("ylabel", ""), fontsize=8)
+        axis.set_title(panel["title"], fontsize=9)
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(fontsize=7)
+    _finish(figure, path, title)

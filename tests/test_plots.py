@@ -1,0 +1,40 @@
+"""training/plots.py: every kind of figure is written, edge values drawn or counted, bad input
+refused."""
+import matplotlib.image
+import numpy as np
+import pytest
+
+from training import plots
+
+
+def pixels(path):
+    return matplotlib.image.imread(path)
+
+
+def test_scatter_keeps_positive_points_and_writes_one_panel_each(tmp_path):
+    xs = np.logspace(-3, 0, 50)
+    panels = [{"title": "a", "xlabel": "x", "ylabel": "y",
+               "series": {"on the line": (xs, xs), "with zeros": ([0.0, -1.0, 0.5], [1, 1, 0.4])}},
+              {"title": "b", "xlabel": "x", "ylabel": "y",
+               "series": {f"s{k}": ([k + 1.0], [k + 2.0]) for k in range(12)}}]
+    plots.save_scatter(tmp_path / "s.png", panels, title="t")
+    height, width = pixels(tmp_path / "s.png").shape[:2]
+    assert width > 1.8 * height  # two panels side by side
+
+
+def test_strips_draw_zero_errors_at_the_floor(tmp_path):
+    plots.save_strips(tmp_path / "e.png", ["m1", "m2"],
+                      {"float64": [("m1", 0.0), ("m2", 1e-16)], "float32": [("m2", 3e-7)]},
+                      "relative error", references={"tolerance": 1e-5})
+    assert (tmp_path / "e.png").stat().st_size > 5_000
+
+
+def test_grouped_bars_refuse_a_series_of_the_wrong_length(tmp_path):
+    panel = {"title": "net", "groups": ["H1", "H2"], "log": True,
+             "series": {"parameters": [1068, 2592], "connections": [19968]}}
+    with pytest.raises(ValueError, match="'connections' has 1 values for 2 groups"):
+        plots.save_grouped_bars(tmp_path / "b.png", [panel])
+    panel["series"]["connections"] = [19968, 38592]
+    plots.save_grouped_bars(tmp_path / "b.png", [panel, panel])
+    height, width = pixels(tmp_path / "b.png").shape[:2]
+    assert width > 1.8 * height
