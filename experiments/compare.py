@@ -31,13 +31,6 @@ from training.config import ConfigError, run_main
 EXPERIMENT = "compare"
 
 
-def load_run(directory: pathlib.Path) -> dict:
-    path = directory / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no results.json (not a finished run)")
-    return json.loads(path.read_text())
-
-
 def flatten(metrics: dict, prefix: str = "") -> dict:
     """Scalar entries of a nested dict as {"a.b": value}; lists and strings are left out."""
     flat = {}
@@ -146,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default="",
                         help="comma-separated metric names to show (default: all shared)")
     args = parser.parse_args(argv)
-    documents = [load_run(directory) for directory in args.runs]
+    documents = [results.read_results(directory) for directory in args.runs]
     labels = labels_for(args.runs)
     workdir = args.workdir or results.default_workdir(EXPERIMENT)
     workdir.mkdir(parents=True, exist_ok=True)

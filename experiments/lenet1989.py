@@ -72,7 +72,7 @@ import optax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import named_parameters
+from nets.gradcheck import named_parameters, parameter
 from nets.models import lenet1989, lenet1989_modern
 from training import augment, data, metrics, optim, plots, procedures, results
 from training.config import ConfigError, check_applicable, option, parse, run_main
@@ -236,6 +236,16 @@ def build(config, splits):
     return model, objective, procedure, lr
 
 
+def save_pictures(workdir, model, params, test_images, wrong) -> None:
+    """kernels.png, H1's learned kernels; misclassified.png, the test digits the net gets
+    wrong (none written when it gets none wrong)."""
+    plots.save_kernels(workdir / "kernels.png", np.asarray(parameter(model, params, "H1", "w")),
+                       title="H1's kernels after training")
+    if wrong:
+        plots.save_misclassified(workdir / "misclassified.png", np.asarray(test_images), wrong,
+                                 title="misclassified test digits, #index: label\u2192predicted")
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
@@ -260,9 +270,11 @@ def main(argv=None):
         "passes": outcome.steps_done, "learning_rate": lr,
         "rejected_non_finite": int(outcome.state.guard.rejected),
     }
+    wrong = metrics.misclassified(model, outcome.state.params, *splits["test"])
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, paper=PAPER, pytorch_repro=PYTORCH_REPRO,
-                          resumed_from_step=outcome.resumed_from)
+                          resumed_from_step=outcome.resumed_from, misclassified=wrong)
+    save_pictures(run.workdir, model, outcome.state.params, splits["test"][0], wrong)
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": "classification error", "log": True,
          "series": {split.replace("_", "-"): (np.array([h["pass"] for h in history]),

@@ -37,7 +37,7 @@ import optax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import named_parameters
+from nets.gradcheck import named_parameters, parameter
 from nets.models import lenet5
 from training import data, metrics, optim, plots, procedures, results
 from training.config import ConfigError, check_applicable, option, parse, run_main
@@ -160,6 +160,16 @@ def build(config, splits):
     return model, procedure, lr
 
 
+def save_pictures(workdir, model, params, test_images, wrong) -> None:
+    """kernels.png, C1's learned kernels; misclassified.png, the test images the net gets
+    wrong (none written when it gets none wrong)."""
+    plots.save_kernels(workdir / "kernels.png", np.asarray(parameter(model, params, "C1", "w")),
+                       title="C1's kernels after training")
+    if wrong:
+        plots.save_misclassified(workdir / "misclassified.png", np.asarray(test_images), wrong,
+                                 title="misclassified test images, #index: label\u2192predicted")
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
@@ -181,10 +191,12 @@ def main(argv=None):
                       for split, (x, _) in splits.items()},
                    **{f"{split}_examples": int(x.shape[0]) for split, (x, _) in splits.items()},
                    "learning_rate": lr, "passes": outcome.steps_done}
+    wrong = metrics.misclassified(model, outcome.state.params, *splits["test"])
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, protocol=protocol,
                           paper_test_error_full_split=PAPER_TEST_ERROR,
-                          resumed_from_step=outcome.resumed_from)
+                          resumed_from_step=outcome.resumed_from, misclassified=wrong)
+    save_pictures(run.workdir, model, outcome.state.params, splits["test"][0], wrong)
     passes = np.array([h["pass"] for h in history])
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": f"{kind}", "log": True,

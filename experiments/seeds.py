@@ -190,6 +190,43 @@ def counts(config: Config, per_seed: list[dict], seeds: Sequence[int]) -> dict:
     return out
 
 
+def misclassified_across(workdir: pathlib.Path, seeds: Sequence[int]) -> dict | None:
+    """Where every run's results.json lists its misclassified test examples (lenet1989,
+    lenet5): how many seeds miss each example. {"missed_by": {k: examples missed by exactly k
+    seeds, k = 1..n}, "examples": [{"index", "label", "seeds": how many miss it, "predicted":
+    {label: seeds}}], most-missed first}; None otherwise."""
+    lists = []
+    for seed in seeds:
+        document = results.read_results(workdir / f"seed_{seed}")
+        if "misclassified" not in document:
+            return None
+        lists.append(document["misclassified"])
+    by_index = {}
+    for wrong in lists:
+        for row in wrong:
+            entry = by_index.setdefault(row["index"], {"index": row["index"],
+                                                       "label": row["label"], "seeds": 0,
+                                                       "predicted": {}})
+            entry["seeds"] += 1
+            predicted = str(row["predicted"])
+            entry["predicted"][predicted] = entry["predicted"].get(predicted, 0) + 1
+    examples = sorted(by_index.values(), key=lambda e: (-e["seeds"], e["index"]))
+    missed_by = {str(k): sum(e["seeds"] == k for e in examples) for k in range(1, len(seeds) + 1)}
+    return {"missed_by": missed_by, "examples": examples}
+
+
+def render_misclassified(across: dict, seeds: int) -> list[str]:
+    """Two lines: how the misclassified test examples are shared between the seeds."""
+    missed_by = {int(k): v for k, v in across["missed_by"].items()}
+    at_least_half = sum(v for k, v in missed_by.items() if 2 * k >= seeds)
+    every = missed_by[seeds]
+    return ["", f"Misclassified test examples: {sum(missed_by.values())} missed by at least "
+                f"one seed, {at_least_half} by at least half, {every} by all {seeds}; by "
+                f"exactly k seeds (k = 1..{seeds}): "
+                f"{', '.join(str(missed_by[k]) for k in range(1, seeds + 1))}"
+                " (results.json \"misclassified\" lists them)"]
+
+
 def number(value: float) -> str:
     if float(value).is_integer() and abs(value) < 1e15:
         return f"{int(value):d}"
@@ -209,7 +246,7 @@ def per_seed_columns(config: Sweep, names: list[str], stats: dict) -> list[str]:
 
 
 def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
-           tallies: dict, seconds: float) -> str:
+           tallies: dict, seconds: float, across: dict | None = None) -> str:
     options = " ".join(config.experiment_options) or "(defaults)"
     lines = [f"## {config.experiment} at {len(config.seeds)} seeds: {options}", "",
              "| metric | mean | sd | median | min | max |", "|---|---|---|---|---|---|"]
@@ -231,6 +268,8 @@ def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
     if left_out:
         lines += ["", f"({left_out} more metrics by seed in results.json, the same at every "
                       f"seed or past the first {PER_SEED_COLUMNS}; --metrics picks them)"]
+    if across is not None:
+        lines += render_misclassified(across, len(config.seeds))
     lines += ["", f"{len(config.seeds)} runs in {seconds:.1f} s"]
     return "\n".join(lines) + "\n"
 
@@ -346,9 +385,11 @@ def main(argv=None):
     tallies = counts(config, per_seed, config.seeds)
     history = [{"seed": seed, **{name: row[name] for name in names}}
                for seed, row in zip(config.seeds, per_seed)]
+    across = misclassified_across(run.workdir, config.seeds)
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), stats, history,
                           {"run": seconds}, thresholds=tallies,
-                          runs={str(seed): f"seed_{seed}" for seed in config.seeds})
+                          runs={str(seed): f"seed_{seed}" for seed in config.seeds},
+                          **({} if across is None else {"misclassified": across}))
     x = np.asarray(config.seeds)
     panels = [{"xlabel": "seed", "ylabel": name, "marker": "o",
                "series": {"runs": (x, np.asarray([row[name] for row in per_seed])),
@@ -358,7 +399,7 @@ def main(argv=None):
         plots.save_curves(run.workdir / "spread.png", panels[:9],
                           title=f"{config.experiment} by seed")
     results.save_and_print_table(run.workdir, render(config, names, stats, per_seed, tallies,
-                                                     seconds))
+                                                     seconds, across))
     return {"summary": stats, "per_seed": history, "thresholds": tallies}
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "relative_error",
     "cosine_similarity",
     "named_parameters",
+    "parameter",
     "astype",
     "finite_difference_grad",
     "finite_difference_grads",
@@ -90,6 +91,17 @@ def named_parameters(model: Layer, params: Any) -> Iterator[tuple[str, str, tupl
     joined with dots ("qkv.w").
     """
     yield from _named(model, params, ())
+
+
+def parameter(model: Layer, params: Any, layer: str, name: str) -> Any:
+    """The leaf of `params` that `named_parameters` calls (layer, name), e.g. LeNet-1989's
+    ("H1", "w"); a name it does not give is refused with the names it does."""
+    named = {(layer_name, param_name): path
+             for layer_name, param_name, path in named_parameters(model, params)}
+    if (layer, name) not in named:
+        raise KeyError(f"{model.name}: no parameter {layer}.{name}; it has "
+                       f"{', '.join(f'{a}.{b}' for a, b in named)}")
+    return _get(params, named[(layer, name)])
 
 
 def _named(model, params, prefix):

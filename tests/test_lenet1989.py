@@ -34,6 +34,12 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert metrics["train_error"] < 0.5
     note = "MSE is against targets +-0.9"
     assert (note in (tmp_path / "results.md").read_text()) == ("--target" in extra)
+    wrong = document["misclassified"]
+    assert len(wrong) == metrics["test_misses"]
+    assert all(row["label"] != row["predicted"] for row in wrong)
+    assert [row["index"] for row in wrong] == sorted({row["index"] for row in wrong})
+    assert (tmp_path / "kernels.png").stat().st_size > 5_000
+    assert (tmp_path / "misclassified.png").is_file() == bool(wrong)
 
 
 def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):

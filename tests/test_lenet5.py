@@ -32,6 +32,8 @@ def test_short_runs_report_per_pass(tmp_path, optimizer):
     assert [h["pass"] for h in document["history"]] == [1, 2]
     assert metrics["train_examples"] == 300 and metrics["test_examples"] == 100
     assert metrics["train_error"] < 0.6  # far better than chance after 600 updates
+    assert len(document["misclassified"]) == metrics["test_misses"]
+    assert (tmp_path / "kernels.png").stat().st_size > 5_000
 
 
 def test_conv_option_resolves_by_batch_size():

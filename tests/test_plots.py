@@ -38,3 +38,15 @@ def test_grouped_bars_refuse_a_series_of_the_wrong_length(tmp_path):
     plots.save_grouped_bars(tmp_path / "b.png", [panel, panel])
     height, width = pixels(tmp_path / "b.png").shape[:2]
     assert width > 1.8 * height
+
+
+def test_images_need_one_caption_each_and_kernels_one_input_map(tmp_path):
+    images = np.zeros((3, 16, 16))
+    with pytest.raises(ValueError, match="3 images but 2 captions"):
+        plots.save_images(tmp_path / "i.png", list(images), ["a", "b"])
+    with pytest.raises(ValueError, match=r"expected \(height, width, 1, maps\), got "
+                                         r"\(5, 5, 2, 4\)"):
+        plots.save_kernels(tmp_path / "k.png", np.ones((5, 5, 2, 4)))
+    plots.save_misclassified(tmp_path / "m.png", images[..., None],
+                             [{"index": 2, "label": 1, "predicted": 7}])
+    assert (tmp_path / "m.png").stat().st_size > 1_000

@@ -90,3 +90,29 @@ def test_the_per_seed_table_shows_what_differs_unless_told():
         f"m{i}" for i in range(1, 16, 2)]
     chosen = seeds.Sweep(metrics=("m0", "m2"))
     assert seeds.per_seed_columns(chosen, ["m0", "m2"], stats) == ["m0", "m2"]
+
+
+def fake_run(directory, wrong):
+    directory.mkdir(parents=True)
+    (directory / "results.json").write_text(json.dumps({"misclassified": [
+        {"index": index, "label": label, "predicted": predicted}
+        for index, label, predicted in wrong]}))
+
+
+def test_misclassified_examples_are_counted_across_seeds(tmp_path):
+    """Three seeds by hand: example 4 missed by all three (as a 2 twice, a 7 once), 9 by two,
+    11 and 12 by one each."""
+    fake_run(tmp_path / "seed_0", [(4, 3, 2), (9, 1, 7), (11, 5, 6)])
+    fake_run(tmp_path / "seed_1", [(4, 3, 7), (9, 1, 7)])
+    fake_run(tmp_path / "seed_7", [(4, 3, 2), (12, 0, 6)])
+    across = seeds.misclassified_across(tmp_path, [0, 1, 7])
+    assert across["missed_by"] == {"1": 2, "2": 1, "3": 1}
+    assert across["examples"] == [
+        {"index": 4, "label": 3, "seeds": 3, "predicted": {"2": 2, "7": 1}},
+        {"index": 9, "label": 1, "seeds": 2, "predicted": {"7": 2}},
+        {"index": 11, "label": 5, "seeds": 1, "predicted": {"6": 1}},
+        {"index": 12, "label": 0, "seeds": 1, "predicted": {"6": 1}}]
+    assert "4 missed by at least one seed, 2 by at least half, 1 by all 3; by exactly k " \
+           "seeds (k = 1..3): 2, 1, 1" in seeds.render_misclassified(across, 3)[1]
+    (tmp_path / "seed_1" / "results.json").write_text("{}")
+    assert seeds.misclassified_across(tmp_path, [0, 1, 7]) is None

@@ -5,10 +5,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nets.layers import Layer
 
-__all__ = ["predicted_labels", "target_labels", "classification_error", "accuracy"]
+__all__ = ["predicted_labels", "target_labels", "classification_error", "accuracy",
+           "misclassified"]
 
 
 def predicted_labels(outputs: jax.Array, threshold: float = 0.0) -> jax.Array:
@@ -45,3 +47,16 @@ def accuracy(model: Layer, params: Any, x: jax.Array, targets: jax.Array,
              threshold: float = 0.0) -> jax.Array:
     """1 - classification_error."""
     return 1.0 - classification_error(model, params, x, targets, threshold)
+
+
+def misclassified(model: Layer, params: Any, x: jax.Array, targets: jax.Array,
+                  threshold: float = 0.0) -> list[dict]:
+    """[{"index": i, "label": l, "predicted": p}, ...], one per example (in order) whose
+    predicted label p differs from its target's l; as many as `classification_error` counts.
+
+    Shapes: x (batch, ...), targets (batch, classes).
+    """
+    predicted = np.asarray(predicted_labels(model.apply(params, x), threshold))
+    labels = np.asarray(target_labels(targets))
+    return [{"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i])}
+            for i in np.flatnonzero(predicted != labels)]

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps", "save_scatter",
-           "save_strips", "save_grouped_bars"]
+           "save_strips", "save_grouped_bars", "save_images",
+           "save_misclassified", "save_kernels"]
 
 
 def _grid(count: int, width: float, height: float, columns: int = 3):
@@ -216,3 +217,49 @@ def save_grouped_bars(path: str | os.PathLike, panels: Sequence[Mapping],
         axis.grid(alpha=0.3, axis="y")
         axis.legend(fontsize=7)
     _finish(figure, path, title)
+
+
+def save_images(path: str | os.PathLike, images: Sequence, captions: Sequence[str],
+                title: str = "", columns: int = 10, symmetric: bool = False) -> None:
+    """Small images (height, width) in a grid, each with its caption; gray with dark ink, or
+    with `symmetric` a diverging map centred on zero, one scale for all (kernels)."""
+    if len(images) != len(captions):
+        raise ValueError(f"save_images: {len(images)} images but {len(captions)} captions")
+    if not images:
+        raise ValueError("save_images: no images to draw")
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.5),
+                                squeeze=False)
+    top = max(float(abs(image).max()) for image in images) if symmetric else None
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    for axis, image, caption in zip(axes.ravel(), images, captions):
+        if symmetric:
+            axis.imshow(image, cmap="RdBu_r", vmin=-top, vmax=top)
+        else:
+            axis.imshow(image, cmap="gray_r")
+        axis.set_title(caption, fontsize=7)
+    _finish(figure, path, title)
+
+
+def save_misclassified(path: str | os.PathLike, images, errors: Sequence[Mapping],
+                       title: str = "", limit: int = 60) -> None:
+    """The first `limit` misclassified examples of images (n, height, width[, 1]), captioned
+    "#index: label→predicted" from the rows of `training.metrics.misclassified`."""
+    shown = errors[:limit]
+    more = f" (the first {limit} of {len(errors)})" if len(errors) > limit else ""
+    save_images(path, [images[e["index"]].squeeze() for e in shown],
+                [f"#{e['index']}: {e['label']}\u2192{e['predicted']}" for e in shown],
+                title=title + more)
+
+
+def save_kernels(path: str | os.PathLike, kernels, title: str = "") -> None:
+    """The kernels (height, width, 1, maps) of a convolution over one input map, one image
+    per output map, on one diverging scale centred on zero."""
+    if kernels.ndim != 4 or kernels.shape[2] != 1:
+        raise ValueError(f"save_kernels: kernels: expected (height, width, 1, maps), got "
+                         f"{tuple(kernels.shape)}")
+    save_images(path, [kernels[:, :, 0, m] for m in range(kernels.shape[3])],
+                [f"map {m}" for m in range(kernels.shape[3])], title=title, columns=6,
+                symmetric=True)

@@ -27,6 +27,7 @@ __all__ = [
     "markdown_table",
     "to_jsonable",
     "write_results",
+    "read_results",
     "save_and_print_table",
 ]
 
@@ -96,6 +97,14 @@ def write_results(
     temporary.write_text(json.dumps(to_jsonable(document), indent=2) + "\n")
     os.replace(temporary, path)
     return path
+
+
+def read_results(workdir: str | os.PathLike) -> dict:
+    """The results.json of a finished run, refused with the directory named if it has none."""
+    path = pathlib.Path(workdir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} has no results.json (not a finished run)")
+    return json.loads(path.read_text())
 
 
 def _format_cell(value: Any) -> str:

@@ -1,0 +1,16 @@
+"""training/metrics.py against labels worked out by hand."""
+import jax.numpy as jnp
+
+import nets
+from training import metrics
+
+
+def test_misclassified_lists_the_examples_the_error_counts():
+    """The identity 'model' outputs its input: rows 1 and 3 point at the wrong class."""
+    model = nets.Identity()
+    outputs = jnp.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    targets = jnp.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]) * 2.0 - 1.0
+    wrong = metrics.misclassified(model, (), outputs, targets)
+    assert wrong == [{"index": 1, "label": 0, "predicted": 1},
+                     {"index": 3, "label": 2, "predicted": 0}]
+    assert float(metrics.classification_error(model, (), outputs, targets)) == 0.5
