@@ -52,7 +52,8 @@ last N training digits and measures on those: settings can be chosen without the
 where the loss of the 1989 variant is the paper's MSE, the mean over examples and the 10
 outputs of (o - t)^2, and of the modern variant the softmax cross-entropy. "metrics" has
 the final numbers and the misses; results.md sets them beside the paper's and the PyTorch
-re-implementation's.
+re-implementation's. "misclassified" lists the test digits the final net gets wrong (index,
+label, predicted), misclassified.png draws the first 60, kernels.png H1's 12 kernels.
 
 Where we depart from or guess at the paper: the H2 connection scheme (nets/conv.py); the
 square-root fan-in by default (nets/initializers.py); plain tanh unless --activation

@@ -23,8 +23,9 @@ or AdamW with mini-batches.
 
 Writes results.json (history per pass: train_error, test_error, train_loss, test_loss, and
 held_out_error, held_out_loss with --held-out N, which trains on all but the last N training
-images and measures on those; metrics with the final numbers and misses; "protocol"),
-results.md, curves.png.
+images and measures on those; metrics with the final numbers and misses; "protocol";
+"misclassified", the test images the final net gets wrong: index, label, predicted),
+results.md, curves.png, misclassified.png (the first 60 of them), kernels.png (C1's 6).
 """
 from __future__ import annotations
 

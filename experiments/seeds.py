@@ -19,7 +19,9 @@ process's JAX settings and its output in `DIR/seed_K.log`.
 Writes into DIR (default `runs/seeds/<experiment>/<UTC timestamp>/`):
 - `results.json`: `metrics` {metric: {n, mean, sd, median, min, max}} over the seeds (sd with
   n - 1; 0 for one seed), `history` one record per seed {"seed", metric: value}, and with
-  `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise;
+  `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise; where
+  the runs list their misclassified test examples (lenet1989, lenet5), `misclassified`: how
+  many seeds miss each example (the ten seeds above: 46 digits missed by all ten);
 - `results.md`: the summary and the per-seed table; `spread.png`: each metric by seed.
 
 Measured on the shared 2-core CPU (jax 0.10.2, 2026-12-03), the command above (`make
