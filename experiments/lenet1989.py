@@ -237,16 +237,6 @@ def build(config, splits):
     return model, objective, procedure, lr
 
 
-def save_pictures(workdir, model, params, test_images, wrong) -> None:
-    """kernels.png, H1's learned kernels; misclassified.png, the test digits the net gets
-    wrong (none written when it gets none wrong)."""
-    plots.save_kernels(workdir / "kernels.png", np.asarray(parameter(model, params, "H1", "w")),
-                       title="H1's kernels after training")
-    if wrong:
-        plots.save_misclassified(workdir / "misclassified.png", np.asarray(test_images), wrong,
-                                 title="misclassified test digits, #index: label\u2192predicted")
-
-
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
@@ -275,7 +265,9 @@ def main(argv=None):
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, paper=PAPER, pytorch_repro=PYTORCH_REPRO,
                           resumed_from_step=outcome.resumed_from, misclassified=wrong)
-    save_pictures(run.workdir, model, outcome.state.params, splits["test"][0], wrong)
+    plots.save_classifier_pictures(
+        run.workdir, np.asarray(parameter(model, outcome.state.params, "H1", "w")), "H1",
+        np.asarray(splits["test"][0]), wrong, "digits")
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": "classification error", "log": True,
          "series": {split.replace("_", "-"): (np.array([h["pass"] for h in history]),

@@ -161,16 +161,6 @@ def build(config, splits):
     return model, procedure, lr
 
 
-def save_pictures(workdir, model, params, test_images, wrong) -> None:
-    """kernels.png, C1's learned kernels; misclassified.png, the test images the net gets
-    wrong (none written when it gets none wrong)."""
-    plots.save_kernels(workdir / "kernels.png", np.asarray(parameter(model, params, "C1", "w")),
-                       title="C1's kernels after training")
-    if wrong:
-        plots.save_misclassified(workdir / "misclassified.png", np.asarray(test_images), wrong,
-                                 title="misclassified test images, #index: label\u2192predicted")
-
-
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
@@ -197,7 +187,9 @@ def main(argv=None):
                           history, outcome.seconds, protocol=protocol,
                           paper_test_error_full_split=PAPER_TEST_ERROR,
                           resumed_from_step=outcome.resumed_from, misclassified=wrong)
-    save_pictures(run.workdir, model, outcome.state.params, splits["test"][0], wrong)
+    plots.save_classifier_pictures(
+        run.workdir, np.asarray(parameter(model, outcome.state.params, "C1", "w")), "C1",
+        np.asarray(splits["test"][0]), wrong, "images")
     passes = np.array([h["pass"] for h in history])
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": f"{kind}", "log": True,

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps", "save_scatter",
            "save_strips", "save_grouped_bars", "save_images",
-           "save_misclassified", "save_kernels"]
+           "save_misclassified", "save_kernels", "save_classifier_pictures"]
 
 
 def _grid(count: int, width: float, height: float, columns: int = 3):
@@ -263,3 +263,14 @@ def save_kernels(path: str | os.PathLike, kernels, title: str = "") -> None:
     save_images(path, [kernels[:, :, 0, m] for m in range(kernels.shape[3])],
                 [f"map {m}" for m in range(kernels.shape[3])], title=title, columns=6,
                 symmetric=True)
+
+
+def save_classifier_pictures(workdir, kernels, layer: str, test_images, wrong: Sequence[Mapping],
+                             what: str = "examples") -> None:
+    """kernels.png, the learned kernels of `layer` (see `save_kernels`); misclassified.png,
+    the test `what` in `wrong` (see `save_misclassified`; none written when it is empty)."""
+    save_kernels(os.path.join(workdir, "kernels.png"), kernels,
+                 title=f"{layer}'s kernels after training")
+    if wrong:
+        save_misclassified(os.path.join(workdir, "misclassified.png"), test_images, wrong,
+                           title=f"misclassified test {what}, #index: label\u2192predicted")
