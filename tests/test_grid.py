@@ -1,0 +1,55 @@
+"""experiments.grid: settings x seeds, one sweep per setting, one row per setting."""
+import json
+import statistics
+
+import pytest
+
+from experiments import grid
+from training.config import ConfigError
+
+COMMON = ["--restarts", "2", "--no-gradient-report", "--progress-every", "0"]
+
+
+def test_a_grid_is_one_sweep_per_setting_and_one_row_each(tmp_path):
+    """Two settings of a short lecture run at seeds 0 and 3: each row's mean and extremes are
+    those of the setting's own runs, as their results.json files give them."""
+    sweeps = grid.main(["--experiment", "lecture", "--seeds", "0,3", "--workdir",
+                        str(tmp_path), "--metrics", "test_accuracy", "--settings",
+                        "--steps 20; --steps 40", "--", *COMMON])
+    assert [s["options"] for s in sweeps] == [" ".join([*COMMON, "--steps", steps])
+                                              for steps in ("20", "40")]
+    for k, sweep in enumerate(sweeps):
+        runs = [json.loads((tmp_path / f"setting_{k}" / f"seed_{seed}" / "results.json")
+                           .read_text()) for seed in (0, 3)]
+        assert [run["config"]["steps"] for run in runs] == [(20, 40)[k]] * 2
+        values = [run["metrics"]["test_accuracy"] for run in runs]
+        stats = sweep["metrics"]["test_accuracy"]
+        assert stats["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
+        assert (stats["min"], stats["max"]) == (min(values), max(values))
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| setting_") == 2 and "--steps 40" in table
+
+
+@pytest.mark.parametrize("settings, message", [
+    ("", "--settings: got nothing"),
+    ("--steps 20; --steps 20", "--settings: got '--steps 20; --steps 20'; allowed: distinct"),
+    ("--steps 20; --seed 4", "experiment option --seed: it is set for each run"),
+])
+def test_bad_settings_are_refused_before_any_run(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        grid.main(["--experiment", "lecture", "--workdir", str(tmp_path / "g"), "--settings",
+                   settings, "--", *COMMON])
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_option_the_experiment_lacks_stops_the_grid_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        grid.main(["--experiment", "lecture", "--workdir", str(tmp_path / "g"), "--settings",
+                   "--steps 20; --no-such-option 1", "--", *COMMON])
+    assert "--no-such-option" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_empty_setting_is_the_defaults():
+    assert grid.split_settings("--lr 0.01;") == [["--lr", "0.01"], []]
+    assert grid.split_settings('--note "a b"; --lr 2') == [["--note", "a b"], ["--lr", "2"]]
