@@ -21,7 +21,8 @@ Writes into DIR (default `runs/seeds/<experiment>/<UTC timestamp>/`):
   n - 1; 0 for one seed), `history` one record per seed {"seed", metric: value}, and with
   `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise; where
   the runs list their misclassified test examples (lenet1989, lenet5), `misclassified`: how
-  many seeds miss each example (the ten seeds above: 46 digits missed by all ten);
+  many seeds miss each example (the ten seeds above: 46 digits missed by all ten; results.md
+  adds the most frequent confusions, there a 3 read as a 5 in 105 of the 1,045 mistakes);
 - `results.md`: the summary and the per-seed table; `spread.png`: each metric by seed.
 
 Measured on the shared 2-core CPU (jax 0.10.2, 2026-12-03), the command above (`make
@@ -217,8 +218,21 @@ def misclassified_across(workdir: pathlib.Path, seeds: Sequence[int]) -> dict | 
     return {"missed_by": missed_by, "examples": examples}
 
 
+def confusions(across: dict, top: int = 8) -> list[tuple[int, int, int]]:
+    """The `top` most frequent (label, predicted, runs) over all runs' mistakes, the most
+    frequent first (ties by label, then predicted)."""
+    counted = {}
+    for example in across["examples"]:
+        for predicted, runs in example["predicted"].items():
+            pair = (example["label"], int(predicted))
+            counted[pair] = counted.get(pair, 0) + runs
+    ranked = sorted(counted.items(), key=lambda item: (-item[1], item[0]))
+    return [(label, predicted, runs) for (label, predicted), runs in ranked[:top]]
+
+
 def render_misclassified(across: dict, seeds: int) -> list[str]:
-    """Two lines: how the misclassified test examples are shared between the seeds."""
+    """How the misclassified test examples are shared between the seeds, and the most
+    frequent confusions."""
     missed_by = {int(k): v for k, v in across["missed_by"].items()}
     at_least_half = sum(v for k, v in missed_by.items() if 2 * k >= seeds)
     every = missed_by[seeds]
@@ -226,7 +240,10 @@ def render_misclassified(across: dict, seeds: int) -> list[str]:
                 f"one seed, {at_least_half} by at least half, {every} by all {seeds}; by "
                 f"exactly k seeds (k = 1..{seeds}): "
                 f"{', '.join(str(missed_by[k]) for k in range(1, seeds + 1))}"
-                " (results.json \"misclassified\" lists them)"]
+                " (results.json \"misclassified\" lists them)",
+            "", "Most frequent confusions, label\u2192predicted (mistakes over all runs): "
+                + ", ".join(f"{label}\u2192{predicted} {runs}"
+                            for label, predicted, runs in confusions(across))]
 
 
 def number(value: float) -> str:

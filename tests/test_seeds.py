@@ -114,5 +114,8 @@ def test_misclassified_examples_are_counted_across_seeds(tmp_path):
         {"index": 12, "label": 0, "seeds": 1, "predicted": {"6": 1}}]
     assert "4 missed by at least one seed, 2 by at least half, 1 by all 3; by exactly k " \
            "seeds (k = 1..3): 2, 1, 1" in seeds.render_misclassified(across, 3)[1]
+    assert seeds.confusions(across, top=3) == [(1, 7, 2), (3, 2, 2), (0, 6, 1)]
+    assert "1\u21927 2, 3\u21922 2, 0\u21926 1, 3\u21927 1, 5\u21926 1" in \
+        seeds.render_misclassified(across, 3)[-1]
     (tmp_path / "seed_1" / "results.json").write_text("{}")
     assert seeds.misclassified_across(tmp_path, [0, 1, 7]) is None
