@@ -56,3 +56,25 @@ def test_readme_layer_example_check_catches_a_missing_gain_in_dx(example):
     assert example.count(CORRECT_DX) == 1
     report = run(example.replace(CORRECT_DX, "return dparams, dy"))["report"]
     assert failed_layers(report) == {"hidden"}
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation other than '-' and '_'
+    dropped, spaces turned into '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_links_to_its_own_headings_resolve():
+    text = README.read_text()
+    outside_code = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", outside_code, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links, "README.md: no links to its own headings found"
+    assert sorted(links - anchors) == []
+
+
+def test_github_anchor_by_hand():
+    assert github_anchor("Training procedures (`training/procedures.py`)") == \
+        "training-procedures-trainingprocedurespy"
+    assert github_anchor("LeCun 1989, plain SGD") == "lecun-1989-plain-sgd"
