@@ -53,7 +53,8 @@ where the loss of the 1989 variant is the paper's MSE, the mean over examples an
 outputs of (o - t)^2, and of the modern variant the softmax cross-entropy. "metrics" has
 the final numbers and the misses; results.md sets them beside the paper's and the PyTorch
 re-implementation's. "misclassified" lists the test digits the final net gets wrong (index,
-label, predicted), misclassified.png draws the first 60, kernels.png H1's 12 kernels.
+label, predicted), misclassified.png draws the first 60, kernels.png H1's 12 kernels,
+features.png the first test digit's H1 and H2 maps.
 
 Where we depart from or guess at the paper: the H2 connection scheme (nets/conv.py); the
 square-root fan-in by default (nets/initializers.py); plain tanh unless --activation
@@ -267,7 +268,8 @@ def main(argv=None):
                           resumed_from_step=outcome.resumed_from, misclassified=wrong)
     plots.save_classifier_pictures(
         run.workdir, np.asarray(parameter(model, outcome.state.params, "H1", "w")), "H1",
-        np.asarray(splits["test"][0]), wrong, "digits")
+        np.asarray(splits["test"][0]), wrong, "digits",
+        plots.activation_maps(model, outcome.state.params, splits["test"][0][:1]))
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": "classification error", "log": True,
          "series": {split.replace("_", "-"): (np.array([h["pass"] for h in history]),

@@ -25,7 +25,8 @@ Writes results.json (history per pass: train_error, test_error, train_loss, test
 held_out_error, held_out_loss with --held-out N, which trains on all but the last N training
 images and measures on those; metrics with the final numbers and misses; "protocol";
 "misclassified", the test images the final net gets wrong: index, label, predicted),
-results.md, curves.png, misclassified.png (the first 60 of them), kernels.png (C1's 6).
+results.md, curves.png, misclassified.png (the first 60 of them), kernels.png (C1's 6),
+features.png (the first test image's C1, S2, C3 and S4 maps).
 """
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ def main(argv=None):
                           resumed_from_step=outcome.resumed_from, misclassified=wrong)
     plots.save_classifier_pictures(
         run.workdir, np.asarray(parameter(model, outcome.state.params, "C1", "w")), "C1",
-        np.asarray(splits["test"][0]), wrong, "images")
+        np.asarray(splits["test"][0]), wrong, "images",
+        plots.activation_maps(model, outcome.state.params, splits["test"][0][:1]))
     passes = np.array([h["pass"] for h in history])
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": f"{kind}", "log": True,

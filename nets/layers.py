@@ -52,6 +52,7 @@ __all__ = [
     "Relu",
     "Identity",
     "serial",
+    "layer_outputs",
     "parallel",
     "residual",
     "check_input",
@@ -304,6 +305,22 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
     return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(layer.stochastic for layer in layers))
+
+
+def layer_outputs(model: Layer, params: Params, x: jax.Array) -> list[tuple[str, jax.Array]]:
+    """[(name, output)] of every layer of a `serial` model for inputs x, in order (a layer's
+    output is the next one's input; the last output is model.apply(params, x)).
+
+    Stochastic layers run as when measuring (no key): dropout passes its input through.
+    """
+    if not model.forward.__qualname__.startswith("serial."):
+        raise ValueError(f"layer_outputs: {model.name!r} is not a serial model")
+    _check_param_count(model.name, params, len(model.sublayers))
+    outputs = []
+    for layer, layer_params in zip(model.sublayers, params):
+        x = layer.apply(layer_params, x)
+        outputs.append((layer.name, x))
+    return outputs
 
 
 COMBINES = ("concat", "sum")

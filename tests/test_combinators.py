@@ -163,3 +163,19 @@ def test_bad_combinations_are_named():
         model.apply(params[:1], jnp.ones((2, 5)))
     with pytest.raises(ValueError, match=r"Dense: input x has shape \(2, 6\)"):
         model.apply(params, jnp.ones((2, 6)))
+
+
+def test_layer_outputs_are_each_layer_applied_in_turn():
+    """A 3-2-1 tanh net with weights set by hand: the hidden layer's output is
+    tanh(x w1 + b1) worked out in NumPy, and the last output is model.apply's."""
+    model = nets.serial(nets.Dense(2, name="hidden"), nets.Tanh(name="hidden_act"),
+                        nets.Dense(1, name="out"))
+    params = ({"w": jnp.array([[1.0, -1.0], [0.5, 0.0], [0.0, 2.0]]), "b": jnp.array([0.1, 0.2])},
+              (), {"w": jnp.array([[3.0], [-1.0]]), "b": jnp.array([0.5])})
+    x = jnp.array([[1.0, 2.0, 3.0]])
+    outputs = nets.layer_outputs(model, params, x)
+    assert [name for name, _ in outputs] == ["hidden", "hidden_act", "out"]
+    np.testing.assert_allclose(outputs[1][1], np.tanh([[2.1, 5.2]]), rtol=1e-6)
+    np.testing.assert_array_equal(outputs[-1][1], model.apply(params, x))
+    with pytest.raises(ValueError, match="'hidden' is not a serial model"):
+        nets.layer_outputs(model.sublayers[0], params[0], x)

@@ -39,6 +39,7 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert all(row["label"] != row["predicted"] for row in wrong)
     assert [row["index"] for row in wrong] == sorted({row["index"] for row in wrong})
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
+    assert (tmp_path / "features.png").stat().st_size > 5_000
     assert (tmp_path / "misclassified.png").is_file() == bool(wrong)
 
 

@@ -34,6 +34,7 @@ def test_short_runs_report_per_pass(tmp_path, optimizer):
     assert metrics["train_error"] < 0.6  # far better than chance after 600 updates
     assert len(document["misclassified"]) == metrics["test_misses"]
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
+    assert (tmp_path / "features.png").stat().st_size > 5_000
 
 
 def test_conv_option_resolves_by_batch_size():

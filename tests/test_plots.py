@@ -50,3 +50,21 @@ def test_images_need_one_caption_each_and_kernels_one_input_map(tmp_path):
     plots.save_misclassified(tmp_path / "m.png", images[..., None],
                              [{"index": 2, "label": 1, "predicted": 7}])
     assert (tmp_path / "m.png").stat().st_size > 1_000
+
+
+def test_activation_maps_are_the_spatial_activations_of_one_example(tmp_path):
+    import jax
+
+    import nets
+
+    model = nets.lenet1989()
+    params = model.init(jax.random.key(0), (-1, 16, 16, 1))[1]
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
+    maps = plots.activation_maps(model, params, x[:1])
+    assert [(name, array.shape) for name, array in maps] == [("H1", (8, 8, 12)),
+                                                             ("H2", (4, 4, 12))]
+    assert np.abs(maps[0][1]).max() <= 1.0  # tanh
+    with pytest.raises(ValueError, match=r"expected one example \(1, ...\), got \(2, 16"):
+        plots.activation_maps(model, params, x)
+    plots.save_feature_maps(tmp_path / "f.png", np.asarray(x[0, :, :, 0]), maps)
+    assert (tmp_path / "f.png").stat().st_size > 10_000

@@ -6,13 +6,17 @@ from typing import Mapping, Sequence
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nets.layers import layer_outputs  # noqa: E402
+
 __all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps", "save_scatter",
            "save_strips", "save_grouped_bars", "save_images",
-           "save_misclassified", "save_kernels", "save_classifier_pictures"]
+           "save_misclassified", "save_kernels", "save_classifier_pictures",
+           "save_feature_maps", "activation_maps"]
 
 
 def _grid(count: int, width: float, height: float, columns: int = 3):
@@ -266,11 +270,47 @@ def save_kernels(path: str | os.PathLike, kernels, title: str = "") -> None:
 
 
 def save_classifier_pictures(workdir, kernels, layer: str, test_images, wrong: Sequence[Mapping],
-                             what: str = "examples") -> None:
+                             what: str = "examples", feature_maps=None) -> None:
     """kernels.png, the learned kernels of `layer` (see `save_kernels`); misclassified.png,
-    the test `what` in `wrong` (see `save_misclassified`; none written when it is empty)."""
+    the test `what` in `wrong` (see `save_misclassified`; none written when it is empty);
+    with `feature_maps` [(layer, activations (height, width, maps))] of the first test
+    example, features.png (see `save_feature_maps`)."""
     save_kernels(os.path.join(workdir, "kernels.png"), kernels,
                  title=f"{layer}'s kernels after training")
+    if feature_maps:
+        save_feature_maps(os.path.join(workdir, "features.png"), test_images[0].squeeze(),
+                          feature_maps, title=f"the first test {what[:-1]}'s feature maps")
     if wrong:
         save_misclassified(os.path.join(workdir, "misclassified.png"), test_images, wrong,
                            title=f"misclassified test {what}, #index: label\u2192predicted")
+
+
+def save_feature_maps(path: str | os.PathLike, image, maps: Sequence[tuple[str, object]],
+                      title: str = "") -> None:
+    """An input image (height, width) in the first row, then one row per layer of `maps`
+    [(name, activations (height, width, maps))], each map on that row's diverging scale
+    centred on zero."""
+    columns = max(array.shape[-1] for _, array in maps)
+    figure, axes = plt.subplots(1 + len(maps), columns, squeeze=False,
+                                figsize=(0.9 * columns, 1.0 * (1 + len(maps)) + 0.5))
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    axes[0, 0].imshow(image, cmap="gray_r")
+    axes[0, 0].set_title("input", fontsize=7)
+    for row, (name, array) in enumerate(maps, start=1):
+        top = float(abs(array).max()) or 1.0
+        for m in range(array.shape[-1]):
+            axes[row, m].imshow(array[:, :, m], cmap="RdBu_r", vmin=-top, vmax=top)
+            axes[row, m].set_title(f"{name} {m}", fontsize=6)
+    _finish(figure, path, title)
+
+
+def activation_maps(model, params, x) -> list[tuple[str, np.ndarray]]:
+    """[(layer, maps (height, width, channels))]: the outputs of a serial model's activation
+    layers (named "*_act") that still have a spatial extent, for the one example x (1, ...)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"activation_maps: x: expected one example (1, ...), got "
+                         f"{tuple(x.shape)}")
+    return [(name.removesuffix("_act"), np.asarray(output[0]))
+            for name, output in layer_outputs(model, params, x)
+            if name.endswith("_act") and output.ndim == 4 and output.shape[1] > 1]
