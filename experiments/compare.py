@@ -12,7 +12,9 @@ DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timesta
 When every directory is a sweep of `experiments.seeds`, the table has one row per sweep
 instead: its experiment options, its number of seeds, and for each metric (--metrics picks
 them by the sweep's own names, e.g. test_misses) "mean ± sd [min, max]" over its seeds;
-results.json adds "sweeps", one record per sweep. E.g. several settings of LeNet-1989 on
+results.json adds "sweeps", one record per sweep, and where the sweeps count their runs'
+misclassified test examples (lenet1989, lenet5), "missed_by_every_run": the examples every
+seed of every sweep gets wrong. E.g. several settings of LeNet-1989 on
 held-out digits, one sweep each:
 
     python -m experiments.compare runs/seeds/lenet1989/* --metrics held_out_misses,test_misses
@@ -102,6 +104,20 @@ def sweep_records(documents: list[dict], labels: list[str], names: list[str]) ->
             for label, d in zip(labels, documents)]
 
 
+def always_missed(documents: list[dict]) -> list[int] | None:
+    """The test examples every seed of every sweep misclassifies (the sweeps'
+    "misclassified" counts, experiments.seeds), in order; None unless every sweep has them."""
+    if not all("misclassified" in d for d in documents):
+        return None
+    shared = None
+    for document in documents:
+        seeds = len(document["config"]["seeds"])
+        every = {e["index"] for e in document["misclassified"]["examples"]
+                 if e["seeds"] == seeds}
+        shared = every if shared is None else shared & every
+    return sorted(shared)
+
+
 def spread(stats: dict) -> str:
     """ "mean ± sd [min, max]" of one metric of one sweep."""
     return (f"{stats['mean']:.4g} ± {stats['sd']:.3g} [{_number(stats['min'])}, "
@@ -145,10 +161,11 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     requested = [m for m in args.metrics.split(",") if m]
-    sweeps = None
+    sweeps = missed = None
     if all(is_sweep(document) for document in documents):
         names = sweep_metrics(documents, requested)
         sweeps = sweep_records(documents, labels, names)
+        missed = always_missed(documents)
         requested = [f"{name}.{stat}" for name in names for stat in SWEEP_STATS]
     flat = [flatten(document.get("metrics", {})) for document in documents]
     wanted = requested or sorted(set().union(*flat))
@@ -166,10 +183,15 @@ def main(argv=None) -> int:
     summary = {"runs": [str(d) for d in args.runs], "labels": labels,
                "experiments": [document.get("experiment") for document in documents],
                "metrics": table, "curves": curves,
-               **({"sweeps": sweeps} if sweeps is not None else {})}
+               **({"sweeps": sweeps} if sweeps is not None else {}),
+               **({"missed_by_every_run": missed} if sweeps is not None and missed is not None
+                  else {})}
     (workdir / "results.json").write_text(json.dumps(results.to_jsonable(summary), indent=2))
     if sweeps is not None:
         text = sweep_table(sweeps)
+        if missed is not None:
+            text += (f"\n{len(missed)} test examples are misclassified by every seed of every "
+                     f"sweep (results.json \"missed_by_every_run\")\n")
     else:
         rows = [{"metric": name, **dict(zip(labels, values))} for name, values in table.items()]
         text = results.markdown_table(rows, ["metric", *labels])

@@ -85,3 +85,18 @@ def test_compare_of_seed_sweeps_has_one_row_per_sweep(tmp_path, capsys):
                                           "every sweep summarised, test_accuracy, final_energy"):
         compare.main([str(tmp_path / "lr_0.05"), str(tmp_path / "lr_0.3"), "--metrics",
                       "test_acc", "--workdir", str(tmp_path / "bad")])
+    assert "missed_by_every_run" not in summary  # the lecture lists no misclassified examples
+
+
+def test_examples_every_seed_of_every_sweep_misses():
+    """Two sweeps by hand: 4 and 9 are missed by all 3 seeds of the first, 4, 9 and 12 by both
+    seeds of the second, 11 only by some seeds: 4 and 9 are missed by every run."""
+    def sweep(seeds_run, counts):
+        return {"experiment": "seeds", "config": {"seeds": seeds_run}, "misclassified": {
+            "examples": [{"index": i, "label": 0, "seeds": k, "predicted": {"1": k}}
+                         for i, k in counts.items()]}}
+
+    first = sweep([0, 1, 2], {4: 3, 9: 3, 11: 2, 12: 1})
+    second = sweep([0, 5], {12: 2, 9: 2, 4: 2, 11: 1})
+    assert compare.always_missed([first, second]) == [4, 9]
+    assert compare.always_missed([first, {"experiment": "seeds"}]) is None
