@@ -12,6 +12,7 @@ DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timesta
 When every directory is a sweep of `experiments.seeds`, the table has one row per sweep
 instead: its experiment options, its number of seeds, and for each metric (--metrics picks
 them by the sweep's own names, e.g. test_misses) "mean ± sd [min, max]" over its seeds;
+compare.png shows each sweep's seeds and their mean +- sd, one panel per metric;
 results.json adds "sweeps", one record per sweep, and where the sweeps count their runs'
 misclassified test examples (lenet1989, lenet5), "missed_by_every_run": the examples every
 seed of every sweep gets wrong. E.g. several settings of LeNet-1989 on
@@ -172,7 +173,12 @@ def main(argv=None) -> int:
     table = {name: [f.get(name) for f in flat] for name in wanted}
     histories = [document.get("history", []) for document in documents]
     curves, x_key = shared_curves(histories), counter(histories)
-    if curves:
+    if sweeps is not None:
+        plots.save_spreads(workdir / "compare.png", [
+            {"xlabel": name, "rows": {label: [record[name] for record in history]
+                                      for label, history in zip(labels, histories)}}
+            for name in names], title="sweeps compared: each seed, and mean +- sd")
+    elif curves:
         plots.save_curves(workdir / "compare.png", [
             {"ylabel": name, "xlabel": x_key or "record",
              "log": name.endswith("energy") or name.endswith("loss"),
@@ -195,7 +201,11 @@ def main(argv=None) -> int:
     else:
         rows = [{"metric": name, **dict(zip(labels, values))} for name, values in table.items()]
         text = results.markdown_table(rows, ["metric", *labels])
-    text += f"\ncurves of {', '.join(curves) or 'nothing shared'} in {workdir / 'compare.png'}\n"
+    if sweeps is not None:
+        text += f"\neach seed's {', '.join(names)}, and mean +- sd, in {workdir / 'compare.png'}\n"
+    else:
+        text += (f"\ncurves of {', '.join(curves) or 'nothing shared'} in "
+                 f"{workdir / 'compare.png'}\n")
     results.save_and_print_table(workdir, text)
     return 0
 

@@ -86,6 +86,7 @@ def test_compare_of_seed_sweeps_has_one_row_per_sweep(tmp_path, capsys):
         compare.main([str(tmp_path / "lr_0.05"), str(tmp_path / "lr_0.3"), "--metrics",
                       "test_acc", "--workdir", str(tmp_path / "bad")])
     assert "missed_by_every_run" not in summary  # the lecture lists no misclassified examples
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
 
 
 def test_examples_every_seed_of_every_sweep_misses():

@@ -68,3 +68,11 @@ def test_activation_maps_are_the_spatial_activations_of_one_example(tmp_path):
         plots.activation_maps(model, params, x)
     plots.save_feature_maps(tmp_path / "f.png", np.asarray(x[0, :, :, 0]), maps)
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_spreads_take_one_or_several_values_a_row(tmp_path):
+    plots.save_spreads(tmp_path / "s.png", [
+        {"xlabel": "test misses", "rows": {"a": [104, 110, 98], "b": [120]}},
+        {"xlabel": "held-out misses", "rows": {"a": [20, 25, 22], "b": [30]}}])
+    height, width = pixels(tmp_path / "s.png").shape[:2]
+    assert width > 1.8 * height

@@ -16,7 +16,7 @@ from nets.layers import layer_outputs  # noqa: E402
 __all__ = ["save_curves", "save_histogram", "save_bars", "save_heatmaps", "save_scatter",
            "save_strips", "save_grouped_bars", "save_images",
            "save_misclassified", "save_kernels", "save_classifier_pictures",
-           "save_feature_maps", "activation_maps"]
+           "save_feature_maps", "activation_maps", "save_spreads"]
 
 
 def _grid(count: int, width: float, height: float, columns: int = 3):
@@ -196,6 +196,27 @@ def save_strips(path: str | os.PathLike, rows: Sequence[str],
     axis.grid(alpha=0.3, axis="x")
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _finish(figure, path, title, outside_legend=True)
+
+
+def save_spreads(path: str | os.PathLike, panels: Sequence[Mapping], title: str = "") -> None:
+    """One subplot per panel {"xlabel": str, "rows": {label: values}}: each row's values (one
+    per seed) as points, their mean as a diamond with a bar of +- one standard deviation
+    (n - 1 in the denominator; none for a single value)."""
+    rows = max(len(panel["rows"]) for panel in panels)
+    figure, axes = _grid(len(panels), 5.5, 0.35 * rows + 1.5)
+    for axis, panel in zip(axes, panels):
+        labels = list(panel["rows"])
+        for y, label in enumerate(labels):
+            values = np.asarray(panel["rows"][label], dtype=float)
+            axis.scatter(values, np.full(values.shape, y), s=12, color="0.55", zorder=2)
+            sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+            axis.errorbar(values.mean(), y, xerr=sd, fmt="D", color="k", markersize=4,
+                          capsize=3, zorder=3)
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel(panel["xlabel"], fontsize=8)
+        axis.grid(alpha=0.3, axis="x")
+    _finish(figure, path, title)
 
 
 def save_grouped_bars(path: str | os.PathLike, panels: Sequence[Mapping],
