@@ -12,8 +12,11 @@ each metric. An empty setting (as in "--lr 0.01;") is the experiment's defaults.
 setting's options are checked before the first run; the same command with the same --workdir
 continues an interrupted grid (finished runs do no work).
 
-Writes into DIR (default runs/grid/<experiment>/<UTC timestamp>/): the sweeps, and
-results.json, results.md and compare.png from `experiments.compare`.
+Writes into DIR (default runs/grid/<experiment>/<UTC timestamp>/): the sweeps; compare/, the
+output of `experiments.compare` (compare.png: each setting's seeds and their mean +- sd);
+results.json (DESIGN.md keys: "metrics" {setting_K: {metric: {n, mean, sd, min, max}}},
+"history" one record per setting with its options; and "missed_by_every_run" where the runs
+list their misclassified test examples) and results.md, the table.
 
 `make lenet1989-held-out` is the README's table of 16 settings of LeNet-1989 at seeds 0-4 on
 1,000 held-out training digits ("Choosing the 1989 settings without the test set").
@@ -23,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+import time
 
 from experiments import compare, seeds
 from training import results
 from training.config import ConfigError, option, parse, run_main
+from training.harness import open_run
 
 EXPERIMENT = "grid"
 
@@ -40,6 +45,14 @@ class Config:
                                                "A-B for A to B")
     metrics: tuple[str, ...] = option((), "the metrics to compare, in order (default: all)")
     jobs: int = option(1, "runs at once (experiments.seeds --jobs)", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid(Config):
+    """The config with the options of every run (the argv after --), as config.json records
+    it: resuming with other options is refused like any other config change."""
+
+    experiment_options: tuple[str, ...] = ()
 
 
 def split_settings(text: str) -> list[list[str]]:
@@ -68,21 +81,34 @@ def sweep_argv(config: Config, setting: list[str], common: list[str], workdir,
 
 def main(argv=None):
     own, common = seeds.split_argv(sys.argv[1:] if argv is None else argv)
-    config, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    config = Grid(**dataclasses.asdict(parsed), experiment_options=tuple(common))
     settings = split_settings(config.settings)
     module = seeds.experiment_module(config.experiment)
     for setting in settings:
         seeds.check_experiment_options(module, [*common, *setting])
-    workdir = args.workdir or results.default_workdir(f"{EXPERIMENT}/{config.experiment}")
-    directories = [workdir / f"setting_{k}" for k in range(len(settings))]
+    if args.workdir is None:
+        args = dataclasses.replace(args, workdir=results.default_workdir(
+            f"{EXPERIMENT}/{config.experiment}"))
+    run = open_run(EXPERIMENT, config, args)
+    start = time.perf_counter()
+    directories = [run.workdir / f"setting_{k}" for k in range(len(settings))]
     for k, (setting, directory) in enumerate(zip(settings, directories)):
         print(f"{EXPERIMENT}: setting {k + 1} of {len(settings)}: "
               f"{' '.join(setting) or '(defaults)'}", flush=True)
         seeds.main(sweep_argv(config, setting, common, directory, args.force))
-    compare.main([*map(str, directories), "--workdir", str(workdir),
+    comparison = run.workdir / "compare"
+    compare.main([*map(str, directories), "--workdir", str(comparison),
                   *(["--metrics", ",".join(config.metrics)] if config.metrics else [])])
-    return results.read_results(workdir)["sweeps"]
-
+    compared = results.read_results(comparison)
+    sweeps = compared["sweeps"]
+    extra = ({"missed_by_every_run": compared["missed_by_every_run"]}
+             if "missed_by_every_run" in compared else {})
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config),
+                          {sweep["label"]: sweep["metrics"] for sweep in sweeps}, sweeps,
+                          {"run": time.perf_counter() - start}, **extra)
+    (run.workdir / "results.md").write_text((comparison / "results.md").read_text())
+    return sweeps
 
 if __name__ == "__main__":
     run_main(main, EXPERIMENT)

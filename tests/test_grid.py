@@ -28,6 +28,14 @@ def test_a_grid_is_one_sweep_per_setting_and_one_row_each(tmp_path):
         assert (stats["min"], stats["max"]) == (min(values), max(values))
     table = (tmp_path / "results.md").read_text()
     assert table.count("| setting_") == 2 and "--steps 40" in table
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert {"experiment", "config", "environment", "metrics", "history", "seconds"} <= set(
+        document)
+    assert document["experiment"] == "grid"
+    assert document["config"]["experiment_options"] == COMMON
+    assert document["metrics"]["setting_1"] == sweeps[1]["metrics"]
+    assert document["history"] == sweeps
+    assert (tmp_path / "compare" / "compare.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("settings, message", [
