@@ -281,11 +281,11 @@ def main(argv=None):
                     for split in splits}},
     ], title=f"LeNet-1989 on USPS ({config.variant} variant)")
     results.save_and_print_table(run.workdir, render(config, history, metrics_out, outcome,
-                                                     run.workdir))
+                                                     run.workdir, wrong))
     return metrics_out
 
 
-def render(config, history, metrics_out, outcome, workdir):
+def render(config, history, metrics_out, outcome, workdir, wrong=()):
     comparison = [
         {"": "this run", "train error": metrics_out["train_error"],
          "test error": metrics_out["test_error"], "test misses": metrics_out["test_misses"],
@@ -313,6 +313,9 @@ def render(config, history, metrics_out, outcome, workdir):
         results.markdown_table(comparison),
         *targets_note,
         *held_out_note,
+        *(["Most frequent confusions, label\u2192predicted: "
+           + metrics.confusions_line(metrics.misclassified_confusions(wrong)) + "."]
+          if wrong else []),
         f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s, "
         f"checkpoints {seconds['checkpoint']:.1f} s. Results in {workdir}",
     ])

@@ -208,6 +208,9 @@ def main(argv=None):
         *([f"Held out (the last {config.held_out} training images, not trained on): error "
            f"{final['held_out_error']:.4f} ({metrics_out['held_out_misses']} misses)."]
           if config.held_out else []),
+        *(["Most frequent confusions, label\u2192predicted: "
+           + metrics.confusions_line(metrics.misclassified_confusions(wrong)) + "."]
+          if wrong else []),
         f"compile {seconds['compile']:.1f} s, run {seconds['run']:.1f} s. Results in "
         f"{run.workdir}"]))
     return metrics_out

@@ -54,6 +54,7 @@ import numpy as np
 from training import plots, results
 from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
+from training.metrics import confusions_line, most_frequent_confusions
 
 EXPERIMENT = "seeds"
 NOT_SWEPT = ("bench", "multihost_demo", "seeds")  # own processes and devices, or this script
@@ -219,15 +220,10 @@ def misclassified_across(workdir: pathlib.Path, seeds: Sequence[int]) -> dict | 
 
 
 def confusions(across: dict, top: int = 8) -> list[tuple[int, int, int]]:
-    """The `top` most frequent (label, predicted, runs) over all runs' mistakes, the most
-    frequent first (ties by label, then predicted)."""
-    counted = {}
-    for example in across["examples"]:
-        for predicted, runs in example["predicted"].items():
-            pair = (example["label"], int(predicted))
-            counted[pair] = counted.get(pair, 0) + runs
-    ranked = sorted(counted.items(), key=lambda item: (-item[1], item[0]))
-    return [(label, predicted, runs) for (label, predicted), runs in ranked[:top]]
+    """The `top` most frequent (label, predicted, runs) over all runs' mistakes."""
+    return most_frequent_confusions(
+        ((example["label"], int(predicted), runs) for example in across["examples"]
+         for predicted, runs in example["predicted"].items()), top)
 
 
 def render_misclassified(across: dict, seeds: int) -> list[str]:
@@ -242,8 +238,7 @@ def render_misclassified(across: dict, seeds: int) -> list[str]:
                 f"{', '.join(str(missed_by[k]) for k in range(1, seeds + 1))}"
                 " (results.json \"misclassified\" lists them)",
             "", "Most frequent confusions, label\u2192predicted (mistakes over all runs): "
-                + ", ".join(f"{label}\u2192{predicted} {runs}"
-                            for label, predicted, runs in confusions(across))]
+                + confusions_line(confusions(across))]
 
 
 def number(value: float) -> str:

@@ -41,6 +41,7 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
     assert (tmp_path / "features.png").stat().st_size > 5_000
     assert (tmp_path / "misclassified.png").is_file() == bool(wrong)
+    assert ("Most frequent confusions" in (tmp_path / "results.md").read_text()) == bool(wrong)
 
 
 def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):

@@ -14,3 +14,13 @@ def test_misclassified_lists_the_examples_the_error_counts():
     assert wrong == [{"index": 1, "label": 0, "predicted": 1},
                      {"index": 3, "label": 2, "predicted": 0}]
     assert float(metrics.classification_error(model, (), outputs, targets)) == 0.5
+
+
+def test_confusions_are_counted_and_ranked_by_hand():
+    wrong = [{"index": 0, "label": 3, "predicted": 5}, {"index": 4, "label": 4, "predicted": 9},
+             {"index": 7, "label": 3, "predicted": 5}, {"index": 8, "label": 1, "predicted": 7}]
+    assert metrics.misclassified_confusions(wrong) == [(3, 5, 2), (1, 7, 1), (4, 9, 1)]
+    assert metrics.misclassified_confusions(wrong, top=1) == [(3, 5, 2)]
+    assert metrics.most_frequent_confusions([(2, 0, 3), (1, 6, 1), (2, 0, 1)]) == [
+        (2, 0, 4), (1, 6, 1)]
+    assert metrics.confusions_line([(3, 5, 2), (1, 7, 1)]) == "3\u21925 2, 1\u21927 1"

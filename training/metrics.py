@@ -1,7 +1,7 @@
 """Metrics computed from a model's outputs."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import numpy as np
 from nets.layers import Layer
 
 __all__ = ["predicted_labels", "target_labels", "classification_error", "accuracy",
-           "misclassified"]
+           "misclassified", "most_frequent_confusions", "confusions_line",
+           "misclassified_confusions"]
 
 
 def predicted_labels(outputs: jax.Array, threshold: float = 0.0) -> jax.Array:
@@ -60,3 +61,24 @@ def misclassified(model: Layer, params: Any, x: jax.Array, targets: jax.Array,
     labels = np.asarray(target_labels(targets))
     return [{"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i])}
             for i in np.flatnonzero(predicted != labels)]
+
+
+def most_frequent_confusions(counts: Iterable[tuple[int, int, int]],
+                             top: int = 8) -> list[tuple[int, int, int]]:
+    """(label, predicted, count) summed over repeated (label, predicted) pairs: the `top` most
+    frequent, most frequent first, ties by label and then predicted label."""
+    summed = {}
+    for label, predicted, count in counts:
+        summed[(label, predicted)] = summed.get((label, predicted), 0) + count
+    ranked = sorted(summed.items(), key=lambda item: (-item[1], item[0]))
+    return [(label, predicted, count) for (label, predicted), count in ranked[:top]]
+
+
+def confusions_line(confusions: Sequence[tuple[int, int, int]]) -> str:
+    """"3→5 12, 4→9 6, ..." for `most_frequent_confusions`' rows."""
+    return ", ".join(f"{label}\u2192{predicted} {count}" for label, predicted, count in confusions)
+
+
+def misclassified_confusions(wrong: Sequence[dict], top: int = 8) -> list[tuple[int, int, int]]:
+    """`most_frequent_confusions` of the rows of `misclassified`."""
+    return most_frequent_confusions(((row["label"], row["predicted"], 1) for row in wrong), top)
