@@ -54,7 +54,8 @@ outputs of (o - t)^2, and of the modern variant the softmax cross-entropy. "metr
 the final numbers and the misses; results.md sets them beside the paper's and the PyTorch
 re-implementation's. "misclassified" lists the test digits the final net gets wrong (index,
 label, predicted), misclassified.png draws the first 60, kernels.png H1's 12 kernels,
-features.png the first test digit's H1 and H2 maps.
+features.png the first test digit's H1 and H2 maps; test_outputs.npz holds the final net's
+test outputs and the labels (experiments.seeds averages them over seeds).
 
 Where we depart from or guess at the paper: the H2 connection scheme (nets/conv.py); the
 square-root fan-in by default (nets/initializers.py); plain tanh unless --activation
@@ -262,7 +263,10 @@ def main(argv=None):
         "passes": outcome.steps_done, "learning_rate": lr,
         "rejected_non_finite": int(outcome.state.guard.rejected),
     }
-    wrong = metrics.misclassified(model, outcome.state.params, *splits["test"])
+    test_x, test_t = splits["test"]
+    test_outputs = model.apply(outcome.state.params, test_x)
+    wrong = metrics.misclassified_outputs(test_outputs, test_t)
+    results.save_test_outputs(run.workdir, test_outputs, metrics.target_labels(test_t))
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, paper=PAPER, pytorch_repro=PYTORCH_REPRO,
                           resumed_from_step=outcome.resumed_from, misclassified=wrong)

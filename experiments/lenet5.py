@@ -26,7 +26,8 @@ held_out_error, held_out_loss with --held-out N, which trains on all but the las
 images and measures on those; metrics with the final numbers and misses; "protocol";
 "misclassified", the test images the final net gets wrong: index, label, predicted),
 results.md, curves.png, misclassified.png (the first 60 of them), kernels.png (C1's 6),
-features.png (the first test image's C1, S2, C3 and S4 maps).
+features.png (the first test image's C1, S2, C3 and S4 maps), test_outputs.npz (the final
+net's test outputs and the labels).
 """
 from __future__ import annotations
 
@@ -183,7 +184,10 @@ def main(argv=None):
                       for split, (x, _) in splits.items()},
                    **{f"{split}_examples": int(x.shape[0]) for split, (x, _) in splits.items()},
                    "learning_rate": lr, "passes": outcome.steps_done}
-    wrong = metrics.misclassified(model, outcome.state.params, *splits["test"])
+    test_x, test_t = splits["test"]
+    test_outputs = model.apply(outcome.state.params, test_x)
+    wrong = metrics.misclassified_outputs(test_outputs, test_t)
+    results.save_test_outputs(run.workdir, test_outputs, metrics.target_labels(test_t))
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
                           history, outcome.seconds, protocol=protocol,
                           paper_test_error_full_split=PAPER_TEST_ERROR,

@@ -8,7 +8,7 @@ import pytest
 
 from experiments import lenet1989
 from tests.helpers import tolerance
-from training import data
+from training import data, results
 from training.config import ConfigError
 
 SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
@@ -39,6 +39,10 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert all(row["label"] != row["predicted"] for row in wrong)
     assert [row["index"] for row in wrong] == sorted({row["index"] for row in wrong})
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
+    outputs, labels = results.load_test_outputs(tmp_path)
+    assert outputs.shape == (100, 10) and labels.shape == (100,)
+    assert np.flatnonzero(outputs.argmax(axis=1) != labels).tolist() == [
+        row["index"] for row in wrong]
     assert (tmp_path / "features.png").stat().st_size > 5_000
     assert (tmp_path / "misclassified.png").is_file() == bool(wrong)
     assert ("Most frequent confusions" in (tmp_path / "results.md").read_text()) == bool(wrong)

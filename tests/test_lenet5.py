@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import lenet5
-from training import data
+from training import data, results
 from training.config import ConfigError
 
 
@@ -33,6 +33,9 @@ def test_short_runs_report_per_pass(tmp_path, optimizer):
     assert metrics["train_examples"] == 300 and metrics["test_examples"] == 100
     assert metrics["train_error"] < 0.6  # far better than chance after 600 updates
     assert len(document["misclassified"]) == metrics["test_misses"]
+    outputs, labels = results.load_test_outputs(tmp_path)
+    assert outputs.shape == (100, 10)
+    assert int(np.sum(outputs.argmax(axis=1) != labels)) == metrics["test_misses"]
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
     assert (tmp_path / "features.png").stat().st_size > 5_000
 

@@ -2,9 +2,11 @@
 import json
 import statistics
 
+import numpy as np
 import pytest
 
 from experiments import lecture, seeds
+from training import results
 from training.config import ConfigError
 
 SMALL = ["--steps", "20", "--restarts", "2", "--no-gradient-report", "--progress-every", "0"]
@@ -119,3 +121,22 @@ def test_misclassified_examples_are_counted_across_seeds(tmp_path):
         seeds.render_misclassified(across, 3)[-1]
     (tmp_path / "seed_1" / "results.json").write_text("{}")
     assert seeds.misclassified_across(tmp_path, [0, 1, 7]) is None
+
+
+def test_the_ensemble_averages_the_runs_outputs_by_hand(tmp_path):
+    """Two runs, three examples of labels 0, 1, 1: run A is right on 0 and 2, run B on 1 and
+    2; their mean is right on 0 (0.6 vs 0.5) and 2, wrong on 1 (0.45 vs 0.55): one miss."""
+    labels = np.array([0, 1, 1])
+    for seed, outputs in ((0, [[0.9, 0.1], [0.9, 0.1], [0.2, 0.8]]),
+                          (3, [[0.3, 0.9], [0.2, 0.8], [0.4, 0.6]])):
+        (tmp_path / f"seed_{seed}").mkdir()
+        results.save_test_outputs(tmp_path / f"seed_{seed}", np.array(outputs), labels)
+    assert seeds.ensemble_of(tmp_path, [0, 3]) == {"runs": 2, "misses": 1, "error": 1 / 3,
+                                                   "examples": 3}
+    (tmp_path / "seed_5").mkdir()
+    assert seeds.ensemble_of(tmp_path, [0, 3, 5]) is None
+    results.save_test_outputs(tmp_path / "seed_5", np.zeros((3, 2)), np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="different test examples"):
+        seeds.ensemble_of(tmp_path, [0, 3, 5])
+    outputs, saved_labels = results.load_test_outputs(tmp_path / "seed_3")
+    assert outputs.dtype == np.float32 and saved_labels.tolist() == [0, 1, 1]

@@ -10,7 +10,7 @@ import numpy as np
 from nets.layers import Layer
 
 __all__ = ["predicted_labels", "target_labels", "classification_error", "accuracy",
-           "misclassified", "most_frequent_confusions", "confusions_line",
+           "misclassified", "misclassified_outputs", "most_frequent_confusions", "confusions_line",
            "misclassified_confusions"]
 
 
@@ -57,7 +57,13 @@ def misclassified(model: Layer, params: Any, x: jax.Array, targets: jax.Array,
 
     Shapes: x (batch, ...), targets (batch, classes).
     """
-    predicted = np.asarray(predicted_labels(model.apply(params, x), threshold))
+    return misclassified_outputs(model.apply(params, x), targets, threshold)
+
+
+def misclassified_outputs(outputs: jax.Array, targets: jax.Array,
+                          threshold: float = 0.0) -> list[dict]:
+    """`misclassified` from a model's outputs (batch, classes) already computed."""
+    predicted = np.asarray(predicted_labels(outputs, threshold))
     labels = np.asarray(target_labels(targets))
     return [{"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i])}
             for i in np.flatnonzero(predicted != labels)]

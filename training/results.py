@@ -28,6 +28,8 @@ __all__ = [
     "to_jsonable",
     "write_results",
     "read_results",
+    "save_test_outputs",
+    "load_test_outputs",
     "save_and_print_table",
 ]
 
@@ -105,6 +107,26 @@ def read_results(workdir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} has no results.json (not a finished run)")
     return json.loads(path.read_text())
+
+
+TEST_OUTPUTS = "test_outputs.npz"
+
+
+def save_test_outputs(workdir: str | os.PathLike, outputs: Any, labels: Any) -> None:
+    """The model's outputs on the test set (examples, classes) and the true labels
+    (examples,), as `workdir/test_outputs.npz`: what an ensemble of runs needs."""
+    np.savez_compressed(pathlib.Path(workdir) / TEST_OUTPUTS,
+                        outputs=np.asarray(outputs, np.float32),
+                        labels=np.asarray(labels, np.int32))
+
+
+def load_test_outputs(workdir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """(outputs, labels) saved by `save_test_outputs`, or None if the run saved none."""
+    path = pathlib.Path(workdir) / TEST_OUTPUTS
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return saved["outputs"], saved["labels"]
 
 
 def _format_cell(value: Any) -> str:
