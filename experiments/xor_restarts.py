@@ -72,7 +72,6 @@ from nets import initializers
 from training import optim, plots, procedures, results, timing
 from training.config import ConfigError, option, parse, run_main, to_dict
 from training.harness import open_run
-from training.plots import plt  # pyplot on the Agg backend
 
 EXPERIMENT = "xor_restarts"
 
@@ -321,33 +320,13 @@ def scale_of(name: str) -> str:
     return name.removeprefix("perturbed_")
 
 
-def save_grouped_histogram(path, samples, xlabel, title="", bins=30, threshold=None):
-    """Like `training.plots.save_histogram`, but with one set of bin edges and the series'
-    bars side by side: overlaid, identical distributions (as plain and perturbed are here)
-    would hide each other."""
-    values = [np.asarray(v, np.float64) for v in samples.values()]
-    edges = np.histogram_bin_edges(np.concatenate(values), bins=bins)
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.hist(values, bins=edges, label=list(samples))
-    if threshold is not None:
-        axis.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel("runs")
-    axis.legend(fontsize=8)
-    if title:
-        axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def save_plots(workdir, runs, energy_curves, args):
     def log10(values):
         # E is a mean of positive cross-entropies: > 0, but it can round to 0 in float32.
         return np.log10(np.maximum(np.asarray(values, np.float64), 1e-12))
 
     scales = sorted({args.perturbation[0], max(args.perturbation)})
-    save_grouped_histogram(
+    plots.save_histogram(
         workdir / "histogram.png",
         {"plain GD": log10(runs["plain"]["final_energy"]),
          **{f"cost-checked, perturbation {s:g}": log10(runs[f"perturbed_{s:g}"]["final_energy"])

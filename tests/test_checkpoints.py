@@ -1,9 +1,12 @@
 """Checkpoints: the orbax round trip, keeping the last K, and falling back past corrupt ones."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from training import checkpoints
 from training.checkpoints import MANIFEST, Checkpointer, CheckpointError
 
 
@@ -91,3 +94,41 @@ def test_the_only_good_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpointer.is_valid(1)
     assert checkpointer.restore_latest(state(0.0))[0] == 1
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    messages = []
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2, say=messages.append)
+    checkpointer.save(3, state(1.0))
+    checkpointer.save(3, state(2.0))
+    assert checkpointer.steps() == [3]
+    step, restored = checkpointer.restore_latest(state(0.0))
+    assert step == 3
+    assert_bitwise_equal(restored, state(2.0))
+    assert any("checkpoint 3" in m and "replaced" in m for m in messages)
+
+
+def test_an_unreadable_manifest_or_contents_fall_back(tmp_path):
+    """A manifest that is not JSON makes its checkpoint invalid; one that matches files orbax
+    cannot read (damaged, then the manifest rewritten to match) is set aside at restore."""
+    messages = []
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, say=messages.append)
+    for step in (1, 2, 3):
+        checkpointer.save(step, state(float(step)))
+    (tmp_path / "ckpt" / "3" / MANIFEST).write_text("{not json")
+    assert not checkpointer.is_valid(3)
+    second = tmp_path / "ckpt" / "2"
+    for path in (p for p in second.rglob("*") if p.is_file() and p.name != MANIFEST):
+        path.write_bytes(b"\0" * 16)
+    (second / MANIFEST).write_text(json.dumps(checkpoints._files(second)))
+    assert checkpointer.is_valid(2)
+    step, restored = checkpointer.restore_latest(state(0.0))
+    assert step == 1
+    assert_bitwise_equal(restored, state(1.0))
+    assert any("checkpoint 2" in m and "orbax could not read it" in m for m in messages)
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["2", "3"]
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="Checkpointer: keep must be >= 1, got 0"):
+        Checkpointer(tmp_path / "ckpt", keep=0)

@@ -83,3 +83,40 @@ def test_held_out_images_are_the_last_training_images_and_never_trained_on(tmp_p
         lenet5.main(["--workdir", str(tmp_path / "bad"), "--train-examples", "250",
                      "--held-out", "250", *base])
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def write_idx(path, array, magic):
+    """An uncompressed IDX file (big-endian header: magic, then each dimension)."""
+    header = np.array([magic, *array.shape], ">i4").tobytes()
+    path.write_bytes(header + np.asarray(array, np.uint8).tobytes())
+
+
+def test_auto_split_takes_the_full_files_when_the_training_set_is_present(tmp_path,
+                                                                          monkeypatch):
+    """--split auto: the standard train/test split once MNIST's training files are found
+    (here a small stand-in, uncompressed), the 8,000/2,000 split of the test set otherwise."""
+    shared = data.data_dirs()[0]
+    directory = tmp_path / "data" / "mnist"
+    directory.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (directory / name).symlink_to(shared / "mnist" / name)
+    monkeypatch.setenv("NETS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("NETS_CACHE_DIR", str(tmp_path / "cache"))
+    config = lenet5.Config(split="auto", train_examples=0, test_examples=0)
+
+    splits, protocol = lenet5.load(config)
+    assert "test set only" in protocol
+    assert splits["train"][0].shape[0] == 8000 and splits["test"][0].shape[0] == 2000
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (120, 28, 28))
+    labels = np.arange(120) % 10
+    write_idx(directory / "train-images-idx3-ubyte", images, 2051)
+    write_idx(directory / "train-labels-idx1-ubyte", labels, 2049)
+    splits, protocol = lenet5.load(config)
+    assert protocol == "standard 60,000 / 10,000 split"
+    (x_train, t_train), (x_test, _) = splits["train"], splits["test"]
+    assert x_train.shape == (120, 32, 32, 1) and x_test.shape == (10000, 32, 32, 1)
+    np.testing.assert_array_equal(np.asarray(t_train).argmax(axis=1), labels)
+    expected = lenet5.to_lenet5_input(images[:1].reshape(1, 784).astype(np.float32) / 255)
+    np.testing.assert_array_equal(np.asarray(x_train[:1]), np.asarray(expected))

@@ -76,3 +76,12 @@ def test_spreads_take_one_or_several_values_a_row(tmp_path):
         {"xlabel": "held-out misses", "rows": {"a": [20, 25, 22], "b": [30]}}])
     height, width = pixels(tmp_path / "s.png").shape[:2]
     assert width > 1.8 * height
+
+
+def test_histogram_bars_share_bin_edges_and_refuse_empty_series(tmp_path):
+    same = np.linspace(0.0, 1.0, 20)
+    plots.save_histogram(tmp_path / "h.png", {"plain": same, "perturbed": same.copy()},
+                         "log10 E", title="t", bins=5, threshold=0.5)
+    assert (tmp_path / "h.png").stat().st_size > 5_000
+    with pytest.raises(ValueError, match=r"save_histogram: .*non-empty 1-d.*\(0,\)"):
+        plots.save_histogram(tmp_path / "e.png", {"a": same, "b": []}, "x")

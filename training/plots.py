@@ -68,23 +68,27 @@ def save_histogram(
     samples: Mapping[str, Sequence[float]],
     xlabel: str,
     title: str = "",
-    bins: int = 40,
+    bins: int = 30,
     threshold: float | None = None,
 ) -> None:
-    """Overlaid histograms, one per entry of `samples`, with an optional vertical threshold."""
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for label, values in samples.items():
-        axis.hist(values, bins=bins, alpha=0.55, label=label)
+    """Histograms of the series in `samples` over one set of bin edges, each bin's bars side by
+    side (overlaid, two identical distributions would hide each other), with an optional
+    vertical threshold."""
+    values = [np.asarray(v, np.float64) for v in samples.values()]
+    if not values or any(v.ndim != 1 or v.size == 0 for v in values):
+        raise ValueError("save_histogram: samples must map each label to a non-empty 1-d "
+                         f"sequence, got sizes {[v.shape for v in values]}")
+    edges = np.histogram_bin_edges(np.concatenate(values), bins=bins)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(values, bins=edges, label=list(samples))
     if threshold is not None:
         axis.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
     axis.set_xlabel(xlabel)
     axis.set_ylabel("runs")
     axis.legend(fontsize=8)
     if title:
-        axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        axis.set_title(title, fontsize=10)
+    _finish(figure, path, "")
 
 
 def save_bars(path: str | os.PathLike, values: Mapping[str, float], xlabel: str,
