@@ -393,10 +393,8 @@ def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(condition[:, None], a, b), if_true, if_false)
 
 
-def _window_start(t: jax.Array, truncation: int | None) -> jax.Array:
+def _window_start(t: jax.Array, truncation: int) -> jax.Array:
     """Whether step t begins a truncation window other than the first."""
-    if truncation is None:
-        return jnp.array(False)
     return (t > 0) & (t % truncation == 0)
 
 

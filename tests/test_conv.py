@@ -497,3 +497,34 @@ def test_constant_padding_by_linearity(pad_value, groups):
     got = conv.conv2d_constant_padded(x, w, pads, pad_value, (2, 3), groups)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= F64
+
+
+def test_unshared_bias_with_same_padding_names_the_input_sizes_that_fit():
+    """With 'SAME' padding, out = ceil(n / stride): 15 and 16 rows both give 8 at stride 2."""
+    layer = conv.Conv2D(2, 3, stride=2, padding="SAME", unshared_bias=True, name="S")
+    _, params = layer.init(jax.random.key(0), (-1, 16, 16, 1))
+    assert layer.apply(params, jnp.zeros((1, 15, 16, 1), jnp.float32)).shape == (1, 8, 8, 2)
+    with pytest.raises(ValueError, match=r"S: input x has shape \(1, 12, 16, 1\), expected "
+                                         r"\(batch, 15..16, 15..16, 1\)"):
+        layer.forward(params, jnp.zeros((1, 12, 16, 1), jnp.float32))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"kernel_size": 0}, r"kernel_size must be a positive int or pair, got 0"),
+    ({"kernel_size": (3,)}, r"kernel_size must be a positive int or pair, got \(3,\)"),
+    ({"kernel_size": None}, r"kernel_size must be a positive int or pair, got None"),
+    ({"stride": (1, 0)}, r"stride must be a positive int or pair, got \(1, 0\)"),
+    ({"padding": ((1, -1), (0, 0))}, r"padding \(\(1, -1\), \(0, 0\)\); use 'VALID', 'SAME' "
+                                     r"or .* with non-negative ints"),
+    ({"padding": 3}, r"padding 3; use 'VALID', 'SAME'"),
+    ({"out_channels": 0}, r"out_channels must be >= 1, got 0"),
+    ({"feature_group_count": 3}, r"feature_group_count 3 must be >= 1 and divide "
+                                 r"out_channels 4"),
+    ({"connection_table": np.full((2, 4), 2)}, r"connection_table must hold only 0/1"),
+    ({"connection_table": np.eye(2, 4)}, r"every output map must see at least one input "
+                                         r"map; columns \[2, 3\] are empty"),
+])
+def test_bad_arguments_are_refused_by_name(arguments, message):
+    arguments = {"out_channels": 4, "kernel_size": 3, **arguments}
+    with pytest.raises(ValueError, match="C: " + message):
+        conv.Conv2D(name="C", **arguments)

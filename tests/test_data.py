@@ -255,6 +255,25 @@ def test_usps_short_line_is_refused(data_dir, monkeypatch):
         data.load_usps("test")
 
 
+def test_usps_non_number_is_refused(data_dir, monkeypatch):
+    lines = ["1 " + " ".join(["-1"] * 256), "2 " + " ".join(["-1"] * 255 + ["x"])]
+    content = gzip.compress("\n".join(lines).encode())
+    _place(data_dir, "usps/zip.test.gz", content)
+    _register(monkeypatch, "usps/zip.test.gz", content)
+    with pytest.raises(data.DataError, match="line 2: expected 257 numbers, found a non-number"):
+        data.load_usps("test")
+
+
+def test_text_that_is_not_utf8_is_refused(data_dir, monkeypatch):
+    relpath = "tinyshakespeare/input.txt"
+    content = "First Citizen:".encode() + b"\xff\xfe"
+    path = _place(data_dir, relpath, content)
+    _register(monkeypatch, relpath, content)
+    with pytest.raises(data.DataError, match="expected UTF-8 text") as info:
+        data.load_text(relpath)
+    assert str(path) in str(info.value)
+
+
 def test_usps_synthetic_round_trip(data_dir, monkeypatch):
     content = _usps_bytes(["7.0000", "0", "9"], pixel=0.25)
     _place(data_dir, "usps/zip.test.gz", content)
@@ -301,6 +320,18 @@ def test_mnist_payload_length_is_checked(data_dir, extra, found):
     _place(data_dir, "mnist/t10k-images-idx3-ubyte", content)
     _place(data_dir, "mnist/t10k-labels-idx1-ubyte", _idx_bytes([1, 2], 2049))
     with pytest.raises(data.DataError, match=f"expect 1568 payload bytes, found {found}"):
+        data.load_mnist("test")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x00\x08", "expected an IDX header with magic 2051, found 3 bytes"),
+    (_idx_bytes(np.zeros((2, 28, 28)), 2051)[:10], "expected a 16-byte IDX header, found 10 "
+                                                   "bytes"),
+])
+def test_mnist_short_header_is_refused(data_dir, content, message):
+    _place(data_dir, "mnist/t10k-images-idx3-ubyte", content)
+    _place(data_dir, "mnist/t10k-labels-idx1-ubyte", _idx_bytes([1, 2], 2049))
+    with pytest.raises(data.DataError, match=message):
         data.load_mnist("test")
 
 

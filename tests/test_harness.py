@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import lecture
+from training import harness
 from training.checkpoints import Checkpointer
 from training.config import ConfigError
 from training.harness import NonFiniteError
@@ -59,6 +60,26 @@ def test_a_different_config_is_refused_unless_forced(tmp_path):
     metrics = lecture.main([*base, "--steps", "20", "--force"])
     assert metrics["stop_step"] == 20
     assert len(metrics_lines(tmp_path)) == 20
+
+
+def test_a_workdir_of_another_experiment_is_refused(tmp_path):
+    """The same config under another experiment's name is still a different run."""
+    lecture.main(["--workdir", str(tmp_path), "--steps", "10", "--checkpoint-every", "10",
+                  *SMALL])
+    config, args = lecture.parse(lecture.Config, ["--workdir", str(tmp_path), "--steps", "10",
+                                                  "--checkpoint-every", "10", *SMALL])
+    with pytest.raises(ConfigError, match=r"different config \(experiment: 'lecture' -> "
+                                          r"'xor'\)"):
+        harness.open_run("xor", config, args)
+
+
+def test_train_needs_positive_step_counts(tmp_path):
+    run = harness.Run("lecture", tmp_path, None, False)
+    for total, every in ((0, 1), (5, 0)):
+        with pytest.raises(ConfigError, match=rf"train: checkpoint_every \({every}\) and "
+                                              rf"total_steps \({total}\) must be >= 1"):
+            harness.train(run, lambda state, start, length: (state, {}), {},
+                          total_steps=total, checkpoint_every=every)
 
 
 def test_resume_needs_a_run(tmp_path):

@@ -491,3 +491,22 @@ def test_four_devices_equal_one_device_for_every_form_engine_and_model():
 
 if __name__ == "__main__":
     print(json.dumps(four_device_report()))
+
+
+def test_bad_arguments_are_refused_by_name(mlp_case):
+    model, objective, params, x, targets, *_ = mlp_case
+    with pytest.raises(ValueError, match="private_value_and_grad: noise_multiplier must be >= 0, "
+                                         "got -1"):
+        parallel.private_value_and_grad(model, objective, clip_norm=1.0, noise_multiplier=-1.0)
+    with pytest.raises(ValueError, match="pick_hardest_misclassified: by='margin'; choose "
+                                         "'grad_norm' or 'loss'"):
+        parallel.pick_hardest_misclassified(model, objective, count=1, by="margin")
+    for count in (0, x.shape[0] + 1):
+        pick = parallel.pick_hardest_misclassified(model, objective, count=count)
+        with pytest.raises(ValueError, match=rf"count must be in \[1, {x.shape[0]}\], got "
+                                             rf"{count}"):
+            pick(params, x, targets)
+    run = parallel.data_parallel(model, objective, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="data parallel: expected 3 arguments and an optional "
+                                        "key, got 2"):
+        run.value_and_grad(run.place_state(params), x)

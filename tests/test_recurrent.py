@@ -484,3 +484,39 @@ def test_stack_curvature_from_zero_states_is_the_sequence_models():
     assert_close_tree(stacked, engines.curvature_diagonal(model, objective)(params, x, y),
                       jnp.float64, "stack vs model")
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(stacked))
+
+
+def test_bad_options_and_shapes_are_refused_by_name():
+    cell = recurrent.lstm(3)
+    params = cell.init(jax.random.key(0), 2)
+    xs = jnp.zeros((4, 5, 2))
+    refused = [
+        (lambda: recurrent.lstm(0), r"lstm: hidden_size must be >= 1, got 0"),
+        (lambda: recurrent.elman(3, "relu"), r"elman: activation 'relu'; choose one of "
+                                             r"\['sigmoid', 'tanh'\]"),
+        (lambda: recurrent.make_cell("rnn", 3), r"make_cell: unknown cell 'rnn'; choose one of"),
+        (lambda: recurrent.scan_cell(cell, params, xs, mask=jnp.ones((4, 6))),
+         r"scan_cell\(lstm\): mask has shape \(4, 6\), expected \(batch, time\) = \(4, 5\)"),
+        (lambda: recurrent.scan_cell(cell, params, xs, truncation=0),
+         r"scan_cell\(lstm\): truncation must be >= 1 \(or None\), got 0"),
+        (lambda: recurrent.scan_cell(cell, params, xs[0]),
+         r"scan_cell\(lstm\): input x has shape \(5, 2\), expected \(batch, time, features\)"),
+        (lambda: recurrent.bptt(cell, params, None, jnp.zeros((4, 5, 3)), truncation=-2),
+         r"bptt\(lstm\): truncation must be >= 1 \(or None\), got -2"),
+        (lambda: recurrent.bptt(cell._replace(step_curvature=None), params, None,
+                                jnp.zeros((4, 5, 3)), curvature=True),
+         r"bptt\(lstm\): this cell has no step curvature"),
+        (lambda: recurrent.rnn(cell).init(jax.random.key(0), (4, 2)),
+         r"lstm: input_shape \(4, 2\) must be \(batch, time, features\)"),
+        (lambda: recurrent.LastStep().init(None, (4, 2)),
+         r"LastStep: input_shape \(4, 2\) must be \(batch, time, features\)"),
+        (lambda: recurrent.TimeDistributed(nets.Dense(2)).init(None, (4, 2)),
+         r"TimeDistributed\(.*\): input_shape \(4, 2\) must be \(batch, time, features\)"),
+        (lambda: recurrent.sequence_cross_entropy().value(jnp.zeros((4, 5, 3)),
+                                                          jnp.zeros((4, 6), jnp.int32)),
+         r"sequence_cross_entropy: outputs have shape \(4, 5, 3\) and targets \(4, 6\); "
+         r"expected \(batch, time, classes\) and \(batch, time\)"),
+    ]
+    for call, message in refused:
+        with pytest.raises(ValueError, match=message):
+            call()
