@@ -42,31 +42,37 @@ Without --isolate every method runs in this process, one after another: the time
 the resets keep the RSS figures apart, but memory that an earlier method still holds resident
 can serve a later one without growth.
 
-Measured on the 2-core CPU (jax 0.10.2), defaults: 27 s wall in all (five fresh processes,
-each importing JAX and scikit-learn; 34 s while other jobs ran). Seconds and MiB:
+Measured on the 2-core CPU (jax 0.10.2), defaults, 2026-12-04: 31 s wall in all (five fresh
+processes, each importing JAX and scikit-learn). Seconds and MiB:
 
     method      test acc  compile  train  predict  compile RSS  run RSS  predict RSS  XLA temp
-    logistic      0.907     0.7     0.11   0.0008        87         9.6       0.0        0.21
-    mlp           0.940     0.9     1.09   0.004        101        10.9       0.2        1.84
-    lenet1989     0.936     0.9     6.28   0.015         66         0.6      19.2        0.12
-    linear_svm    0.903      -      1.88   0.006          -        44.6       8.5          -
-    knn (k=3)     0.945      -      0.01   0.089          -         0.9       5.5          -
+    logistic      0.907     0.8     0.10   0.0010        89         9.7       0.0        0.21
+    mlp           0.940     1.0     0.79   0.008        117        11.4       6.3        2.62
+    lenet1989     0.936     1.4     2.11   0.011        126         0.3       0.5        0.20
+    linear_svm    0.903      -      2.74   0.005          -        44.6       8.6          -
+    knn (k=3)     0.945      -      0.01   0.130          -         0.9       5.6          -
     (10 passes for the nets; "run RSS" of scikit-learn is that of fit(); numbers kept by the
     trained model: 2,570, 205,066, 10,960, 2,570 and 1,873,787, the last the training set. The
-    compiler's RSS growth varies by about 15 MiB from run to run: 74, 85 and 80 in another.)
+    compiler's RSS growth varies by about 15 MiB from run to run; an earlier run, before
+    LeNet-1989's "gather" convolutions, gave 66-101 MiB and LeNet-1989 6.3 s.)
 
 What it shows: "slower" holds for training: LeNet-1989's 73,000 one-example updates take
-6.3 s (23 passes, the paper's, 16 s), the MLP 1.1 s plus 0.9 s of compilation, against 1.9 s
-for the linear SVM and nothing for k-NN, which pays at prediction instead (0.09 s for 2,007
-digits against 0.001-0.015 s for the nets). Here k-NN is also the most accurate (94.5%), with
-the MLP (94.0%) and LeNet-1989 after 10 passes (93.6%) just behind, and the two linear models
-(logistic 90.7%, SVM 90.3%) behind them. "More memory" holds only for what this software stack
-needs: XLA's compiler grows the process by 65-100 MiB per net, more than LIBLINEAR's fit
-(45 MiB: tracemalloc sees 14.5 MiB of NumPy allocations, the float64 copy of the data; the
-rest, about the size of LIBLINEAR's sparse copy at 16 bytes a pixel, is allocated in C); the
-training runs themselves grow it by 0.6-11 MiB, and XLA's temporaries are 0.1-1.8 MiB. Per
-example, backpropagation keeps 266 (logistic), 1,802 (MLP) and 2,438 (LeNet) numbers for the
-backward pass, which is what grows with the batch; k-NN keeps the whole training set.
+2.1 s (23 passes, the paper's, about 5 s), the MLP 0.8 s plus 1.0 s of compilation, against
+2.7 s for the linear SVM and nothing for k-NN, which pays at prediction instead (0.13 s for
+2,007 digits against 0.001-0.011 s for the nets). Here k-NN is also the most accurate
+(94.5%), with the MLP (94.0%) and LeNet-1989 after 10 passes (93.6%) just behind, and the two
+linear models (logistic 90.7%, SVM 90.3%) behind them. "More memory" holds only for what this
+software stack needs: XLA's compiler grows the process by 89-126 MiB per net, more than
+LIBLINEAR's fit (45 MiB: tracemalloc sees 14.5 MiB of NumPy allocations, the float64 copy of
+the data; the rest, about the size of LIBLINEAR's sparse copy at 16 bytes a pixel, is
+allocated in C); the training runs themselves grow it by 0.3-11 MiB, and XLA's temporaries are
+0.2-2.6 MiB. Per example, backpropagation keeps 266 (logistic), 1,802 (MLP) and 8,646
+(LeNet-1989) numbers for the backward pass, which is what grows with the batch; k-NN keeps the
+whole training set. Of LeNet-1989's count, 6,400 are its convolutions' patch matrices (each
+input pixel once per window that reads it: H1 64 x 25, H2 16 x 25 x 12), which its "gather"
+convolutions keep so that the backward needs no second gather; the other 2,246 are the layers'
+inputs and outputs (the earlier count, 2,438, also held the flatten's input, which is now kept
+as its shape alone, `nets.StaticShape`).
 """
 from __future__ import annotations
 

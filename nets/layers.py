@@ -17,7 +17,8 @@ or without one, and the engines (nets/engines.py) take the same optional key. Th
 pass needs no key: what was drawn is in the residuals.
 
 `params` is a plain pytree of arrays (a dict per layer; `()` for layers without parameters);
-`residuals` is exactly what `backward` needs; `dparams` has the structure of `params` and
+`residuals` is exactly what `backward` needs (a layer that needs only its input's shape keeps
+a `StaticShape`, which holds no array); `dparams` has the structure of `params` and
 `dx` the shape of `x`. Shapes carry a leading batch axis; `input_shape` may use -1 for it.
 Weights are stored under the key "w" and biases under "b": the lecture's L2 penalty applies
 to the "w" leaves only (see `nets.losses.l2_penalty`).
@@ -35,6 +36,7 @@ term dropped). Layers without it leave the field None.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -58,6 +60,7 @@ __all__ = [
     "check_input",
     "forward_with_key",
     "layer_keys",
+    "StaticShape",
 ]
 
 Shape = tuple[int, ...]
@@ -65,6 +68,16 @@ Params = Any
 InitFn = Callable[[jax.Array, Shape], tuple[Shape, Params]]
 ForwardFn = Callable[[Params, jax.Array], tuple[jax.Array, Any]]
 BackwardFn = Callable[[Params, Any, jax.Array], tuple[Params, jax.Array]]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StaticShape:
+    """An array's shape kept among a layer's residuals in place of the array: a pytree with no
+    leaves, so it costs no memory in any residual store (a `jax.custom_vjp`'s, a scan's, a
+    caller's) and passes through jit and vmap as a constant."""
+
+    shape: tuple[int, ...]
 
 
 class Layer(NamedTuple):

@@ -17,7 +17,7 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import check_image_input, pair
-from nets.layers import Layer
+from nets.layers import Layer, StaticShape
 
 __all__ = [
     "AvgPool",
@@ -91,16 +91,15 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
     def forward(params, x):
         del params
         check_image_input(name, x.shape, min_size=window)
-        # x is kept only for its shape, which the backward needs; under jit no copy is held.
-        return window_sum(x, window, stride) / area, x
+        return window_sum(x, window, stride) / area, StaticShape(x.shape)
 
-    def backward(params, x, dy):
+    def backward(params, x_shape, dy):
         del params
-        return (), window_sum_transpose(dy, window, stride, x.shape[1:3]) / area
+        return (), window_sum_transpose(dy, window, stride, x_shape.shape[1:3]) / area
 
-    def curvature(params, x, d2y):
+    def curvature(params, x_shape, d2y):
         """Every Jacobian entry is 1/(kh kw): d2x = window_sum_transpose(d2y) / (kh kw)^2."""
-        return backward(params, x, d2y / area)
+        return backward(params, x_shape, d2y / area)
 
     return Layer(name, _pool_init(name, window, stride), forward, backward,
                  curvature=curvature)
@@ -124,7 +123,7 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
     convention (the mean of the one-sided subgradients), so that the two engines agree at
     ties too, e.g. in windows of ReLU zeros or where float32 rounds near-equal values to one.
     Residuals: per output, the window offsets a kw + b that attain the maximum as the bits of
-    one int32 (kh kw <= 31), and x (for its shape). A window holding a NaN attains nothing
+    one int32 (kh kw <= 31), and x's shape. A window holding a NaN attains nothing
     (NaN == NaN is false): y is NaN there, so E is too (the procedures' guard rejects such a
     step), and its dy reaches no input, where jax.grad gives NaN. Routing NaN to its inputs
     made the pool's forward and backward 3-5x slower at AlexNet's sizes (XLA's fusion), so
@@ -145,17 +144,17 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         y = jnp.max(jnp.stack(views), axis=0)
         attained = functools.reduce(jnp.bitwise_or, [
             (view == y).astype(jnp.int32) << offset for offset, view in enumerate(views)])
-        return y, (attained, x)
+        return y, (attained, StaticShape(x.shape))
 
     def route_to_maxima(residuals, dy, power):
         """dx: dy / k**power to each of the k positions of a window that attain its max."""
-        attained, x = residuals
+        attained, x_shape = residuals
         (kh, kw), (sh, sw) = window, stride
-        height, width = x.shape[1:3]
+        height, width = x_shape.shape[1:3]
         out_h, out_w = dy.shape[1:3]
         ties = lax.population_count(attained).astype(dy.dtype)
         share = dy / (ties if power == 1 else ties * ties)
-        dx = jnp.zeros(x.shape, dy.dtype)
+        dx = jnp.zeros(x_shape.shape, dy.dtype)
         for offset in range(kh * kw):
             a, b = divmod(offset, kw)
             routed = jnp.where((attained >> offset) & 1 == 1, share, jnp.zeros((), dy.dtype))
@@ -224,19 +223,19 @@ def Subsampling(
         check_image_input(name, x.shape, params["w"].shape[0], window)
         sums = window_sum(x, window, window)
         y = params["w"][None, None, None, :] * sums + params["b"][None, None, None, :]
-        return y, (sums, x)  # x only for its shape
+        return y, (sums, StaticShape(x.shape))
 
     def backward(params, residuals, dy):
-        sums, x = residuals
+        sums, x_shape = residuals
         dparams = {"w": jnp.sum(dy * sums, axis=(0, 1, 2)), "b": jnp.sum(dy, axis=(0, 1, 2))}
         dx = window_sum_transpose(dy * params["w"][None, None, None, :], window, window,
-                                  x.shape[1:3])
+                                  x_shape.shape[1:3])
         return dparams, dx
 
     def curvature(params, residuals, d2y):
         """d2w = sum d2y * sums^2, d2b = sum d2y, d2x = spread(d2y * w^2)."""
-        sums, x = residuals
-        return backward({"w": params["w"] ** 2, "b": params["b"]}, (sums**2, x), d2y)
+        sums, x_shape = residuals
+        return backward({"w": params["w"] ** 2, "b": params["b"]}, (sums**2, x_shape), d2y)
 
     return Layer(name, init, forward, backward, curvature=curvature)
 
@@ -259,11 +258,11 @@ def Flatten(name: str = "Flatten") -> Layer:
         del params
         if x.ndim < 2:
             raise ValueError(f"{name}: input x has shape {tuple(x.shape)}, expected (batch, ...)")
-        return x.reshape(x.shape[0], -1), x  # x only for its shape
+        return x.reshape(x.shape[0], -1), StaticShape(x.shape)
 
-    def backward(params, x, dy):
+    def backward(params, x_shape, dy):
         del params
-        return (), dy.reshape(x.shape)
+        return (), dy.reshape(x_shape.shape)
 
     return Layer(name, init, forward, backward, curvature=backward)
 

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nets import initializers
-from nets.layers import Dense, Layer, forward_with_key, serial
+from nets.layers import Dense, Layer, StaticShape, forward_with_key, serial
 from nets.losses import Loss
 
 __all__ = [
@@ -555,11 +555,11 @@ def LastStep(name: str = "LastStep") -> Layer:
     def forward(params, x):
         del params
         _check_sequence(name, x, None)
-        return x[:, -1, :], x  # x only for its shape: it is alive in the rnn's residuals anyway
+        return x[:, -1, :], StaticShape(x.shape)
 
-    def backward(params, x, dy):
+    def backward(params, x_shape, dy):
         del params
-        return (), jnp.zeros_like(x).at[:, -1, :].set(dy)
+        return (), jnp.zeros(x_shape.shape, dy.dtype).at[:, -1, :].set(dy)
 
     return Layer(name, init, forward, backward, curvature=backward)
 

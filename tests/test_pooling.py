@@ -377,3 +377,25 @@ def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
         for engine in (engines.manual, engines.manual_vjp):
             _, grads = jax.jit(engine(model, objective))(params, x, targets, key)
             assert_close_tree(grads, reference, dtype, f"{engine.__name__}, key {key}")
+
+
+@pytest.mark.parametrize("layer, kept", [
+    (pooling.AvgPool(2), []),
+    (pooling.Flatten(), []),
+    (pooling.MaxPool(3, 2), [((2, 3, 3, 4), jnp.int32)]),  # which offsets attained the max
+    (pooling.Subsampling(2), [((2, 4, 4, 4), jnp.float32)]),  # the window sums
+])
+def test_layers_that_need_only_the_input_shape_keep_no_copy_of_the_input(layer, kept):
+    """The input's shape is kept as a StaticShape (no leaves): the residuals hold only what
+    the backward reads, through jit and through jax.grad of the custom_vjp wrapper."""
+    x = normal((2, 8, 8, 4), jnp.float32, 0)
+    _, params = layer.init(jax.random.key(0), x.shape)
+    residuals = jax.jit(layer.forward)(params, x)[1]
+    assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(residuals)] == kept
+    dy = normal(layer.apply(params, x).shape, jnp.float32, 1)
+    expected = vjp_reference(layer.apply, params, x, dy)
+    assert_close_tree(jax.jit(layer.backward)(params, residuals, dy), expected, jnp.float32)
+    wrapped = engines.with_manual_vjp(layer)
+    per_example = jax.vmap(jax.grad(lambda x1: jnp.sum(wrapped(params, x1[None]) ** 2)))(x)
+    by_jax = jax.vmap(jax.grad(lambda x1: jnp.sum(layer.apply(params, x1[None]) ** 2)))(x)
+    assert_close_tree(per_example, by_jax, jnp.float32)
