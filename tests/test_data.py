@@ -246,21 +246,16 @@ def test_usps_bad_values_are_refused(data_dir, monkeypatch, labels, pixel, expec
     assert str(path) in str(info.value)
 
 
-def test_usps_short_line_is_refused(data_dir, monkeypatch):
-    lines = ["1 " + " ".join(["-1"] * 256), "2 " + " ".join(["-1"] * 255)]
+@pytest.mark.parametrize("last_fields, expected", [
+    ([], "line 2: expected 257 numbers, found 256"),
+    (["x"], "line 2: expected 257 numbers, found a non-number"),
+])
+def test_usps_malformed_line_is_refused(data_dir, monkeypatch, last_fields, expected):
+    lines = ["1 " + " ".join(["-1"] * 256), "2 " + " ".join(["-1"] * 255 + last_fields)]
     content = gzip.compress("\n".join(lines).encode())
     _place(data_dir, "usps/zip.test.gz", content)
     _register(monkeypatch, "usps/zip.test.gz", content)
-    with pytest.raises(data.DataError, match="line 2: expected 257 numbers, found 256"):
-        data.load_usps("test")
-
-
-def test_usps_non_number_is_refused(data_dir, monkeypatch):
-    lines = ["1 " + " ".join(["-1"] * 256), "2 " + " ".join(["-1"] * 255 + ["x"])]
-    content = gzip.compress("\n".join(lines).encode())
-    _place(data_dir, "usps/zip.test.gz", content)
-    _register(monkeypatch, "usps/zip.test.gz", content)
-    with pytest.raises(data.DataError, match="line 2: expected 257 numbers, found a non-number"):
+    with pytest.raises(data.DataError, match=expected):
         data.load_usps("test")
 
 

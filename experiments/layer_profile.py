@@ -1,0 +1,239 @@
+"""Where the time of a training step goes, layer by layer: the hand-written backward beside
+jax's, for every layer of the benchmark's models.
+
+    python -m experiments.layer_profile [--workdir DIR] [--models lenet5,mlp,...]
+        [--size full|smallest] [--repeats 10] [--seed 0]
+
+For each model of the bench's engine family (`experiments.bench`, at its sizes: the MLP
+784-1024-1024-10 and the residual MLP at batch 256, LeNet-1989 at batch 64, LeNet-5 at batch
+128, the 2-block transformer at batch 32), each top-level layer is run on its own input (the
+previous layer's output at a random batch) and a random dE/dy of its output's shape, and
+three jitted functions are timed, compile apart (`training.benchmark`):
+
+  forward             layer.apply(params, x);
+  manual backward     layer.backward(params, residuals, dy) -> (dparams, dx), the residuals
+                      being those of layer.forward;
+  autodiff backward   the pullback of jax.vjp(layer.apply, params, x) applied to dy (the pullback
+                      is a pytree of jax's residuals, passed to the jitted call as an argument).
+
+`parameters` (free) and `macs` (multiply-adds of the whole batch's forward) are
+`nets.count_model`'s, and `forward_gflops` the forward's rate, 2 macs / forward_s (None
+without multiply-adds). The two
+backwards are timed alternately in one process; `ratio` is manual over autodiff. Both
+give dparams and dx (dx not for token ids), and `max_rel_err` is the largest relative error
+between their results (norm ratios per tensor; float32), so a fast but wrong backward shows.
+`manual_residual_bytes` is what layer.forward keeps for the backward; `autodiff_residual_bytes`
+what jax's pullback keeps, less the parameters it holds (the manual backward is handed them).
+Per model, the layers' sums, and the whole step (value and gradient of the objective) with
+each engine, timed alternately as the bench does: the difference from the sum is what XLA
+gains by compiling the layers together, and the objective.
+
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-04, 62 s; `jit(a @ b)` about 140 GFLOP/s that
+hour): manual over jax's backward summed over the layers, MLP 1.00, LeNet-1989 0.73 (H2 0.66),
+LeNet-5 1.02 (layers 0.63-1.15), residual MLP 1.00, transformer 0.92 (attention 0.81-0.84);
+the whole steps 0.98, 0.89, 0.94, 1.04 and 0.81; largest relative error 5.0e-7. Activations
+keep half of jax's residuals, attention 0.58 of them, convolutions 1.14-1.17x.
+
+Writes results.json ("layers": one row per layer; "models": the sums and the whole steps),
+results.md and layer_profile.png (per model, the two backwards' times per layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from experiments import bench
+from nets.gradcheck import relative_error
+from training import benchmark, plots, results
+from training.config import option, parse, run_main
+from training.harness import open_run
+
+EXPERIMENT = "layer_profile"
+
+MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = option((), "comma-separated models to profile (default: all)",
+                                     choices=MODELS)
+    size: str = option("full", "full: the bench's sizes; smallest: tiny sizes for smoke tests",
+                       choices=("full", "smallest"))
+    repeats: int = option(10, "timed samples of each function", ge=1)
+    seed: int = option(0, "seed of the parameters, the batch and the dE/dy")
+
+
+def model_cases(sizes: bench.Sizes) -> dict:
+    """{name in MODELS: (label, model, objective, input shape, batch)}: the bench's engine
+    cases, LeNet-1989 at its largest batch."""
+    cases = bench.engine_cases(sizes)
+    lenet1989 = max((c for c in cases if c[0].startswith("lenet1989/")), key=lambda c: c[4])
+    pick = {"mlp": "mlp_", "lenet5": "lenet5/", "residual_mlp": "residual_mlp_",
+            "transformer": "transformer_"}
+    chosen = {name: next(c for c in cases if c[0].startswith(prefix))
+              for name, prefix in pick.items()}
+    return {name: (lenet1989 if name == "lenet1989" else chosen[name]) for name in MODELS}
+
+
+def _nbytes(tree, excluding=()) -> int:
+    skip = {id(leaf) for leaf in jax.tree.leaves(excluding)}
+    return sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)
+               if id(leaf) not in skip)
+
+
+def _largest_relative_error(manual, autodiff) -> float:
+    return max((relative_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(autodiff))),
+               default=0.0)
+
+
+def profile_layer(layer: nets.Layer, params, x, dy, repeats: int) -> dict:
+    """One row: the three functions of the module docstring timed on (params, x, dy)."""
+    floating_input = jnp.issubdtype(x.dtype, jnp.floating)
+    forward, forward_compile = benchmark.compile_jitted(layer.apply, params, x)
+    forward_time = benchmark.time_calls(forward, (params, x), repeats, compile_s=forward_compile)
+    y, residuals = jax.jit(layer.forward)(params, x)
+    manual, manual_compile = benchmark.compile_jitted(layer.backward, params, residuals, dy)
+    if floating_input:
+        _, pullback = jax.vjp(layer.apply, params, x)
+    else:
+        _, pullback = jax.vjp(lambda p: layer.apply(p, x), params)
+
+    def pull(pullback, dy):
+        return pullback(dy)
+
+    autodiff, autodiff_compile = benchmark.compile_jitted(pull, pullback, dy)
+    manual_time, autodiff_time = benchmark.compare(manual, (params, residuals, dy), autodiff,
+                                                   (pullback, dy), repeats)
+    dparams, dx = manual(params, residuals, dy)
+    expected = autodiff(pullback, dy)
+    error = _largest_relative_error((dparams, dx) if floating_input else (dparams,), expected)
+    counted = nets.count_model(layer, (-1, *x.shape[1:]))
+    return {
+        "layer": layer.name,
+        "input_shape": list(x.shape), "output_shape": list(y.shape),
+        "parameters": counted.params, "macs": counted.macs * x.shape[0],
+        "forward_gflops": (2e-9 * counted.macs * x.shape[0] / forward_time.median_s
+                           if counted.macs else None),
+        "forward_s": forward_time.median_s,
+        "manual_backward_s": manual_time.median_s,
+        "autodiff_backward_s": autodiff_time.median_s,
+        "ratio": manual_time.median_s / autodiff_time.median_s,
+        "manual_p10_s": manual_time.p10_s, "manual_p90_s": manual_time.p90_s,
+        "autodiff_p10_s": autodiff_time.p10_s, "autodiff_p90_s": autodiff_time.p90_s,
+        "compile_s": {"forward": forward_compile, "manual": manual_compile,
+                      "autodiff": autodiff_compile},
+        "manual_residual_bytes": _nbytes(residuals),
+        "autodiff_residual_bytes": _nbytes(pullback, excluding=params),
+        "max_rel_err": error,
+    }
+
+
+def whole_steps(model, objective, params, x, targets, repeats: int) -> dict:
+    """The value and gradient of the objective with each engine, timed alternately."""
+    functions = [benchmark.compile_jitted(nets.get_engine(name)(model, objective), params, x,
+                                          targets) for name in ("manual", "autodiff")]
+    (manual, manual_compile), (autodiff, autodiff_compile) = functions
+    args = (params, x, targets)
+    manual_time, autodiff_time = benchmark.compare(manual, args, autodiff, args, repeats)
+    return {"step_manual_s": manual_time.median_s, "step_autodiff_s": autodiff_time.median_s,
+            "step_ratio": manual_time.median_s / autodiff_time.median_s,
+            "step_compile_s": {"manual": manual_compile, "autodiff": autodiff_compile}}
+
+
+def profile_model(name: str, case, seed: int, repeats: int, say=print) -> tuple[list, dict]:
+    """(one row per top-level layer, the model's totals)."""
+    label, model, objective, input_shape, batch = case
+    key = jax.random.key(seed)
+    params, x, targets = bench.random_problem(model, input_shape, batch, key)
+    inputs = [x] + [output for _, output in nets.layer_outputs(model, params, x)]
+    rows = []
+    for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
+        y = inputs[index + 1]
+        dy = jax.random.normal(jax.random.fold_in(key, 100 + index), y.shape, y.dtype)
+        row = profile_layer(layer, layer_params, inputs[index], dy, repeats)
+        rows.append({"model": name, "case": label, "index": index, **row})
+        say(f"{name}: {layer.name} manual {row['manual_backward_s'] * 1e3:.3f} ms, autodiff "
+            f"{row['autodiff_backward_s'] * 1e3:.3f} ms")
+    totals = {"model": name, "case": label, "layers": len(rows),
+              **{f"sum_{key}": sum(r[key] for r in rows)
+                 for key in ("forward_s", "manual_backward_s", "autodiff_backward_s",
+                             "manual_residual_bytes", "autodiff_residual_bytes")},
+              **whole_steps(model, objective, params, x, targets, repeats)}
+    totals["sum_ratio"] = totals["sum_manual_backward_s"] / totals["sum_autodiff_backward_s"]
+    return rows, totals
+
+
+def plot_panels(rows: list[dict], models: list[str]) -> list[dict]:
+    panels = []
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        panels.append({"title": mine[0]["case"], "log": True, "ylabel": "seconds (median)",
+                       "groups": [r["layer"] for r in mine],
+                       "series": {"forward": [r["forward_s"] for r in mine],
+                                  "manual backward": [r["manual_backward_s"] for r in mine],
+                                  "jax.vjp backward": [r["autodiff_backward_s"] for r in mine]}})
+    return panels
+
+
+def render(rows: list[dict], totals: list[dict], workdir) -> str:
+    def ms(seconds):
+        return round(seconds * 1e3, 4)
+
+    layer_rows = [{"model": r["model"], "layer": r["layer"],
+                   "input": "x".join(map(str, r["input_shape"])),
+                   "forward ms": ms(r["forward_s"]),
+                   "fwd GFLOP/s": (None if r["forward_gflops"] is None
+                                   else round(r["forward_gflops"], 1)),
+                   "manual bwd ms": ms(r["manual_backward_s"]),
+                   "jax.vjp bwd ms": ms(r["autodiff_backward_s"]),
+                   "manual/jax": round(r["ratio"], 3),
+                   "residual KB manual / jax": f"{r['manual_residual_bytes'] / 1024:.1f} / "
+                                               f"{r['autodiff_residual_bytes'] / 1024:.1f}",
+                   "max rel err": f"{r['max_rel_err']:.1e}"} for r in rows]
+    total_rows = [{"model": t["case"], "layers' forward ms": ms(t["sum_forward_s"]),
+                   "layers' manual bwd ms": ms(t["sum_manual_backward_s"]),
+                   "layers' jax.vjp bwd ms": ms(t["sum_autodiff_backward_s"]),
+                   "layers' manual/jax": round(t["sum_ratio"], 3),
+                   "step manual ms": ms(t["step_manual_s"]),
+                   "step jax.grad ms": ms(t["step_autodiff_s"]),
+                   "step manual/jax": round(t["step_ratio"], 3)} for t in totals]
+    return ("Per layer (medians; the two backwards timed alternately):\n\n"
+            + results.markdown_table(layer_rows)
+            + "\nPer model: the layers' sums, and the whole value-and-gradient step:\n\n"
+            + results.markdown_table(total_rows) + f"\nResults in {workdir}\n")
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    run = open_run(EXPERIMENT, config, args, compilation_cache=False)
+    cases = model_cases(bench.SMALLEST if config.size == "smallest" else bench.Sizes())
+    names = [name for name in MODELS if not config.models or name in config.models]
+    rows, totals = [], []
+    for name in names:
+        model_rows, model_totals = profile_model(name, cases[name], config.seed, config.repeats)
+        rows += model_rows
+        totals.append(model_totals)
+    metrics_out = {
+        "layers": len(rows),
+        "max_rel_err": max(r["max_rel_err"] for r in rows),
+        "layers_manual_faster": sum(r["ratio"] < 1 for r in rows),
+        "sum_ratio": {t["model"]: t["sum_ratio"] for t in totals},
+        "step_ratio": {t["model"]: t["step_ratio"] for t in totals},
+    }
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out, [],
+                          {"compile": sum(sum(r["compile_s"].values()) for r in rows)},
+                          layers=rows, models=totals, threads=benchmark.thread_settings(),
+                          device=bench.device_name())
+    plots.save_grouped_bars(run.workdir / "layer_profile.png", plot_panels(rows, names),
+                            title="per layer: forward and the two backwards")
+    results.save_and_print_table(run.workdir, render(rows, totals, run.workdir))
+    return metrics_out
+
+
+if __name__ == "__main__":
+    run_main(main, EXPERIMENT)
