@@ -44,11 +44,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import nets
 from experiments import bench
 from nets.gradcheck import relative_error
-from training import benchmark, plots, results
+from training import benchmark, logbook, plots, results
 from training.config import option, parse, run_main
 from training.harness import open_run
 
@@ -145,8 +146,9 @@ def whole_steps(model, objective, params, x, targets, repeats: int) -> dict:
             "step_compile_s": {"manual": manual_compile, "autodiff": autodiff_compile}}
 
 
-def profile_model(name: str, case, seed: int, repeats: int, say=print) -> tuple[list, dict]:
-    """(one row per top-level layer, the model's totals)."""
+def profile_model(name: str, case, seed: int, repeats: int,
+                  layer_done=lambda: None) -> tuple[list, dict]:
+    """(one row per top-level layer, the model's totals); `layer_done()` after each layer."""
     label, model, objective, input_shape, batch = case
     key = jax.random.key(seed)
     params, x, targets = bench.random_problem(model, input_shape, batch, key)
@@ -157,8 +159,7 @@ def profile_model(name: str, case, seed: int, repeats: int, say=print) -> tuple[
         dy = jax.random.normal(jax.random.fold_in(key, 100 + index), y.shape, y.dtype)
         row = profile_layer(layer, layer_params, inputs[index], dy, repeats)
         rows.append({"model": name, "case": label, "index": index, **row})
-        say(f"{name}: {layer.name} manual {row['manual_backward_s'] * 1e3:.3f} ms, autodiff "
-            f"{row['autodiff_backward_s'] * 1e3:.3f} ms")
+        layer_done()
     totals = {"model": name, "case": label, "layers": len(rows),
               **{f"sum_{key}": sum(r[key] for r in rows)
                  for key in ("forward_s", "manual_backward_s", "autodiff_backward_s",
@@ -214,10 +215,19 @@ def main(argv=None):
     cases = model_cases(bench.SMALLEST if config.size == "smallest" else bench.Sizes())
     names = [name for name in MODELS if not config.models or name in config.models]
     rows, totals = [], []
+    bar = (tqdm(total=sum(len(cases[name][1].sublayers) for name in names), unit="layer")
+           if logbook.interactive() else None)
     for name in names:
-        model_rows, model_totals = profile_model(name, cases[name], config.seed, config.repeats)
+        if bar is None:
+            print(f"layer_profile: {name} ...", flush=True)
+        else:
+            bar.set_description(name)
+        model_rows, model_totals = profile_model(name, cases[name], config.seed, config.repeats,
+                                                 (lambda: None) if bar is None else bar.update)
         rows += model_rows
         totals.append(model_totals)
+    if bar is not None:
+        bar.close()
     metrics_out = {
         "layers": len(rows),
         "max_rel_err": max(r["max_rel_err"] for r in rows),
