@@ -6,7 +6,8 @@ jax's, for every layer of the benchmark's models.
 
 For each model of the bench's engine family (`experiments.bench`, at its sizes: the MLP
 784-1024-1024-10 and the residual MLP at batch 256, LeNet-1989 at batch 64, LeNet-5 at batch
-128, the 2-block transformer at batch 32), each top-level layer is run on its own input (the
+128, the 2-block transformer at batch 32) and AlexNet (two towers, 227x227x3, batch 2; 10
+classes), each top-level layer is run on its own input (the
 previous layer's output at a random batch) and a random dE/dy of its output's shape, and
 three jitted functions are timed, compile apart (`training.benchmark`):
 
@@ -32,7 +33,9 @@ Measured on the 2-core CPU (jax 0.10.2, 2026-12-04, 62 s; `jit(a @ b)` about 140
 hour): manual over jax's backward summed over the layers, MLP 1.00, LeNet-1989 0.73 (H2 0.66),
 LeNet-5 1.02 (layers 0.63-1.15), residual MLP 1.00, transformer 0.92 (attention 0.81-0.84);
 the whole steps 0.98, 0.89, 0.94, 1.04 and 0.81; largest relative error 5.0e-7. Activations
-keep half of jax's residuals, attention 0.58 of them, convolutions 1.14-1.17x.
+keep half of jax's residuals, attention 0.58 of them, convolutions 1.14-1.17x. AlexNet (56 s
+alone): the layers 0.98, the step 0.84; it showed the LRN's backward at 7x jax's (3.0 against
+0.43 ms for conv1's), since made 5x faster with its forward (nets.LocalResponseNorm).
 
 Writes results.json ("layers": one row per layer; "models": the sums and the whole steps),
 results.md and layer_profile.png (per model, the two backwards' times per layer).
@@ -55,7 +58,7 @@ from training.harness import open_run
 
 EXPERIMENT = "layer_profile"
 
-MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer")
+MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer", "alexnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +71,24 @@ class Config:
     seed: int = option(0, "seed of the parameters, the batch and the dE/dy")
 
 
+def alexnet_case(smallest: bool):
+    """AlexNet in two towers with 10 classes (the bench's random problems have 10): at full
+    size (227x227x3) batch 2, or at the smallest size its strides allow (67x67x3) batch 1."""
+    side, batch = (67, 1) if smallest else (227, 2)
+    return (f"alexnet_{side}x{side}/b{batch}", nets.models.alexnet(num_classes=10),
+            nets.Objective(nets.softmax_cross_entropy(), 0.0), (side, side, 3), batch)
+
+
 def model_cases(sizes: bench.Sizes) -> dict:
     """{name in MODELS: (label, model, objective, input shape, batch)}: the bench's engine
-    cases, LeNet-1989 at its largest batch."""
+    cases, LeNet-1989 at its largest batch, and `alexnet_case`."""
     cases = bench.engine_cases(sizes)
     lenet1989 = max((c for c in cases if c[0].startswith("lenet1989/")), key=lambda c: c[4])
     pick = {"mlp": "mlp_", "lenet5": "lenet5/", "residual_mlp": "residual_mlp_",
             "transformer": "transformer_"}
     chosen = {name: next(c for c in cases if c[0].startswith(prefix))
               for name, prefix in pick.items()}
-    return {name: (lenet1989 if name == "lenet1989" else chosen[name]) for name in MODELS}
+    return {**chosen, "lenet1989": lenet1989, "alexnet": alexnet_case(sizes == bench.SMALLEST)}
 
 
 def _nbytes(tree, excluding=()) -> int:

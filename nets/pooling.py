@@ -267,6 +267,15 @@ def Flatten(name: str = "Flatten") -> Layer:
     return Layer(name, init, forward, backward, curvature=backward)
 
 
+def _negative_power(d: jax.Array, beta: float) -> jax.Array:
+    """d^(-beta) for d > 0; the paper's beta = 3/4 as two reciprocal square roots, 1/sqrt(d)
+    1/sqrt(sqrt(d)): 3.7x faster than the power on the 2-core CPU (0.46 against 1.7 ms for
+    AlexNet's first LRN at batch 2), within 2.1e-7 of it in float32."""
+    if beta == 0.75:
+        return lax.rsqrt(d) * lax.rsqrt(lax.sqrt(d))
+    return d ** -beta
+
+
 def LocalResponseNorm(
     size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
     name: str = "LocalResponseNorm",
@@ -278,7 +287,8 @@ def LocalResponseNorm(
     As in the paper, alpha multiplies the sum itself (Caffe and TensorFlow's AlexNet divide it
     by size); defaults are the paper's k = 2, n = 5, alpha = 1e-4, beta = 0.75. size must be
     odd, so that the window is centred.
-    Backward: since c is in the window of j exactly when j is in the window of c,
+    Residuals x, d and d^(-beta) (the backward then needs no power). Backward: since c is in
+    the window of j exactly when j is in the window of c,
         dx[c] = dy[c] d[c]^(-beta)
                 - 2 alpha beta x[c] sum_{j in window(c)} dy[j] x[j] d[j]^(-beta - 1).
     Curvature, sum_j J_jc^2 d2y[j] with J_jc = delta_jc d[j]^(-beta) - 2 alpha beta x[j] x[c]
@@ -291,8 +301,11 @@ def LocalResponseNorm(
     radius = size // 2
 
     def channel_window_sum(values):
-        return lax.reduce_window(values, np.zeros((), values.dtype), lax.add, (1, 1, 1, size),
-                                 (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (radius, radius)))
+        """sum_{j in window(c)} values[..., j], as `size` shifted slices of the zero-padded
+        values (XLA:CPU's reduce_window over the channel axis took 2x as long)."""
+        channels = values.shape[-1]
+        padded = jnp.pad(values, ((0, 0), (0, 0), (0, 0), (radius, radius)))
+        return sum(padded[..., j:j + channels] for j in range(size))
 
     def init(key, input_shape):
         del key
@@ -303,19 +316,21 @@ def LocalResponseNorm(
         del params
         check_image_input(name, x.shape)
         d = k + alpha * channel_window_sum(x * x)
-        return x * d ** -beta, (x, d)
+        d_power = _negative_power(d, beta)
+        return x * d_power, (x, d, d_power)
 
     def backward(params, residuals, dy):
         del params
-        x, d = residuals
-        scaled = dy * x * d ** (-beta - 1)
-        return (), dy * d ** -beta - 2 * alpha * beta * x * channel_window_sum(scaled)
+        x, d, d_power = residuals
+        scaled = dy * x * d_power / d
+        return (), dy * d_power - 2 * alpha * beta * x * channel_window_sum(scaled)
 
     def curvature(params, residuals, d2y):
         del params
-        x, d = residuals
-        window_terms = channel_window_sum(d2y * x * x * d ** (-2 * beta - 2))
-        return (), (d2y * d ** (-2 * beta) * (1 - 4 * alpha * beta * x * x / d)
+        x, d, d_power = residuals
+        squared = d_power * d_power
+        window_terms = channel_window_sum(d2y * x * x * squared / (d * d))
+        return (), (d2y * squared * (1 - 4 * alpha * beta * x * x / d)
                     + 4 * (alpha * beta) ** 2 * x * x * window_terms)
 
     return Layer(name, init, forward, backward, curvature=curvature)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
-from experiments import layer_profile
+from experiments import bench, layer_profile
 from nets.gradcheck import TOLERANCES
 
 
@@ -53,3 +53,11 @@ def test_a_wrong_backward_shows_in_the_relative_error():
     dy = jnp.ones((5, 3), jnp.float32)
     assert layer_profile.profile_layer(dense, params, x, dy, 2)["max_rel_err"] <= 1e-6
     assert abs(layer_profile.profile_layer(wrong, params, x, dy, 2)["max_rel_err"] - 0.5) < 1e-6
+
+
+def test_alexnet_is_profiled_at_full_size_or_the_smallest_its_strides_allow():
+    full = layer_profile.model_cases(bench.Sizes())["alexnet"]
+    small = layer_profile.model_cases(bench.SMALLEST)["alexnet"]
+    assert (full[3], full[4]) == ((227, 227, 3), 2) and (small[3], small[4]) == ((67, 67, 3), 1)
+    counted = nets.count_model(full[1], (-1, *full[3]))  # shapes only, nothing allocated
+    assert tuple(counted.layers[-1].output_shape)[1:] == (10,)
