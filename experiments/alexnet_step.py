@@ -25,17 +25,16 @@ examples_per_s, temp_bytes, loss_first, loss_last, float64_max_error, float64_pa
 float32_max_error, float32_passed, device; "history": the loss per step; "gradient_errors":
 per leaf), results.md and loss.png.
 
-Expected on the 2-core CPU (jax 0.10.2, batch 2, dropout, 2026-12-02): 38 s in all; the
-step compiles in 2.5 s and takes 0.41-0.45 s (4.4-4.8 examples/s, 33 MB of XLA temporaries); the
-loss on the batch 8.47, 2.31, 1.19, 0.31, 1.26 over 5 steps (each step draws new masks);
-manual vs jax.grad at most 9.9e-16 in float64 and 4.5e-7 in float32 (conv1.w); on 2026-12-04,
-after the LRN's power became two reciprocal square roots, 1.0e-15 and 4.6e-7, a step 0.48 s
-(35 s in all), the same losses. Both float32
-gradients are up to 1e-2 from the float64 one, identically (`gradient_errors`: max-pool
-ties that only float32 has). At the paper's batch on the same CPU (--batch 128 --steps 3
---repeats 3 --no-check-gradient, 2026-12-04): 2 min 54 s in all, compile 2.7 s, a step 20.2 s
-(6.3 examples/s), 2.08 GB of XLA temporaries, 5.4 GB peak resident memory, loss 7.99, 7.72,
-7.67. No GPU has run it yet: a GPU session runs the defaults (batch 128) and adds its
+Expected on the 2-core CPU (jax 0.10.2, batch 2, dropout, 2026-12-04): 35 s in all; the
+step compiles in 2.3 s and takes 0.25 s (8.0 examples/s, 34 MB of XLA temporaries); the loss
+on the batch 8.47, 2.31, 1.19, 0.31, 1.26 over 5 steps (each step draws new masks); manual vs
+jax.grad at most 1.0e-15 in float64 and 4.6e-7 in float32 (conv1.w). Both float32 gradients
+are up to 1e-2 from the float64 one, identically (`gradient_errors`: max-pool ties that only
+float32 has). At the paper's batch on the same CPU (--batch 128 --steps 3 --repeats 3
+--no-check-gradient): compile 2.8 s, a step 9.1 s (14.0 examples/s), 2.17 GB of XLA
+temporaries, loss 7.99, 7.72, 7.67. Before the grouped convolutions ran group by group and the
+LRN without a power (both 2026-12-04) a step took 0.41-0.45 s at batch 2 and 20.2 s at 128.
+No GPU has run it yet: a GPU session runs the defaults (batch 128) and adds its
 numbers to README.md.
 """
 from __future__ import annotations

@@ -34,8 +34,10 @@ hour): manual over jax's backward summed over the layers, MLP 1.00, LeNet-1989 0
 LeNet-5 1.02 (layers 0.63-1.15), residual MLP 1.00, transformer 0.92 (attention 0.81-0.84);
 the whole steps 0.98, 0.89, 0.94, 1.04 and 0.81; largest relative error 5.0e-7. Activations
 keep half of jax's residuals, attention 0.58 of them, convolutions 1.14-1.17x. AlexNet (56 s
-alone): the layers 0.98, the step 0.84; it showed the LRN's backward at 7x jax's (3.0 against
-0.43 ms for conv1's), since made 5x faster with its forward (nets.LocalResponseNorm).
+alone) showed its LRN's backward at 7x jax's (3.0 against 0.43 ms for conv1's) and its grouped
+convolutions' backwards at 28-82 ms (XLA:CPU's grouped convolutions); both since fixed
+(nets.LocalResponseNorm, nets.conv._group_by_group): the layers 0.93, the step 0.87, the
+manual step 302 -> 181 ms.
 
 Writes results.json ("layers": one row per layer; "models": the sums and the whole steps),
 results.md and layer_profile.png (per model, the two backwards' times per layer).

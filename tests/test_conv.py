@@ -528,3 +528,29 @@ def test_bad_arguments_are_refused_by_name(arguments, message):
     arguments = {"out_channels": 4, "kernel_size": 3, **arguments}
     with pytest.raises(ValueError, match="C: " + message):
         conv.Conv2D(name="C", **arguments)
+
+
+@pytest.mark.parametrize("stride, kernel, groups", [((1, 1), (3, 3), 2), ((2, 3), (4, 2), 3),
+                                                    ((3, 3), (5, 5), 1)])
+def test_group_by_group_products_are_lax_grouped_convolution_and_its_vjp(stride, kernel,
+                                                                         groups):
+    """y of the "conv" layer, dw and dx, each computed one group at a time, against lax's
+    grouped convolution (feature_group_count) and jax.vjp of it, float64."""
+    rng = np.random.default_rng(12)
+    xp = jnp.asarray(rng.standard_normal((2, 13, 11, 6)))
+    w = jnp.asarray(rng.standard_normal((*kernel, 6 // groups, 6)))
+
+    def grouped(xp, w):
+        return jax.lax.conv_general_dilated(xp, w, stride, "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
+
+    y, pullback = jax.vjp(grouped, xp, w)
+    dy = jnp.asarray(rng.standard_normal(y.shape))
+    expected_dxp, expected_dw = pullback(dy)
+    layer = conv.Conv2D(6, kernel, stride=stride, feature_group_count=groups)
+    assert relative_error(layer.apply({"w": w, "b": jnp.zeros(6)}, xp), y) <= F64
+    assert relative_error(conv.conv2d_backward_kernel(xp, dy, kernel, stride, groups),
+                          expected_dw) <= F64
+    assert relative_error(conv.conv2d_backward_input(dy, w, stride, xp.shape[1:3], groups),
+                          expected_dxp) <= F64
