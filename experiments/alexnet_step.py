@@ -9,7 +9,9 @@ N(0, 1) images with random labels (no ImageNet here; the point is the full-size 
 accuracy). --batch 0 takes the paper's 128 on a GPU and 2 on a CPU.
 
 Reported: the compile time apart from the steady-state step time (median of --repeats timed
-calls after warm-up, `training.benchmark.time_calls`), examples per second, XLA's temporary
+steps after the --steps of the loss curve, each taking the state the previous one returned,
+with the parameters and momentum donated so that they are updated in place, as in a training
+loop; `training.benchmark.time_chained`), examples per second, XLA's temporary
 memory for the compiled step, and the softmax cross-entropy over --steps successive steps on
 the same batch (it must fall: the net memorises the batch). Before training, the manual
 gradient at full size is set beside jax.grad's on the same batch, leaf by leaf, in float64
@@ -26,14 +28,18 @@ float32_max_error, float32_passed, device; "history": the loss per step; "gradie
 per leaf), results.md and loss.png.
 
 Expected on the 2-core CPU (jax 0.10.2, batch 2, dropout, 2026-12-04): 35 s in all; the
-step compiles in 2.3 s and takes 0.25 s (8.0 examples/s, 34 MB of XLA temporaries); the loss
-on the batch 8.47, 2.31, 1.19, 0.31, 1.26 over 5 steps (each step draws new masks); manual vs
-jax.grad at most 1.0e-15 in float64 and 4.6e-7 in float32 (conv1.w). Both float32 gradients
-are up to 1e-2 from the float64 one, identically (`gradient_errors`: max-pool ties that only
-float32 has). At the paper's batch on the same CPU (--batch 128 --steps 3 --repeats 3
---no-check-gradient): compile 2.8 s, a step 9.1 s (14.0 examples/s), 2.17 GB of XLA
-temporaries, loss 7.99, 7.72, 7.67. Before the grouped convolutions ran group by group and the
-LRN without a power (both 2026-12-04) a step took 0.41-0.45 s at batch 2 and 20.2 s at 128.
+step compiles in 3.3 s and takes 0.22 s (9.1 examples/s); the loss on the batch 8.47, 2.31,
+1.19, 0.31, 1.26 over 5 steps (each step draws new masks); manual vs jax.grad at most 1.0e-15
+in float64 and 4.6e-7 in float32 (conv1.w). Both float32 gradients are up to 1e-2 from the
+float64 one, identically (`gradient_errors`: max-pool ties that only float32 has). XLA's
+temporaries are 253 MB: updating in place, it keeps copies of weights the backward still
+reads (fc6's are 151 MB); without donation they were 34 MB, and the new parameters and
+momentum, 488 MB, were fresh outputs. At the paper's batch on the same CPU (--batch 128
+--steps 3 --repeats 3 --no-check-gradient): a step 10.1 s (9.7-10.2 s; 12.7 examples/s),
+2.18 GB of XLA temporaries, loss 7.99, 7.72, 7.67; the same step without donation took
+9.4-11.3 s alternated with it in one process (9.4-9.7 s with). Before the grouped
+convolutions ran group by group and the LRN without a power (both 2026-12-04) a step took
+0.41-0.45 s at batch 2 and 20.2 s at 128.
 No GPU has run it yet: a GPU session runs the defaults (batch 128) and adds its
 numbers to README.md.
 """
@@ -174,18 +180,22 @@ def main(argv=None) -> dict:
     errors = (gradient_errors(model, objective, params, x, targets, step_key(0))
               if config.check_gradient else [])
 
+    parameter_count = sum(leaf.size for leaf in jax.tree.leaves(params))
     optimizer = paper_optimizer(config.lr)
     opt_state = optimizer.init(params)
+    # The parameters and the optimizer state are donated: each step updates them in place,
+    # as a training loop would (at batch 2, 228-230 against 274-284 ms a step without).
     step, compile_s = benchmark.compile_jitted(training_step(model, objective, optimizer),
-                                               params, opt_state, x, targets, step_key(0))
-    timing = benchmark.time_calls(step, (params, opt_state, x, targets, step_key(0)),
-                                  config.repeats, compile_s=compile_s)
+                                               params, opt_state, x, targets, step_key(0),
+                                               donate_argnums=(0, 1))
     history, state = [], (params, opt_state)
     for index in range(config.steps):
         *state, loss = step(*state, x, targets, step_key(index))
         history.append({"step": index, "loss": float(loss)})
+    timing, *_ = benchmark.time_chained(step, tuple(state), (x, targets, step_key(0)),
+                                        config.repeats, compile_s=compile_s)
 
-    metrics = {"params": sum(leaf.size for leaf in jax.tree.leaves(params)), "batch": batch,
+    metrics = {"params": parameter_count, "batch": batch,
                "step_s": timing.median_s, "step_p10_s": timing.p10_s,
                "step_p90_s": timing.p90_s, "compile_s": compile_s,
                "examples_per_s": batch / timing.median_s,

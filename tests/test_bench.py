@@ -4,6 +4,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import nets
@@ -66,6 +67,22 @@ def test_short_calls_are_timed_several_to_a_sample():
     assert 5e-4 <= fast.median_s < 3e-3 <= slow.median_s
     alone = benchmark.time_calls(short, (), repeats=10)
     assert 2 <= alone.calls_per_sample <= 4 and alone.repeats == 10
+
+
+def test_chained_steps_take_the_previous_state_and_may_donate_it():
+    """Each call gets the state the previous one returned: 2 warm-up and 3 timed increments
+    of a counter, with the counter's buffer donated (a reused donated buffer would raise)."""
+    def step(count, total, increment):
+        return count + 1, total + increment, count
+
+    start = (jnp.zeros((), jnp.int32), jnp.zeros(3))
+    compiled, compile_s = benchmark.compile_jitted(step, *start, jnp.ones(3),
+                                                   donate_argnums=(0, 1))
+    timing, state, extras = benchmark.time_chained(compiled, start, (jnp.ones(3),), repeats=3,
+                                                   warmup=2, compile_s=compile_s)
+    assert int(state[0]) == 5 and state[1].tolist() == [5.0, 5.0, 5.0]
+    assert [int(e) for e in extras] == [2, 3, 4]
+    assert timing.repeats == 3 and timing.compile_s == compile_s > 0
 
 
 class FakeCuda:

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["Measurement", "MIN_SAMPLE_S", "compile_jitted", "time_calls", "compare",
-           "thread_settings"]
+__all__ = ["Measurement", "MIN_SAMPLE_S", "compile_jitted", "time_calls", "time_chained",
+           "compare", "thread_settings"]
 
 MIN_SAMPLE_S = 2e-3
 
@@ -53,10 +53,13 @@ class Measurement:
                    calls_per_sample)
 
 
-def compile_jitted(function: Callable, *args: Any) -> tuple[Callable, float]:
-    """(compiled function, seconds to lower and compile it for these arguments)."""
+def compile_jitted(function: Callable, *args: Any,
+                   donate_argnums: tuple[int, ...] = ()) -> tuple[Callable, float]:
+    """(compiled function, seconds to lower and compile it for these arguments); the
+    arguments at `donate_argnums` are donated (`jax.jit`): their buffers may hold the
+    results, and a call leaves them unusable."""
     start = time.perf_counter()
-    compiled = jax.jit(function).lower(*args).compile()
+    compiled = jax.jit(function, donate_argnums=donate_argnums).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -86,6 +89,24 @@ def time_calls(function: Callable, args: tuple, repeats: int = 10, warmup: int =
     calls = _warm_up(function, args, warmup)
     return Measurement.from_samples([_sample(function, args, calls) for _ in range(repeats)],
                                     compile_s, calls)
+
+
+def time_chained(step: Callable, state: tuple, args: tuple, repeats: int = 10, warmup: int = 1,
+                 compile_s: float | None = None) -> tuple[Measurement, tuple, list]:
+    """Time `step(*state, *args) -> (*state, extra)` as a training loop runs it: each call
+    takes the state the previous one returned, so a step compiled with the state donated
+    (`compile_jitted(..., donate_argnums=...)`) updates it in place. `warmup` untimed calls,
+    then `repeats` timed ones, each its own sample. Returns (the measurement, the final
+    state, the `extra` of every timed call)."""
+    for _ in range(warmup):
+        *state, _ = jax.block_until_ready(step(*state, *args))
+    samples, extras = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        *state, extra = jax.block_until_ready(step(*state, *args))
+        samples.append(time.perf_counter() - start)
+        extras.append(extra)
+    return Measurement.from_samples(samples, compile_s), tuple(state), extras
 
 
 def compare(a: Callable, a_args: tuple, b: Callable, b_args: tuple, repeats: int = 10,
