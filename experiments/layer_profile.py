@@ -6,10 +6,11 @@ jax's, for every layer of the benchmark's models.
 
 For each model of the bench's engine family (`experiments.bench`, at its sizes: the MLP
 784-1024-1024-10 and the residual MLP at batch 256, LeNet-1989 at batch 64, LeNet-5 at batch
-128, the 2-block transformer at batch 32) and AlexNet (two towers, 227x227x3, batch 2; 10
-classes), each top-level layer is run on its own input (the
-previous layer's output at a random batch) and a random dE/dy of its output's shape, and
-three jitted functions are timed, compile apart (`training.benchmark`):
+128, the 2-block transformer at batch 32, the LSTM and GRU of its rnn family: hidden 256, 100
+steps, batch 64) and AlexNet (two towers, 227x227x3, batch 2; 10 classes), each top-level
+layer is run on its own input (the previous layer's output at a random batch) and a random
+dE/dy of its output's shape, and three jitted functions are timed, compile apart
+(`training.benchmark`):
 
   forward             layer.apply(params, x);
   manual backward     layer.backward(params, residuals, dy) -> (dparams, dx), the residuals
@@ -37,7 +38,9 @@ keep half of jax's residuals, attention 0.58 of them, convolutions 1.14-1.17x. A
 alone) showed its LRN's backward at 7x jax's (3.0 against 0.43 ms for conv1's) and its grouped
 convolutions' backwards at 28-82 ms (XLA:CPU's grouped convolutions); both since fixed
 (nets.LocalResponseNorm, nets.conv._group_by_group): the layers 0.93, the step 0.87, the
-manual step 302 -> 181 ms.
+manual step 302 -> 181 ms. The LSTM and GRU layers (their BPTT against jax's pullback of
+the scan): 0.89 and 0.89, residuals 52.0 against 77.6 MB and 32.8 against 59.3 MB; their
+whole steps 0.82 and 0.76.
 
 Writes results.json ("layers": one row per layer; "models": the sums and the whole steps),
 results.md and layer_profile.png (per model, the two backwards' times per layer).
@@ -60,7 +63,7 @@ from training.harness import open_run
 
 EXPERIMENT = "layer_profile"
 
-MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer", "alexnet")
+MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer", "alexnet", "lstm", "gru")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +84,28 @@ def alexnet_case(smallest: bool):
             nets.Objective(nets.softmax_cross_entropy(), 0.0), (side, side, 3), batch)
 
 
+def recurrent_case(kind: str, sizes: bench.Sizes):
+    """The bench's rnn family model: one `kind` layer of its hidden size over its steps of
+    RNN_INPUTS features, the last step projected to RNN_OUTPUTS (10), mean squared error."""
+    batch, steps, hidden = sizes.rnn
+    model = nets.recurrent.sequence_model([nets.recurrent.make_cell(kind, hidden)],
+                                          bench.RNN_OUTPUTS, last_step=True)
+    return (f"{kind}_h{hidden}_t{steps}/b{batch}", model,
+            nets.Objective(nets.mean_squared_error(), 0.0), (steps, bench.RNN_INPUTS), batch)
+
+
 def model_cases(sizes: bench.Sizes) -> dict:
     """{name in MODELS: (label, model, objective, input shape, batch)}: the bench's engine
-    cases, LeNet-1989 at its largest batch, and `alexnet_case`."""
+    cases, LeNet-1989 at its largest batch, `alexnet_case` and the rnn family's LSTM and
+    GRU (`recurrent_case`)."""
     cases = bench.engine_cases(sizes)
     lenet1989 = max((c for c in cases if c[0].startswith("lenet1989/")), key=lambda c: c[4])
     pick = {"mlp": "mlp_", "lenet5": "lenet5/", "residual_mlp": "residual_mlp_",
             "transformer": "transformer_"}
     chosen = {name: next(c for c in cases if c[0].startswith(prefix))
               for name, prefix in pick.items()}
-    return {**chosen, "lenet1989": lenet1989, "alexnet": alexnet_case(sizes == bench.SMALLEST)}
+    return {**chosen, "lenet1989": lenet1989, "alexnet": alexnet_case(sizes == bench.SMALLEST),
+            **{kind: recurrent_case(kind, sizes) for kind in ("lstm", "gru")}}
 
 
 def _nbytes(tree, excluding=()) -> int:

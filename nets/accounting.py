@@ -224,8 +224,22 @@ def _self_attention(layer, input_shape, output_shape, params):
             steps * weights + 2 * pairs * features)
 
 
+def _recurrent(layer, input_shape, output_shape, params):
+    """An `rnn` layer (nets.recurrent: Elman, LSTM, GRU) over the T steps of an example: at
+    every step each of the cell's G H weighted sums (G gate blocks of H units: 1 for Elman, 4
+    for the LSTM, 3 for the GRU) reads the step's input and the previous hidden state, F + H
+    weights shared across steps, plus its bias; an LSTM's peepholes add one weight per unit
+    and peephole (3 H) each step. Units: the T G H weighted sums."""
+    _, steps, _ = input_shape
+    fan_in, sums = params["w"].shape
+    peepholes = math.prod(params["p"].shape) if "p" in params else 0
+    weights = fan_in * sums + peepholes
+    return (steps * sums, weights + math.prod(params["b"].shape),
+            steps * (weights + sums), steps * weights)
+
+
 RULES: dict[str, Rule] = {"Dense": _dense, "Embedding": _embedding, "Conv2D": _conv2d,
-                          "Subsampling": _subsampling,
+                          "Subsampling": _subsampling, "rnn": _recurrent,
                           "LayerNorm": _parameters_only, "PositionalEmbedding": _parameters_only,
                           "SelfAttention": _self_attention}
 

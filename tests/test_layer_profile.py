@@ -13,7 +13,7 @@ from nets.gradcheck import TOLERANCES
 
 def test_smallest_run_profiles_every_layer(tmp_path):
     metrics = layer_profile.main(["--workdir", str(tmp_path), "--size", "smallest",
-                                  "--repeats", "2", "--models", "lenet5,transformer"])
+                                  "--repeats", "2", "--models", "lenet5,transformer,lstm"])
     document = json.loads((tmp_path / "results.json").read_text())
     rows = document["layers"]
     lenet5 = [r for r in rows if r["model"] == "lenet5"]
@@ -36,10 +36,12 @@ def test_smallest_run_profiles_every_layer(tmp_path):
     assert kept["C1_act"] == batch * 28 * 28 * 6 * 4
     assert kept["S2"] == batch * 14 * 14 * 6 * 4
     assert kept["flatten"] == 0
-    assert metrics["layers"] == len(rows) == 14 + 8
+    assert metrics["layers"] == len(rows) == 14 + 8 + 3
+    lstm = next(r for r in rows if r["model"] == "lstm")
+    assert lstm["layer"] == "lstm_0" and lstm["parameters"] == (32 + 8) * 32 + 32  # F 32, H 8
     assert metrics["max_rel_err"] <= TOLERANCES["float32"]["vs_autodiff"]
     assert all(r["manual_backward_s"] > 0 and r["autodiff_backward_s"] > 0 for r in rows)
-    assert {t["model"] for t in document["models"]} == {"lenet5", "transformer"}
+    assert {t["model"] for t in document["models"]} == {"lenet5", "transformer", "lstm"}
     assert (tmp_path / "layer_profile.png").stat().st_size > 10_000
     assert "| lenet5 | S2 |" in (tmp_path / "results.md").read_text()
 
