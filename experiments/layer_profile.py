@@ -30,7 +30,8 @@ Per model, the layers' sums, and the whole step (value and gradient of the objec
 each engine, timed alternately as the bench does: the difference from the sum is what XLA
 gains by compiling the layers together, and the objective.
 
-Measured on the 2-core CPU (jax 0.10.2, 2026-12-04, 62 s; `jit(a @ b)` about 140 GFLOP/s that
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-04, the first five models in 62 s, all eight
+in 2 min 13 s (BENCHMARKS.md); `jit(a @ b)` about 140 GFLOP/s that
 hour): manual over jax's backward summed over the layers, MLP 1.00, LeNet-1989 0.73 (H2 0.66),
 LeNet-5 1.02 (layers 0.63-1.15), residual MLP 1.00, transformer 0.92 (attention 0.81-0.84);
 the whole steps 0.98, 0.89, 0.94, 1.04 and 0.81; largest relative error 5.0e-7. Activations
