@@ -116,6 +116,10 @@ def _nbytes(tree, excluding=()) -> int:
 
 
 def _largest_relative_error(manual, autodiff) -> float:
+    if jax.tree.structure(manual) != jax.tree.structure(autodiff):
+        raise ValueError(f"layer_profile: the hand-written backward returned "
+                         f"{jax.tree.structure(manual)}, jax's pullback "
+                         f"{jax.tree.structure(autodiff)}")
     return max((relative_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
                 for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(autodiff))),
                default=0.0)

@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import nets
 from experiments import bench, layer_profile
@@ -63,3 +64,13 @@ def test_alexnet_is_profiled_at_full_size_or_the_smallest_its_strides_allow():
     assert (full[3], full[4]) == ((227, 227, 3), 2) and (small[3], small[4]) == ((67, 67, 3), 1)
     counted = nets.count_model(full[1], (-1, *full[3]))  # shapes only, nothing allocated
     assert tuple(counted.layers[-1].output_shape)[1:] == (10,)
+
+
+def test_a_backward_of_the_wrong_structure_is_refused():
+    dense = nets.Dense(3)
+    _, params = dense.init(jax.random.key(0), (-1, 4))
+    no_bias = dense._replace(backward=lambda p, x, dy: (
+        {"w": dense.backward(p, x, dy)[0]["w"]}, dense.backward(p, x, dy)[1]))
+    x = jnp.ones((5, 4), jnp.float32)
+    with pytest.raises(ValueError, match="layer_profile: the hand-written backward returned"):
+        layer_profile.profile_layer(no_bias, params, x, jnp.ones((5, 3), jnp.float32), 2)
