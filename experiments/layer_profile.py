@@ -2,7 +2,7 @@
 jax's, for every layer of the benchmark's models.
 
     python -m experiments.layer_profile [--workdir DIR] [--models lenet5,mlp,...]
-        [--size full|smallest] [--repeats 10] [--seed 0]
+        [--size full|smallest] [--batch 0] [--repeats 10] [--seed 0]
 
 For each model of the bench's engine family (`experiments.bench`, at its sizes: the MLP
 784-1024-1024-10 and the residual MLP at batch 256, LeNet-1989 at batch 64, LeNet-5 at batch
@@ -73,6 +73,8 @@ class Config:
                                      choices=MODELS)
     size: str = option("full", "full: the bench's sizes; smallest: tiny sizes for smoke tests",
                        choices=("full", "smallest"))
+    batch: int = option(0, "examples per batch for every model (0: each model's own); e.g. "
+                           "one device's share of a data-parallel step", ge=0)
     repeats: int = option(10, "timed samples of each function", ge=1)
     seed: int = option(0, "seed of the parameters, the batch and the dE/dy")
 
@@ -107,6 +109,12 @@ def model_cases(sizes: bench.Sizes) -> dict:
               for name, prefix in pick.items()}
     return {**chosen, "lenet1989": lenet1989, "alexnet": alexnet_case(sizes == bench.SMALLEST),
             **{kind: recurrent_case(kind, sizes) for kind in ("lstm", "gru")}}
+
+
+def with_batch(case, batch: int):
+    """The case at another batch size, its label saying so."""
+    label, model, objective, input_shape, _ = case
+    return (f"{label.rsplit('/b', 1)[0]}/b{batch}", model, objective, input_shape, batch)
 
 
 def _nbytes(tree, excluding=()) -> int:
@@ -246,6 +254,8 @@ def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     run = open_run(EXPERIMENT, config, args, compilation_cache=False)
     cases = model_cases(bench.SMALLEST if config.size == "smallest" else bench.Sizes())
+    if config.batch:
+        cases = {name: with_batch(case, config.batch) for name, case in cases.items()}
     names = [name for name in MODELS if not config.models or name in config.models]
     rows, totals = [], []
     bar = (tqdm(total=sum(len(cases[name][1].sublayers) for name in names), unit="layer")

@@ -74,3 +74,10 @@ def test_a_backward_of_the_wrong_structure_is_refused():
     x = jnp.ones((5, 4), jnp.float32)
     with pytest.raises(ValueError, match="layer_profile: the hand-written backward returned"):
         layer_profile.profile_layer(no_bias, params, x, jnp.ones((5, 3), jnp.float32), 2)
+
+
+def test_batch_overrides_every_models_batch_and_label():
+    cases = layer_profile.model_cases(bench.SMALLEST)
+    case = layer_profile.with_batch(cases["lenet5"], 64)
+    assert case[0] == "lenet5/b64" and case[4] == 64 and case[1] is cases["lenet5"][1]
+    assert layer_profile.with_batch(cases["alexnet"], 3)[0] == "alexnet_67x67/b3"
