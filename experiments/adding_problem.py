@@ -74,7 +74,7 @@ BASELINE_MSE = 1 / 6  # predicting 1 for every sequence: Var(U1 + U2) = 2/12
 class Config:
     cells: tuple[str, ...] = option(("elman", "lstm", "gru"), "recurrent cells to train",
                                     choices=("elman", "elman_tanh", "elman_sigmoid", "lstm",
-                                             "lstm_peephole", "gru"))
+                                             "lstm_peephole", "gru", "gru_reset_after"))
     lengths: tuple[int, ...] = option((50, 100, 200), "sequence lengths T", ge=2)
     hidden: int = option(64, "hidden units of the cell", ge=1)
     batch_size: int = option(64, "sequences per step", ge=1)

@@ -25,12 +25,13 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
                 (float32, width 1024, batch 256). Target >= 0.6 on CPU. On a GPU also in
                 bfloat16 (params, inputs and the matmul; --utilisation-dtypes): >= 0.5.
-  rnn           Elman/LSTM/GRU (batch 64, T 100, hidden 256, 32 inputs, a Dense readout of
-                the last step, MSE): manual BPTT / jax.grad step (target <= 1.0); the LSTM's
-                `unroll` sweep 1, 2, 4, 8, 16 (ratio to unroll 1); the scan LSTM and GRU
-                against PyTorch nn.LSTM / nn.GRU running the same step (target <= 1.0; torch's
-                GRU is the cuDNN variant, ours Cho et al.'s: the same cost, not the same
-                function).
+  rnn           Elman, LSTM, GRU (Cho et al.'s) and the reset-after GRU (batch 64, T 100,
+                hidden 256, 32 inputs, a Dense readout of the last step, MSE): manual BPTT /
+                jax.grad step (target <= 1.0); the LSTM's `unroll` sweep 1, 2, 4, 8, 16
+                (ratio to unroll 1); the scan LSTM and reset-after GRU against PyTorch
+                nn.LSTM / nn.GRU holding the same weights (`recurrent.to_pytorch`; target
+                <= 1.0): the same function, checked before timing (loss and every gradient
+                within float32's 1e-5, recorded as torch_loss_rel_err, torch_grad_rel_err).
   On a CPU with several cores, lenet5_torch and rnn also time the same SGD step data-parallel
   over one JAX CPU device per core (`--cpu-devices`; `training.parallel.data_parallel`, form
   "shard_map": each device computes the gradient of its share of the batch on its own core,
@@ -66,7 +67,7 @@ import optax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import astype
+from nets.gradcheck import TOLERANCES, astype, relative_error
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
 from training.config import option, parse, run_main
@@ -404,24 +405,33 @@ def family_recipe(config, key, torch):
 
 # --- family: LeNet-5 against PyTorch -----------------------------------------------------
 
-def torch_lenet5(torch, seed):
-    torch.manual_seed(seed)
+def lenet5_to_torch(params) -> dict[str, np.ndarray]:
+    """LeNet-5 params (or their gradients) in torch_lenet5's names and layouts: kernels HWIO
+    -> OIHW, Dense weights (in, out) -> (out, in); a linear map with no sharing, so it maps
+    gradients too."""
+    c1, _, s2, _, c3, _, s4, _, c5, _, _, f6, _, out = params
+
+    def kernel(w):
+        return np.asarray(w).transpose(3, 2, 0, 1).copy()
+
+    def matrix(w):
+        return np.asarray(w).T.copy()
+
+    return {"c1": kernel(c1["w"]), "c1b": c1["b"], "s2": s2["w"], "s2b": s2["b"],
+            "c3": kernel(c3["w"]), "c3b": c3["b"], "s4": s4["w"], "s4b": s4["b"],
+            "c5": kernel(c5["w"]), "c5b": c5["b"], "f6": matrix(f6["w"]), "f6b": f6["b"],
+            "out": matrix(out["w"]), "outb": out["b"]}
+
+
+def torch_lenet5(torch, params):
+    """`lenet5()` in PyTorch, holding its params (lenet5_to_torch): the same function, with
+    the C3 table as a mask on the kernel and the trainable subsampling as 4 x average pooling
+    times a coefficient plus a bias. Returns (loss(x, labels), the parameters by name)."""
     functional = torch.nn.functional
     table = torch.tensor(np.asarray(nets.lenet5_c3_table(), np.float32).T,
                          device=torch_device(torch))[:, :, None, None]
-
-    def weight(*shape):
-        return (torch.randn(*shape) * 0.1).requires_grad_()
-
-    params = {"c1": weight(6, 1, 5, 5), "c1b": torch.zeros(6, requires_grad=True),
-              "s2": torch.ones(6, requires_grad=True), "s2b": torch.zeros(6, requires_grad=True),
-              "c3": weight(16, 6, 5, 5), "c3b": torch.zeros(16, requires_grad=True),
-              "s4": torch.ones(16, requires_grad=True),
-              "s4b": torch.zeros(16, requires_grad=True),
-              "c5": weight(120, 16, 5, 5), "c5b": torch.zeros(120, requires_grad=True),
-              "f6": weight(84, 120), "f6b": torch.zeros(84, requires_grad=True),
-              "out": weight(10, 84), "outb": torch.zeros(10, requires_grad=True)}
-    params = on_device(torch, params)
+    parameters = on_device(torch, {name: torch.tensor(np.asarray(array)) for name, array
+                                   in lenet5_to_torch(params).items()})
 
     def squash(a):
         return 1.7159 * torch.tanh(2 * a / 3)
@@ -431,25 +441,61 @@ def torch_lenet5(torch, seed):
                 + bias[None, :, None, None])
 
     def forward(x):
-        h = squash(functional.conv2d(x, params["c1"], params["c1b"]))
-        h = squash(subsample(h, params["s2"], params["s2b"]))
-        h = squash(functional.conv2d(h, params["c3"] * table, params["c3b"]))
-        h = squash(subsample(h, params["s4"], params["s4b"]))
-        h = squash(functional.conv2d(h, params["c5"], params["c5b"])).flatten(1)
-        h = squash(h @ params["f6"].T + params["f6b"])
-        return h @ params["out"].T + params["outb"]
+        p = parameters
+        h = squash(functional.conv2d(x, p["c1"], p["c1b"]))
+        h = squash(subsample(h, p["s2"], p["s2b"]))
+        h = squash(functional.conv2d(h, p["c3"] * table, p["c3b"]))
+        h = squash(subsample(h, p["s4"], p["s4b"]))
+        h = squash(functional.conv2d(h, p["c5"], p["c5b"])).flatten(1)
+        h = squash(h @ p["f6"].T + p["f6b"])
+        return h @ p["out"].T + p["outb"]
 
-    def step(x, labels):
-        loss = functional.cross_entropy(forward(x), labels)
-        for p in params.values():
+    def loss(x, labels):
+        return functional.cross_entropy(forward(x), labels)
+
+    return loss, parameters
+
+
+def torch_sgd_step(torch, loss, parameters, lr=0.01):
+    """One SGD step of `loss` over `parameters` (a dict of leaf tensors), lr 0.01 like
+    sgd_step; returns the loss."""
+    def step(*args):
+        value = loss(*args)
+        for p in parameters.values():
             p.grad = None
-        loss.backward()
+        value.backward()
         with torch.no_grad():
-            for p in params.values():
-                p -= 0.01 * p.grad
-        return loss
+            for p in parameters.values():
+                p -= lr * p.grad
+        return value
 
     return torch_synchronized(torch, step)
+
+
+def torch_agreement(what, energy, grads, loss, parameters, torch_args):
+    """Relative errors (`relative_error`) between PyTorch's loss and gradients and ours
+    (`energy`, and `grads` already in PyTorch's names and layouts): {"loss": ..., "gradients":
+    the largest over the parameters}. Above the float32 tolerance of nets.gradcheck the two
+    are not the same function, and the comparison is refused (ValueError naming `what`)."""
+    value = loss(*torch_args)
+    for p in parameters.values():
+        p.grad = None
+    value.backward()
+    errors = [relative_error(grads[name], p.grad.detach().cpu().numpy())
+              for name, p in parameters.items()]
+    agreement = {"loss": relative_error(energy, value.item()), "gradients": max(errors)}
+    return same_function(what, agreement)
+
+
+def same_function(what, agreement):
+    """`agreement` ({name: relative error}) if every error is within float32's tolerance
+    (nets.gradcheck.TOLERANCES), else a ValueError naming `what`."""
+    tolerance = TOLERANCES["float32"]["vs_autodiff"]
+    if max(agreement.values()) > tolerance:
+        raise ValueError(f"bench {what}: PyTorch's step and ours disagree (relative errors "
+                         f"{agreement}, tolerance {tolerance}): they would not compute the "
+                         "same function")
+    return agreement
 
 
 def family_lenet5_torch(config, key, torch):
@@ -464,15 +510,21 @@ def family_lenet5_torch(config, key, torch):
         return [row("lenet5_torch", name, "jax_manual",
                     benchmark.time_calls(step, args, config.repeats, compile_s=compile_s),
                     note="PyTorch absent: pip install torch==2.13.0 to compare")]
-    torch_step = torch_lenet5(torch, config.seed)
+    loss, parameters = torch_lenet5(torch, args[0])
     x = torch.tensor(np.asarray(args[1]).transpose(0, 3, 1, 2).copy(),
                      device=torch_device(torch))
     labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long,
                           device=torch_device(torch))
+    energy, grads = nets.engines.manual(model, objective)(*args)
+    agreement = torch_agreement("lenet5_torch", energy, lenet5_to_torch(grads), loss,
+                                parameters, (x, labels))
+    torch_step = torch_sgd_step(torch, loss, parameters)
     ours, theirs = benchmark.compare(step, args, torch_step, (x, labels), config.repeats)
     ours.compile_s = compile_s
     return [row("lenet5_torch", name, "jax_manual", ours,
-                ours.median_s / theirs.median_s, "jax/torch_eager"),
+                ours.median_s / theirs.median_s, "jax/torch_eager",
+                torch_loss_rel_err=agreement["loss"],
+                torch_grad_rel_err=agreement["gradients"]),
             row("lenet5_torch", name, "torch_eager", theirs, torch_device=torch_device(torch)),
             *data_parallel_rows("lenet5_torch", name, data_parallel_lenet5(), objective, args,
                                 ("torch_eager", torch_step, (x, labels), "jax/torch_eager"),
@@ -599,36 +651,53 @@ def rnn_problem(kind, sizes, key, unroll=1):
     return model, (params, x, targets)
 
 
-def torch_rnn_step(torch, kind, sizes, x, targets):
-    _, _, hidden = sizes.rnn
+def torch_rnn(torch, cell, params):
+    """The torch.nn module of `cell` (`cell.pytorch_module`: nn.LSTM, nn.GRU) and a Linear
+    readout holding rnn_problem's params (`recurrent.to_pytorch`): the same function as its
+    model. Returns (loss(x, targets), the parameters by name)."""
+    from nets import recurrent
+
     device = torch_device(torch)
-    recurrent_layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](
-        RNN_INPUTS, hidden, batch_first=True).to(device)
-    readout = torch.nn.Linear(hidden, RNN_OUTPUTS).to(device)
-    parameters = [*recurrent_layer.parameters(), *readout.parameters()]
+    recurrent_layer = getattr(torch.nn, cell.pytorch_module)(RNN_INPUTS, cell.hidden_size,
+                                                               batch_first=True)
+    recurrent_layer.load_state_dict({name: torch.from_numpy(array) for name, array
+                                     in recurrent.to_pytorch(cell, params[0]).items()})
+    readout = torch.nn.Linear(cell.hidden_size, RNN_OUTPUTS)
+    readout.load_state_dict({"weight": torch.from_numpy(np.asarray(params[-1]["w"]).T.copy()),
+                             "bias": torch.from_numpy(np.asarray(params[-1]["b"]).copy())})
+    recurrent_layer.to(device)
+    readout.to(device)
 
-    def step(x, targets):
+    def loss(x, targets):
         outputs, _ = recurrent_layer(x)
-        loss = 0.5 * torch.sum((readout(outputs[:, -1]) - targets) ** 2) / x.shape[0]
-        for p in parameters:
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            for p in parameters:
-                p -= 0.01 * p.grad
-        return loss
+        return 0.5 * torch.sum((readout(outputs[:, -1]) - targets) ** 2) / x.shape[0]
 
-    return torch_synchronized(torch, step), (torch.tensor(np.asarray(x), device=device),
-                                             torch.tensor(np.asarray(targets), device=device))
+    return loss, {**{f"rnn.{name}": p for name, p in recurrent_layer.named_parameters()},
+                  **{f"readout.{name}": p for name, p in readout.named_parameters()}}
+
+
+def rnn_torch_gradients(cell, grads):
+    """Gradients of rnn_problem's params in torch_rnn's names and layouts."""
+    from nets import recurrent
+
+    cell_grads = recurrent.pytorch_gradients(cell, grads[0])
+    return {**{f"rnn.{name}": g for name, g in cell_grads.items()},
+            "readout.weight": np.asarray(grads[-1]["w"]).T, "readout.bias": grads[-1]["b"]}
+
+
+# PyTorch's nn.LSTM and nn.GRU compute our lstm and gru_reset_after (recurrent.to_pytorch)
+TORCH_RNNS = ("lstm", "gru_reset_after")
 
 
 def family_rnn(config, key, torch):
+    from nets import recurrent
+
     sizes = sizes_of(config)
     batch, time_steps, hidden = sizes.rnn
     shape = f"b{batch}_t{time_steps}_h{hidden}"
     mse = nets.Objective(nets.mean_squared_error(), 0.0)
     rows, compiled_manual, models = [], {}, {}
-    for kind in ("elman", "lstm", "gru"):
+    for kind in ("elman", "lstm", "gru", "gru_reset_after"):
         model, args = rnn_problem(kind, sizes, key)
         manual_fn, manual_compile = benchmark.compile_jitted(
             sgd_step(model, mse, nets.manual), *args)
@@ -652,20 +721,30 @@ def family_rnn(config, key, torch):
         unrolled.compile_s = compile_s
         rows.append(row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
                         unrolled.median_s / base.median_s, "unroll_k/unroll_1"))
-    for kind in ("lstm", "gru"):
+    for kind in TORCH_RNNS:
         ours_fn, args, compile_s = compiled_manual[kind]
         if torch is None:
             continue
-        torch_step, torch_args = torch_rnn_step(torch, kind, sizes, args[1], args[2])
+        cell = recurrent.make_cell(kind, hidden)
+        loss, parameters = torch_rnn(torch, cell, args[0])
+        torch_args = tuple(torch.tensor(np.asarray(a), device=torch_device(torch))
+                           for a in args[1:])
+        energy, grads = nets.manual(models[kind], mse)(*args)
+        agreement = torch_agreement(f"rnn/{kind}", energy, rnn_torch_gradients(cell, grads),
+                                    loss, parameters, torch_args)
+        torch_step = torch_sgd_step(torch, loss, parameters)
         ours, theirs = benchmark.compare(ours_fn, args, torch_step, torch_args, config.repeats)
         ours.compile_s = compile_s
+        module = f"torch_nn_{cell.pytorch_module.lower()}"
         rows.append(row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
-                        ours.median_s / theirs.median_s, f"jax/torch_nn_{kind}"))
-        rows.append(row("rnn", f"torch/{kind}/{shape}", f"torch_nn_{kind}", theirs,
+                        ours.median_s / theirs.median_s, f"jax/{module}",
+                        torch_loss_rel_err=agreement["loss"],
+                        torch_grad_rel_err=agreement["gradients"]))
+        rows.append(row("rnn", f"torch/{kind}/{shape}", module, theirs,
                         torch_device=torch_device(torch)))
         rows += data_parallel_rows(
             "rnn", f"torch/{kind}/{shape}", models[kind], mse, args,
-            (f"torch_nn_{kind}", torch_step, torch_args, f"jax/torch_nn_{kind}"), config.repeats)
+            (module, torch_step, torch_args, f"jax/{module}"), config.repeats)
     return rows
 
 

@@ -229,13 +229,14 @@ def _recurrent(layer, input_shape, output_shape, params):
     every step each of the cell's G H weighted sums (G gate blocks of H units: 1 for Elman, 4
     for the LSTM, 3 for the GRU) reads the step's input and the previous hidden state, F + H
     weights shared across steps, plus its bias; an LSTM's peepholes add one weight per unit
-    and peephole (3 H) each step. Units: the T G H weighted sums."""
+    and peephole (3 H) each step, and the reset-after GRU's candidate a second bias per unit
+    (b_hn, H). Units: the T G H weighted sums."""
     _, steps, _ = input_shape
     fan_in, sums = params["w"].shape
     peepholes = math.prod(params["p"].shape) if "p" in params else 0
+    biases = sums + (math.prod(params["b_hn"].shape) if "b_hn" in params else 0)
     weights = fan_in * sums + peepholes
-    return (steps * sums, weights + math.prod(params["b"].shape),
-            steps * (weights + sums), steps * weights)
+    return (steps * sums, weights + biases, steps * (weights + biases), steps * weights)
 
 
 RULES: dict[str, Rule] = {"Dense": _dense, "Embedding": _embedding, "Conv2D": _conv2d,

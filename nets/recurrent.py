@@ -19,6 +19,9 @@ diagonal second derivatives through the step (`nets.layers`), with the signature
 the step's local derivatives as factors, and the curvature is that pullback of the squared
 factors with the squared weights; `bptt(..., curvature=True)` runs it back through time.
 
+A cell that a `torch.nn` module computes names it in `pytorch_module` (RNN, LSTM, GRU), and
+`to_pytorch`/`pytorch_gradients` map its params and gradients onto that module's state dict.
+
 A cell may also give `backward_weights(params)`: what its step backward reads in place of
 params, made once per sequence by `bptt` outside the reverse scan. The LSTM and GRU give their
 weight blocks transposed and apart (W_x^T, W_h^T), so that dx_t and dh_{t-1} are separate
@@ -69,6 +72,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nets import initializers
@@ -81,8 +85,11 @@ __all__ = [
     "elman",
     "lstm",
     "gru",
+    "gru_reset_after",
     "CELLS",
     "make_cell",
+    "to_pytorch",
+    "pytorch_gradients",
     "hidden_of",
     "scan_cell",
     "bptt",
@@ -111,6 +118,7 @@ class Cell(NamedTuple):
     backward_weights: Callable[[Params], Any] | None = None
     step_curvature: Callable[[Params, Any, Carry, jax.Array], tuple[Params, Carry, jax.Array]] \
         | None = None
+    pytorch_module: str | None = None  # the torch.nn module of the same function (to_pytorch)
 
     def input_size(self, params: Params) -> int:
         """Input features of the cell with these params (rows of w above the hidden ones)."""
@@ -157,7 +165,7 @@ def _row(vector: jax.Array) -> jax.Array:
 
 
 def _cell(name, hidden, init, initial_carry, step, factors, pullback,
-          backward_weights=None) -> Cell:
+          backward_weights=None, pytorch_module=None) -> Cell:
     """A Cell whose step backward is `pullback(weights, factors(residuals), dcarry, dy)`, every
     local derivative of the step a factor of its products, and whose step curvature is the
     same pullback of the squared factors (bptt squares the weights): LeCun's diagonal rule
@@ -170,7 +178,7 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
         return pullback(squared_weights, squared, d2carry, d2y)
 
     return Cell(name, hidden, init, initial_carry, step, step_backward, backward_weights,
-                step_curvature)
+                step_curvature, pytorch_module)
 
 
 # --- cells ------------------------------------------------------------------------------------
@@ -218,7 +226,8 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         inputs = xh.shape[1] - hidden
         return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
 
-    return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback)
+    return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
+                 pytorch_module="RNN" if activation == "tanh" else None)
 
 
 def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
@@ -296,13 +305,13 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
     return _cell(name, hidden, init, _zeros_carry(hidden, True), step, factors, pullback,
-                 backward_weights)
+                 backward_weights, pytorch_module=None if peepholes else "LSTM")
 
 
 def gru(hidden_size: int, name: str = "gru") -> Cell:
     """Gated recurrent unit in the form of Cho et al. 2014 (eqs. 5-8): the reset gate scales
-    h_{t-1} *before* the recurrent matrix of the candidate (cuDNN and PyTorch apply it after:
-    r * (U_n h + b_n), a different function), and z = 1 keeps the old state.
+    h_{t-1} *before* the recurrent matrix of the candidate (cuDNN and PyTorch apply it after,
+    r * (U_n h + b_n), a different function: `gru_reset_after`), and z = 1 keeps the old state.
 
     With w = [W_x; W_h] split into the blocks (r, z, n) of (input_size + hidden, hidden):
         r = sigmoid(x W_xr + h U_r + b_r),  z = sigmoid(x W_xz + h U_z + b_z),
@@ -360,7 +369,67 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
                  backward_weights)
 
 
-CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru")
+def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
+    """The gated recurrent unit of cuDNN, PyTorch's `nn.GRU` and Keras' `reset_after=True`:
+    the reset gate scales the candidate's recurrent product *after* the matrix, so all three
+    recurrent products are one, h_{t-1} [U_r, U_z, U_n], and the candidate has a second bias
+    b_hn inside the reset (PyTorch's b_hn; its other recurrent biases only add to b).
+
+    With w = [W_x; W_h] split into the blocks (r, z, n), b (3 hidden,) and b_hn (hidden,):
+        a = x W_x + b,  q = h U_n + b_hn,
+        r = sigmoid(a_r + h U_r),  z = sigmoid(a_z + h U_z),  n = tanh(a_n + r * q),
+        h_t = z * h + (1 - z) * n,  y_t = h_t.
+    Backward, dh' = dcarry + dy_t:
+        da_z = dh' (h - n) z (1 - z);  da_n = dh' (1 - z)(1 - n^2);  dq = da_n r;
+        da_r = da_n q r (1 - r);  dh = dh' z + [da_r, da_z, dq] W_h^T;
+        dW_x = x^T [da_r, da_z, da_n];  dW_h = h^T [da_r, da_z, dq];
+        db = sum_batch [da_r, da_z, da_n];  db_hn = sum_batch dq;  dx = [da_r, da_z, da_n] W_x^T.
+    """
+    _check_size(name, hidden_size)
+    hidden = hidden_size
+
+    def init(key, input_size):
+        return {"w": _stacked_weights(key, input_size, hidden, 3),
+                "b": jnp.zeros((3 * hidden,), jnp.float32),
+                "b_hn": jnp.zeros((hidden,), jnp.float32)}
+
+    def step(params, h, x):
+        inputs = x.shape[1]
+        a = x @ params["w"][:inputs] + _row(params["b"])
+        a_h = h @ params["w"][inputs:]
+        rz = jax.nn.sigmoid(a[:, :2 * hidden] + a_h[:, :2 * hidden])
+        r, z = rz[:, :hidden], rz[:, hidden:]
+        q = a_h[:, 2 * hidden:] + _row(params["b_hn"])
+        n = jnp.tanh(a[:, 2 * hidden:] + r * q)
+        h_new = z * h + (1 - z) * n
+        return h_new, h_new, (x, h, r, z, n, q)
+
+    def backward_weights(params):
+        return _transposed_blocks(params["w"], hidden)
+
+    def factors(residuals):
+        x, h, r, z, n, q = residuals
+        return {"x": x, "h": h, "r": r, "z": z, "q": q, "h_minus_n": h - n,
+                "one_minus_z": 1 - z, "dz": z * (1 - z), "dn": 1 - n * n, "dr": r * (1 - r)}
+
+    def pullback(weights, k, dh_new, dy):
+        dh_new = dh_new + dy
+        da_z = dh_new * k["h_minus_n"] * k["dz"]
+        da_n = dh_new * k["one_minus_z"] * k["dn"]
+        dq = da_n * k["r"]
+        da_r = da_n * k["q"] * k["dr"]
+        da_x = jnp.concatenate([da_r, da_z, da_n], axis=-1)
+        da_h = jnp.concatenate([da_r, da_z, dq], axis=-1)
+        dh = dh_new * k["z"] + da_h @ weights["w_h_t"]
+        dparams = {"w": jnp.concatenate([k["x"].T @ da_x, k["h"].T @ da_h], axis=0),
+                   "b": jnp.sum(da_x, axis=0), "b_hn": jnp.sum(dq, axis=0)}
+        return dparams, dh, da_x @ weights["w_x_t"]
+
+    return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
+                 backward_weights, pytorch_module="GRU")
+
+
+CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru", "gru_reset_after")
 
 
 def make_cell(kind: str, hidden_size: int) -> Cell:
@@ -372,10 +441,48 @@ def make_cell(kind: str, hidden_size: int) -> Cell:
         "lstm": lambda: lstm(hidden_size),
         "lstm_peephole": lambda: lstm(hidden_size, peepholes=True),
         "gru": lambda: gru(hidden_size),
+        "gru_reset_after": lambda: gru_reset_after(hidden_size),
     }
     if kind not in builders:
         raise ValueError(f"make_cell: unknown cell {kind!r}; choose one of {sorted(builders)}")
     return builders[kind]()
+
+
+def _pytorch_cell(cell: Cell, what: str) -> str:
+    if cell.pytorch_module is None:
+        raise ValueError(
+            f"{what}({cell.name}): no torch.nn module computes this cell (nn.RNN is the tanh "
+            "Elman cell, nn.LSTM the LSTM without peepholes, nn.GRU gru_reset_after)")
+    return cell.pytorch_module
+
+
+def to_pytorch(cell: Cell, params: Params) -> dict[str, np.ndarray]:
+    """params of `cell` as the state dict of the one-layer `torch.nn.<cell.pytorch_module>`
+    (RNN with tanh, LSTM, GRU) that computes the same function:
+        weight_ih_l0 = W_x^T (G H, F),  weight_hh_l0 = W_h^T (G H, H),
+        bias_ih_l0 = b (G H,),  bias_hh_l0 = 0, except the GRU's n block: b_hn.
+    The gate blocks are in the same order in both (LSTM i, f, g, o; GRU r, z, n). NumPy
+    arrays of the params' dtype, for `module.load_state_dict` via `torch.from_numpy`."""
+    _pytorch_cell(cell, "to_pytorch")
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    inputs = w.shape[0] - cell.hidden_size
+    bias_hh = np.zeros_like(b)
+    if "b_hn" in params:
+        bias_hh[2 * cell.hidden_size:] = np.asarray(params["b_hn"])
+    return {"weight_ih_l0": w[:inputs].T.copy(), "weight_hh_l0": w[inputs:].T.copy(),
+            "bias_ih_l0": b.copy(), "bias_hh_l0": bias_hh}
+
+
+def pytorch_gradients(cell: Cell, grads: Params) -> dict[str, np.ndarray]:
+    """dE/d(the state dict of `to_pytorch`) from dE/dparams: the weights' gradients
+    transposed; bias_ih and bias_hh add inside every gate, so each has the gradient db of b,
+    except the GRU's n block of bias_hh, which is b_hn (gradient db_hn)."""
+    _pytorch_cell(cell, "pytorch_gradients")
+    state = to_pytorch(cell, grads)
+    bias_hh = np.asarray(grads["b"]).copy()
+    if "b_hn" in grads:
+        bias_hh[2 * cell.hidden_size:] = np.asarray(grads["b_hn"])
+    return {**state, "bias_hh_l0": bias_hh}
 
 
 # --- the scan helper ------------------------------------------------------------------------

@@ -184,16 +184,19 @@ def test_as_dict_is_json_ready(lenet1989):
         lenet1989.layer("H4")
 
 
-@pytest.mark.parametrize("kind, gates, peepholes", [
-    ("elman_tanh", 1, 0), ("lstm", 4, 0), ("lstm_peephole", 4, 3), ("gru", 3, 0)])
-def test_recurrent_layers_count_every_step(kind, gates, peepholes):
+@pytest.mark.parametrize("kind, gates, peepholes, extra_biases", [
+    ("elman_tanh", 1, 0, 0), ("lstm", 4, 0, 0), ("lstm_peephole", 4, 3, 0), ("gru", 3, 0, 0),
+    ("gru_reset_after", 3, 0, 1)])
+def test_recurrent_layers_count_every_step(kind, gates, peepholes, extra_biases):
     """F = 3 inputs, H = 4 units, T = 5 steps, by hand: per step G H sums of F + H weights and
-    a bias, plus 3 H peephole weights (LSTM with peepholes); the weights are shared across
-    steps, so params count them once and connections once per step."""
+    a bias, plus 3 H peephole weights (LSTM with peepholes) or H more biases (the reset-after
+    GRU's b_hn); the weights are shared across steps, so params count them once and
+    connections once per step."""
     from nets import recurrent
 
     layer = recurrent.rnn(recurrent.make_cell(kind, 4))
     (row,) = accounting.count(serial(layer), (-1, 5, 3)).layers[1:]
     weights = gates * 4 * (3 + 4) + peepholes * 4
-    assert (row.kind, row.units, row.params) == ("rnn", 5 * gates * 4, weights + gates * 4)
-    assert (row.connections, row.macs) == (5 * (weights + gates * 4), 5 * weights)
+    biases = (gates + extra_biases) * 4
+    assert (row.kind, row.units, row.params) == ("rnn", 5 * gates * 4, weights + biases)
+    assert (row.connections, row.macs) == (5 * (weights + biases), 5 * weights)

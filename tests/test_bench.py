@@ -5,10 +5,12 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import nets
 from experiments import bench
+from nets.gradcheck import relative_error
 from training import benchmark
 
 ROW_KEYS = {"family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s", "ratio",
@@ -177,3 +179,45 @@ def test_the_data_parallel_lenet5_is_the_same_function_on_the_same_parameters():
         jax.tree.structure(params)
     assert relative_error(split.apply(params, x), default.apply(params, x)) <= TOLERANCES[
         "float32"]["vs_autodiff"]
+
+
+def test_pytorch_references_must_compute_our_function():
+    """The bench refuses to time a PyTorch step whose loss or gradients differ from ours by
+    more than float32's tolerance (torch_agreement runs this on the bench's problem)."""
+    close = {"loss": 1e-7, "gradients": 2e-6}
+    assert bench.same_function("rnn/lstm", close) == close
+    with pytest.raises(ValueError, match="bench rnn/lstm: PyTorch's step and ours disagree"):
+        bench.same_function("rnn/lstm", {"loss": 1e-7, "gradients": 2e-5})
+
+
+def test_lenet5_in_pytorchs_layout_is_the_same_function():
+    """`lenet5_to_torch` read by a NumPy LeNet-5 written as torch_lenet5 computes it (NCHW,
+    OIHW cross-correlation as torch.nn.functional.conv2d documents it, the C3 table as a
+    mask, 4 x average pooling): the logits of `lenet5()` within float32 rounding."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    model = nets.lenet5()
+    params, x, _ = bench.random_problem(model, (32, 32, 1), 3, jax.random.key(5))
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape),
+                          params)  # nonzero biases and coefficients other than their init
+    p = {name: np.asarray(a, np.float64) for name, a in bench.lenet5_to_torch(params).items()}
+    table = np.asarray(nets.lenet5_c3_table(), np.float64).T[:, :, None, None]
+
+    def conv(h, w, b):
+        windows = sliding_window_view(h, w.shape[2:], axis=(2, 3))
+        return np.einsum("nchwij,ocij->nohw", windows, w) + b[None, :, None, None]
+
+    def subsample(h, coefficient, bias):
+        n, c, height, width = h.shape
+        pooled = h.reshape(n, c, height // 2, 2, width // 2, 2).mean(axis=(3, 5))
+        return pooled * 4 * coefficient[None, :, None, None] + bias[None, :, None, None]
+
+    def squash(a):
+        return 1.7159 * np.tanh(2 * a / 3)
+
+    h = np.asarray(x, np.float64).transpose(0, 3, 1, 2)
+    h = squash(subsample(squash(conv(h, p["c1"], p["c1b"])), p["s2"], p["s2b"]))
+    h = squash(subsample(squash(conv(h, p["c3"] * table, p["c3b"])), p["s4"], p["s4b"]))
+    h = squash(conv(h, p["c5"], p["c5b"])).reshape(3, 120)
+    logits = squash(h @ p["f6"].T + p["f6b"]) @ p["out"].T + p["outb"]
+    assert relative_error(model.forward(params, x)[0], logits) <= 1e-5

@@ -367,7 +367,8 @@ def perturbed_cell_params(cell, input_size, seed):
         jax.random.key(seed + 1), a.shape, jnp.float64), params)
 
 
-@pytest.mark.parametrize("kind", ["elman_tanh", "elman_sigmoid", "lstm", "gru"])
+@pytest.mark.parametrize("kind", ["elman_tanh", "elman_sigmoid", "lstm", "gru",
+                                  "gru_reset_after"])
 def test_one_step_curvature_is_the_exact_gauss_newton_diagonal(kind):
     """One step from a nonzero state: every weight reaches each output h_j by one path (LSTM:
     through its own gate; GRU's U_r: through r_k, r_k h_k and n_j), so LeCun's diagonal rule,
@@ -520,3 +521,79 @@ def test_bad_options_and_shapes_are_refused_by_name():
     for call, message in refused:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+# --- the PyTorch layout -------------------------------------------------------------------------
+
+def _sigmoid(a):
+    return 1 / (1 + np.exp(-a))
+
+
+def pytorch_equations(module, state, xs):
+    """The one-layer torch.nn.RNN (tanh), LSTM and GRU as PyTorch's documentation writes them,
+    in NumPy, from a state dict: ys (batch, time, hidden), from the zero state."""
+    w_ih, w_hh = state["weight_ih_l0"], state["weight_hh_l0"]
+    b_ih, b_hh = state["bias_ih_l0"], state["bias_hh_l0"]
+    hidden = w_hh.shape[1]
+    h = np.zeros((xs.shape[0], hidden))
+    c = np.zeros_like(h)
+    ys = []
+    for x in np.moveaxis(xs, 1, 0):
+        gi, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+        if module == "RNN":
+            h = np.tanh(gi + gh)
+        elif module == "LSTM":
+            i, f, g, o = np.split(gi + gh, 4, axis=1)
+            c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+            h = _sigmoid(o) * np.tanh(c)
+        else:  # GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+            (i_r, i_z, i_n), (h_r, h_z, h_n) = np.split(gi, 3, axis=1), np.split(gh, 3, axis=1)
+            r, z = _sigmoid(i_r + h_r), _sigmoid(i_z + h_z)
+            n = np.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+        ys.append(h)
+    return np.stack(ys, axis=1)
+
+
+@pytest.mark.parametrize("kind", ["elman_tanh", "lstm", "gru_reset_after"])
+def test_to_pytorch_gives_pytorchs_equations_our_outputs_and_gradients(kind):
+    """Our params in PyTorch's layout, run through PyTorch's documented equations (NumPy,
+    float64): the same ys as scan_cell (<= 1e-10), and `pytorch_gradients` of our BPTT equal to
+    central finite differences of those equations in every state-dict entry (<= 1e-6, the
+    float64 finite-difference tolerance of nets.gradcheck), so the map is right both ways."""
+    rng = np.random.default_rng(7)
+    cell = recurrent.make_cell(kind, 3)
+    params = random_params(cell, 2, rng, jnp.float64)
+    xs = random_like(rng, jnp.zeros((2, 4, 2)), jnp.float64)
+    read = np.asarray(random_like(rng, jnp.zeros((2, 4, 3)), jnp.float64))
+    state = recurrent.to_pytorch(cell, params)
+    assert cell.pytorch_module in ("RNN", "LSTM", "GRU")
+    ys, _, residuals = recurrent.scan_cell(cell, params, xs)
+    assert relative_error(ys, pytorch_equations(cell.pytorch_module, state, np.asarray(xs))) \
+        <= 1e-10
+    grads = recurrent.bptt(cell, params, residuals, jnp.asarray(read))[0]
+    theirs = recurrent.pytorch_gradients(cell, grads)
+    assert sorted(theirs) == sorted(state)
+
+    def energy(entries):
+        return float(np.sum(pytorch_equations(cell.pytorch_module, entries, np.asarray(xs))
+                            * read))
+
+    step = 1e-6
+    for key, array in state.items():
+        differences = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            plus, minus = {**state, key: array.copy()}, {**state, key: array.copy()}
+            plus[key][index] += step
+            minus[key][index] -= step
+            differences[index] = (energy(plus) - energy(minus)) / (2 * step)
+        assert relative_error(theirs[key], differences) <= 1e-6, key
+
+
+@pytest.mark.parametrize("kind", ["elman_sigmoid", "lstm_peephole", "gru"])
+def test_cells_without_a_pytorch_module_are_refused_by_name(kind):
+    cell = recurrent.make_cell(kind, 3)
+    params = cell.init(jax.random.key(0), 2)
+    for convert in (recurrent.to_pytorch, recurrent.pytorch_gradients):
+        with pytest.raises(ValueError, match=f"{convert.__name__}\\({kind}\\): no torch.nn"):
+            convert(cell, params)
