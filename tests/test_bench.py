@@ -221,3 +221,28 @@ def test_lenet5_in_pytorchs_layout_is_the_same_function():
     h = squash(conv(h, p["c5"], p["c5b"])).reshape(3, 120)
     logits = squash(h @ p["f6"].T + p["f6b"]) @ p["out"].T + p["outb"]
     assert relative_error(model.forward(params, x)[0], logits) <= 1e-5
+
+
+def test_lenet1989_in_pytorchs_layout_is_the_same_function():
+    """`lenet1989_to_torch` read by a NumPy LeNet-1989 written as torch_lenet1989 computes it
+    (NCHW, -1 padding, stride-2 OIHW cross-correlation, the H2 table as a mask, unshared (C,
+    H, W) biases, flattening in (c, h, w) order): the outputs of `lenet1989()` within float32
+    rounding, from the recipe's initial params with nonzero biases."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    model = nets.lenet1989()
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape),
+                          bench.lenet1989_initial_params(0))
+    x = jax.random.uniform(jax.random.key(7), (3, 16, 16, 1), minval=-1.0, maxval=1.0)
+    p = {name: np.asarray(a, np.float64) for name, a in bench.lenet1989_to_torch(params).items()}
+    mask = np.asarray(nets.lenet1989_h2_table(), np.float64).T[:, :, None, None]
+
+    def layer(h, w, b):
+        padded = np.pad(h, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-1.0)
+        windows = sliding_window_view(padded, w.shape[2:], axis=(2, 3))[:, :, ::2, ::2]
+        return np.tanh(np.einsum("nchwij,ocij->nohw", windows, w) + b[None])
+
+    h = layer(np.asarray(x, np.float64).transpose(0, 3, 1, 2), p["w1"], p["b1"])
+    h = layer(h, p["w2"] * mask, p["b2"]).reshape(3, 192)
+    outputs = np.tanh(np.tanh(h @ p["w3"].T + p["b3"]) @ p["w4"].T + p["b4"])
+    assert relative_error(model.forward(params, x)[0], outputs) <= 1e-5
