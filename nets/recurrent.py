@@ -89,6 +89,7 @@ __all__ = [
     "CELLS",
     "make_cell",
     "to_pytorch",
+    "from_pytorch",
     "pytorch_gradients",
     "hidden_of",
     "scan_cell",
@@ -448,6 +449,9 @@ def make_cell(kind: str, hidden_size: int) -> Cell:
     return builders[kind]()
 
 
+_PYTORCH_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+
+
 def _pytorch_cell(cell: Cell, what: str) -> str:
     if cell.pytorch_module is None:
         raise ValueError(
@@ -471,6 +475,35 @@ def to_pytorch(cell: Cell, params: Params) -> dict[str, np.ndarray]:
         bias_hh[2 * cell.hidden_size:] = np.asarray(params["b_hn"])
     return {"weight_ih_l0": w[:inputs].T.copy(), "weight_hh_l0": w[inputs:].T.copy(),
             "bias_ih_l0": b.copy(), "bias_hh_l0": bias_hh}
+
+
+def from_pytorch(cell: Cell, state: dict) -> Params:
+    """The params of `cell` that compute what `torch.nn.<cell.pytorch_module>` does with the
+    state dict `state` (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0; arrays or
+    tensors on the CPU): w = [weight_ih^T; weight_hh^T], b = bias_ih + bias_hh, except the
+    GRU's n block, where b takes bias_ih's and b_hn bias_hh's. `to_pytorch` undoes it."""
+    _pytorch_cell(cell, "from_pytorch")
+    expected = ("bias_hh_l0", "bias_ih_l0", "weight_hh_l0", "weight_ih_l0")
+    if tuple(sorted(state)) != expected:
+        raise ValueError(f"from_pytorch({cell.name}): state has the entries {sorted(state)}, "
+                         f"expected {list(expected)} (one layer, with biases)")
+    arrays = {name: np.asarray(value) for name, value in state.items()}
+    hidden = cell.hidden_size
+    sums = _PYTORCH_GATES[cell.pytorch_module] * hidden
+    w_ih, w_hh = arrays["weight_ih_l0"], arrays["weight_hh_l0"]
+    shapes = {name: array.shape for name, array in arrays.items()}
+    if (w_ih.ndim != 2 or w_ih.shape[0] != sums or w_hh.shape != (sums, hidden)
+            or shapes["bias_ih_l0"] != (sums,) or shapes["bias_hh_l0"] != (sums,)):
+        raise ValueError(f"from_pytorch({cell.name}): shapes {shapes}, expected weight_ih_l0 "
+                         f"({sums}, input_size), weight_hh_l0 ({sums}, {hidden}) and biases "
+                         f"({sums},) for nn.{cell.pytorch_module} with hidden_size {hidden}")
+    b = arrays["bias_ih_l0"] + arrays["bias_hh_l0"]
+    params = {"w": jnp.asarray(np.concatenate([w_ih.T, w_hh.T], axis=0))}
+    if cell.pytorch_module == "GRU":
+        b[2 * hidden:] = arrays["bias_ih_l0"][2 * hidden:]
+        params["b_hn"] = jnp.asarray(arrays["bias_hh_l0"][2 * hidden:])
+    params["b"] = jnp.asarray(b)
+    return params
 
 
 def pytorch_gradients(cell: Cell, grads: Params) -> dict[str, np.ndarray]:

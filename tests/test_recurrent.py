@@ -590,6 +590,37 @@ def test_to_pytorch_gives_pytorchs_equations_our_outputs_and_gradients(kind):
         assert relative_error(theirs[key], differences) <= 1e-6, key
 
 
+@pytest.mark.parametrize("kind", ["elman_tanh", "lstm", "gru_reset_after"])
+def test_from_pytorch_computes_what_pytorch_does_with_any_state_dict(kind):
+    """A random state dict (both biases nonzero in every block) through PyTorch's documented
+    equations (NumPy, float64) gives the ys of scan_cell with `from_pytorch`'s params
+    (<= 1e-10), and to_pytorch(from_pytorch(...)) then computes the same."""
+    rng = np.random.default_rng(11)
+    cell = recurrent.make_cell(kind, 3)
+    sums = {"RNN": 1, "LSTM": 4, "GRU": 3}[cell.pytorch_module] * 3
+    state = {"weight_ih_l0": rng.standard_normal((sums, 2)),
+             "weight_hh_l0": rng.standard_normal((sums, 3)),
+             "bias_ih_l0": rng.standard_normal(sums), "bias_hh_l0": rng.standard_normal(sums)}
+    xs = rng.standard_normal((2, 5, 2))
+    expected = pytorch_equations(cell.pytorch_module, state, xs)
+    params = recurrent.from_pytorch(cell, state)
+    assert relative_error(recurrent.scan_cell(cell, params, jnp.asarray(xs))[0], expected) \
+        <= 1e-10
+    again = recurrent.to_pytorch(cell, params)
+    assert relative_error(pytorch_equations(cell.pytorch_module, again, xs), expected) <= 1e-10
+    assert_close_tree(recurrent.from_pytorch(cell, again), params, jnp.float64, kind)
+
+
+def test_from_pytorch_refuses_a_state_dict_of_other_entries_or_shapes():
+    cell = recurrent.make_cell("lstm", 3)
+    state = recurrent.to_pytorch(cell, cell.init(jax.random.key(0), 2))
+    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): state has the entries"):
+        recurrent.from_pytorch(cell, {**state, "weight_ih_l1": state["weight_ih_l0"]})
+    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): shapes .* weight_hh_l0 "
+                                         r"\(12, 3\)"):
+        recurrent.from_pytorch(cell, {**state, "weight_hh_l0": np.zeros((9, 3))})
+
+
 @pytest.mark.parametrize("kind", ["elman_sigmoid", "lstm_peephole", "gru"])
 def test_cells_without_a_pytorch_module_are_refused_by_name(kind):
     cell = recurrent.make_cell(kind, 3)
@@ -597,3 +628,5 @@ def test_cells_without_a_pytorch_module_are_refused_by_name(kind):
     for convert in (recurrent.to_pytorch, recurrent.pytorch_gradients):
         with pytest.raises(ValueError, match=f"{convert.__name__}\\({kind}\\): no torch.nn"):
             convert(cell, params)
+    with pytest.raises(ValueError, match=f"from_pytorch\\({kind}\\): no torch.nn"):
+        recurrent.from_pytorch(cell, {})
