@@ -62,7 +62,9 @@ per machine.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -385,14 +387,15 @@ def recipe_agreement(torch, params, images, targets):
     """The first example's loss and gradient at the recipe's initial params, PyTorch's against
     our manual engine's (`torch_agreement`)."""
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
-    energy, grads = nets.manual(lenet1989(), objective)(params, jnp.asarray(images[:1]),
-                                                        jnp.asarray(targets[:1]))
+    value_and_grad = nets.manual(lenet1989(), objective)
     forward, parameters = torch_lenet1989(torch, params)
     x = torch.tensor(images[:1].transpose(0, 3, 1, 2).copy(), device=torch_device(torch))
     t = torch.tensor(np.asarray(targets[:1]), device=torch_device(torch))
-    return torch_agreement("recipe", energy, lenet1989_to_torch(grads),
-                           lambda x, t: 0.5 * torch.sum((forward(x) - t) ** 2), parameters,
-                           (x, t))
+    return torch_agreement(
+        torch, "recipe",
+        lambda: value_and_grad(params, jnp.asarray(images[:1]), jnp.asarray(targets[:1])),
+        lenet1989_to_torch, lambda x, t: 0.5 * torch.sum((forward(x) - t) ** 2), parameters,
+        (x, t))
 
 
 def on_device(torch, params):
@@ -512,19 +515,39 @@ def torch_sgd_step(torch, loss, parameters, lr=0.01):
     return torch_synchronized(torch, step)
 
 
-def torch_agreement(what, energy, grads, loss, parameters, torch_args):
+def torch_agreement(torch, what, ours, to_torch, loss, parameters, torch_args):
     """Relative errors (`relative_error`) between PyTorch's loss and gradients and ours
-    (`energy`, and `grads` already in PyTorch's names and layouts): {"loss": ..., "gradients":
-    the largest over the parameters}. Above the float32 tolerance of nets.gradcheck the two
-    are not the same function, and the comparison is refused (ValueError naming `what`)."""
-    value = loss(*torch_args)
-    for p in parameters.values():
-        p.grad = None
-    value.backward()
+    (`ours()` -> (energy, grads), `to_torch` mapping the grads to PyTorch's names and layouts):
+    {"loss": ..., "gradients": the largest over the parameters}. Both sides in full float32
+    (JAX's matmul precision "highest", PyTorch's TF32 off), as a GPU's defaults may round
+    products to TF32; above float32's tolerance of nets.gradcheck the two are not the same
+    function, and the comparison is refused (ValueError naming `what`)."""
+    with jax.default_matmul_precision("highest"):
+        energy, grads = ours()
+    with torch_full_float32(torch):
+        value = loss(*torch_args)
+        for p in parameters.values():
+            p.grad = None
+        value.backward()
+    grads = to_torch(grads)
     errors = [relative_error(grads[name], p.grad.detach().cpu().numpy())
               for name, p in parameters.items()]
     agreement = {"loss": relative_error(energy, value.item()), "gradients": max(errors)}
     return same_function(what, agreement)
+
+
+@contextlib.contextmanager
+def torch_full_float32(torch):
+    """PyTorch's CUDA products and convolutions in full float32 (no TF32) for the block."""
+    backends = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    saved = [backend.allow_tf32 for backend in backends]
+    try:
+        for backend in backends:
+            backend.allow_tf32 = False
+        yield
+    finally:
+        for backend, allowed in zip(backends, saved):
+            backend.allow_tf32 = allowed
 
 
 def same_function(what, agreement):
@@ -555,9 +578,9 @@ def family_lenet5_torch(config, key, torch):
                      device=torch_device(torch))
     labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long,
                           device=torch_device(torch))
-    energy, grads = nets.engines.manual(model, objective)(*args)
-    agreement = torch_agreement("lenet5_torch", energy, lenet5_to_torch(grads), loss,
-                                parameters, (x, labels))
+    agreement = torch_agreement(torch, "lenet5_torch",
+                                lambda: nets.engines.manual(model, objective)(*args),
+                                lenet5_to_torch, loss, parameters, (x, labels))
     torch_step = torch_sgd_step(torch, loss, parameters)
     ours, theirs = benchmark.compare(step, args, torch_step, (x, labels), config.repeats)
     ours.compile_s = compile_s
@@ -769,9 +792,9 @@ def family_rnn(config, key, torch):
         loss, parameters = torch_rnn(torch, cell, args[0])
         torch_args = tuple(torch.tensor(np.asarray(a), device=torch_device(torch))
                            for a in args[1:])
-        energy, grads = nets.manual(models[kind], mse)(*args)
-        agreement = torch_agreement(f"rnn/{kind}", energy, rnn_torch_gradients(cell, grads),
-                                    loss, parameters, torch_args)
+        agreement = torch_agreement(
+            torch, f"rnn/{kind}", functools.partial(nets.manual(models[kind], mse), *args),
+            functools.partial(rnn_torch_gradients, cell), loss, parameters, torch_args)
         torch_step = torch_sgd_step(torch, loss, parameters)
         ours, theirs = benchmark.compare(ours_fn, args, torch_step, torch_args, config.repeats)
         ours.compile_s = compile_s

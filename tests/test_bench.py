@@ -246,3 +246,18 @@ def test_lenet1989_in_pytorchs_layout_is_the_same_function():
     h = layer(h, p["w2"] * mask, p["b2"]).reshape(3, 192)
     outputs = np.tanh(np.tanh(h @ p["w3"].T + p["b3"]) @ p["w4"].T + p["b4"])
     assert relative_error(model.forward(params, x)[0], outputs) <= 1e-5
+
+
+def test_the_agreement_check_runs_pytorch_without_tf32_and_restores_it():
+    """On a GPU both sides are compared in full float32: PyTorch's TF32 switches are off
+    inside the check and back as they were after it, also when the check raises."""
+    backends = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(allow_tf32=True)),
+        cudnn=types.SimpleNamespace(allow_tf32=True))
+    torch = types.SimpleNamespace(backends=backends)
+    with bench.torch_full_float32(torch):
+        assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32
+    assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError), bench.torch_full_float32(torch):
+        raise RuntimeError
+    assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
