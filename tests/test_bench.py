@@ -261,3 +261,10 @@ def test_the_agreement_check_runs_pytorch_without_tf32_and_restores_it():
     with pytest.raises(RuntimeError), bench.torch_full_float32(torch):
         raise RuntimeError
     assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+
+
+def test_the_table_ends_with_how_closely_pytorch_computed_our_function():
+    rows = [{"family": "rnn", "name": "torch/lstm/b4", "torch_loss_rel_err": 0.0,
+             "torch_grad_rel_err": 3.3e-7}, {"family": "rnn", "name": "engine/lstm/b4"}]
+    assert "rnn/torch/lstm/b4 0.0e+00, 3.3e-07." in bench.agreement_note(rows)
+    assert bench.agreement_note(rows[1:]) == ""
