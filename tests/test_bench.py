@@ -268,3 +268,21 @@ def test_the_table_ends_with_how_closely_pytorch_computed_our_function():
              "torch_grad_rel_err": 3.3e-7}, {"family": "rnn", "name": "engine/lstm/b4"}]
     assert "rnn/torch/lstm/b4 0.0e+00, 3.3e-07." in bench.agreement_note(rows)
     assert bench.agreement_note(rows[1:]) == ""
+
+
+@pytest.mark.parametrize("kind", bench.TORCH_RNNS)
+def test_the_rnns_timed_against_pytorch_have_its_layout(kind):
+    """Each cell the bench times against torch.nn has a module and a gradient map whose names
+    and shapes are those of that module's and the Linear readout's parameters."""
+    from nets import recurrent
+
+    model, (params, _, _) = bench.rnn_problem(kind, bench.SMALLEST, jax.random.key(0))
+    cell = recurrent.make_cell(kind, bench.SMALLEST.rnn[2])
+    gates = {"LSTM": 4, "GRU": 3}[cell.pytorch_module]
+    hidden, inputs = cell.hidden_size, bench.RNN_INPUTS
+    shapes = {name: np.shape(g) for name, g in bench.rnn_torch_gradients(cell, params).items()}
+    assert shapes == {"rnn.weight_ih_l0": (gates * hidden, inputs),
+                      "rnn.weight_hh_l0": (gates * hidden, hidden),
+                      "rnn.bias_ih_l0": (gates * hidden,), "rnn.bias_hh_l0": (gates * hidden,),
+                      "readout.weight": (bench.RNN_OUTPUTS, hidden),
+                      "readout.bias": (bench.RNN_OUTPUTS,)}
