@@ -3,7 +3,8 @@
     python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
 
 For each model in `CASES` (the MLPs with each loss and a residual one with LayerNorm, a
-2-block transformer on random token ids, LeNet-1989 in its three forms, LeNet-5, and AlexNet
+2-block transformer on random token ids, two stacks of recurrent cells (every cell: Elman,
+LSTM with and without peepholes, both GRUs), LeNet-1989 in its three forms, LeNet-5, and AlexNet
 at a reduced 67x67 input with its dropout masks drawn), on a random batch: the manual engine's
 gradient against jax.grad in float64 and float32, and both against central
 finite differences in float64, per layer and parameter (nets/gradcheck.py has the tolerance
@@ -20,7 +21,10 @@ token ids): 135 s, most of it compiling; all 252 checks pass, with float64 relat
 jax.grad <= 1.1e-15 and vs finite differences <= 7.7e-8 (AlexNet's conv2 1.2e-4 and conv1
 2.2e-5, within their rounding bounds); float32 <= 6.6e-7. Of 11,510 coordinates differenced,
 one (AlexNet's conv1) was left out for a ReLU kink within the step (`fd_kinks`,
-nets.gradcheck.smooth_coordinates).
+nets.gradcheck.smooth_coordinates). With the two recurrent stacks (2026-12-04): 288 checks
+pass in 74 s (a warm compilation cache), the same bounds; the recurrent tensors' float64
+errors <= 3.2e-16 against jax.grad and <= 1.4e-8 against finite differences, float32 <=
+1.1e-7; 12,370 coordinates differenced.
 """
 from __future__ import annotations
 
@@ -92,6 +96,17 @@ CASES = [
          lambda: (nets.transformer_lm(7, context=6, features=8, heads=2, blocks=2),
                   nets.Objective(nets.sequence_cross_entropy())),
          (6,), 7, "sequence"),
+    # Recurrent stacks on sequences of 7 steps of 3 features, read out at the last step: every
+    # cell, each one's BPTT through the steps and into the cell below.
+    Case("rnn_lstm_peephole_elman_gru_reset_after",
+         lambda: (nets.sequence_model([nets.lstm(6, peepholes=True), nets.elman(4),
+                                       nets.gru_reset_after(5)], 4, last_step=True), _mse()),
+         (7, 3), 4, "plus_minus_one"),
+    Case("rnn_elman_sigmoid_lstm_gru",
+         lambda: (nets.sequence_model([nets.elman(5, "sigmoid"), nets.lstm(4), nets.gru(5)], 4,
+                                      last_step=True),
+                  nets.Objective(nets.softmax_cross_entropy())),
+         (7, 3), 4),
     Case("lenet1989", lambda: (models.lenet1989(), _mse()), (16, 16, 1), 10, "plus_minus_one"),
     Case("lenet1989_scaled_tanh", lambda: (models.lenet1989(scaled_tanh=True), _mse(0.1)),
          (16, 16, 1), 10, "plus_minus_one"),
