@@ -68,6 +68,7 @@ the state across windows (experiments/char_rnn.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -460,62 +461,73 @@ def _pytorch_cell(cell: Cell, what: str) -> str:
     return cell.pytorch_module
 
 
-def to_pytorch(cell: Cell, params: Params) -> dict[str, np.ndarray]:
-    """params of `cell` as the state dict of the one-layer `torch.nn.<cell.pytorch_module>`
-    (RNN with tanh, LSTM, GRU) that computes the same function:
+def to_pytorch(cell: Cell, params: Params, layer: int = 0) -> dict[str, np.ndarray]:
+    """params of `cell` as the state dict entries of layer `layer` of the `torch.nn.<cell.
+    pytorch_module>` (RNN with tanh, LSTM, GRU) that computes the same function:
         weight_ih_l0 = W_x^T (G H, F),  weight_hh_l0 = W_h^T (G H, H),
-        bias_ih_l0 = b (G H,),  bias_hh_l0 = 0, except the GRU's n block: b_hn.
-    The gate blocks are in the same order in both (LSTM i, f, g, o; GRU r, z, n). NumPy
-    arrays of the params' dtype, for `module.load_state_dict` via `torch.from_numpy`."""
+        bias_ih_l0 = b (G H,),  bias_hh_l0 = 0, except the GRU's n block: b_hn
+    (suffix _l{layer}). The gate blocks are in the same order in both (LSTM i, f, g, o; GRU r,
+    z, n). NumPy arrays of the params' dtype, for `module.load_state_dict` via
+    `torch.from_numpy`; a stack's cells give one layer each."""
     _pytorch_cell(cell, "to_pytorch")
     w, b = np.asarray(params["w"]), np.asarray(params["b"])
     inputs = w.shape[0] - cell.hidden_size
     bias_hh = np.zeros_like(b)
     if "b_hn" in params:
         bias_hh[2 * cell.hidden_size:] = np.asarray(params["b_hn"])
-    return {"weight_ih_l0": w[:inputs].T.copy(), "weight_hh_l0": w[inputs:].T.copy(),
-            "bias_ih_l0": b.copy(), "bias_hh_l0": bias_hh}
+    return {f"weight_ih_l{layer}": w[:inputs].T.copy(),
+            f"weight_hh_l{layer}": w[inputs:].T.copy(),
+            f"bias_ih_l{layer}": b.copy(), f"bias_hh_l{layer}": bias_hh}
 
 
-def from_pytorch(cell: Cell, state: dict) -> Params:
-    """The params of `cell` that compute what `torch.nn.<cell.pytorch_module>` does with the
-    state dict `state` (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0; arrays or
-    tensors on the CPU): w = [weight_ih^T; weight_hh^T], b = bias_ih + bias_hh, except the
-    GRU's n block, where b takes bias_ih's and b_hn bias_hh's. `to_pytorch` undoes it."""
+_PYTORCH_ENTRY = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)$")
+
+
+def from_pytorch(cell: Cell, state: dict, layer: int = 0) -> Params:
+    """The params of `cell` that compute what layer `layer` of `torch.nn.<cell.
+    pytorch_module>` does with the state dict `state` (weight_ih_l{layer}, weight_hh_l...,
+    bias_ih_l..., bias_hh_l...; arrays or tensors on the CPU): w = [weight_ih^T; weight_hh^T],
+    b = bias_ih + bias_hh, except the GRU's n block, where b takes bias_ih's and b_hn
+    bias_hh's. `to_pytorch` undoes it. A stack: one call per layer. Entries of another kind
+    (a bidirectional module's _reverse ones, projections) are refused, not skipped."""
     _pytorch_cell(cell, "from_pytorch")
-    expected = ("bias_hh_l0", "bias_ih_l0", "weight_hh_l0", "weight_ih_l0")
-    if tuple(sorted(state)) != expected:
-        raise ValueError(f"from_pytorch({cell.name}): state has the entries {sorted(state)}, "
-                         f"expected {list(expected)} (one layer, with biases)")
-    arrays = {name: np.asarray(value) for name, value in state.items()}
+    unknown = sorted(name for name in state if not _PYTORCH_ENTRY.match(name))
+    names = [f"{kind}_{side}_l{layer}" for kind in ("weight", "bias") for side in ("ih", "hh")]
+    missing = [name for name in names if name not in state]
+    if unknown or missing:
+        raise ValueError(f"from_pytorch({cell.name}): state has the entries {sorted(state)}; "
+                         f"layer {layer} of a unidirectional nn.{cell.pytorch_module} with "
+                         f"biases needs {names}" + (f", and {unknown} are of no such module"
+                                                    if unknown else ""))
+    arrays = {name.rsplit("_l", 1)[0]: np.asarray(state[name]) for name in names}
     hidden = cell.hidden_size
     sums = _PYTORCH_GATES[cell.pytorch_module] * hidden
-    w_ih, w_hh = arrays["weight_ih_l0"], arrays["weight_hh_l0"]
-    shapes = {name: array.shape for name, array in arrays.items()}
+    w_ih, w_hh = arrays["weight_ih"], arrays["weight_hh"]
+    shapes = {name: np.shape(state[name]) for name in names}
     if (w_ih.ndim != 2 or w_ih.shape[0] != sums or w_hh.shape != (sums, hidden)
-            or shapes["bias_ih_l0"] != (sums,) or shapes["bias_hh_l0"] != (sums,)):
-        raise ValueError(f"from_pytorch({cell.name}): shapes {shapes}, expected weight_ih_l0 "
-                         f"({sums}, input_size), weight_hh_l0 ({sums}, {hidden}) and biases "
+            or arrays["bias_ih"].shape != (sums,) or arrays["bias_hh"].shape != (sums,)):
+        raise ValueError(f"from_pytorch({cell.name}): shapes {shapes}, expected weight_ih "
+                         f"({sums}, input_size), weight_hh ({sums}, {hidden}) and biases "
                          f"({sums},) for nn.{cell.pytorch_module} with hidden_size {hidden}")
-    b = arrays["bias_ih_l0"] + arrays["bias_hh_l0"]
+    b = arrays["bias_ih"] + arrays["bias_hh"]
     params = {"w": jnp.asarray(np.concatenate([w_ih.T, w_hh.T], axis=0))}
     if cell.pytorch_module == "GRU":
-        b[2 * hidden:] = arrays["bias_ih_l0"][2 * hidden:]
-        params["b_hn"] = jnp.asarray(arrays["bias_hh_l0"][2 * hidden:])
+        b[2 * hidden:] = arrays["bias_ih"][2 * hidden:]
+        params["b_hn"] = jnp.asarray(arrays["bias_hh"][2 * hidden:])
     params["b"] = jnp.asarray(b)
     return params
 
 
-def pytorch_gradients(cell: Cell, grads: Params) -> dict[str, np.ndarray]:
-    """dE/d(the state dict of `to_pytorch`) from dE/dparams: the weights' gradients
+def pytorch_gradients(cell: Cell, grads: Params, layer: int = 0) -> dict[str, np.ndarray]:
+    """dE/d(the state dict entries of `to_pytorch`) from dE/dparams: the weights' gradients
     transposed; bias_ih and bias_hh add inside every gate, so each has the gradient db of b,
     except the GRU's n block of bias_hh, which is b_hn (gradient db_hn)."""
     _pytorch_cell(cell, "pytorch_gradients")
-    state = to_pytorch(cell, grads)
+    state = to_pytorch(cell, grads, layer)
     bias_hh = np.asarray(grads["b"]).copy()
     if "b_hn" in grads:
         bias_hh[2 * cell.hidden_size:] = np.asarray(grads["b_hn"])
-    return {**state, "bias_hh_l0": bias_hh}
+    return {**state, f"bias_hh_l{layer}": bias_hh}
 
 
 # --- the scan helper ------------------------------------------------------------------------

@@ -614,11 +614,43 @@ def test_from_pytorch_computes_what_pytorch_does_with_any_state_dict(kind):
 def test_from_pytorch_refuses_a_state_dict_of_other_entries_or_shapes():
     cell = recurrent.make_cell("lstm", 3)
     state = recurrent.to_pytorch(cell, cell.init(jax.random.key(0), 2))
-    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): state has the entries"):
-        recurrent.from_pytorch(cell, {**state, "weight_ih_l1": state["weight_ih_l0"]})
-    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): shapes .* weight_hh_l0 "
+    bidirectional = {**state, "weight_ih_l0_reverse": state["weight_ih_l0"]}
+    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): .*\['weight_ih_l0_reverse'\] "
+                                         r"are of no such module"):
+        recurrent.from_pytorch(cell, bidirectional)
+    with pytest.raises(ValueError, match=r"layer 1 of a unidirectional nn.LSTM with biases "
+                                         r"needs \['weight_ih_l1'"):
+        recurrent.from_pytorch(cell, state, layer=1)
+    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): shapes .* weight_hh "
                                          r"\(12, 3\)"):
         recurrent.from_pytorch(cell, {**state, "weight_hh_l0": np.zeros((9, 3))})
+
+
+def test_a_two_layer_pytorch_module_loads_as_a_stack_one_layer_at_a_time():
+    """nn.LSTM(num_layers=2) as PyTorch documents it (layer 1 reads layer 0's h): the state
+    dict of both layers, read by from_pytorch(layer=0) and (layer=1), gives the two scanned
+    cells' outputs (<= 1e-10), and to_pytorch(..., layer=k) gives the entries back."""
+    rng = np.random.default_rng(3)
+    cells = [recurrent.make_cell("lstm", 4), recurrent.make_cell("lstm", 4)]
+    state = {}
+    for layer, inputs in enumerate((2, 4)):
+        state.update({f"weight_ih_l{layer}": rng.standard_normal((16, inputs)),
+                      f"weight_hh_l{layer}": rng.standard_normal((16, 4)),
+                      f"bias_ih_l{layer}": rng.standard_normal(16),
+                      f"bias_hh_l{layer}": rng.standard_normal(16)})
+    xs = rng.standard_normal((2, 5, 2))
+    expected = xs
+    for layer in (0, 1):
+        entries = {name.replace(f"_l{layer}", "_l0"): value for name, value in state.items()
+                   if name.endswith(f"_l{layer}")}
+        expected = pytorch_equations("LSTM", entries, expected)
+    hs = jnp.asarray(xs)
+    for layer, cell in enumerate(cells):
+        params = recurrent.from_pytorch(cell, state, layer=layer)
+        hs = recurrent.scan_cell(cell, params, hs)[0]
+        assert sorted(recurrent.to_pytorch(cell, params, layer)) == sorted(
+            name for name in state if name.endswith(f"_l{layer}"))
+    assert relative_error(hs, expected) <= 1e-10
 
 
 @pytest.mark.parametrize("kind", ["elman_sigmoid", "lstm_peephole", "gru"])
