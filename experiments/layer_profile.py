@@ -64,7 +64,8 @@ from training.harness import open_run
 
 EXPERIMENT = "layer_profile"
 
-MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer", "alexnet", "lstm", "gru")
+MODELS = ("mlp", "lenet1989", "lenet5", "residual_mlp", "transformer", "alexnet", "lstm", "gru",
+          "gru_reset_after")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def recurrent_case(kind: str, sizes: bench.Sizes):
 def model_cases(sizes: bench.Sizes) -> dict:
     """{name in MODELS: (label, model, objective, input shape, batch)}: the bench's engine
     cases, LeNet-1989 at its largest batch, `alexnet_case` and the rnn family's LSTM and
-    GRU (`recurrent_case`)."""
+    GRUs (`recurrent_case`)."""
     cases = bench.engine_cases(sizes)
     lenet1989 = max((c for c in cases if c[0].startswith("lenet1989/")), key=lambda c: c[4])
     pick = {"mlp": "mlp_", "lenet5": "lenet5/", "residual_mlp": "residual_mlp_",
@@ -108,7 +109,7 @@ def model_cases(sizes: bench.Sizes) -> dict:
     chosen = {name: next(c for c in cases if c[0].startswith(prefix))
               for name, prefix in pick.items()}
     return {**chosen, "lenet1989": lenet1989, "alexnet": alexnet_case(sizes == bench.SMALLEST),
-            **{kind: recurrent_case(kind, sizes) for kind in ("lstm", "gru")}}
+            **{kind: recurrent_case(kind, sizes) for kind in ("lstm", "gru", "gru_reset_after")}}
 
 
 def with_batch(case, batch: int):

@@ -14,7 +14,8 @@ from nets.gradcheck import TOLERANCES
 
 def test_smallest_run_profiles_every_layer(tmp_path):
     metrics = layer_profile.main(["--workdir", str(tmp_path), "--size", "smallest",
-                                  "--repeats", "2", "--models", "lenet5,transformer,lstm"])
+                                  "--repeats", "2",
+                                  "--models", "lenet5,transformer,lstm,gru_reset_after"])
     document = json.loads((tmp_path / "results.json").read_text())
     rows = document["layers"]
     lenet5 = [r for r in rows if r["model"] == "lenet5"]
@@ -37,7 +38,7 @@ def test_smallest_run_profiles_every_layer(tmp_path):
     assert kept["C1_act"] == batch * 28 * 28 * 6 * 4
     assert kept["S2"] == batch * 14 * 14 * 6 * 4
     assert kept["flatten"] == 0
-    assert metrics["layers"] == len(rows) == 14 + 8 + 3
+    assert metrics["layers"] == len(rows) == 14 + 8 + 3 + 3
     lstm = next(r for r in rows if r["model"] == "lstm")
     assert lstm["layer"] == "lstm_0" and lstm["parameters"] == (32 + 8) * 32 + 32  # F 32, H 8
     assert metrics["max_rel_err"] <= TOLERANCES["float32"]["vs_autodiff"]
