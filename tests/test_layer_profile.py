@@ -41,9 +41,12 @@ def test_smallest_run_profiles_every_layer(tmp_path):
     assert metrics["layers"] == len(rows) == 14 + 8 + 3 + 3
     lstm = next(r for r in rows if r["model"] == "lstm")
     assert lstm["layer"] == "lstm_0" and lstm["parameters"] == (32 + 8) * 32 + 32  # F 32, H 8
+    gru = next(r for r in rows if r["model"] == "gru_reset_after")
+    assert gru["parameters"] == (32 + 8) * 24 + 24 + 8  # w, b, and b_hn of the candidate
     assert metrics["max_rel_err"] <= TOLERANCES["float32"]["vs_autodiff"]
     assert all(r["manual_backward_s"] > 0 and r["autodiff_backward_s"] > 0 for r in rows)
-    assert {t["model"] for t in document["models"]} == {"lenet5", "transformer", "lstm"}
+    assert {t["model"] for t in document["models"]} == {"lenet5", "transformer", "lstm",
+                                                        "gru_reset_after"}
     assert (tmp_path / "layer_profile.png").stat().st_size > 10_000
     assert "| lenet5 | S2 |" in (tmp_path / "results.md").read_text()
 
