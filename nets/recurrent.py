@@ -59,8 +59,9 @@ parameter gradients of all steps. Options, of the helper and never of a cell:
 
 Sequence layers follow the Layer contract of `nets.layers`, so the manual and autodiff engines
 and the losses work on whole sequence models: `rnn(cell)` (batch, time, in) -> (batch, time,
-hidden); `LastStep()` (batch, time, f) -> (batch, f); `TimeDistributed(layer)` applies a
-(batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them;
+hidden), `rnn(cell, reverse=True)` from the last step, `bidirectional(cell_fw, cell_bw)` both
+directions side by side; `LastStep()` (batch, time, f) -> (batch, f); `TimeDistributed(layer)`
+applies a (batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them;
 `sequence_cross_entropy()` is the per-character loss on (batch, time, classes) logits and
 integer targets (batch, time). `stack_forward`/`stack_backward` run a per-step
 `sequence_model` from given states and return the final ones, for truncated BPTT that carries
@@ -77,7 +78,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Dense, Layer, StaticShape, forward_with_key, serial
+from nets.layers import Dense, Layer, StaticShape, forward_with_key, parallel, serial
 from nets.losses import Loss
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "scan_cell",
     "bptt",
     "rnn",
+    "bidirectional",
     "LastStep",
     "TimeDistributed",
     "sequence_model",
@@ -461,45 +463,55 @@ def _pytorch_cell(cell: Cell, what: str) -> str:
     return cell.pytorch_module
 
 
-def to_pytorch(cell: Cell, params: Params, layer: int = 0) -> dict[str, np.ndarray]:
+def to_pytorch(cell: Cell, params: Params, layer: int = 0, reverse: bool = False
+               ) -> dict[str, np.ndarray]:
     """params of `cell` as the state dict entries of layer `layer` of the `torch.nn.<cell.
     pytorch_module>` (RNN with tanh, LSTM, GRU) that computes the same function:
         weight_ih_l0 = W_x^T (G H, F),  weight_hh_l0 = W_h^T (G H, H),
         bias_ih_l0 = b (G H,),  bias_hh_l0 = 0, except the GRU's n block: b_hn
-    (suffix _l{layer}). The gate blocks are in the same order in both (LSTM i, f, g, o; GRU r,
-    z, n). NumPy arrays of the params' dtype, for `module.load_state_dict` via
-    `torch.from_numpy`; a stack's cells give one layer each."""
+    (suffix _l{layer}, and _reverse for the backward direction of a bidirectional module).
+    The gate blocks are in the same order in both (LSTM i, f, g, o; GRU r, z, n). NumPy
+    arrays of the params' dtype, for `module.load_state_dict` via `torch.from_numpy`; a
+    stack's cells give one layer each, a `bidirectional` layer's two cells one direction
+    each."""
     _pytorch_cell(cell, "to_pytorch")
     w, b = np.asarray(params["w"]), np.asarray(params["b"])
     inputs = w.shape[0] - cell.hidden_size
     bias_hh = np.zeros_like(b)
     if "b_hn" in params:
         bias_hh[2 * cell.hidden_size:] = np.asarray(params["b_hn"])
-    return {f"weight_ih_l{layer}": w[:inputs].T.copy(),
-            f"weight_hh_l{layer}": w[inputs:].T.copy(),
-            f"bias_ih_l{layer}": b.copy(), f"bias_hh_l{layer}": bias_hh}
+    suffix = _pytorch_suffix(layer, reverse)
+    return {f"weight_ih{suffix}": w[:inputs].T.copy(), f"weight_hh{suffix}": w[inputs:].T.copy(),
+            f"bias_ih{suffix}": b.copy(), f"bias_hh{suffix}": bias_hh}
 
 
-_PYTORCH_ENTRY = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)$")
+def _pytorch_suffix(layer: int, reverse: bool) -> str:
+    return f"_l{layer}" + ("_reverse" if reverse else "")
 
 
-def from_pytorch(cell: Cell, state: dict, layer: int = 0) -> Params:
+_PYTORCH_ENTRY = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+
+
+def from_pytorch(cell: Cell, state: dict, layer: int = 0, reverse: bool = False) -> Params:
     """The params of `cell` that compute what layer `layer` of `torch.nn.<cell.
     pytorch_module>` does with the state dict `state` (weight_ih_l{layer}, weight_hh_l...,
-    bias_ih_l..., bias_hh_l...; arrays or tensors on the CPU): w = [weight_ih^T; weight_hh^T],
-    b = bias_ih + bias_hh, except the GRU's n block, where b takes bias_ih's and b_hn
-    bias_hh's. `to_pytorch` undoes it. A stack: one call per layer. Entries of another kind
-    (a bidirectional module's _reverse ones, projections) are refused, not skipped."""
+    bias_ih_l..., bias_hh_l...; with reverse=True the _reverse entries, the backward
+    direction of a bidirectional module; arrays or tensors on the CPU): w = [weight_ih^T;
+    weight_hh^T], b = bias_ih + bias_hh, except the GRU's n block, where b takes bias_ih's
+    and b_hn bias_hh's. `to_pytorch` undoes it. A stack: one call per layer and direction.
+    Entries of another kind (a projection's weight_hr) are refused, not skipped."""
     _pytorch_cell(cell, "from_pytorch")
     unknown = sorted(name for name in state if not _PYTORCH_ENTRY.match(name))
-    names = [f"{kind}_{side}_l{layer}" for kind in ("weight", "bias") for side in ("ih", "hh")]
+    suffix = _pytorch_suffix(layer, reverse)
+    names = [f"{kind}_{side}{suffix}" for kind in ("weight", "bias") for side in ("ih", "hh")]
     missing = [name for name in names if name not in state]
     if unknown or missing:
+        direction = "backward" if reverse else "forward"
         raise ValueError(f"from_pytorch({cell.name}): state has the entries {sorted(state)}; "
-                         f"layer {layer} of a unidirectional nn.{cell.pytorch_module} with "
-                         f"biases needs {names}" + (f", and {unknown} are of no such module"
-                                                    if unknown else ""))
-    arrays = {name.rsplit("_l", 1)[0]: np.asarray(state[name]) for name in names}
+                         f"layer {layer}, {direction} direction, of nn.{cell.pytorch_module} "
+                         f"with biases needs {names}" + (f", and {unknown} are of no such "
+                                                         "module" if unknown else ""))
+    arrays = {name[:-len(suffix)]: np.asarray(state[name]) for name in names}
     hidden = cell.hidden_size
     sums = _PYTORCH_GATES[cell.pytorch_module] * hidden
     w_ih, w_hh = arrays["weight_ih"], arrays["weight_hh"]
@@ -518,16 +530,17 @@ def from_pytorch(cell: Cell, state: dict, layer: int = 0) -> Params:
     return params
 
 
-def pytorch_gradients(cell: Cell, grads: Params, layer: int = 0) -> dict[str, np.ndarray]:
+def pytorch_gradients(cell: Cell, grads: Params, layer: int = 0, reverse: bool = False
+                      ) -> dict[str, np.ndarray]:
     """dE/d(the state dict entries of `to_pytorch`) from dE/dparams: the weights' gradients
     transposed; bias_ih and bias_hh add inside every gate, so each has the gradient db of b,
     except the GRU's n block of bias_hh, which is b_hn (gradient db_hn)."""
     _pytorch_cell(cell, "pytorch_gradients")
-    state = to_pytorch(cell, grads, layer)
+    state = to_pytorch(cell, grads, layer, reverse)
     bias_hh = np.asarray(grads["b"]).copy()
     if "b_hn" in grads:
         bias_hh[2 * cell.hidden_size:] = np.asarray(grads["b_hn"])
-    return {**state, f"bias_hh_l{layer}": bias_hh}
+    return {**state, f"bias_hh{_pytorch_suffix(layer, reverse)}": bias_hh}
 
 
 # --- the scan helper ------------------------------------------------------------------------
@@ -658,17 +671,24 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
 
 # --- sequence layers --------------------------------------------------------------------------
 
-def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
+def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: bool = False,
         name: str | None = None) -> Layer:
     """A Layer running `cell` over x (batch, time, in) from the zero state: y (batch, time,
     hidden), the cell's y_t at every step. Backward: `bptt` (with the same truncation); its
     curvature is `bptt(..., curvature=True)`.
+
+    reverse=True runs the cell from the last step to the first (the backward direction of a
+    bidirectional layer): y = flip(scan(flip(x))) along time, and its backward the flipped
+    bptt of the flipped dy; truncation windows then count from the last step.
 
     The Layer contract has one input, so there is no mask here: batches of padded sequences
     call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
     name = name or cell.name
     if truncation is not None and truncation < 1:
         raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+
+    def in_order(sequence):
+        return jnp.flip(sequence, axis=1) if reverse else sequence
 
     def init(key, input_shape):
         if len(input_shape) != 3:
@@ -678,19 +698,33 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1,
 
     def forward(params, x):
         _check_sequence(name, x, cell.input_size(params))
-        ys, _, residuals = scan_cell(cell, params, x, truncation=truncation, unroll=unroll)
-        return ys, residuals
+        ys, _, residuals = scan_cell(cell, params, in_order(x), truncation=truncation,
+                                     unroll=unroll)
+        return in_order(ys), residuals
 
     def backward_by(curvature):
         def run(params, residuals, dy):
-            dparams, dx, _ = bptt(cell, params, residuals, dy, truncation=truncation,
+            dparams, dx, _ = bptt(cell, params, residuals, in_order(dy), truncation=truncation,
                                   unroll=unroll, curvature=curvature)
-            return dparams, dx
+            return dparams, in_order(dx)
 
         return run
 
     return Layer(name, init, forward, backward_by(False),
                  curvature=backward_by(True) if cell.step_curvature is not None else None)
+
+
+def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | None = None,
+                  unroll: int = 1, name: str = "bidirectional") -> Layer:
+    """Two `rnn` layers side by side on one sequence (Schuster and Paliwal 1997), the second
+    reversed: y[:, t] = [forward_cell's h_t, backward_cell's h_t] (batch, time, H_f + H_b), as
+    PyTorch's bidirectional modules give them. `nets.layers.parallel` with combine="concat":
+    params (forward params, backward params); dx is the sum of the two directions' dx."""
+    return parallel(
+        rnn(forward_cell, truncation=truncation, unroll=unroll, name=f"{forward_cell.name}_fw"),
+        rnn(backward_cell, truncation=truncation, unroll=unroll, reverse=True,
+            name=f"{backward_cell.name}_bw"),
+        combine="concat", name=name)
 
 
 def LastStep(name: str = "LastStep") -> Layer:

@@ -614,13 +614,16 @@ def test_from_pytorch_computes_what_pytorch_does_with_any_state_dict(kind):
 def test_from_pytorch_refuses_a_state_dict_of_other_entries_or_shapes():
     cell = recurrent.make_cell("lstm", 3)
     state = recurrent.to_pytorch(cell, cell.init(jax.random.key(0), 2))
-    bidirectional = {**state, "weight_ih_l0_reverse": state["weight_ih_l0"]}
-    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): .*\['weight_ih_l0_reverse'\] "
+    projected = {**state, "weight_hr_l0": np.zeros((2, 3))}  # nn.LSTM(proj_size=2)
+    with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): .*\['weight_hr_l0'\] "
                                          r"are of no such module"):
-        recurrent.from_pytorch(cell, bidirectional)
-    with pytest.raises(ValueError, match=r"layer 1 of a unidirectional nn.LSTM with biases "
+        recurrent.from_pytorch(cell, projected)
+    with pytest.raises(ValueError, match=r"layer 1, forward direction, of nn.LSTM with biases "
                                          r"needs \['weight_ih_l1'"):
         recurrent.from_pytorch(cell, state, layer=1)
+    with pytest.raises(ValueError, match=r"layer 0, backward direction, of nn.LSTM with "
+                                         r"biases needs \['weight_ih_l0_reverse'"):
+        recurrent.from_pytorch(cell, state, reverse=True)
     with pytest.raises(ValueError, match=r"from_pytorch\(lstm\): shapes .* weight_hh "
                                          r"\(12, 3\)"):
         recurrent.from_pytorch(cell, {**state, "weight_hh_l0": np.zeros((9, 3))})
@@ -662,3 +665,60 @@ def test_cells_without_a_pytorch_module_are_refused_by_name(kind):
             convert(cell, params)
     with pytest.raises(ValueError, match=f"from_pytorch\\({kind}\\): no torch.nn"):
         recurrent.from_pytorch(cell, {})
+
+
+def test_a_reversed_rnn_and_a_bidirectional_layer_match_jax_grad_and_flip_time():
+    """rnn(reverse=True) is the cell run from the last step: its output at t is the plain
+    layer's on the flipped sequence, flipped (exactly). A bidirectional LSTM / reset-after GRU
+    read at its last step: manual vs jax.grad and finite differences on every parameter
+    (float64), vs jax.grad in float32; and its curvature is the parallel layer's."""
+    rng = np.random.default_rng(5)
+    cell = recurrent.make_cell("gru_reset_after", 3)
+    params = random_params(cell, 2, rng, jnp.float64)
+    x = random_like(rng, jnp.zeros((2, 6, 2)), jnp.float64)
+    backwards = recurrent.rnn(cell, reverse=True)
+    expected = jnp.flip(recurrent.rnn(cell).apply(params, jnp.flip(x, 1)), 1)
+    assert jnp.array_equal(backwards.apply(params, x), expected)
+    assert not jnp.allclose(backwards.apply(params, x), recurrent.rnn(cell).apply(params, x))
+
+    model = nets.serial(recurrent.bidirectional(recurrent.lstm(4), recurrent.gru_reset_after(3)),
+                        recurrent.LastStep(), nets.Dense(2))
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 6, 2))[1], jax.random.key(0))
+    both = recurrent.bidirectional(recurrent.lstm(4), recurrent.gru_reset_after(3))
+    assert both.init(jax.random.key(0), (-1, 6, 2))[0] == (-1, 6, 4 + 3)
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    targets = random_like(rng, jnp.zeros((2, 2)), jnp.float64)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    for dtype in ("float64", "float32"):
+        rows = gradient_report(model, objective, params, x, targets, dtype=dtype,
+                               max_fd_coordinates=20)
+        assert {row["layer"] for row in rows} == {"lstm_fw", "gru_reset_after_bw", "Dense"}
+        assert all(row["passed"] for row in rows), rows
+    assert model.curvature is not None
+
+
+def test_a_bidirectional_pytorch_module_loads_direction_by_direction():
+    """nn.GRU(bidirectional=True) as PyTorch documents it (outputs [h_fw_t, h_bw_t], the
+    backward direction run from the last step with the _reverse entries): `bidirectional`
+    with from_pytorch(reverse=False) and (reverse=True) gives its outputs (<= 1e-10), and
+    to_pytorch(..., reverse=True) names the entries back."""
+    rng = np.random.default_rng(9)
+    state = {}
+    for suffix in ("_l0", "_l0_reverse"):
+        state.update({f"weight_ih{suffix}": rng.standard_normal((12, 2)),
+                      f"weight_hh{suffix}": rng.standard_normal((12, 4)),
+                      f"bias_ih{suffix}": rng.standard_normal(12),
+                      f"bias_hh{suffix}": rng.standard_normal(12)})
+    xs = rng.standard_normal((3, 5, 2))
+    forward = pytorch_equations("GRU", state, xs)
+    reverse_state = {name.replace("_reverse", ""): value for name, value in state.items()
+                     if name.endswith("_reverse")}
+    backward = np.flip(pytorch_equations("GRU", reverse_state, np.flip(xs, 1)), 1)
+    cell = recurrent.make_cell("gru_reset_after", 4)
+    params = (recurrent.from_pytorch(cell, state), recurrent.from_pytorch(cell, state,
+                                                                          reverse=True))
+    layer = recurrent.bidirectional(cell, cell)
+    ys = layer.apply(params, jnp.asarray(xs))
+    assert relative_error(ys, np.concatenate([forward, backward], axis=-1)) <= 1e-10
+    assert sorted(recurrent.to_pytorch(cell, params[1], reverse=True)) == sorted(
+        name for name in state if name.endswith("_reverse"))
