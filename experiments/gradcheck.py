@@ -4,7 +4,8 @@
 
 For each model in `CASES` (the MLPs with each loss and a residual one with LayerNorm, a
 2-block transformer on random token ids, two stacks of recurrent cells (every cell: Elman,
-LSTM with and without peepholes, both GRUs), LeNet-1989 in its three forms, LeNet-5, and AlexNet
+LSTM with and without peepholes, both GRUs) and a bidirectional layer, LeNet-1989 in its three
+forms, LeNet-5, and AlexNet
 at a reduced 67x67 input with its dropout masks drawn), on a random batch: the manual engine's
 gradient against jax.grad in float64 and float32, and both against central
 finite differences in float64, per layer and parameter (nets/gradcheck.py has the tolerance
@@ -21,10 +22,10 @@ token ids): 135 s, most of it compiling; all 252 checks pass, with float64 relat
 jax.grad <= 1.1e-15 and vs finite differences <= 7.7e-8 (AlexNet's conv2 1.2e-4 and conv1
 2.2e-5, within their rounding bounds); float32 <= 6.6e-7. Of 11,510 coordinates differenced,
 one (AlexNet's conv1) was left out for a ReLU kink within the step (`fd_kinks`,
-nets.gradcheck.smooth_coordinates). With the two recurrent stacks (2026-12-04): 288 checks
-pass in 74 s (a warm compilation cache), the same bounds; the recurrent tensors' float64
-errors <= 3.2e-16 against jax.grad and <= 1.4e-8 against finite differences, float32 <=
-1.1e-7; 12,370 coordinates differenced.
+nets.gradcheck.smooth_coordinates). With the two recurrent stacks and the bidirectional layer
+(2026-12-04): 302 checks pass in 79 s (a warm compilation cache), the same bounds; the
+recurrent tensors' float64 errors <= 4.0e-16 against jax.grad and <= 1.4e-8 against finite
+differences, float32 <= 1.1e-7; 12,596 coordinates differenced.
 """
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ CASES = [
                                       last_step=True),
                   nets.Objective(nets.softmax_cross_entropy())),
          (7, 3), 4),
+    Case("rnn_bidirectional_lstm_gru_reset_after",
+         lambda: (nets.serial(nets.bidirectional(nets.lstm(4), nets.gru_reset_after(3)),
+                              nets.recurrent.LastStep(), nets.Dense(4)), _mse()),
+         (7, 3), 4, "plus_minus_one"),
     Case("lenet1989", lambda: (models.lenet1989(), _mse()), (16, 16, 1), 10, "plus_minus_one"),
     Case("lenet1989_scaled_tanh", lambda: (models.lenet1989(scaled_tanh=True), _mse(0.1)),
          (16, 16, 1), 10, "plus_minus_one"),
