@@ -312,6 +312,19 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
                  backward_weights, pytorch_module=None if peepholes else "LSTM")
 
 
+def _gru_factors(x, h, r, z, n) -> dict:
+    """The local derivatives both GRUs' step backwards multiply by (h_t = z h + (1 - z) n, r
+    and z logistic, n tanh), with the step's input and state."""
+    return {"x": x, "h": h, "r": r, "z": z, "h_minus_n": h - n, "one_minus_z": 1 - z,
+            "dz": z * (1 - z), "dn": 1 - n * n, "dr": r * (1 - r)}
+
+
+def _gru_gate_gradients(k: dict, dh_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(da_z, da_n), the gradients of z's and n's pre-activations from dh' = dE/dh_t:
+    da_z = dh' (h - n) z (1 - z),  da_n = dh' (1 - z)(1 - n^2)."""
+    return dh_new * k["h_minus_n"] * k["dz"], dh_new * k["one_minus_z"] * k["dn"]
+
+
 def gru(hidden_size: int, name: str = "gru") -> Cell:
     """Gated recurrent unit in the form of Cho et al. 2014 (eqs. 5-8): the reset gate scales
     h_{t-1} *before* the recurrent matrix of the candidate (cuDNN and PyTorch apply it after,
@@ -352,13 +365,11 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
 
     def factors(residuals):
         x, h, r, z, n, rh = residuals
-        return {"x": x, "h": h, "r": r, "z": z, "rh": rh, "h_minus_n": h - n,
-                "one_minus_z": 1 - z, "dz": z * (1 - z), "dn": 1 - n * n, "dr": r * (1 - r)}
+        return {**_gru_factors(x, h, r, z, n), "rh": rh}
 
     def pullback(weights, k, dh_new, dy):
         dh_new = dh_new + dy
-        da_z = dh_new * k["h_minus_n"] * k["dz"]
-        da_n = dh_new * k["one_minus_z"] * k["dn"]
+        da_z, da_n = _gru_gate_gradients(k, dh_new)
         drh = da_n @ weights["u_n_t"]
         da_r = drh * k["h"] * k["dr"]
         da_rz = jnp.concatenate([da_r, da_z], axis=-1)
@@ -413,13 +424,11 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
 
     def factors(residuals):
         x, h, r, z, n, q = residuals
-        return {"x": x, "h": h, "r": r, "z": z, "q": q, "h_minus_n": h - n,
-                "one_minus_z": 1 - z, "dz": z * (1 - z), "dn": 1 - n * n, "dr": r * (1 - r)}
+        return {**_gru_factors(x, h, r, z, n), "q": q}
 
     def pullback(weights, k, dh_new, dy):
         dh_new = dh_new + dy
-        da_z = dh_new * k["h_minus_n"] * k["dz"]
-        da_n = dh_new * k["one_minus_z"] * k["dn"]
+        da_z, da_n = _gru_gate_gradients(k, dh_new)
         dq = da_n * k["r"]
         da_r = da_n * k["q"] * k["dr"]
         da_x = jnp.concatenate([da_r, da_z, da_n], axis=-1)
