@@ -31,7 +31,8 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 its "patches" convolutions, the faster per example.
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
                 (float32, width 1024, batch 256). Target >= 0.6 on CPU. On a GPU also in
-                bfloat16 (params, inputs and the matmul; --utilisation-dtypes): >= 0.5.
+                bfloat16 (params, inputs and the matmul; --utilisation-dtypes): >= 0.5, and
+                also at width 8192, batch 8192 (the issue's product is too small there).
   rnn           Elman, LSTM, GRU (Cho et al.'s) and the reset-after GRU (batch 64, T 100,
                 hidden 256, 32 inputs, a Dense readout of the last step, MSE): manual BPTT /
                 jax.grad step (target <= 1.0); the LSTM's `unroll` sweep 1, 2, 4, 8, 16
@@ -122,10 +123,12 @@ class Sizes:
     recipe_examples: int = 0  # 0: all 7,291 digits
     rnn: tuple[int, int, int] = (64, 100, 256)  # batch, time, hidden
     transformer: tuple[int, int, int] = (32, 64, 128)  # batch, context, features
+    gpu_utilisation: tuple[int, int] = (8192, 8192)  # batch, width: utilisation_shapes
 
 
 SMALLEST = Sizes(mlp_width=32, mlp_batch=8, lenet1989_batches=(1, 4), lenet5_batch=4,
-                 recipe_examples=50, rnn=(4, 5, 8), transformer=(2, 4, 8))
+                 recipe_examples=50, rnn=(4, 5, 8), transformer=(2, 4, 8),
+                 gpu_utilisation=(16, 64))
 
 
 def sizes_of(config) -> Sizes:
@@ -190,8 +193,11 @@ def data_parallel_rows(family, name, model, objective, args, reference, repeats)
 
 
 def mlp(sizes):
-    """(name, the MLP 784-W-W-10 with ReLU)."""
-    width = sizes.mlp_width
+    """(name, the MLP 784-W-W-10 with ReLU), W = sizes.mlp_width."""
+    return mlp_of_width(sizes.mlp_width)
+
+
+def mlp_of_width(width):
     return (f"mlp_784_{width}_{width}_10",
             nets.build_mlp(784, 10, hidden_layers=2, hidden_units=width, activation="relu"))
 
@@ -259,7 +265,6 @@ def memory_extras(manual_fn, auto_fn) -> dict:
 
 
 def family_engine(config, key):
-    rows = []
     for name, model, objective, input_shape, batch in engine_cases(sizes_of(config)):
         args = random_problem(model, input_shape, batch, key)
         compiled = {}
@@ -270,10 +275,9 @@ def family_engine(config, key):
             "autodiff"]
         manual, auto = benchmark.compare(manual_fn, args, auto_fn, args, config.repeats)
         manual.compile_s, auto.compile_s = manual_compile, auto_compile
-        rows.append(row("engine", name, "manual", manual, manual.median_s / auto.median_s,
-                        "manual/autodiff", **memory_extras(manual_fn, auto_fn)))
-        rows.append(row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn)))
-    return rows
+        yield row("engine", name, "manual", manual, manual.median_s / auto.median_s,
+                  "manual/autodiff", **memory_extras(manual_fn, auto_fn))
+        yield row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn))
 
 
 # --- family: convolution implementations --------------------------------------------------
@@ -288,21 +292,19 @@ def conv_cases(sizes):
 
 
 def family_conv(config, key):
-    rows = []
     for name, build, default, objective, input_shape, batch in conv_cases(sizes_of(config)):
         args = random_problem(build(default), input_shape, batch, key)
         base_fn, base_compile = benchmark.compile_jitted(
             sgd_step(build(default), objective, nets.manual), *args)
         alone = benchmark.time_calls(base_fn, args, config.repeats, compile_s=base_compile)
-        rows.append(row("conv", name, default, alone, note="the model's default"))
+        yield row("conv", name, default, alone, note="the model's default")
         for implementation in (i for i in IMPLEMENTATIONS if i != default):
             step, compile_s = benchmark.compile_jitted(
                 sgd_step(build(implementation), objective, nets.manual), *args)
             other, base = benchmark.compare(step, args, base_fn, args, config.repeats)
             other.compile_s = compile_s
-            rows.append(row("conv", name, implementation, other, other.median_s / base.median_s,
-                            f"{implementation}/{default}", reference_median_s=base.median_s))
-    return rows
+            yield row("conv", name, implementation, other, other.median_s / base.median_s,
+                      f"{implementation}/{default}", reference_median_s=base.median_s)
 
 
 # --- family: recipe (LeNet-1989, 1989 SGD) ------------------------------------------------
@@ -622,7 +624,6 @@ def per_example_functions(model, objective):
 
 
 def family_per_example(config, key):
-    rows = []
     softmax = nets.Objective(nets.softmax_cross_entropy(), 0.0)
     sizes = sizes_of(config)
     batch = sizes.lenet5_batch
@@ -641,9 +642,9 @@ def family_per_example(config, key):
         vmap_step, vmap_compile = benchmark.compile_jitted(per_example, *args)
         vmapped, batched = benchmark.compare(vmap_step, args, batch_step, args, config.repeats)
         vmapped.compile_s, batched.compile_s = vmap_compile, batch_compile
-        rows.append(row("per_example", f"vmap_vs_batch/{name}", "vmap_per_example", vmapped,
-                        vmapped.median_s / batched.median_s, "vmap_per_example/batch"))
-        rows.append(row("per_example", f"vmap_vs_batch/{name}", "batch", batched))
+        yield row("per_example", f"vmap_vs_batch/{name}", "vmap_per_example", vmapped,
+                  vmapped.median_s / batched.median_s, "vmap_per_example/batch")
+        yield row("per_example", f"vmap_vs_batch/{name}", "batch", batched)
         single_fn, _ = benchmark.compile_jitted(single, args[0], args[1][0], args[2][0])
         params, x, targets = args
 
@@ -652,9 +653,8 @@ def family_per_example(config, key):
 
         loop, vmapped_again = benchmark.compare(python_loop, args, vmap_step, args,
                                                 max(10, config.repeats // 2))
-        rows.append(row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
-                        loop.median_s / vmapped_again.median_s, "python_loop/vmap"))
-    return rows
+        yield row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
+                  loop.median_s / vmapped_again.median_s, "python_loop/vmap")
 
 
 # --- family: utilisation -------------------------------------------------------------------
@@ -667,34 +667,41 @@ def utilisation_dtypes(config) -> tuple[str, ...]:
     return ("float32",) if jax.default_backend() == "cpu" else ("float32", "bfloat16")
 
 
+def utilisation_shapes(sizes) -> list[tuple[int, int]]:
+    """(batch, width) of the MLPs the utilisation family times: the issue's, and on a GPU also
+    `sizes.gpu_utilisation`, whose products are large enough to reach the chip's rate (on an
+    H200 the issue's 256x1024x1024 product took 87 us, 6.2 TFLOP/s: dispatch, not arithmetic)."""
+    shapes = [(sizes.mlp_batch, sizes.mlp_width)]
+    if jax.default_backend() != "cpu":
+        shapes.append(sizes.gpu_utilisation)
+    return shapes
+
+
 def family_utilisation(config, key):
-    sizes = sizes_of(config)
-    batch, width = sizes.mlp_batch, sizes.mlp_width
-    layers = [(784, width), (width, width), (width, 10)]
-    name, model = mlp(sizes)
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
-    # forward 2 B n m per layer; backward 2 B n m for dW and 2 B n m for dx (the manual
-    # backward computes dx of the first layer too, so count it)
-    step_flops = sum(6 * batch * n * m for n, m in layers)
-    rows = []
-    for dtype in utilisation_dtypes(config):
-        args = astype(random_problem(model, (784,), batch, key), dtype)
-        step, compile_s = benchmark.compile_jitted(sgd_step(model, objective, nets.manual),
-                                                   *args)
-        a = jax.random.normal(key, (batch, width), dtype)
-        b = jax.random.normal(jax.random.fold_in(key, 1), (width, width), dtype)
-        matmul, _ = benchmark.compile_jitted(lambda a, b: a @ b, a, b)
-        train, mm = benchmark.compare(step, args, matmul, (a, b), config.repeats)
-        train.compile_s = compile_s
-        train_rate = step_flops / train.median_s
-        matmul_rate = 2 * batch * width * width / mm.median_s
-        suffix = "" if dtype == "float32" else f"/{dtype}"
-        rows += [row("utilisation", f"{name}/b{batch}{suffix}", "training_step", train,
-                     train_rate / matmul_rate, "training_flops_per_s/matmul_flops_per_s",
-                     flops_per_s=train_rate, dtype=dtype),
-                 row("utilisation", f"matmul_{batch}x{width}x{width}{suffix}", "jit(a@b)", mm,
-                     flops_per_s=matmul_rate, dtype=dtype)]
-    return rows
+    for batch, width in utilisation_shapes(sizes_of(config)):
+        name, model = mlp_of_width(width)
+        layers = [(784, width), (width, width), (width, 10)]
+        # forward 2 B n m per layer; backward 2 B n m for dW and 2 B n m for dx (the manual
+        # backward computes dx of the first layer too, so count it)
+        step_flops = sum(6 * batch * n * m for n, m in layers)
+        for dtype in utilisation_dtypes(config):
+            args = astype(random_problem(model, (784,), batch, key), dtype)
+            step, compile_s = benchmark.compile_jitted(sgd_step(model, objective, nets.manual),
+                                                       *args)
+            a = jax.random.normal(key, (batch, width), dtype)
+            b = jax.random.normal(jax.random.fold_in(key, 1), (width, width), dtype)
+            matmul, _ = benchmark.compile_jitted(lambda a, b: a @ b, a, b)
+            train, mm = benchmark.compare(step, args, matmul, (a, b), config.repeats)
+            train.compile_s = compile_s
+            train_rate = step_flops / train.median_s
+            matmul_rate = 2 * batch * width * width / mm.median_s
+            suffix = "" if dtype == "float32" else f"/{dtype}"
+            yield row("utilisation", f"{name}/b{batch}{suffix}", "training_step", train,
+                      train_rate / matmul_rate, "training_flops_per_s/matmul_flops_per_s",
+                      flops_per_s=train_rate, dtype=dtype)
+            yield row("utilisation", f"matmul_{batch}x{width}x{width}{suffix}", "jit(a@b)", mm,
+                      flops_per_s=matmul_rate, dtype=dtype)
 
 
 # --- family: recurrent nets ----------------------------------------------------------------
@@ -760,7 +767,7 @@ def family_rnn(config, key, torch):
     batch, time_steps, hidden = sizes.rnn
     shape = f"b{batch}_t{time_steps}_h{hidden}"
     mse = nets.Objective(nets.mean_squared_error(), 0.0)
-    rows, compiled_manual, models = [], {}, {}
+    compiled_manual, models = {}, {}
     for kind in ("elman", "lstm", "gru", "gru_reset_after"):
         model, args = rnn_problem(kind, sizes, key)
         manual_fn, manual_compile = benchmark.compile_jitted(
@@ -769,11 +776,11 @@ def family_rnn(config, key, torch):
             sgd_step(model, mse, nets.autodiff), *args)
         manual, auto = benchmark.compare(manual_fn, args, auto_fn, args, config.repeats)
         manual.compile_s, auto.compile_s = manual_compile, auto_compile
-        rows.append(row("rnn", f"engine/{kind}/{shape}", "manual", manual,
-                        manual.median_s / auto.median_s, "manual/autodiff",
-                        **memory_extras(manual_fn, auto_fn)))
-        rows.append(row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
-                        temp_bytes=temp_bytes(auto_fn)))
+        yield row("rnn", f"engine/{kind}/{shape}", "manual", manual,
+                  manual.median_s / auto.median_s, "manual/autodiff",
+                  **memory_extras(manual_fn, auto_fn))
+        yield row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
+                  temp_bytes=temp_bytes(auto_fn))
         compiled_manual[kind], models[kind] = (manual_fn, args, manual_compile), model
     base_fn, base_args, _ = compiled_manual["lstm"]
     for unroll in (2, 4, 8, 16):
@@ -783,8 +790,8 @@ def family_rnn(config, key, torch):
         unrolled, base = benchmark.compare(unrolled_fn, args, base_fn, base_args,
                                            config.repeats)
         unrolled.compile_s = compile_s
-        rows.append(row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
-                        unrolled.median_s / base.median_s, "unroll_k/unroll_1"))
+        yield row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
+                  unrolled.median_s / base.median_s, "unroll_k/unroll_1")
     for kind in TORCH_RNNS:
         ours_fn, args, compile_s = compiled_manual[kind]
         if torch is None:
@@ -800,16 +807,15 @@ def family_rnn(config, key, torch):
         ours, theirs = benchmark.compare(ours_fn, args, torch_step, torch_args, config.repeats)
         ours.compile_s = compile_s
         module = f"torch_nn_{cell.pytorch_module.lower()}"
-        rows.append(row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
-                        ours.median_s / theirs.median_s, f"jax/{module}",
-                        torch_loss_rel_err=agreement["loss"],
-                        torch_grad_rel_err=agreement["gradients"]))
-        rows.append(row("rnn", f"torch/{kind}/{shape}", module, theirs,
-                        torch_device=torch_device(torch)))
-        rows += data_parallel_rows(
+        yield row("rnn", f"torch/{kind}/{shape}", "jax_manual_scan", ours,
+                  ours.median_s / theirs.median_s, f"jax/{module}",
+                  torch_loss_rel_err=agreement["loss"],
+                  torch_grad_rel_err=agreement["gradients"])
+        yield row("rnn", f"torch/{kind}/{shape}", module, theirs,
+                  torch_device=torch_device(torch))
+        yield from data_parallel_rows(
             "rnn", f"torch/{kind}/{shape}", models[kind], mse, args,
             (module, torch_step, torch_args, f"jax/{module}"), config.repeats)
-    return rows
 
 
 # --- family: device scaling ----------------------------------------------------------------
@@ -930,9 +936,10 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     for family in config.families:
         print(f"bench: {family} ...", flush=True)
-        rows += runners[family]()
-        # after every family, so that a run cut short (a time limit) keeps what it measured
-        write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch)
+        for entry in runners[family]():
+            rows.append(entry)
+            # after every row, so that a run cut short (a time limit) keeps what it measured
+            write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch)
     ratios = [r for r in rows if r["ratio"] is not None]
     if ratios:
         plots.save_bars(run.workdir / "ratios.png",

@@ -142,7 +142,7 @@ def test_the_engine_target_also_asks_for_no_more_temporaries():
 
 def test_utilisation_in_bfloat16_has_its_own_rows_and_target():
     config = bench.Config(size="smallest", repeats=10, utilisation_dtypes="float32,bfloat16")
-    rows = bench.family_utilisation(config, jax.random.key(0))
+    rows = list(bench.family_utilisation(config, jax.random.key(0)))
     assert [(r["dtype"], r["variant"]) for r in rows] == [
         ("float32", "training_step"), ("float32", "jit(a@b)"),
         ("bfloat16", "training_step"), ("bfloat16", "jit(a@b)")]
@@ -152,10 +152,28 @@ def test_utilisation_in_bfloat16_has_its_own_rows_and_target():
     assert bench.utilisation_dtypes(bench.Config()) == ("float32",)  # auto, on the CPU
 
 
-def test_a_run_cut_short_keeps_the_families_it_finished(tmp_path, monkeypatch):
-    """results.json is written after every family: a failure (or a time limit) in the second
-    leaves the first one's rows on disk."""
+def test_on_a_gpu_utilisation_also_times_an_mlp_large_enough_for_the_chip(monkeypatch):
+    sizes = bench.SMALLEST
+    assert bench.utilisation_shapes(sizes) == [(sizes.mlp_batch, sizes.mlp_width)]  # CPU
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    assert bench.utilisation_shapes(sizes) == [(8, 32), (16, 64)]
+    assert bench.utilisation_shapes(bench.Sizes())[-1] == (8192, 8192)
+    config = bench.Config(size="smallest", repeats=10, utilisation_dtypes="float32")
+    rows = list(bench.family_utilisation(config, jax.random.key(0)))
+    assert [r["name"] for r in rows] == ["mlp_784_32_32_10/b8", "matmul_8x32x32",
+                                         "mlp_784_64_64_10/b16", "matmul_16x64x64"]
+    # 6 B (784 W + W W + 10 W) multiply-add FLOPs a step, by hand for B 16, W 64
+    flops = 6 * 16 * (784 * 64 + 64 * 64 + 64 * 10)
+    assert rows[2]["flops_per_s"] == pytest.approx(flops / rows[2]["median_s"])
+    assert rows[3]["flops_per_s"] == pytest.approx(2 * 16 * 64 * 64 / rows[3]["median_s"])
+
+
+def test_a_run_cut_short_keeps_every_row_it_measured(tmp_path, monkeypatch):
+    """results.json is written after every row: a failure (or a time limit) in the middle of
+    the second family leaves the first family's rows and the second's first row on disk."""
     def broken(*args):
+        yield bench.row("rnn", "first", "manual", bench.benchmark.Measurement(1.0, 1.0, 1.0,
+                                                                              None, 1))
         raise RuntimeError("cut short")
 
     monkeypatch.setattr(bench, "family_rnn", broken)
@@ -163,7 +181,7 @@ def test_a_run_cut_short_keeps_the_families_it_finished(tmp_path, monkeypatch):
         bench.main(["--workdir", str(tmp_path), "--quick", "--size", "smallest",
                     "--families", "utilisation,rnn"])
     document = json.loads((tmp_path / "results.json").read_text())
-    assert {r["family"] for r in document["benchmarks"]} == {"utilisation"}
+    assert [r["family"] for r in document["benchmarks"]] == ["utilisation"] * 2 + ["rnn"]
     assert document["metrics"]["targets_met"] + document["metrics"]["targets_missed"] == 1
 
 
