@@ -938,6 +938,7 @@ def main(argv=None):
         print(f"bench: {family} ...", flush=True)
         for entry in runners[family]():
             rows.append(entry)
+            print(f"  {row_summary(entry)}", flush=True)
             # after every row, so that a run cut short (a time limit) keeps what it measured
             write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch)
     ratios = [r for r in rows if r["ratio"] is not None]
@@ -953,6 +954,13 @@ def main(argv=None):
     results.save_and_print_table(run.workdir, header + results.markdown_table(rows, columns)
                                  + agreement_note(rows) + f"\nResults in {run.workdir}\n")
     return rows
+
+
+def row_summary(entry) -> str:
+    """One line for the log as each row is measured: name, variant, median, ratio."""
+    ratio = "" if entry["ratio"] is None else f", {entry['ratio']:.3g} {entry['ratio_of']}"
+    return (f"{entry['family']}/{entry['name']} {entry['variant']}: "
+            f"{entry['median_s'] * 1e3:.4g} ms{ratio}")
 
 
 def agreement_note(rows):

@@ -304,3 +304,11 @@ def test_the_rnns_timed_against_pytorch_have_its_layout(kind):
                       "rnn.bias_ih_l0": (gates * hidden,), "rnn.bias_hh_l0": (gates * hidden,),
                       "readout.weight": (bench.RNN_OUTPUTS, hidden),
                       "readout.bias": (bench.RNN_OUTPUTS,)}
+
+
+def test_each_row_is_logged_as_it_is_measured():
+    measurement = bench.benchmark.Measurement(0.0123, 0.012, 0.013, 1.5, 20)
+    entry = bench.row("engine", "lenet5/b128", "manual", measurement, 0.9871, "manual/autodiff")
+    assert bench.row_summary(entry) == "engine/lenet5/b128 manual: 12.3 ms, 0.987 manual/autodiff"
+    plain = bench.row("engine", "lenet5/b128", "autodiff", measurement)
+    assert bench.row_summary(plain) == "engine/lenet5/b128 autodiff: 12.3 ms"
