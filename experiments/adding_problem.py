@@ -1,7 +1,7 @@
 """The adding problem: can a recurrent net carry two numbers across T steps?
 
     python -m experiments.adding_problem [--workdir DIR] [--cells elman,lstm,gru]
-        [--lengths 50,100,200] [--steps 3000] [--engine manual|autodiff]
+        [--lengths 50,100,200] [--steps 3000] [--engine manual|autodiff] [--bidirectional]
         [--optimizer adam|sdlm [--mu 1e-3] [--curvature-every 10]]
 
 --optimizer sdlm steps eta / (mu + h) (LeCun's diagonal Levenberg-Marquardt), h
@@ -77,6 +77,8 @@ class Config:
                                              "lstm_peephole", "gru", "gru_reset_after"))
     lengths: tuple[int, ...] = option((50, 100, 200), "sequence lengths T", ge=2)
     hidden: int = option(64, "hidden units of the cell", ge=1)
+    bidirectional: bool = option(False, "a bidirectional layer (the cell twice, one run from "
+                                        "the last step; the Dense reads both final states)")
     batch_size: int = option(64, "sequences per step", ge=1)
     steps: int = option(2500, "optimizer steps per cell and length", ge=1)
     optimizer: str = option("adam", "adam, or LeCun's diagonal Levenberg-Marquardt (sdlm)",
@@ -124,9 +126,11 @@ def sdlm_optimizer(lr, mu: float, clip: float) -> optax.GradientTransformation:
 
 
 def build(config, cell_name: str, length: int, dtype=jnp.float32):
-    """(model, objective, procedure, test set) for one cell and length."""
+    """(model, objective, procedure) for one cell and length; the procedure's monitor measures
+    the fixed test set."""
     cell = recurrent.make_cell(cell_name, config.hidden)
-    model = recurrent.sequence_model([cell], 1, last_step=True, name=cell_name)
+    model = recurrent.sequence_model([cell], 1, last_step=True,
+                                     bidirectional=config.bidirectional, name=cell_name)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
     x_test, t_test = adding_batch(jax.random.fold_in(jax.random.key(config.seed), 10**6 + length),
                                   config.test_examples, length, dtype)

@@ -67,6 +67,7 @@ from nets.pooling import (
 )
 from nets.recurrent import (
     Cell,
+    FinalStates,
     LastStep,
     TimeDistributed,
     bidirectional,
@@ -146,6 +147,7 @@ __all__ = [
     "bptt",
     "rnn",
     "bidirectional",
+    "FinalStates",
     "LastStep",
     "TimeDistributed",
     "sequence_model",

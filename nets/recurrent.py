@@ -98,6 +98,7 @@ __all__ = [
     "bptt",
     "rnn",
     "bidirectional",
+    "FinalStates",
     "LastStep",
     "TimeDistributed",
     "sequence_model",
@@ -736,6 +737,9 @@ def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | 
         combine="concat", name=name)
 
 
+_both_directions = bidirectional  # for sequence_model, whose option of that name hides it
+
+
 def LastStep(name: str = "LastStep") -> Layer:
     """y = x[:, -1]: (batch, time, features) -> (batch, features); backward puts dy at the last
     step and zeros elsewhere, and so does the curvature with d2y (a Jacobian of ones)."""
@@ -755,6 +759,41 @@ def LastStep(name: str = "LastStep") -> Layer:
     def backward(params, x_shape, dy):
         del params
         return (), jnp.zeros(x_shape.shape, dy.dtype).at[:, -1, :].set(dy)
+
+    return Layer(name, init, forward, backward, curvature=backward)
+
+
+def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
+    """Each direction's final output of a bidirectional layer: y = [x[:, -1, :F], x[:, 0, F:]]
+    with F = forward_features, (batch, time, features) -> (batch, features): the forward
+    direction ends at the last step, the backward one at the first (PyTorch's h_n of a
+    bidirectional module, the two directions side by side). The backward puts each half of dy
+    at its step and zeros elsewhere; the curvature does the same with d2y."""
+
+    def init(key, input_shape):
+        del key
+        if len(input_shape) != 3:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, time, "
+                             "features)")
+        if not 0 < forward_features < input_shape[2]:
+            raise ValueError(f"{name}: forward_features must be in [1, {input_shape[2] - 1}] "
+                             f"for {input_shape[2]} features, got {forward_features}")
+        return (input_shape[0], input_shape[2]), ()
+
+    def forward(params, x):
+        del params
+        _check_sequence(name, x, None)
+        if not 0 < forward_features < x.shape[2]:
+            raise ValueError(f"{name}: forward_features must be in [1, {x.shape[2] - 1}] for "
+                             f"x of shape {x.shape}, got {forward_features}")
+        y = jnp.concatenate([x[:, -1, :forward_features], x[:, 0, forward_features:]], axis=1)
+        return y, StaticShape(x.shape)
+
+    def backward(params, x_shape, dy):
+        del params
+        dx = jnp.zeros(x_shape.shape, dy.dtype)
+        dx = dx.at[:, -1, :forward_features].set(dy[:, :forward_features])
+        return (), dx.at[:, 0, forward_features:].set(dy[:, forward_features:])
 
     return Layer(name, init, forward, backward, curvature=backward)
 
@@ -794,15 +833,28 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
-                   truncation: int | None = None, unroll: int = 1,
-                   name: str = "sequence_model") -> Layer:
+                   bidirectional: bool = False, truncation: int | None = None,
+                   unroll: int = 1, name: str = "sequence_model") -> Layer:
     """A stack of `rnn` layers (one per cell, bottom first) and a Dense output projection
     (Glorot-uniform), at every step (batch, time, out_features) or, with last_step, at the
-    last one (batch, out_features). params: one entry per layer, as in `serial`."""
-    layers = [rnn(cell, truncation=truncation, unroll=unroll, name=f"{cell.name}_{index}")
-              for index, cell in enumerate(cells)]
+    last one (batch, out_features). params: one entry per layer, as in `serial`.
+
+    bidirectional=True makes each layer `bidirectional(cell, cell)`: the cell's definition
+    twice, with params of its own each, the second run from the last step, y_t = [h_fw_t,
+    h_bw_t] (2 H features into the next layer; PyTorch's bidirectional=True). Its params
+    entry is then (forward params, backward params). With last_step the projection reads
+    `FinalStates`: the forward direction's last output and the backward one's first."""
+    if bidirectional:
+        numbered = [cell._replace(name=f"{cell.name}_{index}")
+                    for index, cell in enumerate(cells)]  # sublayers lstm_0_fw, lstm_0_bw, ...
+        layers = [_both_directions(cell, cell, truncation=truncation, unroll=unroll,
+                                   name=cell.name) for cell in numbered]
+    else:
+        layers = [rnn(cell, truncation=truncation, unroll=unroll, name=f"{cell.name}_{index}")
+                  for index, cell in enumerate(cells)]
     if last_step:
-        layers += [LastStep(), _projection(out_features)]
+        final = FinalStates(cells[-1].hidden_size) if bidirectional else LastStep()
+        layers += [final, _projection(out_features)]
     else:
         layers.append(TimeDistributed(_projection(out_features), name="output"))
     return serial(*layers, name=name)

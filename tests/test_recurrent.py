@@ -722,3 +722,67 @@ def test_a_bidirectional_pytorch_module_loads_direction_by_direction():
     assert relative_error(ys, np.concatenate([forward, backward], axis=-1)) <= 1e-10
     assert sorted(recurrent.to_pytorch(cell, params[1], reverse=True)) == sorted(
         name for name in state if name.endswith("_reverse"))
+
+
+def test_a_bidirectional_sequence_model_reads_each_directions_final_state():
+    """sequence_model(bidirectional=True, last_step=True), two layers (LSTM, reset-after GRU):
+    its output is the projection of [the top forward direction's last output, the top backward
+    direction's first], recomputed here from scan_cell on x and on flipped x; its gradient
+    against jax.grad (float64, float32) and finite differences."""
+    rng = np.random.default_rng(3)
+    cells = [recurrent.lstm(4), recurrent.gru_reset_after(3)]
+    model = recurrent.sequence_model(cells, 2, last_step=True, bidirectional=True)
+    out_shape, shapes = model.init(jax.random.key(0), (-1, 6, 5))
+    assert tuple(out_shape) == (-1, 2)
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    x = random_like(rng, jnp.zeros((3, 6, 5)), jnp.float64)
+
+    def direction(cell, cell_params, xs, reverse):
+        in_order = (lambda s: jnp.flip(s, axis=1)) if reverse else (lambda s: s)
+        return in_order(recurrent.scan_cell(cell, cell_params, in_order(xs))[0])
+
+    hs = x
+    for cell, (forward_params, backward_params) in zip(cells, params[:2]):
+        hs = jnp.concatenate([direction(cell, forward_params, hs, False),
+                              direction(cell, backward_params, hs, True)], axis=2)
+    assert hs.shape == (3, 6, 6)
+    final = jnp.concatenate([hs[:, -1, :3], hs[:, 0, 3:]], axis=1)
+    expected = final @ params[-1]["w"] + params[-1]["b"][None, :]
+    assert relative_error(model.forward(params, x)[0], expected) <= 1e-14
+
+    targets = random_like(rng, jnp.zeros((3, 2)), jnp.float64)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    rows = gradient_report(model, objective, params, x, targets, max_fd_coordinates=16)
+    assert {row["layer"] for row in rows} == {"lstm_0_fw", "lstm_0_bw", "gru_reset_after_1_fw",
+                                              "gru_reset_after_1_bw", "output"}
+    assert all(row["passed"] for row in rows), rows
+    # per step, without last_step: every output step reads both directions
+    per_step = recurrent.sequence_model(cells, 2, bidirectional=True)
+    rows = gradient_report(per_step, nets.Objective(recurrent.sequence_cross_entropy(), 0.0),
+                           params[:2] + params[3:], x, jnp.asarray(rng.integers(0, 2, (3, 6))),
+                           max_fd_coordinates=8)
+    assert all(row["passed"] for row in rows), rows
+
+
+@pytest.mark.parametrize("time", [1, 4])
+def test_final_states_backward_and_curvature_match_jax(time):
+    """FinalStates' backward against jax.vjp of its forward, and its curvature (a Jacobian of
+    ones and zeros: the same map on d2y); with one step both halves come from it."""
+    layer = recurrent.FinalStates(2)
+    x = jax.random.normal(jax.random.key(0), (3, time, 5), jnp.float64)
+    y, residuals = layer.forward((), x)
+    np.testing.assert_array_equal(y[:, :2], x[:, -1, :2])
+    np.testing.assert_array_equal(y[:, 2:], x[:, 0, 2:])
+    dy = jax.random.normal(jax.random.key(1), y.shape, jnp.float64)
+    expected = jax.vjp(lambda x: layer.forward((), x)[0], x)[1](dy)[0]
+    np.testing.assert_array_equal(layer.backward((), residuals, dy)[1], expected)
+    np.testing.assert_array_equal(layer.curvature((), residuals, dy)[1], expected)
+
+
+def test_final_states_refuses_a_split_outside_the_features():
+    with pytest.raises(ValueError, match=r"FinalStates: forward_features must be in \[1, 3\]"):
+        recurrent.FinalStates(4).init(jax.random.key(0), (-1, 5, 4))
+    with pytest.raises(ValueError, match="forward_features must be in"):
+        recurrent.FinalStates(0).forward((), jnp.zeros((2, 5, 4)))
+    with pytest.raises(ValueError, match="must be \\(batch, time, features\\)"):
+        recurrent.FinalStates(2).init(jax.random.key(0), (-1, 4))

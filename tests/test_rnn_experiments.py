@@ -45,6 +45,23 @@ def test_adding_problem_runs_each_cell_and_reports_steps_to_threshold(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 5_000
 
 
+def test_adding_problem_with_a_bidirectional_layer(tmp_path):
+    """--bidirectional: the cell twice (params of its own each), the Dense reading both
+    directions' final states (2 x hidden inputs)."""
+    config = adding_problem.Config(cells=("gru",), hidden=4, bidirectional=True)
+    model = adding_problem.build(config, "gru", 6)[0]
+    params = model.init(jax.random.key(0), (-1, 6, 2))[1]
+    forward_params, backward_params = params[0]
+    assert jax.tree.map(jnp.shape, forward_params) == jax.tree.map(jnp.shape, backward_params)
+    assert params[-1]["w"].shape == (8, 1)
+    metrics = adding_problem.main([
+        "--workdir", str(tmp_path), "--cells", "gru", "--lengths", "6", "--steps", "10",
+        "--eval-every", "10", "--hidden", "4", "--batch-size", "8", "--test-examples", "16",
+        "--bidirectional", "--progress-every", "0"])
+    assert read_results(tmp_path)["config"]["bidirectional"] is True
+    assert np.isfinite(metrics["gru_T6"]["final_test_mse"])
+
+
 def test_vanishing_reports_decay_rates_and_agrees_with_jax_grad(tmp_path):
     metrics = vanishing.main([
         "--workdir", str(tmp_path), "--cells", "elman_sigmoid,elman_tanh",
