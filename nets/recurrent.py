@@ -60,8 +60,10 @@ parameter gradients of all steps. Options, of the helper and never of a cell:
 Sequence layers follow the Layer contract of `nets.layers`, so the manual and autodiff engines
 and the losses work on whole sequence models: `rnn(cell)` (batch, time, in) -> (batch, time,
 hidden), `rnn(cell, reverse=True)` from the last step, `bidirectional(cell_fw, cell_bw)` both
-directions side by side; `LastStep()` (batch, time, f) -> (batch, f); `TimeDistributed(layer)`
-applies a (batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them;
+directions side by side; `LastStep()` (batch, time, f) -> (batch, f), and `FinalStates(F)`
+each direction's final output of a bidirectional layer; `TimeDistributed(layer)` applies a
+(batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them (one
+direction or, with bidirectional=True, both);
 `sequence_cross_entropy()` is the per-character loss on (batch, time, classes) logits and
 integer targets (batch, time). `stack_forward`/`stack_backward` run a per-step
 `sequence_model` from given states and return the final ones, for truncated BPTT that carries
