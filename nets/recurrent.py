@@ -94,6 +94,8 @@ __all__ = [
     "make_cell",
     "to_pytorch",
     "from_pytorch",
+    "stack_to_pytorch",
+    "stack_from_pytorch",
     "pytorch_gradients",
     "hidden_of",
     "scan_cell",
@@ -553,6 +555,59 @@ def pytorch_gradients(cell: Cell, grads: Params, layer: int = 0, reverse: bool =
     if "b_hn" in grads:
         bias_hh[2 * cell.hidden_size:] = np.asarray(grads["b_hn"])
     return {**state, f"bias_hh{_pytorch_suffix(layer, reverse)}": bias_hh}
+
+
+def _stack_module(cells: Any, what: str) -> str:
+    """The one torch.nn module a stack of cells maps to (each layer the same module and
+    hidden size, as in one nn.LSTM(num_layers=...)), else a ValueError naming the cells."""
+    modules = {_pytorch_cell(cell, what) for cell in cells}
+    sizes = {cell.hidden_size for cell in cells}
+    if len(modules) != 1 or len(sizes) != 1:
+        raise ValueError(f"{what}: one torch.nn module holds layers of one kind and one "
+                         f"hidden_size; got {[(c.name, c.hidden_size) for c in cells]}")
+    return modules.pop()
+
+
+def stack_to_pytorch(cells: Any, params: Any, bidirectional: bool = False
+                     ) -> dict[str, np.ndarray]:
+    """The recurrent layers of `sequence_model(cells, ..., bidirectional=...)` as one state
+    dict of torch.nn.<module>(input_size, H, num_layers=len(cells), bidirectional=...):
+    params = that model's params[:len(cells)] (each a (forward, backward) pair when
+    bidirectional); layer k's entries by `to_pytorch(cell, ..., layer=k)`. The cells must
+    share their module and hidden size, as one PyTorch module's layers do."""
+    _stack_module(cells, "stack_to_pytorch")
+    if len(params) != len(cells):
+        raise ValueError(f"stack_to_pytorch: {len(cells)} cells and {len(params)} layers of "
+                         "params; pass the model's params[:len(cells)]")
+    state = {}
+    for layer, (cell, layer_params) in enumerate(zip(cells, params)):
+        directions = zip(layer_params, (False, True)) if bidirectional else [(layer_params,
+                                                                              False)]
+        for direction_params, reverse in directions:
+            state.update(to_pytorch(cell, direction_params, layer, reverse))
+    return state
+
+
+def stack_from_pytorch(cells: Any, state: dict, bidirectional: bool = False) -> tuple:
+    """The params of the recurrent layers of `sequence_model(cells, ..., bidirectional=...)`
+    (its params[:len(cells)]) that compute what torch.nn.<module>(num_layers=len(cells),
+    bidirectional=...) does with `state`; `stack_to_pytorch` undoes it. Every entry of the
+    state dict must be used: a deeper module, a missing direction or a foreign entry is
+    refused by name."""
+    module = _stack_module(cells, "stack_from_pytorch")
+    params, used = [], set()
+    for layer, cell in enumerate(cells):
+        directions = (False, True) if bidirectional else (False,)
+        found = tuple(from_pytorch(cell, state, layer, reverse) for reverse in directions)
+        used.update(f"{kind}_{side}{_pytorch_suffix(layer, reverse)}" for kind in
+                    ("weight", "bias") for side in ("ih", "hh") for reverse in directions)
+        params.append(found if bidirectional else found[0])
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ValueError(f"stack_from_pytorch: entries {unused} are of no layer of "
+                         f"{len(cells)} layers of nn.{module}"
+                         f"{' (bidirectional)' if bidirectional else ''}")
+    return tuple(params)
 
 
 # --- the scan helper ------------------------------------------------------------------------

@@ -786,3 +786,59 @@ def test_final_states_refuses_a_split_outside_the_features():
         recurrent.FinalStates(0).forward((), jnp.zeros((2, 5, 4)))
     with pytest.raises(ValueError, match="must be \\(batch, time, features\\)"):
         recurrent.FinalStates(2).init(jax.random.key(0), (-1, 4))
+
+
+def test_a_stacked_bidirectional_pytorch_module_loads_as_a_sequence_model():
+    """nn.LSTM(num_layers=2, bidirectional=True) as PyTorch documents it (each layer's input
+    the concatenated directions of the one below) in NumPy: `stack_from_pytorch` gives the
+    params of sequence_model(bidirectional=True) whose top layer outputs match (<= 1e-10; read
+    through an identity projection), and `stack_to_pytorch` names every entry back."""
+    rng = np.random.default_rng(11)
+    hidden, inputs = 3, 2
+    state = {}
+    for layer, fan_in in ((0, inputs), (1, 2 * hidden)):
+        for suffix in (f"_l{layer}", f"_l{layer}_reverse"):
+            state.update({f"weight_ih{suffix}": rng.standard_normal((4 * hidden, fan_in)),
+                          f"weight_hh{suffix}": rng.standard_normal((4 * hidden, hidden)),
+                          f"bias_ih{suffix}": rng.standard_normal(4 * hidden),
+                          f"bias_hh{suffix}": rng.standard_normal(4 * hidden)})
+    xs = rng.standard_normal((2, 5, inputs))
+    hs = xs
+    for layer in (0, 1):
+        def entries(suffix, layer=layer):
+            return {name.replace(suffix, "_l0"): value for name, value in state.items()
+                    if name.endswith(suffix)}
+
+        forward = pytorch_equations("LSTM", entries(f"_l{layer}"), hs)
+        backward = np.flip(pytorch_equations("LSTM", entries(f"_l{layer}_reverse"),
+                                             np.flip(hs, 1)), 1)
+        hs = np.concatenate([forward, backward], axis=-1)
+
+    cells = [recurrent.lstm(hidden), recurrent.lstm(hidden)]
+    params = recurrent.stack_from_pytorch(cells, state, bidirectional=True)
+    model = recurrent.sequence_model(cells, 2 * hidden, bidirectional=True)
+    identity = {"w": jnp.eye(2 * hidden), "b": jnp.zeros(2 * hidden)}
+    ys = model.apply((*params, identity), jnp.asarray(xs))
+    assert relative_error(ys, hs) <= 1e-10
+    exported = recurrent.stack_to_pytorch(cells, params, bidirectional=True)
+    assert sorted(exported) == sorted(state)
+    assert_close_tree(recurrent.stack_from_pytorch(cells, exported, bidirectional=True), params,
+                      "float64", "round trip")
+
+
+def test_stack_conversions_refuse_what_one_pytorch_module_cannot_hold():
+    rng = np.random.default_rng(12)
+    lstm, gru = recurrent.lstm(3), recurrent.gru_reset_after(3)
+    with pytest.raises(ValueError, match="one kind and one hidden_size"):
+        recurrent.stack_to_pytorch([lstm, gru], ())
+    with pytest.raises(ValueError, match="one kind and one hidden_size"):
+        recurrent.stack_from_pytorch([lstm, recurrent.lstm(4)], {})
+    params = (random_params(lstm, 2, rng, jnp.float64), random_params(lstm, 3, rng, jnp.float64))
+    state = recurrent.stack_to_pytorch([lstm, lstm], params)
+    assert sorted({name.rsplit("_", 1)[-1] for name in state}) == ["l0", "l1"]
+    with pytest.raises(ValueError, match=r"entries \['bias_hh_l1', .*of no layer of 1 layers"):
+        recurrent.stack_from_pytorch([lstm], state)
+    with pytest.raises(ValueError, match="backward direction"):  # no _reverse entries
+        recurrent.stack_from_pytorch([lstm, lstm], state, bidirectional=True)
+    with pytest.raises(ValueError, match="2 cells and 1 layers of params"):
+        recurrent.stack_to_pytorch([lstm, lstm], params[:1])
