@@ -647,6 +647,16 @@ def _check_options(name: str, xs, mask, truncation) -> None:
         raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
 
 
+def _check_dtypes(name: str, params: Params, xs: jax.Array) -> None:
+    """Raise a ValueError unless the params and x share one dtype: the scans carry the state
+    and the gradients in it, and a float64 x with float32 params would fail inside bptt's
+    scan."""
+    dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(params)})
+    if dtypes != [str(xs.dtype)]:
+        raise ValueError(f"{name}: input x has dtype {xs.dtype} and the params {dtypes}; cast "
+                         "them to one dtype")
+
+
 def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
               mask: jax.Array | None = None, truncation: int | None = None,
               unroll: int = 1) -> tuple[jax.Array, Carry, ScanResiduals]:
@@ -656,6 +666,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     docstring. `residuals` are for `bptt` with the same truncation.
     """
     _check_options(f"scan_cell({cell.name})", xs, mask, truncation)
+    _check_dtypes(f"scan_cell({cell.name})", params, xs)
     batch, time = xs.shape[:2]
     if carry0 is None:
         carry0 = cell.initial_carry(batch, xs.dtype)

@@ -842,3 +842,15 @@ def test_stack_conversions_refuse_what_one_pytorch_module_cannot_hold():
         recurrent.stack_from_pytorch([lstm, lstm], state, bidirectional=True)
     with pytest.raises(ValueError, match="2 cells and 1 layers of params"):
         recurrent.stack_to_pytorch([lstm, lstm], params[:1])
+
+
+def test_a_sequence_whose_dtype_is_not_the_params_is_refused_by_name():
+    """float64 inputs into float32 params would fail inside bptt's scan (its carried gradient
+    changes dtype); the forward refuses them first, naming the cell and both dtypes."""
+    model = recurrent.sequence_model([recurrent.lstm(3)], 2, last_step=True)
+    params = model.init(jax.random.key(0), (-1, 4, 2))[1]
+    x = jnp.zeros((1, 4, 2), jnp.float64)
+    with pytest.raises(ValueError, match=r"scan_cell\(lstm\): input x has dtype float64 and "
+                                         r"the params \['float32'\]; cast them to one dtype"):
+        nets.manual(model, nets.Objective(nets.mean_squared_error(), 0.0))(
+            params, x, jnp.zeros((1, 2), jnp.float64))
