@@ -131,7 +131,11 @@ def gradient_errors(model, objective, params, x, targets, key=None) -> list[dict
     float64 jax.grad, and jax.grad's float32 gradient against itself at inputs one ulp apart
     (`one_ulp_apart`): how far rounding alone moves this float32 gradient. Two programs that
     round their forward passes differently (a GPU compiles each with its own convolution
-    algorithms) can differ by that much without either being wrong.
+    algorithms) can differ by that much without either being wrong. Then both float32
+    gradients computed in one jitted program (`float32_joint_manual_vs_autodiff`: XLA can
+    share one forward pass between them there, so rounding no longer splits them but a
+    different rule for max-pool ties would), and jax.grad's from that program against its own
+    (`float32_autodiff_joint_vs_alone`: nonzero when two compilations round apart).
 
     The last two are far larger (up to 1e-2 at batch 2 on the CPU) and equal to each other:
     at this initialisation conv5's pre-activations are its bias 1 plus terms near 1e-8, which
@@ -148,6 +152,9 @@ def gradient_errors(model, objective, params, x, targets, key=None) -> list[dict
         nudged = one_ulp_apart(x, jax.random.key(1))
         autodiff32_nudged = jax.jit(nets.autodiff(model, objective))(params, nudged, targets,
                                                                      key)[1]
+        manual32_joint, autodiff32_joint = jax.jit(lambda *args: (
+            nets.manual(model, objective)(*args)[1],
+            nets.autodiff(model, objective)(*args)[1]))(params, x, targets, key)
     rows = []
     for layer, name, path in named_parameters(model, params):
         def leaf(tree, path=path):
@@ -163,7 +170,11 @@ def gradient_errors(model, objective, params, x, targets, key=None) -> list[dict
                      "float32_autodiff_vs_float64": relative_error(leaf(autodiff32),
                                                                    leaf(exact)),
                      "float32_autodiff_one_ulp": relative_error(leaf(autodiff32_nudged),
-                                                                leaf(autodiff32))})
+                                                                leaf(autodiff32)),
+                     "float32_joint_manual_vs_autodiff": relative_error(
+                         leaf(manual32_joint), leaf(autodiff32_joint)),
+                     "float32_autodiff_joint_vs_alone": relative_error(
+                         leaf(autodiff32_joint), leaf(autodiff32))})
     return rows
 
 
@@ -258,7 +269,9 @@ def render(metrics: dict, errors: list[dict], workdir) -> str:
                                                 "float32_manual_vs_autodiff",
                                                 "float32_manual_vs_float64",
                                                 "float32_autodiff_vs_float64",
-                                                "float32_autodiff_one_ulp"])
+                                                "float32_autodiff_one_ulp",
+                                                "float32_joint_manual_vs_autodiff",
+                                                "float32_autodiff_joint_vs_alone"])
     return text + f"\nResults in {workdir}\n"
 
 

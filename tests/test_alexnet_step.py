@@ -29,6 +29,9 @@ def test_full_size_step_on_the_cpu(tmp_path):
     sensitivity = {e["parameter"]: e["float32_autodiff_one_ulp"] for e in errors}
     assert all(0 < value < 1 for value in sensitivity.values())
     assert max(sensitivity[name] for name in ("fc6.w", "fc7.w", "output.w")) < 1e-5
+    # both engines in one program: the same function, so within float32's tolerance here too
+    assert max(e["float32_joint_manual_vs_autodiff"] for e in errors) <= 1e-5
+    assert all(e["float32_autodiff_joint_vs_alone"] <= 1e-5 for e in errors)
     assert [h["step"] for h in document["history"]] == [0, 1, 2]
     assert (tmp_path / "loss.png").stat().st_size > 5_000
     assert "float64 manual vs jax.grad" in (tmp_path / "results.md").read_text()
