@@ -134,7 +134,8 @@ def gradient_errors(model, objective, params, x, targets, key=None) -> list[dict
     algorithms) can differ by that much without either being wrong. Then both float32
     gradients computed in one jitted program (`float32_joint_manual_vs_autodiff`: XLA can
     share one forward pass between them there, so rounding no longer splits them but a
-    different rule for max-pool ties would), and jax.grad's from that program against its own
+    different rule for max-pool ties, or a less precise backward algorithm, would), and
+    jax.grad's from that program against its own
     (`float32_autodiff_joint_vs_alone`: nonzero when two compilations round apart).
 
     The last two are far larger (up to 1e-2 at batch 2 on the CPU) and equal to each other:
