@@ -1,0 +1,47 @@
+"""The prepared GPU command, `.ci/device-check`, run on the CPU at its smallest sizes: a
+session lent a GPU has minutes of device time, so a broken stage must show up here first."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_device_check_stages_run_and_write_their_files(tmp_path):
+    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+                   "DEVICE_CHECK_SMALL": "1"}
+    environment.pop("XLA_FLAGS", None)
+    finished = subprocess.run(["bash", str(ROOT / ".ci" / "device-check"), "alexnet char_rnn"],
+                              env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "alexnet: exit 0" in finished.stdout and "char_rnn: exit 0" in finished.stdout
+    assert "jax" in (tmp_path / "versions.txt").read_text()
+    alexnet = json.loads((tmp_path / "alexnet.json").read_text())
+    assert alexnet["metrics"]["float64_passed"] is True
+    assert {"float32_autodiff_one_ulp", "float32_joint_manual_vs_autodiff"} <= set(
+        alexnet["gradient_errors"][0])
+    char_rnn = json.loads((tmp_path / "char_rnn.json").read_text())
+    assert char_rnn["config"]["hidden"] == 8 and len(char_rnn["history"]) == 1
+
+
+def test_device_check_stops_at_once_when_the_experiments_do_not_import(tmp_path):
+    """An import error (another jax on the device machine) ends the call before any stage:
+    here a python that fails on the experiments' import and runs everything else."""
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\n'
+                      'if [[ "$*" == *"import experiments.bench"* ]]; then\n'
+                      '    echo "ImportError: planted" >&2; exit 1\n'
+                      'fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    environment = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)}
+    finished = subprocess.run(["bash", str(ROOT / ".ci" / "device-check")], env=environment,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert "ImportError: planted" in (tmp_path / "out" / "versions.txt").read_text()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["versions.txt"]
