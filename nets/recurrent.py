@@ -912,6 +912,9 @@ def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
     h_bw_t] (2 H features into the next layer; PyTorch's bidirectional=True). Its params
     entry is then (forward params, backward params). With last_step the projection reads
     `FinalStates`: the forward direction's last output and the backward one's first."""
+    cells = list(cells)
+    if not cells:
+        raise ValueError(f"{name}: cells is empty; a sequence model needs at least one cell")
     if bidirectional:
         numbered = [cell._replace(name=f"{cell.name}_{index}")
                     for index, cell in enumerate(cells)]  # sublayers lstm_0_fw, lstm_0_bw, ...

@@ -854,3 +854,10 @@ def test_a_sequence_whose_dtype_is_not_the_params_is_refused_by_name():
                                          r"the params \['float32'\]; cast them to one dtype"):
         nets.manual(model, nets.Objective(nets.mean_squared_error(), 0.0))(
             params, x, jnp.zeros((1, 2), jnp.float64))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_sequence_model_without_cells_is_refused_by_name(bidirectional):
+    with pytest.raises(ValueError, match="classifier: cells is empty"):
+        recurrent.sequence_model([], 3, last_step=True, bidirectional=bidirectional,
+                                 name="classifier")
