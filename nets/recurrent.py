@@ -100,6 +100,8 @@ __all__ = [
     "hidden_of",
     "scan_cell",
     "bptt",
+    "scan_bidirectional",
+    "bptt_bidirectional",
     "rnn",
     "bidirectional",
     "FinalStates",
@@ -745,6 +747,48 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
     if return_dcarries:
         return dparams, dxs, dcarry0, jax.tree.map(lambda d: jnp.swapaxes(d, 0, 1), dcarries_tm)
     return dparams, dxs, dcarry0
+
+
+def _flip_time(sequence):
+    return None if sequence is None else jnp.flip(sequence, axis=1)
+
+
+def scan_bidirectional(forward_cell: Cell, backward_cell: Cell, params: tuple,
+                       xs: jax.Array, mask: jax.Array | None = None, unroll: int = 1):
+    """Both directions over xs (batch, time, features), params = (forward, backward): (ys
+    (batch, time, H_f + H_b) = [h_fw_t, h_bw_t], (forward carry_T, backward carry_T),
+    residuals for `bptt_bidirectional`).
+
+    With a padding mask (batch, time; True on each sequence's steps, its padding after
+    them), every sequence is read over its own length in both directions, as PyTorch's packed
+    sequences are: the backward direction runs on the flipped sequence and flipped mask, so
+    it meets the padding first, keeps its zero state through it (masked steps pass the carry
+    on) and starts at each sequence's last real step. Padded steps output zeros; the carries
+    returned are each direction's final state (the forward one at the last real step, the
+    backward one at the first step)."""
+    forward_params, backward_params = params
+    ys_forward, carry_forward, residuals_forward = scan_cell(
+        forward_cell, forward_params, xs, mask=mask, unroll=unroll)
+    ys_backward, carry_backward, residuals_backward = scan_cell(
+        backward_cell, backward_params, _flip_time(xs), mask=_flip_time(mask), unroll=unroll)
+    ys = jnp.concatenate([ys_forward, _flip_time(ys_backward)], axis=2)
+    return ys, (carry_forward, carry_backward), (residuals_forward, residuals_backward)
+
+
+def bptt_bidirectional(forward_cell: Cell, backward_cell: Cell, params: tuple, residuals,
+                       dys: jax.Array, dcarries_T: tuple | None = None, unroll: int = 1):
+    """The hand-written backward of `scan_bidirectional`: each direction's `bptt` (the
+    backward one on the flipped dy), from dys = dE/dys and dcarries_T = (dE/d forward
+    carry_T, dE/d backward carry_T) (default zeros). Returns ((forward dparams, backward
+    dparams), dxs), dxs the two directions' sum."""
+    dcarry_forward, dcarry_backward = (None, None) if dcarries_T is None else dcarries_T
+    hidden = forward_cell.hidden_size
+    dparams_forward, dxs_forward, _ = bptt(forward_cell, params[0], residuals[0],
+                                           dys[:, :, :hidden], dcarry_forward, unroll=unroll)
+    dparams_backward, dxs_backward, _ = bptt(backward_cell, params[1], residuals[1],
+                                             _flip_time(dys[:, :, hidden:]), dcarry_backward,
+                                             unroll=unroll)
+    return (dparams_forward, dparams_backward), dxs_forward + _flip_time(dxs_backward)
 
 
 # --- sequence layers --------------------------------------------------------------------------

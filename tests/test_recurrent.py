@@ -861,3 +861,45 @@ def test_a_sequence_model_without_cells_is_refused_by_name(bidirectional):
     with pytest.raises(ValueError, match="classifier: cells is empty"):
         recurrent.sequence_model([], 3, last_step=True, bidirectional=bidirectional,
                                  name="classifier")
+
+
+def test_scan_bidirectional_reads_each_padded_sequence_over_its_own_length():
+    """Right-padded sequences of lengths 6, 3, 1 under a mask: each sequence's outputs and
+    final states (forward at its last real step, backward at its first) equal both directions
+    run on that sequence alone, unpadded; padding outputs zeros. bptt_bidirectional against
+    jax.grad of the same scans (float64), the padding getting no gradient."""
+    rng = np.random.default_rng(21)
+    forward_cell, backward_cell = recurrent.lstm(3), recurrent.gru_reset_after(2)
+    params = (random_params(forward_cell, 4, rng, jnp.float64),
+              random_params(backward_cell, 4, rng, jnp.float64))
+    lengths = [6, 3, 1]
+    xs = random_like(rng, jnp.zeros((3, 6, 4)), jnp.float64)
+    mask = lengths_mask(lengths, 6)
+    ys, carries, residuals = recurrent.scan_bidirectional(forward_cell, backward_cell, params,
+                                                          xs, mask)
+    assert ys.shape == (3, 6, 5)
+    for i, length in enumerate(lengths):
+        alone = xs[i:i + 1, :length]
+        forward, forward_T, _ = recurrent.scan_cell(forward_cell, params[0], alone)
+        backward, backward_T, _ = recurrent.scan_cell(backward_cell, params[1],
+                                                      jnp.flip(alone, axis=1))
+        expected = jnp.concatenate([forward, jnp.flip(backward, axis=1)], axis=2)[0]
+        assert relative_error(ys[i, :length], expected) <= 1e-14
+        assert np.all(np.asarray(ys[i, length:]) == 0)
+        assert_close_tree(jax.tree.map(lambda c, i=i: c[i:i + 1], carries),
+                          (forward_T, backward_T), "float64", f"final states of {i}")
+
+    read = random_like(rng, ys, jnp.float64)
+    read_carries = random_like(rng, carries, jnp.float64)
+
+    def energy(params, xs):
+        ys, carries, _ = recurrent.scan_bidirectional(forward_cell, backward_cell, params, xs,
+                                                      mask)
+        products = jax.tree.map(lambda c, r: jnp.sum(c * r), carries, read_carries)
+        return jnp.sum(ys * read) + sum(jax.tree.leaves(products))
+
+    expected = jax.grad(energy, argnums=(0, 1))(params, xs)
+    manual = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, residuals, read,
+                                          read_carries)
+    assert_close_tree(manual, expected, "float64", "bptt_bidirectional")
+    assert np.all(np.asarray(manual[1][2, 1:]) == 0)  # the one-step sequence's padding
