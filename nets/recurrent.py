@@ -57,6 +57,10 @@ parameter gradients of all steps. Options, of the helper and never of a cell:
   gradient as `bptt`; the gradient of carry0 flows through the first window only.
 - unroll: passed to both scans.
 
+Both directions at once, over padded batches too: `scan_bidirectional(cell_fw, cell_bw,
+(params_fw, params_bw), xs, mask=None)` and its backward `bptt_bidirectional` (the backward
+direction on the flipped sequence and mask, so each sequence is read over its own length).
+
 Sequence layers follow the Layer contract of `nets.layers`, so the manual and autodiff engines
 and the losses work on whole sequence models: `rnn(cell)` (batch, time, in) -> (batch, time,
 hidden), `rnn(cell, reverse=True)` from the last step, `bidirectional(cell_fw, cell_bw)` both
