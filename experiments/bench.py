@@ -635,16 +635,19 @@ def family_per_example(config, key):
             ("mlp", mlp_model, mlp_model, (784,)),
             ("lenet5", lenet5(), lenet5(implementation="patches"), (32, 32, 1))):
         args = random_problem(model, input_shape, batch, key)
+        announce(f"per_example/{name}: compiling the batch step")
         batch_step, batch_compile = benchmark.compile_jitted(
             lambda p, x, t, model=model: sgd_step(model, softmax, nets.manual)(p, x, t)[0],
             *args)
         per_example, single = per_example_functions(per_example_model, softmax)
+        announce(f"per_example/{name}: compiling the vmapped per-example step")
         vmap_step, vmap_compile = benchmark.compile_jitted(per_example, *args)
         vmapped, batched = benchmark.compare(vmap_step, args, batch_step, args, config.repeats)
         vmapped.compile_s, batched.compile_s = vmap_compile, batch_compile
         yield row("per_example", f"vmap_vs_batch/{name}", "vmap_per_example", vmapped,
                   vmapped.median_s / batched.median_s, "vmap_per_example/batch")
         yield row("per_example", f"vmap_vs_batch/{name}", "batch", batched)
+        announce(f"per_example/{name}: compiling one example's gradient")
         single_fn, _ = benchmark.compile_jitted(single, args[0], args[1][0], args[2][0])
         params, x, targets = args
 
@@ -954,6 +957,12 @@ def main(argv=None):
     results.save_and_print_table(run.workdir, header + results.markdown_table(rows, columns)
                                  + agreement_note(rows) + f"\nResults in {run.workdir}\n")
     return rows
+
+
+def announce(what: str) -> None:
+    """A log line before a step that may take long (a compile): a run cut short by a time
+    limit then says where it was."""
+    print(f"  {what} ...", flush=True)
 
 
 def row_summary(entry) -> str:
