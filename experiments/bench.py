@@ -623,6 +623,17 @@ def per_example_functions(model, objective):
     return per_example_step, single_gradient
 
 
+def per_example_compiler_options() -> dict[str, int]:
+    """No autotuning of the vmapped per-example step on a GPU. On an H200 (jax 0.11.2,
+    2026-12-04) XLA's autotuner did not finish compiling the MLP's step at batch 128 within
+    35, 100 or 230 s (its per-example outer products fused into the mean's reduction; at
+    batch 16 it compiled in 1.9 s); with XLA_FLAGS=--xla_gpu_autotune_level=0 it compiled in
+    0.66-0.81 s and ran in 0.51 ms, against 0.88 ms for per-example gradients materialised
+    (an optimization barrier before the mean) with autotuning. The batch step it is compared
+    with keeps the default."""
+    return {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else {}
+
+
 def family_per_example(config, key):
     softmax = nets.Objective(nets.softmax_cross_entropy(), 0.0)
     sizes = sizes_of(config)
@@ -641,7 +652,8 @@ def family_per_example(config, key):
             *args)
         per_example, single = per_example_functions(per_example_model, softmax)
         announce(f"per_example/{name}: compiling the vmapped per-example step")
-        vmap_step, vmap_compile = benchmark.compile_jitted(per_example, *args)
+        vmap_step, vmap_compile = benchmark.compile_jitted(
+            per_example, *args, compiler_options=per_example_compiler_options())
         vmapped, batched = benchmark.compare(vmap_step, args, batch_step, args, config.repeats)
         vmapped.compile_s, batched.compile_s = vmap_compile, batch_compile
         yield row("per_example", f"vmap_vs_batch/{name}", "vmap_per_example", vmapped,

@@ -1,5 +1,8 @@
 """metrics.jsonl that survives kills and resumes, and progress that stays quiet off a terminal."""
 import json
+import sys
+
+import pytest
 
 from training import logbook
 
@@ -46,3 +49,13 @@ def test_progress_every_zero_is_silent(capsys, monkeypatch):
     progress.update(10, loss=1.0)
     progress.close()
     assert capsys.readouterr().out == ""
+
+
+def test_without_tensorboardx_it_warns_and_keeps_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import raises ImportError
+    with pytest.warns(UserWarning, match="tensorboardX is not installed"):
+        log = logbook.MetricsLog(tmp_path)
+    log.write(1, {"loss": 0.5})
+    log.close()
+    assert logbook.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
+    assert not (tmp_path / "tensorboard").exists()

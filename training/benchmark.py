@@ -53,13 +53,15 @@ class Measurement:
                    calls_per_sample)
 
 
-def compile_jitted(function: Callable, *args: Any,
-                   donate_argnums: tuple[int, ...] = ()) -> tuple[Callable, float]:
+def compile_jitted(function: Callable, *args: Any, donate_argnums: tuple[int, ...] = (),
+                   compiler_options: dict[str, Any] | None = None) -> tuple[Callable, float]:
     """(compiled function, seconds to lower and compile it for these arguments); the
     arguments at `donate_argnums` are donated (`jax.jit`): their buffers may hold the
-    results, and a call leaves them unusable."""
+    results, and a call leaves them unusable. `compiler_options`: XLA options by name (those
+    of XLA_FLAGS without the dashes), for this program only."""
     start = time.perf_counter()
-    compiled = jax.jit(function, donate_argnums=donate_argnums).lower(*args).compile()
+    compiled = jax.jit(function, donate_argnums=donate_argnums).lower(*args).compile(
+        compiler_options=compiler_options)
     return compiled, time.perf_counter() - start
 
 
