@@ -630,7 +630,8 @@ def per_example_compiler_options() -> dict[str, int]:
     batch 16 it compiled in 1.9 s); with XLA_FLAGS=--xla_gpu_autotune_level=0 it compiled in
     0.66-0.81 s and ran in 0.51 ms, against 0.88 ms for per-example gradients materialised
     (an optimization barrier before the mean) with autotuning. The batch step it is compared
-    with keeps the default."""
+    with keeps the default. (Which of XLA's autotuners stalls is not known; a similar report,
+    large fusions and the Triton-or-native fusion autotuner: tue-bmd/zea issue 599.)"""
     return {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else {}
 
 
