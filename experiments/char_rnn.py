@@ -17,13 +17,16 @@ window ended in (`stack_forward` from given states), and backpropagates within t
 (`stack_backward`, or jax.grad with --engine autodiff). Each epoch starts the streams at a new
 random offset in [0, window) from the zero state. Adam with the gradient's global norm clipped
 to --clip; the learning rate decays by --lr-decay per epoch. One epoch is one jitted
-`lax.scan` over its windows, checkpointed by the harness.
+`lax.scan` over its windows, checkpointed by the harness. --dropout drops each layer's
+outputs (the next layer's input and the projection's; never the carried states) in
+training, a mask per window from the epoch's key (Zaremba et al. 2014; Karpathy's char-rnn
+used 0.5 for its 2x512 LSTM); the held-out loss and the samples run without it.
 
 --optimizer sdlm steps by LeCun's diagonal Levenberg-Marquardt instead, eta / (mu + h), h
 backpropagated on the step's window from its carried states every --curvature-every windows
-(`stack_backward(curvature=True)`). It does not train this LSTM: after one epoch every
-(eta, mu) tried ended at 3.06-3.61 nats held out or diverged, against Adam's 2.20 (README,
-"Recurrent nets").
+(`stack_backward(curvature=True)`; without dropout's masks). It does not train this LSTM:
+after one epoch every (eta, mu) tried ended at 3.06-3.61 nats held out or diverged, against
+Adam's 2.20 (README, "Recurrent nets").
 
 After every epoch: the held-out loss in nats and bits per character (nats / ln 2), run over
 --eval-streams streams of the held-out text with the state carried from its start. At the end
@@ -96,6 +99,8 @@ class Config(TextOptions):
     batch_size: int = option(32, "parallel streams of training text", ge=1)
     window: int = option(64, "characters per truncated-BPTT window (one optimizer step)", ge=1)
     epochs: int = option(6, "passes over the training text", ge=1)
+    dropout: float = option(0.0, "dropout rate on each layer's outputs in training (Zaremba "
+                            "et al. 2014)", ge=0, lt=1)
     optimizer: str = option("adam", "adam, or LeCun's diagonal Levenberg-Marquardt (sdlm)",
                             choices=("adam", "sdlm"))
     lr: float = option(2e-3, "learning rate (sdlm: eta)", gt=0)
@@ -146,22 +151,25 @@ def as_streams(ids: np.ndarray, streams: int) -> np.ndarray:
     return ids[: streams * length].reshape(streams, length)
 
 
-def value_grad_and_carries(cells, objective, engine: str):
-    """`f(params, xs, targets, carries0) -> (E, dE/dparams, carries_T)`: one window of
-    truncated BPTT from the given states, by the hand-written backward (`manual`) or jax.grad
-    (`autodiff`) of the same forward, `recurrent.stack_forward`. (The engines of nets.engines
-    have no state to carry in or out.)"""
+def value_grad_and_carries(cells, objective, engine: str, dropout: float = 0.0):
+    """`f(params, xs, targets, carries0, key=None) -> (E, dE/dparams, carries_T)`: one window
+    of truncated BPTT from the given states, by the hand-written backward (`manual`) or
+    jax.grad (`autodiff`) of the same forward, `recurrent.stack_forward` (with a key, each
+    layer's outputs dropped at rate `dropout`). (The engines of nets.engines have no state
+    to carry in or out.)"""
     loss = objective.loss
 
-    def manual(params, xs, targets, carries0):
-        outputs, carries_T, residuals = recurrent.stack_forward(cells, params, xs, carries0)
+    def manual(params, xs, targets, carries0, key=None):
+        outputs, carries_T, residuals = recurrent.stack_forward(cells, params, xs, carries0,
+                                                                dropout=dropout, key=key)
         dparams, _, _ = recurrent.stack_backward(cells, params, residuals,
                                                  loss.grad(outputs, targets))
         return loss.value(outputs, targets), dparams, carries_T
 
-    def autodiff(params, xs, targets, carries0):
+    def autodiff(params, xs, targets, carries0, key=None):
         def energy(params):
-            outputs, carries_T, _ = recurrent.stack_forward(cells, params, xs, carries0)
+            outputs, carries_T, _ = recurrent.stack_forward(cells, params, xs, carries0,
+                                                            dropout=dropout, key=key)
             return loss.value(outputs, targets), carries_T
 
         (value, carries_T), grad = jax.value_and_grad(energy, has_aux=True)(params)
@@ -265,7 +273,7 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
     """One procedure step = one epoch of truncated BPTT over the streams (module docstring),
     from a random offset in [0, window) drawn from the epoch's key; record as
     `epochs_of_updates`."""
-    value_and_grad = value_grad_and_carries(cells, objective, config.engine)
+    value_and_grad = value_grad_and_carries(cells, objective, config.engine, config.dropout)
     batch, length = train_streams.shape
     window = config.window
     steps = windows_per_epoch(length, window)
@@ -283,7 +291,8 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
         ids = jax.lax.dynamic_slice(train_streams, (0, offset + index * window),
                                     (batch, window + 1))
         xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
-        energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries)
+        dropout_key = jax.random.fold_in(epoch_key, index) if config.dropout else None
+        energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries, dropout_key)
         update_args = {}
         if sdlm:
             h = jax.lax.cond(index % config.curvature_every == 0,

@@ -64,6 +64,7 @@ from nets.pooling import (
     LocalResponseNorm,
     MaxPool,
     Subsampling,
+    dropout_after,
 )
 from nets.recurrent import (
     Cell,
@@ -127,6 +128,7 @@ __all__ = [
     "Flatten",
     "LocalResponseNorm",
     "Dropout",
+    "dropout_after",
     "normalization",
     "LayerNorm",
     "accounting",

@@ -17,7 +17,7 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import check_image_input, pair
-from nets.layers import Layer, StaticShape
+from nets.layers import Layer, StaticShape, forward_with_key
 
 __all__ = [
     "AvgPool",
@@ -26,6 +26,7 @@ __all__ = [
     "Flatten",
     "LocalResponseNorm",
     "Dropout",
+    "dropout_after",
     "window_sum",
     "window_sum_transpose",
 ]
@@ -379,3 +380,36 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         return (), d2y if scale is None else d2y * scale * scale
 
     return Layer(name, init, forward, backward, curvature=curvature, stochastic=True)
+
+
+def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
+    """`layer` followed by `Dropout(rate)` on its output, with `layer`'s params and no entry
+    of its own, so that a model's parameters (checkpoints, conversions to PyTorch) stay those
+    of the same model without dropout. Dropout on the non-recurrent connections of a
+    recurrent stack (Zaremba et al. 2014) is `dropout_after(rnn(cell), rate)`.
+
+    forward(params, x, key=None): y = layer(x) * m / (1 - rate), m ~ Bernoulli(1 - rate) of
+    y's shape, under a key (an inner stochastic layer gets a key split from it); y = layer(x)
+    without one. Backward: layer's backward of dy * m / (1 - rate); curvature: layer's
+    curvature of d2y * (m / (1 - rate))^2."""
+    name = name or layer.name
+    dropout = Dropout(rate, name=f"{name}_dropout")
+
+    def forward(params, x, key=None):
+        inner_key = None
+        if key is not None and layer.stochastic:
+            inner_key, key = jax.random.split(key)
+        y, residuals = forward_with_key(layer, params, x, inner_key)
+        y, scale = dropout.forward((), y, key=key)
+        return y, (residuals, scale)
+
+    def backward(params, residuals, dy):
+        inner, scale = residuals
+        return layer.backward(params, inner, dropout.backward((), scale, dy)[1])
+
+    def curvature(params, residuals, d2y):
+        inner, scale = residuals
+        return layer.curvature(params, inner, dropout.curvature((), scale, d2y)[1])
+
+    return Layer(name, layer.init, forward, backward, sublayers=layer.sublayers,
+                 curvature=None if layer.curvature is None else curvature, stochastic=True)

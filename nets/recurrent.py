@@ -67,11 +67,12 @@ hidden), `rnn(cell, reverse=True)` from the last step, `bidirectional(cell_fw, c
 directions side by side; `LastStep()` (batch, time, f) -> (batch, f), and `FinalStates(F)`
 each direction's final output of a bidirectional layer; `TimeDistributed(layer)` applies a
 (batch, f) layer at every step; `sequence_model(cells, out_features)` stacks them (one
-direction or, with bidirectional=True, both);
+direction or, with bidirectional=True, both; dropout=rate drops each layer's outputs under a
+key, with the same params);
 `sequence_cross_entropy()` is the per-character loss on (batch, time, classes) logits and
 integer targets (batch, time). `stack_forward`/`stack_backward` run a per-step
-`sequence_model` from given states and return the final ones, for truncated BPTT that carries
-the state across windows (experiments/char_rnn.py).
+`sequence_model` from given states and return the final ones (with dropout under a key),
+for truncated BPTT that carries the state across windows (experiments/char_rnn.py).
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ from jax import lax
 from nets import initializers
 from nets.layers import Dense, Layer, StaticShape, forward_with_key, parallel, serial
 from nets.losses import Loss
+from nets.pooling import Dropout, dropout_after
 
 __all__ = [
     "Cell",
@@ -949,8 +951,9 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
-                   bidirectional: bool = False, truncation: int | None = None,
-                   unroll: int = 1, name: str = "sequence_model") -> Layer:
+                   bidirectional: bool = False, dropout: float = 0.0,
+                   truncation: int | None = None, unroll: int = 1,
+                   name: str = "sequence_model") -> Layer:
     """A stack of `rnn` layers (one per cell, bottom first) and a Dense output projection
     (Glorot-uniform), at every step (batch, time, out_features) or, with last_step, at the
     last one (batch, out_features). params: one entry per layer, as in `serial`.
@@ -959,7 +962,12 @@ def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
     twice, with params of its own each, the second run from the last step, y_t = [h_fw_t,
     h_bw_t] (2 H features into the next layer; PyTorch's bidirectional=True). Its params
     entry is then (forward params, backward params). With last_step the projection reads
-    `FinalStates`: the forward direction's last output and the backward one's first."""
+    `FinalStates`: the forward direction's last output and the backward one's first.
+
+    dropout > 0 drops each recurrent layer's outputs (the input of the next layer and of the
+    projection; Zaremba et al. 2014, as Karpathy's char-rnn) at that rate when the model is
+    given a key (`nets.dropout_after`: the params are those of the model without dropout);
+    without a key it runs at inference."""
     cells = list(cells)
     if not cells:
         raise ValueError(f"{name}: cells is empty; a sequence model needs at least one cell")
@@ -971,6 +979,8 @@ def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
     else:
         layers = [rnn(cell, truncation=truncation, unroll=unroll, name=f"{cell.name}_{index}")
                   for index, cell in enumerate(cells)]
+    if dropout:
+        layers = [dropout_after(layer, dropout) for layer in layers]
     if last_step:
         final = FinalStates(cells[-1].hidden_size) if bidirectional else LastStep()
         layers += [final, _projection(out_features)]
@@ -990,37 +1000,50 @@ _PER_STEP_OUTPUT = TimeDistributed(_projection(1), name="output")
 
 
 def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = None,
-                  truncation: int | None = None, unroll: int = 1):
-    """`sequence_model(cells, out_features)` run from the states carries0 (one per cell,
-    default zeros): (outputs (batch, time, out_features), carries_T (tuple, one per cell),
-    residuals). params are that model's, (cell params..., output params)."""
+                  truncation: int | None = None, unroll: int = 1, dropout: float = 0.0,
+                  key: jax.Array | None = None):
+    """`sequence_model(cells, out_features, dropout=dropout)` run from the states carries0
+    (one per cell, default zeros): (outputs (batch, time, out_features), carries_T (tuple, one
+    per cell), residuals). params are that model's, (cell params..., output params). With a
+    key, each cell's outputs are dropped at rate `dropout` (a mask per cell from the key; the
+    carried states are not dropped)."""
+    if key is not None and not dropout:
+        raise ValueError("stack_forward: a key was given, but dropout is 0: nothing draws "
+                         "random numbers")
     carries0 = (None,) * len(cells) if carries0 is None else tuple(carries0)
-    hs, carries_T, residuals = xs, [], []
-    for cell, cell_params, carry0 in zip(cells, params[:-1], carries0):
+    keys = [None] * len(cells) if key is None else list(jax.random.split(key, len(cells)))
+    drop = Dropout(dropout, name="stack_forward dropout")
+    hs, carries_T, residuals, scales = xs, [], [], []
+    for cell, cell_params, carry0, cell_key in zip(cells, params[:-1], carries0, keys):
         hs, carry_T, cell_residuals = scan_cell(cell, cell_params, hs, carry0,
                                                 truncation=truncation, unroll=unroll)
+        hs, scale = drop.forward((), hs, key=cell_key)
         carries_T.append(carry_T)
         residuals.append(cell_residuals)
+        scales.append(scale)
     outputs, output_residuals = _PER_STEP_OUTPUT.forward(params[-1], hs)
-    return outputs, tuple(carries_T), (tuple(residuals), output_residuals)
+    return outputs, tuple(carries_T), (tuple(residuals), tuple(scales), output_residuals)
 
 
 def stack_backward(cells: Any, params: Params, residuals: Any, doutputs: jax.Array,
                    dcarries_T: Any = None, truncation: int | None = None, unroll: int = 1,
                    curvature: bool = False):
     """The hand-written backward of `stack_forward`: (dparams, dxs, dcarries0), dparams with
-    the structure of params; dcarries_T (one per cell, default zeros) is dE/dcarries_T.
+    the structure of params; dcarries_T (one per cell, default zeros) is dE/dcarries_T. Each
+    cell's output gradient is multiplied by its dropout mask m / (1 - rate), if any.
 
     With curvature=True, LeCun's diagonal second derivatives instead (`bptt`): doutputs is
     d2E/doutputs^2 (the loss's `curvature`), the results are d2E/d(.)^2 diagonals, and the
     states carried in from the previous window are constants, as in the gradient."""
-    cell_residuals, output_residuals = residuals
+    cell_residuals, scales, output_residuals = residuals
     output_backward = _PER_STEP_OUTPUT.curvature if curvature else _PER_STEP_OUTPUT.backward
     doutput_params, dhs = output_backward(params[-1], output_residuals, doutputs)
     dcarries_T = (None,) * len(cells) if dcarries_T is None else tuple(dcarries_T)
     dparams, dcarries0 = [doutput_params], []
-    for cell, cell_params, residual, dcarry_T in reversed(
-            list(zip(cells, params[:-1], cell_residuals, dcarries_T))):
+    for cell, cell_params, residual, scale, dcarry_T in reversed(
+            list(zip(cells, params[:-1], cell_residuals, scales, dcarries_T))):
+        if scale is not None:  # the dropout mask m / (1 - rate) of this cell's outputs
+            dhs = dhs * (scale * scale if curvature else scale)
         dcell, dhs, dcarry0 = bptt(cell, cell_params, residual, dhs, dcarry_T, truncation,
                                    unroll, curvature=curvature)
         dparams.append(dcell)

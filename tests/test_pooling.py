@@ -399,3 +399,39 @@ def test_layers_that_need_only_the_input_shape_keep_no_copy_of_the_input(layer, 
     per_example = jax.vmap(jax.grad(lambda x1: jnp.sum(wrapped(params, x1[None]) ** 2)))(x)
     by_jax = jax.vmap(jax.grad(lambda x1: jnp.sum(layer.apply(params, x1[None]) ** 2)))(x)
     assert_close_tree(per_example, by_jax, jnp.float32)
+
+
+def test_dropout_after_keeps_the_layers_params_and_its_curvature_is_exact():
+    """dropout_after(Dense): the params are the Dense layer's (same init, same pytree); with a
+    key the output is the Dense output times the Dropout mask of that key, the backward
+    equals jax.vjp of the wrapped apply with that key (float64), and the curvature of a
+    single Dense layer is the exact Gauss-Newton diagonal, sum (dy/dw)^2 d2y, from jax's
+    Jacobian with the same key (the mask enters squared)."""
+    dense = layers.Dense(3, name="dense")
+    wrapped = pooling.dropout_after(dense, 0.5)
+    assert wrapped.stochastic and wrapped.name == "dense"
+    shape, params = wrapped.init(jax.random.key(0), (-1, 4))
+    assert (shape, jax.tree.structure(params)) == (
+        (-1, 3), jax.tree.structure(dense.init(jax.random.key(0), (-1, 4))[1]))
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+    key = jax.random.key(2)
+    y, (_, scale) = wrapped.forward(params, x, key=key)
+    expected_y = dense.apply(params, x) * pooling.Dropout(0.5).forward((), jnp.ones((5, 3)),
+                                                                      key=key)[0]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(expected_y))
+    assert 0 < int(jnp.sum(scale == 0)) < scale.size
+    np.testing.assert_array_equal(np.asarray(wrapped.apply(params, x)),
+                                  np.asarray(dense.apply(params, x)))
+
+    dy = jax.random.normal(jax.random.key(3), (5, 3), jnp.float64)
+    _, residuals = wrapped.forward(params, x, key=key)
+    manual = wrapped.backward(params, residuals, dy)
+    _, pullback = jax.vjp(lambda p, x: wrapped.apply(p, x, key), params, x)
+    assert_close_tree(manual, pullback(dy), jnp.float64, "dropout_after")
+
+    d2y = jax.random.uniform(jax.random.key(4), (5, 3), jnp.float64)
+    jacobian = jax.jacobian(lambda p: wrapped.apply(p, x, key))(params)
+    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j ** 2, axes=2), jacobian)
+    assert_close_tree(wrapped.curvature(params, residuals, d2y)[0], exact, jnp.float64,
+                      "dropout_after curvature")

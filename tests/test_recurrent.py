@@ -903,3 +903,66 @@ def test_scan_bidirectional_reads_each_padded_sequence_over_its_own_length():
                                           read_carries)
     assert_close_tree(manual, expected, "float64", "bptt_bidirectional")
     assert np.all(np.asarray(manual[1][2, 1:]) == 0)  # the one-step sequence's padding
+
+
+def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():
+    """stack_forward(dropout=0.5, key): each cell's outputs dropped by a mask of its own (the
+    outputs differ from the run without a key, and the masks of the two cells differ), and
+    stack_backward's dparams, dxs and dcarries0 equal jax.grad's of the same forward with
+    the same key (float64). A key with dropout 0 is refused."""
+    rng = np.random.default_rng(5)
+    cells = (recurrent.lstm(4), recurrent.gru(4))
+    model = recurrent.sequence_model(cells, 3)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 5, 2))[1], jax.random.key(0))
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    xs = random_like(rng, jnp.zeros((3, 5, 2)), jnp.float64)
+    carry_shapes = tuple(jax.eval_shape(functools.partial(c.initial_carry, 3)) for c in cells)
+    carries0 = random_like(rng, carry_shapes, jnp.float64)
+    read_out = random_like(rng, jnp.zeros((3, 5, 3)), jnp.float64)
+    key = jax.random.key(6)
+
+    def energy(params, xs, carries0):
+        outputs, _, _ = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5,
+                                                key=key)
+        return jnp.sum(outputs * read_out)
+
+    outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5,
+                                                    key=key)
+    scales = residuals[1]
+    assert all(0 < int(jnp.sum(s == 0)) < s.size for s in scales)
+    assert not np.array_equal(np.asarray(scales[0]), np.asarray(scales[1]))
+    inference = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5)[0]
+    assert float(jnp.max(jnp.abs(outputs - inference))) > 1e-3
+    manual = recurrent.stack_backward(cells, params, residuals, read_out)
+    expected = jax.grad(energy, argnums=(0, 1, 2))(params, xs, carries0)
+    assert_close_tree(manual, expected, "float64", "stack dropout")
+    with pytest.raises(ValueError, match="a key was given, but dropout is 0"):
+        recurrent.stack_forward(cells, params, xs, key=key)
+
+
+def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree():
+    """sequence_model(dropout=0.3): the params of the model without dropout (the same values
+    from the same init key, so a checkpoint or stack_to_pytorch reads either); without a key
+    it is that model; with a key the manual gradient equals jax.grad's with the same masks
+    (float64), and E differs from E at inference."""
+    cells = [recurrent.make_cell("lstm", 4), recurrent.make_cell("elman_tanh", 3)]
+    plain = recurrent.sequence_model(cells, 2, last_step=True)
+    dropped = recurrent.sequence_model(cells, 2, last_step=True, dropout=0.3)
+    assert dropped.stochastic and not plain.stochastic
+    _, params = dropped.init(jax.random.key(0), (-1, 5, 2))
+    assert_close_tree(params, plain.init(jax.random.key(0), (-1, 5, 2))[1], jnp.float32,
+                      "same init")
+    params = nets.gradcheck.astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (4, 5, 2), jnp.float64)
+    targets = jax.nn.one_hot(jnp.array([0, 1, 1, 0]), 2, dtype=jnp.float64)
+    np.testing.assert_array_equal(np.asarray(dropped.apply(params, x)),
+                                  np.asarray(plain.apply(params, x)))
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    key = jax.random.key(3)
+    value, manual = jax.jit(nets.manual(dropped, objective))(params, x, targets, key)
+    reference_value, reference = jax.jit(nets.autodiff(dropped, objective))(
+        params, x, targets, key)
+    assert relative_error(value, reference_value) <= 1e-10
+    assert_close_tree(manual, reference, jnp.float64, "sequence_model dropout")
+    inference_value, _ = nets.manual(plain, objective)(params, x, targets)
+    assert abs(float(inference_value) - float(value)) > 1e-3

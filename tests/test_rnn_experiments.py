@@ -84,8 +84,10 @@ def test_char_rnn_trains_evaluates_and_samples(tmp_path):
     metrics = char_rnn.main([
         "--workdir", str(tmp_path), "--layers", "2", "--hidden", "8", "--window", "16",
         "--batch-size", "4", "--epochs", "2", "--train-chars", "2000", "--eval-chars", "600",
-        "--eval-streams", "4", "--sample-chars", "50", "--progress-every", "0"])
+        "--eval-streams", "4", "--sample-chars", "50", "--progress-every", "0",
+        "--dropout", "0.2"])
     document = read_results(tmp_path)
+    assert document["config"]["dropout"] == 0.2
     assert [h["epoch"] for h in document["history"]] == [1, 2]
     assert metrics["held_out_bpc"] == pytest.approx(metrics["held_out_nats"] / np.log(2))
     assert metrics["held_out_nats"] < np.log(65)  # better than uniform after two epochs
@@ -94,8 +96,10 @@ def test_char_rnn_trains_evaluates_and_samples(tmp_path):
     assert len(document["samples"]["0.8"]) == len("ROMEO:\n") + 50
 
 
-def test_char_rnn_engines_agree_on_a_window_from_given_states():
-    """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64."""
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
+    """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64;
+    with dropout, both under the same key."""
     from nets import recurrent
 
     rng = np.random.default_rng(0)
@@ -107,9 +111,14 @@ def test_char_rnn_engines_agree_on_a_window_from_given_states():
     targets = jnp.asarray(rng.integers(0, 5, (2, 4)))
     carries = ((jnp.full((2, 4), -0.3), jnp.full((2, 4), 0.7)),)
     objective = char_rnn.nets.Objective(recurrent.sequence_cross_entropy(), 0.0)
-    results = [jax.jit(char_rnn.value_grad_and_carries(cells, objective, engine))(
-        params, xs, targets, carries) for engine in ("manual", "autodiff")]
+    key = jax.random.key(1) if dropout else None
+    results = [jax.jit(char_rnn.value_grad_and_carries(cells, objective, engine, dropout))(
+        params, xs, targets, carries, key) for engine in ("manual", "autodiff")]
     assert_close_tree(results[0], results[1], "float64", "char_rnn engines")
+    if dropout:
+        plain = char_rnn.value_grad_and_carries(cells, objective, "manual")(
+            params, xs, targets, carries)
+        assert abs(float(plain[0]) - float(results[0][0])) > 1e-3
 
 
 def test_char_transformer_trains_evaluates_and_samples(tmp_path):
