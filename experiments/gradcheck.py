@@ -112,12 +112,13 @@ CASES = [
          lambda: (nets.serial(nets.bidirectional(nets.lstm(4), nets.gru_reset_after(3)),
                               nets.recurrent.LastStep(), nets.Dense(4)), _mse()),
          (7, 3), 4, "plus_minus_one"),
-    # A bidirectional stack: two layers of both directions, read at each direction's end.
-    Case("rnn_bidirectional_stack_gru_elman",
+    # A bidirectional stack: two layers of both directions, read at each direction's end,
+    # with dropout between the layers (one key for all gradients).
+    Case("rnn_bidirectional_stack_gru_elman_dropout",
          lambda: (nets.sequence_model([nets.gru(4), nets.elman(3)], 4, last_step=True,
-                                      bidirectional=True),
+                                      bidirectional=True, dropout=0.3),
                   nets.Objective(nets.softmax_cross_entropy())),
-         (7, 3), 4),
+         (7, 3), 4, dropout=True),
     Case("lenet1989", lambda: (models.lenet1989(), _mse()), (16, 16, 1), 10, "plus_minus_one"),
     Case("lenet1989_scaled_tanh", lambda: (models.lenet1989(scaled_tanh=True), _mse(0.1)),
          (16, 16, 1), 10, "plus_minus_one"),
