@@ -277,20 +277,30 @@ def test_lstm_forget_bias_starts_at_one_and_layers_check_their_input():
         recurrent.rnn(recurrent.gru(hidden), truncation=0)
 
 
+def stack_problem(seed, cells, out_features, xs_shape):
+    """A float64 problem for stack_forward/stack_backward: (rng, the sequence_model, random
+    params, xs of xs_shape, random initial states, a random read-out of the outputs)."""
+    rng = np.random.default_rng(seed)
+    batch, time, features = xs_shape
+    model = recurrent.sequence_model(cells, out_features)
+    shapes = jax.eval_shape(lambda key: model.init(key, (-1, time, features))[1],
+                            jax.random.key(0))
+    params = random_like(rng, shapes, jnp.float64, 0.5)
+    xs = random_like(rng, jnp.zeros(xs_shape), jnp.float64)
+    carry_shapes = tuple(jax.eval_shape(functools.partial(c.initial_carry, batch))
+                         for c in cells)
+    carries0 = random_like(rng, carry_shapes, jnp.float64)
+    read_out = random_like(rng, jnp.zeros((batch, time, out_features)), jnp.float64)
+    return rng, model, params, xs, carries0, read_out
+
+
 def test_stack_backward_from_given_states_matches_jax_grad():
     """stack_forward/stack_backward (truncated BPTT that carries the state across windows):
     dparams, dxs and dcarries0 against jax.grad, with given initial states and a read-out of
     the final ones."""
-    rng = np.random.default_rng(21)
     cells = (recurrent.lstm(3), recurrent.elman(2))
-    model = recurrent.sequence_model(cells, 4)
-    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 6, 5))[1], jax.random.key(0))
-    params = random_like(rng, shapes, jnp.float64, 0.5)
-    xs = random_like(rng, jnp.zeros((2, 6, 5)), jnp.float64)
-    carry_shapes = tuple(jax.eval_shape(functools.partial(c.initial_carry, 2)) for c in cells)
-    carries0 = random_like(rng, carry_shapes, jnp.float64)
-    read_out = random_like(rng, jnp.zeros((2, 6, 4)), jnp.float64)
-    read_carries = random_like(rng, carry_shapes, jnp.float64)
+    rng, model, params, xs, carries0, read_out = stack_problem(21, cells, 4, (2, 6, 5))
+    read_carries = random_like(rng, carries0, jnp.float64)
 
     def energy(params, xs, carries0):
         outputs, carries_T, _ = recurrent.stack_forward(cells, params, xs, carries0)
@@ -910,15 +920,8 @@ def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():
     outputs differ from the run without a key, and the masks of the two cells differ), and
     stack_backward's dparams, dxs and dcarries0 equal jax.grad's of the same forward with
     the same key (float64). A key with dropout 0 is refused."""
-    rng = np.random.default_rng(5)
     cells = (recurrent.lstm(4), recurrent.gru(4))
-    model = recurrent.sequence_model(cells, 3)
-    shapes = jax.eval_shape(lambda key: model.init(key, (-1, 5, 2))[1], jax.random.key(0))
-    params = random_like(rng, shapes, jnp.float64, 0.5)
-    xs = random_like(rng, jnp.zeros((3, 5, 2)), jnp.float64)
-    carry_shapes = tuple(jax.eval_shape(functools.partial(c.initial_carry, 3)) for c in cells)
-    carries0 = random_like(rng, carry_shapes, jnp.float64)
-    read_out = random_like(rng, jnp.zeros((3, 5, 3)), jnp.float64)
+    _, _, params, xs, carries0, read_out = stack_problem(5, cells, 3, (3, 5, 2))
     key = jax.random.key(6)
 
     def energy(params, xs, carries0):
