@@ -3,6 +3,7 @@ session lent a GPU has minutes of device time, so a broken stage must show up he
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,3 +46,15 @@ def test_device_check_stops_at_once_when_the_experiments_do_not_import(tmp_path)
     assert finished.returncode == 1
     assert "ImportError: planted" in (tmp_path / "out" / "versions.txt").read_text()
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["versions.txt"]
+
+
+def test_every_stage_the_header_names_is_defined_and_the_script_parses():
+    """The header's stage names (lines `#   name` and two spaces) each have a `stage_name()` function, and
+    `bash -n` accepts the script: a stage a lease calls by name must exist."""
+    script = ROOT / ".ci" / "device-check"
+    text = script.read_text()
+    named = re.findall(r"^#   ([a-z_]+)  ", text, flags=re.MULTILINE)
+    assert {"alexnet", "bench", "tests", "per_example", "tests_rest", "layer_profile",
+            "char_rnn"} <= set(named)
+    assert [name for name in named if f"stage_{name}() {{" not in text] == []
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
