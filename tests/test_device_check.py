@@ -49,8 +49,8 @@ def test_device_check_stops_at_once_when_the_experiments_do_not_import(tmp_path)
 
 
 def test_every_stage_the_header_names_is_defined_and_the_script_parses():
-    """The header's stage names (lines `#   name` and two spaces) each have a `stage_name()` function, and
-    `bash -n` accepts the script: a stage a lease calls by name must exist."""
+    """The header's stage names (lines `#   name` and two spaces) each have a `stage_name()`
+    function, and `bash -n` accepts the script: a stage a lease calls by name must exist."""
     script = ROOT / ".ci" / "device-check"
     text = script.read_text()
     named = re.findall(r"^#   ([a-z_]+)  ", text, flags=re.MULTILINE)
