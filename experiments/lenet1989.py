@@ -113,6 +113,9 @@ class Config:
     init: str = option("sqrt_fan_in", "1989 variant: weights U(+-2.4/sqrt(F)), or U(+-2.4/F) "
                                       "as the paper's text reads (fan_in)",
                        choices=tuple(FAN_IN_EXPONENT))
+    order: str = option("constant", "1989 variant: the patterns in a constant order (the "
+                                    "paper), or a new permutation every pass (shuffled)",
+                        choices=("constant", "shuffled"))
     batch_size: int = option(32, "modern variant: mini-batch size", ge=1)
     weight_decay: float = option(1e-4, "modern variant: AdamW weight decay", ge=0)
     max_shift: int = option(1, "modern variant: random shifts of up to this many pixels", ge=0)
@@ -137,7 +140,8 @@ class Config:
 
 # Options that act on one variant (or one optimizer) only; given elsewhere they are refused.
 ONLY_WITH = {
-    **dict.fromkeys(("optimizer", "activation", "init", "target"), ("variant", "1989")),
+    **dict.fromkeys(("optimizer", "activation", "init", "target", "order"),
+                    ("variant", "1989")),
     **dict.fromkeys(("mu", "curvature_examples", "schedule"), ("optimizer", "sdlm")),
     **dict.fromkeys(("batch_size", "weight_decay", "max_shift", "h1_maps", "h2_maps",
                      "h3_units", "dropout"), ("variant", "modern")),
@@ -232,7 +236,8 @@ def build(config, splits):
     modern = config.variant == "modern"
     procedure = procedures.stochastic_passes(
         model, objective, optimizer, x_train, t_train,
-        batch_size=config.batch_size if modern else 1, shuffle=modern,
+        batch_size=config.batch_size if modern else 1,
+        shuffle=modern or config.order == "shuffled",
         engine=nets.get_engine(config.engine), curvature=curvature,
         augment=augment.random_shifts(config.max_shift, -1.0) if modern else None,
         monitor=monitor)

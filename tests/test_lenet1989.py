@@ -169,6 +169,8 @@ def test_target_scales_the_plus_minus_one_targets(capsys):
     (["--schedule", "constant"],
      "--schedule: got 'constant'; it applies only with --optimizer sdlm"),
     (["--dropout", "0.5"], "--dropout: got 0.5; it applies only with --variant modern"),
+    (["--variant", "modern", "--order", "shuffled"],
+     "--order: got 'shuffled'; it applies only with --variant 1989"),
     (["--h3-units", "32"], "--h3-units: got 32; it applies only with --variant modern"),
 ])
 def test_an_option_that_would_do_nothing_is_refused(tmp_path, argv, message):
@@ -177,3 +179,16 @@ def test_an_option_that_would_do_nothing_is_refused(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         lenet1989.main(["--workdir", str(tmp_path / "run"), *argv])
     assert not (tmp_path / "run").exists()
+
+
+def test_shuffled_order_presents_a_new_permutation_each_pass_from_the_seed(tmp_path):
+    """--order shuffled (the 1989 variant): the same seed gives the same run, and it is not
+    the constant-order run (the same initial weights, the same 300 digits in another
+    order)."""
+    def run(name, *extra):
+        return lenet1989.main(["--workdir", str(tmp_path / name), *SMALL, *extra])
+
+    constant = run("constant")
+    shuffled, again = run("shuffled", "--order", "shuffled"), run("again", "--order", "shuffled")
+    assert shuffled["train_loss"] == again["train_loss"]
+    assert abs(shuffled["train_loss"] - constant["train_loss"]) > 1e-6
