@@ -919,7 +919,8 @@ def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():
     """stack_forward(dropout=0.5, key): each cell's outputs dropped by a mask of its own (the
     outputs differ from the run without a key, and the masks of the two cells differ), and
     stack_backward's dparams, dxs and dcarries0 equal jax.grad's of the same forward with
-    the same key (float64). A key with dropout 0 is refused."""
+    the same key (float64). A key with dropout 0 is refused; from the zero states the key
+    gives the masks of sequence_model(dropout=) (the same outputs exactly)."""
     cells = (recurrent.lstm(4), recurrent.gru(4))
     _, _, params, xs, carries0, read_out = stack_problem(5, cells, 3, (3, 5, 2))
     key = jax.random.key(6)
@@ -941,6 +942,11 @@ def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():
     assert_close_tree(manual, expected, "float64", "stack dropout")
     with pytest.raises(ValueError, match="a key was given, but dropout is 0"):
         recurrent.stack_forward(cells, params, xs, key=key)
+    # from the zero states, the same key gives sequence_model(dropout=)'s masks
+    dropped = recurrent.sequence_model(cells, 3, dropout=0.5)
+    np.testing.assert_array_equal(
+        np.asarray(recurrent.stack_forward(cells, params, xs, dropout=0.5, key=key)[0]),
+        np.asarray(dropped.apply(params, xs, key)))
 
 
 def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree():
