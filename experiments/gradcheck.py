@@ -5,7 +5,8 @@
 For each model in `CASES` (the MLPs with each loss and a residual one with LayerNorm, a
 2-block transformer on random token ids, two stacks of recurrent cells (every cell: Elman,
 LSTM with and without peepholes, both GRUs) and a bidirectional layer, LeNet-1989 in its three
-forms, LeNet-5, and AlexNet
+forms, LeNet-5 (with a Dense output and with the paper's RBF output and MAP criterion), and
+AlexNet
 at a reduced 67x67 input with its dropout masks drawn), on a random batch: the manual engine's
 gradient against jax.grad in float64 and float32, and both against central
 finite differences in float64, per layer and parameter (nets/gradcheck.py has the tolerance
@@ -126,6 +127,11 @@ CASES = [
          lambda: (models.lenet1989_modern(), nets.Objective(nets.softmax_cross_entropy())),
          (16, 16, 1), 10),
     Case("lenet5", lambda: (models.lenet5(), _mse()), (32, 32, 1), 10, "plus_minus_one"),
+    # The paper's LeNet-5: RBF outputs with fixed centres (no parameters of their own), the
+    # MAP criterion with a rubbish class near enough (j = 1) to take part.
+    Case("lenet5_rbf_map",
+         lambda: (models.lenet5(output="rbf"), nets.Objective(nets.lecun1998_map(1.0))),
+         (32, 32, 1), 10),
     # AlexNet's layers at a reduced input size (67x67 is the smallest its strides allow), with
     # its dropout on, as in training. Its conv1 gradients are ~1e-5 of E: finite differences
     # there are limited by rounding (see nets.gradcheck.finite_difference_tolerance); a larger

@@ -24,8 +24,9 @@ connections, on a log scale: weight sharing is the gap between the last two).
 
 Expected output (measured on the 2-core CPU, jax 0.10.2: about 2 s in all, nothing is run
 through the nets; the counts are machine-independent): LeNet-1989 1,256 units (1,000 +
-256 inputs), 9,760 parameters, 64,660 connections, 63,660 multiply-adds; LeNet-1998 9,118
-units (8,094 + 1,024 inputs), 60,850 parameters, 340,918 connections, 332,824 multiply-adds;
+256 inputs), 9,760 parameters, 64,660 connections, 63,660 multiply-adds; LeNet-1998 (with
+the paper's RBF output) 9,118 units (8,094 + 1,024 inputs), 60,000 parameters, 340,908
+connections, 332,824 multiply-adds;
 AlexNet (two towers, 227x227) 659,272 neurons (+154,587 inputs), 60,965,224 parameters,
 725,066,088 connections, 724,406,816 multiply-adds.
 """
@@ -99,7 +100,8 @@ def build_models(config: Config) -> dict:
     return {
         "lenet1989": (models.lenet1989(scaled_tanh=config.scaled_tanh),
                       models.LENET1989_INPUT_SHAPE, lenet1989_activation),
-        "lenet1998": (models.lenet5(), models.LENET5_INPUT_SHAPE, "1.7159 tanh(2a/3)"),
+        "lenet1998": (models.lenet5(output="rbf"), models.LENET5_INPUT_SHAPE,
+                      "1.7159 tanh(2a/3)"),
         "alexnet2012": (models.alexnet(towers=config.towers), models.ALEXNET_INPUT_SHAPE,
                         "ReLU"),
     }
@@ -131,7 +133,7 @@ def notes(counts: dict, config: Config) -> list[str]:
     alex224 = accounting.count(models.alexnet(towers=config.towers), (-1, 224, 224, 3))
     alex_other = accounting.count(models.alexnet(towers=3 - config.towers),
                                   models.ALEXNET_INPUT_SHAPE)
-    output5 = lenet5.layer("output")
+    dense5 = accounting.count(models.lenet5(output="dense"), models.LENET5_INPUT_SHAPE)
     c1_to_f6 = lenet5.neurons - lenet5.layer("output").units
     return [
         f"LeNet-1989 connections: the lecture's 65k rounds the paper's 64,660; ours "
@@ -143,11 +145,14 @@ def notes(counts: dict, config: Config) -> list[str]:
         f"per neuron; neither the paper nor the slide gives a figure.",
         "LeNet-1989 activation: the paper says only 'scaled hyperbolic tangent'; the lecture and "
         "our default use tanh, --scaled-tanh gives the 1998 paper's 1.7159 tanh(2x/3).",
-        f"LeNet-1998 parameters: ours {_n(lenet5.params)} = the paper's 60,000 (C1 to F6, "
-        f"exact, not rounded: its RBF output centres are fixed bitmaps, not trained) + "
-        f"{_n(output5.params)} of our Dense output (84 x 10 weights and 10 biases).",
-        f"LeNet-1998 connections: ours {_n(lenet5.connections)} = the paper's 340,908 - 840 "
-        f"(84 x 10 RBF) + {_n(output5.connections)} (Dense with biases).",
+        f"LeNet-1998 parameters: ours {_n(lenet5.params)}, the paper's 60,000 (C1 to F6, "
+        f"exact, not rounded: the RBF output's centres are fixed bitmaps, not trained; ours "
+        f"are drawn in nets.models.lenet5_rbf_centres). With a Dense output "
+        f"(`lenet5(output=\"dense\")`, the experiment's default) {_n(dense5.params)}: 84 x 10 "
+        f"weights and 10 biases more.",
+        f"LeNet-1998 connections: ours {_n(lenet5.connections)}, the paper's 340,908, with "
+        f"the RBF's 84 x 10 = {_n(lenet5.layer('output').connections)}; with the Dense output "
+        f"{_n(dense5.connections)} (850 for it: a bias per output).",
         f"LeNet-1998 units: the paper gives no total; ours {_n(lenet5.neurons)} neurons "
         f"(C1 to F6: {_n(c1_to_f6)}, plus 10 outputs) + {_n(lenet5.inputs)} inputs. The lecture "
         f"value was reported as '8,084?', not confirmed from the slide (n/a); 8,084 would be "

@@ -27,9 +27,11 @@ example:
 
 Layers without parameters (activations, pooling, LRN, flatten, dropout) add no units,
 parameters, connections or multiply-adds: a pooled map is not a new set of neurons in
-Krizhevsky et al.'s 650,000. A layer's kind is the builder that made it, read from its
-forward function's `__qualname__` ("Conv2D.<locals>.forward" -> "Conv2D"); `RULES` maps kinds
-with parameters to their rule, and `register_rule` adds one.
+Krizhevsky et al.'s 650,000. The exception is LeNet-5's RBF output (`EuclideanRBF`), whose
+fixed centres are connections but not parameters. A layer's kind is the builder that made it,
+read from its forward function's `__qualname__` ("Conv2D.<locals>.forward" -> "Conv2D");
+`RULES` maps kinds with parameters (and `EuclideanRBF`) to their rule, and `register_rule`
+adds one.
 
 Two facts are not in the shapes and are read from the builders' closures (one place,
 `_closure_value`): the connection table of a Conv2D (`mask`, in the closure of its `init`) and
@@ -203,6 +205,15 @@ def _embedding(layer, input_shape, output_shape, params):
     return units, math.prod(params["w"].shape), units, 0
 
 
+def _euclidean_rbf(layer, input_shape, output_shape, params):
+    """Distances to fixed centres (LeNet-5's output): one unit per class, each with one
+    connection per input (its centre's component, a constant, so no parameter) and no bias:
+    the 1998 paper's 84 x 10 = 840. A squared difference counts as one multiply-add."""
+    units = output_shape[-1]
+    connections = units * input_shape[-1]
+    return units, 0, connections, connections
+
+
 def _parameters_only(layer, input_shape, output_shape, params):
     """A per-feature gain and bias after normalising, or learned positions added to the
     input: parameters, but no new neurons (as with local response normalisation) and no
@@ -242,7 +253,7 @@ def _recurrent(layer, input_shape, output_shape, params):
 RULES: dict[str, Rule] = {"Dense": _dense, "Embedding": _embedding, "Conv2D": _conv2d,
                           "Subsampling": _subsampling, "rnn": _recurrent,
                           "LayerNorm": _parameters_only, "PositionalEmbedding": _parameters_only,
-                          "SelfAttention": _self_attention}
+                          "SelfAttention": _self_attention, "EuclideanRBF": _euclidean_rbf}
 
 
 def register_rule(kind: str, rule: Rule) -> None:
@@ -259,7 +270,7 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
             rows += sub_rows
         return input_shape, rows
     output_shape, params = _shapes(layer, input_shape)
-    if not jax.tree.leaves(params):
+    if not jax.tree.leaves(params) and kind not in RULES:
         return output_shape, []
     if kind == "parallel":
         rows = []

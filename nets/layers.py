@@ -49,6 +49,7 @@ __all__ = [
     "Layer",
     "Dense",
     "Embedding",
+    "EuclideanRBF",
     "Sigmoid",
     "Tanh",
     "Relu",
@@ -229,6 +230,68 @@ def Embedding(
         return {"w": dw}, np.zeros(ids.shape, jax.dtypes.float0)
 
     return Layer(name, init, forward, backward, curvature=backward)
+
+
+def EuclideanRBF(centres, name: str = "rbf") -> Layer:
+    """Euclidean radial basis units with fixed centres: LeNet-5's output layer.
+
+    y_i = sum_j (x_j - c_ij)^2, the squared distance from the input to centre i, is the
+    "penalty" of class i (LeCun et al. 1998, eq. 7). The layer returns the scores s = -y, so
+    that the largest output names the class, as with every other model here (metrics take the
+    argmax); `nets.losses.lecun1998_map` is the paper's criterion on them. The centres are
+    constants of the layer, not parameters: the paper sets them by hand and keeps them fixed
+    (params is ()).
+
+    Shapes: x (batch, features), centres (classes, features), s (batch, classes).
+    Forward s = 2 x c^T - |x|^2 - |c|^2 (two products rather than the (batch, classes,
+    features) differences).
+    Backward ds_i/dx_j = -2 (x_j - c_ij), so dx = -2 (x sum_i ds_i - ds c).
+    Curvature: the Gauss-Newton term 4 sum_i (x_j - c_ij)^2 d2s_i = 4 (x^2 sum_i d2s_i -
+    2 x (d2s c) + d2s c^2), plus 2/m for the quadratic's own second derivative, d2y_i/dx_j^2 =
+    2, weighted by sum_i dE/dy_i. Gauss-Newton alone would drop that term as it drops f'' of
+    an activation, but here it is the whole curvature of the correct class's penalty: under
+    the MAP criterion (or the paper's eq. 8, E = mean of y_D), which is linear in y_D, d2s is
+    q (1 - q)/m and vanishes while the classes' scores are far apart, and SDLM's steps
+    eta/(mu + h) would then ignore the quadratic y_D. sum_i dE/dy_i = (1 - sum_i q_i)/m lies in
+    [0, 1/m] for a loss averaged over m examples with one-hot targets (exactly 1/m for eq. 8);
+    the layer cannot see q, and takes its bound 1/m, as treating the F6 outputs as regressed
+    onto the correct centre by squared error would (the positive diagonal SDLM needs).
+    """
+    centres = np.asarray(centres)
+    if centres.ndim != 2 or 0 in centres.shape:
+        raise ValueError(f"{name}: centres must be a non-empty (classes, features) array, got "
+                         f"shape {centres.shape}")
+    if not np.isfinite(centres).all():
+        raise ValueError(f"{name}: centres must be finite")
+    classes, features = centres.shape
+
+    def init(key, input_shape):
+        del key
+        if len(input_shape) != 2 or input_shape[-1] != features:
+            raise ValueError(f"{name}: input_shape {tuple(input_shape)} must be (batch, "
+                             f"{features})")
+        return (input_shape[0], classes), ()
+
+    def forward(params, x):
+        del params
+        check_input(name, x, (-1, features))
+        c = jnp.asarray(centres, x.dtype)
+        s = 2 * (x @ c.T) - jnp.sum(x**2, axis=1, keepdims=True) - jnp.sum(c**2, axis=1)[None, :]
+        return s, x
+
+    def backward(params, x, ds):
+        del params
+        c = jnp.asarray(centres, x.dtype)
+        return (), -2 * (x * jnp.sum(ds, axis=1, keepdims=True) - ds @ c)
+
+    def curvature(params, x, d2s):
+        del params
+        c = jnp.asarray(centres, x.dtype)
+        gauss_newton = 4 * (x**2 * jnp.sum(d2s, axis=1, keepdims=True) - 2 * x * (d2s @ c)
+                            + d2s @ c**2)
+        return (), gauss_newton + 2 / x.shape[0]
+
+    return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def _elementwise(

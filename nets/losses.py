@@ -26,6 +26,7 @@ __all__ = [
     "sigmoid_cross_entropy",
     "mean_squared_error",
     "softmax_cross_entropy",
+    "lecun1998_map",
     "lecture_output_error",
     "lecture_objective",
     "l2_penalty",
@@ -155,6 +156,43 @@ def softmax_cross_entropy() -> Loss:
         return p * (1 - p) * jnp.sum(y, axis=-1, keepdims=True) / z.shape[0]
 
     return _checked("softmax_cross_entropy", value, grad, curvature)
+
+
+def lecun1998_map(j: float = 10.0) -> Loss:
+    """The MAP criterion of LeCun et al. 1998 (eq. 9), on the scores s = -y of
+    `nets.layers.EuclideanRBF` (y_i the penalty of class i):
+
+        E = (1/m) sum_p [ y_Dp + log(e^-j + sum_i e^-y_ip) ]
+          = -(1/m) sum_p [ sum_k t_k s_k - (sum_k t_k) log(e^-j + sum_i e^s_i) ],
+
+    D_p the correct class (one-hot targets t; the second form is the one computed). The first
+    term pulls the correct penalty down; the second pushes the others up, and e^-j, a constant
+    penalty-j "rubbish" class, stops pushing a class whose penalty is already well above j
+    (the paper: "j is positive"; it gives no value). Without the e^-j term it is the softmax
+    cross-entropy of the scores.
+    Gradient (q sum_k t_k - t)/m, q_i = e^s_i / (e^-j + sum_k e^s_k) (q sums to less than 1);
+    curvature, the exact diagonal of the Hessian in s: q (1 - q) sum_k t_k / m.
+    """
+    if not j > 0:
+        raise ValueError(f"lecun1998_map: j must be > 0, got {j}")
+
+    def log_partition(s):
+        rubbish = jnp.full((*s.shape[:-1], 1), -j, s.dtype)
+        return jax.nn.logsumexp(jnp.concatenate([s, rubbish], axis=-1), axis=-1, keepdims=True)
+
+    def value(s, t):
+        row_mass = jnp.sum(t, axis=-1, keepdims=True)
+        return (jnp.sum(row_mass * log_partition(s)) - jnp.sum(t * s)) / s.shape[0]
+
+    def grad(s, t):
+        q = jnp.exp(s - log_partition(s))
+        return (q * jnp.sum(t, axis=-1, keepdims=True) - t) / s.shape[0]
+
+    def curvature(s, t):
+        q = jnp.exp(s - log_partition(s))
+        return q * (1 - q) * jnp.sum(t, axis=-1, keepdims=True) / s.shape[0]
+
+    return _checked("lecun1998_map", value, grad, curvature)
 
 
 def is_weight(path: tuple[Any, ...]) -> bool:

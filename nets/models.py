@@ -23,10 +23,12 @@ LeCun et al. 1989, "Backpropagation Applied to Handwritten Zip Code Recognition"
 
 LeCun, Bottou, Bengio and Haffner 1998, "Gradient-Based Learning Applied to Document
 Recognition", Section II.B:
-  * The output layer is a Dense layer (84 x 10 weights and 10 biases, 850 parameters,
-    returning scores for a softmax or squared-error loss), not the paper's Euclidean RBF units
-    y_i = sum_j (x_j - w_ij)^2, whose 840 centres were set by hand to stylised 7x12 bitmaps and
-    are not counted among its 60,000 trainable parameters.
+  * The output layer is by default a Dense layer (84 x 10 weights and 10 biases, 850
+    parameters, returning scores for a softmax or squared-error loss). `output="rbf"` gives
+    the paper's Euclidean RBF units y_i = sum_j (x_j - w_ij)^2 (returned as scores -y), whose
+    840 centres the paper set by hand to stylised 7x12 bitmaps, fixed, not counted among its
+    60,000 trainable parameters. Its bitmaps are shown (Figure 3) but not published as data:
+    ours are drawn in `lenet5_rbf_centres`.
   * S2 and S4 are trainable subsampling (a coefficient and a bias per map), followed by the
     squashing function, as in the paper; every squash is A tanh(S a), A = 1.7159, S = 2/3.
   * C5 is a 5x5 convolution on the 5x5 S4 maps (1x1 output), as the paper labels it; then a
@@ -62,10 +64,21 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nets import initializers
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table, table_fan_in_uniform
-from nets.layers import Dense, Layer, Relu, Sigmoid, Tanh, forward_with_key, layer_keys, serial
+from nets.layers import (
+    Dense,
+    EuclideanRBF,
+    Layer,
+    Relu,
+    Sigmoid,
+    Tanh,
+    forward_with_key,
+    layer_keys,
+    serial,
+)
 from nets.pooling import Dropout, Flatten, LocalResponseNorm, MaxPool, Subsampling
 
 __all__ = [
@@ -79,6 +92,7 @@ __all__ = [
     "lenet1989",
     "lenet1989_modern",
     "lenet5",
+    "lenet5_rbf_centres",
     "alexnet",
 ]
 
@@ -268,20 +282,29 @@ def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30,
     )
 
 
-def lenet5(activation: str = "scaled_tanh", implementation: str = "rows") -> Layer:
-    """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2), with a Dense output layer.
+def lenet5(activation: str = "scaled_tanh", implementation: str = "rows",
+           output: str = "dense") -> Layer:
+    """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2).
 
     Input x: (batch, 32, 32, 1) (28x28 digits centred in a 32x32 field); output (batch, 10)
     scores. C1 6@28x28 (5x5), S2 6@14x14 (trainable 2x2 subsampling), C3 16@10x10 (5x5 over
-    the S2 maps of `lenet5_c3_table`), S4 16@5x5, C5 120@1x1 (5x5), F6 84, output 10 (Dense,
-    not the paper's RBF: see the module docstring). `activation` (default the paper's
-    1.7159 tanh(2a/3)) follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3,
-    C3_act, S4, S4_act, C5, C5_act, flatten, F6, F6_act, output.
+    the S2 maps of `lenet5_c3_table`), S4 16@5x5, C5 120@1x1 (5x5), F6 84, output 10.
+    `output`: "dense" (default) a Dense layer, scores for a softmax (module docstring), or
+    "rbf", the paper's Euclidean RBF units (`nets.layers.EuclideanRBF`) with the fixed
+    centres of `lenet5_rbf_centres`, scores = minus the penalties, for
+    `nets.losses.lecun1998_map`; with it the model has the paper's 60,000 parameters and
+    340,908 connections exactly. `activation` (default the paper's 1.7159 tanh(2a/3))
+    follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3, C3_act, S4,
+    S4_act, C5, C5_act, flatten, F6, F6_act, output.
     `implementation` of the three convolutions (`nets.conv.Conv2D`): "rows", the default,
     made the training step at batch 128 on the 2-core CPU 1.2-1.3x faster than "patches"
     (which was 1.6x faster than "conv"; BENCHMARKS.md, README); "gather" is the faster for
     one example at a time.
     """
+    outputs = {"dense": lambda: Dense(10, name="output"),
+               "rbf": lambda: EuclideanRBF(lenet5_rbf_centres(), name="output")}
+    if output not in outputs:
+        raise ValueError(f"lenet5: output {output!r}; choose one of {sorted(outputs)}")
     squash = _activation(activation)
     return serial(
         Conv2D(6, 5, implementation=implementation, name="C1"),
@@ -297,9 +320,47 @@ def lenet5(activation: str = "scaled_tanh", implementation: str = "rows") -> Lay
         Flatten(name="flatten"),
         Dense(84, name="F6"),
         squash(name="F6_act"),
-        Dense(10, name="output"),
-        name=f"lenet5_{activation}",
+        outputs[output](),
+        name=f"lenet5_{activation}" + ("_rbf" if output == "rbf" else ""),
     )
+
+
+# The centres of LeNet-5's RBF output units, 7x12 bitmaps ("#" +1, "." -1), drawn here: the
+# paper's are "stylized image[s] of the corresponding character class drawn on a 7x12 bitmap"
+# (Section II.B, Figure 3), shown but not published as data.
+_LENET5_DIGIT_BITMAPS = (
+    (".......", "..###..", ".#...#.", "#.....#", "#.....#", "#.....#",
+     "#.....#", "#.....#", "#.....#", ".#...#.", "..###..", "......."),
+    (".......", "...#...", "..##...", ".#.#...", "...#...", "...#...",
+     "...#...", "...#...", "...#...", "...#...", ".#####.", "......."),
+    (".......", "..###..", ".#...#.", "#.....#", "......#", ".....#.",
+     "....#..", "...#...", "..#....", ".#.....", "#######", "......."),
+    (".......", "#######", ".....#.", "....#..", "...#...", "..####.",
+     "......#", "......#", "......#", "#.....#", ".#####.", "......."),
+    (".......", ".....#.", "....##.", "...#.#.", "..#..#.", ".#...#.",
+     "#....#.", "#######", ".....#.", ".....#.", ".....#.", "......."),
+    (".......", "#######", "#......", "#......", "######.", "......#",
+     "......#", "......#", "......#", "#.....#", ".#####.", "......."),
+    (".......", "..####.", ".#.....", "#......", "#......", "#.####.",
+     "##....#", "#.....#", "#.....#", "#.....#", ".#####.", "......."),
+    (".......", "#######", "......#", ".....#.", "....#..", "....#..",
+     "...#...", "...#...", "..#....", "..#....", "..#....", "......."),
+    (".......", ".#####.", "#.....#", "#.....#", "#.....#", ".#####.",
+     "#.....#", "#.....#", "#.....#", "#.....#", ".#####.", "......."),
+    (".......", ".#####.", "#.....#", "#.....#", "#.....#", "#.....#",
+     ".######", "......#", "......#", ".....#.", ".####..", "......."),
+)
+
+
+def lenet5_rbf_centres() -> np.ndarray:
+    """(10, 84) centres of LeNet-5's RBF outputs, one per digit: a 7-wide, 12-high bitmap of
+    the digit read row by row, +1 on the strokes and -1 elsewhere (LeCun et al. 1998: "the
+    components of those parameters vectors were set to -1 or +1", inside the range of F6's
+    1.7159 tanh, at its points of largest curvature). Drawn here, as the paper's Figure 3
+    bitmaps are not published as data; every two digits differ in at least 9 of the 84 (6
+    and 8)."""
+    rows = np.array([[list(row) for row in bitmap] for bitmap in _LENET5_DIGIT_BITMAPS])
+    return np.where(rows == "#", 1.0, -1.0).reshape(10, 84)
 
 
 def alexnet(towers: int = 2, num_classes: int = 1000, dropout_rate: float = 0.5) -> Layer:

@@ -66,6 +66,17 @@ def test_lenet5_per_layer_and_totals(lenet5):
     assert lenet5.macs == 332_824
 
 
+def test_lenet5_with_the_papers_rbf_output_has_its_exact_totals():
+    """With the RBF output (fixed centres: connections, no parameters) the model's own count
+    is the paper's 60,000 parameters and 340,908 connections, with no correction."""
+    counted = accounting.count(models.lenet5(output="rbf"), models.LENET5_INPUT_SHAPE)
+    for name, (params, connections) in {**LENET5, "output": (0, 840)}.items():
+        row = counted.layer(name)
+        assert (row.params, row.connections) == (params, connections), name
+    assert (counted.params, counted.connections) == (60_000, 340_908)
+    assert counted.layer("output").units == 10 and counted.layer("output").macs == 840
+
+
 @pytest.mark.parametrize("towers", [2, 1])
 def test_alexnet_totals(towers):
     counted = accounting.count(models.alexnet(towers=towers), models.ALEXNET_INPUT_SHAPE)

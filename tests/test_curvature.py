@@ -119,7 +119,8 @@ def test_loss_curvatures_are_the_diagonal_of_jax_hessian():
     for loss, outputs in ((losses.mean_squared_error(), z),
                           (losses.sigmoid_cross_entropy(), z),
                           (losses.sigmoid_cross_entropy(from_logits=False), jax.nn.sigmoid(z)),
-                          (losses.softmax_cross_entropy(), z)):
+                          (losses.softmax_cross_entropy(), z),
+                          (losses.lecun1998_map(1.0), z)):
         hessian = jax.hessian(lambda o, loss=loss: loss.value(o, y))(outputs)
         diagonal = jnp.einsum("bcbc->bc", hessian)
         assert relative_error(loss.curvature(outputs, y), diagonal) <= F64, loss.name
@@ -289,3 +290,29 @@ def test_channel_groups_curvature_is_exact_for_a_last_layer():
     assert_close_tree(engines.curvature_diagonal(model, objective)(params, x, y),
                       gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
                       jnp.float64, "channel groups")
+
+
+def test_euclidean_rbf_curvature_is_gauss_newton_plus_the_penalty_quadratic():
+    """LeNet-5's RBF output: d2x is the squared-Jacobian pullback of d2s (jax.jacobian) plus
+    2/m, the second derivative of the correct class's penalty at its bound. Where every class
+    is far from x (MAP's q = 0 in float64) that is the exact Hessian diagonal of
+    E(x) = MAP(RBF(x)) (jax.hessian): d2s vanishes, and 2/m is all the curvature left."""
+    centres = np.sign(np.arange(15).reshape(3, 5) % 3 - 0.5)
+    layer = nets.EuclideanRBF(centres)
+    x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+    s, residuals = layer.forward((), x)
+    d2s = jax.random.uniform(jax.random.key(2), s.shape, jnp.float64)
+    dparams, d2x = layer.curvature((), residuals, d2s)
+    assert dparams == ()
+    expected = squared_jacobian_pullback(lambda x: layer.apply((), x), x, d2s)
+    assert relative_error(d2x - 2 / 4, expected) <= F64
+
+    loss = losses.lecun1998_map(1.0)
+    far = 40 + x  # every squared distance >= 5 * 39^2: exp(-y) is 0 in float64
+    targets = jax.nn.one_hot(jnp.array([0, 1, 2, 0]), 3, dtype=jnp.float64)
+    scores, residuals = layer.forward((), far)
+    _, d2x = layer.curvature((), residuals, loss.curvature(scores, targets))
+    hessian = jax.hessian(lambda x: loss.value(layer.apply((), x), targets))(far)
+    exact = jnp.einsum("bfbf->bf", hessian)
+    assert float(jnp.max(jnp.abs(exact - 2 / 4))) == 0.0
+    assert relative_error(d2x, exact) <= F64

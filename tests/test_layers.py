@@ -197,3 +197,47 @@ def test_embedding_rejects_bad_sizes_and_non_integer_ids():
     with pytest.raises(ValueError, match=r"tok: input ids must be integers in \[0, 4\), got "
                                          r"dtype float32 with shape \(2, 3\)"):
         layer.apply(params, jnp.ones((2, 3), jnp.float32))
+
+
+def random_rbf(batch, features, classes, dtype, seed=0):
+    """An RBF layer with N(0, 1) centres (any real centres work, not only +-1) and x."""
+    rng = np.random.default_rng(seed)
+    layer = layers.EuclideanRBF(rng.normal(size=(classes, features)), name="rbf")
+    return layer, jnp.asarray(rng.normal(size=(batch, features)), dtype)
+
+
+@pytest.mark.parametrize("batch,features,classes", [(1, 1, 1), (3, 5, 2), (16, 84, 10)])
+def test_euclidean_rbf_backward_matches_vjp(batch, features, classes, dtype):
+    layer, x = random_rbf(batch, features, classes, dtype)
+    s, residuals = layer.forward((), x)
+    ds = jax.random.normal(jax.random.key(features), s.shape, dtype)
+    dparams, dx = layer.backward((), residuals, ds)
+    assert dparams == () and dx.dtype == jnp.dtype(dtype)
+    assert_close_tree(dx, vjp_reference(layer, (), x, ds)[1], dtype, "EuclideanRBF")
+
+
+def test_euclidean_rbf_scores_are_minus_squared_distances():
+    """By hand: x = (1, 2), centres (1, 1) and (-1, 0): y = (0 + 1, 4 + 4) = (1, 8). And against
+    the (batch, classes, features) differences in NumPy on a random problem."""
+    layer = layers.EuclideanRBF(np.array([[1.0, 1.0], [-1.0, 0.0]]))
+    np.testing.assert_allclose(layer.apply((), jnp.array([[1.0, 2.0]], jnp.float64)),
+                               [[-1.0, -8.0]], rtol=1e-15)
+    layer, x = random_rbf(7, 12, 4, jnp.float64)
+    centres = np.random.default_rng(0).normal(size=(4, 12))
+    expected = -((np.asarray(x)[:, None, :] - centres[None]) ** 2).sum(axis=-1)
+    np.testing.assert_allclose(layer.apply((), x), expected, rtol=1e-12)
+    assert layer.init(jax.random.key(0), (-1, 12)) == ((-1, 4), ())
+
+
+def test_euclidean_rbf_rejects_bad_centres_and_inputs():
+    with pytest.raises(ValueError, match=r"rbf: centres must be a non-empty \(classes, "
+                                         r"features\) array, got shape \(84,\)"):
+        layers.EuclideanRBF(np.ones(84))
+    with pytest.raises(ValueError, match="rbf: centres must be finite"):
+        layers.EuclideanRBF(np.full((2, 3), np.nan))
+    layer = layers.EuclideanRBF(np.ones((10, 84)), name="output")
+    with pytest.raises(ValueError, match=r"output: input x has shape \(2, 83\), expected "
+                                         r"\(batch, 84\)"):
+        layer.forward((), jnp.zeros((2, 83)))
+    with pytest.raises(ValueError, match=r"output: input_shape \(-1, 4, 21\) must be"):
+        layer.init(jax.random.key(0), (-1, 4, 21))

@@ -19,13 +19,16 @@ def test_inputs_are_centred_with_the_papers_levels():
     assert np.sum(np.isclose(x, 1.175)) == 1
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sdlm", "adamw"])
-def test_short_runs_report_per_pass(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,output", [
+    ("sgd", "dense"), ("sdlm", "dense"), ("adamw", "dense"), ("sdlm", "rbf")])
+def test_short_runs_report_per_pass(tmp_path, optimizer, output):
+    """Each optimizer, and the paper's whole recipe: SDLM with the RBF output and the MAP
+    criterion (its curvature backpropagated through the RBF units)."""
     extra = {"adamw": ["--batch-size", "16"], "sdlm": ["--curvature-examples", "50"]}.get(
         optimizer, [])
     metrics = lenet5.main(["--workdir", str(tmp_path), "--split", "test-only", "--passes", "2",
                            "--train-examples", "300", "--test-examples", "100",
-                           "--optimizer", optimizer,
+                           "--optimizer", optimizer, "--output", output,
                            "--progress-every", "0", *extra])
     document = json.loads((tmp_path / "results.json").read_text())
     assert "not the paper's protocol" in document["protocol"]
@@ -48,10 +51,23 @@ def test_conv_option_resolves_by_batch_size():
     assert lenet5.conv_implementation(lenet5.Config(batch_size=16, conv="patches")) == "patches"
 
 
+def test_learning_rate_defaults_per_optimizer_and_output():
+    """Per-example SGD on the RBF output takes the smaller default (0.01 diverged there); an
+    explicit --lr is kept."""
+    assert lenet5.learning_rate(lenet5.Config()) == 0.01
+    assert lenet5.learning_rate(lenet5.Config(output="rbf")) == lenet5.RBF_SGD_LR == 0.002
+    assert lenet5.learning_rate(lenet5.Config(output="rbf", optimizer="sdlm")) == 5e-4
+    assert lenet5.learning_rate(lenet5.Config(output="rbf", lr=0.03)) == 0.03
+
+
 def test_an_sdlm_option_without_sdlm_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--mu: got 0\.1; it applies only with --optimizer "
                                           r"sdlm \(got --optimizer adamw\)"):
         lenet5.main(["--workdir", str(tmp_path / "run"), "--optimizer", "adamw", "--mu", "0.1"])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"--map-j: got 3(\.0)?; it applies only with "
+                                          r"--output rbf \(got --output dense\)"):
+        lenet5.main(["--workdir", str(tmp_path / "run"), "--map-j", "3"])
     assert not (tmp_path / "run").exists()
 
 

@@ -13,6 +13,7 @@ LOSSES = {
     "sigmoid_ce_probabilities": (losses.sigmoid_cross_entropy(from_logits=False), "probabilities"),
     "mse": (losses.mean_squared_error(), "logits"),
     "softmax_ce": (losses.softmax_cross_entropy(), "logits"),
+    "lecun1998_map": (losses.lecun1998_map(j=2.0), "logits"),
 }
 
 
@@ -27,6 +28,10 @@ def numpy_value(name, outputs, targets):
         return -np.sum(t * np.log(o) + (1 - t) * np.log(1 - o)) / m
     if name == "mse":
         return np.sum((o - t) ** 2) / (2 * m)
+    if name == "lecun1998_map":  # eq. 9 with penalties y = -o and j = 2, per unit of target
+        penalties = -o
+        competition = np.log(np.exp(-2.0) + np.exp(-penalties).sum(axis=1))
+        return np.sum(t * penalties) / m + np.sum(t.sum(axis=1) * competition) / m
     shifted = o - o.max(axis=1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return -np.sum(t * log_softmax) / m
@@ -118,6 +123,25 @@ def test_loss_rejects_mismatched_shapes(name):
         loss.value(jnp.zeros((4, 3)), jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="expected equal shapes"):
         loss.grad(jnp.zeros((4,)), jnp.zeros((4,)))
+
+
+def test_lecun1998_map_by_hand_and_as_softmax_without_its_rubbish_class():
+    """One example, penalties y = (1, 2), class 0, j = 10: E = 1 + log(e^-10 + e^-1 + e^-2).
+    With j large the e^-j term vanishes and E is the softmax cross-entropy of -y, with j = 1
+    it is well above it; j <= 0 is refused."""
+    scores, target = jnp.array([[-1.0, -2.0]]), jnp.array([[1.0, 0.0]])
+    np.testing.assert_allclose(losses.lecun1998_map(10.0).value(scores, target),
+                               1 + np.log(np.exp(-10) + np.exp(-1) + np.exp(-2)), rtol=F64)
+    z = jax.random.normal(jax.random.key(3), (5, 10), jnp.float64)
+    t = jax.nn.one_hot(jnp.arange(5), 10, dtype=jnp.float64)
+    far = losses.lecun1998_map(1e3)
+    softmax = losses.softmax_cross_entropy()
+    np.testing.assert_allclose(far.value(z, t), softmax.value(z, t), rtol=F64)
+    np.testing.assert_allclose(far.grad(z, t), softmax.grad(z, t), rtol=F64)
+    # A near rubbish class raises every example's partition function: E above softmax's.
+    assert float(losses.lecun1998_map(1.0).value(z, t)) > float(softmax.value(z, t)) + 0.01
+    with pytest.raises(ValueError, match="lecun1998_map: j must be > 0, got 0"):
+        losses.lecun1998_map(0.0)
 
 
 def test_lecture_objective_rejects_negative_lambda():

@@ -126,6 +126,8 @@ def test_builders_reject_bad_arguments():
         models.alexnet(towers=3)
     with pytest.raises(ValueError, match="activation"):
         models.lenet5(activation="softsign")
+    with pytest.raises(ValueError, match="lenet5: output 'softmax'; choose one of"):
+        models.lenet5(output="softmax")
     with pytest.raises(ValueError, match="scaled_tanh"):
         models.lenet1989(activation="relu", scaled_tanh=True)
     with pytest.raises(ValueError, match="h2_maps"):
@@ -207,12 +209,14 @@ GRADIENT_CASES = {
     "lenet1989_modern_widths": (lambda: models.lenet1989_modern(4, 6, 7), (3, 16, 16, 1),
                                 "softmax"),
     "lenet5": (lambda: models.lenet5(), (3, 32, 32, 1), "softmax"),
+    "lenet5_rbf": (lambda: models.lenet5(output="rbf"), (3, 32, 32, 1), "map"),
 }
 
 
 def gradients(model, input_shape, loss, dtype, classes=10, params=None, key=None):
     """(params, manual (E, grad), autodiff (E, grad)) on a random batch, with the L2 term;
-    params default to `numpy_params`. loss: "mse" (+-1 targets) or "softmax" (one-hot); key:
+    params default to `numpy_params`. loss: "mse" (+-1 targets), "softmax" or "map" (LeCun
+    et al. 1998's criterion on RBF scores; one-hot targets); key:
     for a model with dropout, the same in both engines."""
     if params is None:
         params = numpy_params(init_shapes(model, (-1, *input_shape[1:]))[1], dtype)
@@ -220,7 +224,8 @@ def gradients(model, input_shape, loss, dtype, classes=10, params=None, key=None
         objective = nets.Objective(nets.mean_squared_error(), 0.5)
         targets = targets_for(input_shape[0], classes, dtype, plus_minus_one=True)
     else:
-        objective = nets.Objective(nets.softmax_cross_entropy(), 0.5)
+        loss_function = nets.softmax_cross_entropy() if loss == "softmax" else nets.lecun1998_map()
+        objective = nets.Objective(loss_function, 0.5)
         targets = targets_for(input_shape[0], classes, dtype)
     x = random_inputs(input_shape, dtype)
     manual = jax.jit(engines.manual(model, objective))(params, x, targets, key)
