@@ -77,6 +77,14 @@ lenet1989-held-out: $(VENV)/.installed
 		--metrics held_out_misses,test_misses --settings "$(HELD_OUT_SETTINGS)" \
 		-- --held-out 1000
 
+.PHONY: lenet5-outputs
+# LeNet-5 trained by SDLM with the paper's RBF output and MAP criterion, and with a Dense output
+# and softmax, seeds 0-4 each (README.md, "LeNet-5"; about 8 min on 2 cores).
+lenet5-outputs: $(VENV)/.installed
+	$(PY) -m experiments.grid --experiment lenet5 --seeds 0-4 --jobs 2 \
+		--metrics test_misses,train_misses --settings "--output rbf; --output dense" \
+		-- --split test-only --optimizer sdlm
+
 .PHONY: multihost-demo
 # Two CPU processes on 127.0.0.1 train the MLP data-parallel and compare with one device
 # (README.md, "Over examples, devices and hosts").
