@@ -26,7 +26,9 @@ one (AlexNet's conv1) was left out for a ReLU kink within the step (`fd_kinks`,
 nets.gradcheck.smooth_coordinates). With the two recurrent stacks and the bidirectional layer
 (2026-12-04): 302 checks pass in 79 s (a warm compilation cache), the same bounds; the
 recurrent tensors' float64 errors <= 4.0e-16 against jax.grad and <= 1.4e-8 against finite
-differences, float32 <= 1.1e-7; 12,596 coordinates differenced.
+differences, float32 <= 1.1e-7; 12,596 coordinates differenced. With LeNet-5's RBF output
+and MAP criterion too (later that day): 346 checks in 60 s, float64 <= 1.22e-15, float32
+<= 7.31e-7, 14,076 coordinates differenced.
 """
 from __future__ import annotations
 
