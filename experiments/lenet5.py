@@ -21,10 +21,10 @@ published as data) and the MAP criterion of its eq. 9 (nets.losses.lecun1998_map
 which the paper does not give). The paper's recipe, --optimizer sdlm --output rbf, on the
 test-only split (2-core CPU, 2026-12-04): 20, 24, 29, 28 and 29 test misses at seeds 0-4
 (mean 1.30%), against 38, 42, 39, 38 and 46 (2.03%) with --optimizer sdlm alone; 74 s a run.
-Optimisers: per-example SGD (default, eta 0.01; 0.002 with --output rbf), the paper's stochastic diagonal
-Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500 examples before each
-pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in the paper's Appendix C),
-or AdamW with mini-batches.
+Optimisers: per-example SGD (default, eta 0.01; 0.002 with --output rbf), the paper's
+stochastic diagonal Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500
+examples before each pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in
+the paper's Appendix C), or AdamW with mini-batches.
 
 Writes results.json (history per pass: train_error, test_error, train_loss, test_loss, and
 held_out_error, held_out_loss with --held-out N, which trains on all but the last N training
@@ -233,7 +233,9 @@ def main(argv=None):
         for kind in ("error", "loss")], title=f"LeNet-5 on MNIST ({protocol.split(':')[0]})")
     seconds = outcome.seconds
     results.save_and_print_table(run.workdir, "\n".join([
-        f"## LeNet-5, {protocol}; {config.optimizer}, learning rate {lr:g}",
+        f"## LeNet-5, {protocol}; {config.optimizer}, learning rate {lr:g}; "
+        + (f"RBF output, MAP criterion (j = {config.map_j:g}); the loss columns are that "
+           "criterion" if config.output == "rbf" else "Dense output, softmax cross-entropy"),
         results.markdown_table(history),
         f"Final test error {final['test_error']:.4f} ({metrics_out['test_misses']} misses of "
         f"{metrics_out['test_examples']}); the paper's 0.95% is for the full 60k/10k split.",
