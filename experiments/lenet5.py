@@ -31,8 +31,8 @@ held_out_error, held_out_loss with --held-out N, which trains on all but the las
 images and measures on those; metrics with the final numbers and misses; "protocol";
 "misclassified", the test images the final net gets wrong: index, label, predicted),
 results.md, curves.png, misclassified.png (the first 60 of them), kernels.png (C1's 6),
-features.png (the first test image's C1, S2, C3 and S4 maps), test_outputs.npz (the final
-net's test outputs and the labels).
+features.png (the first test image's C1, S2, C3 and S4 maps), with --output rbf centres.png
+(the RBF centres as bitmaps), test_outputs.npz (the final net's test outputs and the labels).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import optax
 import nets
 from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters, parameter
-from nets.models import lenet5
+from nets.models import lenet5, lenet5_rbf_centres
 from training import data, metrics, optim, plots, procedures, results
 from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run, train
@@ -224,6 +224,11 @@ def main(argv=None):
         run.workdir, np.asarray(parameter(model, outcome.state.params, "C1", "w")), "C1",
         np.asarray(splits["test"][0]), wrong, "images",
         plots.activation_maps(model, outcome.state.params, splits["test"][0][:1]))
+    if config.output == "rbf":
+        plots.save_images(run.workdir / "centres.png",
+                          list(lenet5_rbf_centres().reshape(10, 12, 7)),
+                          [str(digit) for digit in range(10)],
+                          title="the RBF output's fixed centres (7x12, +1 dark)")
     passes = np.array([h["pass"] for h in history])
     plots.save_curves(run.workdir / "curves.png", [
         {"xlabel": "pass", "ylabel": f"{kind}", "log": True,

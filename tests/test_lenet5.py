@@ -41,6 +41,7 @@ def test_short_runs_report_per_pass(tmp_path, optimizer, output):
     assert int(np.sum(outputs.argmax(axis=1) != labels)) == metrics["test_misses"]
     assert (tmp_path / "kernels.png").stat().st_size > 5_000
     assert (tmp_path / "features.png").stat().st_size > 5_000
+    assert (tmp_path / "centres.png").exists() == (output == "rbf")
     header = (tmp_path / "results.md").read_text().splitlines()[0]
     assert header.endswith("RBF output, MAP criterion (j = 10); the loss columns are that "
                            "criterion" if output == "rbf" else
