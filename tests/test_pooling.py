@@ -435,3 +435,23 @@ def test_dropout_after_keeps_the_layers_params_and_its_curvature_is_exact():
     exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j ** 2, axes=2), jacobian)
     assert_close_tree(wrapped.curvature(params, residuals, d2y)[0], exact, jnp.float64,
                       "dropout_after curvature")
+
+
+def test_dropout_after_a_stochastic_layer_draws_two_independent_masks():
+    """dropout_after(dropout_after(Identity, 1/2), 1/2) on ones: a unit survives both masks
+    with probability 1/4, and the survivors are 1 / (1/2)^2 = 4. Were the outer mask drawn
+    with the inner layer's key, the two masks would be equal and half would survive. The
+    backward of the pair equals jax.vjp of the apply with the same key (float64)."""
+    twice = pooling.dropout_after(pooling.dropout_after(layers.Identity(name="inner"), 0.5),
+                                  0.5, name="outer")
+    x = jnp.ones((64, 32), jnp.float64)
+    key = jax.random.key(5)
+    y, residuals = twice.forward((), x, key=key)
+    assert set(np.unique(np.asarray(y)).tolist()) == {0.0, 4.0}
+    survivors = float(jnp.mean(y == 4.0))
+    assert 0.2 < survivors < 0.3, survivors  # 2,048 units: 0.25 +- 0.0096 (one sd)
+
+    dy = jax.random.normal(jax.random.key(6), x.shape, jnp.float64)
+    _, manual_dx = twice.backward((), residuals, dy)
+    _, pullback = jax.vjp(lambda x: twice.apply((), x, key), x)
+    assert relative_error(manual_dx, pullback(dy)[0]) <= F64

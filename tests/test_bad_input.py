@@ -1,0 +1,93 @@
+"""Bad arguments refused with an error that names the layer (or function), the argument and
+the value: the checks no other test reached (found with a coverage run of the suite)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nets
+from nets import gradcheck, initializers
+from nets.autoencoder import autoencoder
+from nets.engines import curvature_diagonal
+from nets.losses import Loss
+
+KEY = jax.random.key(0)
+
+
+def plain_squared_error() -> Loss:
+    """A loss with a value and a gradient but no curvature, as a user might write one."""
+    return Loss("plain_squared_error", lambda o, t: 0.5 * jnp.sum((o - t) ** 2),
+                lambda o, t: o - t, None)
+
+
+REFUSED = {
+    "Embedding init without a batch axis": (
+        lambda: nets.Embedding(10, 4, name="embed").init(KEY, ()),
+        ValueError, "embed: input_shape () must be (batch, ...)"),
+    "serial of nothing": (
+        lambda: nets.serial(name="empty"), ValueError, "empty: needs at least one layer"),
+    "channel_groups with no groups": (
+        lambda: nets.channel_groups(nets.Tanh(), 0, name="grouped"),
+        ValueError, "grouped: groups must be >= 1, got 0"),
+    "channel_groups init over channels that do not split": (
+        lambda: nets.channel_groups(nets.Tanh(), 2, name="grouped").init(KEY, (4, 5)),
+        ValueError, "grouped: input_shape (4, 5), expected a last axis divisible by 2 groups"),
+    "Flatten init of a batch axis alone": (
+        lambda: nets.Flatten(name="flat").init(KEY, (8,)),
+        ValueError, "flat: input_shape (8,), expected (batch, ...) with known sizes"),
+    "Flatten init with an empty axis": (
+        lambda: nets.Flatten(name="flat").init(KEY, (8, 0, 3)),
+        ValueError, "flat: input_shape (8, 0, 3), expected (batch, ...)"),
+    "Flatten of a vector": (
+        lambda: nets.Flatten(name="flat").forward((), jnp.zeros(5)),
+        ValueError, "flat: input x has shape (5,), expected (batch, ...)"),
+    "PositionalEmbedding without positions": (
+        lambda: nets.PositionalEmbedding(0, 8, name="positions"),
+        ValueError, "positions: context must be >= 1, got 0"),
+    "PositionalEmbedding without features": (
+        lambda: nets.PositionalEmbedding(16, 0, name="positions"),
+        ValueError, "positions: features must be >= 1, got 0"),
+    "transformer_lm without a vocabulary": (
+        lambda: nets.transformer_lm(0, 16, name="lm"),
+        ValueError, "lm: vocabulary must be >= 1, got 0"),
+    "transformer_lm with fewer than no blocks": (
+        lambda: nets.transformer_lm(27, 16, blocks=-1, name="lm"),
+        ValueError, "lm: blocks must be >= 0, got -1"),
+    "mlp without inputs": (
+        lambda: nets.build_mlp(0, 10), ValueError, "mlp: input_dim must be >= 1, got 0"),
+    "mlp without classes": (
+        lambda: nets.build_mlp(64, 0), ValueError, "mlp: num_classes must be >= 1, got 0"),
+    "autoencoder without a code": (
+        lambda: autoencoder(64, 0), ValueError,
+        "autoencoder: input_dim (64) and hidden_units (0) must be >= 1"),
+    "LeCun's diagonal for a loss without curvature": (
+        lambda: curvature_diagonal(nets.serial(nets.Dense(3), name="net"),
+                                   nets.Objective(plain_squared_error(), 0.0)),
+        ValueError, "plain_squared_error: this loss defines no curvature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_bad_arguments_are_refused_by_name(case):
+    build, error, message = REFUSED[case]
+    with pytest.raises(error, match=re.escape(message)):
+        build()
+
+
+def test_a_parameter_the_model_does_not_have_is_refused_with_the_names_it_has():
+    model = nets.serial(nets.Dense(3, name="hidden"), nets.Tanh(name="act"),
+                        nets.Dense(2, name="out"), name="net")
+    _, params = model.init(KEY, (4, 5))
+    assert gradcheck.parameter(model, params, "out", "w").shape == (3, 2)
+    with pytest.raises(KeyError, match=re.escape(
+            "net: no parameter output.w; it has hidden.b, hidden.w, out.b, out.w")):
+        gradcheck.parameter(model, params, "output", "w")
+
+
+@pytest.mark.parametrize("shape, expected", [((), (1, 1)), ((7,), (1, 7)), ((5, 3), (5, 3)),
+                                             ((5, 5, 2, 6), (50, 150))])
+def test_fans_of_vectors_matrices_and_kernels(shape, expected):
+    """A kernel (kh, kw, C_in, C_out) has fan-in kh kw C_in and fan-out kh kw C_out; a vector of
+    n (a bias) counts as n outputs of one input."""
+    assert initializers.fans(shape) == expected
