@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import nets
@@ -11,6 +12,7 @@ from nets import gradcheck, initializers
 from nets.autoencoder import autoencoder
 from nets.engines import curvature_diagonal
 from nets.losses import Loss
+from training import augment, data, optim, procedures
 
 KEY = jax.random.key(0)
 
@@ -20,6 +22,11 @@ def plain_squared_error() -> Loss:
     return Loss("plain_squared_error", lambda o, t: 0.5 * jnp.sum((o - t) ** 2),
                 lambda o, t: o - t, None)
 
+
+TINY = (nets.serial(nets.Dense(2, name="out"), name="tiny"),
+        nets.Objective(nets.mean_squared_error(), 0.0))
+TINY_PARAMS = TINY[0].init(KEY, (8, 3))[1]
+TINY_DATA = (jnp.ones((8, 3)), jnp.zeros((8, 2)))
 
 REFUSED = {
     "Embedding init without a batch axis": (
@@ -65,6 +72,23 @@ REFUSED = {
         lambda: curvature_diagonal(nets.serial(nets.Dense(3), name="net"),
                                    nets.Objective(plain_squared_error(), 0.0)),
         ValueError, "plain_squared_error: this loss defines no curvature"),
+    "random_shifts by a negative amount": (
+        lambda: augment.random_shifts(-1, -1.0), ValueError,
+        "random_shifts: max_shift must be >= 0, got -1"),
+    "one_hot of float labels": (
+        lambda: data.one_hot(np.array([0.0, 1.0]), 10), ValueError,
+        "labels must be a 1-d integer array, got float64 (2,)"),
+    "split of images and labels of different lengths": (
+        lambda: data.split(np.zeros((5, 2)), np.zeros(4, np.int64), (0.5, 0.5), seed=0),
+        ValueError, "images and labels differ in length: 5 != 4"),
+    "full_batch with an empty stopping window": (
+        lambda: procedures.full_batch(*TINY, optim.gradient_descent(0.1), *TINY_DATA,
+                                      stop_window=0).init(TINY_PARAMS, KEY),
+        ValueError, "stopping rule: stop_window must be >= 1, got 0"),
+    "stochastic_passes with batches larger than the data": (
+        lambda: procedures.stochastic_passes(*TINY, optim.gradient_descent(0.1), *TINY_DATA,
+                                             batch_size=9),
+        ValueError, "stochastic_passes: batch_size must be in [1, 8], got 9"),
 }
 
 
@@ -91,3 +115,8 @@ def test_fans_of_vectors_matrices_and_kernels(shape, expected):
     """A kernel (kh, kw, C_in, C_out) has fan-in kh kw C_in and fan-out kh kw C_out; a vector of
     n (a bias) counts as n outputs of one input."""
     assert initializers.fans(shape) == expected
+
+
+def test_random_shifts_of_zero_return_the_images_unchanged():
+    x = jax.random.normal(KEY, (3, 16, 16, 1))
+    assert augment.random_shifts(0, -1.0)(jax.random.key(1), x) is x
