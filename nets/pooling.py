@@ -37,7 +37,16 @@ def _output_size(size: int, k: int, s: int) -> int:
 
 
 def window_sum(x: jax.Array, window: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
-    """s[n, i, j, c] = sum_{a < kh, b < kw} x[n, sh i + a, sw j + b, c]; no padding."""
+    """s[n, i, j, c] = sum_{a < kh, b < kw} x[n, sh i + a, sw j + b, c]; no padding.
+
+    Windows that tile the input (stride = window) are summed as the axes of a reshape (LeNet-5's
+    batch-128 step with S2 and S4 so: 0.97-0.98 of its time with XLA's reduce_window, 2-core
+    CPU, 2026-12-05); overlapping ones by reduce_window."""
+    if tuple(window) == tuple(stride):
+        (kh, kw), (batch, height, width, channels) = window, x.shape
+        out_h, out_w = height // kh, width // kw
+        tiles = x[:, :out_h * kh, :out_w * kw].reshape(batch, out_h, kh, out_w, kw, channels)
+        return jnp.sum(tiles, axis=(2, 4))
     # The zero is a NumPy constant, concrete even under jit, so that lax recognises the sum
     # and uses its differentiable window-sum primitive (a traced zero gives a generic
     # reduction that jax.grad cannot differentiate).
@@ -53,8 +62,15 @@ def window_sum_transpose(
     dx[p] = sum_{i: sh i <= p < sh i + kh} ds[i] (and likewise along the width): a stride-1
     window sum of ds dilated by the strides (base_dilation puts sh - 1 zeros between rows)
     and zero-padded by k - 1 on both sides, plus `extra` zero rows at the bottom for the rows
-    that no window covers. `size` is (H, W) of x.
+    that no window covers. `size` is (H, W) of x. Windows that tile the input (stride =
+    window): each ds copied over its window, then the uncovered rows and columns as zeros.
     """
+    if tuple(window) == tuple(stride):
+        (kh, kw), (batch, out_h, out_w, channels) = window, ds.shape
+        tiles = jnp.broadcast_to(ds[:, :, None, :, None, :],
+                                 (batch, out_h, kh, out_w, kw, channels))
+        dx = tiles.reshape(batch, out_h * kh, out_w * kw, channels)
+        return jnp.pad(dx, ((0, 0), (0, size[0] - out_h * kh), (0, size[1] - out_w * kw), (0, 0)))
     pads = [(0, 0)]
     for k, s, n, out in zip(window, stride, size, ds.shape[1:3]):
         extra = n - ((out - 1) * s + k)

@@ -86,6 +86,31 @@ def test_avg_pool_by_hand():
                                                    [3, 3, 4, 4], [3, 3, 4, 4]])
 
 
+@pytest.mark.parametrize("window, stride, size", [
+    ((2, 2), (2, 2), (7, 6)),  # tiles, the last row covered by no window (a reshape)
+    ((3, 2), (3, 2), (6, 5)),  # tiles of another shape, the last column uncovered
+    ((3, 2), (2, 3), (8, 7)),  # overlapping and gapped windows (XLA's reduce_window)
+])
+def test_window_sum_and_its_transpose_against_numpy_loops(window, stride, size):
+    """s from a NumPy loop over windows, and dx = the loop's transpose: each ds added back over
+    its window, 0 where no window reads."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, *size, 3))
+    (kh, kw), (sh, sw) = window, stride
+    out_h, out_w = (size[0] - kh) // sh + 1, (size[1] - kw) // sw + 1
+    ds = rng.standard_normal((2, out_h, out_w, 3))
+    expected_s, expected_dx = np.zeros_like(ds), np.zeros_like(x)
+    for i in range(out_h):
+        for j in range(out_w):
+            rows, cols = slice(sh * i, sh * i + kh), slice(sw * j, sw * j + kw)
+            expected_s[:, i, j] = x[:, rows, cols].sum(axis=(1, 2))
+            expected_dx[:, rows, cols] += ds[:, i, j][:, None, None]
+    s = pooling.window_sum(jnp.asarray(x), window, stride)
+    dx = pooling.window_sum_transpose(jnp.asarray(ds), window, stride, size)
+    assert relative_error(s, expected_s) <= F64
+    assert relative_error(dx, expected_dx) <= F64
+
+
 def test_max_pool_routes_gradient_only_to_the_max():
     """Overlapping 3x3 stride 2 on 5x5: the 9 at the centre is the max of all four windows."""
     x = image([[1, 0, 2, 0, 3],
