@@ -143,7 +143,9 @@ def test_truncation_matches_windows_with_stop_gradient_and_changes_the_gradient(
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_scan_runs_the_step_in_order(kind):
-    """scan_cell's outputs and final carry equal a Python loop over cell.step."""
+    """scan_cell's outputs and final carry equal a Python loop over cell.step. The scan hands
+    the step `forward_weights(params)` (the GRUs' weight blocks cut out once), the loop plain
+    params, which the step slices itself."""
     cell, params, xs, carry0, _, _, _ = problem(kind, 6, "float64", 3, False, True)
     ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, carry0)
     carry, expected = carry0, []
