@@ -325,14 +325,15 @@ def generate(cells, params, prime: np.ndarray, key: jax.Array, length: int,
     output = nets.Dense(vocabulary)
     xs = jax.nn.one_hot(jnp.asarray(prime)[None, :], vocabulary, dtype=dtype)
     outputs, carries, _ = recurrent.stack_forward(cells, params, xs)
+    weights = [cell.step_weights(cell_params) for cell, cell_params in zip(cells, params[:-1])]
 
     def one_char(state, step_key):
         carries, logits = state
         char = jax.random.categorical(step_key, logits / temperature, axis=-1)
         h = jax.nn.one_hot(char, vocabulary, dtype=dtype)
         new_carries = []
-        for cell, cell_params, carry in zip(cells, params[:-1], carries):
-            carry, h, _ = cell.step(cell_params, carry, h)
+        for cell, cell_weights, carry in zip(cells, weights, carries):
+            carry, h, _ = cell.step(cell_weights, carry, h)
             new_carries.append(carry)
         return (tuple(new_carries), output.apply(params[-1], h)), char[0]
 

@@ -104,9 +104,11 @@ def hidden_gradients_autodiff(cell, model, objective, params, x, targets):
     _, last_step, dense = model.sublayers
 
     def energy(deltas):
+        weights = cell.step_weights(params[0])
+
         def one_step(carry, inputs):
             x_t, delta_t = inputs
-            carry, _, _ = cell.step(params[0], carry, x_t)
+            carry, _, _ = cell.step(weights, carry, x_t)
             if isinstance(carry, tuple):
                 carry = (carry[0] + delta_t,) + tuple(carry[1:])
             else:
