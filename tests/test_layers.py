@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nets import gradcheck, initializers, layers
-from tests.helpers import assert_close_tree
+from tests.helpers import F64, assert_close_tree
 
 SHAPES = [(1, 1, 1), (3, 5, 2), (17, 8, 13), (64, 33, 10)]  # (batch, in, out)
 
@@ -241,3 +241,14 @@ def test_euclidean_rbf_rejects_bad_centres_and_inputs():
         layer.forward((), jnp.zeros((2, 83)))
     with pytest.raises(ValueError, match=r"output: input_shape \(-1, 4, 21\) must be"):
         layer.init(jax.random.key(0), (-1, 4, 21))
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2, 4, 5, 9])
+def test_dense_weight_gradient_is_x_transpose_dy_at_every_batch(batch):
+    """Up to OUTER_PRODUCTS_MAX_BATCH examples dw is a sum of outer products, above it one
+    product: both x^T dy by NumPy (and zeros for an empty batch)."""
+    rng = np.random.default_rng(batch)
+    x, dy = rng.standard_normal((batch, 7)), rng.standard_normal((batch, 5))
+    dw = layers.weight_gradient(jnp.asarray(x), jnp.asarray(dy))
+    assert dw.shape == (7, 5)
+    assert gradcheck.relative_error(dw, x.T @ dy) <= F64
