@@ -54,7 +54,10 @@ the PyTorch families are skipped with a note. When JAX runs on a GPU and the ins
 sees CUDA, the PyTorch references run there too (cuDNN for nn.LSTM/nn.GRU), each timed call
 ending in torch.cuda.synchronize(); rows record `torch_device`. Threads: XLA's and PyTorch's
 intra-op pools are both left at the machine's core count, and recorded
-(training.benchmark.thread_settings).
+(training.benchmark.thread_settings). Memory: glibc's malloc as it comes, unless
+--reuse-memory (`training.benchmark.reuse_freed_memory`, for both sides): by default every
+call of a step whose temporaries exceed 32 MB (the LSTM's 61 MB, the GRUs' 47.5 MB)
+page-faults them in afresh, about 15% of those steps; nn.LSTM paid as much.
 
 Writes results.json ({"benchmarks": [{"family", "name", "variant", "median_s", "p10_s",
 "p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the DESIGN.md keys),
@@ -112,6 +115,10 @@ class Config:
                                  "= the core count, 1 = no such rows. Takes effect only "
                                  "before JAX starts (a process whose JAX has started keeps "
                                  "its devices; results.json records them)", ge=0)
+    reuse_memory: bool = option(False, "keep freed memory for reuse (glibc malloc, both "
+                                       "sides: training.benchmark.reuse_freed_memory): no "
+                                       "page faults for steps with over 32 MB of "
+                                       "temporaries")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -934,6 +941,8 @@ def write_benchmarks(workdir, config, rows, seconds, torch) -> None:
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     request_cpu_devices(config.cpu_devices)
+    if config.reuse_memory and not benchmark.reuse_freed_memory():
+        announce("--reuse-memory: this malloc is not glibc's; left as it is")
     if config.quick:
         config = dataclasses.replace(config, repeats=10, recipe_passes=1)
     run = open_run(EXPERIMENT, config, args, compilation_cache=False)  # compile_s: cold

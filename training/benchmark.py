@@ -15,6 +15,16 @@ sample is their mean: one LeNet-1989 example's step (about 0.1 ms) otherwise gav
 manual/autodiff ratios from 0.83 to 1.22 across runs of the same code, most of a single
 call's time being the scheduler's jitter. Results are `Measurement`s, written as the
 `benchmarks` rows of experiments/bench.py.
+
+`reuse_freed_memory()` keeps glibc's malloc from handing large blocks back to the system:
+XLA:CPU allocates each call's temporaries as one block, and glibc serves a block over 32 MB
+by a fresh mmap, so every call of a step with more temporaries than that page-faults all of
+them in again. The scan LSTM of `make bench` (61 MB of temporaries, batch 64, T 100, hidden
+256) took 14,908 page faults a step and 88.1 ms; after the call, 6 faults and 73.8-75.2 ms
+(reset-after GRU, 47.5 MB: 80.3 against 67.8-67.9 ms; LeNet-5's 11.3 MB step 7.66 against
+7.28-7.30 ms; 2-core CPU, 2026-12-05, separate processes). PyTorch allocates through the same
+malloc, and its `nn.LSTM` step gained as much (63.7 against 53.4 ms), so the setting is one
+of the process, recorded with every run (`thread_settings`) and off by default.
 """
 from __future__ import annotations
 
@@ -28,9 +38,13 @@ import jax
 import numpy as np
 
 __all__ = ["Measurement", "MIN_SAMPLE_S", "compile_jitted", "time_calls", "time_chained",
-           "compare", "thread_settings"]
+           "compare", "thread_settings", "reuse_freed_memory"]
 
 MIN_SAMPLE_S = 2e-3
+
+# mallopt(3) parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_REUSE = {"applied": False}
 
 
 @dataclasses.dataclass
@@ -127,10 +141,31 @@ def compare(a: Callable, a_args: tuple, b: Callable, b_args: tuple, repeats: int
             Measurement.from_samples(samples_b, calls_per_sample=calls_b))
 
 
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse in this process (module docstring):
+    blocks up to 1 GiB come from the heap instead of their own mmap, and the heap is not
+    trimmed. True where it took effect; False where malloc is not glibc's (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _REUSE["applied"] = _REUSE["applied"] or applied
+    return applied
+
+
 def thread_settings() -> dict:
-    """The thread counts both sides run with (recorded with every benchmark run)."""
+    """The thread counts and allocator settings both sides run with (recorded with every
+    benchmark run): `reuse_freed_memory` applied or not, and any MALLOC_* variables."""
     settings = {"cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "reuse_freed_memory": _REUSE["applied"],
+                "malloc_environment": {name: value for name, value in os.environ.items()
+                                       if name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
     try:
         import torch
 
