@@ -40,6 +40,8 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 nn.LSTM / nn.GRU holding the same weights (`recurrent.to_pytorch`; target
                 <= 1.0): the same function, checked before timing (loss and every gradient
                 within float32's 1e-5, recorded as torch_loss_rel_err, torch_grad_rel_err).
+                On a CPU also the scan LSTM against nn.LSTM with PyTorch's oneDNN backend off
+                (its own LSTM kernels; no target): nn.LSTM runs oneDNN's fused LSTM there.
   On a CPU with several cores, lenet5_torch and rnn also time the same SGD step data-parallel
   over one JAX CPU device per core (`--cpu-devices`; `training.parallel.data_parallel`, form
   "shard_map": each device computes the gradient of its share of the batch on its own core,
@@ -72,6 +74,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -823,9 +826,13 @@ def family_rnn(config, key, torch):
         loss, parameters = torch_rnn(torch, cell, args[0])
         torch_args = tuple(torch.tensor(np.asarray(a), device=torch_device(torch))
                            for a in args[1:])
-        agreement = torch_agreement(
-            torch, f"rnn/{kind}", functools.partial(nets.manual(models[kind], mse), *args),
+        check = functools.partial(
+            torch_agreement, torch, f"rnn/{kind}",
+            functools.partial(nets.manual(models[kind], mse), *args),
             functools.partial(rnn_torch_gradients, cell), loss, parameters, torch_args)
+        agreement = check()
+        native = kind == "lstm" and torch_device(torch) == "cpu"
+        native_agreement = without_onednn(torch, check)() if native else None  # before any step
         torch_step = torch_sgd_step(torch, loss, parameters)
         ours, theirs = benchmark.compare(ours_fn, args, torch_step, torch_args, config.repeats)
         ours.compile_s = compile_s
@@ -839,6 +846,36 @@ def family_rnn(config, key, torch):
         yield from data_parallel_rows(
             "rnn", f"torch/{kind}/{shape}", models[kind], mse, args,
             (module, torch_step, torch_args, f"jax/{module}"), config.repeats)
+        if native:
+            yield from native_lstm_rows(torch, shape, ours_fn, args, native_agreement,
+                                        torch_step, torch_args, config.repeats)
+
+
+def without_onednn(torch, function):
+    """`function` run with PyTorch's oneDNN (mkldnn) backend off."""
+    def run(*args):
+        with warnings.catch_warnings():  # the flags' note on TF32 for Intel GPUs
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.backends.mkldnn.flags(enabled=False):
+                return function(*args)
+
+    return run
+
+
+def native_lstm_rows(torch, shape, ours_fn, args, checked, torch_step, torch_args, repeats):
+    """Our scan LSTM against nn.LSTM with oneDNN off (no target): on a CPU nn.LSTM runs
+    oneDNN's fused LSTM (`aten::mkldnn_rnn_layer` and its backward in PyTorch's profiler),
+    and without it PyTorch's own LSTM kernels (63.0 against 82.9 ms a step, 2026-12-05); the
+    GRU has no oneDNN path (66.6 and 65.6 ms). `checked`: the agreement of the two without
+    oneDNN, taken with the first check, before any step moved the parameters."""
+    ours, theirs = benchmark.compare(ours_fn, args, without_onednn(torch, torch_step),
+                                     torch_args, repeats)
+    name = f"torch_native/lstm/{shape}"
+    yield row("rnn", name, "jax_manual_scan", ours, ours.median_s / theirs.median_s,
+              "jax/torch_nn_lstm_without_onednn", torch_loss_rel_err=checked["loss"],
+              torch_grad_rel_err=checked["gradients"])
+    yield row("rnn", name, "torch_nn_lstm_without_onednn", theirs,
+              torch_device=torch_device(torch))
 
 
 # --- family: device scaling ----------------------------------------------------------------
