@@ -81,3 +81,26 @@ def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(gradcheck, "CASES", [broken])
     assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "3"]) == 1
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
+
+
+def test_xla_profile_lists_the_steps_operations_with_their_source(tmp_path):
+    """`experiments.xla_profile` in its own process (the trace flag must precede JAX): the
+    LSTM step's thunks are instructions of the compiled program, the scan's per-step ones are
+    called once a step, and together they account for the step's time."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "experiments.xla_profile", "--workdir", str(tmp_path),
+                    "--model", "lstm", "--size", "smallest", "--repeats", "3"],
+                   check=True, capture_output=True)
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = document["thunks"]
+    steps = 5  # bench.SMALLEST's LSTM runs 5 steps
+    assert any(r["op_name"].endswith("dot_general") and r["calls_per_step"] == steps
+               for r in rows)
+    assert all(r["ms_per_step"] > 0 and r["shape"] for r in rows)
+    assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows),
+                                                      reverse=True)
+    assert 0.2 < document["metrics"]["matched_share"] < 3
+    assert (tmp_path / "results.md").read_text().startswith("lstm_h8_t5/b4: step ")
+    assert (tmp_path / "xla_profile.png").stat().st_size > 5_000
