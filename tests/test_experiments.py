@@ -104,3 +104,30 @@ def test_xla_profile_lists_the_steps_operations_with_their_source(tmp_path):
     assert 0.2 < document["metrics"]["matched_share"] < 3
     assert (tmp_path / "results.md").read_text().startswith("lstm_h8_t5/b4: step ")
     assert (tmp_path / "xla_profile.png").stat().st_size > 5_000
+
+
+def test_xla_profile_reads_instructions_and_sums_their_events():
+    """The compiled-program parser and the per-step sums, on a hand-written program text and
+    trace: names, shapes, kinds and JAX operations; events of other names (the runtime's)
+    ignored; durations in microseconds averaged over the steps."""
+    from experiments import xla_profile
+
+    text = """
+  %ynn_fusion.2 = f32[64,256]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, metadata={op_name="jit(step)/while/body/dot_general" stack_frame_id=1}, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %wrapped_add.3 = f32[288,1024]{1,0} fusion(%d, %e), kind=kLoop, calls=%f, metadata={op_name="jit(step)/add"}
+  %constant.4 = f32[] constant(0)
+"""
+    table = xla_profile.instructions(text)
+    assert table["ynn_fusion.2"] == {"opcode": "fusion", "kind": "__ynn_fusion",
+                                     "shape": "f32[64,256]",
+                                     "op_name": "jit(step)/while/body/dot_general"}
+    assert table["wrapped_add.3"]["kind"] == "kLoop"
+    assert table["constant.4"] == {"opcode": "constant", "kind": "constant", "shape": "f32[]",
+                                   "op_name": ""}
+    events = [{"name": "ynn_fusion.2", "dur": 100.0}, {"name": "ynn_fusion.2", "dur": 300.0},
+              {"name": "wrapped_add.3", "dur": 50.0}, {"name": "ThunkExecutor::Execute",
+                                                        "dur": 9000.0}]
+    rows = xla_profile.thunk_rows(events, table, steps=2, step_s=1e-3)
+    assert [(r["name"], r["calls_per_step"], r["ms_per_step"]) for r in rows] == [
+        ("ynn_fusion.2", 1.0, 0.2), ("wrapped_add.3", 0.5, 0.025)]
+    assert rows[0]["share"] == pytest.approx(0.2)
