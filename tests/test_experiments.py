@@ -112,11 +112,13 @@ def test_xla_profile_reads_instructions_and_sums_their_events():
     ignored; durations in microseconds averaged over the steps."""
     from experiments import xla_profile
 
-    text = """
-  %ynn_fusion.2 = f32[64,256]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, metadata={op_name="jit(step)/while/body/dot_general" stack_frame_id=1}, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
-  ROOT %wrapped_add.3 = f32[288,1024]{1,0} fusion(%d, %e), kind=kLoop, calls=%f, metadata={op_name="jit(step)/add"}
-  %constant.4 = f32[] constant(0)
-"""
+    text = "\n".join([
+        '  %ynn_fusion.2 = f32[64,256]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, '
+        'metadata={op_name="jit(step)/while/body/dot_general" stack_frame_id=1}, '
+        'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}',
+        '  ROOT %wrapped_add.3 = f32[288,1024]{1,0} fusion(%d, %e), kind=kLoop, calls=%f, '
+        'metadata={op_name="jit(step)/add"}',
+        "  %constant.4 = f32[] constant(0)"])
     table = xla_profile.instructions(text)
     assert table["ynn_fusion.2"] == {"opcode": "fusion", "kind": "__ynn_fusion",
                                      "shape": "f32[64,256]",
