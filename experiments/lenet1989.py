@@ -114,8 +114,10 @@ class Config:
                                       "as the paper's text reads (fan_in)",
                        choices=tuple(FAN_IN_EXPONENT))
     order: str = option("constant", "1989 variant: the patterns in a constant order (the "
-                                    "paper), or a new permutation every pass (shuffled)",
-                        choices=("constant", "shuffled"))
+                                    "paper): the file's (constant) or one permutation drawn "
+                                    "from the seed and kept for every pass (permuted); or a "
+                                    "new permutation every pass (shuffled)",
+                        choices=("constant", "permuted", "shuffled"))
     batch_size: int = option(32, "modern variant: mini-batch size", ge=1)
     weight_decay: float = option(1e-4, "modern variant: AdamW weight decay", ge=0)
     max_shift: int = option(1, "modern variant: random shifts of up to this many pixels", ge=0)
@@ -158,7 +160,8 @@ def resolve(config):
 
 def load(config):
     """{"train": (x, t), "test": (x, t)}, and "held_out": (x, t) with --held-out N (the last N
-    of the training digits, taken out of "train"): x (n, 16, 16, 1) in [-1, 1], t (n, 10)."""
+    of the training digits, taken out of "train"): x (n, 16, 16, 1) in [-1, 1], t (n, 10).
+    With --order permuted the training digits come in one order drawn from the seed."""
     splits = {}
     for split, limit in (("train", config.train_examples), ("test", config.test_examples)):
         images, labels = data.load_usps(split)
@@ -175,6 +178,10 @@ def load(config):
                 *splits["train"], config.held_out, "training digits")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    if config.order == "permuted":
+        x, t = splits["train"]
+        order = jax.random.permutation(jax.random.key(config.seed + 2), x.shape[0])
+        splits["train"] = (x[order], t[order])
     return splits
 
 

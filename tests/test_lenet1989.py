@@ -192,3 +192,26 @@ def test_shuffled_order_presents_a_new_permutation_each_pass_from_the_seed(tmp_p
     shuffled, again = run("shuffled", "--order", "shuffled"), run("again", "--order", "shuffled")
     assert shuffled["train_loss"] == again["train_loss"]
     assert abs(shuffled["train_loss"] - constant["train_loss"]) > 1e-6
+
+
+def test_permuted_order_is_one_permutation_of_the_training_digits_from_the_seed():
+    """--order permuted: the training digits (after --held-out takes the file's last ones)
+    come in one order drawn from the seed, kept for every pass; the same digits with their
+    own targets, the test and held-out digits in the file's order."""
+    def splits(**options):
+        return lenet1989.load(lenet1989.Config(train_examples=60, test_examples=5, held_out=10,
+                                               **options))
+
+    constant = splits()
+    permuted, again, other = (splits(order="permuted", seed=s) for s in (0, 0, 1))
+    x, t = (np.asarray(a) for a in constant["train"])
+    px, pt = (np.asarray(a) for a in permuted["train"])
+    rows = {row.tobytes(): target.tobytes() for row, target in zip(x, t)}
+    assert len(rows) == 50
+    assert {row.tobytes(): target.tobytes() for row, target in zip(px, pt)} == rows
+    assert not np.array_equal(px, x)
+    np.testing.assert_array_equal(np.asarray(again["train"][0]), px)
+    assert not np.array_equal(np.asarray(other["train"][0]), px)
+    for split in ("test", "held_out"):
+        np.testing.assert_array_equal(np.asarray(permuted[split][0]),
+                                      np.asarray(constant[split][0]))
