@@ -15,8 +15,12 @@ them by the sweep's own names, e.g. test_misses) "mean ± sd [min, max]" over it
 compare.png shows each sweep's seeds and their mean +- sd, one panel per metric;
 results.json adds "sweeps", one record per sweep, and where the sweeps count their runs'
 misclassified test examples (lenet1989, lenet5), "missed_by_every_run": the examples every
-seed of every sweep gets wrong. E.g. several settings of LeNet-1989 on
-held-out digits, one sweep each:
+seed of every sweep gets wrong. A second table sets every later sweep against the first,
+metric by metric (results.json "differences"): the difference of the means with its standard
+error sqrt(sd_a^2/n_a + sd_b^2/n_b), and, over the seeds both sweeps ran, the mean of the
+per-seed differences with its standard error sd_d/sqrt(n) (a seed starts both runs from the
+same weights, so pairing them removes what the seed alone decides, where it decides much).
+E.g. several settings of LeNet-1989 on held-out digits, one sweep each:
 
     python -m experiments.compare runs/seeds/lenet1989/* --metrics held_out_misses,test_misses
 """
@@ -105,6 +109,49 @@ def sweep_records(documents: list[dict], labels: list[str], names: list[str]) ->
             for label, d in zip(labels, documents)]
 
 
+def per_seed(document: dict, name: str) -> dict[int, float]:
+    """{seed: the metric's value} of one sweep, from its history (one record per seed)."""
+    return {record["seed"]: record[name] for record in document.get("history", [])
+            if name in record}
+
+
+def differences(documents: list[dict], labels: list[str], names: list[str]) -> list[dict]:
+    """Each later sweep against the first, per metric: the difference of the means (later -
+    first) with its standard error sqrt(sd_a^2/n_a + sd_b^2/n_b), and over the seeds both
+    ran (two at least) the mean per-seed difference with its standard error sd_d/sqrt(n),
+    sd with n - 1 in the denominator; None where there are too few seeds for an error."""
+    rows = []
+    first = documents[0]
+    for label, document in zip(labels[1:], documents[1:]):
+        for name in names:
+            a, b = first["metrics"][name], document["metrics"][name]
+            unpaired = (np.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+                        if min(a["n"], b["n"]) > 1 else None)
+            seeds_a, seeds_b = per_seed(first, name), per_seed(document, name)
+            shared = sorted(set(seeds_a) & set(seeds_b))
+            paired = np.array([seeds_b[seed] - seeds_a[seed] for seed in shared])
+            rows.append({
+                "label": label, "against": labels[0], "metric": name,
+                "difference": b["mean"] - a["mean"], "se": unpaired,
+                "shared_seeds": len(shared),
+                "paired_difference": float(paired.mean()) if len(shared) > 1 else None,
+                "paired_se": (float(paired.std(ddof=1) / np.sqrt(len(shared)))
+                              if len(shared) > 1 else None)})
+    return rows
+
+
+def difference_table(rows: list[dict]) -> str:
+    def plus_minus(value, error):
+        return "-" if value is None else (f"{value:+.4g}" if error is None
+                                          else f"{value:+.4g} ± {error:.3g}")
+
+    shown = [{"sweep": r["label"], "metric": r["metric"],
+              f"mean - {r['against']}'s": plus_minus(r["difference"], r["se"]),
+              "paired, shared seeds": plus_minus(r["paired_difference"], r["paired_se"]),
+              "shared seeds": r["shared_seeds"]} for r in rows]
+    return results.markdown_table(shown, ["sweep", "metric", *list(shown[0])[2:]])
+
+
 def always_missed(documents: list[dict]) -> list[int] | None:
     """The test examples every seed of every sweep misclassifies (the sweeps'
     "misclassified" counts, experiments.seeds), in order; None unless every sweep has them."""
@@ -162,11 +209,12 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     requested = [m for m in args.metrics.split(",") if m]
-    sweeps = missed = None
+    sweeps = missed = against_first = None
     if all(is_sweep(document) for document in documents):
         names = sweep_metrics(documents, requested)
         sweeps = sweep_records(documents, labels, names)
         missed = always_missed(documents)
+        against_first = differences(documents, labels, names)
         requested = [f"{name}.{stat}" for name in names for stat in SWEEP_STATS]
     flat = [flatten(document.get("metrics", {})) for document in documents]
     wanted = requested or sorted(set().union(*flat))
@@ -189,12 +237,16 @@ def main(argv=None) -> int:
     summary = {"runs": [str(d) for d in args.runs], "labels": labels,
                "experiments": [document.get("experiment") for document in documents],
                "metrics": table, "curves": curves,
-               **({"sweeps": sweeps} if sweeps is not None else {}),
+               **({"sweeps": sweeps, "differences": against_first} if sweeps is not None
+                  else {}),
                **({"missed_by_every_run": missed} if sweeps is not None and missed is not None
                   else {})}
     (workdir / "results.json").write_text(json.dumps(results.to_jsonable(summary), indent=2))
     if sweeps is not None:
         text = sweep_table(sweeps)
+        if against_first:
+            text += ("\nAgainst the first sweep (± one standard error; the paired column over "
+                     "the seeds both ran):\n\n" + difference_table(against_first))
         if missed is not None:
             text += (f"\n{len(missed)} test examples are misclassified by every seed of every "
                      f"sweep (results.json \"missed_by_every_run\")\n")

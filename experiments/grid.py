@@ -15,8 +15,9 @@ continues an interrupted grid (finished runs do no work).
 Writes into DIR (default runs/grid/<experiment>/<UTC timestamp>/): the sweeps; compare/, the
 output of `experiments.compare` (compare.png: each setting's seeds and their mean +- sd);
 results.json (DESIGN.md keys: "metrics" {setting_K: {metric: {n, mean, sd, min, max}}},
-"history" one record per setting with its options; and "missed_by_every_run" where the runs
-list their misclassified test examples) and results.md, the table.
+"history" one record per setting with its options; "differences", each later setting against
+the first with standard errors, unpaired and paired by seed; and "missed_by_every_run" where
+the runs list their misclassified test examples) and results.md, the tables.
 
 `make lenet1989-held-out` is the README's table of 16 settings of LeNet-1989 at seeds 0-4 on
 1,000 held-out training digits ("Choosing the 1989 settings without the test set").
@@ -102,8 +103,9 @@ def main(argv=None):
                   *(["--metrics", ",".join(config.metrics)] if config.metrics else [])])
     compared = results.read_results(comparison)
     sweeps = compared["sweeps"]
-    extra = ({"missed_by_every_run": compared["missed_by_every_run"]}
-             if "missed_by_every_run" in compared else {})
+    extra = {"differences": compared["differences"],
+             **({"missed_by_every_run": compared["missed_by_every_run"]}
+                if "missed_by_every_run" in compared else {})}
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config),
                           {sweep["label"]: sweep["metrics"] for sweep in sweeps}, sweeps,
                           {"run": time.perf_counter() - start}, **extra)

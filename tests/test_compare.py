@@ -101,3 +101,31 @@ def test_examples_every_seed_of_every_sweep_misses():
     second = sweep([0, 5], {12: 2, 9: 2, 4: 2, 11: 1})
     assert compare.always_missed([first, second]) == [4, 9]
     assert compare.always_missed([first, {"experiment": "seeds"}]) is None
+
+
+def test_sweeps_against_the_first_with_standard_errors(tmp_path, capsys):
+    """Two sweeps written by hand, seeds 0-2 and 1-3: the difference of the means with its
+    unpaired standard error, and the paired one over seeds 1 and 2, each against numbers
+    computed by hand."""
+    def write_sweep(name, values):
+        history = [{"seed": seed, "misses": float(v)} for seed, v in values.items()]
+        stats = seeds.summary(list(values.values()))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "experiment": "seeds", "config": {"seeds": list(values)},
+            "metrics": {"misses": stats}, "history": history}))
+
+    write_sweep("a", {0: 100, 1: 104, 2: 108})  # mean 104, sd 4
+    write_sweep("b", {1: 101, 2: 107, 3: 110})  # mean 106, sd sqrt(21)
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                         "--workdir", str(tmp_path / "cmp")]) == 0
+    [row] = json.loads((tmp_path / "cmp" / "results.json").read_text())["differences"]
+    assert row["label"] == "b" and row["against"] == "a" and row["metric"] == "misses"
+    assert row["difference"] == pytest.approx(2.0, rel=1e-12)
+    assert row["se"] == pytest.approx((16 / 3 + 21 / 3) ** 0.5, rel=1e-12)
+    # Seeds 1 and 2 differ by -3 and -1: mean -2, sd sqrt(2), standard error 1.
+    assert row["shared_seeds"] == 2
+    assert row["paired_difference"] == pytest.approx(-2.0, rel=1e-12)
+    assert row["paired_se"] == pytest.approx(1.0, rel=1e-12)
+    printed = capsys.readouterr().out
+    assert "| b | misses | +2 ± 3.51 | -2 ± 1 | 2 |" in printed

@@ -27,7 +27,9 @@ def test_a_grid_is_one_sweep_per_setting_and_one_row_each(tmp_path):
         assert stats["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
         assert (stats["min"], stats["max"]) == (min(values), max(values))
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| setting_") == 2 and "--steps 40" in table
+    rows, against_first = table.split("Against the first sweep")
+    assert rows.count("| setting_") == 2 and "--steps 40" in rows
+    assert against_first.count("| setting_1 | test_accuracy |") == 1
     document = json.loads((tmp_path / "results.json").read_text())
     assert {"experiment", "config", "environment", "metrics", "history", "seconds"} <= set(
         document)
@@ -35,6 +37,11 @@ def test_a_grid_is_one_sweep_per_setting_and_one_row_each(tmp_path):
     assert document["config"]["experiment_options"] == COMMON
     assert document["metrics"]["setting_1"] == sweeps[1]["metrics"]
     assert document["history"] == sweeps
+    [difference] = document["differences"]
+    assert difference["difference"] == pytest.approx(
+        sweeps[1]["metrics"]["test_accuracy"]["mean"]
+        - sweeps[0]["metrics"]["test_accuracy"]["mean"], rel=1e-12, abs=1e-15)
+    assert difference["shared_seeds"] == 2
     assert (tmp_path / "compare" / "compare.png").stat().st_size > 10_000
 
 
