@@ -148,12 +148,8 @@ def softmax_cross_entropy() -> Loss:
         return -jnp.sum(y * jax.nn.log_softmax(z, axis=-1)) / z.shape[0]
 
     def grad(z, y):
-        # sum(y) / sum(e) as one expression: XLA then makes it one fusion, as in jax.grad's
-        # program, rather than two (softmax's division and the row mass each alone).
-        e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-        mass_over_partition = jnp.sum(y, axis=-1, keepdims=True) / jnp.sum(e, axis=-1,
-                                                                             keepdims=True)
-        return (e * mass_over_partition - y) / z.shape[0]
+        row_mass = jnp.sum(y, axis=-1, keepdims=True)
+        return (jax.nn.softmax(z, axis=-1) * row_mass - y) / z.shape[0]
 
     def curvature(z, y):
         p = jax.nn.softmax(z, axis=-1)
