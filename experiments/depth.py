@@ -1,7 +1,8 @@
 """Representability against learnability: test error against training-set size, per depth.
 
     python -m experiments.depth [--workdir DIR] [--depths 1,2,4,8] [--sizes 100,300,900,2400,7200]
-        [--width 64] [--activation sigmoid] [--residual] [--updates 2000] [--seeds 3]
+        [--width 64] [--activation sigmoid] [--residual] [--batch-norm] [--updates 2000]
+        [--seeds 3]
 
 The lecture's trade-off in architecture design: a deeper net can represent more functions with
 the same units per layer, but it is harder to learn, from few examples and by gradient descent.
@@ -60,6 +61,15 @@ The identity paths carry the gradient past the sigmoids: eight residual layers t
 train error at 7,200 examples against 22%) and are the best depth at 7,200 examples (6.9% test
 error, against 7.6% for the best plain net), and with few examples depth no longer costs much
 (100 examples: 22.4% at eight layers against 56.2%).
+
+`--batch-norm` puts a `nets.BatchNorm` between every hidden Dense and its sigmoid (normalised
+with each batch's own statistics, when measuring too: the 2,007 test digits with theirs). It
+also makes eight layers trainable (2026-12-05, 88 s: train error 0-0.27% at every size) and
+the best depth at 7,200 examples (6.3% test error; 1, 2, 4, 8 layers 8.2, 7.1, 6.7, 6.3%), but
+it generalises worse from few examples at every depth (100 examples: 35.7, 34.0, 32.5, 30.1%,
+against 22.0% for one plain layer). That is not the test digits' own statistics: normalised
+with the training subset's instead (one hidden layer, seeds 0-2, a script), the mean test
+error at 100 examples was the same 36.1%.
 """
 from __future__ import annotations
 
@@ -91,6 +101,8 @@ class Config:
     activation: str = option("sigmoid", "hidden activation", choices=("sigmoid", "tanh", "relu"))
     residual: bool = option(False, "hidden layers 2, 3, ... as residual blocks h + act(h W + b) "
                             "(the same parameters, identity paths added)")
+    batch_norm: bool = option(False, "BatchNorm between every hidden Dense and its activation "
+                              "(batch statistics, also when measuring)")
     updates: int = option(2000, "mini-batch updates per run, whatever the size", ge=1)
     batch_size: int = option(64, "mini-batch size (the whole set when it is smaller)", ge=1)
     lr: float = option(1e-3, "Adam learning rate", gt=0)
@@ -138,7 +150,7 @@ def main(argv=None):
     for depth in config.depths:
         model = nets.build_mlp(x_train.shape[1], 10, hidden_layers=depth,
                                hidden_units=config.width, activation=config.activation,
-                               residual=config.residual)
+                               residual=config.residual, batch_norm=config.batch_norm)
         keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), depth),
                                 len(config.sizes) * config.seeds)
         params = init_params(model, keys, x_train.shape[1])
@@ -183,11 +195,18 @@ def main(argv=None):
              for depth in config.depths}}
         for name in ("test_error", "train_error")],
         title=f"USPS, {config.width}-unit {config.activation} layers"
-              f"{' (residual)' if config.residual else ''}, {config.updates} updates: error "
+              f"{variant(config)}, {config.updates} updates: error "
               "against training-set size")
     results.save_and_print_table(run.workdir, render(config, finals, metrics_out, seconds,
                                                      run.workdir))
     return metrics_out
+
+
+def variant(config):
+    """' (residual, batch norm)', ' (residual)', ... or '' for the plain nets."""
+    parts = [part for part, on in (("residual", config.residual),
+                                   ("batch norm", config.batch_norm)) if on]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def render(config, finals, metrics_out, seconds, workdir):
@@ -199,7 +218,7 @@ def render(config, finals, metrics_out, seconds, workdir):
     return "\n".join([
         f"## USPS test error (mean of {config.seeds} seeds) after {config.updates} updates, "
         f"{config.width}-unit {config.activation} hidden layers"
-        f"{' (residual)' if config.residual else ''}",
+        f"{variant(config)}",
         results.markdown_table(table),
         "## Training error",
         results.markdown_table(train),

@@ -58,7 +58,7 @@ from nets.models import (
     lenet1989,
     lenet1989_modern,
 )
-from nets.normalization import LayerNorm
+from nets.normalization import BatchNorm, LayerNorm, batch_coupled_layers
 from nets.pooling import (
     AvgPool,
     Dropout,
@@ -135,6 +135,8 @@ __all__ = [
     "dropout_after",
     "normalization",
     "LayerNorm",
+    "BatchNorm",
+    "batch_coupled_layers",
     "accounting",
     "models",
     "ModelCount",

@@ -252,7 +252,8 @@ def _recurrent(layer, input_shape, output_shape, params):
 
 RULES: dict[str, Rule] = {"Dense": _dense, "Embedding": _embedding, "Conv2D": _conv2d,
                           "Subsampling": _subsampling, "rnn": _recurrent,
-                          "LayerNorm": _parameters_only, "PositionalEmbedding": _parameters_only,
+                          "LayerNorm": _parameters_only, "BatchNorm": _parameters_only,
+                          "PositionalEmbedding": _parameters_only,
                           "SelfAttention": _self_attention, "EuclideanRBF": _euclidean_rbf}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from nets import initializers
 from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
 from nets.layers import residual as residual_block
-from nets.normalization import LayerNorm
+from nets.normalization import BatchNorm, LayerNorm
 
 __all__ = ["ACTIVATIONS", "mlp", "residual_mlp", "step0_hidden_units"]
 
@@ -33,6 +33,7 @@ def mlp(
     output_activation: str = "identity",
     w_init: initializers.Initializer | None = None,
     residual: bool = False,
+    batch_norm: bool = False,
 ) -> Layer:
     """An MLP: `hidden_layers` x (Dense -> activation), then Dense -> output_activation.
 
@@ -44,6 +45,9 @@ def mlp(
     residual=True makes hidden layers 2, 3, ... residual blocks, h_l = h_(l-1) +
     act(h_(l-1) W_l + b_l) (`nets.layers.residual`, named block2, block3, ...), with the same
     parameters as the plain net: only the identity paths are added.
+    batch_norm=True puts a `BatchNorm` (named norm1, norm2, ...) between each hidden Dense and
+    its activation, where Ioffe and Szegedy (2015) put it: act(BN(h W + b)) (b is then
+    redundant, kept so that the parameters are the plain net's plus g and b per norm).
     """
     for argument, value in (("input_dim", input_dim), ("num_classes", num_classes)):
         if value < 1:
@@ -58,6 +62,7 @@ def mlp(
     layers = []
     for index in range(1, hidden_layers + 1):
         hidden = [Dense(width, name=f"hidden{index}", **dense_kwargs),
+                  *([BatchNorm(width, name=f"norm{index}")] if batch_norm else []),
                   ACTIVATIONS[activation](name=f"act{index}")]
         if residual and index > 1:
             hidden = [residual_block(serial(*hidden, name=f"block{index}_layers"),
@@ -65,7 +70,7 @@ def mlp(
         layers += hidden
     layers.append(Dense(num_classes, name="output", **dense_kwargs))
     layers.append(ACTIVATIONS[output_activation](name="output_act"))
-    suffix = "_residual" if residual else ""
+    suffix = ("_residual" if residual else "") + ("_batchnorm" if batch_norm else "")
     return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}{suffix}")
 
 

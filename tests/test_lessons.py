@@ -145,13 +145,15 @@ def test_memory_time_measures_in_a_fresh_process():
     assert row["train_accuracy"] == 1.0  # 1-NN recalls its own training set
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_depth(tmp_path, residual):
+@pytest.mark.parametrize("variant", ["plain", "residual", "batch-norm"])
+def test_depth(tmp_path, variant):
     metrics = depth.main(["--workdir", str(tmp_path), "--depths", "1,3", "--sizes", "30,60",
                           "--width", "8", "--updates", "20", "--seeds", "2", "--records", "2",
-                          "--test-examples", "100", *(["--residual"] if residual else [])])
+                          "--test-examples", "100", *([] if variant == "plain" else
+                                                      [f"--{variant}"])])
     document = read_results(tmp_path, "depth")
-    assert document["config"]["residual"] is residual
+    assert document["config"]["residual"] is (variant == "residual")
+    assert document["config"]["batch_norm"] is (variant == "batch-norm")
     assert set(metrics["test_error"]) == {"1", "3"}  # one curve per depth
     assert all(set(curve) == {"30", "60"} for curve in metrics["test_error"].values())
     assert all(0 <= e <= 1 for curve in metrics["test_error"].values() for e in curve.values())

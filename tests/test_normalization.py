@@ -1,33 +1,47 @@
-"""LayerNorm: backward against jax.vjp, invariances, curvature against jax's Jacobian,
-accounting and errors."""
+"""LayerNorm and BatchNorm: backward against jax.vjp, invariances, curvature against jax's
+Jacobian, accounting and errors."""
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import nets
 from nets import engines, gradcheck, layers, losses
-from nets.normalization import LayerNorm
+from nets.normalization import BatchNorm, LayerNorm
 from tests.helpers import assert_close_tree, backward_and_vjp
 
 
+def random_norm(builder, shape, dtype, seed=0, eps=1e-5):
+    """A LayerNorm or BatchNorm (builder) of shape[-1] features with g, b away from 1, 0; x
+    scaled and shifted."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = {"g": 1 + 0.5 * jax.random.normal(keys[0], (shape[-1],), dtype),
+              "b": jax.random.normal(keys[1], (shape[-1],), dtype)}
+    x = 3 + 2 * jax.random.normal(keys[2], shape, dtype)
+    return builder(shape[-1], eps=eps), params, x
+
+
 def random_layer_norm(shape, dtype, seed=0, eps=1e-5):
-    """A LayerNorm over shape's last axis with g, b away from 1, 0; x scaled and shifted."""
-    keys = jax.random.split(jax.random.key(seed), 4)
-    layer = LayerNorm(shape[-1], eps=eps)
-    _, params = layer.init(keys[0], (-1, *shape[1:]))
-    params = {"g": 1 + 0.5 * jax.random.normal(keys[1], (shape[-1],), dtype),
-              "b": jax.random.normal(keys[2], (shape[-1],), dtype)}
-    x = 3 + 2 * jax.random.normal(keys[3], shape, dtype)
-    return layer, params, x
+    return random_norm(LayerNorm, shape, dtype, seed, eps)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 3), (7, 16), (2, 4, 4, 6), (3, 5, 7)])
-def test_backward_matches_vjp(shape, dtype):
-    layer, params, x = random_layer_norm(shape, dtype)
+def random_batch_norm(shape, dtype, seed=0, eps=1e-5):
+    return random_norm(BatchNorm, shape, dtype, seed, eps)
+
+
+# BatchNorm has no group of 2 values here: there dx vanishes as eps -> 0
+# (test_batch_norm_hand_computed_column), and its relative error would measure the rounding of
+# that cancellation, not the backward pass.
+@pytest.mark.parametrize("builder, shape", [
+    *((LayerNorm, shape) for shape in [(1, 1), (4, 3), (7, 16), (2, 4, 4, 6), (3, 5, 7)]),
+    *((BatchNorm, shape) for shape in [(3, 1), (4, 3), (7, 16), (1, 3, 1, 2), (2, 4, 4, 6),
+                                       (3, 5, 7)])])
+def test_backward_matches_vjp(builder, shape, dtype):
+    layer, params, x = random_norm(builder, shape, dtype)
     dy = jax.random.normal(jax.random.key(9), shape, dtype)
     manual, reference = backward_and_vjp(layer, params, x, dy)
-    assert_close_tree(manual, reference, dtype, f"LayerNorm{shape}")
+    assert_close_tree(manual, reference, dtype, f"{layer.name}{shape}")
 
 
 def test_rows_are_normalised_and_dx_is_blind_to_shift_and_scale():
@@ -74,19 +88,35 @@ def test_curvature_of_x_is_the_squared_jacobian_against_d2y(shape):
     assert_close_tree(d2x.reshape(-1, shape[-1]), expected, jnp.float64, "d2x")
 
 
-def test_curvature_of_g_and_b_is_the_exact_gauss_newton_diagonal_at_the_outputs():
-    """LayerNorm as the last layer: g_j and b_j reach output j alone, so the backpropagated
-    diagonal equals jax's exact Gauss-Newton diagonal."""
-    model = layers.serial(layers.Dense(5, name="dense"), LayerNorm(5, name="norm"))
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_curvature_of_g_and_b_is_the_exact_gauss_newton_diagonal_at_the_outputs(norm):
+    """LayerNorm or BatchNorm as the last layer under the squared error: g_j and b_j reach
+    the outputs of feature j alone (one output for LayerNorm, one per example for BatchNorm),
+    each through its own xhat or 1, and the loss's curvature is diagonal, so the
+    backpropagated diagonal equals jax's exact Gauss-Newton diagonal."""
+    builder, random_norm = {"layer": (LayerNorm, random_layer_norm),
+                            "batch": (BatchNorm, random_batch_norm)}[norm]
+    model = layers.serial(layers.Dense(5, name="dense"), builder(5, name="norm"))
     _, params = model.init(jax.random.key(0), (-1, 3))
     params = gradcheck.astype(params, jnp.float64)
-    params = (params[0], random_layer_norm((1, 5), jnp.float64, seed=1)[1])
+    params = (params[0], random_norm((1, 5), jnp.float64, seed=1)[1])
     x = jax.random.normal(jax.random.key(2), (6, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(3), (6, 5), jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
-    assert_close_tree(backpropagated[1], exact[1], jnp.float64, "LayerNorm g, b")
+    assert_close_tree(backpropagated[1], exact[1], jnp.float64, f"{norm} norm g, b")
+
+
+def report_layers(model, objective, params, x, targets, except_for=()):
+    """The layers of the gradient report (float64 and float32), asserting that every check
+    passed but those of the (layer, param) pairs in except_for."""
+    for dtype in (jnp.float64, jnp.float32):
+        report = gradcheck.gradient_report(model, objective, params, x, targets, dtype=dtype)
+        failed = [(row["layer"], row["param"]) for row in report if not row["passed"]
+                  and (row["layer"], row["param"]) not in except_for]
+        assert not failed, (jnp.dtype(dtype).name, failed)
+    return {row["layer"] for row in report}
 
 
 def test_in_a_net_every_gradient_passes_the_report():
@@ -103,24 +133,22 @@ def test_in_a_net_every_gradient_passes_the_report():
     x = jax.random.normal(jax.random.key(2), (10, 4))
     targets = jax.nn.one_hot(jnp.arange(10) % 3, 3)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
-    for dtype in (jnp.float64, jnp.float32):
-        report = gradcheck.gradient_report(model, objective, params, x, targets, dtype=dtype)
-        failed = [(row["layer"], row["param"]) for row in report if not row["passed"]]
-        assert not failed, (jnp.dtype(dtype).name, failed)
-    assert {row["layer"] for row in report} >= {"norm1", "norm2"}
+    assert report_layers(model, objective, params, x, targets) >= {"norm1", "norm2"}
 
 
-def test_accounting_counts_the_gain_and_bias_but_no_neurons():
-    count = nets.count_model(layers.serial(layers.Dense(5, name="d"), LayerNorm(5)), (-1, 3))
+@pytest.mark.parametrize("builder", [LayerNorm, BatchNorm])
+def test_accounting_counts_the_gain_and_bias_but_no_neurons(builder):
+    count = nets.count_model(layers.serial(layers.Dense(5, name="d"), builder(5)), (-1, 3))
     assert (count.neurons, count.params, count.connections, count.macs) == (5, 20 + 10, 20, 15)
 
 
-def test_bad_sizes_and_shapes_are_named():
+@pytest.mark.parametrize("builder", [LayerNorm, BatchNorm])
+def test_bad_sizes_and_shapes_are_named(builder):
     with pytest.raises(ValueError, match="norm: features must be >= 1, got 0"):
-        LayerNorm(0, name="norm")
+        builder(0, name="norm")
     with pytest.raises(ValueError, match="norm: eps must be > 0, got 0"):
-        LayerNorm(4, eps=0, name="norm")
-    layer = LayerNorm(4, name="norm")
+        builder(4, eps=0, name="norm")
+    layer = builder(4, name="norm")
     with pytest.raises(ValueError, match=r"norm: input_shape has shape \(-1, 5\), expected "
                                          r"\(batch, ..., 4\)"):
         layer.init(jax.random.key(0), (-1, 5))
@@ -129,3 +157,121 @@ def test_bad_sizes_and_shapes_are_named():
         layer.apply(params, jnp.ones(4))
     with pytest.raises(ValueError, match=r"norm: input x has shape \(2, 3, 5\), expected"):
         layer.apply(params, jnp.ones((2, 3, 5)))
+
+
+def test_batch_norm_refuses_a_single_value_per_feature():
+    layer = BatchNorm(4, name="bn")
+    _, params = layer.init(jax.random.key(0), (-1, 4))
+    with pytest.raises(ValueError, match=r"bn: input x has shape \(1, 4\): 1 value per "
+                                         r"feature, expected at least 2"):
+        layer.apply(params, jnp.ones((1, 4)))
+    assert layer.apply(params, jnp.ones((1, 2, 1, 4))).shape == (1, 2, 1, 4)  # 2 positions
+
+
+# --- BatchNorm ------------------------------------------------------------------------------
+
+def test_batch_norm_standardises_each_feature_over_batch_and_positions():
+    """With g = 1, b = 0, eps -> 0: each channel of an NHWC batch has mean 0 and variance 1
+    over (batch, H, W), while single examples do not; dx of each channel sums to 0 and is
+    orthogonal to its xhat (y ignores a channel's shift and scale)."""
+    layer = BatchNorm(3, eps=1e-30)
+    _, params = layer.init(jax.random.key(0), (-1, 2, 2, 3))
+    params = gradcheck.astype(params, jnp.float64)
+    shift, scale = jnp.array([[[[5.0, -2.0, 0.5]]]]), jnp.array([[[[3.0, 0.1, 7.0]]]])
+    x = shift + scale * jax.random.normal(jax.random.key(1), (4, 2, 2, 3), jnp.float64)
+    y, residuals = layer.forward(params, x)
+    np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0, atol=1e-14)
+    np.testing.assert_allclose(jnp.var(y, axis=(0, 1, 2)), 1, rtol=1e-10)
+    assert float(jnp.max(jnp.abs(jnp.mean(y, axis=(1, 2))))) > 0.1
+    dy = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    _, dx = layer.backward(params, residuals, dy)
+    xhat = residuals[0]
+    np.testing.assert_allclose(jnp.sum(dx, axis=(0, 1, 2)), 0, atol=1e-13)
+    np.testing.assert_allclose(jnp.sum(dx * xhat, axis=(0, 1, 2)), 0, atol=1e-13)
+
+
+def test_batch_norm_hand_computed_column():
+    """Two examples, features (1, 10) and (3, 30), eps -> 0: xhat = (-1, 1) per feature, so
+    y = g xhat + b; dg = sum dy xhat, db = sum dy, and dx = 0 since y ignores x."""
+    layer = BatchNorm(2, eps=1e-12)
+    params = {"g": jnp.array([2.0, 3.0], jnp.float64), "b": jnp.array([0.5, -1.0], jnp.float64)}
+    y, residuals = layer.forward(params, jnp.array([[1.0, 10.0], [3.0, 30.0]], jnp.float64))
+    np.testing.assert_allclose(y, [[-1.5, -4.0], [2.5, 2.0]], rtol=1e-10)
+    dy = jnp.array([[1.0, 10.0], [4.0, -2.0]], jnp.float64)
+    dparams, dx = layer.backward(params, residuals, dy)
+    np.testing.assert_allclose(dparams["g"], [3.0, -12.0], rtol=1e-10)
+    np.testing.assert_allclose(dparams["b"], [5.0, 8.0])
+    np.testing.assert_allclose(dx, 0, atol=1e-10)
+
+
+def test_batch_norm_dx_by_hand_with_three_examples():
+    """One feature, x = (0, 1, 5), g = 1, eps -> 0, dy = (1, 0, 0): mean 2, variance 14/3,
+    s = sqrt(14/3), xhat = (-2, -1, 3) / s, and dx_i = (dy_i - 1/3 - xhat_i xhat_1 / 3) / s:
+    dx = ((1 - 1/3 - 4/14)/s, (-1/3 - 2/14)/s, (-1/3 + 6/14)/s), worked out on paper."""
+    layer = BatchNorm(1, eps=1e-30)
+    params = {"g": jnp.ones(1, jnp.float64), "b": jnp.zeros(1, jnp.float64)}
+    _, residuals = layer.forward(params, jnp.array([[0.0], [1.0], [5.0]], jnp.float64))
+    _, dx = layer.backward(params, residuals, jnp.array([[1.0], [0.0], [0.0]], jnp.float64))
+    s = np.sqrt(14 / 3)
+    np.testing.assert_allclose(dx[:, 0], [(1 - 1 / 3 - 4 / 14) / s, (-1 / 3 - 2 / 14) / s,
+                                          (-1 / 3 + 6 / 14) / s], rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (5, 3), (2, 3, 3, 4)])
+def test_batch_norm_curvature_of_x_is_the_squared_jacobian_against_d2y(shape):
+    """d2x_i = sum_j (dy_j/dx_i)^2 d2y_j over the whole batch, the Jacobian (which couples the
+    examples) from jax.jacobian."""
+    layer, params, x = random_batch_norm(shape, jnp.float64, seed=3)
+    d2y = jax.random.uniform(jax.random.key(4), shape, jnp.float64)
+    _, residuals = layer.forward(params, x)
+    _, d2x = layer.curvature(params, residuals, d2y)
+    jacobian = jax.jacobian(lambda x: layer.apply(params, x))(x).reshape(x.size, x.size)
+    expected = (jacobian**2).T @ d2y.reshape(-1)
+    assert_close_tree(d2x.reshape(-1), expected, jnp.float64, "d2x")
+
+
+@pytest.mark.parametrize("convolutional", [False, True])
+def test_batch_norm_in_a_net_every_gradient_passes_the_report(convolutional):
+    """An MLP with BatchNorm between Dense and sigmoid (`build_mlp(batch_norm=True)`), and a
+    conv net with BatchNorm over (batch, H, W) per channel: the manual engine against jax.grad
+    (float64 and float32) and finite differences. The biases just before a BatchNorm have no
+    effect (it removes any shift), so their gradient is exactly 0 and its relative error
+    only compares two roundings: both engines must give 0 to 1e-12 of the weights' gradient."""
+    if convolutional:
+        model = layers.serial(nets.Conv2D(4, (3, 3), name="conv"), BatchNorm(4, name="bn"),
+                              layers.Relu(name="relu"), nets.Flatten(name="flat"),
+                              layers.Dense(3, name="out"))
+        input_shape = (6, 6, 2)
+    else:
+        model = nets.build_mlp(5, 3, hidden_layers=2, hidden_units=6, batch_norm=True)
+        input_shape = (5,)
+    assert nets.batch_coupled_layers(model) == (["bn"] if convolutional else ["norm1", "norm2"])
+    _, params = model.init(jax.random.key(0), (-1, *input_shape))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape))
+    x = jax.random.normal(jax.random.key(2), (8, *input_shape))
+    targets = jax.nn.one_hot(jnp.arange(8) % 3, 3)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    before_norm = {("conv", "b")} if convolutional else {("hidden1", "b"), ("hidden2", "b")}
+    checked = report_layers(model, objective, params, x, targets, except_for=before_norm)
+    assert checked >= ({"bn"} if convolutional else {"norm1", "norm2"})
+    params64, x64 = gradcheck.astype(params, jnp.float64), x.astype(jnp.float64)
+    targets64 = targets.astype(jnp.float64)
+    for engine in (engines.manual, engines.autodiff):
+        _, grads = engine(model, objective)(params64, x64, targets64)
+        weight_norm = float(jnp.linalg.norm(grads[0]["w"]))
+        for index in ([0] if convolutional else [0, 3]):
+            assert float(jnp.max(jnp.abs(grads[index]["b"]))) <= 1e-12 * weight_norm
+
+
+def test_per_example_gradients_of_a_batch_norm_model_are_refused():
+    from training import parallel
+    model = nets.build_mlp(5, 3, hidden_layers=1, hidden_units=4, batch_norm=True)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    with pytest.raises(ValueError, match=r"per_example_value_and_grad: mlp1x4_sigmoid_batchnorm:"
+                                         r" layers \['norm1'\] normalise with their batch"):
+        parallel.per_example_value_and_grad(model, objective)
+
+
+def test_batch_coupled_layers_finds_none_in_a_layer_norm_net():
+    assert nets.batch_coupled_layers(nets.residual_mlp(4, 3, width=8)) == []

@@ -64,6 +64,7 @@ from jax.sharding import PartitionSpec as P
 from nets import engines
 from nets.layers import Layer
 from nets.losses import Objective, l2_penalty, l2_penalty_grad
+from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
 
 __all__ = [
@@ -102,7 +103,15 @@ def per_example_value_and_grad(
     values[i] = loss(x_i, t_i) + lambda/(2m) sum w^2 and grads[i] its gradient, so that their
     means over the batch are E and dE/dparams (module docstring). With a key (a model with
     dropout) example i draws its masks from `jax.random.split(key, batch)[i]`.
+
+    A model whose output for one example depends on the others (`nets.BatchNorm`) has no
+    per-example gradients: ValueError naming those layers.
     """
+    coupled = batch_coupled_layers(model)
+    if coupled:
+        raise ValueError(f"per_example_value_and_grad: {model.name}: layers {coupled} "
+                         "normalise with their batch's statistics (BatchNorm), so one "
+                         "example's loss depends on the others and has no gradient of its own")
 
     def value_and_grads(params, x, targets, key=None):
         examples = x.shape[0]
