@@ -6,10 +6,11 @@
 Families (targets from the issue; "ratio" is always this codebase / its reference, measured
 in this process, interleaved A B A B, after warm-up; compile time reported apart):
   engine        manual engine / autodiff engine, one jitted SGD step: MLP 784-1024-1024-10
-                (batch 256), LeNet-1989 (batch 1 and 64), LeNet-5 (batch 128), and a
-                pre-norm residual MLP with LayerNorm (`nets.residual_mlp`: 784, two blocks of
-                1024, 10; batch 256). Target <= 1.0, and no more temporary memory (XLA's
-                memory analysis of each compiled step).
+                (batch 256) and the same with a BatchNorm before each ReLU, LeNet-1989
+                (batch 1 and 64), LeNet-5 (batch 128), and a pre-norm residual MLP with
+                LayerNorm (`nets.residual_mlp`: 784, two blocks of 1024, 10; batch 256).
+                Target <= 1.0, and no more temporary memory (XLA's memory analysis of each
+                compiled step).
   conv          each Conv2D implementation ("conv", "patches", "gather", "rows") against the
                 model's default, one jitted SGD step with the manual engine: LeNet-5 (batch
                 128; default "rows") and LeNet-1989 (batch 1; default "gather"). No target:
@@ -221,6 +222,9 @@ def engine_cases(sizes):
         *[(f"lenet1989/b{batch}", lenet1989(), mse, (16, 16, 1), batch)
           for batch in sizes.lenet1989_batches],
         (f"lenet5/b{sizes.lenet5_batch}", lenet5(), softmax, (32, 32, 1), sizes.lenet5_batch),
+        (f"{mlp_name}_batchnorm/b{sizes.mlp_batch}",
+         nets.build_mlp(784, 10, hidden_layers=2, hidden_units=sizes.mlp_width,
+                        activation="relu", batch_norm=True), softmax, (784,), sizes.mlp_batch),
         (f"residual_mlp_784_{sizes.mlp_width}x2_10/b{sizes.mlp_batch}",
          nets.residual_mlp(784, 10, width=sizes.mlp_width, blocks=2), softmax, (784,),
          sizes.mlp_batch),
