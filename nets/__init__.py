@@ -58,7 +58,12 @@ from nets.models import (
     lenet1989,
     lenet1989_modern,
 )
-from nets.normalization import BatchNorm, LayerNorm, batch_coupled_layers
+from nets.normalization import (
+    BatchNorm,
+    LayerNorm,
+    batch_coupled_layers,
+    with_population_statistics,
+)
 from nets.pooling import (
     AvgPool,
     Dropout,
@@ -137,6 +142,7 @@ __all__ = [
     "LayerNorm",
     "BatchNorm",
     "batch_coupled_layers",
+    "with_population_statistics",
     "accounting",
     "models",
     "ModelCount",

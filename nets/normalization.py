@@ -28,12 +28,14 @@ O(n) a group although J is a dense n x n block.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from nets.layers import Layer
 
-__all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers"]
+__all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers", "with_population_statistics"]
 
 
 def _standardise(x, axes, eps):
@@ -132,16 +134,23 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
     leaves them alone. The module docstring gives the math of the three passes; the sums of
     dg and db run over the same axes.
 
-    The statistics are always the batch's own, in training and in evaluation alike (as
-    `jax.example_libraries.stax.BatchNorm`): there are no running averages, no state and no
-    modes, so that the layer stays a pure function of (params, x). Evaluated on a whole test
-    set at once, a net is normalised with that set's statistics, not the training set's:
-    measure with large batches, and say so. Because one example's output depends on the rest
-    of its batch, per-example gradients are not defined (`batch_coupled_layers`,
+    The statistics are the batch's own (as `jax.example_libraries.stax.BatchNorm`'s): there
+    are no running averages, no state and no modes, so that the layer stays a pure function
+    of (params, x). Because one example's output depends on the rest of its batch,
+    per-example gradients are not defined (`batch_coupled_layers`;
     `training.parallel.per_example_value_and_grad` refuses such a model), and over devices
     each shard is normalised with its own statistics (PyTorch's BatchNorm under
     DistributedDataParallel, not SyncBatchNorm). A group of fewer than 2 values (a batch of
     one example without positions) has no spread: ValueError.
+
+    Fixed statistics, for inference: when params also hold "mean" and "var" (features,),
+    as `with_population_statistics` sets them from a training set, the layer is the
+    per-feature affine map y = g (x - mean) / sqrt(var + eps) + b on any batch, one example
+    included, the same for every example (Ioffe and Szegedy's inference network). Its
+    backward, from s = sqrt(var + eps) and xhat = (x - mean) / s: dx = dy g / s, dg and db
+    as above, dmean = -sum(dy g) / s, dvar = -sum(dy g xhat) / (2 s^2); its curvature the
+    squares: d2x = d2y g^2 / s^2, d2mean = sum(d2y) g^2 / s^2, d2var = sum(d2y xhat^2)
+    g^2 / (4 s^4).
     """
     _check_arguments(name, features, eps)
     check = _shape_check(name, features)
@@ -155,32 +164,97 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
                              "positions >= 2)")
         return axes, group
 
+    def fixed(params):
+        """Whether params hold fixed statistics (checked to be a pair of (features,))."""
+        given = [key for key in ("mean", "var") if key in params]
+        if given and (len(given) == 1 or any(
+                params[key].shape != (features,) for key in given)):
+            shapes = {key: tuple(params[key].shape) for key in given}
+            raise ValueError(f"{name}: params hold statistics {shapes}, expected both 'mean' "
+                             f"and 'var' of shape ({features},)")
+        return bool(given)
+
     def forward(params, x):
         check(x.shape)
-        axes, _ = batch_axes(x)
-        xhat, s = _standardise(x, axes, eps)
+        if fixed(params):
+            s = jnp.sqrt(_along_features(params["var"], x.ndim) + eps)
+            xhat = (x - _along_features(params["mean"], x.ndim)) / s
+        else:
+            xhat, s = _standardise(x, batch_axes(x)[0], eps)
         y = _along_features(params["g"], x.ndim) * xhat + _along_features(params["b"], x.ndim)
         return y, (xhat, s)
 
     def backward(params, residuals, dy):
         xhat, s = residuals
-        axes, _ = batch_axes(xhat)
-        dx = _standardise_backward(xhat, s, dy * _along_features(params["g"], dy.ndim), axes)
-        return {"g": jnp.sum(dy * xhat, axis=axes), "b": jnp.sum(dy, axis=axes)}, dx
+        axes = tuple(range(dy.ndim - 1))
+        dxhat = dy * _along_features(params["g"], dy.ndim)
+        dparams = {"g": jnp.sum(dy * xhat, axis=axes), "b": jnp.sum(dy, axis=axes)}
+        if not fixed(params):
+            return dparams, _standardise_backward(xhat, s, dxhat, batch_axes(xhat)[0])
+        s_row = s.reshape(features)
+        return {**dparams, "mean": -jnp.sum(dxhat, axis=axes) / s_row,
+                "var": -jnp.sum(dxhat * xhat, axis=axes) / (2 * s_row**2)}, dxhat / s
 
     def curvature(params, residuals, d2y):
         xhat, s = residuals
-        axes, group = batch_axes(xhat)
+        axes = tuple(range(d2y.ndim - 1))
         a = _along_features(params["g"], d2y.ndim) ** 2 * d2y / (s * s)
-        d2x = _standardise_curvature(xhat, a, axes, group)
-        return {"g": jnp.sum(d2y * xhat * xhat, axis=axes), "b": jnp.sum(d2y, axis=axes)}, d2x
+        d2params = {"g": jnp.sum(d2y * xhat * xhat, axis=axes), "b": jnp.sum(d2y, axis=axes)}
+        if not fixed(params):
+            axes, group = batch_axes(xhat)
+            return d2params, _standardise_curvature(xhat, a, axes, group)
+        s_row = s.reshape(features)
+        return {**d2params, "mean": jnp.sum(a, axis=axes),
+                "var": jnp.sum(a * xhat * xhat, axis=axes) / (4 * s_row**2)}, a
 
     return Layer(name, init=_gain_and_bias_init(check, features), forward=forward,
                  backward=backward, curvature=curvature)
 
 
-def batch_coupled_layers(model: Layer) -> list[str]:
+def _made_by(layer: Layer, builder: str) -> bool:
+    return layer.forward.__qualname__.startswith(f"{builder}.")
+
+
+def batch_coupled_layers(model: Layer, params: Any = None) -> list[str]:
     """The names of the layers of `model` (itself or any sublayer, depth first) whose output
-    for one example depends on the other examples of the batch: those made by `BatchNorm`."""
-    own = [model.name] if model.forward.__qualname__.startswith("BatchNorm.") else []
-    return own + [name for layer in model.sublayers for name in batch_coupled_layers(layer)]
+    for one example depends on the other examples of the batch: those made by `BatchNorm`,
+    unless `params` are given and hold their fixed statistics (`with_population_statistics`)."""
+    if _made_by(model, "BatchNorm"):
+        return [] if isinstance(params, dict) and "mean" in params else [model.name]
+    inner = params if isinstance(params, tuple) and len(params) == len(model.sublayers) else (
+        (None,) * len(model.sublayers))
+    return [name for layer, layer_params in zip(model.sublayers, inner)
+            for name in batch_coupled_layers(layer, layer_params)]
+
+
+def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
+    """params with every BatchNorm's "mean" and "var" set to the statistics of its inputs
+    over all of x, so that the model then normalises any batch, one example too, the same way.
+
+    The model runs on x as in training (each BatchNorm on its batch statistics, dropout
+    passing its input through), and each BatchNorm records the mean and the variance of its
+    input over the batch and position axes: the population statistics of Ioffe and Szegedy
+    (2015, Algorithm 2), computed exactly over x (the training set, or a large sample of it)
+    rather than as running averages ("precise BN", Wu and Johnson 2021). Statistics already
+    in params are replaced. The walk goes through `serial` and `parallel` (so `residual`)
+    combinators; a BatchNorm inside any other combinator is a ValueError naming it.
+    """
+    if _made_by(model, "BatchNorm"):
+        axes = tuple(range(x.ndim - 1))
+        plain = {key: value for key, value in params.items() if key not in ("mean", "var")}
+        return {**plain, "mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes)}
+    if not batch_coupled_layers(model):
+        return params
+    if _made_by(model, "serial"):
+        updated = []
+        for layer, layer_params in zip(model.sublayers, params):
+            updated.append(with_population_statistics(layer, layer_params, x))
+            # with the statistics of x itself, a BatchNorm's output is its training output
+            x = layer.apply(updated[-1], x)
+        return tuple(updated)
+    if _made_by(model, "parallel"):
+        return tuple(with_population_statistics(branch, branch_params, x)
+                     for branch, branch_params in zip(model.sublayers, params))
+    raise ValueError(f"with_population_statistics: {model.name!r} holds BatchNorm layers "
+                     f"{batch_coupled_layers(model)} inside a combinator other than serial or "
+                     "parallel; set their statistics by hand")

@@ -264,13 +264,136 @@ def test_batch_norm_in_a_net_every_gradient_passes_the_report(convolutional):
             assert float(jnp.max(jnp.abs(grads[index]["b"]))) <= 1e-12 * weight_norm
 
 
-def test_per_example_gradients_of_a_batch_norm_model_are_refused():
+def random_statistics(features, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    return {"mean": jax.random.normal(keys[0], (features,), dtype),
+            "var": 0.5 + jax.random.uniform(keys[1], (features,), dtype)}
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (5, 3), (2, 3, 3, 4)])
+def test_fixed_statistics_backward_matches_vjp_for_x_g_b_mean_and_var(shape, dtype):
+    """With "mean" and "var" in params the layer is an affine map of each example alone (one
+    example is a batch too), and its backward gives every leaf's gradient."""
+    layer, params, x = random_batch_norm(shape, dtype)
+    params = {**params, **random_statistics(shape[-1], dtype, seed=5)}
+    dy = jax.random.normal(jax.random.key(9), shape, dtype)
+    manual, reference = backward_and_vjp(layer, params, x, dy)
+    assert set(manual[0]) == {"g", "b", "mean", "var"}
+    assert_close_tree(manual, reference, dtype, f"fixed BatchNorm{shape}")
+
+
+def test_fixed_statistics_by_hand():
+    """x = 3, mean 1, var 4 - eps (s = 2), g = 5, b = 1: y = 5 (3 - 1) / 2 + 1 = 6; with
+    dy = 1: dx = g / s = 2.5, dg = xhat = 1, db = 1, dmean = -2.5, dvar = -g xhat / (2 s^2)
+    = -5 / 8; curvature with d2y = 1: d2x = 6.25, d2mean = 6.25, d2var = 25 / 64."""
+    eps = 1e-5
+    layer = BatchNorm(1, eps=eps)
+    params = {"g": jnp.array([5.0]), "b": jnp.array([1.0]), "mean": jnp.array([1.0]),
+              "var": jnp.array([4.0 - eps])}
+    params = gradcheck.astype(params, jnp.float64)
+    y, residuals = layer.forward(params, jnp.array([[3.0]], jnp.float64))
+    np.testing.assert_allclose(y, [[6.0]], rtol=1e-12)
+    ones = jnp.ones((1, 1), jnp.float64)
+    dparams, dx = layer.backward(params, residuals, ones)
+    np.testing.assert_allclose(dx, [[2.5]], rtol=1e-12)
+    expected = {"g": 1.0, "b": 1.0, "mean": -2.5, "var": -5 / 8}
+    for key, value in expected.items():
+        np.testing.assert_allclose(dparams[key], [value], rtol=1e-12, err_msg=key)
+    d2params, d2x = layer.curvature(params, residuals, ones)
+    np.testing.assert_allclose(d2x, [[6.25]], rtol=1e-12)
+    for key, value in {"g": 1.0, "b": 1.0, "mean": 6.25, "var": 25 / 64}.items():
+        np.testing.assert_allclose(d2params[key], [value], rtol=1e-12, err_msg=key)
+
+
+def test_fixed_statistics_curvature_is_the_exact_gauss_newton_diagonal_at_the_outputs():
+    """Each of g_j, b_j, mean_j, var_j reaches the outputs of feature j alone, each output
+    through one path, so with the squared error the backpropagated diagonal is exact."""
+    model = layers.serial(layers.Dense(5, name="dense"), BatchNorm(5, name="norm"))
+    _, params = model.init(jax.random.key(0), (-1, 3))
+    params = gradcheck.astype(params, jnp.float64)
+    params = (params[0], {**random_batch_norm((1, 5), jnp.float64, seed=1)[1],
+                          **random_statistics(5, jnp.float64, seed=2)})
+    x = jax.random.normal(jax.random.key(2), (6, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(3), (6, 5), jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    assert_close_tree(backpropagated[1], exact[1], jnp.float64, "fixed BatchNorm")
+
+
+def conv_net_with_batch_norms():
+    """Conv, BatchNorm, ReLU, a residual block with a BatchNorm inside, flatten, Dense."""
+    block = layers.serial(nets.Conv2D(3, (3, 3), padding="SAME", name="inner_conv"),
+                          BatchNorm(3, name="inner_bn"), name="block_layers")
+    return layers.serial(nets.Conv2D(3, (3, 3), name="conv"), BatchNorm(3, name="bn"),
+                         layers.Relu(name="relu"), layers.residual(block, name="res"),
+                         nets.Flatten(name="flat"), layers.Dense(2, name="out"))
+
+
+def test_population_statistics_are_each_batch_norm_inputs_mean_and_variance():
+    """The statistics set for the top-level BatchNorm are NumPy's mean and variance of its
+    input (the conv's output) over batch and positions; the inner one's, of the relu's output
+    through the inner conv; with them the net's output on x is its output with batch
+    statistics, and each example alone gives its row of it."""
+    model = conv_net_with_batch_norms()
+    _, params = model.init(jax.random.key(0), (-1, 6, 6, 2))
+    params = gradcheck.astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (7, 6, 6, 2), jnp.float64)
+    assert nets.batch_coupled_layers(model) == ["bn", "inner_bn"]
+    fixed = nets.with_population_statistics(model, params, x)
+    assert nets.batch_coupled_layers(model, fixed) == []
+    conv_out = np.asarray(model.sublayers[0].apply(params[0], x)).reshape(-1, 3)
+    np.testing.assert_allclose(fixed[1]["mean"], conv_out.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(fixed[1]["var"], conv_out.var(0), rtol=1e-12)
+    relu_out = dict(layers.layer_outputs(model, params, x))["relu"]
+    inner = np.asarray(block_conv_apply(model, params, relu_out)).reshape(-1, 3)
+    np.testing.assert_allclose(fixed[3][1][1]["mean"], inner.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(fixed[3][1][1]["var"], inner.var(0), rtol=1e-12)
+    batch_output = model.apply(params, x)
+    np.testing.assert_allclose(model.apply(fixed, x), batch_output, rtol=1e-10, atol=1e-12)
+    one = model.apply(fixed, x[3:4])
+    np.testing.assert_allclose(one, batch_output[3:4], rtol=1e-10, atol=1e-12)
+
+
+def block_conv_apply(model, params, x):
+    """The residual block's inner conv of `conv_net_with_batch_norms` applied to x."""
+    block = model.sublayers[3].sublayers[1]
+    return block.sublayers[0].apply(params[3][1][0], x)
+
+
+def test_per_example_gradients_need_fixed_statistics_and_average_to_the_batch_gradient():
     from training import parallel
     model = nets.build_mlp(5, 3, hidden_layers=1, hidden_units=4, batch_norm=True)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    params = gradcheck.astype(params, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
+    targets = jax.nn.one_hot(jnp.arange(6) % 3, 3, dtype=jnp.float64)
+    per_example = parallel.per_example_value_and_grad(model, objective)
     with pytest.raises(ValueError, match=r"per_example_value_and_grad: mlp1x4_sigmoid_batchnorm:"
                                          r" layers \['norm1'\] normalise with their batch"):
-        parallel.per_example_value_and_grad(model, objective)
+        per_example(params, x, targets)
+    fixed = nets.with_population_statistics(model, params, x)
+    _, grads = per_example(fixed, x, targets)
+    _, batch = engines.autodiff(model, objective)(fixed, x, targets)
+    assert_close_tree(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), batch, jnp.float64,
+                      "mean of per-example gradients")
+
+
+def test_statistics_must_come_in_pairs_of_the_right_shape_and_walks_name_what_they_skip():
+    layer = BatchNorm(3, name="bn")
+    _, params = layer.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(ValueError, match=r"bn: params hold statistics \{'mean': \(3,\)\}, "
+                                         r"expected both 'mean' and 'var' of shape \(3,\)"):
+        layer.apply({**params, "mean": jnp.zeros(3)}, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"'var': \(4,\)"):
+        layer.apply({**params, "mean": jnp.zeros(3), "var": jnp.ones(4)}, jnp.ones((2, 3)))
+    wrapped = nets.dropout_after(layers.serial(layers.Dense(3, name="d"), layer), 0.5,
+                                 name="dropped")
+    _, params = wrapped.init(jax.random.key(0), (-1, 2))
+    with pytest.raises(ValueError, match=r"with_population_statistics: 'dropped' holds "
+                                         r"BatchNorm layers \['bn'\] inside a combinator"):
+        nets.with_population_statistics(wrapped, params, jnp.ones((4, 2)))
 
 
 def test_batch_coupled_layers_finds_none_in_a_layer_norm_net():

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import nets
 from training import data, metrics, procedures, timing
 
 __all__ = ["passes_for", "labelled_subsets", "learning_curves", "init_params"]
@@ -57,7 +58,8 @@ def learning_curves(model, objective, optimizer, params, keys, subset, test, *, 
     training examples of each run; test = (x_test, targets_test), shared. Each run makes at
     least `updates` updates of min(batch_size, n) examples by `procedures.stochastic_passes`
     (shuffled passes), in `records` equal chunks, each followed by the train and test error:
-    one jitted call.
+    one jitted call. A model with BatchNorm layers is measured as at inference, with the
+    statistics of its run's whole training set (`nets.with_population_statistics`).
 
     Returns ({"updates": [...], "train_error": (runs, records), "test_error": (runs, records)},
     {"compile": s, "run": s}).
@@ -71,8 +73,11 @@ def learning_curves(model, objective, optimizer, params, keys, subset, test, *, 
 
         def chunk(state, record):
             state, _ = procedures.run_steps(procedure, state, record * passes, passes)
-            return state, (metrics.classification_error(model, state.params, x, targets),
-                           metrics.classification_error(model, state.params, x_test, t_test))
+            measured = state.params
+            if nets.batch_coupled_layers(model):
+                measured = nets.with_population_statistics(model, measured, x)
+            return state, (metrics.classification_error(model, measured, x, targets),
+                           metrics.classification_error(model, measured, x_test, t_test))
 
         _, errors = jax.lax.scan(chunk, procedure.init(params, key), jnp.arange(records))
         return errors

@@ -104,16 +104,17 @@ def per_example_value_and_grad(
     means over the batch are E and dE/dparams (module docstring). With a key (a model with
     dropout) example i draws its masks from `jax.random.split(key, batch)[i]`.
 
-    A model whose output for one example depends on the others (`nets.BatchNorm`) has no
-    per-example gradients: ValueError naming those layers.
+    A model whose output for one example depends on the others (`nets.BatchNorm` without
+    fixed statistics in params) has no per-example gradients: ValueError naming those layers.
     """
-    coupled = batch_coupled_layers(model)
-    if coupled:
-        raise ValueError(f"per_example_value_and_grad: {model.name}: layers {coupled} "
-                         "normalise with their batch's statistics (BatchNorm), so one "
-                         "example's loss depends on the others and has no gradient of its own")
 
     def value_and_grads(params, x, targets, key=None):
+        coupled = batch_coupled_layers(model, params)
+        if coupled:
+            raise ValueError(f"per_example_value_and_grad: {model.name}: layers {coupled} "
+                             "normalise with their batch's statistics (BatchNorm), so one "
+                             "example's loss depends on the others and has no gradient of "
+                             "its own (fixed statistics: nets.with_population_statistics)")
         examples = x.shape[0]
         # a batch of one divides the penalty by 1; lambda/m keeps example i's share of it
         single = engine(model, objective._replace(l2=objective.l2 / examples))
