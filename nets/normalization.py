@@ -8,7 +8,8 @@ Both standardise x over some axes and then scale and shift each feature:
 MLP's features, an NHWC map's channels at each position, a sequence's features at each step);
 `BatchNorm` (Ioffe and Szegedy 2015) over every other axis, feature by feature: the n values of
 one feature across the batch (and across the positions of an NHWC map), so that an example's
-output depends on the other examples of its batch.
+output depends on the other examples of its batch, unless it is given fixed statistics for
+inference (`with_population_statistics`; `BatchNorm` has that form's math).
 
 Backward, with dxhat = dy g, the means over the same n values:
 
