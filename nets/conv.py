@@ -940,22 +940,31 @@ def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> st
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
-def lenet1989_h2_table() -> np.ndarray:
+H2_SCHEMES = ("blocks", "cyclic")
+
+
+def lenet1989_h2_table(scheme: str = "blocks") -> np.ndarray:
     """The (12, 12) connection table from H1 to H2 of LeCun et al. 1989 (zip codes).
 
     The paper says only that each H2 unit "combines local information coming from 8 of the
-    12 different feature maps in H1" and does not say which 8. We assume a block scheme, the
-    one of karpathy/lecun1989-repro: H1 maps are split into three blocks of four,
-    B0 = {0..3}, B1 = {4..7}, B2 = {8..11}; H2 maps 0-3 see B0 and B1, maps 4-7 see B1 and
-    B2, maps 8-11 see B2 and B0 (the pairs cycle). Every H2 map sees 8 H1 maps and every H1
-    map feeds 8 H2 maps. Returns table[i, o]: H2 map o sees H1 map i.
+    12 different feature maps in H1" and does not say which 8. Two schemes, in each of which
+    every H2 map sees 8 H1 maps and every H1 map feeds 8 H2 maps:
+      "blocks" (the default), the one of karpathy/lecun1989-repro: H1 maps are split into
+        three blocks of four, B0 = {0..3}, B1 = {4..7}, B2 = {8..11}; H2 maps 0-3 see B0
+        and B1, maps 4-7 see B1 and B2, maps 8-11 see B2 and B0 (the pairs cycle): three
+        distinct sets of inputs;
+      "cyclic": H2 map o sees the 8 contiguous H1 maps o, o + 1, ..., o + 7 (mod 12), as
+        LeNet-5's C3 maps 6-11 see contiguous S2 maps (LeCun et al. 1998, Table I): twelve
+        distinct sets.
+    Returns table[i, o]: H2 map o sees H1 map i.
     """
-    blocks = np.arange(12) // 4  # block of each H1 map
-    table = np.zeros((12, 12), bool)
-    for o in range(12):
-        first = o // 4
-        table[:, o] = (blocks == first) | (blocks == (first + 1) % 3)
-    return table
+    if scheme not in H2_SCHEMES:
+        raise ValueError(f"lenet1989_h2_table: scheme={scheme!r}; choose one of {H2_SCHEMES}")
+    inputs, outputs = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+    if scheme == "cyclic":
+        return (inputs - outputs) % 12 < 8
+    blocks, first = inputs // 4, outputs // 4  # the block of each H1 map, each H2 map's first
+    return (blocks == first) | (blocks == (first + 1) % 3)
 
 
 # LeCun, Bottou, Bengio and Haffner 1998, Table I: rows are S2 maps 0-5, columns C3 maps 0-15,

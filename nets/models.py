@@ -205,15 +205,17 @@ _LENET1989_PADDING = ((2, 2), (2, 2))
 
 
 def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
-              implementation: str = "gather", fan_in_exponent: float = 0.5) -> Layer:
+              implementation: str = "gather", fan_in_exponent: float = 0.5,
+              h2_table: str = "blocks") -> Layer:
     """LeCun et al. 1989's zip-code net: H1 12@8x8, H2 12@4x4, H3 30, output 10.
 
     Input x: (batch, 16, 16, 1), grey levels in [-1, 1]; output (batch, 10), squashed.
     H1: 5x5 kernels at stride 2 over the input padded with -1 to 20x20, one bias per unit.
     H2: the same over H1 padded with -1 to 12x12, each map seeing 8 of the 12 H1 maps
-    (`lenet1989_h2_table`), one bias per unit. H3: 30 units, output: 10 units, both fully
-    connected. The activation (tanh, or 1.7159 tanh(2x/3) with `scaled_tanh`; relu and sigmoid
-    are accepted too) follows every layer, the output included. The module docstring lists
+    (`lenet1989_h2_table(h2_table)`: "blocks" or "cyclic"), one bias per unit. H3: 30 units,
+    output: 10 units, both fully connected. The activation (tanh, or 1.7159 tanh(2x/3) with
+    `scaled_tanh`; relu and sigmoid are accepted too) follows every layer, the output
+    included. The module docstring lists
     the assumptions. Layers: H1, H1_act, H2, H2_act, flatten, H3, H3_act, output, output_act.
     `implementation` is that of both convolutions (`nets.conv.Conv2D`): "gather", the
     default, made the training step the fastest on the 2-core CPU, for one example (25 us a
@@ -230,7 +232,7 @@ def lenet1989(activation: str = "tanh", scaled_tanh: bool = False,
     uniform = initializers.fan_in_uniform(2.4, fan_in_exponent)
     conv = dict(kernel_size=5, stride=2, padding=_LENET1989_PADDING, pad_value=-1.0,
                 unshared_bias=True, implementation=implementation)
-    table = lenet1989_h2_table()
+    table = lenet1989_h2_table(h2_table)
     return serial(
         Conv2D(12, **conv, w_init=uniform, name="H1"),
         squash(name="H1_act"),

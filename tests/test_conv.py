@@ -225,6 +225,21 @@ def test_lenet1989_h2_table_has_eight_inputs_per_map():
     np.testing.assert_array_equal(table.sum(axis=1), 8)
     np.testing.assert_array_equal(table[:, 0], np.arange(12) < 8)  # maps 0-3 see blocks 0, 1
     np.testing.assert_array_equal(table[:, 8], (np.arange(12) < 4) | (np.arange(12) >= 8))
+    assert len({tuple(column) for column in table.T}) == 3  # three distinct input sets
+
+
+def test_lenet1989_cyclic_h2_table_by_hand():
+    """Map o sees H1 maps o..o+7 mod 12: map 0 sees 0-7, map 5 sees 5-11 and 0, map 11 sees
+    11 and 0-6; twelve distinct input sets, each H1 map feeding 8 H2 maps."""
+    table = conv.lenet1989_h2_table("cyclic")
+    np.testing.assert_array_equal(np.flatnonzero(table[:, 0]), range(8))
+    np.testing.assert_array_equal(np.flatnonzero(table[:, 5]), [0, 5, 6, 7, 8, 9, 10, 11])
+    np.testing.assert_array_equal(np.flatnonzero(table[:, 11]), [0, 1, 2, 3, 4, 5, 6, 11])
+    np.testing.assert_array_equal(table.sum(axis=1), 8)
+    assert len({tuple(column) for column in table.T}) == 12
+    with pytest.raises(ValueError, match=r"lenet1989_h2_table: scheme='random'; choose one of "
+                                         r"\('blocks', 'cyclic'\)"):
+        conv.lenet1989_h2_table("random")
 
 
 def test_masked_weights_stay_exactly_zero():

@@ -2,10 +2,12 @@
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nets
 from experiments import lenet1989
 from tests.helpers import tolerance
 from training import data, results
@@ -215,3 +217,14 @@ def test_permuted_order_is_one_permutation_of_the_training_digits_from_the_seed(
     for split in ("test", "held_out"):
         np.testing.assert_array_equal(np.asarray(permuted[split][0]),
                                       np.asarray(constant[split][0]))
+
+
+@pytest.mark.parametrize("scheme", ["blocks", "cyclic"])
+def test_h2_table_option_connects_h2_as_its_table_says(scheme):
+    """--h2-table: H2's weights from H1 map i to H2 map o are nonzero exactly where the
+    table of that scheme says o sees i."""
+    config = lenet1989.Config(h2_table=scheme, train_examples=8, test_examples=4)
+    model = lenet1989.build(config, lenet1989.load(config))[0]
+    _, params = model.init(jax.random.key(0), (-1, 16, 16, 1))
+    connected = np.any(np.asarray(params[2]["w"]) != 0, axis=(0, 1))  # (H1 map, H2 map)
+    np.testing.assert_array_equal(connected, nets.lenet1989_h2_table(scheme))
