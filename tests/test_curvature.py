@@ -211,6 +211,24 @@ def test_curvature_experiment_rows_on_the_small_nets():
     assert all(r["gauss_newton_vs_hessian"] is not None for r in rows)
 
 
+def test_curvature_through_batch_norm_is_exact_after_the_last_one_and_not_before():
+    """After the last BatchNorm every parameter reaches each output by one path: exact. A
+    bias just before a BatchNorm does not change the outputs at all, so its Gauss-Newton
+    diagonal is 0 (up to rounding), while the diagonal rule, which drops the cross terms
+    between the examples the BatchNorm couples, gives it a positive h."""
+    from experiments import curvature
+
+    entries = {entry[0]: entry for entry in curvature.nets_to_compare()}
+    rows = curvature.compare(*entries["mlp_2_hidden_tanh_batchnorm"], batch=4, seed=0)
+    by_layer = {(r["layer"], r["param"]): r for r in rows}
+    for exact in (("norm2", "g"), ("norm2", "b"), ("output", "w"), ("output", "b")):
+        assert by_layer[exact]["backpropagated_vs_gauss_newton"] <= F64, exact
+    for bias in (("hidden1", "b"), ("hidden2", "b")):
+        assert abs(by_layer[bias]["mean_gauss_newton"]) <= 1e-25
+        assert by_layer[bias]["mean_backpropagated"] > 1e-3
+    assert by_layer[("norm1", "g")]["backpropagated_vs_gauss_newton"] > 1e-3
+
+
 def test_curvature_experiment_end_to_end_on_two_nets(tmp_path):
     """--nets picks nets; every tensor gets a row, the plot is written, and its points are the
     backpropagated and exact diagonals themselves: on the output layer, equal (a single path
