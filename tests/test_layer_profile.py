@@ -85,3 +85,13 @@ def test_batch_overrides_every_models_batch_and_label():
     case = layer_profile.with_batch(cases["lenet5"], 64)
     assert case[0] == "lenet5/b64" and case[4] == 64 and case[1] is cases["lenet5"][1]
     assert layer_profile.with_batch(cases["alexnet"], 3)[0] == "alexnet_67x67/b3"
+
+
+def test_every_model_name_picks_its_own_case():
+    """"mlp" the plain MLP and "mlp_batchnorm" the one with BatchNorm (whose label also
+    starts with the plain one's), each model once."""
+    cases = layer_profile.model_cases(bench.SMALLEST)
+    assert set(cases) == set(layer_profile.MODELS)
+    assert "_batchnorm/" not in cases["mlp"][0] and "_batchnorm/" in cases["mlp_batchnorm"][0]
+    assert nets.batch_coupled_layers(cases["mlp_batchnorm"][1]) == ["norm1", "norm2"]
+    assert len({id(case[1]) for case in cases.values()}) == len(cases)
