@@ -28,6 +28,7 @@ O(n) a group although J is a dense n x n block.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -140,9 +141,10 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
     of (params, x). Because one example's output depends on the rest of its batch,
     per-example gradients are not defined (`batch_coupled_layers`;
     `training.parallel.per_example_value_and_grad` refuses such a model), and over devices
-    each shard is normalised with its own statistics (PyTorch's BatchNorm under
-    DistributedDataParallel, not SyncBatchNorm). A group of fewer than 2 values (a batch of
-    one example without positions) has no spread: ValueError.
+    the statistics are those of what each device's program sees: its shard under
+    `training.parallel`'s "shard_map" and "pmap" (PyTorch's BatchNorm under
+    DistributedDataParallel), the global batch under "jit" (SyncBatchNorm). A group of fewer
+    than 2 values (a batch of one example without positions) has no spread: ValueError.
 
     Fixed statistics, for inference: when params also hold "mean" and "var" (features,),
     as `with_population_statistics` sets them from a training set, the layer is the
@@ -216,12 +218,29 @@ def _made_by(layer: Layer, builder: str) -> bool:
     return layer.forward.__qualname__.startswith(f"{builder}.")
 
 
+def _wrapped_layers(layer: Layer) -> list[Layer]:
+    """The layers a wrapper without `sublayers` calls (`dropout_after`, `TimeDistributed`,
+    ...): those its forward holds in its closure, alone or in a tuple or list."""
+    captured = inspect.getclosurevars(layer.forward).nonlocals.values()
+    found = []
+    for value in captured:
+        # a Layer is a tuple itself (a NamedTuple)
+        values = value if isinstance(value, (tuple, list)) and not isinstance(
+            value, Layer) else (value,)
+        found += [item for item in values if isinstance(item, Layer)]
+    return found
+
+
 def batch_coupled_layers(model: Layer, params: Any = None) -> list[str]:
-    """The names of the layers of `model` (itself or any sublayer, depth first) whose output
-    for one example depends on the other examples of the batch: those made by `BatchNorm`,
-    unless `params` are given and hold their fixed statistics (`with_population_statistics`)."""
+    """The names of the layers of `model` (itself, its sublayers, and the layers a wrapper
+    such as `dropout_after` or `TimeDistributed` calls; depth first) whose output for one
+    example depends on the other examples of the batch: those made by `BatchNorm`, unless
+    `params` are given and hold their fixed statistics (`with_population_statistics`)."""
     if _made_by(model, "BatchNorm"):
         return [] if isinstance(params, dict) and "mean" in params else [model.name]
+    if not model.sublayers:  # a wrapper calls its layers with its own params
+        return [name for layer in _wrapped_layers(model)
+                for name in batch_coupled_layers(layer, params)]
     inner = params if isinstance(params, tuple) and len(params) == len(model.sublayers) else (
         (None,) * len(model.sublayers))
     return [name for layer, layer_params in zip(model.sublayers, inner)
@@ -237,11 +256,17 @@ def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
     input over the batch and position axes: the population statistics of Ioffe and Szegedy
     (2015, Algorithm 2), computed exactly over x (the training set, or a large sample of it)
     rather than as running averages ("precise BN", Wu and Johnson 2021). Statistics already
-    in params are replaced. The walk goes through `serial` and `parallel` (so `residual`)
-    combinators; a BatchNorm inside any other combinator is a ValueError naming it.
+    in params are replaced. The statistics are leaves of params like g and b, with gradients
+    of their own: they are for inference, not for an optimizer to move. The walk goes
+    through `serial`, `parallel` (so `residual`) and `dropout_after`; a BatchNorm inside any
+    other combinator (`TimeDistributed`, ...) is a ValueError naming it, and so is x with
+    fewer than 2 values per feature at a BatchNorm.
     """
     if _made_by(model, "BatchNorm"):
         axes = tuple(range(x.ndim - 1))
+        if math.prod(x.shape[:-1]) < 2:
+            raise ValueError(f"with_population_statistics: {model.name}: input x has shape "
+                             f"{tuple(x.shape)}, expected at least 2 values per feature")
         plain = {key: value for key, value in params.items() if key not in ("mean", "var")}
         return {**plain, "mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes)}
     if not batch_coupled_layers(model):
@@ -256,6 +281,9 @@ def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
     if _made_by(model, "parallel"):
         return tuple(with_population_statistics(branch, branch_params, x)
                      for branch, branch_params in zip(model.sublayers, params))
+    if _made_by(model, "dropout_after"):  # its params are its layer's; dropout passes x on
+        inner = inspect.getclosurevars(model.forward).nonlocals["layer"]
+        return with_population_statistics(inner, params, x)
     raise ValueError(f"with_population_statistics: {model.name!r} holds BatchNorm layers "
-                     f"{batch_coupled_layers(model)} inside a combinator other than serial or "
-                     "parallel; set their statistics by hand")
+                     f"{batch_coupled_layers(model)} inside a combinator other than serial, "
+                     "parallel or dropout_after; set their statistics by hand")

@@ -116,3 +116,25 @@ def test_learning_curves_shapes_updates_and_errors_and_runs_are_independent():
         (subset[0][1:], subset[1][1:]), test, **settings)
     np.testing.assert_allclose(alone["train_error"], curve["train_error"][1:], atol=1e-6)
     np.testing.assert_allclose(alone["test_error"], curve["test_error"][1:], atol=1e-6)
+
+
+def test_learning_curves_measure_batch_norm_nets_with_the_training_statistics():
+    """With BatchNorm, each test digit is measured with the statistics of its run's training
+    set: the error of a one-example test set (which batch statistics cannot normalise: a
+    ValueError) is the mean error of the test examples measured one by one."""
+    model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=8, batch_norm=True)
+    keys = jax.random.split(jax.random.key(1), 1)
+    params = curves.init_params(model, keys, 4)
+    x, t = separable_problem(jax.random.key(2), 16)
+    subset = (x[None], t[None])
+    x_test, t_test = separable_problem(jax.random.key(4), 5)
+    settings = dict(updates=20, batch_size=8, records=1)
+    objective, optimizer = nets.lecture_objective(), optax.adam(0.05)
+    whole, _ = curves.learning_curves(model, objective, optimizer, params, keys, subset,
+                                      (x_test, t_test), **settings)
+    one_by_one = [curves.learning_curves(model, objective, optimizer, params, keys, subset,
+                                         (x_test[i:i + 1], t_test[i:i + 1]), **settings)[0]
+                  for i in range(5)]
+    assert whole["test_error"][0, 0] == pytest.approx(
+        np.mean([curve["test_error"][0, 0] for curve in one_by_one]))
+    assert {curve["train_error"][0, 0] for curve in one_by_one} == {whole["train_error"][0, 0]}

@@ -295,6 +295,32 @@ def test_two_devices_equal_one_device(form, engine):
 
 
 @pytest.mark.parametrize("form", parallel.FORMS)
+def test_batch_norm_over_two_devices_uses_each_shards_statistics_or_the_global_ones(form):
+    """"shard_map"/"pmap": each shard normalised with its own statistics, the step the mean
+    of the shards' single-device gradients (with lambda/2); "jit": the global batch's
+    statistics, the single-device gradient. The shards' statistics differ (the second is
+    shifted by 3), so the two expectations differ and each form can meet only its own."""
+    # BatchNorm after the activation: a bias just before one would have gradient exactly 0
+    model = nets.serial(nets.Dense(4, name="hidden"), nets.Tanh(name="act"),
+                        nets.BatchNorm(4, name="norm"), nets.Dense(3, name="out"))
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.1)
+    params = nets.gradcheck.astype(model.init(jax.random.key(0), (-1, 5))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (8, 5), jnp.float64)
+    x = x.at[4:].add(3.0)
+    targets = jax.nn.one_hot(jnp.arange(8) % 3, 3, dtype=jnp.float64)
+    run = parallel.data_parallel(model, objective, optax.sgd(0.1), form=form)
+    energy, grad = run.value_and_grad(run.place_state(params),
+                                      *run.place_batch(np.asarray(x), np.asarray(targets)))
+    single = engines.manual(model, objective)(params, x, targets)
+    shard = engines.manual(model, objective._replace(l2=objective.l2 / 2))
+    shards = [shard(params, x[4 * i:4 * i + 4], targets[4 * i:4 * i + 4]) for i in range(2)]
+    per_shard = jax.tree.map(lambda a, b: (a + b) / 2, *shards)
+    assert abs(float(single[0]) - float(per_shard[0])) > 1e-3
+    expected = single if form == "jit" else per_shard
+    assert_close_tree(run.fetch((energy, grad)), expected, jnp.float64, form)
+
+
+@pytest.mark.parametrize("form", parallel.FORMS)
 def test_two_devices_with_dropout_give_each_shard_its_own_masks(form):
     """"jit": the single-device gradient with the same key. "shard_map"/"pmap": the mean over
     the two shards of the single-device gradient of shard i with key fold_in(key, i) (and

@@ -44,6 +44,12 @@ Devices may span several processes (`training.distributed`): each process passes
 `place_batch` the examples it holds, and the global batch is their concatenation in process
 order.
 
+A model with BatchNorm layers (`nets.batch_coupled_layers`) steps differently per form: under
+"shard_map" and "pmap" each device normalises its shard with the shard's own statistics (as
+PyTorch's BatchNorm under DistributedDataParallel), so the step is the mean of the shards'
+single-device steps; under "jit" the program is the single-device one, so XLA computes the
+statistics over the global batch (as SyncBatchNorm) and the step is the single-device step.
+
 Each device's gradient is the mean over its b/N examples; their mean is the gradient of the
 global batch only when every device has the same number of examples, so a global batch not
 divisible by the device count is a ValueError. The L2 term is split the same way: each device
@@ -493,7 +499,8 @@ def data_parallel(
     """The data-parallel training step of `form` over `mesh` (default `batch_mesh()`).
 
     See the module docstring for the three forms; the step and gradient are the same up to
-    float rounding in all of them, and equal to the single-device ones.
+    float rounding in all of them, and equal to the single-device ones, except for a model
+    with BatchNorm layers (the module docstring says which statistics each form uses).
     """
     if form not in FORMS:
         raise ValueError(f"data_parallel: form={form!r}; choose one of {FORMS}")
