@@ -273,7 +273,9 @@ def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
         return params
     if _made_by(model, "serial"):
         updated = []
-        for layer, layer_params in zip(model.sublayers, params):
+        for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
+            if not any(batch_coupled_layers(later) for later in model.sublayers[index:]):
+                return (*updated, *params[index:])  # no BatchNorm left to measure
             updated.append(with_population_statistics(layer, layer_params, x))
             # with the statistics of x itself, a BatchNorm's output is its training output
             x = layer.apply(updated[-1], x)

@@ -88,20 +88,28 @@ def test_curvature_of_x_is_the_squared_jacobian_against_d2y(shape):
     assert_close_tree(d2x.reshape(-1, shape[-1]), expected, jnp.float64, "d2x")
 
 
-@pytest.mark.parametrize("norm", ["layer", "batch"])
-def test_curvature_of_g_and_b_is_the_exact_gauss_newton_diagonal_at_the_outputs(norm):
-    """LayerNorm or BatchNorm as the last layer under the squared error: g_j and b_j reach
-    the outputs of feature j alone (one output for LayerNorm, one per example for BatchNorm),
-    each through its own xhat or 1, and the loss's curvature is diagonal, so the
-    backpropagated diagonal equals jax's exact Gauss-Newton diagonal."""
+@pytest.mark.parametrize("norm, convolutional", [("layer", False), ("batch", False),
+                                                  ("layer", True), ("batch", True)])
+def test_curvature_of_g_and_b_is_the_exact_gauss_newton_diagonal_at_the_outputs(
+        norm, convolutional):
+    """LayerNorm or BatchNorm as the last layer under the squared error, after a Dense or (NHWC)
+    a convolution: g_j and b_j reach the outputs of feature j alone (one output per row for
+    LayerNorm, one per example and position for BatchNorm), each through its own xhat or 1,
+    and the loss's curvature is diagonal, so the backpropagated diagonal equals jax's exact
+    Gauss-Newton diagonal."""
     builder, random_norm = {"layer": (LayerNorm, random_layer_norm),
                             "batch": (BatchNorm, random_batch_norm)}[norm]
-    model = layers.serial(layers.Dense(5, name="dense"), builder(5, name="norm"))
-    _, params = model.init(jax.random.key(0), (-1, 3))
+    first = (nets.Conv2D(5, 3, padding="SAME", name="conv") if convolutional
+             else layers.Dense(5, name="dense"))
+    model = layers.serial(first, builder(5, name="norm"),
+                          *([nets.Flatten(name="flat")] if convolutional else []))
+    x_shape = (6, 4, 4, 3) if convolutional else (6, 3)
+    _, params = model.init(jax.random.key(0), (-1, *x_shape[1:]))
     params = gradcheck.astype(params, jnp.float64)
-    params = (params[0], random_norm((1, 5), jnp.float64, seed=1)[1])
-    x = jax.random.normal(jax.random.key(2), (6, 3), jnp.float64)
-    y = jax.random.normal(jax.random.key(3), (6, 5), jnp.float64)
+    params = (params[0], random_norm((1, 5), jnp.float64, seed=1)[1], *params[2:])
+    x = jax.random.normal(jax.random.key(2), x_shape, jnp.float64)
+    y = jax.random.normal(jax.random.key(3), (6, 4 * 4 * 5 if convolutional else 5),
+                          jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
