@@ -40,26 +40,35 @@ from nets.layers import Layer
 __all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers", "with_population_statistics"]
 
 
-def _standardise(x, axes, eps):
-    """(xhat, s): x minus its mean over `axes`, over s = sqrt(variance + eps); s keeps the
-    reduced axes as size 1."""
-    centred = x - jnp.mean(x, axis=axes, keepdims=True)
-    s = jnp.sqrt(jnp.mean(centred * centred, axis=axes, keepdims=True) + eps)
+def _group_mean(values, axes, axis_name=None):
+    """The mean over `axes` (kept as size 1) of an array or a tuple of them, and over the
+    devices of the mapped axis `axis_name` too when one is given (every device holding as
+    many values; one all-reduce for the tuple)."""
+    mean = jax.tree.map(lambda v: jnp.mean(v, axis=axes, keepdims=True), values)
+    return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
+
+
+def _standardise(x, axes, eps, axis_name=None):
+    """(xhat, s): x minus its mean over `axes` (and `axis_name`), over s = sqrt(variance +
+    eps); s keeps the reduced axes as size 1."""
+    centred = x - _group_mean(x, axes, axis_name)
+    s = jnp.sqrt(_group_mean(centred * centred, axes, axis_name) + eps)
     return centred / s, s
 
 
-def _standardise_backward(xhat, s, dxhat, axes):
-    """dx of xhat = (x - mean(x)) / s over `axes`, given dxhat (module docstring)."""
-    def mean(values):
-        return jnp.mean(values, axis=axes, keepdims=True)
+def _standardise_backward(xhat, s, dxhat, axes, axis_name=None):
+    """dx of xhat = (x - mean(x)) / s over `axes` (and `axis_name`), given dxhat (module
+    docstring)."""
+    mean_dxhat, mean_dxhat_xhat = _group_mean((dxhat, dxhat * xhat), axes, axis_name)
+    return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) / s
 
-    return (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / s
 
-
-def _standardise_curvature(xhat, a, axes, n):
-    """d2x_i = sum_j J[j, i]^2 d2y_j over groups of n along `axes`, with a = g^2 d2y / s^2
-    (module docstring)."""
+def _standardise_curvature(xhat, a, axes, n, axis_name=None):
+    """d2x_i = sum_j J[j, i]^2 d2y_j over groups of n along `axes` (n counts every device's
+    values when `axis_name` is given), with a = g^2 d2y / s^2 (module docstring)."""
     a0, a1, a2 = (jnp.sum(a * xhat**k, axis=axes, keepdims=True) for k in range(3))
+    if axis_name is not None:
+        a0, a1, a2 = jax.lax.psum((a0, a1, a2), axis_name)
     return a * (1 - 2 * (1 + xhat * xhat) / n) + (a0 + 2 * xhat * a1 + xhat * xhat * a2) / n**2
 
 
@@ -126,7 +135,8 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
                  backward=backward, curvature=curvature)
 
 
-def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Layer:
+def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
+              axis_name: str | None = None) -> Layer:
     """Normalise each feature over the batch to mean 0 and variance 1, then scale and shift.
 
     Shapes: x (batch, ..., features), g and b (features,), y like x. Each feature is
@@ -140,11 +150,22 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
     are no running averages, no state and no modes, so that the layer stays a pure function
     of (params, x). Because one example's output depends on the rest of its batch,
     per-example gradients are not defined (`batch_coupled_layers`;
-    `training.parallel.per_example_value_and_grad` refuses such a model), and over devices
-    the statistics are those of what each device's program sees: its shard under
-    `training.parallel`'s "shard_map" and "pmap" (PyTorch's BatchNorm under
-    DistributedDataParallel), the global batch under "jit" (SyncBatchNorm). A group of fewer
+    `training.parallel.per_example_value_and_grad` refuses such a model). A group of fewer
     than 2 values (a batch of one example without positions) has no spread: ValueError.
+
+    Over devices the statistics are those of what each device's program sees: its shard
+    under `training.parallel`'s "shard_map" and "pmap" (PyTorch's BatchNorm under
+    DistributedDataParallel), the global batch under "jit". With `axis_name` (the name of a
+    mapped axis: `training.parallel.BATCH_AXIS` for those two forms, or a `jax.vmap`
+    axis_name) the means are also averaged over that axis's devices (`lax.pmean`; each holds
+    as many values), so that every shard is normalised with the global batch's statistics
+    (SyncBatchNorm) and the data-parallel step equals the single-device step on the global
+    batch. The backward averages its two means the same way and the curvature sums its
+    three; this is exact for the data-parallel convention of `training.parallel`, where each
+    device differentiates its own shard's mean loss and the gradients are then averaged over
+    devices (the module docstring's dx is then the number of devices times the global
+    loss's). Where no mapping binds `axis_name` (a single-device call, "jit",
+    `with_population_statistics`), the batch is whole and the layer uses its statistics.
 
     Fixed statistics, for inference: when params also hold "mean" and "var" (features,),
     as `with_population_statistics` sets them from a training set, the layer is the
@@ -156,16 +177,31 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
     g^2 / (4 s^4).
     """
     _check_arguments(name, features, eps)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise ValueError(f"{name}: axis_name must be the name (a str) of a mapped axis or None, "
+                         f"got {axis_name!r}")
     check = _shape_check(name, features)
 
+    def bound_axis():
+        """(axis_name, its size) when a mapping binds it here (at trace time), else (None, 1)."""
+        if axis_name is None:
+            return None, 1
+        try:
+            return axis_name, jax.lax.axis_size(axis_name)
+        except NameError:
+            return None, 1
+
     def batch_axes(x):
+        """(the axes reduced on this device, the mapped axis or None, the whole group's
+        size)."""
         axes = tuple(range(x.ndim - 1))
-        group = math.prod(x.shape[:-1])
+        mapped, devices = bound_axis()
+        group = math.prod(x.shape[:-1]) * devices
         if group < 2:
             raise ValueError(f"{name}: input x has shape {tuple(x.shape)}: {group} value per "
                              "feature, expected at least 2 to normalise over (batch x "
                              "positions >= 2)")
-        return axes, group
+        return axes, mapped, group
 
     def fixed(params):
         """Whether params hold fixed statistics (checked to be a pair of (features,))."""
@@ -183,7 +219,8 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
             s = jnp.sqrt(_along_features(params["var"], x.ndim) + eps)
             xhat = (x - _along_features(params["mean"], x.ndim)) / s
         else:
-            xhat, s = _standardise(x, batch_axes(x)[0], eps)
+            axes, mapped, _ = batch_axes(x)
+            xhat, s = _standardise(x, axes, eps, mapped)
         y = _along_features(params["g"], x.ndim) * xhat + _along_features(params["b"], x.ndim)
         return y, (xhat, s)
 
@@ -193,7 +230,8 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
         dxhat = dy * _along_features(params["g"], dy.ndim)
         dparams = {"g": jnp.sum(dy * xhat, axis=axes), "b": jnp.sum(dy, axis=axes)}
         if not fixed(params):
-            return dparams, _standardise_backward(xhat, s, dxhat, batch_axes(xhat)[0])
+            axes, mapped, _ = batch_axes(xhat)
+            return dparams, _standardise_backward(xhat, s, dxhat, axes, mapped)
         s_row = s.reshape(features)
         return {**dparams, "mean": -jnp.sum(dxhat, axis=axes) / s_row,
                 "var": -jnp.sum(dxhat * xhat, axis=axes) / (2 * s_row**2)}, dxhat / s
@@ -204,8 +242,8 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm") -> Laye
         a = _along_features(params["g"], d2y.ndim) ** 2 * d2y / (s * s)
         d2params = {"g": jnp.sum(d2y * xhat * xhat, axis=axes), "b": jnp.sum(d2y, axis=axes)}
         if not fixed(params):
-            axes, group = batch_axes(xhat)
-            return d2params, _standardise_curvature(xhat, a, axes, group)
+            axes, mapped, group = batch_axes(xhat)
+            return d2params, _standardise_curvature(xhat, a, axes, group, mapped)
         s_row = s.reshape(features)
         return {**d2params, "mean": jnp.sum(a, axis=axes),
                 "var": jnp.sum(a * xhat * xhat, axis=axes) / (4 * s_row**2)}, a

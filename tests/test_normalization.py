@@ -431,3 +431,82 @@ def test_batch_norms_behind_wrappers_are_found_and_dropout_after_is_walked():
     with pytest.raises(ValueError, match=r"with_population_statistics: 'per_step' holds "
                                          r"BatchNorm layers \['bn'\] inside a combinator"):
         nets.with_population_statistics(over_time, params, jnp.ones((4, 5, 2)))
+
+
+# --- statistics over a mapped axis (SyncBatchNorm) -------------------------------------------
+
+SHARDS = "shards"
+
+
+def over_shards(function, mapping, shards, *arrays):
+    """function(*slices) on `shards` equal slices of each array's batch axis, under
+    `jax.vmap` or `jax.shard_map` over as many CPU devices, both naming the axis SHARDS.
+    Returns function's outputs with the slices' results put back together."""
+    if mapping == "vmap":
+        split = [a.reshape((shards, a.shape[0] // shards) + a.shape[1:]) for a in arrays]
+        outputs = jax.vmap(function, axis_name=SHARDS)(*split)
+        return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), outputs)
+    mesh = jax.make_mesh((shards,), (SHARDS,), devices=jax.devices()[:shards],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    mapped = jax.shard_map(function, mesh=mesh, in_specs=jax.sharding.PartitionSpec(SHARDS),
+                           out_specs=jax.sharding.PartitionSpec(SHARDS), check_vma=False)
+    return jax.jit(mapped)(*arrays)
+
+
+@pytest.mark.parametrize("mapping, shards, shape", [
+    ("vmap", 3, (6, 4)), ("vmap", 3, (3, 4)), ("vmap", 2, (4, 2, 3, 5)),
+    ("shard_map", 2, (6, 4)), ("shard_map", 2, (4, 2, 3, 5))])
+def test_synchronised_statistics_give_the_whole_batchs_passes(mapping, shards, shape, dtype):
+    """BatchNorm(axis_name=...) on each shard, given its slice of the whole batch's dy and
+    d2y, returns its slice of y, dx and d2x of the whole batch under plain BatchNorm (jax's
+    output, jax.vjp, and the squared whole-batch jax.jacobian against d2y), and dg, db, d2g,
+    d2b summed over the shards are the whole batch's (d2g and d2b from xhat written out in
+    NumPy). (3, 4) over 3 shards leaves one value per feature on each: fine, 3 in all."""
+    layer, params, x = random_batch_norm(shape, dtype, seed=5)
+    synchronised = BatchNorm(shape[-1], axis_name=SHARDS)
+    dy = jax.random.normal(jax.random.key(6), shape, dtype)
+    d2y = jax.random.uniform(jax.random.key(7), shape, dtype)
+
+    def each_shard(x, dy, d2y):
+        y, residuals = synchronised.forward(params, x)
+        dparams, dx = synchronised.backward(params, residuals, dy)
+        d2params, d2x = synchronised.curvature(params, residuals, d2y)
+        # each shard returns the sums over all shards, so the outputs share one layout
+        totals = jax.tree.map(lambda a: jax.lax.psum(a, SHARDS)[None], (dparams, d2params))
+        return y, dx, d2x, totals
+
+    y, dx, d2x, (dparams, d2params) = over_shards(each_shard, mapping, shards, x, dy, d2y)
+    dparams, d2params = jax.tree.map(lambda a: a[0], (dparams, d2params))
+    expected_y, pullback = jax.vjp(layer.apply, params, x)
+    expected_dparams, expected_dx = pullback(dy)
+    assert_close_tree((y, dparams, dx), (expected_y, expected_dparams, expected_dx), dtype,
+                      f"{mapping}{shape} y, dparams, dx")
+    local = gradcheck.astype(params, jnp.float64), x.astype(jnp.float64)
+    jacobian = jax.jacobian(lambda x: layer.apply(local[0], x))(local[1]).reshape(x.size, x.size)
+    expected_d2x = ((jacobian**2).T @ d2y.astype(jnp.float64).reshape(-1)).reshape(shape)
+    xs = np.asarray(x, np.float64).reshape(-1, shape[-1])
+    xhat = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5)
+    d2ys = np.asarray(d2y, np.float64).reshape(-1, shape[-1])
+    expected_d2params = {"g": (d2ys * xhat**2).sum(0), "b": d2ys.sum(0)}
+    assert_close_tree((d2x, d2params), (expected_d2x.astype(dtype), gradcheck.astype(
+        expected_d2params, dtype)), dtype, f"{mapping}{shape} d2x, d2params")
+
+
+def test_synchronised_statistics_outside_a_mapping_are_the_batchs_own():
+    """Where no mapping binds the axis (one device, "jit", with_population_statistics) the
+    batch is whole: the layer is plain BatchNorm, bit for bit. A name that is not a str is a
+    ValueError."""
+    layer, params, x = random_batch_norm((5, 3), jnp.float64)
+    synchronised = BatchNorm(3, axis_name=SHARDS)
+    dy = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
+    def passes(norm):
+        residuals = norm.forward(params, x)[1]
+        return (norm.apply(params, x), norm.backward(params, residuals, dy),
+                norm.curvature(params, residuals, dy * dy))
+
+    for ours, plain in zip(*(jax.tree.leaves(passes(norm)) for norm in (synchronised, layer))):
+        np.testing.assert_array_equal(ours, plain)
+    with pytest.raises(ValueError, match=r"bn: axis_name must be the name \(a str\) of a "
+                                         r"mapped axis or None, got \('a', 'b'\)"):
+        BatchNorm(3, name="bn", axis_name=("a", "b"))
+    assert nets.batch_coupled_layers(nets.serial(synchronised)) == ["BatchNorm"]

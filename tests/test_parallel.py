@@ -320,6 +320,37 @@ def test_batch_norm_over_two_devices_uses_each_shards_statistics_or_the_global_o
     assert_close_tree(run.fetch((energy, grad)), expected, jnp.float64, form)
 
 
+@pytest.mark.parametrize("engine", ["manual", "autodiff"])
+@pytest.mark.parametrize("form", parallel.FORMS)
+def test_synchronised_batch_norm_over_two_devices_equals_one_device(form, engine):
+    """BatchNorm(axis_name=BATCH_AXIS): every form, with either engine, steps as jax.grad on
+    the whole batch on one device with plain BatchNorm (the global batch's statistics), over
+    three Adam steps, on shards whose statistics differ (the second shifted by 3: the
+    shards' own statistics give another gradient, asserted)."""
+    def model(norm):
+        return nets.serial(nets.Dense(4, name="hidden"), nets.Tanh(name="act"), norm,
+                           nets.Dense(3, name="out"))
+
+    synchronised = model(nets.BatchNorm(4, name="norm", axis_name=parallel.BATCH_AXIS))
+    plain = model(nets.BatchNorm(4, name="norm"))
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.1)
+    params = nets.gradcheck.astype(plain.init(jax.random.key(0), (-1, 5))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (8, 5), jnp.float64).at[4:].add(3.0)
+    targets = jax.nn.one_hot(jnp.arange(8) % 3, 3, dtype=jnp.float64)
+    optimizer = optax.adam(0.05)
+    grad, final = single_device_steps(plain, objective, optimizer, engines.autodiff, params,
+                                      x, targets, 3)
+    dp_grad, dp_final, _ = data_parallel_steps(synchronised, objective, optimizer,
+                                               ENGINES[engine], form, params, x, targets, 3)
+    if form != "jit":
+        own_grad = data_parallel_steps(plain, objective, optimizer, ENGINES[engine], form,
+                                       params, x, targets, 1)[0]
+        assert relative_error(*(jax.flatten_util.ravel_pytree(t)[0]
+                                for t in (own_grad, grad))) > 1e-2
+    assert_close_tree(dp_grad, grad, jnp.float64, f"{form}/{engine} gradient")
+    assert_close_tree(dp_final, final, jnp.float64, f"{form}/{engine} params after 3 steps")
+
+
 @pytest.mark.parametrize("form", parallel.FORMS)
 def test_two_devices_with_dropout_give_each_shard_its_own_masks(form):
     """"jit": the single-device gradient with the same key. "shard_map"/"pmap": the mean over

@@ -48,7 +48,9 @@ A model with BatchNorm layers (`nets.batch_coupled_layers`) steps differently pe
 "shard_map" and "pmap" each device normalises its shard with the shard's own statistics (as
 PyTorch's BatchNorm under DistributedDataParallel), so the step is the mean of the shards'
 single-device steps; under "jit" the program is the single-device one, so XLA computes the
-statistics over the global batch (as SyncBatchNorm) and the step is the single-device step.
+statistics over the global batch and the step is the single-device step. A BatchNorm built
+with `axis_name=BATCH_AXIS` synchronises its statistics over the devices (SyncBatchNorm), and
+then every form steps as the single-device step on the global batch.
 
 Each device's gradient is the mean over its b/N examples; their mean is the gradient of the
 global batch only when every device has the same number of examples, so a global batch not
