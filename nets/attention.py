@@ -49,9 +49,9 @@ __all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm", "attention_
 
 
 def _check_sequence(name: str, shape, features: int, what: str = "input x") -> None:
-    if len(shape) != 3 or shape[-1] != features:
+    if len(shape) != 3 or shape[-1] != features or shape[1] == 0:
         raise ValueError(f"{name}: {what} has shape {tuple(shape)}, expected "
-                         f"(batch, time, {features})")
+                         f"(batch, time >= 1, {features})")
 
 
 def SelfAttention(features: int, heads: int, causal: bool = True,
@@ -110,8 +110,16 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         o = merge_heads(jnp.einsum("bhts,bshd->bthd", p, v))
         return dense(params["out"], o), (x, q, k, v, p, o)
 
+    def check_gradient(x, dy, what):
+        """dy and d2y come shaped as the output, which is shaped as x: einsum would
+        broadcast a size-1 axis silently."""
+        if tuple(dy.shape) != tuple(x.shape):
+            raise ValueError(f"{name}: {what} has shape {tuple(dy.shape)}, expected the "
+                             f"output's {tuple(x.shape)}")
+
     def backward(params, residuals, dy):
         x, q, k, v, p, o = residuals
+        check_gradient(x, dy, "dy")
         dout, do = dense_backward(params["out"], o, dy)
         do = split_heads(do)
         dp = jnp.einsum("bthd,bshd->bhts", do, v)
@@ -125,6 +133,7 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
 
     def curvature(params, residuals, d2y):
         x, q, k, v, p, o = residuals
+        check_gradient(x, d2y, "d2y")
         squared = jax.tree.map(jnp.square, params)
         d2out, d2o = dense_backward(squared["out"], o * o, d2y)
         d2o = split_heads(d2o)

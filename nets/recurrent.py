@@ -689,6 +689,34 @@ def _check_dtypes(name: str, params: Params, xs: jax.Array) -> None:
                          "them to one dtype")
 
 
+def _check_carry(name: str, what: str, carry: Carry, expected: Carry) -> None:
+    """Raise a ValueError unless carry has the structure, shapes and dtypes of expected (the
+    cell's `initial_carry` for this batch and dtype): the gated cells would broadcast a
+    carry of another batch size silently."""
+    def describe(tree):
+        return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {leaf.dtype}", tree)
+
+    if jax.tree.structure(carry) != jax.tree.structure(expected) or any(
+            tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype
+            for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(expected))):
+        raise ValueError(f"{name}: {what} is {describe(carry)}, expected {describe(expected)}")
+
+
+def _concrete(array: Any) -> np.ndarray | None:
+    """array's values when they are known now (not traced by jit, grad, vmap or scan), else
+    None: value checks run on concrete inputs and are skipped inside a trace."""
+    return None if isinstance(array, jax.core.Tracer) else np.asarray(array)
+
+
+def _check_mask(name: str, mask: jax.Array | None) -> None:
+    """A mask marks real steps with True or 1 and padding with False or 0: any other value
+    (0.5, a length, ...) is a ValueError where the values are known."""
+    values = None if mask is None else _concrete(mask)
+    if values is not None and values.dtype != bool and not np.isin(values, (0, 1)).all():
+        raise ValueError(f"{name}: mask holds values {np.unique(values)[:5].tolist()}..., "
+                         "expected booleans or 0 and 1")
+
+
 def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
               mask: jax.Array | None = None, truncation: int | None = None,
               unroll: int = 1) -> tuple[jax.Array, Carry, ScanResiduals]:
@@ -697,11 +725,15 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     carry0 defaults to the cell's zeros; mask (batch, time) and truncation as in the module
     docstring. `residuals` are for `bptt` with the same truncation.
     """
-    _check_options(f"scan_cell({cell.name})", xs, mask, truncation)
-    _check_dtypes(f"scan_cell({cell.name})", params, xs)
+    name = f"scan_cell({cell.name})"
+    _check_options(name, xs, mask, truncation)
+    _check_dtypes(name, params, xs)
+    _check_mask(name, mask)
     batch, time = xs.shape[:2]
+    zeros = cell.initial_carry(batch, xs.dtype)
     if carry0 is None:
-        carry0 = cell.initial_carry(batch, xs.dtype)
+        carry0 = zeros
+    _check_carry(name, "carry0", carry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     weights = cell.step_weights(params)
 
@@ -746,9 +778,15 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
         if cell.step_curvature is None:
             raise ValueError(f"bptt({cell.name}): this cell has no step curvature")
         step_back, params = cell.step_curvature, jax.tree.map(jnp.square, params)
-    batch, time = dys.shape[:2]
+    time, batch = jax.tree.leaves(residuals.steps)[0].shape[:2]
+    if tuple(dys.shape) != (batch, time, cell.hidden_size):
+        raise ValueError(f"bptt({cell.name}): dys has shape {tuple(dys.shape)}, expected "
+                         f"(batch, time, hidden) = {(batch, time, cell.hidden_size)} from "
+                         "the forward's residuals")
+    zeros = cell.initial_carry(batch, dys.dtype)
     if dcarry_T is None:
-        dcarry_T = cell.initial_carry(batch, dys.dtype)
+        dcarry_T = zeros
+    _check_carry(f"bptt({cell.name})", "dcarry_T", dcarry_T, zeros)
     zero_dparams = jax.tree.map(jnp.zeros_like, params)
     weights = params if cell.backward_weights is None else cell.backward_weights(params)
 
@@ -1024,6 +1062,21 @@ def _projection(out_features: int) -> Layer:
 _PER_STEP_OUTPUT = TimeDistributed(_projection(1), name="output")
 
 
+def _check_stack(name: str, cells: Any, params: Params, **per_cell: Any) -> None:
+    """Raise a ValueError unless params hold one entry per cell and the output layer's, and
+    each given per-cell argument (carries0, dcarries_T, the residuals' cells) one per cell:
+    zip would otherwise drop the extra cells or pair the wrong entries silently."""
+    if len(params) != len(cells) + 1:
+        raise ValueError(f"{name}: {len(cells)} cells and {len(params)} params entries, "
+                         f"expected {len(cells) + 1} (one per cell, then the output layer's)")
+    if per_cell.get("residuals") is not None:
+        per_cell["residuals"] = per_cell["residuals"][0]
+    for argument, value in per_cell.items():
+        if value is not None and len(value) != len(cells):
+            raise ValueError(f"{name}: {argument} has {len(value)} entries, expected one per "
+                             f"cell, {len(cells)}")
+
+
 def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = None,
                   truncation: int | None = None, unroll: int = 1, dropout: float = 0.0,
                   key: jax.Array | None = None):
@@ -1035,6 +1088,7 @@ def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = Non
     if key is not None and not dropout:
         raise ValueError("stack_forward: a key was given, but dropout is 0: nothing draws "
                          "random numbers")
+    _check_stack("stack_forward", cells, params, carries0=carries0)
     carries0 = (None,) * len(cells) if carries0 is None else tuple(carries0)
     keys = [None] * len(cells) if key is None else list(jax.random.split(key, len(cells)))
     drop = Dropout(dropout, name="stack_forward dropout")
@@ -1060,6 +1114,7 @@ def stack_backward(cells: Any, params: Params, residuals: Any, doutputs: jax.Arr
     With curvature=True, LeCun's diagonal second derivatives instead (`bptt`): doutputs is
     d2E/doutputs^2 (the loss's `curvature`), the results are d2E/d(.)^2 diagonals, and the
     states carried in from the previous window are constants, as in the gradient."""
+    _check_stack("stack_backward", cells, params, residuals=residuals, dcarries_T=dcarries_T)
     cell_residuals, scales, output_residuals = residuals
     output_backward = _PER_STEP_OUTPUT.curvature if curvature else _PER_STEP_OUTPUT.backward
     doutput_params, dhs = output_backward(params[-1], output_residuals, doutputs)
@@ -1079,7 +1134,10 @@ def stack_backward(cells: Any, params: Params, residuals: Any, doutputs: jax.Arr
 def sequence_cross_entropy() -> Loss:
     """Softmax cross-entropy per step, in nats, averaged over batch and time.
 
-    outputs: logits (batch, time, classes); targets: integer classes (batch, time).
+    outputs: logits (batch, time, classes); targets: integer classes (batch, time), of an
+    integer dtype (ValueError otherwise), each in [0, classes) (ValueError where the values
+    are known; inside jit a step whose class lies outside adds nothing to E, dE/dz or the
+    curvature, though m T still counts it).
         E = -(1/(m T)) sum_i sum_t log softmax(z_it)[y_it],
         dE/dz_it = (softmax(z_it) - onehot(y_it)) / (m T).
     (Averaging over time too keeps the step size independent of the window length; divide by
@@ -1094,21 +1152,30 @@ def sequence_cross_entropy() -> Loss:
             raise ValueError(f"{name}: outputs have shape {tuple(z.shape)} and targets "
                              f"{tuple(y.shape)}; expected (batch, time, classes) and "
                              "(batch, time)")
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"{name}: targets have dtype {y.dtype}, expected integer class "
+                             "ids")
+        values = _concrete(y)
+        if values is not None and values.size and not (
+                0 <= values.min() and values.max() < z.shape[-1]):
+            raise ValueError(f"{name}: targets range over [{values.min()}, {values.max()}], "
+                             f"expected class ids in [0, {z.shape[-1] - 1}]")
 
     def value(z, y):
         check(z, y)
-        log_p = jax.nn.log_softmax(z, axis=-1)
-        picked = jnp.take_along_axis(log_p, y[:, :, None].astype(jnp.int32), axis=-1)
+        picked = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype) * jax.nn.log_softmax(z, axis=-1)
         return -jnp.sum(picked) / (z.shape[0] * z.shape[1])
 
     def grad(z, y):
         check(z, y)
         one_hot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
-        return (jax.nn.softmax(z, axis=-1) - one_hot) / (z.shape[0] * z.shape[1])
+        picked = jnp.sum(one_hot, axis=-1, keepdims=True)  # 0 for a class outside the range
+        return (jax.nn.softmax(z, axis=-1) * picked - one_hot) / (z.shape[0] * z.shape[1])
 
     def curvature(z, y):
         check(z, y)
         p = jax.nn.softmax(z, axis=-1)
-        return p * (1 - p) / (z.shape[0] * z.shape[1])
+        picked = jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype), axis=-1, keepdims=True)
+        return p * (1 - p) * picked / (z.shape[0] * z.shape[1])
 
     return Loss(name, value, grad, curvature)

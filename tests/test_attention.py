@@ -1,5 +1,7 @@
 """Self-attention, learned positions and the small transformer: backward passes against
 jax.vjp, a NumPy forward, causality, the gradient report, accounting, training and errors."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,8 +249,17 @@ def test_bad_sizes_shapes_and_curvature_are_named():
         SelfAttention(6, 0, name="att")
     layer, params, x = random_attention((2, 3, 4), 2, True, jnp.float32)
     with pytest.raises(ValueError, match=r"attention: input x has shape \(2, 4\), expected "
-                                         r"\(batch, time, 4\)"):
+                                         r"\(batch, time >= 1, 4\)"):
         layer.apply(params, x[:, 0])
+    with pytest.raises(ValueError, match=r"attention: input x has shape \(2, 0, 4\)"):
+        layer.apply(params, x[:, :0])
+    _, residuals = layer.forward(params, x)
+    for bad in [(1, 3, 4), (2, 1, 4), (2, 3, 1)]:  # each would broadcast in einsum
+        with pytest.raises(ValueError, match=rf"attention: dy has shape {re.escape(str(bad))}"
+                                             r", expected the output's \(2, 3, 4\)"):
+            layer.backward(params, residuals, jnp.ones(bad))
+        with pytest.raises(ValueError, match=r"attention: d2y has shape"):
+            layer.curvature(params, residuals, jnp.ones(bad))
     positions = PositionalEmbedding(4, 2, name="pos")
     _, pos_params = positions.init(jax.random.key(0), (-1, 4, 2))
     with pytest.raises(ValueError, match="pos: input x has 5 steps, more than the 4 positions"):

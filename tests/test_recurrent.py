@@ -535,6 +535,90 @@ def test_bad_options_and_shapes_are_refused_by_name():
             call()
 
 
+def test_carries_gradients_masks_and_targets_of_the_wrong_kind_are_refused_by_name():
+    """What would otherwise be broadcast or silently read another way: a carry0 of another
+    batch (the GRUs broadcast it to the larger batch) or dtype, dys of another shape, a mask
+    of 0.5, float or out-of-range targets (the loss picked class -1 as the last one while its
+    gradient one-hot had none)."""
+    gru = recurrent.gru(3)
+    params = gru.init(jax.random.key(0), 2)
+    xs = jnp.zeros((1, 4, 2), jnp.float32)
+    _, _, residuals = recurrent.scan_cell(gru, params, xs)
+    loss = recurrent.sequence_cross_entropy()
+    refused = [
+        (lambda: recurrent.scan_cell(gru, params, xs, jnp.zeros((5, 3), jnp.float32)),
+         r"scan_cell\(gru\): carry0 is \(5, 3\) float32, expected \(1, 3\) float32"),
+        (lambda: recurrent.scan_cell(gru, params, xs, jnp.zeros((1, 3), jnp.float16)),
+         r"scan_cell\(gru\): carry0 is \(1, 3\) float16, expected \(1, 3\) float32"),
+        (lambda: recurrent.scan_cell(recurrent.lstm(3), recurrent.lstm(3).init(
+            jax.random.key(0), 2), xs, jnp.zeros((1, 3), jnp.float32)),
+         r"scan_cell\(lstm\): carry0 is .*, expected \('\(1, 3\) float32', '\(1, 3\) "
+         r"float32'\)"),
+        (lambda: recurrent.scan_cell(gru, params, xs, mask=jnp.full((1, 4), 0.5)),
+         r"scan_cell\(gru\): mask holds values \[0.5\]..., expected booleans or 0 and 1"),
+        (lambda: recurrent.bptt(gru, params, residuals, jnp.zeros((1, 4, 1), jnp.float32)),
+         r"bptt\(gru\): dys has shape \(1, 4, 1\), expected \(batch, time, hidden\) = "
+         r"\(1, 4, 3\)"),
+        (lambda: recurrent.bptt(gru, params, residuals, jnp.zeros((1, 4, 3), jnp.float32),
+                                jnp.zeros((2, 3), jnp.float32)),
+         r"bptt\(gru\): dcarry_T is \(2, 3\) float32, expected \(1, 3\) float32"),
+        (lambda: loss.value(jnp.zeros((1, 2, 4)), jnp.array([[1.0, 2.7]])),
+         r"sequence_cross_entropy: targets have dtype float64, expected integer class ids"),
+        (lambda: loss.grad(jnp.zeros((1, 2, 4)), jnp.array([[1, -1]])),
+         r"sequence_cross_entropy: targets range over \[-1, 1\], expected class ids in "
+         r"\[0, 3\]"),
+        (lambda: loss.value(jnp.zeros((1, 2, 4)), jnp.array([[1, 4]])),
+         r"sequence_cross_entropy: targets range over \[1, 4\]"),
+    ]
+    for call, message in refused:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert recurrent.scan_cell(gru, params, xs, mask=jnp.array([[1, 1, 0, 0]]))[0].shape == (
+        1, 4, 3)
+
+
+def test_out_of_range_targets_under_jit_pick_nothing_in_value_and_gradient_alike():
+    """Inside jit the targets' values are unknown: a class outside [0, classes) then
+    contributes nothing to E, and the gradient and the curvature are still E's first and
+    second derivatives (jax.grad, the diagonal of jax.hessian)."""
+    loss = recurrent.sequence_cross_entropy()
+    logits = jax.random.normal(jax.random.key(1), (2, 2, 4), jnp.float64)
+    targets = jnp.array([[1, -1], [4, 0]])
+    value = jax.jit(loss.value)(logits, targets)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    assert float(value) == pytest.approx(-float(log_p[0, 0, 1] + log_p[1, 1, 0]) / 4, rel=1e-14)
+    assert_close_tree(jax.jit(loss.grad)(logits, targets),
+                      jax.grad(jax.jit(loss.value))(logits, targets), "float64", "gradient")
+    hessian = jax.jit(jax.hessian(loss.value))(logits, targets).reshape(16, 16)
+    assert_close_tree(jax.jit(loss.curvature)(logits, targets).reshape(16), jnp.diag(hessian),
+                      "float64", "curvature")
+
+
+def test_stacks_refuse_params_carries_and_residuals_of_other_lengths():
+    """zip would have run the first cells only (the outputs 0.19 off) or handed the output
+    layer's gradient to the wrong cell."""
+    cells = (recurrent.lstm(3), recurrent.lstm(3))
+    model = recurrent.sequence_model(cells, 2)
+    _, params = model.init(jax.random.key(0), (-1, 4, 2))
+    xs = jax.random.normal(jax.random.key(1), (2, 4, 2), jnp.float32)
+    carries = tuple(cell.initial_carry(2, jnp.float32) for cell in cells)
+    outputs, carries_T, residuals = recurrent.stack_forward(cells, params, xs, carries)
+    refused = [
+        (lambda: recurrent.stack_forward(cells, params, xs, carries[:1]),
+         r"stack_forward: carries0 has 1 entries, expected one per cell, 2"),
+        (lambda: recurrent.stack_forward(cells[:1], params, xs),
+         r"stack_forward: 1 cells and 3 params entries, expected 2 \(one per cell, then the "
+         r"output layer's\)"),
+        (lambda: recurrent.stack_backward(cells, params, residuals, outputs, carries[:1]),
+         r"stack_backward: dcarries_T has 1 entries, expected one per cell, 2"),
+        (lambda: recurrent.stack_backward(cells[:1], params[1:], residuals, outputs),
+         r"stack_backward: residuals has 2 entries, expected one per cell, 1"),
+    ]
+    for call, message in refused:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 # --- the PyTorch layout -------------------------------------------------------------------------
 
 def _sigmoid(a):
