@@ -22,7 +22,7 @@ Dropout: the paper's (rate 0.5 after fc6 and fc7, section 4.2), a fresh mask eve
 (the step's key is the dropout key folded with the step number; `--no-dropout` trains
 without). The gradient check holds one key's masks fixed in both engines.
 
-Writes DIR/results.json (DESIGN.md keys; "metrics": params, batch, step_s, compile_s,
+Writes DIR/results.json (the README's keys; "metrics": params, batch, step_s, compile_s,
 examples_per_s, temp_bytes, loss_first, loss_last, float64_max_error, float64_passed,
 float32_max_error, float32_passed, float32_within_rounding, device; "history": the loss per
 step; "gradient_errors": per leaf), results.md and loss.png.

@@ -63,7 +63,7 @@ call of a step whose temporaries exceed 32 MB (the LSTM's 61 MB, the GRUs' 47.5 
 page-faults them in afresh, about 15% of those steps; nn.LSTM paid as much.
 
 Writes results.json ({"benchmarks": [{"family", "name", "variant", "median_s", "p10_s",
-"p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the DESIGN.md keys),
+"p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the README's keys),
 results.md and ratios.png. BENCHMARKS.md at the top of the repository keeps the latest table
 per machine.
 """

@@ -22,7 +22,7 @@ size must divide the largest (7,200 of the 7,291 digits by default). The loss an
 the repeated set are those over the subset; a pass over it is max/size passes over the subset
 in one shuffled order, so a mini-batch can hold an example twice.
 
-Writes results.json (DESIGN.md keys; metrics: final test and train error, mean and std over
+Writes results.json (the README's keys; metrics: final test and train error, mean and std over
 seeds, per depth and size, and the best depth per size; history: the errors along training per
 depth, size and seed), results.md and depth.png (test error, and train error, against log10 of
 the training-set size, one curve per depth).

@@ -14,7 +14,7 @@ continues an interrupted grid (finished runs do no work).
 
 Writes into DIR (default runs/grid/<experiment>/<UTC timestamp>/): the sweeps; compare/, the
 output of `experiments.compare` (compare.png: each setting's seeds and their mean +- sd);
-results.json (DESIGN.md keys: "metrics" {setting_K: {metric: {n, mean, sd, min, max}}},
+results.json (the README's keys: "metrics" {setting_K: {metric: {n, mean, sd, min, max}}},
 "history" one record per setting with its options; "differences", each later setting against
 the first with standard errors, unpaired and paired by seed; and "missed_by_every_run" where
 the runs list their misclassified test examples) and results.md, the tables.

@@ -17,7 +17,7 @@
 Splits: the 1,797 digits shuffled with the seed, 60% train / 20% held-out / 20% test.
 Runs through the harness (training/harness.py): config.json, environment.json, metrics.jsonl,
 TensorBoard events, checkpoints every --checkpoint-every steps (resumable, bitwise identical),
-results.json (DESIGN.md, plus "gradient_report" and "restarts"), results.md, curves.png.
+results.json (the README's keys, plus "gradient_report" and "restarts"), results.md, curves.png.
 
 Measured on the 2-core CPU (jax 0.10.2, defaults, 2026-12-03): 45 s in all (training 18 s,
 compile 4 s; training took 46 s with the restarts vmapped, see `advance_each_restart`); test

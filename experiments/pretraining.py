@@ -24,7 +24,7 @@ pretraining sees all 7,291 training images (without their labels) in every case:
 semi-supervised setting, where unlabelled images are cheap and labels are not. Every seed's
 pretraining, subset, initialisation and order are its own; seeds are vmapped.
 
-Writes results.json (DESIGN.md keys; metrics: test error mean and std over seeds per size and
+Writes results.json (the README's keys; metrics: test error mean and std over seeds per size and
 start, the pretraining gain, each autoencoder's reconstruction MSE and the fraction of its
 inputs' variance left unexplained; history: per pass of pretraining, those per layer and seed;
 per record of fine-tuning, the train and test error per size, start and seed), results.md (the

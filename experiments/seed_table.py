@@ -17,7 +17,7 @@ task, units, parameters, connections and activation: "n/a". AlexNet: ImageNet, 1
 224x224, 1.2M examples, 650k units, 60M parameters, 630M connections, ReLU. No slide gives
 operations.
 
-Writes DIR/results.json (DESIGN.md keys, plus "models": {name: {inputs, neurons, units, params,
+Writes DIR/results.json (the README's keys, plus "models": {name: {inputs, neurons, units, params,
 connections, macs, input_shape, layers: [per-layer rows]}}, "table": the comparison rows,
 "notes"), results.md, the printed tables, and layers.png (each layer's units, parameters and
 connections, on a log scale: weight sharing is the gap between the last two).

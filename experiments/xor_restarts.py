@@ -27,7 +27,7 @@ sometimes quoted). "Solved" means all 4 points classified correctly (logit > 0 <
 Every run uses the whole --steps budget: the default --stop-tolerance 0 switches the lecture's
 stopping rule off, so that the perturbation rule gets every chance to act.
 
-Writes results.json (DESIGN.md keys; metrics failure_rate_{plain, perturbed, restarts,
+Writes results.json (the README's keys; metrics failure_rate_{plain, perturbed, restarts,
 restarts_perturbed}, solved rates, the same per perturbation scale, "rescued" counts; history:
 median E and the fraction of runs above the threshold, at about 200 steps; "runs": for each
 procedure and initialisation the final E, solved flag, perturbation count, stop step, final

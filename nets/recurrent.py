@@ -1,6 +1,6 @@
 """Recurrent nets: cells with a hand-written step backward, one scan helper, sequence layers.
 
-A cell is one time step (DESIGN.md, "Recurrent nets"), a `Cell` of pure functions:
+A cell is one time step (README, "Recurrent nets"), a `Cell` of pure functions:
 
     init(key, input_size)                          -> params
     initial_carry(batch, dtype)                    -> carry (zeros)
@@ -51,7 +51,7 @@ Running a cell over time (one helper for every cell):
     bptt(cell, params, residuals, dys, dcarry_T=None, truncation=None, unroll=1)
         -> (dparams, dxs, dcarry0)          (+ dcarries with return_dcarries=True)
 
-xs (batch, time, features) and ys (batch, time, hidden), as DESIGN.md has sequences; both run
+xs (batch, time, features) and ys (batch, time, hidden), as every sequence is here; both run
 `lax.scan` over the time axis (time-major inside). `scan_cell` saves each step's residuals;
 `bptt` is backpropagation through time, a reverse `lax.scan` of `step_backward` that sums the
 parameter gradients of all steps. Options, of the helper and never of a cell:

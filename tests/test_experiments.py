@@ -1,4 +1,4 @@
-"""The experiments end to end: results files per DESIGN.md, and their headline numbers."""
+"""The experiments end to end: results files with the README's keys, and their headline numbers."""
 import json
 
 import pytest

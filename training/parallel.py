@@ -1,7 +1,8 @@
 """Over examples and over devices: per-example gradients and data-parallel steps.
 
-Model code never names a device or a batch axis (DESIGN.md, "Devices and hosts"); this module
-maps it over both. Every loss in `nets.losses` is a mean over the m examples of a batch, plus
+Model code never names a device or a batch axis (README, "Over examples, devices and
+hosts"; a BatchNorm asked to synchronise its statistics is the one exception); this module maps
+it over both. Every loss in `nets.losses` is a mean over the m examples of a batch, plus
 lambda/(2m) times the squared weights, and both facts are used below.
 
 Per example (`jax.vmap`):

@@ -1,4 +1,4 @@
-"""One writer for every experiment's results (DESIGN.md, "Experiments and their results").
+"""One writer for every experiment's results (README, "Experiments").
 
 An experiment's work directory receives `results.json`:
 
