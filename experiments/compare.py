@@ -3,9 +3,9 @@
     python -m experiments.compare RUN_DIR [RUN_DIR ...] [--workdir DIR] [--metrics a,b]
 
 Reads each run's results.json (the README's keys): the "history" records become curves, one
-panel per numeric quantity the runs share (loss, errors, ...), one line per run, against the step, pass,
-epoch or seed the records count (COUNTERS; their index otherwise); the scalar "metrics"
-(nested ones flattened as a.b) become a table with one column per run. Writes
+panel per numeric quantity the runs share (loss, errors, ...), one line per run, against the
+step, pass, epoch or seed the records count (COUNTERS; their index otherwise); the scalar
+"metrics" (nested ones flattened as a.b) become a table with one column per run. Writes
 DIR/compare.png, DIR/results.json ({"runs": [...], "metrics": {name: [value per run]}}) and
 DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/.
 
