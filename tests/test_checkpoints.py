@@ -1,13 +1,16 @@
 """Checkpoints: the orbax round trip, keeping the last K, and falling back past corrupt ones."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from training import checkpoints
 from training.checkpoints import MANIFEST, Checkpointer, CheckpointError
+from training.config import ConfigError
 
 
 def state(value):
@@ -30,6 +33,18 @@ def test_round_trip_is_bitwise(tmp_path):
     checkpointer.save(10, original)
     step, restored = checkpointer.restore_latest(state(0.0))
     assert step == 10
+    assert_bitwise_equal(restored, original)
+
+
+def test_empty_nodes_between_arrays_round_trip(tmp_path):
+    """Parameter-free layers (()) between layers with weights, and optax's EmptyState: the
+    comparison with `like` sees the same leaves as orbax stores."""
+    original = {"params": ({"w": jnp.ones((2, 2))}, (), {"w": jnp.zeros(3)}, ()),
+                "opt_state": (optax.EmptyState(), {"count": jnp.array(3, jnp.int32)})}
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2, say=lambda m: None)
+    checkpointer.save(1, original)
+    step, restored = checkpointer.restore_latest(jax.tree.map(jnp.zeros_like, original))
+    assert step == 1
     assert_bitwise_equal(restored, original)
 
 
@@ -132,3 +147,50 @@ def test_an_unreadable_manifest_or_contents_fall_back(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="Checkpointer: keep must be >= 1, got 0"):
         Checkpointer(tmp_path / "ckpt", keep=0)
+
+
+def with_leaf(tree, path, leaf):
+    """`tree` with the leaf at `path` (dict keys and sequence indices) replaced by `leaf`, or
+    removed where leaf is None."""
+    head, *rest = path
+    if rest:
+        child = with_leaf(tree[head], rest, leaf)
+    if isinstance(tree, dict):
+        tree = dict(tree)
+        if not rest and leaf is None:
+            del tree[head]
+        else:
+            tree[head] = child if rest else leaf
+        return tree
+    items = list(tree)
+    items[head] = child if rest else leaf
+    return type(tree)(items)
+
+
+@pytest.mark.parametrize("path, leaf, stored, expected", [
+    (("params", 0, "w"), jnp.zeros((3, 3), jnp.float32), "(3, 2) float32", "(3, 3) float32"),
+    (("params", 0, "w"), jnp.zeros((3, 2), jnp.bfloat16), "(3, 2) float32", "(3, 2) bfloat16"),
+    (("params", 0, "w"), jnp.zeros((3, 2), jnp.float64), "(3, 2) float32", "(3, 2) float64"),
+    # a float64 run (x64 on: jnp.zeros is float64) resumed without x64: a float32 template
+    (("params", 0, "b"), jnp.zeros(2, jnp.float32), "(2,) float64", "(2,) float32"),
+    (("flags",), None, "(2,) bool", "nothing"),
+    (("extra",), jnp.zeros(2, jnp.float32), "nothing", "(2,) float32"),
+])
+def test_a_checkpoint_unlike_the_state_is_refused_and_left_in_place(tmp_path, path, leaf,
+                                                                     stored, expected):
+    """A shape, dtype or structure that differs from `like` is a ConfigError naming the leaf,
+    not a corrupt checkpoint: nothing is set aside, converted or restored."""
+    messages = []
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, say=messages.append)
+    checkpointer.save(1, state(1.0))
+    checkpointer.save(2, state(2.0))
+    name = "/".join(str(key) for key in path)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"checkpoint 2 in {tmp_path / 'ckpt'} does not match the state to restore: "
+            f"{name} stored {stored}, expected {expected}")):
+        checkpointer.restore_latest(with_leaf(state(0.0), path, leaf))
+    assert checkpointer.steps() == [1, 2] and checkpointer.is_valid(2)
+    assert not (tmp_path / "corrupt").exists() and messages == []
+    step, restored = checkpointer.restore_latest(state(0.0))
+    assert step == 2
+    assert_bitwise_equal(restored, state(2.0))

@@ -1,4 +1,6 @@
 """training/curves.py: chunks of passes, labelled subsets, vmapped inits and learning curves."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,20 @@ def test_learning_curves_measure_batch_norm_nets_with_the_training_statistics():
     assert whole["test_error"][0, 0] == pytest.approx(
         np.mean([curve["test_error"][0, 0] for curve in one_by_one]))
     assert {curve["train_error"][0, 0] for curve in one_by_one} == {whole["train_error"][0, 0]}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: curves.labelled_subsets(*labelled_data(), 41, 2, 0, classes=4),
+     "labelled_subsets: size must be in [1, 40] (the examples given), got 41"),
+    (lambda: curves.labelled_subsets(*labelled_data(), 0, 2, 0, classes=4),
+     "labelled_subsets: size must be in [1, 40] (the examples given), got 0"),
+    (lambda: curves.passes_for(100, 10, 5, 0), "passes_for: records must be >= 1, got 0"),
+    (lambda: curves.passes_for(100, 10, 0, 2), "passes_for: batch_size must be >= 1, got 0"),
+    (lambda: curves.passes_for(100, 0, 5, 2), "passes_for: examples must be >= 1, got 0"),
+    (lambda: curves.passes_for(-1, 10, 5, 2), "passes_for: updates must be >= 1, got -1"),
+])
+def test_sizes_outside_the_data_are_refused(call, message):
+    """A subset larger than the data was silently the whole data, size 0 an empty subset; a
+    zero batch or record count divided by zero."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import os
 import pathlib
+import re
 import shutil
 import threading
 
@@ -506,3 +507,29 @@ def test_hold_out_last_takes_the_final_examples_in_order():
         with pytest.raises(ValueError, match=f"--held-out: got {count}; allowed: fewer than "
                                              "the 5 training examples"):
             data.hold_out_last(x, t, count)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: data.load_usps_splits(-5, 0),
+     "load_usps_splits: train_examples must be >= 0 (0: all of them), got -5"),
+    (lambda: data.load_usps_splits(0, -7),
+     "load_usps_splits: test_examples must be >= 0 (0: all of them), got -7"),
+    (lambda: data.load_usps("val"),
+     "load_usps: split must be one of ('train', 'test'), got 'val'"),
+    (lambda: data.load_mnist("val"),
+     "load_mnist: split must be one of ('train', 'test'), got 'val'"),
+    (lambda: data.one_hot(np.array([0, 12]), 10), "one_hot: labels must be in 0..9, found 12"),
+    (lambda: data.one_hot(np.array([0.5]), 10),
+     "one_hot: labels must be a 1-d integer array, got float64 (1,)"),
+    (lambda: data.split(np.zeros((5, 2)), np.zeros(4, np.int32), (0.5, 0.5), seed=0),
+     "split: images and labels differ in length: 5 != 4"),
+    (lambda: data.split(np.zeros((5, 2)), np.zeros(5, np.int32), (0.6, 0.3), seed=0),
+     "split: fractions must sum to 1, got [0.6, 0.3]"),
+    (lambda: data.split(np.zeros((5, 2)), np.zeros(5, np.int32), (0.99, 0.01), seed=0),
+     "split: fractions [0.99, 0.01] of 5 examples give sizes [5 0]"),
+])
+def test_bad_arguments_are_refused_naming_the_function(call, message):
+    """Negative sizes would cut digits off the end (images[:-5]); every message names the
+    function, the argument and the value."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

@@ -1,4 +1,5 @@
 """metrics.jsonl that survives kills and resumes, and progress that stays quiet off a terminal."""
+import io
 import json
 import sys
 
@@ -59,3 +60,35 @@ def test_without_tensorboardx_it_warns_and_keeps_the_metrics(tmp_path, monkeypat
     log.close()
     assert logbook.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
     assert not (tmp_path / "tensorboard").exists()
+
+
+class Stream(io.StringIO):
+    """A text stream that says whether it is a terminal."""
+
+    def __init__(self, terminal: bool):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("stdout_terminal, stderr_terminal", [(True, False), (False, True)])
+def test_the_bar_is_drawn_only_when_stderr_its_stream_is_a_terminal(
+        monkeypatch, stdout_terminal, stderr_terminal):
+    """tqdm writes to stderr: a terminal on stdout with stderr redirected to a file gets the
+    progress lines, and the file gets no bar."""
+    monkeypatch.delenv("CI", raising=False)
+    stdout, stderr = Stream(stdout_terminal), Stream(stderr_terminal)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert logbook.interactive() == stderr_terminal
+    progress = logbook.Progress(total=10, every=5, description="demo")
+    for step in (5, 10):
+        progress.update(step, loss=0.5)
+    progress.close()
+    if stderr_terminal:
+        assert "demo" in stderr.getvalue() and stdout.getvalue() == ""
+    else:
+        assert stderr.getvalue() == ""
+        assert [line.split()[2] for line in stdout.getvalue().splitlines()] == ["5/10", "10/10"]

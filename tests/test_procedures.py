@@ -1,4 +1,7 @@
 """The lecture's procedures: gradient descent, the cost check, picking, restarts, stopping."""
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +32,7 @@ def test_gradient_descent_is_w_minus_eta_g():
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [0.95, -2.4])
     sgd_updates, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
     np.testing.assert_allclose(updates["w"], sgd_updates["w"])
-    with pytest.raises(ValueError, match="learning_rate must be > 0, got 0"):
+    with pytest.raises(ValueError, match="learning_rate must be > 0 and finite, got 0"):
         optim.gradient_descent(0)
 
 
@@ -522,3 +525,108 @@ def test_online_with_lecuns_curvature_steps_eta_over_mu_plus_h():
     with pytest.raises(ValueError, match="online: curvature_every must be >= 1"):
         procedures.online(model, objective, optax.sgd(0.1), sample, steps_per_record=2,
                           curvature_every=0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: optim.gradient_descent(math.inf),
+     "gradient_descent: learning_rate must be > 0 and finite, got inf"),
+    (lambda: optim.gradient_descent(True),
+     "gradient_descent: learning_rate must be > 0 and finite, got True"),
+    (lambda: optim.diagonal_levenberg_marquardt(math.inf, 1.0),
+     "diagonal_levenberg_marquardt: learning_rate must be > 0 and finite (or a schedule), "
+     "got inf"),
+    (lambda: optim.diagonal_levenberg_marquardt(True, 1.0),
+     "diagonal_levenberg_marquardt: learning_rate must be > 0 and finite (or a schedule), "
+     "got True"),
+    (lambda: optim.diagonal_levenberg_marquardt(0.1, math.inf),
+     "diagonal_levenberg_marquardt: mu must be > 0 and finite, got inf"),
+    (lambda: optim.diagonal_levenberg_marquardt(0.1, math.nan),
+     "diagonal_levenberg_marquardt: mu must be > 0 and finite, got nan"),
+    (lambda: optim.lecun1998_schedule(5e-4, 0),
+     "lecun1998_schedule: updates_per_pass must be an integer >= 1, got 0"),
+    (lambda: optim.lecun1998_schedule(5e-4, -3),
+     "lecun1998_schedule: updates_per_pass must be an integer >= 1, got -3"),
+    (lambda: optim.lecun1998_schedule(-1.0, 10),
+     "lecun1998_schedule: learning_rate must be > 0 and finite, got -1.0"),
+    (lambda: optim.lecun1998_schedule(math.nan, 10),
+     "lecun1998_schedule: learning_rate must be > 0 and finite, got nan"),
+])
+def test_update_rules_refuse_rates_that_are_not_finite_positive_numbers(call, message):
+    """inf, nan, True and rates <= 0 were taken (a schedule's boundaries collapsed at 0 or
+    fewer updates a pass); a schedule, as SDLM's learning rate, still is."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+    schedule = optim.lecun1998_schedule(5e-4, 10)
+    assert optim.diagonal_levenberg_marquardt(schedule, 0.02) is not None
+
+
+def never_called(key):
+    raise AssertionError("not sampled: the procedure is refused first")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: procedures.Guard(factor=-1.0), "Guard: factor must be in (0, 1), got -1.0"),
+    (lambda: procedures.Guard(factor=1.5), "Guard: factor must be in (0, 1), got 1.5"),
+    (lambda: procedures.Guard(max_failures=0), "Guard: max_failures must be >= 1, got 0"),
+    (lambda: procedures.online(*small_problem()[:1], losses.lecture_objective(0.0),
+                               optim.gradient_descent(0.1), never_called, steps_per_record=0),
+     "online: steps_per_record must be >= 1, got 0"),
+    (lambda: procedures.full_batch_descent(
+        small_problem()[0], losses.lecture_objective(0.0), optim.gradient_descent(0.1),
+        *small_problem()[1:], steps=-3), "run: steps must be >= 1, got -3"),
+    (lambda: procedures.curvature_on_subset(
+        small_problem()[0], losses.lecture_objective(0.0), *small_problem()[2:], -5),
+     "curvature_on_subset: examples must be >= 1, got -5"),
+    (lambda: procedures.curvature_on_subset(
+        small_problem()[0], losses.lecture_objective(0.0), *small_problem()[2:], 0),
+     "curvature_on_subset: examples must be >= 1, got 0"),
+])
+def test_procedure_arguments_that_would_do_nothing_sensible_are_refused(call, message):
+    """max_failures=0 froze a run after its first step, factor=-1 turned the rate negative,
+    steps_per_record=0 gave NaN energies, steps=-3 a negative stop step, and examples=-5 a
+    curvature over all but the last 5 examples (0 divided by zero)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize("window, tolerance, fires", [(1, 1e-4, False), (3, 0.02, True)])
+def test_misclassified_picking_every_example_stops_as_full_batch_descent(window, tolerance,
+                                                                         fires):
+    """Picking all 40 examples, each step is full-batch descent's: the same energies after
+    each step and the same stop step, the window judging stop_window updates (it judged one
+    fewer: a window of 1 stopped at step 1 whatever E did)."""
+    model, params, x, targets = small_problem()
+    objective = losses.lecture_objective(0.1)
+    options = dict(steps=12, stop_window=window, stop_tolerance=tolerance)
+    full = procedures.full_batch_descent(model, objective, optim.gradient_descent(0.3), params,
+                                         x, targets, **options)
+    picked = procedures.misclassified_descent(
+        model, objective, optim.gradient_descent(0.3), params, x, targets,
+        key=jax.random.key(0), batch_size=40, pick=lambda p, x, t: jnp.arange(x.shape[0]),
+        **options)
+    assert int(np.min(picked.history["wrong"])) > 0  # every step had a misclassified example
+    assert (int(full.stop_step) < 12) == fires  # E falls at every step, by less and less
+    assert int(picked.stop_step) == int(full.stop_step)
+    np.testing.assert_allclose(picked.history["energy"], full.history["energy"], rtol=1e-6)
+    assert_close_tree(picked.params, full.params, jnp.float32, "every example picked")
+
+
+def test_misclassified_state_energy_is_e_of_its_params():
+    """state.energy (experiments.lecture's final_energy) and the last record's energy are E
+    of the state's params on the whole set, not E before the last update."""
+    model, params, x, targets = small_problem()
+    objective = losses.lecture_objective(0.1)
+    procedure = procedures.misclassified(model, objective, optim.gradient_descent(0.5), x,
+                                         targets, batch_size=8, stop_window=100)
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 5)
+
+    def energy(p):
+        return float(objective.value(p, model.apply(p, x), targets))
+
+    assert energy(state.params) != pytest.approx(energy(params), rel=1e-3)
+    assert float(state.energy) == pytest.approx(energy(state.params), rel=1e-6)
+    assert float(records["energy"][-1]) == float(state.energy)
+    wrong = np.sum(np.asarray(metrics.predicted_labels(model.apply(state.params, x)))
+                   != np.asarray(metrics.target_labels(targets)))
+    assert int(records["wrong"][-1]) == int(wrong)

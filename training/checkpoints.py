@@ -8,6 +8,11 @@ deleted only after a newer one is complete and verified, so the only good checkp
 removed first. An invalid checkpoint found on restore is moved to `DIR/../corrupt/<step>/`
 (kept for inspection), and restore falls back to the previous one, saying so.
 
+A valid checkpoint whose arrays differ from the state to restore (another tree structure, a
+shape or a dtype: another model or config, or a float64 run resumed without x64) is not
+corrupt: restore raises `training.config.ConfigError` naming the first leaf that differs and
+leaves every checkpoint in place. Orbax would otherwise fail on it, or cast it silently.
+
 PRNG keys are saved as raw key data (`jax.random.key_data`): the state holds them that way.
 """
 from __future__ import annotations
@@ -21,7 +26,10 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from training.config import ConfigError
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -49,6 +57,31 @@ def _files(root: pathlib.Path) -> dict[str, str]:
     }
 
 
+def _leaf_path(path: tuple) -> str:
+    """A jax key path as orbax names the stored leaf: 'params/0/w'."""
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+                    for key in path)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{leaf path: (shape, dtype)} of a tree whose leaves have .shape and .dtype (arrays,
+    ShapeDtypeStructs, orbax's array metadata), in the tree's leaf order."""
+    return {_leaf_path(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(stored: dict, expected: dict) -> list[str]:
+    """'path stored S, expected E' for every leaf whose shape or dtype differs, or that only
+    one side has ('nothing' on the other): `expected`'s leaves in order, then stored-only."""
+    def describe(spec):
+        return "nothing" if spec is None else f"{spec[0]} {spec[1].name}"
+
+    paths = list(expected) + [path for path in stored if path not in expected]
+    return [f"{path} stored {describe(stored.get(path))}, expected "
+            f"{describe(expected.get(path))}"
+            for path in paths if stored.get(path) != expected.get(path)]
+
+
 class Checkpointer:
     """Save and restore numbered checkpoints of one pytree in `directory`, keeping `keep`."""
 
@@ -64,6 +97,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=None,
                                                  enable_async_checkpointing=False),
+            item_handlers=ocp.StandardCheckpointHandler(),  # so that item_metadata reads
         )
 
     def steps(self) -> list[int]:
@@ -107,17 +141,19 @@ class Checkpointer:
 
         `like` is a pytree with the structure, shapes and dtypes of the state. Invalid
         checkpoints newer than the one restored are set aside with a message. If checkpoints
-        exist but none is valid, raises CheckpointError.
+        exist but none is valid, raises CheckpointError. If the newest valid checkpoint's
+        tree structure, shapes or dtypes differ from `like`'s, raises ConfigError naming the
+        first leaf that differs, its stored and expected shape and dtype, and moves nothing.
         """
         found = self.steps()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         for step in reversed(found):
             if self.is_valid(step):
                 try:
-                    self._manager.reload()
-                    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-                    return step, state
-                except Exception as error:  # noqa: BLE001 - any failure means unusable
+                    return step, self._restore(step, abstract)
+                except ConfigError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - any other failure means unusable
                     self._set_aside(step, f"unusable, orbax could not read it ({error}); "
                                           "falling back to an earlier checkpoint")
                     continue
@@ -129,6 +165,26 @@ class Checkpointer:
                 f"corrupt (set aside in {self.directory.parent / 'corrupt'}); start a new run "
                 "or pass a fresh --workdir")
         return None
+
+    def _restore(self, step: int, abstract: Any) -> Any:
+        """Valid checkpoint `step` as the tree `abstract` (ShapeDtypeStruct leaves) describes;
+        ConfigError if its stored leaves differ from those, before orbax reads or casts
+        anything. Any other exception means orbax could not read the checkpoint."""
+        self._manager.reload()
+        metadata = self._manager.item_metadata(step)
+        if metadata is None:
+            raise CheckpointError(f"checkpoint {step} has no metadata")
+        stored = _leaf_specs(getattr(metadata, "tree", metadata))
+        expected = _leaf_specs(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True))
+        differences = _differences(stored, expected)
+        if differences:
+            more = f" (and {len(differences) - 1} more leaves)" if len(differences) > 1 else ""
+            raise ConfigError(
+                f"Checkpointer.restore_latest: checkpoint {step} in {self.directory} does not "
+                f"match the state to restore: {differences[0]}{more}; the checkpoint is left "
+                "in place. Resume with the config and precision (jax_enable_x64) it was saved "
+                "with, or pass a fresh --workdir")
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def _set_aside(self, step: int, reason: str) -> None:
         target = self.directory.parent / "corrupt" / str(step)

@@ -31,7 +31,12 @@ def passes_for(updates: int, examples: int, batch_size: int, records: int) -> tu
 
     The batch is min(batch_size, examples); a pass over `examples` makes
     ceil(examples / batch) updates, and each chunk is a whole number of passes (at least one).
+    Every argument must be >= 1 (ValueError).
     """
+    for name, value in (("updates", updates), ("examples", examples),
+                        ("batch_size", batch_size), ("records", records)):
+        if value < 1:
+            raise ValueError(f"passes_for: {name} must be >= 1, got {value}")
     batch = min(batch_size, examples)
     per_pass = math.ceil(examples / batch)
     return max(1, math.ceil(updates / (per_pass * records))), batch
@@ -41,9 +46,13 @@ def labelled_subsets(x_train, y_train, size, seeds, base_seed, *, classes):
     """(x, targets) of shape (seeds, size, ...) and (seeds, size, classes): a random subset of
     `size` examples per seed, without repeats, with one-hot targets.
 
-    x_train: (n, ...); y_train: (n,) integer labels in 0..classes-1. Seed s draws its subset
-    from the numpy seed sequence [base_seed, s, size]: the same arguments give the same subsets.
+    x_train: (n, ...); y_train: (n,) integer labels in 0..classes-1; 1 <= size <= n, else
+    ValueError. Seed s draws its subset from the numpy seed sequence [base_seed, s, size]: the
+    same arguments give the same subsets.
     """
+    if not 1 <= size <= len(x_train):
+        raise ValueError(f"labelled_subsets: size must be in [1, {len(x_train)}] (the examples "
+                         f"given), got {size}")
     picks = [np.random.default_rng([base_seed, seed, size]).permutation(len(x_train))[:size]
              for seed in range(seeds)]
     return (jnp.asarray(np.stack([x_train[p] for p in picks])),

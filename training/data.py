@@ -34,7 +34,6 @@ import http.client
 import math
 import os
 import pathlib
-import sys
 import tempfile
 import urllib.request
 import zlib
@@ -200,16 +199,14 @@ def _locate(relpath: str) -> pathlib.Path | None:
     return None
 
 
-def _show_progress() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
 def _copy_with_digest(response, out, digest, description: str) -> None:
     """Copy ``response`` to ``out`` in chunks, feeding ``digest``; a bar only for a person."""
     from tqdm import tqdm
 
+    from training.logbook import interactive  # here: loading data needs neither JAX nor tqdm
+
     total = int(response.headers.get("Content-Length") or 0) or None
-    hidden = not _show_progress()
+    hidden = not interactive()
     with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=hidden) as progress:
         for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
             digest.update(chunk)
@@ -405,9 +402,10 @@ def _parse_file(path: pathlib.Path, relpath: str, parse: Callable[[bytes], objec
         raise DataError(f"{path}: {err}. " + _how_to_obtain(relpath)) from None
 
 
-def _check_split(split: str) -> None:
+def _check_split(split: str, function: str) -> None:
+    """ValueError naming `function` unless split is one of _SPLITS."""
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        raise ValueError(f"{function}: split must be one of {_SPLITS}, got {split!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,21 +435,25 @@ def load_usps(split: str, *, download: bool = True) -> tuple[np.ndarray, np.ndar
       images: (n, 256) float32 in [-1, 1], 16x16 row-major as in the file, background -1;
       labels: (n,) int32 in 0..9.
     """
-    _check_split(split)
+    _check_split(split, "load_usps")
     relpath = f"usps/zip.{split}.gz"
     return _parse_file(fetch(relpath, download=download), relpath, _parse_usps)
 
 
 def load_usps_splits(train_examples: int = 0, test_examples: int = 0):
     """((x_train, labels_train), (x_test, labels_test)) of `load_usps`, each cut to its first
-    `train_examples` / `test_examples` digits (0: all 7,291 / 2,007); more than there are is
-    a DataError naming the split."""
+    `train_examples` / `test_examples` digits (0: all 7,291 / 2,007); a negative count is a
+    ValueError, more than there are a DataError naming the split."""
+    for name, limit in (("train_examples", train_examples), ("test_examples", test_examples)):
+        if limit < 0:  # images[:-5] would quietly drop the last digits
+            raise ValueError(f"load_usps_splits: {name} must be >= 0 (0: all of them), got "
+                             f"{limit}")
     splits = []
     for split, limit in (("train", train_examples), ("test", test_examples)):
         images, labels = load_usps(split)
         if limit > images.shape[0]:
-            raise DataError(f"usps {split}: asked for the first {limit} digits, there are "
-                            f"{images.shape[0]}")
+            raise DataError(f"load_usps_splits: usps {split}: asked for the first {limit} "
+                            f"digits, there are {images.shape[0]}")
         splits.append((images[:limit], labels[:limit]) if limit else (images, labels))
     return tuple(splits)
 
@@ -474,7 +476,7 @@ def load_mnist(split: str, *, download: bool = True) -> tuple[np.ndarray, np.nda
     Returns:
       images: (n, 784) float32 in [0, 1], 28x28 row-major; labels: (n,) int32 in 0..9.
     """
-    _check_split(split)
+    _check_split(split, "load_mnist")
     prefix = "t10k" if split == "test" else "train"
     images_relpath = f"mnist/{prefix}-images-idx3-ubyte.gz"
     labels_relpath = f"mnist/{prefix}-labels-idx1-ubyte.gz"
@@ -503,10 +505,12 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """labels: (n,) integers in [0, num_classes) -> (n, num_classes) float32 one-hot rows."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+        raise ValueError(f"one_hot: labels must be a 1-d integer array, got {labels.dtype} "
+                         f"{labels.shape}")
     outside = (labels < 0) | (labels >= num_classes)
     if outside.any():
-        raise ValueError(f"labels must be in 0..{num_classes - 1}, found {labels[outside][0]}")
+        raise ValueError(f"one_hot: labels must be in 0..{num_classes - 1}, found "
+                         f"{labels[outside][0]}")
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
@@ -537,14 +541,15 @@ def split(
     """
     n = len(images)
     if len(labels) != n:
-        raise ValueError(f"images and labels differ in length: {n} != {len(labels)}")
+        raise ValueError(f"split: images and labels differ in length: {n} != {len(labels)}")
     fractions = np.asarray(fractions, dtype=np.float64)
     if fractions.ndim != 1 or not np.isclose(fractions.sum(), 1.0, rtol=0, atol=1e-9):
-        raise ValueError(f"fractions must sum to 1, got {fractions.tolist()}")
+        raise ValueError(f"split: fractions must sum to 1, got {fractions.tolist()}")
     bounds = np.round(np.cumsum(fractions) * n).astype(np.int64)
     bounds[-1] = n
     sizes = np.diff(bounds, prepend=0)
     if (sizes <= 0).any():
-        raise ValueError(f"fractions {fractions.tolist()} of {n} examples give sizes {sizes}")
+        raise ValueError(f"split: fractions {fractions.tolist()} of {n} examples give sizes "
+                         f"{sizes}, each must be >= 1")
     parts = np.split(np.random.default_rng(seed).permutation(n), bounds[:-1])
     return tuple((images[part], labels[part]) for part in parts)

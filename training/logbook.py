@@ -5,8 +5,9 @@ so a killed run keeps everything written before the kill) and the same scalars t
 event files in `tensorboard/` (tensorboardX). On resume it first drops the lines past the
 restored step, so the file always describes one uninterrupted run.
 
-`Progress` shows a tqdm bar with the current loss and rate when stdout is a terminal and `CI`
-is not set; otherwise it prints one short line every `every` steps.
+`Progress` shows a tqdm bar with the current loss and rate when stderr, the stream tqdm writes
+to, is a terminal and `CI` is not set; otherwise it prints one short line to stdout every
+`every` steps.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ _TENSORBOARD_QUEUE = 100_000  # events held for tensorboardX's writer thread
 
 
 def interactive() -> bool:
-    """Whether to draw progress bars: stdout is a terminal and CI is not set."""
-    return sys.stdout.isatty() and not os.environ.get("CI")
+    """Whether to draw progress bars: stderr, where tqdm draws them, is a terminal and CI is
+    not set. The one test for every bar (`Progress`, data downloads, layer profiles)."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

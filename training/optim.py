@@ -5,27 +5,41 @@ this module adds the rule of the lecture and LeCun's diagonal second-order steps
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState",
            "lecun1998_schedule"]
 
 
+def _is_positive_finite(value: Any) -> bool:
+    """Whether value is a number > 0 and finite; a bool is not a number here."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        return value > 0 and math.isfinite(value)
+    except TypeError:  # not a number at all
+        return False
+
+
 def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
     """The lecture's rule w <- w - eta * dE/dw, with no state.
 
     Args:
-      learning_rate: eta > 0.
+      learning_rate: eta > 0 and finite (ValueError otherwise, and for a bool).
     Returns:
       A stateless `optax.GradientTransformation`; `optax.apply_updates(params, updates)`
       performs the step. Equal to `optax.sgd(eta)` without momentum.
     """
-    if not learning_rate > 0:
-        raise ValueError(f"gradient_descent: learning_rate must be > 0, got {learning_rate}")
+    if not _is_positive_finite(learning_rate):
+        raise ValueError(f"gradient_descent: learning_rate must be > 0 and finite, got "
+                         f"{learning_rate}")
 
     def init(params):
         del params
@@ -59,15 +73,19 @@ def diagonal_levenberg_marquardt(
     mu > 0 keeps the step finite where h is near 0.
 
     Args:
-      learning_rate: eta > 0, or an optax schedule of the update count.
-      mu: the damping mu > 0.
+      learning_rate: eta > 0 and finite, or an optax schedule of the update count.
+      mu: the damping mu > 0, finite.
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state holds h (zeros until the first
       estimate, which makes the first steps plain descent with step eta / mu).
+    Raises:
+      ValueError for a learning rate or mu that is not a finite number > 0 (or a bool).
     """
-    if not (callable(learning_rate) or learning_rate > 0) or not mu > 0:
-        raise ValueError(f"diagonal_levenberg_marquardt: learning_rate and mu must be > 0, got "
-                         f"{learning_rate} and {mu}")
+    if not (callable(learning_rate) or _is_positive_finite(learning_rate)):
+        raise ValueError(f"diagonal_levenberg_marquardt: learning_rate must be > 0 and finite "
+                         f"(or a schedule), got {learning_rate}")
+    if not _is_positive_finite(mu):
+        raise ValueError(f"diagonal_levenberg_marquardt: mu must be > 0 and finite, got {mu}")
 
     def init(params):
         return DiagonalLevenbergMarquardtState(jax.tree.map(jnp.zeros_like, params),
@@ -86,7 +104,15 @@ def diagonal_levenberg_marquardt(
 def lecun1998_schedule(learning_rate: float, updates_per_pass: int) -> optax.Schedule:
     """The step-size schedule of LeCun et al. 1998 (Appendix C) for SDLM, by update count:
     eta for 2 passes, then x0.4, and x0.5 after 5 and 8 passes, x0.2 after 12 (from 5e-4:
-    5e-4, 2e-4, 1e-4, 5e-5, 1e-5)."""
+    5e-4, 2e-4, 1e-4, 5e-5, 1e-5). ValueError unless learning_rate is > 0 and finite and
+    updates_per_pass an integer >= 1 (at 0 or fewer the passes' boundaries collapse)."""
+    if not _is_positive_finite(learning_rate):
+        raise ValueError(f"lecun1998_schedule: learning_rate must be > 0 and finite, got "
+                         f"{learning_rate}")
+    if (isinstance(updates_per_pass, (bool, np.bool_))
+            or not isinstance(updates_per_pass, numbers.Integral) or updates_per_pass < 1):
+        raise ValueError(f"lecun1998_schedule: updates_per_pass must be an integer >= 1, got "
+                         f"{updates_per_pass}")
     return optax.piecewise_constant_schedule(learning_rate, {
         2 * updates_per_pass: 0.4, 5 * updates_per_pass: 0.5, 8 * updates_per_pass: 0.5,
         12 * updates_per_pass: 0.2})

@@ -36,6 +36,7 @@ per pass and repeats only a pass that went wrong, step by step (its docstring);
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -78,13 +79,25 @@ __all__ = [
 Monitor = Callable[[Any], dict]
 
 
-class Guard(NamedTuple):
-    """How steps with a non-finite energy or gradient are handled (module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """How steps with a non-finite energy or gradient are handled (module docstring).
+
+    factor: each rejection multiplies the learning rate by it, in (0, 1); max_failures: the
+    consecutive rejections, >= 1, after which the run fails; nan_steps, nan_leaf: where NaN
+    gradients are injected, for tests. ValueError for a factor or max_failures outside those.
+    """
 
     factor: float = 0.5
     max_failures: int = 5
     nan_steps: tuple[int, ...] = ()
     nan_leaf: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.factor < 1:  # nan fails both comparisons
+            raise ValueError(f"Guard: factor must be in (0, 1), got {self.factor}")
+        if not self.max_failures >= 1:
+            raise ValueError(f"Guard: max_failures must be >= 1, got {self.max_failures}")
 
 
 DEFAULT_GUARD = Guard()
@@ -349,8 +362,12 @@ def misclassified(
     `training.parallel.pick_hardest_misclassified` returns) replaces the uniform draw, e.g.
     to take the misclassified examples with the largest per-example gradient norm.
 
-    record["wrong"] is the number of misclassified training examples before each step, and
-    record["energy"] the cost on the whole set before it.
+    A step makes two forward passes over the whole set, one at the params to find the
+    misclassified examples and one after the update, so that state.energy is E(state.params)
+    and the stopping rule counts updates as in `full_batch` (a window of k steps judges k
+    updates), plus a forward and backward pass over the batch. record["energy"] is E on the
+    whole set after each step, record["wrong"] the number of misclassified training examples
+    after it, and the monitor sees the params after it.
     """
     examples = x.shape[0]
     if not 1 <= batch_size <= examples:
@@ -370,9 +387,7 @@ def misclassified(
 
     def step(state, index):
         key, pick_key = _split(state.key)
-        outputs = model.apply(state.params, x)
-        energy = objective.value(state.params, outputs, targets)
-        wrong = predicted_labels(outputs) != true_labels
+        wrong = predicted_labels(model.apply(state.params, x)) != true_labels
         wrong_count = jnp.sum(wrong)
         weights = jnp.where(wrong_count > 0, wrong / jnp.maximum(wrong_count, 1), 1 / examples)
         if pick is None:
@@ -382,16 +397,22 @@ def misclassified(
             picked = chosen[0] if isinstance(chosen, tuple) else chosen
         _, grad = batch_value_and_grad(state.params, x[picked], targets[picked])
         grad = _inject_nan(guard, grad, index)
-        ok, bad_leaf = _finite(energy, grad)
         updates, new_opt_state = optimizer.update(grad, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, _scaled(updates, state.guard.lr_scale))
-        moved = state._replace(params=new_params, opt_state=new_opt_state)
-        proposal = _select(ok & (wrong_count > 0), moved, state)._replace(
-            key=key, energy=energy,
-            guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
-        stop = _stop_update(state.stop, energy, index, stop_tolerance, wrong_count == 0)
+        new_outputs = model.apply(new_params, x)
+        new_energy = objective.value(new_params, new_outputs, targets)
+        ok, bad_leaf = _finite(new_energy, grad)
+        moves = ok & (wrong_count > 0)
+        moved = state._replace(params=new_params, opt_state=new_opt_state, energy=new_energy)
+        proposal = _select(moves, moved, state)._replace(
+            key=key, guard=_guard_update(guard, state.guard, ok, bad_leaf, index))
+        # misclassified at the params the step ends with (a frozen run keeps its own)
+        still_wrong = jnp.where(moves & ~_frozen(state),
+                                jnp.sum(predicted_labels(new_outputs) != true_labels),
+                                wrong_count)
+        stop = _stop_update(state.stop, proposal.energy, index, stop_tolerance, still_wrong == 0)
         return _finish(state, proposal._replace(stop=stop), index, None, monitor,
-                       {"wrong": wrong_count, "rejected": ~ok}, record_params=state.params)
+                       {"wrong": still_wrong, "rejected": ~ok})
 
     return Procedure(init, step)
 
@@ -408,7 +429,10 @@ def curvature_on_subset(model: Layer, objective: Objective, x: jax.Array,
                         targets: jax.Array, examples: int) -> Callable[[Any], Any]:
     """`curvature(params) -> h` for `stochastic_passes`: the Gauss-Newton diagonal
     (`engines.curvature_diagonal`) averaged over the first `examples` of x (all of them when
-    there are fewer), as LeCun et al. 1989 re-estimate it on a subset before each pass."""
+    there are fewer), as LeCun et al. 1989 re-estimate it on a subset before each pass.
+    examples < 1 is a ValueError."""
+    if examples < 1:
+        raise ValueError(f"curvature_on_subset: examples must be >= 1, got {examples}")
     diagonal = engines.curvature_diagonal(model, objective)
     subset = min(examples, x.shape[0])
     return lambda params: diagonal(params, x[:subset], targets[:subset])
@@ -573,7 +597,10 @@ def online(
 
     With curvature_every = k (for `optim.diagonal_levenberg_marquardt`), LeCun's diagonal h
     (`engines.curvature_diagonal`) is backpropagated on the step's batch at the first of every
-    k updates of a record, handed to the optimizer as curvature=h, and kept in between."""
+    k updates of a record, handed to the optimizer as curvature=h, and kept in between.
+    steps_per_record < 1 is a ValueError."""
+    if steps_per_record < 1:
+        raise ValueError(f"online: steps_per_record must be >= 1, got {steps_per_record}")
     value_and_grad = engine(model, objective)
     if curvature_every is not None and curvature_every < 1:
         raise ValueError(f"online: curvature_every must be >= 1 (or None), got "
@@ -618,7 +645,7 @@ def online(
     return Procedure(init, step)
 
 
-def _finish(state, proposal, index, stop_tolerance, monitor, record, record_params=None):
+def _finish(state, proposal, index, stop_tolerance, monitor, record):
     """Freeze a stopped or failed run, update the stop rule, and build the step's record."""
     if stop_tolerance is not None:
         proposal = proposal._replace(
@@ -630,7 +657,7 @@ def _finish(state, proposal, index, stop_tolerance, monitor, record, record_para
               **{name: value & ~frozen if value.dtype == jnp.bool_ else value
                  for name, value in record.items()}}
     if monitor is not None:
-        record.update(monitor(new_state.params if record_params is None else record_params))
+        record.update(monitor(new_state.params))
     return new_state, record
 
 
@@ -646,7 +673,9 @@ def run_steps(procedure: Procedure, state: TrainState, start, length: int):
 
 
 def run(procedure: Procedure, params: Any, key: jax.Array, steps: int) -> TrainResult:
-    """A whole run from params: `steps` steps as one scan."""
+    """A whole run from params: `steps` (>= 1, else ValueError) steps as one scan."""
+    if steps < 1:
+        raise ValueError(f"run: steps must be >= 1, got {steps}")
     state, history = run_steps(procedure, procedure.init(params, key), 0, steps)
     return TrainResult(state.params, history, stop_step(state.stop, steps), state.perturbations)
 
