@@ -80,7 +80,9 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
     """Multi-output sigmoid cross-entropy, mean over examples, sum over outputs.
 
     from_logits=True: outputs are the logits z and the value is computed stably as
-        (1/m) sum [max(z, 0) - y z + log(1 + exp(-|z|))],
+        (1/m) sum [softplus(z) - y z],  softplus(z) = log(1 + exp(z)) = max(z, 0) + log(1 +
+    exp(-|z|)), written with jax.nn.softplus so that jax.grad of the value has its slope
+    sigmoid(0) = 1/2 at z = 0 (the max/abs form's subgradients gave jax.grad -y there),
     with gradient (sigmoid(z) - y)/m: the lecture's output error dE/ds times the sigmoid
     derivative s(1 - s), simplified (the product is exact; the simplification avoids 0/0
     when s rounds to 0 or 1).
@@ -91,7 +93,7 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
 
         def value(z, y):
             m = z.shape[0]
-            per_output = jnp.maximum(z, 0) - y * z + jnp.log1p(jnp.exp(-jnp.abs(z)))
+            per_output = jax.nn.softplus(z) - y * z
             return jnp.sum(per_output) / m
 
         def grad(z, y):
@@ -205,6 +207,7 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 
     A Python lambda of 0 gives an exact 0 without touching the weights (so that XLA drops
     the sums, and an infinite weight does not make the penalty NaN)."""
+    _check_l2("l2_penalty", l2)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if _is_zero(l2):
         arrays = [leaf for _, leaf in leaves]
@@ -216,10 +219,18 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 def l2_penalty_grad(params: Any, l2: float, m: int) -> Any:
     """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest (all 0 for a
     Python lambda of 0)."""
+    _check_l2("l2_penalty_grad", l2)
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: (l2 / m) * leaf if is_weight(path) and not _is_zero(l2)
         else jnp.zeros_like(leaf), params
     )
+
+
+def _check_l2(name: str, l2: Any) -> None:
+    """A Python lambda below 0 (or NaN) would reward large weights: ValueError. A traced one
+    (swept under vmap) is the caller's to check."""
+    if isinstance(l2, (int, float)) and not l2 >= 0:
+        raise ValueError(f"{name}: the L2 coefficient lambda must be >= 0, got {l2}")
 
 
 def _is_zero(l2: Any) -> bool:

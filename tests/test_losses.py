@@ -147,3 +147,33 @@ def test_lecun1998_map_by_hand_and_as_softmax_without_its_rubbish_class():
 def test_lecture_objective_rejects_negative_lambda():
     with pytest.raises(ValueError, match="l2 must be >= 0, got -1"):
         losses.lecture_objective(-1)
+    for objective in (nets.Objective(losses.mean_squared_error(), -0.5),
+                      nets.Objective(losses.softmax_cross_entropy(), float("nan"))):
+        params, outputs = {"w": jnp.ones((2, 2))}, jnp.zeros((3, 2))
+        with pytest.raises(ValueError, match=r"l2_penalty: the L2 coefficient lambda must be "
+                                             r">= 0, got"):
+            objective.value(params, outputs, outputs)
+        with pytest.raises(ValueError, match=r"l2_penalty_grad: the L2 coefficient lambda"):
+            losses.l2_penalty_grad(params, objective.l2, 3)
+
+
+def test_sigmoid_cross_entropy_at_logits_of_exactly_zero():
+    """dE/dz = (sigmoid(0) - y)/m = (1/2 - y)/m, by hand, from the hand-written gradient and
+    from jax.grad of the value alike (a value written with max(z, 0) and |z| gave jax.grad -y
+    there, so the autodiff reference disagreed with the manual engine on a net whose logits
+    are 0: a Dense with zero params, relative error 0.78)."""
+    loss = losses.sigmoid_cross_entropy()
+    z = jnp.zeros((2, 3), jnp.float64)
+    y = jnp.array([[0.0, 1.0, 0.3], [1.0, 0.0, 0.5]])
+    expected = (0.5 - y) / 2
+    np.testing.assert_allclose(loss.grad(z, y), expected, rtol=F64)
+    np.testing.assert_allclose(jax.grad(loss.value)(z, y), expected, rtol=F64)
+    model = nets.Dense(3)
+    params = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), (-1, 4))[1])
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
+    objective = losses.lecture_objective(0.0)
+    manual = nets.engines.manual(model, objective)(params, x, y)[1]
+    autodiff = nets.engines.autodiff(model, objective)(params, x, y)[1]
+    assert_close_tree(manual, autodiff, jnp.float64, "zero logits")
+    np.testing.assert_allclose(manual["b"], jnp.sum(0.5 - y, axis=0) / 2, rtol=F64)
