@@ -2,8 +2,9 @@
 
 `count(model, input_shape)` walks a model's layers (descending into `serial`, into each
 branch of `parallel` and `residual`, all on the same input, into
-`nets.models.channel_groups` group by group, and into `TimeDistributed` once for all steps,
-its units, connections and multiply-adds times the steps), takes every layer's output shape
+`nets.models.channel_groups` group by group, into the layer `dropout_after` wraps, and into
+`TimeDistributed` once for all steps, its units, connections and multiply-adds times the
+steps), takes every layer's output shape
 and parameter shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated:
 AlexNet's 61 M parameters cost nothing), and applies the rule of the layer's kind. Per
 example:
@@ -270,6 +271,8 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
             input_shape, sub_rows = _walk(sublayer, input_shape)
             rows += sub_rows
         return input_shape, rows
+    if kind == "dropout_after":  # the wrapped layer's counts; dropout adds none
+        return _walk(_closure_value(layer, "forward", "layer"), input_shape)
     output_shape, params = _shapes(layer, input_shape)
     if not jax.tree.leaves(params) and kind not in RULES:
         return output_shape, []

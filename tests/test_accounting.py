@@ -211,3 +211,19 @@ def test_recurrent_layers_count_every_step(kind, gates, peepholes, extra_biases)
     biases = (gates + extra_biases) * 4
     assert (row.kind, row.units, row.params) == ("rnn", 5 * gates * 4, weights + biases)
     assert (row.connections, row.macs) == (5 * (weights + biases), 5 * weights)
+
+
+def test_dropout_after_counts_as_the_layer_it_wraps():
+    """A Dense(3) on 4 inputs, by hand: 3 units, 4 x 3 + 3 = 15 params, 15 connections, 12
+    multiply-adds, with or without dropout on its output; a recurrent stack with dropout
+    between its layers counts as the same stack without."""
+    from nets import recurrent
+
+    wrapped = accounting.count(serial(pooling.dropout_after(Dense(3, name="d"), 0.5)), (1, 4))
+    assert [(row.name, row.units, row.params, row.connections, row.macs)
+            for row in wrapped.layers[1:]] == [("d", 3, 15, 15, 12)]
+    stacks = [accounting.count(recurrent.sequence_model([recurrent.lstm(8), recurrent.lstm(8)],
+                                                        5, dropout=rate), (1, 6, 5))
+              for rate in (0.0, 0.5)]
+    assert [stack.params for stack in stacks] == [stacks[0].params] * 2
+    assert stacks[0].params == 4 * (5 + 8 + 1) * 8 + 4 * (8 + 8 + 1) * 8 + 8 * 5 + 5
