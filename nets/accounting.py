@@ -4,10 +4,9 @@
 branch of `parallel` and `residual`, all on the same input, into
 `nets.models.channel_groups` group by group, into the layer `dropout_after` wraps, and into
 `TimeDistributed` once for all steps, its units, connections and multiply-adds times the
-steps), takes every layer's output shape
-and parameter shapes from its own `init` (under `jax.eval_shape`, so nothing is allocated:
-AlexNet's 61 M parameters cost nothing), and applies the rule of the layer's kind. Per
-example:
+steps), takes every layer's output shape and parameter shapes from its own `init` (under
+`jax.eval_shape`, so nothing is allocated: AlexNet's 61 M parameters cost nothing), and
+applies the rule of the layer's kind. Per example:
 
     units        the outputs of a layer with weights (its neurons; the activation that follows
                  belongs to the same units). The inputs are counted apart (`inputs`), and
