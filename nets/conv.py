@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Layer
+from nets.layers import Layer, is_count
 
 __all__ = [
     "Conv2D",
@@ -83,7 +83,7 @@ def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, i
         values = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     except TypeError:
         values = ()
-    if len(values) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
+    if len(values) != 2 or not all(is_count(v) and v >= 1 for v in values):
         raise ValueError(f"{layer_name}: {what} must be a positive int or pair, got {value!r}")
     return int(values[0]), int(values[1])
 
@@ -149,13 +149,13 @@ def _validate_padding(padding, name: str):
                              "((top, bottom), (left, right))")
         return padding.upper()
     try:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        pads = tuple((lo, hi) for lo, hi in padding)
     except (TypeError, ValueError):
         pads = ()
-    if len(pads) != 2 or min(min(p) for p in pads) < 0:
+    if len(pads) != 2 or not all(is_count(p) and p >= 0 for side in pads for p in side):
         raise ValueError(f"{name}: padding {padding!r}; use 'VALID', 'SAME' or "
                          "((top, bottom), (left, right)) with non-negative ints")
-    return pads
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
 def _output_size(size: int, k: int, s: int, lo: int, hi: int) -> int:
@@ -834,16 +834,16 @@ def Conv2D(
         dx = full correlation of the stride-dilated dy with the flipped, in/out-swapped kernel
              (`conv2d_backward_input`), with the padding border sliced off.
     """
-    if out_channels < 1:
-        raise ValueError(f"{name}: out_channels must be >= 1, got {out_channels}")
+    if not is_count(out_channels) or out_channels < 1:
+        raise ValueError(f"{name}: out_channels must be an int >= 1, got {out_channels!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{name}: implementation must be one of {IMPLEMENTATIONS}, got "
                          f"{implementation!r}")
     kernel = pair(kernel_size, "kernel_size", name)
     strides = pair(stride, "stride", name)
     padding = _validate_padding(padding, name)
-    groups = int(feature_group_count)
-    if groups < 1 or out_channels % groups:
+    groups = feature_group_count
+    if not is_count(groups) or groups < 1 or out_channels % groups:
         raise ValueError(f"{name}: feature_group_count {feature_group_count} must be >= 1 and "
                          f"divide out_channels {out_channels}")
     mask = None
@@ -935,8 +935,8 @@ def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> st
     if padding == "SAME":
         lo, hi = (out - 1) * s + 1, out * s
     else:
-        lo = max((out - 1) * s + k - sum(pads), 1)
-        hi = lo + s - 1
+        smallest = (out - 1) * s + k - sum(pads)  # may be < 1: padding alone fits the kernel
+        lo, hi = max(smallest, 1), smallest + s - 1
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 

@@ -156,6 +156,12 @@ def weight_gradient(x: jax.Array, dy: jax.Array) -> jax.Array:
     return x.T @ dy
 
 
+def is_count(value) -> bool:
+    """Whether value is an int (Python's or NumPy's) and not a bool: a size, a stride, a pad.
+    A float such as 2.5 would be truncated by int() and True read as 1, both silently."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def Dense(
     out_features: int,
     w_init: initializers.Initializer | None = None,
@@ -168,8 +174,8 @@ def Dense(
     Backward, the lecture's recursion with dy = dE/d(pre-activation):
         dw = x^T @ dy,   db = sum_batch dy,   dx = dy @ w^T.
     """
-    if out_features < 1:
-        raise ValueError(f"{name}: out_features must be >= 1, got {out_features}")
+    if not is_count(out_features) or out_features < 1:
+        raise ValueError(f"{name}: out_features must be an int >= 1, got {out_features!r}")
     w_init = w_init or initializers.fan_in_uniform()
 
     def init(key, input_shape):

@@ -17,7 +17,7 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import check_image_input, pair
-from nets.layers import Layer, StaticShape, forward_with_key
+from nets.layers import Layer, StaticShape, forward_with_key, is_count
 
 __all__ = [
     "AvgPool",
@@ -313,8 +313,13 @@ def LocalResponseNorm(
         d2x[c] = d2y[c] d[c]^(-2 beta) (1 - 4 alpha beta x[c]^2 / d[c])
                  + 4 alpha^2 beta^2 x[c]^2 sum_{j in window(c)} d2y[j] x[j]^2 d[j]^(-2 beta - 2).
     """
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"{name}: size must be odd and >= 1, got {size}")
+    if not is_count(size) or size < 1 or size % 2 == 0:
+        raise ValueError(f"{name}: size must be an odd int >= 1, got {size!r}")
+    for argument, value, low in (("k", k, "> 0"), ("alpha", alpha, ">= 0"),
+                                 ("beta", beta, ">= 0")):
+        if not (value > 0 if low == "> 0" else value >= 0) or not np.isfinite(value):
+            # k = 0 makes d = 0 and y = 0 / 0 wherever a window is all zeros
+            raise ValueError(f"{name}: {argument} must be finite and {low}, got {value!r}")
     radius = size // 2
 
     def channel_window_sum(values):

@@ -303,6 +303,13 @@ def test_unshared_bias_rejects_other_spatial_sizes():
     with pytest.raises(ValueError, match=r"H1: input x has shape \(1, 12, 16, 1\), expected "
                                          r"\(batch, 15..16, 15..16, 1\)"):
         layer.forward(params, jnp.zeros((1, 12, 16, 1), jnp.float32))
+    # padding alone fits the kernel: only height 1 gives 3 rows ((n + 6 - 2) // 2 + 1), and
+    # the message must not offer 2 (it said 1..2 when its range started from the clamped 1)
+    padded = conv.Conv2D(2, 2, stride=2, padding=((3, 3), (0, 0)), unshared_bias=True, name="P")
+    _, padded_params = padded.init(jax.random.key(0), (-1, 1, 4, 1))
+    with pytest.raises(ValueError, match=r"P: input x has shape \(1, 2, 4, 1\), expected "
+                                         r"\(batch, 1, 4..5, 1\)"):
+        padded.forward(padded_params, jnp.zeros((1, 2, 4, 1), jnp.float32))
 
 
 def test_init_rejects_bad_shapes_and_arguments():
@@ -532,7 +539,14 @@ def test_unshared_bias_with_same_padding_names_the_input_sizes_that_fit():
     ({"padding": ((1, -1), (0, 0))}, r"padding \(\(1, -1\), \(0, 0\)\); use 'VALID', 'SAME' "
                                      r"or .* with non-negative ints"),
     ({"padding": 3}, r"padding 3; use 'VALID', 'SAME'"),
-    ({"out_channels": 0}, r"out_channels must be >= 1, got 0"),
+    ({"out_channels": 0}, r"out_channels must be an int >= 1, got 0"),
+    ({"out_channels": 2.5}, r"out_channels must be an int >= 1, got 2.5"),
+    ({"stride": True}, r"stride must be a positive int or pair, got True"),
+    ({"kernel_size": (3, 2.0)}, r"kernel_size must be a positive int or pair"),
+    # int() would have read these as ((1, 0), (0, 0)), silently
+    ({"padding": ((1.7, 0.2), (0, 0))}, r"padding \(\(1.7, 0.2\), \(0, 0\)\); use"),
+    ({"padding": (("1", "0"), (0, 0))}, r"padding \(\('1', '0'\), \(0, 0\)\); use"),
+    ({"feature_group_count": 2.5}, r"feature_group_count 2.5 must be >= 1 and divide "),
     ({"feature_group_count": 3}, r"feature_group_count 3 must be >= 1 and divide "
                                  r"out_channels 4"),
     ({"connection_table": np.full((2, 4), 2)}, r"connection_table must hold only 0/1"),

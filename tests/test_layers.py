@@ -113,8 +113,12 @@ def test_serial_rejects_wrong_params():
 
 
 def test_dense_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="out_features must be >= 1"):
+    with pytest.raises(ValueError, match="out_features must be an int >= 1, got 0"):
         layers.Dense(0)
+    for not_a_count in (2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"out_features must be an int >= 1, got "
+                                             rf"{not_a_count!r}"):
+            layers.Dense(not_a_count)
     with pytest.raises(ValueError, match="must be \\(batch, features\\)"):
         layers.Dense(3).init(jax.random.key(0), (2, 3, 4))
 

@@ -368,8 +368,17 @@ def test_pool_and_subsampling_reject_small_or_mismatched_inputs():
     with pytest.raises(ValueError, match=r"S2: input x has shape \(1, 28, 28, 4\), expected "
                                          r"\(batch, height >= 2, width >= 2, 6\)"):
         layer.forward(params, jnp.zeros((1, 28, 28, 4), jnp.float32))
-    with pytest.raises(ValueError, match="size must be odd"):
+    with pytest.raises(ValueError, match="size must be an odd int >= 1, got 4"):
         pooling.LocalResponseNorm(4)
+    for arguments, message in [({"k": 0.0}, "k must be finite and > 0, got 0.0"),
+                               ({"alpha": -1e-4}, "alpha must be finite and >= 0, got -0.0001"),
+                               ({"beta": float("nan")}, "beta must be finite and >= 0, got nan"),
+                               ({"size": 3.0}, "size must be an odd int >= 1, got 3.0")]:
+        with pytest.raises(ValueError, match=f"LRN: {message}"):
+            pooling.LocalResponseNorm(**arguments, name="LRN")
+    with pytest.raises(ValueError, match=r"MaxPool: window must be a positive int or pair, "
+                                         r"got True"):
+        pooling.MaxPool(True)
     with pytest.raises(ValueError, match="rate must lie in"):
         pooling.Dropout(1.0)
     with pytest.raises(ValueError, match=r"MaxPool: window \(6, 6\) has 36 positions; at most 31"):
