@@ -151,3 +151,46 @@ def test_the_environment_reaches_launched_processes(tmp_path):
     assert seen[0]["NETS_COORDINATOR"].startswith("127.0.0.1:")
     assert {s["NETS_NUM_PROCESSES"] for s in seen} == {"3"}
     assert os.environ.get(distributed.ENV_PROCESS_ID) is None  # the parent's is untouched
+
+
+def test_a_detected_cluster_that_never_assembles_exits_too(monkeypatch, capfd):
+    """With no settings JAX detects the cluster itself (SLURM, ...); a process whose peers
+    never arrive is stopped by the same watchdog (exit INIT_TIMEOUT_STATUS after the timeout,
+    with the message), where JAX used to abort after its own, longer deadline."""
+    import threading
+
+    exited = threading.Event()
+    statuses = []
+
+    def fake_exit(status):
+        statuses.append(status)
+        exited.set()
+
+    def detected_cluster_waits(**kwargs):
+        assert "coordinator_address" not in kwargs  # left to JAX's detection
+        exited.wait(10)
+        raise RuntimeError("the test's stand-in for a process that never returns")
+
+    monkeypatch.setattr(jax.distributed, "initialize", detected_cluster_waits)
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    for variable in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+                     distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(distributed.ENV_INIT_TIMEOUT, "0.5")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="stand-in"):
+        distributed.initialize()
+    assert statuses == [distributed.INIT_TIMEOUT_STATUS]
+    assert time.monotonic() - start < 5
+    assert "not every process arrived within 0.5 s" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-3", "inf"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(recorded_initialize, monkeypatch,
+                                                             timeout):
+    """0 used to be read as unset (300 s), and a negative one would fire at once."""
+    monkeypatch.setenv(distributed.ENV_INIT_TIMEOUT, timeout)
+    with pytest.raises(ValueError, match=rf"initialization_timeout must be > 0 seconds and "
+                                         rf"finite, got {float(timeout)}"):
+        distributed.initialize("127.0.0.1:1", 2, 0)
+    assert recorded_initialize == []

@@ -1,5 +1,6 @@
 """training/metrics.py against labels worked out by hand."""
 import jax.numpy as jnp
+import pytest
 
 import nets
 from training import metrics
@@ -24,3 +25,16 @@ def test_confusions_are_counted_and_ranked_by_hand():
     assert metrics.most_frequent_confusions([(2, 0, 3), (1, 6, 1), (2, 0, 1)]) == [
         (2, 0, 4), (1, 6, 1)]
     assert metrics.confusions_line([(3, 5, 2), (1, 7, 1)]) == "3\u21925 2, 1\u21927 1"
+
+
+def test_labels_need_one_row_per_example():
+    """1-D integer labels used to be read as one row: argmax over the batch, an error rate of
+    0.75 for one mistake in four."""
+    with pytest.raises(ValueError, match=r"target_labels: targets have shape \(4,\), expected "
+                                         r"\(batch, classes\), one row per example"):
+        metrics.target_labels(jnp.array([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match=r"predicted_labels: outputs have shape \(3,\)"):
+        metrics.predicted_labels(jnp.array([0.2, 0.9, 0.1]))
+    # a single column is a binary classifier, and a time axis gives a label per step
+    assert metrics.predicted_labels(jnp.array([[0.3], [-0.2]])).tolist() == [1, 0]
+    assert metrics.target_labels(jnp.array([[[0, 1], [1, 0]]])).tolist() == [[1, 0]]

@@ -433,6 +433,10 @@ def test_mean_over_devices_averages_every_leaf_and_keeps_dtypes():
     reductions = [line.split(" = ")[1].split(" all-reduce")[0] for line in hlo.splitlines()
                   if " all-reduce(" in line or " all-reduce-start(" in line]
     assert reductions == [f"(f64[9]{{0}}, f64[{parallel.SMALL_LEAF}]{{0}})"], reductions
+    counts = {"n": jnp.asarray(np.array([[1, 2], [2, 5]], np.int32))}  # means 1.5, 3.5
+    with pytest.raises(ValueError, match=r"mean_over_devices: leaves of dtypes \['int32'\]; "
+                                         r"expected floating-point leaves only"):
+        mapped(counts)
 
 
 @pytest.mark.parametrize("form", parallel.FORMS)
@@ -555,6 +559,10 @@ def test_bad_arguments_are_refused_by_name(mlp_case):
     with pytest.raises(ValueError, match="private_value_and_grad: noise_multiplier must be >= 0, "
                                          "got -1"):
         parallel.private_value_and_grad(model, objective, clip_norm=1.0, noise_multiplier=-1.0)
+    for clip_norm in (0.0, -1.0, float("nan")):  # -1 stepped against the gradient
+        with pytest.raises(ValueError, match=rf"private_value_and_grad: clip_norm must be > 0, "
+                                             rf"got {clip_norm}"):
+            parallel.private_value_and_grad(model, objective, clip_norm=clip_norm)
     with pytest.raises(ValueError, match="pick_hardest_misclassified: by='margin'; choose "
                                          "'grad_norm' or 'loss'"):
         parallel.pick_hardest_misclassified(model, objective, count=1, by="margin")

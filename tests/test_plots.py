@@ -85,3 +85,49 @@ def test_histogram_bars_share_bin_edges_and_refuse_empty_series(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 5_000
     with pytest.raises(ValueError, match=r"save_histogram: .*non-empty 1-d.*\(0,\)"):
         plots.save_histogram(tmp_path / "e.png", {"a": same, "b": []}, "x")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every call of Axes.scatter, axvline, imshow and set_title, recorded and then made."""
+    import matplotlib.axes
+
+    calls = []
+    for method in ("scatter", "axvline", "imshow", "set_title"):
+        original = getattr(matplotlib.axes.Axes, method)
+
+        def record(self, *args, _original=original, _method=method, **kwargs):
+            calls.append((_method, args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, method, record)
+    return calls
+
+
+def test_non_finite_values_are_counted_and_drawn_not_dropped(tmp_path, drawn):
+    """A NaN relative error is what a gradient plot must show: the strips draw it as a red
+    cross and count it; every reference line is drawn (there were 4 line styles for 6); a NaN
+    first in a scatter panel used to make its top NaN and hide every point."""
+    references = {f"tol{k}": 10.0**-k for k in range(1, 7)}
+    plots.save_strips(tmp_path / "e.png", ["m1", "m2"],
+                      {"float64": [("m1", float("nan")), ("m2", 1e-16)]}, "relative error",
+                      references=references)
+    assert [args[0] for method, args, _ in drawn if method == "axvline"] == list(
+        references.values())
+    crosses = [kwargs for method, _, kwargs in drawn if kwargs.get("marker") == "x"]
+    assert len(crosses) == 1 and "float64: 1 not finite" in crosses[0]["label"]
+    drawn.clear()
+    panel = {"title": "p", "xlabel": "x", "ylabel": "y",
+             "series": {"nan first": ([float("nan"), 1.0, 3.0], [1.0, 2.0, 3.0])}}
+    plots.save_scatter(tmp_path / "s.png", [panel])
+    (points,) = [args for method, args, _ in drawn if method == "scatter"]
+    assert list(points[0]) == [1.0, 3.0] and list(points[1]) == [2.0, 3.0]
+    titles = [args[0] for method, args, _ in drawn if method == "set_title"]
+    assert any("1 points <= 3e-12 or not finite not shown" in title for title in titles)
+
+
+def test_heatmaps_scale_down_to_a_negative_entry(tmp_path, drawn):
+    matrix = np.array([[-5.0, 1.0], [3.0, 0.0]])
+    plots.save_heatmaps(tmp_path / "h.png", [[matrix]], ["r"], ["c"], "x", "y")
+    (image,) = [kwargs for method, _, kwargs in drawn if method == "imshow"]
+    assert (image["vmin"], image["vmax"]) == (-5.0, 3.0)

@@ -130,7 +130,12 @@ def initialize(
     coordinator_address = _setting(coordinator_address, ENV_COORDINATOR, str)
     num_processes = _setting(num_processes, ENV_NUM_PROCESSES, int)
     process_id = _setting(process_id, ENV_PROCESS_ID, int)
-    timeout = _setting(initialization_timeout, ENV_INIT_TIMEOUT, float) or DEFAULT_INIT_TIMEOUT
+    timeout = _setting(initialization_timeout, ENV_INIT_TIMEOUT, float)
+    if timeout is None:
+        timeout = DEFAULT_INIT_TIMEOUT
+    if not (timeout > 0 and math.isfinite(timeout)):  # 0 was read as unset, < 0 fired at once
+        raise ValueError(f"distributed: initialization_timeout must be > 0 seconds and finite, "
+                         f"got {timeout}")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"distributed: num_processes must be >= 1, got {num_processes}")
     if num_processes is not None and process_id is not None and not (
@@ -147,12 +152,17 @@ def initialize(
     given = {name: value for name, value in given.items() if value is not None}
     if not given:
         # Let JAX detect a cluster (SLURM, Open MPI, TPU pod); none here means one process.
+        # The watchdog covers a detected cluster whose processes do not all arrive.
+        watchdog = _watchdog(timeout, "a process of the cluster JAX detected, waiting for the "
+                                      "others")
         try:
             jax.distributed.initialize(initialization_timeout=jax_timeout)
         except ValueError as error:
             if "coordinator_address" not in str(error):
                 raise
             return ProcessInfo(0, 1, None)
+        finally:
+            watchdog.cancel()
         return ProcessInfo(jax.process_index(), jax.process_count(), None)
 
     description = (f"process {given.get('process_id', '?')} of "

@@ -18,19 +18,30 @@ def predicted_labels(outputs: jax.Array, threshold: float = 0.0) -> jax.Array:
     """Class index per example: argmax over outputs (batch, classes).
 
     A single output (batch, 1) is a binary classifier: label 1 where the output exceeds
-    `threshold` (0 for logits or tanh outputs; pass 0.5 for sigmoid probabilities).
+    `threshold` (0 for logits or tanh outputs; pass 0.5 for sigmoid probabilities). Outputs
+    with more leading axes (batch, time, classes) give a label per position; a 1-D array is
+    a ValueError (its argmax would run over the batch).
     """
+    _check_rows("predicted_labels", "outputs", outputs)
     if outputs.shape[-1] == 1:
-        return (outputs[:, 0] > threshold).astype(jnp.int32)
+        return (outputs[..., 0] > threshold).astype(jnp.int32)
     return jnp.argmax(outputs, axis=-1)
 
 
 def target_labels(targets: jax.Array) -> jax.Array:
     """Class index per example from one-hot or +-1 rows; a single column (0/1 or +-1) is
-    label 1 where the target exceeds 0.5."""
+    label 1 where the target exceeds 0.5. Integer labels (batch,) are a ValueError: pass
+    them one-hot (`training.data.one_hot`)."""
+    _check_rows("target_labels", "targets", targets)
     if targets.shape[-1] == 1:
-        return (targets[:, 0] > 0.5).astype(jnp.int32)
+        return (targets[..., 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(targets, axis=-1)
+
+
+def _check_rows(name: str, what: str, array: jax.Array) -> None:
+    if jnp.ndim(array) < 2:
+        raise ValueError(f"{name}: {what} have shape {tuple(jnp.shape(array))}, expected "
+                         "(batch, classes), one row per example")
 
 
 def classification_error(

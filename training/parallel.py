@@ -192,6 +192,8 @@ def private_value_and_grad(
     if not noise_multiplier >= 0:
         raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
                          f"{noise_multiplier}")
+    if not clip_norm > 0:  # < 0 stepped against the gradient, NaN gave NaN
+        raise ValueError(f"private_value_and_grad: clip_norm must be > 0, got {clip_norm}")
     data_term = per_example_value_and_grad(model, objective._replace(l2=0.0), engine)
 
     def value_and_grad(params, x, targets, key=None):
@@ -342,9 +344,13 @@ def mean_over_devices(tree: Any) -> Any:
     2.0-2.4 / 1.5 / 1.5 ms, LeNet-5 8.6-9.3 / 7.6 / 7.7 ms, and a 256-768-10 MLP 1.5 / 2.5-4.5
     / 1.4 ms (XLA:CPU's concatenation of its 196,608-weight layer took 1.7 ms). Over one
     device the tree is returned as it is."""
+    leaves, treedef = jax.tree.flatten(tree)
+    integers = [str(leaf.dtype) for leaf in leaves if not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if integers:  # their mean would be truncated on the way back
+        raise ValueError(f"mean_over_devices: leaves of dtypes {sorted(set(integers))}; "
+                         "expected floating-point leaves only")
     if jax.lax.axis_size(BATCH_AXIS) == 1:
         return tree
-    leaves, treedef = jax.tree.flatten(tree)
     small = [i for i, leaf in enumerate(leaves) if np.size(leaf) < SMALL_LEAF]
     large = [i for i, leaf in enumerate(leaves) if np.size(leaf) >= SMALL_LEAF]
     flat, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in small])

@@ -1,6 +1,8 @@
 """Plots written as PNG files (matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -115,17 +117,18 @@ def save_heatmaps(path: str | os.PathLike, rows: Sequence[Sequence], row_labels:
                   column_labels: Sequence[str], xlabel: str, ylabel: str,
                   title: str = "") -> None:
     """A grid of matrices shown as images, rows[i][j] in row i and column j, on one colour
-    scale from 0 to the largest entry."""
+    scale from 0 (or the smallest entry, if negative) to the largest entry."""
     count_rows, count_columns = len(rows), max(len(row) for row in rows)
     figure, axes = plt.subplots(count_rows, count_columns, squeeze=False,
                                 figsize=(2.8 * count_columns + 0.8, 2.8 * count_rows + 0.6))
     top = max(float(matrix.max()) for row in rows for matrix in row)
+    low = min(0.0, min(float(matrix.min()) for row in rows for matrix in row))
     for i, row in enumerate(rows):
         for j, axis in enumerate(axes[i]):
             if j >= len(row):
                 axis.set_visible(False)
                 continue
-            image = axis.imshow(row[j], vmin=0, vmax=top, cmap="viridis")
+            image = axis.imshow(row[j], vmin=low, vmax=top, cmap="viridis")
             axis.set_title(f"{row_labels[i]}, {column_labels[j]}", fontsize=8)
             axis.set_xlabel(xlabel, fontsize=7)
             axis.set_ylabel(ylabel, fontsize=7)
@@ -142,23 +145,29 @@ def save_scatter(path: str | os.PathLike, panels: Sequence[Mapping], title: str 
     """One log-log subplot per panel, each with the line y = x.
 
     Each panel is {"title": str, "xlabel": str, "ylabel": str, "series": {label: (x, y)}}.
-    Points with x or y at or below the panel's largest value over `dynamic_range` (zeros and
-    negative values among them) are left out, and the panel's title says how many.
+    Points with x or y at or below the panel's largest finite value over `dynamic_range`
+    (zeros and negative values among them) or not finite (NaN, inf) are left out, and the
+    panel's title says how many.
     """
     figure, axes = _grid(len(panels), 4.5, 4)
     for axis, panel in zip(axes, panels):
         if len(panel["series"]) > 10:  # more than the default cycle's colours
             axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         pairs = {label: list(zip(xs, ys)) for label, (xs, ys) in panel["series"].items()}
-        top = max((max(x, y) for points in pairs.values() for x, y in points), default=0.0)
+        top = max((value for points in pairs.values() for point in points for value in point
+                   if math.isfinite(value)), default=0.0)
         bottom = top / dynamic_range
+
+        def shown_point(x, y, bottom=bottom):
+            return math.isfinite(x) and math.isfinite(y) and x > bottom and y > bottom
+
         left_out = 0
         for label, points in pairs.items():
-            kept = [(x, y) for x, y in points if x > bottom and y > bottom]
+            kept = [(x, y) for x, y in points if shown_point(x, y)]
             left_out += len(points) - len(kept)
             if kept:
                 axis.scatter(*zip(*kept), s=6, alpha=0.6, label=label)
-        shown = [value for points in pairs.values() for x, y in points if min(x, y) > bottom
+        shown = [value for points in pairs.values() for x, y in points if shown_point(x, y)
                  for value in (x, y)]
         if shown:
             axis.plot([min(shown), max(shown)], [min(shown), max(shown)], color="k",
@@ -168,7 +177,8 @@ def save_scatter(path: str | os.PathLike, panels: Sequence[Mapping], title: str 
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(panel["xlabel"], fontsize=8)
         axis.set_ylabel(panel["ylabel"], fontsize=8)
-        suffix = (f"\n({left_out} points <= {bottom:.0e} not shown)" if left_out else "")
+        suffix = (f"\n({left_out} points <= {bottom:.0e} or not finite not shown)"
+                  if left_out else "")
         axis.set_title(panel["title"] + suffix, fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
@@ -182,16 +192,25 @@ def save_strips(path: str | os.PathLike, rows: Sequence[str],
     """One horizontal strip per row, the values of every series as points along it, on a log
     x axis. `series` is {label: [(row, value), ...]}; `references` {label: x} are dashed
     vertical lines (tolerances). Values below `floor`, zeros included, are drawn at `floor`,
-    and the x label says so."""
+    and the x label says so; values that are not finite (a NaN relative error) are drawn as
+    red crosses at ten times the largest finite value, and the legend counts them."""
     figure, axis = plt.subplots(figsize=(11, 0.4 * len(rows) + 1.8))
     position = {row: index for index, row in enumerate(rows)}
     offsets = [0.25 * (k - (len(series) - 1) / 2) / max(1, len(series) - 1)
                for k in range(len(series))]
+    finite = [value for points in series.values() for _, value in points
+              if math.isfinite(value)] + [x for x in (references or {}).values()]
+    beyond = 10 * max([floor, *finite])
     for offset, (label, points) in zip(offsets, series.items()):
-        axis.scatter([max(value, floor) for _, value in points],
-                     [position[row] + offset for row, _ in points], s=10, alpha=0.7,
-                     label=label)
-    for (label, x), style in zip((references or {}).items(), ("--", ":", "-.", "-")):
+        axis.scatter([max(value, floor) for _, value in points if math.isfinite(value)],
+                     [position[row] + offset for row, value in points if math.isfinite(value)],
+                     s=10, alpha=0.7, label=label)
+        bad = [position[row] + offset for row, value in points if not math.isfinite(value)]
+        if bad:
+            axis.scatter([beyond] * len(bad), bad, s=30, marker="x", color="red",
+                         label=f"{label}: {len(bad)} not finite (drawn at {beyond:.0e})")
+    styles = itertools.cycle(("--", ":", "-.", "-"))
+    for (label, x), style in zip((references or {}).items(), styles):
         axis.axvline(x, color="k", linestyle=style, linewidth=1, label=label)
     axis.set_xscale("log")
     axis.set_yticks(range(len(rows)), rows, fontsize=8)
