@@ -60,6 +60,16 @@ def stack_encoders(mlp_params: Sequence[Any], encoders: Sequence[Any]) -> tuple[
     The shapes must match: encoder i maps the width of layer i - 1 to that of layer i.
     """
     params = list(mlp_params)
+    hidden = (len(params) - 2) // 2
+    if len(params) % 2 or not all(
+            isinstance(params[2 * i], dict) and set(params[2 * i]) == {"w", "b"}
+            and params[2 * i + 1] == () for i in range(hidden)):
+        raise ValueError("stack_encoders: mlp_params are not those of a plain `mlp` (hidden1, "
+                         "act1, ..., output, output_act); residual and batch-norm MLPs are not "
+                         "supported")
+    if len(encoders) > hidden:  # the last would have replaced the output layer
+        raise ValueError(f"stack_encoders: {len(encoders)} encoders for an MLP of {hidden} "
+                         "hidden layers")
     for index, (encoder_dense, _) in enumerate(encoders):
         target = params[2 * index]
         for name in ("w", "b"):

@@ -15,12 +15,19 @@ from the last to the first, then (lambda/m) w for the L2 penalty); `autodiff` ru
 through `with_manual_vjp` wrappers, so JAX's own machinery (grad, vmap, check_grads) drives
 the hand-written backward passes. All three are pure and jit-compatible; none jits by
 itself, so callers decide where compilation happens.
+
+Under `jax.shard_map` they agree with `check_vma=False`, as `training.parallel` maps them:
+each device's gradient is then its own, to be averaged explicitly. With JAX's default
+`check_vma=True`, differentiating through `autodiff` already sums the replicated params'
+gradient over devices (twice the mean on 2 devices), `manual` does not, and `manual_vjp`'s
+custom_vjp is refused for its cotangents' varying-axes types.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
@@ -42,8 +49,17 @@ ValueAndGrad = Callable[..., tuple[jax.Array, Any]]  # (params, x, targets, key=
 Engine = Callable[[Layer, Objective], ValueAndGrad]
 
 
+def _dtypes_of(tree: Any, like: Any) -> Any:
+    """tree with each leaf cast to the dtype of the matching leaf of `like`: a gradient has
+    its parameter's dtype, as jax.grad's has, even where float32 params met float64 data
+    (NumPy arrays under x64) and the hand-written products came out float64."""
+    return jax.tree.map(lambda leaf, reference: leaf.astype(jnp.result_type(reference)),
+                        tree, like)
+
+
 def manual(model: Layer, objective: Objective) -> ValueAndGrad:
-    """E and its gradient by the hand-written backward passes (no jax.grad anywhere)."""
+    """E and its gradient by the hand-written backward passes (no jax.grad anywhere). Each
+    gradient leaf has its parameter's dtype."""
 
     def value_and_grad(params, x, targets, key=None):
         outputs, residuals = forward_with_key(model, params, x, key)
@@ -52,7 +68,7 @@ def manual(model: Layer, objective: Objective) -> ValueAndGrad:
         doutputs = objective.loss.grad(outputs, targets)
         dparams, _ = model.backward(params, residuals, doutputs)
         dpenalty = l2_penalty_grad(params, objective.l2, m)
-        return value, jax.tree.map(lambda a, b: a + b, dparams, dpenalty)
+        return value, _dtypes_of(jax.tree.map(lambda a, b: a + b, dparams, dpenalty), params)
 
     return value_and_grad
 
@@ -70,8 +86,9 @@ def with_manual_vjp(layer: Layer) -> Callable[..., jax.Array]:
     """`layer.apply` as a `jax.custom_vjp` whose backward is `layer.backward`:
     `apply(params, x, key=None)`.
 
-    Differentiable in both params and x; the cotangent rule is the hand-written one. The key
-    (stochastic layers) gets no cotangent.
+    Differentiable in both params and x; the cotangent rule is the hand-written one, cast to
+    the dtypes of params and x (as custom_vjp requires). The key (stochastic layers) gets no
+    cotangent.
     """
 
     @jax.custom_vjp
@@ -80,11 +97,12 @@ def with_manual_vjp(layer: Layer) -> Callable[..., jax.Array]:
 
     def forward(params, x, key):
         y, residuals = forward_with_key(layer, params, x, key)
-        return y, (params, residuals)
+        return y, (params, residuals, jnp.zeros((), x.dtype))
 
     def backward(saved, dy):
-        params, residuals = saved
-        return (*layer.backward(params, residuals, dy), None)
+        params, residuals, x_dtype = saved
+        dparams, dx = layer.backward(params, residuals, dy)
+        return _dtypes_of(dparams, params), dx.astype(x_dtype.dtype), None
 
     apply_with_key.defvjp(forward, backward)
 
@@ -111,7 +129,7 @@ def loss_with_manual_vjp(loss: Loss) -> Callable[[jax.Array, jax.Array], jax.Arr
     def backward(saved, g):
         outputs, targets = saved
         _, target_vjp = jax.vjp(lambda t: loss.value(outputs, t), targets)
-        return g * loss.grad(outputs, targets), target_vjp(g)[0]
+        return (g * loss.grad(outputs, targets)).astype(outputs.dtype), target_vjp(g)[0]
 
     value.defvjp(forward, backward)
     return value
@@ -174,8 +192,8 @@ def curvature_diagonal(model: Layer, objective: Objective):
         outputs, residuals = model.forward(params, x)
         d2params, _ = model.curvature(params, residuals, objective.loss.curvature(outputs,
                                                                                     targets))
-        ones = jax.tree.map(jax.numpy.ones_like, params)
+        ones = jax.tree.map(jnp.ones_like, params)
         penalty = l2_penalty_grad(ones, objective.l2, outputs.shape[0])
-        return jax.tree.map(lambda a, b: a + b, d2params, penalty)
+        return _dtypes_of(jax.tree.map(lambda a, b: a + b, d2params, penalty), params)
 
     return diagonal

@@ -198,16 +198,21 @@ def _raw(path: tuple) -> tuple:
     return tuple(getattr(key, "key", getattr(key, "idx", None)) for key in path)
 
 
-def finite_difference_tolerance(energy: float, step: float, gradient: np.ndarray) -> float:
+def finite_difference_tolerance(energy: float, step: float, gradient: np.ndarray,
+                                *others: np.ndarray) -> float:
     """The finite-difference tolerance for one tensor: the table's 1e-6, or, when larger, ten
     times the rounding error a central difference must have relative to this gradient.
 
     Each of E(p +- h e_i) is rounded to about eps |E|, so the difference quotient carries an
     error of about eps |E| / h per coordinate, whatever the backward pass does; relative to
     the gradient's root-mean-square g that is eps |E| / (h g). It is below 1e-8 for every
-    model here except the first layers of deep nets (AlexNet's conv1: ~3e-5).
+    model here except the first layers of deep nets (AlexNet's conv1: ~3e-5). g is the
+    largest root-mean-square of `gradient` and `others` (the report passes jax.grad's and the
+    finite differences): a jax.grad of 0 where the differences are not (a forward pass both
+    engines get wrong, e.g. a stop_gradient) must not make the bound infinite.
     """
-    rms = float(np.sqrt(np.mean(np.square(np.asarray(gradient, np.float64)))))
+    rms = max(float(np.sqrt(np.mean(np.square(np.asarray(values, np.float64)))))
+              for values in (gradient, *others))
     rounding = np.finfo(np.float64).eps * abs(energy) / (step * max(rms, np.finfo(float).tiny))
     return max(TOLERANCES["float64"]["vs_finite_diff"], 10 * rounding)
 
@@ -259,7 +264,9 @@ def gradient_report(
     one dict per parameter tensor with keys model, layer, param, dtype, max_abs_err,
     rel_err_vs_autodiff, cosine, rel_err_vs_finite_diff (manual),
     autodiff_rel_err_vs_finite_diff, fd_coordinates (those compared), fd_kinks (those left
-    out: a kink within h, see `smooth_coordinates`; at most half may be), passed. `key` goes
+    out: a kink within h, see `smooth_coordinates`; at most half may be), mismatch (None, or
+    the shape or dtype in which the manual gradient differs from jax.grad's: a failure),
+    passed. `key` goes
     to a stochastic model (dropout): all three gradients then hold the same draws fixed.
     """
     dtype_name = jnp.dtype(dtype).name
@@ -324,13 +331,19 @@ def _gradient_report(
             "fd_coordinates": 0,
             "fd_kinks": 0,
         }
-        passed = row["rel_err_vs_autodiff"] <= tolerance["vs_autodiff"]
+        # a gradient of another shape or dtype is wrong, whatever its values (relative_error
+        # compares them flattened)
+        row["mismatch"] = next((f"{what} {ours} against jax.grad's {theirs}" for what, ours, theirs
+                                in (("shape", manual_leaf.shape, autodiff_leaf.shape),
+                                    ("dtype", manual_leaf.dtype, autodiff_leaf.dtype))
+                                if ours != theirs), None)
+        passed = row["mismatch"] is None and row["rel_err_vs_autodiff"] <= tolerance["vs_autodiff"]
         if with_fd:
             chosen, (plus, minus) = coordinates[path], shifted[_raw(path)]
             fd = (plus - minus) / (2 * fd_step)
             autodiff_chosen = autodiff_leaf.ravel()[chosen]
             row["fd_tolerance"] = finite_difference_tolerance(
-                float(energy_value), fd_step, autodiff_chosen)
+                float(energy_value), fd_step, autodiff_chosen, fd)
             smooth = smooth_coordinates(fd, kink_gaps(plus, minus, float(energy_value), fd_step),
                                         autodiff_chosen, row["fd_tolerance"])
             row["fd_coordinates"] = int(smooth.sum())
@@ -356,15 +369,27 @@ def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: ja
                           targets: jax.Array) -> Any:
     """The exact diagonal of the Gauss-Newton matrix J^T H J + (lambda/m) I_weights, by jax.
 
-    J = d outputs / d params (jax.jacrev), H = the loss's curvature at the outputs (a diagonal
-    for the elementwise losses). The independent reference for `engines.curvature_diagonal`.
+    J = d outputs / d params (jax.jacrev), H = the whole Hessian of the loss with respect to
+    the outputs, by jax (forward-over-reverse products H J, one per parameter): diagonal for
+    the elementwise losses (mean squared error, sigmoid cross-entropy), with the couplings
+    between one example's outputs for softmax cross-entropy and the MAP criterion, whose
+    `curvature` keeps only H's diagonal. The independent reference for
+    `engines.curvature_diagonal`, whose rule is exact where it is (LeCun et al. 1989: one
+    path per output and a diagonal H).
     """
     flat, unravel, outputs_of = _flat_function(lambda p: model.apply(p, x), params)
-    jacobian = jax.jacrev(outputs_of)(flat)  # (*outputs.shape, parameters)
     outputs = model.apply(params, x)
-    weights = objective.loss.curvature(outputs, targets)
-    diagonal = jnp.einsum("o,op->p", weights.reshape(-1),
-                          jacobian.reshape(weights.size, -1) ** 2)
+    jacobian = jax.jacrev(outputs_of)(flat).reshape(outputs.size, -1)  # (outputs, parameters)
+
+    def loss_gradient(flat_outputs):
+        return jax.grad(lambda o: objective.loss.value(o.reshape(outputs.shape), targets))(
+            flat_outputs)
+
+    def hessian_times(column):
+        return jax.jvp(loss_gradient, (outputs.reshape(-1),), (column,))[1]
+
+    diagonal = jnp.sum(jacobian * jax.vmap(hessian_times, in_axes=1, out_axes=1)(jacobian),
+                       axis=0)
     ones = jax.tree.map(jnp.ones_like, params)
     penalty, _ = jax.flatten_util.ravel_pytree(
         losses.l2_penalty_grad(ones, objective.l2, outputs.shape[0]))

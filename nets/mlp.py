@@ -7,7 +7,7 @@ many outputs as classes, one hidden layer by default, a hidden width that is a c
 from __future__ import annotations
 
 from nets import initializers
-from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, serial
+from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, is_count, serial
 from nets.layers import residual as residual_block
 from nets.normalization import BatchNorm, LayerNorm
 
@@ -57,7 +57,10 @@ def mlp(
     for argument, name in (("activation", activation), ("output_activation", output_activation)):
         if name not in ACTIVATIONS:
             raise ValueError(f"mlp: {argument}={name!r}; choose one of {sorted(ACTIVATIONS)}")
-    width = hidden_units or step0_hidden_units(input_dim, hidden_factor)
+    if hidden_units is not None and (not is_count(hidden_units) or hidden_units < 1):
+        raise ValueError(f"mlp: hidden_units must be an int >= 1 (or None for STEP 0's), got "
+                         f"{hidden_units!r}")
+    width = step0_hidden_units(input_dim, hidden_factor) if hidden_units is None else hidden_units
     dense_kwargs = {} if w_init is None else {"w_init": w_init}
     layers = []
     for index in range(1, hidden_layers + 1):

@@ -266,6 +266,8 @@ def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30,
     for name, size in (("h1_maps", h1_maps), ("h2_maps", h2_maps), ("h3_units", h3_units)):
         if size < 1:
             raise ValueError(f"lenet1989_modern: {name} must be >= 1, got {size}")
+    if not 0 <= dropout_rate < 1:  # a negative or NaN rate would have meant no dropout
+        raise ValueError(f"lenet1989_modern: dropout_rate must lie in [0, 1), got {dropout_rate}")
     return serial(
         Conv2D(h1_maps, 5, padding=((2, 2), (2, 2)), pad_value=-1.0,
                w_init=initializers.he_normal(), implementation=implementation, name="H1"),

@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -35,6 +36,31 @@ def test_one_hidden_layer_one_output_is_exact(objective):
     backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
     assert_close_tree(backpropagated, exact, jnp.float64, "one path")
+
+
+@pytest.mark.parametrize("loss", [losses.softmax_cross_entropy(), losses.lecun1998_map(1.0)])
+def test_a_loss_that_couples_the_outputs_is_exact_only_at_the_output_layer(loss):
+    """Softmax cross-entropy and the MAP criterion couple one example's outputs: H at the
+    outputs is not diagonal. The reference (the whole H, by forward-over-reverse products) is
+    diag(J^T H J) written out with jax.hessian and jax.jacobian here; LeCun's rule, which
+    keeps H's diagonal, is exact for the output layer (one path to each output) and not for
+    the hidden one (every hidden unit reaches every output)."""
+    model = nets.build_mlp(4, 3, hidden_units=5, activation="tanh")
+    objective = losses.Objective(loss, 0.2)
+    params, x, y = problem(model, objective, 4, 3, batch=5)
+    reference = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    outputs = model.apply(params, x)
+    jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x))(flat).reshape(15, -1)
+    hessian = jax.hessian(lambda o: loss.value(o.reshape(5, 3), y))(
+        outputs.reshape(-1)).reshape(15, 15)
+    penalty = jax.flatten_util.ravel_pytree(
+        losses.l2_penalty_grad(jax.tree.map(jnp.ones_like, params), 0.2, 5))[0]
+    written_out = unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian) + penalty)
+    assert_close_tree(reference, written_out, jnp.float64, "J^T H J")
+    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    assert_close_tree(backpropagated[2], reference[2], jnp.float64, "output layer")  # "output"
+    assert relative_error(backpropagated[0]["w"], reference[0]["w"]) > 0.1
 
 
 def test_curvature_on_subset_is_the_exact_diagonal_on_the_first_examples():

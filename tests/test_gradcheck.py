@@ -131,3 +131,50 @@ def test_a_wrong_derivative_shared_by_both_engines_is_not_taken_for_a_kink():
     rows = gradcheck.gradient_report(model, objective, params, x, targets, jnp.float64)
     assert all(r["rel_err_vs_autodiff"] <= F64 for r in rows)
     assert all(r["fd_kinks"] == 0 and not r["passed"] for r in rows if r["layer"] == "unit")
+
+
+def test_a_gradient_both_engines_give_as_zero_is_still_checked_by_finite_differences():
+    """y = x * stop_gradient(g): jax.grad and a backward returning dg = 0 agree on a wrong 0.
+    The finite-difference bound used to scale by jax.grad's rms alone, which made it ~1e299
+    here: the report passed the tensor."""
+    def forward(params, x):
+        return x * jax.lax.stop_gradient(params["g"])[None, :], x
+
+    def backward(params, x, dy):
+        return {"g": jnp.zeros_like(params["g"])}, dy * params["g"][None, :]
+
+    frozen = layers.Layer("frozen", lambda key, shape: (shape, {"g": jnp.full((3,), 1.5)}),
+                          forward, backward)
+    model = layers.serial(layers.Dense(3, name="unit"), frozen)
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 6, 4, 3, jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error())
+    rows = {r["layer"]: r for r in gradcheck.gradient_report(model, objective, params, x,
+                                                               targets, jnp.float64)}
+    assert rows["frozen"]["rel_err_vs_autodiff"] == 0.0
+    assert rows["frozen"]["rel_err_vs_finite_diff"] == pytest.approx(1.0)
+    assert rows["frozen"]["fd_tolerance"] < 1e-5 and not rows["frozen"]["passed"]
+    assert rows["unit"]["passed"]
+
+
+def test_a_gradient_of_another_shape_fails_whatever_its_values():
+    """A bias gradient returned as (1, n) for a (n,) bias has the right values flattened: its
+    relative error is ~1e-16, and the report fails it by its shape. (The engine's sums
+    broadcast it, as JAX's default rank promotion allows; the tests' setting raises.)"""
+    dense = layers.Dense(3, name="unit")
+
+    def backward(params, x, dy):
+        dparams, dx = dense.backward(params, x, dy)
+        return {**dparams, "b": dparams["b"][None, :]}, dx
+
+    model = layers.serial(dense._replace(backward=backward))
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 6, 4, 3, jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error())
+    with jax.numpy_rank_promotion("allow"):
+        rows = {r["param"]: r for r in gradcheck.gradient_report(model, objective, params, x,
+                                                                   targets, jnp.float64)}
+    assert rows["b"]["rel_err_vs_autodiff"] <= F64
+    assert rows["b"]["mismatch"] == "shape (1, 3) against jax.grad's (3,)"
+    assert not rows["b"]["passed"]
+    assert rows["w"]["passed"] and rows["w"]["mismatch"] is None

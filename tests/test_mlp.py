@@ -25,6 +25,10 @@ def test_step0_defaults():
     (dict(hidden_factor=2.0), "hidden_factor must lie in \\[3, 4\\]"),
     (dict(activation="swish"), "activation='swish'"),
     (dict(hidden_layers=-1), "hidden_layers must be >= 0"),
+    # 0 used to fall back to STEP 0's width, as None does
+    (dict(hidden_units=0), r"mlp: hidden_units must be an int >= 1 \(or None for STEP 0's\), "
+                           r"got 0"),
+    (dict(hidden_units=2.5), r"hidden_units must be an int >= 1 .*, got 2.5"),
 ])
 def test_mlp_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -164,3 +168,22 @@ def test_residual_hidden_layers_add_identity_paths_and_no_parameters():
         h = h + 1 / (1 + np.exp(-(h @ layer["w"] + layer["b"])))
     np.testing.assert_allclose(skip.apply(params, x), h @ dense[3]["w"] + dense[3]["b"],
                                rtol=1e-12)
+
+
+def test_stack_encoders_refuses_more_encoders_than_hidden_layers_and_other_nets():
+    """A third encoder for two hidden layers used to replace the output layer's weights."""
+    from nets import autoencoder
+
+    mlp_params = nets.build_mlp(5, 5, hidden_layers=2, hidden_units=5).init(
+        jax.random.key(0), (-1, 5))[1]
+    encoder = autoencoder.encoder_params(autoencoder.autoencoder(5, 5).init(
+        jax.random.key(1), (-1, 5))[1])
+    with pytest.raises(ValueError, match="stack_encoders: 3 encoders for an MLP of 2 hidden "
+                                         "layers"):
+        autoencoder.stack_encoders(mlp_params, [encoder] * 3)
+    normed = nets.build_mlp(5, 5, hidden_layers=2, hidden_units=5, batch_norm=True).init(
+        jax.random.key(0), (-1, 5))[1]
+    with pytest.raises(ValueError, match=r"stack_encoders: mlp_params are not those of a plain "
+                                         r"`mlp`"):
+        autoencoder.stack_encoders(normed, [encoder])
+    assert len(autoencoder.stack_encoders(mlp_params, [encoder] * 2)) == len(mlp_params)

@@ -132,6 +132,10 @@ def test_builders_reject_bad_arguments():
         models.lenet1989(activation="relu", scaled_tanh=True)
     with pytest.raises(ValueError, match="h2_maps"):
         models.lenet1989_modern(h2_maps=0)
+    for rate in (-0.5, float("nan"), 1.0):  # -0.5 and NaN used to build a net without dropout
+        with pytest.raises(ValueError, match=rf"lenet1989_modern: dropout_rate must lie in "
+                                             rf"\[0, 1\), got {rate}"):
+            models.lenet1989_modern(dropout_rate=rate)
 
 
 # ------------------------------------------------------- the 1989 net against NumPy

@@ -152,8 +152,12 @@ def test_accounting_counts_the_gain_and_bias_but_no_neurons(builder):
 
 @pytest.mark.parametrize("builder", [LayerNorm, BatchNorm])
 def test_bad_sizes_and_shapes_are_named(builder):
-    with pytest.raises(ValueError, match="norm: features must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="norm: features must be an int >= 1, got 0"):
         builder(0, name="norm")
+    for not_a_count in (True, 2.0):  # True built a 1-feature layer
+        with pytest.raises(ValueError, match=f"norm: features must be an int >= 1, got "
+                                             f"{not_a_count!r}"):
+            builder(not_a_count, name="norm")
     with pytest.raises(ValueError, match="norm: eps must be > 0, got 0"):
         builder(4, eps=0, name="norm")
     layer = builder(4, name="norm")
