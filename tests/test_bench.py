@@ -69,6 +69,8 @@ def test_short_calls_are_timed_several_to_a_sample():
     assert 5e-4 <= fast.median_s < 3e-3 <= slow.median_s
     alone = benchmark.time_calls(short, (), repeats=10)
     assert 2 <= alone.calls_per_sample <= 4 and alone.repeats == 10
+    with pytest.raises(ValueError, match="benchmark: no timed samples; repeats must be >= 1"):
+        benchmark.time_calls(short, (), repeats=0)
 
 
 def test_chained_steps_take_the_previous_state_and_may_donate_it():

@@ -62,6 +62,8 @@ class Measurement:
     @classmethod
     def from_samples(cls, samples, compile_s=None, calls_per_sample=1):
         samples = np.asarray(samples, np.float64)
+        if not samples.size:  # np.percentile would raise a bare IndexError
+            raise ValueError("benchmark: no timed samples; repeats must be >= 1")
         return cls(float(np.median(samples)), float(np.percentile(samples, 10)),
                    float(np.percentile(samples, 90)), compile_s, int(samples.size),
                    calls_per_sample)
@@ -94,7 +96,8 @@ def _sample(function, args, calls):
 
 
 def _warm_up(function, args, warmup):
-    """Run `warmup` untimed calls; the calls per sample that make a sample last MIN_SAMPLE_S."""
+    """Run `warmup` untimed calls (at least one, which also times a call); the calls per
+    sample that make a sample last MIN_SAMPLE_S."""
     seconds = min(_call(function, args) for _ in range(max(warmup, 1)))
     return max(1, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9)))
 
