@@ -72,7 +72,7 @@ import nets
 from nets import recurrent
 from nets.gradcheck import named_parameters
 from training import optim, plots, procedures, results
-from training.config import check_applicable, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import Run, open_run, train
 
 EXPERIMENT = "adding_problem"
@@ -90,7 +90,8 @@ class Config:
     bidirectional: bool = option(False, "a bidirectional layer (the cell twice, one run from "
                                         "the last step; the Dense reads both final states)")
     batch_size: int = option(64, "sequences per step", ge=1)
-    steps: int = option(2500, "optimizer steps per cell and length", ge=1)
+    steps: int = option(2500, "optimizer steps per cell and length, a multiple of "
+                              "--eval-every", ge=1)
     optimizer: str = option("adam", "adam, or LeCun's diagonal Levenberg-Marquardt (sdlm)",
                             choices=("adam", "sdlm"))
     lr: float = option(3e-3, "learning rate (sdlm: eta)", gt=0)
@@ -101,7 +102,7 @@ class Config:
     checkpoint_every: int = option(10, "records between checkpoints", ge=1)
     test_examples: int = option(1000, "fixed test sequences", ge=1)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
-    seed: int = option(0, "seed of initialisation, data and test set")
+    seed: int = option(0, "seed of initialisation, data and test set", ge=0)
     progress_every: int = option(5, "records between progress lines off a terminal", ge=0)
 
 
@@ -172,7 +173,7 @@ def train_one(config, run, cell_name: str, length: int, say=print):
     name = f"{cell_name}_T{length}"
     sub_run = Run(EXPERIMENT, run.workdir / name, run.config, run.resuming)
     sub_run.workdir.mkdir(parents=True, exist_ok=True)
-    records = -(-config.steps // config.eval_every)
+    records = config.steps // config.eval_every  # a whole number (check_steps)
     outcome = train(
         sub_run,
         lambda state, start, count: procedures.run_steps(procedure, state, start, count),
@@ -189,9 +190,18 @@ def train_one(config, run, cell_name: str, length: int, say=print):
 ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
 
 
+def check_steps(config) -> None:
+    """Refuse a --steps that is not a whole number of --eval-every records: the run would
+    train up to the next record and report fewer steps than it took."""
+    if config.steps % config.eval_every:
+        raise ConfigError(f"option --steps: got {config.steps}; allowed: a multiple of "
+                          f"--eval-every ({config.eval_every})")
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
+    check_steps(config)
     run = open_run(EXPERIMENT, config, args)
     history, rows, seconds = [], [], {"compile": 0.0, "run": 0.0, "checkpoint": 0.0}
     curves = {}

@@ -78,7 +78,7 @@ class Config:
     repeats: int = option(10, "timed calls of the step (after warm-up)", ge=1)
     lr: float = option(0.001, "learning rate (the paper's initial 0.01 made the loss jump "
                               "between 0.96 and 50 on 2 random images)", gt=0)
-    seed: int = option(0, "seed of the parameters and of the random batch")
+    seed: int = option(0, "seed of the parameters and of the random batch", ge=0)
     check_gradient: bool = option(True, "compare the manual gradient with jax.grad first")
     dropout: bool = option(True, "the paper's dropout on fc6 and fc7, a new mask each step")
 

@@ -109,7 +109,7 @@ class Config:
                                        choices=FAMILIES)
     repeats: int = option(20, "timed repetitions per measurement (--quick: 10)", ge=10)
     recipe_passes: int = option(23, "passes of the 1989 recipe (--quick: 1)", ge=1)
-    seed: int = option(0, "seed of parameters and inputs")
+    seed: int = option(0, "seed of parameters and inputs", ge=0)
     size: str = option("full", "full: the issue's sizes; smallest: tiny sizes for smoke tests "
                        "(the ratios then mean little)", choices=("full", "smallest"))
     utilisation_dtypes: str = option("auto", "utilisation: auto (float32; plus bfloat16 on a "

@@ -110,10 +110,19 @@ class Config(TextOptions):
     clip: float = option(5.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
     eval_streams: int = option(32, "parallel streams of held-out text", ge=1)
     unroll: int = option(1, "lax.scan unroll of the time loop", ge=1)
-    seed: int = option(0, "seed of initialisation, stream offsets and samples")
+    seed: int = option(0, "seed of initialisation, stream offsets and samples", ge=0)
 
 
 ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
+
+
+def first_chars(ids: np.ndarray, count: int, flag: str, part: str) -> np.ndarray:
+    """The first `count` ids (0: all of them); more than there are is a ConfigError naming
+    --flag, not a silently shorter text."""
+    if count > len(ids):
+        raise ConfigError(f"option --{flag}: got {count}; allowed: at most the {len(ids)} "
+                          f"{part} characters")
+    return ids[:count] if count else ids
 
 
 class Corpus:
@@ -127,11 +136,8 @@ class Corpus:
         lookup[[ord(c) for c in self.vocabulary]] = np.arange(len(self.vocabulary))
         ids = lookup[ids]
         cut = int(round(len(ids) * (1 - held_out)))
-        self.train, self.held_out = ids[:cut], ids[cut:]
-        if train_chars:
-            self.train = self.train[:train_chars]
-        if eval_chars:
-            self.held_out = self.held_out[:eval_chars]
+        self.train = first_chars(ids[:cut], train_chars, "train-chars", "training")
+        self.held_out = first_chars(ids[cut:], eval_chars, "eval-chars", "held-out")
 
     def encode(self, text: str) -> np.ndarray:
         unknown = sorted(set(text) - set(self.index))
@@ -391,7 +397,6 @@ def main(argv=None):
     check_applicable(config, ONLY_WITH)
     corpus = Corpus(data.load_text(), config.held_out, config.train_chars, config.eval_chars)
     prime = corpus.encode(config.prime)
-    run = open_run(EXPERIMENT, config, args)
     vocabulary = len(corpus.vocabulary)
     cells = [recurrent.make_cell(config.cell, config.hidden) for _ in range(config.layers)]
     model = recurrent.sequence_model(cells, vocabulary, name=f"{config.cell}x{config.layers}")
@@ -406,6 +411,7 @@ def main(argv=None):
         return {"held_out_nats": nats, "held_out_bpc": nats / LOG2}
 
     procedure = tbptt_epochs(cells, objective, train_streams, vocabulary, config, monitor)
+    run = open_run(EXPERIMENT, config, args)  # after the checks of the streams and the window
     outcome = train_epochs(run, procedure, model, params, config)
     history = epoch_history(outcome.history)
     final = history[-1]

@@ -96,7 +96,7 @@ class Config(TextOptions):
     lr_decay: float = option(0.9, "learning-rate factor per epoch", gt=0, le=1)
     clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
     eval_batch: int = option(64, "held-out windows evaluated together", ge=1)
-    seed: int = option(0, "seed of initialisation, windows and samples")
+    seed: int = option(0, "seed of initialisation, windows and samples", ge=0)
 
 
 ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))

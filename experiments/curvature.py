@@ -48,7 +48,7 @@ NAMES = ("mlp_1_hidden_1_output", "mlp_2_hidden_tanh", "mlp_2_hidden_tanh_batchn
 @dataclasses.dataclass(frozen=True)
 class Config:
     batch: int = option(8, "examples the diagonals are averaged over", ge=1)
-    seed: int = option(0, "seed of the parameters and the inputs")
+    seed: int = option(0, "seed of the parameters and the inputs", ge=0)
     nets: tuple[str, ...] = option((), "comma-separated nets to compare (default: all)",
                                    choices=NAMES)
 

@@ -23,17 +23,19 @@ the repeated set are those over the subset; a pass over it is max/size passes ov
 in one shuffled order, so a mini-batch can hold an example twice.
 
 Writes results.json (the README's keys; metrics: final test and train error, mean and std over
-seeds, per depth and size, and the best depth per size; history: the errors along training per
-depth, size and seed), results.md and depth.png (test error, and train error, against log10 of
-the training-set size, one curve per depth).
+seeds (n - 1 in the denominator, as experiments.seeds), per depth and size, the best depth per
+size, and the updates each run made, --updates rounded up to whole passes in --records equal
+chunks; history: the errors along training per depth, size and seed), results.md and depth.png
+(test error, and train error, against log10 of the training-set size, one curve per depth).
 
-Measured on the 2-core CPU (jax 0.10.2), defaults (64-unit sigmoid layers, 2,000 updates of 64
-with Adam 1e-3, 3 seeds): 48 s wall on 2026-12-02 (compile 6 s, run 34 s); on the slower host
-of 2026-12-03 114 s (compile 15 s, run 85 s), and 124 s with `--residual` (compile 17 s, run
-90 s). `--residual` turns hidden layers 2, 3, ... into residual blocks h + sigmoid(h W + b): the
-same parameters, with identity paths added (`nets.build_mlp(..., residual=True)`); one hidden
-layer has no block, so its column is the same for both. USPS test error, mean of 3 seeds,
-2026-12-03 (for eight layers the train error in brackets):
+Measured on the 2-core CPU (jax 0.10.2), defaults (64-unit sigmoid layers, --updates 2000 of 64
+with Adam 1e-3, which makes 2,260: 20 passes over the 7,200; 3 seeds): 48 s wall on 2026-12-02
+(compile 6 s, run 34 s); on the slower host of 2026-12-03 114 s (compile 15 s, run 85 s), and
+124 s with `--residual` (compile 17 s, run 90 s). `--residual` turns hidden layers 2, 3, ...
+into residual blocks h + sigmoid(h W + b): the same parameters, with identity paths added
+(`nets.build_mlp(..., residual=True)`); one hidden layer has no block, so its column is the same
+for both. USPS test error, mean of 3 seeds, 2026-12-03 (for eight layers the train error in
+brackets):
 
     size   1 hidden   2 plain  2 resid.   4 plain  4 resid.   8 plain        8 resid.     best
     100    0.220      0.231    0.227      0.254    0.223      0.562 (0.29)   0.224 (0)    1, 1
@@ -42,10 +44,11 @@ layer has no block, so its column is the same for both. USPS test error, mean of
     2,400  0.090      0.088    0.085      0.094    0.085      0.403 (0.33)   0.086 (6e-4) 2, 4
     7,200  0.079      0.077    0.074      0.076    0.071      0.280 (0.22)   0.069 (9e-3) 4, 8
 
-("best": the best depth, plain then residual. Standard deviations over seeds: 0.02-0.03 at 100
-examples, <= 0.005 at 7,200 for 1 to 4 layers; for 8 layers 0.06 to 0.23 plain, 0.002-0.023
-residual. On 2026-12-02 the plain 8-layer column read 0.520, 0.487, 0.458, 0.404 and 0.290:
-these runs are that sensitive to rounding.)
+("best": the best depth, plain then residual. Standard deviations over seeds, with n in the
+denominator then (n - 1 now, 1.22 times larger for 3 seeds): 0.02-0.03 at 100 examples,
+<= 0.005 at 7,200 for 1 to 4 layers; for 8 layers 0.06 to 0.23 plain, 0.002-0.023 residual.
+On 2026-12-02 the plain 8-layer column read 0.520, 0.487, 0.458, 0.404 and 0.290: these runs
+are that sensitive to rounding.)
 
 What it shows: the trade-off, both halves. Representability: with more layers of the same
 width the net fits its training set better (at 7,200 examples the train error falls from 2.7%
@@ -104,14 +107,15 @@ class Config:
                             "(the same parameters, identity paths added)")
     batch_norm: bool = option(False, "BatchNorm between every hidden Dense and its activation "
                               "(measured with the training subset's statistics)")
-    updates: int = option(2000, "mini-batch updates per run, whatever the size", ge=1)
+    updates: int = option(2000, "least mini-batch updates per run, whatever the size (made in "
+                                "whole passes; the results give the number made)", ge=1)
     batch_size: int = option(64, "mini-batch size (the whole set when it is smaller)", ge=1)
     lr: float = option(1e-3, "Adam learning rate", gt=0)
     l2: float = option(0.0, "lambda of the lecture's penalty lambda/(2m) sum w^2", ge=0)
     seeds: int = option(3, "seeds (subset, initialisation, order), vmapped", ge=1)
     records: int = option(10, "points on each learning curve", ge=1)
     test_examples: int = option(0, "use only the first N test digits (0: all 2,007)", ge=0)
-    seed: int = option(0, "base seed")
+    seed: int = option(0, "base seed", ge=0)
 
 
 def load(config):
@@ -141,8 +145,8 @@ def main(argv=None):
     if uneven:
         raise ConfigError(f"option --sizes: {uneven} do not divide the largest size "
                           f"{max(config.sizes)}; allowed: divisors of it (see the docstring)")
+    (x_train, y_train), test = load(config)  # its checks before config.json
     run = open_run(EXPERIMENT, config, args)
-    (x_train, y_train), test = load(config)
     objective = nets.lecture_objective(config.l2)
     optimizer = optax.adam(config.lr)
     seconds = {"compile": 0.0, "run": 0.0}
@@ -168,7 +172,7 @@ def main(argv=None):
                         for r, updates in enumerate(curve["updates"])]
             finals[depth, size] = {
                 "test_error": float(test_error[:, -1].mean()),
-                "test_error_std": float(test_error[:, -1].std()),
+                "test_error_std": results.sample_sd(test_error[:, -1]),
                 "train_error": float(train_error[:, -1].mean()),
                 "best_test_error": float(test_error.min(axis=1).mean()),
                 "updates": curve["updates"][-1],
@@ -180,6 +184,9 @@ def main(argv=None):
                                        for size in config.sizes} for depth in config.depths}
                    for name in ("test_error", "test_error_std", "train_error",
                                 "best_test_error")}
+    # Every run makes the same updates (the same repeated set, batch and passes): at least
+    # --updates, whole passes in --records chunks (training.curves.passes_for).
+    metrics_out["updates"] = finals[config.depths[0], config.sizes[0]]["updates"]
     metrics_out["best_depth"] = {str(size): min(config.depths,
                                                 key=lambda d, s=size: finals[d, s]["test_error"])
                                  for size in config.sizes}
@@ -196,7 +203,7 @@ def main(argv=None):
              for depth in config.depths}}
         for name in ("test_error", "train_error")],
         title=f"USPS, {config.width}-unit {config.activation} layers"
-              f"{variant(config)}, {config.updates} updates: error "
+              f"{variant(config)}, {metrics_out['updates']} updates: error "
               "against training-set size")
     results.save_and_print_table(run.workdir, render(config, finals, metrics_out, seconds,
                                                      run.workdir))
@@ -217,7 +224,8 @@ def render(config, finals, metrics_out, seconds, workdir):
     train = [{"size": size, **{f"{depth} hidden": finals[depth, size]["train_error"]
                                for depth in config.depths}} for size in config.sizes]
     return "\n".join([
-        f"## USPS test error (mean of {config.seeds} seeds) after {config.updates} updates, "
+        f"## USPS test error (mean of {config.seeds} seeds) after {metrics_out['updates']} "
+        f"updates (--updates {config.updates}, rounded up to whole passes), "
         f"{config.width}-unit {config.activation} hidden layers"
         f"{variant(config)}",
         results.markdown_table(table),

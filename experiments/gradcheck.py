@@ -161,7 +161,7 @@ CASES = [
 @dataclasses.dataclass(frozen=True)
 class Config:
     batch: int = option(16, "examples in the random batch of every check", ge=1)
-    seed: int = option(0, "seed of the parameters and the batch")
+    seed: int = option(0, "seed of the parameters and the batch", ge=0)
     models: tuple[str, ...] = option((), "comma-separated models to check (default: all)",
                                      choices=tuple(case.name for case in CASES))
 

@@ -43,7 +43,7 @@ class Config:
     settings: str = option("", "the settings, separated by ';', each a string of the "
                                "experiment's options (e.g. \"--lr 0.01; --lr 0.02\")")
     seeds: tuple[int, ...] = option((0, 1, 2), "the seeds of every setting, comma-separated; "
-                                               "A-B for A to B")
+                                               "A-B for A to B", ge=0)
     metrics: tuple[str, ...] = option((), "the metrics to compare, in order (default: all)")
     jobs: int = option(1, "runs at once (experiments.seeds --jobs)", ge=1)
 
@@ -85,6 +85,7 @@ def main(argv=None):
     parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     config = Grid(**dataclasses.asdict(parsed), experiment_options=tuple(common))
     settings = split_settings(config.settings)
+    seeds.check_seeds(config.seeds)
     module = seeds.experiment_module(config.experiment)
     for setting in settings:
         seeds.check_experiment_options(module, [*common, *setting])

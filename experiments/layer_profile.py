@@ -79,7 +79,7 @@ class Config:
     batch: int = option(0, "examples per batch for every model (0: each model's own); e.g. "
                            "one device's share of a data-parallel step", ge=0)
     repeats: int = option(10, "timed samples of each function", ge=1)
-    seed: int = option(0, "seed of the parameters, the batch and the dE/dy")
+    seed: int = option(0, "seed of the parameters, the batch and the dE/dy", ge=0)
 
 
 def alexnet_case(smallest: bool):

@@ -36,7 +36,7 @@ import numpy as np
 import nets
 from nets.gradcheck import gradient_report, named_parameters
 from training import data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lecture"
@@ -44,14 +44,15 @@ EXPERIMENT = "lecture"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    seed: int = option(0, "seed of the split, the initialisations and the perturbations")
+    seed: int = option(0, "seed of the split, the initialisations and the perturbations", ge=0)
     steps: int = option(2000, "most gradient-descent steps per restart", ge=1)
     lr: float = option(0.25, "learning rate eta", gt=0)
     l2: float = option(1.0, "lambda of the L2 penalty lambda/(2m) sum w^2", ge=0)
     restarts: int = option(5, "random initialisations, the best kept on held-out error", ge=1)
     hidden_factor: float = option(3.0, "STEP 0: hidden units per input", ge=3, le=4)
     hidden_layers: int = option(1, "hidden layers of equal width", ge=0)
-    perturbation: float = option(1e-3, "std of the perturbation after a rejected step", ge=0)
+    perturbation: float = option(1e-3, "std of the perturbation after a rejected step "
+                                "(--procedure cost_checked)", ge=0)
     stop_window: int = option(100, "steps over which E must keep decreasing", ge=1)
     stop_tolerance: float = option(1e-4, "least relative decrease over the window", ge=0)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
@@ -68,6 +69,11 @@ class Config:
                                         ge=1)
     progress_every: int = option(500, "steps between progress lines off a terminal", ge=0)
     gradient_report: bool = option(True, "check the gradients at initialisation first")
+
+
+# Options that act on one procedure only; given with the other they are refused.
+ONLY_WITH = {"perturbation": ("procedure", "cost_checked"),
+             "batch_size": ("procedure", "misclassified")}
 
 
 def load_splits(seed):
@@ -135,10 +141,11 @@ def advance_each_restart(procedure):
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
-    run = open_run(EXPERIMENT, config, args)
+    check_applicable(config, ONLY_WITH)
     splits = load_splits(config.seed)
     (x_train, y_train), (x_held, y_held), (x_test, y_test) = splits
-    model, objective, procedure = build(config, splits)
+    model, objective, procedure = build(config, splits)  # its checks before config.json
+    run = open_run(EXPERIMENT, config, args)
     features = x_train.shape[1]
 
     init_params = model.init(jax.random.key(config.seed), (-1, features))[1]

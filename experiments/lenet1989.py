@@ -140,7 +140,7 @@ class Config:
     conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
                        "for the 1989 variant, patches for the modern one",
                        choices=("auto", *IMPLEMENTATIONS))
-    seed: int = option(0, "seed of the initialisation (and the modern variant's order)")
+    seed: int = option(0, "seed of the initialisation (and the modern variant's order)", ge=0)
     train_examples: int = option(0, "use the first N training digits (0: all 7,291)", ge=0)
     test_examples: int = option(0, "use the first N test digits (0: all 2,007)", ge=0)
     held_out: int = option(0, "hold out the last N of the training digits: not trained on, "
@@ -152,7 +152,7 @@ class Config:
 
 # Options that act on one variant (or one optimizer) only; given elsewhere they are refused.
 ONLY_WITH = {
-    **dict.fromkeys(("optimizer", "activation", "init", "target", "order"),
+    **dict.fromkeys(("optimizer", "activation", "init", "target", "order", "h2_table"),
                     ("variant", "1989")),
     **dict.fromkeys(("mu", "curvature_examples", "schedule"), ("optimizer", "sdlm")),
     **dict.fromkeys(("batch_size", "weight_decay", "max_shift", "h1_maps", "h2_maps",
@@ -266,9 +266,9 @@ def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
     config = resolve(config)
-    run = open_run(EXPERIMENT, config, args)
     splits = load(config)
-    model, objective, procedure, lr = build(config, splits)
+    model, objective, procedure, lr = build(config, splits)  # their checks before config.json
+    run = open_run(EXPERIMENT, config, args)
     params = model.init(jax.random.key(config.seed), (-1, 16, 16, 1))[1]
     outcome = train(
         run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),

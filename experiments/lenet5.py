@@ -91,7 +91,7 @@ class Config:
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
                        "for --batch-size 1, rows otherwise", choices=("auto", *IMPLEMENTATIONS))
-    seed: int = option(0, "seed of the initialisation and the order")
+    seed: int = option(0, "seed of the initialisation and the order", ge=0)
     checkpoint_every: int = option(1, "passes between checkpoints", ge=1)
     progress_every: int = option(1, "passes between progress lines off a terminal", ge=0)
 
@@ -194,9 +194,9 @@ def build(config, splits):
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     check_applicable(config, ONLY_WITH)
-    run = open_run(EXPERIMENT, config, args)
     splits, protocol = load(config)
-    model, procedure, lr = build(config, splits)
+    model, procedure, lr = build(config, splits)  # their checks before config.json
+    run = open_run(EXPERIMENT, config, args)
     params = model.init(jax.random.key(config.seed), (-1, 32, 32, 1))[1]
     outcome = train(
         run, lambda state, start, length: procedures.run_steps(procedure, state, start, length),

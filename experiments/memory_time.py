@@ -87,7 +87,7 @@ import tracemalloc
 import numpy as np
 
 from training import data, results
-from training.config import option, parse, run_main
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "memory_time"
@@ -108,7 +108,7 @@ class Config:
                                  ge=0)
     test_examples: int = option(0, "use only the first N test digits (0: all 2,007)", ge=0)
     isolate: bool = option(True, "measure each method in a fresh process")
-    seed: int = option(0, "seed of initialisations and orders")
+    seed: int = option(0, "seed of initialisations and orders", ge=0)
 
 
 class PeakMemory:
@@ -160,14 +160,17 @@ class PeakMemory:
 
 
 def load(config: dict):
-    """((x_train, labels), (x_test, labels)) as NumPy arrays, cut to the configured sizes."""
-    x_train, y_train = data.load_usps("train")
-    x_test, y_test = data.load_usps("test")
-    if config["train_examples"]:
-        x_train, y_train = x_train[: config["train_examples"]], y_train[: config["train_examples"]]
-    if config["test_examples"]:
-        x_test, y_test = x_test[: config["test_examples"]], y_test[: config["test_examples"]]
-    return (x_train, y_train), (x_test, y_test)
+    """((x_train, labels), (x_test, labels)) as NumPy arrays, cut to the configured sizes;
+    a size beyond the digits there are is a ConfigError naming the option."""
+    splits = []
+    for split in ("train", "test"):
+        images, labels = data.load_usps(split)
+        limit = config[f"{split}_examples"]
+        if limit > images.shape[0]:
+            raise ConfigError(f"option --{split}-examples: got {limit}; allowed: at most "
+                              f"{images.shape[0]}")
+        splits.append((images[:limit], labels[:limit]) if limit else (images, labels))
+    return tuple(splits)
 
 
 def measure(method: str, config: dict, splits) -> dict:
@@ -315,9 +318,9 @@ def measure_isolated(method: str, config: dict, splits) -> dict:
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
-    run = open_run(EXPERIMENT, config, args)
     settings = dataclasses.asdict(config)
-    splits = load(settings)
+    splits = load(settings)  # its checks before config.json
+    run = open_run(EXPERIMENT, config, args)
     rows = []
     for method in config.methods:
         row = (measure_isolated if config.isolate else measure)(method, settings, splits)

@@ -61,7 +61,7 @@ class Config:
     batch: int = option(64, "global batch (split over processes, then devices)", ge=1)
     lr: float = option(0.5, "learning rate of plain gradient descent", gt=0)
     l2: float = option(0.01, "L2 penalty lambda", ge=0)
-    seed: int = option(0, "seed of the data and the initial parameters")
+    seed: int = option(0, "seed of the data and the initial parameters", ge=0)
     matmul_precision: str = option("highest", "float32 matmul precision",
                                    choices=("default", "high", "highest"))
     dump_params: bool = option(False, "every process writes params_process<K>.npz")

@@ -107,7 +107,7 @@ class Config:
     depths: tuple[int, ...] = option(tuple(range(2, 21, 2)), "numbers of hidden layers", ge=1)
     width: int = option(64, "units in every hidden layer", ge=1)
     batch: int = option(256, "digits the gradient is taken on", ge=1, le=1797)
-    seed: int = option(0, "seed of the initialisation and of the digits picked")
+    seed: int = option(0, "seed of the initialisation and of the digits picked", ge=0)
     residual: bool = option(False, "hidden layers 2, 3, ... as residual blocks h + act(h W + b) "
                             "(`nets.build_mlp(..., residual=True)`: identity paths added)")
     jit: bool = option(False, "jit each gradient program (as training runs it) instead of "

@@ -94,7 +94,7 @@ class Config:
     noise_multiplier: float = option(1.0, "DP-SGD noise multiplier sigma in part 1", ge=0)
     lr: float = option(0.01, "SGD learning rate of every timed step", gt=0)
     matmul_precision: str = option("default", "float32 matmul precision", choices=PRECISIONS)
-    seed: int = option(0, "seed of the parameters and the data")
+    seed: int = option(0, "seed of the parameters and the data", ge=0)
 
 
 # --- problems and timing ---------------------------------------------------------------------

@@ -54,19 +54,21 @@ import jax
 import numpy as np
 
 from training import plots, results
-from training.config import ConfigError, option, parse, run_main
+from training.config import ConfigError, check_applicable, option, parse, run_main
 from training.harness import open_run
 from training.metrics import confusions_line, most_frequent_confusions
 
 EXPERIMENT = "seeds"
-NOT_SWEPT = ("bench", "multihost_demo", "seeds")  # own processes and devices, or this script
+NOT_SWEPT = ("bench", "multihost_demo", "seeds",  # own processes and devices, or this script
+             "gradcheck", "scaling")  # their main returns an exit status, no metrics
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     experiment: str = option("lecture", "the experiment to run (a module of experiments/ whose "
                              "Config has a seed)")
-    seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated; A-B for A to B")
+    seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated; A-B for A to B",
+                                    ge=0)
     metrics: tuple[str, ...] = option((), "the metrics to summarise, in order (default: all)")
     at_most: str = option("", "METRIC=VALUE: count the seeds with METRIC <= VALUE")
     at_least: str = option("", "METRIC=VALUE: count the seeds with METRIC >= VALUE")
@@ -96,7 +98,7 @@ def experiment_module(name: str):
     module = None if name in NOT_SWEPT else _import(name)
     if module is None or not _sweepable(module):
         raise ConfigError(f"option --experiment: got {name!r}; allowed: an experiment with a "
-                          f"--seed option, one of {', '.join(sweepable())}")
+                          f"--seed option and metrics, one of {', '.join(sweepable())}")
     return module
 
 
@@ -121,15 +123,25 @@ def sweepable() -> list[str]:
     return [stem for stem in stems if _sweepable(_import(stem))]
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Refuse an empty or repeated --seeds (a seed's run directory holds one run)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"option --seeds: got {','.join(map(str, seeds))}; allowed: "
+                          "distinct seeds, at least one")
+
+
 def check_experiment_options(module, options: Sequence[str]) -> None:
     """Refuse --seed and --workdir (set per run here), and any option the experiment would
-    refuse, before the first run."""
+    refuse, before the first run: a bad value, and one that would do nothing in the run (the
+    experiment's ONLY_WITH, `training.config.check_applicable`)."""
     for flag in ("--seed", "--workdir"):
         if any(o == flag or o.startswith(flag + "=") for o in options):
             raise ConfigError(f"experiment option {flag}: it is set for each run by "
                               f"experiments.{EXPERIMENT}; give the seeds with --seeds and the "
                               "directory with --workdir before the --")
-    parse(module.Config, [*options, "--seed", "0"], prog=f"python -m {module.__name__}")
+    config, _ = parse(module.Config, [*options, "--seed", "0"],
+                      prog=f"python -m {module.__name__}")
+    check_applicable(config, getattr(module, "ONLY_WITH", {}))
 
 
 def threshold(text: str, flag: str) -> tuple[str, float] | None:
@@ -161,8 +173,7 @@ def numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 def summary(values: Sequence[float]) -> dict[str, float]:
     """n, mean, sd (n - 1 in the denominator; 0 for one value), median, min, max."""
     array = np.asarray(values, np.float64)
-    sd = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
-    return {"n": int(array.size), "mean": float(np.mean(array)), "sd": sd,
+    return {"n": int(array.size), "mean": float(np.mean(array)), "sd": results.sample_sd(array),
             "median": float(np.median(array)), "min": float(np.min(array)),
             "max": float(np.max(array))}
 
@@ -403,9 +414,7 @@ def main(argv=None):
     own, experiment_options = split_argv(sys.argv[1:] if argv is None else argv)
     parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     config = Sweep(**dataclasses.asdict(parsed), experiment_options=tuple(experiment_options))
-    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
-        raise ConfigError(f"option --seeds: got {','.join(map(str, config.seeds))}; allowed: "
-                          "distinct seeds, at least one")
+    check_seeds(config.seeds)
     for flag in ("at_most", "at_least"):
         threshold(getattr(config, flag), flag.replace("_", "-"))
     module = experiment_module(config.experiment)

@@ -61,12 +61,13 @@ import nets
 from experiments import adding_problem
 from nets import recurrent
 from nets.gradcheck import astype, relative_error
-from training import plots, procedures, results
-from training.config import option, parse, run_main
+from training import plots, procedures, results, timing
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "vanishing"
 CELLS = ("elman_sigmoid", "elman_tanh", "lstm", "gru")
+STEPS_PER_RECORD = 100  # training steps between test-MSE records (fewer in a shorter run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +77,13 @@ class Config:
     hidden: int = option(64, "hidden units", ge=1)
     batch_size: int = option(64, "sequences per training step", ge=1)
     examples: int = option(64, "sequences the gradient norms are measured on", ge=1)
-    train_steps: int = option(2000, "training steps before the 'trained' profile", ge=0)
+    train_steps: int = option(2000, "training steps before the 'trained' profile: at most "
+                                    f"{STEPS_PER_RECORD}, or a multiple of it", ge=0)
     lr: float = option(3e-3, "Adam learning rate", gt=0)
     clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
     engine: str = option("manual", "gradient engine for training",
                          choices=tuple(nets.engines.ENGINES))
-    seed: int = option(0, "seed of initialisation and data")
+    seed: int = option(0, "seed of initialisation and data", ge=0)
 
 
 def hidden_gradients(cell, model, objective, params, x, targets):
@@ -149,8 +151,17 @@ def profile_difference(manual: np.ndarray, autodiff: np.ndarray) -> float:
                default=0.0)
 
 
+def check_train_steps(config) -> None:
+    """Refuse a --train-steps that is not a whole number of records (STEPS_PER_RECORD steps
+    each; a run of fewer steps is one record): it would train up to the next record."""
+    if config.train_steps > STEPS_PER_RECORD and config.train_steps % STEPS_PER_RECORD:
+        raise ConfigError(f"option --train-steps: got {config.train_steps}; allowed: at most "
+                          f"{STEPS_PER_RECORD}, or a multiple of {STEPS_PER_RECORD}")
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    check_train_steps(config)
     run = open_run(EXPERIMENT, config, args)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
     key = jax.random.key(config.seed)
@@ -162,9 +173,9 @@ def main(argv=None):
         cell = recurrent.make_cell(cell_name, config.hidden)
         model = recurrent.sequence_model([cell], 1, last_step=True, name=cell_name)
         params0 = model.init(jax.random.fold_in(key, 2), (-1, config.length, 2))[1]
-        tick = time.perf_counter()
-        trained, train_history = train(config, model, objective, params0, cell_name)
-        seconds["run"] += time.perf_counter() - tick
+        trained, train_history, spent = train(config, model, objective, params0, cell_name)
+        for phase in ("compile", "run"):
+            seconds[phase] += spent[phase]
         history += train_history
 
         def both(params, x, targets, cell=cell, model=model):
@@ -176,6 +187,7 @@ def main(argv=None):
             with jax.enable_x64(dtype == "float64"):
                 compiled = jax.jit(both).lower(*astype((params0, x, targets), dtype)).compile()
                 seconds["compile"] += time.perf_counter() - tick
+                tick = time.perf_counter()  # the run's time starts after the compilation
                 for stage, params in (("init", params0), ("trained", trained)):
                     manual, autodiff = (np.asarray(a, np.float64) for a in
                                         compiled(*astype((params, x, targets), dtype)))
@@ -214,12 +226,13 @@ def main(argv=None):
 
 
 def train(config, model, objective, params, cell_name):
-    """(trained params, history) after config.train_steps steps on fresh adding-problem
-    batches (one jitted scan; a few hundred steps need no checkpoints)."""
+    """(trained params, history, {"compile": s, "run": s}) after config.train_steps steps on
+    fresh adding-problem batches (one jitted scan; a few hundred steps need no checkpoints),
+    a whole number of records (`check_train_steps`)."""
     if config.train_steps == 0:
-        return params, []
-    steps_per_record = min(100, config.train_steps)
-    records = -(-config.train_steps // steps_per_record)
+        return params, [], {"compile": 0.0, "run": 0.0}
+    steps_per_record = min(STEPS_PER_RECORD, config.train_steps)
+    records = config.train_steps // steps_per_record
     x_test, t_test = adding_problem.adding_batch(jax.random.key(config.seed + 7), 500,
                                                  config.length)
     procedure = procedures.online(
@@ -228,12 +241,12 @@ def train(config, model, objective, params, cell_name):
         engine=nets.get_engine(config.engine), steps_per_record=steps_per_record,
         monitor=lambda p: {"test_mse": jnp.mean((model.apply(p, x_test) - t_test) ** 2)})
     state = procedure.init(params, jax.random.key(config.seed + 3))
-    state, records_out = jax.jit(procedures.run_steps, static_argnums=(0, 3))(
-        procedure, state, 0, records)
+    (state, records_out), seconds = timing.compile_and_run(
+        lambda state: procedures.run_steps(procedure, state, 0, records), state)
     history = [{"cell": cell_name, "step": (i + 1) * steps_per_record,
                 "train_mse": 2 * float(records_out["energy"][i]),
                 "test_mse": float(records_out["test_mse"][i])} for i in range(records)]
-    return state.params, history
+    return state.params, history, seconds
 
 
 if __name__ == "__main__":

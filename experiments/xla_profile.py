@@ -65,7 +65,7 @@ class Config:
                        choices=("full", "smallest"))
     repeats: int = option(5, "traced steps (each thunk's time is their mean)", ge=1)
     top: int = option(30, "rows of the printed table and the plot", ge=1)
-    seed: int = option(0, "seed of the parameters and the batch")
+    seed: int = option(0, "seed of the parameters and the batch", ge=0)
 
 
 def enable_trace_events() -> None:

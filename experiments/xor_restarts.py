@@ -89,7 +89,7 @@ LOCAL_MINIMA = {"ln2/2": math.log(2) / 2,
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    seed: int = option(0, "seed of the initialisations and perturbations")
+    seed: int = option(0, "seed of the initialisations and perturbations", ge=0)
     inits: int = option(100, "random initialisations (a multiple of --restarts)", ge=1)
     restarts: int = option(5, "R, initialisations per restart trial", ge=1)
     steps: int = option(5000, "gradient-descent steps per run", ge=1)
@@ -115,8 +115,6 @@ def parse_args(argv=None):
     if len({f"{scale:g}" for scale in config.perturbation}) != len(config.perturbation):
         raise ConfigError(f"option --perturbation: got {config.perturbation}; allowed: "
                           "distinct scales")
-    if not config.perturbation:
-        raise ConfigError("option --perturbation: got no scale; allowed: at least one")
     return config, args
 
 

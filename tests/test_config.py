@@ -130,3 +130,28 @@ def test_an_option_that_would_do_nothing_is_refused():
         check_applicable(Config(batch=7), only_with)
     assert check_applicable(Config(), only_with) == Config()
     assert check_applicable(Config(batch=7, engine="autodiff"), only_with).batch == 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Lists:
+    cells: tuple[str, ...] = option(("elman", "lstm"), "cells", choices=("elman", "lstm"))
+    depths: tuple[int, ...] = option((1, 2), "depths", ge=1)
+    nan_steps: tuple[int, ...] = option((), "steps (default: none)", ge=1)
+
+
+@pytest.mark.parametrize("flag,text,allowed", [
+    ("--cells", "", "at least one value, each one of elman, lstm"),
+    ("--cells", ",", "at least one value, each one of elman, lstm"),
+    ("--depths", " , ", "at least one value, each >= 1"),
+])
+def test_an_empty_list_is_refused_where_the_default_is_not_empty(flag, text, allowed, capsys):
+    """An empty list would run nothing (no cells, no depths); where the default is empty
+    ("none", "all") an empty list is that default and stays allowed."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Lists, [flag, text])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"option --depths: got \(\); allowed: at least one "
+                                          r"value, each >= 1"):
+        check(Lists(depths=()))
+    assert parse(Lists, ["--nan-steps", ""])[0].nan_steps == ()

@@ -1,10 +1,13 @@
 """The experiments end to end: results files with the README's keys, and their headline numbers."""
+import importlib
 import json
+import re
 
 import pytest
 
-from experiments import gradcheck, lecture
+from experiments import gradcheck, lecture, seeds
 from tests.helpers import F64
+from training.config import ConfigError, parse
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
 
@@ -36,6 +39,31 @@ def test_lecture_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         lecture.main(["--lr", "-1"])
     assert "argument --lr: got '-1'; allowed: > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "64"], "option --batch-size: got 64; it applies only with --procedure "
+                             "misclassified (got --procedure cost_checked)"),
+    (["--procedure", "misclassified", "--perturbation", "0.01"],
+     "option --perturbation: got 0.01; it applies only with --procedure cost_checked (got "
+     "--procedure misclassified)"),
+])
+def test_lecture_refuses_an_option_its_procedure_ignores(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lecture.main(["--workdir", str(tmp_path / "run"), "--steps", "10", "--restarts", "1",
+                      "--no-gradient-report", "--progress-every", "0", *argv])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", [*seeds.sweepable(), "gradcheck", "scaling"])
+def test_a_negative_seed_is_refused_before_any_work(name, capsys):
+    """NumPy's generators take no negative seed: --seed -1 is a bad option, not a traceback
+    later in the run."""
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        parse(module.Config, ["--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: got '-1'; allowed: >= 0" in capsys.readouterr().err
 
 
 def test_gradcheck_writes_every_check_and_passes(tmp_path):

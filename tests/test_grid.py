@@ -57,11 +57,31 @@ def test_bad_settings_are_refused_before_any_run(tmp_path, settings, message):
     assert not (tmp_path / "g").exists()
 
 
+def test_repeated_seeds_are_refused_before_the_grid_claims_its_workdir(tmp_path):
+    """--seeds 1,1 is refused before config.json is written: the corrected command may use
+    the same --workdir."""
+    with pytest.raises(ConfigError, match="--seeds: got 1,1; allowed: distinct seeds"):
+        grid.main(["--experiment", "lecture", "--workdir", str(tmp_path / "g"), "--seeds",
+                   "1,1", "--settings", "--steps 20; --steps 40", "--", *COMMON])
+    assert not (tmp_path / "g").exists()
+
+
 def test_an_option_the_experiment_lacks_stops_the_grid_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         grid.main(["--experiment", "lecture", "--workdir", str(tmp_path / "g"), "--settings",
                    "--steps 20; --no-such-option 1", "--", *COMMON])
     assert "--no-such-option" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_option_that_would_do_nothing_stops_the_grid_before_any_run(tmp_path):
+    """The second setting gives --optimizer to the modern variant, which has none: refused
+    before the first setting runs, as a bad value is."""
+    with pytest.raises(ConfigError, match="option --optimizer: got 'sdlm'; it applies only "
+                                          "with --variant 1989"):
+        grid.main(["--experiment", "lenet1989", "--seeds", "0", "--workdir", str(tmp_path / "g"),
+                   "--settings", "--order shuffled; --variant modern --optimizer sdlm", "--",
+                   "--passes", "1", "--train-examples", "20", "--test-examples", "20"])
     assert not (tmp_path / "g").exists()
 
 

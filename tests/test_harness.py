@@ -73,6 +73,17 @@ def test_a_workdir_of_another_experiment_is_refused(tmp_path):
         harness.open_run("xor", config, args)
 
 
+def test_a_config_refused_by_the_data_checks_leaves_the_workdir_free(tmp_path):
+    """A batch larger than the training split is refused once the data are loaded, before
+    config.json is written, so that the corrected command may use the same --workdir."""
+    base = ["--workdir", str(tmp_path / "run"), "--steps", "10", "--checkpoint-every", "10",
+            "--procedure", "misclassified", *SMALL]
+    with pytest.raises(ConfigError, match="option --batch-size: got 1100; allowed: at most"):
+        lecture.main([*base, "--batch-size", "1100"])
+    assert not (tmp_path / "run" / "config.json").exists()
+    assert lecture.main([*base, "--batch-size", "100"])["stop_step"] == 10
+
+
 def test_train_needs_positive_step_counts(tmp_path):
     run = harness.Run("lecture", tmp_path, None, False)
     for total, every in ((0, 1), (5, 0)):
@@ -88,6 +99,8 @@ def test_resume_needs_a_run(tmp_path):
 
 
 def test_resuming_a_finished_run_does_no_work_and_reports_the_same(tmp_path):
+    """The same metrics, history and compile and run seconds: those of the run that did the
+    work (the re-run adds only its restore to the checkpoint seconds)."""
     argv = ["--workdir", str(tmp_path), "--steps", "30", "--checkpoint-every", "10", *SMALL]
     first = lecture.main(argv)
     first_results = json.loads((tmp_path / "results.json").read_text())
@@ -95,8 +108,37 @@ def test_resuming_a_finished_run_does_no_work_and_reports_the_same(tmp_path):
     second_results = json.loads((tmp_path / "results.json").read_text())
     assert first == second
     assert second_results["resumed_from_step"] == 30
-    assert second_results["seconds"]["run"] == 0 and second_results["seconds"]["compile"] == 0
+    assert first_results["seconds"]["run"] > 0 and first_results["seconds"]["compile"] > 0
+    for phase in ("compile", "run"):
+        assert second_results["seconds"][phase] == first_results["seconds"][phase]
+    assert second_results["seconds"]["checkpoint"] > first_results["seconds"]["checkpoint"]
     assert first_results["history"] == second_results["history"]
+
+
+def test_forcing_fewer_steps_than_the_checkpoint_starts_again(tmp_path):
+    """A finished 20-step run re-run with --force --steps 10 cannot continue from step 20:
+    it starts again, and its results are those of a fresh 10-step run, not the old history
+    under the new config."""
+    base = ["--checkpoint-every", "10", *SMALL]
+    lecture.main(["--workdir", str(tmp_path / "run"), "--steps", "20", *base])
+    forced = lecture.main(["--workdir", str(tmp_path / "run"), "--steps", "10", "--force",
+                           *base])
+    fresh = lecture.main(["--workdir", str(tmp_path / "fresh"), "--steps", "10", *base])
+    assert forced == fresh and forced["stop_step"] == 10
+    document = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert document["config"]["steps"] == 10 and document["resumed_from_step"] == 0
+    assert [r["step"] for r in document["history"]] == list(range(1, 11))
+    assert metrics_lines(tmp_path / "run") == metrics_lines(tmp_path / "fresh")
+    assert Checkpointer(tmp_path / "run" / "checkpoints").steps() == [10]
+
+
+def test_an_infinite_option_resumes_its_own_run(tmp_path):
+    """config.json stores inf as "inf"; the same command again is the same config."""
+    argv = ["--workdir", str(tmp_path), "--steps", "10", "--checkpoint-every", "10",
+            "--stop-tolerance", "inf", *SMALL]
+    first = lecture.main(argv)
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["stop_tolerance"] == "inf"
+    assert lecture.main(argv) == first
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):

@@ -174,6 +174,8 @@ def test_target_scales_the_plus_minus_one_targets(capsys):
     (["--variant", "modern", "--order", "shuffled"],
      "--order: got 'shuffled'; it applies only with --variant 1989"),
     (["--h3-units", "32"], "--h3-units: got 32; it applies only with --variant modern"),
+    (["--variant", "modern", "--h2-table", "cyclic"],
+     "--h2-table: got 'cyclic'; it applies only with --variant 1989 (got --variant modern)"),
 ])
 def test_an_option_that_would_do_nothing_is_refused(tmp_path, argv, message):
     """Each option of one variant or optimizer, changed from its default under another, stops

@@ -12,6 +12,7 @@ from experiments import depth, memory_time, precision, pretraining
 from nets import autoencoder
 from nets.gradcheck import relative_error
 from tests.helpers import F64, assert_close_tree
+from training.config import ConfigError
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
 
@@ -138,11 +139,35 @@ def test_memory_time(tmp_path):
     assert document["metrics"]["stored_numbers"]["logistic"] == 256 * 10 + 10
 
 
+@pytest.mark.parametrize("flag, limit, count, other", [
+    ("--train-examples", 7292, 7291, "--test-examples"),
+    ("--test-examples", 2008, 2007, "--train-examples")])
+def test_memory_time_refuses_more_digits_than_there_are(tmp_path, flag, limit, count, other):
+    with pytest.raises(ConfigError, match=f"option {flag}: got {limit}; allowed: at most "
+                                          f"{count}"):
+        memory_time.main(["--workdir", str(tmp_path), flag, str(limit), other, "50",
+                          "--methods", "knn", "--no-isolate"])
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_memory_time_measures_in_a_fresh_process():
     config = {"train_examples": 200, "test_examples": 50, "knn_k": 1}
     row = memory_time.measure_isolated("knn", config, memory_time.load(config))
     assert row["method"] == "knn" and 0 <= row["test_accuracy"] <= 1
     assert row["train_accuracy"] == 1.0  # 1-NN recalls its own training set
+
+
+def test_depth_reports_the_updates_it_made(tmp_path):
+    """--updates 25 in 2 records of whole passes (one batch of 60 a pass) makes 13 passes a
+    record, 26 updates: results.json, results.md and the history say 26."""
+    metrics = depth.main(["--workdir", str(tmp_path), "--depths", "1", "--sizes", "30,60",
+                          "--width", "8", "--updates", "25", "--seeds", "2", "--records", "2",
+                          "--test-examples", "100"])
+    assert metrics["updates"] == 26
+    assert read_results(tmp_path, "depth")["metrics"]["updates"] == 26
+    assert max(h["updates"] for h in read_results(tmp_path, "depth")["history"]) == 26
+    assert "after 26 updates (--updates 25, rounded up to whole passes)" in (
+        tmp_path / "results.md").read_text()
 
 
 @pytest.mark.parametrize("variant", ["plain", "residual", "batch-norm"])

@@ -1,5 +1,6 @@
 """Smoke runs of the recurrent-net experiments at tiny sizes: results files and their keys."""
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,47 @@ def test_adding_problem_with_a_bidirectional_layer(tmp_path):
     assert np.isfinite(metrics["gru_T6"]["final_test_mse"])
 
 
+def test_adding_problem_refuses_steps_between_records(tmp_path):
+    """--steps 15 with a record every 10 steps would train 20 and report 15."""
+    with pytest.raises(ConfigError, match=r"option --steps: got 15; allowed: a multiple of "
+                                          r"--eval-every \(10\)"):
+        adding_problem.main(["--workdir", str(tmp_path), "--steps", "15", "--eval-every", "10",
+                             "--cells", "gru", "--lengths", "6", "--hidden", "4",
+                             "--batch-size", "8", "--test-examples", "16",
+                             "--progress-every", "0"])
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("steps", [150, 250])
+def test_vanishing_refuses_training_steps_between_records(tmp_path, steps):
+    """Records come every 100 steps: 150 would train 200."""
+    with pytest.raises(ConfigError, match=rf"option --train-steps: got {steps}; allowed: at "
+                                          r"most 100, or a multiple of 100"):
+        vanishing.main(["--workdir", str(tmp_path), "--train-steps", str(steps), "--cells",
+                        "elman_tanh", "--length", "6", "--hidden", "4", "--examples", "8",
+                        "--batch-size", "8"])
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_vanishing_keeps_compile_time_out_of_run_time(tmp_path, monkeypatch):
+    """A clock that moves only while XLA compiles (1000 s a program): every second of it
+    must land in "compile" (training, then the profiles in float32 and float64), none in
+    "run"."""
+    clock = [0.0]
+    compile_program = jax.stages.Lowered.compile
+
+    def slow_compile(self, *args, **kwargs):
+        clock[0] += 1000.0
+        return compile_program(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    vanishing.main(["--workdir", str(tmp_path), "--cells", "elman_tanh", "--length", "6",
+                    "--hidden", "4", "--train-steps", "10", "--examples", "8",
+                    "--batch-size", "8"])
+    assert read_results(tmp_path)["seconds"] == {"compile": 3000.0, "run": 0.0}
+
+
 def test_vanishing_reports_decay_rates_and_agrees_with_jax_grad(tmp_path):
     metrics = vanishing.main([
         "--workdir", str(tmp_path), "--cells", "elman_sigmoid,elman_tanh",
@@ -94,6 +136,21 @@ def test_char_rnn_trains_evaluates_and_samples(tmp_path):
     samples = (tmp_path / "samples.txt").read_text()
     assert samples.count("ROMEO:\n") == 2 and "temperature 0.8" in samples
     assert len(document["samples"]["0.8"]) == len("ROMEO:\n") + 50
+
+
+def test_char_rnn_refuses_more_text_than_there_is(tmp_path):
+    """--eval-chars beyond the held-out text (10% of Tiny Shakespeare's 1,115,394
+    characters) is refused, not cut to what there is."""
+    tiny = ["--workdir", str(tmp_path), "--layers", "1", "--hidden", "4", "--window", "16",
+            "--batch-size", "4", "--epochs", "1", "--eval-streams", "4", "--sample-chars", "5",
+            "--progress-every", "0"]
+    with pytest.raises(ConfigError, match=r"option --eval-chars: got 200000; allowed: at most "
+                                          r"the 111539 held-out characters"):
+        char_rnn.main([*tiny, "--train-chars", "200", "--eval-chars", "200000"])
+    with pytest.raises(ConfigError, match=r"option --train-chars: got 2000000; allowed: at "
+                                          r"most the 1003855 training characters"):
+        char_rnn.main([*tiny, "--train-chars", "2000000", "--eval-chars", "200"])
+    assert not (tmp_path / "config.json").exists()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])

@@ -48,18 +48,30 @@ def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path, jobs):
 
 @pytest.mark.parametrize("argv, message", [
     (["--experiment", "bench"], "--experiment: got 'bench'; allowed: an experiment with a "
-                                "--seed option, one of .*lenet1989"),
+                                "--seed option and metrics, one of .*lenet1989"),
     (["--experiment", "no_such"], "--experiment: got 'no_such'"),
     (["--experiment", "seed_table"], "--experiment: got 'seed_table'"),
     (["--seeds", "1,1"], "--seeds: got 1,1; allowed: distinct seeds"),
     (["--at-most", "test_misses"], "--at-most: got 'test_misses'; expected METRIC=VALUE"),
     (["--", "--seed", "3"], "experiment option --seed: it is set for each run"),
     (["--", "--workdir=x"], "experiment option --workdir: it is set for each run"),
+    (["--experiment", "lenet1989", "--", "--variant", "modern", "--optimizer", "sdlm"],
+     "option --optimizer: got 'sdlm'; it applies only with --variant 1989"),
 ])
 def test_bad_sweeps_are_refused_before_any_run(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         seeds.main(["--workdir", str(tmp_path / "sweep"), *argv])
     assert not (tmp_path / "sweep").exists()
+
+
+def test_experiments_without_metrics_are_not_sweepable():
+    """gradcheck and scaling have a --seed but return an exit status: a sweep of them would
+    stop after its first run with nothing to summarise, so they are refused up front."""
+    for name in ("gradcheck", "scaling"):
+        with pytest.raises(ConfigError, match=f"--experiment: got '{name}'; allowed: an "
+                                              "experiment with a --seed option and metrics"):
+            seeds.experiment_module(name)
+        assert name not in seeds.sweepable()
 
 
 def test_a_bad_experiment_option_stops_the_sweep_before_any_run(tmp_path):

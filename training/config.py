@@ -41,8 +41,13 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None, choices=None):
-    """A config field with its help text and the values it allows."""
-    metadata = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices}
+    """A config field with its help text and the values it allows.
+
+    A list option (a tuple) whose default is not empty must not be given empty: `--cells ""`
+    would run nothing. One whose default is empty (`--nan-steps`, `--metrics`: "none" or
+    "all") may be."""
+    metadata = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices,
+                "nonempty": isinstance(default, tuple) and len(default) > 0}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -56,9 +61,13 @@ def _allowed(meta: dict) -> str:
     return " and ".join(parts) or "any value"
 
 
-def _check_value(name: str, value: Any, meta: dict) -> None:
-    values = value if isinstance(value, tuple) else (value,)
-    for item in values:
+def _refusal(value: Any, meta: dict) -> str | None:
+    """What the option allows, when value is not allowed (an item out of bounds, or an empty
+    list where the option needs one item at least); None when it is."""
+    if isinstance(value, tuple) and not value and meta.get("nonempty"):
+        allowed = _allowed(meta)
+        return "at least one value" + ("" if allowed == "any value" else f", each {allowed}")
+    for item in value if isinstance(value, tuple) else (value,):
         bad = (
             (meta.get("gt") is not None and not item > meta["gt"])
             or (meta.get("ge") is not None and not item >= meta["ge"])
@@ -67,7 +76,14 @@ def _check_value(name: str, value: Any, meta: dict) -> None:
             or (meta.get("choices") and item not in meta["choices"])
         )
         if bad:
-            raise ConfigError(f"option --{_flag(name)}: got {value!r}; allowed: {_allowed(meta)}")
+            return _allowed(meta)
+    return None
+
+
+def _check_value(name: str, value: Any, meta: dict) -> None:
+    refusal = _refusal(value, meta)
+    if refusal is not None:
+        raise ConfigError(f"option --{_flag(name)}: got {value!r}; allowed: {refusal}")
 
 
 def _flag(name: str) -> str:
@@ -137,11 +153,9 @@ def _parser_type(name: str, kind, meta: dict):
             value = tuple(items(text))
         else:
             value = convert_one(text)
-        try:
-            _check_value(name, value, meta)
-        except ConfigError:
-            raise argparse.ArgumentTypeError(
-                f"got {text!r}; allowed: {_allowed(meta)}") from None
+        refusal = _refusal(value, meta)
+        if refusal is not None:
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {refusal}")
         return value
 
     convert.__name__ = getattr(item_kind, "__name__", "value")

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -134,7 +135,8 @@ def open_run(experiment: str, config: Any, args: HarnessArgs,
         raise ConfigError(f"option --resume: {workdir} holds no run (no config.json) to resume")
     if resuming:
         saved = json.loads(config_path.read_text())
-        changed = differences(saved.get("config", {}), to_dict(config))
+        # Compared as config.json stores it: an infinite float is the string "inf" there.
+        changed = differences(saved.get("config", {}), results.to_jsonable(to_dict(config)))
         if saved.get("experiment") != experiment:
             changed.insert(0, f"experiment: {saved.get('experiment')!r} -> {experiment!r}")
         if changed and not args.force:
@@ -157,7 +159,7 @@ def open_run(experiment: str, config: Any, args: HarnessArgs,
 class TrainOutcome:
     state: Any
     history: list[dict]  # one record per step, from metrics.jsonl (the whole run)
-    seconds: dict[str, float]  # compile, run, checkpoint
+    seconds: dict[str, float]  # compile, run, checkpoint: the whole run's (`_seconds_before`)
     resumed_from: int  # the step restored from a checkpoint (0: a fresh start)
     steps_done: int  # the step the run reached
 
@@ -171,6 +173,22 @@ def _default_scalars(records: dict, index: int) -> dict:
         else:
             scalars.update({f"{name}/{i}": v.item() for i, v in enumerate(value.ravel())})
     return scalars
+
+
+SECONDS_FILE = "seconds.json"
+_PHASES = ("compile", "run", "checkpoint")
+
+
+def _seconds_before(workdir: pathlib.Path, step: int) -> dict[str, float]:
+    """The seconds of each phase the run had spent when it saved its checkpoint at `step`
+    (SECONDS_FILE, rewritten after every checkpoint), so that a resumed run reports the whole
+    run's time, not only its own; zeros for a fresh start, or where the file is missing or
+    was written for another checkpoint."""
+    path = workdir / SECONDS_FILE
+    saved = json.loads(path.read_text()) if step and path.is_file() else {}
+    if saved.get("step") != step:
+        return dict.fromkeys(_PHASES, 0.0)
+    return {phase: float(saved["seconds"][phase]) for phase in _PHASES}
 
 
 def _frozen(state) -> bool:
@@ -216,15 +234,25 @@ def train(
     jitted here, once per distinct length. `scalars(records, i)` flattens step i's records (NumPy
     arrays by then) for the metrics log (default: scalars as they are, vectors as name/0,
     name/1, ...).
+
+    A newest checkpoint past total_steps (a finished run re-run under --force with fewer
+    steps) cannot be continued: the run starts again from step 0, its checkpoints deleted,
+    and says so. The seconds returned are the whole run's, those spent before the checkpoint
+    it resumed from included.
     """
     if checkpoint_every < 1 or total_steps < 1:
         raise ConfigError(f"train: checkpoint_every ({checkpoint_every}) and total_steps "
                           f"({total_steps}) must be >= 1")
     checkpointer = Checkpointer(run.workdir / "checkpoints", keep, say=say)
-    seconds = {"compile": 0.0, "run": 0.0, "checkpoint": 0.0}
     start = time.perf_counter()
     restored = checkpointer.restore_latest(initial_state)
+    if restored is not None and restored[0] > total_steps:
+        say(f"{run.workdir}: the newest checkpoint is at step {restored[0]}, past this run's "
+            f"{total_steps} steps; starting again from step 0, its checkpoints deleted")
+        shutil.rmtree(checkpointer.directory)
+        checkpointer, restored = Checkpointer(run.workdir / "checkpoints", keep, say=say), None
     step, state = (0, initial_state) if restored is None else restored
+    seconds = _seconds_before(run.workdir, step)
     seconds["checkpoint"] += time.perf_counter() - start
     if restored is not None:
         say(f"resuming {run.experiment} from the checkpoint at step {step} in {run.workdir}")
@@ -253,6 +281,8 @@ def train(
             tick = time.perf_counter()
             checkpointer.save(step, state)
             seconds["checkpoint"] += time.perf_counter() - tick
+            if main_process:
+                _write_json(run.workdir / SECONDS_FILE, {"step": step, "seconds": seconds})
             progress.update(step, float(np.mean(np.asarray(records[loss_name])[-1])))
     finally:
         progress.close()

@@ -31,6 +31,7 @@ __all__ = [
     "save_test_outputs",
     "load_test_outputs",
     "save_and_print_table",
+    "sample_sd",
 ]
 
 
@@ -69,6 +70,13 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, pathlib.Path):
         return str(value)
     return value
+
+
+def sample_sd(values: Any) -> float:
+    """The standard deviation of `values` with n - 1 in the denominator (0 for one value):
+    the spread over seeds that every results file reports."""
+    array = np.asarray(values, np.float64)
+    return float(np.std(array, ddof=1)) if array.size > 1 else 0.0
 
 
 def write_results(
