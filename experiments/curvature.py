@@ -21,12 +21,14 @@ and b, the output layer); before it the rule, blind to the examples' coupling, i
 (norm1's g 66%, b 89%), and the biases just before each BatchNorm, which change no output
 (Gauss-Newton diagonals 1.7e-33 and 6.8e-33), get h = 0.24 and 0.48 on average.
 
-Writes results.json (metrics: the largest relative errors; "rows": one per tensor), results.md
+Writes results.json (metrics: the largest relative errors; "rows": one per tensor; "seconds":
+each net's wall time, compilation included, as the diagonals run eagerly), results.md
 and curvature.png (every diagonal entry against the exact one, per net; `--nets` picks nets).
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -144,11 +146,14 @@ def plot_panels(name, tensors) -> list[dict]:
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     run = open_run(EXPERIMENT, config, args)
-    rows, panels = [], []
+    rows, panels, seconds = [], [], {}
     for entry in nets_to_compare():
         if config.nets and entry[0] not in config.nets:
             continue
+        start = time.perf_counter()
         tensors = diagonals(*entry, batch=config.batch, seed=config.seed)
+        # each net's three diagonals run eagerly, op by op: compiling is part of computing
+        seconds[f"{entry[0]}_wall"] = time.perf_counter() - start
         rows += rows_of(entry[0], tensors)
         panels += plot_panels(entry[0], tensors)
     last_layers = [r for r in rows if r["layer"] == "output" or r["net"] ==
@@ -161,7 +166,7 @@ def main(argv=None):
         "all_backpropagated_non_negative": all(r["min_backpropagated"] >= 0 for r in rows),
     }
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics_out,
-                          [], {}, rows=rows)
+                          [], seconds, rows=rows)
     plots.save_scatter(run.workdir / "curvature.png", panels,
                        title="diagonal second derivatives, one point per parameter")
     columns = ["net", "layer", "param", "mean_backpropagated", "mean_gauss_newton",

@@ -267,6 +267,8 @@ def test_curvature_experiment_end_to_end_on_two_nets(tmp_path):
     document = json.loads((tmp_path / "results.json").read_text())
     assert {row["net"] for row in document["rows"]} == {"mlp_2_hidden_tanh", "small_conv"}
     assert len(document["rows"]) == 6 + 4
+    assert set(document["seconds"]) == {"mlp_2_hidden_tanh_wall", "small_conv_wall"}
+    assert all(seconds > 0 for seconds in document["seconds"].values())
     assert metrics["max_backpropagated_vs_gauss_newton_where_exact"] <= F64
     assert (tmp_path / "curvature.png").stat().st_size > 20_000
     entry = {entry[0]: entry for entry in curvature.nets_to_compare()}["mlp_2_hidden_tanh"]
