@@ -175,12 +175,15 @@ def _first_without_curvature(layer: Layer) -> str:
 def curvature_diagonal(model: Layer, objective: Objective):
     """diag(d2E/dparams2) in LeCun's Gauss-Newton diagonal approximation, backpropagated by hand.
 
-    Returns `diagonal(params, x, targets) -> pytree like params`: the loss curvature at the
-    outputs (`Loss.curvature`) run back through every layer's `curvature` (nets/layers.py),
-    plus lambda/m for every weight from the L2 penalty. For the last layer, and for nets in
-    which every unit reaches the output by one path (one hidden layer and one output), this is
-    the exact diagonal of the Gauss-Newton matrix; elsewhere it drops the cross terms
-    (LeCun et al. 1989, section 5).
+    Returns `diagonal(params, x, targets, key=None) -> pytree like params`: the loss
+    curvature at the outputs (`Loss.curvature`) run back through every layer's `curvature`
+    (nets/layers.py), plus lambda/m for every weight from the L2 penalty. For the last layer,
+    and for nets in which every unit reaches the output by one path (one hidden layer and one
+    output), with a loss whose curvature at the outputs is diagonal (mean squared error,
+    sigmoid cross-entropy), this is the exact diagonal of the Gauss-Newton matrix; elsewhere
+    it drops the cross terms (LeCun et al. 1989, section 5). A stochastic model (dropout)
+    runs at inference without a key, and with one draws its masks as the engines do: the
+    diagonal of E with those masks held fixed.
     """
     if model.curvature is None:
         raise ValueError(f"{model.name}: layer {_first_without_curvature(model)!r} has no "
@@ -188,8 +191,8 @@ def curvature_diagonal(model: Layer, objective: Objective):
     if objective.loss.curvature is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no curvature")
 
-    def diagonal(params, x, targets):
-        outputs, residuals = model.forward(params, x)
+    def diagonal(params, x, targets, key=None):
+        outputs, residuals = forward_with_key(model, params, x, key)
         d2params, _ = model.curvature(params, residuals, objective.loss.curvature(outputs,
                                                                                     targets))
         ones = jax.tree.map(jnp.ones_like, params)

@@ -362,3 +362,24 @@ def test_euclidean_rbf_curvature_is_gauss_newton_plus_the_penalty_quadratic():
     exact = jnp.einsum("bfbf->bf", hessian)
     assert float(jnp.max(jnp.abs(exact - 2 / 4))) == 0.0
     assert relative_error(d2x, exact) <= F64
+
+
+def test_with_a_key_the_diagonal_holds_the_dropout_masks_fixed():
+    """One hidden layer with dropout on it and one output (a single path: exact): with a key,
+    the backpropagated diagonal is diag(J^T H J) of the net with those masks (J by
+    jax.jacobian of model.apply with the key, H by jax.hessian of the loss); without one, the
+    net at inference, which differs."""
+    model = nets.serial(nets.dropout_after(nets.Dense(6, name="hidden"), 0.5),
+                        nets.Tanh(name="act"), nets.Dense(1, name="output"))
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    params, x, y = problem(model, objective, 4, 1, batch=5)
+    key = jax.random.key(7)
+    diagonal = engines.curvature_diagonal(model, objective)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x, key))(flat).reshape(5, -1)
+    outputs = model.apply(params, x, key)
+    hessian = jax.hessian(lambda o: objective.loss.value(o.reshape(5, 1), y))(
+        outputs.reshape(-1))
+    expected = unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian))
+    assert_close_tree(diagonal(params, x, y, key), expected, jnp.float64, "with masks")
+    assert relative_error(diagonal(params, x, y)[0]["w"], expected[0]["w"]) > 0.1
