@@ -95,13 +95,18 @@ def named_parameters(model: Layer, params: Any) -> Iterator[tuple[str, str, tupl
 
 def parameter(model: Layer, params: Any, layer: str, name: str) -> Any:
     """The leaf of `params` that `named_parameters` calls (layer, name), e.g. LeNet-1989's
-    ("H1", "w"); a name it does not give is refused with the names it does."""
-    named = {(layer_name, param_name): path
-             for layer_name, param_name, path in named_parameters(model, params)}
+    ("H1", "w"); a name it does not give is refused with the names it does, and so is a name
+    that several layers share (two default-named Dense layers)."""
+    named = {}
+    for layer_name, param_name, path in named_parameters(model, params):
+        named.setdefault((layer_name, param_name), []).append(path)
+    if len(named.get((layer, name), ())) > 1:
+        raise KeyError(f"{model.name}: {len(named[(layer, name)])} layers are named {layer!r}; "
+                       "name them apart to pick one")
     if (layer, name) not in named:
         raise KeyError(f"{model.name}: no parameter {layer}.{name}; it has "
                        f"{', '.join(f'{a}.{b}' for a, b in named)}")
-    return _get(params, named[(layer, name)])
+    return _get(params, named[(layer, name)][0])
 
 
 def _named(model, params, prefix):

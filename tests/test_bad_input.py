@@ -107,6 +107,10 @@ def test_a_parameter_the_model_does_not_have_is_refused_with_the_names_it_has():
     with pytest.raises(KeyError, match=re.escape(
             "net: no parameter output.w; it has hidden.b, hidden.w, out.b, out.w")):
         gradcheck.parameter(model, params, "output", "w")
+    twins = nets.serial(nets.Dense(3), nets.Tanh(), nets.Dense(2), name="twins")
+    _, twin_params = twins.init(KEY, (4, 5))
+    with pytest.raises(KeyError, match="twins: 2 layers are named 'Dense'; name them apart"):
+        gradcheck.parameter(twins, twin_params, "Dense", "w")  # was the last one, silently
 
 
 @pytest.mark.parametrize("shape, expected", [((), (1, 1)), ((7,), (1, 7)), ((5, 3), (5, 3)),
