@@ -410,6 +410,14 @@ def run_in_worker(experiment: str, argv: list[str], log_path: str) -> dict:
         return numbers(_as_dict(module.main(argv)))
 
 
+def free_unused_workdir(workdir: pathlib.Path, seed_list: Sequence[int]) -> None:
+    """After a run refused its options (its data checks), if no seed has finished, remove the
+    sweep's config.json: nothing was run under it, and the corrected command must not be
+    refused as a different config of this workdir."""
+    if not any((workdir / f"seed_{seed}" / "results.json").exists() for seed in seed_list):
+        (workdir / "config.json").unlink(missing_ok=True)
+
+
 def main(argv=None):
     own, experiment_options = split_argv(sys.argv[1:] if argv is None else argv)
     parsed, args = parse(Config, own, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
@@ -425,7 +433,11 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
 
     start = time.perf_counter()
-    per_seed = run_seeds(config, module, run.workdir, args.force)
+    try:
+        per_seed = run_seeds(config, module, run.workdir, args.force)
+    except ConfigError:
+        free_unused_workdir(run.workdir, config.seeds)
+        raise
     seconds = time.perf_counter() - start
 
     names = chosen_metrics(config, per_seed)

@@ -152,3 +152,16 @@ def test_the_ensemble_averages_the_runs_outputs_by_hand(tmp_path):
         seeds.ensemble_of(tmp_path, [0, 3, 5])
     outputs, saved_labels = results.load_test_outputs(tmp_path / "seed_3")
     assert outputs.dtype == np.float32 and saved_labels.tolist() == [0, 1, 1]
+
+
+def test_a_first_run_refused_by_its_data_checks_leaves_the_sweeps_workdir_free(tmp_path):
+    """The lecture's batch larger than its training set is a data check, made inside the
+    first run after the sweep has written its config.json: that file is removed again, so
+    the corrected command runs in the same workdir without --force."""
+    sweep = str(tmp_path / "sweep")
+    common = ["--seeds", "0", "--workdir", sweep, "--", *SMALL, "--procedure", "misclassified"]
+    with pytest.raises(ConfigError, match="option --batch-size: got 5000; allowed: at most"):
+        seeds.main(["--experiment", "lecture", *common, "--batch-size", "5000"])
+    assert not (tmp_path / "sweep" / "config.json").exists()
+    summary = seeds.main(["--experiment", "lecture", *common, "--batch-size", "8"])
+    assert len(summary["per_seed"]) == 1
