@@ -98,7 +98,13 @@ def main(argv=None):
     for k, (setting, directory) in enumerate(zip(settings, directories)):
         print(f"{EXPERIMENT}: setting {k + 1} of {len(settings)}: "
               f"{' '.join(setting) or '(defaults)'}", flush=True)
-        seeds.main(sweep_argv(config, setting, common, directory, args.force))
+        try:
+            seeds.main(sweep_argv(config, setting, common, directory, args.force))
+        except ConfigError:
+            # refused by a run's data checks before any run finished: the workdir is free again
+            if not any(any(directory.glob("seed_*/results.json")) for directory in directories):
+                (run.workdir / "config.json").unlink(missing_ok=True)
+            raise
     comparison = run.workdir / "compare"
     compare.main([*map(str, directories), "--workdir", str(comparison),
                   *(["--metrics", ",".join(config.metrics)] if config.metrics else [])])

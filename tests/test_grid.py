@@ -88,3 +88,19 @@ def test_an_option_that_would_do_nothing_stops_the_grid_before_any_run(tmp_path)
 def test_an_empty_setting_is_the_defaults():
     assert grid.split_settings("--lr 0.01;") == [["--lr", "0.01"], []]
     assert grid.split_settings('--note "a b"; --lr 2') == [["--note", "a b"], ["--lr", "2"]]
+
+
+def test_a_first_run_refused_by_its_data_checks_leaves_the_grids_workdir_free(tmp_path):
+    """A batch larger than the lecture's training set is a data check inside the first run,
+    after the grid has written its config.json: it is removed again, and the corrected grid
+    runs in the same workdir without --force."""
+    def run(batch_size):
+        return grid.main(["--experiment", "lecture", "--workdir", str(tmp_path / "g"),
+                          "--seeds", "0", "--settings", "--steps 20; --steps 40", "--",
+                          *COMMON, "--procedure", "misclassified", "--batch-size",
+                          str(batch_size)])
+
+    with pytest.raises(ConfigError, match="option --batch-size: got 5000; allowed: at most"):
+        run(5000)
+    assert not (tmp_path / "g" / "config.json").exists()
+    assert len(run(8)) == 2
