@@ -55,22 +55,52 @@ def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
                                     ("single", single, odd, "dp/single"), repeats=10) == []
 
 
-def test_short_calls_are_timed_several_to_a_sample():
-    """A 0.5 ms call is timed 2-4 to a sample (MIN_SAMPLE_S = 2 ms), a 3 ms call alone."""
-    def short():
-        time.sleep(5e-4)
+class FakeClock:
+    """A stand-in for `time.perf_counter` that only the timed callables advance, so that
+    the timing logic is tested without the machine's scheduling in it."""
 
-    def long():
-        time.sleep(3e-3)
+    def __init__(self):
+        self.now, self.calls = 0.0, []
 
-    fast, slow = benchmark.compare(short, (), long, (), repeats=10)
+    def perf_counter(self):
+        return self.now
+
+    def callable_taking(self, name, seconds):
+        def call():
+            self.calls.append(name)
+            self.now += seconds
+        return call
+
+
+def test_short_calls_are_timed_several_to_a_sample(monkeypatch):
+    """A 0.6 ms call is timed ceil(2 / 0.6) = 4 to a sample (MIN_SAMPLE_S = 2 ms), a 3 ms
+    call alone; compare alternates them, one settling call before each sample."""
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    short, long = clock.callable_taking("short", 6e-4), clock.callable_taking("long", 3e-3)
+
+    fast, slow = benchmark.compare(short, (), long, (), repeats=10, warmup=2, settle=1)
     assert benchmark.MIN_SAMPLE_S == 2e-3
-    assert 2 <= fast.calls_per_sample <= 4 and slow.calls_per_sample == 1
-    assert 5e-4 <= fast.median_s < 3e-3 <= slow.median_s
+    assert (fast.calls_per_sample, slow.calls_per_sample) == (4, 1)
+    assert fast.median_s == pytest.approx(6e-4, rel=1e-9)
+    assert slow.median_s == pytest.approx(3e-3, rel=1e-9)
+    assert fast.repeats == slow.repeats == 10
+    warm_up = ["short"] * 2 + ["long"] * 2
+    alternation = (["short"] * (1 + 4) + ["long"] * (1 + 1)) * 10
+    assert clock.calls == warm_up + alternation
+
+    clock.calls.clear()
     alone = benchmark.time_calls(short, (), repeats=10)
-    assert 2 <= alone.calls_per_sample <= 4 and alone.repeats == 10
+    assert alone.calls_per_sample == 4 and alone.repeats == 10
+    assert clock.calls == ["short"] * (2 + 4 * 10)
     with pytest.raises(ValueError, match="benchmark: no timed samples; repeats must be >= 1"):
         benchmark.time_calls(short, (), repeats=0)
+
+
+def test_calls_are_timed_on_the_real_clock():
+    """The module's own clock: a sleep of 3 ms is measured as at least that long."""
+    measurement = benchmark.time_calls(lambda: time.sleep(3e-3), (), repeats=10)
+    assert measurement.median_s >= 3e-3 and measurement.calls_per_sample == 1
 
 
 def test_chained_steps_take_the_previous_state_and_may_donate_it():
