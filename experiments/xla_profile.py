@@ -17,7 +17,10 @@ BENCHMARKS.md (the GRUs' per-step weight copies, the LSTM's residual zero-fill, 
 loops over a last axis of 6). A loop (a scan's `while`) is listed by the thunks of its body,
 `calls_per_step` counting its iterations (any row of a loop instruction itself is left out of
 `thunks_ms`, the sum of the rows). Thunks may run side by side on the intra-op threads, so
-that sum can exceed the step's wall time (the bench's LSTM: 90.7 against 89.6 ms).
+that sum can exceed the step's wall time (the bench's LSTM: 90.7 against 89.6 ms). Shares
+are of the traced steps' own wall time (`traced_step_ms`, tracing's overhead included: at
+`--size smallest` it is about three times the untraced median `step_ms`, at the full sizes
+about the same), so that a pause of the machine lands in both sides of the ratio.
 
 On a GPU the events are kernels, whose names need not be instruction names: the table then
 lists the kernels whose names match, and `matched_share` says how much of the step that is.
@@ -36,6 +39,7 @@ import json
 import os
 import pathlib
 import re
+import time
 
 import jax
 
@@ -106,7 +110,7 @@ def trace_events(trace_dir) -> list[dict]:
 def thunk_rows(events: list[dict], table: dict[str, dict], steps: int, step_s: float
                ) -> list[dict]:
     """One row per instruction with trace events, slowest first: its mean time per step
-    (event durations are in microseconds) and share of the step's wall time."""
+    (event durations are in microseconds) and share of the step's wall time, step_s."""
     total_us, calls = collections.Counter(), collections.Counter()
     for event in events:
         if event["name"] in table:
@@ -129,15 +133,18 @@ def profile(config: Config, trace_dir) -> dict:
     step, compile_s = benchmark.compile_jitted(bench.sgd_step(model, objective, engine), *args)
     timing = benchmark.time_calls(step, args, max(10, config.repeats))
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        start = time.perf_counter()
         for _ in range(config.repeats):
             jax.block_until_ready(step(*args))
+        traced_step_s = (time.perf_counter() - start) / config.repeats
     table = instructions(step.as_text())
-    rows = thunk_rows(trace_events(trace_dir), table, config.repeats, timing.median_s)
+    rows = thunk_rows(trace_events(trace_dir), table, config.repeats, traced_step_s)
     if not rows:
         raise RuntimeError("xla_profile: the trace has no per-operation events; XLA_FLAGS needs "
                            f"{TRACEME_FLAG} before JAX starts (run this as its own process)")
     inner = [r for r in rows if r["opcode"] not in LOOP_OPCODES]
-    return {"case": label, "step_ms": timing.median_s * 1e3, "compile_s": compile_s,
+    return {"case": label, "step_ms": timing.median_s * 1e3,
+            "traced_step_ms": traced_step_s * 1e3, "compile_s": compile_s,
             "temp_bytes": bench.temp_bytes(step), "thunks": rows,
             "thunks_ms": sum(r["ms_per_step"] for r in inner),
             "matched_share": sum(r["share"] for r in inner)}
@@ -148,8 +155,9 @@ def render(profiled: dict, top: int, workdir) -> str:
               "calls/step": round(r["calls_per_step"], 2), "ms/step": round(r["ms_per_step"], 4),
               "share": f"{r['share']:.1%}", "from": r["op_name"].split("/", 1)[-1]}
              for r in profiled["thunks"][:top]]
-    return (f"{profiled['case']}: step {profiled['step_ms']:.3f} ms (median), thunks outside "
-            f"loops {profiled['thunks_ms']:.3f} ms ({profiled['matched_share']:.0%} of the "
+    return (f"{profiled['case']}: step {profiled['step_ms']:.3f} ms (median; traced "
+            f"{profiled['traced_step_ms']:.3f} ms), thunks outside loops "
+            f"{profiled['thunks_ms']:.3f} ms ({profiled['matched_share']:.0%} of the traced "
             "step; side by side on the threads they may exceed it)\n\n"
             + results.markdown_table(shown) + f"\nResults in {workdir}\n")
 
@@ -159,7 +167,8 @@ def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
     run = open_run(EXPERIMENT, config, args, compilation_cache=False)
     profiled = profile(config, run.workdir / "trace")
-    metrics = {key: profiled[key] for key in ("case", "step_ms", "thunks_ms", "matched_share")}
+    metrics = {key: profiled[key] for key in ("case", "step_ms", "traced_step_ms",
+                                                    "thunks_ms", "matched_share")}
     metrics["slowest"] = [r["name"] for r in profiled["thunks"][:5]]
     results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics, [],
                           {"compile": profiled["compile_s"]}, thunks=profiled["thunks"],

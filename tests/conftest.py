@@ -80,6 +80,24 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["NETS_TEST_COMPILATION_CACHE"], ignore_errors=True)
 
 
+# Settings the code under test may change for its own process (a benchmark turns the
+# compilation cache off, `training.harness.use_compilation_cache` tunes it) or that the
+# checks above rely on: each test leaves them as it found them for the next test in its worker.
+RESTORED_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                     "jax_persistent_cache_min_compile_time_secs",
+                     "jax_compilation_cache_max_size", "jax_enable_x64",
+                     "jax_numpy_rank_promotion", "jax_default_matmul_precision")
+
+
+@pytest.fixture(autouse=True)
+def _jax_settings_restored():
+    saved = {name: getattr(jax.config, name) for name in RESTORED_SETTINGS}
+    yield
+    for name, value in saved.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
+
+
 @pytest.fixture(params=DTYPES)
 def dtype(request):
     """Each test using it runs once in float64 and once in float32."""

@@ -353,6 +353,8 @@ from training import benchmark
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+PR_SET_THP_DISABLE = 41  # 4 KB pages whatever the host's transparent huge pages setting
+libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 SIZE = 64 << 20
 
 def touched_and_freed():

@@ -111,6 +111,19 @@ def test_the_only_good_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     assert checkpointer.restore_latest(state(0.0))[0] == 1
 
 
+def test_a_checkpoint_removed_while_it_is_checked_is_not_valid(tmp_path, monkeypatch):
+    """Another process (a run dropping an old checkpoint) may delete the files that
+    `is_valid` is hashing: that reads as not valid, not as a FileNotFoundError."""
+    checkpointer = Checkpointer(tmp_path / "ckpt", say=lambda m: None)
+    checkpointer.save(1, state(1.0))
+
+    def removed_meanwhile(root):
+        raise FileNotFoundError(root / "params" / "0")
+
+    monkeypatch.setattr("training.checkpoints._files", removed_meanwhile)
+    assert checkpointer.is_valid(1) is False
+
+
 def test_saving_a_step_again_replaces_it(tmp_path):
     messages = []
     checkpointer = Checkpointer(tmp_path / "ckpt", keep=2, say=messages.append)

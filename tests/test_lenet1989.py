@@ -17,12 +17,15 @@ SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
          "--progress-every", "0"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--optimizer", "sdlm", "--curvature-examples", "50"],
-                                   ["--variant", "modern", "--batch-size", "8", "--lr", "0.003",
-                                    "--h1-maps", "6", "--h2-maps", "8", "--h3-units", "20"],
-                                   ["--engine", "autodiff", "--activation", "scaled_tanh",
-                                    "--target", "0.9"]])
-def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
+# two passes of training beat chance (0.9) by far even on 300 digits; the bounds leave room
+# for the seed's spread (seeds 0-3 measured: the first, second and last variants <= 0.36,
+# the small modern net 0.42-0.47)
+@pytest.mark.parametrize("extra, most_train_error", [
+    ([], 0.5), (["--optimizer", "sdlm", "--curvature-examples", "50"], 0.5),
+    (["--variant", "modern", "--batch-size", "8", "--lr", "0.003", "--h1-maps", "6",
+      "--h2-maps", "8", "--h3-units", "20"], 0.7),
+    (["--engine", "autodiff", "--activation", "scaled_tanh", "--target", "0.9"], 0.5)])
+def test_each_variant_runs_and_reports_per_pass(tmp_path, extra, most_train_error):
     metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, *extra])
     document = json.loads((tmp_path / "results.json").read_text())
     assert [h["pass"] for h in document["history"]] == [1, 2]
@@ -32,8 +35,7 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
     assert 0 <= metrics["test_misses"] <= 100
     assert document["paper"]["test_misses"] == 102
     assert document["seconds"]["run"] > 0
-    # two passes of training beat chance by far even on 300 digits
-    assert metrics["train_error"] < 0.5
+    assert metrics["train_error"] < most_train_error
     note = "MSE is against targets +-0.9"
     assert (note in (tmp_path / "results.md").read_text()) == ("--target" in extra)
     wrong = document["misclassified"]
@@ -52,15 +54,15 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra):
 
 def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):
     """Dropout after H3 (a new mask each batch, none when measuring): two passes on 300 digits
-    beat chance (90% error) clearly, though dropout slows these first passes (train error
-    0.52-0.56 at rate 0.2 against 0.39 without, measured)."""
+    beat chance (90% error), though dropout slows these first passes (train error 0.48-0.72
+    at rate 0.2 over seeds 0-3, against 0.42-0.47 without, measured)."""
     metrics = lenet1989.main(["--workdir", str(tmp_path), *SMALL, "--variant", "modern",
                               "--batch-size", "8", "--lr", "0.003", "--h1-maps", "6",
                               "--h2-maps", "8", "--h3-units", "20", "--dropout", "0.2"])
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["config"]["dropout"] == 0.2
     assert [h["pass"] for h in document["history"]] == [1, 2]
-    assert metrics["train_error"] < 0.7
+    assert metrics["train_error"] < 0.8
 
 
 def test_subset_larger_than_the_data_is_refused(tmp_path):

@@ -181,13 +181,15 @@ def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
 def test_char_transformer_trains_evaluates_and_samples(tmp_path):
     metrics = char_transformer.main([
         "--workdir", str(tmp_path), "--context", "8", "--features", "8", "--heads", "2",
-        "--blocks", "1", "--dropout", "0.1", "--batch-size", "4", "--steps-per-epoch", "10",
+        "--blocks", "1", "--dropout", "0.1", "--batch-size", "4", "--steps-per-epoch", "30",
         "--epochs", "2",
         "--train-chars", "2000", "--eval-chars", "600", "--eval-batch", "16",
         "--sample-chars", "50", "--progress-every", "0"])
     document = read_results(tmp_path)
     assert [h["epoch"] for h in document["history"]] == [1, 2]
     assert metrics["held_out_bpc"] == pytest.approx(metrics["held_out_nats"] / np.log(2))
+    # below a uniform guess over the 65 characters (4.17 nats): 3.90-4.02 over seeds 0-9
+    # with 2 x 30 steps (with 2 x 10, 4.10-4.23: too close to call)
     assert metrics["held_out_nats"] < np.log(65)
     assert len(document["held_out_nats_by_position"]) == 8
     assert metrics["held_out_nats"] == pytest.approx(np.mean(document["held_out_nats_by_position"]),

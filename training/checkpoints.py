@@ -113,9 +113,9 @@ class Checkpointer:
             return False
         try:
             expected = json.loads(manifest.read_text())
-        except (OSError, ValueError):
+            return expected == _files(root)
+        except (OSError, ValueError):  # unreadable, or removed while being read
             return False
-        return expected == _files(root)
 
     def save(self, step: int, state: Any) -> None:
         """Write checkpoint `step`, verify it, then drop all but the newest `keep` valid ones."""
