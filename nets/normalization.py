@@ -287,7 +287,8 @@ def batch_coupled_layers(model: Layer, params: Any = None) -> list[str]:
             for name in batch_coupled_layers(layer, layer_params)]
 
 
-def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
+def with_population_statistics(model: Layer, params: Any, x: jax.Array,
+                               batch_size: int | None = None) -> Any:
     """params with every BatchNorm's "mean" and "var" set to the statistics of its inputs
     over all of x, so that the model then normalises any batch, one example too, the same way.
 
@@ -301,14 +302,57 @@ def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
     through `serial`, `parallel` (so `residual`) and `dropout_after`; a BatchNorm inside any
     other combinator (`TimeDistributed`, ...) is a ValueError naming it, and so is x with
     fewer than 2 values per feature at a BatchNorm.
+
+    batch_size: None runs x as one batch. An int runs it in consecutive batches of that many
+    examples (the last may be shorter), so that memory holds one batch's activations: the
+    BatchNorms are measured one after another, each in one pass over x through the layers
+    before it (whose statistics are then fixed, which makes their outputs the same as on
+    the whole of x), its batches' counts, means and variances merged pairwise (Chan, Golub
+    and LeVeque 1979):
+
+        n = n_a + n_b,  mean = mean_a + (mean_b - mean_a) n_b / n,
+        var = (n_a var_a + n_b var_b + (mean_b - mean_a)^2 n_a n_b / n) / n.
+
+    The same statistics as one batch, up to rounding.
     """
-    if _made_by(model, "BatchNorm"):
+    if batch_size is None:
+        return _population_statistics(model, params, lambda: iter((x,)))
+    if not is_count(batch_size) or batch_size < 1:
+        raise ValueError(f"with_population_statistics: batch_size must be a positive int or "
+                         f"None, got {batch_size!r}")
+    return _population_statistics(
+        model, params,
+        lambda: (x[start:start + batch_size]  # x of no examples: one empty batch, refused
+                 for start in range(0, max(x.shape[0], 1), batch_size)))
+
+
+def _merged_moments(batches):
+    """(count, mean, var) per feature over every value of the batches but the last axis."""
+    count = 0
+    for x in batches:
         axes = tuple(range(x.ndim - 1))
-        if math.prod(x.shape[:-1]) < 2:
+        n_b, mean_b, var_b = math.prod(x.shape[:-1]), jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+        if count == 0:
+            count, mean, var, shape = n_b, mean_b, var_b, x.shape
+            continue
+        n = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        var = (count * var + n_b * var_b + delta ** 2 * (count * n_b / n)) / n
+        count, shape = n, (shape[0] + x.shape[0], *shape[1:])
+    return count, mean, var, shape
+
+
+def _population_statistics(model: Layer, params: Any, batches) -> Any:
+    """with_population_statistics over `batches()`, a fresh iterator of the model's input
+    batches each time it is called."""
+    if _made_by(model, "BatchNorm"):
+        count, mean, var, shape = _merged_moments(batches())
+        if count < 2:
             raise ValueError(f"with_population_statistics: {model.name}: input x has shape "
-                             f"{tuple(x.shape)}, expected at least 2 values per feature")
+                             f"{tuple(shape)}, expected at least 2 values per feature")
         plain = {key: value for key, value in params.items() if key not in ("mean", "var")}
-        return {**plain, "mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes)}
+        return {**plain, "mean": mean, "var": var}
     if not batch_coupled_layers(model):
         return params
     if _made_by(model, "serial"):
@@ -316,16 +360,21 @@ def with_population_statistics(model: Layer, params: Any, x: jax.Array) -> Any:
         for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
             if not any(batch_coupled_layers(later) for later in model.sublayers[index:]):
                 return (*updated, *params[index:])  # no BatchNorm left to measure
-            updated.append(with_population_statistics(layer, layer_params, x))
+            updated.append(_population_statistics(layer, layer_params, batches))
             # with the statistics of x itself, a BatchNorm's output is its training output
-            x = layer.apply(updated[-1], x)
+            batches = _through(layer, updated[-1], batches)
         return tuple(updated)
     if _made_by(model, "parallel"):
-        return tuple(with_population_statistics(branch, branch_params, x)
+        return tuple(_population_statistics(branch, branch_params, batches)
                      for branch, branch_params in zip(model.sublayers, params))
     if _made_by(model, "dropout_after"):  # its params are its layer's; dropout passes x on
         inner = inspect.getclosurevars(model.forward).nonlocals["layer"]
-        return with_population_statistics(inner, params, x)
+        return _population_statistics(inner, params, batches)
     raise ValueError(f"with_population_statistics: {model.name!r} holds BatchNorm layers "
                      f"{batch_coupled_layers(model)} inside a combinator other than serial, "
                      "parallel or dropout_after; set their statistics by hand")
+
+
+def _through(layer: Layer, params: Any, batches):
+    """The batches of layer's outputs, as `batches` gives its inputs."""
+    return lambda: (layer.apply(params, x) for x in batches())
