@@ -412,8 +412,9 @@ def test_population_statistics_in_float32_batches_keep_float32_accuracy():
 def test_population_statistics_need_a_positive_int_batch_size(batch_size):
     model = layers.serial(layers.Dense(3, name="d"), BatchNorm(3, name="bn"))
     _, params = model.init(jax.random.key(0), (-1, 2))
-    with pytest.raises(ValueError, match=r"with_population_statistics: batch_size must be a "
-                                         rf"positive int or None, got {re.escape(repr(batch_size))}"):
+    expected = re.escape(f"with_population_statistics: batch_size must be a positive int or "
+                         f"None, got {batch_size!r}")
+    with pytest.raises(ValueError, match=expected):
         nets.with_population_statistics(model, params, jnp.ones((4, 2)), batch_size=batch_size)
 
 
