@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import nets
-from nets import engines, gradcheck, layers, losses
+from nets import engines, gradcheck, layers, losses, models
 from nets.gradcheck import astype, relative_error
 from tests.helpers import F64, assert_close_tree, random_batch
 from training import optim
@@ -139,9 +139,15 @@ def test_shared_weights_are_where_the_diagonal_approximation_differs():
     assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
 
 
-def test_loss_curvatures_are_the_diagonal_of_jax_hessian():
-    z = jax.random.normal(jax.random.key(0), (3, 4), jnp.float64)
-    y = jax.nn.one_hot(jnp.array([0, 2, 3]), 4, dtype=jnp.float64)
+@pytest.mark.parametrize("targets", ["one_hot", "soft"])
+def test_loss_curvatures_are_the_diagonal_of_jax_hessian(targets):
+    """Each loss's curvature against the diagonal of jax.hessian of its value, float64; with
+    one-hot rows and with rows of other masses (0.7/0.3, a 2, a 0.5 and an all-zero row), on
+    which the softmax and MAP curvatures scale by the row's sum."""
+    z = jax.random.normal(jax.random.key(0), (4, 4), jnp.float64)
+    y = (jax.nn.one_hot(jnp.array([0, 2, 3, 1]), 4, dtype=jnp.float64) if targets == "one_hot"
+         else jnp.array([[0.7, 0.3, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0.5], [0, 0, 0, 0]],
+                        jnp.float64))
     for loss, outputs in ((losses.mean_squared_error(), z),
                           (losses.sigmoid_cross_entropy(), z),
                           (losses.sigmoid_cross_entropy(from_logits=False), jax.nn.sigmoid(z)),
@@ -303,11 +309,12 @@ def squared_jacobian_pullback(apply, x, d2y):
     (lambda: nets.Dropout(0.4), (3, 5), 7),
     (lambda: nets.Dropout(0.4), (3, 5), None),
     (lambda: nets.recurrent.LastStep(), (2, 4, 3), None),
+    (lambda: models.ScaledTanh(), (3, 5), None),
 ])
 def test_parameter_free_curvature_is_the_squared_jacobian(make_layer, shape, key):
     """d2x of local response normalisation (its alpha large enough that the cross-channel
-    terms count), dropout with and without a mask and LastStep, against sum_j J_ji^2 d2y_j
-    from jax.jacobian, float64."""
+    terms count), dropout with and without a mask, LastStep and LeCun's scaled tanh, against
+    sum_j J_ji^2 d2y_j from jax.jacobian, float64."""
     layer = make_layer()
     x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
     rng = None if key is None else jax.random.key(key)

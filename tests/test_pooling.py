@@ -34,13 +34,15 @@ CASES = [
     (lambda: pooling.AvgPool((3, 2), stride=(2, 3)), (2, 8, 7, 2)),
     (lambda: pooling.MaxPool(2), (2, 6, 5, 3)),
     (lambda: pooling.MaxPool(3, stride=2), (2, 8, 7, 2)),
+    (lambda: pooling.MaxPool((2, 3)), (2, 6, 7, 3)),
+    (lambda: pooling.MaxPool((3, 2), stride=(2, 1)), (2, 7, 6, 2)),
     (lambda: pooling.Subsampling(2), (2, 7, 6, 3)),
     (lambda: pooling.Flatten(), (2, 3, 4, 5)),
     (lambda: pooling.LocalResponseNorm(5, k=1.0, alpha=0.3, beta=0.75), (2, 3, 2, 7)),
     (lambda: pooling.LocalResponseNorm(3, alpha=0.5, beta=1.5), (1, 2, 3, 2)),
 ]
-CASE_IDS = ["avg2", "avg3x2_stride2x3", "max2", "max3_stride2", "subsampling", "flatten",
-            "lrn5", "lrn3_few_channels"]
+CASE_IDS = ["avg2", "avg3x2_stride2x3", "max2", "max3_stride2", "max2x3", "max3x2_stride2x1",
+            "subsampling", "flatten", "lrn5", "lrn3_few_channels"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -162,10 +164,12 @@ def test_max_pool_with_a_nan_gives_nan_and_routes_the_rest_as_before():
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 0, 0, 0], [0, 0, 0, 1]])
 
 
-@pytest.mark.parametrize("window,stride", [(2, 2), (3, 2)])
+@pytest.mark.parametrize("window,stride", [((2, 2), (2, 2)), ((3, 3), (2, 2)),
+                                           ((2, 3), (2, 3)), ((3, 2), (2, 1))])
 def test_max_pool_backward_matches_vjp_with_ties(window, stride, dtype):
     """Inputs of a ReLU layer (many zeros) with repeated positive values: every window that
-    ties, overlapping or not, against jax.vjp (which splits ties evenly as well)."""
+    ties, overlapping or not, square or not, against jax.vjp (which splits ties evenly as
+    well)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, 9, 8, 3)), 0), dtype)
     layer = pooling.MaxPool(window, stride)
@@ -175,12 +179,13 @@ def test_max_pool_backward_matches_vjp_with_ties(window, stride, dtype):
     assert_close_tree(manual, vjp_reference(layer.apply, (), x, dy), dtype, "MaxPool")
     # the comparison can fail: routing each tie to its first position is far off
     winner = np.argmax(np.stack([np.asarray(v) for v in pooling._window_views(
-        x, (window, window), (stride, stride), y.shape[1:3])]), axis=0)
+        x, window, stride, y.shape[1:3])]), axis=0)
     first_only = np.zeros(x.shape)
-    for offset in range(window * window):
-        a, b = divmod(offset, window)
-        sliced = first_only[:, a:a + (y.shape[1] - 1) * stride + 1:stride,
-                            b:b + (y.shape[2] - 1) * stride + 1:stride]
+    (kh, kw), (sh, sw) = window, stride
+    for offset in range(kh * kw):
+        a, b = divmod(offset, kw)
+        sliced = first_only[:, a:a + (y.shape[1] - 1) * sh + 1:sh,
+                            b:b + (y.shape[2] - 1) * sw + 1:sw]
         sliced += np.where(winner == offset, np.asarray(dy), 0.0)
     assert relative_error(first_only, manual[1]) > 0.1
 

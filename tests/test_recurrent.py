@@ -451,12 +451,15 @@ def test_a_sequence_model_has_lecuns_curvature():
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(backpropagated))
 
 
-@pytest.mark.parametrize("kind", ["elman_tanh", "lstm"])
-def test_stack_curvature_from_given_states_is_the_exact_gauss_newton_diagonal(kind):
+@pytest.mark.parametrize("kind, dropout", [("elman_tanh", 0.0), ("lstm", 0.0),
+                                           ("elman_tanh", 0.5), ("lstm", 0.5)])
+def test_stack_curvature_from_given_states_is_the_exact_gauss_newton_diagonal(kind, dropout):
     """stack_backward(curvature=True) from nonzero carried states, one step and one output:
     each weight of these cells reaches the output through one hidden unit, so LeCun's rule
-    is exact, against sum (dy/dw)^2 d2y from jax's Jacobian of stack_forward (float64). The
-    same states at zero give another diagonal: the carried states are used."""
+    is exact, against sum (dy/dw)^2 d2y from jax's Jacobian of stack_forward (float64), with
+    the cell's outputs dropped too (the same mask in both: the curvature scales by its
+    square). The same states at zero give another diagonal: the carried states are used."""
+    key = jax.random.key(12) if dropout else None
     cell = recurrent.make_cell(kind, 3)
     model = recurrent.sequence_model([cell], 1)
     shapes = jax.eval_shape(lambda key: model.init(key, (-1, 1, 2))[1], jax.random.key(0))
@@ -468,10 +471,12 @@ def test_stack_curvature_from_given_states_is_the_exact_gauss_newton_diagonal(ki
     d2y = jax.random.uniform(jax.random.key(11), (4, 1, 1), jnp.float64)
 
     def curvature(carries0):
-        _, _, residuals = recurrent.stack_forward([cell], params, x, carries0)
+        _, _, residuals = recurrent.stack_forward([cell], params, x, carries0, dropout=dropout,
+                                                  key=key)
         return recurrent.stack_backward([cell], params, residuals, d2y, curvature=True)[0]
 
-    jacobian = jax.jacobian(lambda p: recurrent.stack_forward([cell], p, x, carries0)[0])(params)
+    jacobian = jax.jacobian(lambda p: recurrent.stack_forward(
+        [cell], p, x, carries0, dropout=dropout, key=key)[0])(params)
     exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
     assert_close_tree(curvature(carries0), exact, jnp.float64, f"{kind} stack curvature")
     zero_state = curvature(None)
