@@ -124,3 +124,28 @@ def test_fans_of_vectors_matrices_and_kernels(shape, expected):
 def test_random_shifts_of_zero_return_the_images_unchanged():
     x = jax.random.normal(KEY, (3, 16, 16, 1))
     assert augment.random_shifts(0, -1.0)(jax.random.key(1), x) is x
+
+
+def translated(x, dy, dx, fill):
+    """NumPy: x (batch, height, width, channels) moved down by dy and right by dx, the pixels
+    moved in from outside equal to fill."""
+    height, width = x.shape[1:3]
+    out = np.full_like(x, fill)
+    out[:, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        x[:, max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return out
+
+
+def test_random_shifts_translate_each_image_by_one_of_every_offset_with_the_fill():
+    """random_shifts(2, fill=-1) on 400 random 6 x 7 images of 2 channels: each output is
+    exactly one of the 25 NumPy translations of its image by (dy, dx) in [-2, 2]^2 with -1
+    moved in, and every one of the 25 offsets occurs (each has probability 1/25: at 400
+    images the chance that one is missing is below 1e-5, and the key is fixed). Fails if the
+    offsets miss a row or column of the range, or if rows and columns move together."""
+    x = np.asarray(jax.random.normal(KEY, (400, 6, 7, 2), jnp.float32))
+    out = np.asarray(augment.random_shifts(2, -1.0)(jax.random.key(1), jnp.asarray(x)))
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    matches = np.stack([np.all(out == translated(x, dy, dx, -1.0), axis=(1, 2, 3))
+                        for dy, dx in offsets])  # (25 offsets, 400 images)
+    np.testing.assert_array_equal(matches.sum(axis=0), 1)
+    assert np.all(matches.any(axis=1))

@@ -157,3 +157,18 @@ def test_sizes_outside_the_data_are_refused(call, message):
     zero batch or record count divided by zero."""
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_learning_curves_count_a_partial_last_batch_as_an_update():
+    """10 examples in batches of 4 make 3 updates a pass (4, 4 and the last 2 completed), so
+    12 updates in 2 records are 2 passes, 6 updates, a record: "updates" is [6, 12] (by
+    hand). Fails if a pass is counted as floor(10 / 4) = 2 updates ([4, 8])."""
+    model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=4)
+    keys = jax.random.split(jax.random.key(1), 1)
+    params = curves.init_params(model, keys, 4)
+    x, targets = separable_problem(jax.random.key(2), 10)
+    curve, _ = curves.learning_curves(model, nets.lecture_objective(), optax.sgd(0.1), params,
+                                      keys, (x[None], targets[None]),
+                                      separable_problem(jax.random.key(4), 5),
+                                      updates=12, batch_size=4, records=2)
+    assert curve["updates"] == [6, 12]

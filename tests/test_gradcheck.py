@@ -178,3 +178,28 @@ def test_a_gradient_of_another_shape_fails_whatever_its_values():
     assert rows["b"]["mismatch"] == "shape (1, 3) against jax.grad's (3,)"
     assert not rows["b"]["passed"]
     assert rows["w"]["passed"] and rows["w"]["mismatch"] is None
+
+
+def test_the_finite_difference_tolerance_is_ten_times_the_rounding_error_when_above_1e_6():
+    """By hand: |E| = 1e4, h = 1e-6 and gradients of root-mean-square 2 (jax.grad's) and 1
+    (the differences') give a rounding error of eps 1e4 / (1e-6 x 2) = 1.1e-6 relative, so
+    the tolerance is 10 times that, 1.1e-5; at |E| = 1 the rounding (1.1e-10) is far below
+    the table's 1e-6, which is then the tolerance. Fails if the factor 10 is dropped or the
+    larger root-mean-square is not the one used."""
+    eps = np.finfo(np.float64).eps
+    tolerance = gradcheck.finite_difference_tolerance(1e4, 1e-6, np.full(4, 2.0), np.ones(4))
+    np.testing.assert_allclose(tolerance, 10 * eps * 1e4 / (1e-6 * 2.0), rtol=F64)
+    assert gradcheck.finite_difference_tolerance(1.0, 1e-6, np.ones(3)) == 1e-6
+
+
+def test_a_coordinate_is_taken_for_a_kink_only_when_its_error_is_within_1_percent_of_the_gap():
+    """Reference gradient (1, 0, 0, 1), tolerance 1e-6 (rms 0.71, so any error above 7.1e-7
+    counts): coordinate 1's error 1.2 is 20% away from its gap 1 and is kept (a real
+    disagreement), coordinate 2's 1.005 is within 1% of its gap 1 and is left out (a kink);
+    0 and 3 agree with the reference (by hand). Fails if the 1% band is widened (20% would
+    then pass for a kink) or if errors within it are kept."""
+    fd = np.array([1.0, 1.2, 1.005, 1.0])
+    gaps = np.array([0.0, 1.0, 1.0, 0.0])
+    reference = np.array([1.0, 0.0, 0.0, 1.0])
+    smooth = gradcheck.smooth_coordinates(fd, gaps, reference, 1e-6)
+    assert smooth.tolist() == [True, True, False, True]

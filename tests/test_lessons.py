@@ -60,6 +60,25 @@ def test_encoders_stack_into_the_mlp_and_give_its_first_layers():
         autoencoder.stack_encoders(mlp_params, [second])
 
 
+def test_stacked_encoders_bring_their_biases():
+    """An encoder with nonzero biases (b = -0.5 .. 0.5; trained encoders have them, fresh ones
+    are zero): the stacked MLP's first hidden layer is sigmoid(x W + b) with the encoder's W
+    and b (NumPy, float64, relative 1e-10), the MLP's own first-layer params replaced. Fails
+    if the weights are copied but the biases are not."""
+    x = jax.random.uniform(jax.random.key(2), (3, 8), jnp.float64, -1, 1)
+    mlp = nets.build_mlp(8, 10, hidden_layers=2, hidden_units=5)
+    mlp_params = nets.gradcheck.astype(mlp.init(jax.random.key(3), (-1, 8))[1], jnp.float64)
+    dense, code = nets.gradcheck.astype(autoencoder.encoder_params(
+        autoencoder.autoencoder(8, 5).init(jax.random.key(4), (-1, 8))[1]), jnp.float64)
+    bias = np.linspace(-0.5, 0.5, 5)
+    first = ({"w": dense["w"], "b": jnp.asarray(bias)}, code)
+    stacked = autoencoder.stack_encoders(mlp_params, [first])
+    hidden1 = nets.serial(*mlp.sublayers[:2]).apply(stacked[:2], x)
+    expected = 1 / (1 + np.exp(-(np.asarray(x) @ np.asarray(dense["w"]) + bias)))
+    assert relative_error(hidden1, expected) <= F64
+    assert relative_error(hidden1, autoencoder.encoder(5).apply(first, x)) <= F64
+
+
 # --- experiments ------------------------------------------------------------------------------
 
 def test_precision(tmp_path):

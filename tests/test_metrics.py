@@ -38,3 +38,19 @@ def test_labels_need_one_row_per_example():
     # a single column is a binary classifier, and a time axis gives a label per step
     assert metrics.predicted_labels(jnp.array([[0.3], [-0.2]])).tolist() == [1, 0]
     assert metrics.target_labels(jnp.array([[[0, 1], [1, 0]]])).tolist() == [[1, 0]]
+
+
+def test_binary_labels_need_an_output_strictly_above_the_threshold():
+    """A single output column is label 1 only where it exceeds the threshold: 0 -> 0, 1e-6 -> 1,
+    -1e-6 -> 0 at the default 0; 0.5 -> 0 and 0.51 -> 1 at 0.5 (by hand). Fails if an output
+    equal to the threshold counts as label 1."""
+    assert metrics.predicted_labels(jnp.array([[0.0], [1e-6], [-1e-6]])).tolist() == [0, 1, 0]
+    assert metrics.predicted_labels(jnp.array([[0.5], [0.51]]), 0.5).tolist() == [0, 1]
+
+
+def test_single_column_targets_are_cut_at_one_half():
+    """0/1 targets, their soft versions 0.1/0.9 and 0.2/0.8, and +-1 targets: label 1 where the
+    target exceeds 0.5, so 0.2 and 0.1 are 0, 0.5 itself is 0 and 0.51 is 1 (by hand). Fails
+    if the cut is elsewhere than 0.5 (to within 0.01) or counts 0.5 itself as label 1."""
+    targets = jnp.array([[0.2], [0.8], [0.1], [0.9], [-1.0], [1.0], [0.5], [0.51], [0.0]])
+    assert metrics.target_labels(targets).tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0]

@@ -10,7 +10,7 @@ import pytest
 
 import nets
 from nets import engines, losses
-from tests.helpers import assert_close_tree, random_batch
+from tests.helpers import F64, assert_close_tree, random_batch
 from training import metrics, optim, procedures
 
 XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -630,3 +630,254 @@ def test_misclassified_state_energy_is_e_of_its_params():
     wrong = np.sum(np.asarray(metrics.predicted_labels(model.apply(state.params, x)))
                    != np.asarray(metrics.target_labels(targets)))
     assert int(records["wrong"][-1]) == int(wrong)
+
+
+# --- tests for behaviour a mutation run showed unchecked ---------------------------------------
+
+ZERO_DATA_TERM = losses.Loss("zero", lambda o, t: 0.0 * jnp.sum(o), lambda o, t: jnp.zeros_like(o))
+
+
+def float64_problem(examples=8):
+    """A 3 -> 4 -> 2 MLP in float64, x ~ N(0, 1) (examples, 3), +-1 targets of classes 0, 1."""
+    x = jax.random.normal(jax.random.key(0), (examples, 3), jnp.float64)
+    targets = jax.nn.one_hot(jnp.arange(examples) % 2, 2, dtype=jnp.float64) * 2 - 1
+    model = nets.build_mlp(3, 2, hidden_units=4)
+    _, params = model.init(jax.random.key(1), (-1, 3))
+    return model, jax.tree.map(lambda p: p.astype(jnp.float64), params), x, targets
+
+
+def test_sdlm_with_lecun1998_schedule_takes_the_papers_step_sizes_by_update_count():
+    """LeCun et al. 1998, Appendix C: eta = 0.0005 for the first 2 passes, 0.0002 for the next
+    3, 0.0001 for the next 3, 0.00005 for the next 4, 0.00001 after. With 2 updates a pass,
+    g = 2, h = 1.5 and mu = 0.5 each step is -eta g / (mu + h) = -eta, so update k (from 0)
+    must use the rate of pass k // 2. Fails if the schedule is read at another count than the
+    number of updates before this one, or if the count does not advance."""
+    per_pass = 2
+    rule = optim.diagonal_levenberg_marquardt(optim.lecun1998_schedule(5e-4, per_pass), mu=0.5)
+    params = {"w": jnp.array([1.0], jnp.float64)}
+    grads, curvature = {"w": jnp.array([2.0], jnp.float64)}, {"w": jnp.array([1.5], jnp.float64)}
+    state = rule.init(params)
+    rates = []
+    for _ in range(14 * per_pass):
+        updates, state = rule.update(grads, state, params, curvature=curvature)
+        rates.append(-float(updates["w"][0]))
+    by_pass = [5e-4] * 2 + [2e-4] * 3 + [1e-4] * 3 + [5e-5] * 4 + [1e-5] * 2
+    np.testing.assert_allclose(rates, np.repeat(by_pass, per_pass), rtol=1e-10)
+    assert int(state.count) == 14 * per_pass
+
+
+def test_a_zero_stop_tolerance_never_stops_on_a_flat_energy():
+    """stop_tolerance=0 stops on a relative decrease < 0 only: a step of 1e-300 leaves every
+    weight, so E, exactly as it was (a decrease of exactly 0) and the run goes all 5 steps.
+    Fails if the rule fires at decrease == tolerance (it would stop at step 1)."""
+    model, params, x, targets = float64_problem()
+    result = procedures.full_batch_descent(
+        model, losses.lecture_objective(0.0), optim.gradient_descent(1e-300), params, x,
+        targets, steps=5, stop_window=1, stop_tolerance=0.0)
+    assert len(set(np.asarray(result.history["energy"]).tolist())) == 1
+    assert int(result.stop_step) == 5
+
+
+def test_perturb_draws_independent_noise_of_the_given_scale_for_every_leaf():
+    """perturb(key, params, 0.1) adds N(0, 0.01) noise, a draw of its own for each leaf
+    (NumPy statistics, key 0). Two leaves of the same shape and one of another: each sample
+    standard deviation is 0.1 within 0.01 (standard error ~0.0011 at 4,000 draws; measured
+    0.0988-0.1017), each mean 0 within 0.01 (standard error ~0.0016; measured at most 0.0014),
+    and the correlations between leaves are below 0.1 in magnitude (standard error ~0.016;
+    measured at most 0.035). Fails if leaves share a key: the noise of same-sized leaves is
+    then the same draw (correlation 1)."""
+    params = {"a": jnp.zeros((4000,), jnp.float64), "b": jnp.zeros((4000,), jnp.float64),
+              "c": jnp.ones((50, 80), jnp.float64)}
+    moved = procedures.perturb(jax.random.key(0), params, 0.1)
+    noise = {name: np.ravel(np.asarray(moved[name]) - np.asarray(params[name]))
+             for name in params}
+    for name, values in noise.items():
+        assert abs(values.std() - 0.1) < 0.01, name
+        assert abs(values.mean()) < 0.01, name
+    assert abs(np.corrcoef(noise["a"], noise["b"])[0, 1]) < 0.1
+    assert abs(np.corrcoef(noise["a"], noise["c"])[0, 1]) < 0.1
+    assert abs(np.corrcoef(noise["b"], noise["c"])[0, 1]) < 0.1
+
+
+def online_problem():
+    """A 4 -> 3 (tanh) -> 2 MLP in float64 and a sampler of fresh batches of 5."""
+    model = nets.build_mlp(4, 2, hidden_units=3, activation="tanh")
+    _, params = model.init(jax.random.key(0), (-1, 4))
+
+    def sample(key):
+        return random_batch(key, 5, 4, 2, jnp.float64)
+
+    return model, jax.tree.map(lambda p: p.astype(jnp.float64), params), sample
+
+
+def test_online_refreshes_the_curvature_at_the_start_of_every_record():
+    """online(steps_per_record=4, curvature_every=3) over two records: h is re-estimated at
+    updates 0 and 3 of each record (updates 0, 3, 4, 7 of the run), against a float64 loop
+    (hand-written gradient and curvature diagonal, the step -eta g / (mu + h) by hand).
+    Fails if the refresh follows the run's update count (updates 0, 3, 6) instead."""
+    model, params, sample = online_problem()
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    eta, mu = 0.05, 0.01
+    procedure = procedures.online(model, objective, optim.diagonal_levenberg_marquardt(eta, mu),
+                                  sample, steps_per_record=4, curvature_every=3)
+    state = procedure.init(params, jax.random.key(1))
+    key_data = state.key
+    state, _ = procedures.run_steps(procedure, state, 0, 2)
+    value_and_grad = engines.manual(model, objective)
+    diagonal = engines.curvature_diagonal(model, objective)
+    expected = params
+    for _ in range(2):
+        for within in range(4):
+            key_data, batch_key = procedures._split(key_data)
+            x, targets = sample(batch_key)
+            if within % 3 == 0:
+                h = diagonal(expected, x, targets)
+            grad = value_and_grad(expected, x, targets)[1]
+            expected = jax.tree.map(lambda w, g, hk: w - eta * g / (mu + hk), expected, grad, h)
+    assert_close_tree(state.params, expected, jnp.float64, "two records")
+
+
+def test_online_records_the_mean_loss_of_its_batches():
+    """online(gradient_descent(0.1), steps_per_record=3): record["energy"] is the mean of the
+    3 batch losses, each measured before its update (a loop with jax.grad). Fails if it
+    reports another statistic, e.g. the last batch's loss (the three differ)."""
+    model, params, sample = online_problem()
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    procedure = procedures.online(model, objective, optim.gradient_descent(0.1), sample,
+                                  steps_per_record=3)
+    state = procedure.init(params, jax.random.key(1))
+    key_data = state.key
+    _, records = procedures.run_steps(procedure, state, 0, 1)
+
+    def energy(p, x, targets):
+        return objective.value(p, model.apply(p, x), targets)
+
+    expected, energies = params, []
+    for _ in range(3):
+        key_data, batch_key = procedures._split(key_data)
+        x, targets = sample(batch_key)
+        energies.append(float(energy(expected, x, targets)))
+        grad = jax.grad(energy)(expected, x, targets)
+        expected = jax.tree.map(lambda w, g: w - 0.1 * g, expected, grad)
+    assert len(set(energies)) == 3
+    np.testing.assert_allclose(float(records["energy"][0]), np.mean(energies), rtol=F64)
+
+
+def test_a_failed_run_reports_no_later_rejections():
+    """Guard(max_failures=1) with NaNs injected at steps 2, 3 and 4: step 2 is rejected and
+    fails the run, which is frozen after it, so "rejected" is set at step 2 only (events do
+    not happen in a frozen run). Fails if the frozen steps report their own NaNs."""
+    model, params, x, targets = float64_problem()
+    guard = procedures.Guard(max_failures=1, nan_steps=(2, 3, 4))
+    result = procedures.full_batch_descent(
+        model, losses.lecture_objective(0.0), optim.gradient_descent(0.1), params, x, targets,
+        steps=6, guard=guard, stop_window=100)
+    np.testing.assert_array_equal(np.asarray(result.history["rejected"]),
+                                  [False, False, True, False, False, False])
+
+
+def test_a_nan_gradient_in_the_last_batch_of_a_pass_is_caught_by_the_deferred_check():
+    """stochastic_passes with one batch a pass and a NaN gradient injected at pass 0: every
+    energy of the pass is finite (it is measured before the update), only the params are not,
+    so the deferred check must look at them and rerun the pass checked: the params stay
+    finite and the guard counts one rejection. Fails if the check looks at energies only."""
+    model, params, x, targets = float64_problem()
+    procedure = procedures.stochastic_passes(
+        model, losses.lecture_objective(0.0), optim.gradient_descent(0.1), x, targets,
+        batch_size=8, guard=procedures.Guard(nan_steps=(0,)))
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 2)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+    assert int(state.guard.rejected) == 1
+    assert np.all(np.isfinite(np.asarray(records["energy"])))
+
+
+def test_an_undone_cost_checked_step_also_undoes_the_optimizer_state():
+    """cost_checked with momentum SGD turned into ascent (optax.sgd(0.01, momentum=0.9) then
+    scale(-1)): the step raises E, so it is undone, and the momentum trace must go back to
+    optax's initial zeros with it. Fails if the undone step keeps the new optimizer state
+    (the trace would hold the gradient)."""
+    model, params, x, targets = float64_problem()
+    ascent = optax.chain(optax.sgd(0.01, momentum=0.9), optax.scale(-1.0))
+    procedure = procedures.cost_checked(model, losses.lecture_objective(0.0), ascent, x,
+                                        targets)
+    state, records = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)),
+                                          0, 1)
+    assert bool(records["perturbed"][0])
+    initial = ascent.init(params)
+    for leaf, zero in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(zero))
+
+
+def test_stochastic_passes_keep_lambda_over_m_of_the_whole_set():
+    """With the data term zero, lambda = 3, m = 8, batches of 2 and gradient_descent(1), each
+    of the pass's 4 updates is w <- w - (lambda/m) w, so after the pass
+    w = w0 (1 - 3/8)^4 (by hand). Fails if a batch uses lambda/2 of its own 2 examples."""
+    model, params, x, targets = float64_problem(8)
+    objective = losses.lecture_objective(3.0)._replace(loss=ZERO_DATA_TERM)
+    procedure = procedures.stochastic_passes(model, objective, optim.gradient_descent(1.0), x,
+                                             targets, batch_size=2)
+    state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)), 0, 1)
+    np.testing.assert_allclose(state.params[0]["w"], params[0]["w"] * (1 - 3.0 / 8) ** 4,
+                               rtol=F64)
+
+
+def test_the_guard_names_the_first_bad_leaf_and_step_of_a_streak():
+    """Two rejected steps in a row: a NaN in leaf "a" at step 3, then in leaf "b" at step 4.
+    The guard reports where the streak began, leaf 0 at step 3 (by hand). Fails if a later
+    rejection of the streak overwrites the leaf."""
+    params = {"a": jnp.array([1.0]), "b": jnp.array([1.0])}
+    rule = optim.gradient_descent(0.5)
+    state = procedures.initial_state(params, rule.init(params), jax.random.key(0))
+    energy = jnp.array(1.0)
+    _, opt_state, guard = procedures.guarded_update(
+        rule, params, state.opt_state, state.guard, energy,
+        {"a": jnp.array([jnp.nan]), "b": jnp.array([0.0])}, 3)
+    _, _, guard = procedures.guarded_update(
+        rule, params, opt_state, guard, energy,
+        {"a": jnp.array([0.0]), "b": jnp.array([jnp.nan])}, 4)
+    assert int(guard.consecutive) == 2
+    assert int(guard.first_bad_leaf) == 0 and int(guard.first_bad_step) == 3
+
+
+def test_misclassified_descent_draws_only_misclassified_examples():
+    """Batches of one from 12 examples of which 4 are misclassified: for each of 8 keys the
+    one step must equal w - 0.1 dE/dw on one of the misclassified examples alone (jax.grad,
+    lambda = 0). Fails if the draw can pick a correctly classified example (a uniform draw
+    over all 12 picks a misclassified one every time for 8 keys with probability 3^-8)."""
+    model, params, x, targets = float64_problem(12)
+    objective = losses.lecture_objective(0.0)
+    outputs = model.apply(params, x)
+    wrong = np.flatnonzero(np.asarray(metrics.predicted_labels(outputs))
+                           != np.asarray(metrics.target_labels(targets)))
+    assert len(wrong) == 4
+
+    def energy(p, xb, tb):
+        return objective.value(p, model.apply(p, xb), tb)
+
+    def flat(tree):
+        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+    candidates = [flat(jax.tree.map(lambda w, g: w - 0.1 * g, params,
+                                    jax.grad(energy)(params, x[i:i + 1], targets[i:i + 1])))
+                  for i in wrong]
+    procedure = procedures.misclassified(model, objective, optim.gradient_descent(0.1), x,
+                                         targets, batch_size=1, stop_window=10)
+    one_step = jax.jit(lambda key: procedures.run_steps(
+        procedure, procedure.init(params, key), 0, 1)[0].params)
+    for seed in range(8):
+        moved = flat(one_step(jax.random.key(seed)))
+        errors = [np.max(np.abs(moved - c)) / np.max(np.abs(c)) for c in candidates]
+        assert min(errors) <= F64, seed
+
+
+def test_cost_checked_keeps_a_step_only_if_the_energy_strictly_decreases():
+    """With the data term zero and lambda = 0 the gradient is 0: every proposal is the params
+    themselves, E does not decrease, and each of the 3 steps is undone and perturbed (E = 0
+    at every point). Fails if a step with an equal E is kept."""
+    model, params, x, targets = float64_problem()
+    objective = losses.lecture_objective(0.0)._replace(loss=ZERO_DATA_TERM)
+    result = procedures.cost_checked_descent(
+        model, objective, optim.gradient_descent(0.1), params, x, targets,
+        key=jax.random.key(0), steps=3, stop_window=100)
+    assert int(result.perturbations) == 3
