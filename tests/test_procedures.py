@@ -493,6 +493,24 @@ def test_guarded_update_rejects_non_finite_steps_and_stops_after_a_failure():
     assert int(after.rejected) == 1
 
 
+def online_sdlm_by_hand(model, objective, params, sample, key, eta, mu, *, records,
+                        steps_per_record, curvature_every):
+    """The online procedure's SDLM updates as a Python loop: the batches drawn from key as
+    the procedure draws them, h re-estimated on the batch of every curvature_every-th update
+    of each record, each step -eta g / (mu + h) written out."""
+    value_and_grad = engines.manual(model, objective)
+    diagonal = engines.curvature_diagonal(model, objective)
+    for _ in range(records):
+        for within in range(steps_per_record):
+            key, batch_key = procedures._split(key)
+            x, targets = sample(batch_key)
+            if within % curvature_every == 0:
+                h = diagonal(params, x, targets)
+            grad = value_and_grad(params, x, targets)[1]
+            params = jax.tree.map(lambda w, g, hk: w - eta * g / (mu + hk), params, grad, h)
+    return params
+
+
 def test_online_with_lecuns_curvature_steps_eta_over_mu_plus_h():
     """online(curvature_every=3) with the diagonal Levenberg-Marquardt optimizer: the first
     update is -eta g / (mu + h), h the backpropagated diagonal at the initial params on the
@@ -509,18 +527,9 @@ def test_online_with_lecuns_curvature_steps_eta_over_mu_plus_h():
     procedure = procedures.online(model, objective, optim.diagonal_levenberg_marquardt(eta, mu),
                                   sample, steps_per_record=4, curvature_every=3)
     state = procedure.init(params, jax.random.key(1))
-    key_data = state.key
     new_state, _ = jax.jit(procedure.step)(state, 0)
-    value_and_grad = engines.manual(model, objective)
-    diagonal = engines.curvature_diagonal(model, objective)
-    expected = params
-    for index in range(4):
-        key_data, batch_key = procedures._split(key_data)
-        x, targets = sample(batch_key)
-        if index % 3 == 0:
-            h = diagonal(expected, x, targets)
-        grad = value_and_grad(expected, x, targets)[1]
-        expected = jax.tree.map(lambda w, g, hk: w - eta * g / (mu + hk), expected, grad, h)
+    expected = online_sdlm_by_hand(model, objective, params, sample, state.key, eta, mu,
+                                   records=1, steps_per_record=4, curvature_every=3)
     assert_close_tree(new_state.params, expected, jnp.float32, "online sdlm")
     with pytest.raises(ValueError, match="online: curvature_every must be >= 1"):
         procedures.online(model, objective, optax.sgd(0.1), sample, steps_per_record=2,
@@ -720,20 +729,10 @@ def test_online_refreshes_the_curvature_at_the_start_of_every_record():
     eta, mu = 0.05, 0.01
     procedure = procedures.online(model, objective, optim.diagonal_levenberg_marquardt(eta, mu),
                                   sample, steps_per_record=4, curvature_every=3)
-    state = procedure.init(params, jax.random.key(1))
-    key_data = state.key
-    state, _ = procedures.run_steps(procedure, state, 0, 2)
-    value_and_grad = engines.manual(model, objective)
-    diagonal = engines.curvature_diagonal(model, objective)
-    expected = params
-    for _ in range(2):
-        for within in range(4):
-            key_data, batch_key = procedures._split(key_data)
-            x, targets = sample(batch_key)
-            if within % 3 == 0:
-                h = diagonal(expected, x, targets)
-            grad = value_and_grad(expected, x, targets)[1]
-            expected = jax.tree.map(lambda w, g, hk: w - eta * g / (mu + hk), expected, grad, h)
+    start = procedure.init(params, jax.random.key(1))
+    state, _ = procedures.run_steps(procedure, start, 0, 2)
+    expected = online_sdlm_by_hand(model, objective, params, sample, start.key, eta, mu,
+                                   records=2, steps_per_record=4, curvature_every=3)
     assert_close_tree(state.params, expected, jnp.float64, "two records")
 
 
