@@ -24,7 +24,8 @@ test-only split (2-core CPU, 2026-12-04): 20, 24, 29, 28 and 29 test misses at s
 Optimisers: per-example SGD (default, eta 0.01; 0.002 with --output rbf), the paper's
 stochastic diagonal Levenberg-Marquardt (--optimizer sdlm: mu = 0.02, h re-estimated on 500
 examples before each pass, eta 5e-4, 2e-4, 1e-4, 5e-5, 1e-5 after 2, 5, 8, 12 passes, as in
-the paper's Appendix C), or AdamW with mini-batches.
+the paper's Appendix C), both one image at a time in the file's order, or AdamW with
+mini-batches in a new order every pass, drawn from --seed.
 
 Writes results.json (history per pass: train_error, test_error, train_loss, test_loss, and
 held_out_error, held_out_loss with --held-out N, which trains on all but the last N training
@@ -91,7 +92,7 @@ class Config:
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
                        "for --batch-size 1, rows otherwise", choices=("auto", *IMPLEMENTATIONS))
-    seed: int = option(0, "seed of the initialisation and the order", ge=0)
+    seed: int = option(0, "seed of the initialisation and of AdamW's order", ge=0)
     checkpoint_every: int = option(1, "passes between checkpoints", ge=1)
     progress_every: int = option(1, "passes between progress lines off a terminal", ge=0)
 

@@ -129,3 +129,30 @@ def test_sweeps_against_the_first_with_standard_errors(tmp_path, capsys):
     assert row["paired_se"] == pytest.approx(1.0, rel=1e-12)
     printed = capsys.readouterr().out
     assert "| b | misses | +2 ± 3.51 | -2 ± 1 | 2 |" in printed
+
+
+def test_standard_errors_of_sweeps_of_different_sizes(tmp_path):
+    """Sweeps of 3 and 5 seeds, values by hand: a = 100, 104, 108 (seeds 0-2; mean 104, sd 4),
+    b = 101, 107, 110, 106, 106 (seeds 0-4; mean 106, sd^2 = 42/4 = 10.5). The unpaired
+    standard error is sqrt(16/3 + 10.5/5) (each sweep's variance over its own n), the paired
+    difference over seeds 0-2 is the mean of 1, 3, 2 = 2 with sd 1, standard error 1/sqrt(3).
+    It fails if either variance is divided by the other sweep's n, if the sds take n rather
+    than n - 1, or if the pairing is off by one seed."""
+    def write_sweep(name, values):
+        history = [{"seed": seed, "misses": float(v)} for seed, v in values.items()]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "experiment": "seeds", "config": {"seeds": list(values)},
+            "metrics": {"misses": seeds.summary(list(values.values()))},
+            "history": history}))
+
+    write_sweep("a", {0: 100, 1: 104, 2: 108})
+    write_sweep("b", {0: 101, 1: 107, 2: 110, 3: 106, 4: 106})
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                         "--workdir", str(tmp_path / "cmp")]) == 0
+    [row] = json.loads((tmp_path / "cmp" / "results.json").read_text())["differences"]
+    assert row["difference"] == pytest.approx(2.0, rel=1e-12)
+    assert row["se"] == pytest.approx((16 / 3 + 10.5 / 5) ** 0.5, rel=1e-12)
+    assert row["shared_seeds"] == 3
+    assert row["paired_difference"] == pytest.approx(2.0, rel=1e-12)
+    assert row["paired_se"] == pytest.approx(3 ** -0.5, rel=1e-12)

@@ -9,8 +9,9 @@ import pytest
 
 import nets
 from experiments import lenet1989
-from tests.helpers import tolerance
-from training import data, results
+from nets.gradcheck import parameter
+from tests.helpers import assert_close_tree, tolerance
+from training import data, procedures, results
 from training.config import ConfigError
 
 SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
@@ -232,3 +233,150 @@ def test_h2_table_option_connects_h2_as_its_table_says(scheme):
     _, params = model.init(jax.random.key(0), (-1, 16, 16, 1))
     connected = np.any(np.asarray(params[2]["w"]) != 0, axis=(0, 1))  # (H1 map, H2 map)
     np.testing.assert_array_equal(connected, nets.lenet1989_h2_table(scheme))
+
+
+# The fan-in F of one unit of each layer of the 1989 net, counted by hand: H1 a 5x5 window of
+# the one input plane, H2 5x5 windows of 8 of the 12 H1 maps, H3 all 12x4x4 H2 units, the
+# output all 30 H3 units.
+FAN_IN_BY_HAND = {"H1": 25, "H2": 200, "H3": 192, "output": 30}
+
+
+@pytest.mark.parametrize("init, exponent", [("sqrt_fan_in", 0.5), ("fan_in", 1.0)])
+def test_init_option_draws_each_weight_within_two_point_four_over_its_fan_in(init, exponent):
+    """--init: every (connected) weight of the net that build() makes lies in
+    +-2.4/F^exponent with F counted by hand (U(+-2.4/sqrt(F)) by default, U(+-2.4/F) with
+    --init fan_in, the paper's text), and the largest of each layer's 300-5,760 uniform draws
+    comes within 10% of that bound (a miss has probability below 0.9^300). It fails if --init
+    is ignored or maps to the other exponent, or if a layer counts its fan-in wrongly."""
+    config = lenet1989.Config(init=init, train_examples=8, test_examples=4)
+    model = lenet1989.build(config, lenet1989.load(config))[0]
+    _, params = model.init(jax.random.key(0), (-1, 16, 16, 1))
+    for layer, fan_in in FAN_IN_BY_HAND.items():
+        w = np.asarray(parameter(model, params, layer, "w"), np.float64)
+        drawn = np.abs(w[w != 0])
+        bound = 2.4 / fan_in ** exponent
+        assert drawn.max() <= bound * (1 + 1e-6), (layer, drawn.max(), bound)
+        assert drawn.max() > 0.9 * bound, (layer, drawn.max(), bound)
+
+
+@pytest.mark.parametrize("activation, expected", [
+    ("tanh", np.tanh(1.0)), ("scaled_tanh", 1.7159 * np.tanh(2.0 / 3.0))])
+def test_activation_option_squashes_every_unit_as_named(activation, expected):
+    """--activation: with every weight zero and every bias one, each unit's output is f(1), the
+    net's outputs included: tanh(1) = 0.7616 for tanh, 1.7159 tanh(2/3) = 0.9999 for the
+    scaled tanh (values by hand). It fails if the option does not reach the model."""
+    config = lenet1989.Config(activation=activation, train_examples=8, test_examples=4)
+    model = lenet1989.build(config, lenet1989.load(config))[0]
+    _, params = model.init(jax.random.key(0), (-1, 16, 16, 1))
+    params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for layer in FAN_IN_BY_HAND:
+        bias = parameter(model, params, layer, "b")
+        params = jax.tree_util.tree_map(
+            lambda leaf, b=bias: jnp.ones_like(leaf) if leaf is b else leaf, params)
+    outputs = np.asarray(model.apply(params, jnp.zeros((2, 16, 16, 1), jnp.float32)))
+    np.testing.assert_allclose(outputs, np.full((2, 10), expected), rtol=1e-6)
+
+
+def test_reported_losses_are_the_mse_against_the_plus_minus_target_of_the_saved_outputs(
+        tmp_path):
+    """The 1989 variant's test_loss (the last pass of "history" and "metrics") is the paper's
+    MSE, the mean over digits and the 10 outputs of (o - t)^2, t = +-0.8 here, recomputed in
+    NumPy from the saved final test outputs and the labels; test_error is misses / digits; and
+    the default learning rate of --optimizer sgd is the recipe's 0.006. It fails if the loss is
+    halved or summed, if the targets ignore --target, or if the default rate changes."""
+    metrics = lenet1989.main(["--workdir", str(tmp_path), "--train-examples", "30",
+                              "--test-examples", "50", "--passes", "1", "--progress-every", "0",
+                              "--target", "0.8"])
+    outputs, labels = results.load_test_outputs(tmp_path)
+    outputs = np.asarray(outputs, np.float64)
+    targets = np.where(np.arange(10) == labels[:, None], 0.8, -0.8)
+    assert labels.tolist() == data.load_usps("test")[1][:50].tolist()
+    mse = np.mean((outputs - targets) ** 2)
+    assert metrics["test_loss"] == pytest.approx(mse, rel=1e-5)
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert history[-1]["test_loss"] == pytest.approx(mse, rel=1e-5)
+    misses = int(np.sum(outputs.argmax(axis=1) != labels))
+    assert metrics["test_misses"] == misses
+    assert metrics["test_error"] == pytest.approx(misses / 50, abs=1e-7)
+    assert metrics["learning_rate"] == 0.006
+
+
+def test_sdlm_estimates_the_curvature_on_the_first_curvature_examples_digits(monkeypatch):
+    """--curvature-examples 40 with 100 training digits: build() asks for the Gauss-Newton
+    diagonal on the training digits with a subset of exactly 40 (the first 40, as
+    training.procedures.curvature_on_subset cuts it). It fails if the option is dropped and
+    the whole training set (or the test set) is used."""
+    calls = []
+    real = lenet1989.procedures.curvature_on_subset
+
+    def spy(model, objective, x, t, examples):
+        calls.append((np.asarray(x), examples))
+        return real(model, objective, x, t, examples)
+
+    monkeypatch.setattr(lenet1989.procedures, "curvature_on_subset", spy)
+    config = lenet1989.Config(optimizer="sdlm", curvature_examples=40, train_examples=100,
+                              test_examples=10)
+    splits = lenet1989.load(config)
+    lenet1989.build(config, splits)
+    assert len(calls) == 1
+    x, examples = calls[0]
+    assert examples == 40
+    np.testing.assert_array_equal(x.reshape(100, 256), data.load_usps("train")[0][:100])
+
+
+def test_sdlm_1998_schedule_keeps_eta_for_two_passes_then_lowers_it():
+    """--schedule 1998 (LeCun et al. 1998, Appendix C): eta for the first 2 passes, 2e-4 (at
+    --lr 5e-4) from the third: 3 passes over 10 digits match the constant schedule's for 2
+    passes and part from it in the third, where the 1998 run's step is 0.4 of the constant
+    one's. It fails if the schedule is ignored or counts updates other than one per digit."""
+    def history(schedule):
+        config = lenet1989.Config(optimizer="sdlm", schedule=schedule, lr=5e-4, passes=3,
+                                  curvature_examples=10, train_examples=10, test_examples=5)
+        model, _, procedure, _ = lenet1989.build(config, lenet1989.load(config))
+        params = model.init(jax.random.key(0), (-1, 16, 16, 1))[1]
+        state = procedure.init(params, jax.random.key(1))
+        losses = []
+        for step in range(3):
+            state, record = procedures.run_steps(procedure, state, step, 1)
+            losses.append(float(np.asarray(record["train_loss"]).reshape(-1)[-1]))
+        return losses
+
+    scheduled, constant = history("1998"), history("constant")
+    assert scheduled[:2] == pytest.approx(constant[:2], rel=1e-6)
+    assert abs(scheduled[2] - constant[2]) > 1e-6 * abs(constant[2])
+
+
+def test_the_1989_recipe_updates_after_each_pattern_in_the_files_order():
+    """One pass of --optimizer sgd (--lr 0.5, to make the order matter; float64 params) over 3
+    digits ends at the weights of three steps p <- p - eta grad E_n(p) taken by hand, digit 0,
+    then 1, then 2, E_n = 1/2 sum_k (o_k - t_k)^2 (the recipe's per-example error)
+    differentiated by jax.grad. It fails if the patterns are batched (one step on their mean,
+    or their sum), presented in another order, or the step is not eta times the gradient of
+    that error."""
+    config = lenet1989.Config(lr=0.5, passes=1, train_examples=3, test_examples=2)
+    splits = lenet1989.load(config)
+    model, _, procedure, lr = lenet1989.build(config, splits)
+    assert lr == 0.5
+    params = nets.gradcheck.astype(model.init(jax.random.key(0), (-1, 16, 16, 1))[1],
+                                   jnp.float64)
+    state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(1)), 0, 1)
+
+    def error(p, x, t):
+        return 0.5 * jnp.sum((model.apply(p, x) - t) ** 2)
+
+    gradient = jax.jit(jax.grad(error))
+
+    x, t = splits["train"]
+    expected = params
+    for n in range(3):
+        grads = gradient(expected, x[n:n + 1], t[n:n + 1])
+        expected = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, expected, grads)
+    shuffled = params
+    for n in (2, 1, 0):
+        grads = gradient(shuffled, x[n:n + 1], t[n:n + 1])
+        shuffled = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, shuffled, grads)
+    got, want, other = (jax.tree_util.tree_leaves(tree)
+                        for tree in (state.params, expected, shuffled))  # float64 params
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(want, other)) > 1e-3
+    assert all(a.dtype == jnp.float64 for a in got)
+    assert_close_tree(state.params, expected, jnp.float64, "three SGD steps")

@@ -1,11 +1,15 @@
 """experiments.lenet5: the input normalisation, and a short run of each optimizer."""
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nets
 from experiments import lenet5
-from training import data, results
+from tests.helpers import assert_close_tree
+from training import data, procedures, results
 from training.config import ConfigError
 
 
@@ -141,3 +145,80 @@ def test_auto_split_takes_the_full_files_when_the_training_set_is_present(tmp_pa
     np.testing.assert_array_equal(np.asarray(t_train).argmax(axis=1), labels)
     expected = lenet5.to_lenet5_input(images[:1].reshape(1, 784).astype(np.float32) / 255)
     np.testing.assert_array_equal(np.asarray(x_train[:1]), np.asarray(expected))
+
+
+def test_test_only_split_is_the_first_8000_and_last_2000_images_of_the_test_file():
+    """--split test-only: training images are the MNIST test file's images 0-7,999 and test
+    images 8,000-9,999, each with its own label, read here straight from the file
+    (data.load_mnist) and padded to 32x32 by hand (28x28 at rows and columns 2-29, -0.1
+    around, pixels -0.1 + 1.275 v). It fails if the cut moves, overlaps, or the labels are
+    taken from another slice than their images."""
+    splits, _ = lenet5.load(lenet5.Config(split="test-only"))
+    images, labels = data.load_mnist("test")
+    for name, rows in (("train", slice(0, 8000)), ("test", slice(8000, 10000))):
+        x, t = (np.asarray(a) for a in splits[name])
+        expected = np.full((rows.stop - rows.start, 32, 32, 1), -0.1, np.float32)
+        expected[:, 2:30, 2:30, 0] = -0.1 + 1.275 * images[rows].reshape(-1, 28, 28)
+        np.testing.assert_allclose(x, expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(t, np.eye(10)[labels[rows]])
+
+
+@pytest.mark.parametrize("output, map_j", [("rbf", 3.0), ("dense", None)])
+def test_reported_test_loss_is_the_criterion_of_the_saved_outputs(tmp_path, output, map_j):
+    """The final test_loss is, recomputed in NumPy from the saved test outputs and labels,
+    the MAP criterion of LeCun et al. 1998 eq. 9 with the run's j for --output rbf (outputs
+    are the scores -y_i: E = mean_p [y_Dp + log(e^-j + sum_i e^-y_ip)]), and the softmax
+    cross-entropy for --output dense. It fails if --map-j is ignored (j = 10 instead of 3),
+    or if the output layer or the criterion is not the one asked for."""
+    extra = ["--map-j", str(map_j)] if map_j else []
+    metrics = lenet5.main(["--workdir", str(tmp_path), "--split", "test-only", "--passes", "1",
+                           "--train-examples", "20", "--test-examples", "50",
+                           "--output", output, "--progress-every", "0", *extra])
+    scores, labels = results.load_test_outputs(tmp_path)
+    scores = np.asarray(scores, np.float64)
+    correct = scores[np.arange(50), labels]
+    if output == "rbf":
+        assert np.all(scores <= 0)  # penalties y_i >= 0
+        rubbish = np.exp(-map_j)
+        expected = np.mean(-correct + np.log(rubbish + np.exp(scores).sum(axis=1)))
+    else:
+        expected = np.mean(-correct + np.log(np.exp(scores).sum(axis=1)))
+    assert metrics["test_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_example_sgd_steps_through_the_training_images_in_the_files_order():
+    """--optimizer sgd at its default eta, 0.01, over 3 images: one pass ends at the weights
+    of three steps p <- p - eta grad E_n(p) taken by hand on images 0, 1, 2 in turn, E_n the
+    softmax cross-entropy of one image (log-sum-exp of the outputs minus the correct one),
+    differentiated by jax.grad. It fails if the images are batched, shuffled or taken in
+    another order, or the step is not eta times that gradient (another order ends 0.035
+    away, measured). Float64 params."""
+    config = lenet5.Config(split="test-only", passes=1, train_examples=3,
+                           test_examples=2)
+    splits, _ = lenet5.load(config)
+    model, procedure, lr = lenet5.build(config, splits)
+    assert lr == 0.01
+    params = nets.gradcheck.astype(model.init(jax.random.key(0), (-1, 32, 32, 1))[1],
+                                   jnp.float64)
+    state, _ = procedures.run_steps(procedure, procedure.init(params, jax.random.key(1)), 0, 1)
+
+    def error(p, x, t):
+        s = model.apply(p, x)[0]
+        return jax.nn.logsumexp(s) - jnp.sum(t[0] * s)
+
+    gradient = jax.jit(jax.grad(error))
+
+    x, t = splits["train"]
+
+    def steps(order):
+        p = params
+        for n in order:
+            grads = gradient(p, x[n:n + 1], t[n:n + 1])
+            p = jax.tree_util.tree_map(lambda a, g: a - 0.01 * g, p, grads)
+        return jax.tree_util.tree_leaves(p)
+
+    want, other = steps((0, 1, 2)), steps((2, 0, 1))
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(want, other)) > 1e-2
+    assert all(a.dtype == jnp.float64 for a in jax.tree_util.tree_leaves(state.params))
+    assert_close_tree(jax.tree_util.tree_leaves(state.params), want, jnp.float64,
+                      "three SGD steps")

@@ -165,3 +165,22 @@ def test_a_first_run_refused_by_its_data_checks_leaves_the_sweeps_workdir_free(t
     assert not (tmp_path / "sweep" / "config.json").exists()
     summary = seeds.main(["--experiment", "lecture", *common, "--batch-size", "8"])
     assert len(summary["per_seed"]) == 1
+
+
+def test_the_ensemble_is_the_argmax_of_the_mean_not_one_run_nor_a_vote(tmp_path):
+    """Three runs on three examples, all of label 0, chosen so that only the mean of the
+    outputs gets all three right: by hand, the means are (0.583, 0.417), (0.733, 0.267),
+    (0.6, 0.4); run 0 alone misses 2, run 1 misses 2, run 2 misses 1, a majority vote misses
+    examples 0 and 2, and the per-class median misses example 0. It fails if the ensemble
+    takes any one run's outputs, a vote or a median instead of the mean."""
+    labels = np.array([0, 0, 0])
+    runs = {0: [[0.9, 0.1], [0.4, 0.6], [0.45, 0.55]],
+            1: [[0.4, 0.6], [0.9, 0.1], [0.45, 0.55]],
+            2: [[0.45, 0.55], [0.9, 0.1], [0.9, 0.1]]}
+    for seed, outputs in runs.items():
+        (tmp_path / f"seed_{seed}").mkdir()
+        results.save_test_outputs(tmp_path / f"seed_{seed}", np.array(outputs), labels)
+    assert seeds.ensemble_of(tmp_path, [0, 1, 2]) == {"runs": 3, "misses": 0, "error": 0.0,
+                                                      "examples": 3}
+    assert seeds.ensemble_of(tmp_path, [1]) == {"runs": 1, "misses": 2, "error": 2 / 3,
+                                                "examples": 3}
