@@ -11,10 +11,10 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 LayerNorm (`nets.residual_mlp`: 784, two blocks of 1024, 10; batch 256).
                 Target <= 1.0, and no more temporary memory (XLA's memory analysis of each
                 compiled step).
-  conv          each Conv2D implementation ("conv", "patches", "gather", "rows") against the
-                model's default, one jitted SGD step with the manual engine: LeNet-5 (batch
-                128; default "rows") and LeNet-1989 (batch 1; default "gather"). No target:
-                the evidence for each model's default.
+  conv          each Conv2D implementation ("conv", "patches", "gather", "rows", "tiles")
+                against the model's default, one jitted SGD step with the manual engine:
+                LeNet-5 (batch 128; default "tiles") and LeNet-1989 (batch 1; default
+                "gather"). No target: the evidence for each model's default.
   recipe        LeNet-1989's 1989 recipe (one-example SGD in a constant order over the 7,291
                 USPS digits; 23 passes, 1 with --quick), wall time including compilation,
                 against PyTorch eager running the same recipe from the same initial weights
@@ -299,7 +299,7 @@ def family_engine(config, key):
 def conv_cases(sizes):
     """(name, model factory, its default implementation, objective, input shape, batch)."""
     return [(f"lenet5/b{sizes.lenet5_batch}", lambda implementation: lenet5(
-                implementation=implementation), "rows",
+                implementation=implementation), "tiles",
              nets.Objective(nets.softmax_cross_entropy(), 0.0), (32, 32, 1), sizes.lenet5_batch),
             ("lenet1989/b1", lambda implementation: lenet1989(implementation=implementation),
              "gather", nets.Objective(nets.mean_squared_error(), 0.0), (16, 16, 1), 1)]
@@ -614,8 +614,9 @@ def family_lenet5_torch(config, key, torch):
 def data_parallel_lenet5():
     """LeNet-5 for the step split over the CPU devices, one core each: with `"patches"`
     convolutions, the faster there by measurement (2026-12-04, batch 128 over two devices,
-    alternated: 7.4-9.5 against 9.1-12.1 ms with the default `"rows"`; one core at batch 64
-    5.6-6.1 against 7.0-7.3 ms), as `"rows"` is on one device using both cores. The
+    alternated: 7.4-9.5 against 9.1-12.1 ms with `"rows"`, then the default; one core at
+    batch 64 5.6-6.1 against 7.0-7.3 ms; on 2026-12-05, one core at batch 64, `"tiles"` took
+    1.004 of its time), as the default `"tiles"` is on one device using both cores. The
     parameters are the same pytree for every implementation."""
     return lenet5(implementation="patches")
 
@@ -655,8 +656,9 @@ def family_per_example(config, key):
     batch = sizes.lenet5_batch
     mlp_model = mlp(sizes)[1]
     # The batch step takes each model's default; vmap and the loop take LeNet-5's "patches"
-    # convolutions: vmapped over single examples, the default "rows" made every example's
-    # band-matrix gradient (Wp / kw times dw's size) and the step 1.3x slower.
+    # convolutions: vmapped over single examples, "rows" made every example's
+    # band-matrix gradient (Wp / kw times dw's size) and the step 1.3x slower, and the
+    # default "tiles" took 0.96 of the time of "patches" (2026-12-05), within the noise.
     for name, model, per_example_model, input_shape in (
             ("mlp", mlp_model, mlp_model, (784,)),
             ("lenet5", lenet5(), lenet5(implementation="patches"), (32, 32, 1))):

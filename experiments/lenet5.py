@@ -13,7 +13,7 @@ and foreground 1.175 (the paper's normalisation, Section II.A).
 
 Model: nets.models.lenet5 (C1, trainable-subsampling S2, C3 with Table I, S4, C5, F6 84, all
 1.7159 tanh(2a/3); the "gather" convolutions for per-example updates, the model's default
-"rows" for mini-batches, the faster of each; --conv picks one of nets.conv.IMPLEMENTATIONS),
+"tiles" for mini-batches, the faster of each; --conv picks one of nets.conv.IMPLEMENTATIONS),
 by default with a Dense output and softmax cross-entropy in place of the paper's output;
 --output rbf takes the paper's: Euclidean RBF units with fixed +-1 centres (7x12 bitmaps of
 the digits drawn here, nets.models.lenet5_rbf_centres, as the paper's Figure 3 bitmaps are not
@@ -91,7 +91,7 @@ class Config:
                               "the test set)", ge=0)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     conv: str = option("auto", "convolution implementation (nets.conv.Conv2D); auto: gather "
-                       "for --batch-size 1, rows otherwise", choices=("auto", *IMPLEMENTATIONS))
+                       "for --batch-size 1, tiles otherwise", choices=("auto", *IMPLEMENTATIONS))
     seed: int = option(0, "seed of the initialisation and of AdamW's order", ge=0)
     checkpoint_every: int = option(1, "passes between checkpoints", ge=1)
     progress_every: int = option(1, "passes between progress lines off a terminal", ge=0)
@@ -142,10 +142,10 @@ def load(config):
 def conv_implementation(config) -> str:
     """--conv, with auto resolved: one example at a time the "gather" convolutions are the
     faster (146 against 185 us a step with "patches" on the 2-core CPU), for mini-batches
-    the model's default "rows"."""
+    the model's default "tiles"."""
     if config.conv != "auto":
         return config.conv
-    return "gather" if config.batch_size == 1 else "rows"
+    return "gather" if config.batch_size == 1 else "tiles"
 
 
 def learning_rate(config) -> float:

@@ -36,7 +36,8 @@ __all__ = [
     "conv2d_constant_padded",
     "conv2d_gather_patches",
     "window_index",
-    "conv2d_rows",
+    "conv2d_tiles",
+    "tile_width",
     "conv2d_band_matrix",
     "table_fan_in_uniform",
     "check_image_input",
@@ -71,10 +72,17 @@ GATHER_INPUT_GRADIENT_MIN_SIZE = 2**16
 # one core, LeNet-1989's one-example recipe pass took 0.197 s against 0.257 s, but the copy
 # made the batch-64 step slower (1.77 ms against 1.24 ms; 102 k and 307 k entries there).
 TRANSPOSED_PATCHES_MAX_SIZE = 2**15
-# The most entries of the banded kernel matrix of "rows" (64 MB in float32): it has
-# kh Wp C out_w O entries, Wp / kw times the kernel's products per output row for stride 1,
-# so the implementation is for narrow images; a wider layer raises a ValueError naming it.
+# The most entries of the banded kernel matrix of "rows" and "tiles" (64 MB in float32): for
+# "rows" it has kh Wp C out_w O entries, Wp / kw times the kernel's products per output row
+# for stride 1, so the implementation is for narrow images; a wider layer raises a ValueError
+# naming it.
 ROWS_BAND_MAX_SIZE = 2**24
+# "tiles" cuts each output row into tiles of the fewest adjacent outputs whose band matrix has
+# at least this many columns (`tile_width`): narrower tiles make the products too thin to run
+# fast, wider ones multiply more of the band's zeros. On the 2-core CPU (2026-12-05) LeNet-5's
+# batch-128 training step, C1 in tiles of 7 columns and C3 in tiles of 2, took 0.86-0.90 of
+# its time with whole rows; tiles of 4 or 7 and of 2 or 5 were within that spread.
+TILE_MIN_COLUMNS = 32
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -595,22 +603,40 @@ def _gather_transpose(call: _Call, x: jax.Array, patches: jax.Array, w: jax.Arra
     return dw, dx
 
 
-def conv2d_rows(xp: jax.Array, kernel_height: int, stride_height: int, out_height: int
-                ) -> jax.Array:
-    """The input rows each output row reads, (batch out_h, kh Wp C), from the padded input
-    xp (batch, Hp, Wp, C): rows[n out_h + i, (a, q, c)] = xp[n, sh i + a, q, c]."""
-    batch, _, width, channels = xp.shape
-    span = stride_height * (out_height - 1) + 1
-    rows = jnp.stack([xp[:, a:a + span:stride_height] for a in range(kernel_height)], axis=2)
-    return rows.reshape(batch * out_height, kernel_height * width * channels)
+def tile_width(out_width: int, out_channels: int) -> int:
+    """The output columns of one tile of "tiles": the fewest that divide out_width and give
+    the band matrix at least TILE_MIN_COLUMNS columns (tile * out_channels), else out_width
+    (whole rows). LeNet-5: 7 of C1's 28 columns (6 maps), 2 of C3's 10 (16 maps)."""
+    return next(tile for tile in range(1, out_width + 1) if out_width % tile == 0
+                and (tile * out_channels >= TILE_MIN_COLUMNS or tile == out_width))
+
+
+def conv2d_tiles(xp: jax.Array, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 out_size: tuple[int, int], tile: int) -> jax.Array:
+    """The input that each tile of `tile` adjacent outputs of a row reads, (batch out_h U,
+    kh span C) with U = out_w / tile tiles a row and span = sw (tile - 1) + kw input columns,
+    from the padded input xp (batch, Hp, Wp, C):
+
+        tiles[(n, i, u), (a, q, c)] = xp[n, sh i + a, sw tile u + q, c].
+
+    tile = out_w gives whole rows (LeCun's "rows" implementation), tile = 1 a patch per
+    window."""
+    (kernel_height, kernel_width), (stride_height, stride_width) = kernel_size, stride
+    (out_height, out_width), channels = out_size, xp.shape[-1]
+    span, step = stride_width * (tile - 1) + kernel_width, stride_width * tile
+    rows = jnp.stack([xp[:, a:a + stride_height * (out_height - 1) + 1:stride_height]
+                      for a in range(kernel_height)], axis=2)  # (batch, out_h, kh, Wp, C)
+    tiles = jnp.stack([rows[..., step * u:step * u + span, :] for u in range(out_width // tile)],
+                      axis=2)  # (batch, out_h, U, kh, span, C)
+    return tiles.reshape(-1, kernel_height * span * channels)
 
 
 @functools.lru_cache(maxsize=None)
-def _band_index(padded_width: int, kernel_width: int, stride_width: int, out_width: int
+def _band_index(in_width: int, kernel_width: int, stride_width: int, out_width: int
                 ) -> np.ndarray:
-    """(Wp, out_w): the kernel column b = q - sw j that input column q meets in window
+    """(W, out_w): the kernel column b = q - sw j that input column q meets in window
     column j, or kw (a zero column) where window j does not read q."""
-    offset = np.arange(padded_width)[:, None] - stride_width * np.arange(out_width)[None, :]
+    offset = np.arange(in_width)[:, None] - stride_width * np.arange(out_width)[None, :]
     inside = (offset >= 0) & (offset < kernel_width)
     return np.where(inside, offset, kernel_width).astype(np.int32)
 
@@ -636,31 +662,33 @@ def _grouped(full: jax.Array, groups: int) -> jax.Array:
                       ).reshape(kh, kw, channels // groups, out_channels)
 
 
-def conv2d_band_matrix(w: jax.Array, padded_width: int, stride_width: int, out_width: int,
+def conv2d_band_matrix(w: jax.Array, in_width: int, stride_width: int, out_width: int,
                        groups: int = 1) -> jax.Array:
-    """The kernel w (kh, kw, C_g, O) as the banded matrix T (kh Wp C, out_w O) with
+    """The kernel w (kh, kw, C_g, O) as the banded matrix T (kh W C, out_w O) over W =
+    in_width input columns with
 
         T[(a, q, c), (j, o)] = w[a, q - sw j, c, o] if 0 <= q - sw j < kw (c in o's group),
 
-    and 0 elsewhere, so that an output row is one product: y[n, i] = rows[n, i] T
-    (`conv2d_rows`). Every entry is a weight or 0, so T(w)^2 = T(w^2)."""
+    and 0 elsewhere, so that out_w adjacent outputs of a row are one product: y[n, i, tile u]
+    = tiles[n, i, u] T (`conv2d_tiles`; W = sw (out_w - 1) + kw, or more columns that no
+    window reads). Every entry is a weight or 0, so T(w)^2 = T(w^2)."""
     full = _ungrouped(w, groups)
     kh, kw, channels, out_channels = full.shape
-    index = _band_index(padded_width, kw, stride_width, out_width)
-    band = jnp.pad(full, ((0, 0), (0, 1), (0, 0), (0, 0)))[:, index]  # (kh, Wp, out_w, C, O)
-    return band.transpose(0, 1, 3, 2, 4).reshape(kh * padded_width * channels,
+    index = _band_index(in_width, kw, stride_width, out_width)
+    band = jnp.pad(full, ((0, 0), (0, 1), (0, 0), (0, 0)))[:, index]  # (kh, W, out_w, C, O)
+    return band.transpose(0, 1, 3, 2, 4).reshape(kh * in_width * channels,
                                                   out_width * out_channels)
 
 
-def _band_kernel_gradient(dband: jax.Array, kernel_size: tuple[int, int], padded_width: int,
+def _band_kernel_gradient(dband: jax.Array, kernel_size: tuple[int, int], in_width: int,
                           stride_width: int, out_width: int, groups: int) -> jax.Array:
-    """dw (kh, kw, C_g, O) from dT (kh Wp C, out_w O), the gradient of the band matrix:
+    """dw (kh, kw, C_g, O) from dT (kh W C, out_w O), the gradient of the band matrix:
     each weight stands once in every window column, dw[a, b, c, o] = sum_j
     dT[(a, sw j + b, c), (j, o)]."""
     kh, kw = kernel_size
-    channels = dband.shape[0] // (kh * padded_width)
+    channels = dband.shape[0] // (kh * in_width)
     out_channels = dband.shape[1] // out_width
-    dband = dband.reshape(kh, padded_width, channels, out_width, out_channels)
+    dband = dband.reshape(kh, in_width, channels, out_width, out_channels)
     columns = stride_width * np.arange(out_width)[None, :] + np.arange(kw)[:, None]  # (kw, out_w)
     windows = np.broadcast_to(np.arange(out_width)[None, :], columns.shape)
     per_window = dband.transpose(0, 2, 4, 1, 3)[..., columns, windows]  # (kh, C, O, kw, out_w)
@@ -670,8 +698,9 @@ def _band_kernel_gradient(dband: jax.Array, kernel_size: tuple[int, int], padded
 
 def _rows_input_gradient(drows: jax.Array, stride_height: int, padded_height: int,
                          out_height: int) -> jax.Array:
-    """dxp (batch, Hp, Wp, C) from drows (batch, out_h, kh, Wp, C), the transpose of
-    `conv2d_rows`: row a of output row i goes back to input row sh i + a.
+    """dxp (batch, Hp, Wp, C) from drows (batch, out_h, kh, Wp, C), the transpose of taking
+    the kh input rows of each output row: row a of output row i goes back to input row
+    sh i + a.
 
     A sum of kh padded copies, row a of each output row placed at sh i + a (`lax.pad`, sh - 1
     rows between), which XLA fuses into one pass over dxp: LeNet-5's whole batch-128 step
@@ -687,43 +716,69 @@ def _rows_input_gradient(drows: jax.Array, stride_height: int, padded_height: in
     return sum(placed(a) for a in range(kernel_height))
 
 
-def _band_matrix(call: _Call, w: jax.Array) -> jax.Array:
-    """`conv2d_band_matrix` for this call, or a ValueError naming the layer when the band
-    would exceed ROWS_BAND_MAX_SIZE entries."""
-    (_, padded_width), (_, out_width) = call.padded_size, call.out_size
-    size = call.kernel[0] * padded_width * w.shape[2] * call.groups * out_width * w.shape[3]
-    if size > ROWS_BAND_MAX_SIZE:
-        raise ValueError(
-            f"{call.name}: implementation 'rows' needs a band matrix of {size} entries for a "
-            f"padded width {padded_width}, more than ROWS_BAND_MAX_SIZE = "
-            f"{ROWS_BAND_MAX_SIZE}; use 'patches' or 'conv' for this layer")
-    return conv2d_band_matrix(w, padded_width, call.stride[1], out_width, call.groups)
+def _tiles_input_gradient(dtiles: jax.Array, stride: tuple[int, int],
+                          padded_size: tuple[int, int], tile: int) -> jax.Array:
+    """dxp (batch, Hp, Wp, C) from dtiles (batch, out_h, U, kh, span, C), the transpose of
+    `conv2d_tiles`: tile u's columns go back to input columns sw tile u + q (a sum of U
+    padded copies), then each output row's kh rows to theirs (`_rows_input_gradient`)."""
+    (stride_height, stride_width), (padded_height, padded_width) = stride, padded_size
+    span, step = dtiles.shape[4], stride_width * tile
+    zero = jnp.zeros((), dtiles.dtype)
+
+    def placed(u):
+        columns = (step * u, padded_width - step * u - span, 0)
+        return lax.pad(dtiles[:, :, u], zero,
+                       ((0, 0, 0), (0, 0, 0), (0, 0, 0), columns, (0, 0, 0)))
+
+    drows = sum(placed(u) for u in range(dtiles.shape[2]))
+    return _rows_input_gradient(drows, stride_height, padded_height, dtiles.shape[1])
 
 
-def _rows_forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """"rows": the input rows each output row reads, saved, and y = rows T(w)."""
-    xp = _pad(x, call.pads, call.pad_value)
-    rows = conv2d_rows(xp, call.kernel[0], call.stride[0], call.out_size[0])
-    band = _band_matrix(call, w)
-    if rows.size > PATCH_PRODUCT_MAX_SIZE:
-        return _large_output(call, x, w), rows
-    return (rows @ band).reshape(x.shape[0], *call.out_size, -1), rows
+def _banded(implementation: str):
+    """(forward, transpose) of "rows" (one tile a row) or "tiles" (`tile_width`): the input
+    of each tile (`conv2d_tiles`) times the kernel as a banded matrix over its span
+    (`conv2d_band_matrix`, kh span C by tile O), the same for every tile."""
 
+    def geometry(call: _Call, out_channels: int) -> tuple[int, int]:
+        out_width = call.out_size[1]
+        tile = out_width if implementation == "rows" else tile_width(out_width, out_channels)
+        return tile, call.stride[1] * (tile - 1) + call.kernel[1]
 
-def _rows_transpose(call: _Call, x: jax.Array, rows: jax.Array, w: jax.Array, dy: jax.Array,
-                    power: int) -> tuple[jax.Array, jax.Array]:
-    """"rows": dT = rows^T dy summed along the band's diagonals into dw; dx = dy T^T added
-    back kh rows at a time."""
-    batch, out_h, out_w, out_channels = dy.shape
-    (kh, _), (padded_height, padded_width) = call.kernel, call.padded_size
-    dy_rows = dy.reshape(batch * out_h, out_w * out_channels)
-    dband = lax.dot_general(rows ** power, dy_rows, (((0,), (0,)), ((), ())))
-    dw = _band_kernel_gradient(dband, call.kernel, padded_width, call.stride[1], out_w,
-                               call.groups)
-    drows = dy_rows @ _band_matrix(call, w).T
-    dxp = _rows_input_gradient(drows.reshape(batch, out_h, kh, padded_width, -1),
-                               call.stride[0], padded_height, out_h)
-    return dw, _unpad(dxp, call.pads)
+    def band_matrix(call: _Call, w: jax.Array) -> jax.Array:
+        tile, span = geometry(call, w.shape[3])
+        size = call.kernel[0] * span * w.shape[2] * call.groups * tile * w.shape[3]
+        if size > ROWS_BAND_MAX_SIZE:
+            raise ValueError(
+                f"{call.name}: implementation {implementation!r} needs a band matrix of {size} "
+                f"entries ({span} input columns to {tile} output columns), more than "
+                f"ROWS_BAND_MAX_SIZE = {ROWS_BAND_MAX_SIZE}; use 'patches' or 'conv' for "
+                "this layer")
+        return conv2d_band_matrix(w, span, call.stride[1], tile, call.groups)
+
+    def forward(call: _Call, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The input of every tile, saved, and y = tiles T(w)."""
+        band = band_matrix(call, w)
+        tiles = conv2d_tiles(_pad(x, call.pads, call.pad_value), call.kernel, call.stride,
+                             call.out_size, geometry(call, w.shape[3])[0])
+        if tiles.size > PATCH_PRODUCT_MAX_SIZE:
+            return _large_output(call, x, w), tiles
+        return (tiles @ band).reshape(x.shape[0], *call.out_size, -1), tiles
+
+    def transpose(call: _Call, x: jax.Array, tiles: jax.Array, w: jax.Array, dy: jax.Array,
+                  power: int) -> tuple[jax.Array, jax.Array]:
+        """dT = tiles^T dy summed along the band's diagonals into dw; dx = dy T^T added back
+        tile by tile and row by row."""
+        batch, out_h, out_w, out_channels = dy.shape
+        tile, span = geometry(call, out_channels)
+        dy_tiles = dy.reshape(-1, tile * out_channels)
+        dband = lax.dot_general(tiles ** power, dy_tiles, (((0,), (0,)), ((), ())))
+        dw = _band_kernel_gradient(dband, call.kernel, span, call.stride[1], tile, call.groups)
+        dtiles = (dy_tiles @ band_matrix(call, w).T).reshape(
+            batch, out_h, out_w // tile, call.kernel[0], span, -1)
+        dxp = _tiles_input_gradient(dtiles, call.stride, call.padded_size, tile)
+        return dw, _unpad(dxp, call.pads)
+
+    return forward, transpose
 
 
 # Each implementation's (forward, transpose): forward(call, x, w) -> (y without the bias,
@@ -732,7 +787,8 @@ _PRODUCTS = {
     "conv": (_conv_forward, _conv_transpose),
     "patches": (_patches_forward, _patches_transpose),
     "gather": (_gather_forward, _gather_transpose),
-    "rows": (_rows_forward, _rows_transpose),
+    "rows": _banded("rows"),
+    "tiles": _banded("tiles"),
 }
 IMPLEMENTATIONS = tuple(_PRODUCTS)
 
@@ -820,14 +876,17 @@ def Conv2D(
                  1989 recipe; y from XLA's convolution above `PATCH_PRODUCT_MAX_SIZE` as for
                  "patches").
       "rows"     each output row as one product: the kh input rows it reads
-                 (`conv2d_rows`, batch out_h by kh Wp C) times the kernel laid out as a
-                 banded matrix (`conv2d_band_matrix`, kh Wp C by out_w O); dw sums the band
-                 gradient rows^T dy along its diagonals and dx is dy T^T added back row by
-                 row. Wp / kw times the multiply-adds of the other forms (stride 1), in a
-                 few large products and no per-offset copies: the fastest for LeNet-5 at
-                 batch 128 on CPU. The band matrix is limited to `ROWS_BAND_MAX_SIZE`
-                 entries (a ValueError names the layer), which keeps it to narrow images.
-
+                 (`conv2d_tiles` with one tile a row, batch out_h by kh Wp C) times the
+                 kernel laid out as a banded matrix (`conv2d_band_matrix`, kh Wp C by
+                 out_w O); dw sums the band gradient rows^T dy along its diagonals and dx is
+                 dy T^T added back row by row. Wp / kw times the multiply-adds of the other
+                 forms (stride 1), in a few large products and no per-offset copies. The
+                 band matrix is limited to `ROWS_BAND_MAX_SIZE` entries (a ValueError names
+                 the layer), which keeps it to narrow images;
+      "tiles"    "rows" over tiles of `tile_width` adjacent outputs of a row instead of the
+                 whole row: one band matrix (kh span C by tile O, span = sw (tile - 1) + kw)
+                 serves every tile, with span / kw times the multiply-adds of the other forms
+                 instead of Wp / kw. The fastest for LeNet-5 at batch 128 on CPU.
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
         dw = correlation of xp with dy (`conv2d_backward_kernel`), times the mask,

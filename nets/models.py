@@ -286,7 +286,7 @@ def lenet1989_modern(h1_maps: int = 12, h2_maps: int = 12, h3_units: int = 30,
     )
 
 
-def lenet5(activation: str = "scaled_tanh", implementation: str = "rows",
+def lenet5(activation: str = "scaled_tanh", implementation: str = "tiles",
            output: str = "dense") -> Layer:
     """LeNet-5 (LeCun et al. 1998, Section II.B and Figure 2).
 
@@ -300,10 +300,10 @@ def lenet5(activation: str = "scaled_tanh", implementation: str = "rows",
     340,908 connections exactly. `activation` (default the paper's 1.7159 tanh(2a/3))
     follows C1, S2, C3, S4, C5 and F6. Layers: C1, C1_act, S2, S2_act, C3, C3_act, S4,
     S4_act, C5, C5_act, flatten, F6, F6_act, output.
-    `implementation` of the three convolutions (`nets.conv.Conv2D`): "rows", the default,
-    made the training step at batch 128 on the 2-core CPU 1.2-1.3x faster than "patches"
-    (which was 1.6x faster than "conv"; BENCHMARKS.md, README); "gather" is the faster for
-    one example at a time.
+    `implementation` of the three convolutions (`nets.conv.Conv2D`): "tiles", the default,
+    made the training step at batch 128 on the 2-core CPU 0.86-0.91 of its time with "rows",
+    which was 1.2-1.3x faster than "patches" (itself 1.6x faster than "conv"; BENCHMARKS.md,
+    README); "gather" is the faster for one example at a time.
     """
     outputs = {"dense": lambda: Dense(10, name="output"),
                "rbf": lambda: EuclideanRBF(lenet5_rbf_centres(), name="output")}

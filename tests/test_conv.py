@@ -376,24 +376,60 @@ def test_band_matrix_by_hand():
     columns 2j and 2j + 1, so T (5, 2) holds the kernel's two taps down each column from
     row 2j, zeros elsewhere; the last column (q = 4) is read by no window."""
     w = jnp.asarray([[1.0, 2.0]], jnp.float64)[:, :, None, None]
-    band = conv.conv2d_band_matrix(w, padded_width=5, stride_width=2, out_width=2)
+    band = conv.conv2d_band_matrix(w, in_width=5, stride_width=2, out_width=2)
     np.testing.assert_array_equal(band, [[1, 0], [2, 0], [0, 1], [0, 2], [0, 0]])
 
 
 @pytest.mark.parametrize("stride, kernel, groups", [((1, 1), (5, 5), 1), ((2, 2), (5, 5), 2),
                                                     ((3, 2), (2, 3), 1), ((2, 3), (4, 1), 2)])
-def test_rows_times_band_matrix_is_the_convolution(stride, kernel, groups):
-    """The input rows times the banded kernel reproduce lax's strided (grouped) convolution."""
+def test_tiles_times_band_matrix_is_the_convolution(stride, kernel, groups):
+    """The input of each tile times the banded kernel over the tile's span reproduce lax's
+    strided (grouped) convolution, for whole rows, single windows and every tile width
+    between that divides the output width."""
     rng = np.random.default_rng(8)
-    xp = jnp.asarray(rng.standard_normal((2, 11, 10, 4)))
+    xp = jnp.asarray(rng.standard_normal((2, 11, 14, 4)))
     w = jnp.asarray(rng.standard_normal((*kernel, 4 // groups, 6)))
     expected = jax.lax.conv_general_dilated(xp, w, stride, "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=groups)
     (out_h, out_w) = expected.shape[1:3]
-    rows = conv.conv2d_rows(xp, kernel[0], stride[0], out_h)
-    band = conv.conv2d_band_matrix(w, 10, stride[1], out_w, groups)
-    assert relative_error((rows @ band).reshape(expected.shape), expected) <= F64
+    widths = [tile for tile in range(1, out_w + 1) if out_w % tile == 0]
+    assert len(widths) >= 2
+    for tile in widths:
+        span = stride[1] * (tile - 1) + kernel[1]
+        tiles = conv.conv2d_tiles(xp, kernel, stride, (out_h, out_w), tile)
+        assert tiles.shape == (2 * out_h * out_w // tile, kernel[0] * span * 4)
+        band = conv.conv2d_band_matrix(w, span, stride[1], tile, groups)
+        assert relative_error((tiles @ band).reshape(expected.shape), expected) <= F64, tile
+
+
+def test_tiles_by_hand():
+    """Input columns 0..7 and a 1x2 kernel at stride 2 give 4 outputs a row; a tile of 2 of
+    them spans 2 (2 - 1) + 2 = 4 columns, and tile u starts at column 2 * 2u."""
+    xp = jnp.arange(8.0).reshape(1, 1, 8, 1)
+    tiles = conv.conv2d_tiles(xp, (1, 2), (1, 2), (1, 4), 2)
+    np.testing.assert_array_equal(tiles, [[0, 1, 2, 3], [4, 5, 6, 7]])
+
+
+@pytest.mark.parametrize("out_width, out_channels, expected", [
+    (28, 6, 7),  # 6 columns would be 36 >= 32 but 6 does not divide 28
+    (10, 16, 2), (10, 32, 1), (10, 3, 10), (13, 6, 13), (1, 120, 1), (12, 6, 6),
+    (12, 4, 12)])
+def test_tile_width_is_the_narrowest_dividing_tile_with_enough_columns(out_width, out_channels,
+                                                                        expected):
+    assert conv.TILE_MIN_COLUMNS == 32
+    assert conv.tile_width(out_width, out_channels) == expected
+
+
+@pytest.mark.parametrize("min_columns", [1, 4, 12])
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_tiles_of_every_width_match_conv_and_vjp(config, min_columns, monkeypatch):
+    """"tiles" at the default TILE_MIN_COLUMNS takes whole rows for most of CONFIGS' small
+    layers; with fewer columns asked of a band it cuts their rows into 1, 2, ... outputs a
+    tile, and still matches lax's convolution and jax.vjp in float64."""
+    monkeypatch.setattr(conv, "TILE_MIN_COLUMNS", min_columns)
+    name, kwargs, input_shape = config
+    assert_matches_conv_and_vjp("tiles", name, kwargs, input_shape)
 
 
 def test_rows_refuses_a_band_matrix_too_large(monkeypatch):
@@ -402,7 +438,8 @@ def test_rows_refuses_a_band_matrix_too_large(monkeypatch):
     layer = conv.Conv2D(96, 11, stride=4, implementation="rows", name="conv1")
     params = jax.eval_shape(lambda: layer.init(jax.random.key(0), (1, 227, 227, 3))[1])
     with pytest.raises(ValueError, match=r"conv1: implementation 'rows' needs a band matrix "
-                                         r"of 39552480 entries for a padded width 227"):
+                                         r"of 39552480 entries \(227 input columns to 55 "
+                                         r"output columns\), more than ROWS_BAND_MAX_SIZE"):
         jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct((1, 227, 227, 3), jnp.float32))
     monkeypatch.setattr(conv, "ROWS_BAND_MAX_SIZE", 2**26)
     y = jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct((1, 227, 227, 3), jnp.float32))
@@ -456,15 +493,17 @@ def test_patches_forward_takes_either_product(max_size, monkeypatch):
                       vjp_reference(layer, params, x, dy), jnp.float64, name)
 
 
+@pytest.mark.parametrize("implementation", ["rows", "tiles"])
 @pytest.mark.parametrize("max_size", [0, 2**40], ids=["y_by_xla_conv", "y_by_rows"])
 @pytest.mark.parametrize("config", [CONFIGS[3], CONFIGS[5]], ids=lambda c: c[0])
-def test_rows_forward_takes_either_product(config, max_size, monkeypatch):
-    """Above PATCH_PRODUCT_MAX_SIZE rows the "rows" layer takes y from XLA's convolution and
-    keeps the rows for backward only (E over a whole data set); below it, from the band
-    product. Both match lax's convolution and jax.vjp in float64."""
+def test_rows_forward_takes_either_product(config, max_size, implementation, monkeypatch):
+    """Above PATCH_PRODUCT_MAX_SIZE entries of its rows (or tiles) the layer takes y from
+    XLA's convolution and keeps them for backward only (E over a whole data set); below it,
+    from the band product. Both match lax's convolution and jax.vjp in float64."""
     monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", max_size)
+    monkeypatch.setattr(conv, "TILE_MIN_COLUMNS", 1)  # "tiles" of one window each
     name, kwargs, input_shape = config
-    assert_matches_conv_and_vjp("rows", name, kwargs, input_shape)
+    assert_matches_conv_and_vjp(implementation, name, kwargs, input_shape)
 
 
 def test_window_index_by_hand():

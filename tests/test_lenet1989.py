@@ -9,6 +9,7 @@ import pytest
 
 import nets
 from experiments import lenet1989
+from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import parameter
 from tests.helpers import assert_close_tree, tolerance
 from training import data, procedures, results
@@ -129,7 +130,7 @@ def test_conv_option_resolves_per_variant(capsys):
     assert lenet1989.conv_implementation(lenet1989.Config(conv="rows")) == "rows"
     with pytest.raises(SystemExit):
         lenet1989.main(["--conv", "im2col"])
-    assert ("--conv: got 'im2col'; allowed: one of auto, conv, patches, gather, rows"
+    assert ("--conv: got 'im2col'; allowed: one of auto, conv, patches, gather, rows, tiles"
             in capsys.readouterr().err)
 
 
@@ -140,7 +141,7 @@ def test_the_recipe_trains_alike_with_every_convolution(tmp_path):
     small = ["--train-examples", "20", "--test-examples", "50", "--passes", "1",
              "--progress-every", "0"]
     runs = {conv: lenet1989.main(["--workdir", str(tmp_path / conv), *small, "--conv", conv])
-            for conv in ("gather", "rows", "patches", "conv")}
+            for conv in IMPLEMENTATIONS}
     document = json.loads((tmp_path / "rows" / "results.json").read_text())
     assert document["config"]["conv"] == "rows"
     for conv, metrics in runs.items():

@@ -53,10 +53,10 @@ def test_short_runs_report_per_pass(tmp_path, optimizer, output):
 
 
 def test_conv_option_resolves_by_batch_size():
-    """--conv auto: "gather" for per-example updates, the model's default "rows" for
+    """--conv auto: "gather" for per-example updates, the model's default "tiles" for
     mini-batches; a name is kept."""
     assert lenet5.conv_implementation(lenet5.Config()) == "gather"
-    assert lenet5.conv_implementation(lenet5.Config(batch_size=16)) == "rows"
+    assert lenet5.conv_implementation(lenet5.Config(batch_size=16)) == "tiles"
     assert lenet5.conv_implementation(lenet5.Config(batch_size=16, conv="patches")) == "patches"
 
 
