@@ -77,12 +77,13 @@ TRANSPOSED_PATCHES_MAX_SIZE = 2**15
 # for stride 1, so the implementation is for narrow images; a wider layer raises a ValueError
 # naming it.
 ROWS_BAND_MAX_SIZE = 2**24
-# "tiles" cuts each output row into tiles of the fewest adjacent outputs whose band matrix has
-# at least this many columns (`tile_width`): narrower tiles make the products too thin to run
-# fast, wider ones multiply more of the band's zeros. On the 2-core CPU (2026-12-05) LeNet-5's
-# batch-128 training step, C1 in tiles of 7 columns and C3 in tiles of 2, took 0.86-0.90 of
-# its time with whole rows; tiles of 4 or 7 and of 2 or 5 were within that spread.
-TILE_MIN_COLUMNS = 32
+# "tiles" cuts each output row into the widest tiles of adjacent outputs whose input spans at
+# most this many kernel widths (`tile_width`): a tile costs span / kw times the multiply-adds
+# of a direct convolution, and narrower tiles make the products too thin to run fast. On the
+# 2-core CPU (2026-12-05) LeNet-5's batch-128 training step, C1 in tiles of 4 of its 28
+# columns and C3 of 5 of its 10, took 0.93-0.94 of its time with tiles of 7 and 2, 0.95 with
+# 14 and 5, and 1.02-1.03 with 14 and 2 or 28 and 5 (each alternated in one process).
+TILE_MAX_SPAN = 2
 
 
 def pair(value: int | Sequence[int], what: str, layer_name: str) -> tuple[int, int]:
@@ -603,12 +604,12 @@ def _gather_transpose(call: _Call, x: jax.Array, patches: jax.Array, w: jax.Arra
     return dw, dx
 
 
-def tile_width(out_width: int, out_channels: int) -> int:
-    """The output columns of one tile of "tiles": the fewest that divide out_width and give
-    the band matrix at least TILE_MIN_COLUMNS columns (tile * out_channels), else out_width
-    (whole rows). LeNet-5: 7 of C1's 28 columns (6 maps), 2 of C3's 10 (16 maps)."""
-    return next(tile for tile in range(1, out_width + 1) if out_width % tile == 0
-                and (tile * out_channels >= TILE_MIN_COLUMNS or tile == out_width))
+def tile_width(out_width: int, kernel_width: int, stride_width: int) -> int:
+    """The output columns of one tile of "tiles": the most that divide out_width and whose
+    input, span = sw (tile - 1) + kw columns, is at most TILE_MAX_SPAN kernel widths; 1 (a
+    window a tile) when no other does. LeNet-5: 4 of C1's 28 columns, 5 of C3's 10."""
+    return max(tile for tile in range(1, out_width + 1) if out_width % tile == 0 and (
+        tile == 1 or stride_width * (tile - 1) + kernel_width <= TILE_MAX_SPAN * kernel_width))
 
 
 def conv2d_tiles(xp: jax.Array, kernel_size: tuple[int, int], stride: tuple[int, int],
@@ -725,13 +726,14 @@ def _banded(implementation: str):
     of each tile (`conv2d_tiles`) times the kernel as a banded matrix over its span
     (`conv2d_band_matrix`, kh span C by tile O), the same for every tile."""
 
-    def geometry(call: _Call, out_channels: int) -> tuple[int, int]:
-        out_width = call.out_size[1]
-        tile = out_width if implementation == "rows" else tile_width(out_width, out_channels)
-        return tile, call.stride[1] * (tile - 1) + call.kernel[1]
+    def geometry(call: _Call) -> tuple[int, int]:
+        (out_width, kernel_width, stride_width) = call.out_size[1], call.kernel[1], call.stride[1]
+        tile = (out_width if implementation == "rows"
+                else tile_width(out_width, kernel_width, stride_width))
+        return tile, stride_width * (tile - 1) + kernel_width
 
     def band_matrix(call: _Call, w: jax.Array) -> jax.Array:
-        tile, span = geometry(call, w.shape[3])
+        tile, span = geometry(call)
         size = call.kernel[0] * span * w.shape[2] * call.groups * tile * w.shape[3]
         if size > ROWS_BAND_MAX_SIZE:
             raise ValueError(
@@ -745,7 +747,7 @@ def _banded(implementation: str):
         """The input of every tile, saved, and y = tiles T(w)."""
         band = band_matrix(call, w)
         tiles = conv2d_tiles(_pad(x, call.pads, call.pad_value), call.kernel, call.stride,
-                             call.out_size, geometry(call, w.shape[3])[0])
+                             call.out_size, geometry(call)[0])
         if tiles.size > PATCH_PRODUCT_MAX_SIZE:
             return _large_output(call, x, w), tiles
         return (tiles @ band).reshape(x.shape[0], *call.out_size, -1), tiles
@@ -755,7 +757,7 @@ def _banded(implementation: str):
         """dT = tiles^T dy summed along the band's diagonals into dw; dx = dy T^T added back
         tile by tile and row by row."""
         batch, out_h, out_w, out_channels = dy.shape
-        tile, span = geometry(call, out_channels)
+        tile, span = geometry(call)
         dy_tiles = dy.reshape(-1, tile * out_channels)
         dband = lax.dot_general(tiles ** power, dy_tiles, (((0,), (0,)), ((), ())))
         dw = _band_kernel_gradient(dband, call.kernel, span, call.stride[1], tile, call.groups)
@@ -871,8 +873,10 @@ def Conv2D(
                  the layer), which keeps it to narrow images;
       "tiles"    "rows" over tiles of `tile_width` adjacent outputs of a row instead of the
                  whole row: one band matrix (kh span C by tile O, span = sw (tile - 1) + kw)
-                 serves every tile, with span / kw times the multiply-adds of the other forms
-                 instead of Wp / kw. The fastest for LeNet-5 at batch 128 on CPU.
+                 serves every tile, with span / kw (at most `TILE_MAX_SPAN`) times the
+                 multiply-adds of the other forms instead of Wp / kw. The fastest for LeNet-5
+                 at batch 128 on CPU.
+
     Backward (dy: (batch, out_h, out_w, out_channels)):
         db = sum_{n, i, j} dy (shared) or sum_n dy (unshared),
         dw = correlation of xp with dy (`conv2d_backward_kernel`), times the mask,

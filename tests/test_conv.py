@@ -411,23 +411,24 @@ def test_tiles_by_hand():
     np.testing.assert_array_equal(tiles, [[0, 1, 2, 3], [4, 5, 6, 7]])
 
 
-@pytest.mark.parametrize("out_width, out_channels, expected", [
-    (28, 6, 7),  # 6 columns would be 36 >= 32 but 6 does not divide 28
-    (10, 16, 2), (10, 32, 1), (10, 3, 10), (13, 6, 13), (1, 120, 1), (12, 6, 6),
-    (12, 4, 12)])
-def test_tile_width_is_the_narrowest_dividing_tile_with_enough_columns(out_width, out_channels,
-                                                                        expected):
-    assert conv.TILE_MIN_COLUMNS == 32
-    assert conv.tile_width(out_width, out_channels) == expected
+@pytest.mark.parametrize("out_width, kernel_width, stride_width, expected", [
+    (28, 5, 1, 4),  # LeNet-5's C1: spans of 7 - 1 + 5 = 11 > 2 * 5 columns; 4 + 4 = 8 <= 10
+    (10, 5, 1, 5),  # C3: span 9
+    (8, 5, 2, 2),  # LeNet-1989's H1: 2 (4 - 1) + 5 = 11 > 10
+    (1, 5, 1, 1), (13, 3, 1, 1), (12, 3, 1, 4), (55, 11, 4, 1), (6, 1, 1, 2)])
+def test_tile_width_is_the_widest_dividing_tile_within_the_span(out_width, kernel_width,
+                                                                stride_width, expected):
+    assert conv.TILE_MAX_SPAN == 2
+    assert conv.tile_width(out_width, kernel_width, stride_width) == expected
 
 
-@pytest.mark.parametrize("min_columns", [1, 4, 12])
+@pytest.mark.parametrize("max_span", [1, 1.5, 2, 100])
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_tiles_of_every_width_match_conv_and_vjp(config, min_columns, monkeypatch):
-    """"tiles" at the default TILE_MIN_COLUMNS takes whole rows for most of CONFIGS' small
-    layers; with fewer columns asked of a band it cuts their rows into 1, 2, ... outputs a
-    tile, and still matches lax's convolution and jax.vjp in float64."""
-    monkeypatch.setattr(conv, "TILE_MIN_COLUMNS", min_columns)
+def test_tiles_of_every_width_match_conv_and_vjp(config, max_span, monkeypatch):
+    """From one window a tile (TILE_MAX_SPAN 1) to whole rows (100), through every tile
+    width between that CONFIGS' output widths allow, "tiles" matches lax's convolution and
+    jax.vjp in float64."""
+    monkeypatch.setattr(conv, "TILE_MAX_SPAN", max_span)
     name, kwargs, input_shape = config
     assert_matches_conv_and_vjp("tiles", name, kwargs, input_shape)
 
@@ -501,7 +502,7 @@ def test_rows_forward_takes_either_product(config, max_size, implementation, mon
     XLA's convolution and keeps them for backward only (E over a whole data set); below it,
     from the band product. Both match lax's convolution and jax.vjp in float64."""
     monkeypatch.setattr(conv, "PATCH_PRODUCT_MAX_SIZE", max_size)
-    monkeypatch.setattr(conv, "TILE_MIN_COLUMNS", 1)  # "tiles" of one window each
+    monkeypatch.setattr(conv, "TILE_MAX_SPAN", 1)  # "tiles" of one window each
     name, kwargs, input_shape = config
     assert_matches_conv_and_vjp(implementation, name, kwargs, input_shape)
 
