@@ -606,19 +606,9 @@ def family_lenet5_torch(config, key, torch):
                 torch_loss_rel_err=agreement["loss"],
                 torch_grad_rel_err=agreement["gradients"]),
             row("lenet5_torch", name, "torch_eager", theirs, torch_device=torch_device(torch)),
-            *data_parallel_rows("lenet5_torch", name, data_parallel_lenet5(), objective, args,
+            *data_parallel_rows("lenet5_torch", name, lenet5(), objective, args,
                                 ("torch_eager", torch_step, (x, labels), "jax/torch_eager"),
                                 config.repeats)]
-
-
-def data_parallel_lenet5():
-    """LeNet-5 for the step split over the CPU devices, one core each: with `"patches"`
-    convolutions, the faster there by measurement (2026-12-04, batch 128 over two devices,
-    alternated: 7.4-9.5 against 9.1-12.1 ms with `"rows"`, then the default; one core at
-    batch 64 5.6-6.1 against 7.0-7.3 ms; on 2026-12-05, one core at batch 64, `"tiles"` took
-    1.004 of its time), as the default `"tiles"` is on one device using both cores. The
-    parameters are the same pytree for every implementation."""
-    return lenet5(implementation="patches")
 
 
 # --- family: per-example gradients -------------------------------------------------------
@@ -655,19 +645,17 @@ def family_per_example(config, key):
     sizes = sizes_of(config)
     batch = sizes.lenet5_batch
     mlp_model = mlp(sizes)[1]
-    # The batch step takes each model's default; vmap and the loop take LeNet-5's "patches"
-    # convolutions: vmapped over single examples, "rows" made every example's
-    # band-matrix gradient (Wp / kw times dw's size) and the step 1.3x slower, and the
-    # default "tiles" took 0.96 of the time of "patches" (2026-12-05), within the noise.
-    for name, model, per_example_model, input_shape in (
-            ("mlp", mlp_model, mlp_model, (784,)),
-            ("lenet5", lenet5(), lenet5(implementation="patches"), (32, 32, 1))):
+    # Every step takes each model's default, LeNet-5's "tiles" convolutions: vmapped over
+    # single examples they took 0.90 of the time of "patches" (2026-12-05), and "rows" had
+    # made every example's band-matrix gradient (Wp / kw times dw's size) and the step 1.3x
+    # slower.
+    for name, model, input_shape in (("mlp", mlp_model, (784,)), ("lenet5", lenet5(), (32, 32, 1))):
         args = random_problem(model, input_shape, batch, key)
         announce(f"per_example/{name}: compiling the batch step")
         batch_step, batch_compile = benchmark.compile_jitted(
             lambda p, x, t, model=model: sgd_step(model, softmax, nets.manual)(p, x, t)[0],
             *args)
-        per_example, single = per_example_functions(per_example_model, softmax)
+        per_example, single = per_example_functions(model, softmax)
         announce(f"per_example/{name}: compiling the vmapped per-example step")
         vmap_step, vmap_compile = benchmark.compile_jitted(
             per_example, *args, compiler_options=per_example_compiler_options())

@@ -144,26 +144,18 @@ def sgd_step(gradient: Callable, lr: float) -> Callable:
 
 # --- part 1: per example ---------------------------------------------------------------------
 
-def per_example_model(name: str, model):
-    """The model the per-example gradients take: LeNet-5 with its "patches" convolutions
-    (under vmap over single examples, "rows" made every example's band-matrix gradient Wp /
-    kw times the size of dw, and the step 1.3x slower; its default "tiles" took 0.96 of the
-    time of "patches", within the noise); the batch step keeps the default."""
-    return models.lenet5(implementation="patches") if name == "lenet5" else model
-
-
 def per_example_times(config: Config, engine: engines.Engine, model, objective, params, x,
-                      targets, example_model=None) -> dict:
-    """Part 1's timings for one model and engine: {label: time_calls(...)}. The batch step
-    runs `model`, the per-example ones `example_model` (the same parameters; default
-    `model`)."""
-    example_model = example_model or model
+                      targets) -> dict:
+    """Part 1's timings for one model and engine: {label: time_calls(...)}. LeNet-5 keeps its
+    default "tiles" convolutions throughout: under vmap over single examples they took 0.90
+    of the time of "patches" (2026-12-05), and "rows" had made every example's band-matrix
+    gradient Wp / kw times the size of dw and the step 1.3x slower."""
     batch_grad = engine(model, objective)
-    per_example = parallel.per_example_value_and_grad(example_model, objective, engine)
-    private = parallel.private_value_and_grad(example_model, objective, engine,
+    per_example = parallel.per_example_value_and_grad(model, objective, engine)
+    private = parallel.private_value_and_grad(model, objective, engine,
                                               clip_norm=config.clip_norm,
                                               noise_multiplier=config.noise_multiplier)
-    single = jax.jit(engine(example_model, objective))  # one example, as a batch of one
+    single = jax.jit(engine(model, objective))  # one example, as a batch of one
 
     def mean_gradient(params, x, targets):
         weights = jnp.full(x.shape[0], 1 / x.shape[0])
@@ -195,8 +187,7 @@ def per_example_rows(config: Config) -> list[dict]:
     for name in ("mlp", "lenet5"):
         case = problem(name, config.per_example_batch, jax.random.key(config.seed))
         for engine_name in config.engines:
-            times = per_example_times(config, engines.get_engine(engine_name), *case,
-                                      example_model=per_example_model(name, case[0]))
+            times = per_example_times(config, engines.get_engine(engine_name), *case)
             row = {"model": name, "engine": engine_name, "batch": config.per_example_batch}
             row.update({f"{label}_ms": 1e3 * t["median_s"] for label, t in times.items()})
             row.update({f"{label}_compile_s": t["compile_s"] for label, t in times.items()

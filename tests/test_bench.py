@@ -217,20 +217,6 @@ def test_a_run_cut_short_keeps_every_row_it_measured(tmp_path, monkeypatch):
     assert document["metrics"]["targets_met"] + document["metrics"]["targets_missed"] == 1
 
 
-def test_the_data_parallel_lenet5_is_the_same_function_on_the_same_parameters():
-    """The two-device row's LeNet-5 ("patches") takes the default's parameters and computes
-    the same outputs (float32 tolerance)."""
-    from nets import models
-    from nets.gradcheck import TOLERANCES, relative_error
-
-    default, split = models.lenet5(), bench.data_parallel_lenet5()
-    params, x, _ = bench.random_problem(default, (32, 32, 1), 3, jax.random.key(0))
-    assert jax.tree.structure(split.init(jax.random.key(1), (-1, 32, 32, 1))[1]) == \
-        jax.tree.structure(params)
-    assert relative_error(split.apply(params, x), default.apply(params, x)) <= TOLERANCES[
-        "float32"]["vs_autodiff"]
-
-
 def test_pytorch_references_must_compute_our_function():
     """The bench refuses to time a PyTorch step whose loss or gradients differ from ours by
     more than float32's tolerance (torch_agreement runs this on the bench's problem)."""
