@@ -620,8 +620,8 @@ def conv2d_tiles(xp: jax.Array, kernel_size: tuple[int, int], stride: tuple[int,
 
         tiles[(n, i, u), (a, q, c)] = xp[n, sh i + a, sw tile u + q, c].
 
-    tile = out_w gives whole rows (LeCun's "rows" implementation), tile = 1 a patch per
-    window."""
+    tile = out_w gives whole rows (the "rows" implementation), tile = 1 one window's patch
+    a tile."""
     (kernel_height, kernel_width), (stride_height, stride_width) = kernel_size, stride
     (out_height, out_width), channels = out_size, xp.shape[-1]
     span, step = stride_width * (tile - 1) + kernel_width, stride_width * tile
@@ -703,7 +703,7 @@ def _tiles_input_gradient(dtiles: jax.Array, stride: tuple[int, int],
     `conv2d_tiles`: row a of tile u of output row i goes back to input row sh i + a, columns
     sw tile u + q.
 
-    A sum of U kh padded copies (`lax.pad`, sh - 1 rows between), which XLA fuses into one
+    A sum of U kh padded copies (`lax.pad`, sh - 1 rows between each tile's rows), which XLA fuses into one
     pass over dxp: LeNet-5's whole batch-128 step with whole rows took 0.94-0.96 of the time
     it took with kh in-place updates (2-core CPU, 2026-12-05), and with its tiles 0.96 of
     the time it took when the tiles were first summed into rows (one pass each) and those
