@@ -422,12 +422,12 @@ def test_tile_width_is_the_widest_dividing_tile_within_the_span(out_width, kerne
     assert conv.tile_width(out_width, kernel_width, stride_width) == expected
 
 
-@pytest.mark.parametrize("max_span", [1, 1.5, 2, 100])
+@pytest.mark.parametrize("max_span", [1, 1.5])
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_tiles_of_every_width_match_conv_and_vjp(config, max_span, monkeypatch):
-    """From one window a tile (TILE_MAX_SPAN 1) to whole rows (100), through every tile
-    width between that CONFIGS' output widths allow, "tiles" matches lax's convolution and
-    jax.vjp in float64."""
+    """One window a tile (TILE_MAX_SPAN 1) and tiles narrower than the default's (1.5; the
+    default 2 is in the tests over IMPLEMENTATIONS, and whole rows are "rows", the same code
+    with one tile a row): "tiles" matches lax's convolution and jax.vjp in float64."""
     monkeypatch.setattr(conv, "TILE_MAX_SPAN", max_span)
     name, kwargs, input_shape = config
     assert_matches_conv_and_vjp("tiles", name, kwargs, input_shape)
