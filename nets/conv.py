@@ -703,11 +703,11 @@ def _tiles_input_gradient(dtiles: jax.Array, stride: tuple[int, int],
     `conv2d_tiles`: row a of tile u of output row i goes back to input row sh i + a, columns
     sw tile u + q.
 
-    A sum of U kh padded copies (`lax.pad`, sh - 1 rows between each tile's rows), which XLA fuses into one
-    pass over dxp: LeNet-5's whole batch-128 step with whole rows took 0.94-0.96 of the time
-    it took with kh in-place updates (2-core CPU, 2026-12-05), and with its tiles 0.96 of
-    the time it took when the tiles were first summed into rows (one pass each) and those
-    then into dxp."""
+    A sum of U kh padded copies (`lax.pad`, sh - 1 rows between each tile's rows), which
+    XLA fuses into one pass over dxp: LeNet-5's whole batch-128 step with whole rows took
+    0.94-0.96 of the time it took with kh in-place updates (2-core CPU, 2026-12-05), and
+    with its tiles 0.96 of the time it took when the tiles were first summed into rows (one
+    pass each) and those then into dxp; in-place updates took 1.13-1.14 of it."""
     (stride_height, stride_width), (padded_height, padded_width) = stride, padded_size
     _, out_height, tiles, kernel_height, span, _ = dtiles.shape
     rows_spanned = stride_height * (out_height - 1) + 1
