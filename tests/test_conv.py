@@ -623,3 +623,15 @@ def test_group_by_group_products_are_lax_grouped_convolution_and_its_vjp(stride,
                           expected_dw) <= F64
     assert relative_error(conv.conv2d_backward_input(dy, w, stride, xp.shape[1:3], groups),
                           expected_dxp) <= F64
+
+
+def test_rows_keeps_whole_rows_and_tiles_its_tiles():
+    """What each implementation keeps for backward says how it cut the rows: LeNet-5's C1
+    (28 outputs a row, 5x5) as "rows" keeps one (5 kh x 32 columns) input block per output
+    row, as "tiles" one (5 x 8) block per tile of tile_width(28, 5, 1) = 4 outputs."""
+    x = jnp.zeros((2, 32, 32, 1), jnp.float32)
+    for implementation, blocks, span in (("rows", 2 * 28, 32), ("tiles", 2 * 28 * 7, 4 + 4)):
+        layer = conv.Conv2D(6, 5, implementation=implementation)
+        params = layer.init(jax.random.key(0), x.shape)[1]
+        _, (_, saved) = layer.forward(params, x)
+        assert saved.shape == (blocks, 5 * span * 1), implementation
