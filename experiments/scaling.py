@@ -153,8 +153,8 @@ def per_example_times(config: Config, engine: engines.Engine, model, objective, 
     batch_grad = engine(model, objective)
     per_example = parallel.per_example_value_and_grad(model, objective, engine)
     private = parallel.private_value_and_grad(model, objective, engine,
-                                              clip_norm=config.clip_norm,
-                                              noise_multiplier=config.noise_multiplier)
+                                      clip_norm=config.clip_norm,
+                                      noise_multiplier=config.noise_multiplier)
     single = jax.jit(engine(model, objective))  # one example, as a batch of one
 
     def mean_gradient(params, x, targets):
