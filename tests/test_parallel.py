@@ -481,6 +481,26 @@ def test_scaling_experiment_writes_its_table_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
+def test_scaling_per_example_part_times_every_form_of_the_gradients():
+    """Part 1 of `experiments.scaling` (skipped above for time) at a batch of 3: a row per
+    model with every timing and its ratios, LeNet-5 in its default convolutions."""
+    from experiments import scaling
+
+    config = scaling.Config(engines=("manual",), per_example_batch=3, repetitions=1,
+                            loop_repetitions=1)
+    rows = scaling.per_example_rows(config)
+    assert [(r["model"], r["engine"], r["batch"]) for r in rows] == [
+        ("mlp", "manual", 3), ("lenet5", "manual", 3)]
+    for row in rows:
+        times = [row[f"{label}_ms"] for label in ("batch_step", "per_example_step",
+                                                  "private_step", "vmap", "lax_map",
+                                                  "python_loop")]
+        assert all(t > 0 for t in times), row
+        assert row["loop_over_vmap"] == row["python_loop_ms"] / row["vmap_ms"]
+        assert row["per_example_over_batch_step"] == (row["per_example_step_ms"]
+                                                      / row["batch_step_ms"])
+
+
 # --- over 4 devices, in a subprocess ---------------------------------------------------------
 
 FOUR_DEVICE_CASES = [  # (problem, engine, form): every model in every form, each engine in
