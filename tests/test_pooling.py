@@ -89,7 +89,7 @@ def test_avg_pool_by_hand():
 
 
 @pytest.mark.parametrize("window, stride, size", [
-    ((2, 2), (2, 2), (7, 6)),  # tiles, the last row covered by no window (a reshape)
+    ((2, 2), (2, 2), (7, 6)),  # tiles, the last row covered by no window (strided slices)
     ((3, 2), (3, 2), (6, 5)),  # tiles of another shape, the last column uncovered
     ((3, 2), (2, 3), (8, 7)),  # overlapping and gapped windows (XLA's reduce_window)
 ])
