@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.conv import check_image_input, pair
+from nets.conv import channel_sum, check_image_input, pair
 from nets.layers import Layer, StaticShape, forward_with_key, is_count
 
 __all__ = [
@@ -245,7 +245,7 @@ def Subsampling(
 
     def backward(params, residuals, dy):
         sums, x_shape = residuals
-        dparams = {"w": jnp.sum(dy * sums, axis=(0, 1, 2)), "b": jnp.sum(dy, axis=(0, 1, 2))}
+        dparams = {"w": channel_sum(dy * sums), "b": channel_sum(dy)}
         dx = window_sum_transpose(dy * params["w"][None, None, None, :], window, window,
                                   x_shape.shape[1:3])
         return dparams, dx

@@ -422,6 +422,27 @@ def test_tile_width_is_the_widest_dividing_tile_within_the_span(out_width, kerne
     assert conv.tile_width(out_width, kernel_width, stride_width) == expected
 
 
+@pytest.mark.parametrize("shape, width, fold", [
+    ((3, 5, 28, 6), 24, 4),  # LeNet-5's C1 maps: 4 columns of 6 channels
+    ((3, 4, 14, 6), 24, 2),  # S2's: 14 has no divisor 3 or 4
+    ((2, 3, 10, 16), 24, 1),  # C3's: 2 x 16 > 24
+    ((2, 3, 7, 30), 24, 1),  # more channels than the width
+    ((2, 3, 12, 2), 24, 12),  # whole rows
+    ((2, 3, 12, 2), 1, 1),  # no fold at all
+])
+def test_channel_sum_folds_columns_and_sums_every_channel(shape, width, fold, monkeypatch):
+    """channel_sum against NumPy's sum over (n, i, j); the fold it takes, read off the
+    reshape it makes (the sums are equal whatever the fold)."""
+    monkeypatch.setattr(conv, "CHANNEL_SUM_WIDTH", width)
+    x = np.random.default_rng(3).standard_normal(shape)
+    assert relative_error(conv.channel_sum(jnp.asarray(x)), x.sum(axis=(0, 1, 2))) <= F64
+    # a new function each time: make_jaxpr caches traces per function, and the width is
+    # read while tracing
+    jaxpr = jax.make_jaxpr(lambda values: conv.channel_sum(values))(jnp.asarray(x))
+    reshapes = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "reshape"]
+    assert reshapes[0] == (x.size // (fold * shape[-1]), fold * shape[-1])
+
+
 @pytest.mark.parametrize("max_span", [1, 1.5])
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_tiles_of_every_width_match_conv_and_vjp(config, max_span, monkeypatch):
