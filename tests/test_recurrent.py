@@ -398,6 +398,26 @@ def test_one_step_curvature_is_the_exact_gauss_newton_diagonal(kind):
     assert_close_tree(d2params, exact, jnp.float64, f"{kind} one step")
 
 
+@pytest.mark.parametrize("kind", ["gru", "gru_reset_after"])
+def test_gradient_parts_sum_to_the_assembled_gradient_bit_for_bit(kind):
+    """Both GRUs sum their weight gradient's blocks apart over the steps (`gradient_parts`);
+    bptt so gives the very numbers it gives with the parts assembled at every step (the cell
+    without gradient_parts), gradient and curvature alike, float32."""
+    cell = recurrent.make_cell(kind, 4)
+    assert cell.gradient_parts is not None
+    assembled_every_step = cell._replace(gradient_parts=None)
+    params = perturbed_cell_params(cell, 3, 8)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    x = jax.random.normal(jax.random.key(9), (2, 7, 3), jnp.float32)
+    dys = jax.random.normal(jax.random.key(10), (2, 7, 4), jnp.float32)
+    _, _, residuals = recurrent.scan_cell(cell, params, x)
+    for curvature in (False, True):
+        got, want = (recurrent.bptt(c, params, residuals, dys, curvature=curvature)
+                     for c in (cell, assembled_every_step))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("kind", recurrent.CELLS)
 def test_curvature_scan_is_the_step_curvature_run_back_through_time(kind):
     """bptt(curvature=True) over 6 steps with a padding mask and truncation to windows of 4,
