@@ -37,9 +37,9 @@ as its blocks (x^T da_x and h^T da_h apart, where dparams has them stacked in w)
 each step adds every block to its own running sum instead of concatenating a new w first
 (the same sums, bit for bit). Batch 64, T 100, hidden 256, 2-core CPU, 2026-12-05, each
 alternated in one process: the bench's SGD step (one layer, read at its last step) of Cho's
-GRU 0.945 of its time, of the reset-after GRU 1.00-1.01 (the noise of two equal programs
-there: 1.02); `scan_cell` and `bptt` alone with every step's dy and dx (a layer inside a
-stack) for the reset-after GRU 0.94.
+GRU 0.945-0.954 of its time, of the reset-after GRU 0.998-1.013 (no change); `scan_cell`
+and `bptt` alone with every step's dy and dx (a layer inside a stack) for the reset-after
+GRU 0.94.
 
 Likewise `forward_weights(params)`: params with the weight blocks the step reads already cut
 out of w, made once per sequence by `scan_cell` outside the forward scan; the step takes
