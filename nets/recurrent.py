@@ -836,8 +836,12 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
         dcarry_T = zeros
     _check_carry(f"bptt({cell.name})", "dcarry_T", dcarry_T, zeros)
     weights = params if cell.backward_weights is None else cell.backward_weights(params)
-    first_step = jax.tree.map(lambda r: r[0], residuals.steps)
-    step_gradient = jax.eval_shape(step_back, weights, first_step, dcarry_T, dys[:, 0])[0]
+    # the running sum has the shapes of one step's gradient (its parts, where the cell has
+    # them), read off shapes alone so that a sequence of 0 steps works too
+    step_residuals = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype),
+                                  residuals.steps)
+    step_dy = jax.ShapeDtypeStruct((batch, cell.hidden_size), dys.dtype)
+    step_gradient = jax.eval_shape(step_back, weights, step_residuals, dcarry_T, step_dy)[0]
     zero_dparams = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_gradient)
 
     def one_step_back(state, inputs):

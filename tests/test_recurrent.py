@@ -418,6 +418,22 @@ def test_gradient_parts_sum_to_the_assembled_gradient_bit_for_bit(kind):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru_reset_after"])
+def test_bptt_over_no_steps_gives_zero_gradients_of_the_params_shapes(kind):
+    """A sequence of 0 steps: no gradient reaches the params, and dcarry0 is dcarry_T."""
+    cell = recurrent.make_cell(kind, 3)
+    params = cell.init(jax.random.key(0), 2)
+    _, _, residuals = recurrent.scan_cell(cell, params, jnp.zeros((2, 0, 2), jnp.float32))
+    dcarry_T = jax.tree.map(jnp.ones_like, cell.initial_carry(2))
+    dparams, dxs, dcarry0 = recurrent.bptt(cell, params, residuals,
+                                           jnp.zeros((2, 0, 3), jnp.float32),
+                                           dcarry_T)
+    assert jax.tree.map(jnp.shape, dparams) == jax.tree.map(jnp.shape, params)
+    assert all(not np.any(leaf) for leaf in jax.tree.leaves(dparams))
+    assert dxs.shape == (2, 0, 2)
+    assert_close_tree(dcarry0, dcarry_T, jnp.float32, "dcarry0")
+
+
 @pytest.mark.parametrize("kind", recurrent.CELLS)
 def test_curvature_scan_is_the_step_curvature_run_back_through_time(kind):
     """bptt(curvature=True) over 6 steps with a padding mask and truncation to windows of 4,
