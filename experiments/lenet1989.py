@@ -85,7 +85,7 @@ from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters, parameter
 from nets.models import lenet1989, lenet1989_modern
 from training import augment, data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, check_applicable, option, parse, run_main
+from training.config import ConfigError, at_most, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet1989"
@@ -110,7 +110,9 @@ class Config:
     lr: float = option(0.0, "learning rate; 0 takes the default of the optimizer "
                             f"({DEFAULT_LR})", ge=0)
     mu: float = option(0.02, "sdlm damping mu in eta / (mu + h)", gt=0)
-    curvature_examples: int = option(500, "sdlm: digits the diagonal is estimated on", ge=1)
+    curvature_examples: int = option(500, "sdlm: digits the diagonal is estimated on (the "
+                                     "default: 500, or every training digit when fewer)",
+                                     ge=1)
     schedule: str = option("1998", "sdlm: eta schedule, 1998 (LeCun et al. 1998, Appendix C) "
                                    "or constant", choices=("1998", "constant"))
     activation: str = option("tanh", "1989 variant: tanh or 1.7159 tanh(2x/3)",
@@ -228,8 +230,8 @@ def build(config, splits):
         n = x_train.shape[0]  # one update per example: the schedule counts examples
         schedule = optim.lecun1998_schedule(lr, n) if config.schedule == "1998" else lr
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
-        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train,
-                                                   config.curvature_examples)
+        subset = at_most(config, "curvature_examples", n, f"{n} training digits")
+        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train, subset)
     else:
         batches_per_pass = -(-x_train.shape[0] // config.batch_size)
         schedule = optax.cosine_decay_schedule(lr, config.passes * batches_per_pass)

@@ -49,7 +49,7 @@ from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import named_parameters, parameter
 from nets.models import lenet5, lenet5_rbf_centres
 from training import data, metrics, optim, plots, procedures, results
-from training.config import ConfigError, check_applicable, option, parse, run_main
+from training.config import ConfigError, at_most, check_applicable, option, parse, run_main
 from training.harness import open_run, train
 
 EXPERIMENT = "lenet5"
@@ -82,7 +82,9 @@ class Config:
                             f"(sgd with --output rbf: {RBF_SGD_LR})",
                        ge=0)
     mu: float = option(0.02, "sdlm damping", gt=0)
-    curvature_examples: int = option(500, "sdlm: examples the diagonal is estimated on", ge=1)
+    curvature_examples: int = option(500, "sdlm: examples the diagonal is estimated on (the "
+                                     "default: 500, or every training image when fewer)",
+                                     ge=1)
     batch_size: int = option(1, "examples per update (adamw: try 32)", ge=1)
     train_examples: int = option(0, "use the first N training images (0: all)", ge=0)
     test_examples: int = option(0, "use the first N test images (0: all)", ge=0)
@@ -175,8 +177,9 @@ def build(config, splits):
     elif config.optimizer == "sdlm":
         schedule = optim.lecun1998_schedule(lr, updates_per_pass)
         optimizer = optim.diagonal_levenberg_marquardt(schedule, config.mu)
-        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train,
-                                                   config.curvature_examples)
+        subset = at_most(config, "curvature_examples", x_train.shape[0],
+                         f"{x_train.shape[0]} training images")
+        curvature = procedures.curvature_on_subset(model, objective, x_train, t_train, subset)
     else:
         optimizer = optax.adamw(optax.cosine_decay_schedule(lr, config.passes * updates_per_pass))
 

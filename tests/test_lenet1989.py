@@ -325,6 +325,33 @@ def test_sdlm_estimates_the_curvature_on_the_first_curvature_examples_digits(mon
     np.testing.assert_array_equal(x.reshape(100, 256), data.load_usps("train")[0][:100])
 
 
+@pytest.mark.parametrize("asked, expected", [(None, 100), (100, 100), (101, None)])
+def test_curvature_examples_above_the_training_digits_are_refused_unless_default(
+        monkeypatch, asked, expected):
+    """With 100 training digits: the default 500 takes all 100 (a default sized for the whole
+    set), an explicit 100 takes 100, and an explicit 101 is refused, not cut to 100."""
+    calls = []
+    real = lenet1989.procedures.curvature_on_subset
+
+    def spy(model, objective, x, t, examples):
+        calls.append(examples)
+        return real(model, objective, x, t, examples)
+
+    monkeypatch.setattr(lenet1989.procedures, "curvature_on_subset", spy)
+    chosen = {} if asked is None else {"curvature_examples": asked}
+    config = lenet1989.Config(optimizer="sdlm", train_examples=100, test_examples=10, **chosen)
+    splits = lenet1989.load(config)
+    if expected is None:
+        with pytest.raises(ConfigError, match=re.escape(
+                "option --curvature-examples: got 101; allowed: at most the 100 training "
+                "digits")):
+            lenet1989.build(config, splits)
+        assert calls == []
+    else:
+        lenet1989.build(config, splits)
+        assert calls == [expected]
+
+
 def test_sdlm_1998_schedule_keeps_eta_for_two_passes_then_lowers_it():
     """--schedule 1998 (LeCun et al. 1998, Appendix C): eta for the first 2 passes, 2e-4 (at
     --lr 5e-4) from the third: 3 passes over 10 digits match the constant schedule's for 2

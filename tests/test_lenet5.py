@@ -80,6 +80,17 @@ def test_an_sdlm_option_without_sdlm_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_more_curvature_examples_than_training_images_are_refused(tmp_path):
+    """An explicit --curvature-examples above the training images is refused before any
+    work, not cut to them (the default 500 takes them all: tests/test_lenet1989.py)."""
+    with pytest.raises(ConfigError, match=r"--curvature-examples: got 301; allowed: at most "
+                                          r"the 300 training images"):
+        lenet5.main(["--workdir", str(tmp_path / "run"), "--split", "test-only",
+                     "--train-examples", "300", "--test-examples", "100",
+                     "--optimizer", "sdlm", "--curvature-examples", "301"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_held_out_images_are_the_last_training_images_and_never_trained_on(tmp_path):
     """--held-out 50 of the first 250 training images: the run trains on images 0-199 exactly
     as --train-examples 200 does (the same losses) and measures images 200-249; more held-out

@@ -585,15 +585,19 @@ def never_called(key):
         *small_problem()[1:], steps=-3), "run: steps must be >= 1, got -3"),
     (lambda: procedures.curvature_on_subset(
         small_problem()[0], losses.lecture_objective(0.0), *small_problem()[2:], -5),
-     "curvature_on_subset: examples must be >= 1, got -5"),
+     "curvature_on_subset: examples must be between 1 and the 40 examples of x, got -5"),
     (lambda: procedures.curvature_on_subset(
         small_problem()[0], losses.lecture_objective(0.0), *small_problem()[2:], 0),
-     "curvature_on_subset: examples must be >= 1, got 0"),
+     "curvature_on_subset: examples must be between 1 and the 40 examples of x, got 0"),
+    (lambda: procedures.curvature_on_subset(
+        small_problem()[0], losses.lecture_objective(0.0), *small_problem()[2:], 41),
+     "curvature_on_subset: examples must be between 1 and the 40 examples of x, got 41"),
 ])
 def test_procedure_arguments_that_would_do_nothing_sensible_are_refused(call, message):
     """max_failures=0 froze a run after its first step, factor=-1 turned the rate negative,
-    steps_per_record=0 gave NaN energies, steps=-3 a negative stop step, and examples=-5 a
-    curvature over all but the last 5 examples (0 divided by zero)."""
+    steps_per_record=0 gave NaN energies, steps=-3 a negative stop step, examples=-5 a
+    curvature over all but the last 5 examples (0 divided by zero), and examples=41 of 40 a
+    curvature over fewer examples than asked for."""
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from training.data import DataError
 
-__all__ = ["ConfigError", "option", "check", "check_applicable", "parse", "to_dict",
+__all__ = ["ConfigError", "option", "check", "check_applicable", "at_most", "parse", "to_dict",
            "differences", "HarnessArgs", "USER_ERRORS", "run_main"]
 
 
@@ -123,6 +123,19 @@ def check_applicable(config, only_with: dict[str, tuple[str, Any]]) -> Any:
             raise ConfigError(f"option --{_flag(name)}: got {value!r}; it applies only with "
                               f"--{_flag(switch)} {needed} (got --{_flag(switch)} {switched})")
     return config
+
+
+def at_most(config, name: str, limit: int, what: str) -> int:
+    """config.<name>, an int option, where it is at most `limit`; `limit` where the option
+    kept its default and the default exceeds it (a default sized for the whole data set, run
+    on a subset); an explicit value above `limit` is a ConfigError naming `what` (e.g. "300
+    training digits"), not cut silently."""
+    value = getattr(config, name)
+    if value <= limit:
+        return value
+    if value == getattr(type(config)(), name):
+        return limit
+    raise ConfigError(f"option --{_flag(name)}: got {value}; allowed: at most the {what}")
 
 
 def _parser_type(name: str, kind, meta: dict):

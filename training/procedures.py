@@ -428,14 +428,14 @@ def _batches(order: jax.Array, batch_size: int) -> jax.Array:
 def curvature_on_subset(model: Layer, objective: Objective, x: jax.Array,
                         targets: jax.Array, examples: int) -> Callable[[Any], Any]:
     """`curvature(params) -> h` for `stochastic_passes`: the Gauss-Newton diagonal
-    (`engines.curvature_diagonal`) averaged over the first `examples` of x (all of them when
-    there are fewer), as LeCun et al. 1989 re-estimate it on a subset before each pass.
-    examples < 1 is a ValueError."""
-    if examples < 1:
-        raise ValueError(f"curvature_on_subset: examples must be >= 1, got {examples}")
+    (`engines.curvature_diagonal`) averaged over the first `examples` of x, as LeCun et al.
+    1989 re-estimate it on a subset before each pass. examples < 1 or more than x holds is a
+    ValueError."""
+    if not 1 <= examples <= x.shape[0]:
+        raise ValueError(f"curvature_on_subset: examples must be between 1 and the "
+                         f"{x.shape[0]} examples of x, got {examples}")
     diagonal = engines.curvature_diagonal(model, objective)
-    subset = min(examples, x.shape[0])
-    return lambda params: diagonal(params, x[:subset], targets[:subset])
+    return lambda params: diagonal(params, x[:examples], targets[:examples])
 
 
 def stochastic_passes(
