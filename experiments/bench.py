@@ -43,6 +43,10 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 within float32's 1e-5, recorded as torch_loss_rel_err, torch_grad_rel_err).
                 On a CPU also the scan LSTM against nn.LSTM with PyTorch's oneDNN backend off
                 (its own LSTM kernels; no target): nn.LSTM runs oneDNN's fused LSTM there.
+                Also each matrix product of one reset-after GRU time step alone (forward
+                h W_h, backward da_h W_h^T, weight gradient h^T da_h), jitted against
+                PyTorch's matmul (no target; `step_products`): the rate of either side at one
+                step's sizes.
   On a CPU with several cores, lenet5_torch and rnn also time the same SGD step data-parallel
   over one JAX CPU device per core (`--cpu-devices`; `training.parallel.data_parallel`, form
   "shard_map": each device computes the gradient of its share of the batch on its own core,
@@ -81,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
@@ -843,6 +848,84 @@ def family_rnn(config, key, torch):
         if native:
             yield from native_lstm_rows(torch, shape, ours_fn, args, native_agreement,
                                         torch_step, torch_args, config.repeats)
+    if torch is not None:
+        yield from product_rows(torch, batch, time_steps, hidden, key, config.repeats)
+
+
+def step_products(batch, hidden):
+    """The three matrix products of each time step of the reset-after GRU's training step,
+    as its cell computes them: (label, lhs shape, rhs shape, contracted length, product).
+    Forward h W_h (batch, hidden)(hidden, 3 hidden); backward dh = da_h W_h^T with W_h^T
+    stored (`backward_weights`), (batch, 3 hidden)(3 hidden, hidden); the weight gradient
+    h^T da_h, h (batch, hidden) contracted over the batch with da_h (batch, 3 hidden), added
+    to a running sum (XLA folds the transpose into the product, as in the cell)."""
+    gates = 3 * hidden
+    return (("forward_h_wh", (batch, hidden), (hidden, gates), hidden, lambda a, b: a @ b),
+            ("backward_da_wht", (batch, gates), (gates, hidden), gates, lambda a, b: a @ b),
+            ("weight_gradient_ht_da", (batch, hidden), (batch, gates), batch,
+             lambda a, b: a.T @ b))
+
+
+def products_over_time(product, summed):
+    """A jitted scan of `product` over a sequence: (lhs (T, ...), rhs) -> every step's
+    product stacked, or with `summed` (the weight gradient, whose rhs is a sequence too) their
+    running sum, as the cell's scans use them."""
+    def run(lhs, rhs):
+        if summed:
+            total = jnp.zeros(jax.eval_shape(product, lhs[0], rhs[0]).shape, lhs.dtype)
+            return lax.scan(lambda acc, ab: (acc + product(*ab), None), total, (lhs, rhs))[0]
+        return lax.scan(lambda _, a: (None, product(a, rhs)), None, lhs)[1]
+
+    return run
+
+
+def torch_products_over_time(torch, summed):
+    """PyTorch's side of `products_over_time`: a loop of torch.mm into each step's slot of
+    one output, or of torch.addmm into one running sum, as eager autograd would run them."""
+    def run(lhs, rhs):
+        if summed:
+            total = torch.zeros(lhs.shape[2], rhs.shape[2], device=lhs.device)
+            for a, b in zip(lhs, rhs):
+                torch.addmm(total, a.T, b, out=total)
+            return total
+        out = torch.empty(lhs.shape[0], lhs.shape[1], rhs.shape[1], device=lhs.device)
+        for step, a in enumerate(lhs):
+            torch.mm(a, rhs, out=out[step])
+        return out
+
+    return torch_synchronized(torch, run)
+
+
+def product_rows(torch, batch, time_steps, hidden, key, repeats):
+    """Each of `step_products` over `time_steps` steps, a jitted scan against a PyTorch loop
+    on the same operands (no target): the rate at which each side multiplies matrices of one
+    time step's size. On the 2-core CPU XLA:CPU runs these on one core where PyTorch's
+    matmul uses both (BENCHMARKS.md), which is most of the recurrent rows' distance from
+    nn.GRU and nn.LSTM. median_s is per sequence; flops_per_s counts its time_steps
+    products."""
+    for label, lhs_shape, rhs_shape, contracted, product in step_products(batch, hidden):
+        summed = label.startswith("weight_gradient")
+        a = jax.random.normal(jax.random.fold_in(key, 3), (time_steps, *lhs_shape), jnp.float32)
+        b = jax.random.normal(jax.random.fold_in(key, 4),
+                              (time_steps, *rhs_shape) if summed else rhs_shape, jnp.float32)
+        ours, compile_s = benchmark.compile_jitted(products_over_time(product, summed), a, b)
+        torch_args = tuple(torch.tensor(np.asarray(v), device=torch_device(torch)) for v in (a, b))
+        theirs = torch_products_over_time(torch, summed)
+        with jax.default_matmul_precision("highest"), torch_full_float32(torch):
+            agreement = {"products": float(relative_error(
+                np.asarray(ours(a, b)), theirs(*torch_args).cpu().numpy()))}
+        same_function(f"rnn/product/{label}", agreement)
+        ours_m, theirs_m = benchmark.compare(ours, (a, b), theirs, torch_args, repeats)
+        ours_m.compile_s = compile_s
+        flops = 2 * contracted * time_steps * float(np.prod(
+            jax.eval_shape(product, a[0], b[0] if summed else b).shape))
+        name = (f"product/{label}/{'x'.join(map(str, lhs_shape))}_"
+                f"{'x'.join(map(str, rhs_shape))}_t{time_steps}")
+        yield row("rnn", name, "jit_scan", ours_m, ours_m.median_s / theirs_m.median_s,
+                  "jax/torch_loop", flops_per_s=flops / ours_m.median_s,
+                  torch_products_rel_err=agreement["products"])
+        yield row("rnn", name, "torch_loop", theirs_m, flops_per_s=flops / theirs_m.median_s,
+                  torch_device=torch_device(torch))
 
 
 def without_onednn(torch, function):

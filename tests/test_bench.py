@@ -10,7 +10,7 @@ import pytest
 
 import nets
 from experiments import bench
-from nets.gradcheck import relative_error
+from nets.gradcheck import TOLERANCES, relative_error
 from training import benchmark
 
 ROW_KEYS = {"family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s", "ratio",
@@ -378,3 +378,52 @@ def test_reuse_freed_memory_spares_the_page_faults_of_a_large_block():
     assert int(default) > 16_000, done.stdout
     assert (applied, recorded) == ("True", "True")
     assert int(reused) < 100, done.stdout
+
+
+def _dot_operand_shapes(jaxpr) -> list:
+    """(lhs shape, rhs shape, contracting dims) of every dot_general in jaxpr and the jaxprs
+    inside it (scans, calls)."""
+    found = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "dot_general":
+            (contracting, _), = [equation.params["dimension_numbers"]]
+            found.append((tuple(equation.invars[0].aval.shape),
+                          tuple(equation.invars[1].aval.shape),
+                          tuple(map(tuple, contracting))))
+        for value in equation.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                found += _dot_operand_shapes(inner)
+    return found
+
+
+def test_the_timed_step_products_are_the_reset_after_grus_own():
+    """`step_products` (the bench's product rows) are products the reset-after GRU's manual
+    SGD step makes, with the same operand shapes and contraction; timed over a sequence, the
+    jitted scan and the PyTorch loop compute the same matrices (NumPy's, float64)."""
+    batch, _, hidden = bench.SMALLEST.rnn
+    model, args = bench.rnn_problem("gru_reset_after", bench.SMALLEST, jax.random.key(0))
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    jaxpr = jax.make_jaxpr(bench.sgd_step(model, objective, nets.manual))(*args).jaxpr
+    in_the_step = _dot_operand_shapes(jaxpr)
+    rng = np.random.default_rng(0)
+    products = bench.step_products(batch, hidden)
+    assert [p[0] for p in products] == ["forward_h_wh", "backward_da_wht",
+                                        "weight_gradient_ht_da"]
+    timed = []
+    for label, lhs_shape, rhs_shape, contracted, ours in products:
+        a, b = rng.normal(size=lhs_shape), rng.normal(size=rhs_shape)
+        ours_dims = _dot_operand_shapes(jax.make_jaxpr(ours)(a, b).jaxpr)
+        assert len(ours_dims) == 1 and ours_dims[0] in in_the_step, (label, in_the_step)
+        timed.append(ours_dims[0])
+        lhs, _, (lhs_contracting, _) = ours_dims[0]
+        assert lhs[lhs_contracting[0]] == contracted, label
+        summed = label.startswith("weight_gradient")
+        sequence = rng.normal(size=(3, *lhs_shape))
+        other = rng.normal(size=(3, *rhs_shape)) if summed else b
+        expected = (sum(x.T @ y for x, y in zip(sequence, other)) if summed
+                    else np.stack([x @ b for x in sequence]))
+        over_time = bench.products_over_time(ours, summed)(sequence, other)
+        assert relative_error(np.asarray(over_time), expected) <= TOLERANCES["float64"][
+            "vs_autodiff"], label
+    assert len(set(timed)) == 3, timed
