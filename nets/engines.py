@@ -16,11 +16,15 @@ through `with_manual_vjp` wrappers, so JAX's own machinery (grad, vmap, check_gr
 the hand-written backward passes. All three are pure and jit-compatible; none jits by
 itself, so callers decide where compilation happens.
 
-Under `jax.shard_map` they agree with `check_vma=False`, as `training.parallel` maps them:
-each device's gradient is then its own, to be averaged explicitly. With JAX's default
-`check_vma=True`, differentiating through `autodiff` already sums the replicated params'
-gradient over devices (twice the mean on 2 devices), `manual` does not, and `manual_vjp`'s
-custom_vjp is refused for its cotangents' varying-axes types.
+Under `jax.shard_map` the three agree either way:
+- with `check_vma=False`, as `training.parallel` maps them, each device's gradient is its own,
+  to be averaged explicitly;
+- with JAX's default `check_vma=True`, the gradient of a parameter that does not vary over a
+  mesh axis (a replicated one) is summed over that axis, as `jax.grad` sums it (the sum of the
+  devices' gradients, twice their mean on 2 devices): `manual`, `manual_vjp`'s cotangents and
+  `curvature_diagonal` sum their own over the axes they vary over and their parameters do not
+  (`nets.varying.sum_over_added_axes`; a recurrent net's scans start their carries varying
+  like their inputs, `nets.recurrent`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
+from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
 __all__ = [
     "ENGINES",
@@ -68,7 +73,8 @@ def manual(model: Layer, objective: Objective) -> ValueAndGrad:
         doutputs = objective.loss.grad(outputs, targets)
         dparams, _ = model.backward(params, residuals, doutputs)
         dpenalty = l2_penalty_grad(params, objective.l2, m)
-        return value, _dtypes_of(jax.tree.map(lambda a, b: a + b, dparams, dpenalty), params)
+        grads = sum_over_added_axes(jax.tree.map(lambda a, b: a + b, dparams, dpenalty), params)
+        return value, _dtypes_of(grads, params)
 
     return value_and_grad
 
@@ -87,8 +93,9 @@ def with_manual_vjp(layer: Layer) -> Callable[..., jax.Array]:
     `apply(params, x, key=None)`.
 
     Differentiable in both params and x; the cotangent rule is the hand-written one, cast to
-    the dtypes of params and x (as custom_vjp requires). The key (stochastic layers) gets no
-    cotangent.
+    the dtypes of params and x and, under `shard_map` with check_vma, summed over the mesh
+    axes it varies over and they do not (custom_vjp requires both types to match; module
+    docstring). The key (stochastic layers) gets no cotangent.
     """
 
     @jax.custom_vjp
@@ -97,12 +104,15 @@ def with_manual_vjp(layer: Layer) -> Callable[..., jax.Array]:
 
     def forward(params, x, key):
         y, residuals = forward_with_key(layer, params, x, key)
-        return y, (params, residuals, jnp.zeros((), x.dtype))
+        # a scalar of x's dtype, varying over x's mesh axes: what dx must be cast and reduced to
+        like_x = vary_like(jnp.zeros((), x.dtype), varying_axes(x))
+        return y, (params, residuals, like_x)
 
     def backward(saved, dy):
-        params, residuals, x_dtype = saved
+        params, residuals, like_x = saved
         dparams, dx = layer.backward(params, residuals, dy)
-        return _dtypes_of(dparams, params), dx.astype(x_dtype.dtype), None
+        dparams, dx = sum_over_added_axes((dparams, dx), (params, like_x))
+        return _dtypes_of(dparams, params), dx.astype(like_x.dtype), None
 
     apply_with_key.defvjp(forward, backward)
 
@@ -197,6 +207,7 @@ def curvature_diagonal(model: Layer, objective: Objective):
                                                                                     targets))
         ones = jax.tree.map(jnp.ones_like, params)
         penalty = l2_penalty_grad(ones, objective.l2, outputs.shape[0])
-        return _dtypes_of(jax.tree.map(lambda a, b: a + b, d2params, penalty), params)
+        diagonal = jax.tree.map(lambda a, b: a + b, d2params, penalty)
+        return _dtypes_of(sum_over_added_axes(diagonal, params), params)
 
     return diagonal

@@ -108,6 +108,7 @@ from nets import initializers
 from nets.layers import Dense, Layer, StaticShape, forward_with_key, parallel, serial
 from nets.losses import Loss
 from nets.pooling import Dropout, dropout_after
+from nets.varying import vary_like, varying_axes
 
 __all__ = [
     "Cell",
@@ -782,6 +783,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     _check_carry(name, "carry0", carry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     weights = cell.step_weights(params)
+    carry0 = vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm)))
 
     def one_step(carry, inputs):
         t, x_t, m_t = inputs
@@ -843,6 +845,8 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
     step_dy = jax.ShapeDtypeStruct((batch, cell.hidden_size), dys.dtype)
     step_gradient = jax.eval_shape(step_back, weights, step_residuals, dcarry_T, step_dy)[0]
     zero_dparams = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_gradient)
+    dcarry_T, zero_dparams = vary_like((dcarry_T, zero_dparams), varying_axes(
+        (weights, residuals, dys, dcarry_T)))
 
     def one_step_back(state, inputs):
         dcarry, dparams = state

@@ -417,11 +417,10 @@ def _shard_map_form(model, objective, optimizer, engine, mesh):
                                                   mesh.size)
 
     def sharded(function, replicated_args):
-        # check_vma=False: model code is not typed by mesh axis (a scan carry that starts
-        # from zeros is "invariant" and leaves "varying", which check_vma rejects), and
-        # without that typing each device's gradient of the replicated params stays its own
-        # (with it, differentiating sums it over devices by itself), so that the reduction
-        # is the explicit pmean of `_local_functions`, for either engine.
+        # check_vma=False: each device's gradient of the replicated params stays its own
+        # (with check_vma=True every engine sums it over the devices by itself, as jax.grad
+        # does: nets/varying.py), so that the reduction is the explicit pmean of
+        # `_local_functions` (the energy's and every leaf's in one all-reduce).
         mapped = jax.shard_map(
             function, mesh=mesh,
             in_specs=(P(),) * replicated_args + (P(BATCH_AXIS), P(BATCH_AXIS), P()),

@@ -1,0 +1,61 @@
+"""The manual mesh axes a value varies over, for code run inside `jax.shard_map`.
+
+Under `jax.shard_map(..., check_vma=True)`, JAX's default, every value is typed by the mesh
+axes over which it differs from device to device (`jax.typeof(x)`: `{V:batch}` for a batch
+split over the axis "batch"; a replicated parameter varies over none). Two consequences for
+code that is not `jax.grad`:
+
+- A `lax.scan` carry must keep its type: a carry that starts from zeros (varying over no
+  axis) and comes back varying over "batch" is a TypeError. `vary_like` gives the initial
+  carry the axes that the scan's inputs vary over (`nets.recurrent`'s scans).
+- `jax.grad` of a replicated parameter through values that vary over an axis sums the
+  gradient over that axis (the transpose of making the parameter varying is a psum), so the
+  gradient has its parameter's type. A hand-written backward computes each device's own
+  gradient; `sum_over_added_axes` sums it over the axes it varies over and its parameter
+  does not, so that the manual engines return what `jax.grad` returns (`nets.engines`).
+
+Outside `shard_map`, and under `check_vma=False`, nothing varies and every function here
+returns its input unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+
+__all__ = ["varying_axes", "vary_like", "sum_over_added_axes"]
+
+
+def _axes_of(leaf: Any) -> frozenset:
+    aval = jax.typeof(leaf)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def varying_axes(tree: Any) -> frozenset:
+    """The mesh axes over which any leaf of tree varies (empty outside shard_map)."""
+    return functools.reduce(frozenset.union, map(_axes_of, jax.tree.leaves(tree)), frozenset())
+
+
+def vary_like(tree: Any, axes: frozenset) -> Any:
+    """tree with every leaf also varying over `axes` (the same values: `lax.pcast`)."""
+    def cast(leaf):
+        missing = tuple(sorted(axes - _axes_of(leaf)))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def sum_over_added_axes(cotangents: Any, primals: Any) -> Any:
+    """Each cotangent leaf summed (`lax.psum`) over the axes it varies over and its primal
+    leaf (the same structure) does not: the gradient of a replicated parameter summed over
+    the devices, as `jax.grad` sums it."""
+    def total(cotangent, primal):
+        added = tuple(sorted(_axes_of(cotangent) - _axes_of(primal)))
+        return lax.psum(cotangent, added) if added else cotangent
+
+    return jax.tree.map(total, cotangents, primals)
