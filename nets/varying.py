@@ -41,8 +41,11 @@ def varying_axes(tree: Any) -> frozenset:
     return functools.reduce(frozenset.union, map(_axes_of, jax.tree.leaves(tree)), frozenset())
 
 
-def vary_like(tree: Any, axes: frozenset) -> Any:
-    """tree with every leaf also varying over `axes` (the same values: `lax.pcast`)."""
+def vary_like(tree: Any, axes: Any) -> Any:
+    """tree with every leaf also varying over `axes` (mesh axis names; the same values:
+    `lax.pcast`)."""
+    axes = frozenset(axes)
+
     def cast(leaf):
         missing = tuple(sorted(axes - _axes_of(leaf)))
         return lax.pcast(leaf, missing, to="varying") if missing else leaf

@@ -152,9 +152,37 @@ def test_scans_under_check_vma_take_a_replicated_initial_state():
 def test_outside_shard_map_nothing_varies():
     tree = {"w": jnp.ones((2, 3)), "b": np.zeros(3)}
     assert varying.varying_axes(tree) == frozenset()
-    assert varying.vary_like(tree, frozenset()) is not None
-    same = varying.sum_over_added_axes(tree, tree)
-    assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(tree)))
+    for same in (varying.vary_like(tree, ()), varying.sum_over_added_axes(tree, tree)):
+        assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(tree)))
+
+
+def test_the_helpers_type_values_by_the_axes_they_vary_over():
+    """Inside shard_map with check_vma=True: a replicated value varies over no axis, a split
+    one over the batch axis; vary_like adds the axis without changing the values, and
+    sum_over_added_axes sums a split value over the devices (against NumPy)."""
+    seen = {}
+
+    def inspect(replicated, split):
+        seen["replicated"] = varying.varying_axes(replicated)
+        seen["split"] = varying.varying_axes(split)
+        cast = varying.vary_like(replicated, [AXIS])
+        seen["cast"] = varying.varying_axes(cast)
+        total = varying.sum_over_added_axes(split, replicated)
+        seen["total"] = varying.varying_axes(total)
+        return cast - replicated, total
+
+    devices = mesh()
+    mapped = jax.jit(jax.shard_map(inspect, mesh=devices, in_specs=(P(), P(AXIS)),
+                                   out_specs=(P(AXIS), P()), check_vma=True))
+    replicated = np.arange(3.0)
+    split = np.arange(6.0).reshape(2, 3)
+    difference, total = mapped(
+        jax.device_put(replicated, NamedSharding(devices, P())),
+        jax.device_put(split, NamedSharding(devices, P(AXIS))))
+    assert seen == {"replicated": frozenset(), "split": {AXIS}, "cast": {AXIS},
+                    "total": frozenset()}
+    assert np.array_equal(np.asarray(difference), np.zeros(6))
+    np.testing.assert_array_equal(np.asarray(total), split.sum(axis=0, keepdims=True))
 
 
 @pytest.mark.parametrize("engine", ["manual", "manual_vjp", "autodiff"])
