@@ -28,6 +28,8 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 torch_grad_rel_err; a larger difference stops the bench (ValueError).
   per_example   vmap per-example gradient step / batch-gradient step (MLP, LeNet-5 at batch
                 128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
+                Also the MLP's DP-SGD step (`parallel.private_value_and_grad`) by ghost
+                norms against the same step by vmap, and against the batch step (no target).
                 The batch step is each model's default; vmap and the loop take LeNet-5 with
                 its "patches" convolutions, the faster per example.
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
@@ -680,6 +682,36 @@ def family_per_example(config, key):
                                                 max(10, config.repeats // 2))
         yield row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
                   loop.median_s / vmapped_again.median_s, "python_loop/vmap")
+        if name == "mlp":
+            yield from dp_sgd_rows(model, softmax, args, batch_step, config.repeats)
+
+
+def dp_sgd_rows(model, objective, args, batch_step, repeats):
+    """The DP-SGD step (`parallel.private_value_and_grad`, C = 1, no noise, SGD lr 0.01) with
+    each example's gradient formed by vmap against the same step by ghost norms (no target),
+    and the ghost step against the plain batch step."""
+    def private_step(per_example):
+        value_and_grad = parallel.private_value_and_grad(model, objective, clip_norm=1.0,
+                                                         per_example=per_example)
+
+        def step(params, x, targets):
+            return jax.tree.map(lambda w, g: w - 0.01 * g, params,
+                                value_and_grad(params, x, targets)[1])
+
+        return step
+
+    announce("per_example/dp_sgd: compiling the ghost and vmap DP-SGD steps")
+    ghost, ghost_compile = benchmark.compile_jitted(private_step("ghost"), *args)
+    vmapped, vmap_compile = benchmark.compile_jitted(private_step("vmap"), *args)
+    ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
+    ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
+    name = f"dp_sgd/mlp/b{args[1].shape[0]}"
+    yield row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
+              "ghost/vmap", temp_bytes=temp_bytes(ghost))
+    yield row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))
+    ghost_again, batched = benchmark.compare(ghost, args, batch_step, args, repeats)
+    yield row("per_example", f"{name}/vs_batch", "ghost_norms", ghost_again,
+              ghost_again.median_s / batched.median_s, "ghost/batch")
 
 
 # --- family: utilisation -------------------------------------------------------------------

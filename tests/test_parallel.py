@@ -191,13 +191,16 @@ def test_clipping_bounds_each_norm_and_keeps_small_gradients(mlp_case):
         parallel.clip_gradients(grads, 0.0)
 
 
-def test_private_gradient_clips_the_data_term_and_adds_scaled_noise(mlp_case):
+@pytest.mark.parametrize("per_example", parallel.PER_EXAMPLE_NORMS)
+def test_private_gradient_clips_the_data_term_and_adds_scaled_noise(mlp_case, per_example):
+    """Either way of computing the clipped sum ("vmap" forms every example's gradient,
+    "ghost" never does) against NumPy's clipping of the per-example gradients."""
     model, objective, params, x, targets, values, grads = mlp_case
     batch = x.shape[0]
     energy, grad = jax.jit(engines.autodiff(model, objective))(params, x, targets)
     # a bound no example reaches: the plain batch gradient
     loose_energy, loose_grad = jax.jit(parallel.private_value_and_grad(
-        model, objective, clip_norm=1e6))(params, x, targets)
+        model, objective, clip_norm=1e6, per_example=per_example))(params, x, targets)
     assert abs(float(loose_energy) - float(energy)) <= F64 * float(energy)
     assert_close_tree(loose_grad, grad, jnp.float64, "unclipped")
 
@@ -210,19 +213,94 @@ def test_private_gradient_clips_the_data_term_and_adds_scaled_noise(mlp_case):
     expected = (data * (clip / norms)[:, None]).mean(axis=0) + np.asarray(penalty)
     sigma = 2.0
     noisy = jax.jit(parallel.private_value_and_grad(model, objective, clip_norm=clip,
-                                                    noise_multiplier=sigma))
+                                                    noise_multiplier=sigma,
+                                                    per_example=per_example))
     with pytest.raises(ValueError, match="key"):
         noisy(params, x, targets)
     key = jax.random.key(3)
     draws = jax.flatten_util.ravel_pytree(noisy(params, x, targets, key)[1])[0]
     np.testing.assert_array_equal(draws, jax.flatten_util.ravel_pytree(
         noisy(params, x, targets, key)[1])[0])  # the key alone decides the noise
-    tight = parallel.private_value_and_grad(model, objective, clip_norm=clip)
+    tight = parallel.private_value_and_grad(model, objective, clip_norm=clip,
+                                            per_example=per_example)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(
         jax.jit(tight)(params, x, targets)[1])[0], expected, rtol=1e-10)
     noise = (np.asarray(draws) - expected) / (sigma * clip / batch)
     assert noise.size > 100
     assert abs(noise.std() - 1) < 0.2 and abs(noise.mean()) < 4 / np.sqrt(noise.size)
+
+
+GHOST_MLPS = {
+    "sigmoid_lecture": (dict(hidden_layers=2, hidden_units=7), nets.lecture_objective(0.0)),
+    "probabilities": (dict(hidden_layers=1, hidden_units=5, output_activation="sigmoid"),
+                      nets.lecture_objective(0.0, from_logits=False)),
+    "tanh_mse": (dict(hidden_layers=2, hidden_units=6, activation="tanh"),
+                 nets.Objective(nets.mean_squared_error(), 0.0)),
+    "relu_softmax": (dict(hidden_layers=3, hidden_units=8, activation="relu"),
+                     nets.Objective(nets.softmax_cross_entropy(), 0.0)),
+    "linear": (dict(hidden_layers=0), nets.Objective(nets.softmax_cross_entropy(), 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GHOST_MLPS))
+def test_ghost_norms_and_clipped_sum_equal_the_per_example_gradients(name):
+    """`ghost_clipped_sum` against the per-example gradients of `per_example_value_and_grad`
+    (vmap of the manual engine, itself checked against jax.grad per example above): each
+    example's gradient norm and the clipped sum at a bound between the smallest and the
+    largest norm, float64 within 1e-10. Dropping the bias's share of the norm (the "+ 1")
+    fails it."""
+    kwargs, objective = GHOST_MLPS[name]
+    model = nets.build_mlp(5, 4, **kwargs)
+    params = cast(model.init(jax.random.key(0), (-1, 5))[1], jnp.float64)
+    x, targets = random_batch(jax.random.key(1), 9, 5, 4, jnp.float64)
+    _, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets)
+    norms = np.linalg.norm(flat_rows(grads), axis=1)
+    clip = float(np.median(norms))
+    energy, ghost_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, objective),
+                                          static_argnums=3)(params, x, targets, clip)
+    assert relative_error(ghost_norms, norms) <= F64
+    expected = (flat_rows(grads) * np.minimum(1, clip / norms)[:, None]).sum(axis=0)
+    assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
+    assert (norms > clip).any() and (norms < clip).any()
+    reference = engines.autodiff(model, objective)(params, x, targets)[0]
+    assert abs(float(energy) - float(reference)) <= F64 * abs(float(reference))
+
+
+def test_ghost_private_gradient_with_dropout_and_float32_params():
+    """DP-SGD by ghost norms on a net with dropout, the masks from the key as in the vmap
+    path (the same gradient within float64's 1e-10, noise included), and float32 params with
+    float32 data: float32 gradients within 1e-5 of the vmap path's."""
+    model, objective, params, x, targets = dropout_problem(8, jnp.float64)
+    for dtype, tolerance in ((jnp.float64, F64), (jnp.float32, FLOAT32)):
+        params_d, x_d, targets_d = cast((params, x, targets), dtype)
+        results = {}
+        for per_example in parallel.PER_EXAMPLE_NORMS:
+            private = jax.jit(parallel.private_value_and_grad(
+                model, objective, clip_norm=0.3, noise_multiplier=0.5, per_example=per_example))
+            results[per_example] = private(params_d, x_d, targets_d, jax.random.key(4))
+        ghost, vmapped = results["ghost"], results["vmap"]
+        assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(ghost[1]))
+        assert abs(float(ghost[0]) - float(vmapped[0])) <= tolerance * abs(float(vmapped[0]))
+        assert relative_error(jax.flatten_util.ravel_pytree(ghost[1])[0],
+                              jax.flatten_util.ravel_pytree(vmapped[1])[0]) <= tolerance
+
+
+def test_ghost_norms_refuse_what_they_cannot_compute():
+    model, objective, params, x, targets = lenet_problem(2, jnp.float64)
+    with pytest.raises(ValueError, match=r"ghost_clipped_sum: layer 'H1' of 'lenet1989_tanh' "
+                                         r"has parameters and is not a Dense layer"):
+        parallel.private_value_and_grad(model, objective, clip_norm=1.0,
+                                        per_example="ghost")(params, x, targets)
+    block = nets.parallel(nets.Dense(3), nets.Dense(3), combine="sum")
+    with pytest.raises(ValueError, match="is not a serial model"):
+        parallel.ghost_clipped_sum(block, objective)
+    mlp, mlp_objective, *_ = mlp_problem(2, jnp.float64)
+    with pytest.raises(ValueError, match="engine must be engines.manual"):
+        parallel.private_value_and_grad(mlp, mlp_objective, engines.autodiff, clip_norm=1.0,
+                                        per_example="ghost")
+    with pytest.raises(ValueError, match=r"per_example must be one of \('vmap', 'ghost'\), "
+                                         r"got 'fast'"):
+        parallel.private_value_and_grad(mlp, mlp_objective, clip_norm=1.0, per_example="fast")
 
 
 @pytest.mark.parametrize("by", ["grad_norm", "loss"])

@@ -71,7 +71,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nets import engines
-from nets.layers import Layer
+from nets.layers import Layer, forward_with_key
 from nets.losses import Objective, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
@@ -84,6 +84,8 @@ __all__ = [
     "clip_gradients",
     "weighted_sum",
     "private_value_and_grad",
+    "ghost_clipped_sum",
+    "PER_EXAMPLE_NORMS",
     "pick_hardest_misclassified",
     "batch_mesh",
     "check_batch",
@@ -173,9 +175,12 @@ def weighted_sum(grads: Any, weights: jax.Array) -> Any:
                         grads)
 
 
+PER_EXAMPLE_NORMS = ("vmap", "ghost")
+
+
 def private_value_and_grad(
     model: Layer, objective: Objective, engine: engines.Engine = engines.manual, *,
-    clip_norm: float, noise_multiplier: float = 0.0,
+    clip_norm: float, noise_multiplier: float = 0.0, per_example: str = "vmap",
 ) -> Callable[..., tuple[jax.Array, Any]]:
     """The DP-SGD gradient (Abadi et al. 2016, "Deep Learning with Differential Privacy",
     Algorithm 1): per-example loss gradients clipped to norm C, averaged, plus noise.
@@ -188,24 +193,35 @@ def private_value_and_grad(
     would shrink the penalty with the data term). sigma > 0 needs an explicit `key`; for a
     model with dropout the key is split into the noise's and the masks' (without a key the
     model runs at inference, as in the engines).
+
+    per_example="vmap" computes every example's gradient (`per_example_value_and_grad`, any
+    model, any engine) and weights them; "ghost" never forms them (`ghost_clipped_sum`: a
+    `serial` MLP of Dense layers and parameter-free layers, the hand-written backward only),
+    the same g up to rounding.
     """
     if not noise_multiplier >= 0:
         raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
                          f"{noise_multiplier}")
     if not clip_norm > 0:  # < 0 stepped against the gradient, NaN gave NaN
         raise ValueError(f"private_value_and_grad: clip_norm must be > 0, got {clip_norm}")
-    data_term = per_example_value_and_grad(model, objective._replace(l2=0.0), engine)
+    if per_example not in PER_EXAMPLE_NORMS:
+        raise ValueError(f"private_value_and_grad: per_example must be one of "
+                         f"{PER_EXAMPLE_NORMS}, got {per_example!r}")
+    data_objective = objective._replace(l2=0.0)
+    if per_example == "ghost":
+        if engine is not engines.manual:
+            raise ValueError("private_value_and_grad: per_example='ghost' runs the "
+                             "hand-written backward itself; engine must be engines.manual")
+        clipped_sum = ghost_clipped_sum(model, data_objective)
+    else:
+        clipped_sum = _vmap_clipped_sum(model, data_objective, engine)
 
     def value_and_grad(params, x, targets, key=None):
         examples = x.shape[0]
         dropout_key = None
         if model.stochastic and key is not None:
             key, dropout_key = jax.random.split(key)
-        losses, grads = data_term(params, x, targets, dropout_key)
-        # clip_C(g_i) = g_i min(1, C / ||g_i||): the clipped sum is one weighted sum
-        norms = gradient_norms(grads)
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
-        summed = weighted_sum(grads, scale)
+        data_energy, _, summed = clipped_sum(params, x, targets, clip_norm, dropout_key)
         if noise_multiplier > 0:
             if key is None:
                 raise ValueError("private_value_and_grad: noise_multiplier > 0 needs a PRNG "
@@ -218,9 +234,107 @@ def private_value_and_grad(
             summed = jax.tree.unflatten(treedef, leaves)
         penalty = l2_penalty_grad(params, objective.l2, examples)
         grad = jax.tree.map(lambda s, p: s / examples + p, summed, penalty)
-        return jnp.mean(losses) + l2_penalty(params, objective.l2, examples), grad
+        return data_energy + l2_penalty(params, objective.l2, examples), grad
 
     return value_and_grad
+
+
+def _clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
+    """min(1, C / ||g_i||) per example: clip_C(g_i) = g_i times it (a zero gradient stays 0)."""
+    return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
+
+
+def _vmap_clipped_sum(model: Layer, objective: Objective, engine: engines.Engine):
+    """(E, each example's gradient norm, sum_i clip_C(g_i)) from the per-example gradients:
+    `run(params, x, targets, clip_norm, key)`."""
+    data_term = per_example_value_and_grad(model, objective, engine)
+
+    def run(params, x, targets, clip_norm, key):
+        losses, grads = data_term(params, x, targets, key)
+        norms = gradient_norms(grads)
+        return jnp.mean(losses), norms, weighted_sum(grads, _clip_scale(norms, clip_norm))
+
+    return run
+
+
+def _is_dense(layer: Layer) -> bool:
+    return layer.forward.__qualname__.startswith("Dense.")
+
+
+def ghost_clipped_sum(model: Layer, objective: Objective):
+    """sum_i clip_C(g_i) for a `serial` MLP without forming any example's gradient g_i
+    (Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
+    targets, clip_norm, key=None) -> (E, norms (batch,), clipped sum like params)`.
+
+    Every layer is a `Dense` or has no parameters and acts on each example alone (Sigmoid,
+    Tanh, Relu, Identity, Dropout); anything else is a ValueError naming it. One backward pass
+    (the hand-written recursion, dy = dE_i/d(pre-activation) of each example at once) keeps
+    each Dense layer's input x and dy; example i's gradient there is the outer product
+    x_i^T dy_i plus the bias's dy_i, so
+
+        ||g_i||^2 = sum over Dense layers of ||x_i||^2 ||dy_i||^2 + ||dy_i||^2,
+
+    and the clipped sum is, per layer, dw = x^T (s * dy) and db = sum_i s_i dy_i with
+    s_i = min(1, C / ||g_i||): two products of the batch, as the batch gradient costs. dy is
+    each example's own loss gradient (m times `loss.grad`, every loss being a mean over the
+    m examples). With a key, dropout's masks are those of the vmap path (example i's from
+    split(key, batch)[i]).
+    """
+    if not model.forward.__qualname__.startswith("serial."):
+        raise ValueError(f"ghost_clipped_sum: {model.name!r} is not a serial model; the ghost "
+                         "norms take a serial chain of Dense and parameter-free layers")
+    layers = model.sublayers
+
+    def check(params):
+        for layer, layer_params in zip(layers, params):
+            if not _is_dense(layer) and jax.tree.leaves(layer_params):
+                raise ValueError(f"ghost_clipped_sum: layer {layer.name!r} of {model.name!r} "
+                                 "has parameters and is not a Dense layer; use "
+                                 "per_example='vmap'")
+
+    def forward(params, x, key):
+        """The model's outputs and residuals over the batch. With a key (dropout), example i
+        draws its masks from split(key, batch)[i], as `per_example_value_and_grad` does: the
+        forward runs vmapped over single examples, and each residual's axis of one example
+        is folded back into the batch axis."""
+        if key is None:
+            return forward_with_key(model, params, x, None)
+        outputs, residuals = jax.vmap(
+            lambda x_i, key_i: forward_with_key(model, params, x_i[None], key_i))(
+            x, jax.random.split(key, x.shape[0]))
+        return jax.tree.map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]),
+                            (outputs, residuals))
+
+    def run(params, x, targets, clip_norm, key=None):
+        check(params)
+        outputs, residuals = forward(params, x, key)
+        dy = outputs.shape[0] * objective.loss.grad(outputs, targets)
+        kept, squares = {}, 0.0
+        for index in reversed(range(len(layers))):
+            layer, layer_params, layer_residuals = layers[index], params[index], residuals[index]
+            if _is_dense(layer):
+                dy_squares = jnp.sum(dy * dy, axis=1)
+                squares = squares + (jnp.sum(layer_residuals * layer_residuals, axis=1) + 1) \
+                    * dy_squares
+                kept[index] = (layer_residuals, dy)
+                if index > 0:
+                    dy = dy @ layer_params["w"].T
+            elif index > 0:
+                dy = layer.backward(layer_params, layer_residuals, dy)[1]
+        norms = jnp.sqrt(squares)
+        scale = _clip_scale(norms, clip_norm)
+        summed = []
+        for index, layer_params in enumerate(params):
+            if index in kept:
+                x_in, dy = kept[index]
+                scaled = dy * scale[:, None]
+                summed.append({"w": x_in.T @ scaled, "b": jnp.sum(scaled, axis=0)})
+            else:
+                summed.append(jax.tree.map(jnp.zeros_like, layer_params))
+        summed = jax.tree.map(lambda g, p: g.astype(p.dtype), tuple(summed), params)
+        return objective.loss.value(outputs, targets), norms, summed
+
+    return run
 
 
 def pick_hardest_misclassified(
