@@ -60,6 +60,7 @@ uses lambda/N, whose mean over devices gives back lambda/(2m) sum w^2 for the gl
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -71,7 +72,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nets import engines
-from nets.layers import Layer, forward_with_key
+from nets.layers import Layer, forward_with_key, layer_keys
 from nets.losses import Objective, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
@@ -195,9 +196,8 @@ def private_value_and_grad(
     model runs at inference, as in the engines).
 
     per_example="vmap" computes every example's gradient (`per_example_value_and_grad`, any
-    model, any engine) and weights them; "ghost" never forms them (`ghost_clipped_sum`: a
-    `serial` MLP of Dense layers and parameter-free layers, the hand-written backward only),
-    the same g up to rounding.
+    engine) and weights them; "ghost" never forms the Dense layers' ones (`ghost_clipped_sum`,
+    the hand-written backward only), the same g up to rounding.
     """
     if not noise_multiplier >= 0:
         raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
@@ -261,77 +261,102 @@ def _is_dense(layer: Layer) -> bool:
     return layer.forward.__qualname__.startswith("Dense.")
 
 
+def _chain(model: Layer) -> tuple[Layer, ...]:
+    """The layers `ghost_clipped_sum` walks: a `serial` model's sublayers, or the model."""
+    return model.sublayers if model.forward.__qualname__.startswith("serial.") else (model,)
+
+
+def _fold_example_axis(leaf: jax.Array) -> jax.Array:
+    """(batch, 1, ...) -> (batch, ...): vmapped batches of one back into one batch."""
+    return leaf.reshape((leaf.shape[0],) + leaf.shape[2:])
+
+
 def ghost_clipped_sum(model: Layer, objective: Objective):
-    """sum_i clip_C(g_i) for a `serial` MLP without forming any example's gradient g_i
-    (Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
+    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers (ghost
+    norms; Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
     targets, clip_norm, key=None) -> (E, norms (batch,), clipped sum like params)`.
 
-    Every layer is a `Dense` or has no parameters and acts on each example alone (Sigmoid,
-    Tanh, Relu, Identity, Dropout); anything else is a ValueError naming it. One backward pass
-    (the hand-written recursion, dy = dE_i/d(pre-activation) of each example at once) keeps
-    each Dense layer's input x and dy; example i's gradient there is the outer product
-    x_i^T dy_i plus the bias's dy_i, so
-
-        ||g_i||^2 = sum over Dense layers of ||x_i||^2 ||dy_i||^2 + ||dy_i||^2,
-
-    and the clipped sum is, per layer, dw = x^T (s * dy) and db = sum_i s_i dy_i with
-    s_i = min(1, C / ||g_i||): two products of the batch, as the batch gradient costs. dy is
-    each example's own loss gradient (m times `loss.grad`, every loss being a mean over the
-    m examples). With a key, dropout's masks are those of the vmap path (example i's from
-    split(key, batch)[i]).
+    The model runs as a chain: a `serial` model's layers, or the model as one layer. Every
+    layer runs on each example alone (vmapped over batches of one, as in
+    `per_example_value_and_grad`: with a key, example i's dropout masks come from
+    split(key, batch)[i]), and the hand-written backward runs back through the chain with
+    every example's own loss gradient dy (m times `loss.grad`, each loss being a mean over
+    the m examples):
+    - a Dense layer keeps its input x and dy: example i's gradient there is x_i^T dy_i and
+      dy_i (the bias), never formed. Its share of ||g_i||^2 is (||x_i||^2 + 1) ||dy_i||^2,
+      and its clipped sum is dw = x^T (s * dy), db = sum_i s_i dy_i with
+      s_i = min(1, C / ||g_i||): the batch gradient's two products;
+    - any other layer with parameters (a convolution, a recurrent layer, the whole model when
+      it is not serial) forms its own per-example gradients (usually small: a convolution's
+      kernels), adds their squares to ||g_i||^2 and their s-weighted sum (`weighted_sum`) to
+      the clipped sum;
+    - a layer without parameters passes dy back.
+    A model whose examples are coupled (BatchNorm with the batch's statistics) is refused
+    by name, as in `per_example_value_and_grad`.
     """
-    if not model.forward.__qualname__.startswith("serial."):
-        raise ValueError(f"ghost_clipped_sum: {model.name!r} is not a serial model; the ghost "
-                         "norms take a serial chain of Dense and parameter-free layers")
-    layers = model.sublayers
+    layers = _chain(model)
+    chained = model.forward.__qualname__.startswith("serial.")
 
-    def check(params):
-        for layer, layer_params in zip(layers, params):
-            if not _is_dense(layer) and jax.tree.leaves(layer_params):
-                raise ValueError(f"ghost_clipped_sum: layer {layer.name!r} of {model.name!r} "
-                                 "has parameters and is not a Dense layer; use "
-                                 "per_example='vmap'")
+    def one_example(params, x_i, key_i):
+        """Each layer's input and residuals and the output, for a batch of one."""
+        inputs, residuals = [], []
+        x = x_i[None]
+        # the keys the model's own forward gives its layers (serial: one per stochastic one)
+        keys = layer_keys(layers, key_i) if chained else [key_i]
+        for layer, layer_params, layer_key in zip(layers, params, keys):
+            inputs.append(x)
+            x, layer_residuals = forward_with_key(layer, layer_params, x, layer_key)
+            residuals.append(layer_residuals)
+        return x, inputs, residuals
 
-    def forward(params, x, key):
-        """The model's outputs and residuals over the batch. With a key (dropout), example i
-        draws its masks from split(key, batch)[i], as `per_example_value_and_grad` does: the
-        forward runs vmapped over single examples, and each residual's axis of one example
-        is folded back into the batch axis."""
-        if key is None:
-            return forward_with_key(model, params, x, None)
-        outputs, residuals = jax.vmap(
-            lambda x_i, key_i: forward_with_key(model, params, x_i[None], key_i))(
-            x, jax.random.split(key, x.shape[0]))
-        return jax.tree.map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]),
-                            (outputs, residuals))
+    def backward_one(layer, layer_params, residuals_i, dy_i):
+        return layer.backward(layer_params, residuals_i, dy_i[None])
 
     def run(params, x, targets, clip_norm, key=None):
-        check(params)
-        outputs, residuals = forward(params, x, key)
+        coupled = batch_coupled_layers(model, params)
+        if coupled:
+            raise ValueError(f"ghost_clipped_sum: {model.name}: layers {coupled} normalise with "
+                             "their batch's statistics (BatchNorm), so one example's loss "
+                             "depends on the others and has no gradient of its own")
+        chain_params = params if chained else (params,)
+        keys = None if key is None else jax.random.split(key, x.shape[0])
+        key_axis = None if keys is None else 0
+        outputs, inputs, residuals = jax.vmap(one_example, in_axes=(None, 0, key_axis))(
+            chain_params, x, keys)
+        outputs = _fold_example_axis(outputs)
         dy = outputs.shape[0] * objective.loss.grad(outputs, targets)
-        kept, squares = {}, 0.0
+        squares, dense, formed = 0.0, {}, {}
         for index in reversed(range(len(layers))):
-            layer, layer_params, layer_residuals = layers[index], params[index], residuals[index]
+            layer, layer_params = layers[index], chain_params[index]
             if _is_dense(layer):
-                dy_squares = jnp.sum(dy * dy, axis=1)
-                squares = squares + (jnp.sum(layer_residuals * layer_residuals, axis=1) + 1) \
-                    * dy_squares
-                kept[index] = (layer_residuals, dy)
+                x_in = _fold_example_axis(inputs[index])
+                squares = squares + (jnp.sum(x_in * x_in, axis=1) + 1) * jnp.sum(dy * dy, axis=1)
+                dense[index] = (x_in, dy)
                 if index > 0:
                     dy = dy @ layer_params["w"].T
-            elif index > 0:
-                dy = layer.backward(layer_params, layer_residuals, dy)[1]
+                continue
+            grads_i, dx = jax.vmap(functools.partial(backward_one, layer, layer_params))(
+                residuals[index], dy)
+            if jax.tree.leaves(layer_params):
+                squares = squares + sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+                                        for leaf in jax.tree.leaves(grads_i))
+                formed[index] = grads_i
+            if index > 0:
+                dy = _fold_example_axis(dx)
         norms = jnp.sqrt(squares)
         scale = _clip_scale(norms, clip_norm)
         summed = []
-        for index, layer_params in enumerate(params):
-            if index in kept:
-                x_in, dy = kept[index]
+        for index, layer_params in enumerate(chain_params):
+            if index in dense:
+                x_in, dy = dense[index]
                 scaled = dy * scale[:, None]
                 summed.append({"w": x_in.T @ scaled, "b": jnp.sum(scaled, axis=0)})
+            elif index in formed:
+                summed.append(weighted_sum(formed[index], scale))
             else:
                 summed.append(jax.tree.map(jnp.zeros_like, layer_params))
-        summed = jax.tree.map(lambda g, p: g.astype(p.dtype), tuple(summed), params)
+        summed = tuple(summed) if chained else summed[0]
+        summed = jax.tree.map(lambda g, p: g.astype(p.dtype), summed, params)
         return objective.loss.value(outputs, targets), norms, summed
 
     return run
