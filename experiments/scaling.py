@@ -6,7 +6,8 @@
 Part 1, per example (`training.parallel.per_example_value_and_grad`), for the MLP (256 inputs,
 STEP 0's 768 hidden units, 10 outputs) and LeNet-5 at batch `--per-example-batch` (128), with
 each engine: the step time of a plain batch-gradient SGD step, of the same step from the mean
-of the per-example gradients, and of the DP-SGD step (clip to norm 1, noise multiplier 1);
+of the per-example gradients, and of the DP-SGD step (clip to norm 1, noise multiplier 1;
+with the manual engine also by ghost norms, `per_example="ghost"`);
 and the time of the per-example gradients by `jax.vmap`, by `lax.map` (a compiled loop), and
 by a Python loop over jitted single-example calls. Reported as ratios: per-example step /
 batch step, and loop / vmap.
@@ -169,10 +170,19 @@ def per_example_times(config: Config, engine: engines.Engine, model, objective, 
         lambda pair: single(params, pair[0][None], pair[1][None]), (x, targets)))
     key = jax.random.key(config.seed + 1)  # the DP-SGD noise
     repeat = config.repetitions
+    ghost = {}
+    if engine is engines.manual:  # the ghost norms run the hand-written backward themselves
+        private_ghost = parallel.private_value_and_grad(
+            model, objective, clip_norm=config.clip_norm,
+            noise_multiplier=config.noise_multiplier, per_example="ghost")
+        ghost_step = sgd_step(lambda *args: private_ghost(*args)[1], config.lr)
+        ghost["private_ghost_step"] = time_calls(lambda: ghost_step(params, x, targets, key),
+                                                 repeat)
     return {
         "batch_step": time_calls(lambda: batch_step(params, x, targets), repeat),
         "per_example_step": time_calls(lambda: per_example_step(params, x, targets), repeat),
         "private_step": time_calls(lambda: private_step(params, x, targets, key), repeat),
+        **ghost,
         "vmap": time_calls(lambda: vmapped(params, x, targets), repeat),
         "lax_map": time_calls(lambda: mapped(params, x, targets), repeat),
         "python_loop": time_calls(lambda: [single(params, x[i:i + 1], targets[i:i + 1])
@@ -194,6 +204,9 @@ def per_example_rows(config: Config) -> list[dict]:
                         if label != "python_loop"})
             row["per_example_over_batch_step"] = row["per_example_step_ms"] / row["batch_step_ms"]
             row["private_over_batch_step"] = row["private_step_ms"] / row["batch_step_ms"]
+            if "private_ghost_step_ms" in row:
+                row["private_ghost_over_batch_step"] = (row["private_ghost_step_ms"]
+                                                        / row["batch_step_ms"])
             row["loop_over_vmap"] = row["python_loop_ms"] / row["vmap_ms"]
             row["lax_map_over_vmap"] = row["lax_map_ms"] / row["vmap_ms"]
             rows.append(row)
@@ -331,8 +344,10 @@ def main(argv=None) -> int:
     if per_example:
         text += "Per-example gradients (median ms per call)\n\n" + results.markdown_table(
             per_example, ["model", "engine", "batch", "batch_step_ms", "per_example_step_ms",
-                          "private_step_ms", "per_example_over_batch_step",
-                          "private_over_batch_step", "vmap_ms", "lax_map_ms", "python_loop_ms",
+                          "private_step_ms", "private_ghost_step_ms",
+                          "per_example_over_batch_step", "private_over_batch_step",
+                          "private_ghost_over_batch_step", "vmap_ms", "lax_map_ms",
+                          "python_loop_ms",
                           "loop_over_vmap", "lax_map_over_vmap"]) + "\n"
     text += f"Data-parallel scaling, {config.model} (median of {config.repetitions} steps)\n\n"
     text += results.markdown_table(scaling, ["form", "engine", "mode", "devices", "batch",

@@ -609,6 +609,8 @@ def test_scaling_per_example_part_times_every_form_of_the_gradients():
         assert row["loop_over_vmap"] == row["python_loop_ms"] / row["vmap_ms"]
         assert row["per_example_over_batch_step"] == (row["per_example_step_ms"]
                                                       / row["batch_step_ms"])
+        assert row["private_ghost_over_batch_step"] == (row["private_ghost_step_ms"]
+                                                        / row["batch_step_ms"])
 
 
 # --- over 4 devices, in a subprocess ---------------------------------------------------------
