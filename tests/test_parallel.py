@@ -293,16 +293,27 @@ def wrapped_dropout_problem(batch, dtype):
     return model, nets.Objective(nets.mean_squared_error(), 0.0), cast(params, dtype), x, targets
 
 
-@pytest.mark.parametrize("name", ["lenet1989", "lstm", "wrapped_dropout", "dropout"])
+def embedding_problem(batch, dtype):
+    """Integer token ids into an Embedding (parameters, not Dense), flattened, then Dense."""
+    model = nets.serial(nets.Embedding(7, 4), nets.Flatten(), nets.Dense(3))
+    params = model.init(jax.random.key(0), (-1, 5))[1]
+    ids = jax.random.randint(jax.random.key(1), (batch, 5), 0, 7)
+    targets = jax.nn.one_hot(jnp.arange(batch) % 3, 3, dtype=dtype)
+    return (model, nets.Objective(nets.softmax_cross_entropy(), 0.0), cast(params, dtype), ids,
+            targets)
+
+
+@pytest.mark.parametrize("name", ["lenet1989", "lstm", "wrapped_dropout", "dropout",
+                                  "embedding"])
 def test_ghost_norms_form_the_other_layers_gradients_per_example(name):
     """Models with layers other than Dense: LeNet-1989 (its convolutions' gradients formed
     per example, its Dense output by ghost norms), an LSTM sequence model and an MLP behind
     `dropout_after` (neither serial at the top: the whole model per example, the latter's
-    masks from the key as the vmap path draws them), and a serial net with dropout between
-    Dense layers. Norms and clipped sum against the vmap path's per-example gradients under
-    the same key, float64 within 1e-10."""
+    masks from the key as the vmap path draws them), a serial net with dropout between
+    Dense layers, and token ids through an Embedding (integer inputs). Norms and clipped sum
+    against the vmap path's per-example gradients under the same key, float64 within 1e-10."""
     problems = {**PROBLEMS, "wrapped_dropout": wrapped_dropout_problem,
-                "dropout": dropout_problem}
+                "dropout": dropout_problem, "embedding": embedding_problem}
     model, objective, params, x, targets = problems[name](4, jnp.float64)
     data_objective = objective._replace(l2=0.0)
     key = jax.random.key(5) if model.stochastic else None
