@@ -18,8 +18,9 @@ mean); `gradient_norms` and `clip_gradients` give and bound each example's gradi
 `private_value_and_grad` is the DP-SGD gradient (Abadi et al. 2016, Algorithm 1): clip every
 example's loss gradient to norm C, average, add Gaussian noise of standard deviation sigma C / m
 from an explicit key; with per_example="ghost" (`ghost_clipped_sum`) the Dense layers' clipped
-sum comes from their inputs and output gradients, never from the examples' gradients. `pick_hardest_misclassified` ranks the misclassified examples by their
-gradient norm or loss, for the lecture's "pick misclassified examples" procedure.
+sum comes from their inputs and output gradients, never from the examples' gradients.
+`pick_hardest_misclassified` ranks the misclassified examples by their gradient norm or loss,
+for the lecture's "pick misclassified examples" procedure.
 
 Over devices, one step with three spellings (`form`), all over a 1-D mesh whose axis is
 `BATCH_AXIS` and all with any engine and any optax optimizer:
