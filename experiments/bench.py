@@ -702,7 +702,9 @@ def dp_sgd_rows(model, objective, args, batch_step, repeats):
 
     announce("per_example/dp_sgd: compiling the ghost and vmap DP-SGD steps")
     ghost, ghost_compile = benchmark.compile_jitted(private_step("ghost"), *args)
-    vmapped, vmap_compile = benchmark.compile_jitted(private_step("vmap"), *args)
+    # vmapped per-example gradients: without XLA's GPU autotuner, as the vmapped step above
+    vmapped, vmap_compile = benchmark.compile_jitted(
+        private_step("vmap"), *args, compiler_options=per_example_compiler_options())
     ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
     ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
     name = f"dp_sgd/mlp/b{args[1].shape[0]}"
