@@ -29,9 +29,9 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   per_example   vmap per-example gradient step / batch-gradient step (MLP, LeNet-5 at batch
                 128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
                 Also the MLP's DP-SGD step (`parallel.private_value_and_grad`) by ghost
-                norms against the same step by vmap, and against the batch step (no target).
-                The batch step is each model's default; vmap and the loop take LeNet-5 with
-                its "patches" convolutions, the faster per example.
+                norms against the same step by vmap, and against the batch step, and
+                `parallel.pick_hardest_misclassified` by ghost norms against vmap (no
+                targets). Every step takes each model's default (LeNet-5's "tiles").
   utilisation   MLP training FLOP/s over the FLOP/s of jit(a @ b) measured in the same run
                 (float32, width 1024, batch 256). Target >= 0.6 on CPU. On a GPU also in
                 bfloat16 (params, inputs and the matmul; --utilisation-dtypes): >= 0.5, and
@@ -684,6 +684,7 @@ def family_per_example(config, key):
                   loop.median_s / vmapped_again.median_s, "python_loop/vmap")
         if name == "mlp":
             yield from dp_sgd_rows(model, softmax, args, batch_step, config.repeats)
+            yield from pick_rows(model, softmax._replace(l2=1e-4), args)
 
 
 def dp_sgd_rows(model, objective, args, batch_step, repeats):
@@ -714,6 +715,28 @@ def dp_sgd_rows(model, objective, args, batch_step, repeats):
     ghost_again, batched = benchmark.compare(ghost, args, batch_step, args, repeats)
     yield row("per_example", f"{name}/vs_batch", "ghost_norms", ghost_again,
               ghost_again.median_s / batched.median_s, "ghost/batch")
+
+
+def pick_rows(model, objective, args):
+    """`parallel.pick_hardest_misclassified` (by gradient norm, the hardest eighth of the
+    batch, lambda > 0 so that the norms carry the penalty's share) with the norms by ghost
+    norms against the same pick with every example's gradient formed by vmap (no target)."""
+    count = max(1, args[1].shape[0] // 8)
+
+    def pick(per_example):
+        return parallel.pick_hardest_misclassified(model, objective, count=count,
+                                                   per_example=per_example)
+
+    announce("per_example/pick_hardest: compiling the ghost and vmap picks")
+    ghost, ghost_compile = benchmark.compile_jitted(pick("ghost"), *args)
+    vmapped, vmap_compile = benchmark.compile_jitted(
+        pick("vmap"), *args, compiler_options=per_example_compiler_options())
+    ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
+    ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
+    name = f"pick_hardest/mlp/b{args[1].shape[0]}"
+    yield row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
+              "ghost/vmap", temp_bytes=temp_bytes(ghost))
+    yield row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))
 
 
 # --- family: utilisation -------------------------------------------------------------------

@@ -328,6 +328,36 @@ def test_ghost_norms_form_the_other_layers_gradients_per_example(name):
     assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
 
 
+@pytest.mark.parametrize("name", ["mlp", "lenet1989", "lstm", "dropout"])
+def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name):
+    """`ghost_norms` and `ghost_clipped_sum` with lambda > 0: example i's gradient carries
+    its penalty share (lambda/m) w (`per_example_value_and_grad`), whose cross term
+    2 (lambda/m) <d_i, w> the ghost pass takes from the Dense layers' dx and the formed
+    gradients. Values, norms and the clipped sum against the vmap path's per-example
+    gradients, float64 within 1e-10 (the MLP, LeNet-1989 with its convolutions formed, the
+    LSTM model as one layer, dropout under a key). Dropping the c^2 ||w||^2 term fails all
+    four cases, the Dense layers' cross term the three with Dense layers, the formed
+    gradients' cross term LeNet-1989 and the LSTM."""
+    problems = {**PROBLEMS, "dropout": dropout_problem}
+    model, objective, params, x, targets = problems[name](5, jnp.float64)
+    assert objective.l2 > 0
+    key = jax.random.key(5) if model.stochastic else None
+    values, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets,
+                                                                          key)
+    norms = np.linalg.norm(flat_rows(grads), axis=1)
+    ghost_values, ghost_norms = jax.jit(parallel.ghost_norms(model, objective))(
+        params, x, targets, key)
+    assert relative_error(ghost_values, values) <= F64
+    assert relative_error(ghost_norms, norms) <= F64
+    clip = float(np.median(norms))
+    energy, clipped_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, objective),
+                                            static_argnums=3)(params, x, targets, clip, key)
+    assert relative_error(clipped_norms, norms) <= F64
+    expected = (flat_rows(grads) * np.minimum(1, clip / norms)[:, None]).sum(axis=0)
+    assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
+    assert abs(float(energy) - float(np.mean(values))) <= F64 * abs(float(np.mean(values)))
+
+
 def test_ghost_norms_refuse_what_they_cannot_compute():
     model = nets.build_mlp(6, 3, hidden_units=10, batch_norm=True)
     params = model.init(jax.random.key(0), (-1, 6))[1]
@@ -344,10 +374,24 @@ def test_ghost_norms_refuse_what_they_cannot_compute():
     with pytest.raises(ValueError, match=r"per_example must be one of \('vmap', 'ghost'\), "
                                          r"got 'fast'"):
         parallel.private_value_and_grad(mlp, mlp_objective, clip_norm=1.0, per_example="fast")
+    with pytest.raises(ValueError, match="pick_hardest_misclassified: per_example='ghost' runs "
+                                         "the hand-written backward itself; engine must be "
+                                         "engines.manual"):
+        parallel.pick_hardest_misclassified(mlp, mlp_objective, engines.autodiff, count=1,
+                                            per_example="ghost")
+    with pytest.raises(ValueError, match=r"pick_hardest_misclassified: per_example must be one "
+                                         r"of \('vmap', 'ghost'\), got 'fast'"):
+        parallel.pick_hardest_misclassified(mlp, mlp_objective, count=1, per_example="fast")
+    with pytest.raises(ValueError, match=r"ghost_norms: .*normalise with their batch's "
+                                         r"statistics"):
+        parallel.ghost_norms(model, objective)(params, x, targets)
 
 
+@pytest.mark.parametrize("per_example", parallel.PER_EXAMPLE_NORMS)
 @pytest.mark.parametrize("by", ["grad_norm", "loss"])
-def test_pick_hardest_misclassified(mlp_case, by):
+def test_pick_hardest_misclassified(mlp_case, by, per_example):
+    """The picks against a ranking by NumPy of the vmap path's per-example values and
+    gradient norms (lambda = 0.3: the norms include the penalty share), both ways."""
     model, objective, params, x, targets, values, grads = mlp_case
     wrong = np.asarray(metrics.predicted_labels(model.apply(params, x))
                        != metrics.target_labels(targets))
@@ -356,7 +400,8 @@ def test_pick_hardest_misclassified(mlp_case, by):
     assert 3 <= count < x.shape[0] - 2
     wrong_indices, right_indices = np.flatnonzero(wrong), np.flatnonzero(~wrong)
     for asked in (3, count + 2):  # fewer, then more than are misclassified
-        pick = jax.jit(parallel.pick_hardest_misclassified(model, objective, count=asked, by=by))
+        pick = jax.jit(parallel.pick_hardest_misclassified(model, objective, count=asked, by=by,
+                                                           per_example=per_example))
         indices, picked_wrong = pick(params, x, targets)
         hardest = np.concatenate([wrong_indices[np.argsort(-score[wrong])],
                                   right_indices[np.argsort(-score[~wrong])]])

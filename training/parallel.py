@@ -75,7 +75,7 @@ from jax.sharding import PartitionSpec as P
 
 from nets import engines
 from nets.layers import Layer, forward_with_key, layer_keys
-from nets.losses import Objective, l2_penalty, l2_penalty_grad
+from nets.losses import Objective, is_weight, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
 
@@ -87,6 +87,7 @@ __all__ = [
     "clip_gradients",
     "weighted_sum",
     "private_value_and_grad",
+    "ghost_norms",
     "ghost_clipped_sum",
     "PER_EXAMPLE_NORMS",
     "pick_hardest_misclassified",
@@ -263,9 +264,13 @@ def _is_dense(layer: Layer) -> bool:
     return layer.forward.__qualname__.startswith("Dense.")
 
 
+def _is_serial(model: Layer) -> bool:
+    return model.forward.__qualname__.startswith("serial.")
+
+
 def _chain(model: Layer) -> tuple[Layer, ...]:
     """The layers `ghost_clipped_sum` walks: a `serial` model's sublayers, or the model."""
-    return model.sublayers if model.forward.__qualname__.startswith("serial.") else (model,)
+    return model.sublayers if _is_serial(model) else (model,)
 
 
 def _fold_example_axis(leaf: jax.Array) -> jax.Array:
@@ -273,31 +278,47 @@ def _fold_example_axis(leaf: jax.Array) -> jax.Array:
     return leaf.reshape((leaf.shape[0],) + leaf.shape[2:])
 
 
-def ghost_clipped_sum(model: Layer, objective: Objective):
-    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers (ghost
-    norms; Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
-    targets, clip_norm, key=None) -> (E, norms (batch,), clipped sum like params)`.
+class _GhostPass(NamedTuple):
+    """What `_ghost_pass` leaves for the clipped sum: the model's outputs (batch, ...), each
+    example's squared gradient norm (batch,), the Dense layers' inputs and output gradients
+    {chain index: (x (batch, in), dy (batch, out))}, the other layers' per-example gradients
+    {chain index: grads with a leading (batch,) axis}, and the chain's params."""
+    outputs: jax.Array
+    squares: jax.Array
+    dense: dict[int, tuple[jax.Array, jax.Array]]
+    formed: dict[int, Any]
+    chain_params: tuple
 
-    The model runs as a chain: a `serial` model's layers, or the model as one layer. Every
-    layer runs on each example alone (vmapped over batches of one, as in
-    `per_example_value_and_grad`: with a key, example i's dropout masks come from
-    split(key, batch)[i]), and the hand-written backward runs back through the chain with
-    every example's own loss gradient dy (m times `loss.grad`, each loss being a mean over
-    the m examples):
-    - a Dense layer keeps its input x and dy: example i's gradient there is x_i^T dy_i and
-      dy_i (the bias), never formed. Its share of ||g_i||^2 is (||x_i||^2 + 1) ||dy_i||^2,
-      and its clipped sum is dw = x^T (s * dy), db = sum_i s_i dy_i with
-      s_i = min(1, C / ||g_i||): the batch gradient's two products;
-    - any other layer with parameters (a convolution, a recurrent layer, the whole model when
-      it is not serial) forms its own per-example gradients (usually small: a convolution's
-      kernels), adds their squares to ||g_i||^2 and their s-weighted sum (`weighted_sum`) to
-      the clipped sum;
-    - a layer without parameters passes dy back.
-    A model whose examples are coupled (BatchNorm with the batch's statistics) is refused
-    by name, as in `per_example_value_and_grad`.
+
+def _is_python_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
+def _weight_dot(grads_i: Any, layer_params: Any) -> jax.Array:
+    """sum over a layer's weights ("w" leaves) of <g_i, w> per example: (batch,)."""
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(grads_i)[0]
+    weights = jax.tree.leaves(layer_params)
+    return sum((jnp.sum((leaf * weight[None]).reshape(leaf.shape[0], -1), axis=1)
+                for (path, leaf), weight in zip(paths_and_leaves, weights) if is_weight(path)),
+               jnp.zeros(()))
+
+
+def _ghost_pass(model: Layer, objective: Objective, caller: str):
+    """The forward and backward pass behind `ghost_norms` and `ghost_clipped_sum`:
+    `run(params, x, targets, key) -> _GhostPass`.
+
+    Example i's gradient is g_i = d_i + c w with d_i its loss's gradient and c = lambda/m on
+    the weights (E_i's penalty share, as in `per_example_value_and_grad`), so
+
+        ||g_i||^2 = ||d_i||^2 + 2 c <d_i, w> + c^2 ||w||^2.
+
+    A Dense layer's d_i is (x_i^T dy_i, dy_i): its ||d_i||^2 is (||x_i||^2 + 1) ||dy_i||^2 and
+    its <d_i, w> is x_i . (dy_i w^T), the latter the dx the backward forms anyway. A Python
+    lambda of 0 drops the penalty's terms from the program.
     """
     layers = _chain(model)
-    chained = model.forward.__qualname__.startswith("serial.")
+    chained = _is_serial(model)
+    penalised = not _is_python_zero(objective.l2)
 
     def one_example(params, x_i, key_i):
         """Each layer's input and residuals and the output, for a batch of one."""
@@ -314,19 +335,21 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
     def backward_one(layer, layer_params, residuals_i, dy_i):
         return layer.backward(layer_params, residuals_i, dy_i[None])
 
-    def run(params, x, targets, clip_norm, key=None):
+    def run(params, x, targets, key):
         coupled = batch_coupled_layers(model, params)
         if coupled:
-            raise ValueError(f"ghost_clipped_sum: {model.name}: layers {coupled} normalise with "
+            raise ValueError(f"{caller}: {model.name}: layers {coupled} normalise with "
                              "their batch's statistics (BatchNorm), so one example's loss "
                              "depends on the others and has no gradient of its own")
         chain_params = params if chained else (params,)
-        keys = None if key is None else jax.random.split(key, x.shape[0])
+        examples = x.shape[0]
+        share = objective.l2 / examples  # c, each example's penalty coefficient
+        keys = None if key is None else jax.random.split(key, examples)
         key_axis = None if keys is None else 0
         outputs, inputs, residuals = jax.vmap(one_example, in_axes=(None, 0, key_axis))(
             chain_params, x, keys)
         outputs = _fold_example_axis(outputs)
-        dy = outputs.shape[0] * objective.loss.grad(outputs, targets)
+        dy = examples * objective.loss.grad(outputs, targets)
         squares, dense, formed = 0.0, {}, {}
         for index in reversed(range(len(layers))):
             layer, layer_params = layers[index], chain_params[index]
@@ -334,39 +357,109 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
                 x_in = _fold_example_axis(inputs[index])
                 squares = squares + (jnp.sum(x_in * x_in, axis=1) + 1) * jnp.sum(dy * dy, axis=1)
                 dense[index] = (x_in, dy)
-                if index > 0:
-                    dy = dy @ layer_params["w"].T
+                if index > 0 or penalised:
+                    dx = dy @ layer_params["w"].T
+                    if penalised:
+                        squares = squares + 2 * share * jnp.sum(x_in * dx, axis=1)
+                    dy = dx
                 continue
             grads_i, dx = jax.vmap(functools.partial(backward_one, layer, layer_params))(
                 residuals[index], dy)
             if jax.tree.leaves(layer_params):
                 squares = squares + sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
                                         for leaf in jax.tree.leaves(grads_i))
+                if penalised:
+                    squares = squares + 2 * share * _weight_dot(grads_i, layer_params)
                 formed[index] = grads_i
             if index > 0:
                 dy = _fold_example_axis(dx)
-        norms = jnp.sqrt(squares)
+        if penalised:  # c^2 ||w||^2 = 2 c (lambda / 2m) ||w||^2
+            squares = squares + 2 * share * l2_penalty(params, objective.l2, examples)
+        return _GhostPass(outputs, squares, dense, formed, chain_params)
+
+    return run
+
+
+def ghost_norms(model: Layer, objective: Objective) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Each example's share of E and the norm of its gradient, without forming the Dense
+    layers' per-example gradients (ghost norms; Goodfellow 2015, "Efficient per-example
+    gradient computations"; `ghost_clipped_sum` describes the pass).
+
+    Returns `norms(params, x, targets, key=None) -> (values (batch,), norms (batch,))`:
+    values[i] = loss_i + lambda/(2m) sum w^2 and norms[i] = ||dE_i/dparams||, the values of
+    `per_example_value_and_grad` and the `gradient_norms` of its gradients, up to rounding.
+    The hand-written backward only (the manual engine's).
+    """
+    run_pass = _ghost_pass(model, objective, "ghost_norms")
+
+    def loss_of_one(output_i, target_i):
+        return objective.loss.value(output_i[None], target_i[None])
+
+    def norms(params, x, targets, key=None):
+        ghost = run_pass(params, x, targets, key)
+        penalty = l2_penalty(params, objective.l2, x.shape[0])
+        values = jax.vmap(loss_of_one)(ghost.outputs, targets) + penalty
+        return values, jnp.sqrt(ghost.squares)
+
+    return norms
+
+
+def ghost_clipped_sum(model: Layer, objective: Objective):
+    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers (ghost
+    norms; Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
+    targets, clip_norm, key=None) -> (E, norms (batch,), clipped sum like params)`, g_i being
+    dE_i/dparams as in `per_example_value_and_grad` (its penalty share included).
+
+    The model runs as a chain: a `serial` model's layers, or the model as one layer. Every
+    layer runs on each example alone (vmapped over batches of one, as in
+    `per_example_value_and_grad`: with a key, example i's dropout masks come from
+    split(key, batch)[i]), and the hand-written backward runs back through the chain with
+    every example's own loss gradient dy (m times `loss.grad`, each loss being a mean over
+    the m examples):
+    - a Dense layer keeps its input x and dy: example i's gradient there is x_i^T dy_i and
+      dy_i (the bias), never formed. Its share of ||g_i||^2 is (||x_i||^2 + 1) ||dy_i||^2,
+      and its clipped sum is dw = x^T (s * dy), db = sum_i s_i dy_i with
+      s_i = min(1, C / ||g_i||): the batch gradient's two products;
+    - any other layer with parameters (a convolution, a recurrent layer, the whole model when
+      it is not serial) forms its own per-example gradients (usually small: a convolution's
+      kernels), adds their squares to ||g_i||^2 and their s-weighted sum (`weighted_sum`) to
+      the clipped sum;
+    - a layer without parameters passes dy back;
+    - with lambda > 0, the penalty's share (lambda/m) w adds to every example's gradient
+      (`_ghost_pass` gives its terms in the norms), and (lambda/m) (sum_i s_i) w to the sum.
+    A model whose examples are coupled (BatchNorm with the batch's statistics) is refused
+    by name, as in `per_example_value_and_grad`.
+    """
+    run_pass = _ghost_pass(model, objective, "ghost_clipped_sum")
+
+    def run(params, x, targets, clip_norm, key=None):
+        ghost = run_pass(params, x, targets, key)
+        norms = jnp.sqrt(ghost.squares)
         scale = _clip_scale(norms, clip_norm)
         summed = []
-        for index, layer_params in enumerate(chain_params):
-            if index in dense:
-                x_in, dy = dense[index]
+        for index, layer_params in enumerate(ghost.chain_params):
+            if index in ghost.dense:
+                x_in, dy = ghost.dense[index]
                 scaled = dy * scale[:, None]
                 summed.append({"w": x_in.T @ scaled, "b": jnp.sum(scaled, axis=0)})
-            elif index in formed:
-                summed.append(weighted_sum(formed[index], scale))
+            elif index in ghost.formed:
+                summed.append(weighted_sum(ghost.formed[index], scale))
             else:
                 summed.append(jax.tree.map(jnp.zeros_like, layer_params))
-        summed = tuple(summed) if chained else summed[0]
+        summed = tuple(summed) if _is_serial(model) else summed[0]
+        if not _is_python_zero(objective.l2):
+            penalty = l2_penalty_grad(params, objective.l2, x.shape[0])
+            summed = jax.tree.map(lambda g, p: g + jnp.sum(scale) * p, summed, penalty)
         summed = jax.tree.map(lambda g, p: g.astype(p.dtype), summed, params)
-        return objective.loss.value(outputs, targets), norms, summed
+        energy = objective.loss.value(ghost.outputs, targets)
+        return energy + l2_penalty(params, objective.l2, x.shape[0]), norms, summed
 
     return run
 
 
 def pick_hardest_misclassified(
     model: Layer, objective: Objective, engine: engines.Engine = engines.manual, *,
-    count: int, by: str = "grad_norm", threshold: float = 0.0,
+    count: int, by: str = "grad_norm", threshold: float = 0.0, per_example: str = "vmap",
 ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """The `count` misclassified examples with the largest gradient norm (or loss).
 
@@ -376,17 +469,34 @@ def pick_hardest_misclassified(
     misclassified, the rest are the correctly classified examples with the largest scores.
     Returns `pick(params, x, targets) -> (indices (count,), misclassified (count,) bool)`.
     Shapes: x (batch, ...), targets (batch, classes) one-hot or +-1 (`training.metrics`).
+
+    per_example="vmap" forms every example's gradient (`per_example_value_and_grad`, any
+    engine); "ghost" takes the norms by `ghost_norms` (the manual engine), the same ranking
+    up to rounding without the Dense layers' per-example gradients.
     """
     if by not in ("grad_norm", "loss"):
         raise ValueError(f"pick_hardest_misclassified: by={by!r}; choose 'grad_norm' or 'loss'")
-    value_and_grads = per_example_value_and_grad(model, objective, engine)
+    if per_example not in PER_EXAMPLE_NORMS:
+        raise ValueError(f"pick_hardest_misclassified: per_example must be one of "
+                         f"{PER_EXAMPLE_NORMS}, got {per_example!r}")
+    if per_example == "ghost":
+        if engine is not engines.manual:
+            raise ValueError("pick_hardest_misclassified: per_example='ghost' runs the "
+                             "hand-written backward itself; engine must be engines.manual")
+        values_and_norms = ghost_norms(model, objective)
+    else:
+        value_and_grads = per_example_value_and_grad(model, objective, engine)
+
+        def values_and_norms(params, x, targets):
+            values, grads = value_and_grads(params, x, targets)
+            return values, gradient_norms(grads)
 
     def pick(params, x, targets):
         if not 1 <= count <= x.shape[0]:
             raise ValueError(f"pick_hardest_misclassified: count must be in [1, {x.shape[0]}],"
                              f" got {count}")
-        values, grads = value_and_grads(params, x, targets)
-        score = gradient_norms(grads) if by == "grad_norm" else values
+        values, norms = values_and_norms(params, x, targets)
+        score = norms if by == "grad_norm" else values
         wrong = predicted_labels(model.apply(params, x), threshold) != target_labels(targets)
         # misclassified first, each group by descending score (lexsort: last key is primary)
         order = jnp.lexsort((-score, ~wrong))
