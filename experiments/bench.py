@@ -28,7 +28,7 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 torch_grad_rel_err; a larger difference stops the bench (ValueError).
   per_example   vmap per-example gradient step / batch-gradient step (MLP, LeNet-5 at batch
                 128; targets <= 2 and <= 4), and a Python loop over examples / vmap (>= 10).
-                Also the MLP's DP-SGD step (`parallel.private_value_and_grad`) by ghost
+                Also each model's DP-SGD step (`parallel.private_value_and_grad`) by ghost
                 norms against the same step by vmap, and against the batch step, and
                 `parallel.pick_hardest_misclassified` by ghost norms against vmap (no
                 targets). Every step takes each model's default (LeNet-5's "tiles").
@@ -682,12 +682,12 @@ def family_per_example(config, key):
                                                 max(10, config.repeats // 2))
         yield row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
                   loop.median_s / vmapped_again.median_s, "python_loop/vmap")
+        yield from dp_sgd_rows(name, model, softmax, args, batch_step, config.repeats)
         if name == "mlp":
-            yield from dp_sgd_rows(model, softmax, args, batch_step, config.repeats)
             yield from pick_rows(model, softmax._replace(l2=1e-4), args)
 
 
-def dp_sgd_rows(model, objective, args, batch_step, repeats):
+def dp_sgd_rows(model_name, model, objective, args, batch_step, repeats):
     """The DP-SGD step (`parallel.private_value_and_grad`, C = 1, no noise, SGD lr 0.01) with
     each example's gradient formed by vmap against the same step by ghost norms (no target),
     and the ghost step against the plain batch step."""
@@ -701,14 +701,14 @@ def dp_sgd_rows(model, objective, args, batch_step, repeats):
 
         return step
 
-    announce("per_example/dp_sgd: compiling the ghost and vmap DP-SGD steps")
+    announce(f"per_example/dp_sgd/{model_name}: compiling the ghost and vmap DP-SGD steps")
     ghost, ghost_compile = benchmark.compile_jitted(private_step("ghost"), *args)
     # vmapped per-example gradients: without XLA's GPU autotuner, as the vmapped step above
     vmapped, vmap_compile = benchmark.compile_jitted(
         private_step("vmap"), *args, compiler_options=per_example_compiler_options())
     ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
     ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
-    name = f"dp_sgd/mlp/b{args[1].shape[0]}"
+    name = f"dp_sgd/{model_name}/b{args[1].shape[0]}"
     yield row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
               "ghost/vmap", temp_bytes=temp_bytes(ghost))
     yield row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Layer, is_count
+from nets.layers import Factors, Layer, is_count
 
 __all__ = [
     "Conv2D",
@@ -999,7 +999,22 @@ def Conv2D(
     def curvature(params, residuals, d2y):
         return transpose(params["w"], residuals, d2y, 2)
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def factors(params, x, dy):
+        """Example n's dw = patches_n^T dy_n over its T windows (patches (T, kh kw C), dy
+        (T, O), times the table's mask) and db = 1^T dy_n, or dy_n itself for unshared
+        biases (`Factors`). One group only."""
+        batch, windows = x.shape[0], dy.shape[1] * dy.shape[2]
+        patches = conv2d_gather_patches(x, call_geometry(x.shape[1:3]).pads, pad_value, kernel,
+                                        strides).reshape(batch, windows, -1)
+        w_mask = None if mask is None else jnp.broadcast_to(
+            jnp.asarray(mask, dy.dtype)[None, None], params["w"].shape).reshape(-1, out_channels)
+        rows = dy.reshape(batch, windows, out_channels)
+        ones = jnp.ones((batch, 1 if unshared_bias else windows, 1), dy.dtype)
+        bias = dy.reshape(batch, 1, -1) if unshared_bias else rows
+        return {"w": Factors(patches, rows, w_mask), "b": Factors(ones, bias)}
+
+    return Layer(name, init, forward, backward, curvature=curvature,
+                 factors=factors if groups == 1 else None)
 
 
 def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> str:

@@ -33,6 +33,13 @@ diagonal of d2E/dy2 per example, it returns the diagonal d2E/dparams2 (summed ov
 and d2E/dx2, treating each layer's Jacobian J as if the second derivatives it connects were
 diagonal: d2x_i = sum_j J_ji^2 d2y_j, and for an elementwise f, d2x = f'(x)^2 d2y (the f''
 term dropped). Layers without it leave the field None.
+
+`factors` (optional, Dense and Conv2D) writes each example's parameter gradient as a product,
+for per-example gradient norms that never form it (`training.parallel.ghost_norms`):
+`factors(params, x, dy) -> {leaf key: Factors(a, b, mask)}` for every leaf, x and dy the
+layer's input and output gradient over a batch, such that example n's gradient of that leaf
+is (mask * a[n]^T b[n]).reshape(leaf.shape), a (batch, T, K) and b (batch, T, C): a sum of T
+outer products (T = 1 for Dense: x_n^T dy_n; a convolution's windows: patches^T dy).
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ __all__ = [
     "forward_with_key",
     "layer_keys",
     "StaticShape",
+    "Factors",
 ]
 
 Shape = tuple[int, ...]
@@ -69,6 +77,19 @@ Params = Any
 InitFn = Callable[[jax.Array, Shape], tuple[Shape, Params]]
 ForwardFn = Callable[[Params, jax.Array], tuple[jax.Array, Any]]
 BackwardFn = Callable[[Params, Any, jax.Array], tuple[Params, jax.Array]]
+
+
+class Factors(NamedTuple):
+    """One parameter leaf's per-example gradient as a product (module docstring, `factors`):
+    example n's is (mask * a[n]^T b[n]).reshape(leaf.shape). a (batch, T, K), b (batch, T, C),
+    mask (K, C) or None (a connection table's zeros)."""
+
+    a: jax.Array
+    b: jax.Array
+    mask: jax.Array | None = None
+
+
+FactorsFn = Callable[[Params, jax.Array, jax.Array], dict[str, Factors]]
 
 
 @jax.tree_util.register_static
@@ -87,7 +108,8 @@ class Layer(NamedTuple):
     `sublayers` lists the parts of a combinator such as `serial` (empty for a plain layer),
     so that reports can name each layer's parameters. `curvature` is the optional
     Gauss-Newton diagonal backward (module docstring), with backward's signature.
-    `stochastic` marks a forward that takes a keyword `key` (module docstring).
+    `stochastic` marks a forward that takes a keyword `key` (module docstring). `factors`
+    is the optional per-example gradient as products (module docstring).
     """
 
     name: str
@@ -97,6 +119,7 @@ class Layer(NamedTuple):
     sublayers: tuple["Layer", ...] = ()
     curvature: BackwardFn | None = None
     stochastic: bool = False
+    factors: FactorsFn | None = None
 
     def apply(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The layer's output: `forward` without the residuals (key: `forward_with_key`)."""
@@ -203,7 +226,12 @@ def Dense(
         """d2w = (x^2)^T d2y, d2b = sum_batch d2y, d2x = d2y (w^2)^T."""
         return backward({"w": params["w"] ** 2}, x**2, d2y)
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def factors(params, x, dy):
+        """Example n's dw = x_n^T dy_n and db = 1^T dy_n: one outer product each (T = 1)."""
+        return {"w": Factors(x[:, None, :], dy[:, None, :]),
+                "b": Factors(jnp.ones((x.shape[0], 1, 1), dy.dtype), dy[:, None, :])}
+
+    return Layer(name, init, forward, backward, curvature=curvature, factors=factors)
 
 
 def Embedding(

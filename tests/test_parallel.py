@@ -71,6 +71,31 @@ def dropout_problem(batch, dtype):
 PROBLEMS = {"mlp": mlp_problem, "lenet1989": lenet_problem, "lstm": lstm_problem}
 
 
+def lenet5_problem(batch, dtype):
+    """LeNet-5 (its C3 table, trainable subsampling, C5 a convolution seeing its whole input)
+    on 32 x 32 inputs, softmax cross-entropy with L2."""
+    model = models.lenet5()
+    params = model.init(jax.random.key(0), (-1, 32, 32, 1))[1]
+    x_key, label_key = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(x_key, (batch, 32, 32, 1), dtype)
+    targets = jax.nn.one_hot(jax.random.randint(label_key, (batch,), 0, 10), 10, dtype=dtype)
+    return model, nets.Objective(nets.softmax_cross_entropy(), 0.2), cast(params, dtype), x, targets
+
+
+def gram_conv_problem(batch, dtype):
+    """A convolution with few windows and a large kernel, so that its weights' norms come from
+    the Gram matrices over T = 9 windows (9 (72 + 16) <= 72 x 16), padded unevenly with -1;
+    then one with unshared biases and a stride, and a Dense output; MSE with L2."""
+    model = nets.serial(
+        nets.Conv2D(16, 3, padding=((1, 0), (0, 1)), pad_value=-1.0, name="gram"), nets.Tanh(),
+        nets.Conv2D(5, 2, stride=2, unshared_bias=True, name="unshared"), nets.Tanh(),
+        nets.Flatten(), nets.Dense(3))
+    params = model.init(jax.random.key(0), (-1, 4, 4, 8))[1]
+    x = jax.random.normal(jax.random.key(1), (batch, 4, 4, 8), dtype)
+    targets = jax.random.normal(jax.random.key(2), (batch, 3), dtype)
+    return model, nets.Objective(nets.mean_squared_error(), 0.1), cast(params, dtype), x, targets
+
+
 def cast(tree, dtype):
     return jax.tree.map(lambda leaf: leaf.astype(dtype), tree)
 
@@ -328,17 +353,21 @@ def test_ghost_norms_form_the_other_layers_gradients_per_example(name):
     assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet1989", "lstm", "dropout"])
+@pytest.mark.parametrize("name", ["mlp", "lenet1989", "lstm", "dropout", "lenet5", "gram_conv"])
 def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name):
     """`ghost_norms` and `ghost_clipped_sum` with lambda > 0: example i's gradient carries
     its penalty share (lambda/m) w (`per_example_value_and_grad`), whose cross term
     2 (lambda/m) <d_i, w> the ghost pass takes from the Dense layers' dx and the formed
     gradients. Values, norms and the clipped sum against the vmap path's per-example
     gradients, float64 within 1e-10 (the MLP, LeNet-1989 with its convolutions formed, the
-    LSTM model as one layer, dropout under a key). Dropping the c^2 ||w||^2 term fails all
-    four cases, the Dense layers' cross term the three with Dense layers, the formed
-    gradients' cross term LeNet-1989 and the LSTM."""
-    problems = {**PROBLEMS, "dropout": dropout_problem}
+    LSTM model as one layer, dropout under a key, LeNet-5 with C5 by its Gram matrices and
+    C3's table formed, and `gram_conv_problem`'s convolutions by Gram matrices over 9
+    windows and over one). Dropping the c^2 ||w||^2 term fails all six, the Gram path's
+    cross term the five with Dense layers or such convolutions, the formed gradients' cross
+    term LeNet-1989 and the LSTM; keeping only the Gram matrices' diagonals fails
+    "gram_conv"."""
+    problems = {**PROBLEMS, "dropout": dropout_problem, "lenet5": lenet5_problem,
+                "gram_conv": gram_conv_problem}
     model, objective, params, x, targets = problems[name](5, jnp.float64)
     assert objective.l2 > 0
     key = jax.random.key(5) if model.stochastic else None
@@ -356,6 +385,48 @@ def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name
     expected = (flat_rows(grads) * np.minimum(1, clip / norms)[:, None]).sum(axis=0)
     assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
     assert abs(float(energy) - float(np.mean(values))) <= F64 * abs(float(np.mean(values)))
+
+
+@pytest.mark.parametrize("layer, input_shape", [
+    (nets.Dense(4), (5,)),
+    (nets.Conv2D(3, 3, stride=2, padding="SAME"), (7, 6, 2)),
+    (nets.Conv2D(4, (3, 2), padding=((2, 1), (0, 1)), pad_value=-1.0, unshared_bias=True),
+     (5, 5, 3)),
+    (nets.Conv2D(4, 2, connection_table=np.array([[1, 0, 1, 1], [0, 1, 1, 0]], bool)),
+     (4, 4, 2)),
+])
+def test_factors_give_each_examples_gradient(layer, input_shape):
+    """`Layer.factors` against the layer's own backward on each example alone (a batch of
+    one; the backward is checked against jax.grad in the layer tests): example n's gradient
+    of every leaf is (mask * a[n]^T b[n]).reshape(leaf.shape), float64 within 1e-10. Strides,
+    SAME and uneven padding with a pad value, unshared biases and a connection table."""
+    params = cast(layer.init(jax.random.key(0), (-1, *input_shape))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, *input_shape), jnp.float64)
+    y, residuals = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    factors = layer.factors(params, x, dy)
+    assert sorted(factors) == sorted(params)
+    for n in range(x.shape[0]):
+        expected = layer.backward(params, layer.forward(params, x[n:n + 1])[1], dy[n:n + 1])[0]
+        for key, (a, b, mask) in factors.items():
+            product = a[n].T @ b[n]
+            product = product if mask is None else product * mask
+            assert relative_error(product.reshape(params[key].shape), expected[key]) <= F64
+
+
+def test_grouped_convolutions_have_no_factors_and_are_formed():
+    """A grouped convolution gives no factors (its kernel is block-diagonal): ghost norms form
+    its per-example gradients, the same norms as the vmap path's within 1e-10."""
+    model = nets.serial(nets.Conv2D(4, 2, feature_group_count=2), nets.Tanh(), nets.Flatten(),
+                        nets.Dense(2))
+    assert model.sublayers[0].factors is None
+    params = cast(model.init(jax.random.key(0), (-1, 3, 3, 2))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 3, 3, 2), jnp.float64)
+    targets = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
+    objective = nets.Objective(nets.mean_squared_error(), 0.1)
+    _, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets)
+    _, norms = parallel.ghost_norms(model, objective)(params, x, targets)
+    assert relative_error(norms, np.linalg.norm(flat_rows(grads), axis=1)) <= F64
 
 
 def test_ghost_norms_refuse_what_they_cannot_compute():

@@ -74,7 +74,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nets import engines
-from nets.layers import Layer, forward_with_key, layer_keys
+from nets.layers import Factors, Layer, forward_with_key, layer_keys
 from nets.losses import Objective, is_weight, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
@@ -260,10 +260,6 @@ def _vmap_clipped_sum(model: Layer, objective: Objective, engine: engines.Engine
     return run
 
 
-def _is_dense(layer: Layer) -> bool:
-    return layer.forward.__qualname__.startswith("Dense.")
-
-
 def _is_serial(model: Layer) -> bool:
     return model.forward.__qualname__.startswith("serial.")
 
@@ -280,12 +276,12 @@ def _fold_example_axis(leaf: jax.Array) -> jax.Array:
 
 class _GhostPass(NamedTuple):
     """What `_ghost_pass` leaves for the clipped sum: the model's outputs (batch, ...), each
-    example's squared gradient norm (batch,), the Dense layers' inputs and output gradients
-    {chain index: (x (batch, in), dy (batch, out))}, the other layers' per-example gradients
-    {chain index: grads with a leading (batch,) axis}, and the chain's params."""
+    example's squared gradient norm (batch,), the factored layers' `Factors` {chain index:
+    {leaf key: Factors}}, the other layers' per-example gradients {chain index: grads with a
+    leading (batch,) axis}, and the chain's params."""
     outputs: jax.Array
     squares: jax.Array
-    dense: dict[int, tuple[jax.Array, jax.Array]]
+    factored: dict[int, dict[str, Factors]]
     formed: dict[int, Any]
     chain_params: tuple
 
@@ -303,6 +299,54 @@ def _weight_dot(grads_i: Any, layer_params: Any) -> jax.Array:
                jnp.zeros(()))
 
 
+def _by_gram(factors: Factors) -> bool:
+    """Whether ||a_n^T b_n||^2 costs less as <a_n a_n^T, b_n b_n^T> (T^2 (K + C) per example)
+    than formed (T K C): few windows against a large kernel (Dense, T = 1; a convolution
+    that sees most of its input). A masked leaf is formed (the mask is not in the Gram
+    matrices)."""
+    _, windows, k = factors.a.shape
+    c = factors.b.shape[2]
+    return factors.mask is None and windows * (k + c) <= k * c
+
+
+def _gram_squares(factors: Factors, leaf: jax.Array, share, weight: bool) -> jax.Array:
+    """||g_n||^2 = <a_n a_n^T, b_n b_n^T> of one factored leaf, plus 2 c <g_n, w> =
+    2 c sum(a_n * (b_n w^T)) for a weight when c = share is not None (the penalty's cross
+    term): (batch,)."""
+    a, b = factors.a, factors.b
+    squares = jnp.sum(jnp.einsum("ntk,nsk->nts", a, a) * jnp.einsum("ntc,nsc->nts", b, b),
+                      axis=(1, 2))
+    if share is None or not weight:
+        return squares
+    w = leaf.reshape(a.shape[2], b.shape[2])
+    return squares + 2 * share * jnp.sum(jnp.einsum("ntc,kc->ntk", b, w) * a, axis=(1, 2))
+
+
+def _factored_sum(factors: Factors, leaf: jax.Array, scale: jax.Array) -> jax.Array:
+    """sum_n scale_n g_n of one factored leaf: one product over examples and windows."""
+    a = factors.a.reshape(-1, factors.a.shape[2])
+    b = (factors.b * scale[:, None, None]).reshape(-1, factors.b.shape[2])
+    summed = a.T @ b  # as the batch gradient's product (faster on CPU than the 3-D einsum)
+    if factors.mask is not None:
+        summed = summed * factors.mask
+    return summed.reshape(leaf.shape)
+
+
+def _gram_leaves(layer: Layer, layer_params: Any, x: jax.Array, dy: jax.Array
+                 ) -> dict[str, Factors]:
+    """The leaves of a layer with `factors` whose norms `_by_gram` takes from the Gram
+    matrices, with their factors ({} for a layer without factors)."""
+    if layer.factors is None:
+        return {}
+    return {key: factors for key, factors in layer.factors(layer_params, x, dy).items()
+            if _by_gram(factors)}
+
+
+def _like(grads: Any, params: Any) -> Any:
+    """The params with grads' structure: a layer's params dict cut to grads' keys."""
+    return {key: params[key] for key in grads} if isinstance(grads, dict) else params
+
+
 def _ghost_pass(model: Layer, objective: Objective, caller: str):
     """The forward and backward pass behind `ghost_norms` and `ghost_clipped_sum`:
     `run(params, x, targets, key) -> _GhostPass`.
@@ -312,9 +356,11 @@ def _ghost_pass(model: Layer, objective: Objective, caller: str):
 
         ||g_i||^2 = ||d_i||^2 + 2 c <d_i, w> + c^2 ||w||^2.
 
-    A Dense layer's d_i is (x_i^T dy_i, dy_i): its ||d_i||^2 is (||x_i||^2 + 1) ||dy_i||^2 and
-    its <d_i, w> is x_i . (dy_i w^T), the latter the dx the backward forms anyway. A Python
-    lambda of 0 drops the penalty's terms from the program.
+    A layer with `factors` (Dense, Conv2D) gives each leaf's d_i as a_i^T b_i over T rows:
+    where `_by_gram`, ||d_i||^2 is <a_i a_i^T, b_i b_i^T> (T = 1 for Dense:
+    ||x_i||^2 ||dy_i||^2) and <d_i, w> is sum(a_i * (b_i w^T)); other leaves are formed by
+    the backward per example. A Python lambda of 0 drops the penalty's terms from the
+    program.
     """
     layers = _chain(model)
     chained = _is_serial(model)
@@ -343,39 +389,37 @@ def _ghost_pass(model: Layer, objective: Objective, caller: str):
                              "depends on the others and has no gradient of its own")
         chain_params = params if chained else (params,)
         examples = x.shape[0]
-        share = objective.l2 / examples  # c, each example's penalty coefficient
+        share = objective.l2 / examples if penalised else None  # c, each example's share
         keys = None if key is None else jax.random.split(key, examples)
         key_axis = None if keys is None else 0
         outputs, inputs, residuals = jax.vmap(one_example, in_axes=(None, 0, key_axis))(
             chain_params, x, keys)
         outputs = _fold_example_axis(outputs)
         dy = examples * objective.loss.grad(outputs, targets)
-        squares, dense, formed = 0.0, {}, {}
+        squares, factored, formed = 0.0, {}, {}
         for index in reversed(range(len(layers))):
             layer, layer_params = layers[index], chain_params[index]
-            if _is_dense(layer):
-                x_in = _fold_example_axis(inputs[index])
-                squares = squares + (jnp.sum(x_in * x_in, axis=1) + 1) * jnp.sum(dy * dy, axis=1)
-                dense[index] = (x_in, dy)
-                if index > 0 or penalised:
-                    dx = dy @ layer_params["w"].T
-                    if penalised:
-                        squares = squares + 2 * share * jnp.sum(x_in * dx, axis=1)
-                    dy = dx
-                continue
             grads_i, dx = jax.vmap(functools.partial(backward_one, layer, layer_params))(
                 residuals[index], dy)
-            if jax.tree.leaves(layer_params):
+            by_gram = _gram_leaves(layer, layer_params, _fold_example_axis(inputs[index]), dy)
+            for leaf_key, leaf_factors in by_gram.items():
+                squares = squares + _gram_squares(leaf_factors, layer_params[leaf_key], share,
+                                                  leaf_key == "w")
+            if by_gram:  # XLA drops these leaves' per-example gradients from the program
+                factored[index] = by_gram
+                grads_i = {key: leaf for key, leaf in grads_i.items() if key not in by_gram}
+            if jax.tree.leaves(grads_i):
                 squares = squares + sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
                                         for leaf in jax.tree.leaves(grads_i))
                 if penalised:
-                    squares = squares + 2 * share * _weight_dot(grads_i, layer_params)
+                    squares = squares + 2 * share * _weight_dot(grads_i, _like(grads_i,
+                                                                               layer_params))
                 formed[index] = grads_i
             if index > 0:
                 dy = _fold_example_axis(dx)
         if penalised:  # c^2 ||w||^2 = 2 c (lambda / 2m) ||w||^2
             squares = squares + 2 * share * l2_penalty(params, objective.l2, examples)
-        return _GhostPass(outputs, squares, dense, formed, chain_params)
+        return _GhostPass(outputs, squares, factored, formed, chain_params)
 
     return run
 
@@ -405,10 +449,13 @@ def ghost_norms(model: Layer, objective: Objective) -> Callable[..., tuple[jax.A
 
 
 def ghost_clipped_sum(model: Layer, objective: Objective):
-    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers (ghost
-    norms; Goodfellow 2015, "Efficient per-example gradient computations"): `run(params, x,
-    targets, clip_norm, key=None) -> (E, norms (batch,), clipped sum like params)`, g_i being
-    dE_i/dparams as in `per_example_value_and_grad` (its penalty share included).
+    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers and of
+    convolutions with few windows (ghost norms; Goodfellow 2015, "Efficient per-example
+    gradient computations"; for convolutions, the Gram matrices of Li et al. 2022, "Large
+    language models can be strong differentially private learners", chosen per layer by
+    cost as in Bu et al. 2022's mixed ghost clipping): `run(params, x, targets, clip_norm,
+    key=None) -> (E, norms (batch,), clipped sum like params)`, g_i being dE_i/dparams as in
+    `per_example_value_and_grad` (its penalty share included).
 
     The model runs as a chain: a `serial` model's layers, or the model as one layer. Every
     layer runs on each example alone (vmapped over batches of one, as in
@@ -416,15 +463,18 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
     split(key, batch)[i]), and the hand-written backward runs back through the chain with
     every example's own loss gradient dy (m times `loss.grad`, each loss being a mean over
     the m examples):
-    - a Dense layer keeps its input x and dy: example i's gradient there is x_i^T dy_i and
-      dy_i (the bias), never formed. Its share of ||g_i||^2 is (||x_i||^2 + 1) ||dy_i||^2,
-      and its clipped sum is dw = x^T (s * dy), db = sum_i s_i dy_i with
-      s_i = min(1, C / ||g_i||): the batch gradient's two products;
-    - any other layer with parameters (a convolution, a recurrent layer, the whole model when
-      it is not serial) forms its own per-example gradients (usually small: a convolution's
-      kernels), adds their squares to ||g_i||^2 and their s-weighted sum (`weighted_sum`) to
-      the clipped sum;
-    - a layer without parameters passes dy back;
+    - a layer with `factors` (Dense, Conv2D) writes example i's gradient of a leaf as
+      a_i^T b_i over T rows (Dense: x_i^T dy_i and 1^T dy_i; a convolution: its patches^T
+      dy_i over the T windows). Where T^2 (K + C) <= K C and no connection table masks it,
+      the leaf's share of ||g_i||^2 is <a_i a_i^T, b_i b_i^T> (for Dense
+      (||x_i||^2 + 1) ||dy_i||^2) and its clipped sum the one product a^T (s * b) over
+      examples and rows, s_i = min(1, C / ||g_i||): never formed. Other leaves are formed
+      by the backward per example;
+    - any other layer with parameters (a grouped convolution, a recurrent layer, the whole
+      model when it is not serial) forms its own per-example gradients, adds their squares
+      to ||g_i||^2 and their s-weighted sum (`weighted_sum`) to the clipped sum;
+    - a layer without parameters passes dy back; dx always comes from the backward, whose
+      unused per-example parameter gradients XLA drops;
     - with lambda > 0, the penalty's share (lambda/m) w adds to every example's gradient
       (`_ghost_pass` gives its terms in the norms), and (lambda/m) (sum_i s_i) w to the sum.
     A model whose examples are coupled (BatchNorm with the batch's statistics) is refused
@@ -438,10 +488,10 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
         scale = _clip_scale(norms, clip_norm)
         summed = []
         for index, layer_params in enumerate(ghost.chain_params):
-            if index in ghost.dense:
-                x_in, dy = ghost.dense[index]
-                scaled = dy * scale[:, None]
-                summed.append({"w": x_in.T @ scaled, "b": jnp.sum(scaled, axis=0)})
+            if index in ghost.factored:
+                summed.append({**weighted_sum(ghost.formed.get(index, {}), scale),
+                               **{key: _factored_sum(factors, layer_params[key], scale)
+                                  for key, factors in ghost.factored[index].items()}})
             elif index in ghost.formed:
                 summed.append(weighted_sum(ghost.formed[index], scale))
             else:
