@@ -701,17 +701,9 @@ def dp_sgd_rows(model_name, model, objective, args, batch_step, repeats):
 
         return step
 
-    announce(f"per_example/dp_sgd/{model_name}: compiling the ghost and vmap DP-SGD steps")
-    ghost, ghost_compile = benchmark.compile_jitted(private_step("ghost"), *args)
-    # vmapped per-example gradients: without XLA's GPU autotuner, as the vmapped step above
-    vmapped, vmap_compile = benchmark.compile_jitted(
-        private_step("vmap"), *args, compiler_options=per_example_compiler_options())
-    ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
-    ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
     name = f"dp_sgd/{model_name}/b{args[1].shape[0]}"
-    yield row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
-              "ghost/vmap", temp_bytes=temp_bytes(ghost))
-    yield row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))
+    ghost, rows = ghost_against_vmap(name, private_step, args)
+    yield from rows
     ghost_again, batched = benchmark.compare(ghost, args, batch_step, args, repeats)
     yield row("per_example", f"{name}/vs_batch", "ghost_norms", ghost_again,
               ghost_again.median_s / batched.median_s, "ghost/batch")
@@ -727,16 +719,23 @@ def pick_rows(model, objective, args):
         return parallel.pick_hardest_misclassified(model, objective, count=count,
                                                    per_example=per_example)
 
-    announce("per_example/pick_hardest: compiling the ghost and vmap picks")
-    ghost, ghost_compile = benchmark.compile_jitted(pick("ghost"), *args)
+    yield from ghost_against_vmap(f"pick_hardest/mlp/b{args[1].shape[0]}", pick, args)[1]
+
+
+def ghost_against_vmap(name, make, args):
+    """make("ghost") and make("vmap") compiled and timed alternately (10 samples): (the
+    compiled ghost function, its row and the vmap row). The vmapped per-example gradients
+    compile without XLA's GPU autotuner, as the vmapped step of `family_per_example`."""
+    announce(f"per_example/{name}: compiling by ghost norms and by vmap")
+    ghost, ghost_compile = benchmark.compile_jitted(make("ghost"), *args)
     vmapped, vmap_compile = benchmark.compile_jitted(
-        pick("vmap"), *args, compiler_options=per_example_compiler_options())
+        make("vmap"), *args, compiler_options=per_example_compiler_options())
     ghost_m, vmap_m = benchmark.compare(ghost, args, vmapped, args, 10)
     ghost_m.compile_s, vmap_m.compile_s = ghost_compile, vmap_compile
-    name = f"pick_hardest/mlp/b{args[1].shape[0]}"
-    yield row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
-              "ghost/vmap", temp_bytes=temp_bytes(ghost))
-    yield row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))
+    return ghost, [
+        row("per_example", name, "ghost_norms", ghost_m, ghost_m.median_s / vmap_m.median_s,
+            "ghost/vmap", temp_bytes=temp_bytes(ghost)),
+        row("per_example", name, "vmap_per_example", vmap_m, temp_bytes=temp_bytes(vmapped))]
 
 
 # --- family: utilisation -------------------------------------------------------------------

@@ -344,20 +344,29 @@ def test_ghost_norms_form_the_other_layers_gradients_per_example(name):
     key = jax.random.key(5) if model.stochastic else None
     _, grads = parallel.per_example_value_and_grad(model, data_objective)(params, x, targets,
                                                                            key)
+    assert_clipped_sum_matches(model, data_objective, (params, x, targets, key), grads)
+
+
+def assert_clipped_sum_matches(model, objective, args, grads):
+    """`ghost_clipped_sum`'s norms and clipped sum against per-example gradients (batch, ...)
+    at a bound C between the smallest and largest norm (their median), float64 within 1e-10;
+    returns its energy."""
+    params, x, targets, key = args
     norms = np.linalg.norm(flat_rows(grads), axis=1)
     clip = float(np.median(norms))
-    _, ghost_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, data_objective),
-                                     static_argnums=3)(params, x, targets, clip, key)
+    energy, ghost_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, objective),
+                                          static_argnums=3)(params, x, targets, clip, key)
     assert relative_error(ghost_norms, norms) <= F64
     expected = (flat_rows(grads) * np.minimum(1, clip / norms)[:, None]).sum(axis=0)
     assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
+    return energy
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet1989", "lstm", "dropout", "lenet5", "gram_conv"])
 def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name):
     """`ghost_norms` and `ghost_clipped_sum` with lambda > 0: example i's gradient carries
     its penalty share (lambda/m) w (`per_example_value_and_grad`), whose cross term
-    2 (lambda/m) <d_i, w> the ghost pass takes from the Dense layers' dx and the formed
+    2 (lambda/m) <d_i, w> the ghost pass takes from the factors (Gram path) and the formed
     gradients. Values, norms and the clipped sum against the vmap path's per-example
     gradients, float64 within 1e-10 (the MLP, LeNet-1989 with its convolutions formed, the
     LSTM model as one layer, dropout under a key, LeNet-5 with C5 by its Gram matrices and
@@ -378,12 +387,7 @@ def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name
         params, x, targets, key)
     assert relative_error(ghost_values, values) <= F64
     assert relative_error(ghost_norms, norms) <= F64
-    clip = float(np.median(norms))
-    energy, clipped_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, objective),
-                                            static_argnums=3)(params, x, targets, clip, key)
-    assert relative_error(clipped_norms, norms) <= F64
-    expected = (flat_rows(grads) * np.minimum(1, clip / norms)[:, None]).sum(axis=0)
-    assert relative_error(jax.flatten_util.ravel_pytree(summed)[0], expected) <= F64
+    energy = assert_clipped_sum_matches(model, objective, (params, x, targets, key), grads)
     assert abs(float(energy) - float(np.mean(values))) <= F64 * abs(float(np.mean(values)))
 
 

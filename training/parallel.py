@@ -182,6 +182,17 @@ def weighted_sum(grads: Any, weights: jax.Array) -> Any:
 PER_EXAMPLE_NORMS = ("vmap", "ghost")
 
 
+def _check_per_example(caller: str, per_example: str, engine: engines.Engine) -> None:
+    """per_example names one of PER_EXAMPLE_NORMS, and "ghost" (which runs the hand-written
+    backward itself) comes with the manual engine: else ValueError naming the caller."""
+    if per_example not in PER_EXAMPLE_NORMS:
+        raise ValueError(f"{caller}: per_example must be one of {PER_EXAMPLE_NORMS}, got "
+                         f"{per_example!r}")
+    if per_example == "ghost" and engine is not engines.manual:
+        raise ValueError(f"{caller}: per_example='ghost' runs the hand-written backward "
+                         "itself; engine must be engines.manual")
+
+
 def private_value_and_grad(
     model: Layer, objective: Objective, engine: engines.Engine = engines.manual, *,
     clip_norm: float, noise_multiplier: float = 0.0, per_example: str = "vmap",
@@ -207,14 +218,9 @@ def private_value_and_grad(
                          f"{noise_multiplier}")
     if not clip_norm > 0:  # < 0 stepped against the gradient, NaN gave NaN
         raise ValueError(f"private_value_and_grad: clip_norm must be > 0, got {clip_norm}")
-    if per_example not in PER_EXAMPLE_NORMS:
-        raise ValueError(f"private_value_and_grad: per_example must be one of "
-                         f"{PER_EXAMPLE_NORMS}, got {per_example!r}")
+    _check_per_example("private_value_and_grad", per_example, engine)
     data_objective = objective._replace(l2=0.0)
     if per_example == "ghost":
-        if engine is not engines.manual:
-            raise ValueError("private_value_and_grad: per_example='ghost' runs the "
-                             "hand-written backward itself; engine must be engines.manual")
         clipped_sum = ghost_clipped_sum(model, data_objective)
     else:
         clipped_sum = _vmap_clipped_sum(model, data_objective, engine)
@@ -526,13 +532,8 @@ def pick_hardest_misclassified(
     """
     if by not in ("grad_norm", "loss"):
         raise ValueError(f"pick_hardest_misclassified: by={by!r}; choose 'grad_norm' or 'loss'")
-    if per_example not in PER_EXAMPLE_NORMS:
-        raise ValueError(f"pick_hardest_misclassified: per_example must be one of "
-                         f"{PER_EXAMPLE_NORMS}, got {per_example!r}")
+    _check_per_example("pick_hardest_misclassified", per_example, engine)
     if per_example == "ghost":
-        if engine is not engines.manual:
-            raise ValueError("pick_hardest_misclassified: per_example='ghost' runs the "
-                             "hand-written backward itself; engine must be engines.manual")
         values_and_norms = ghost_norms(model, objective)
     else:
         value_and_grads = per_example_value_and_grad(model, objective, engine)
