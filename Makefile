@@ -13,7 +13,8 @@ endif
 # One target per reproduction: `make lenet1989` runs `python -m experiments.lenet1989`.
 REPRODUCTIONS := lenet1989 lenet5 seed_table curvature adding_problem vanishing char_rnn \
 	char_transformer \
-	precision pretraining memory_time depth scaling alexnet_step layer_profile xla_profile
+	precision pretraining memory_time depth scaling alexnet_step layer_profile xla_profile \
+	private
 $(REPRODUCTIONS): $(VENV)/.installed
 	$(PY) -m experiments.$@
 

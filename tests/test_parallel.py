@@ -255,6 +255,56 @@ def test_private_gradient_clips_the_data_term_and_adds_scaled_noise(mlp_case, pe
     assert abs(noise.std() - 1) < 0.2 and abs(noise.mean()) < 4 / np.sqrt(noise.size)
 
 
+@pytest.mark.parametrize("per_example", parallel.PER_EXAMPLE_NORMS)
+def test_private_gradient_of_a_padded_poisson_batch(mlp_case, per_example):
+    """A Poisson-drawn batch padded to a fixed size: weights 1 on the drawn examples and 0 on
+    the padding rows, expected_batch = q N. Against NumPy: the drawn examples' clipped data
+    gradients summed and divided by expected_batch, plus (lambda / expected_batch) w; E the
+    drawn examples' mean loss plus lambda / (2 expected_batch) sum w^2. The padding rows
+    change nothing (scaled by 1e3, the same within 1e-10); the noise has standard deviation
+    sigma C / expected_batch. Both ways of computing the clipped sum."""
+    model, objective, params, x, targets, values, grads = mlp_case
+    batch = x.shape[0]
+    drawn = np.arange(batch) % 3 != 1
+    weights = jnp.asarray(drawn, jnp.float64)
+    expected_batch = 9.5
+    penalty_m = jax.flatten_util.ravel_pytree(
+        nets.losses.l2_penalty_grad(params, objective.l2, batch))[0]
+    data = flat_rows(grads) - np.asarray(penalty_m)[None, :]
+    norms = np.linalg.norm(data, axis=1)
+    clip = float(np.median(norms[drawn]))
+    penalty = jax.flatten_util.ravel_pytree(
+        nets.losses.l2_penalty_grad(params, objective.l2, expected_batch))[0]
+    expected = ((data * np.minimum(1, clip / norms)[:, None])[drawn].sum(axis=0)
+                / expected_batch + np.asarray(penalty))
+    losses = np.asarray(values) - float(nets.losses.l2_penalty(params, objective.l2, batch))
+    expected_energy = (losses[drawn].mean()
+                       + float(nets.losses.l2_penalty(params, objective.l2, expected_batch)))
+    private = jax.jit(parallel.private_value_and_grad(model, objective, clip_norm=clip,
+                                                      per_example=per_example))
+    energy, grad = private(params, x, targets, weights=weights, expected_batch=expected_batch)
+    assert relative_error(jax.flatten_util.ravel_pytree(grad)[0], expected) <= F64
+    assert abs(float(energy) - expected_energy) <= F64 * abs(expected_energy)
+    padded = jnp.where(jnp.asarray(drawn)[:, None], x, 1e3 * x)
+    again = private(params, padded, targets, weights=weights, expected_batch=expected_batch)
+    assert relative_error(jax.flatten_util.ravel_pytree(again[1])[0], expected) <= F64
+    sigma = 2.0
+    noisy = jax.jit(parallel.private_value_and_grad(model, objective, clip_norm=clip,
+                                                    noise_multiplier=sigma,
+                                                    per_example=per_example))
+    draws = jax.flatten_util.ravel_pytree(noisy(params, x, targets, jax.random.key(3),
+                                                weights=weights,
+                                                expected_batch=expected_batch)[1])[0]
+    noise = (np.asarray(draws) - expected) / (sigma * clip / expected_batch)
+    assert abs(noise.std() - 1) < 0.2 and abs(noise.mean()) < 4 / np.sqrt(noise.size)
+    unjitted = parallel.private_value_and_grad(model, objective, clip_norm=clip)
+    with pytest.raises(ValueError, match=r"weights must have shape \(16,\), one per example, "
+                                         r"got \(3,\)"):
+        unjitted(params, x, targets, weights=weights[:3])
+    with pytest.raises(ValueError, match="expected_batch must be > 0, got 0"):
+        unjitted(params, x, targets, weights=weights, expected_batch=0)
+
+
 GHOST_MLPS = {
     "sigmoid_lecture": (dict(hidden_layers=2, hidden_units=7), nets.lecture_objective(0.0)),
     "probabilities": (dict(hidden_layers=1, hidden_units=5, output_activation="sigmoid"),

@@ -202,12 +202,18 @@ def private_value_and_grad(
 
         g = (1/m) (sum_i clip_C(dloss_i/dw) + sigma C xi) + (lambda/m) w,   xi ~ N(0, I)
 
-    Returns `value_and_grad(params, x, targets, key=None) -> (E, g)`; with noise_multiplier
-    sigma = 0 it has the engine's signature. The L2 term does not depend on the data, so its
-    gradient is added after clipping, untouched (a departure from clipping E_i whole, which
-    would shrink the penalty with the data term). sigma > 0 needs an explicit `key`; for a
-    model with dropout the key is split into the noise's and the masks' (without a key the
-    model runs at inference, as in the engines).
+    Returns `value_and_grad(params, x, targets, key=None, *, weights=None,
+    expected_batch=None) -> (E, g)`; with noise_multiplier sigma = 0 it has the engine's
+    signature. For Poisson sampling (each training example drawn with probability q, the
+    sampling Abadi et al.'s analysis and the privacy accountants assume), pad the drawn
+    examples to a fixed batch and give `weights` (batch,): 1 for a drawn example, 0 for a
+    padding row (which must be finite; it counts for nothing), and `expected_batch` = q N,
+    which then replaces m above (so that the noise's scale does not depend on the number
+    drawn); E is then the mean loss over the drawn examples. The L2 term does not depend on
+    the data, so its gradient is added after clipping, untouched (a departure from clipping
+    E_i whole, which would shrink the penalty with the data term). sigma > 0 needs an
+    explicit `key`; for a model with dropout the key is split into the noise's and the
+    masks' (without a key the model runs at inference, as in the engines).
 
     per_example="vmap" computes every example's gradient (`per_example_value_and_grad`, any
     engine) and weights them; "ghost" never forms the Dense layers' ones (`ghost_clipped_sum`,
@@ -225,12 +231,19 @@ def private_value_and_grad(
     else:
         clipped_sum = _vmap_clipped_sum(model, data_objective, engine)
 
-    def value_and_grad(params, x, targets, key=None):
-        examples = x.shape[0]
+    def value_and_grad(params, x, targets, key=None, *, weights=None, expected_batch=None):
+        if weights is not None and weights.shape != (x.shape[0],):
+            raise ValueError(f"private_value_and_grad: weights must have shape "
+                             f"({x.shape[0]},), one per example, got {weights.shape}")
+        if isinstance(expected_batch, (int, float)) and not expected_batch > 0:
+            raise ValueError(f"private_value_and_grad: expected_batch must be > 0, got "
+                             f"{expected_batch}")
+        examples = x.shape[0] if expected_batch is None else expected_batch
         dropout_key = None
         if model.stochastic and key is not None:
             key, dropout_key = jax.random.split(key)
-        data_energy, _, summed = clipped_sum(params, x, targets, clip_norm, dropout_key)
+        data_energy, _, summed = clipped_sum(params, x, targets, clip_norm, dropout_key,
+                                             weights)
         if noise_multiplier > 0:
             if key is None:
                 raise ValueError("private_value_and_grad: noise_multiplier > 0 needs a PRNG "
@@ -253,15 +266,27 @@ def _clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
     return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
 
 
+def _mean_loss(losses: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """The mean of the examples' losses, or their weighted mean."""
+    if weights is None:
+        return jnp.mean(losses)
+    weights = weights.astype(losses.dtype)
+    return jnp.sum(weights * losses) / jnp.sum(weights)
+
+
 def _vmap_clipped_sum(model: Layer, objective: Objective, engine: engines.Engine):
-    """(E, each example's gradient norm, sum_i clip_C(g_i)) from the per-example gradients:
-    `run(params, x, targets, clip_norm, key)`."""
+    """(E, each example's gradient norm, sum_i w_i clip_C(g_i)) from the per-example
+    gradients: `run(params, x, targets, clip_norm, key, weights=None)` (w_i = 1 without
+    weights; E their weighted mean loss)."""
     data_term = per_example_value_and_grad(model, objective, engine)
 
-    def run(params, x, targets, clip_norm, key):
+    def run(params, x, targets, clip_norm, key, weights=None):
         losses, grads = data_term(params, x, targets, key)
         norms = gradient_norms(grads)
-        return jnp.mean(losses), norms, weighted_sum(grads, _clip_scale(norms, clip_norm))
+        scale = _clip_scale(norms, clip_norm)
+        if weights is not None:
+            scale = scale * weights.astype(scale.dtype)
+        return _mean_loss(losses, weights), norms, weighted_sum(grads, scale)
 
     return run
 
@@ -430,6 +455,14 @@ def _ghost_pass(model: Layer, objective: Objective, caller: str):
     return run
 
 
+def _loss_of_one(objective: Objective) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """One example's loss from its output and target (a batch of one), to vmap."""
+    def loss(output_i, target_i):
+        return objective.loss.value(output_i[None], target_i[None])
+
+    return loss
+
+
 def ghost_norms(model: Layer, objective: Objective) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Each example's share of E and the norm of its gradient, without forming the Dense
     layers' per-example gradients (ghost norms; Goodfellow 2015, "Efficient per-example
@@ -442,26 +475,24 @@ def ghost_norms(model: Layer, objective: Objective) -> Callable[..., tuple[jax.A
     """
     run_pass = _ghost_pass(model, objective, "ghost_norms")
 
-    def loss_of_one(output_i, target_i):
-        return objective.loss.value(output_i[None], target_i[None])
-
     def norms(params, x, targets, key=None):
         ghost = run_pass(params, x, targets, key)
         penalty = l2_penalty(params, objective.l2, x.shape[0])
-        values = jax.vmap(loss_of_one)(ghost.outputs, targets) + penalty
+        values = jax.vmap(_loss_of_one(objective))(ghost.outputs, targets) + penalty
         return values, jnp.sqrt(ghost.squares)
 
     return norms
 
 
 def ghost_clipped_sum(model: Layer, objective: Objective):
-    """sum_i clip_C(g_i) without forming the per-example gradients of Dense layers and of
+    """sum_i w_i clip_C(g_i) without forming the per-example gradients of Dense layers and of
     convolutions with few windows (ghost norms; Goodfellow 2015, "Efficient per-example
     gradient computations"; for convolutions, the Gram matrices of Li et al. 2022, "Large
     language models can be strong differentially private learners", chosen per layer by
     cost as in Bu et al. 2022's mixed ghost clipping): `run(params, x, targets, clip_norm,
-    key=None) -> (E, norms (batch,), clipped sum like params)`, g_i being dE_i/dparams as in
-    `per_example_value_and_grad` (its penalty share included).
+    key=None, weights=None) -> (E, norms (batch,), clipped sum like params)`, g_i being
+    dE_i/dparams as in `per_example_value_and_grad` (its penalty share included), w_i = 1
+    without weights (E then their weighted mean loss).
 
     The model runs as a chain: a `serial` model's layers, or the model as one layer. Every
     layer runs on each example alone (vmapped over batches of one, as in
@@ -488,10 +519,12 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
     """
     run_pass = _ghost_pass(model, objective, "ghost_clipped_sum")
 
-    def run(params, x, targets, clip_norm, key=None):
+    def run(params, x, targets, clip_norm, key=None, weights=None):
         ghost = run_pass(params, x, targets, key)
         norms = jnp.sqrt(ghost.squares)
         scale = _clip_scale(norms, clip_norm)
+        if weights is not None:
+            scale = scale * weights.astype(scale.dtype)
         summed = []
         for index, layer_params in enumerate(ghost.chain_params):
             if index in ghost.factored:
@@ -507,7 +540,9 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
             penalty = l2_penalty_grad(params, objective.l2, x.shape[0])
             summed = jax.tree.map(lambda g, p: g + jnp.sum(scale) * p, summed, penalty)
         summed = jax.tree.map(lambda g, p: g.astype(p.dtype), summed, params)
-        energy = objective.loss.value(ghost.outputs, targets)
+        energy = (objective.loss.value(ghost.outputs, targets) if weights is None else
+                  _mean_loss(jax.vmap(_loss_of_one(objective))(ghost.outputs, targets),
+                             weights))
         return energy + l2_penalty(params, objective.l2, x.shape[0]), norms, summed
 
     return run
