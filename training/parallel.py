@@ -17,10 +17,13 @@ mean_i dE_i/dw = dE/dw, the batch gradient. `weighted_sum` combines them (weight
 mean); `gradient_norms` and `clip_gradients` give and bound each example's gradient norm;
 `private_value_and_grad` is the DP-SGD gradient (Abadi et al. 2016, Algorithm 1): clip every
 example's loss gradient to norm C, average, add Gaussian noise of standard deviation sigma C / m
-from an explicit key; with per_example="ghost" (`ghost_clipped_sum`) the Dense layers' clipped
-sum comes from their inputs and output gradients, never from the examples' gradients.
-`pick_hardest_misclassified` ranks the misclassified examples by their gradient norm or loss,
-for the lecture's "pick misclassified examples" procedure.
+from an explicit key (and, for a Poisson-drawn batch padded to a fixed size, example weights
+and the expected batch size); with per_example="ghost" (`ghost_clipped_sum`) the clipped sum
+of the Dense layers, and of convolutions with few windows, comes from the factors of their
+per-example gradients (`Layer.factors`: inputs or patches, and output gradients), never from
+the gradients themselves; `ghost_norms` gives the norms alone. `pick_hardest_misclassified`
+ranks the misclassified examples by their gradient norm or loss, for the lecture's "pick
+misclassified examples" procedure.
 
 Over devices, one step with three spellings (`form`), all over a 1-D mesh whose axis is
 `BATCH_AXIS` and all with any engine and any optax optimizer:
