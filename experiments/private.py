@@ -60,7 +60,7 @@ import numpy as np
 import nets
 from nets import models
 from training import data, parallel, plots, results
-from training.config import option, parse, run_main
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 from training.logbook import Progress
 
@@ -188,6 +188,10 @@ def load(config):
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    examples = config.train_examples or TRAIN_SIZE
+    if config.batch > examples:  # q = batch / N would exceed 1
+        raise ConfigError(f"option --batch: got {config.batch}; allowed: at most the "
+                          f"{examples} training digits used (q = batch / N <= 1)")
     run = open_run(EXPERIMENT, config, args)
     splits = load(config)
     model = models.lenet1989()

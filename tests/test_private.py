@@ -7,6 +7,7 @@ import math
 import pytest
 
 from experiments import private
+from training.config import ConfigError
 
 SMALL = ["--train-examples", "512", "--test-examples", "200", "--batch", "64", "--epochs", "2",
          "--noise", "1.0"]
@@ -81,3 +82,11 @@ def test_a_draw_above_the_padded_batch_stops_the_run(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"private: sigma_1: epoch 1 drew \d+ digits in one "
                                            r"step, above the padded batch of 2"):
         private.main(["--workdir", str(tmp_path), *SMALL])
+
+
+def test_an_expected_batch_above_the_training_digits_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"option --batch: got 600; allowed: at most the 512 "
+                                          r"training digits used"):
+        private.main(["--workdir", str(tmp_path / "run"), "--train-examples", "512",
+                      "--batch", "600"])
+    assert not (tmp_path / "run").exists()
