@@ -196,6 +196,35 @@ def test_conv_against_numpy_loops(variant, implementation):
     np.testing.assert_array_equal(dx[:, :, -1], 0)
 
 
+@pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
+def test_a_window_over_the_whole_input_is_a_dense_layer(implementation):
+    """A kernel as large as its unpadded input (LeNet-5's C5), stride 2 (one window all the
+    same), a connection table and unshared biases: y, the backward and the curvature against
+    NumPy's loops in float64, by the Dense path whatever the implementation."""
+    rng = np.random.default_rng(7)
+    table = rng.random((4, 6)) < 0.5
+    table[0] = True
+    layer = conv.Conv2D(6, (4, 3), stride=2, connection_table=table, unshared_bias=True,
+                        implementation=implementation)
+    params, x, dy = random_problem(layer, (3, 4, 3, 4), jnp.float64, seed=8)
+    assert layer.init(jax.random.key(0), (3, 4, 3, 4))[0] == (3, 1, 1, 6)
+    expected_y, numpy_backward = numpy_conv_reference(
+        x, params["w"], params["b"], (2, 2), ((0, 0), (0, 0)), 0.0, mask=table)
+    y, residuals = layer.forward(params, x)
+    assert relative_error(y, expected_y) <= F64
+    dparams, dx = layer.backward(params, residuals, dy)
+    for name, got, want in zip(("dw", "db", "dx"), (dparams["w"], dparams["b"], dx),
+                               numpy_backward(dy)):
+        assert relative_error(got, want) <= F64, name
+    _, numpy_curvature = numpy_conv_reference(x**2, params["w"] ** 2, params["b"], (2, 2),
+                                              ((0, 0), (0, 0)), 0.0, mask=table)
+    d2y = jnp.abs(dy)
+    d2params, d2x = layer.curvature(params, residuals, d2y)
+    for name, got, want in zip(("d2w", "d2b", "d2x"), (d2params["w"], d2params["b"], d2x),
+                               numpy_curvature(d2y)):
+        assert relative_error(got, want) <= F64, name
+
+
 def test_same_padding_matches_xla_same():
     layer = conv.Conv2D(3, (4, 3), stride=(3, 2), padding="SAME")
     params, x, _ = random_problem(layer, (2, 10, 7, 2), jnp.float64)
