@@ -39,7 +39,9 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   rnn           Elman, LSTM, GRU (Cho et al.'s) and the reset-after GRU (batch 64, T 100,
                 hidden 256, 32 inputs, a Dense readout of the last step, MSE): manual BPTT /
                 jax.grad step (target <= 1.0); the LSTM's `unroll` sweep 1, 2, 4, 8, 16
-                (ratio to unroll 1); the scan LSTM and reset-after GRU against PyTorch
+                (ratio to unroll 1); the LSTM with gradient checkpointing through time
+                (`recompute_every` sqrt(T)) against every step's residuals kept, time and
+                XLA's temporaries; the scan LSTM and reset-after GRU against PyTorch
                 nn.LSTM / nn.GRU holding the same weights (`recurrent.to_pytorch`; target
                 <= 1.0): the same function, checked before timing (loss and every gradient
                 within float32's 1e-5, recorded as torch_loss_rel_err, torch_grad_rel_err).
@@ -78,6 +80,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -790,12 +793,13 @@ def family_utilisation(config, key):
 RNN_INPUTS, RNN_OUTPUTS = 32, 10
 
 
-def rnn_problem(kind, sizes, key, unroll=1):
+def rnn_problem(kind, sizes, key, unroll=1, recompute_every=None):
     from nets import recurrent
 
     batch, time_steps, hidden = sizes.rnn
     model = recurrent.sequence_model([recurrent.make_cell(kind, hidden)], RNN_OUTPUTS,
-                                     last_step=True, unroll=unroll)
+                                     last_step=True, unroll=unroll,
+                                     recompute_every=recompute_every)
     params = model.init(key, (-1, time_steps, RNN_INPUTS))[1]
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, time_steps, RNN_INPUTS),
                           jnp.float32)
@@ -837,6 +841,22 @@ def rnn_torch_gradients(cell, grads):
             "readout.weight": np.asarray(grads[-1]["w"]).T, "readout.bias": grads[-1]["b"]}
 
 
+def recompute_rows(sizes, key, mse, shape, base_fn, base_args, repeats):
+    """The LSTM's manual step with gradient checkpointing through time (`recompute_every` k =
+    sqrt(T), rounded down) against every step's residuals kept, alternated: time and XLA's
+    temporaries."""
+    every = max(1, math.isqrt(sizes.rnn[1]))
+    model, args = rnn_problem("lstm", sizes, key, recompute_every=every)
+    fn, compile_s = benchmark.compile_jitted(sgd_step(model, mse, nets.manual), *args)
+    recomputed, base = benchmark.compare(fn, args, base_fn, base_args, repeats)
+    recomputed.compile_s = compile_s
+    name = f"recompute/lstm/{shape}"
+    yield row("rnn", name, f"recompute_every_{every}", recomputed,
+              recomputed.median_s / base.median_s, "recompute/every_step",
+              temp_bytes=temp_bytes(fn))
+    yield row("rnn", name, "every_step", base, temp_bytes=temp_bytes(base_fn))
+
+
 # PyTorch's nn.LSTM and nn.GRU compute our lstm and gru_reset_after (recurrent.to_pytorch)
 TORCH_RNNS = ("lstm", "gru_reset_after")
 
@@ -873,6 +893,7 @@ def family_rnn(config, key, torch):
         unrolled.compile_s = compile_s
         yield row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
                   unrolled.median_s / base.median_s, "unroll_k/unroll_1")
+    yield from recompute_rows(sizes, key, mse, shape, base_fn, base_args, config.repeats)
     for kind in TORCH_RNNS:
         ours_fn, args, compile_s = compiled_manual[kind]
         if torch is None:

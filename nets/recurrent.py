@@ -58,8 +58,8 @@ zero except the LSTM forget gate's, 1 (Gers et al. 2000; Jozefowicz et al. 2015)
 
 Running a cell over time (one helper for every cell):
 
-    scan_cell(cell, params, xs, carry0=None, mask=None, truncation=None, unroll=1)
-        -> (ys, carry_T, residuals)
+    scan_cell(cell, params, xs, carry0=None, mask=None, truncation=None, unroll=1,
+              recompute_every=None) -> (ys, carry_T, residuals)
     bptt(cell, params, residuals, dys, dcarry_T=None, truncation=None, unroll=1)
         -> (dparams, dxs, dcarry0)          (+ dcarries with return_dcarries=True)
 
@@ -76,6 +76,12 @@ parameter gradients of all steps. Options, of the helper and never of a cell:
   steps k, 2k, ... (values unchanged), so `jax.grad` of the forward gives the same truncated
   gradient as `bptt`; the gradient of carry0 flows through the first window only.
 - unroll: passed to both scans.
+- recompute_every=k: gradient checkpointing through time (Griewank 1992; Chen et al. 2016;
+  Gruslys et al. 2016). `scan_cell` keeps the residuals of the first T mod k steps and, of
+  the later ones, only the carry entering each segment of k steps (`RecomputeResiduals`);
+  `bptt` runs each segment forward again from its carry just before its backward. Stored
+  steps T / k carries + k residuals instead of T residuals (k near sqrt(T) keeps the least),
+  at the cost of one more forward pass; the gradients are the same sums in the same order.
 
 Both directions at once, over padded batches too: `scan_bidirectional(cell_fw, cell_bw,
 (params_fw, params_bw), xs, mask=None)` and its backward `bptt_bidirectional` (the backward
@@ -105,7 +111,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Dense, Layer, StaticShape, forward_with_key, parallel, serial
+from nets.layers import Dense, Layer, StaticShape, forward_with_key, is_count, parallel, serial
 from nets.losses import Loss
 from nets.pooling import Dropout, dropout_after
 from nets.varying import vary_like, varying_axes
@@ -114,6 +120,7 @@ __all__ = [
     "Cell",
     "GradientParts",
     "ScanResiduals",
+    "RecomputeResiduals",
     "elman",
     "lstm",
     "gru",
@@ -699,6 +706,19 @@ class ScanResiduals(NamedTuple):
     mask: jax.Array | None
 
 
+class RecomputeResiduals(NamedTuple):
+    """What `bptt` needs from `scan_cell(..., recompute_every=k)`: the first T mod k steps'
+    residuals (`head`, a ScanResiduals), then for each later segment of k steps the carry
+    entering it (`carries`, a leading segment axis), its inputs `xs` (segments, k, batch,
+    features) and mask (segments, k, batch) or None, from which `bptt` recomputes the
+    segment's residuals."""
+
+    head: ScanResiduals
+    carries: Any
+    xs: jax.Array
+    mask: jax.Array | None
+
+
 def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
     """Per example: if_true where condition (batch,) holds, else if_false (pytrees alike)."""
     return jax.tree.map(lambda a, b: jnp.where(condition[:, None], a, b), if_true, if_false)
@@ -724,6 +744,12 @@ def _check_options(name: str, xs, mask, truncation) -> None:
                          f"{tuple(xs.shape[:2])}")
     if truncation is not None and truncation < 1:
         raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+
+
+def _check_recompute_every(name: str, recompute_every: int | None) -> None:
+    if recompute_every is not None and not (is_count(recompute_every) and recompute_every >= 1):
+        raise ValueError(f"{name}: recompute_every must be a whole number >= 1 (or None), got "
+                         f"{recompute_every!r}")
 
 
 def _check_dtypes(name: str, params: Params, xs: jax.Array) -> None:
@@ -764,27 +790,8 @@ def _check_mask(name: str, mask: jax.Array | None) -> None:
                          "expected booleans or 0 and 1")
 
 
-def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
-              mask: jax.Array | None = None, truncation: int | None = None,
-              unroll: int = 1) -> tuple[jax.Array, Carry, ScanResiduals]:
-    """Run `cell` over xs (batch, time, features): (ys (batch, time, hidden), carry_T, residuals).
-
-    carry0 defaults to the cell's zeros; mask (batch, time) and truncation as in the module
-    docstring. `residuals` are for `bptt` with the same truncation.
-    """
-    name = f"scan_cell({cell.name})"
-    _check_options(name, xs, mask, truncation)
-    _check_dtypes(name, params, xs)
-    _check_mask(name, mask)
-    batch, time = xs.shape[:2]
-    zeros = cell.initial_carry(batch, xs.dtype)
-    if carry0 is None:
-        carry0 = zeros
-    _check_carry(name, "carry0", carry0, zeros)
-    mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
-    weights = cell.step_weights(params)
-    carry0 = vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm)))
-
+def _forward_step(cell: Cell, weights: Params, truncation: int | None):
+    """`scan_cell`'s scan body: (carry, (t, x_t, m_t)) -> (new carry, (y_t, residuals))."""
     def one_step(carry, inputs):
         t, x_t, m_t = inputs
         if truncation is not None:
@@ -796,14 +803,80 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
             y_t = jnp.where(m_t[:, None], y_t, jnp.zeros_like(y_t))
         return new_carry, (y_t, residuals)
 
+    return one_step
+
+
+def _outputs_only(one_step):
+    """A scan body like `one_step` that emits y_t alone (XLA then drops the residuals)."""
+    def step(carry, inputs):
+        new_carry, (y_t, _) = one_step(carry, inputs)
+        return new_carry, y_t
+
+    return step
+
+
+def _segments(tree: Any, head: int, every: int) -> Any:
+    """Time-major arrays (time, ...) -> their steps from `head` on as (segments, every, ...)."""
+    return jax.tree.map(lambda a: a[head:].reshape((-1, every) + a.shape[1:]), tree)
+
+
+def _unsegment(tree: Any) -> Any:
+    """(segments, every, ...) -> (segments * every, ...)."""
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+
+def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
+              mask: jax.Array | None = None, truncation: int | None = None,
+              unroll: int = 1, recompute_every: int | None = None
+              ) -> tuple[jax.Array, Carry, ScanResiduals | RecomputeResiduals]:
+    """Run `cell` over xs (batch, time, features): (ys (batch, time, hidden), carry_T, residuals).
+
+    carry0 defaults to the cell's zeros; mask (batch, time) and truncation as in the module
+    docstring. `residuals` are for `bptt` with the same truncation.
+
+    recompute_every=k keeps every step's residuals only for the first T mod k steps, and of
+    the later ones only the carry entering each segment of k steps (`RecomputeResiduals`):
+    `bptt` runs each segment forward again, one at a time, before its backward (gradient
+    checkpointing through time: stored steps T / k + k instead of T, one forward pass more).
+    """
+    name = f"scan_cell({cell.name})"
+    _check_options(name, xs, mask, truncation)
+    _check_recompute_every(name, recompute_every)
+    _check_dtypes(name, params, xs)
+    _check_mask(name, mask)
+    batch, time = xs.shape[:2]
+    zeros = cell.initial_carry(batch, xs.dtype)
+    if carry0 is None:
+        carry0 = zeros
+    _check_carry(name, "carry0", carry0, zeros)
+    mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
+    weights = cell.step_weights(params)
+    carry0 = vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm)))
+    one_step = _forward_step(cell, weights, truncation)
     inputs = (jnp.arange(time), jnp.swapaxes(xs, 0, 1), mask_tm)
-    carry_T, (ys_tm, steps) = lax.scan(one_step, carry0, inputs, unroll=unroll)
-    return jnp.swapaxes(ys_tm, 0, 1), carry_T, ScanResiduals(steps, mask_tm)
+    if recompute_every is None:
+        carry_T, (ys_tm, steps) = lax.scan(one_step, carry0, inputs, unroll=unroll)
+        return jnp.swapaxes(ys_tm, 0, 1), carry_T, ScanResiduals(steps, mask_tm)
+    head = time % recompute_every
+    head_inputs = jax.tree.map(lambda a: a[:head], inputs)
+    carry, (ys_head, head_steps) = lax.scan(one_step, carry0, head_inputs, unroll=unroll)
+    head_mask = None if mask_tm is None else mask_tm[:head]
+
+    def segment(carry, segment_inputs):
+        carry_end, ys = lax.scan(_outputs_only(one_step), carry, segment_inputs, unroll=unroll)
+        return carry_end, (carry, ys)
+
+    carry_T, (carries, ys_segments) = lax.scan(
+        segment, carry, _segments(inputs, head, recompute_every))
+    ys_tm = jnp.concatenate([ys_head, _unsegment(ys_segments)], axis=0)
+    residuals = RecomputeResiduals(ScanResiduals(head_steps, head_mask), carries,
+                                   *_segments(inputs[1:], head, recompute_every))
+    return jnp.swapaxes(ys_tm, 0, 1), carry_T, residuals
 
 
-def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
-         dcarry_T: Carry = None, truncation: int | None = None, unroll: int = 1,
-         return_dcarries: bool = False, curvature: bool = False):
+def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResiduals,
+         dys: jax.Array, dcarry_T: Carry = None, truncation: int | None = None,
+         unroll: int = 1, return_dcarries: bool = False, curvature: bool = False):
     """Backpropagation through time: a reverse `lax.scan` of the cell's `step_backward`.
 
     dys (batch, time, hidden) = dE/dys; dcarry_T = dE/dcarry_T (default zeros). Returns
@@ -817,18 +890,28 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
     With curvature=True the same scan backpropagates LeCun's diagonal second derivatives
     instead (`nets.layers`): dys, dcarry_T and the results are d2E/d(.)^2 diagonals, and each
     step runs the cell's `step_curvature` with the squared weights.
+
+    Given `RecomputeResiduals` (`scan_cell(..., recompute_every=k)`), a reverse scan over the
+    segments of k steps runs each segment forward from its kept carry (the steps' residuals,
+    as `scan_cell` made them), then its steps backward, then the first T mod k steps from
+    their kept residuals: the same sums in the same order as from `ScanResiduals`.
     """
     if truncation is not None and truncation < 1:
         raise ValueError(f"bptt({cell.name}): truncation must be >= 1 (or None), got "
                          f"{truncation}")
     parts = cell.gradient_parts
     step_back = cell.step_backward if parts is None else parts.step_backward
+    recompute = isinstance(residuals, RecomputeResiduals)
+    forward_weights = cell.step_weights(params) if recompute else None
     if curvature:
         if cell.step_curvature is None:
             raise ValueError(f"bptt({cell.name}): this cell has no step curvature")
         step_back = cell.step_curvature if parts is None else parts.step_curvature
         params = jax.tree.map(jnp.square, params)
-    time, batch = jax.tree.leaves(residuals.steps)[0].shape[:2]
+    head = residuals.head if recompute else residuals
+    head_time, batch = jax.tree.leaves(head.steps)[0].shape[:2]
+    segments, every = residuals.xs.shape[:2] if recompute else (0, 0)
+    time = head_time + segments * every
     if tuple(dys.shape) != (batch, time, cell.hidden_size):
         raise ValueError(f"bptt({cell.name}): dys has shape {tuple(dys.shape)}, expected "
                          f"(batch, time, hidden) = {(batch, time, cell.hidden_size)} from "
@@ -841,7 +924,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
     # the running sum has the shapes of one step's gradient (its parts, where the cell has
     # them), read off shapes alone so that a sequence of 0 steps works too
     step_residuals = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype),
-                                  residuals.steps)
+                                  head.steps)
     step_dy = jax.ShapeDtypeStruct((batch, cell.hidden_size), dys.dtype)
     step_gradient = jax.eval_shape(step_back, weights, step_residuals, dcarry_T, step_dy)[0]
     zero_dparams = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_gradient)
@@ -867,9 +950,28 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals, dys: jax.Array,
         dparams = jax.tree.map(jnp.add, dparams, step_dparams)
         return (dcarry_prev, dparams), (dx_t, dcarry if return_dcarries else None)
 
-    inputs = (jnp.arange(time), residuals.steps, jnp.swapaxes(dys, 0, 1), residuals.mask)
-    (dcarry0, dparams), (dxs_tm, dcarries_tm) = lax.scan(
-        one_step_back, (dcarry_T, zero_dparams), inputs, reverse=True, unroll=unroll)
+    steps = jnp.arange(time)
+    dys_tm = jnp.swapaxes(dys, 0, 1)
+    state = (dcarry_T, zero_dparams)
+    outputs = []
+    if recompute:
+        one_step = _forward_step(cell, forward_weights, truncation)
+
+        def segment_back(state, inputs):
+            carry, t, xs, mask, dys_segment = inputs
+            _, (_, segment_steps) = lax.scan(one_step, carry, (t, xs, mask), unroll=unroll)
+            return lax.scan(one_step_back, state, (t, segment_steps, dys_segment, mask),
+                            reverse=True, unroll=unroll)
+
+        state, segment_outputs = lax.scan(segment_back, state, (
+            residuals.carries, _segments(steps, head_time, every), residuals.xs,
+            residuals.mask, _segments(dys_tm, head_time, every)), reverse=True)
+        outputs.append(_unsegment(segment_outputs))
+    head_inputs = (steps[:head_time], head.steps, dys_tm[:head_time], head.mask)
+    (dcarry0, dparams), head_outputs = lax.scan(one_step_back, state, head_inputs,
+                                                reverse=True, unroll=unroll)
+    (dxs_tm, dcarries_tm) = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0),
+                                         head_outputs, *outputs)
     dxs = jnp.swapaxes(dxs_tm, 0, 1)
     if parts is not None:
         dparams = parts.assemble(dparams)
@@ -923,7 +1025,7 @@ def bptt_bidirectional(forward_cell: Cell, backward_cell: Cell, params: tuple, r
 # --- sequence layers --------------------------------------------------------------------------
 
 def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: bool = False,
-        name: str | None = None) -> Layer:
+        recompute_every: int | None = None, name: str | None = None) -> Layer:
     """A Layer running `cell` over x (batch, time, in) from the zero state: y (batch, time,
     hidden), the cell's y_t at every step. Backward: `bptt` (with the same truncation); its
     curvature is `bptt(..., curvature=True)`.
@@ -932,11 +1034,16 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
     bidirectional layer): y = flip(scan(flip(x))) along time, and its backward the flipped
     bptt of the flipped dy; truncation windows then count from the last step.
 
+    recompute_every=k keeps the carry every k steps in place of every step's residuals and
+    runs each segment forward again in the backward (`scan_cell`): gradient checkpointing
+    through time, for long sequences.
+
     The Layer contract has one input, so there is no mask here: batches of padded sequences
     call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
     name = name or cell.name
     if truncation is not None and truncation < 1:
         raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+    _check_recompute_every(name, recompute_every)
 
     def in_order(sequence):
         return jnp.flip(sequence, axis=1) if reverse else sequence
@@ -950,7 +1057,7 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
     def forward(params, x):
         _check_sequence(name, x, cell.input_size(params))
         ys, _, residuals = scan_cell(cell, params, in_order(x), truncation=truncation,
-                                     unroll=unroll)
+                                     unroll=unroll, recompute_every=recompute_every)
         return in_order(ys), residuals
 
     def backward_by(curvature):
@@ -966,15 +1073,17 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
 
 
 def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | None = None,
-                  unroll: int = 1, name: str = "bidirectional") -> Layer:
+                  unroll: int = 1, recompute_every: int | None = None,
+                  name: str = "bidirectional") -> Layer:
     """Two `rnn` layers side by side on one sequence (Schuster and Paliwal 1997), the second
     reversed: y[:, t] = [forward_cell's h_t, backward_cell's h_t] (batch, time, H_f + H_b), as
     PyTorch's bidirectional modules give them. `nets.layers.parallel` with combine="concat":
     params (forward params, backward params); dx is the sum of the two directions' dx."""
     return parallel(
-        rnn(forward_cell, truncation=truncation, unroll=unroll, name=f"{forward_cell.name}_fw"),
+        rnn(forward_cell, truncation=truncation, unroll=unroll,
+            recompute_every=recompute_every, name=f"{forward_cell.name}_fw"),
         rnn(backward_cell, truncation=truncation, unroll=unroll, reverse=True,
-            name=f"{backward_cell.name}_bw"),
+            recompute_every=recompute_every, name=f"{backward_cell.name}_bw"),
         combine="concat", name=name)
 
 
@@ -1076,7 +1185,7 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
                    bidirectional: bool = False, dropout: float = 0.0,
                    truncation: int | None = None, unroll: int = 1,
-                   name: str = "sequence_model") -> Layer:
+                   recompute_every: int | None = None, name: str = "sequence_model") -> Layer:
     """A stack of `rnn` layers (one per cell, bottom first) and a Dense output projection
     (Glorot-uniform), at every step (batch, time, out_features) or, with last_step, at the
     last one (batch, out_features). params: one entry per layer, as in `serial`.
@@ -1090,7 +1199,8 @@ def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
     dropout > 0 drops each recurrent layer's outputs (the input of the next layer and of the
     projection; Zaremba et al. 2014, as Karpathy's char-rnn) at that rate when the model is
     given a key (`nets.dropout_after`: the params are those of the model without dropout);
-    without a key it runs at inference."""
+    without a key it runs at inference. truncation, unroll and recompute_every go to every
+    `rnn` layer."""
     cells = list(cells)
     if not cells:
         raise ValueError(f"{name}: cells is empty; a sequence model needs at least one cell")
@@ -1098,9 +1208,11 @@ def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
         numbered = [cell._replace(name=f"{cell.name}_{index}")
                     for index, cell in enumerate(cells)]  # sublayers lstm_0_fw, lstm_0_bw, ...
         layers = [_both_directions(cell, cell, truncation=truncation, unroll=unroll,
-                                   name=cell.name) for cell in numbered]
+                                   recompute_every=recompute_every, name=cell.name)
+                  for cell in numbered]
     else:
-        layers = [rnn(cell, truncation=truncation, unroll=unroll, name=f"{cell.name}_{index}")
+        layers = [rnn(cell, truncation=truncation, unroll=unroll,
+                      recompute_every=recompute_every, name=f"{cell.name}_{index}")
                   for index, cell in enumerate(cells)]
     if dropout:
         layers = [dropout_after(layer, dropout) for layer in layers]
