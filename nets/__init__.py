@@ -37,6 +37,7 @@ from nets.layers import (
     Tanh,
     layer_outputs,
     parallel,
+    remat,
     residual,
     serial,
 )
@@ -113,6 +114,7 @@ __all__ = [
     "serial",
     "layer_outputs",
     "parallel",
+    "remat",
     "residual",
     "Loss",
     "Objective",

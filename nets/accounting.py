@@ -270,7 +270,7 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
             input_shape, sub_rows = _walk(sublayer, input_shape)
             rows += sub_rows
         return input_shape, rows
-    if kind == "dropout_after":  # the wrapped layer's counts; dropout adds none
+    if kind in ("dropout_after", "remat"):  # the wrapped layer's counts
         return _walk(_closure_value(layer, "forward", "layer"), input_shape)
     output_shape, params = _shapes(layer, input_shape)
     if not jax.tree.leaves(params) and kind not in RULES:

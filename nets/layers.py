@@ -65,6 +65,7 @@ __all__ = [
     "layer_outputs",
     "parallel",
     "residual",
+    "remat",
     "check_input",
     "forward_with_key",
     "layer_keys",
@@ -538,6 +539,54 @@ def residual(block: Layer, name: str = "residual") -> Layer:
     block's dx.
     """
     return parallel(Identity(name=f"{name}_identity"), block, combine="sum", name=name)
+
+
+def remat(layer: Layer, name: str | None = None) -> Layer:
+    """`layer` keeping only its input for the backward pass, which runs the layer's forward
+    again to get the rest (gradient checkpointing, or rematerialisation: Griewank 1992; Chen
+    et al. 2016). The same params, outputs, gradients and curvature; residuals (x, key)
+    instead of the layer's; one more forward pass in the backward. Wrap blocks of several
+    layers (a `serial`), whose inner residuals are then never kept.
+
+    The second forward and the backward run as one `lax.cond` whose two branches are both
+    that same function, so the predicate changes nothing. A conditional runs only once all
+    its operands, dy among them, exist, and XLA does not merge what is inside it with what
+    is outside. Without it, XLA:CPU ran every block's second forward as soon as its input
+    existed, during the first forward, and kept the results. With an optimization barrier
+    on (x, dy) instead, it still did. The predicate comes from the params, which vmap over
+    examples does not batch; a batched one would make the cond compute both branches. A
+    stochastic layer's forward gets the same key again, so dropout draws the same masks.
+    """
+    name = name or layer.name
+
+    def forward(params, x, key=None):
+        y, _ = forward_with_key(layer, params, x, key)
+        return y, (x, key)
+
+    def backward_through(method):
+        def again_then_back(params, x, key, dy):
+            _, layer_residuals = forward_with_key(layer, params, x, key)
+            return getattr(layer, method)(params, layer_residuals, dy)
+
+        def run_backward(params, residuals, dy):
+            x, key = residuals
+            return jax.lax.cond(_unfoldable_true(params, x), again_then_back, again_then_back,
+                                params, x, key, dy)
+
+        return run_backward
+
+    return Layer(name, layer.init, forward, backward_through("backward"),
+                 sublayers=layer.sublayers,
+                 curvature=None if layer.curvature is None else backward_through("curvature"),
+                 stochastic=layer.stochastic, factors=layer.factors)
+
+
+def _unfoldable_true(params: Params, x: jax.Array) -> jax.Array:
+    """A scalar that is True, or False only where a NaN is read, and that XLA cannot
+    compute at compile time: whether the first entry of params' first nonempty leaf (of x,
+    for a layer without params) equals itself."""
+    first = next((leaf for leaf in jax.tree.leaves(params) if leaf.size), x).reshape(-1)[0]
+    return first == first
 
 
 def sum_all(arrays: list[jax.Array]) -> jax.Array:
