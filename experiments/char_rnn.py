@@ -110,10 +110,14 @@ class Config(TextOptions):
     clip: float = option(5.0, "clip the gradient's global norm to this (0: no clipping)", ge=0)
     eval_streams: int = option(32, "parallel streams of held-out text", ge=1)
     unroll: int = option(1, "lax.scan unroll of the time loop", ge=1)
+    recompute_every: int = option(0, "manual engine: keep the state every N steps of a window "
+                                  "and recompute the steps between in the backward, for "
+                                  "long windows (0: keep every step)", ge=0)
     seed: int = option(0, "seed of initialisation, stream offsets and samples", ge=0)
 
 
-ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
+ONLY_WITH = {**dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm")),
+             "recompute_every": ("engine", "manual")}
 
 
 def first_chars(ids: np.ndarray, count: int, flag: str, part: str) -> np.ndarray:
@@ -157,17 +161,20 @@ def as_streams(ids: np.ndarray, streams: int) -> np.ndarray:
     return ids[: streams * length].reshape(streams, length)
 
 
-def value_grad_and_carries(cells, objective, engine: str, dropout: float = 0.0):
+def value_grad_and_carries(cells, objective, engine: str, dropout: float = 0.0,
+                           recompute_every: int | None = None):
     """`f(params, xs, targets, carries0, key=None) -> (E, dE/dparams, carries_T)`: one window
     of truncated BPTT from the given states, by the hand-written backward (`manual`) or
     jax.grad (`autodiff`) of the same forward, `recurrent.stack_forward` (with a key, each
     layer's outputs dropped at rate `dropout`). (The engines of nets.engines have no state
-    to carry in or out.)"""
+    to carry in or out.) recompute_every: the manual backward keeps a carry every that many
+    steps and recomputes the steps between (`recurrent.scan_cell`)."""
     loss = objective.loss
 
     def manual(params, xs, targets, carries0, key=None):
-        outputs, carries_T, residuals = recurrent.stack_forward(cells, params, xs, carries0,
-                                                                dropout=dropout, key=key)
+        outputs, carries_T, residuals = recurrent.stack_forward(
+            cells, params, xs, carries0, dropout=dropout, key=key,
+            recompute_every=recompute_every)
         dparams, _, _ = recurrent.stack_backward(cells, params, residuals,
                                                  loss.grad(outputs, targets))
         return loss.value(outputs, targets), dparams, carries_T
@@ -279,7 +286,8 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
     """One procedure step = one epoch of truncated BPTT over the streams (module docstring),
     from a random offset in [0, window) drawn from the epoch's key; record as
     `epochs_of_updates`."""
-    value_and_grad = value_grad_and_carries(cells, objective, config.engine, config.dropout)
+    value_and_grad = value_grad_and_carries(cells, objective, config.engine, config.dropout,
+                                            config.recompute_every or None)
     batch, length = train_streams.shape
     window = config.window
     steps = windows_per_epoch(length, window)

@@ -985,7 +985,8 @@ def _flip_time(sequence):
 
 
 def scan_bidirectional(forward_cell: Cell, backward_cell: Cell, params: tuple,
-                       xs: jax.Array, mask: jax.Array | None = None, unroll: int = 1):
+                       xs: jax.Array, mask: jax.Array | None = None, unroll: int = 1,
+                       recompute_every: int | None = None):
     """Both directions over xs (batch, time, features), params = (forward, backward): (ys
     (batch, time, H_f + H_b) = [h_fw_t, h_bw_t], (forward carry_T, backward carry_T),
     residuals for `bptt_bidirectional`).
@@ -996,12 +997,14 @@ def scan_bidirectional(forward_cell: Cell, backward_cell: Cell, params: tuple,
     it meets the padding first, keeps its zero state through it (masked steps pass the carry
     on) and starts at each sequence's last real step. Padded steps output zeros; the carries
     returned are each direction's final state (the forward one at the last real step, the
-    backward one at the first step)."""
+    backward one at the first step). recompute_every as in `scan_cell`, for both."""
     forward_params, backward_params = params
     ys_forward, carry_forward, residuals_forward = scan_cell(
-        forward_cell, forward_params, xs, mask=mask, unroll=unroll)
+        forward_cell, forward_params, xs, mask=mask, unroll=unroll,
+        recompute_every=recompute_every)
     ys_backward, carry_backward, residuals_backward = scan_cell(
-        backward_cell, backward_params, _flip_time(xs), mask=_flip_time(mask), unroll=unroll)
+        backward_cell, backward_params, _flip_time(xs), mask=_flip_time(mask), unroll=unroll,
+        recompute_every=recompute_every)
     ys = jnp.concatenate([ys_forward, _flip_time(ys_backward)], axis=2)
     return ys, (carry_forward, carry_backward), (residuals_forward, residuals_backward)
 
@@ -1251,12 +1254,13 @@ def _check_stack(name: str, cells: Any, params: Params, **per_cell: Any) -> None
 
 def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = None,
                   truncation: int | None = None, unroll: int = 1, dropout: float = 0.0,
-                  key: jax.Array | None = None):
+                  key: jax.Array | None = None, recompute_every: int | None = None):
     """`sequence_model(cells, out_features, dropout=dropout)` run from the states carries0
     (one per cell, default zeros): (outputs (batch, time, out_features), carries_T (tuple, one
     per cell), residuals). params are that model's, (cell params..., output params). With a
     key, each cell's outputs are dropped at rate `dropout` (a mask per cell from the key; the
-    carried states are not dropped)."""
+    carried states are not dropped). recompute_every as in `scan_cell`, for every cell
+    (`stack_backward` takes either kind of residuals)."""
     if key is not None and not dropout:
         raise ValueError("stack_forward: a key was given, but dropout is 0: nothing draws "
                          "random numbers")
@@ -1267,7 +1271,8 @@ def stack_forward(cells: Any, params: Params, xs: jax.Array, carries0: Any = Non
     hs, carries_T, residuals, scales = xs, [], [], []
     for cell, cell_params, carry0, cell_key in zip(cells, params[:-1], carries0, keys):
         hs, carry_T, cell_residuals = scan_cell(cell, cell_params, hs, carry0,
-                                                truncation=truncation, unroll=unroll)
+                                                truncation=truncation, unroll=unroll,
+                                                recompute_every=recompute_every)
         hs, scale = drop.forward((), hs, key=cell_key)
         carries_T.append(carry_T)
         residuals.append(cell_residuals)

@@ -385,10 +385,14 @@ def test_stack_backward_from_given_states_matches_jax_grad():
     def both(params, xs, carries0):
         outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0)
         manual = recurrent.stack_backward(cells, params, residuals, read_out, read_carries)
-        return manual, jax.grad(energy, argnums=(0, 1, 2))(params, xs, carries0), outputs
+        _, _, kept = recurrent.stack_forward(cells, params, xs, carries0, recompute_every=4)
+        recomputed = recurrent.stack_backward(cells, params, kept, read_out, read_carries)
+        return (manual, recomputed), jax.grad(energy, argnums=(0, 1, 2))(params, xs,
+                                                                          carries0), outputs
 
-    manual, expected, outputs = both(params, xs, carries0)
+    (manual, recomputed), expected, outputs = both(params, xs, carries0)
     assert_close_tree(manual, expected, "float64", "stack")
+    assert_close_tree(recomputed, expected, "float64", "stack, recompute_every=4")
     # from the zero state, the stack is the sequence_model Layer
     assert_close_tree(recurrent.stack_forward(cells, params, xs)[0], model.apply(params, xs),
                       "float64", "stack vs model")
@@ -1116,6 +1120,11 @@ def test_scan_bidirectional_reads_each_padded_sequence_over_its_own_length():
                                           read_carries)
     assert_close_tree(manual, expected, "float64", "bptt_bidirectional")
     assert np.all(np.asarray(manual[1][2, 1:]) == 0)  # the one-step sequence's padding
+    _, _, kept = recurrent.scan_bidirectional(forward_cell, backward_cell, params, xs, mask,
+                                              recompute_every=4)
+    recomputed = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, kept, read,
+                                              read_carries)
+    assert_close_tree(recomputed, expected, "float64", "bptt_bidirectional, recompute_every=4")
 
 
 def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():

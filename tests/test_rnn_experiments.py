@@ -155,8 +155,9 @@ def test_char_rnn_refuses_more_text_than_there_is(tmp_path):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
-    """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64;
-    with dropout, both under the same key."""
+    """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64,
+    and by the manual one with --recompute-every 3 (a first step kept, then a segment of 3);
+    with dropout, all under the same key."""
     from nets import recurrent
 
     rng = np.random.default_rng(0)
@@ -169,9 +170,12 @@ def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
     carries = ((jnp.full((2, 4), -0.3), jnp.full((2, 4), 0.7)),)
     objective = char_rnn.nets.Objective(recurrent.sequence_cross_entropy(), 0.0)
     key = jax.random.key(1) if dropout else None
-    results = [jax.jit(char_rnn.value_grad_and_carries(cells, objective, engine, dropout))(
-        params, xs, targets, carries, key) for engine in ("manual", "autodiff")]
+    results = [jax.jit(char_rnn.value_grad_and_carries(cells, objective, engine, dropout,
+                                                       recompute_every))(
+        params, xs, targets, carries, key)
+        for engine, recompute_every in (("manual", None), ("autodiff", None), ("manual", 3))]
     assert_close_tree(results[0], results[1], "float64", "char_rnn engines")
+    assert_close_tree(results[2], results[1], "float64", "char_rnn, recompute_every=3")
     if dropout:
         plain = char_rnn.value_grad_and_carries(cells, objective, "manual")(
             params, xs, targets, carries)
@@ -274,16 +278,20 @@ def test_adding_problem_with_lecuns_method_runs_and_its_options_need_it(tmp_path
 
 def test_char_rnn_with_lecuns_method_trains_and_its_options_need_it(tmp_path):
     """--optimizer sdlm: h backpropagated through the stacked LSTM from the carried states
-    every 4 windows; 2 short epochs bring the held-out loss below a uniform guess's log 65.
-    Its options are refused with Adam."""
+    every 4 windows, the gradients with --recompute-every 4; 2 short epochs bring the
+    held-out loss below a uniform guess's log 65. Its options are refused with Adam, and
+    --recompute-every with --engine autodiff."""
     common = ["--layers", "2", "--hidden", "8", "--window", "16", "--batch-size", "4",
               "--train-chars", "2000", "--eval-chars", "600", "--eval-streams", "4",
               "--sample-chars", "20", "--progress-every", "0"]
     metrics = char_rnn.main(["--workdir", str(tmp_path), *common, "--epochs", "2",
                              "--optimizer", "sdlm", "--lr", "1e-2", "--mu", "1e-3",
-                             "--curvature-every", "4"])
+                             "--curvature-every", "4", "--recompute-every", "4"])
     assert metrics["held_out_nats"] < np.log(65) and metrics["rejected_non_finite"] == 0
     assert read_results(tmp_path)["config"]["optimizer"] == "sdlm"
     with pytest.raises(ConfigError, match="option --curvature-every: got 3; it applies only "
                                           "with --optimizer sdlm"):
         char_rnn.main([*common, "--curvature-every", "3"])
+    with pytest.raises(ConfigError, match="option --recompute-every: got 4; it applies only "
+                                          "with --engine manual"):
+        char_rnn.main([*common, "--recompute-every", "4", "--engine", "autodiff"])
