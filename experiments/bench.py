@@ -12,7 +12,8 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 Target <= 1.0, and no more temporary memory (XLA's memory analysis of each
                 compiled step). Also, with no target: eight Dense-tanh-Dense-tanh blocks
                 (width 256, batch 4096) each in `nets.remat` against the same unwrapped,
-                time and temporaries.
+                time and temporaries; the MLP at batch 4096 as 8 micro-batches
+                (`nets.accumulated`) against the whole batch at once, likewise.
   conv          each Conv2D implementation ("conv", "patches", "gather", "rows", "tiles")
                 against the model's default, one jitted SGD step with the manual engine:
                 LeNet-5 (batch 128; default "tiles") and LeNet-1989 (batch 1; default
@@ -105,7 +106,8 @@ from training.harness import open_run
 EXPERIMENT = "bench"
 FAMILIES = ("engine", "conv", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn",
             "scaling")
-TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "recipe": ("<=", 1 / 60),
+TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "engine/accumulate": None,
+           "recipe": ("<=", 1 / 60),
            "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
@@ -306,6 +308,7 @@ def family_engine(config, key):
                   "manual/autodiff", **memory_extras(manual_fn, auto_fn))
         yield row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn))
     yield from remat_rows(sizes_of(config), key, config.repeats)
+    yield from accumulation_rows(sizes_of(config), key, config.repeats)
 
 
 REMAT_BLOCKS = 8
@@ -319,6 +322,29 @@ def remat_blocks_model(width, wrap):
         return nets.remat(made) if wrap else made
 
     return nets.serial(*(block() for _ in range(REMAT_BLOCKS)), nets.Dense(10))
+
+
+ACCUMULATED_PARTS = 8
+
+
+def accumulation_rows(sizes, key, repeats):
+    """The MLP's manual step at batch 16 mlp_batch as ACCUMULATED_PARTS micro-batches
+    (`nets.accumulated`) against the whole batch at once, alternated: time and XLA's
+    temporaries. No target."""
+    name, model = mlp(sizes)
+    batch = 16 * sizes.mlp_batch
+    softmax = nets.Objective(nets.softmax_cross_entropy(), 0.0)
+    args = random_problem(model, (784,), batch, key)
+    engines = (nets.accumulated(nets.manual, ACCUMULATED_PARTS), nets.manual)
+    (parts_fn, parts_compile), (whole_fn, whole_compile) = [
+        benchmark.compile_jitted(sgd_step(model, softmax, engine), *args) for engine in engines]
+    parts, whole = benchmark.compare(parts_fn, args, whole_fn, args, repeats)
+    parts.compile_s, whole.compile_s = parts_compile, whole_compile
+    row_name = f"accumulate/{name}/b{batch}"
+    yield row("engine", row_name, f"{ACCUMULATED_PARTS}_micro_batches", parts,
+              parts.median_s / whole.median_s, "micro_batches/whole_batch",
+              temp_bytes=temp_bytes(parts_fn))
+    yield row("engine", row_name, "whole_batch", whole, temp_bytes=temp_bytes(whole_fn))
 
 
 def remat_rows(sizes, key, repeats):

@@ -23,7 +23,7 @@ from nets.accounting import ModelCount
 from nets.accounting import count as count_model
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
-from nets.engines import autodiff, get_engine, manual, manual_vjp, with_manual_vjp
+from nets.engines import accumulated, autodiff, get_engine, manual, manual_vjp, with_manual_vjp
 from nets.layers import (
     Dense,
     Embedding,
@@ -128,6 +128,7 @@ __all__ = [
     "manual_vjp",
     "with_manual_vjp",
     "get_engine",
+    "accumulated",
     "build_mlp",
     "residual_mlp",
     "conv",

@@ -47,6 +47,7 @@ __all__ = [
     "with_manual_vjp",
     "loss_with_manual_vjp",
     "get_engine",
+    "accumulated",
     "curvature_diagonal",
 ]
 
@@ -158,6 +159,76 @@ def manual_vjp(model: Layer, objective: Objective) -> ValueAndGrad:
         return loss_value(outputs, targets) + l2_penalty(params, objective.l2, outputs.shape[0])
 
     return jax.value_and_grad(energy)
+
+
+def accumulated(engine: Engine, micro_batches: int) -> Engine:
+    """`engine` run over a batch as `micro_batches` equal parts one after another (a
+    `lax.scan`), their gradients summed: the whole batch's E and dE/dparams, with the
+    temporaries of one part (gradient accumulation).
+
+    Every loss is a mean over the batch's m examples (`nets.losses`), so the mean of the
+    parts' losses and of their gradients is the whole batch's. With k = micro_batches, the
+    penalty lambda/(2m) ||w||^2 and its gradient are added once, with the whole batch's m
+    (a part of m / k examples run alone would add k times it); under `shard_map` with
+    check_vma, its gradient is summed over the devices the batch is split over, as the
+    engines sum theirs (`nets.varying`). A key is split into one per part, so dropout draws
+    other masks than for the whole batch at once. A model whose layers normalise with their
+    batch's statistics (BatchNorm) would see each part's: refused, as are a batch that does
+    not split evenly and a micro_batches below 1.
+    """
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or (
+            micro_batches < 1):
+        raise ValueError(f"accumulated: micro_batches must be a whole number >= 1, got "
+                         f"{micro_batches!r}")
+
+    def make(model: Layer, objective: Objective) -> ValueAndGrad:
+        from nets.normalization import batch_coupled_layers  # it imports nets.layers only
+
+        part_value_and_grad = engine(model, objective._replace(l2=0.0))
+
+        def value_and_grad(params, x, targets, key=None):
+            coupled = batch_coupled_layers(model, params)
+            if coupled:
+                raise ValueError(f"accumulated: {model.name}: layers {coupled} normalise with "
+                                 "their batch's statistics (BatchNorm), which each micro-batch "
+                                 "would compute over itself")
+            m = x.shape[0]
+            if m % micro_batches or targets.shape[0] != m:
+                raise ValueError(f"accumulated: a batch of {m} inputs and "
+                                 f"{targets.shape[0]} targets does not split into "
+                                 f"{micro_batches} equal micro-batches")
+
+            def in_parts(array):
+                return array.reshape((micro_batches, m // micro_batches) + array.shape[1:])
+
+            keys = None if key is None else jax.random.split(key, micro_batches)
+
+            def add_part(totals, part):
+                part_x, part_targets, part_key = part
+                value, grads = part_value_and_grad(params, part_x, part_targets, part_key)
+                return jax.tree.map(jnp.add, totals, (value, grads)), None
+
+            value_shape, grad_shapes = jax.eval_shape(
+                part_value_and_grad, params, in_parts(x)[0], in_parts(targets)[0],
+                None if key is None else keys[0])
+            # zeros typed as the parts' results (under shard_map: E varies like the data,
+            # each gradient like its parameter)
+            zero_value = vary_like(jnp.zeros((), value_shape.dtype), varying_axes((x, targets)))
+            zero_grads = jax.tree.map(
+                lambda shape, param: vary_like(jnp.zeros(shape.shape, shape.dtype),
+                                               varying_axes(param)), grad_shapes, params)
+            (value, grads), _ = jax.lax.scan(add_part, (zero_value, zero_grads),
+                                             (in_parts(x), in_parts(targets), keys))
+            penalty = sum_over_added_axes(vary_like(
+                l2_penalty_grad(params, objective.l2, m), varying_axes((x, targets))), params)
+            grads = jax.tree.map(lambda total, share: total / micro_batches + share,
+                                 grads, penalty)
+            value = value / micro_batches + l2_penalty(params, objective.l2, m)
+            return value, _dtypes_of(grads, params)
+
+        return value_and_grad
+
+    return make
 
 
 ENGINES: dict[str, Engine] = {

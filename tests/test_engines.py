@@ -127,3 +127,76 @@ def test_float32_params_with_float64_data_get_float32_gradients_from_every_engin
         assert_close_tree(grad, results["autodiff"], jnp.float32, name)
     curvature = engines.curvature_diagonal(model, objective)(params, x, targets)
     assert {leaf.dtype for leaf in jax.tree.leaves(curvature)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("engine", ["manual", "manual_vjp", "autodiff"])
+def test_accumulated_micro_batches_give_the_whole_batchs_value_and_gradient(engine):
+    """`accumulated(engine, k)` against jax.grad of the whole batch, float64 (1e-10): the
+    lecture's net with lambda = 0.5 (the penalty once, with the whole batch's m) at k = 1, 3
+    and 12 (batch 12), and an LSTM with the per-step cross-entropy over integer targets at
+    k = 2."""
+    model, objective, params, x, targets = problem("lecture", jnp.float64, batch=12)
+    sequence = nets.recurrent.sequence_model([nets.recurrent.lstm(3)], 4)
+    sequence_params = astype(sequence.init(jax.random.key(2), (-1, 5, 2))[1], jnp.float64)
+    tokens = jax.random.normal(jax.random.key(3), (6, 5, 2), jnp.float64)
+    next_ids = jax.random.randint(jax.random.key(4), (6, 5), 0, 4)
+    sequence_objective = losses.Objective(nets.recurrent.sequence_cross_entropy(), 0.2)
+    run = engines.get_engine(engine)
+
+    @jax.jit
+    def everything():
+        return ([engines.accumulated(run, k)(model, objective)(params, x, targets)
+                 for k in (1, 3, 12)],
+                engines.autodiff(model, objective)(params, x, targets),
+                engines.accumulated(run, 2)(sequence, sequence_objective)(
+                    sequence_params, tokens, next_ids),
+                engines.autodiff(sequence, sequence_objective)(sequence_params, tokens,
+                                                               next_ids))
+
+    mlp_results, mlp_expected, lstm_result, lstm_expected = everything()
+    for k, result in zip((1, 3, 12), mlp_results):
+        assert_close_tree(result, mlp_expected, jnp.float64, f"{engine}, k = {k}")
+    assert_close_tree(lstm_result, lstm_expected, jnp.float64, f"{engine}, LSTM, k = 2")
+
+
+def test_accumulated_with_dropout_splits_the_key_one_per_micro_batch():
+    """With a key, part j runs with split(key, k)[j]: the mean of jax.grad of each part
+    under its own key (and the penalty once), float64; and not the whole batch's gradient
+    under the one key (other masks)."""
+    model = layers.serial(layers.Dense(6), layers.Tanh(), nets.Dropout(0.5), layers.Dense(3))
+    params = astype(model.init(jax.random.key(0), (-1, 4))[1], jnp.float64)
+    x, targets = random_batch(jax.random.key(1), 6, 4, 3, jnp.float64)
+    objective = losses.Objective(losses.mean_squared_error(), 0.3)
+    key = jax.random.key(7)
+    got = jax.jit(engines.accumulated(engines.manual, 3)(model, objective))(
+        params, x, targets, key)
+    no_penalty = engines.autodiff(model, objective._replace(l2=0.0))
+    parts = [no_penalty(params, x[2 * j:2 * j + 2], targets[2 * j:2 * j + 2], part_key)
+             for j, part_key in enumerate(jax.random.split(key, 3))]
+    expected_value = sum(value for value, _ in parts) / 3 + losses.l2_penalty(params, 0.3, 6)
+    expected_grads = jax.tree.map(lambda *leaves: sum(leaves) / 3,
+                                  *[grads for _, grads in parts])
+    expected_grads = jax.tree.map(jnp.add, expected_grads, losses.l2_penalty_grad(params, 0.3, 6))
+    assert_close_tree(got, (expected_value, expected_grads), jnp.float64, "dropout parts")
+    whole = engines.autodiff(model, objective)(params, x, targets, key)
+    assert relative_error(got[1][0]["w"], whole[1][0]["w"]) > 1e-3
+
+
+def test_accumulated_refuses_batch_statistics_uneven_batches_and_bad_counts():
+    batch_norm = nets.build_mlp(4, 3, hidden_units=5, activation="relu", batch_norm=True)
+    params = batch_norm.init(jax.random.key(0), (-1, 4))[1]
+    x, targets = random_batch(jax.random.key(1), 6, 4, 3, jnp.float32)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
+    with pytest.raises(ValueError, match=r"accumulated: .*: layers \['.*'\] normalise with "
+                                         "their batch's statistics"):
+        engines.accumulated(engines.manual, 2)(batch_norm, objective)(params, x, targets)
+    model, objective, params, x, targets = problem("lecture", jnp.float32, batch=13)
+    with pytest.raises(ValueError, match="accumulated: a batch of 13 inputs and 13 targets "
+                                         "does not split into 3 equal micro-batches"):
+        engines.accumulated(engines.manual, 3)(model, objective)(params, x, targets)
+    with pytest.raises(ValueError, match="accumulated: a batch of 13 inputs and 12 targets"):
+        engines.accumulated(engines.manual, 1)(model, objective)(params, x, targets[:12])
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"accumulated: micro_batches must be a whole "
+                                             rf"number >= 1, got {bad!r}"):
+            engines.accumulated(engines.manual, bad)

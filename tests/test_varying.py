@@ -202,3 +202,18 @@ def test_synchronised_batch_norm_under_check_vma(engine):
     grads = over_devices(lambda p, x, t: value_and_grad(p, x, t)[1], params, x, targets)
     whole = engines.autodiff(plain, objective)(params, x, targets)[1]
     assert_gradients_equal(grads, jax.tree.map(lambda g: 2 * g, whole))
+
+
+@pytest.mark.parametrize("name", ["mlp_l2", "lstm"])
+@pytest.mark.parametrize("engine", ["manual", "autodiff"])
+def test_accumulated_micro_batches_under_check_vma_sum_the_devices_gradients(name, engine):
+    """`engines.accumulated(engine, 2)` inside shard_map with check_vma=True (each device's 2
+    examples as 2 micro-batches of 1, its running sums typed like what they add up): the sum
+    of each half's jax.grad on one device (float64)."""
+    model, objective, x, targets = case(name)
+    params = params_of(model, x)
+    value_and_grad = engines.accumulated(engines.get_engine(engine), 2)(model, objective)
+    grads = over_devices(lambda p, x, t: value_and_grad(p, x, t)[1], params, x, targets)
+    reference = engines.autodiff(model, objective)
+    expected = sum_of_halves(lambda p, x, t: reference(p, x, t)[1], params, x, targets)
+    assert_gradients_equal(grads, expected)
