@@ -1,7 +1,7 @@
 """Layers as pure functions with hand-written backward passes.
 
 The contract (README, "The contracts"), shared by every layer and by the combinators
-`serial`, `parallel` and `residual`:
+`serial`, `parallel`, `residual` and `remat` (gradient checkpointing):
 
     init(key, input_shape)          -> (output_shape, params)
     forward(params, x)              -> (y, residuals)
