@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import nets
-from experiments import depth, memory_time, precision, pretraining
+from experiments import depth, memory_time, memory_tradeoffs, precision, pretraining
 from nets import autoencoder
 from nets.gradcheck import relative_error
-from tests.helpers import F64, assert_close_tree
+from tests.helpers import F64, assert_close_tree, tolerance
 from training.config import ConfigError
 
 DESIGN_KEYS = {"experiment", "config", "environment", "metrics", "history", "seconds"}
@@ -174,6 +174,43 @@ def test_memory_time_measures_in_a_fresh_process():
     row = memory_time.measure_isolated("knn", config, memory_time.load(config))
     assert row["method"] == "knn" and 0 <= row["test_accuracy"] <= 1
     assert row["train_accuracy"] == 1.0  # 1-NN recalls its own training set
+
+
+TRADEOFFS_SMALL = ["--time-steps", "12", "--hidden", "8", "--batch", "4", "--recompute-every",
+                   "3,5", "--blocks", "4", "--width", "16", "--block-batch", "64",
+                   "--remat-groups", "1,2", "--mlp-width", "32", "--mlp-batch", "64",
+                   "--micro-batches", "2,4", "--repeats", "2"]
+
+
+def test_memory_tradeoffs_measures_every_setting_with_the_plain_gradients(tmp_path):
+    """Every family's settings, the plain program first at ratio 1; each setting's gradients
+    those of the plain program within float32's tolerance (T = 12 with k = 5: 2 steps kept,
+    then 2 segments); the plot and the table written."""
+    metrics = memory_tradeoffs.main(["--workdir", str(tmp_path), *TRADEOFFS_SMALL])
+    document = read_results(tmp_path, "memory_tradeoffs")
+    assert document["metrics"] == json.loads(json.dumps(metrics))
+    settings = {family: [row["setting"] for row in rows] for family, rows in metrics.items()}
+    assert settings == {
+        "recompute": ["plain", "recompute_every=3", "recompute_every=5"],
+        "remat": ["plain", "remat of 1 block", "remat of 2 blocks"],
+        "accumulate": ["plain", "2 micro-batches", "4 micro-batches"]}
+    for rows in metrics.values():
+        assert rows[0]["ratio"] == 1.0
+        for row in rows:
+            assert row["temp_mb"] > 0 and row["seconds"] > 0 and row["ratio"] > 0
+            assert row["max_rel_diff"] <= tolerance(jnp.float32)
+    assert (tmp_path / "memory_tradeoffs.png").stat().st_size > 0
+    assert "| remat of 2 blocks |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--remat-groups", "3", r"option --remat-groups: \[3\] do not divide 4"),
+    ("--micro-batches", "5", r"option --micro-batches: \[5\] do not divide 64"),
+    ("--recompute-every", "13", r"option --recompute-every: \[13\] exceed --time-steps 12")])
+def test_memory_tradeoffs_refuses_settings_it_cannot_build(tmp_path, flag, value, message):
+    with pytest.raises(ConfigError, match=message):
+        memory_tradeoffs.main(["--workdir", str(tmp_path), *TRADEOFFS_SMALL, flag, value])
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_depth_reports_the_updates_it_made(tmp_path):
