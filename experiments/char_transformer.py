@@ -2,7 +2,7 @@
 
     python -m experiments.char_transformer [--workdir DIR] [--context 64] [--features 128]
         [--heads 4] [--blocks 2] [--epochs 6] [--engine manual|autodiff]
-        [--optimizer adam|sdlm [--mu 1e-3] [--curvature-every 10]]
+        [--optimizer adam|sdlm [--mu 1e-3] [--curvature-every 10]] [--remat]
 
 The same text, split and vocabulary as `experiments.char_rnn` (the first 90% of the
 1,115,394 characters for training, the last 10% held out, 65 characters). The model is
@@ -85,6 +85,9 @@ class Config(TextOptions):
     blocks: int = option(2, "transformer blocks", ge=0)
     dropout: float = option(0.0, "dropout rate after the positions and at the end of every "
                             "residual branch, in training only", ge=0, lt=1)
+    remat: bool = option(False, "manual engine: keep only each residual branch's input for "
+                         "the backward and run the branch again there (nets.remat): less "
+                         "memory, one more forward")
     batch_size: int = option(32, "windows per optimizer step", ge=1)
     steps_per_epoch: int = option(490, "optimizer steps per epoch", ge=1)
     epochs: int = option(6, "epochs", ge=1)
@@ -99,7 +102,8 @@ class Config(TextOptions):
     seed: int = option(0, "seed of initialisation, windows and samples", ge=0)
 
 
-ONLY_WITH = dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm"))
+ONLY_WITH = {**dict.fromkeys(("mu", "curvature_every"), ("optimizer", "sdlm")),
+             "remat": ("engine", "manual")}
 
 
 def check_config(config: Config, corpus: Corpus) -> None:
@@ -230,7 +234,7 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
     vocabulary = len(corpus.vocabulary)
     model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
-                                config.blocks, config.dropout)
+                                config.blocks, config.dropout, remat=config.remat)
     objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
     params = model.init(jax.random.key(config.seed), (-1, config.context))[1]
     train_ids = jnp.asarray(corpus.train)

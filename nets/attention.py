@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from nets import initializers
 from nets.accounting import layer_kind
 from nets.layers import Dense, Embedding, Layer, Relu, residual, serial
+from nets.layers import remat as remat_layer
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
 from nets.recurrent import TimeDistributed
@@ -188,7 +189,7 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
-                   blocks: int = 2, dropout: float = 0.0,
+                   blocks: int = 2, dropout: float = 0.0, remat: bool = False,
                    name: str = "transformer_lm") -> Layer:
     """A decoder-only (GPT-style, pre-norm) transformer over token ids.
 
@@ -202,7 +203,9 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
     block1 (norm1a, attention1, norm1b, inner1, act1, outer1), ..., final_norm, output.
     With dropout > 0 (GPT's placement), `Dropout(dropout)` follows the positions and ends
     each block's two residual branches (drop0, drop1a, drop1b, ...); the model is then
-    stochastic: training steps pass a key, inference none.
+    stochastic: training steps pass a key, inference none. With remat, each residual branch
+    (attention, MLP) is a `nets.remat`: the backward keeps only each block's input and runs
+    the block forward again (the same params, names and gradients).
     """
     if vocabulary < 1:
         raise ValueError(f"{name}: vocabulary must be >= 1, got {vocabulary}")
@@ -229,8 +232,9 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
                      per_step(4 * features, f"inner{index}"), Relu(name=f"act{index}"),
                      per_step(features, f"outer{index}"), *dropped(f"drop{index}b"),
                      name=f"mix{index}")
-        layers += [residual(attend, name=f"block{index}_attention"),
-                   residual(mix, name=f"block{index}_mlp")]
+        branches = [residual(attend, name=f"block{index}_attention"),
+                    residual(mix, name=f"block{index}_mlp")]
+        layers += [remat_layer(branch) for branch in branches] if remat else branches
     layers += [LayerNorm(features, name="final_norm"), per_step(vocabulary, "output")]
     return serial(*layers, name=name)
 

@@ -10,6 +10,7 @@ import pytest
 
 import nets
 from nets import engines, gradcheck, losses
+from nets.accounting import layer_kind
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.recurrent import sequence_cross_entropy
 from tests.helpers import F64, assert_close_tree, backward_and_vjp
@@ -388,3 +389,33 @@ def test_lecuns_diagonal_method_trains_the_transformer():
     _, energies = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)),
                                                  jnp.arange(200)))(params)
     assert float(energies[0]) > 2.0 and float(energies[-1]) < 1e-3, energies[[0, -1]]
+
+
+def test_transformer_with_remat_has_the_plain_gradients_and_curvature():
+    """transformer_lm(remat=True), dropout on, one key, float64: the same params, the manual
+    gradient equal to jax.grad's and to the plain model's manual one (the masks drawn again
+    from the same key), the same curvature diagonal; each residual branch is a remat."""
+    plain = transformer_lm(5, context=8, features=8, heads=2, blocks=2, dropout=0.3)
+    model = transformer_lm(5, context=8, features=8, heads=2, blocks=2, dropout=0.3,
+                           remat=True)
+    assert [layer_kind(layer) for layer in model.sublayers].count("remat") == 4
+    _, _, x, targets = small_lm(seed=3)
+    params = perturbed(model.init(jax.random.key(3), (-1, 6))[1], jnp.float64, 12, 0.1)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        plain.init(jax.random.key(3), (-1, 6))[1])
+    objective = losses.Objective(sequence_cross_entropy(), 0.0)
+    key = jax.random.key(8)
+
+    @jax.jit
+    def everything(params, x, targets, key):
+        return (engines.manual(model, objective)(params, x, targets, key),
+                engines.autodiff(model, objective)(params, x, targets, key),
+                engines.manual(plain, objective)(params, x, targets, key),
+                engines.curvature_diagonal(model, objective)(params, x, targets, key),
+                engines.curvature_diagonal(plain, objective)(params, x, targets, key))
+
+    manual, autodiff, unwrapped, curvature, plain_curvature = everything(params, x, targets,
+                                                                         key)
+    assert_close_tree(manual, autodiff, jnp.float64, "remat transformer vs jax.grad")
+    assert_close_tree(manual, unwrapped, jnp.float64, "remat transformer vs plain")
+    assert_close_tree(curvature, plain_curvature, jnp.float64, "remat transformer curvature")

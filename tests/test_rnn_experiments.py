@@ -245,21 +245,26 @@ def test_char_transformer_generation_matches_a_plain_loop():
 
 
 def test_char_transformer_with_lecuns_method_trains_and_refuses_what_it_cannot_do(tmp_path):
-    """--optimizer sdlm (with dropout, h estimated without it): h backpropagated every 3
-    updates; 2 short epochs bring the held-out loss below a uniform guess's log 65. Its
-    options are refused with Adam."""
+    """--optimizer sdlm (with dropout, h estimated without it) and --remat: h backpropagated
+    every 3 updates; 2 short epochs bring the held-out loss below a uniform guess's log 65.
+    Its options are refused with Adam, and --remat with --engine autodiff."""
     common = ["--context", "8", "--features", "8", "--heads", "2", "--blocks", "1",
               "--batch-size", "4", "--steps-per-epoch", "10", "--train-chars", "2000",
               "--eval-chars", "600", "--eval-batch", "16", "--sample-chars", "20",
               "--progress-every", "0"]
     metrics = char_transformer.main(["--workdir", str(tmp_path), *common, "--epochs", "2",
                                      "--optimizer", "sdlm", "--lr", "1e-3", "--mu", "1e-4",
-                                     "--curvature-every", "3", "--dropout", "0.1"])
+                                     "--curvature-every", "3", "--dropout", "0.1",
+                                     "--remat"])
     assert metrics["held_out_nats"] < np.log(65) and metrics["rejected_non_finite"] == 0
-    assert read_results(tmp_path)["config"]["optimizer"] == "sdlm"
+    config = read_results(tmp_path)["config"]
+    assert config["optimizer"] == "sdlm" and config["remat"] is True
     with pytest.raises(ConfigError, match="option --mu: got 0.01; it applies only with "
                                           "--optimizer sdlm"):
         char_transformer.main([*common, "--mu", "0.01"])
+    with pytest.raises(ConfigError, match="option --remat: got True; it applies only with "
+                                          "--engine manual"):
+        char_transformer.main([*common, "--remat", "--engine", "autodiff"])
 
 
 def test_adding_problem_with_lecuns_method_runs_and_its_options_need_it(tmp_path):
