@@ -554,8 +554,9 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
     is outside. Without it, XLA:CPU ran every block's second forward as soon as its input
     existed, during the first forward, and kept the results. With an optimization barrier
     on (x, dy) instead, it still did. The predicate comes from the params, which vmap over
-    examples does not batch; a batched one would make the cond compute both branches. A
-    stochastic layer's forward gets the same key again, so dropout draws the same masks.
+    examples does not batch; a batched one (vmap over params, as random restarts do) makes
+    the cond compute both branches, the same values at twice the cost. A stochastic layer's
+    forward gets the same key again, so dropout draws the same masks.
     """
     name = name or layer.name
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from nets import initializers
 from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, is_count, serial
+from nets.layers import remat as remat_layer
 from nets.layers import residual as residual_block
 from nets.normalization import BatchNorm, LayerNorm
 
@@ -84,6 +85,7 @@ def residual_mlp(
     blocks: int = 2,
     activation: str = "relu",
     w_init: initializers.Initializer | None = None,
+    remat: bool = False,
 ) -> Layer:
     """A pre-norm residual MLP: Dense to `width`, `blocks` residual blocks, LayerNorm, Dense.
 
@@ -91,7 +93,8 @@ def residual_mlp(
     order of He et al. 2016, "Identity mappings in deep residual networks", with layer
     normalisation in place of batch normalisation). Shapes: x (batch, input_dim) -> logits
     (batch, num_classes). Layers are named embed, block1 (norm1, inner1, act1, outer1), ...,
-    final_norm, output.
+    final_norm, output. With remat, each block is a `nets.remat`: its backward keeps only the
+    block's input and runs the block again (the same params, names and gradients).
     """
     for argument, value in (("input_dim", input_dim), ("num_classes", num_classes),
                             ("width", width)):
@@ -110,7 +113,8 @@ def residual_mlp(
                        ACTIVATIONS[activation](name=f"act{index}"),
                        Dense(width, name=f"outer{index}", **dense_kwargs),
                        name=f"block{index}_layers")
-        layers.append(residual_block(block, name=f"block{index}"))
+        block = residual_block(block, name=f"block{index}")
+        layers.append(remat_layer(block) if remat else block)
     layers += [LayerNorm(width, name="final_norm"), Dense(num_classes, name="output",
                                                           **dense_kwargs)]
     return serial(*layers, name=f"residual_mlp{blocks}x{width}_{activation}")

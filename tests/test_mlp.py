@@ -140,6 +140,31 @@ def test_residual_mlp_matches_numpy_and_counts_its_parameters():
         "embed", "block1", "block2", "final_norm", "output"]
 
 
+def test_residual_mlp_with_remat_blocks_has_the_plain_params_outputs_and_gradients():
+    """remat=True: the same params and names, the same outputs (NumPy's), and the manual
+    gradient equal to jax.grad's and to the plain model's (float64, L2 on)."""
+    plain, model = (nets.residual_mlp(6, 3, width=8, blocks=2, remat=remat)
+                    for remat in (False, True))
+    params = astype(model.init(jax.random.key(0), (-1, 6))[1], jnp.float64)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape, jnp.float64))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        plain.init(jax.random.key(0), (-1, 6))[1])
+    assert [layer.name for layer in model.sublayers] == [
+        "embed", "block1", "block2", "final_norm", "output"]
+    x = jax.random.normal(jax.random.key(2), (5, 6), jnp.float64)
+    targets = jax.nn.one_hot(jnp.arange(5) % 3, 3, dtype=jnp.float64)
+    np.testing.assert_allclose(model.apply(params, x), numpy_residual_mlp(params, x),
+                               rtol=1e-12, atol=1e-12)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.2)
+    manual, autodiff, unwrapped = (engine(net, objective)(params, x, targets) for engine, net in
+                                   ((engines.manual, model), (engines.autodiff, model),
+                                    (engines.manual, plain)))
+    for other in (autodiff, unwrapped):
+        for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(other)):
+            assert relative_error(a, b) <= F64
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(width=0), "residual_mlp: width must be >= 1, got 0"),
     (dict(blocks=-1), "residual_mlp: blocks must be >= 0, got -1"),
