@@ -44,3 +44,23 @@ def backward_and_vjp(layer, params, x, dy):
         return layer.backward(params, residuals, dy), pullback(dy)
 
     return both(params, x, dy)
+
+
+def assert_remat_matches_the_plain_model(model, plain, objective, args, what):
+    """`model` (with `nets.remat` inside) against jax.grad of itself and against the same
+    model unwrapped, `plain`, float64: the manual gradient equal to both, its curvature
+    diagonal equal to plain's. args: (params, x, targets, key)."""
+    from nets import engines
+
+    @jax.jit
+    def everything(*args):
+        return (engines.manual(model, objective)(*args),
+                engines.autodiff(model, objective)(*args),
+                engines.manual(plain, objective)(*args),
+                engines.curvature_diagonal(model, objective)(*args),
+                engines.curvature_diagonal(plain, objective)(*args))
+
+    manual, autodiff, unwrapped, curvature, plain_curvature = everything(*args)
+    assert_close_tree(manual, autodiff, jnp.float64, f"{what} vs jax.grad")
+    assert_close_tree(manual, unwrapped, jnp.float64, f"{what} vs unwrapped")
+    assert_close_tree(curvature, plain_curvature, jnp.float64, f"{what}: curvature")

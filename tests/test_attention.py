@@ -13,7 +13,12 @@ from nets import engines, gradcheck, losses
 from nets.accounting import layer_kind
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.recurrent import sequence_cross_entropy
-from tests.helpers import F64, assert_close_tree, backward_and_vjp
+from tests.helpers import (
+    F64,
+    assert_close_tree,
+    assert_remat_matches_the_plain_model,
+    backward_and_vjp,
+)
 from training import optim
 
 
@@ -404,18 +409,6 @@ def test_transformer_with_remat_has_the_plain_gradients_and_curvature():
     assert jax.tree.structure(params) == jax.tree.structure(
         plain.init(jax.random.key(3), (-1, 6))[1])
     objective = losses.Objective(sequence_cross_entropy(), 0.0)
-    key = jax.random.key(8)
-
-    @jax.jit
-    def everything(params, x, targets, key):
-        return (engines.manual(model, objective)(params, x, targets, key),
-                engines.autodiff(model, objective)(params, x, targets, key),
-                engines.manual(plain, objective)(params, x, targets, key),
-                engines.curvature_diagonal(model, objective)(params, x, targets, key),
-                engines.curvature_diagonal(plain, objective)(params, x, targets, key))
-
-    manual, autodiff, unwrapped, curvature, plain_curvature = everything(params, x, targets,
-                                                                         key)
-    assert_close_tree(manual, autodiff, jnp.float64, "remat transformer vs jax.grad")
-    assert_close_tree(manual, unwrapped, jnp.float64, "remat transformer vs plain")
-    assert_close_tree(curvature, plain_curvature, jnp.float64, "remat transformer curvature")
+    assert_remat_matches_the_plain_model(model, plain, objective,
+                                         (params, x, targets, jax.random.key(8)),
+                                         "remat transformer")

@@ -7,7 +7,7 @@ import pytest
 
 import nets
 from nets import engines, gradcheck, layers, losses
-from tests.helpers import assert_close_tree
+from tests.helpers import assert_close_tree, assert_remat_matches_the_plain_model
 
 
 def vjp_reference(layer, params, x, dy):
@@ -211,19 +211,8 @@ def test_remat_blocks_give_jax_grads_gradients_and_the_plain_curvature():
     targets = jax.random.normal(keys[3], (7, 3), jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.1)
     key = jax.random.key(9)
-
-    @jax.jit
-    def everything(params, x, targets, key):
-        return (engines.manual(model, objective)(params, x, targets, key),
-                engines.autodiff(model, objective)(params, x, targets, key),
-                engines.manual(plain, objective)(params, x, targets, key),
-                engines.curvature_diagonal(model, objective)(params, x, targets, key),
-                engines.curvature_diagonal(plain, objective)(params, x, targets, key))
-
-    manual, autodiff, unwrapped, curvature, plain_curvature = everything(params, x, targets, key)
-    assert_close_tree(manual, autodiff, jnp.float64, "remat vs jax.grad")
-    assert_close_tree(manual, unwrapped, jnp.float64, "remat vs unwrapped")
-    assert_close_tree(curvature, plain_curvature, jnp.float64, "remat curvature")
+    assert_remat_matches_the_plain_model(model, plain, objective, (params, x, targets, key),
+                                         "remat")
     _, residuals = model.forward(params, x, key=key)
     kept = [leaf.shape for leaf in jax.tree.leaves(residuals[:2])
             if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
