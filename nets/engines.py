@@ -33,7 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, forward_with_key
+from nets.layers import Layer, forward_with_key, is_count
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
 from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
@@ -176,8 +176,7 @@ def accumulated(engine: Engine, micro_batches: int) -> Engine:
     batch's statistics (BatchNorm) would see each part's: refused, as are a batch that does
     not split evenly and a micro_batches below 1.
     """
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or (
-            micro_batches < 1):
+    if not is_count(micro_batches) or micro_batches < 1:
         raise ValueError(f"accumulated: micro_batches must be a whole number >= 1, got "
                          f"{micro_batches!r}")
 

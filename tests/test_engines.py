@@ -196,6 +196,8 @@ def test_accumulated_refuses_batch_statistics_uneven_batches_and_bad_counts():
         engines.accumulated(engines.manual, 3)(model, objective)(params, x, targets)
     with pytest.raises(ValueError, match="accumulated: a batch of 13 inputs and 12 targets"):
         engines.accumulated(engines.manual, 1)(model, objective)(params, x, targets[:12])
+    assert engines.accumulated(engines.manual, np.int64(1))(model, objective)(
+        params, x, targets)[0].shape == ()
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=r"accumulated: micro_batches must be a whole "
                                              rf"number >= 1, got {bad!r}"):
