@@ -20,10 +20,12 @@ def test_device_check_stages_run_and_write_their_files(tmp_path):
     environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
                    "DEVICE_CHECK_SMALL": "1", "ALEXNET_LIMIT": "500", "CHAR_RNN_LIMIT": "500"}
     environment.pop("XLA_FLAGS", None)
-    finished = subprocess.run(["bash", str(ROOT / ".ci" / "device-check"), "alexnet char_rnn"],
+    finished = subprocess.run(["bash", str(ROOT / ".ci" / "device-check"),
+                               "alexnet char_rnn memory_tradeoffs"],
                               env=environment, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
-    assert "alexnet: exit 0" in finished.stdout and "char_rnn: exit 0" in finished.stdout
+    assert all(f"{stage}: exit 0" in finished.stdout
+               for stage in ("alexnet", "char_rnn", "memory_tradeoffs"))
     assert "jax" in (tmp_path / "versions.txt").read_text()
     alexnet = json.loads((tmp_path / "alexnet.json").read_text())
     assert alexnet["metrics"]["float64_passed"] is True
@@ -31,6 +33,8 @@ def test_device_check_stages_run_and_write_their_files(tmp_path):
         alexnet["gradient_errors"][0])
     char_rnn = json.loads((tmp_path / "char_rnn.json").read_text())
     assert char_rnn["config"]["hidden"] == 8 and len(char_rnn["history"]) == 1
+    tradeoffs = json.loads((tmp_path / "memory_tradeoffs.json").read_text())
+    assert set(tradeoffs["metrics"]) == {"recompute", "remat", "accumulate"}
 
 
 def test_device_check_stops_at_once_when_the_experiments_do_not_import(tmp_path):
@@ -58,6 +62,6 @@ def test_every_stage_the_header_names_is_defined_and_the_script_parses():
     text = script.read_text()
     named = re.findall(r"^#   ([a-z_]+)  ", text, flags=re.MULTILINE)
     assert {"alexnet", "bench", "tests", "per_example", "tests_rest", "layer_profile",
-            "xla_profile", "char_rnn"} <= set(named)
+            "xla_profile", "char_rnn", "memory_tradeoffs"} <= set(named)
     assert [name for name in named if f"stage_{name}() {{" not in text] == []
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
