@@ -3,6 +3,7 @@
     python -m experiments.char_transformer [--workdir DIR] [--context 64] [--features 128]
         [--heads 4] [--blocks 2] [--epochs 6] [--engine manual|autodiff]
         [--optimizer adam|sdlm [--mu 1e-3] [--curvature-every 10]] [--remat]
+        [--activation relu|gelu|gelu_tanh|silu|...]
 
 The same text, split and vocabulary as `experiments.char_rnn` (the first 90% of the
 1,115,394 characters for training, the last 10% held out, 65 characters). The model is
@@ -85,6 +86,9 @@ class Config(TextOptions):
     blocks: int = option(2, "transformer blocks", ge=0)
     dropout: float = option(0.0, "dropout rate after the positions and at the end of every "
                             "residual branch, in training only", ge=0, lt=1)
+    activation: str = option("relu", "the blocks' MLP activation (relu as in the original "
+                             "transformer, gelu, GPT-2's gelu_tanh, silu, ...)",
+                             choices=tuple(nets.ACTIVATIONS))
     remat: bool = option(False, "manual engine: keep only each residual branch's input for "
                          "the backward and run the branch again there (nets.remat): less "
                          "memory, one more forward")
@@ -234,7 +238,8 @@ def main(argv=None):
     run = open_run(EXPERIMENT, config, args)
     vocabulary = len(corpus.vocabulary)
     model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
-                                config.blocks, config.dropout, remat=config.remat)
+                                config.blocks, config.dropout, remat=config.remat,
+                                activation=config.activation)
     objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
     params = model.init(jax.random.key(config.seed), (-1, config.context))[1]
     train_ids = jnp.asarray(corpus.train)

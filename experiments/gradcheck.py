@@ -2,7 +2,8 @@
 
     python -m experiments.gradcheck [--workdir DIR] [--batch 16] [--seed 0]
 
-For each model in `CASES` (the MLPs with each loss and a residual one with LayerNorm, a conv
+For each model in `CASES` (the MLPs with each loss, one with every activation of
+`nets.ACTIVATIONS` the others lack, and a residual one with LayerNorm, a conv
 net with BatchNorm after its activations, a 2-block transformer on random token ids, two
 stacks of recurrent cells (every cell: Elman, LSTM with and without peepholes, both GRUs) and
 a bidirectional layer, Dense blocks in `nets.remat` and a stack with BPTT recomputing
@@ -68,6 +69,10 @@ class Case(NamedTuple):
     dropout: bool = False  # the model's Dropout layers active: all gradients with one key
 
 
+# One Dense layer before each, in this order, in the case "mlp_smooth_activations".
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "elu", "softplus", "leaky_relu")
+
+
 def _mse(l2=0.0):
     return nets.Objective(nets.mean_squared_error(), l2)
 
@@ -90,6 +95,15 @@ CASES = [
         "mlp_relu_softmax",
         lambda: (nets.build_mlp(10, 5, hidden_layers=3, activation="relu",
                                 w_init=nets.initializers.he_normal()),
+                 nets.Objective(nets.softmax_cross_entropy(), 0.01)),
+        (10,), 5,
+    ),
+    Case(
+        "mlp_smooth_activations",
+        lambda: (nets.serial(*[layer for index, activation in enumerate(SMOOTH_ACTIVATIONS)
+                               for layer in (nets.Dense(6, name=f"dense{index}"),
+                                             nets.ACTIVATIONS[activation](name=activation))],
+                             nets.Dense(5, name="out"), name="mlp_smooth_activations"),
                  nets.Objective(nets.softmax_cross_entropy(), 0.01)),
         (10,), 5,
     ),

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from nets import initializers
 from nets.accounting import layer_kind
-from nets.layers import Dense, Embedding, Layer, Relu, residual, serial
+from nets.layers import ACTIVATIONS, Dense, Embedding, Layer, residual, serial
 from nets.layers import remat as remat_layer
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
@@ -190,14 +190,14 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
                    blocks: int = 2, dropout: float = 0.0, remat: bool = False,
-                   name: str = "transformer_lm") -> Layer:
+                   activation: str = "relu", name: str = "transformer_lm") -> Layer:
     """A decoder-only (GPT-style, pre-norm) transformer over token ids.
 
     ids (batch, T), integers in [0, vocabulary) -> logits (batch, T, vocabulary), T <=
     context. A token embedding (`nets.Embedding`), learned positions, then `blocks` blocks of
 
         x = x + SelfAttention(LayerNorm(x))               causal, `heads` heads
-        x = x + Dense(Relu(Dense(LayerNorm(x))))          widths 4 F then F, at every step
+        x = x + Dense(act(Dense(LayerNorm(x))))           widths 4 F then F, at every step
 
     and a final LayerNorm and Dense to the vocabulary. Layers are named embed, positions,
     block1 (norm1a, attention1, norm1b, inner1, act1, outer1), ..., final_norm, output.
@@ -205,7 +205,9 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
     each block's two residual branches (drop0, drop1a, drop1b, ...); the model is then
     stochastic: training steps pass a key, inference none. With remat, each residual branch
     (attention, MLP) is a `nets.remat`: the backward keeps only each block's input and runs
-    the block forward again (the same params, names and gradients).
+    the block forward again (the same params, names and gradients). `activation` names the
+    MLP's act from `nets.layers.ACTIVATIONS` ("relu" as in the original transformer; "gelu"
+    or GPT-2's "gelu_tanh").
     """
     if vocabulary < 1:
         raise ValueError(f"{name}: vocabulary must be >= 1, got {vocabulary}")
@@ -213,6 +215,8 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
         raise ValueError(f"{name}: blocks must be >= 0, got {blocks}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must lie in [0, 1), got {dropout}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation={activation!r}; choose one of {sorted(ACTIVATIONS)}")
     glorot = initializers.glorot_uniform()
 
     def per_step(out_features, layer_name):
@@ -229,7 +233,8 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
                         SelfAttention(features, heads, name=f"attention{index}"),
                         *dropped(f"drop{index}a"), name=f"attend{index}")
         mix = serial(LayerNorm(features, name=f"norm{index}b"),
-                     per_step(4 * features, f"inner{index}"), Relu(name=f"act{index}"),
+                     per_step(4 * features, f"inner{index}"),
+                     ACTIVATIONS[activation](name=f"act{index}"),
                      per_step(features, f"outer{index}"), *dropped(f"drop{index}b"),
                      name=f"mix{index}")
         branches = [residual(attend, name=f"block{index}_attention"),

@@ -61,6 +61,12 @@ __all__ = [
     "Tanh",
     "Relu",
     "Identity",
+    "LeakyRelu",
+    "Elu",
+    "Softplus",
+    "Silu",
+    "Gelu",
+    "ACTIVATIONS",
     "serial",
     "layer_outputs",
     "parallel",
@@ -392,6 +398,106 @@ def Relu(name: str = "Relu") -> Layer:
 def Identity(name: str = "Identity") -> Layer:
     """y = x; backward: dx = dy."""
     return _elementwise(name, lambda x: x, jnp.ones_like)
+
+
+def LeakyRelu(negative_slope: float = 0.01, name: str = "LeakyRelu") -> Layer:
+    """y = x for x >= 0, a x below (a = negative_slope > 0; a = 0 is `Relu`); backward:
+    dx = dy for y >= 0, a dy below (jax.nn.leaky_relu's derivative 1 at x = 0)."""
+    slope = _positive(name, "negative_slope", negative_slope)
+    return _elementwise(name, lambda x: jax.nn.leaky_relu(x, slope),
+                        lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype))
+
+
+def Elu(alpha: float = 1.0, name: str = "Elu") -> Layer:
+    """y = x for x > 0, alpha (exp(x) - 1) below (Clevert et al. 2015; alpha > 0); backward
+    from the output: f'(x) = 1 for y > 0, alpha exp(x) = y + alpha below."""
+    alpha = _positive(name, "alpha", alpha)
+    return _elementwise(name, lambda x: jax.nn.elu(x, alpha),
+                        lambda y: jnp.where(y > 0, 1.0, y + alpha).astype(y.dtype))
+
+
+def Softplus(name: str = "Softplus") -> Layer:
+    """y = log(1 + exp(x)); backward from the output: f'(x) = sigmoid(x) = 1 - exp(-y),
+    computed as -expm1(-y) so that it keeps its precision where y is tiny."""
+    return _elementwise(name, jax.nn.softplus, lambda y: -jnp.expm1(-y))
+
+
+def Silu(name: str = "Silu") -> Layer:
+    """y = x sigmoid(x) (SiLU, "swish"); not invertible, so the backward keeps x:
+    f'(x) = s + x s (1 - s), s = sigmoid(x)."""
+
+    def derivative(x):
+        s = jax.nn.sigmoid(x)
+        return s * (1 + x * (1 - s))
+
+    return _elementwise_of_input(name, jax.nn.silu, derivative)
+
+
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_CUBIC = 0.044715
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
+    """y = x Phi(x) (Hendrycks and Gimpel 2016; Phi the standard normal CDF), or with
+    approximate=True the tanh form 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+    (GPT-2's; `jax.nn.gelu`'s default). The backward keeps x:
+        exact:   f'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+        tanh:    f'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+
+    def derivative(x):
+        if approximate:
+            t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (
+                1 + 3 * _GELU_CUBIC * x * x)
+        cdf = 0.5 * jax.lax.erfc(-x * _SQRT_HALF)
+        return cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+    return _elementwise_of_input(name, lambda x: jax.nn.gelu(x, approximate=approximate),
+                                 derivative)
+
+
+def _elementwise_of_input(
+    name: str,
+    function: Callable[[jax.Array], jax.Array],
+    derivative: Callable[[jax.Array], jax.Array],
+) -> Layer:
+    """A parameter-free layer y = f(x) whose derivative f'(x) needs x (f not invertible)."""
+
+    def init(key, input_shape):
+        del key
+        return tuple(input_shape), ()
+
+    def forward(params, x):
+        del params
+        return function(x), x
+
+    def backward(params, x, dy):
+        del params
+        return (), dy * derivative(x)
+
+    def curvature(params, x, d2y):
+        del params
+        return (), d2y * derivative(x) ** 2
+
+    return Layer(name, init, forward, backward, curvature=curvature)
+
+
+def _positive(layer_name: str, argument: str, value: float) -> float:
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{layer_name}: {argument} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+ACTIVATIONS: dict[str, Callable[..., Layer]] = {
+    "sigmoid": Sigmoid, "tanh": Tanh, "relu": Relu, "identity": Identity,
+    "leaky_relu": LeakyRelu, "elu": Elu, "softplus": Softplus, "silu": Silu, "gelu": Gelu,
+    "gelu_tanh": lambda name="Gelu": Gelu(approximate=True, name=name),
+}
+"""The elementwise activations by name, each called with `name=` (`nets.mlp`,
+`nets.residual_mlp` and `nets.transformer_lm` take these names); the parameters of
+LeakyRelu (0.01) and Elu (1.0) are at their defaults."""
 
 
 def serial(*layers: Layer, name: str = "serial") -> Layer:

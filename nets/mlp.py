@@ -7,15 +7,12 @@ many outputs as classes, one hidden layer by default, a hidden width that is a c
 from __future__ import annotations
 
 from nets import initializers
-from nets.layers import Dense, Identity, Layer, Relu, Sigmoid, Tanh, is_count, serial
+from nets.layers import ACTIVATIONS, Dense, Layer, is_count, serial
 from nets.layers import remat as remat_layer
 from nets.layers import residual as residual_block
 from nets.normalization import BatchNorm, LayerNorm
 
 __all__ = ["ACTIVATIONS", "mlp", "residual_mlp", "step0_hidden_units"]
-
-ACTIVATIONS = {"sigmoid": Sigmoid, "tanh": Tanh, "relu": Relu, "identity": Identity}
-
 
 def step0_hidden_units(input_dim: int, factor: float = 3.0) -> int:
     """The lecture's hidden width: `factor` (3 to 4) times the input dimension."""

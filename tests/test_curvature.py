@@ -310,11 +310,15 @@ def squared_jacobian_pullback(apply, x, d2y):
     (lambda: nets.Dropout(0.4), (3, 5), None),
     (lambda: nets.recurrent.LastStep(), (2, 4, 3), None),
     (lambda: models.ScaledTanh(), (3, 5), None),
+    *[(lambda make=make, name=name: make(name=name), (3, 5), None)
+      for name, make in nets.ACTIVATIONS.items()],
+    (lambda: nets.LeakyRelu(0.3), (3, 5), None),
+    (lambda: nets.Elu(0.4), (3, 5), None),
 ])
 def test_parameter_free_curvature_is_the_squared_jacobian(make_layer, shape, key):
     """d2x of local response normalisation (its alpha large enough that the cross-channel
-    terms count), dropout with and without a mask, LastStep and LeCun's scaled tanh, against
-    sum_j J_ji^2 d2y_j from jax.jacobian, float64."""
+    terms count), dropout with and without a mask, LastStep, LeCun's scaled tanh and every
+    elementwise activation, against sum_j J_ji^2 d2y_j from jax.jacobian, float64."""
     layer = make_layer()
     x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
     rng = None if key is None else jax.random.key(key)

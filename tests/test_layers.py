@@ -30,7 +30,13 @@ def test_dense_backward_matches_vjp(batch, features_in, features_out, dtype):
                       vjp_reference(layer, params, x, dy), dtype, "Dense")
 
 
-@pytest.mark.parametrize("make_layer", [layers.Sigmoid, layers.Tanh, layers.Relu, layers.Identity])
+ACTIVATION_LAYERS = [layers.Sigmoid, layers.Tanh, layers.Relu, layers.Identity,
+                     lambda: layers.LeakyRelu(0.2), layers.Elu, lambda: layers.Elu(0.5),
+                     layers.Softplus, layers.Silu, layers.Gelu,
+                     lambda: layers.Gelu(approximate=True)]
+
+
+@pytest.mark.parametrize("make_layer", ACTIVATION_LAYERS)
 @pytest.mark.parametrize("shape", [(1, 1), (4, 7), (32, 50)])
 def test_activation_backward_matches_vjp(make_layer, shape, dtype):
     layer = make_layer()
@@ -41,6 +47,60 @@ def test_activation_backward_matches_vjp(make_layer, shape, dtype):
     dparams, dx = layer.backward((), residuals, dy)
     assert dparams == ()
     assert_close_tree(dx, vjp_reference(layer, (), x, dy)[1], dtype, layer.name)
+
+
+@pytest.mark.parametrize("make_layer", ACTIVATION_LAYERS)
+def test_activation_backward_at_kinks_and_far_out_matches_vjp(make_layer):
+    """x = 0 exactly (ReLU's and LeakyRelu's kink, where jax takes 0 and 1; ELU's joint),
+    tiny and large |x| (softplus's -expm1(-y), GELU's tails), float64."""
+    layer = make_layer()
+    x = jnp.array([[-40.0, -8.0, -1e-3, -1e-12, 0.0, 1e-12, 1e-3, 8.0, 40.0]], jnp.float64)
+    y, residuals = layer.forward((), x)
+    dy = jnp.linspace(0.5, 1.5, x.shape[1], dtype=jnp.float64)[None]
+    _, dx = layer.backward((), residuals, dy)
+    reference = vjp_reference(layer, (), x, dy)[1]
+    np.testing.assert_allclose(dx, reference, rtol=F64, atol=0, err_msg=layer.name)
+
+
+def test_new_activations_by_hand():
+    """Values and derivatives worked out by hand: Phi(1) = 0.8413447460685429 and
+    phi(1) = 0.24197072451914337, so GELU(1) = Phi(1) and GELU'(1) = Phi(1) + phi(1);
+    sigmoid(1) = 0.7310585786300049, so SiLU'(1) = s (2 - s) and SiLU'(-1) = (1 - s)^2; at 0
+    GELU', SiLU' and softplus' are 1/2, ELU' is alpha (jax's lower branch) and LeakyRelu' 1;
+    ELU'(-1) = alpha e^-1; LeakyRelu'(-2) = the slope. Phi(-2) = 0.022750131948179195,
+    phi(2) = 0.05399096651318806, sigmoid(-2) = 0.11920292202211755."""
+    point = jnp.array([[1.0, 0.0, -1.0, -2.0]], jnp.float64)
+    cdf, density, s = 0.8413447460685429, 0.24197072451914337, 0.7310585786300049
+    expected = {  # layer: (y, dy/dx) at the four points
+        layers.Gelu(): ([cdf, 0, -(1 - cdf), -2 * 0.022750131948179195],
+                        [cdf + density, 0.5, (1 - cdf) - density,
+                         0.022750131948179195 - 2 * 0.05399096651318806]),
+        layers.Silu(): ([s, 0, -(1 - s), -2 * 0.11920292202211755],
+                        [s * (2 - s), 0.5, (1 - s) ** 2,
+                         0.11920292202211755 * (1 - 2 * (1 - 0.11920292202211755))]),
+        layers.Softplus(): ([np.log1p(np.e), np.log(2), np.log1p(np.exp(-1)),
+                             np.log1p(np.exp(-2))],
+                            [s, 0.5, 1 - s, 0.11920292202211755]),
+        layers.Elu(2.0): ([1, 0, 2 * (np.exp(-1) - 1), 2 * (np.exp(-2) - 1)],
+                          [1, 2, 2 * np.exp(-1), 2 * np.exp(-2)]),
+        layers.LeakyRelu(0.1): ([1, 0, -0.1, -0.2], [1, 1, 0.1, 0.1]),
+    }
+    for layer, (value, slope) in expected.items():
+        y, residuals = layer.forward((), point)
+        _, dx = layer.backward((), residuals, jnp.ones_like(point))
+        np.testing.assert_allclose(y[0], value, rtol=1e-14, atol=1e-16, err_msg=layer.name)
+        np.testing.assert_allclose(dx[0], slope, rtol=1e-14, atol=1e-16, err_msg=layer.name)
+
+
+@pytest.mark.parametrize("make_layer, argument", [
+    (lambda: layers.LeakyRelu(0.0, name="act"), "negative_slope"),
+    (lambda: layers.LeakyRelu(-0.1, name="act"), "negative_slope"),
+    (lambda: layers.Elu(0.0, name="act"), "alpha"),
+    (lambda: layers.Elu(float("nan"), name="act"), "alpha"),
+])
+def test_activation_parameters_out_of_range_are_refused(make_layer, argument):
+    with pytest.raises(ValueError, match=f"act: {argument} must be a finite number > 0"):
+        make_layer()
 
 
 def test_sigmoid_backward_is_the_lectures_derivative():

@@ -168,7 +168,7 @@ def test_residual_mlp_with_remat_blocks_has_the_plain_params_outputs_and_gradien
 @pytest.mark.parametrize("kwargs,message", [
     (dict(width=0), "residual_mlp: width must be >= 1, got 0"),
     (dict(blocks=-1), "residual_mlp: blocks must be >= 0, got -1"),
-    (dict(activation="gelu"), "residual_mlp: activation='gelu'"),
+    (dict(activation="swish"), "residual_mlp: activation='swish'"),
 ])
 def test_residual_mlp_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
