@@ -102,7 +102,8 @@ class Config:
     sizes: tuple[int, ...] = option((100, 300, 900, 2400, 7200), "training-set sizes, each "
                                     "a divisor of the largest", ge=10, le=TRAIN_SIZE)
     width: int = option(64, "units in every hidden layer", ge=1)
-    activation: str = option("sigmoid", "hidden activation", choices=("sigmoid", "tanh", "relu"))
+    activation: str = option("sigmoid", "hidden activation (any of nets.ACTIVATIONS)",
+                             choices=tuple(nets.ACTIVATIONS))
     residual: bool = option(False, "hidden layers 2, 3, ... as residual blocks h + act(h W + b) "
                             "(the same parameters, identity paths added)")
     batch_norm: bool = option(False, "BatchNorm between every hidden Dense and its activation "
