@@ -131,7 +131,7 @@ class ModelCount:
 
 
 def layer_kind(layer: Layer) -> str:
-    """The builder that made `layer`: "Conv2D", "Dense", "serial", "_elementwise", ...
+    """The builder that made `layer`: "Conv2D", "Dense", "serial", "elementwise", ...
 
     That is the function whose locals hold `layer.forward`: "Conv2D.<locals>.forward" ->
     "Conv2D" (a builder nested in another function is named by itself, not its parent).

@@ -67,6 +67,7 @@ __all__ = [
     "Silu",
     "Gelu",
     "ACTIVATIONS",
+    "elementwise",
     "serial",
     "layer_outputs",
     "parallel",
@@ -353,12 +354,23 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
     return Layer(name, init, forward, backward, curvature=curvature)
 
 
-def _elementwise(
-    name: str,
+def elementwise(
     function: Callable[[jax.Array], jax.Array],
-    derivative_from_output: Callable[[jax.Array], jax.Array],
+    derivative: Callable[[jax.Array], jax.Array],
+    *,
+    of: str = "output",
+    name: str = "elementwise",
 ) -> Layer:
-    """A parameter-free layer y = f(x) whose derivative f'(x) is a function of y."""
+    """A parameter-free layer y = f(x), applied entry by entry, from f and its derivative.
+
+    of="output": `derivative(y)` gives f'(x) from the output (f invertible: sigmoid's
+    y (1 - y)), and the residual is y; of="input": `derivative(x)`, and the residual is x.
+    backward: dx = dy * f'(x); curvature (Gauss-Newton, f'' dropped): d2x = d2y * f'(x)^2.
+    Shapes: any; y, dx and d2x have x's shape and dtype.
+    """
+    if of not in ("output", "input"):
+        raise ValueError(f"{name}: of must be 'output' or 'input', got {of!r}")
+    keeps_output = of == "output"
 
     def init(key, input_shape):
         del key
@@ -367,59 +379,59 @@ def _elementwise(
     def forward(params, x):
         del params
         y = function(x)
-        return y, y
+        return y, (y if keeps_output else x)
 
-    def backward(params, y, dy):
+    def backward(params, kept, dy):
         del params
-        return (), dy * derivative_from_output(y)
+        return (), dy * derivative(kept)
 
-    def curvature(params, y, d2y):
+    def curvature(params, kept, d2y):
         del params
-        return (), d2y * derivative_from_output(y) ** 2
+        return (), d2y * derivative(kept) ** 2
 
     return Layer(name, init, forward, backward, curvature=curvature)
 
 
 def Sigmoid(name: str = "Sigmoid") -> Layer:
     """Logistic unit y = 1 / (1 + exp(-x)); backward: dx = dy * y * (1 - y) (the lecture's)."""
-    return _elementwise(name, jax.nn.sigmoid, lambda y: y * (1 - y))
+    return elementwise(jax.nn.sigmoid, lambda y: y * (1 - y), name=name)
 
 
 def Tanh(name: str = "Tanh") -> Layer:
     """y = tanh(x); backward: dx = dy * (1 - y^2)."""
-    return _elementwise(name, jnp.tanh, lambda y: 1 - y * y)
+    return elementwise(jnp.tanh, lambda y: 1 - y * y, name=name)
 
 
 def Relu(name: str = "Relu") -> Layer:
     """y = max(x, 0); backward: dx = dy * [y > 0] (the subgradient at 0 is taken as 0)."""
-    return _elementwise(name, jax.nn.relu, lambda y: (y > 0).astype(y.dtype))
+    return elementwise(jax.nn.relu, lambda y: (y > 0).astype(y.dtype), name=name)
 
 
 def Identity(name: str = "Identity") -> Layer:
     """y = x; backward: dx = dy."""
-    return _elementwise(name, lambda x: x, jnp.ones_like)
+    return elementwise(lambda x: x, jnp.ones_like, name=name)
 
 
 def LeakyRelu(negative_slope: float = 0.01, name: str = "LeakyRelu") -> Layer:
     """y = x for x >= 0, a x below (a = negative_slope > 0; a = 0 is `Relu`); backward:
     dx = dy for y >= 0, a dy below (jax.nn.leaky_relu's derivative 1 at x = 0)."""
     slope = _positive(name, "negative_slope", negative_slope)
-    return _elementwise(name, lambda x: jax.nn.leaky_relu(x, slope),
-                        lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype))
+    return elementwise(lambda x: jax.nn.leaky_relu(x, slope),
+                       lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype), name=name)
 
 
 def Elu(alpha: float = 1.0, name: str = "Elu") -> Layer:
     """y = x for x > 0, alpha (exp(x) - 1) below (Clevert et al. 2015; alpha > 0); backward
     from the output: f'(x) = 1 for y > 0, alpha exp(x) = y + alpha below."""
     alpha = _positive(name, "alpha", alpha)
-    return _elementwise(name, lambda x: jax.nn.elu(x, alpha),
-                        lambda y: jnp.where(y > 0, 1.0, y + alpha).astype(y.dtype))
+    return elementwise(lambda x: jax.nn.elu(x, alpha),
+                       lambda y: jnp.where(y > 0, 1.0, y + alpha).astype(y.dtype), name=name)
 
 
 def Softplus(name: str = "Softplus") -> Layer:
     """y = log(1 + exp(x)); backward from the output: f'(x) = sigmoid(x) = 1 - exp(-y),
     computed as -expm1(-y) so that it keeps its precision where y is tiny."""
-    return _elementwise(name, jax.nn.softplus, lambda y: -jnp.expm1(-y))
+    return elementwise(jax.nn.softplus, lambda y: -jnp.expm1(-y), name=name)
 
 
 def Silu(name: str = "Silu") -> Layer:
@@ -430,7 +442,7 @@ def Silu(name: str = "Silu") -> Layer:
         s = jax.nn.sigmoid(x)
         return s * (1 + x * (1 - s))
 
-    return _elementwise_of_input(name, jax.nn.silu, derivative)
+    return elementwise(jax.nn.silu, derivative, of="input", name=name)
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -454,34 +466,8 @@ def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
         cdf = 0.5 * jax.lax.erfc(-x * _SQRT_HALF)
         return cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
-    return _elementwise_of_input(name, lambda x: jax.nn.gelu(x, approximate=approximate),
-                                 derivative)
-
-
-def _elementwise_of_input(
-    name: str,
-    function: Callable[[jax.Array], jax.Array],
-    derivative: Callable[[jax.Array], jax.Array],
-) -> Layer:
-    """A parameter-free layer y = f(x) whose derivative f'(x) needs x (f not invertible)."""
-
-    def init(key, input_shape):
-        del key
-        return tuple(input_shape), ()
-
-    def forward(params, x):
-        del params
-        return function(x), x
-
-    def backward(params, x, dy):
-        del params
-        return (), dy * derivative(x)
-
-    def curvature(params, x, d2y):
-        del params
-        return (), d2y * derivative(x) ** 2
-
-    return Layer(name, init, forward, backward, curvature=curvature)
+    return elementwise(lambda x: jax.nn.gelu(x, approximate=approximate), derivative,
+                       of="input", name=name)
 
 
 def _positive(layer_name: str, argument: str, value: float) -> float:

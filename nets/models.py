@@ -75,6 +75,7 @@ from nets.layers import (
     Relu,
     Sigmoid,
     Tanh,
+    elementwise,
     forward_with_key,
     layer_keys,
     serial,
@@ -116,25 +117,9 @@ def ScaledTanh(
     Backward, from the output y: dy/dx = A S (1 - tanh^2(S x)) = (S / A) (A^2 - y^2), so
         dx = dy * (S / A) * (A^2 - y^2).
     """
-
-    def init(key, input_shape):
-        del key
-        return tuple(input_shape), ()
-
-    def forward(params, x):
-        del params
-        y = amplitude * jnp.tanh(slope * x)
-        return y, y
-
-    def backward(params, y, dy):
-        del params
-        return (), dy * ((slope / amplitude) * (amplitude * amplitude - y * y))
-
-    def curvature(params, y, d2y):
-        del params
-        return (), d2y * ((slope / amplitude) * (amplitude * amplitude - y * y)) ** 2
-
-    return Layer(name, init, forward, backward, curvature=curvature)
+    return elementwise(lambda x: amplitude * jnp.tanh(slope * x),
+                       lambda y: (slope / amplitude) * (amplitude * amplitude - y * y),
+                       name=name)
 
 
 def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:

@@ -92,6 +92,32 @@ def test_new_activations_by_hand():
         np.testing.assert_allclose(dx[0], slope, rtol=1e-14, atol=1e-16, err_msg=layer.name)
 
 
+def mish_slope(x):
+    """d/dx x tanh(softplus(x)) = t + x (1 - t^2) sigmoid(x), t = tanh(softplus(x))."""
+    t = jnp.tanh(jax.nn.softplus(x))
+    return t + x * (1 - t * t) * jax.nn.sigmoid(x)
+
+
+def test_an_activation_of_ones_own_from_elementwise(dtype):
+    """Mish (Misra 2019) built with nets.elementwise from its slope worked out by hand, kept
+    input: backward against jax.vjp, curvature against jax.jacobian squared (float64)."""
+    mish = layers.elementwise(lambda x: x * jnp.tanh(jax.nn.softplus(x)), mish_slope,
+                              of="input", name="mish")
+    x = 3 * jax.random.normal(jax.random.key(0), (6, 9), dtype)
+    y, kept = mish.forward((), x)
+    assert kept is x
+    dy = jax.random.normal(jax.random.key(1), y.shape, dtype)
+    assert_close_tree(mish.backward((), kept, dy)[1], vjp_reference(mish, (), x, dy)[1], dtype,
+                      "mish")
+    if dtype == "float64":
+        d2y = jax.random.uniform(jax.random.key(2), y.shape, jnp.float64)
+        jacobian = jax.jacobian(mish.apply, argnums=1)((), x)
+        expected = jnp.tensordot(d2y, jacobian**2, axes=2)
+        np.testing.assert_allclose(mish.curvature((), kept, d2y)[1], expected, rtol=F64)
+    with pytest.raises(ValueError, match="mish: of must be 'output' or 'input', got 'x'"):
+        layers.elementwise(jnp.tanh, mish_slope, of="x", name="mish")
+
+
 @pytest.mark.parametrize("make_layer, argument", [
     (lambda: layers.LeakyRelu(0.0, name="act"), "negative_slope"),
     (lambda: layers.LeakyRelu(-0.1, name="act"), "negative_slope"),
