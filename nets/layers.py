@@ -44,6 +44,7 @@ outer products (T = 1 for Dense: x_n^T dy_n; a convolution's windows: patches^T 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -445,10 +446,10 @@ def Silu(name: str = "Silu") -> Layer:
     return elementwise(jax.nn.silu, derivative, of="input", name=name)
 
 
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 _GELU_CUBIC = 0.044715
-_INV_SQRT_2PI = 0.3989422804014327
 
 
 def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
