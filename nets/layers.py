@@ -458,6 +458,8 @@ def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
     (GPT-2's; `jax.nn.gelu`'s default). The backward keeps x:
         exact:   f'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
         tanh:    f'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    if not isinstance(approximate, bool):
+        raise ValueError(f"{name}: approximate must be True or False, got {approximate!r}")
 
     def derivative(x):
         if approximate:

@@ -129,6 +129,12 @@ def test_activation_parameters_out_of_range_are_refused(make_layer, argument):
         make_layer()
 
 
+def test_gelu_refuses_a_form_that_is_not_a_bool():
+    """"tanh" would be truthy and silently pick the approximate form."""
+    with pytest.raises(ValueError, match="act: approximate must be True or False, got 'tanh'"):
+        layers.Gelu(approximate="tanh", name="act")
+
+
 def test_sigmoid_backward_is_the_lectures_derivative():
     """dx = dy * s (1 - s), checked against a hand-computed value at x = 0 (s = 1/2)."""
     layer = layers.Sigmoid()
