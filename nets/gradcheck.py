@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import engines, losses
-from nets.layers import Layer
+from nets.layers import Layer, forward_with_key
 from nets.losses import Objective
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "kink_gaps",
     "smooth_coordinates",
     "gradient_report",
+    "layer_report",
     "finite_difference_tolerance",
     "gauss_newton_diagonal",
     "hessian_diagonal",
@@ -362,6 +363,64 @@ def _gradient_report(
             ) <= row["fd_tolerance"]
         row["passed"] = bool(passed)
         rows.append(row)
+    return rows
+
+
+def layer_report(
+    layer: Layer,
+    params: Any,
+    x: jax.Array,
+    dtype: Any = jnp.float64,
+    seed: int = 0,
+    key: jax.Array | None = None,
+) -> list[dict]:
+    """One layer checked on its own: its hand-written backward against `jax.vjp` of its
+    `apply`, for a random output gradient dy (standard normal, from `seed`), at params and x
+    cast to dtype. A model (`serial`, ...) is checked as one layer, its own backward against
+    the vjp of its whole apply.
+
+    Returns one dict for dx (when x is floating; token ids have none) and one per parameter
+    leaf, with keys layer, param ("dx", or the leaf's name as `named_parameters` gives it),
+    dtype, shape, rel_err_vs_vjp, cosine, mismatch (None, or the shape or dtype in which the
+    hand-written gradient differs: a failure) and passed (rel_err_vs_vjp <=
+    TOLERANCES[dtype]["vs_autodiff"]). Where `gradient_report` checks a layer inside a net,
+    an error in a layer's dx shows in the rows of the layers below it; here it is its own
+    "dx" row. `key` goes to a stochastic layer (both passes see the same draws). Products run
+    at matmul precision "highest".
+    """
+    dtype_name = jnp.dtype(dtype).name
+    if dtype_name not in TOLERANCES:
+        raise ValueError(f"layer_report: dtype {dtype_name}; choose one of {list(TOLERANCES)}")
+    precision = jax.enable_x64(True) if dtype_name == "float64" else contextlib.nullcontext()
+    with precision, jax.default_matmul_precision("highest"):
+        params, x = astype(params, dtype), astype(x, dtype)
+        y, residuals = forward_with_key(layer, params, x, key)
+        dy = jax.random.normal(jax.random.key(seed), y.shape, y.dtype)
+        manual = layer.backward(params, residuals, dy)
+        floating_x = jnp.issubdtype(x.dtype, jnp.floating)
+        if floating_x:
+            _, pullback = jax.vjp(lambda p, inputs: layer.apply(p, inputs, key), params, x)
+            reference = pullback(dy)
+        else:
+            _, pullback = jax.vjp(lambda p: layer.apply(p, x, key), params)
+            reference = (pullback(dy)[0], None)
+    checked = [(layer_name, param_name, _get(manual[0], path), _get(reference[0], path))
+               for layer_name, param_name, path in named_parameters(layer, params)]
+    if floating_x:
+        checked.insert(0, (layer.name, "dx", manual[1], reference[1]))
+    rows = []
+    for layer_name, name, ours, theirs in checked:
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        mismatch = next((f"{what} {a} against jax.vjp's {b}" for what, a, b in
+                         (("shape", ours.shape, theirs.shape), ("dtype", ours.dtype, theirs.dtype))
+                         if a != b), None)
+        error = relative_error(ours, theirs) if mismatch is None else float("inf")
+        rows.append({"layer": layer_name, "param": name, "dtype": dtype_name,
+                     "shape": list(ours.shape), "rel_err_vs_vjp": error,
+                     "cosine": cosine_similarity(ours, theirs) if mismatch is None else 0.0,
+                     "mismatch": mismatch,
+                     "passed": bool(mismatch is None
+                                    and error <= TOLERANCES[dtype_name]["vs_autodiff"])})
     return rows
 
 

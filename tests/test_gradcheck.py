@@ -203,3 +203,63 @@ def test_a_coordinate_is_taken_for_a_kink_only_when_its_error_is_within_1_percen
     reference = np.array([1.0, 0.0, 0.0, 1.0])
     smooth = gradcheck.smooth_coordinates(fd, gaps, reference, 1e-6)
     assert smooth.tolist() == [True, True, False, True]
+
+
+def feature_scale(dx_gain: bool = True, db_sum: bool = True):
+    """The README's FeatureScale, y = x g + b, optionally with its dx missing the gain or
+    its db one example's instead of the batch's sum."""
+
+    def init(key, input_shape):
+        n = input_shape[-1]
+        return tuple(input_shape), {"g": jnp.ones((n,)), "b": jnp.zeros((n,))}
+
+    def forward(params, x):
+        return x * params["g"][None, :] + params["b"][None, :], x
+
+    def backward(params, x, dy):
+        db = jnp.sum(dy, axis=0) if db_sum else dy[0]
+        dx = dy * params["g"][None, :] if dx_gain else dy
+        return {"g": jnp.sum(dy * x, axis=0), "b": db}, dx
+
+    return layers.Layer("scale", init, forward, backward)
+
+
+@pytest.mark.parametrize("dx_gain, db_sum, failing", [
+    (True, True, set()), (False, True, {"dx"}), (True, False, {"b"})])
+def test_layer_report_names_the_wrong_gradient_of_a_layer_alone(dx_gain, db_sum, failing, dtype):
+    """At g != 1 a dx without its gain fails the layer's own dx row (inside a net it shows
+    in the layers below); a db of one example fails the b row; the right layer passes."""
+    layer = feature_scale(dx_gain, db_sum)
+    params = {"g": jnp.array([0.5, 2.0, -1.5]), "b": jnp.array([0.1, 0.2, 0.3])}
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    rows = gradcheck.layer_report(layer, params, x, dtype)
+    assert [row["param"] for row in rows] == ["dx", "b", "g"]
+    assert {row["param"] for row in rows if not row["passed"]} == failing
+    assert all(row["rel_err_vs_vjp"] > 1e-2 for row in rows if row["param"] in failing)
+    assert all(row["rel_err_vs_vjp"] <= F64 for row in rows
+               if row["param"] not in failing and dtype == "float64")
+
+
+def test_layer_report_of_a_net_token_ids_and_a_gradient_of_the_wrong_shape():
+    """A serial net's leaves are named by their layers; token ids have no dx row; a
+    gradient of another shape is a mismatch, whatever its values."""
+    net = layers.serial(layers.Dense(4, name="a"), layers.Gelu(name="act"),
+                        layers.Dense(2, name="b"))
+    _, params = net.init(jax.random.key(0), (-1, 5))
+    rows = gradcheck.layer_report(net, params, jax.random.normal(jax.random.key(1), (3, 5)))
+    assert [(row["layer"], row["param"]) for row in rows] == [
+        ("serial", "dx"), ("a", "b"), ("a", "w"), ("b", "b"), ("b", "w")]
+    assert all(row["passed"] for row in rows)
+    embed = layers.Embedding(7, 3, name="embed")
+    _, params = embed.init(jax.random.key(0), (-1, 4))
+    rows = gradcheck.layer_report(embed, params, jnp.array([[1, 2, 3, 6]]), jnp.float32)
+    assert [(row["param"], row["passed"]) for row in rows] == [("w", True)]
+    flat = feature_scale()._replace(
+        backward=lambda params, x, dy: ({"g": jnp.sum(dy * x, axis=0)[None],
+                                         "b": jnp.sum(dy, axis=0)}, dy * params["g"][None, :]))
+    rows = gradcheck.layer_report(flat, {"g": jnp.ones(3), "b": jnp.zeros(3)}, jnp.ones((2, 3)))
+    assert [row["mismatch"] for row in rows if not row["passed"]] == [
+        "shape (1, 3) against jax.vjp's (3,)"]
+    with pytest.raises(ValueError, match="layer_report: dtype float16"):
+        gradcheck.layer_report(flat, {}, jnp.ones((2, 3)), jnp.float16)
+
