@@ -3,7 +3,7 @@
     python -m experiments.char_transformer [--workdir DIR] [--context 64] [--features 128]
         [--heads 4] [--blocks 2] [--epochs 6] [--engine manual|autodiff]
         [--optimizer adam|sdlm [--mu 1e-3] [--curvature-every 10]] [--remat]
-        [--activation relu|gelu|gelu_tanh|silu|...]
+        [--activation relu|gelu|gelu_tanh|silu|...] [--tie-embeddings]
 
 The same text, split and vocabulary as `experiments.char_rnn` (the first 90% of the
 1,115,394 characters for training, the last 10% held out, 65 characters). The model is
@@ -91,6 +91,8 @@ class Config(TextOptions):
     activation: str = option("relu", "the blocks' MLP activation (relu as in the original "
                              "transformer, gelu, GPT-2's gelu_tanh, silu, ...)",
                              choices=tuple(nets.ACTIVATIONS))
+    tie_embeddings: bool = option(False, "the output layer's weights are the character "
+                                  "embedding's, transposed (nets.tie; GPT-2's tying)")
     remat: bool = option(False, "manual engine: keep only each residual branch's input for "
                          "the backward and run the branch again there (nets.remat): less "
                          "memory, one more forward")
@@ -241,7 +243,8 @@ def main(argv=None):
     vocabulary = len(corpus.vocabulary)
     model = nets.transformer_lm(vocabulary, config.context, config.features, config.heads,
                                 config.blocks, config.dropout, remat=config.remat,
-                                activation=config.activation)
+                                activation=config.activation,
+                                tie_embeddings=config.tie_embeddings)
     objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
     params = model.init(jax.random.key(config.seed), (-1, config.context))[1]
     train_ids = jnp.asarray(corpus.train)

@@ -47,6 +47,7 @@ from nets.layers import (
     remat,
     residual,
     serial,
+    tie,
 )
 from nets.losses import (
     Loss,
@@ -129,6 +130,7 @@ __all__ = [
     "layer_outputs",
     "parallel",
     "remat",
+    "tie",
     "residual",
     "Loss",
     "Objective",

@@ -59,6 +59,7 @@ __all__ = [
     "count",
     "layer_kind",
     "register_rule",
+    "wrapped_layer",
 ]
 
 Shape = tuple[int, ...]
@@ -139,6 +140,16 @@ def layer_kind(layer: Layer) -> str:
     qualname = getattr(layer.forward, "__qualname__", type(layer.forward).__name__)
     parts = [part for part in qualname.split(".")[:-1] if part != "<locals>"]
     return parts[-1] if parts else qualname
+
+
+def wrapped_layer(layer: Layer) -> Layer:
+    """The layer that a wrapper (`remat`, `dropout_after`, `tie`) runs: its forward's
+    `layer` or `model`."""
+    captured = inspect.getclosurevars(layer.forward).nonlocals
+    for variable in ("layer", "model"):
+        if isinstance(captured.get(variable), Layer):
+            return captured[variable]
+    raise ValueError(f"accounting: layer {layer.name!r} ({layer_kind(layer)}) wraps no layer")
 
 
 def _closure_value(layer: Layer, function_name: str, variable: str) -> Any:
@@ -271,7 +282,15 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
             rows += sub_rows
         return input_shape, rows
     if kind in ("dropout_after", "remat"):  # the wrapped layer's counts
-        return _walk(_closure_value(layer, "forward", "layer"), input_shape)
+        return _walk(wrapped_layer(layer), input_shape)
+    if kind == "tie":  # the model's counts, the tied parameter counted once, at its source
+        output_shape, rows = _walk(wrapped_layer(layer), input_shape)
+        target_layer = _closure_value(layer, "init", "target")[0]
+        kept_params = jax.tree.leaves(_shapes(layer, input_shape)[1])
+        kept = sum(math.prod(leaf.shape) for leaf in kept_params)
+        shared = sum(row.params for row in rows) - kept
+        return output_shape, [dataclasses.replace(row, params=row.params - shared)
+                              if row.name == target_layer else row for row in rows]
     output_shape, params = _shapes(layer, input_shape)
     if not jax.tree.leaves(params) and kind not in RULES:
         return output_shape, []

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from nets import initializers
-from nets.accounting import layer_kind
-from nets.layers import ACTIVATIONS, Dense, Embedding, Layer, residual, serial
+from nets.accounting import layer_kind, wrapped_layer
+from nets.layers import ACTIVATIONS, Dense, Embedding, Layer, residual, serial, tie
 from nets.layers import remat as remat_layer
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
@@ -190,7 +190,8 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,
                    blocks: int = 2, dropout: float = 0.0, remat: bool = False,
-                   activation: str = "relu", name: str = "transformer_lm") -> Layer:
+                   activation: str = "relu", tie_embeddings: bool = False,
+                   name: str = "transformer_lm") -> Layer:
     """A decoder-only (GPT-style, pre-norm) transformer over token ids.
 
     ids (batch, T), integers in [0, vocabulary) -> logits (batch, T, vocabulary), T <=
@@ -207,7 +208,9 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
     (attention, MLP) is a `nets.remat`: the backward keeps only each block's input and runs
     the block forward again (the same params, names and gradients). `activation` names the
     MLP's act from `nets.layers.ACTIVATIONS` ("relu" as in the original transformer; "gelu"
-    or GPT-2's "gelu_tanh").
+    or GPT-2's "gelu_tanh"). With tie_embeddings the output layer's weights are the token
+    embedding's, transposed (`nets.tie`; Press and Wolf 2017, GPT-2): one (vocabulary,
+    features) matrix, its gradient the sum of both uses; the output keeps its own bias.
     """
     if vocabulary < 1:
         raise ValueError(f"{name}: vocabulary must be >= 1, got {vocabulary}")
@@ -241,7 +244,10 @@ def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: in
                     residual(mix, name=f"block{index}_mlp")]
         layers += [remat_layer(branch) for branch in branches] if remat else branches
     layers += [LayerNorm(features, name="final_norm"), per_step(vocabulary, "output")]
-    return serial(*layers, name=name)
+    model = serial(*layers, name=name)
+    if tie_embeddings:
+        return tie(model, ("embed", "w"), ("output", "w"), transpose=True, name=name)
+    return model
 
 
 def attention_maps(model: Layer, params, x: jax.Array) -> dict[str, jax.Array]:
@@ -257,6 +263,8 @@ def _maps(layer: Layer, residuals):
     kind = layer_kind(layer)
     if kind == "SelfAttention":
         yield layer.name, residuals[4]
+    elif kind == "tie":  # the tied model's own residuals
+        yield from _maps(wrapped_layer(layer), residuals)
     elif kind == "serial":
         for sublayer, sub_residuals in zip(layer.sublayers, residuals):
             yield from _maps(sublayer, sub_residuals)

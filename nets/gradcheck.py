@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import engines, losses
-from nets.layers import Layer, forward_with_key
+from nets.layers import Layer, forward_with_key, plain_layers
 from nets.losses import Objective
 
 __all__ = [
@@ -111,14 +111,11 @@ def parameter(model: Layer, params: Any, layer: str, name: str) -> Any:
 
 
 def _named(model, params, prefix):
-    if model.sublayers:
-        for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
-            yield from _named(layer, layer_params, prefix + (jax.tree_util.SequenceKey(index),))
-        return
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        param_name = ".".join(str(getattr(key, "key", getattr(key, "idx", key)))
-                              for key in path) or "value"
-        yield model.name, param_name, prefix + tuple(path)
+    for layer, layer_params, layer_path in plain_layers(model, params, prefix):
+        for path, _ in jax.tree_util.tree_flatten_with_path(layer_params)[0]:
+            param_name = ".".join(str(getattr(key, "key", getattr(key, "idx", key)))
+                                  for key in path) or "value"
+            yield layer.name, param_name, layer_path + tuple(path)
 
 
 def _get(tree, path):

@@ -74,6 +74,8 @@ __all__ = [
     "parallel",
     "residual",
     "remat",
+    "tie",
+    "plain_layers",
     "check_input",
     "forward_with_key",
     "layer_keys",
@@ -675,6 +677,116 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
                  sublayers=layer.sublayers,
                  curvature=None if layer.curvature is None else backward_through("curvature"),
                  stochastic=layer.stochastic, factors=layer.factors)
+
+
+def plain_layers(model: Layer, params: Params, prefix: tuple = ()):
+    """(layer, its params, the pytree path of those params in `params`) for every plain layer
+    of `model`, in order: combinators (layers with `sublayers`) are descended into."""
+    if model.sublayers:
+        for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
+            yield from plain_layers(layer, layer_params,
+                                    prefix + (jax.tree_util.SequenceKey(index),))
+        return
+    yield model, params, prefix
+
+
+def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
+        transpose: bool = False, name: str | None = None) -> Layer:
+    """`model` with one parameter used in two places: the leaf `target` = (layer name,
+    parameter name) is not a parameter any more but `source`'s value (transposed if
+    `transpose`), e.g. a language model's output weights tied to its token embedding (Press
+    and Wolf 2017): tie(model, ("embed", "w"), ("output", "w"), transpose=True).
+
+    params: the model's, without the target's entry. Forward: the model's, with the target
+    filled in from the source. Backward: the model's, and since the shared value is used
+    twice, its gradient is the sum of both uses, d source + d target (transposed back); the
+    curvature pass sums the two diagonals the same way (a shared weight's rule, as for a
+    convolution's). The names, the engines and the reports see one parameter.
+    """
+    name = name or model.name
+    if source == target:
+        raise ValueError(f"{name}: source and target are the same parameter {source}")
+
+    def path_of(params, layer_name, param_name, must_exist=True):
+        found = [path for layer, _, path in plain_layers(model, params)
+                 if layer.name == layer_name]
+        names = [layer.name for layer, _, _ in plain_layers(model, params)]
+        if len(found) != 1:
+            raise ValueError(f"{name}: {len(found)} layers are named {layer_name!r} (one is "
+                             f"needed); the layers are {names}")
+        path = found[0] + tuple(jax.tree_util.DictKey(key) for key in param_name.split("."))
+        if must_exist and _leaf_at(params, path) is None:
+            raise ValueError(f"{name}: layer {layer_name!r} has no parameter {param_name!r}")
+        return path
+
+    def shared(value):
+        return value.T if transpose else value
+
+    def init(key, input_shape):
+        output_shape, params = model.init(key, input_shape)
+        source_path = path_of(params, *source)
+        target_path = path_of(params, *target)
+        source_shape = shared(_leaf_at(params, source_path)).shape
+        target_shape = _leaf_at(params, target_path).shape
+        if source_shape != target_shape:
+            raise ValueError(f"{name}: {source[0]}.{source[1]} gives shape {source_shape}"
+                             f"{' transposed' if transpose else ''}, but {target[0]}."
+                             f"{target[1]} has shape {target_shape}")
+        return output_shape, _with_leaf(params, target_path, None)
+
+    def filled(params):
+        value = _leaf_at(params, path_of(params, *source))
+        return _with_leaf(params, path_of(params, *target, must_exist=False), shared(value))
+
+    def forward(params, x, key=None):
+        return forward_with_key(model, filled(params), x, key)
+
+    def backward_through(method):
+        def run_backward(params, residuals, dy):
+            dparams, dx = getattr(model, method)(filled(params), residuals, dy)
+            target_path = path_of(dparams, *target)
+            source_path = path_of(dparams, *source)
+            from_target = shared(_leaf_at(dparams, target_path))
+            dparams = _with_leaf(dparams, target_path, None)
+            return _with_leaf(dparams, source_path,
+                              _leaf_at(dparams, source_path) + from_target), dx
+
+        return run_backward
+
+    return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,
+                 curvature=None if model.curvature is None else backward_through("curvature"),
+                 stochastic=model.stochastic)
+
+
+def _leaf_at(tree: Params, path: tuple) -> Any:
+    """The entry of nested tuples and dicts at a pytree path; None where a key is absent."""
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            if not isinstance(tree, dict) or key.key not in tree:
+                return None
+            tree = tree[key.key]
+        else:
+            tree = tree[key.idx]
+    return tree
+
+
+def _with_leaf(tree: Params, path: tuple, value: Any) -> Params:
+    """A copy of nested tuples and dicts with the entry at `path` set to value (removed from
+    its dict where value is None)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(key, jax.tree_util.DictKey):
+        updated = dict(tree)
+        inner = _with_leaf(tree.get(key.key, {}), rest, value)
+        if inner is None:
+            updated.pop(key.key, None)
+        else:
+            updated[key.key] = inner
+        return updated
+    items = list(tree)
+    items[key.idx] = _with_leaf(items[key.idx], rest, value)
+    return type(tree)(items)
 
 
 def _unfoldable_true(params: Params, x: jax.Array) -> jax.Array:

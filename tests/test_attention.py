@@ -154,6 +154,25 @@ def test_transformer_with_gelu_passes_the_report_and_refuses_unknown_activations
         transformer_lm(5, 8, activation="swish", name="lm")
 
 
+def test_transformer_with_tied_embeddings_passes_the_report_and_counts_one_matrix():
+    """tie_embeddings: the output's weights are the embedding's transposed; no output.w
+    among the params, (vocabulary x features) fewer counted; the report passes in float64
+    and float32 (the embedding's gradient now from both uses); attention maps still found."""
+    tied = transformer_lm(7, context=8, features=8, heads=2, blocks=1, tie_embeddings=True)
+    untied = transformer_lm(7, context=8, features=8, heads=2, blocks=1)
+    _, params = tied.init(jax.random.key(3), (-1, 6))
+    assert set(params[-1]) == {"b"}
+    assert (nets.count_model(untied, (-1, 6)).params
+            - nets.count_model(tied, (-1, 6)).params) == 7 * 8
+    ids = jax.random.randint(jax.random.key(4), (3, 7), 0, 7)
+    objective = losses.Objective(sequence_cross_entropy(), 0.01)
+    for dtype in (jnp.float64, jnp.float32):
+        report = gradcheck.gradient_report(tied, objective, perturbed(params, dtype, 5, 0.1),
+                                           ids[:, :-1], ids[:, 1:], dtype=dtype)
+        assert [(row["layer"], row["param"]) for row in report if not row["passed"]] == []
+    assert list(nets.attention.attention_maps(tied, params, ids[:, :-1])) == ["attention1"]
+
+
 def test_transformer_with_dropout_passes_the_report_with_one_key():
     """Dropout after the positions and in every residual branch: manual and jax.grad with the
     same masks (one key) agree, float64 and float32, and match finite differences; two keys

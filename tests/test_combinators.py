@@ -266,3 +266,71 @@ def test_remat_blocks_cut_xlas_temporaries_of_the_step():
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temporaries(remat_net(64, 8)) < 0.75 * temporaries(remat_net(64, 8, wrap=False))
+
+
+def two_layers_one_matrix():
+    """Dense a (3 -> 3), tanh, Dense b (3 -> 3) with b.w = a.w^T, and the same net untied."""
+    untied = layers.serial(layers.Dense(3, name="a"), layers.Tanh(name="act"),
+                           layers.Dense(3, name="b"), name="net")
+    return nets.tie(untied, ("a", "w"), ("b", "w"), transpose=True), untied
+
+
+def untied_params(tied_params):
+    """The untied net's params at the tied net's point: b.w filled in as a.w^T."""
+    a, act, b = tied_params
+    return a, act, {**b, "w": a["w"].T}
+
+
+def test_tie_keeps_one_matrix_and_sums_the_gradients_of_its_two_uses(dtype):
+    """The tied net's params lack b.w; its outputs are the untied net's at b.w = a.w^T, and
+    its gradient for a.w is the untied one's a.w + b.w^T (jax.grad of the untied forward):
+    manual against that, and the gradient report (jax.grad of the tied forward, finite
+    differences, the L2 penalty on the one matrix) in both dtypes; the curvature is the
+    untied one's two diagonals summed."""
+    tied, untied = two_layers_one_matrix()
+    _, params = tied.init(jax.random.key(0), (-1, 3))
+    assert set(params[2]) == {"b"}
+    params = generic(params, jax.random.key(1), dtype)
+    x = jax.random.normal(jax.random.key(2), (5, 3), dtype)
+    targets = jax.random.normal(jax.random.key(3), (5, 3), dtype)
+    # no penalty where the untied net is the reference: it would count the matrix twice
+    objective = losses.Objective(losses.mean_squared_error(), 0.0)
+    np.testing.assert_array_equal(tied.apply(params, x), untied.apply(untied_params(params), x))
+    _, manual = engines.manual(tied, objective)(params, x, targets)
+    reference = jax.grad(lambda p: objective.value(p, untied.apply(p, x), targets))(
+        untied_params(params))
+    expected = (
+        {**reference[0], "w": reference[0]["w"] + reference[2]["w"].T}, (),
+        {"b": reference[2]["b"]})
+    assert_close_tree(manual, expected, dtype, "tied net")
+    report = gradcheck.gradient_report(tied, objective._replace(l2=0.1), params, x, targets,
+                                       dtype=dtype)
+    assert [(row["layer"], row["param"], row["passed"]) for row in report] == [
+        ("a", "b", True), ("a", "w", True), ("b", "b", True)]
+    if dtype == "float64":
+        tied_h = engines.curvature_diagonal(tied, objective)(params, x, targets)
+        untied_h = engines.curvature_diagonal(untied, objective)(untied_params(params), x,
+                                                                  targets)
+        assert_close_tree(tied_h, ({**untied_h[0], "w": untied_h[0]["w"] + untied_h[2]["w"].T},
+                                   (), {"b": untied_h[2]["b"]}), dtype, "tied curvature")
+
+
+def test_tie_counts_the_shared_matrix_once_and_refuses_what_cannot_be_tied():
+    tied, untied = two_layers_one_matrix()
+    assert nets.count_model(untied, (-1, 3)).params - nets.count_model(tied, (-1, 3)).params == 9
+    assert nets.count_model(tied, (-1, 3)).layer("b").params == 3
+    wide = layers.serial(layers.Dense(3, name="a"), layers.Dense(4, name="b"), name="net")
+    twins = layers.serial(layers.Dense(3, name="a"), layers.Dense(3, name="a"), name="net")
+    for model, source, target, message in [
+        (wide, ("a", "w"), ("b", "w"), r"net: a.w gives shape \(3, 3\), but b.w has shape "
+                                       r"\(3, 4\)"),
+        (wide, ("a", "w"), ("c", "w"), r"net: 0 layers are named 'c' \(one is needed\); the "
+                                       r"layers are \['a', 'b'\]"),
+        (wide, ("a", "g"), ("b", "w"), "net: layer 'a' has no parameter 'g'"),
+        (twins, ("a", "w"), ("a", "b"), "net: 2 layers are named 'a'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            nets.tie(model, source, target).init(jax.random.key(0), (-1, 3))
+    with pytest.raises(ValueError, match=r"net: source and target are the same parameter"):
+        nets.tie(wide, ("a", "w"), ("a", "w"))
+

@@ -182,16 +182,19 @@ def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
         assert abs(float(plain[0]) - float(results[0][0])) > 1e-3
 
 
-def test_char_transformer_takes_the_blocks_activation(tmp_path):
-    """--activation reaches the run's config (the model's use of it: tests/test_attention.py);
+def test_char_transformer_takes_the_blocks_activation_and_tied_embeddings(tmp_path):
+    """--activation and --tie-embeddings reach the run's config (the model's use of them:
+    tests/test_attention.py);
     a name outside nets.ACTIVATIONS is refused by the option's choices."""
     char_transformer.main([
         "--workdir", str(tmp_path), "--context", "8", "--features", "8", "--heads", "2",
         "--blocks", "1", "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "1",
         "--train-chars", "2000", "--eval-chars", "600", "--eval-batch", "16",
-        "--sample-chars", "5", "--progress-every", "0", "--activation", "gelu_tanh"])
+        "--sample-chars", "5", "--progress-every", "0", "--activation", "gelu_tanh",
+        "--tie-embeddings"])
     document = read_results(tmp_path)
     assert document["config"]["activation"] == "gelu_tanh"
+    assert document["config"]["tie_embeddings"] is True
     with pytest.raises(SystemExit):
         char_transformer.main(["--workdir", str(tmp_path / "bad"), "--activation", "swish"])
 
