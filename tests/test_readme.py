@@ -48,14 +48,20 @@ def test_readme_layer_example_passes_its_check_and_trains(example):
         ("out", "w")]
     assert failed_layers(report) == set()
     assert max(row["rel_err_vs_autodiff"] for row in report) <= 1e-10
+    assert [(row["param"], row["passed"]) for row in namespace["alone"]] == [
+        ("dx", True), ("b", True), ("g", True)]
     assert float(namespace["energy"]) < 0.05  # the README says 0.013 after 100 steps
 
 
 def test_readme_layer_example_check_catches_a_missing_gain_in_dx(example):
-    """The bug the README describes: dx without its factor g shows in the layer below."""
+    """The bug the README describes: dx without its factor g shows in the layer below in the
+    net's report, and in the layer's own dx row when it is checked alone."""
     assert example.count(CORRECT_DX) == 1
-    report = run(example.replace(CORRECT_DX, "return dparams, dy"))["report"]
-    assert failed_layers(report) == {"hidden"}
+    namespace = run(example.replace(CORRECT_DX, "return dparams, dy"))
+    assert failed_layers(namespace["report"]) == {"hidden"}
+    # checked alone, the layer's own dx row fails and its parameters' rows pass
+    assert [(row["param"], row["passed"]) for row in namespace["alone"]] == [
+        ("dx", False), ("b", True), ("g", True)]
 
 
 def github_anchor(heading: str) -> str:
