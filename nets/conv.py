@@ -1050,8 +1050,22 @@ def Conv2D(
         bias = dy.reshape(batch, 1, -1) if unshared_bias else rows
         return {"w": Factors(patches, rows, w_mask), "b": Factors(ones, bias)}
 
+    def tangent(params, x, dparams, dx):
+        """dy = conv(xp, dw) + db + conv(dx padded with zeros, w): y is linear in (w, b), and
+        in x but for the constant border, which does not move."""
+        check_forward_input(params, x)
+        call = call_geometry(x.shape[1:3])
+        forward_product = products(call)[0]
+        y, _ = forward(params, x)
+        dy, _ = forward_product(call, x, masked(dparams["w"]))
+        db = dparams["b"]
+        dy = dy + (db[None] if unshared_bias else db[None, None, None, :])
+        if dx is not None:
+            dy = dy + forward_product(call._replace(pad_value=0.0), dx, masked(params["w"]))[0]
+        return y, dy
+
     return Layer(name, init, forward, backward, curvature=curvature,
-                 factors=factors if groups == 1 else None)
+                 factors=factors if groups == 1 else None, tangent=tangent)
 
 
 def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> str:

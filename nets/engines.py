@@ -49,6 +49,7 @@ __all__ = [
     "get_engine",
     "accumulated",
     "curvature_diagonal",
+    "gauss_newton_product",
 ]
 
 ValueAndGrad = Callable[..., tuple[jax.Array, Any]]  # (params, x, targets, key=None)
@@ -244,11 +245,11 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
-def _first_without_curvature(layer: Layer) -> str:
-    """The name of the innermost layer of `layer` that has no curvature backward."""
+def _first_without(layer: Layer, method: str) -> str:
+    """The name of the innermost layer of `layer` whose `method` (a field of Layer) is None."""
     for sublayer in layer.sublayers:
-        if sublayer.curvature is None:
-            return _first_without_curvature(sublayer)
+        if getattr(sublayer, method) is None:
+            return _first_without(sublayer, method)
     return layer.name
 
 
@@ -266,7 +267,7 @@ def curvature_diagonal(model: Layer, objective: Objective):
     diagonal of E with those masks held fixed.
     """
     if model.curvature is None:
-        raise ValueError(f"{model.name}: layer {_first_without_curvature(model)!r} has no "
+        raise ValueError(f"{model.name}: layer {_first_without(model, 'curvature')!r} has no "
                          "curvature (Gauss-Newton) backward")
     if objective.loss.curvature is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no curvature")
@@ -281,3 +282,41 @@ def curvature_diagonal(model: Layer, objective: Objective):
         return _dtypes_of(sum_over_added_axes(diagonal, params), params)
 
     return diagonal
+
+
+def gauss_newton_product(model: Layer, objective: Objective):
+    """G v, the Gauss-Newton matrix of E times a direction v, by hand (Schraudolph 2002):
+
+        G = J^T H J + (lambda/m) I_weights,
+
+    J the Jacobian of the outputs (batch, classes) in the parameters, H the loss's Hessian in
+    the outputs (`Loss.hessian_vector`) and the last term the L2 penalty's own Hessian.
+    Returns `product(params, x, targets, v) -> pytree like params`. J v comes from the
+    layers' `tangent` passes (forward mode, nets/layers.py), H (J v) from the loss, and J^T
+    from the backward passes: one tangent and one forward-and-backward pass, no matrix
+    formed. G is the Hessian of E without the terms in the outputs' second derivatives:
+    positive semi-definite for the losses here (all convex in the outputs), equal to the
+    Hessian where the outputs are linear in the parameters, and its diagonal is what
+    `curvature_diagonal` approximates. Power iteration with it gives G's largest
+    eigenvalue (`experiments.eigenvalues`), conjugate gradients a Newton step (Martens 2010).
+    A model with a layer that has no tangent (dropout, normalisation, attention, recurrent
+    cells) is refused by name.
+    """
+    if model.tangent is None:
+        raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "
+                         "tangent (forward-mode) pass")
+    if objective.loss.hessian_vector is None:
+        raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
+
+    def product(params, x, targets, v):
+        outputs, doutputs = model.tangent(params, x, v, None)
+        if doutputs is None:  # nothing in the model moves its outputs
+            doutputs = jnp.zeros_like(outputs)
+        _, residuals = model.forward(params, x)
+        u = objective.loss.hessian_vector(outputs, targets, doutputs)
+        gv, _ = model.backward(params, residuals, u)
+        penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
+        gv = jax.tree.map(lambda a, b: a + b, gv, penalty)
+        return _dtypes_of(sum_over_added_axes(gv, params), params)
+
+    return product

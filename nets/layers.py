@@ -8,6 +8,7 @@ The contract (README, "The contracts"), shared by every layer and by the combina
     backward(params, residuals, dy) -> (dparams, dx)
     apply(params, x)                -> y            # forward without the residuals
     curvature(params, residuals, d2y) -> (d2params, d2x)   # optional, see below
+    tangent(params, x, dparams, dx) -> (y, dy)              # optional, see below
 
 A layer that draws random numbers (dropout) is marked `stochastic` and its forward also takes
 a keyword `key`: `forward(params, x, key=None)`, key None meaning inference (no draw). The
@@ -40,6 +41,13 @@ for per-example gradient norms that never form it (`training.parallel.ghost_norm
 layer's input and output gradient over a batch, such that example n's gradient of that leaf
 is (mask * a[n]^T b[n]).reshape(leaf.shape), a (batch, T, K) and b (batch, T, C): a sum of T
 outer products (T = 1 for Dense: x_n^T dy_n; a convolution's windows: patches^T dy).
+
+`tangent` (optional) is the forward pass together with its directional derivative, written by
+hand in forward mode: y and dy = J_params dparams + J_x dx, dparams shaped as params and dx as
+x, where dx None stands for zero (the net's input, which no parameter moves). Run through a
+net it gives the Jacobian-vector product J v of the outputs for a parameter direction v, the
+half of the Gauss-Newton product G v = J^T H J v that the backward pass cannot give
+(`nets.engines.gauss_newton_product`; Schraudolph 2002). Layers without it leave it None.
 """
 from __future__ import annotations
 
@@ -101,6 +109,8 @@ class Factors(NamedTuple):
 
 
 FactorsFn = Callable[[Params, jax.Array, jax.Array], dict[str, Factors]]
+TangentFn = Callable[[Params, jax.Array, Params, jax.Array | None],
+                     tuple[jax.Array, jax.Array | None]]
 
 
 @jax.tree_util.register_static
@@ -120,7 +130,8 @@ class Layer(NamedTuple):
     so that reports can name each layer's parameters. `curvature` is the optional
     Gauss-Newton diagonal backward (module docstring), with backward's signature.
     `stochastic` marks a forward that takes a keyword `key` (module docstring). `factors`
-    is the optional per-example gradient as products (module docstring).
+    is the optional per-example gradient as products (module docstring). `tangent` is the
+    optional forward-mode pass `(params, x, dparams, dx) -> (y, dy)` (module docstring).
     """
 
     name: str
@@ -131,6 +142,7 @@ class Layer(NamedTuple):
     curvature: BackwardFn | None = None
     stochastic: bool = False
     factors: FactorsFn | None = None
+    tangent: TangentFn | None = None
 
     def apply(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The layer's output: `forward` without the residuals (key: `forward_with_key`)."""
@@ -242,7 +254,14 @@ def Dense(
         return {"w": Factors(x[:, None, :], dy[:, None, :]),
                 "b": Factors(jnp.ones((x.shape[0], 1, 1), dy.dtype), dy[:, None, :])}
 
-    return Layer(name, init, forward, backward, curvature=curvature, factors=factors)
+    def tangent(params, x, dparams, dx):
+        """dy = x @ dw + db + dx @ w (y is linear in w and b, and in x)."""
+        y, _ = forward(params, x)
+        dy = x @ dparams["w"] + dparams["b"][None, :]
+        return y, dy if dx is None else dy + dx @ params["w"]
+
+    return Layer(name, init, forward, backward, curvature=curvature, factors=factors,
+                 tangent=tangent)
 
 
 def Embedding(
@@ -354,7 +373,15 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
                             + d2s @ c**2)
         return (), gauss_newton + 2 / x.shape[0]
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """ds = 2 dx c^T - 2 (x . dx) (no parameters: dparams is ())."""
+        s, _ = forward(params, x)
+        if dx is None:
+            return s, None
+        c = jnp.asarray(centres, x.dtype)
+        return s, 2 * (dx @ c.T) - 2 * jnp.sum(x * dx, axis=1, keepdims=True)
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def elementwise(
@@ -368,7 +395,8 @@ def elementwise(
 
     of="output": `derivative(y)` gives f'(x) from the output (f invertible: sigmoid's
     y (1 - y)), and the residual is y; of="input": `derivative(x)`, and the residual is x.
-    backward: dx = dy * f'(x); curvature (Gauss-Newton, f'' dropped): d2x = d2y * f'(x)^2.
+    backward: dx = dy * f'(x); curvature (Gauss-Newton, f'' dropped): d2x = d2y * f'(x)^2;
+    tangent: dy = f'(x) dx.
     Shapes: any; y, dx and d2x have x's shape and dtype.
     """
     if of not in ("output", "input"):
@@ -392,7 +420,12 @@ def elementwise(
         del params
         return (), d2y * derivative(kept) ** 2
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """dy = f'(x) dx: the Jacobian is diagonal, so this is backward's product."""
+        y, kept = forward(params, x)
+        return y, None if dx is None else dx * derivative(kept)
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def Sigmoid(name: str = "Sigmoid") -> Layer:
@@ -492,7 +525,8 @@ LeakyRelu (0.01) and Elu (1.0) are at their defaults."""
 
 
 def serial(*layers: Layer, name: str = "serial") -> Layer:
-    """Compose layers: forward left to right, backward right to left.
+    """Compose layers: forward left to right, backward right to left, tangent (forward mode)
+    left to right.
 
     params and residuals are tuples with one entry per layer. Stochastic when any layer is;
     its forward's key is then split into one key per stochastic layer (`layer_keys`).
@@ -527,10 +561,18 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
         return run_backward
 
+    def tangent(params, x, dparams, dx):
+        _check_param_count(name, params, len(layers))
+        for layer, layer_params, layer_dparams in zip(layers, params, dparams):
+            x, dx = layer.tangent(layer_params, x, layer_dparams, dx)
+        return x, dx
+
     has_curvature = all(layer.curvature is not None for layer in layers)
+    has_tangent = all(layer.tangent is not None for layer in layers)
     return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
                  curvature=backward_through("curvature") if has_curvature else None,
-                 stochastic=any(layer.stochastic for layer in layers))
+                 stochastic=any(layer.stochastic for layer in layers),
+                 tangent=tangent if has_tangent else None)
 
 
 def layer_outputs(model: Layer, params: Params, x: jax.Array) -> list[tuple[str, jax.Array]]:
@@ -563,7 +605,8 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
     Backward: branch b gets its slice of dy ("concat") or all of dy ("sum"), and since x fans
     out to every branch, dx = sum_b dx_b. Curvature (Gauss-Newton diagonal): the same, with
     d2x = sum_b d2x_b: the cross terms between branches are dropped like every off-diagonal
-    term. Stochastic when a branch is; the key is split into one per stochastic branch.
+    term. Tangent: the branches' dy_b joined like their outputs. Stochastic when a branch
+    is; the key is split into one per stochastic branch.
     """
     if not branches:
         raise ValueError(f"{name}: needs at least one branch")
@@ -623,10 +666,27 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
 
         return run_backward
 
+    def tangent(params, x, dparams, dx):
+        """Each branch's (y_b, dy_b) on the same (x, dx), joined as the outputs are."""
+        _check_param_count(name, params, len(branches))
+        pairs = [branch.tangent(branch_params, x, branch_dparams, dx)
+                 for branch, branch_params, branch_dparams in zip(branches, params, dparams)]
+        outputs = [y for y, _ in pairs]
+        joined_shape([y.shape for y in outputs])
+        if all(dy is None for _, dy in pairs):
+            return (jnp.concatenate(outputs, axis=-1) if combine == "concat"
+                    else sum_all(outputs)), None
+        moved = [dy if dy is not None else jnp.zeros_like(y) for y, dy in pairs]
+        if combine == "concat":
+            return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
+        return sum_all(outputs), sum_all(moved)
+
     has_curvature = all(branch.curvature is not None for branch in branches)
+    has_tangent = all(branch.tangent is not None for branch in branches)
     return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(branches),
                  curvature=backward_through("curvature") if has_curvature else None,
-                 stochastic=any(branch.stochastic for branch in branches))
+                 stochastic=any(branch.stochastic for branch in branches),
+                 tangent=tangent if has_tangent else None)
 
 
 def residual(block: Layer, name: str = "residual") -> Layer:
@@ -676,7 +736,7 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
     return Layer(name, layer.init, forward, backward_through("backward"),
                  sublayers=layer.sublayers,
                  curvature=None if layer.curvature is None else backward_through("curvature"),
-                 stochastic=layer.stochastic, factors=layer.factors)
+                 stochastic=layer.stochastic, factors=layer.factors, tangent=layer.tangent)
 
 
 def plain_layers(model: Layer, params: Params, prefix: tuple = ()):
@@ -753,9 +813,15 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
 
         return run_backward
 
+    def tangent(params, x, dparams, dx):
+        """The model's tangent with the target filled in both params and dparams: a direction
+        moves the shared value in both of its places."""
+        return model.tangent(filled(params), x, filled(dparams), dx)
+
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,
                  curvature=None if model.curvature is None else backward_through("curvature"),
-                 stochastic=model.stochastic)
+                 stochastic=model.stochastic,
+                 tangent=None if model.tangent is None else tangent)
 
 
 def _leaf_at(tree: Params, path: tuple) -> Any:

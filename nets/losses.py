@@ -40,12 +40,16 @@ class Loss(NamedTuple):
 
     `curvature(outputs, targets) -> (batch, classes)` is the diagonal of the loss's Hessian
     with respect to the outputs (the Gauss-Newton matrix of the loss itself), where defined.
+    `hessian_vector(outputs, targets, u) -> (batch, classes)` is that whole Hessian times u
+    (batch, classes): H u, H block-diagonal with one (classes, classes) block per example (the
+    middle factor of the Gauss-Newton product J^T H J v, `nets.engines.gauss_newton_product`).
     """
 
     name: str
     value: Callable[[jax.Array, jax.Array], jax.Array]
     grad: Callable[[jax.Array, jax.Array], jax.Array]
     curvature: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    hessian_vector: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
 
 def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
@@ -56,7 +60,9 @@ def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
         )
 
 
-def _checked(name: str, value, grad, curvature) -> Loss:
+def _checked(name: str, value, grad, curvature, hessian_vector=None) -> Loss:
+    """The loss with every function checking its outputs and targets (and u) first. Without
+    a `hessian_vector`, the Hessian is the diagonal `curvature`: H u = curvature * u."""
     def checked(function):
         def run(outputs, targets):
             _check_pair(name, outputs, targets)
@@ -64,7 +70,22 @@ def _checked(name: str, value, grad, curvature) -> Loss:
 
         return run
 
-    return Loss(name, checked(value), checked(grad), checked(curvature))
+    def checked_product(outputs, targets, u):
+        _check_pair(name, outputs, targets)
+        if u.shape != outputs.shape:
+            raise ValueError(f"{name}: hessian_vector's u has shape {tuple(u.shape)}, expected "
+                             f"the outputs' {tuple(outputs.shape)}")
+        if hessian_vector is None:
+            return curvature(outputs, targets) * u
+        return hessian_vector(outputs, targets, u)
+
+    return Loss(name, checked(value), checked(grad), checked(curvature), checked_product)
+
+
+def _softmax_hessian_vector(p: jax.Array, row_mass: jax.Array, u: jax.Array) -> jax.Array:
+    """(diag(p) - p p^T) u per row, times the row's target mass, over m: the Hessian of
+    mass * log(sum_k e^z_k) (and of the MAP criterion's log partition, where p sums below 1)."""
+    return row_mass * p * (u - jnp.sum(p * u, axis=-1, keepdims=True)) / p.shape[0]
 
 
 def lecture_output_error(sigma: jax.Array, targets: jax.Array) -> jax.Array:
@@ -144,6 +165,7 @@ def softmax_cross_entropy() -> Loss:
     """E = -(1/m) sum_i sum_k y_ik log softmax(z_i)_k from logits z.
 
     Gradient (softmax(z) * sum_k y_k - y)/m, which is (softmax(z) - y)/m for one-hot rows.
+    Hessian per example (diag(p) - p p^T) sum_k y_k / m, p = softmax(z): not diagonal.
     """
 
     def value(z, y):
@@ -157,7 +179,11 @@ def softmax_cross_entropy() -> Loss:
         p = jax.nn.softmax(z, axis=-1)
         return p * (1 - p) * jnp.sum(y, axis=-1, keepdims=True) / z.shape[0]
 
-    return _checked("softmax_cross_entropy", value, grad, curvature)
+    def hessian_vector(z, y, u):
+        return _softmax_hessian_vector(jax.nn.softmax(z, axis=-1),
+                                       jnp.sum(y, axis=-1, keepdims=True), u)
+
+    return _checked("softmax_cross_entropy", value, grad, curvature, hessian_vector)
 
 
 def lecun1998_map(j: float = 10.0) -> Loss:
@@ -173,7 +199,8 @@ def lecun1998_map(j: float = 10.0) -> Loss:
     (the paper: "j is positive"; it gives no value). Without the e^-j term it is the softmax
     cross-entropy of the scores.
     Gradient (q sum_k t_k - t)/m, q_i = e^s_i / (e^-j + sum_k e^s_k) (q sums to less than 1);
-    curvature, the exact diagonal of the Hessian in s: q (1 - q) sum_k t_k / m.
+    curvature, the exact diagonal of the Hessian in s: q (1 - q) sum_k t_k / m; the whole
+    Hessian per example (diag(q) - q q^T) sum_k t_k / m.
     """
     if not j > 0:
         raise ValueError(f"lecun1998_map: j must be > 0, got {j}")
@@ -194,7 +221,11 @@ def lecun1998_map(j: float = 10.0) -> Loss:
         q = jnp.exp(s - log_partition(s))
         return q * (1 - q) * jnp.sum(t, axis=-1, keepdims=True) / s.shape[0]
 
-    return _checked("lecun1998_map", value, grad, curvature)
+    def hessian_vector(s, t, u):
+        return _softmax_hessian_vector(jnp.exp(s - log_partition(s)),
+                                       jnp.sum(t, axis=-1, keepdims=True), u)
+
+    return _checked("lecun1998_map", value, grad, curvature, hessian_vector)
 
 
 def is_weight(path: tuple[Any, ...]) -> bool:

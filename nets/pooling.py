@@ -18,7 +18,7 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import channel_sum, check_image_input, pair
-from nets.layers import Layer, StaticShape, forward_with_key, is_count
+from nets.layers import Layer, StaticShape, forward_with_key, is_count, sum_all
 
 __all__ = [
     "AvgPool",
@@ -119,8 +119,13 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
         """Every Jacobian entry is 1/(kh kw): d2x = window_sum_transpose(d2y) / (kh kw)^2."""
         return backward(params, x_shape, d2y / area)
 
+    def tangent(params, x, dparams, dx):
+        """Linear in x: dy = window_sum(dx) / (kh kw)."""
+        y, _ = forward(params, x)
+        return y, None if dx is None else window_sum(dx, window, stride) / area
+
     return Layer(name, _pool_init(name, window, stride), forward, backward,
-                 curvature=curvature)
+                 curvature=curvature, tangent=tangent)
 
 
 def _window_views(x, window, stride, out_size):
@@ -195,8 +200,20 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         del params
         return (), route_to_maxima(residuals, d2y, 2)
 
+    def tangent(params, x, dparams, dx):
+        """dy: the mean of dx over the k positions of a window that attain its max (the
+        Jacobian's row, as backward routes it)."""
+        y, (attained, _) = forward(params, x)
+        if dx is None:
+            return y, None
+        ties = lax.population_count(attained).astype(dx.dtype)
+        views = _window_views(dx, window, stride, y.shape[1:3])
+        picked = sum_all([jnp.where((attained >> offset) & 1 == 1, view, jnp.zeros((), dx.dtype))
+                          for offset, view in enumerate(views)])
+        return y, picked / ties
+
     return Layer(name, _pool_init(name, window, stride), forward, backward,
-                 curvature=curvature)
+                 curvature=curvature, tangent=tangent)
 
 
 def _coefficient_init(window):
@@ -255,7 +272,15 @@ def Subsampling(
         sums, x_shape = residuals
         return backward({"w": params["w"] ** 2, "b": params["b"]}, (sums**2, x_shape), d2y)
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """dy = dw[c] s + db[c] + w[c] window_sum(dx)."""
+        y, (sums, _) = forward(params, x)
+        dy = dparams["w"][None, None, None, :] * sums + dparams["b"][None, None, None, :]
+        if dx is not None:
+            dy = dy + params["w"][None, None, None, :] * window_sum(dx, window, window)
+        return y, dy
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def Flatten(name: str = "Flatten") -> Layer:
@@ -282,7 +307,11 @@ def Flatten(name: str = "Flatten") -> Layer:
         del params
         return (), dy.reshape(x_shape.shape)
 
-    return Layer(name, init, forward, backward, curvature=backward)
+    def tangent(params, x, dparams, dx):
+        y, _ = forward(params, x)
+        return y, None if dx is None else dx.reshape(y.shape)
+
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
 
 
 def _negative_power(d: jax.Array, beta: float) -> jax.Array:

@@ -1,0 +1,238 @@
+"""The largest eigenvalue of the curvature, by hand-written Gauss-Newton products, and the
+step size it allows (LeCun, Simard and Pearlmutter 1993; LeCun et al. 1998, "Efficient
+BackProp", section 5).
+
+    python -m experiments.largest_eigenvalue [--workdir DIR] [--model lenet1989|mlp]
+        [--examples 1000] [--iterations 30] [--steps 100] [--factors 0.5,1,2,4,8,16,32,64]
+
+On a quadratic E with Hessian H, gradient descent with step eta converges along every
+eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
+1. estimates lambda_max of the Gauss-Newton matrix G = J^T H_loss J of LeNet-1989's
+   objective (the 1989 recipe: tanh, squared error against +-1, its initial weights) on the
+   first `--examples` USPS training digits, by power iteration v <- G v / |G v| with G v
+   computed by hand (`nets.engines.gauss_newton_product`: the layers' tangent passes for
+   J v, the loss's Hessian, the backward passes for J^T);
+2. repeats the power iteration with G v from jax (`jax.jvp` and `jax.vjp` of the forward
+   pass, `jax.jvp` of the loss's `jax.grad`), from the same start, and with the exact
+   Hessian's product (`jax.jvp` of `jax.grad` of E), and reports the largest entry of
+   LeCun's backpropagated diagonal beside them (a lower bound of lambda_max when exact);
+3. runs full-batch gradient descent (manual engine) at eta = c / lambda_max for each
+   factor c, re-estimating lambda_max every `--track-every` steps with a few power
+   iterations warm-started from the last vector: the curvature the run meets, against the
+   2 / eta that a quadratic would allow ("the edge of stability", Cohen et al. 2021).
+
+Writes results.json (metrics: the three eigenvalue estimates, their agreement, the last
+loss per factor; "runs": the loss and lambda_max histories), results.md and
+largest_eigenvalue.png (power iterations; loss against step per factor; lambda_max against
+step beside 2 / eta). Measured numbers: README, "The largest eigenvalue and the step size".
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from nets import models
+from nets.engines import curvature_diagonal, gauss_newton_product
+from training import data, plots, results
+from training.config import option, parse, run_main
+from training.harness import open_run
+
+EXPERIMENT = "largest_eigenvalue"
+MODELS = ("lenet1989", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = option("lenet1989", "the net: LeNet-1989 or a 256-30-10 tanh MLP",
+                        choices=MODELS)
+    examples: int = option(1000, "first USPS training digits: the full batch", ge=1, le=7291)
+    iterations: int = option(30, "power iterations for lambda_max at the initial point", ge=1)
+    steps: int = option(100, "full-batch gradient-descent steps per factor", ge=0)
+    factors: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
+                                        "comma-separated c: steps eta = c / lambda_max", gt=0)
+    track_every: int = option(10, "re-estimate lambda_max every this many steps", ge=1)
+    track_iterations: int = option(5, "warm-started power iterations per re-estimate", ge=1)
+    seed: int = option(0, "seed of the initial weights and the power iteration's start", ge=0)
+
+
+def build(config: Config):
+    """(model, objective, x (n, ...), targets (n, 10) in +-1): the 1989 recipe's net and
+    squared error, or a tanh MLP on the flattened digits."""
+    images, labels = data.load_usps("train")
+    images, labels = images[:config.examples], labels[:config.examples]
+    targets = jnp.asarray(2 * data.one_hot(labels, 10) - 1)
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    if config.model == "lenet1989":
+        return (models.lenet1989(implementation="patches"), objective,
+                jnp.asarray(images.reshape(-1, 16, 16, 1)), targets)
+    model = nets.build_mlp(256, 10, hidden_units=30, activation="tanh",
+                           output_activation="tanh")
+    return model, objective, jnp.asarray(images), targets
+
+
+def _dot(a, b) -> jax.Array:
+    return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _normalised(v):
+    norm = jnp.sqrt(_dot(v, v))
+    return jax.tree.map(lambda leaf: leaf / norm, v)
+
+
+def reference_products(model, objective):
+    """G v and H v from jax alone: the Gauss-Newton product by jvp, the loss's Hessian by jvp
+    of its grad, and vjp; the Hessian's by jvp of jax.grad of E."""
+
+    def gauss_newton(params, x, targets, v):
+        outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
+        hjv = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,),
+                      (jv,))[1]
+        return jax.vjp(lambda p: model.apply(p, x), params)[1](hjv)[0]
+
+    def hessian(params, x, targets, v):
+        def energy(p):
+            return objective.value(p, model.apply(p, x), targets)
+        return jax.jvp(jax.grad(energy), (params,), (v,))[1]
+
+    return gauss_newton, hessian
+
+
+def power_iteration(product, iterations: int):
+    """A jitted `(params, x, targets, v) -> (estimates, v)`: the Rayleigh quotient v^T A v of
+    each of `iterations` steps v <- A v / |A v| (|v| = 1) as one `lax.scan`, and the last v."""
+
+    def step(carry, _):
+        params, x, targets, v = carry
+        av = product(params, x, targets, v)
+        return (params, x, targets, _normalised(av)), _dot(v, av)
+
+    @jax.jit
+    def run(params, x, targets, v):
+        carry, estimates = jax.lax.scan(step, (params, x, targets, _normalised(v)),
+                                        length=iterations)
+        return estimates, carry[3]
+
+    return run
+
+
+def descend(model, objective, params, x, targets, v, eta: float, config: Config):
+    """Full-batch gradient descent at step eta for config.steps steps: the loss before every
+    step and after the last, and (step, lambda_max) every track_every steps."""
+    value_and_grad = nets.manual(model, objective)
+    track = power_iteration(gauss_newton_product(model, objective), config.track_iterations)
+
+    @jax.jit
+    def chunk(params):
+        def step(params, _):
+            value, grads = value_and_grad(params, x, targets)
+            return jax.tree.map(lambda p, g: p - eta * g, params, grads), value
+        return jax.lax.scan(step, params, length=config.track_every)
+
+    losses, sharpness = [], []
+    for start in range(0, config.steps, config.track_every):
+        estimates, v = track(params, x, targets, v)
+        sharpness.append((start, float(estimates[-1])))
+        params, values = chunk(params)
+        losses += [float(value) for value in values]
+        if not np.isfinite(losses[-1]):
+            break
+    losses = losses[:config.steps]
+    losses.append(float(value_and_grad(params, x, targets)[0]))
+    return losses, sharpness
+
+
+def plot(path, estimates: dict, runs: list[dict]) -> None:
+    iterations = {name: (np.arange(1, len(values) + 1), values)
+                  for name, values in estimates.items()}
+    panels = [{"ylabel": "Rayleigh quotient", "xlabel": "power iteration",
+               "series": iterations}]
+    if runs:
+        panels.append({"ylabel": "loss (full batch)", "log": True, "series": {
+            f"c = {run['factor']}": (np.arange(len(run["losses"])),
+                                     np.minimum(run["losses"], 1e6)) for run in runs}})
+        series = {}
+        for run in runs:
+            steps, values = zip(*run["sharpness"]) if run["sharpness"] else ((), ())
+            series[f"c = {run['factor']}"] = (steps, values)
+            series[f"2 / eta, c = {run['factor']}"] = ((0, len(run["losses"]) - 1),
+                                                       (run["two_over_eta"],) * 2)
+        panels.append({"ylabel": "lambda_max of G", "log": True, "series": series})
+    plots.save_curves(path, panels, title="largest eigenvalue and the step size")
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    run = open_run(EXPERIMENT, config, args)
+    model, objective, x, targets = build(config)
+    init_key, start_key = jax.random.split(jax.random.key(config.seed))
+    params = model.init(init_key, (-1, *x.shape[1:]))[1]
+    leaves, tree = jax.tree.flatten(params)
+    start = jax.tree.unflatten(tree, [
+        jax.random.normal(key, leaf.shape, leaf.dtype)
+        for key, leaf in zip(jax.random.split(start_key, len(leaves)), leaves)])
+
+    seconds, estimates = {}, {}
+    reference_gn, reference_hessian = reference_products(model, objective)
+    for name, product in (("manual_gauss_newton", gauss_newton_product(model, objective)),
+                          ("jax_gauss_newton", reference_gn), ("jax_hessian", reference_hessian)):
+        iterate = power_iteration(product, config.iterations)
+        began = time.perf_counter()
+        estimates[name], v_max = jax.block_until_ready(iterate(params, x, targets, start))
+        seconds[f"{name}_first_call"] = time.perf_counter() - began
+        began = time.perf_counter()
+        jax.block_until_ready(iterate(params, x, targets, start))  # compiled: the run alone
+        seconds[f"{name}_run"] = time.perf_counter() - began
+        estimates[name] = np.asarray(estimates[name])
+        if name == "manual_gauss_newton":
+            top_vector = v_max
+    diagonal = curvature_diagonal(model, objective)(params, x, targets)
+    lambda_max = float(estimates["manual_gauss_newton"][-1])
+    manual, reference = estimates["manual_gauss_newton"], estimates["jax_gauss_newton"]
+
+    runs = []
+    began = time.perf_counter()
+    for factor in config.factors if config.steps else ():
+        eta = factor / lambda_max
+        losses, sharpness = descend(model, objective, params, x, targets, top_vector, eta,
+                                    config)
+        runs.append({"factor": factor, "eta": eta, "two_over_eta": 2 / eta, "losses": losses,
+                     "sharpness": sharpness, "last_loss": losses[-1],
+                     "diverged": not np.isfinite(losses[-1]) or losses[-1] > losses[0]})
+    seconds["descent"] = time.perf_counter() - began
+
+    metrics = {
+        "lambda_max_gauss_newton": lambda_max,
+        "lambda_max_gauss_newton_jax": float(reference[-1]),
+        "lambda_max_hessian_jax": float(estimates["jax_hessian"][-1]),
+        "manual_vs_jax_max_relative": float(np.max(np.abs(manual - reference)
+                                                   / np.abs(reference))),
+        "max_backpropagated_diagonal": float(max(jnp.max(leaf)
+                                                 for leaf in jax.tree.leaves(diagonal))),
+        "initial_loss": float(objective.value(params, model.apply(params, x), targets)),
+        **{f"last_loss_c{run['factor']:g}": run["last_loss"] for run in runs},
+    }
+    rows = [{"factor c": run["factor"], "eta": run["eta"], "loss at 0": run["losses"][0],
+             "last loss": run["last_loss"], "lambda_max last seen": (
+                 run["sharpness"][-1][1] if run["sharpness"] else None),
+             "2 / eta": run["two_over_eta"], "diverged": run["diverged"]} for run in runs]
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics, [],
+                          seconds, power_iterations={k: v.tolist() for k, v in
+                                                     estimates.items()}, runs=runs)
+    plot(run.workdir / "largest_eigenvalue.png", estimates, runs)
+    summary = results.markdown_table([{
+        "estimate": name, "lambda_max": float(values[-1]),
+        "iterations": len(values)} for name, values in estimates.items()] + [{
+            "estimate": "max of LeCun's diagonal", "lambda_max": metrics[
+                "max_backpropagated_diagonal"], "iterations": None}])
+    results.save_and_print_table(run.workdir, summary + "\n" + (
+        results.markdown_table(rows) if rows else "") + f"\nResults in {run.workdir}\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main, EXPERIMENT)

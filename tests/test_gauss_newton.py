@@ -1,0 +1,272 @@
+"""Forward-mode tangent passes and the Gauss-Newton product G v = J^T H J v, by hand, against
+jax: `jax.jvp` of each layer's apply, the loss's `jax.hessian`, and jvp-then-vjp of the forward
+pass for whole nets; a linear model's G worked out by hand; the experiment's smoke run."""
+import json
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from experiments import largest_eigenvalue
+from nets import gradcheck, losses, models
+from nets.conv import IMPLEMENTATIONS
+from nets.engines import gauss_newton_product
+from tests.helpers import F64, assert_close_tree, tolerance
+
+
+def random_like(key, tree, dtype):
+    leaves, structure = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return jax.tree.unflatten(structure, [jax.random.normal(k, jnp.shape(leaf), dtype)
+                                          for k, leaf in zip(keys, leaves)])
+
+
+def assert_tangent_is_jvp(layer, input_shape, dtype, scale=1.0, seed=0):
+    """layer.tangent against jax.jvp of layer.apply in params and x, and with dx None
+    against jax.jvp with a zero dx, at random params, x, dparams and dx."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    _, params = layer.init(keys[0], (-1, *input_shape[1:]))
+    params = gradcheck.astype(params, dtype)
+    x = scale * jax.random.normal(keys[1], input_shape, dtype)
+    dparams, dx = random_like(keys[2], params, dtype), jax.random.normal(keys[3], x.shape, dtype)
+
+    @jax.jit
+    def both(params, x, dparams, dx):
+        return (layer.tangent(params, x, dparams, dx), layer.tangent(params, x, dparams, None),
+                jax.jvp(layer.apply, (params, x), (dparams, dx)),
+                jax.jvp(layer.apply, (params, x), (dparams, jnp.zeros_like(dx))))
+
+    with jax.default_matmul_precision("highest"):
+        (y, dy), (y_alone, dy_alone), (y_ref, dy_ref), (_, dy_alone_ref) = both(
+            params, x, dparams, dx)
+    bound = tolerance(dtype)
+    assert gradcheck.relative_error(y, y_ref) <= bound and jnp.array_equal(y, y_alone)
+    assert dy.shape == y.shape and dy.dtype == y.dtype
+    assert gradcheck.relative_error(dy, dy_ref) <= bound, layer.name
+    if dy_alone is None:  # nothing but x moves the output
+        assert not jax.tree.leaves(params) and float(jnp.max(jnp.abs(dy_alone_ref))) == 0
+    else:
+        assert gradcheck.relative_error(dy_alone, dy_alone_ref) <= bound, layer.name
+
+
+@pytest.mark.parametrize("activation", sorted(nets.ACTIVATIONS))
+def test_every_activation_tangent_is_jax_jvp(activation, dtype):
+    assert_tangent_is_jvp(nets.ACTIVATIONS[activation](), (4, 7), dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("layer, input_shape", [
+    (nets.Dense(5), (3, 4)),
+    (models.ScaledTanh(), (3, 4)),
+    (nets.EuclideanRBF(np.random.default_rng(0).normal(size=(6, 4))), (3, 4)),
+    (nets.Flatten(), (2, 3, 3, 2)),
+    (nets.AvgPool(2), (2, 4, 6, 3)),
+    (nets.AvgPool((2, 3), (1, 2)), (2, 5, 7, 2)),
+    (nets.MaxPool(3, 2), (2, 7, 7, 3)),
+    (nets.MaxPool((2, 3), (2, 1)), (2, 6, 7, 2)),
+    (nets.Subsampling(2), (2, 4, 6, 3)),
+    (nets.residual(nets.serial(nets.Dense(4), nets.Tanh())), (3, 4)),
+    (nets.parallel(nets.Dense(2), nets.serial(nets.Dense(3), nets.Sigmoid())), (3, 4)),
+    (nets.remat(nets.serial(nets.Dense(4), nets.Gelu(), nets.Dense(2))), (3, 4)),
+], ids=lambda value: getattr(value, "name", None) or str(value))
+def test_layer_tangent_is_jax_jvp(layer, input_shape, dtype):
+    assert_tangent_is_jvp(layer, input_shape, dtype)
+
+
+def test_max_pool_tangent_averages_tied_maxima_as_jax_jvp_does(dtype):
+    """ReLU's zeros tie in most windows; a window's dy is then the mean of its tied dx."""
+    assert_tangent_is_jvp(nets.serial(nets.Relu(), nets.MaxPool(2)), (2, 4, 4, 3), dtype)
+    layer = nets.MaxPool(2)
+    x = jnp.zeros((1, 2, 2, 1), dtype).at[0, 0, 0, 0].set(-1.0)  # three zeros tie
+    dx = jnp.arange(1.0, 5.0, dtype=dtype).reshape(1, 2, 2, 1)
+    _, dy = layer.tangent((), x, (), dx)
+    assert float(dy[0, 0, 0, 0]) == pytest.approx((2 + 3 + 4) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("settings, input_shape", [
+    (dict(kernel_size=3, stride=1, padding="SAME"), (2, 6, 7, 3)),
+    (dict(kernel_size=5, stride=2, padding=((2, 1), (2, 1)), pad_value=-1.0,
+          unshared_bias=True), (2, 9, 9, 1)),
+    (dict(kernel_size=(2, 3), stride=(2, 1), padding="VALID",
+          connection_table=np.array([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 1]], bool)),
+     (2, 6, 7, 3)),
+    (dict(kernel_size=3, stride=2, padding="VALID", feature_group_count=2), (2, 7, 7, 4)),
+    (dict(kernel_size=5, padding="VALID"), (2, 5, 5, 3)),  # one window: the Dense form
+], ids=["same", "minus_one_border_unshared", "table", "groups", "whole_input"])
+def test_conv_tangent_is_jax_jvp(implementation, settings, input_shape, dtype):
+    """Every implementation, stride, border (a constant -1 border does not move with dx),
+    unshared bias, connection table and group count."""
+    layer = nets.Conv2D(4, implementation=implementation, name="conv", **settings)
+    assert_tangent_is_jvp(layer, input_shape, dtype)
+
+
+def test_tied_parameter_moves_in_both_places(dtype):
+    """With tie, a direction of the source moves the shared value where both layers use it:
+    against jax.jvp of the tied model's apply."""
+    model = nets.tie(nets.serial(nets.Dense(3, name="encode"), nets.Tanh(),
+                                 nets.Dense(5, name="decode")),
+                     ("encode", "w"), ("decode", "w"), transpose=True)
+    assert_tangent_is_jvp(model, (4, 5), dtype)
+
+
+def reference_product(model, objective, params, x, targets, v):
+    """J^T H J v + (lambda/m) v_weights from jax alone: jvp and vjp of the forward pass, the
+    loss's whole Hessian by jax.hessian, the penalty's by jvp of its jax.grad."""
+    outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
+    hessian = jax.hessian(lambda o: objective.loss.value(o, targets))(outputs)
+    u = jnp.einsum("ijkl,kl->ij", hessian, jv)
+    (gv,) = jax.vjp(lambda p: model.apply(p, x), params)[1](u)
+    penalty = jax.jvp(jax.grad(lambda p: losses.l2_penalty(p, objective.l2, x.shape[0])),
+                      (params,), (v,))[1]
+    return jax.tree.map(jnp.add, gv, penalty)
+
+
+MSE = nets.Objective(nets.mean_squared_error(), 0.1)
+CASES = {
+    "mlp_lecture_l2": (lambda: nets.build_mlp(6, 4, hidden_units=5),
+                       nets.lecture_objective(0.5), (6,), "zero_one"),
+    "mlp_probabilities": (lambda: nets.build_mlp(6, 4, hidden_units=5,
+                                                 output_activation="sigmoid"),
+                          nets.lecture_objective(0.0, from_logits=False), (6,), "zero_one"),
+    "mlp_softmax_mass": (lambda: nets.build_mlp(6, 4, hidden_layers=2, hidden_units=5,
+                                                activation="relu"),
+                         nets.Objective(nets.softmax_cross_entropy(), 0.0), (6,), "mass"),
+    "lenet1989_mse": (models.lenet1989, MSE, (16, 16, 1), "plus_minus_one"),
+    # scores -|x - c|^2 of order 1 and j = 1, so that both the classes and the "rubbish"
+    # class share q (LeNet-5's 84-dimensional penalties, ~150 apart at random, make q one-hot:
+    # H then cancels to a 1e-9 fraction of its terms, and both sides lose that to rounding)
+    "rbf_map": (lambda: nets.serial(nets.Dense(4), nets.Tanh(), nets.EuclideanRBF(
+        np.random.default_rng(1).uniform(-0.5, 0.5, (5, 4)))),
+                nets.Objective(nets.lecun1998_map(1.0), 0.1), (6,), "zero_one"),
+    "lenet5_softmax": (models.lenet5, nets.Objective(nets.softmax_cross_entropy(), 0.01),
+                       (32, 32, 1), "zero_one"),
+}
+
+
+def case_point(name, dtype, batch=3):
+    build, objective, input_shape, target_kind = CASES[name]
+    model = build()
+    keys = jax.random.split(jax.random.key(len(name)), 4)
+    params = gradcheck.astype(model.init(keys[0], (-1, *input_shape))[1], dtype)
+    x = jax.random.normal(keys[1], (batch, *input_shape), dtype)
+    outputs = model.apply(params, x).shape[-1]
+    targets = jax.nn.one_hot(jax.random.randint(keys[2], (batch,), 0, outputs), outputs,
+                             dtype=dtype)
+    if target_kind == "plus_minus_one":
+        targets = 2 * targets - 1
+    elif target_kind == "mass":  # rows of masses 0.7/0.3, 2 and 0: the Hessian scales with it
+        targets = jnp.asarray([[0.7, 0.3, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0]], dtype)
+    return model, objective, params, x, targets, random_like(keys[3], params, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gauss_newton_product_is_jax_jvp_hessian_vjp(name, dtype):
+    model, objective, params, x, targets, v = case_point(name, dtype)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v)
+        want = jax.jit(reference_product, static_argnums=(0, 1))(model, objective, params, x,
+                                                                  targets, v)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    assert_close_tree(got, want, dtype, name)
+
+
+def test_linear_model_gauss_newton_worked_out_by_hand():
+    """y = x w + b under E = (1/2m) sum (y - t)^2 + (lambda/2m) |w|^2: G v for v = (dw, db) is
+    dw: x^T (x dw + db)/m + (lambda/m) dw, db: sum_n (x dw + db)_n / m, in NumPy."""
+    rng = np.random.default_rng(3)
+    x, t = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    v = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    objective = nets.Objective(nets.mean_squared_error(), 0.3)
+    got = gauss_newton_product(nets.Dense(2), objective)(
+        jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(t),
+        jax.tree.map(jnp.asarray, v))
+    moved = x @ v["w"] + v["b"]
+    np.testing.assert_allclose(got["w"], x.T @ moved / 5 + 0.3 / 5 * v["w"], rtol=1e-13)
+    np.testing.assert_allclose(got["b"], moved.sum(axis=0) / 5, rtol=1e-13)
+
+
+def test_gauss_newton_columns_are_the_exact_matrix_and_its_diagonal_bounds_lambda_max():
+    """G e_i for every coordinate of a small conv net: its diagonal is jax's exact Gauss-Newton
+    diagonal (`gradcheck.gauss_newton_diagonal`), the matrix is symmetric positive
+    semi-definite, and power iteration with the hand-written product reaches its largest
+    eigenvalue (numpy.linalg.eigvalsh), which is at least every diagonal entry."""
+    model = nets.serial(nets.Conv2D(2, 3, padding="SAME", pad_value=-1.0), nets.Tanh(),
+                        nets.AvgPool(2), nets.Flatten(), nets.Dense(3), nets.Tanh())
+    objective = nets.Objective(nets.mean_squared_error(), 0.2)
+    params = gradcheck.astype(model.init(jax.random.key(1), (-1, 4, 4, 1))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(2), (4, 4, 4, 1), jnp.float64)
+    targets = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.5, (4, 3)), 1.0, -1.0)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    product = gauss_newton_product(model, objective)
+    columns = jax.jit(jax.vmap(lambda e: jax.flatten_util.ravel_pytree(
+        product(params, x, targets, unravel(e)))[0]))(jnp.eye(flat.size))
+    matrix = np.asarray(columns).T
+    exact_diagonal = jax.flatten_util.ravel_pytree(
+        gradcheck.gauss_newton_diagonal(model, objective, params, x, targets))[0]
+    assert gradcheck.relative_error(np.diag(matrix), exact_diagonal) <= F64
+    assert np.abs(matrix - matrix.T).max() <= F64 * np.abs(matrix).max()
+    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2)
+    assert eigenvalues.min() >= -F64 * eigenvalues.max()
+    estimates, _ = largest_eigenvalue.power_iteration(product, 300)(
+        params, x, targets, unravel(jnp.ones_like(flat)))
+    assert float(estimates[-1]) == pytest.approx(eigenvalues.max(), rel=1e-8)
+    assert eigenvalues.max() >= np.diag(matrix).max()
+
+
+@pytest.mark.parametrize("name", ["softmax", "map", "mse", "sigmoid_logits",
+                                  "sigmoid_probabilities"])
+def test_loss_hessian_vector_is_jax_hessian_times_u(name):
+    loss = {"softmax": nets.softmax_cross_entropy(), "map": nets.lecun1998_map(2.0),
+            "mse": nets.mean_squared_error(), "sigmoid_logits": nets.sigmoid_cross_entropy(),
+            "sigmoid_probabilities": nets.sigmoid_cross_entropy(from_logits=False)}[name]
+    keys = jax.random.split(jax.random.key(4), 2)
+    outputs = jax.random.normal(keys[0], (3, 4))
+    if name == "sigmoid_probabilities":
+        outputs = jax.nn.sigmoid(outputs)
+    targets = jnp.asarray([[0.7, 0.3, 0, 0], [0, 0, 2, 0], [1, 0, 0, 0]])
+    u = jax.random.normal(keys[1], outputs.shape)
+    hessian = jax.hessian(lambda o: loss.value(o, targets))(outputs)
+    expected = jnp.einsum("ijkl,kl->ij", hessian, u)
+    assert gradcheck.relative_error(loss.hessian_vector(outputs, targets, u), expected) <= F64
+
+
+def test_refusals_name_the_layer_the_loss_and_the_shape():
+    dropout_net = nets.serial(nets.Dense(3), nets.Dropout(0.5, name="drop"), nets.Dense(2))
+    with pytest.raises(ValueError, match="layer 'drop' has no tangent"):
+        gauss_newton_product(dropout_net, MSE)
+    normalised = nets.serial(nets.Dense(3), nets.LayerNorm(3, name="norm"))
+    with pytest.raises(ValueError, match="layer 'norm' has no tangent"):
+        gauss_newton_product(normalised, MSE)
+    with pytest.raises(ValueError, match="sequence_cross_entropy: this loss defines no Hessian"):
+        gauss_newton_product(nets.Dense(2), nets.Objective(nets.sequence_cross_entropy()))
+    with pytest.raises(ValueError, match=r"hessian_vector's u has shape \(2, 3\), expected the "
+                                         r"outputs' \(2, 4\)"):
+        nets.softmax_cross_entropy().hessian_vector(jnp.zeros((2, 4)), jnp.zeros((2, 4)),
+                                                    jnp.zeros((2, 3)))
+
+
+@pytest.mark.slow
+def test_experiment_writes_the_estimates_agreeing_and_the_runs(tmp_path):
+    metrics = largest_eigenvalue.main([
+        "--workdir", str(tmp_path), "--model", "mlp", "--examples", "40", "--iterations", "8",
+        "--steps", "4", "--track-every", "2", "--track-iterations", "2", "--factors", "1,50"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    estimates = document["power_iterations"]
+    assert set(estimates) == {"manual_gauss_newton", "jax_gauss_newton", "jax_hessian"}
+    assert all(len(values) == 8 for values in estimates.values())
+    # float32 data: the hand-written and jax's products, iterated from one start
+    assert metrics["manual_vs_jax_max_relative"] <= tolerance(jnp.float32)
+    assert metrics["lambda_max_gauss_newton"] == estimates["manual_gauss_newton"][-1] > 0
+    runs = document["runs"]
+    assert [run["factor"] for run in runs] == [1.0, 50.0]
+    assert all(len(run["losses"]) == 5 and [s for s, _ in run["sharpness"]] == [0, 2]
+               for run in runs)
+    assert runs[0]["eta"] == pytest.approx(1 / metrics["lambda_max_gauss_newton"])
+    assert runs[0]["losses"][-1] < runs[0]["losses"][0]  # 1 / lambda_max descends
+    assert (tmp_path / "largest_eigenvalue.png").stat().st_size > 10_000
+    assert "manual_gauss_newton" in (tmp_path / "results.md").read_text()
