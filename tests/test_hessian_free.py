@@ -1,0 +1,173 @@
+"""Conjugate gradients and the Hessian-free procedure, against NumPy's linear algebra on
+problems whose Gauss-Newton matrix is known in closed form; the experiment's smoke run."""
+import json
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from experiments import hessian_free as experiment
+from tests.helpers import F64
+from training import procedures
+from training.config import ConfigError
+
+
+def spd_system(size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    root = rng.normal(size=(size, size))
+    matrix = root @ root.T + 0.1 * np.eye(size)
+    return matrix, rng.normal(size=size), rng.normal(size=size)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_conjugate_gradient_solves_an_spd_system(preconditioned):
+    """A 12 x 12 system (condition number 389) to rounding's accuracy, from any start, with or
+    without a diagonal preconditioner: n iterations in exact arithmetic; in float64 rounding
+    spoils the directions' conjugacy (after 12 iterations x was still 1.5e-6 and 6.5e-7 off,
+    relative), and 24 make up for it (1.2e-15 and 1.6e-15). The returned residual is
+    |b - A x|."""
+    matrix, b, start = spd_system()
+    inverse_diagonal = jnp.asarray(1 / np.diag(matrix)) if preconditioned else None
+    x, residual = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
+                                                jnp.asarray(b), jnp.asarray(start), 24,
+                                                inverse_diagonal)
+    expected = np.linalg.solve(matrix, b)
+    assert np.linalg.norm(x - expected) <= F64 * np.linalg.norm(expected)
+    assert float(residual) == pytest.approx(np.linalg.norm(b - matrix @ np.asarray(x)),
+                                            abs=1e-9 * np.linalg.norm(b))
+
+
+def test_conjugate_gradient_stays_put_at_a_zero_residual():
+    matrix, _, _ = spd_system(4)
+    x, residual = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
+                                                jnp.zeros(4), jnp.zeros(4), 3)
+    assert np.all(np.asarray(x) == 0) and float(residual) == 0
+
+
+def linear_problem(l2=0.3, n=6, seed=1):
+    """A Dense layer under squared error plus L2: E is quadratic, and with the params
+    flattened as ravel_pytree orders them ({"b", "w"}), G = J^T J / m + (l2/m) on w, J the
+    outputs' (constant) Jacobian, written out in NumPy."""
+    rng = np.random.default_rng(seed)
+    x, targets = rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=2))}
+    objective = nets.Objective(nets.mean_squared_error(), l2)
+    # y[i, k] = sum_j x[i, j] w[j, k] + b[k]; flat params: b (2), then w (3 x 2) row-major
+    jacobian = np.zeros((n, 2, 8))
+    for k in range(2):
+        jacobian[:, k, k] = 1
+        for j in range(3):
+            jacobian[:, k, 2 + 2 * j + k] = x[:, j]
+    jacobian = jacobian.reshape(n * 2, 8)
+    penalty = np.diag([0, 0] + [l2 / n] * 6)
+    return nets.Dense(2), objective, params, jnp.asarray(x), jnp.asarray(targets), (
+        jacobian.T @ jacobian / n + penalty)
+
+
+@pytest.mark.parametrize("preconditioner", procedures.PRECONDITIONERS)
+def test_a_step_on_a_quadratic_is_the_damped_newton_step_and_trusts_the_model(preconditioner):
+    """E quadratic with G = its Hessian: 8 conjugate-gradient iterations give d = -(G +
+    lambda I)^-1 g (NumPy), the step is taken, rho = 1 exactly, and lambda becomes 2/3 of
+    itself."""
+    model, objective, params, x, targets, gauss_newton = linear_problem()
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=8,
+                                        damping=0.5, preconditioner=preconditioner)
+    state = procedure.init(params, jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    flat, _ = jax.flatten_util.ravel_pytree(params)
+    g = np.asarray(jax.flatten_util.ravel_pytree(state.grad)[0])
+    expected = np.asarray(flat) - np.linalg.solve(gauss_newton + 0.5 * np.eye(8), g)
+    got = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0])
+    assert np.linalg.norm(got - expected) <= 1e-12 * np.linalg.norm(expected)
+    assert bool(record["accepted"]) and float(record["rho"]) == pytest.approx(1, abs=1e-12)
+    assert float(record["damping"]) == 0.5
+    assert float(new_state.opt_state.damping) == pytest.approx(0.5 * 2 / 3)
+    energy = objective.value(new_state.params, model.apply(new_state.params, x), targets)
+    assert float(new_state.energy) == pytest.approx(float(energy), rel=1e-14)
+
+
+def test_a_step_that_raises_e_is_refused_and_the_damping_grows():
+    """G from one example of six (a rank-3 matrix) and a tiny lambda: d is huge along what
+    that example does not see, E rises, and the step is undone (params, energy and gradient
+    kept) with lambda * 3/2."""
+    model, objective, params, x, targets, _ = linear_problem(l2=0.0)
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=8,
+                                        damping=1e-6, curvature_examples=1,
+                                        preconditioner="none")
+    state = procedure.init(params, jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    assert not bool(record["accepted"]) and float(record["rho"]) < 0
+    assert float(new_state.energy) == float(state.energy)
+    for kept, before in zip(jax.tree.leaves((new_state.params, new_state.grad)),
+                            jax.tree.leaves((state.params, state.grad))):
+        assert np.array_equal(kept, before)
+    assert float(new_state.opt_state.damping) == pytest.approx(1.5e-6)
+
+
+def test_a_run_never_raises_e_and_trains_a_tanh_net():
+    """On a non-convex net: every recorded energy at most the one before (steps that would
+    raise E are refused), and 30 steps lower E to under a tenth of its start."""
+    model = nets.build_mlp(4, 3, hidden_layers=2, hidden_units=6, activation="tanh")
+    x = jax.random.normal(jax.random.key(0), (40, 4))
+    labels = jnp.argmax(x[:, :3] + 0.3 * x[:, 3:], axis=1)
+    targets = jax.nn.one_hot(labels, 3)
+    objective = nets.lecture_objective(0.0)
+    params = model.init(jax.random.key(1), (-1, 4))[1]
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=10,
+                                        curvature_examples=20)
+    start = objective.value(params, model.apply(params, x), targets)
+    result = jax.jit(lambda p: procedures.run(procedure, p, jax.random.key(0), 30))(params)
+    energies = np.asarray(result.history["energy"])
+    assert np.all(np.diff(np.concatenate([[float(start)], energies])) <= 0)
+    assert energies[-1] < 0.1 * float(start)
+    assert set(result.history) >= {"damping", "rho", "accepted", "cg_residual"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(cg_iterations=0), "cg_iterations must be an int >= 1, got 0"),
+    (dict(damping=0.0), "damping must be > 0, got 0.0"),
+    (dict(decay=1.5), r"decay must be in \[0, 1\], got 1.5"),
+    (dict(preconditioner="fisher"), "preconditioner must be one of"),
+    (dict(curvature_examples=7), r"curvature_examples must be in \[1, 6\] \(the examples\), "
+                                 "got 7"),
+])
+def test_bad_options_are_refused_by_name(options, message):
+    model, objective, _, x, targets, _ = linear_problem()
+    with pytest.raises(ValueError, match="hessian_free: " + message):
+        procedures.hessian_free(model, objective, x, targets, **options)
+
+
+def test_chunks_cover_the_steps_larger_first():
+    assert experiment.chunk_lengths(10, 3) == [4, 3, 3]
+    assert experiment.chunk_lengths(2, 5) == [1, 1]
+
+
+@pytest.mark.slow
+def test_experiment_writes_every_method_and_record(tmp_path):
+    metrics = experiment.main([
+        "--workdir", str(tmp_path), "--hidden-layers", "2", "--width", "8", "--examples", "300",
+        "--curvature-examples", "100", "--hf-steps", "4", "--cg-iterations", "5",
+        "--passes", "2", "--records", "2", "--seeds", "2"])
+    assert set(metrics) == set(experiment.METHODS)
+    document = json.loads((tmp_path / "results.json").read_text())
+    history = document["history"]
+    for method, steps in (("hessian_free", [0, 2, 4]), ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
+        for seed in (0, 1):
+            records = [h for h in history if h["method"] == method and h["seed"] == seed]
+            assert [h["step"] for h in records] == steps
+            assert records[-1]["loss"] < records[0]["loss"]
+            assert all(0 <= h["test_error"] <= 1 for h in records)
+    assert (tmp_path / "hessian_free.png").stat().st_size > 10_000
+    assert "hessian_free" in (tmp_path / "results.md").read_text()
+
+
+def test_curvature_examples_beyond_the_training_digits_are_refused(tmp_path):
+    """Refused before the run directory is made."""
+    with pytest.raises(ConfigError, match=r"--curvature-examples: got 200; allowed: at most "
+                                          r"--examples \(100\)"):
+        experiment.main(["--workdir", str(tmp_path / "run"), "--examples", "100",
+                         "--curvature-examples", "200"])
+    assert not (tmp_path / "run").exists()
