@@ -22,7 +22,20 @@ Each run goes in --records chunks, timed apart from their compilation; the loss,
 test error are measured between chunks (not timed). Writes results.json (metrics per method:
 mean over seeds of the final loss, train and test error, and the seconds; history: per
 record, method and seed), results.md and hessian_free.png (loss against seconds and against
-steps or passes; train error against seconds). Measured numbers: README, "Hessian-free".
+steps or passes; train and test error against seconds).
+
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults, seeds 0-2 (--seeds 3; 227 s
+of training): all three start on the plateau of loss 3.21 (every output at its mean).
+Hessian-free leaves it within 20-40 steps (5-9 s) at every seed; SGD after 240-320 passes at
+seeds 1 and 2 and not in 400 at seed 0; Adam in its first 40 passes. Means at the end:
+
+    method         loss    train error   test error   seconds
+    hessian_free   0.578   2.7%          22.9%        46
+    sgd            1.150   28.3%         34.9%        14
+    adam           0.012   0.16%         8.6%         16
+
+Hessian-free fits the training digits and generalises far worse than Adam; with one hidden
+layer (--hidden-layers 1, 100 steps and passes) the three end within 6.5-7.0% test error.
 """
 from __future__ import annotations
 

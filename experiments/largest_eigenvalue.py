@@ -24,7 +24,15 @@ eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
 Writes results.json (metrics: the three eigenvalue estimates, their agreement, the last
 loss per factor; "runs": the loss and lambda_max histories), results.md and
 largest_eigenvalue.png (power iterations; loss against step per factor; lambda_max against
-step beside 2 / eta). Measured numbers: README, "The largest eigenvalue and the step size".
+step beside 2 / eta).
+
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults (float32, seed 0; 62 s):
+lambda_max of G 123.03 after 30 iterations by hand and by jax's products (within 3.1e-7 at
+every iteration; 0.50 s against 2.51 s for the 30 products, compiled), the Hessian's 111.83,
+the largest entry of LeCun's diagonal 0.78. lambda_max falls to 16-49 within 10 steps at
+every c; the loss after 100 steps (6.11 at the start): c = 0.5, 1, 2, 4, 8, 16: 1.471,
+1.190, 0.907, 0.658, 0.469, 0.370 (lambda_max then 9-10, under 2 / eta = 15.4); c = 32 and 64
+stall at 1.613 and 1.976, the tanh units saturated (lambda_max 0.5-3).
 """
 from __future__ import annotations
 
