@@ -133,8 +133,19 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
         d2x = _standardise_curvature(xhat, a, -1, features)
         return {"g": over_rows(d2y * xhat * xhat), "b": over_rows(d2y)}, d2x
 
+    def tangent(params, x, dparams, dx):
+        """dy = dg xhat + db + g dxhat; the row's Jacobian of xhat is symmetric, so dxhat is
+        backward's product applied to dx."""
+        y, (xhat, s) = forward(params, x)
+        dy = (_along_features(dparams["g"], x.ndim) * xhat
+              + _along_features(dparams["b"], x.ndim))
+        if dx is not None:
+            dy = dy + _along_features(params["g"], x.ndim) * _standardise_backward(
+                xhat, s, dx, -1)
+        return y, dy
+
     return Layer(name, init=_gain_and_bias_init(check, features), forward=forward,
-                 backward=backward, curvature=curvature)
+                 backward=backward, curvature=curvature, tangent=tangent)
 
 
 def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
@@ -250,8 +261,27 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
         return {**d2params, "mean": jnp.sum(a, axis=axes),
                 "var": jnp.sum(a * xhat * xhat, axis=axes) / (4 * s_row**2)}, a
 
+    def tangent(params, x, dparams, dx):
+        """dy = dg xhat + db + g dxhat. With the batch's statistics dxhat is backward's
+        product applied to dx (the group's Jacobian is symmetric); with fixed ones, dxhat =
+        (dx - dmean) / s - xhat dvar / (2 s^2)."""
+        y, (xhat, s) = forward(params, x)
+        dy = (_along_features(dparams["g"], x.ndim) * xhat
+              + _along_features(dparams["b"], x.ndim))
+        if fixed(params):
+            dxhat = (-_along_features(dparams["mean"], x.ndim) / s
+                     - xhat * _along_features(dparams["var"], x.ndim) / (2 * s * s))
+            if dx is not None:
+                dxhat = dxhat + dx / s
+        elif dx is None:
+            return y, dy
+        else:
+            axes, mapped, _ = batch_axes(x)
+            dxhat = _standardise_backward(xhat, s, dx, axes, mapped)
+        return y, dy + _along_features(params["g"], x.ndim) * dxhat
+
     return Layer(name, init=_gain_and_bias_init(check, features), forward=forward,
-                 backward=backward, curvature=curvature)
+                 backward=backward, curvature=curvature, tangent=tangent)
 
 
 def _made_by(layer: Layer, builder: str) -> bool:
