@@ -147,7 +147,22 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         d2qkv_params, d2x = dense_backward(squared["qkv"], x * x, d2qkv)
         return {"qkv": d2qkv_params, "out": d2out}, d2x
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """Forward mode through the five lines: d[q k v] = x dW_qkv + db_qkv + dx W_qkv,
+        ds = (dq k^T + q dk^T) / sqrt(D), dp = p * (ds - rowsum(p * ds)), do = dp v + p dv,
+        dy = o dW_o + db_o + do W_o (masked scores: p = 0, so dp = 0 there)."""
+        y, (x, q, k, v, p, o) = forward(params, x)
+        dqkv = dense(dparams["qkv"], x)
+        if dx is not None:
+            dqkv = dqkv + jnp.einsum("btf,fg->btg", dx, params["qkv"]["w"])
+        dq, dk, dv = (split_heads(z) for z in jnp.split(dqkv, 3, axis=-1))
+        ds = (jnp.einsum("bthd,bshd->bhts", dq, k) + jnp.einsum("bthd,bshd->bhts", q, dk)) * scale
+        dp = p * (ds - jnp.sum(p * ds, axis=-1, keepdims=True))
+        do = merge_heads(jnp.einsum("bhts,bshd->bthd", dp, v)
+                         + jnp.einsum("bhts,bshd->bthd", p, dv))
+        return y, dense(dparams["out"], o) + jnp.einsum("btf,fg->btg", do, params["out"]["w"])
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def PositionalEmbedding(context: int, features: int, std: float = 0.02,
@@ -185,7 +200,13 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
     def curvature(params, residuals, d2y):
         return backward(params, residuals, d2y)
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """dy = dx + dp[:T]."""
+        y, _ = forward(params, x)
+        dy = jnp.broadcast_to(dparams["p"][None, : x.shape[1]], y.shape)
+        return y, dy if dx is None else dy + dx
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,

@@ -300,7 +300,7 @@ def gauss_newton_product(model: Layer, objective: Objective):
     `curvature_diagonal` approximates. Power iteration with it gives G's largest
     eigenvalue (`experiments.eigenvalues`), conjugate gradients a Newton step (Martens 2010).
     A model with a layer that has no tangent (dropout, local response normalisation,
-    embeddings, attention, recurrent cells) is refused by name.
+    recurrent cells) is refused by name.
     """
     if model.tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "

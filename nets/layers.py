@@ -311,7 +311,12 @@ def Embedding(
             dy.reshape(-1, dy.shape[-1]), mode="drop")
         return {"w": dw}, np.zeros(ids.shape, jax.dtypes.float0)
 
-    return Layer(name, init, forward, backward, curvature=backward)
+    def tangent(params, ids, dparams, dx):
+        """dy = dw[ids] (ids are integers: nothing moves them, and dx is None)."""
+        y, _ = forward(params, ids)
+        return y, jnp.take(dparams["w"], rows_of(ids), axis=0, mode="fill", fill_value=0)
+
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
 
 
 def EuclideanRBF(centres, name: str = "rbf") -> Layer:

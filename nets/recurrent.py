@@ -1180,9 +1180,18 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
         return run
 
+    def tangent(params, x, dparams, dx):
+        _check_sequence(name, x, None)
+        batch, time, features = x.shape
+        y, dy = layer.tangent(params, x.reshape(batch * time, features), dparams,
+                              None if dx is None else dx.reshape(batch * time, features))
+        return (y.reshape(batch, time, y.shape[-1]),
+                None if dy is None else dy.reshape(batch, time, dy.shape[-1]))
+
     curvature = None if layer.curvature is None else folded(layer.curvature)
     return Layer(name, init, forward, folded(layer.backward), curvature=curvature,
-                 stochastic=layer.stochastic)
+                 stochastic=layer.stochastic,
+                 tangent=None if layer.tangent is None or layer.stochastic else tangent)
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
@@ -1320,7 +1329,8 @@ def sequence_cross_entropy() -> Loss:
     (Averaging over time too keeps the step size independent of the window length; divide by
     log 2 for bits per character.) Curvature, the diagonal of d2E/dz2 (whose full block per
     step is (diag(p) - p p^T) / (m T), p = softmax(z_it)): p (1 - p) / (m T), as
-    `nets.softmax_cross_entropy` gives per example.
+    `nets.softmax_cross_entropy` gives per example; `hessian_vector` is the whole block's
+    product.
     """
     name = "sequence_cross_entropy"
 
@@ -1355,4 +1365,15 @@ def sequence_cross_entropy() -> Loss:
         picked = jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype), axis=-1, keepdims=True)
         return p * (1 - p) * picked / (z.shape[0] * z.shape[1])
 
-    return Loss(name, value, grad, curvature)
+    def hessian_vector(z, y, u):
+        """The whole block per step times u: (diag(p) - p p^T) u / (m T)."""
+        check(z, y)
+        if u.shape != z.shape:
+            raise ValueError(f"{name}: hessian_vector's u has shape {tuple(u.shape)}, expected "
+                             f"the outputs' {tuple(z.shape)}")
+        p = jax.nn.softmax(z, axis=-1)
+        picked = jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype), axis=-1, keepdims=True)
+        return picked * p * (u - jnp.sum(p * u, axis=-1, keepdims=True)) / (
+            z.shape[0] * z.shape[1])
+
+    return Loss(name, value, grad, curvature, hessian_vector)

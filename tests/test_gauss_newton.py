@@ -98,6 +98,28 @@ def test_batch_norm_with_fixed_statistics_moves_with_them(dtype):
     assert_tangent_is_jvp(nets.BatchNorm(4), (3, 4), dtype, params=params)
 
 
+@pytest.mark.parametrize("layer, input_shape", [
+    (nets.SelfAttention(8, 2), (2, 5, 8)),
+    (nets.SelfAttention(6, 3, causal=False), (2, 4, 6)),
+    (nets.PositionalEmbedding(6, 4), (2, 5, 4)),
+    (nets.TimeDistributed(nets.Dense(3)), (2, 4, 5)),
+], ids=["attention_causal", "attention_full", "positions", "time_distributed"])
+def test_sequence_layer_tangent_is_jax_jvp(layer, input_shape, dtype):
+    assert_tangent_is_jvp(layer, input_shape, dtype)
+
+
+def test_embedding_tangent_moves_the_looked_up_rows(dtype):
+    """Token ids have no tangent: dy = dw[ids], against jax.jvp in w alone."""
+    layer = nets.Embedding(5, 3)
+    params = gradcheck.astype(layer.init(jax.random.key(0), (-1, 4))[1], dtype)
+    ids = jnp.asarray([[0, 4, 2, 2], [1, 3, 0, 4]])
+    dparams = random_like(jax.random.key(1), params, dtype)
+    y, dy = layer.tangent(params, ids, dparams, None)
+    y_ref, dy_ref = jax.jvp(lambda p: layer.apply(p, ids), (params,), (dparams,))
+    assert jnp.array_equal(y, y_ref) and jnp.array_equal(dy, dy_ref)
+    assert jnp.array_equal(dy, dparams["w"][ids])
+
+
 def test_max_pool_tangent_averages_tied_maxima_as_jax_jvp_does(dtype):
     """ReLU's zeros tie in most windows; a window's dy is then the mean of its tied dx."""
     assert_tangent_is_jvp(nets.serial(nets.Relu(), nets.MaxPool(2)), (2, 4, 4, 3), dtype)
@@ -137,10 +159,9 @@ def test_tied_parameter_moves_in_both_places(dtype):
 
 def reference_product(model, objective, params, x, targets, v):
     """J^T H J v + (lambda/m) v_weights from jax alone: jvp and vjp of the forward pass, the
-    loss's whole Hessian by jax.hessian, the penalty's by jvp of its jax.grad."""
+    loss's Hessian by jvp of its jax.grad, the penalty's likewise."""
     outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
-    hessian = jax.hessian(lambda o: objective.loss.value(o, targets))(outputs)
-    u = jnp.einsum("ijkl,kl->ij", hessian, jv)
+    u = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,), (jv,))[1]
     (gv,) = jax.vjp(lambda p: model.apply(p, x), params)[1](u)
     penalty = jax.jvp(jax.grad(lambda p: losses.l2_penalty(p, objective.l2, x.shape[0])),
                       (params,), (v,))[1]
@@ -169,6 +190,12 @@ CASES = {
     **{case.name: (lambda case=case: case.build()[0], case.build()[1], case.input_shape,
                    "zero_one") for case in experiment_gradcheck.CASES
        if case.name in ("residual_mlp_layernorm", "conv_batchnorm")},
+    # token ids of 7 in, next-token logits out: embeddings, positions, causal attention,
+    # LayerNorm, a GELU MLP at every step; untied and tied
+    **{name: (lambda tie=tie: nets.transformer_lm(7, context=6, features=8, heads=2, blocks=1,
+                                                  activation="gelu", tie_embeddings=tie),
+              nets.Objective(nets.sequence_cross_entropy(), 0.01), (6,), "sequence")
+       for name, tie in (("transformer_lm", False), ("transformer_lm_tied", True))},
 }
 
 
@@ -177,6 +204,10 @@ def case_point(name, dtype, batch=3):
     model = build()
     keys = jax.random.split(jax.random.key(len(name)), 4)
     params = gradcheck.astype(model.init(keys[0], (-1, *input_shape))[1], dtype)
+    if target_kind == "sequence":
+        ids = jax.random.randint(keys[1], (batch, input_shape[0] + 1), 0, 7)
+        return model, objective, params, ids[:, :-1], ids[:, 1:], random_like(keys[3], params,
+                                                                              dtype)
     x = jax.random.normal(keys[1], (batch, *input_shape), dtype)
     outputs = model.apply(params, x).shape[-1]
     targets = jax.nn.one_hot(jax.random.randint(keys[2], (batch,), 0, outputs), outputs,
@@ -244,6 +275,23 @@ def test_gauss_newton_columns_are_the_exact_matrix_and_its_diagonal_bounds_lambd
     assert eigenvalues.max() >= np.diag(matrix).max()
 
 
+def test_sequence_loss_hessian_vector_is_jax_hessian_times_u():
+    """Per step (diag(p) - p p^T) u / (m T); under jit, where a class outside [0, classes)
+    cannot be refused, such a step adds nothing (as to E)."""
+    loss = nets.sequence_cross_entropy()
+    z = jax.random.normal(jax.random.key(6), (2, 3, 4))
+    u = jax.random.normal(jax.random.key(7), z.shape)
+
+    @jax.jit
+    def both(z, targets, u):
+        hessian = jax.hessian(lambda o: loss.value(o, targets))(z)
+        return loss.hessian_vector(z, targets, u), jnp.einsum("abcdef,def->abc", hessian, u)
+
+    for targets in (jnp.asarray([[0, 3, 1], [2, 2, 0]]), jnp.asarray([[0, 3, 9], [2, -1, 0]])):
+        got, expected = both(z, targets, u)
+        assert gradcheck.relative_error(got, expected) <= F64
+
+
 @pytest.mark.parametrize("name", ["softmax", "map", "mse", "sigmoid_logits",
                                   "sigmoid_probabilities"])
 def test_loss_hessian_vector_is_jax_hessian_times_u(name):
@@ -268,8 +316,13 @@ def test_refusals_name_the_layer_the_loss_and_the_shape():
     normalised = nets.serial(nets.Conv2D(3, 3), nets.LocalResponseNorm(name="lrn"))
     with pytest.raises(ValueError, match="layer 'lrn' has no tangent"):
         gauss_newton_product(normalised, MSE)
-    with pytest.raises(ValueError, match="sequence_cross_entropy: this loss defines no Hessian"):
-        gauss_newton_product(nets.Dense(2), nets.Objective(nets.sequence_cross_entropy()))
+    recurrent = nets.sequence_model([nets.lstm(4)], 3)
+    with pytest.raises(ValueError, match="has no tangent"):
+        gauss_newton_product(recurrent, nets.Objective(nets.sequence_cross_entropy()))
+    squared = nets.losses.Loss("plain", lambda o, t: jnp.sum((o - t) ** 2),
+                               lambda o, t: 2 * (o - t))
+    with pytest.raises(ValueError, match="plain: this loss defines no Hessian-vector product"):
+        gauss_newton_product(nets.Dense(2), nets.Objective(squared))
     with pytest.raises(ValueError, match=r"hessian_vector's u has shape \(2, 3\), expected the "
                                          r"outputs' \(2, 4\)"):
         nets.softmax_cross_entropy().hessian_vector(jnp.zeros((2, 4)), jnp.zeros((2, 4)),
