@@ -97,7 +97,7 @@ from jax import lax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import TOLERANCES, astype, relative_error
+from nets.gradcheck import TOLERANCES, astype, gauss_newton_product_reference, relative_error
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
 from training.config import option, parse, run_main
@@ -107,6 +107,7 @@ EXPERIMENT = "bench"
 FAMILIES = ("engine", "conv", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn",
             "scaling")
 TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "engine/accumulate": None,
+           "engine/gauss_newton": None,
            "recipe": ("<=", 1 / 60),
            "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
@@ -309,6 +310,7 @@ def family_engine(config, key):
         yield row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn))
     yield from remat_rows(sizes_of(config), key, config.repeats)
     yield from accumulation_rows(sizes_of(config), key, config.repeats)
+    yield from gauss_newton_rows(sizes_of(config), key, config.repeats)
 
 
 REMAT_BLOCKS = 8
@@ -345,6 +347,37 @@ def accumulation_rows(sizes, key, repeats):
               parts.median_s / whole.median_s, "micro_batches/whole_batch",
               temp_bytes=temp_bytes(parts_fn))
     yield row("engine", row_name, "whole_batch", whole, temp_bytes=temp_bytes(whole_fn))
+
+
+GAUSS_NEWTON_MODELS = ("mlp", "lenet5", "transformer")
+
+
+def gauss_newton_rows(sizes, key, repeats):
+    """One Gauss-Newton product G v by hand (`nets.engines.gauss_newton_product`: tangent
+    passes, the loss's Hessian, backward passes) against jax's (`nets.gradcheck.
+    gauss_newton_product_reference`: jvp, jvp of the loss's grad, vjp), alternated, for the
+    MLP, LeNet-5 and the transformer of the engine rows; v random. No target."""
+    for name, model, objective, input_shape, batch in engine_cases(sizes):
+        if not name.startswith(GAUSS_NEWTON_MODELS) or "batchnorm" in name:
+            continue
+        params, x, targets = random_problem(model, input_shape, batch, key)
+        leaves, structure = jax.tree.flatten(params)
+        v = jax.tree.unflatten(structure, [
+            jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
+            for leaf_key, leaf in zip(jax.random.split(jax.random.fold_in(key, 3),
+                                                       len(leaves)), leaves)])
+        args = (params, x, targets, v)
+        (manual_fn, manual_compile), (jax_fn, jax_compile) = [
+            benchmark.compile_jitted(product(model, objective), *args)
+            for product in (nets.engines.gauss_newton_product,
+                            gauss_newton_product_reference)]
+        manual, reference = benchmark.compare(manual_fn, args, jax_fn, args, repeats)
+        manual.compile_s, reference.compile_s = manual_compile, jax_compile
+        yield row("engine", f"gauss_newton/{name}", "manual", manual,
+                  manual.median_s / reference.median_s, "manual/jax",
+                  **memory_extras(manual_fn, jax_fn))
+        yield row("engine", f"gauss_newton/{name}", "jax", reference,
+                  temp_bytes=temp_bytes(jax_fn))
 
 
 def remat_rows(sizes, key, repeats):

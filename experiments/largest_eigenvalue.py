@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
-from nets import models
+from nets import gradcheck, models
 from nets.engines import curvature_diagonal, gauss_newton_product
 from training import data, plots, results
 from training.config import option, parse, run_main
@@ -92,22 +92,15 @@ def _normalised(v):
     return jax.tree.map(lambda leaf: leaf / norm, v)
 
 
-def reference_products(model, objective):
-    """G v and H v from jax alone: the Gauss-Newton product by jvp, the loss's Hessian by jvp
-    of its grad, and vjp; the Hessian's by jvp of jax.grad of E."""
+def hessian_product(model, objective):
+    """H v, the exact Hessian's, by `jax.jvp` of `jax.grad` of E."""
 
-    def gauss_newton(params, x, targets, v):
-        outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
-        hjv = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,),
-                      (jv,))[1]
-        return jax.vjp(lambda p: model.apply(p, x), params)[1](hjv)[0]
-
-    def hessian(params, x, targets, v):
+    def product(params, x, targets, v):
         def energy(p):
             return objective.value(p, model.apply(p, x), targets)
         return jax.jvp(jax.grad(energy), (params,), (v,))[1]
 
-    return gauss_newton, hessian
+    return product
 
 
 def power_iteration(product, iterations: int):
@@ -185,9 +178,10 @@ def main(argv=None):
         for key, leaf in zip(jax.random.split(start_key, len(leaves)), leaves)])
 
     seconds, estimates = {}, {}
-    reference_gn, reference_hessian = reference_products(model, objective)
-    for name, product in (("manual_gauss_newton", gauss_newton_product(model, objective)),
-                          ("jax_gauss_newton", reference_gn), ("jax_hessian", reference_hessian)):
+    for name, product in (
+            ("manual_gauss_newton", gauss_newton_product(model, objective)),
+            ("jax_gauss_newton", gradcheck.gauss_newton_product_reference(model, objective)),
+            ("jax_hessian", hessian_product(model, objective))):
         iterate = power_iteration(product, config.iterations)
         began = time.perf_counter()
         estimates[name], v_max = jax.block_until_ready(iterate(params, x, targets, start))

@@ -51,6 +51,7 @@ __all__ = [
     "layer_report",
     "finite_difference_tolerance",
     "gauss_newton_diagonal",
+    "gauss_newton_product_reference",
     "hessian_diagonal",
 ]
 
@@ -455,6 +456,27 @@ def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: ja
     penalty, _ = jax.flatten_util.ravel_pytree(
         losses.l2_penalty_grad(ones, objective.l2, outputs.shape[0]))
     return unravel(diagonal + penalty)
+
+
+def gauss_newton_product_reference(model: Layer, objective: Objective):
+    """G v by jax alone, the reference for `engines.gauss_newton_product`: J v by `jax.jvp`
+    of the forward pass, H (J v) by `jax.jvp` of the loss's `jax.grad` in the outputs, J^T by
+    `jax.vjp`, plus the L2 penalty's Hessian times v by `jax.jvp` of its `jax.grad`.
+    Returns `product(params, x, targets, v)`."""
+
+    def product(params, x, targets, v):
+        outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
+        hjv = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,),
+                      (jv,))[1]
+        (gv,) = jax.vjp(lambda p: model.apply(p, x), params)[1](hjv)
+
+        def penalty(p):
+            return jnp.asarray(losses.l2_penalty(p, objective.l2, outputs.shape[0]),
+                               outputs.dtype)
+
+        return jax.tree.map(jnp.add, gv, jax.jvp(jax.grad(penalty), (params,), (v,))[1])
+
+    return product
 
 
 def hessian_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,

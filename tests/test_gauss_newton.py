@@ -12,7 +12,7 @@ import pytest
 import nets
 from experiments import gradcheck as experiment_gradcheck
 from experiments import largest_eigenvalue
-from nets import gradcheck, losses, models
+from nets import gradcheck, models
 from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product
 from tests.helpers import F64, assert_close_tree, tolerance
@@ -157,17 +157,6 @@ def test_tied_parameter_moves_in_both_places(dtype):
     assert_tangent_is_jvp(model, (4, 5), dtype)
 
 
-def reference_product(model, objective, params, x, targets, v):
-    """J^T H J v + (lambda/m) v_weights from jax alone: jvp and vjp of the forward pass, the
-    loss's Hessian by jvp of its jax.grad, the penalty's likewise."""
-    outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
-    u = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,), (jv,))[1]
-    (gv,) = jax.vjp(lambda p: model.apply(p, x), params)[1](u)
-    penalty = jax.jvp(jax.grad(lambda p: losses.l2_penalty(p, objective.l2, x.shape[0])),
-                      (params,), (v,))[1]
-    return jax.tree.map(jnp.add, gv, penalty)
-
-
 MSE = nets.Objective(nets.mean_squared_error(), 0.1)
 CASES = {
     "mlp_lecture_l2": (lambda: nets.build_mlp(6, 4, hidden_units=5),
@@ -224,8 +213,8 @@ def test_gauss_newton_product_is_jax_jvp_hessian_vjp(name, dtype):
     model, objective, params, x, targets, v = case_point(name, dtype)
     with jax.default_matmul_precision("highest"):
         got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v)
-        want = jax.jit(reference_product, static_argnums=(0, 1))(model, objective, params, x,
-                                                                  targets, v)
+        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
+            params, x, targets, v)
     assert jax.tree.structure(got) == jax.tree.structure(params)
     assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
     assert_close_tree(got, want, dtype, name)
