@@ -33,7 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, forward_with_key, is_count
+from nets.layers import Layer, forward_with_key, is_count, tangent_with_key
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
 from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
@@ -291,7 +291,9 @@ def gauss_newton_product(model: Layer, objective: Objective):
 
     J the Jacobian of the outputs (batch, classes) in the parameters, H the loss's Hessian in
     the outputs (`Loss.hessian_vector`) and the last term the L2 penalty's own Hessian.
-    Returns `product(params, x, targets, v) -> pytree like params`. J v comes from the
+    Returns `product(params, x, targets, v, key=None) -> pytree like params` (a key for a
+    stochastic model: G of E with the dropout masks of that key held fixed, as the engines'
+    gradient). J v comes from the
     layers' `tangent` passes (forward mode, nets/layers.py), H (J v) from the loss, and J^T
     from the backward passes: one tangent and one forward-and-backward pass, no matrix
     formed. G is the Hessian of E without the terms in the outputs' second derivatives:
@@ -299,8 +301,8 @@ def gauss_newton_product(model: Layer, objective: Objective):
     Hessian where the outputs are linear in the parameters, and its diagonal is what
     `curvature_diagonal` approximates. Power iteration with it gives G's largest
     eigenvalue (`experiments.eigenvalues`), conjugate gradients a Newton step (Martens 2010).
-    A model with a layer that has no tangent (dropout, local response normalisation,
-    recurrent cells) is refused by name.
+    A model with a layer that has no tangent (local response normalisation, recurrent
+    cells) is refused by name.
     """
     if model.tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "
@@ -308,11 +310,11 @@ def gauss_newton_product(model: Layer, objective: Objective):
     if objective.loss.hessian_vector is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
 
-    def product(params, x, targets, v):
-        outputs, doutputs = model.tangent(params, x, v, None)
+    def product(params, x, targets, v, key=None):
+        outputs, doutputs = tangent_with_key(model, params, x, v, None, key)
         if doutputs is None:  # nothing in the model moves its outputs
             doutputs = jnp.zeros_like(outputs)
-        _, residuals = model.forward(params, x)
+        _, residuals = forward_with_key(model, params, x, key)
         u = objective.loss.hessian_vector(outputs, targets, doutputs)
         gv, _ = model.backward(params, residuals, u)
         penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])

@@ -462,13 +462,14 @@ def gauss_newton_product_reference(model: Layer, objective: Objective):
     """G v by jax alone, the reference for `engines.gauss_newton_product`: J v by `jax.jvp`
     of the forward pass, H (J v) by `jax.jvp` of the loss's `jax.grad` in the outputs, J^T by
     `jax.vjp`, plus the L2 penalty's Hessian times v by `jax.jvp` of its `jax.grad`.
-    Returns `product(params, x, targets, v)`."""
+    Returns `product(params, x, targets, v, key=None)` (key: the model's dropout masks).
+    """
 
-    def product(params, x, targets, v):
-        outputs, jv = jax.jvp(lambda p: model.apply(p, x), (params,), (v,))
+    def product(params, x, targets, v, key=None):
+        outputs, jv = jax.jvp(lambda p: model.apply(p, x, key), (params,), (v,))
         hjv = jax.jvp(jax.grad(lambda o: objective.loss.value(o, targets)), (outputs,),
                       (jv,))[1]
-        (gv,) = jax.vjp(lambda p: model.apply(p, x), params)[1](hjv)
+        (gv,) = jax.vjp(lambda p: model.apply(p, x, key), params)[1](hjv)
 
         def penalty(p):
             return jnp.asarray(losses.l2_penalty(p, objective.l2, outputs.shape[0]),

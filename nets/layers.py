@@ -44,7 +44,9 @@ outer products (T = 1 for Dense: x_n^T dy_n; a convolution's windows: patches^T 
 
 `tangent` (optional) is the forward pass together with its directional derivative, written by
 hand in forward mode: y and dy = J_params dparams + J_x dx, dparams shaped as params and dx as
-x, where dx None stands for zero (the net's input, which no parameter moves). Run through a
+x, where dx None stands for zero (the net's input, which no parameter moves); a stochastic
+layer's tangent also takes a keyword `key`, drawing what its forward draws with that key
+(`tangent_with_key`). Run through a
 net it gives the Jacobian-vector product J v of the outputs for a parameter direction v, the
 half of the Gauss-Newton product G v = J^T H J v that the backward pass cannot give
 (`nets.engines.gauss_newton_product`; Schraudolph 2002). Layers without it leave it None.
@@ -86,6 +88,7 @@ __all__ = [
     "plain_layers",
     "check_input",
     "forward_with_key",
+    "tangent_with_key",
     "layer_keys",
     "StaticShape",
     "Factors",
@@ -162,6 +165,18 @@ def forward_with_key(layer: Layer, params: Params, x: jax.Array,
         raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
                          "numbers (no Dropout)")
     return layer.forward(params, x, key=key)
+
+
+def tangent_with_key(layer: Layer, params: Params, x: jax.Array, dparams: Params,
+                     dx: jax.Array | None, key: jax.Array | None = None):
+    """`layer.tangent(params, x, dparams, dx)`, with `key=key` when a key is given (the
+    rule of `forward_with_key`: a key for a layer that draws nothing is a ValueError)."""
+    if key is None:
+        return layer.tangent(params, x, dparams, dx)
+    if not layer.stochastic:
+        raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
+                         "numbers (no Dropout)")
+    return layer.tangent(params, x, dparams, dx, key=key)
 
 
 def layer_keys(layers: tuple[Layer, ...], key: jax.Array | None) -> list[jax.Array | None]:
@@ -566,10 +581,11 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
         return run_backward
 
-    def tangent(params, x, dparams, dx):
+    def tangent(params, x, dparams, dx, key=None):
         _check_param_count(name, params, len(layers))
-        for layer, layer_params, layer_dparams in zip(layers, params, dparams):
-            x, dx = layer.tangent(layer_params, x, layer_dparams, dx)
+        for layer, layer_params, layer_dparams, layer_key in zip(
+                layers, params, dparams, layer_keys(layers, key)):
+            x, dx = tangent_with_key(layer, layer_params, x, layer_dparams, dx, layer_key)
         return x, dx
 
     has_curvature = all(layer.curvature is not None for layer in layers)
@@ -671,11 +687,12 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
 
         return run_backward
 
-    def tangent(params, x, dparams, dx):
+    def tangent(params, x, dparams, dx, key=None):
         """Each branch's (y_b, dy_b) on the same (x, dx), joined as the outputs are."""
         _check_param_count(name, params, len(branches))
-        pairs = [branch.tangent(branch_params, x, branch_dparams, dx)
-                 for branch, branch_params, branch_dparams in zip(branches, params, dparams)]
+        pairs = [tangent_with_key(branch, branch_params, x, branch_dparams, dx, branch_key)
+                 for branch, branch_params, branch_dparams, branch_key in zip(
+                     branches, params, dparams, layer_keys(branches, key))]
         outputs = [y for y, _ in pairs]
         joined_shape([y.shape for y in outputs])
         if all(dy is None for _, dy in pairs):
@@ -818,10 +835,10 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
 
         return run_backward
 
-    def tangent(params, x, dparams, dx):
+    def tangent(params, x, dparams, dx, key=None):
         """The model's tangent with the target filled in both params and dparams: a direction
         moves the shared value in both of its places."""
-        return model.tangent(filled(params), x, filled(dparams), dx)
+        return tangent_with_key(model, filled(params), x, filled(dparams), dx, key)
 
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,
                  curvature=None if model.curvature is None else backward_through("curvature"),

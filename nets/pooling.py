@@ -18,7 +18,7 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import channel_sum, check_image_input, pair
-from nets.layers import Layer, StaticShape, forward_with_key, is_count, sum_all
+from nets.layers import Layer, StaticShape, forward_with_key, is_count, sum_all, tangent_with_key
 
 __all__ = [
     "AvgPool",
@@ -402,7 +402,7 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
     training step with dropout passes a fresh key each step; without one the model runs at
     inference. Departure from AlexNet, which multiplied outputs by 0.5 at test time:
     scaling by 1/p during training instead has the same expectation and makes inference the
-    identity.
+    identity. Tangent: dy = dx * m / p with the mask of the same key.
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name}: rate must lie in [0, 1), got {rate}")
@@ -430,7 +430,13 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         del params
         return (), d2y if scale is None else d2y * scale * scale
 
-    return Layer(name, init, forward, backward, curvature=curvature, stochastic=True)
+    def tangent(params, x, dparams, dx, key=None):
+        """dy = dx * m / p, the mask drawn from key as the forward draws it (or dx)."""
+        y, scale = forward(params, x, key)
+        return y, dx if dx is None or scale is None else dx * scale
+
+    return Layer(name, init, forward, backward, curvature=curvature, stochastic=True,
+                 tangent=tangent)
 
 
 def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
@@ -442,7 +448,7 @@ def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
     forward(params, x, key=None): y = layer(x) * m / (1 - rate), m ~ Bernoulli(1 - rate) of
     y's shape, under a key (an inner stochastic layer gets a key split from it); y = layer(x)
     without one. Backward: layer's backward of dy * m / (1 - rate); curvature: layer's
-    curvature of d2y * (m / (1 - rate))^2."""
+    curvature of d2y * (m / (1 - rate))^2; tangent: layer's dy times m / (1 - rate)."""
     name = name or layer.name
     dropout = Dropout(rate, name=f"{name}_dropout")
 
@@ -462,5 +468,13 @@ def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
         inner, scale = residuals
         return layer.curvature(params, inner, dropout.curvature((), scale, d2y)[1])
 
+    def tangent(params, x, dparams, dx, key=None):
+        inner_key = None
+        if key is not None and layer.stochastic:
+            inner_key, key = jax.random.split(key)
+        y, dy = tangent_with_key(layer, params, x, dparams, dx, inner_key)
+        return dropout.tangent((), y, (), dy, key=key)
+
     return Layer(name, layer.init, forward, backward, sublayers=layer.sublayers,
-                 curvature=None if layer.curvature is None else curvature, stochastic=True)
+                 curvature=None if layer.curvature is None else curvature, stochastic=True,
+                 tangent=None if layer.tangent is None else tangent)

@@ -111,7 +111,16 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Dense, Layer, StaticShape, forward_with_key, is_count, parallel, serial
+from nets.layers import (
+    Dense,
+    Layer,
+    StaticShape,
+    forward_with_key,
+    is_count,
+    parallel,
+    serial,
+    tangent_with_key,
+)
 from nets.losses import Loss
 from nets.pooling import Dropout, dropout_after
 from nets.varying import vary_like, varying_axes
@@ -1180,18 +1189,19 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
         return run
 
-    def tangent(params, x, dparams, dx):
+    def tangent(params, x, dparams, dx, key=None):
         _check_sequence(name, x, None)
         batch, time, features = x.shape
-        y, dy = layer.tangent(params, x.reshape(batch * time, features), dparams,
-                              None if dx is None else dx.reshape(batch * time, features))
+        y, dy = tangent_with_key(layer, params, x.reshape(batch * time, features), dparams,
+                                 None if dx is None else dx.reshape(batch * time, features),
+                                 key)
         return (y.reshape(batch, time, y.shape[-1]),
                 None if dy is None else dy.reshape(batch, time, dy.shape[-1]))
 
     curvature = None if layer.curvature is None else folded(layer.curvature)
     return Layer(name, init, forward, folded(layer.backward), curvature=curvature,
                  stochastic=layer.stochastic,
-                 tangent=None if layer.tangent is None or layer.stochastic else tangent)
+                 tangent=None if layer.tangent is None else tangent)
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,

@@ -120,6 +120,53 @@ def test_embedding_tangent_moves_the_looked_up_rows(dtype):
     assert jnp.array_equal(dy, dparams["w"][ids])
 
 
+def test_dropout_tangent_uses_the_forwards_mask(dtype):
+    """With a key, dy = dx m / p for the mask the forward draws with that key (jax.jvp of
+    apply with the key); without one, dy = dx; a key for a net without dropout is refused."""
+    layer = nets.Dropout(0.5)
+    x = jax.random.normal(jax.random.key(0), (4, 6), dtype)
+    dx = jax.random.normal(jax.random.key(1), x.shape, dtype)
+    key = jax.random.key(2)
+    (y, dy), (y_ref, dy_ref) = (layer.tangent((), x, (), dx, key=key),
+                                jax.jvp(lambda x: layer.apply((), x, key), (x,), (dx,)))
+    assert jnp.array_equal(y, y_ref) and jnp.array_equal(dy, dy_ref)
+    assert 0 < int(jnp.sum(dy == 0)) < dy.size
+    assert jnp.array_equal(layer.tangent((), x, (), dx)[1], dx)
+    with pytest.raises(ValueError, match="a key was given, but no layer in it draws"):
+        nets.layers.tangent_with_key(nets.Dense(2), {"w": jnp.ones((6, 2)), "b": jnp.ones(2)}, x,
+                              {"w": jnp.ones((6, 2)), "b": jnp.ones(2)}, None, key)
+
+
+@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout"])
+def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
+    """G of E with the masks of one key held fixed, against jax's product through apply with
+    that key; and another key gives another G v."""
+    if name == "mlp_dropout":
+        model = nets.serial(nets.Dense(8), nets.Tanh(), nets.Dropout(0.5), nets.Dense(8),
+                            nets.Relu(), nets.dropout_after(nets.Dense(3), 0.3))
+        objective = nets.Objective(nets.softmax_cross_entropy(), 0.1)
+        x = jax.random.normal(jax.random.key(0), (5, 4), dtype)
+        targets = jax.nn.one_hot(jnp.arange(5) % 3, 3, dtype=dtype)
+        params = gradcheck.astype(model.init(jax.random.key(1), (-1, 4))[1], dtype)
+    else:
+        model = nets.transformer_lm(7, context=6, features=8, heads=2, blocks=1, dropout=0.3)
+        objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
+        ids = jax.random.randint(jax.random.key(0), (3, 7), 0, 7)
+        x, targets = ids[:, :-1], ids[:, 1:]
+        params = gradcheck.astype(model.init(jax.random.key(1), (-1, 6))[1], dtype)
+    v = random_like(jax.random.key(4), params, dtype)
+    key = jax.random.key(5)
+    with jax.default_matmul_precision("highest"):
+        product = jax.jit(gauss_newton_product(model, objective))
+        got = product(params, x, targets, v, key)
+        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
+            params, x, targets, v, key)
+        other = product(params, x, targets, v, jax.random.key(6))
+    assert_close_tree(got, want, dtype, name)
+    assert gradcheck.relative_error(jax.flatten_util.ravel_pytree(got)[0],
+                                    jax.flatten_util.ravel_pytree(other)[0]) > 1e-3
+
+
 def test_max_pool_tangent_averages_tied_maxima_as_jax_jvp_does(dtype):
     """ReLU's zeros tie in most windows; a window's dy is then the mean of its tied dx."""
     assert_tangent_is_jvp(nets.serial(nets.Relu(), nets.MaxPool(2)), (2, 4, 4, 3), dtype)
@@ -299,9 +346,6 @@ def test_loss_hessian_vector_is_jax_hessian_times_u(name):
 
 
 def test_refusals_name_the_layer_the_loss_and_the_shape():
-    dropout_net = nets.serial(nets.Dense(3), nets.Dropout(0.5, name="drop"), nets.Dense(2))
-    with pytest.raises(ValueError, match="layer 'drop' has no tangent"):
-        gauss_newton_product(dropout_net, MSE)
     normalised = nets.serial(nets.Conv2D(3, 3), nets.LocalResponseNorm(name="lrn"))
     with pytest.raises(ValueError, match="layer 'lrn' has no tangent"):
         gauss_newton_product(normalised, MSE)
