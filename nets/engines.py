@@ -301,8 +301,7 @@ def gauss_newton_product(model: Layer, objective: Objective):
     Hessian where the outputs are linear in the parameters, and its diagonal is what
     `curvature_diagonal` approximates. Power iteration with it gives G's largest
     eigenvalue (`experiments.eigenvalues`), conjugate gradients a Newton step (Martens 2010).
-    A model with a layer that has no tangent (local response normalisation, recurrent
-    cells) is refused by name.
+    A model with a layer that has no tangent (the recurrent cells) is refused by name.
     """
     if model.tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "

@@ -79,6 +79,7 @@ from nets.layers import (
     forward_with_key,
     layer_keys,
     serial,
+    tangent_with_key,
 )
 from nets.pooling import Dropout, Flatten, LocalResponseNorm, MaxPool, Subsampling
 
@@ -130,7 +131,8 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
     (params is a tuple of G entries). This is AlexNet's split across two GPUs for layers that
     mix channels without weights, such as local response normalisation.
     Backward: dy is split the same way, each group's backward runs on its slice, and the dx
-    slices are concatenated (dparams is the tuple of the groups' dparams).
+    slices are concatenated (dparams is the tuple of the groups' dparams); the tangent
+    splits x, dx and dparams and joins y and dy likewise.
     """
     name = name or f"{layer.name}_x{groups}"
     if groups < 1:
@@ -173,9 +175,22 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
 
         return run
 
+    def tangent(params, x, dparams, dx, key=None):
+        keys = layer_keys((layer,) * groups, key)
+        dx_parts = split(dx) if dx is not None else [None] * groups
+        outputs, moved = zip(*(
+            tangent_with_key(layer, group_params, part, group_dparams, dx_part, group_key)
+            for group_params, part, group_dparams, dx_part, group_key in zip(
+                params, split(x), dparams, dx_parts, keys)))
+        if all(dy is None for dy in moved):
+            return jnp.concatenate(outputs, axis=-1), None
+        moved = [jnp.zeros_like(y) if dy is None else dy for y, dy in zip(outputs, moved)]
+        return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
+
     return Layer(name, init, forward, backward_by("backward"), sublayers=(layer,) * groups,
                  curvature=None if layer.curvature is None else backward_by("curvature"),
-                 stochastic=layer.stochastic)
+                 stochastic=layer.stochastic,
+                 tangent=None if layer.tangent is None else tangent)
 
 
 def _activation(activation: str) -> Callable[..., Layer]:

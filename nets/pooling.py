@@ -342,6 +342,8 @@ def LocalResponseNorm(
     d[j]^(-beta - 1) for c in window(j):
         d2x[c] = d2y[c] d[c]^(-2 beta) (1 - 4 alpha beta x[c]^2 / d[c])
                  + 4 alpha^2 beta^2 x[c]^2 sum_{j in window(c)} d2y[j] x[j]^2 d[j]^(-2 beta - 2).
+    Tangent: dy[c] = dx[c] d[c]^(-beta) - 2 alpha beta x[c] d[c]^(-beta - 1) sum_{j in
+    window(c)} x[j] dx[j].
     """
     if not is_count(size) or size < 1 or size % 2 == 0:
         raise ValueError(f"{name}: size must be an odd int >= 1, got {size!r}")
@@ -385,7 +387,14 @@ def LocalResponseNorm(
         return (), (d2y * squared * (1 - 4 * alpha * beta * x * x / d)
                     + 4 * (alpha * beta) ** 2 * x * x * window_terms)
 
-    return Layer(name, init, forward, backward, curvature=curvature)
+    def tangent(params, x, dparams, dx):
+        """dy = dx d^(-beta) - 2 alpha beta x d^(-beta - 1) sum_{j in window(c)} x[j] dx[j]."""
+        y, (x, d, d_power) = forward(params, x)
+        if dx is None:
+            return y, None
+        return y, dx * d_power - 2 * alpha * beta * x * d_power / d * channel_window_sum(x * dx)
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
 
 
 def Dropout(rate: float, name: str = "Dropout") -> Layer:

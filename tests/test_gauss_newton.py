@@ -120,6 +120,33 @@ def test_embedding_tangent_moves_the_looked_up_rows(dtype):
     assert jnp.array_equal(dy, dparams["w"][ids])
 
 
+@pytest.mark.parametrize("layer", [nets.LocalResponseNorm(3, k=1.0, alpha=0.2),
+                                   models.channel_groups(nets.LocalResponseNorm(3, alpha=0.3), 2),
+                                   models.channel_groups(nets.Dense(2), 2)],
+                         ids=["lrn", "lrn_in_two_groups", "dense_in_two_groups"])
+def test_local_response_norm_and_channel_groups_tangents_are_jax_jvp(layer, dtype):
+    """alpha far above the paper's 1e-4, so that the window's term is not lost in rounding."""
+    shape = (3, 6) if "dense" in layer.name.lower() else (2, 3, 3, 6)
+    assert_tangent_is_jvp(layer, shape, dtype, scale=2.0)
+
+
+def test_alexnet_gauss_newton_product_is_jax_with_its_dropout_masks():
+    """Both towers (grouped convolutions, LRN in two groups, overlapping max pooling) and
+    dropout in the fully connected layers, at 67 x 67 and 5 classes, float64, one key."""
+    model = models.alexnet(num_classes=5)
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.01)
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 67, 67, 3))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 67, 67, 3), jnp.float64)
+    targets = jax.nn.one_hot(jnp.asarray([1, 3]), 5, dtype=jnp.float64)
+    v = random_like(jax.random.key(2), params, jnp.float64)
+    key = jax.random.key(3)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v, key)
+        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
+            params, x, targets, v, key)
+    assert_close_tree(got, want, jnp.float64, "alexnet")
+
+
 def test_dropout_tangent_uses_the_forwards_mask(dtype):
     """With a key, dy = dx m / p for the mask the forward draws with that key (jax.jvp of
     apply with the key); without one, dy = dx; a key for a net without dropout is refused."""
@@ -346,9 +373,6 @@ def test_loss_hessian_vector_is_jax_hessian_times_u(name):
 
 
 def test_refusals_name_the_layer_the_loss_and_the_shape():
-    normalised = nets.serial(nets.Conv2D(3, 3), nets.LocalResponseNorm(name="lrn"))
-    with pytest.raises(ValueError, match="layer 'lrn' has no tangent"):
-        gauss_newton_product(normalised, MSE)
     recurrent = nets.sequence_model([nets.lstm(4)], 3)
     with pytest.raises(ValueError, match="has no tangent"):
         gauss_newton_product(recurrent, nets.Objective(nets.sequence_cross_entropy()))
