@@ -1,6 +1,9 @@
 """Shared test utilities: the tolerance lookup and random problems."""
+import re
+
 import jax
 import jax.numpy as jnp
+import pytest
 
 from nets.gradcheck import TOLERANCES, relative_error
 
@@ -64,3 +67,15 @@ def assert_remat_matches_the_plain_model(model, plain, objective, args, what):
     assert_close_tree(manual, autodiff, jnp.float64, f"{what} vs jax.grad")
     assert_close_tree(manual, unwrapped, jnp.float64, f"{what} vs unwrapped")
     assert_close_tree(curvature, plain_curvature, jnp.float64, f"{what}: curvature")
+
+
+def assert_refused_before_the_run(main, tmp_path, argv, message):
+    """An experiment's `main(["--workdir", tmp_path / "run", *argv])` raises a ConfigError
+    whose text holds `message` (literally), and leaves no run directory behind: a refused
+    config claims no workdir."""
+    from training.config import ConfigError
+
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        main(["--workdir", str(workdir), *argv])
+    assert not workdir.exists()

@@ -10,9 +10,8 @@ import pytest
 
 import nets
 from experiments import hessian_free as experiment
-from tests.helpers import F64
+from tests.helpers import F64, assert_refused_before_the_run
 from training import procedures
-from training.config import ConfigError
 
 
 def spd_system(size=12, seed=0):
@@ -165,12 +164,10 @@ def test_experiment_writes_every_method_and_record(tmp_path):
 
 
 def test_curvature_examples_beyond_the_training_digits_are_refused(tmp_path):
-    """Refused before the run directory is made."""
-    with pytest.raises(ConfigError, match=r"--curvature-examples: got 200; allowed: at most "
-                                          r"--examples \(100\)"):
-        experiment.main(["--workdir", str(tmp_path / "run"), "--examples", "100",
-                         "--curvature-examples", "200"])
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_the_run(experiment.main, tmp_path,
+                                  ["--examples", "100", "--curvature-examples", "200"],
+                                  "--curvature-examples: got 200; allowed: at most --examples "
+                                  "(100)")
 
 
 def test_a_run_in_chunks_is_the_run_in_one_scan_bit_for_bit():

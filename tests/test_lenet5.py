@@ -8,7 +8,7 @@ import pytest
 
 import nets
 from experiments import lenet5
-from tests.helpers import assert_close_tree
+from tests.helpers import assert_close_tree, assert_refused_before_the_run
 from training import data, procedures, results
 from training.config import ConfigError
 
@@ -70,25 +70,22 @@ def test_learning_rate_defaults_per_optimizer_and_output():
 
 
 def test_an_sdlm_option_without_sdlm_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"--mu: got 0\.1; it applies only with --optimizer "
-                                          r"sdlm \(got --optimizer adamw\)"):
-        lenet5.main(["--workdir", str(tmp_path / "run"), "--optimizer", "adamw", "--mu", "0.1"])
-    assert not (tmp_path / "run").exists()
-    with pytest.raises(ConfigError, match=r"--map-j: got 3(\.0)?; it applies only with "
-                                          r"--output rbf \(got --output dense\)"):
-        lenet5.main(["--workdir", str(tmp_path / "run"), "--map-j", "3"])
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_the_run(lenet5.main, tmp_path, ["--optimizer", "adamw", "--mu", "0.1"],
+                                  "--mu: got 0.1; it applies only with --optimizer sdlm (got "
+                                  "--optimizer adamw)")
+    assert_refused_before_the_run(lenet5.main, tmp_path, ["--map-j", "3"],
+                                  "--map-j: got 3.0; it applies only with --output rbf (got "
+                                  "--output dense)")
 
 
 def test_more_curvature_examples_than_training_images_are_refused(tmp_path):
     """An explicit --curvature-examples above the training images is refused before any
     work, not cut to them (the default 500 takes them all: tests/test_lenet1989.py)."""
-    with pytest.raises(ConfigError, match=r"--curvature-examples: got 301; allowed: at most "
-                                          r"the 300 training images"):
-        lenet5.main(["--workdir", str(tmp_path / "run"), "--split", "test-only",
-                     "--train-examples", "300", "--test-examples", "100",
-                     "--optimizer", "sdlm", "--curvature-examples", "301"])
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_the_run(
+        lenet5.main, tmp_path, ["--split", "test-only", "--train-examples", "300",
+                                "--test-examples", "100", "--optimizer", "sdlm",
+                                "--curvature-examples", "301"],
+        "--curvature-examples: got 301; allowed: at most the 300 training images")
 
 
 def test_held_out_images_are_the_last_training_images_and_never_trained_on(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from experiments import private
-from training.config import ConfigError
+from tests.helpers import assert_refused_before_the_run
 
 SMALL = ["--train-examples", "512", "--test-examples", "200", "--batch", "64", "--epochs", "2",
          "--noise", "1.0"]
@@ -85,8 +85,7 @@ def test_a_draw_above_the_padded_batch_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_an_expected_batch_above_the_training_digits_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"option --batch: got 600; allowed: at most the 512 "
-                                          r"training digits used"):
-        private.main(["--workdir", str(tmp_path / "run"), "--train-examples", "512",
-                      "--batch", "600"])
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_the_run(private.main, tmp_path,
+                                  ["--train-examples", "512", "--batch", "600"],
+                                  "option --batch: got 600; allowed: at most the 512 training "
+                                  "digits used")
