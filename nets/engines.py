@@ -300,8 +300,10 @@ def gauss_newton_product(model: Layer, objective: Objective):
     positive semi-definite for the losses here (all convex in the outputs), equal to the
     Hessian where the outputs are linear in the parameters, and its diagonal is what
     `curvature_diagonal` approximates. Power iteration with it gives G's largest
-    eigenvalue (`experiments.eigenvalues`), conjugate gradients a Newton step (Martens 2010).
-    A model with a layer that has no tangent (the recurrent cells) is refused by name.
+    eigenvalue (`experiments.largest_eigenvalue`), conjugate gradients a Newton step (Martens
+    2010); the recurrent layers' tangents run forward through time (`nets.recurrent.
+    scan_tangent`). A model with a layer that has no tangent (a user's layer or cell without
+    one) is refused by name.
     """
     if model.tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "

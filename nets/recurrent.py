@@ -19,6 +19,15 @@ diagonal second derivatives through the step (`nets.layers`), with the signature
 the step's local derivatives as factors, and the curvature is that pullback of the squared
 factors with the squared weights; `bptt(..., curvature=True)` runs it back through time.
 
+Every built-in cell also gives `step_tangent(params, carry, x_t, dparams, dcarry, dx_t) ->
+(carry, y_t, dcarry_new, dy_t)`, the step in forward mode, written from its equations (in
+each docstring): the step's outputs and their directional derivative for directions of the
+params, the carry read and x_t (dx_t None for zero, a first layer's). `scan_tangent` runs it
+over time, carrying the state and its tangent, and the sequence layers' `tangent` passes are
+made of it, so that the Gauss-Newton product G v = J^T H J v (`nets.engines.
+gauss_newton_product`) and Hessian-free optimisation cover the recurrent nets (Martens and
+Sutskever 2011).
+
 A cell that a `torch.nn` module computes names it in `pytorch_module` (RNN, LSTM, GRU), and
 `to_pytorch`/`pytorch_gradients` map its params and gradients onto that module's state dict.
 
@@ -62,6 +71,8 @@ Running a cell over time (one helper for every cell):
               recompute_every=None) -> (ys, carry_T, residuals)
     bptt(cell, params, residuals, dys, dcarry_T=None, truncation=None, unroll=1)
         -> (dparams, dxs, dcarry0)          (+ dcarries with return_dcarries=True)
+    scan_tangent(cell, params, xs, dparams, dxs=None, carry0=None, dcarry0=None, mask=None,
+                 truncation=None, unroll=1) -> (ys, dys, carry_T, dcarry_T)
 
 xs (batch, time, features) and ys (batch, time, hidden), as every sequence is here; both run
 `lax.scan` over the time axis (time-major inside). `scan_cell` saves each step's residuals;
@@ -143,6 +154,7 @@ __all__ = [
     "pytorch_gradients",
     "hidden_of",
     "scan_cell",
+    "scan_tangent",
     "bptt",
     "scan_bidirectional",
     "bptt_bidirectional",
@@ -185,6 +197,7 @@ class Cell(NamedTuple):
     pytorch_module: str | None = None  # the torch.nn module of the same function (to_pytorch)
     forward_weights: Callable[[Params], Params] | None = None
     gradient_parts: GradientParts | None = None
+    step_tangent: Callable[..., tuple[Carry, jax.Array, Carry, jax.Array]] | None = None
 
     def step_weights(self, params: Params) -> Params:
         """What `scan_cell` hands to `step`: forward_weights(params), or params."""
@@ -234,9 +247,15 @@ def _row(vector: jax.Array) -> jax.Array:
     return vector[None, :]
 
 
+def _input_term(dx: jax.Array | None, w_x: jax.Array, moved: jax.Array) -> jax.Array:
+    """moved + dx W_x: a pre-activation's tangent with the input's part, which is zero (and
+    its product skipped) where dx is None (a first layer's input, which no parameter moves)."""
+    return moved if dx is None else moved + dx @ w_x
+
+
 def _cell(name, hidden, init, initial_carry, step, factors, pullback,
           backward_weights=None, pytorch_module=None, forward_weights=None,
-          assemble=None) -> Cell:
+          assemble=None, step_tangent=None) -> Cell:
     """A Cell whose step backward is `pullback(weights, factors(residuals), dcarry, dy)`, every
     local derivative of the step a factor of its products, and whose step curvature is the
     same pullback of the squared factors (bptt squares the weights): LeCun's diagonal rule
@@ -252,7 +271,8 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
 
     if assemble is None:
         return Cell(name, hidden, init, initial_carry, step, backward_in_parts, backward_weights,
-                    curvature_in_parts, pytorch_module, forward_weights)
+                    curvature_in_parts, pytorch_module, forward_weights,
+                    step_tangent=step_tangent)
 
     def assembled(in_parts):
         def run(*args):
@@ -263,7 +283,8 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
 
     return Cell(name, hidden, init, initial_carry, step, assembled(backward_in_parts),
                 backward_weights, assembled(curvature_in_parts), pytorch_module,
-                forward_weights, GradientParts(backward_in_parts, curvature_in_parts, assemble))
+                forward_weights, GradientParts(backward_in_parts, curvature_in_parts, assemble),
+                step_tangent)
 
 
 # --- cells ------------------------------------------------------------------------------------
@@ -281,6 +302,8 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
     f is tanh or the logistic sigmoid. Backward, with dh = dcarry + dy_t the total dE/dh_t:
         da = dh * f'(h_t),  dw = [x_t, h_{t-1}]^T da,  db = sum_batch da,
         [dx_t, dh_{t-1}] = da w^T.
+    Tangent (forward mode, `step_tangent`), for directions dw, db, dx_t, dh_{t-1}:
+        dh_t = f'(h_t) ([x_t, h_{t-1}] dw + db + [dx_t, dh_{t-1}] w).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"elman: activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
@@ -311,8 +334,17 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         inputs = xh.shape[1] - hidden
         return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
 
+    def step_tangent(params, h, x, dparams, dh, dx):
+        h_new, _, (xh, _) = step(params, h, x)
+        w = params["w"]
+        inputs = x.shape[1]
+        moved = xh @ dparams["w"] + _row(dparams["b"]) + dh @ w[inputs:]
+        dh_new = derivative(h_new) * _input_term(dx, w[:inputs], moved)
+        return h_new, h_new, dh_new, dh_new
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
-                 pytorch_module="RNN" if activation == "tanh" else None)
+                 pytorch_module="RNN" if activation == "tanh" else None,
+                 step_tangent=step_tangent)
 
 
 def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
@@ -329,6 +361,12 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         da_i = dc g i (1 - i);  da_f = dc c_{t-1} f (1 - f);  da_g = dc i (1 - g^2);
         dc_{t-1} = dc f + da_i p_i + da_f p_f;  dp = sum_batch (da_i c_{t-1}, da_f c_{t-1},
         da_o c_t);  dw = [x_t, h_{t-1}]^T da;  [dx_t, dh_{t-1}] = da w^T.
+    Tangent (`step_tangent`), for directions dw, db, dp, dx_t, (dh_{t-1}, dc_{t-1}):
+        dz = [x_t, h_{t-1}] dw + db + [dx_t, dh_{t-1}] w  (+ dp_i c_{t-1} + p_i dc_{t-1} in
+        dz_i, the same in dz_f, dp_o c_t + p_o dc_t in dz_o);  di = i (1 - i) dz_i,
+        df = f (1 - f) dz_f,  dg = (1 - g^2) dz_g,  do = o (1 - o) dz_o;
+        dc_t = df c_{t-1} + f dc_{t-1} + di g + i dg;
+        dh_t = do tanh(c_t) + o (1 - tanh^2 c_t) dc_t.
     """
     name = name or ("lstm_peephole" if peepholes else "lstm")
     _check_size(name, hidden_size)
@@ -389,8 +427,28 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         dparams.update({"w": k["xh"].T @ da, "b": jnp.sum(da, axis=0)})
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
+    def step_tangent(params, carry, x, dparams, dcarry, dx):
+        (h_new, c_new), _, (xh, c, _, i, f, g, o, tanh_c) = step(params, carry, x)
+        dh, dc = dcarry
+        w = params["w"]
+        inputs = x.shape[1]
+        dz = _input_term(dx, w[:inputs], xh @ dparams["w"] + _row(dparams["b"]) + dh @ w[inputs:])
+        dz_i, dz_f, dz_g, dz_o = (dz[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        if peepholes:
+            p, dp = params["p"], dparams["p"]
+            dz_i = dz_i + _row(dp[0]) * c + _row(p[0]) * dc
+            dz_f = dz_f + _row(dp[1]) * c + _row(p[1]) * dc
+        di, df, dg = i * (1 - i) * dz_i, f * (1 - f) * dz_f, (1 - g * g) * dz_g
+        dc_new = df * c + f * dc + di * g + i * dg
+        if peepholes:
+            dz_o = dz_o + _row(dparams["p"][2]) * c_new + _row(params["p"][2]) * dc_new
+        do = o * (1 - o) * dz_o
+        dh_new = do * tanh_c + o * (1 - tanh_c * tanh_c) * dc_new
+        return (h_new, c_new), h_new, (dh_new, dc_new), dh_new
+
     return _cell(name, hidden, init, _zeros_carry(hidden, True), step, factors, pullback,
-                 backward_weights, pytorch_module=None if peepholes else "LSTM")
+                 backward_weights, pytorch_module=None if peepholes else "LSTM",
+                 step_tangent=step_tangent)
 
 
 def _gru_factors(x, h, r, z, n) -> dict:
@@ -406,6 +464,13 @@ def _gru_gate_gradients(k: dict, dh_new: jax.Array) -> tuple[jax.Array, jax.Arra
     return dh_new * k["h_minus_n"] * k["dz"], dh_new * k["one_minus_z"] * k["dn"]
 
 
+def _gru_state_tangent(h, z, n, dh, dz_pre, dn_pre) -> jax.Array:
+    """dh_t of h_t = z h + (1 - z) n, given dh = dh_{t-1} and the tangents of z's and n's
+    pre-activations: dz = z (1 - z) dz_pre, dn = (1 - n^2) dn_pre,
+    dh_t = dz (h - n) + z dh + (1 - z) dn."""
+    return z * (1 - z) * dz_pre * (h - n) + z * dh + (1 - z) * (1 - n * n) * dn_pre
+
+
 def gru(hidden_size: int, name: str = "gru") -> Cell:
     """Gated recurrent unit in the form of Cho et al. 2014 (eqs. 5-8): the reset gate scales
     h_{t-1} *before* the recurrent matrix of the candidate (cuDNN and PyTorch apply it after,
@@ -419,6 +484,10 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         da_r = d(rh) h r (1 - r);  dh = dh' z + d(rh) r + [da_r, da_z] [U_r, U_z]^T;
         dW_x = x^T [da_r, da_z, da_n];  d[U_r, U_z] = h^T [da_r, da_z];  dU_n = (r h)^T da_n;
         db = sum_batch [da_r, da_z, da_n];  dx = [da_r, da_z, da_n] W_x^T.
+    Tangent (`step_tangent`), for directions of the blocks, db, dx_t and dh = dh_{t-1}:
+        da_x = x dW_x + db + dx W_x;  d[r, z] = [r, z](1 - [r, z])(da_x,rz + h d[U_r, U_z]
+        + dh [U_r, U_z]);  d(rh) = dr h + r dh;  dn_pre = da_x,n + (r h) dU_n + d(rh) U_n;
+        dh_t = dz (h - n) + z dh + (1 - z)(1 - n^2) dn_pre.
     """
     _check_size(name, hidden_size)
     hidden = hidden_size
@@ -469,8 +538,21 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         w_h = jnp.concatenate([parts["u_rz"], parts["u_n"]], axis=1)
         return {"w": jnp.concatenate([parts["w_x"], w_h], axis=0), "b": parts["b"]}
 
+    def step_tangent(params, h, x, dparams, dh, dx):
+        h_new, _, (_, _, r, z, n, rh) = step(params, h, x)
+        w_x, u_rz, u_n = split(params["w"], x.shape[1])
+        dw_x, du_rz, du_n = split(dparams["w"], x.shape[1])
+        da_x = _input_term(dx, w_x, x @ dw_x + _row(dparams["b"]))
+        drz_pre = da_x[:, :2 * hidden] + h @ du_rz + dh @ u_rz
+        dr = r * (1 - r) * drz_pre[:, :hidden]
+        drh = dr * h + r * dh
+        dn_pre = da_x[:, 2 * hidden:] + rh @ du_n + drh @ u_n
+        dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
+        return h_new, h_new, dh_new, dh_new
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
-                 backward_weights, forward_weights=forward_weights, assemble=assemble)
+                 backward_weights, forward_weights=forward_weights, assemble=assemble,
+                 step_tangent=step_tangent)
 
 
 def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
@@ -488,6 +570,10 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         da_r = da_n q r (1 - r);  dh = dh' z + [da_r, da_z, dq] W_h^T;
         dW_x = x^T [da_r, da_z, da_n];  dW_h = h^T [da_r, da_z, dq];
         db = sum_batch [da_r, da_z, da_n];  db_hn = sum_batch dq;  dx = [da_r, da_z, da_n] W_x^T.
+    Tangent (`step_tangent`), for directions dW_x, dW_h, db, db_hn, dx_t and dh = dh_{t-1}:
+        da = x dW_x + db + dx W_x;  da_h = h dW_h + dh W_h;  dq = da_h,n + db_hn;
+        d[r, z] = [r, z](1 - [r, z])(da_rz + da_h,rz);  dn_pre = da_n + dr q + r dq;
+        dh_t = dz (h - n) + z dh + (1 - z)(1 - n^2) dn_pre.
     """
     _check_size(name, hidden_size)
     hidden = hidden_size
@@ -537,9 +623,22 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         return {"w": jnp.concatenate([parts["w_x"], parts["w_h"]], axis=0), "b": parts["b"],
                 "b_hn": parts["b_hn"]}
 
+    def step_tangent(params, h, x, dparams, dh, dx):
+        h_new, _, (_, _, r, z, n, q) = step(params, h, x)
+        inputs = x.shape[1]
+        w, dw = params["w"], dparams["w"]
+        da = _input_term(dx, w[:inputs], x @ dw[:inputs] + _row(dparams["b"]))
+        da_h = h @ dw[inputs:] + dh @ w[inputs:]
+        dq = da_h[:, 2 * hidden:] + _row(dparams["b_hn"])
+        drz_pre = da[:, :2 * hidden] + da_h[:, :2 * hidden]
+        dr = r * (1 - r) * drz_pre[:, :hidden]
+        dn_pre = da[:, 2 * hidden:] + dr * q + r * dq
+        dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
+        return h_new, h_new, dh_new, dh_new
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  backward_weights, pytorch_module="GRU", forward_weights=forward_weights,
-                 assemble=assemble)
+                 assemble=assemble, step_tangent=step_tangent)
 
 
 CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru", "gru_reset_after")
@@ -784,6 +883,18 @@ def _check_carry(name: str, what: str, carry: Carry, expected: Carry) -> None:
         raise ValueError(f"{name}: {what} is {describe(carry)}, expected {describe(expected)}")
 
 
+def _check_same_shapes(name: str, what: str, tangent: Any, primal: Any) -> None:
+    """Raise a ValueError unless a tangent has the structure and shapes of its primal: a
+    direction of another shape would be broadcast silently."""
+    def describe(tree):
+        return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+    if jax.tree.structure(tangent) != jax.tree.structure(primal) or any(
+            tuple(a.shape) != tuple(b.shape)
+            for a, b in zip(jax.tree.leaves(tangent), jax.tree.leaves(primal))):
+        raise ValueError(f"{name}: {what} is {describe(tangent)}, expected {describe(primal)}")
+
+
 def _concrete(array: Any) -> np.ndarray | None:
     """array's values when they are known now (not traced by jit, grad, vmap or scan), else
     None: value checks run on concrete inputs and are skipped inside a trace."""
@@ -881,6 +992,58 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     residuals = RecomputeResiduals(ScanResiduals(head_steps, head_mask), carries,
                                    *_segments(inputs[1:], head, recompute_every))
     return jnp.swapaxes(ys_tm, 0, 1), carry_T, residuals
+
+
+def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
+                 dxs: jax.Array | None = None, carry0: Carry = None, dcarry0: Carry = None,
+                 mask: jax.Array | None = None, truncation: int | None = None, unroll: int = 1
+                 ) -> tuple[jax.Array, jax.Array, Carry, Carry]:
+    """`scan_cell` in forward mode: one scan of the cell's `step_tangent` carrying the state
+    and its tangent. Returns (ys, dys, carry_T, dcarry_T), dys (batch, time, hidden) the
+    directional derivative of ys for the directions dparams (shaped as params), dxs (as xs;
+    None for zero) and dcarry0 (as the carry; None for zero).
+
+    mask and truncation as in `scan_cell`: a masked step passes the carry and its tangent on
+    and outputs y_t = 0, dy_t = 0; the state entering steps k, 2k, ... has its tangent
+    zeroed, as its gradient is cut (so dys is the jvp of `scan_cell`'s forward, stop_gradient
+    included). No residuals are kept: nothing runs backward.
+    """
+    name = f"scan_tangent({cell.name})"
+    if cell.step_tangent is None:
+        raise ValueError(f"{name}: this cell has no step tangent (forward-mode) pass")
+    _check_options(name, xs, mask, truncation)
+    _check_dtypes(name, params, xs)
+    _check_mask(name, mask)
+    _check_same_shapes(name, "dparams", dparams, params)
+    if dxs is not None:
+        _check_same_shapes(name, "dxs", dxs, xs)
+    batch, time = xs.shape[:2]
+    zeros = cell.initial_carry(batch, xs.dtype)
+    carry0 = zeros if carry0 is None else carry0
+    dcarry0 = zeros if dcarry0 is None else dcarry0
+    _check_carry(name, "carry0", carry0, zeros)
+    _check_carry(name, "dcarry0", dcarry0, zeros)
+    mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
+    dxs_tm = None if dxs is None else jnp.swapaxes(dxs, 0, 1)
+    carries0 = vary_like((carry0, dcarry0), varying_axes((xs, dxs, params, dparams, carry0,
+                                                          dcarry0, mask_tm)))
+
+    def one_step(carries, inputs):
+        carry, dcarry = carries
+        t, x_t, dx_t, m_t = inputs
+        if truncation is not None:
+            cut = _window_start(t, truncation)
+            dcarry = jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d), dcarry)
+        new_carry, y_t, new_dcarry, dy_t = cell.step_tangent(params, carry, x_t, dparams,
+                                                             dcarry, dx_t)
+        if m_t is not None:
+            new_carry, new_dcarry = _select(m_t, (new_carry, new_dcarry), (carry, dcarry))
+            y_t, dy_t = (jnp.where(m_t[:, None], a, jnp.zeros_like(a)) for a in (y_t, dy_t))
+        return (new_carry, new_dcarry), (y_t, dy_t)
+
+    inputs = (jnp.arange(time), jnp.swapaxes(xs, 0, 1), dxs_tm, mask_tm)
+    (carry_T, dcarry_T), (ys_tm, dys_tm) = lax.scan(one_step, carries0, inputs, unroll=unroll)
+    return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(dys_tm, 0, 1), carry_T, dcarry_T
 
 
 def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResiduals,
@@ -1080,8 +1243,15 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
 
         return run
 
+    def tangent(params, x, dparams, dx):
+        _check_sequence(name, x, cell.input_size(params))
+        ys, dys, _, _ = scan_tangent(cell, params, in_order(x), dparams, _flip_time(dx)
+                                     if reverse else dx, truncation=truncation, unroll=unroll)
+        return in_order(ys), in_order(dys)
+
     return Layer(name, init, forward, backward_by(False),
-                 curvature=backward_by(True) if cell.step_curvature is not None else None)
+                 curvature=backward_by(True) if cell.step_curvature is not None else None,
+                 tangent=tangent if cell.step_tangent is not None else None)
 
 
 def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | None = None,
@@ -1104,7 +1274,8 @@ _both_directions = bidirectional  # for sequence_model, whose option of that nam
 
 def LastStep(name: str = "LastStep") -> Layer:
     """y = x[:, -1]: (batch, time, features) -> (batch, features); backward puts dy at the last
-    step and zeros elsewhere, and so does the curvature with d2y (a Jacobian of ones)."""
+    step and zeros elsewhere, and so does the curvature with d2y (a Jacobian of ones); the
+    tangent is dx[:, -1]."""
 
     def init(key, input_shape):
         del key
@@ -1122,7 +1293,11 @@ def LastStep(name: str = "LastStep") -> Layer:
         del params
         return (), jnp.zeros(x_shape.shape, dy.dtype).at[:, -1, :].set(dy)
 
-    return Layer(name, init, forward, backward, curvature=backward)
+    def tangent(params, x, dparams, dx):
+        y, _ = forward(params, x)
+        return y, None if dx is None else dx[:, -1, :]
+
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
 
 
 def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
@@ -1130,7 +1305,8 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
     with F = forward_features, (batch, time, features) -> (batch, features): the forward
     direction ends at the last step, the backward one at the first (PyTorch's h_n of a
     bidirectional module, the two directions side by side). The backward puts each half of dy
-    at its step and zeros elsewhere; the curvature does the same with d2y."""
+    at its step and zeros elsewhere; the curvature does the same with d2y, and the tangent
+    selects dx as the forward selects x."""
 
     def init(key, input_shape):
         del key
@@ -1157,7 +1333,11 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
         dx = dx.at[:, -1, :forward_features].set(dy[:, :forward_features])
         return (), dx.at[:, 0, forward_features:].set(dy[:, forward_features:])
 
-    return Layer(name, init, forward, backward, curvature=backward)
+    def tangent(params, x, dparams, dx):
+        y, _ = forward(params, x)
+        return y, None if dx is None else forward(params, dx)[0]
+
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
 
 
 def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
