@@ -1,5 +1,6 @@
 """Conjugate gradients and the Hessian-free procedure, against NumPy's linear algebra on
 problems whose Gauss-Newton matrix is known in closed form; the experiment's smoke run."""
+import itertools
 import json
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 import nets
 from experiments import hessian_free as experiment
+from nets import gradcheck
 from tests.helpers import F64, assert_refused_before_the_run
 from training import procedures
 
@@ -46,24 +48,30 @@ def test_conjugate_gradient_stays_put_at_a_zero_residual():
     assert np.all(np.asarray(x) == 0) and float(residual) == 0
 
 
-def linear_problem(l2=0.3, n=6, seed=1):
-    """A Dense layer under squared error plus L2: E is quadratic, and with the params
-    flattened as ravel_pytree orders them ({"b", "w"}), G = J^T J / m + (l2/m) on w, J the
-    outputs' (constant) Jacobian, written out in NumPy."""
-    rng = np.random.default_rng(seed)
-    x, targets = rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
-    params = {"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=2))}
-    objective = nets.Objective(nets.mean_squared_error(), l2)
-    # y[i, k] = sum_j x[i, j] w[j, k] + b[k]; flat params: b (2), then w (3 x 2) row-major
-    jacobian = np.zeros((n, 2, 8))
+def linear_gauss_newton(x, l2):
+    """G = J^T J / m + (l2/m) on w of a Dense layer (3 -> 2) under squared error plus L2, for
+    inputs x (m, 3), with the params flattened as ravel_pytree orders them: b (2), then w
+    (3 x 2) row-major. J, the outputs' (constant) Jacobian, written out in NumPy."""
+    m = x.shape[0]
+    # y[i, k] = sum_j x[i, j] w[j, k] + b[k]
+    jacobian = np.zeros((m, 2, 8))
     for k in range(2):
         jacobian[:, k, k] = 1
         for j in range(3):
             jacobian[:, k, 2 + 2 * j + k] = x[:, j]
-    jacobian = jacobian.reshape(n * 2, 8)
-    penalty = np.diag([0, 0] + [l2 / n] * 6)
+    jacobian = jacobian.reshape(m * 2, 8)
+    return jacobian.T @ jacobian / m + np.diag([0, 0] + [l2 / m] * 6)
+
+
+def linear_problem(l2=0.3, n=6, seed=1):
+    """A Dense layer under squared error plus L2: E is quadratic, its G (`linear_gauss_newton`)
+    its Hessian."""
+    rng = np.random.default_rng(seed)
+    x, targets = rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=2))}
+    objective = nets.Objective(nets.mean_squared_error(), l2)
     return nets.Dense(2), objective, params, jnp.asarray(x), jnp.asarray(targets), (
-        jacobian.T @ jacobian / n + penalty)
+        linear_gauss_newton(x, l2))
 
 
 @pytest.mark.parametrize("preconditioner", procedures.PRECONDITIONERS)
@@ -125,6 +133,58 @@ def test_a_run_never_raises_e_and_trains_a_tanh_net():
     assert set(result.history) >= {"damping", "rho", "accepted", "cg_residual"}
 
 
+def test_a_mini_batch_step_is_the_damped_newton_step_of_one_batch():
+    """batch_size=3 of 6 examples: the step is -(G_S + lambda I)^-1 g_S for one of the 20
+    three-example subsets S (G_S, g_S in NumPy from S alone), the recorded energy is E on S
+    after the step, and the next step draws again."""
+    model, objective, params, x, targets, _ = linear_problem(l2=0.3)
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=16,
+                                        damping=0.5, batch_size=3)
+    state = procedure.init(params, jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    got = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0])
+    x_np, targets_np = np.asarray(x), np.asarray(targets)
+
+    def energy(flat_params, subset):
+        p = unravel(jnp.asarray(flat_params))
+        chosen = jnp.asarray(subset)
+        return float(objective.value(p, model.apply(p, x[chosen]), targets[chosen]))
+
+    matches = []
+    for subset in itertools.combinations(range(6), 3):
+        subset = list(subset)
+        residual = x_np[subset] @ np.asarray(params["w"]) + np.asarray(params["b"]) - (
+            targets_np[subset])
+        g = np.concatenate([residual.sum(0), (x_np[subset].T @ residual).ravel()]) / 3 + (
+            np.concatenate([[0, 0], 0.3 * np.asarray(params["w"]).ravel()]) / 3)
+        gauss_newton = linear_gauss_newton(x_np[subset], 0.3)
+        expected = np.asarray(flat) - np.linalg.solve(gauss_newton + 0.5 * np.eye(8), g)
+        if np.linalg.norm(got - expected) <= 1e-12 * np.linalg.norm(expected):
+            matches.append(subset)
+    assert len(matches) == 1 and bool(record["accepted"])
+    assert float(record["energy"]) == pytest.approx(energy(got, matches[0]), rel=1e-13)
+    assert float(record["rho"]) == pytest.approx(1, abs=1e-12)
+    assert not np.array_equal(new_state.key, state.key)
+
+
+def test_a_batch_of_all_the_examples_is_the_full_batch_run():
+    """batch_size = n with G on the whole batch: the same steps as the full-batch procedure
+    (the examples in another order: E and G are means, equal up to rounding)."""
+    model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=5, activation="tanh")
+    x = jax.random.normal(jax.random.key(2), (30, 4), jnp.float64)
+    targets = jax.nn.one_hot(jnp.argmax(x[:, :3], axis=1), 3, dtype=jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.key(3), (-1, 4))[1])
+    runs = [jax.jit(lambda p, batch_size=batch_size: procedures.run(
+        procedures.hessian_free(model, nets.lecture_objective(0.1), x, targets, cg_iterations=6,
+                                batch_size=batch_size), p, jax.random.key(0), 4))(params)
+        for batch_size in (None, 30)]
+    for full, batched in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+        assert gradcheck.relative_error(batched, full) <= F64
+    assert np.allclose(runs[0].history["energy"], runs[1].history["energy"], rtol=1e-12)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(cg_iterations=0), "cg_iterations must be an int >= 1, got 0"),
     (dict(damping=0.0), "damping must be > 0, got 0.0"),
@@ -132,6 +192,10 @@ def test_a_run_never_raises_e_and_trains_a_tanh_net():
     (dict(preconditioner="fisher"), "preconditioner must be one of"),
     (dict(curvature_examples=7), r"curvature_examples must be in \[1, 6\] \(the examples\), "
                                  "got 7"),
+    (dict(batch_size=7), r"batch_size must be an int in \[1, 6\] \(the examples\) or None, "
+                         "got 7"),
+    (dict(batch_size=3, curvature_examples=4), r"curvature_examples must be in \[1, 3\] "
+                                               r"\(batch_size\), got 4"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     model, objective, _, x, targets, _ = linear_problem()
@@ -170,14 +234,17 @@ def test_curvature_examples_beyond_the_training_digits_are_refused(tmp_path):
                                   "(100)")
 
 
-def test_a_run_in_chunks_is_the_run_in_one_scan_bit_for_bit():
+@pytest.mark.parametrize("batch_size", [None, 12])
+def test_a_run_in_chunks_is_the_run_in_one_scan_bit_for_bit(batch_size):
     """The harness runs procedures in chunks with checkpoints between them: 3 + 3 steps from
-    the state after 3 give the same state and records as 6 steps in one scan."""
+    the state after 3 give the same state and records as 6 steps in one scan (with
+    mini-batches too: the batches come from the state's key)."""
     model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=5, activation="tanh")
     x = jax.random.normal(jax.random.key(2), (30, 4))
     targets = jax.nn.one_hot(jnp.argmax(x[:, :3], axis=1), 3)
     procedure = procedures.hessian_free(model, nets.lecture_objective(0.1), x, targets,
-                                        cg_iterations=6, curvature_examples=10)
+                                        cg_iterations=6, curvature_examples=10,
+                                        batch_size=batch_size)
     state = procedure.init(model.init(jax.random.key(3), (-1, 4))[1], jax.random.key(0))
     run = jax.jit(procedures.run_steps, static_argnums=(0, 3))
     whole, whole_records = run(procedure, state, 0, 6)

@@ -716,9 +716,11 @@ def hessian_free(
     curvature_examples: int | None = None, preconditioner: str = "diagonal",
     preconditioner_exponent: float = 0.75, stop_window: int = 50,
     stop_tolerance: float | None = 1e-6, monitor: Monitor | None = None,
+    batch_size: int | None = None,
 ) -> Procedure:
     """Hessian-free optimisation (Martens 2010): Newton-like steps from Gauss-Newton
-    products, full batch on (x, targets) (x (n, ...), targets (n, classes)).
+    products, full batch on (x, targets) (x (n, ...), targets (n, ...)) or, with
+    `batch_size`, on a new mini-batch every step.
 
     Each step solves the damped Gauss-Newton system (G + lambda I) d = -g by (preconditioned)
     conjugate gradients (`conjugate_gradient`, `cg_iterations` of them), never forming G:
@@ -733,6 +735,13 @@ def hessian_free(
     (`nets.engines.curvature_diagonal`; Martens took the empirical Fisher's, alpha 3/4);
     "none": M = I. G (and h) come from the first `curvature_examples` examples (None: all
     n), as E is a mean over examples and so is G (Martens: a fraction of the batch).
+
+    batch_size=B (Martens' and Martens and Sutskever 2011's mini-batches): each step draws B
+    of the n examples without replacement (from the state's key), and the gradient, G (on
+    the first `curvature_examples` of them), the reduction ratio and the test that the step
+    lowers E all use that batch; the recorded energy is then the batch's E after the step
+    (the state's grad, its gradient before), and a step refused on its batch keeps the
+    params. None: every step on all n examples.
 
     A run is a `lax.scan` of steps (`run`); the state checkpoints and resumes as the other
     procedures' do (opt_state: `HessianFreeState`). Records per step: energy, damping (the
@@ -750,13 +759,30 @@ def hessian_free(
         raise ValueError(f"{name}: preconditioner must be one of {PRECONDITIONERS}, got "
                          f"{preconditioner!r}")
     n = x.shape[0]
-    if curvature_examples is not None and not 1 <= curvature_examples <= n:
-        raise ValueError(f"{name}: curvature_examples must be in [1, {n}] (the examples), got "
-                         f"{curvature_examples!r}")
+    if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size <= n):
+        raise ValueError(f"{name}: batch_size must be an int in [1, {n}] (the examples) or "
+                         f"None, got {batch_size!r}")
+    per_step = n if batch_size is None else batch_size
+    if curvature_examples is not None and not 1 <= curvature_examples <= per_step:
+        where = "the examples" if batch_size is None else "batch_size"
+        raise ValueError(f"{name}: curvature_examples must be in [1, {per_step}] ({where}), "
+                         f"got {curvature_examples!r}")
     value_and_grad = engines.manual(model, objective)
     product = engines.gauss_newton_product(model, objective)
     diagonal = engines.curvature_diagonal(model, objective)
-    x_curvature, targets_curvature = x[:curvature_examples], targets[:curvature_examples]
+
+    def energy_of(params, x, targets):
+        return objective.value(params, model.apply(params, x), targets)
+
+    def batch_of(state):
+        """(key data, x, targets, E, gradient tree) of this step's examples."""
+        if batch_size is None:
+            return state.key, x, targets, state.energy, state.grad
+        key, batch_key = _split(state.key)
+        chosen = jax.random.permutation(batch_key, n)[:batch_size]
+        x_batch, targets_batch = x[chosen], targets[chosen]
+        energy, grad = value_and_grad(state.params, x_batch, targets_batch)
+        return key, x_batch, targets_batch, energy.astype(state.energy.dtype), grad
 
     def init(params, key):
         energy, grad = value_and_grad(params, x, targets)
@@ -767,8 +793,11 @@ def hessian_free(
 
     def step(state, index):
         params, hf = state.params, state.opt_state
+        key, x_step, targets_step, energy, grad = batch_of(state)
+        x_curvature = x_step[:curvature_examples]
+        targets_curvature = targets_step[:curvature_examples]
         flat_params, unravel = jax.flatten_util.ravel_pytree(params)
-        g = jax.flatten_util.ravel_pytree(state.grad)[0]
+        g = jax.flatten_util.ravel_pytree(grad)[0]
 
         def gauss_newton(v):
             return jax.flatten_util.ravel_pytree(
@@ -784,16 +813,20 @@ def hessian_free(
                                          inverse_preconditioner)
         model_decrease = g @ d + 0.5 * d @ gauss_newton(d)
         new_params = unravel(flat_params + d)
-        new_energy, new_grad = value_and_grad(new_params, x, targets)
-        accepted = jnp.isfinite(new_energy) & (new_energy < state.energy)
-        rho = jnp.where(model_decrease < 0, (new_energy - state.energy) / model_decrease,
-                        -jnp.inf)
+        if batch_size is None:
+            new_energy, new_grad = value_and_grad(new_params, x, targets)
+        else:  # the next step draws its own batch and gradient
+            new_energy, new_grad = energy_of(new_params, x_step, targets_step), grad
+        new_energy = new_energy.astype(energy.dtype)
+        accepted = jnp.isfinite(new_energy) & (new_energy < energy)
+        rho = jnp.where(model_decrease < 0, (new_energy - energy) / model_decrease, -jnp.inf)
         rho = jnp.where(jnp.isfinite(new_energy), rho, -jnp.inf)
         new_damping = jnp.where(rho > 0.75, hf.damping * 2 / 3,
                                 jnp.where((rho < 0.25) | ~accepted, hf.damping * 1.5,
                                           hf.damping))
-        taken = state._replace(params=new_params, energy=new_energy, grad=new_grad)
-        proposal = _select(accepted, taken, state)._replace(
+        before = state._replace(energy=energy, grad=grad, key=key)
+        taken = before._replace(params=new_params, energy=new_energy, grad=new_grad)
+        proposal = _select(accepted, taken, before)._replace(
             opt_state=HessianFreeState(new_damping, d))
         return _finish(state, proposal, index, stop_tolerance, monitor, {
             "damping": hf.damping, "rho": rho, "accepted": accepted,
