@@ -32,6 +32,23 @@ results.json (metrics per length and method: means over seeds of the final value
 seconds, the runs that solved the problem and their mean seconds until they did; history:
 every record), results.md and adding_hessian_free.png (test MSE and the fraction within 0.04
 against seconds, one panel per length).
+
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults, seeds 0-2 (--seeds 3; 15 min
+30 s); means over the seeds of the test MSE, the fraction within 0.04 and the seconds:
+
+    T    method         test MSE   within   seconds
+    50   hessian_free   6.5e-5     99.8%    36
+    50   sgd            6.5e-3     43.7%    17
+    50   adam           3.0e-3     61.8%    18
+    50   lstm_adam      1.3e-4     99.8%    37
+    100  hessian_free   7.9e-4     93.7%    72
+    100  sgd            0.201      7.3%     38
+    100  adam           9.3e-3     36.0%    38
+    100  lstm_adam      3.1e-4     98.4%    78
+
+At T = 100 Hessian-free sits at the mean's error for about 30 steps and then solves every
+seed; Adam given its time (--passes 1000, 75 s) ends at 4.9e-3 and 40.9%, SGD at the mean's
+error still (0.183, 8.0%).
 """
 from __future__ import annotations
 
@@ -183,11 +200,18 @@ def main(argv=None):
 
 
 def save_plot(path, config, history) -> None:
+    """Per length, the test MSE and the fraction within 0.04 against seconds: one line per
+    method, the mean over the seeds of each record (seconds included)."""
     def series(length, y_key):
-        return {f"{method}, seed {seed}": tuple(zip(*[
-            (h["seconds"], max(h[y_key], 1e-7)) for h in history
-            if (h["length"], h["method"], h["seed"]) == (length, method, seed)]))
-            for method in config.methods for seed in range(config.seeds)}
+        lines = {}
+        for method in config.methods:
+            runs = [[h for h in history if (h["length"], h["method"], h["seed"]) == (
+                length, method, seed)] for seed in range(config.seeds)]
+            lines[f"{method} (mean of {config.seeds})"] = (
+                [float(np.mean([run[i]["seconds"] for run in runs])) for i in range(len(runs[0]))],
+                [max(float(np.mean([run[i][y_key] for run in runs])), 1e-7)
+                 for i in range(len(runs[0]))])
+        return lines
 
     panels = [{"xlabel": "seconds (compilation excluded)", "ylabel": f"test MSE, T = {length}",
                "log": True, "series": series(length, "test_mse")} for length in config.lengths]
