@@ -41,7 +41,9 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 also at width 8192, batch 8192 (the issue's product is too small there).
   rnn           Elman, LSTM, GRU (Cho et al.'s) and the reset-after GRU (batch 64, T 100,
                 hidden 256, 32 inputs, a Dense readout of the last step, MSE): manual BPTT /
-                jax.grad step (target <= 1.0); the LSTM's `unroll` sweep 1, 2, 4, 8, 16
+                jax.grad step (target <= 1.0); each one's Gauss-Newton product G v by hand
+                (a tangent scan, then BPTT) against jax's jvp-then-vjp (no target); the
+                LSTM's `unroll` sweep 1, 2, 4, 8, 16
                 (ratio to unroll 1); the LSTM with gradient checkpointing through time
                 (`recompute_every` sqrt(T)) against every step's residuals kept, time and
                 XLA's temporaries; the scan LSTM and reset-after GRU against PyTorch
@@ -110,7 +112,7 @@ TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "engine/accumulate": Non
            "engine/gauss_newton": None,
            "recipe": ("<=", 1 / 60),
            "lenet5_torch": ("<=", 0.8),
-           "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0),
+           "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0), "rnn/gauss_newton": None,
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
            "per_example/vmap_vs_batch/lenet5": ("<=", 4.0),
            "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6),
@@ -360,24 +362,29 @@ def gauss_newton_rows(sizes, key, repeats):
     for name, model, objective, input_shape, batch in engine_cases(sizes):
         if not name.startswith(GAUSS_NEWTON_MODELS) or "batchnorm" in name:
             continue
-        params, x, targets = random_problem(model, input_shape, batch, key)
-        leaves, structure = jax.tree.flatten(params)
-        v = jax.tree.unflatten(structure, [
-            jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
-            for leaf_key, leaf in zip(jax.random.split(jax.random.fold_in(key, 3),
-                                                       len(leaves)), leaves)])
-        args = (params, x, targets, v)
-        (manual_fn, manual_compile), (jax_fn, jax_compile) = [
-            benchmark.compile_jitted(product(model, objective), *args)
-            for product in (nets.engines.gauss_newton_product,
-                            gauss_newton_product_reference)]
-        manual, reference = benchmark.compare(manual_fn, args, jax_fn, args, repeats)
-        manual.compile_s, reference.compile_s = manual_compile, jax_compile
-        yield row("engine", f"gauss_newton/{name}", "manual", manual,
-                  manual.median_s / reference.median_s, "manual/jax",
-                  **memory_extras(manual_fn, jax_fn))
-        yield row("engine", f"gauss_newton/{name}", "jax", reference,
-                  temp_bytes=temp_bytes(jax_fn))
+        args = random_problem(model, input_shape, batch, key)
+        yield from gauss_newton_pair("engine", name, model, objective, args, key, repeats)
+
+
+def gauss_newton_pair(family, name, model, objective, args, key, repeats):
+    """The rows `gauss_newton/{name}` of `family`: G v by hand and by jax at (params, x,
+    targets) = args for a random v, alternated."""
+    params = args[0]
+    leaves, structure = jax.tree.flatten(params)
+    v = jax.tree.unflatten(structure, [
+        jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
+        for leaf_key, leaf in zip(jax.random.split(jax.random.fold_in(key, 3), len(leaves)),
+                                  leaves)])
+    args = (*args, v)
+    (manual_fn, manual_compile), (jax_fn, jax_compile) = [
+        benchmark.compile_jitted(product(model, objective), *args)
+        for product in (nets.engines.gauss_newton_product, gauss_newton_product_reference)]
+    manual, reference = benchmark.compare(manual_fn, args, jax_fn, args, repeats)
+    manual.compile_s, reference.compile_s = manual_compile, jax_compile
+    yield row(family, f"gauss_newton/{name}", "manual", manual,
+              manual.median_s / reference.median_s, "manual/jax",
+              **memory_extras(manual_fn, jax_fn))
+    yield row(family, f"gauss_newton/{name}", "jax", reference, temp_bytes=temp_bytes(jax_fn))
 
 
 def remat_rows(sizes, key, repeats):
@@ -977,6 +984,9 @@ def family_rnn(config, key, torch):
         yield row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
                   temp_bytes=temp_bytes(auto_fn))
         compiled_manual[kind], models[kind] = (manual_fn, args, manual_compile), model
+        # G v through time: a tangent scan and a BPTT scan by hand against jvp-then-vjp
+        yield from gauss_newton_pair("rnn", f"{kind}/{shape}", model, mse, args, key,
+                                     config.repeats)
     base_fn, base_args, _ = compiled_manual["lstm"]
     for unroll in (2, 4, 8, 16):
         model, args = rnn_problem("lstm", sizes, key, unroll=unroll)
