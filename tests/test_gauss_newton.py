@@ -126,7 +126,7 @@ def test_dropout_tangent_uses_the_forwards_mask(dtype):
                               {"w": jnp.ones((6, 2)), "b": jnp.ones(2)}, None, key)
 
 
-@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout"])
+@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout", "rnn_dropout"])
 def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
     """G of E with the masks of one key held fixed, against jax's product through apply with
     that key; and another key gives another G v."""
@@ -137,6 +137,12 @@ def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
         x = jax.random.normal(jax.random.key(0), (5, 4), dtype)
         targets = jax.nn.one_hot(jnp.arange(5) % 3, 3, dtype=dtype)
         params = gradcheck.astype(model.init(jax.random.key(1), (-1, 4))[1], dtype)
+    elif name == "rnn_dropout":
+        model = nets.sequence_model([nets.lstm(5), nets.elman(4)], 7, dropout=0.3)
+        objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
+        x = jax.random.normal(jax.random.key(0), (3, 6, 3), dtype)
+        targets = jax.random.randint(jax.random.key(2), (3, 6), 0, 7)
+        params = gradcheck.astype(model.init(jax.random.key(1), (-1, 6, 3))[1], dtype)
     else:
         model = nets.transformer_lm(7, context=6, features=8, heads=2, blocks=1, dropout=0.3)
         objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
@@ -221,6 +227,23 @@ CASES = {
                                                   activation="gelu", tie_embeddings=tie),
               nets.Objective(nets.sequence_cross_entropy(), 0.01), (6,), "sequence")
        for name, tie in (("transformer_lm", False), ("transformer_lm_tied", True))},
+    # recurrent nets (tangent scans, tests/test_recurrent_gauss_newton.py): 6 steps of 3
+    # features, classes at every step or one answer at the last
+    "rnn_lstm_gru_per_step": (lambda: nets.sequence_model([nets.lstm(5), nets.gru(4)], 7),
+                              nets.Objective(nets.sequence_cross_entropy(), 0.01), (6, 3),
+                              "per_step"),
+    "rnn_elman_last_step_softmax": (lambda: nets.sequence_model([nets.elman(5)], 4,
+                                                                last_step=True),
+                                    nets.Objective(nets.softmax_cross_entropy(), 0.1), (6, 3),
+                                    "zero_one"),
+    "rnn_bidirectional_per_step": (lambda: nets.sequence_model(
+        [nets.gru_reset_after(4), nets.lstm(3, peepholes=True)], 5, bidirectional=True),
+        nets.Objective(nets.sequence_cross_entropy(), 0.0), (6, 3), "per_step"),
+    "rnn_bidirectional_last_step_mse": (lambda: nets.sequence_model(
+        [nets.gru(4)], 3, bidirectional=True, last_step=True), MSE, (6, 3), "zero_one"),
+    "rnn_lstm_truncated": (lambda: nets.sequence_model([nets.lstm(5)], 7, truncation=2),
+                           nets.Objective(nets.sequence_cross_entropy(), 0.0), (6, 3),
+                           "per_step"),
 }
 
 
@@ -235,6 +258,9 @@ def case_point(name, dtype, batch=3):
                                                                               dtype)
     x = jax.random.normal(keys[1], (batch, *input_shape), dtype)
     outputs = model.apply(params, x).shape[-1]
+    if target_kind == "per_step":  # a class at every step of the sequence
+        targets = jax.random.randint(keys[2], (batch, input_shape[0]), 0, outputs)
+        return model, objective, params, x, targets, random_like(keys[3], params, dtype)
     targets = jax.nn.one_hot(jax.random.randint(keys[2], (batch,), 0, outputs), outputs,
                              dtype=dtype)
     if target_kind == "plus_minus_one":

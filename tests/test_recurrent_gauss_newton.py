@@ -1,7 +1,8 @@
 """Forward mode through time: every cell's hand-written step tangent run over a sequence by
 `scan_tangent`, against `jax.jvp` of `scan_cell` (masks, truncation, a given state and its
 direction) and against central differences; the sequence layers' tangents; the Gauss-Newton
-product of whole recurrent models against jax's; the refusals."""
+product's columns against J^T J from `jax.jacobian`; the refusals. (G v of whole recurrent
+models against jax's is among the models of tests/test_gauss_newton.py.)"""
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -99,67 +100,6 @@ def test_scan_tangent_is_the_central_difference_of_the_forward(kind):
         "final_states", "last_step"])
 def test_sequence_layer_tangent_is_jax_jvp(layer, dtype):
     assert_tangent_is_jvp(layer, (3, 5, 4), dtype)
-
-
-SEQUENCE_MODELS = {
-    # name: (model, objective, outputs at the last step only)
-    "lstm_gru_per_step": (lambda: nets.sequence_model([nets.lstm(5), nets.gru(4)], 7),
-                          nets.Objective(nets.sequence_cross_entropy(), 0.01), False),
-    "elman_last_step_softmax": (lambda: nets.sequence_model([nets.elman(5)], 4, last_step=True),
-                                nets.Objective(nets.softmax_cross_entropy(), 0.1), True),
-    "bidirectional_per_step": (lambda: nets.sequence_model(
-        [nets.gru_reset_after(4), nets.lstm(3, peepholes=True)], 5, bidirectional=True),
-        nets.Objective(nets.sequence_cross_entropy(), 0.0), False),
-    "bidirectional_last_step_mse": (lambda: nets.sequence_model(
-        [nets.gru(4)], 3, bidirectional=True, last_step=True),
-        nets.Objective(nets.mean_squared_error(), 0.1), True),
-    "lstm_truncated": (lambda: nets.sequence_model([nets.lstm(5)], 7, truncation=2),
-                       nets.Objective(nets.sequence_cross_entropy(), 0.0), False),
-}
-
-
-def sequence_point(name, dtype):
-    build, objective, last_step = SEQUENCE_MODELS[name]
-    model = build()
-    keys = jax.random.split(jax.random.key(len(name)), 4)
-    params = gradcheck.astype(model.init(keys[0], (-1, TIME, FEATURES))[1], dtype)
-    x = jax.random.normal(keys[1], (3, TIME, FEATURES), dtype)
-    classes = model.apply(params, x).shape[-1]
-    if last_step:
-        targets = jax.nn.one_hot(jnp.arange(3) % classes, classes, dtype=dtype)
-    else:
-        targets = jax.random.randint(keys[2], (3, TIME), 0, classes)
-    return model, objective, params, x, targets, random_like(keys[3], params, dtype)
-
-
-@pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
-def test_recurrent_gauss_newton_product_is_jax_jvp_hessian_vjp(name, dtype):
-    model, objective, params, x, targets, v = sequence_point(name, dtype)
-    with jax.default_matmul_precision("highest"):
-        got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v)
-        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
-            params, x, targets, v)
-    assert jax.tree.structure(got) == jax.tree.structure(params)
-    assert_close_tree(got, want, dtype, name)
-
-
-def test_recurrent_gauss_newton_product_holds_the_dropout_masks_of_a_key(dtype):
-    model = nets.sequence_model([nets.lstm(5), nets.elman(4)], 7, dropout=0.3)
-    objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
-    params = gradcheck.astype(model.init(jax.random.key(0), (-1, TIME, FEATURES))[1], dtype)
-    x = jax.random.normal(jax.random.key(1), (3, TIME, FEATURES), dtype)
-    targets = jax.random.randint(jax.random.key(2), (3, TIME), 0, 7)
-    v = random_like(jax.random.key(3), params, dtype)
-    key = jax.random.key(4)
-    with jax.default_matmul_precision("highest"):
-        product = jax.jit(gauss_newton_product(model, objective))
-        got = product(params, x, targets, v, key)
-        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
-            params, x, targets, v, key)
-        other = product(params, x, targets, v, jax.random.key(5))
-    assert_close_tree(got, want, dtype, "dropout")
-    assert gradcheck.relative_error(jax.flatten_util.ravel_pytree(got)[0],
-                                    jax.flatten_util.ravel_pytree(other)[0]) > 1e-3
 
 
 def test_recurrent_gauss_newton_matrix_is_the_jacobians_product():
