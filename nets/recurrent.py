@@ -883,14 +883,15 @@ def _check_carry(name: str, what: str, carry: Carry, expected: Carry) -> None:
         raise ValueError(f"{name}: {what} is {describe(carry)}, expected {describe(expected)}")
 
 
-def _check_same_shapes(name: str, what: str, tangent: Any, primal: Any) -> None:
-    """Raise a ValueError unless a tangent has the structure and shapes of its primal: a
-    direction of another shape would be broadcast silently."""
+def _check_like(name: str, what: str, tangent: Any, primal: Any) -> None:
+    """Raise a ValueError unless a tangent has the structure, shapes and dtypes of its primal:
+    a direction of another shape would be broadcast silently, and one of another dtype would
+    fail inside the scan, whose carried tangent has the primal's dtype."""
     def describe(tree):
-        return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+        return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {leaf.dtype}", tree)
 
     if jax.tree.structure(tangent) != jax.tree.structure(primal) or any(
-            tuple(a.shape) != tuple(b.shape)
+            tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype
             for a, b in zip(jax.tree.leaves(tangent), jax.tree.leaves(primal))):
         raise ValueError(f"{name}: {what} is {describe(tangent)}, expected {describe(primal)}")
 
@@ -1014,9 +1015,9 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
     _check_options(name, xs, mask, truncation)
     _check_dtypes(name, params, xs)
     _check_mask(name, mask)
-    _check_same_shapes(name, "dparams", dparams, params)
+    _check_like(name, "dparams", dparams, params)
     if dxs is not None:
-        _check_same_shapes(name, "dxs", dxs, xs)
+        _check_like(name, "dxs", dxs, xs)
     batch, time = xs.shape[:2]
     zeros = cell.initial_carry(batch, xs.dtype)
     carry0 = zeros if carry0 is None else carry0

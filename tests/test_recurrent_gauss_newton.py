@@ -72,6 +72,22 @@ def test_scan_tangent_is_jax_jvp_of_scan_cell(kind, dtype):
     assert float(jnp.max(jnp.abs(jnp.where(MASK[..., None] == 0, masked_dys, 0)))) == 0
 
 
+@pytest.mark.parametrize("time", [0, 1])
+def test_scan_tangent_of_one_step_and_of_none(time):
+    """A sequence of one step is the step tangent itself (jax.jvp of scan_cell); of none,
+    dys is (batch, 0, hidden) and dcarry_T is dcarry0."""
+    cell, params, xs, carry0, (dparams, dxs, dcarry0) = cell_point("lstm", jnp.float64)
+    xs, dxs = xs[:, :time], dxs[:, :time]
+    ys, dys, _, dcarry_T = scan_tangent(cell, params, xs, dparams, dxs, carry0, dcarry0)
+    (_, _), (dys_ref, dcarry_T_ref) = jax.jvp(
+        lambda p, x, c: scan_cell(cell, p, x, c)[:2], (params, xs, carry0),
+        (dparams, dxs, dcarry0))
+    assert dys.shape == ys.shape == (BATCH, time, HIDDEN)
+    assert_close_tree((dys, dcarry_T), (dys_ref, dcarry_T_ref), jnp.float64, f"T = {time}")
+    if time == 0:
+        assert all(np.array_equal(a, b) for a, b in zip(dcarry_T, dcarry0))
+
+
 @pytest.mark.parametrize("kind", ["elman_sigmoid", "lstm_peephole", "gru", "gru_reset_after"])
 def test_scan_tangent_is_the_central_difference_of_the_forward(kind):
     """float64: dys against (ys(w + e v) - ys(w - e v)) / 2e with e = 1e-5, whose error is of
@@ -134,11 +150,18 @@ def test_refusals_name_the_cell_the_argument_and_the_shape():
     with pytest.raises(ValueError, match="layer 'plain_lstm_0' has no tangent"):
         gauss_newton_product(nets.sequence_model([plain], 3),
                              nets.Objective(nets.sequence_cross_entropy()))
-    with pytest.raises(ValueError, match=r"scan_tangent\(lstm\): dparams is .*'w': \(5, 12\)"
-                                         r".*expected .*'w': \(5, 12\)"):
+    with pytest.raises(ValueError, match=r"scan_tangent\(lstm\): dparams is .*'w': '\(5, 12\) "
+                                         r"float32'.*expected .*'b': .*'w': '\(5, 12\) float32'"):
         scan_tangent(cell, params, xs, {"w": params["w"]})
-    with pytest.raises(ValueError, match=r"dxs is \(2, 3, 2\), expected \(2, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"dparams is .*'w': '\(5, 12\) float64'.*expected "
+                                         r".*'w': '\(5, 12\) float32'"):
+        scan_tangent(cell, params, xs, jax.tree.map(lambda a: a.astype(jnp.float64), params))
+    with pytest.raises(ValueError, match=r"dxs is \(2, 3, 2\) float32, expected \(2, 4, 2\) "
+                                         "float32"):
         scan_tangent(cell, params, xs, params, jnp.zeros((2, 3, 2), jnp.float32))
+    with pytest.raises(ValueError, match=r"dxs is \(2, 4, 2\) float64, expected \(2, 4, 2\) "
+                                         "float32"):
+        scan_tangent(cell, params, xs, params, jnp.zeros((2, 4, 2), jnp.float64))
     with pytest.raises(ValueError, match=r"dcarry0 is \('\(3, 3\) float32', '\(3, 3\) float32'"
                                          r"\), expected \('\(2, 3\) float32'"):
         scan_tangent(cell, params, xs, params, dcarry0=(jnp.zeros((3, 3), jnp.float32),) * 2)
