@@ -19,7 +19,9 @@ sequences answered within 0.04 (Hochreiter and Schmidhuber's criterion). Four wa
                 conjugate gradients, G on the first --curvature-examples sequences, every
                 G v one tangent scan and one backward scan through time by hand
                 (`nets.recurrent.scan_tangent`, `bptt`); --hf-batch-size for Martens'
-                mini-batches;
+                mini-batches; --structural-damping mu for Martens and Sutskever's
+                structural damping (lambda mu S added to G + lambda I, S = J_h^T J_h / m
+                of every step's hidden state, `nets.engines.hidden_state_product`);
   sgd           the same net and initial weights, --passes shuffled passes of mini-batches
                 of --batch-size, SGD with momentum 0.9 (--sgd-lr);
   adam          the same with Adam (--adam-lr);
@@ -84,6 +86,8 @@ class Config:
                                      ge=1)
     hf_batch_size: int = option(0, "Hessian-free mini-batch (0: full batch)", ge=0)
     damping: float = option(1.0, "initial Levenberg-Marquardt lambda", gt=0)
+    structural_damping: float = option(0.0, "Martens and Sutskever's mu: lambda mu S added, S "
+                                            "of the hidden states' squared change", ge=0)
     passes: int = option(500, "passes of SGD and of Adam", ge=1)
     batch_size: int = option(50, "SGD's and Adam's mini-batch", ge=1)
     sgd_lr: float = option(0.01, "SGD's step (momentum 0.9)", gt=0)
@@ -115,7 +119,8 @@ def procedure_of(method, config, model, objective, x, targets):
         return procedures.hessian_free(
             model, objective, x, targets, cg_iterations=config.cg_iterations,
             damping=config.damping, curvature_examples=config.curvature_examples,
-            batch_size=config.hf_batch_size or None, stop_tolerance=None), config.hf_steps
+            batch_size=config.hf_batch_size or None, stop_tolerance=None,
+            structural_damping=config.structural_damping), config.hf_steps
     optimizer = (optax.sgd(config.sgd_lr, momentum=0.9) if method == "sgd"
                  else optax.adam(config.adam_lr))
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, forward_with_key, is_count, tangent_with_key
+from nets.layers import Layer, forward_with_key, is_count, serial, tangent_with_key
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
 from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
@@ -50,6 +50,7 @@ __all__ = [
     "accumulated",
     "curvature_diagonal",
     "gauss_newton_product",
+    "hidden_state_product",
 ]
 
 ValueAndGrad = Callable[..., tuple[jax.Array, Any]]  # (params, x, targets, key=None)
@@ -321,5 +322,49 @@ def gauss_newton_product(model: Layer, objective: Objective):
         penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
         gv = jax.tree.map(lambda a, b: a + b, gv, penalty)
         return _dtypes_of(sum_over_added_axes(gv, params), params)
+
+    return product
+
+
+def hidden_state_product(model: Layer, layers: int):
+    """S v = J_h^T J_h v / m by hand: the Gauss-Newton matrix of (1/2m) sum_n |h_n(w + d) -
+    h_n(w)|^2 in d (at d = 0), times v, where h is the output of the first `layers` sublayers
+    of the `serial` model (for a `sequence_model` of one cell, layers=1: every step's hidden
+    state) and m the examples. Martens and Sutskever's (2011) structural damping, with the
+    squared distance between hidden states as its D: added to G + lambda I as lambda mu S,
+    it keeps a step from changing the hidden states much where G alone would allow it
+    (`training.procedures.hessian_free(structural_damping=mu)`).
+
+    Returns `product(params, x, v) -> pytree like params`: J_h v by those layers' tangent
+    passes, J_h^T by their backward passes; zero for the later layers' params. Refused by
+    name: a model with fewer sublayers, layers whose tangent is missing or that draw random
+    numbers (dropout: S is defined here without them), params not one entry per sublayer.
+    """
+    sublayers = model.sublayers
+    if not (is_count(layers) and 1 <= layers <= len(sublayers)):
+        raise ValueError(f"{model.name}: layers must be a whole number in [1, "
+                         f"{len(sublayers)}] (its sublayers), got {layers!r}")
+    prefix = serial(*sublayers[:layers], name=f"{model.name}[:{layers}]")
+    if prefix.tangent is None:
+        raise ValueError(f"{model.name}: layer {_first_without(prefix, 'tangent')!r} has no "
+                         "tangent (forward-mode) pass")
+    if prefix.stochastic:
+        raise ValueError(f"{model.name}: its first {layers} layers draw random numbers "
+                         "(dropout); the hidden-state product is defined without them")
+
+    def product(params, x, v):
+        if not (isinstance(params, (tuple, list)) and len(params) == len(sublayers)):
+            raise ValueError(f"{model.name}: params must hold one entry per sublayer "
+                             f"({len(sublayers)}), got {type(params).__name__} of "
+                             f"{len(params) if isinstance(params, (tuple, list)) else 1}")
+        head = tuple(params[:layers])
+        hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
+        if dhidden is None:  # nothing in the prefix moves
+            dhidden = jnp.zeros_like(hidden)
+        _, residuals = prefix.forward(head, x)
+        back, _ = prefix.backward(head, residuals, dhidden / hidden.shape[0])
+        rest = jax.tree.map(jnp.zeros_like, tuple(params[layers:]))
+        sv = sum_over_added_axes(tuple(back) + rest, tuple(params))
+        return _dtypes_of(type(params)(sv) if isinstance(params, list) else sv, params)
 
     return product

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import engines, losses
-from nets.layers import Layer, forward_with_key, plain_layers
+from nets.layers import Layer, forward_with_key, plain_layers, serial
 from nets.losses import Objective
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "finite_difference_tolerance",
     "gauss_newton_diagonal",
     "gauss_newton_product_reference",
+    "hidden_state_product_reference",
     "hessian_diagonal",
 ]
 
@@ -476,6 +477,21 @@ def gauss_newton_product_reference(model: Layer, objective: Objective):
                                outputs.dtype)
 
         return jax.tree.map(jnp.add, gv, jax.jvp(jax.grad(penalty), (params,), (v,))[1])
+
+    return product
+
+
+def hidden_state_product_reference(model: Layer, layers: int):
+    """J_h^T J_h v / m by jax alone, the reference for `engines.hidden_state_product`: `jax.jvp`
+    and `jax.vjp` of the apply of the `serial` model's first `layers` sublayers, zero for the
+    later layers' params. Returns `product(params, x, v)`."""
+    prefix = serial(*model.sublayers[:layers])
+
+    def product(params, x, v):
+        head = tuple(params[:layers])
+        hidden, dhidden = jax.jvp(lambda p: prefix.apply(p, x), (head,), (tuple(v[:layers]),))
+        (back,) = jax.vjp(lambda p: prefix.apply(p, x), head)[1](dhidden / hidden.shape[0])
+        return tuple(back) + jax.tree.map(jnp.zeros_like, tuple(params[layers:]))
 
     return product
 

@@ -11,8 +11,8 @@ import pytest
 
 import nets
 from experiments import hessian_free as experiment
-from nets import gradcheck
-from tests.helpers import F64, assert_refused_before_the_run
+from nets import engines, gradcheck
+from tests.helpers import F64, assert_close_tree, assert_refused_before_the_run, random_like
 from training import procedures
 
 
@@ -185,6 +185,56 @@ def test_a_batch_of_all_the_examples_is_the_full_batch_run():
     assert np.allclose(runs[0].history["energy"], runs[1].history["energy"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("cells, layers", [(("elman",), 1), (("lstm", "gru"), 2),
+                                            (("gru_reset_after",), 2)],
+                         ids=["elman_states", "two_layers_states", "through_the_last_step"])
+def test_hidden_state_product_is_jax_jvp_then_vjp(cells, layers, dtype):
+    """S v = J_h^T J_h v / m by the tangent and backward passes of the first layers, against
+    jax.jvp and jax.vjp of their apply; zero for the later layers' params."""
+    model = nets.sequence_model([nets.recurrent.make_cell(kind, 4) for kind in cells], 2,
+                                last_step=True)
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 5, 3))[1], dtype)
+    x = jax.random.normal(jax.random.key(1), (6, 5, 3), dtype)
+    v = random_like(jax.random.key(2), params, dtype)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(engines.hidden_state_product(model, layers))(params, x, v)
+        want = jax.jit(gradcheck.hidden_state_product_reference(model, layers))(params, x, v)
+    assert_close_tree(got, want, dtype, f"{cells}[:{layers}]")
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0 for leaf in jax.tree.leaves(got[layers:]))
+    assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(got[:layers]))
+
+
+def test_structural_damping_adds_lambda_mu_times_the_hidden_states_matrix():
+    """A Dense layer as the one "hidden" layer of a serial model: h is the output, so S =
+    J^T J / m (NumPy), and one step on the quadratic E is -(G + lambda I + lambda mu S)^-1 g."""
+    _, objective, params, x, targets, gauss_newton = linear_problem(l2=0.3)
+    model = nets.serial(nets.Dense(2))
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=16,
+                                        damping=0.5, structural_damping=2.0)
+    state = procedure.init((params,), jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    flat = np.asarray(jax.flatten_util.ravel_pytree(params)[0])
+    g = np.asarray(jax.flatten_util.ravel_pytree(state.grad)[0])
+    structural = linear_gauss_newton(np.asarray(x), 0.0)
+    expected = flat - np.linalg.solve(gauss_newton + 0.5 * np.eye(8) + 0.5 * 2.0 * structural, g)
+    got = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0])
+    assert np.linalg.norm(got - expected) <= 1e-12 * np.linalg.norm(expected)
+    assert bool(record["accepted"])
+
+
+def test_hidden_state_product_refusals():
+    model = nets.sequence_model([nets.elman(3)], 2, last_step=True)
+    with pytest.raises(ValueError, match=r"sequence_model: layers must be a whole number in "
+                                         r"\[1, 3\] \(its sublayers\), got 4"):
+        engines.hidden_state_product(model, 4)
+    dropped = nets.sequence_model([nets.elman(3)], 2, last_step=True, dropout=0.5)
+    with pytest.raises(ValueError, match="its first 1 layers draw random numbers"):
+        engines.hidden_state_product(dropped, 1)
+    with pytest.raises(ValueError, match=r"params must hold one entry per sublayer \(3\), got "
+                                         "tuple of 2"):
+        engines.hidden_state_product(model, 1)((1, 2), jnp.zeros((1, 4, 3)), (1, 2))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(cg_iterations=0), "cg_iterations must be an int >= 1, got 0"),
     (dict(damping=0.0), "damping must be > 0, got 0.0"),
@@ -196,6 +246,7 @@ def test_a_batch_of_all_the_examples_is_the_full_batch_run():
                          "got 7"),
     (dict(batch_size=3, curvature_examples=4), r"curvature_examples must be in \[1, 3\] "
                                                r"\(batch_size\), got 4"),
+    (dict(structural_damping=-1.0), "structural_damping must be >= 0, got -1.0"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     model, objective, _, x, targets, _ = linear_problem()

@@ -716,7 +716,8 @@ def hessian_free(
     curvature_examples: int | None = None, preconditioner: str = "diagonal",
     preconditioner_exponent: float = 0.75, stop_window: int = 50,
     stop_tolerance: float | None = 1e-6, monitor: Monitor | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = None, structural_damping: float = 0.0,
+    structural_layers: int = 1,
 ) -> Procedure:
     """Hessian-free optimisation (Martens 2010): Newton-like steps from Gauss-Newton
     products, full batch on (x, targets) (x (n, ...), targets (n, ...)) or, with
@@ -743,6 +744,13 @@ def hessian_free(
     (the state's grad, its gradient before), and a step refused on its batch keeps the
     params. None: every step on all n examples.
 
+    structural_damping=mu > 0 (Martens and Sutskever 2011, for recurrent nets): the system is
+    (G + lambda I + lambda mu S) d = -g, S = J_h^T J_h / m the Gauss-Newton matrix of the
+    squared change of the hidden states h, the outputs of the serial model's first
+    `structural_layers` sublayers (`nets.engines.hidden_state_product`; for a one-cell
+    `sequence_model`, 1: every step's state), on the same examples as G. It damps the
+    directions that move the hidden states, which G of the outputs alone may let grow.
+
     A run is a `lax.scan` of steps (`run`); the state checkpoints and resumes as the other
     procedures' do (opt_state: `HessianFreeState`). Records per step: energy, damping (the
     lambda the step used), rho, accepted, cg_residual (|r| / |g| after the conjugate
@@ -762,6 +770,8 @@ def hessian_free(
     if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size <= n):
         raise ValueError(f"{name}: batch_size must be an int in [1, {n}] (the examples) or "
                          f"None, got {batch_size!r}")
+    if not structural_damping >= 0:
+        raise ValueError(f"{name}: structural_damping must be >= 0, got {structural_damping!r}")
     per_step = n if batch_size is None else batch_size
     if curvature_examples is not None and not 1 <= curvature_examples <= per_step:
         where = "the examples" if batch_size is None else "batch_size"
@@ -770,6 +780,8 @@ def hessian_free(
     value_and_grad = engines.manual(model, objective)
     product = engines.gauss_newton_product(model, objective)
     diagonal = engines.curvature_diagonal(model, objective)
+    hidden_product = (engines.hidden_state_product(model, structural_layers)
+                      if structural_damping else None)
 
     def energy_of(params, x, targets):
         return objective.value(params, model.apply(params, x), targets)
@@ -808,8 +820,15 @@ def hessian_free(
             h = jax.flatten_util.ravel_pytree(
                 diagonal(params, x_curvature, targets_curvature))[0]
             inverse_preconditioner = (h + hf.damping) ** -preconditioner_exponent
-        d, residual = conjugate_gradient(lambda v: gauss_newton(v) + hf.damping * v, -g,
-                                         decay * hf.direction, cg_iterations,
+        def damped(v):
+            product = gauss_newton(v) + hf.damping * v
+            if hidden_product is None:
+                return product
+            structural = jax.flatten_util.ravel_pytree(
+                hidden_product(params, x_curvature, unravel(v)))[0]
+            return product + (hf.damping * structural_damping) * structural
+
+        d, residual = conjugate_gradient(damped, -g, decay * hf.direction, cg_iterations,
                                          inverse_preconditioner)
         model_decrease = g @ d + 0.5 * d @ gauss_newton(d)
         new_params = unravel(flat_params + d)
