@@ -51,6 +51,7 @@ __all__ = [
     "curvature_diagonal",
     "gauss_newton_product",
     "hidden_state_product",
+    "structurally_damped_product",
 ]
 
 ValueAndGrad = Callable[..., tuple[jax.Array, Any]]  # (params, x, targets, key=None)
@@ -340,6 +341,61 @@ def hidden_state_product(model: Layer, layers: int):
     name: a model with fewer sublayers, layers whose tangent is missing or that draw random
     numbers (dropout: S is defined here without them), params not one entry per sublayer.
     """
+    prefix = _hidden_prefix(model, layers)
+
+    def product(params, x, v):
+        _check_per_sublayer(model, params)
+        head = tuple(params[:layers])
+        hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
+        if dhidden is None:  # nothing in the prefix moves
+            dhidden = jnp.zeros_like(hidden)
+        _, residuals = prefix.forward(head, x)
+        back, _ = prefix.backward(head, residuals, dhidden / hidden.shape[0])
+        rest = jax.tree.map(jnp.zeros_like, tuple(params[layers:]))
+        return _as_params(tuple(back) + rest, params)
+
+    return product
+
+
+def structurally_damped_product(model: Layer, objective: Objective, layers: int):
+    """(G + weight S) v in one tangent and one backward pass, by hand: G v as
+    `gauss_newton_product` gives it, S v as `hidden_state_product(model, layers)`, but the
+    tangent of the hidden states h is the one the outputs' tangent passes through, and
+    (weight/m) J_h v joins the gradient arriving at h before the first layers' backward
+    runs once: S costs next to nothing (Martens and Sutskever 2011 share the passes too).
+    Returns `product(params, x, targets, v, weight)` (no key: a model with dropout runs at
+    inference, as `gauss_newton_product` without one); refusals as both products'."""
+    gauss_newton_product(model, objective)
+    prefix = _hidden_prefix(model, layers)
+    rest_layers = model.sublayers[layers:]
+    suffix = serial(*rest_layers, name=f"{model.name}[{layers}:]") if rest_layers else None
+
+    def product(params, x, targets, v, weight):
+        _check_per_sublayer(model, params)
+        head, tail = tuple(params[:layers]), tuple(params[layers:])
+        hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
+        if dhidden is None:
+            dhidden = jnp.zeros_like(hidden)
+        _, head_residuals = prefix.forward(head, x)
+        if suffix is None:
+            outputs, doutputs = hidden, dhidden
+        else:
+            outputs, doutputs = suffix.tangent(tail, hidden, tuple(v[layers:]), dhidden)
+            _, tail_residuals = suffix.forward(tail, hidden)
+        m = outputs.shape[0]
+        u = objective.loss.hessian_vector(outputs, targets, doutputs)
+        dtail, dhidden_back = ((), u) if suffix is None else suffix.backward(
+            tail, tail_residuals, u)
+        dhead, _ = prefix.backward(head, head_residuals, dhidden_back + (weight / m) * dhidden)
+        penalty = l2_penalty_grad(tuple(v), objective.l2, m)
+        return _as_params(jax.tree.map(jnp.add, tuple(dhead) + tuple(dtail), penalty), params)
+
+    return product
+
+
+def _hidden_prefix(model: Layer, layers: int) -> Layer:
+    """The `serial` model's first `layers` sublayers as one layer, refused by name where it
+    cannot give the hidden-state product."""
     sublayers = model.sublayers
     if not (is_count(layers) and 1 <= layers <= len(sublayers)):
         raise ValueError(f"{model.name}: layers must be a whole number in [1, "
@@ -351,20 +407,19 @@ def hidden_state_product(model: Layer, layers: int):
     if prefix.stochastic:
         raise ValueError(f"{model.name}: its first {layers} layers draw random numbers "
                          "(dropout); the hidden-state product is defined without them")
+    return prefix
 
-    def product(params, x, v):
-        if not (isinstance(params, (tuple, list)) and len(params) == len(sublayers)):
-            raise ValueError(f"{model.name}: params must hold one entry per sublayer "
-                             f"({len(sublayers)}), got {type(params).__name__} of "
-                             f"{len(params) if isinstance(params, (tuple, list)) else 1}")
-        head = tuple(params[:layers])
-        hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
-        if dhidden is None:  # nothing in the prefix moves
-            dhidden = jnp.zeros_like(hidden)
-        _, residuals = prefix.forward(head, x)
-        back, _ = prefix.backward(head, residuals, dhidden / hidden.shape[0])
-        rest = jax.tree.map(jnp.zeros_like, tuple(params[layers:]))
-        sv = sum_over_added_axes(tuple(back) + rest, tuple(params))
-        return _dtypes_of(type(params)(sv) if isinstance(params, list) else sv, params)
 
-    return product
+def _check_per_sublayer(model: Layer, params: Any) -> None:
+    sublayers = model.sublayers
+    if not (isinstance(params, (tuple, list)) and len(params) == len(sublayers)):
+        raise ValueError(f"{model.name}: params must hold one entry per sublayer "
+                         f"({len(sublayers)}), got {type(params).__name__} of "
+                         f"{len(params) if isinstance(params, (tuple, list)) else 1}")
+
+
+def _as_params(per_sublayer: tuple, params: Any) -> Any:
+    """A per-sublayer tuple of gradients as params are held (tuple or list), each leaf
+    summed over the mesh axes it gained and in its parameter's dtype."""
+    summed = sum_over_added_axes(per_sublayer, tuple(params))
+    return _dtypes_of(list(summed) if isinstance(params, list) else summed, params)

@@ -20,11 +20,13 @@ def test_experiment_writes_every_method_seed_and_record(tmp_path):
     metrics = experiment.main([
         "--workdir", str(tmp_path), "--lengths", "8", "--hidden", "4", "--examples", "60",
         "--test-examples", "30", "--curvature-examples", "20", "--hf-steps", "4",
-        "--cg-iterations", "5", "--passes", "2", "--records", "2", "--seeds", "2"])
+        "--cg-iterations", "5", "--passes", "2", "--records", "2", "--seeds", "2",
+        "--structural-damping", "0.1"])
     assert set(metrics) == {"8"}
     assert all(set(per_length) == set(experiment.METHODS) for per_length in metrics.values())
     document = json.loads((tmp_path / "results.json").read_text())
     history = document["history"]
+    assert document["config"]["structural_damping"] == 0.1
     for length in (8,):
         for method, steps in (("hessian_free", [0, 2, 4]), ("sgd", [0, 1, 2]),
                               ("adam", [0, 1, 2]), ("lstm_adam", [0, 1, 2])):

@@ -204,6 +204,25 @@ def test_hidden_state_product_is_jax_jvp_then_vjp(cells, layers, dtype):
     assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(got[:layers]))
 
 
+@pytest.mark.parametrize("layers", [1, 3], ids=["states", "everything"])
+def test_structurally_damped_product_is_g_v_plus_weight_times_s_v(layers, dtype):
+    """One pass for both against jax's G v plus weight times jax's S v (the references of
+    the two products), with L2, the hidden states every step's (1 layer) or the outputs
+    themselves (all 3: S is then J^T J / m of the outputs)."""
+    model = nets.sequence_model([nets.lstm(4)], 3, last_step=True)
+    objective = nets.Objective(nets.softmax_cross_entropy(), 0.2)
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 5, 3))[1], dtype)
+    x = jax.random.normal(jax.random.key(1), (6, 5, 3), dtype)
+    targets = jax.nn.one_hot(jnp.arange(6) % 3, 3, dtype=dtype)
+    v = random_like(jax.random.key(2), params, dtype)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(engines.structurally_damped_product(model, objective, layers))(
+            params, x, targets, v, 0.7)
+        g_v = gradcheck.gauss_newton_product_reference(model, objective)(params, x, targets, v)
+        s_v = gradcheck.hidden_state_product_reference(model, layers)(params, x, v)
+    assert_close_tree(got, jax.tree.map(lambda a, b: a + 0.7 * b, g_v, s_v), dtype, "G + 0.7 S")
+
+
 def test_structural_damping_adds_lambda_mu_times_the_hidden_states_matrix():
     """A Dense layer as the one "hidden" layer of a serial model: h is the output, so S =
     J^T J / m (NumPy), and one step on the quadratic E is -(G + lambda I + lambda mu S)^-1 g."""

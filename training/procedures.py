@@ -748,7 +748,8 @@ def hessian_free(
     (G + lambda I + lambda mu S) d = -g, S = J_h^T J_h / m the Gauss-Newton matrix of the
     squared change of the hidden states h, the outputs of the serial model's first
     `structural_layers` sublayers (`nets.engines.hidden_state_product`; for a one-cell
-    `sequence_model`, 1: every step's state), on the same examples as G. It damps the
+    `sequence_model`, 1: every step's state), on the same examples as G, both in one tangent
+    and one backward pass (`nets.engines.structurally_damped_product`). It damps the
     directions that move the hidden states, which G of the outputs alone may let grow.
 
     A run is a `lax.scan` of steps (`run`); the state checkpoints and resumes as the other
@@ -780,7 +781,8 @@ def hessian_free(
     value_and_grad = engines.manual(model, objective)
     product = engines.gauss_newton_product(model, objective)
     diagonal = engines.curvature_diagonal(model, objective)
-    hidden_product = (engines.hidden_state_product(model, structural_layers)
+    damped_product = (engines.structurally_damped_product(model, objective,
+                                                          structural_layers)
                       if structural_damping else None)
 
     def energy_of(params, x, targets):
@@ -821,12 +823,11 @@ def hessian_free(
                 diagonal(params, x_curvature, targets_curvature))[0]
             inverse_preconditioner = (h + hf.damping) ** -preconditioner_exponent
         def damped(v):
-            product = gauss_newton(v) + hf.damping * v
-            if hidden_product is None:
-                return product
-            structural = jax.flatten_util.ravel_pytree(
-                hidden_product(params, x_curvature, unravel(v)))[0]
-            return product + (hf.damping * structural_damping) * structural
+            if damped_product is None:
+                return gauss_newton(v) + hf.damping * v
+            return jax.flatten_util.ravel_pytree(damped_product(
+                params, x_curvature, targets_curvature, unravel(v),
+                hf.damping * structural_damping))[0] + hf.damping * v
 
         d, residual = conjugate_gradient(damped, -g, decay * hf.direction, cg_iterations,
                                          inverse_preconditioner)
