@@ -870,30 +870,19 @@ def _check_dtypes(name: str, params: Params, xs: jax.Array) -> None:
                          "them to one dtype")
 
 
-def _check_carry(name: str, what: str, carry: Carry, expected: Carry) -> None:
-    """Raise a ValueError unless carry has the structure, shapes and dtypes of expected (the
-    cell's `initial_carry` for this batch and dtype): the gated cells would broadcast a
-    carry of another batch size silently."""
+def _check_like(name: str, what: str, value: Any, expected: Any) -> None:
+    """Raise a ValueError unless value has the structure, shapes and dtypes of expected: a
+    carry against the cell's `initial_carry` for this batch and dtype (the gated cells would
+    broadcast a carry of another batch size silently), a direction against its primal (one
+    of another shape would be broadcast, one of another dtype fail inside the scan, whose
+    carried tangent has the primal's dtype)."""
     def describe(tree):
         return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {leaf.dtype}", tree)
 
-    if jax.tree.structure(carry) != jax.tree.structure(expected) or any(
+    if jax.tree.structure(value) != jax.tree.structure(expected) or any(
             tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype
-            for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(expected))):
-        raise ValueError(f"{name}: {what} is {describe(carry)}, expected {describe(expected)}")
-
-
-def _check_like(name: str, what: str, tangent: Any, primal: Any) -> None:
-    """Raise a ValueError unless a tangent has the structure, shapes and dtypes of its primal:
-    a direction of another shape would be broadcast silently, and one of another dtype would
-    fail inside the scan, whose carried tangent has the primal's dtype."""
-    def describe(tree):
-        return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {leaf.dtype}", tree)
-
-    if jax.tree.structure(tangent) != jax.tree.structure(primal) or any(
-            tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype
-            for a, b in zip(jax.tree.leaves(tangent), jax.tree.leaves(primal))):
-        raise ValueError(f"{name}: {what} is {describe(tangent)}, expected {describe(primal)}")
+            for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(expected))):
+        raise ValueError(f"{name}: {what} is {describe(value)}, expected {describe(expected)}")
 
 
 def _concrete(array: Any) -> np.ndarray | None:
@@ -969,7 +958,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     zeros = cell.initial_carry(batch, xs.dtype)
     if carry0 is None:
         carry0 = zeros
-    _check_carry(name, "carry0", carry0, zeros)
+    _check_like(name, "carry0", carry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     weights = cell.step_weights(params)
     carry0 = vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm)))
@@ -1022,8 +1011,8 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
     zeros = cell.initial_carry(batch, xs.dtype)
     carry0 = zeros if carry0 is None else carry0
     dcarry0 = zeros if dcarry0 is None else dcarry0
-    _check_carry(name, "carry0", carry0, zeros)
-    _check_carry(name, "dcarry0", dcarry0, zeros)
+    _check_like(name, "carry0", carry0, zeros)
+    _check_like(name, "dcarry0", dcarry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     dxs_tm = None if dxs is None else jnp.swapaxes(dxs, 0, 1)
     carries0 = vary_like((carry0, dcarry0), varying_axes((xs, dxs, params, dparams, carry0,
@@ -1092,7 +1081,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResidua
     zeros = cell.initial_carry(batch, dys.dtype)
     if dcarry_T is None:
         dcarry_T = zeros
-    _check_carry(f"bptt({cell.name})", "dcarry_T", dcarry_T, zeros)
+    _check_like(f"bptt({cell.name})", "dcarry_T", dcarry_T, zeros)
     weights = params if cell.backward_weights is None else cell.backward_weights(params)
     # the running sum has the shapes of one step's gradient (its parts, where the cell has
     # them), read off shapes alone so that a sequence of 0 steps works too
