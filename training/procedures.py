@@ -822,6 +822,7 @@ def hessian_free(
             h = jax.flatten_util.ravel_pytree(
                 diagonal(params, x_curvature, targets_curvature))[0]
             inverse_preconditioner = (h + hf.damping) ** -preconditioner_exponent
+
         def damped(v):
             if damped_product is None:
                 return gauss_newton(v) + hf.damping * v
