@@ -51,9 +51,9 @@ Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults, seeds 0-2 (--seed
 At T = 100 Hessian-free sits at the mean's error for about 30 steps and then solves every
 seed; Adam given its time (--passes 1000, 75 s) ends at 4.9e-3 and 40.9%, SGD at the mean's
 error still (0.183, 8.0%). With --structural-damping 0.03 (--methods hessian_free): T = 100,
-seeds 0-2, 4.7e-5 and 99.9% in 72 s, below 0.01 after 19 s (43 s without); T = 200, seed 0,
-9.5e-4 and 99.7% in 155 s, where without it 100 steps end at 1.0e-2 and 39.3% (130 s) and
-mu = 0.3 stalls at 0.110.
+seeds 0-2, 4.7e-5 and 99.9% in 72 s, below 0.01 after 19 s (43 s without); T = 200, seeds
+0-2, 3.9e-4 and 99.3% in 152-158 s, where without it 100 steps end at 5.9e-2 and 45.0%
+(one seed at the mean's error throughout) and mu = 0.3 stalls at 0.110 (seed 0).
 """
 from __future__ import annotations
 
