@@ -1064,8 +1064,28 @@ def Conv2D(
             dy = dy + forward_product(call._replace(pad_value=0.0), dx, masked(params["w"]))[0]
         return y, dy
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """y = conv(xp, w) + b is bilinear in (w, xp): the backward's products, each moved
+        in both factors, R{dw} = corr(v_x padded with zeros, g_y) + corr(xp, R{g_y}), R{db}
+        = the bias sum of R{g_y}, R{dx} = conv^T(R{g_y}, w) + conv^T(g_y, v_w), all by this
+        implementation's own transposed products."""
+        check_forward_input(params, x)
+        call = call_geometry(x.shape[1:3])
+        forward_product, transpose_product = products(call)
+        residuals = (x, forward_product(call, x, masked(params["w"]))[1])
+        g_params, g_x = transpose(params["w"], residuals, g_y, 1)
+        r_g_params, r_g_x = transpose(params["w"], residuals, r_g_y, 1)
+        r_g_x = r_g_x + transpose(v_params["w"], residuals, g_y, 1)[1]
+        if v_x is not None:
+            still_border = call._replace(pad_value=0.0)
+            saved = forward_product(still_border, v_x, masked(params["w"]))[1]
+            r_w, _ = transpose_product(still_border, v_x, saved, masked(params["w"]), g_y, 1)
+            r_g_params = {**r_g_params, "w": r_g_params["w"] + masked(r_w)}
+        return g_params, g_x, r_g_params, r_g_x
+
     return Layer(name, init, forward, backward, curvature=curvature,
-                 factors=factors if groups == 1 else None, tangent=tangent)
+                 factors=factors if groups == 1 else None, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def _input_sizes(out: int, k: int, s: int, padding, pads: tuple[int, int]) -> str:

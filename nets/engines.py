@@ -50,6 +50,7 @@ __all__ = [
     "accumulated",
     "curvature_diagonal",
     "gauss_newton_product",
+    "hessian_product",
     "hidden_state_product",
     "structurally_damped_product",
 ]
@@ -323,6 +324,45 @@ def gauss_newton_product(model: Layer, objective: Objective):
         penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
         gv = jax.tree.map(lambda a, b: a + b, gv, penalty)
         return _dtypes_of(sum_over_added_axes(gv, params), params)
+
+    return product
+
+
+def hessian_product(model: Layer, objective: Objective):
+    """H v, the exact Hessian of E times a direction v, by hand: Pearlmutter's (1994)
+    R-operator run through backpropagation,
+
+        H v = R{dE/dparams} = (J^T H_loss J + sum_units g_unit * (their second derivatives)) v
+              + (lambda/m) v_w.
+
+    Returns `product(params, x, targets, v) -> pytree like params`. The layers' tangent passes
+    give the outputs' R{z} = J v, the loss's Hessian gives R{dE/dz} = H_loss J v
+    (`Loss.hessian_vector`), and the layers' `backward_tangent` passes (nets/layers.py) carry
+    the gradient and its R{} back together: where the Gauss-Newton product
+    (`gauss_newton_product`) runs J^T alone, each layer here adds what its own second
+    derivatives make of the gradient passing through it (an activation's g f''(x) v_x, a
+    product's g v_w^T and v_x^T g). One tangent pass and one backward pass of twice the work,
+    no matrix formed. H is indefinite away from a minimum; it equals G where the outputs are
+    linear in the parameters, and differs from G by the terms weighted by the residual
+    gradient elsewhere. A model with a layer that has no `backward_tangent` (dropout, the
+    normalisations, attention, the recurrent layers, a user's) is refused by name.
+    """
+    if model.backward_tangent is None:
+        raise ValueError(f"{model.name}: layer {_first_without(model, 'backward_tangent')!r} "
+                         "has no backward_tangent (R-operator) pass")
+    if objective.loss.hessian_vector is None:
+        raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
+
+    def product(params, x, targets, v):
+        outputs, doutputs = model.tangent(params, x, v, None)
+        if doutputs is None:  # nothing in the model moves its outputs
+            doutputs = jnp.zeros_like(outputs)
+        g_outputs = objective.loss.grad(outputs, targets)
+        r_g_outputs = objective.loss.hessian_vector(outputs, targets, doutputs)
+        _, _, hv, _ = model.backward_tangent(params, x, v, None, g_outputs, r_g_outputs)
+        penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
+        hv = jax.tree.map(lambda a, b: a + b, hv, penalty)
+        return _dtypes_of(sum_over_added_axes(hv, params), params)
 
     return product
 

@@ -52,6 +52,7 @@ __all__ = [
     "finite_difference_tolerance",
     "gauss_newton_diagonal",
     "gauss_newton_product_reference",
+    "hessian_product_reference",
     "hidden_state_product_reference",
     "hessian_diagonal",
 ]
@@ -477,6 +478,20 @@ def gauss_newton_product_reference(model: Layer, objective: Objective):
                                outputs.dtype)
 
         return jax.tree.map(jnp.add, gv, jax.jvp(jax.grad(penalty), (params,), (v,))[1])
+
+    return product
+
+
+def hessian_product_reference(model: Layer, objective: Objective):
+    """H v by jax alone, the reference for `engines.hessian_product`: `jax.jvp` of `jax.grad`
+    of E (the model's apply, the loss's value and the L2 penalty; forward over reverse).
+    Returns `product(params, x, targets, v)`."""
+
+    def product(params, x, targets, v):
+        def energy(p):
+            return objective.value(p, model.apply(p, x), targets)
+
+        return jax.jvp(jax.grad(energy), (params,), (v,))[1]
 
     return product
 

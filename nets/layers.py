@@ -9,6 +9,8 @@ The contract (README, "The contracts"), shared by every layer and by the combina
     apply(params, x)                -> y            # forward without the residuals
     curvature(params, residuals, d2y) -> (d2params, d2x)   # optional, see below
     tangent(params, x, dparams, dx) -> (y, dy)              # optional, see below
+    backward_tangent(params, x, v_params, v_x, g_y, r_g_y)
+                    -> (g_params, g_x, r_g_params, r_g_x)    # optional, see below
 
 A layer that draws random numbers (dropout) is marked `stochastic` and its forward also takes
 a keyword `key`: `forward(params, x, key=None)`, key None meaning inference (no draw). The
@@ -50,6 +52,20 @@ layer's tangent also takes a keyword `key`, drawing what its forward draws with 
 net it gives the Jacobian-vector product J v of the outputs for a parameter direction v, the
 half of the Gauss-Newton product G v = J^T H J v that the backward pass cannot give
 (`nets.engines.gauss_newton_product`; Schraudolph 2002). Layers without it leave it None.
+
+`backward_tangent` (optional) is the backward pass together with its directional derivative
+along a parameter direction v: Pearlmutter's (1994) R-operator applied to backpropagation,
+written by hand. From the layer's input x, its tangent v_x = R{x} (None for zero: the net's
+input), the parameters' direction v_params, the gradient arriving at the output g_y = dE/dy
+and its tangent r_g_y = R{g_y}, it returns the backward pass's gradients g_params, g_x and
+their tangents r_g_params = R{g_params}, r_g_x = R{g_x}. Each layer's R{backward} is the
+derivative of its backward in all three of its inputs: for y = x w, g_w = x^T g_y moves to
+v_x^T g_y + x^T r_g_y and g_x = g_y w^T to r_g_y w^T + g_y v_w^T; for y = f(x), g_x = g_y
+f'(x) moves to r_g_y f'(x) + g_y f''(x) v_x, where the second derivatives that Gauss-Newton
+drops come in. Run from the loss (r_g at the outputs = the loss's Hessian times J v) back
+through a net, r_g_params is the exact Hessian's product H v
+(`nets.engines.hessian_product`). The layer recomputes what it needs from x; under jit XLA
+shares it with the forward pass. Layers without it leave it None.
 """
 from __future__ import annotations
 
@@ -92,6 +108,7 @@ __all__ = [
     "layer_keys",
     "StaticShape",
     "Factors",
+    "linear_backward_tangent",
 ]
 
 Shape = tuple[int, ...]
@@ -114,6 +131,8 @@ class Factors(NamedTuple):
 FactorsFn = Callable[[Params, jax.Array, jax.Array], dict[str, Factors]]
 TangentFn = Callable[[Params, jax.Array, Params, jax.Array | None],
                      tuple[jax.Array, jax.Array | None]]
+BackwardTangentFn = Callable[[Params, jax.Array, Params, jax.Array | None, jax.Array, jax.Array],
+                             tuple[Params, jax.Array, Params, jax.Array]]
 
 
 @jax.tree_util.register_static
@@ -135,6 +154,8 @@ class Layer(NamedTuple):
     `stochastic` marks a forward that takes a keyword `key` (module docstring). `factors`
     is the optional per-example gradient as products (module docstring). `tangent` is the
     optional forward-mode pass `(params, x, dparams, dx) -> (y, dy)` (module docstring).
+    `backward_tangent` is the optional R-operator of the backward pass, `(params, x,
+    v_params, v_x, g_y, r_g_y) -> (g_params, g_x, r_g_params, r_g_x)` (module docstring).
     """
 
     name: str
@@ -146,6 +167,7 @@ class Layer(NamedTuple):
     stochastic: bool = False
     factors: FactorsFn | None = None
     tangent: TangentFn | None = None
+    backward_tangent: BackwardTangentFn | None = None
 
     def apply(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The layer's output: `forward` without the residuals (key: `forward_with_key`)."""
@@ -275,8 +297,18 @@ def Dense(
         dy = x @ dparams["w"] + dparams["b"][None, :]
         return y, dy if dx is None else dy + dx @ params["w"]
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """The backward's products, each moved in both factors: R{dw} = v_x^T g_y +
+        x^T R{g_y}, R{db} = sum_batch R{g_y}, R{dx} = R{g_y} w^T + g_y v_w^T."""
+        check_input(name, x, (-1, params["w"].shape[0]))
+        g_params, g_x = backward(params, x, g_y)
+        r_g_params, r_g_x = backward(params, x, r_g_y)
+        if v_x is not None:
+            r_g_params["w"] = r_g_params["w"] + weight_gradient(v_x, g_y)
+        return g_params, g_x, r_g_params, r_g_x + g_y @ v_params["w"].T
+
     return Layer(name, init, forward, backward, curvature=curvature, factors=factors,
-                 tangent=tangent)
+                 tangent=tangent, backward_tangent=backward_tangent)
 
 
 def Embedding(
@@ -401,7 +433,17 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
         c = jnp.asarray(centres, x.dtype)
         return s, 2 * (dx @ c.T) - 2 * jnp.sum(x * dx, axis=1, keepdims=True)
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_s, r_g_s):
+        """R{dx} = -2 (x sum_i R{ds_i} - R{ds} c) - 2 v_x sum_i ds_i (the quadratic's own
+        second derivative, 2 per unit, times the gradient)."""
+        _, g_x = backward(params, x, g_s)
+        _, r_g_x = backward(params, x, r_g_s)
+        if v_x is not None:
+            r_g_x = r_g_x - 2 * v_x * jnp.sum(g_s, axis=1, keepdims=True)
+        return (), g_x, (), r_g_x
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def elementwise(
@@ -409,14 +451,17 @@ def elementwise(
     derivative: Callable[[jax.Array], jax.Array],
     *,
     of: str = "output",
+    second_derivative: Callable[[jax.Array], jax.Array] | None = None,
     name: str = "elementwise",
 ) -> Layer:
     """A parameter-free layer y = f(x), applied entry by entry, from f and its derivative.
 
     of="output": `derivative(y)` gives f'(x) from the output (f invertible: sigmoid's
     y (1 - y)), and the residual is y; of="input": `derivative(x)`, and the residual is x.
+    `second_derivative` gives f''(x) from the same (optional; without it the layer has no
+    backward_tangent).
     backward: dx = dy * f'(x); curvature (Gauss-Newton, f'' dropped): d2x = d2y * f'(x)^2;
-    tangent: dy = f'(x) dx.
+    tangent: dy = f'(x) dx; backward_tangent: R{dx} = R{dy} f'(x) + dy f''(x) R{x}.
     Shapes: any; y, dx and d2x have x's shape and dtype.
     """
     if of not in ("output", "input"):
@@ -445,60 +490,86 @@ def elementwise(
         y, kept = forward(params, x)
         return y, None if dx is None else dx * derivative(kept)
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """g_x = g_y f'(x); R{g_x} = R{g_y} f'(x) + g_y f''(x) v_x."""
+        _, kept = forward(params, x)
+        slope = derivative(kept)
+        r_g_x = r_g_y * slope
+        if v_x is not None:
+            r_g_x = r_g_x + g_y * second_derivative(kept) * v_x
+        return (), g_y * slope, (), r_g_x
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=None if second_derivative is None else backward_tangent)
 
 
 def Sigmoid(name: str = "Sigmoid") -> Layer:
-    """Logistic unit y = 1 / (1 + exp(-x)); backward: dx = dy * y * (1 - y) (the lecture's)."""
-    return elementwise(jax.nn.sigmoid, lambda y: y * (1 - y), name=name)
+    """Logistic unit y = 1 / (1 + exp(-x)); backward: dx = dy * y * (1 - y) (the lecture's);
+    f''(x) = y (1 - y) (1 - 2 y)."""
+    return elementwise(jax.nn.sigmoid, lambda y: y * (1 - y),
+                       second_derivative=lambda y: y * (1 - y) * (1 - 2 * y), name=name)
 
 
 def Tanh(name: str = "Tanh") -> Layer:
-    """y = tanh(x); backward: dx = dy * (1 - y^2)."""
-    return elementwise(jnp.tanh, lambda y: 1 - y * y, name=name)
+    """y = tanh(x); backward: dx = dy * (1 - y^2); f''(x) = -2 y (1 - y^2)."""
+    return elementwise(jnp.tanh, lambda y: 1 - y * y,
+                       second_derivative=lambda y: -2 * y * (1 - y * y), name=name)
 
 
 def Relu(name: str = "Relu") -> Layer:
-    """y = max(x, 0); backward: dx = dy * [y > 0] (the subgradient at 0 is taken as 0)."""
-    return elementwise(jax.nn.relu, lambda y: (y > 0).astype(y.dtype), name=name)
+    """y = max(x, 0); backward: dx = dy * [y > 0] (the subgradient at 0 is taken as 0);
+    f'' = 0."""
+    return elementwise(jax.nn.relu, lambda y: (y > 0).astype(y.dtype),
+                       second_derivative=jnp.zeros_like, name=name)
 
 
 def Identity(name: str = "Identity") -> Layer:
-    """y = x; backward: dx = dy."""
-    return elementwise(lambda x: x, jnp.ones_like, name=name)
+    """y = x; backward: dx = dy; f'' = 0."""
+    return elementwise(lambda x: x, jnp.ones_like, second_derivative=jnp.zeros_like, name=name)
 
 
 def LeakyRelu(negative_slope: float = 0.01, name: str = "LeakyRelu") -> Layer:
     """y = x for x >= 0, a x below (a = negative_slope > 0; a = 0 is `Relu`); backward:
-    dx = dy for y >= 0, a dy below (jax.nn.leaky_relu's derivative 1 at x = 0)."""
+    dx = dy for y >= 0, a dy below (jax.nn.leaky_relu's derivative 1 at x = 0); f'' = 0."""
     slope = _positive(name, "negative_slope", negative_slope)
     return elementwise(lambda x: jax.nn.leaky_relu(x, slope),
-                       lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype), name=name)
+                       lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype),
+                       second_derivative=jnp.zeros_like, name=name)
 
 
 def Elu(alpha: float = 1.0, name: str = "Elu") -> Layer:
     """y = x for x > 0, alpha (exp(x) - 1) below (Clevert et al. 2015; alpha > 0); backward
-    from the output: f'(x) = 1 for y > 0, alpha exp(x) = y + alpha below."""
+    from the output: f'(x) = 1 for y > 0, alpha exp(x) = y + alpha below; f''(x) = 0 for
+    y > 0, y + alpha below."""
     alpha = _positive(name, "alpha", alpha)
     return elementwise(lambda x: jax.nn.elu(x, alpha),
-                       lambda y: jnp.where(y > 0, 1.0, y + alpha).astype(y.dtype), name=name)
+                       lambda y: jnp.where(y > 0, 1.0, y + alpha).astype(y.dtype),
+                       second_derivative=lambda y: jnp.where(y > 0, 0.0, y + alpha).astype(
+                           y.dtype), name=name)
 
 
 def Softplus(name: str = "Softplus") -> Layer:
     """y = log(1 + exp(x)); backward from the output: f'(x) = sigmoid(x) = 1 - exp(-y),
-    computed as -expm1(-y) so that it keeps its precision where y is tiny."""
-    return elementwise(jax.nn.softplus, lambda y: -jnp.expm1(-y), name=name)
+    computed as -expm1(-y) so that it keeps its precision where y is tiny; f''(x) =
+    sigmoid(x) (1 - sigmoid(x)) = -expm1(-y) exp(-y)."""
+    return elementwise(jax.nn.softplus, lambda y: -jnp.expm1(-y),
+                       second_derivative=lambda y: -jnp.expm1(-y) * jnp.exp(-y), name=name)
 
 
 def Silu(name: str = "Silu") -> Layer:
     """y = x sigmoid(x) (SiLU, "swish"); not invertible, so the backward keeps x:
-    f'(x) = s + x s (1 - s), s = sigmoid(x)."""
+    f'(x) = s + x s (1 - s), s = sigmoid(x); f''(x) = s (1 - s) (2 + x (1 - 2 s))."""
 
     def derivative(x):
         s = jax.nn.sigmoid(x)
         return s * (1 + x * (1 - s))
 
-    return elementwise(jax.nn.silu, derivative, of="input", name=name)
+    def second_derivative(x):
+        s = jax.nn.sigmoid(x)
+        return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+    return elementwise(jax.nn.silu, derivative, of="input",
+                       second_derivative=second_derivative, name=name)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -512,7 +583,11 @@ def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
     approximate=True the tanh form 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
     (GPT-2's; `jax.nn.gelu`'s default). The backward keeps x:
         exact:   f'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
-        tanh:    f'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+        tanh:    f'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    and the second derivatives
+        exact:   f''(x) = phi(x) (2 - x^2)
+        tanh:    f''(x) = (1 - t^2) (u' + 0.5 x (u'' - 2 t u'^2)),
+                 u'' = sqrt(2/pi) 6 * 0.044715 x."""
     if not isinstance(approximate, bool):
         raise ValueError(f"{name}: approximate must be True or False, got {approximate!r}")
 
@@ -524,8 +599,16 @@ def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
         cdf = 0.5 * jax.lax.erfc(-x * _SQRT_HALF)
         return cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
+    def second_derivative(x):
+        if approximate:
+            t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+            du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+            d2u = _SQRT_2_OVER_PI * 6 * _GELU_CUBIC * x
+            return (1 - t * t) * (du + 0.5 * x * (d2u - 2 * t * du * du))
+        return jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2 - x * x)
+
     return elementwise(lambda x: jax.nn.gelu(x, approximate=approximate), derivative,
-                       of="input", name=name)
+                       of="input", second_derivative=second_derivative, name=name)
 
 
 def _positive(layer_name: str, argument: str, value: float) -> float:
@@ -542,6 +625,21 @@ ACTIVATIONS: dict[str, Callable[..., Layer]] = {
 """The elementwise activations by name, each called with `name=` (`nets.mlp`,
 `nets.residual_mlp` and `nets.transformer_lm` take these names); the parameters of
 LeakyRelu (0.01) and Elu (1.0) are at their defaults."""
+
+
+def linear_backward_tangent(forward: ForwardFn, backward: BackwardFn) -> BackwardTangentFn:
+    """The backward_tangent of a layer without parameters whose output is linear in x, or
+    piecewise linear with pieces that an infinitesimal change does not switch (max pooling's
+    maxima): the backward is then the same linear map of dy at x + t v_x, so R{dx} =
+    backward(R{dy})."""
+
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        _, residuals = forward(params, x)
+        _, g_x = backward(params, residuals, g_y)
+        _, r_g_x = backward(params, residuals, r_g_y)
+        return (), g_x, (), r_g_x
+
+    return backward_tangent
 
 
 def serial(*layers: Layer, name: str = "serial") -> Layer:
@@ -588,12 +686,32 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             x, dx = tangent_with_key(layer, layer_params, x, layer_dparams, dx, layer_key)
         return x, dx
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """The tangent pass left to right, keeping each layer's (x, v_x), then each layer's
+        backward_tangent right to left."""
+        _check_param_count(name, params, len(layers))
+        inputs = []
+        for layer, layer_params, layer_v in zip(layers, params, v_params):
+            inputs.append((x, v_x))
+            x, v_x = layer.tangent(layer_params, x, layer_v, v_x)
+        g_params, r_g_params = [], []
+        for layer, layer_params, layer_v, (x, v_x) in reversed(
+                list(zip(layers, params, v_params, inputs))):
+            layer_g, g_y, layer_r_g, r_g_y = layer.backward_tangent(
+                layer_params, x, layer_v, v_x, g_y, r_g_y)
+            g_params.append(layer_g)
+            r_g_params.append(layer_r_g)
+        return tuple(reversed(g_params)), g_y, tuple(reversed(r_g_params)), r_g_y
+
     has_curvature = all(layer.curvature is not None for layer in layers)
     has_tangent = all(layer.tangent is not None for layer in layers)
+    has_backward_tangent = has_tangent and all(
+        layer.backward_tangent is not None and not layer.stochastic for layer in layers)
     return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(layer.stochastic for layer in layers),
-                 tangent=tangent if has_tangent else None)
+                 tangent=tangent if has_tangent else None,
+                 backward_tangent=backward_tangent if has_backward_tangent else None)
 
 
 def layer_outputs(model: Layer, params: Params, x: jax.Array) -> list[tuple[str, jax.Array]]:
@@ -703,12 +821,26 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
             return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
         return sum_all(outputs), sum_all(moved)
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """Each branch's backward_tangent on (x, v_x) with its share of (g_y, R{g_y});
+        g_x and R{g_x} summed over the branches, as x fans out to each."""
+        _check_param_count(name, params, len(branches))
+        parts = [branch.backward_tangent(branch_params, x, branch_v, v_x, g_b, r_g_b)
+                 for branch, branch_params, branch_v, g_b, r_g_b in zip(
+                     branches, params, v_params, split(params, x, g_y),
+                     split(params, x, r_g_y))]
+        return (tuple(part[0] for part in parts), sum_all([part[1] for part in parts]),
+                tuple(part[2] for part in parts), sum_all([part[3] for part in parts]))
+
     has_curvature = all(branch.curvature is not None for branch in branches)
     has_tangent = all(branch.tangent is not None for branch in branches)
+    has_backward_tangent = all(branch.backward_tangent is not None and not branch.stochastic
+                               for branch in branches)
     return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(branches),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(branch.stochastic for branch in branches),
-                 tangent=tangent if has_tangent else None)
+                 tangent=tangent if has_tangent else None,
+                 backward_tangent=backward_tangent if has_backward_tangent else None)
 
 
 def residual(block: Layer, name: str = "residual") -> Layer:
@@ -725,7 +857,8 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
     again to get the rest (gradient checkpointing, or rematerialisation: Griewank 1992; Chen
     et al. 2016). The same params, outputs, gradients and curvature; residuals (x, key)
     instead of the layer's; one more forward pass in the backward. Wrap blocks of several
-    layers (a `serial`), whose inner residuals are then never kept.
+    layers (a `serial`), whose inner residuals are then never kept. The tangent and
+    backward_tangent are the layer's own (they keep nothing between calls).
 
     The second forward and the backward run as one `lax.cond` whose two branches are both
     that same function, so the predicate changes nothing. A conditional runs only once all
@@ -758,7 +891,8 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
     return Layer(name, layer.init, forward, backward_through("backward"),
                  sublayers=layer.sublayers,
                  curvature=None if layer.curvature is None else backward_through("curvature"),
-                 stochastic=layer.stochastic, factors=layer.factors, tangent=layer.tangent)
+                 stochastic=layer.stochastic, factors=layer.factors, tangent=layer.tangent,
+                 backward_tangent=layer.backward_tangent)
 
 
 def plain_layers(model: Layer, params: Params, prefix: tuple = ()):

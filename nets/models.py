@@ -116,10 +116,14 @@ def ScaledTanh(
 
     Shapes: any; y has the shape of x; params ().
     Backward, from the output y: dy/dx = A S (1 - tanh^2(S x)) = (S / A) (A^2 - y^2), so
-        dx = dy * (S / A) * (A^2 - y^2).
+        dx = dy * (S / A) * (A^2 - y^2),
+    and f''(x) = -2 (S / A) y f'(x).
     """
-    return elementwise(lambda x: amplitude * jnp.tanh(slope * x),
-                       lambda y: (slope / amplitude) * (amplitude * amplitude - y * y),
+    def derivative(y):
+        return (slope / amplitude) * (amplitude * amplitude - y * y)
+
+    return elementwise(lambda x: amplitude * jnp.tanh(slope * x), derivative,
+                       second_derivative=lambda y: -2 * (slope / amplitude) * y * derivative(y),
                        name=name)
 
 

@@ -18,7 +18,15 @@ from jax import lax
 
 from nets import initializers
 from nets.conv import channel_sum, check_image_input, pair
-from nets.layers import Layer, StaticShape, forward_with_key, is_count, sum_all, tangent_with_key
+from nets.layers import (
+    Layer,
+    StaticShape,
+    forward_with_key,
+    is_count,
+    linear_backward_tangent,
+    sum_all,
+    tangent_with_key,
+)
 
 __all__ = [
     "AvgPool",
@@ -125,7 +133,8 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
         return y, None if dx is None else window_sum(dx, window, stride) / area
 
     return Layer(name, _pool_init(name, window, stride), forward, backward,
-                 curvature=curvature, tangent=tangent)
+                 curvature=curvature, tangent=tangent,
+                 backward_tangent=linear_backward_tangent(forward, backward))
 
 
 def _window_views(x, window, stride, out_size):
@@ -213,7 +222,8 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         return y, picked / ties
 
     return Layer(name, _pool_init(name, window, stride), forward, backward,
-                 curvature=curvature, tangent=tangent)
+                 curvature=curvature, tangent=tangent,
+                 backward_tangent=linear_backward_tangent(forward, backward))
 
 
 def _coefficient_init(window):
@@ -280,7 +290,20 @@ def Subsampling(
             dy = dy + params["w"][None, None, None, :] * window_sum(dx, window, window)
         return y, dy
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """y = w s + b is bilinear in (w, x): R{dw} = sum R{g_y} s + g_y window_sum(v_x),
+        R{db} = sum R{g_y}, R{dx} = spread(R{g_y} w + g_y v_w)."""
+        _, residuals = forward(params, x)
+        g_params, g_x = backward(params, residuals, g_y)
+        r_g_params, r_g_x = backward(params, residuals, r_g_y)
+        r_g_x = r_g_x + backward(v_params, residuals, g_y)[1]
+        if v_x is not None:
+            moved_sums = channel_sum(g_y * window_sum(v_x, window, window))
+            r_g_params = {**r_g_params, "w": r_g_params["w"] + moved_sums}
+        return g_params, g_x, r_g_params, r_g_x
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def Flatten(name: str = "Flatten") -> Layer:
@@ -311,7 +334,8 @@ def Flatten(name: str = "Flatten") -> Layer:
         y, _ = forward(params, x)
         return y, None if dx is None else dx.reshape(y.shape)
 
-    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
+                 backward_tangent=linear_backward_tangent(forward, backward))
 
 
 def _negative_power(d: jax.Array, beta: float) -> jax.Array:

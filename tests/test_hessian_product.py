@@ -1,0 +1,232 @@
+"""The exact Hessian's product H v by hand (Pearlmutter's R-operator through the backward
+passes, `nets.engines.hessian_product`) against jax: each layer's `backward_tangent` against
+`jax.jvp` of `jax.vjp` of its apply, whole nets against `jax.jvp` of `jax.grad` of E, the
+matrix against `jax.hessian`, central differences of the gradient, a one-unit net's H worked
+out by hand, and H = G where the residuals vanish."""
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import gradcheck, models
+from nets.conv import IMPLEMENTATIONS
+from nets.engines import gauss_newton_product, hessian_product
+from tests.helpers import F64, assert_close_tree, random_like
+from tests.test_gauss_newton import case_point
+
+LENET1989_CONV = dict(kernel_size=5, stride=2, padding=((2, 2), (2, 2)), pad_value=-1.0,
+                      unshared_bias=True)
+
+
+def assert_backward_tangent_is_jax(layer, input_shape, dtype, scale=1.0, seed=0):
+    """layer.backward_tangent's (g_params, g_x, R{g_params}, R{g_x}) against jax: the pullback
+    of layer.apply at (params, x) for g_y, and `jax.jvp` of that pullback as a function of
+    (params, x, g_y) along (v_params, v_x, r_g_y); with v_x None, along a zero v_x."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    params = gradcheck.astype(layer.init(keys[0], (-1, *input_shape[1:]))[1], dtype)
+    x = scale * jax.random.normal(keys[1], input_shape, dtype)
+    v_params, v_x = random_like(keys[2], params, dtype), jax.random.normal(keys[3], x.shape, dtype)
+    y_shape = jax.eval_shape(layer.apply, params, x).shape
+    g_y, r_g_y = (jax.random.normal(key, y_shape, dtype) for key in keys[4:])
+
+    def pullback(params, x, g_y):
+        return jax.vjp(layer.apply, params, x)[1](g_y)
+
+    @jax.jit
+    def both(params, x, v_params, v_x, g_y, r_g_y):
+        return (layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y),
+                layer.backward_tangent(params, x, v_params, None, g_y, r_g_y),
+                jax.jvp(pullback, (params, x, g_y), (v_params, v_x, r_g_y)),
+                jax.jvp(pullback, (params, x, g_y), (v_params, jnp.zeros_like(v_x), r_g_y)))
+
+    with jax.default_matmul_precision("highest"):
+        got, got_still, (g_ref, r_g_ref), (_, r_g_still_ref) = both(
+            params, x, v_params, v_x, g_y, r_g_y)
+    for (g_params, g_x, r_g_params, r_g_x), r_g_want, what in (
+            (got, r_g_ref, "v_x"), (got_still, r_g_still_ref, "v_x None")):
+        assert_close_tree((g_params, g_x), g_ref, dtype, f"{layer.name} gradient")
+        assert_close_tree((r_g_params, r_g_x), r_g_want, dtype, f"{layer.name} R, {what}")
+        assert r_g_x.shape == x.shape and r_g_x.dtype == x.dtype
+
+
+@pytest.mark.parametrize("activation", sorted(nets.ACTIVATIONS))
+def test_every_activation_backward_tangent_is_jax(activation, dtype):
+    """g_x = g_y f'(x) and R{g_x} = R{g_y} f'(x) + g_y f''(x) v_x: each f'' by hand."""
+    assert_backward_tangent_is_jax(nets.ACTIVATIONS[activation](), (4, 7), dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("layer, input_shape", [
+    (nets.Dense(5), (3, 4)),
+    (nets.Dense(3), (6, 4)),  # above OUTER_PRODUCTS_MAX_BATCH: dw as one product
+    (models.ScaledTanh(), (3, 4)),
+    (nets.Elu(0.7), (3, 4)),
+    (nets.LeakyRelu(0.2), (3, 4)),
+    (nets.EuclideanRBF(np.random.default_rng(0).normal(size=(6, 4))), (3, 4)),
+    (nets.Flatten(), (2, 3, 3, 2)),
+    (nets.AvgPool(2), (2, 4, 6, 3)),
+    (nets.AvgPool((2, 3), (1, 2)), (2, 5, 7, 2)),
+    (nets.MaxPool(3, 2), (2, 7, 7, 3)),
+    (nets.MaxPool((2, 3), (2, 1)), (2, 6, 7, 2)),
+    (nets.Subsampling(2), (2, 4, 6, 3)),
+    (nets.serial(nets.Dense(4), nets.Tanh(), nets.Dense(3), nets.Sigmoid()), (3, 5)),
+    (nets.residual(nets.serial(nets.Dense(4), nets.Silu(), nets.Dense(4))), (3, 4)),
+    (nets.parallel(nets.Dense(2), nets.serial(nets.Dense(3), nets.Softplus())), (3, 4)),
+    (nets.remat(nets.serial(nets.Dense(4), nets.Gelu(approximate=True), nets.Dense(2))), (3, 4)),
+], ids=lambda value: getattr(value, "name", None) or str(value))
+def test_layer_backward_tangent_is_jax(layer, input_shape, dtype):
+    assert_backward_tangent_is_jax(layer, input_shape, dtype)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("layer_args, input_shape", [
+    (dict(out_channels=3, kernel_size=3), (2, 6, 7, 2)),
+    (dict(out_channels=4, kernel_size=(3, 2), stride=(2, 1), padding="SAME", pad_value=-1.0),
+     (2, 7, 6, 2)),
+    (dict(out_channels=4, **LENET1989_CONV, connection_table=np.asarray(
+        [[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 1]])), (2, 8, 8, 3)),
+    (dict(out_channels=4, kernel_size=3, feature_group_count=2, padding="SAME"), (2, 5, 5, 4)),
+    (dict(out_channels=5, kernel_size=4), (2, 4, 4, 3)),  # one window: a Dense layer's products
+], ids=["valid", "strided_same_border", "lenet1989_table_unshared", "grouped", "whole_input"])
+def test_conv_backward_tangent_is_jax(layer_args, input_shape, implementation, dtype):
+    """Every implementation's own transposed products, moved in both factors; a constant
+    border does not move (v_x padded with zeros)."""
+    layer = nets.Conv2D(implementation=implementation, **layer_args)
+    assert_backward_tangent_is_jax(layer, input_shape, dtype)
+
+
+HESSIAN_CASES = ("mlp_lecture_l2", "mlp_probabilities", "mlp_softmax_mass", "lenet1989_mse",
+                 "rbf_map", "lenet5_softmax")
+
+
+@pytest.mark.parametrize("name", HESSIAN_CASES)
+def test_hessian_product_is_jax_jvp_of_grad(name, dtype):
+    """Whole nets under each kind of loss (tests/test_gauss_newton.py's points): LeNet-1989
+    with its -1 borders, unshared biases and H2's table under squared error, LeNet-5 with
+    trainable subsampling and C3's table under softmax with L2, Euclidean RBF units under the
+    MAP criterion, MLPs under the lecture's objective."""
+    model, objective, params, x, targets, v = case_point(name, dtype)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+        want = jax.jit(gradcheck.hessian_product_reference(model, objective))(
+            params, x, targets, v)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    assert_close_tree(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("model", [models.lenet1989_modern(), models.lenet5(output="rbf")],
+                         ids=["lenet1989_modern", "lenet5_rbf"])
+def test_hessian_product_of_relu_max_pool_and_rbf_nets_is_jax(model):
+    """ReLU and max pooling (f'' = 0, the maxima fixed) and LeNet-5's own output, float64."""
+    shape = (16, 16, 1) if "1989" in model.name else (32, 32, 1)
+    objective = (nets.Objective(nets.lecun1998_map(), 0.01) if "rbf" in model.name
+                 else nets.Objective(nets.softmax_cross_entropy(), 0.0))
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, *shape))[1], jnp.float64)
+    x = jax.random.uniform(jax.random.key(1), (2, *shape), jnp.float64, -1, 1)
+    targets = jax.nn.one_hot(jnp.asarray([3, 7]), 10, dtype=jnp.float64)
+    v = random_like(jax.random.key(2), params, jnp.float64)
+    got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+    want = jax.jit(gradcheck.hessian_product_reference(model, objective))(params, x, targets, v)
+    assert_close_tree(got, want, jnp.float64, model.name)
+
+
+def small_conv_net():
+    """A conv net of 59 parameters with every kind of layer that has an R-operator here."""
+    model = nets.serial(nets.Conv2D(2, 3, padding="SAME", pad_value=-1.0), nets.Tanh(),
+                        nets.MaxPool(2), nets.Subsampling(1), nets.Sigmoid(), nets.Flatten(),
+                        nets.Dense(3), nets.Gelu())
+    objective = nets.Objective(nets.mean_squared_error(), 0.2)
+    params = gradcheck.astype(model.init(jax.random.key(1), (-1, 4, 4, 1))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(2), (4, 4, 4, 1), jnp.float64)
+    targets = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.5, (4, 3)), 1.0, -1.0)
+    return model, objective, params, x, targets
+
+
+def columns(product, params, x, targets):
+    """The matrix of `product` (params, x, targets, v) -> like params, one column per
+    coordinate of params."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    stacked = jax.jit(jax.vmap(lambda e: jax.flatten_util.ravel_pytree(
+        product(params, x, targets, unravel(e)))[0]))(jnp.eye(flat.size))
+    return np.asarray(stacked).T
+
+
+def test_hessian_columns_are_jax_hessian_and_indefinite():
+    """H e_i for every coordinate of the small conv net: the matrix `jax.hessian` of E gives,
+    symmetric, and (at a random point) indefinite, unlike G (tests/test_gauss_newton.py)."""
+    model, objective, params, x, targets = small_conv_net()
+    matrix = columns(hessian_product(model, objective), params, x, targets)
+
+    def energy(flat):
+        p = jax.flatten_util.ravel_pytree(params)[1](flat)
+        return objective.value(p, model.apply(p, x), targets)
+
+    exact = np.asarray(jax.hessian(energy)(jax.flatten_util.ravel_pytree(params)[0]))
+    assert gradcheck.relative_error(matrix, exact) <= F64
+    assert np.abs(matrix - matrix.T).max() <= F64 * np.abs(matrix).max()
+    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2)
+    assert eigenvalues.min() < -1e-3 * eigenvalues.max()
+
+
+def test_hessian_product_is_central_differences_of_the_gradient():
+    """H v = (g(w + h v) - g(w - h v)) / 2h + O(h^2), g the manual engine's gradient: float64,
+    h = 1e-6, within the finite-difference tolerance."""
+    model, objective, params, x, targets = small_conv_net()
+    v = random_like(jax.random.key(4), params, jnp.float64)
+    grad = jax.jit(lambda p: nets.manual(model, objective)(p, x, targets)[1])
+    h = gradcheck.FINITE_DIFFERENCE_STEP
+    moved = [grad(jax.tree.map(lambda w, d, s=s: w + s * h * d, params, v)) for s in (1, -1)]
+    differences = jax.tree.map(lambda a, b: (a - b) / (2 * h), *moved)
+    got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+    error = gradcheck.relative_error(jax.flatten_util.ravel_pytree(got)[0],
+                                     jax.flatten_util.ravel_pytree(differences)[0])
+    assert error <= gradcheck.TOLERANCES["float64"]["vs_finite_diff"]
+
+
+def test_one_unit_hessian_worked_out_by_hand():
+    """y = tanh(x w + b) under E = (1/2m) sum (y - t)^2: with e = y - t and f' = 1 - y^2,
+    f'' = -2 y f', the Hessian in (w, b) is (1/m) sum (f'^2 + e f'') [x^2, x; x, 1], in NumPy.
+    The e f'' term is what Gauss-Newton leaves out."""
+    rng = np.random.default_rng(7)
+    x, t = rng.normal(size=(6, 1)), rng.uniform(-0.9, 0.9, size=(6, 1))
+    params = ({"w": rng.normal(size=(1, 1)), "b": rng.normal(size=1)}, ())
+    model = nets.serial(nets.Dense(1), nets.Tanh())
+    objective = nets.Objective(nets.mean_squared_error(), 0.0)
+    y = np.tanh(x * params[0]["w"][0, 0] + params[0]["b"][0])
+    slope = 1 - y**2
+    weight = (slope**2 + (y - t) * (-2 * y * slope))[:, 0] / 6
+    exact = np.array([[np.sum(weight * x[:, 0] ** 2), np.sum(weight * x[:, 0])],
+                      [np.sum(weight * x[:, 0]), np.sum(weight)]])
+    product = hessian_product(model, objective)
+    for column, v in enumerate((([[1.0]], [0.0]), ([[0.0]], [1.0]))):
+        v = ({"w": jnp.asarray(v[0]), "b": jnp.asarray(v[1])}, ())
+        got = product(jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(t), v)
+        np.testing.assert_allclose([got[0]["w"][0, 0], got[0]["b"][0]], exact[:, column],
+                                   rtol=1e-13)
+
+
+def test_hessian_is_gauss_newton_where_the_residuals_vanish():
+    """With the targets set to the net's own outputs, E's gradient at the outputs is zero,
+    every term of H beyond J^T H_loss J vanishes, and H v = G v (float64)."""
+    model, objective, params, x, _ = small_conv_net()
+    targets = model.apply(params, x)
+    v = random_like(jax.random.key(5), params, jnp.float64)
+    hv = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+    gv = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v)
+    assert_close_tree(hv, gv, jnp.float64, "H v against G v")
+    shift = jax.random.normal(jax.random.key(6), targets.shape, jnp.float64)
+    away = jax.jit(hessian_product(model, objective))(params, x, targets + shift, v)
+    assert gradcheck.relative_error(jax.flatten_util.ravel_pytree(away)[0],
+                                    jax.flatten_util.ravel_pytree(gv)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("model, refused", [
+    (nets.serial(nets.Dense(3), nets.Dropout(0.5), nets.Dense(2)), "Dropout"),
+    (nets.serial(nets.Dense(3), nets.LayerNorm(3), nets.Dense(2)), "LayerNorm"),
+    (nets.sequence_model([nets.lstm(3)], 2, last_step=True), "lstm"),
+], ids=["dropout", "layer_norm", "lstm"])
+def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
+    with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
+        hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
