@@ -15,6 +15,10 @@ digits. Three ways from the same initial weights:
   hessian_free  --hf-steps full-batch steps of --cg-iterations conjugate gradients, G (and
                 the preconditioner's diagonal) on the first --curvature-examples digits,
                 Levenberg-Marquardt damping from --damping;
+  hessian_free_exact  the same with the exact Hessian H in G's place (`nets.engines.
+                hessian_product`, Pearlmutter's R-operator by hand), conjugate gradients
+                stopping at the first direction of non-positive curvature (Martens 2010,
+                section 4.2, found G the better choice);
   sgd           --passes shuffled passes of mini-batches of --batch-size, step --sgd-lr;
   adam          the same passes with Adam (--adam-lr).
 
@@ -55,7 +59,7 @@ from training.harness import open_run
 from training.metrics import classification_error
 
 EXPERIMENT = "hessian_free"
-METHODS = ("hessian_free", "sgd", "adam")
+METHODS = ("hessian_free", "hessian_free_exact", "sgd", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +106,15 @@ def build(config):
 
 
 def procedure_of(method, config, model, objective, x, targets):
-    """(procedure, steps): one step a Hessian-free step, or a pass of mini-batches."""
-    if method == "hessian_free":
+    """(procedure, steps): one step a Hessian-free step (with G, or with the exact H for
+    "hessian_free_exact"), or a pass of mini-batches."""
+    if method.startswith("hessian_free"):
         return procedures.hessian_free(
             model, objective, x, targets, cg_iterations=config.cg_iterations,
             damping=config.damping, curvature_examples=config.curvature_examples,
-            preconditioner=config.preconditioner, stop_tolerance=None), config.hf_steps
+            preconditioner=config.preconditioner, stop_tolerance=None,
+            curvature="hessian" if method == "hessian_free_exact" else "gauss_newton"
+        ), config.hf_steps
     optimizer = optax.sgd(config.sgd_lr) if method == "sgd" else optax.adam(config.adam_lr)
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,
                                         batch_size=config.batch_size,

@@ -14,8 +14,12 @@ eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
    J v, the loss's Hessian, the backward passes for J^T);
 2. repeats the power iteration with G v from jax (`jax.jvp` and `jax.vjp` of the forward
    pass, `jax.jvp` of the loss's `jax.grad`), from the same start, and with the exact
-   Hessian's product (`jax.jvp` of `jax.grad` of E), and reports the largest entry of
-   LeCun's backpropagated diagonal beside them (a lower bound of lambda_max when exact);
+   Hessian's product, by hand (`nets.engines.hessian_product`, Pearlmutter's R-operator
+   through the backward passes) and by jax (`jax.jvp` of `jax.grad` of E); then the
+   Hessian's most negative eigenvalue, by power iteration with H - lambda_max(H) I (by
+   hand), whose dominant eigenvalue is lambda_min(H) - lambda_max(H) (G has none below 0);
+   and reports the largest entry of LeCun's backpropagated diagonal beside them (a lower
+   bound of lambda_max when exact);
 3. runs full-batch gradient descent (manual engine) at eta = c / lambda_max for each
    factor c, re-estimating lambda_max every `--track-every` steps with a few power
    iterations warm-started from the last vector: the curvature the run meets, against the
@@ -45,7 +49,7 @@ import numpy as np
 
 import nets
 from nets import gradcheck, models
-from nets.engines import curvature_diagonal, gauss_newton_product
+from nets.engines import curvature_diagonal, gauss_newton_product, hessian_product
 from training import data, plots, results
 from training.config import option, parse, run_main
 from training.harness import open_run
@@ -92,15 +96,14 @@ def _normalised(v):
     return jax.tree.map(lambda leaf: leaf / norm, v)
 
 
-def hessian_product(model, objective):
-    """H v, the exact Hessian's, by `jax.jvp` of `jax.grad` of E."""
+def shifted(product, shift: float):
+    """(params, x, targets, v) -> product(...) - shift v: the matrix A - shift I."""
 
-    def product(params, x, targets, v):
-        def energy(p):
-            return objective.value(p, model.apply(p, x), targets)
-        return jax.jvp(jax.grad(energy), (params,), (v,))[1]
+    def shifted_product(params, x, targets, v):
+        return jax.tree.map(lambda av, leaf: av - shift * leaf,
+                            product(params, x, targets, v), v)
 
-    return product
+    return shifted_product
 
 
 def power_iteration(product, iterations: int):
@@ -181,7 +184,8 @@ def main(argv=None):
     for name, product in (
             ("manual_gauss_newton", gauss_newton_product(model, objective)),
             ("jax_gauss_newton", gradcheck.gauss_newton_product_reference(model, objective)),
-            ("jax_hessian", hessian_product(model, objective))):
+            ("manual_hessian", hessian_product(model, objective)),
+            ("jax_hessian", gradcheck.hessian_product_reference(model, objective))):
         iterate = power_iteration(product, config.iterations)
         began = time.perf_counter()
         estimates[name], v_max = jax.block_until_ready(iterate(params, x, targets, start))
@@ -192,6 +196,11 @@ def main(argv=None):
         estimates[name] = np.asarray(estimates[name])
         if name == "manual_gauss_newton":
             top_vector = v_max
+    top_hessian = float(estimates["manual_hessian"][-1])
+    below = power_iteration(shifted(hessian_product(model, objective), top_hessian),
+                            config.iterations)
+    estimates["manual_hessian_most_negative"] = np.asarray(
+        below(params, x, targets, start)[0]) + top_hessian
     diagonal = curvature_diagonal(model, objective)(params, x, targets)
     lambda_max = float(estimates["manual_gauss_newton"][-1])
     manual, reference = estimates["manual_gauss_newton"], estimates["jax_gauss_newton"]
@@ -210,7 +219,12 @@ def main(argv=None):
     metrics = {
         "lambda_max_gauss_newton": lambda_max,
         "lambda_max_gauss_newton_jax": float(reference[-1]),
+        "lambda_max_hessian": top_hessian,
         "lambda_max_hessian_jax": float(estimates["jax_hessian"][-1]),
+        "hessian_manual_vs_jax_max_relative": float(np.max(
+            np.abs(estimates["manual_hessian"] - estimates["jax_hessian"])
+            / np.abs(estimates["jax_hessian"]))),
+        "lambda_min_hessian": float(estimates["manual_hessian_most_negative"][-1]),
         "manual_vs_jax_max_relative": float(np.max(np.abs(manual - reference)
                                                    / np.abs(reference))),
         "max_backpropagated_diagonal": float(max(jnp.max(leaf)

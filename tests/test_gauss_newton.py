@@ -383,10 +383,13 @@ def test_experiment_writes_the_estimates_agreeing_and_the_runs(tmp_path):
         "--steps", "4", "--track-every", "2", "--track-iterations", "2", "--factors", "1,50"])
     document = json.loads((tmp_path / "results.json").read_text())
     estimates = document["power_iterations"]
-    assert set(estimates) == {"manual_gauss_newton", "jax_gauss_newton", "jax_hessian"}
+    assert set(estimates) == {"manual_gauss_newton", "jax_gauss_newton", "manual_hessian",
+                              "jax_hessian", "manual_hessian_most_negative"}
     assert all(len(values) == 8 for values in estimates.values())
     # float32 data: the hand-written and jax's products, iterated from one start
     assert metrics["manual_vs_jax_max_relative"] <= tolerance(jnp.float32)
+    assert metrics["hessian_manual_vs_jax_max_relative"] <= tolerance(jnp.float32)
+    assert metrics["lambda_min_hessian"] < metrics["lambda_max_hessian"]
     assert metrics["lambda_max_gauss_newton"] == estimates["manual_gauss_newton"][-1] > 0
     runs = document["runs"]
     assert [run["factor"] for run in runs] == [1.0, 50.0]

@@ -32,9 +32,9 @@ def test_conjugate_gradient_solves_an_spd_system(preconditioned):
     |b - A x|."""
     matrix, b, start = spd_system()
     inverse_diagonal = jnp.asarray(1 / np.diag(matrix)) if preconditioned else None
-    x, residual = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
-                                                jnp.asarray(b), jnp.asarray(start), 24,
-                                                inverse_diagonal)
+    x, residual, _ = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
+                                                   jnp.asarray(b), jnp.asarray(start), 24,
+                                                   inverse_diagonal)
     expected = np.linalg.solve(matrix, b)
     assert np.linalg.norm(x - expected) <= F64 * np.linalg.norm(expected)
     assert float(residual) == pytest.approx(np.linalg.norm(b - matrix @ np.asarray(x)),
@@ -43,9 +43,71 @@ def test_conjugate_gradient_solves_an_spd_system(preconditioned):
 
 def test_conjugate_gradient_stays_put_at_a_zero_residual():
     matrix, _, _ = spd_system(4)
-    x, residual = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
-                                                jnp.zeros(4), jnp.zeros(4), 3)
-    assert np.all(np.asarray(x) == 0) and float(residual) == 0
+    x, residual, taken = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
+                                                       jnp.zeros(4), jnp.zeros(4), 3)
+    assert np.all(np.asarray(x) == 0) and float(residual) == 0 and int(taken) == 0
+
+
+def numpy_truncated_cg(matrix, b, iterations):
+    """Plain conjugate gradients from 0 in NumPy, returning the last iterate before the
+    first direction with p.A p <= 0, and the iterations taken."""
+    x, r = np.zeros_like(b), b.copy()
+    p = r.copy()
+    for taken in range(iterations):
+        ap = matrix @ p
+        if p @ ap <= 0:
+            return x, taken
+        alpha = (r @ r) / (p @ ap)
+        x, r_next = x + alpha * p, r - alpha * ap
+        p, r = r_next + (r_next @ r_next) / (r @ r) * p, r_next
+    return x, iterations
+
+
+def test_conjugate_gradient_stops_at_negative_curvature():
+    """On an indefinite 12 x 12 matrix (two negative eigenvalues of twelve) the iteration
+    stops at the first direction with p.A p <= 0 and returns the iterate before it, as a
+    NumPy loop does; on a positive definite one it takes every iteration."""
+    rng = np.random.default_rng(4)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    matrix = basis @ np.diag([-3.0, -0.5, *np.linspace(0.5, 8, 10)]) @ basis.T
+    b = rng.normal(size=12)
+    x, _, taken = procedures.conjugate_gradient(lambda v: jnp.asarray(matrix) @ v,
+                                                jnp.asarray(b), jnp.zeros(12), 12)
+    expected, expected_taken = numpy_truncated_cg(matrix, b, 12)
+    assert 0 < expected_taken < 12 and int(taken) == expected_taken
+    np.testing.assert_allclose(x, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+    spd, b, start = spd_system()
+    *_, taken = procedures.conjugate_gradient(lambda v: jnp.asarray(spd) @ v, jnp.asarray(b),
+                                              jnp.asarray(start), 24)
+    assert int(taken) == 24
+
+
+def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
+    """curvature="hessian" on a tanh net, with lambda large enough that H + lambda I is
+    positive definite: one step (no preconditioner, 40 iterations from zero) is -(H +
+    lambda I)^-1 g with H from `jax.hessian` of E and the solve in NumPy."""
+    model = nets.build_mlp(3, 2, hidden_units=3, activation="tanh", output_activation="tanh")
+    objective = nets.Objective(nets.mean_squared_error(), 0.1)
+    x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float64)
+    targets = jax.random.uniform(jax.random.key(1), (8, 2), jnp.float64, -0.9, 0.9)
+    params = gradcheck.astype(model.init(jax.random.key(2), (-1, 3))[1], jnp.float64)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def energy(flat):
+        return objective.value(unravel(flat), model.apply(unravel(flat), x), targets)
+
+    hessian, gradient = np.asarray(jax.hessian(energy)(flat)), np.asarray(jax.grad(energy)(flat))
+    damping = 1.0 + max(0.0, -np.linalg.eigvalsh(hessian).min())
+    assert np.linalg.eigvalsh(hessian).min() < 0  # G would not be this: H is indefinite here
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=40,
+                                        damping=damping, decay=0.0, preconditioner="none",
+                                        curvature="hessian")
+    state = procedure.init(params, jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    step = np.linalg.solve(hessian + damping * np.eye(flat.size), -gradient)
+    moved = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0]) - np.asarray(flat)
+    assert bool(record["accepted"]) and int(record["cg_iterations"]) == 40
+    np.testing.assert_allclose(moved, step, rtol=1e-10, atol=1e-12)
 
 
 def linear_gauss_newton(x, l2):
@@ -130,7 +192,7 @@ def test_a_run_never_raises_e_and_trains_a_tanh_net():
     energies = np.asarray(result.history["energy"])
     assert np.all(np.diff(np.concatenate([[float(start)], energies])) <= 0)
     assert energies[-1] < 0.1 * float(start)
-    assert set(result.history) >= {"damping", "rho", "accepted", "cg_residual"}
+    assert set(result.history) >= {"damping", "rho", "accepted", "cg_residual", "cg_iterations"}
 
 
 def test_a_mini_batch_step_is_the_damped_newton_step_of_one_batch():
@@ -266,6 +328,9 @@ def test_hidden_state_product_refusals():
     (dict(batch_size=3, curvature_examples=4), r"curvature_examples must be in \[1, 3\] "
                                                r"\(batch_size\), got 4"),
     (dict(structural_damping=-1.0), "structural_damping must be >= 0, got -1.0"),
+    (dict(curvature="fisher"), "curvature must be one of"),
+    (dict(curvature="hessian", structural_damping=0.1),
+     "structural_damping adds S to the Gauss-Newton matrix"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     model, objective, _, x, targets, _ = linear_problem()
@@ -287,7 +352,8 @@ def test_experiment_writes_every_method_and_record(tmp_path):
     assert set(metrics) == set(experiment.METHODS)
     document = json.loads((tmp_path / "results.json").read_text())
     history = document["history"]
-    for method, steps in (("hessian_free", [0, 2, 4]), ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
+    for method, steps in (("hessian_free", [0, 2, 4]), ("hessian_free_exact", [0, 2, 4]),
+                          ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
         for seed in (0, 1):
             records = [h for h in history if h["method"] == method and h["seed"] == seed]
             assert [h["step"] for h in records] == steps

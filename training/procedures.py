@@ -76,6 +76,7 @@ __all__ = [
     "select_best",
     "perturb",
     "conjugate_gradient",
+    "ConjugateGradientResult",
     "HessianFreeState",
     "hessian_free",
 ]
@@ -668,39 +669,52 @@ def _finish(state, proposal, index, stop_tolerance, monitor, record):
 # --- Hessian-free ----------------------------------------------------------------------------
 
 PRECONDITIONERS = ("none", "diagonal")
+CURVATURES = ("gauss_newton", "hessian")
+
+
+class ConjugateGradientResult(NamedTuple):
+    """x, |b - A x| as the iteration updated it, and the iterations taken before it stopped
+    (all of them unless a direction of non-positive curvature stopped it)."""
+
+    x: jax.Array
+    residual: jax.Array
+    iterations: jax.Array
 
 
 def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, x0: jax.Array,
                        iterations: int, inverse_preconditioner: jax.Array | None = None
-                       ) -> tuple[jax.Array, jax.Array]:
+                       ) -> ConjugateGradientResult:
     """`iterations` steps of (preconditioned) conjugate gradients on A x = b from x0, A
-    symmetric positive definite given as `matvec`, the preconditioner M as the vector of its
-    inverse diagonal (None: M = I). Returns (x, |b - A x|), the residual as updated by the
-    iteration. Once the residual is exactly zero the iterate stays put (no 0/0).
+    symmetric (positive definite for a solve) given as `matvec`, the preconditioner M as the
+    vector of its inverse diagonal (None: M = I).
 
         r = b - A x, z = M^-1 r, p = z;  repeat:  a = r.z / p.A p,  x += a p,  r -= a A p,
         z' = M^-1 r,  p = z' + (r.z' / r.z) p.
+
+    The iteration stops, x staying put from then on, at the first direction with p.A p <= 0:
+    on an indefinite A (a Hessian plus lambda I) x is then the last iterate along which the
+    quadratic model was convex, the truncated Newton step (Dembo and Steihaug 1983); on a
+    positive definite A that happens only once the residual is exactly zero (p = 0, no 0/0).
     """
     scale = jnp.ones_like(b) if inverse_preconditioner is None else inverse_preconditioner
 
-    def safe_divide(numerator, denominator):
-        ok = denominator > 0
-        return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0)
-
     def step(carry, _):
-        x, r, z, p = carry
+        x, r, z, p, taken, going = carry
         ap = matvec(p)
-        rz = r @ z
-        alpha = safe_divide(rz, p @ ap)
+        rz, curvature = r @ z, p @ ap
+        going = going & (curvature > 0)
+        alpha = jnp.where(going, rz / jnp.where(going, curvature, 1), 0)
         x, r = x + alpha * p, r - alpha * ap
         z_next = scale * r
-        p = z_next + safe_divide(r @ z_next, rz) * p
-        return (x, r, z_next, p), None
+        beta = jnp.where(going, (r @ z_next) / jnp.where(going, rz, 1), 0)
+        p = jnp.where(going, z_next + beta * p, p)
+        return (x, r, z_next, p, taken + going.astype(jnp.int32), going), None
 
     r = b - matvec(x0)
     z = scale * r
-    (x, r, _, _), _ = jax.lax.scan(step, (x0, r, z, z), length=iterations)
-    return x, jnp.linalg.norm(r)
+    start = (x0, r, z, z, jnp.array(0, jnp.int32), jnp.array(True))
+    (x, r, _, _, taken, _), _ = jax.lax.scan(step, start, length=iterations)
+    return ConjugateGradientResult(x, jnp.linalg.norm(r), taken)
 
 
 class HessianFreeState(NamedTuple):
@@ -717,7 +731,7 @@ def hessian_free(
     preconditioner_exponent: float = 0.75, stop_window: int = 50,
     stop_tolerance: float | None = 1e-6, monitor: Monitor | None = None,
     batch_size: int | None = None, structural_damping: float = 0.0,
-    structural_layers: int = 1,
+    structural_layers: int = 1, curvature: str = "gauss_newton",
 ) -> Procedure:
     """Hessian-free optimisation (Martens 2010): Newton-like steps from Gauss-Newton
     products, full batch on (x, targets) (x (n, ...), targets (n, ...)) or, with
@@ -752,10 +766,18 @@ def hessian_free(
     and one backward pass (`nets.engines.structurally_damped_product`). It damps the
     directions that move the hidden states, which G of the outputs alone may let grow.
 
+    curvature="hessian" puts the exact Hessian H in G's place, in the system and in q(d)
+    (`nets.engines.hessian_product`, Pearlmutter's R-operator by hand; models whose layers all
+    have one): H + lambda I may be indefinite, and conjugate gradients then stop at the first
+    direction of non-positive curvature (`conjugate_gradient`), a truncated Newton step.
+    Martens (2010, section 4.2) found G the better choice; `experiments.hessian_free` compares
+    the two.
+
     A run is a `lax.scan` of steps (`run`); the state checkpoints and resumes as the other
     procedures' do (opt_state: `HessianFreeState`). Records per step: energy, damping (the
     lambda the step used), rho, accepted, cg_residual (|r| / |g| after the conjugate
-    gradients). The stopping rule is the procedures' (module docstring).
+    gradients), cg_iterations (those taken before a stop at non-positive curvature). The
+    stopping rule is the procedures' (module docstring).
     """
     name = "hessian_free"
     if not isinstance(cg_iterations, int) or cg_iterations < 1:
@@ -773,13 +795,19 @@ def hessian_free(
                          f"None, got {batch_size!r}")
     if not structural_damping >= 0:
         raise ValueError(f"{name}: structural_damping must be >= 0, got {structural_damping!r}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"{name}: curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "hessian" and structural_damping:
+        raise ValueError(f"{name}: structural_damping adds S to the Gauss-Newton matrix; "
+                         "it is not defined with curvature='hessian'")
     per_step = n if batch_size is None else batch_size
     if curvature_examples is not None and not 1 <= curvature_examples <= per_step:
         where = "the examples" if batch_size is None else "batch_size"
         raise ValueError(f"{name}: curvature_examples must be in [1, {per_step}] ({where}), "
                          f"got {curvature_examples!r}")
     value_and_grad = engines.manual(model, objective)
-    product = engines.gauss_newton_product(model, objective)
+    product = (engines.hessian_product if curvature == "hessian"
+               else engines.gauss_newton_product)(model, objective)
     diagonal = engines.curvature_diagonal(model, objective)
     damped_product = (engines.structurally_damped_product(model, objective,
                                                           structural_layers)
@@ -813,7 +841,7 @@ def hessian_free(
         flat_params, unravel = jax.flatten_util.ravel_pytree(params)
         g = jax.flatten_util.ravel_pytree(grad)[0]
 
-        def gauss_newton(v):
+        def times_curvature(v):
             return jax.flatten_util.ravel_pytree(
                 product(params, x_curvature, targets_curvature, unravel(v)))[0]
 
@@ -825,14 +853,14 @@ def hessian_free(
 
         def damped(v):
             if damped_product is None:
-                return gauss_newton(v) + hf.damping * v
+                return times_curvature(v) + hf.damping * v
             return jax.flatten_util.ravel_pytree(damped_product(
                 params, x_curvature, targets_curvature, unravel(v),
                 hf.damping * structural_damping))[0] + hf.damping * v
 
-        d, residual = conjugate_gradient(damped, -g, decay * hf.direction, cg_iterations,
-                                         inverse_preconditioner)
-        model_decrease = g @ d + 0.5 * d @ gauss_newton(d)
+        d, residual, cg_taken = conjugate_gradient(damped, -g, decay * hf.direction,
+                                                   cg_iterations, inverse_preconditioner)
+        model_decrease = g @ d + 0.5 * d @ times_curvature(d)
         new_params = unravel(flat_params + d)
         if batch_size is None:
             new_energy, new_grad = value_and_grad(new_params, x, targets)
@@ -851,7 +879,7 @@ def hessian_free(
             opt_state=HessianFreeState(new_damping, d))
         return _finish(state, proposal, index, stop_tolerance, monitor, {
             "damping": hf.damping, "rho": rho, "accepted": accepted,
-            "cg_residual": residual / jnp.linalg.norm(g)})
+            "cg_residual": residual / jnp.linalg.norm(g), "cg_iterations": cg_taken})
 
     return Procedure(init, step)
 
