@@ -13,7 +13,10 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 compiled step). Also, with no target: eight Dense-tanh-Dense-tanh blocks
                 (width 256, batch 4096) each in `nets.remat` against the same unwrapped,
                 time and temporaries; the MLP at batch 4096 as 8 micro-batches
-                (`nets.accumulated`) against the whole batch at once, likewise.
+                (`nets.accumulated`) against the whole batch at once, likewise; one
+                Gauss-Newton product G v by hand against jax's jvp-then-vjp (the MLP,
+                LeNet-5, the transformer) and one exact Hessian product H v by hand
+                (Pearlmutter's R-operator) against jax's jvp of grad (the MLP, LeNet-5).
   conv          each Conv2D implementation ("conv", "patches", "gather", "rows", "tiles")
                 against the model's default, one jitted SGD step with the manual engine:
                 LeNet-5 (batch 128; default "tiles") and LeNet-1989 (batch 1; default
@@ -99,7 +102,13 @@ from jax import lax
 
 import nets
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import TOLERANCES, astype, gauss_newton_product_reference, relative_error
+from nets.gradcheck import (
+    TOLERANCES,
+    astype,
+    gauss_newton_product_reference,
+    hessian_product_reference,
+    relative_error,
+)
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
 from training.config import option, parse, run_main
@@ -109,7 +118,7 @@ EXPERIMENT = "bench"
 FAMILIES = ("engine", "conv", "recipe", "lenet5_torch", "per_example", "utilisation", "rnn",
             "scaling")
 TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "engine/accumulate": None,
-           "engine/gauss_newton": None,
+           "engine/gauss_newton": None, "engine/hessian": None,
            "recipe": ("<=", 1 / 60),
            "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0), "rnn/gauss_newton": None,
@@ -358,17 +367,32 @@ def gauss_newton_rows(sizes, key, repeats):
     """One Gauss-Newton product G v by hand (`nets.engines.gauss_newton_product`: tangent
     passes, the loss's Hessian, backward passes) against jax's (`nets.gradcheck.
     gauss_newton_product_reference`: jvp, jvp of the loss's grad, vjp), alternated, for the
-    MLP, LeNet-5 and the transformer of the engine rows; v random. No target."""
+    MLP, LeNet-5 and the transformer of the engine rows; and where every layer has an
+    R-operator (the MLP, LeNet-5), one exact Hessian product H v by hand
+    (`nets.engines.hessian_product`) against jax's jvp of grad. v random. No target."""
     for name, model, objective, input_shape, batch in engine_cases(sizes):
         if not name.startswith(GAUSS_NEWTON_MODELS) or "batchnorm" in name:
             continue
         args = random_problem(model, input_shape, batch, key)
         yield from gauss_newton_pair("engine", name, model, objective, args, key, repeats)
+        if model.backward_tangent is not None:
+            yield from product_pair("engine", f"hessian/{name}", model, objective, args, key,
+                                    repeats, (nets.engines.hessian_product,
+                                              hessian_product_reference))
 
 
 def gauss_newton_pair(family, name, model, objective, args, key, repeats):
     """The rows `gauss_newton/{name}` of `family`: G v by hand and by jax at (params, x,
     targets) = args for a random v, alternated."""
+    yield from product_pair(family, f"gauss_newton/{name}", model, objective, args, key,
+                            repeats, (nets.engines.gauss_newton_product,
+                                      gauss_newton_product_reference))
+
+
+def product_pair(family, name, model, objective, args, key, repeats, products):
+    """The rows `{name}` of `family`: a curvature product by hand and by jax, `products` =
+    (manual, reference), each `(model, objective) -> (params, x, targets, v) -> like
+    params`, at (params, x, targets) = args for a random v, alternated."""
     params = args[0]
     leaves, structure = jax.tree.flatten(params)
     v = jax.tree.unflatten(structure, [
@@ -377,14 +401,12 @@ def gauss_newton_pair(family, name, model, objective, args, key, repeats):
                                   leaves)])
     args = (*args, v)
     (manual_fn, manual_compile), (jax_fn, jax_compile) = [
-        benchmark.compile_jitted(product(model, objective), *args)
-        for product in (nets.engines.gauss_newton_product, gauss_newton_product_reference)]
+        benchmark.compile_jitted(product(model, objective), *args) for product in products]
     manual, reference = benchmark.compare(manual_fn, args, jax_fn, args, repeats)
     manual.compile_s, reference.compile_s = manual_compile, jax_compile
-    yield row(family, f"gauss_newton/{name}", "manual", manual,
-              manual.median_s / reference.median_s, "manual/jax",
-              **memory_extras(manual_fn, jax_fn))
-    yield row(family, f"gauss_newton/{name}", "jax", reference, temp_bytes=temp_bytes(jax_fn))
+    yield row(family, name, "manual", manual, manual.median_s / reference.median_s,
+              "manual/jax", **memory_extras(manual_fn, jax_fn))
+    yield row(family, name, "jax", reference, temp_bytes=temp_bytes(jax_fn))
 
 
 def remat_rows(sizes, key, repeats):

@@ -3,7 +3,8 @@ step size it allows (LeCun, Simard and Pearlmutter 1993; LeCun et al. 1998, "Eff
 BackProp", section 5).
 
     python -m experiments.largest_eigenvalue [--workdir DIR] [--model lenet1989|mlp]
-        [--examples 1000] [--iterations 30] [--steps 100] [--factors 0.5,1,2,4,8,16,32,64]
+        [--examples 1000] [--iterations 30] [--negative-iterations 200] [--steps 100]
+        [--factors 0.5,1,2,4,8,16,32,64]
 
 On a quadratic E with Hessian H, gradient descent with step eta converges along every
 eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
@@ -30,10 +31,14 @@ loss per factor; "runs": the loss and lambda_max histories), results.md and
 largest_eigenvalue.png (power iterations; loss against step per factor; lambda_max against
 step beside 2 / eta).
 
-Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults (float32, seed 0; 62 s):
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults (float32, seed 0; 56 s):
 lambda_max of G 123.03 after 30 iterations by hand and by jax's products (within 3.1e-7 at
-every iteration; 0.50 s against 2.51 s for the 30 products, compiled), the Hessian's 111.83,
-the largest entry of LeCun's diagonal 0.78. lambda_max falls to 16-49 within 10 steps at
+every iteration; 0.43 s against 2.44 s for the 30 products, compiled), the Hessian's 111.83
+by hand and by jax (within 4.1e-7; 1.00 s against 4.30 s), its most negative eigenvalue
+-51.76 (-47.18 after 30 shifted iterations, -51.71 after 100, -51.76 after 150), the largest
+entry of LeCun's diagonal 0.78. So at the initial weights H has a direction of negative
+curvature about half as steep as its steepest positive one, which G, positive
+semi-definite, does not show. lambda_max falls to 16-49 within 10 steps at
 every c; the loss after 100 steps (6.11 at the start): c = 0.5, 1, 2, 4, 8, 16: 1.471,
 1.190, 0.907, 0.658, 0.469, 0.370 (lambda_max then 9-10, under 2 / eta = 15.4); c = 32 and 64
 stall at 1.613 and 1.976, the tanh units saturated (lambda_max 0.5-3).
@@ -64,6 +69,8 @@ class Config:
                         choices=MODELS)
     examples: int = option(1000, "first USPS training digits: the full batch", ge=1, le=7291)
     iterations: int = option(30, "power iterations for lambda_max at the initial point", ge=1)
+    negative_iterations: int = option(200, "power iterations for the Hessian's most negative "
+                                           "eigenvalue (H shifted by its lambda_max)", ge=1)
     steps: int = option(100, "full-batch gradient-descent steps per factor", ge=0)
     factors: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
                                         "comma-separated c: steps eta = c / lambda_max", gt=0)
@@ -198,7 +205,7 @@ def main(argv=None):
             top_vector = v_max
     top_hessian = float(estimates["manual_hessian"][-1])
     below = power_iteration(shifted(hessian_product(model, objective), top_hessian),
-                            config.iterations)
+                            config.negative_iterations)
     estimates["manual_hessian_most_negative"] = np.asarray(
         below(params, x, targets, start)[0]) + top_hessian
     diagonal = curvature_diagonal(model, objective)(params, x, targets)

@@ -380,6 +380,7 @@ def test_refusals_name_the_layer_the_loss_and_the_shape():
 def test_experiment_writes_the_estimates_agreeing_and_the_runs(tmp_path):
     metrics = largest_eigenvalue.main([
         "--workdir", str(tmp_path), "--model", "mlp", "--examples", "40", "--iterations", "8",
+        "--negative-iterations", "8",
         "--steps", "4", "--track-every", "2", "--track-iterations", "2", "--factors", "1,50"])
     document = json.loads((tmp_path / "results.json").read_text())
     estimates = document["power_iterations"]

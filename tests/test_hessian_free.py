@@ -48,6 +48,16 @@ def test_conjugate_gradient_stays_put_at_a_zero_residual():
     assert np.all(np.asarray(x) == 0) and float(residual) == 0 and int(taken) == 0
 
 
+def test_conjugate_gradient_stays_finite_where_r_z_underflows():
+    """r.z of b ~ 1e-160 flushes to zero while p.A p, A ~ 1e300, does not: no 0/0 (an early
+    version made p NaN there, and 0 * NaN spoiled x; Hessian-free steps on the deep sigmoid
+    net hit it in float32)."""
+    matrix, b, _ = spd_system(4)
+    x, residual, _ = procedures.conjugate_gradient(lambda v: 1e300 * (jnp.asarray(matrix) @ v),
+                                                   1e-160 * jnp.asarray(b), jnp.zeros(4), 5)
+    assert np.all(np.isfinite(np.asarray(x))) and np.isfinite(float(residual))
+
+
 def numpy_truncated_cg(matrix, b, iterations):
     """Plain conjugate gradients from 0 in NumPy, returning the last iterate before the
     first direction with p.A p <= 0, and the iterations taken."""

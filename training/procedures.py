@@ -694,20 +694,25 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, x
     The iteration stops, x staying put from then on, at the first direction with p.A p <= 0:
     on an indefinite A (a Hessian plus lambda I) x is then the last iterate along which the
     quadratic model was convex, the truncated Newton step (Dembo and Steihaug 1983); on a
-    positive definite A that happens only once the residual is exactly zero (p = 0, no 0/0).
+    positive definite A that happens only once the residual is exactly zero (p = 0). A
+    quotient whose denominator is not positive (r.z flushed to zero while p.A p is not, as in
+    float32 near convergence) counts as 0, never 0/0.
     """
     scale = jnp.ones_like(b) if inverse_preconditioner is None else inverse_preconditioner
+
+    def safe_divide(numerator, denominator):
+        ok = denominator > 0
+        return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0)
 
     def step(carry, _):
         x, r, z, p, taken, going = carry
         ap = matvec(p)
         rz, curvature = r @ z, p @ ap
         going = going & (curvature > 0)
-        alpha = jnp.where(going, rz / jnp.where(going, curvature, 1), 0)
-        x, r = x + alpha * p, r - alpha * ap
+        alpha = safe_divide(rz, curvature)
+        x, r = jnp.where(going, x + alpha * p, x), jnp.where(going, r - alpha * ap, r)
         z_next = scale * r
-        beta = jnp.where(going, (r @ z_next) / jnp.where(going, rz, 1), 0)
-        p = jnp.where(going, z_next + beta * p, p)
+        p = jnp.where(going, z_next + safe_divide(r @ z_next, rz) * p, p)
         return (x, r, z_next, p, taken + going.astype(jnp.int32), going), None
 
     r = b - matvec(x0)
