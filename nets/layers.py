@@ -452,6 +452,7 @@ def elementwise(
     *,
     of: str = "output",
     second_derivative: Callable[[jax.Array], jax.Array] | None = None,
+    piecewise_linear: bool = False,
     name: str = "elementwise",
 ) -> Layer:
     """A parameter-free layer y = f(x), applied entry by entry, from f and its derivative.
@@ -459,7 +460,8 @@ def elementwise(
     of="output": `derivative(y)` gives f'(x) from the output (f invertible: sigmoid's
     y (1 - y)), and the residual is y; of="input": `derivative(x)`, and the residual is x.
     `second_derivative` gives f''(x) from the same (optional; without it the layer has no
-    backward_tangent).
+    backward_tangent); `piecewise_linear=True` says f'' = 0 wherever it is defined (ReLU),
+    and the backward_tangent then skips the term rather than multiply by zeros.
     backward: dx = dy * f'(x); curvature (Gauss-Newton, f'' dropped): d2x = d2y * f'(x)^2;
     tangent: dy = f'(x) dx; backward_tangent: R{dx} = R{dy} f'(x) + dy f''(x) R{x}.
     Shapes: any; y, dx and d2x have x's shape and dtype.
@@ -495,12 +497,15 @@ def elementwise(
         _, kept = forward(params, x)
         slope = derivative(kept)
         r_g_x = r_g_y * slope
-        if v_x is not None:
+        if v_x is not None and not piecewise_linear:
             r_g_x = r_g_x + g_y * second_derivative(kept) * v_x
         return (), g_y * slope, (), r_g_x
 
+    if piecewise_linear and second_derivative is not None:
+        raise ValueError(f"{name}: a piecewise linear f has f'' = 0; give no second_derivative")
+    has_second = piecewise_linear or second_derivative is not None
     return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
-                 backward_tangent=None if second_derivative is None else backward_tangent)
+                 backward_tangent=backward_tangent if has_second else None)
 
 
 def Sigmoid(name: str = "Sigmoid") -> Layer:
@@ -520,12 +525,12 @@ def Relu(name: str = "Relu") -> Layer:
     """y = max(x, 0); backward: dx = dy * [y > 0] (the subgradient at 0 is taken as 0);
     f'' = 0."""
     return elementwise(jax.nn.relu, lambda y: (y > 0).astype(y.dtype),
-                       second_derivative=jnp.zeros_like, name=name)
+                       piecewise_linear=True, name=name)
 
 
 def Identity(name: str = "Identity") -> Layer:
     """y = x; backward: dx = dy; f'' = 0."""
-    return elementwise(lambda x: x, jnp.ones_like, second_derivative=jnp.zeros_like, name=name)
+    return elementwise(lambda x: x, jnp.ones_like, piecewise_linear=True, name=name)
 
 
 def LeakyRelu(negative_slope: float = 0.01, name: str = "LeakyRelu") -> Layer:
@@ -534,7 +539,7 @@ def LeakyRelu(negative_slope: float = 0.01, name: str = "LeakyRelu") -> Layer:
     slope = _positive(name, "negative_slope", negative_slope)
     return elementwise(lambda x: jax.nn.leaky_relu(x, slope),
                        lambda y: jnp.where(y >= 0, 1.0, slope).astype(y.dtype),
-                       second_derivative=jnp.zeros_like, name=name)
+                       piecewise_linear=True, name=name)
 
 
 def Elu(alpha: float = 1.0, name: str = "Elu") -> Layer:

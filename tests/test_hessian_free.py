@@ -368,6 +368,9 @@ def test_experiment_writes_every_method_and_record(tmp_path):
             records = [h for h in history if h["method"] == method and h["seed"] == seed]
             assert [h["step"] for h in records] == steps
             assert records[-1]["loss"] < records[0]["loss"]
+            if method.startswith("hessian_free"):  # the chunks' own records, averaged
+                assert all(0 <= h["mean_cg_iterations"] <= 5 and 0 <= h["mean_accepted"] <= 1
+                           and h["mean_damping"] > 0 for h in records[1:])
             assert all(0 <= h["test_error"] <= 1 for h in records)
     assert (tmp_path / "hessian_free.png").stat().st_size > 10_000
     assert "hessian_free" in (tmp_path / "results.md").read_text()
