@@ -270,16 +270,22 @@ def case_point(name, dtype, batch=3):
     return model, objective, params, x, targets, random_like(keys[3], params, dtype)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_gauss_newton_product_is_jax_jvp_hessian_vjp(name, dtype):
+def assert_product_is_its_reference(product, reference, name, dtype):
+    """product(model, objective) against reference(model, objective) at CASES[name]'s point:
+    the params' structure and dtypes, and within dtype's tolerance."""
     model, objective, params, x, targets, v = case_point(name, dtype)
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v)
-        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
-            params, x, targets, v)
+        got = jax.jit(product(model, objective))(params, x, targets, v)
+        want = jax.jit(reference(model, objective))(params, x, targets, v)
     assert jax.tree.structure(got) == jax.tree.structure(params)
     assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
     assert_close_tree(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gauss_newton_product_is_jax_jvp_hessian_vjp(name, dtype):
+    assert_product_is_its_reference(gauss_newton_product,
+                                    gradcheck.gauss_newton_product_reference, name, dtype)
 
 
 def test_linear_model_gauss_newton_worked_out_by_hand():

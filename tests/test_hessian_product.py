@@ -14,7 +14,7 @@ from nets import gradcheck, models
 from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product, hessian_product
 from tests.helpers import F64, assert_close_tree, random_like
-from tests.test_gauss_newton import case_point
+from tests.test_gauss_newton import assert_product_is_its_reference
 
 LENET1989_CONV = dict(kernel_size=5, stride=2, padding=((2, 2), (2, 2)), pad_value=-1.0,
                       unshared_bias=True)
@@ -106,14 +106,8 @@ def test_hessian_product_is_jax_jvp_of_grad(name, dtype):
     with its -1 borders, unshared biases and H2's table under squared error, LeNet-5 with
     trainable subsampling and C3's table under softmax with L2, Euclidean RBF units under the
     MAP criterion, MLPs under the lecture's objective."""
-    model, objective, params, x, targets, v = case_point(name, dtype)
-    with jax.default_matmul_precision("highest"):
-        got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
-        want = jax.jit(gradcheck.hessian_product_reference(model, objective))(
-            params, x, targets, v)
-    assert jax.tree.structure(got) == jax.tree.structure(params)
-    assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
-    assert_close_tree(got, want, dtype, name)
+    assert_product_is_its_reference(hessian_product, gradcheck.hessian_product_reference,
+                                    name, dtype)
 
 
 @pytest.mark.parametrize("model", [models.lenet1989_modern(), models.lenet5(output="rbf")],
