@@ -162,7 +162,62 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
                          + jnp.einsum("bhts,bshd->bthd", p, dv))
         return y, dense(dparams["out"], o) + jnp.einsum("btf,fg->btg", do, params["out"]["w"])
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """Each line of the backward differentiated in all its inputs, with the tangents of
+        the forward's (R{q}, R{k}, R{v}, R{p}, R{o} as `tangent` computes them):
+            R{dW_o} = R{o}^T dy + o^T R{dy},  R{do} = R{dy} W_o^T + dy V_o^T
+            R{dp} = R{do} v^T + do R{v}^T,    R{dv} = R{p}^T do + p^T R{do}
+            R{ds} = R{p} (dp - rowsum(p dp)) + p (R{dp} - rowsum(R{p} dp + p R{dp}))
+            R{dq} = (R{ds} k + ds R{k}) / sqrt(D),  R{dk} = (R{ds}^T q + ds^T R{q}) / sqrt(D)
+            R{dW_qkv} = R{x}^T d[q k v] + x^T R{d[q k v]},
+            R{dx} = R{d[q k v]} W_qkv^T + d[q k v] V_qkv^T."""
+        _, (x, q, k, v, p, o) = forward(params, x)
+        check_gradient(x, g_y, "dy")
+        r_qkv = dense(v_params["qkv"], x)
+        if v_x is not None:
+            r_qkv = r_qkv + jnp.einsum("btf,fg->btg", v_x, params["qkv"]["w"])
+        r_q, r_k, r_v = (split_heads(z) for z in jnp.split(r_qkv, 3, axis=-1))
+        r_s = (jnp.einsum("bthd,bshd->bhts", r_q, k)
+               + jnp.einsum("bthd,bshd->bhts", q, r_k)) * scale
+        r_p = p * (r_s - jnp.sum(p * r_s, axis=-1, keepdims=True))
+        r_o = merge_heads(jnp.einsum("bhts,bshd->bthd", r_p, v)
+                          + jnp.einsum("bhts,bshd->bthd", p, r_v))
+
+        g_out, g_o = dense_backward(params["out"], o, g_y)
+        r_g_out, r_g_o = dense_backward(params["out"], o, r_g_y)
+        r_g_out = {"w": r_g_out["w"] + jnp.einsum("btf,btg->fg", r_o, g_y), "b": r_g_out["b"]}
+        r_g_o = r_g_o + jnp.einsum("btg,fg->btf", g_y, v_params["out"]["w"])
+        g_o, r_g_o = split_heads(g_o), split_heads(r_g_o)
+        g_p = jnp.einsum("bthd,bshd->bhts", g_o, v)
+        r_g_p = (jnp.einsum("bthd,bshd->bhts", r_g_o, v)
+                 + jnp.einsum("bthd,bshd->bhts", g_o, r_v))
+        g_v = jnp.einsum("bhts,bthd->bshd", p, g_o)
+        r_g_v = (jnp.einsum("bhts,bthd->bshd", r_p, g_o)
+                 + jnp.einsum("bhts,bthd->bshd", p, r_g_o))
+        centred = g_p - jnp.sum(p * g_p, axis=-1, keepdims=True)
+        g_s = p * centred
+        r_g_s = r_p * centred + p * (r_g_p - jnp.sum(r_p * g_p + p * r_g_p, axis=-1,
+                                                     keepdims=True))
+        g_q = jnp.einsum("bhts,bshd->bthd", g_s, k) * scale
+        r_g_q = (jnp.einsum("bhts,bshd->bthd", r_g_s, k)
+                 + jnp.einsum("bhts,bshd->bthd", g_s, r_k)) * scale
+        g_k = jnp.einsum("bhts,bthd->bshd", g_s, q) * scale
+        r_g_k = (jnp.einsum("bhts,bthd->bshd", r_g_s, q)
+                 + jnp.einsum("bhts,bthd->bshd", g_s, r_q)) * scale
+        g_qkv = jnp.concatenate([merge_heads(g_q), merge_heads(g_k), merge_heads(g_v)], axis=-1)
+        r_g_qkv = jnp.concatenate([merge_heads(r_g_q), merge_heads(r_g_k), merge_heads(r_g_v)],
+                                  axis=-1)
+        g_qkv_params, g_x = dense_backward(params["qkv"], x, g_qkv)
+        r_g_qkv_params, r_g_x = dense_backward(params["qkv"], x, r_g_qkv)
+        r_g_x = r_g_x + jnp.einsum("btg,fg->btf", g_qkv, v_params["qkv"]["w"])
+        if v_x is not None:
+            r_g_qkv_params = {"w": r_g_qkv_params["w"] + jnp.einsum("btf,btg->fg", v_x, g_qkv),
+                              "b": r_g_qkv_params["b"]}
+        return ({"qkv": g_qkv_params, "out": g_out}, g_x,
+                {"qkv": r_g_qkv_params, "out": r_g_out}, r_g_x)
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def PositionalEmbedding(context: int, features: int, std: float = 0.02,
@@ -206,7 +261,14 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
         dy = jnp.broadcast_to(dparams["p"][None, : x.shape[1]], y.shape)
         return y, dy if dx is None else dy + dx
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """Linear in x and p: the backward of R{dy}."""
+        g_params, g_x = backward(params, None, g_y)
+        r_g_params, r_g_x = backward(params, None, r_g_y)
+        return g_params, g_x, r_g_params, r_g_x
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def transformer_lm(vocabulary: int, context: int, features: int = 128, heads: int = 4,

@@ -363,7 +363,13 @@ def Embedding(
         y, _ = forward(params, ids)
         return y, jnp.take(dparams["w"], rows_of(ids), axis=0, mode="fill", fill_value=0)
 
-    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
+    def backward_tangent(params, ids, v_params, v_x, g_y, r_g_y):
+        """dw is linear in dy for fixed ids: R{dw} = the scatter-add of R{dy}."""
+        g_params, g_x = backward(params, ids, g_y)
+        return g_params, g_x, backward(params, ids, r_g_y)[0], g_x
+
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def EuclideanRBF(centres, name: str = "rbf") -> Layer:
@@ -962,15 +968,18 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
     def forward(params, x, key=None):
         return forward_with_key(model, filled(params), x, key)
 
+    def folded(dparams):
+        """The target's gradient added to the source's, the target's entry None again."""
+        target_path = path_of(dparams, *target)
+        source_path = path_of(dparams, *source)
+        from_target = shared(_leaf_at(dparams, target_path))
+        dparams = _with_leaf(dparams, target_path, None)
+        return _with_leaf(dparams, source_path, _leaf_at(dparams, source_path) + from_target)
+
     def backward_through(method):
         def run_backward(params, residuals, dy):
             dparams, dx = getattr(model, method)(filled(params), residuals, dy)
-            target_path = path_of(dparams, *target)
-            source_path = path_of(dparams, *source)
-            from_target = shared(_leaf_at(dparams, target_path))
-            dparams = _with_leaf(dparams, target_path, None)
-            return _with_leaf(dparams, source_path,
-                              _leaf_at(dparams, source_path) + from_target), dx
+            return folded(dparams), dx
 
         return run_backward
 
@@ -979,10 +988,18 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
         moves the shared value in both of its places."""
         return tangent_with_key(model, filled(params), x, filled(dparams), dx, key)
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """The model's, with the target filled in params and v_params, and both the gradient
+        and its tangent folded onto the source."""
+        g_params, g_x, r_g_params, r_g_x = model.backward_tangent(
+            filled(params), x, filled(v_params), v_x, g_y, r_g_y)
+        return folded(g_params), g_x, folded(r_g_params), r_g_x
+
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,
                  curvature=None if model.curvature is None else backward_through("curvature"),
                  stochastic=model.stochastic,
-                 tangent=None if model.tangent is None else tangent)
+                 tangent=None if model.tangent is None else tangent,
+                 backward_tangent=None if model.backward_tangent is None else backward_tangent)
 
 
 def _leaf_at(tree: Params, path: tuple) -> Any:

@@ -65,6 +65,25 @@ def _standardise_backward(xhat, s, dxhat, axes, axis_name=None):
     return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) / s
 
 
+def _standardise_backward_tangent(xhat, s, dxhat, r_dxhat, v_x, axes):
+    """(dx, R{dx}) of `_standardise_backward` when dxhat moves by R{dxhat} and x by v_x (None:
+    it does not): with m(.) the mean over `axes`, dx = (u - m(u) - xhat m(u xhat)) / s for u =
+    dxhat, and, R{xhat} = `_standardise_backward`(v_x) (the Jacobian of xhat is symmetric)
+    and R{s} = m(xhat v_x),
+
+        R{dx} = (R{u} - m(R{u}) - R{xhat} m(u xhat) - xhat m(R{u} xhat + u R{xhat})) / s
+                - dx R{s} / s."""
+    dx = _standardise_backward(xhat, s, dxhat, axes)
+    if v_x is None:
+        return dx, _standardise_backward(xhat, s, r_dxhat, axes)
+    r_xhat = _standardise_backward(xhat, s, v_x, axes)
+    r_s = jnp.mean(xhat * v_x, axis=axes, keepdims=True)
+    mean_u_xhat = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
+    r_dx = (r_dxhat - jnp.mean(r_dxhat, axis=axes, keepdims=True) - r_xhat * mean_u_xhat
+            - xhat * jnp.mean(r_dxhat * xhat + dxhat * r_xhat, axis=axes, keepdims=True)) / s
+    return dx, r_dx - dx * r_s / s
+
+
 def _standardise_curvature(xhat, a, axes, n, axis_name=None):
     """d2x_i = sum_j J[j, i]^2 d2y_j over groups of n along `axes` (n counts every device's
     values when `axis_name` is given), with a = g^2 d2y / s^2 (module docstring)."""
@@ -144,8 +163,23 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
                 xhat, s, dx, -1)
         return y, dy
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """R{dg} = rows' sum of R{dy} xhat + dy R{xhat}, R{db} = rows' sum of R{dy}; dx moves
+        with dxhat = dy g (R{dxhat} = R{dy} g + dy v_g) and with xhat and s
+        (`_standardise_backward_tangent`)."""
+        _, (xhat, s) = forward(params, x)
+        gain, v_gain = (_along_features(p["g"], x.ndim) for p in (params, v_params))
+        g_x, r_g_x = _standardise_backward_tangent(xhat, s, g_y * gain,
+                                                   r_g_y * gain + g_y * v_gain, v_x, -1)
+        moved_xhat = r_g_y * xhat
+        if v_x is not None:
+            moved_xhat = moved_xhat + g_y * _standardise_backward(xhat, s, v_x, -1)
+        return ({"g": over_rows(g_y * xhat), "b": over_rows(g_y)}, g_x,
+                {"g": over_rows(moved_xhat), "b": over_rows(r_g_y)}, r_g_x)
+
     return Layer(name, init=_gain_and_bias_init(check, features), forward=forward,
-                 backward=backward, curvature=curvature, tangent=tangent)
+                 backward=backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,

@@ -1368,10 +1368,23 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         return (y.reshape(batch, time, y.shape[-1]),
                 None if dy is None else dy.reshape(batch, time, dy.shape[-1]))
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        _check_sequence(name, x, None)
+        batch, time, features = x.shape
+
+        def fold(z):
+            return None if z is None else z.reshape(batch * time, z.shape[-1])
+
+        g_params, g_x, r_g_params, r_g_x = layer.backward_tangent(
+            params, fold(x), v_params, fold(v_x), fold(g_y), fold(r_g_y))
+        return (g_params, g_x.reshape(batch, time, features), r_g_params,
+                r_g_x.reshape(batch, time, features))
+
     curvature = None if layer.curvature is None else folded(layer.curvature)
     return Layer(name, init, forward, folded(layer.backward), curvature=curvature,
                  stochastic=layer.stochastic,
-                 tangent=None if layer.tangent is None else tangent)
+                 tangent=None if layer.tangent is None else tangent,
+                 backward_tangent=None if layer.backward_tangent is None else backward_tangent)
 
 
 def sequence_model(cells: Any, out_features: int, *, last_step: bool = False,
