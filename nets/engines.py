@@ -33,7 +33,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, forward_with_key, is_count, serial, tangent_with_key
+from nets.layers import (
+    Layer,
+    backward_tangent_with_key,
+    forward_with_key,
+    is_count,
+    serial,
+    tangent_with_key,
+)
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
 from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
@@ -335,7 +342,9 @@ def hessian_product(model: Layer, objective: Objective):
         H v = R{dE/dparams} = (J^T H_loss J + sum_units g_unit * (their second derivatives)) v
               + (lambda/m) v_w.
 
-    Returns `product(params, x, targets, v) -> pytree like params`. The layers' tangent passes
+    Returns `product(params, x, targets, v, key=None) -> pytree like params` (a key for a
+    stochastic model: the Hessian of E with that key's dropout masks held fixed, as the
+    engines' gradient). The layers' tangent passes
     give the outputs' R{z} = J v, the loss's Hessian gives R{dE/dz} = H_loss J v
     (`Loss.hessian_vector`), and the layers' `backward_tangent` passes (nets/layers.py) carry
     the gradient and its R{} back together: where the Gauss-Newton product
@@ -344,9 +353,8 @@ def hessian_product(model: Layer, objective: Objective):
     product's g v_w^T and v_x^T g). One tangent pass and one backward pass of twice the work,
     no matrix formed. H is indefinite away from a minimum; it equals G where the outputs are
     linear in the parameters, and differs from G by the terms weighted by the residual
-    gradient elsewhere. A model with a layer that has no `backward_tangent` (dropout,
-    BatchNorm, local response normalisation, the recurrent layers, a user's) is refused by
-    name.
+    gradient elsewhere. A model with a layer that has no `backward_tangent` (BatchNorm,
+    local response normalisation, the recurrent layers, a user's) is refused by name.
     """
     if model.backward_tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'backward_tangent')!r} "
@@ -354,13 +362,14 @@ def hessian_product(model: Layer, objective: Objective):
     if objective.loss.hessian_vector is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
 
-    def product(params, x, targets, v):
-        outputs, doutputs = model.tangent(params, x, v, None)
+    def product(params, x, targets, v, key=None):
+        outputs, doutputs = tangent_with_key(model, params, x, v, None, key)
         if doutputs is None:  # nothing in the model moves its outputs
             doutputs = jnp.zeros_like(outputs)
         g_outputs = objective.loss.grad(outputs, targets)
         r_g_outputs = objective.loss.hessian_vector(outputs, targets, doutputs)
-        _, _, hv, _ = model.backward_tangent(params, x, v, None, g_outputs, r_g_outputs)
+        _, _, hv, _ = backward_tangent_with_key(model, params, x, v, None, g_outputs,
+                                                r_g_outputs, key)
         penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
         hv = jax.tree.map(lambda a, b: a + b, hv, penalty)
         return _dtypes_of(sum_over_added_axes(hv, params), params)

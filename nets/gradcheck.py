@@ -485,11 +485,11 @@ def gauss_newton_product_reference(model: Layer, objective: Objective):
 def hessian_product_reference(model: Layer, objective: Objective):
     """H v by jax alone, the reference for `engines.hessian_product`: `jax.jvp` of `jax.grad`
     of E (the model's apply, the loss's value and the L2 penalty; forward over reverse).
-    Returns `product(params, x, targets, v)`."""
+    Returns `product(params, x, targets, v, key=None)` (key: the model's dropout masks)."""
 
-    def product(params, x, targets, v):
+    def product(params, x, targets, v, key=None):
         def energy(p):
-            return objective.value(p, model.apply(p, x), targets)
+            return objective.value(p, model.apply(p, x, key), targets)
 
         return jax.jvp(jax.grad(energy), (params,), (v,))[1]
 

@@ -65,7 +65,8 @@ f'(x) moves to r_g_y f'(x) + g_y f''(x) v_x, where the second derivatives that G
 drops come in. Run from the loss (r_g at the outputs = the loss's Hessian times J v) back
 through a net, r_g_params is the exact Hessian's product H v
 (`nets.engines.hessian_product`). The layer recomputes what it needs from x; under jit XLA
-shares it with the forward pass. Layers without it leave it None.
+shares it with the forward pass. A stochastic layer's takes `key=` as its forward does
+(`backward_tangent_with_key`). Layers without it leave it None.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ __all__ = [
     "check_input",
     "forward_with_key",
     "tangent_with_key",
+    "backward_tangent_with_key",
     "layer_keys",
     "StaticShape",
     "Factors",
@@ -199,6 +201,19 @@ def tangent_with_key(layer: Layer, params: Params, x: jax.Array, dparams: Params
         raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
                          "numbers (no Dropout)")
     return layer.tangent(params, x, dparams, dx, key=key)
+
+
+def backward_tangent_with_key(layer: Layer, params: Params, x: jax.Array, v_params: Params,
+                              v_x: jax.Array | None, g_y: jax.Array, r_g_y: jax.Array,
+                              key: jax.Array | None = None):
+    """`layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)`, with `key=key` when a
+    key is given (the rule of `forward_with_key`)."""
+    if key is None:
+        return layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)
+    if not layer.stochastic:
+        raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
+                         "numbers (no Dropout)")
+    return layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=key)
 
 
 def layer_keys(layers: tuple[Layer, ...], key: jax.Array | None) -> list[jax.Array | None]:
@@ -697,19 +712,20 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             x, dx = tangent_with_key(layer, layer_params, x, layer_dparams, dx, layer_key)
         return x, dx
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """The tangent pass left to right, keeping each layer's (x, v_x), then each layer's
-        backward_tangent right to left."""
+        backward_tangent right to left, each stochastic layer with its key both ways."""
         _check_param_count(name, params, len(layers))
+        keys = layer_keys(layers, key)
         inputs = []
-        for layer, layer_params, layer_v in zip(layers, params, v_params):
+        for layer, layer_params, layer_v, layer_key in zip(layers, params, v_params, keys):
             inputs.append((x, v_x))
-            x, v_x = layer.tangent(layer_params, x, layer_v, v_x)
+            x, v_x = tangent_with_key(layer, layer_params, x, layer_v, v_x, layer_key)
         g_params, r_g_params = [], []
-        for layer, layer_params, layer_v, (x, v_x) in reversed(
-                list(zip(layers, params, v_params, inputs))):
-            layer_g, g_y, layer_r_g, r_g_y = layer.backward_tangent(
-                layer_params, x, layer_v, v_x, g_y, r_g_y)
+        for layer, layer_params, layer_v, (x, v_x), layer_key in reversed(
+                list(zip(layers, params, v_params, inputs, keys))):
+            layer_g, g_y, layer_r_g, r_g_y = backward_tangent_with_key(
+                layer, layer_params, x, layer_v, v_x, g_y, r_g_y, layer_key)
             g_params.append(layer_g)
             r_g_params.append(layer_r_g)
         return tuple(reversed(g_params)), g_y, tuple(reversed(r_g_params)), r_g_y
@@ -717,7 +733,7 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
     has_curvature = all(layer.curvature is not None for layer in layers)
     has_tangent = all(layer.tangent is not None for layer in layers)
     has_backward_tangent = has_tangent and all(
-        layer.backward_tangent is not None and not layer.stochastic for layer in layers)
+        layer.backward_tangent is not None for layer in layers)
     return Layer(name, init, forward_all, backward_through("backward"), sublayers=tuple(layers),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(layer.stochastic for layer in layers),
@@ -832,21 +848,21 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
             return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
         return sum_all(outputs), sum_all(moved)
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
-        """Each branch's backward_tangent on (x, v_x) with its share of (g_y, R{g_y});
-        g_x and R{g_x} summed over the branches, as x fans out to each."""
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        """Each branch's backward_tangent on (x, v_x) with its share of (g_y, R{g_y}) (and
+        its key); g_x and R{g_x} summed over the branches, as x fans out to each."""
         _check_param_count(name, params, len(branches))
-        parts = [branch.backward_tangent(branch_params, x, branch_v, v_x, g_b, r_g_b)
-                 for branch, branch_params, branch_v, g_b, r_g_b in zip(
+        parts = [backward_tangent_with_key(branch, branch_params, x, branch_v, v_x, g_b, r_g_b,
+                                           branch_key)
+                 for branch, branch_params, branch_v, g_b, r_g_b, branch_key in zip(
                      branches, params, v_params, split(params, x, g_y),
-                     split(params, x, r_g_y))]
+                     split(params, x, r_g_y), layer_keys(branches, key))]
         return (tuple(part[0] for part in parts), sum_all([part[1] for part in parts]),
                 tuple(part[2] for part in parts), sum_all([part[3] for part in parts]))
 
     has_curvature = all(branch.curvature is not None for branch in branches)
     has_tangent = all(branch.tangent is not None for branch in branches)
-    has_backward_tangent = all(branch.backward_tangent is not None and not branch.stochastic
-                               for branch in branches)
+    has_backward_tangent = all(branch.backward_tangent is not None for branch in branches)
     return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(branches),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(branch.stochastic for branch in branches),
@@ -988,11 +1004,11 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
         moves the shared value in both of its places."""
         return tangent_with_key(model, filled(params), x, filled(dparams), dx, key)
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """The model's, with the target filled in params and v_params, and both the gradient
         and its tangent folded onto the source."""
-        g_params, g_x, r_g_params, r_g_x = model.backward_tangent(
-            filled(params), x, filled(v_params), v_x, g_y, r_g_y)
+        g_params, g_x, r_g_params, r_g_x = backward_tangent_with_key(
+            model, filled(params), x, filled(v_params), v_x, g_y, r_g_y, key)
         return folded(g_params), g_x, folded(r_g_params), r_g_x
 
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,

@@ -21,6 +21,7 @@ from nets.conv import channel_sum, check_image_input, pair
 from nets.layers import (
     Layer,
     StaticShape,
+    backward_tangent_with_key,
     forward_with_key,
     is_count,
     linear_backward_tangent,
@@ -468,8 +469,13 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
         y, scale = forward(params, x, key)
         return y, dx if dx is None or scale is None else dx * scale
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        """Linear in x for the mask of the key: dx = dy m / p, R{dx} = R{dy} m / p."""
+        _, scale = forward(params, x, key)
+        return (), backward(params, scale, g_y)[1], (), backward(params, scale, r_g_y)[1]
+
     return Layer(name, init, forward, backward, curvature=curvature, stochastic=True,
-                 tangent=tangent)
+                 tangent=tangent, backward_tangent=backward_tangent)
 
 
 def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
@@ -508,6 +514,18 @@ def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
         y, dy = tangent_with_key(layer, params, x, dparams, dx, inner_key)
         return dropout.tangent((), y, (), dy, key=key)
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        """layer's backward_tangent of dy m / p and R{dy} m / p."""
+        inner_key = None
+        if key is not None and layer.stochastic:
+            inner_key, key = jax.random.split(key)
+        y, _ = forward_with_key(layer, params, x, inner_key)
+        _, scale = dropout.forward((), y, key=key)
+        return backward_tangent_with_key(
+            layer, params, x, v_params, v_x, dropout.backward((), scale, g_y)[1],
+            dropout.backward((), scale, r_g_y)[1], inner_key)
+
     return Layer(name, layer.init, forward, backward, sublayers=layer.sublayers,
                  curvature=None if layer.curvature is None else curvature, stochastic=True,
-                 tangent=None if layer.tangent is None else tangent)
+                 tangent=None if layer.tangent is None else tangent,
+                 backward_tangent=None if layer.backward_tangent is None else backward_tangent)

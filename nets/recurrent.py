@@ -126,6 +126,7 @@ from nets.layers import (
     Dense,
     Layer,
     StaticShape,
+    backward_tangent_with_key,
     forward_with_key,
     is_count,
     parallel,
@@ -1368,15 +1369,15 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         return (y.reshape(batch, time, y.shape[-1]),
                 None if dy is None else dy.reshape(batch, time, dy.shape[-1]))
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         _check_sequence(name, x, None)
         batch, time, features = x.shape
 
         def fold(z):
             return None if z is None else z.reshape(batch * time, z.shape[-1])
 
-        g_params, g_x, r_g_params, r_g_x = layer.backward_tangent(
-            params, fold(x), v_params, fold(v_x), fold(g_y), fold(r_g_y))
+        g_params, g_x, r_g_params, r_g_x = backward_tangent_with_key(
+            layer, params, fold(x), v_params, fold(v_x), fold(g_y), fold(r_g_y), key)
         return (g_params, g_x.reshape(batch, time, features), r_g_params,
                 r_g_x.reshape(batch, time, features))
 

@@ -126,10 +126,9 @@ def test_dropout_tangent_uses_the_forwards_mask(dtype):
                               {"w": jnp.ones((6, 2)), "b": jnp.ones(2)}, None, key)
 
 
-@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout", "rnn_dropout"])
-def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
-    """G of E with the masks of one key held fixed, against jax's product through apply with
-    that key; and another key gives another G v."""
+def dropout_case(name, dtype):
+    """(model, objective, params, x, targets) of a net with dropout: "mlp_dropout" (Dropout
+    and dropout_after), "transformer_lm_dropout" or "rnn_dropout"."""
     if name == "mlp_dropout":
         model = nets.serial(nets.Dense(8), nets.Tanh(), nets.Dropout(0.5), nets.Dense(8),
                             nets.Relu(), nets.dropout_after(nets.Dense(3), 0.3))
@@ -149,17 +148,31 @@ def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
         ids = jax.random.randint(jax.random.key(0), (3, 7), 0, 7)
         x, targets = ids[:, :-1], ids[:, 1:]
         params = gradcheck.astype(model.init(jax.random.key(1), (-1, 6))[1], dtype)
+    return model, objective, params, x, targets
+
+
+def assert_product_holds_the_masks_of_a_key(product, reference, name, dtype):
+    """product(model, objective) with one key against reference(model, objective) with the
+    same key at `dropout_case(name)`, and another key giving another product."""
+    model, objective, params, x, targets = dropout_case(name, dtype)
     v = random_like(jax.random.key(4), params, dtype)
     key = jax.random.key(5)
     with jax.default_matmul_precision("highest"):
-        product = jax.jit(gauss_newton_product(model, objective))
-        got = product(params, x, targets, v, key)
-        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
-            params, x, targets, v, key)
-        other = product(params, x, targets, v, jax.random.key(6))
+        manual = jax.jit(product(model, objective))
+        got = manual(params, x, targets, v, key)
+        want = jax.jit(reference(model, objective))(params, x, targets, v, key)
+        other = manual(params, x, targets, v, jax.random.key(6))
     assert_close_tree(got, want, dtype, name)
     assert gradcheck.relative_error(jax.flatten_util.ravel_pytree(got)[0],
                                     jax.flatten_util.ravel_pytree(other)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout", "rnn_dropout"])
+def test_gauss_newton_product_holds_the_dropout_masks_of_a_key(name, dtype):
+    """G of E with the masks of one key held fixed, against jax's product through apply with
+    that key; and another key gives another G v."""
+    assert_product_holds_the_masks_of_a_key(
+        gauss_newton_product, gradcheck.gauss_newton_product_reference, name, dtype)
 
 
 def test_max_pool_tangent_averages_tied_maxima_as_jax_jvp_does(dtype):

@@ -14,7 +14,10 @@ from nets import gradcheck, models
 from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product, hessian_product
 from tests.helpers import F64, assert_close_tree, random_like
-from tests.test_gauss_newton import assert_product_is_its_reference
+from tests.test_gauss_newton import (
+    assert_product_holds_the_masks_of_a_key,
+    assert_product_is_its_reference,
+)
 
 LENET1989_CONV = dict(kernel_size=5, stride=2, padding=((2, 2), (2, 2)), pad_value=-1.0,
                       unshared_bias=True)
@@ -242,11 +245,21 @@ def test_hessian_is_gauss_newton_where_the_residuals_vanish():
                                     jax.flatten_util.ravel_pytree(gv)[0]) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout"])
+def test_hessian_product_holds_the_dropout_masks_of_a_key(name, dtype):
+    """H of E with one key's masks held fixed (Dropout, dropout_after, a transformer's
+    dropout), against jax's jvp of grad through apply with that key; another key, another
+    H v."""
+    assert_product_holds_the_masks_of_a_key(
+        hessian_product, gradcheck.hessian_product_reference, name, dtype)
+
+
 @pytest.mark.parametrize("model, refused", [
-    (nets.serial(nets.Dense(3), nets.Dropout(0.5), nets.Dense(2)), "Dropout"),
+    (nets.serial(nets.Dense(3), nets.LocalResponseNorm(3), nets.Dense(2)),
+     "LocalResponseNorm"),
     (nets.serial(nets.Dense(3), nets.BatchNorm(3), nets.Dense(2)), "BatchNorm"),
     (nets.sequence_model([nets.lstm(3)], 2, last_step=True), "lstm"),
-], ids=["dropout", "batch_norm", "lstm"])
+], ids=["local_response_norm", "batch_norm", "lstm"])
 def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
     with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
         hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
