@@ -65,22 +65,21 @@ def _standardise_backward(xhat, s, dxhat, axes, axis_name=None):
     return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) / s
 
 
-def _standardise_backward_tangent(xhat, s, dxhat, r_dxhat, v_x, axes):
+def _standardise_backward_tangent(xhat, s, dxhat, r_dxhat, v_x, axes, axis_name=None):
     """(dx, R{dx}) of `_standardise_backward` when dxhat moves by R{dxhat} and x by v_x (None:
-    it does not): with m(.) the mean over `axes`, dx = (u - m(u) - xhat m(u xhat)) / s for u =
-    dxhat, and, R{xhat} = `_standardise_backward`(v_x) (the Jacobian of xhat is symmetric)
-    and R{s} = m(xhat v_x),
+    it does not): with m(.) the mean over `axes` (and `axis_name`), dx = (u - m(u) - xhat
+    m(u xhat)) / s for u = dxhat, and, R{xhat} = `_standardise_backward`(v_x) (the Jacobian
+    of xhat is symmetric) and R{s} = m(xhat v_x),
 
         R{dx} = (R{u} - m(R{u}) - R{xhat} m(u xhat) - xhat m(R{u} xhat + u R{xhat})) / s
                 - dx R{s} / s."""
-    dx = _standardise_backward(xhat, s, dxhat, axes)
+    dx = _standardise_backward(xhat, s, dxhat, axes, axis_name)
     if v_x is None:
-        return dx, _standardise_backward(xhat, s, r_dxhat, axes)
-    r_xhat = _standardise_backward(xhat, s, v_x, axes)
-    r_s = jnp.mean(xhat * v_x, axis=axes, keepdims=True)
-    mean_u_xhat = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
-    r_dx = (r_dxhat - jnp.mean(r_dxhat, axis=axes, keepdims=True) - r_xhat * mean_u_xhat
-            - xhat * jnp.mean(r_dxhat * xhat + dxhat * r_xhat, axis=axes, keepdims=True)) / s
+        return dx, _standardise_backward(xhat, s, r_dxhat, axes, axis_name)
+    r_xhat = _standardise_backward(xhat, s, v_x, axes, axis_name)
+    r_s, mean_u_xhat, mean_r_u, mean_moved = _group_mean(
+        (xhat * v_x, dxhat * xhat, r_dxhat, r_dxhat * xhat + dxhat * r_xhat), axes, axis_name)
+    r_dx = (r_dxhat - mean_r_u - r_xhat * mean_u_xhat - xhat * mean_moved) / s
     return dx, r_dx - dx * r_s / s
 
 
@@ -314,8 +313,45 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
             dxhat = _standardise_backward(xhat, s, dx, axes, mapped)
         return y, dy + _along_features(params["g"], x.ndim) * dxhat
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """R{dg} = sum R{dy} xhat + dy R{xhat}, R{db} = sum R{dy}, with R{xhat} the tangent's
+        dxhat. Batch statistics: dx moves as LayerNorm's (`_standardise_backward_tangent`,
+        over the batch). Fixed ones, with u = dy g, R{u} = R{dy} g + dy v_g and R{s} =
+        v_var / (2 s): R{dx} = R{u} / s - u v_var / (2 s^3), R{dmean} = -sum(R{u}) / s +
+        sum(u) v_var / (2 s^3), R{dvar} = -sum(R{u} xhat + u R{xhat}) / (2 s^2) + sum(u xhat)
+        v_var / (2 s^4)."""
+        _, (xhat, s) = forward(params, x)
+        axes = tuple(range(x.ndim - 1))
+        gain, v_gain = (_along_features(p["g"], x.ndim) for p in (params, v_params))
+        u, r_u = g_y * gain, r_g_y * gain + g_y * v_gain
+        if fixed(params):
+            v_mean, v_var = (_along_features(v_params[k], x.ndim) for k in ("mean", "var"))
+            r_xhat = (v_x if v_x is not None else 0) / s - v_mean / s - xhat * v_var / (2 * s * s)
+        elif v_x is None:
+            r_xhat = jnp.zeros_like(xhat)
+        else:
+            r_xhat = _standardise_backward(xhat, s, v_x, *batch_axes(x)[:2])
+        g_params = {"g": jnp.sum(g_y * xhat, axis=axes), "b": jnp.sum(g_y, axis=axes)}
+        r_g_params = {"g": jnp.sum(r_g_y * xhat + g_y * r_xhat, axis=axes),
+                      "b": jnp.sum(r_g_y, axis=axes)}
+        if not fixed(params):
+            reduced, mapped, _ = batch_axes(x)
+            g_x, r_g_x = _standardise_backward_tangent(xhat, s, u, r_u, v_x, reduced, mapped)
+            return g_params, g_x, r_g_params, r_g_x
+        s_row, v_var_row = s.reshape(features), v_params["var"]
+        g_params.update(mean=-jnp.sum(u, axis=axes) / s_row,
+                        var=-jnp.sum(u * xhat, axis=axes) / (2 * s_row**2))
+        r_g_params.update(
+            mean=-jnp.sum(r_u, axis=axes) / s_row
+            + jnp.sum(u, axis=axes) * v_var_row / (2 * s_row**3),
+            var=-jnp.sum(r_u * xhat + u * r_xhat, axis=axes) / (2 * s_row**2)
+            + jnp.sum(u * xhat, axis=axes) * v_var_row / (2 * s_row**4))
+        v_var = _along_features(v_var_row, x.ndim)
+        return g_params, u / s, r_g_params, r_u / s - u * v_var / (2 * s**3)
+
     return Layer(name, init=_gain_and_bias_init(check, features), forward=forward,
-                 backward=backward, curvature=curvature, tangent=tangent)
+                 backward=backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def _made_by(layer: Layer, builder: str) -> bool:

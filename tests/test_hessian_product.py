@@ -23,12 +23,15 @@ LENET1989_CONV = dict(kernel_size=5, stride=2, padding=((2, 2), (2, 2)), pad_val
                       unshared_bias=True)
 
 
-def assert_backward_tangent_is_jax(layer, input_shape, dtype, scale=1.0, seed=0):
+def assert_backward_tangent_is_jax(layer, input_shape, dtype, scale=1.0, seed=0, params=None):
     """layer.backward_tangent's (g_params, g_x, R{g_params}, R{g_x}) against jax: the pullback
     of layer.apply at (params, x) for g_y, and `jax.jvp` of that pullback as a function of
-    (params, x, g_y) along (v_params, v_x, r_g_y); with v_x None, along a zero v_x."""
+    (params, x, g_y) along (v_params, v_x, r_g_y); with v_x None, along a zero v_x. params:
+    the layer's initial ones unless given."""
     keys = jax.random.split(jax.random.key(seed), 6)
-    params = gradcheck.astype(layer.init(keys[0], (-1, *input_shape[1:]))[1], dtype)
+    if params is None:
+        params = layer.init(keys[0], (-1, *input_shape[1:]))[1]
+    params = gradcheck.astype(params, dtype)
     x = scale * jax.random.normal(keys[1], input_shape, dtype)
     v_params, v_x = random_like(keys[2], params, dtype), jax.random.normal(keys[3], x.shape, dtype)
     y_shape = jax.eval_shape(layer.apply, params, x).shape
@@ -79,6 +82,8 @@ def test_every_activation_backward_tangent_is_jax(activation, dtype):
     (nets.remat(nets.serial(nets.Dense(4), nets.Gelu(approximate=True), nets.Dense(2))), (3, 4)),
     (nets.LayerNorm(5), (3, 5)),
     (nets.LayerNorm(3), (2, 4, 4, 3)),
+    (nets.BatchNorm(5), (6, 5)),
+    (nets.BatchNorm(3), (2, 4, 4, 3)),
     (nets.SelfAttention(8, 2), (2, 5, 8)),
     (nets.SelfAttention(6, 3, causal=False), (2, 4, 6)),
     (nets.PositionalEmbedding(6, 4), (2, 5, 4)),
@@ -136,6 +141,37 @@ def test_hessian_product_of_relu_max_pool_and_rbf_nets_is_jax(model):
     got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
     want = jax.jit(gradcheck.hessian_product_reference(model, objective))(params, x, targets, v)
     assert_close_tree(got, want, jnp.float64, model.name)
+
+
+def test_batch_norm_with_fixed_statistics_backward_tangent_is_jax(dtype):
+    """With fixed "mean" and "var" (the inference network) directions of those move the
+    gradients too: the 1/s and 1/s^2 of dmean and dvar differentiated in var."""
+    rng = np.random.default_rng(5)
+    params = {"g": rng.normal(size=4), "b": rng.normal(size=4), "mean": rng.normal(size=4),
+              "var": rng.uniform(0.5, 2.0, size=4)}
+    assert_backward_tangent_is_jax(nets.BatchNorm(4), (3, 4), dtype, params=params)
+
+
+def test_synced_batch_norm_backward_tangent_over_shards_is_the_whole_batchs():
+    """BatchNorm(axis_name=...) under `jax.vmap` over 2 shards of a batch of 6: each shard's
+    R{dx} is its rows of the unmapped layer's on the whole batch, and the shards' R{dg},
+    R{db} sum to the whole batch's (float64)."""
+    whole, synced = nets.BatchNorm(4), nets.BatchNorm(4, axis_name="shards")
+    keys = jax.random.split(jax.random.key(3), 6)
+    params = gradcheck.astype(whole.init(keys[0], (-1, 4))[1], jnp.float64)
+    v_params = random_like(keys[1], params, jnp.float64)
+    x, v_x, g_y, r_g_y = (jax.random.normal(key, (6, 4), jnp.float64) for key in keys[2:])
+    want = whole.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)
+
+    def shard(z):
+        return z.reshape(2, 3, 4)
+
+    got = jax.vmap(lambda *a: synced.backward_tangent(params, a[0], v_params, *a[1:]),
+                   axis_name="shards")(shard(x), shard(v_x), shard(g_y), shard(r_g_y))
+    summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), (got[0], got[2]))
+    assert_close_tree(summed, (want[0], want[2]), jnp.float64, "params")
+    assert_close_tree((got[1].reshape(6, 4), got[3].reshape(6, 4)), (want[1], want[3]),
+                      jnp.float64, "dx")
 
 
 def test_embedding_backward_tangent_is_jax():
@@ -257,9 +293,11 @@ def test_hessian_product_holds_the_dropout_masks_of_a_key(name, dtype):
 @pytest.mark.parametrize("model, refused", [
     (nets.serial(nets.Dense(3), nets.LocalResponseNorm(3), nets.Dense(2)),
      "LocalResponseNorm"),
-    (nets.serial(nets.Dense(3), nets.BatchNorm(3), nets.Dense(2)), "BatchNorm"),
+    (nets.serial(nets.Dense(3), nets.layers.elementwise(jnp.tanh, lambda y: 1 - y * y,
+                                                        name="own_tanh"), nets.Dense(2)),
+     "own_tanh"),  # an activation built without its second derivative
     (nets.sequence_model([nets.lstm(3)], 2, last_step=True), "lstm"),
-], ids=["local_response_norm", "batch_norm", "lstm"])
+], ids=["local_response_norm", "without_second_derivative", "lstm"])
 def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
     with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
         hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
