@@ -75,6 +75,7 @@ from nets.layers import (
     Relu,
     Sigmoid,
     Tanh,
+    backward_tangent_with_key,
     elementwise,
     forward_with_key,
     layer_keys,
@@ -191,10 +192,22 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
         moved = [jnp.zeros_like(y) if dy is None else dy for y, dy in zip(outputs, moved)]
         return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        """Each group's on its slices of x, v_x, dy and R{dy}; dx and R{dx} joined."""
+        keys = layer_keys((layer,) * groups, key)
+        v_parts = split(v_x) if v_x is not None else [None] * groups
+        parts = [backward_tangent_with_key(layer, *arguments) for arguments in zip(
+            params, split(x), v_params, v_parts, split(g_y), split(r_g_y), keys)]
+        return (tuple(part[0] for part in parts),
+                jnp.concatenate([part[1] for part in parts], axis=-1),
+                tuple(part[2] for part in parts),
+                jnp.concatenate([part[3] for part in parts], axis=-1))
+
     return Layer(name, init, forward, backward_by("backward"), sublayers=(layer,) * groups,
                  curvature=None if layer.curvature is None else backward_by("curvature"),
                  stochastic=layer.stochastic,
-                 tangent=None if layer.tangent is None else tangent)
+                 tangent=None if layer.tangent is None else tangent,
+                 backward_tangent=None if layer.backward_tangent is None else backward_tangent)
 
 
 def _activation(activation: str) -> Callable[..., Layer]:

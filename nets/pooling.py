@@ -419,7 +419,28 @@ def LocalResponseNorm(
             return y, None
         return y, dx * d_power - 2 * alpha * beta * x * d_power / d * channel_window_sum(x * dx)
 
-    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent)
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """With P = d^(-beta), q = P / d and W the channel window's sum, dx = dy P - 2 alpha
+        beta x W(dy x q) moves with R{d} = 2 alpha W(x v_x), R{P} = -beta q R{d}, R{q} =
+        -(beta + 1) (q / d) R{d}:
+            R{dx} = R{dy} P + dy R{P} - 2 alpha beta (v_x W(dy x q)
+                    + x W(R{dy} x q + dy v_x q + dy x R{q}))."""
+        _, residuals = forward(params, x)
+        _, g_x = backward(params, residuals, g_y)
+        _, r_g_x = backward(params, residuals, r_g_y)
+        if v_x is None:
+            return (), g_x, (), r_g_x
+        x, d, d_power = residuals
+        q = d_power / d
+        r_d = 2 * alpha * channel_window_sum(x * v_x)
+        r_power, r_q = -beta * q * r_d, -(beta + 1) * q / d * r_d
+        moved = (g_y * r_power - 2 * alpha * beta * (
+            v_x * channel_window_sum(g_y * x * q)
+            + x * channel_window_sum(g_y * v_x * q + g_y * x * r_q)))
+        return (), g_x, (), r_g_x + moved
+
+    return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,
+                 backward_tangent=backward_tangent)
 
 
 def Dropout(rate: float, name: str = "Dropout") -> Layer:

@@ -92,9 +92,10 @@ def test_local_response_norm_and_channel_groups_tangents_are_jax_jvp(layer, dtyp
     assert_tangent_is_jvp(layer, shape, dtype, scale=2.0)
 
 
-def test_alexnet_gauss_newton_product_is_jax_with_its_dropout_masks():
-    """Both towers (grouped convolutions, LRN in two groups, overlapping max pooling) and
-    dropout in the fully connected layers, at 67 x 67 and 5 classes, float64, one key."""
+def assert_alexnet_product_is_its_reference(product, reference):
+    """product(model, objective) against reference(model, objective) for AlexNet: both
+    towers (grouped convolutions, LRN in two groups, overlapping max pooling) and dropout in
+    the fully connected layers, at 67 x 67 and 5 classes, float64, one key."""
     model = models.alexnet(num_classes=5)
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.01)
     params = gradcheck.astype(model.init(jax.random.key(0), (-1, 67, 67, 3))[1], jnp.float64)
@@ -103,10 +104,14 @@ def test_alexnet_gauss_newton_product_is_jax_with_its_dropout_masks():
     v = random_like(jax.random.key(2), params, jnp.float64)
     key = jax.random.key(3)
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(gauss_newton_product(model, objective))(params, x, targets, v, key)
-        want = jax.jit(gradcheck.gauss_newton_product_reference(model, objective))(
-            params, x, targets, v, key)
+        got = jax.jit(product(model, objective))(params, x, targets, v, key)
+        want = jax.jit(reference(model, objective))(params, x, targets, v, key)
     assert_close_tree(got, want, jnp.float64, "alexnet")
+
+
+def test_alexnet_gauss_newton_product_is_jax_with_its_dropout_masks():
+    assert_alexnet_product_is_its_reference(gauss_newton_product,
+                                            gradcheck.gauss_newton_product_reference)
 
 
 def test_dropout_tangent_uses_the_forwards_mask(dtype):

@@ -15,6 +15,7 @@ from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product, hessian_product
 from tests.helpers import F64, assert_close_tree, random_like
 from tests.test_gauss_newton import (
+    assert_alexnet_product_is_its_reference,
     assert_product_holds_the_masks_of_a_key,
     assert_product_is_its_reference,
 )
@@ -88,6 +89,9 @@ def test_every_activation_backward_tangent_is_jax(activation, dtype):
     (nets.SelfAttention(6, 3, causal=False), (2, 4, 6)),
     (nets.PositionalEmbedding(6, 4), (2, 5, 4)),
     (nets.TimeDistributed(nets.serial(nets.Dense(3), nets.Gelu())), (2, 4, 5)),
+    (nets.LocalResponseNorm(3, k=1.0, alpha=0.2), (2, 3, 3, 6)),
+    (models.channel_groups(nets.LocalResponseNorm(3, alpha=0.3), 2), (2, 3, 3, 6)),
+    (models.channel_groups(nets.Dense(2), 2), (3, 6)),
 ], ids=lambda value: getattr(value, "name", None) or str(value))
 def test_layer_backward_tangent_is_jax(layer, input_shape, dtype):
     assert_backward_tangent_is_jax(layer, input_shape, dtype)
@@ -290,14 +294,18 @@ def test_hessian_product_holds_the_dropout_masks_of_a_key(name, dtype):
         hessian_product, gradcheck.hessian_product_reference, name, dtype)
 
 
+def test_alexnet_hessian_product_is_jax_with_its_dropout_masks():
+    """LRN's second derivatives in two channel groups, grouped convolutions, dropout."""
+    assert_alexnet_product_is_its_reference(hessian_product,
+                                            gradcheck.hessian_product_reference)
+
+
 @pytest.mark.parametrize("model, refused", [
-    (nets.serial(nets.Dense(3), nets.LocalResponseNorm(3), nets.Dense(2)),
-     "LocalResponseNorm"),
     (nets.serial(nets.Dense(3), nets.layers.elementwise(jnp.tanh, lambda y: 1 - y * y,
                                                         name="own_tanh"), nets.Dense(2)),
      "own_tanh"),  # an activation built without its second derivative
     (nets.sequence_model([nets.lstm(3)], 2, last_step=True), "lstm"),
-], ids=["local_response_norm", "without_second_derivative", "lstm"])
+], ids=["without_second_derivative", "lstm"])
 def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
     with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
         hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
