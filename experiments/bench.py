@@ -16,7 +16,7 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 (`nets.accumulated`) against the whole batch at once, likewise; one
                 Gauss-Newton product G v by hand against jax's jvp-then-vjp (the MLP,
                 LeNet-5, the transformer) and one exact Hessian product H v by hand
-                (Pearlmutter's R-operator) against jax's jvp of grad (the MLP, LeNet-5).
+                (Pearlmutter's R-operator) against jax's jvp of grad (the same three).
   conv          each Conv2D implementation ("conv", "patches", "gather", "rows", "tiles")
                 against the model's default, one jitted SGD step with the manual engine:
                 LeNet-5 (batch 128; default "tiles") and LeNet-1989 (batch 1; default
@@ -367,9 +367,9 @@ def gauss_newton_rows(sizes, key, repeats):
     """One Gauss-Newton product G v by hand (`nets.engines.gauss_newton_product`: tangent
     passes, the loss's Hessian, backward passes) against jax's (`nets.gradcheck.
     gauss_newton_product_reference`: jvp, jvp of the loss's grad, vjp), alternated, for the
-    MLP, LeNet-5 and the transformer of the engine rows; and where every layer has an
-    R-operator (the MLP, LeNet-5), one exact Hessian product H v by hand
-    (`nets.engines.hessian_product`) against jax's jvp of grad. v random. No target."""
+    MLP, LeNet-5 and the transformer of the engine rows, and for each one exact Hessian
+    product H v by hand (`nets.engines.hessian_product`, the R-operator) against jax's jvp
+    of grad. v random. No target."""
     for name, model, objective, input_shape, batch in engine_cases(sizes):
         if not name.startswith(GAUSS_NEWTON_MODELS) or "batchnorm" in name:
             continue
