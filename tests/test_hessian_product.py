@@ -309,3 +309,20 @@ def test_alexnet_hessian_product_is_jax_with_its_dropout_masks():
 def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
     with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
         hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
+
+
+def test_a_loss_without_a_hessian_vector_product_a_stray_key_and_a_double_f2_are_refused():
+    squared = nets.losses.Loss("plain", lambda o, t: jnp.sum((o - t) ** 2),
+                               lambda o, t: 2 * (o - t))
+    with pytest.raises(ValueError, match="plain: this loss defines no Hessian-vector product"):
+        hessian_product(nets.Dense(2), nets.Objective(squared))
+    model = nets.serial(nets.Dense(2), nets.Tanh())
+    params = model.init(jax.random.key(0), (-1, 3))[1]
+    x, targets = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="a key was given, but no layer in it draws random"):
+        hessian_product(model, nets.Objective(nets.mean_squared_error()))(
+            params, x, targets, params, jax.random.key(1))
+    with pytest.raises(ValueError, match="abs: a piecewise linear f has f'' = 0; give no "
+                                         "second_derivative"):
+        nets.layers.elementwise(jnp.abs, jnp.sign, of="input", piecewise_linear=True,
+                                second_derivative=jnp.zeros_like, name="abs")
