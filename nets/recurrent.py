@@ -28,6 +28,12 @@ made of it, so that the Gauss-Newton product G v = J^T H J v (`nets.engines.
 gauss_newton_product`) and Hessian-free optimisation cover the recurrent nets (Martens and
 Sutskever 2011).
 
+The Elman cell also gives `step_backward_tangent(params, carry, x_t, v_params, v_carry, v_x,
+dcarry, dy_t, r_dcarry, r_dy_t) -> (dparams, dcarry_prev, dx_t, R{dparams}, R{dcarry_prev},
+R{dx_t})`, its step backward with the backward's directional derivative (Pearlmutter's
+R-operator, in its docstring), which `scan_backward_tangent` runs back through time for the
+exact Hessian's product (`nets.engines.hessian_product`); the LSTM and GRU cells do not yet.
+
 A cell that a `torch.nn` module computes names it in `pytorch_module` (RNN, LSTM, GRU), and
 `to_pytorch`/`pytorch_gradients` map its params and gradients onto that module's state dict.
 
@@ -129,6 +135,7 @@ from nets.layers import (
     backward_tangent_with_key,
     forward_with_key,
     is_count,
+    linear_backward_tangent,
     parallel,
     serial,
     tangent_with_key,
@@ -156,6 +163,7 @@ __all__ = [
     "hidden_of",
     "scan_cell",
     "scan_tangent",
+    "scan_backward_tangent",
     "bptt",
     "scan_bidirectional",
     "bptt_bidirectional",
@@ -199,6 +207,7 @@ class Cell(NamedTuple):
     forward_weights: Callable[[Params], Params] | None = None
     gradient_parts: GradientParts | None = None
     step_tangent: Callable[..., tuple[Carry, jax.Array, Carry, jax.Array]] | None = None
+    step_backward_tangent: Callable[..., tuple] | None = None
 
     def step_weights(self, params: Params) -> Params:
         """What `scan_cell` hands to `step`: forward_weights(params), or params."""
@@ -256,7 +265,7 @@ def _input_term(dx: jax.Array | None, w_x: jax.Array, moved: jax.Array) -> jax.A
 
 def _cell(name, hidden, init, initial_carry, step, factors, pullback,
           backward_weights=None, pytorch_module=None, forward_weights=None,
-          assemble=None, step_tangent=None) -> Cell:
+          assemble=None, step_tangent=None, step_backward_tangent=None) -> Cell:
     """A Cell whose step backward is `pullback(weights, factors(residuals), dcarry, dy)`, every
     local derivative of the step a factor of its products, and whose step curvature is the
     same pullback of the squared factors (bptt squares the weights): LeCun's diagonal rule
@@ -273,7 +282,7 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
     if assemble is None:
         return Cell(name, hidden, init, initial_carry, step, backward_in_parts, backward_weights,
                     curvature_in_parts, pytorch_module, forward_weights,
-                    step_tangent=step_tangent)
+                    step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
 
     def assembled(in_parts):
         def run(*args):
@@ -285,15 +294,15 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
     return Cell(name, hidden, init, initial_carry, step, assembled(backward_in_parts),
                 backward_weights, assembled(curvature_in_parts), pytorch_module,
                 forward_weights, GradientParts(backward_in_parts, curvature_in_parts, assemble),
-                step_tangent)
+                step_tangent, step_backward_tangent)
 
 
 # --- cells ------------------------------------------------------------------------------------
 
 _ACTIVATIONS = {
-    # name: (f, f' as a function of the output)
-    "tanh": (jnp.tanh, lambda h: 1 - h * h),
-    "sigmoid": (jax.nn.sigmoid, lambda h: h * (1 - h)),
+    # name: (f, f' and f'' as functions of the output)
+    "tanh": (jnp.tanh, lambda h: 1 - h * h, lambda h: -2 * h * (1 - h * h)),
+    "sigmoid": (jax.nn.sigmoid, lambda h: h * (1 - h), lambda h: h * (1 - h) * (1 - 2 * h)),
 }
 
 
@@ -305,12 +314,16 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         [dx_t, dh_{t-1}] = da w^T.
     Tangent (forward mode, `step_tangent`), for directions dw, db, dx_t, dh_{t-1}:
         dh_t = f'(h_t) ([x_t, h_{t-1}] dw + db + [dx_t, dh_{t-1}] w).
+    The backward's R-operator (`step_backward_tangent`), with R{a} = [x_t, h_{t-1}] v_w +
+    v_b + [v_x, v_h] w the pre-activation's tangent:
+        R{da} = R{dh} f'(h_t) + dh f''(h_t) R{a},  R{dw} = [v_x, v_h]^T da + [x_t, h_{t-1}]^T
+        R{da},  R{db} = sum_batch R{da},  R{[dx_t, dh_{t-1}]} = R{da} w^T + da v_w^T.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"elman: activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
     name = name or f"elman_{activation}"
     _check_size(name, hidden_size)
-    function, derivative = _ACTIVATIONS[activation]
+    function, derivative, second_derivative = _ACTIVATIONS[activation]
     hidden = hidden_size
 
     def init(key, input_size):
@@ -343,9 +356,24 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         dh_new = derivative(h_new) * _input_term(dx, w[:inputs], moved)
         return h_new, h_new, dh_new, dh_new
 
+    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
+        h_new, _, (xh, _) = step(params, h, x)
+        w, inputs = params["w"], x.shape[1]
+        r_a = _input_term(v_x, w[:inputs], xh @ v_params["w"] + _row(v_params["b"])
+                          + v_h @ w[inputs:])
+        dh, r_dh = dh_new + dy, r_dh_new + r_dy
+        da = dh * derivative(h_new)
+        r_da = r_dh * derivative(h_new) + dh * second_derivative(h_new) * r_a
+        v_xh = jnp.concatenate([jnp.zeros_like(x) if v_x is None else v_x, v_h], axis=-1)
+        dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
+        grads = {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}
+        r_grads = {"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)}
+        return (grads, dxh[:, inputs:], dxh[:, :inputs], r_grads, r_dxh[:, inputs:],
+                r_dxh[:, :inputs])
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  pytorch_module="RNN" if activation == "tanh" else None,
-                 step_tangent=step_tangent)
+                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
 
 
 def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
@@ -1037,6 +1065,62 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
     return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(dys_tm, 0, 1), carry_T, dcarry_T
 
 
+def scan_backward_tangent(cell: Cell, params: Params, xs: jax.Array, v_params: Params,
+                          v_xs: jax.Array | None, dys: jax.Array, r_dys: jax.Array,
+                          truncation: int | None = None, unroll: int = 1):
+    """BPTT and its R-operator (Pearlmutter 1994) from the zero state: a forward scan of the
+    cell's `step_tangent` keeping every step's (carry, its tangent), then a reverse scan of
+    its `step_backward_tangent` carrying (dcarry, R{dcarry}) and summing the parameter
+    gradient and its tangent. dys = dE/dys and r_dys its tangent (batch, time, hidden);
+    v_params the parameters' direction, v_xs the inputs' tangent (None for zero). Returns
+    (dparams, dxs, R{dparams}, R{dxs}). With truncation=k the carry's tangent and both
+    dcarry and R{dcarry} are cut where a window starts, as `scan_tangent` and `bptt` cut
+    them (the jvp of `bptt`'s gradient of `scan_cell`'s forward)."""
+    name = f"scan_backward_tangent({cell.name})"
+    if cell.step_backward_tangent is None:
+        raise ValueError(f"{name}: this cell has no step backward tangent (R-operator)")
+    _check_options(name, xs, None, truncation)
+    _check_like(name, "v_params", v_params, params)
+    batch, time = xs.shape[:2]
+    zeros = cell.initial_carry(batch, xs.dtype)
+
+    def cut_at_window_start(t, tree):
+        if truncation is None:
+            return tree
+        cut = _window_start(t, truncation)
+        return jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d), tree)
+
+    def step_forward(carries, inputs):
+        carry, v_carry = carries
+        t, x_t, v_x_t = inputs
+        v_carry = cut_at_window_start(t, v_carry)
+        new_carry, _, new_v_carry, _ = cell.step_tangent(params, carry, x_t, v_params,
+                                                          v_carry, v_x_t)
+        return (new_carry, new_v_carry), (carry, v_carry)
+
+    steps = jnp.arange(time)
+    xs_tm = jnp.swapaxes(xs, 0, 1)
+    v_xs_tm = None if v_xs is None else jnp.swapaxes(v_xs, 0, 1)
+    _, (carries, v_carries) = lax.scan(step_forward, (zeros, zeros), (steps, xs_tm, v_xs_tm),
+                                       unroll=unroll)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+    def step_back(state, inputs):
+        dcarry, r_dcarry, grads, r_grads = state
+        t, carry, v_carry, x_t, v_x_t, dy_t, r_dy_t = inputs
+        g, dcarry_prev, dx_t, r_g, r_dcarry_prev, r_dx_t = cell.step_backward_tangent(
+            params, carry, x_t, v_params, v_carry, v_x_t, dcarry, dy_t, r_dcarry, r_dy_t)
+        dcarry_prev, r_dcarry_prev = cut_at_window_start(t, (dcarry_prev, r_dcarry_prev))
+        return (dcarry_prev, r_dcarry_prev, jax.tree.map(jnp.add, grads, g),
+                jax.tree.map(jnp.add, r_grads, r_g)), (dx_t, r_dx_t)
+
+    inputs = (steps, carries, v_carries, xs_tm, v_xs_tm, jnp.swapaxes(dys, 0, 1),
+              jnp.swapaxes(r_dys, 0, 1))
+    (_, _, grads, r_grads), (dxs_tm, r_dxs_tm) = lax.scan(
+        step_back, (zeros, zeros, zero_grads, zero_grads), inputs, reverse=True, unroll=unroll)
+    return grads, jnp.swapaxes(dxs_tm, 0, 1), r_grads, jnp.swapaxes(r_dxs_tm, 0, 1)
+
+
 def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResiduals,
          dys: jax.Array, dcarry_T: Carry = None, truncation: int | None = None,
          unroll: int = 1, return_dcarries: bool = False, curvature: bool = False):
@@ -1240,9 +1324,20 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
                                      if reverse else dx, truncation=truncation, unroll=unroll)
         return in_order(ys), in_order(dys)
 
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        """`scan_backward_tangent` in the layer's order (every step's residuals recomputed
+        from x, so recompute_every changes nothing here)."""
+        _check_sequence(name, x, cell.input_size(params))
+        g_params, g_x, r_g_params, r_g_x = scan_backward_tangent(
+            cell, params, in_order(x), v_params, None if v_x is None else in_order(v_x),
+            in_order(g_y), in_order(r_g_y), truncation=truncation, unroll=unroll)
+        return g_params, in_order(g_x), r_g_params, in_order(r_g_x)
+
+    has_backward_tangent = cell.step_tangent is not None and cell.step_backward_tangent is not None
     return Layer(name, init, forward, backward_by(False),
                  curvature=backward_by(True) if cell.step_curvature is not None else None,
-                 tangent=tangent if cell.step_tangent is not None else None)
+                 tangent=tangent if cell.step_tangent is not None else None,
+                 backward_tangent=backward_tangent if has_backward_tangent else None)
 
 
 def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | None = None,
@@ -1288,7 +1383,8 @@ def LastStep(name: str = "LastStep") -> Layer:
         y, _ = forward(params, x)
         return y, None if dx is None else dx[:, -1, :]
 
-    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
+                 backward_tangent=linear_backward_tangent(forward, backward))
 
 
 def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
@@ -1328,7 +1424,8 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
         y, _ = forward(params, x)
         return y, None if dx is None else forward(params, dx)[0]
 
-    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent)
+    return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
+                 backward_tangent=linear_backward_tangent(forward, backward))
 
 
 def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:

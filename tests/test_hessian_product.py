@@ -92,6 +92,12 @@ def test_every_activation_backward_tangent_is_jax(activation, dtype):
     (nets.LocalResponseNorm(3, k=1.0, alpha=0.2), (2, 3, 3, 6)),
     (models.channel_groups(nets.LocalResponseNorm(3, alpha=0.3), 2), (2, 3, 3, 6)),
     (models.channel_groups(nets.Dense(2), 2), (3, 6)),
+    (nets.rnn(nets.elman(4)), (2, 5, 3)),
+    (nets.rnn(nets.elman(3, "sigmoid"), reverse=True), (2, 5, 3)),
+    (nets.rnn(nets.elman(4), truncation=2, unroll=2), (2, 5, 3)),
+    (nets.bidirectional(nets.elman(3), nets.elman(2)), (2, 4, 3)),
+    (nets.recurrent.LastStep(), (2, 4, 3)),
+    (nets.recurrent.FinalStates(2), (2, 4, 5)),
 ], ids=lambda value: getattr(value, "name", None) or str(value))
 def test_layer_backward_tangent_is_jax(layer, input_shape, dtype):
     assert_backward_tangent_is_jax(layer, input_shape, dtype)
@@ -116,7 +122,7 @@ def test_conv_backward_tangent_is_jax(layer_args, input_shape, implementation, d
 
 HESSIAN_CASES = ("mlp_lecture_l2", "mlp_probabilities", "mlp_softmax_mass", "lenet1989_mse",
                  "rbf_map", "lenet5_softmax", "residual_mlp_layernorm", "transformer_lm",
-                 "transformer_lm_tied")
+                 "transformer_lm_tied", "rnn_elman_last_step_softmax")
 
 
 @pytest.mark.parametrize("name", HESSIAN_CASES)
@@ -193,6 +199,45 @@ def test_embedding_backward_tangent_is_jax():
     g_params, _, r_g_params, _ = layer.backward_tangent(params, ids, v_params, None, g_y, r_g_y)
     g_ref, r_g_ref = jax.jvp(pullback, (params, g_y), (v_params, r_g_y))
     assert_close_tree((g_params, r_g_params), (g_ref, r_g_ref), jnp.float64, "embedding")
+
+
+@pytest.mark.parametrize("model", [
+    nets.sequence_model([nets.elman(5), nets.elman(4, "sigmoid")], 7),
+    nets.sequence_model([nets.elman(4), nets.elman(3)], 5, bidirectional=True),
+    nets.sequence_model([nets.elman(4)], 3, bidirectional=True, last_step=True),
+    nets.sequence_model([nets.elman(5)], 7, truncation=2),
+], ids=["stack_per_step", "bidirectional_per_step", "bidirectional_final_states",
+        "truncated"])
+def test_elman_sequence_models_hessian_product_is_jax(model):
+    """BPTT's R-operator (`scan_backward_tangent`): a tangent scan, then a reverse scan
+    carrying dcarry and R{dcarry}; stacked, both directions, truncated (float64)."""
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 6, 3))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 6, 3), jnp.float64)
+    outputs = model.apply(params, x).shape[-1]
+    if "final" in model.sublayers[-2].name.lower():
+        objective = nets.Objective(nets.mean_squared_error(), 0.1)
+        targets = jax.random.normal(jax.random.key(2), (3, outputs), jnp.float64)
+    else:
+        objective = nets.Objective(nets.sequence_cross_entropy(), 0.01)
+        targets = jax.random.randint(jax.random.key(2), (3, 6), 0, outputs)
+    v = random_like(jax.random.key(3), params, jnp.float64)
+    got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+    want = jax.jit(gradcheck.hessian_product_reference(model, objective))(params, x, targets, v)
+    assert_close_tree(got, want, jnp.float64, model.name)
+
+
+def test_scan_backward_tangent_refuses_a_cell_without_one_and_directions_unlike_params():
+    cell = nets.elman(3)
+    params = cell.init(jax.random.key(0), 2)
+    xs = jnp.ones((1, 4, 2))
+    ys = jnp.ones((1, 4, 3))
+    with pytest.raises(ValueError, match="scan_backward_tangent\\(lstm\\): this cell has no "
+                                         "step backward tangent"):
+        nets.recurrent.scan_backward_tangent(nets.lstm(3), nets.lstm(3).init(
+            jax.random.key(0), 2), xs, params, None, ys, ys)
+    with pytest.raises(ValueError, match="v_params"):
+        nets.recurrent.scan_backward_tangent(cell, params, xs, {"w": params["w"]}, None, ys,
+                                             ys)
 
 
 def small_conv_net():
