@@ -353,9 +353,9 @@ def hessian_product(model: Layer, objective: Objective):
     product's g v_w^T and v_x^T g). One tangent pass and one backward pass of twice the work,
     no matrix formed. H is indefinite away from a minimum; it equals G where the outputs are
     linear in the parameters, and differs from G by the terms weighted by the residual
-    gradient elsewhere. Every feed-forward layer here has a `backward_tangent`, and so do
-    the sequence layers of Elman cells (`nets.recurrent.scan_backward_tangent`); a model
-    with a layer that has none (an LSTM's or GRU's, a user's) is refused by name.
+    gradient elsewhere. Every layer here has a `backward_tangent`, the sequence layers
+    through `nets.recurrent.scan_backward_tangent`; a model with a layer that has none (a
+    user's, or a cell without `step_backward_tangent`) is refused by name.
     """
     if model.backward_tangent is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, 'backward_tangent')!r} "

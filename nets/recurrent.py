@@ -28,11 +28,12 @@ made of it, so that the Gauss-Newton product G v = J^T H J v (`nets.engines.
 gauss_newton_product`) and Hessian-free optimisation cover the recurrent nets (Martens and
 Sutskever 2011).
 
-The Elman cell also gives `step_backward_tangent(params, carry, x_t, v_params, v_carry, v_x,
-dcarry, dy_t, r_dcarry, r_dy_t) -> (dparams, dcarry_prev, dx_t, R{dparams}, R{dcarry_prev},
-R{dx_t})`, its step backward with the backward's directional derivative (Pearlmutter's
-R-operator, in its docstring), which `scan_backward_tangent` runs back through time for the
-exact Hessian's product (`nets.engines.hessian_product`); the LSTM and GRU cells do not yet.
+Every built-in cell also gives `step_backward_tangent(params, carry, x_t, v_params, v_carry,
+v_x, dcarry, dy_t, r_dcarry, r_dy_t) -> (dparams, dcarry_prev, dx_t, R{dparams},
+R{dcarry_prev}, R{dx_t})`, its step backward with the backward's directional derivative
+(Pearlmutter's R-operator: each line of the step backward differentiated in all its inputs,
+with the step tangent's values), which `scan_backward_tangent` runs back through time for
+the exact Hessian's product (`nets.engines.hessian_product`).
 
 A cell that a `torch.nn` module computes names it in `pytorch_module` (RNN, LSTM, GRU), and
 `to_pytorch`/`pytorch_gradients` map its params and gradients onto that module's state dict.
@@ -456,7 +457,8 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         dparams.update({"w": k["xh"].T @ da, "b": jnp.sum(da, axis=0)})
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
-    def step_tangent(params, carry, x, dparams, dcarry, dx):
+    def step_with_tangents(params, carry, x, dparams, dcarry, dx):
+        """The step's values (the residuals' names) and their tangents, keyed "d" + name."""
         (h_new, c_new), _, (xh, c, _, i, f, g, o, tanh_c) = step(params, carry, x)
         dh, dc = dcarry
         w = params["w"]
@@ -472,12 +474,67 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         if peepholes:
             dz_o = dz_o + _row(dparams["p"][2]) * c_new + _row(params["p"][2]) * dc_new
         do = o * (1 - o) * dz_o
-        dh_new = do * tanh_c + o * (1 - tanh_c * tanh_c) * dc_new
-        return (h_new, c_new), h_new, (dh_new, dc_new), dh_new
+        dtanh_c = (1 - tanh_c * tanh_c) * dc_new
+        return {"xh": xh, "c": c, "c_new": c_new, "i": i, "f": f, "g": g, "o": o,
+                "tanh_c": tanh_c, "h_new": h_new, "dc": dc, "dc_new": dc_new, "di": di,
+                "df": df, "dg": dg, "do": do, "dtanh_c": dtanh_c,
+                "dh_new": do * tanh_c + o * dtanh_c}
+
+    def step_tangent(params, carry, x, dparams, dcarry, dx):
+        k = step_with_tangents(params, carry, x, dparams, dcarry, dx)
+        return (k["h_new"], k["c_new"]), k["h_new"], (k["dh_new"], k["dc_new"]), k["dh_new"]
+
+    def step_backward_tangent(params, carry, x, v_params, v_carry, v_x, dcarry, dy, r_dcarry,
+                              r_dy):
+        """The pullback above, each line differentiated in all its inputs (R{.} of every
+        value is the step tangent's, R{dh} = R{dcarry_h} + R{dy_t}, R{dc} = R{dcarry_c})."""
+        k = step_with_tangents(params, carry, x, v_params, v_carry, v_x)
+        i, f, g, o, c, tanh_c = (k[name] for name in ("i", "f", "g", "o", "c", "tanh_c"))
+        ri, rf, rg, ro, rc, rtanh = (k[name] for name in ("di", "df", "dg", "do", "dc",
+                                                           "dtanh_c"))
+        dh, r_dh = dcarry[0] + dy, r_dcarry[0] + r_dy
+        slope_o, slope_c = o * (1 - o), 1 - tanh_c * tanh_c
+        da_o = dh * tanh_c * slope_o
+        r_da_o = (r_dh * tanh_c * slope_o + dh * rtanh * slope_o
+                  + dh * tanh_c * (1 - 2 * o) * ro)
+        dc_new = dcarry[1] + dh * o * slope_c
+        r_dc_new = (r_dcarry[1] + r_dh * o * slope_c + dh * ro * slope_c
+                    - 2 * dh * o * tanh_c * rtanh)
+        if peepholes:
+            p, v_p = params["p"], v_params["p"]
+            dc_new = dc_new + da_o * _row(p[2])
+            r_dc_new = r_dc_new + r_da_o * _row(p[2]) + da_o * _row(v_p[2])
+        slope_i, slope_f, slope_g = i * (1 - i), f * (1 - f), 1 - g * g
+        da_i = dc_new * g * slope_i
+        r_da_i = r_dc_new * g * slope_i + dc_new * rg * slope_i + dc_new * g * (1 - 2 * i) * ri
+        da_f = dc_new * c * slope_f
+        r_da_f = r_dc_new * c * slope_f + dc_new * rc * slope_f + dc_new * c * (1 - 2 * f) * rf
+        da_g = dc_new * i * slope_g
+        r_da_g = r_dc_new * i * slope_g + dc_new * ri * slope_g - 2 * dc_new * i * g * rg
+        dc, r_dc = dc_new * f, r_dc_new * f + dc_new * rf
+        grads, r_grads = {}, {}
+        if peepholes:
+            dc = dc + da_i * _row(p[0]) + da_f * _row(p[1])
+            r_dc = (r_dc + r_da_i * _row(p[0]) + da_i * _row(v_p[0]) + r_da_f * _row(p[1])
+                    + da_f * _row(v_p[1]))
+            grads["p"] = jnp.stack([jnp.sum(da_i * c, 0), jnp.sum(da_f * c, 0),
+                                    jnp.sum(da_o * k["c_new"], 0)])
+            r_grads["p"] = jnp.stack([jnp.sum(r_da_i * c + da_i * rc, 0),
+                                      jnp.sum(r_da_f * c + da_f * rc, 0),
+                                      jnp.sum(r_da_o * k["c_new"] + da_o * k["dc_new"], 0)])
+        da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
+        r_da = jnp.concatenate([r_da_i, r_da_f, r_da_g, r_da_o], axis=-1)
+        xh, w, inputs = k["xh"], params["w"], x.shape[1]
+        v_xh = jnp.concatenate([jnp.zeros_like(x) if v_x is None else v_x, v_carry[0]], -1)
+        grads.update({"w": xh.T @ da, "b": jnp.sum(da, axis=0)})
+        r_grads.update({"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)})
+        dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
+        return (grads, (dxh[:, inputs:], dc), dxh[:, :inputs], r_grads, (r_dxh[:, inputs:], r_dc),
+                r_dxh[:, :inputs])
 
     return _cell(name, hidden, init, _zeros_carry(hidden, True), step, factors, pullback,
                  backward_weights, pytorch_module=None if peepholes else "LSTM",
-                 step_tangent=step_tangent)
+                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
 
 
 def _gru_factors(x, h, r, z, n) -> dict:
@@ -491,6 +548,21 @@ def _gru_gate_gradients(k: dict, dh_new: jax.Array) -> tuple[jax.Array, jax.Arra
     """(da_z, da_n), the gradients of z's and n's pre-activations from dh' = dE/dh_t:
     da_z = dh' (h - n) z (1 - z),  da_n = dh' (1 - z)(1 - n^2)."""
     return dh_new * k["h_minus_n"] * k["dz"], dh_new * k["one_minus_z"] * k["dn"]
+
+
+def _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n, dh_new, r_dh_new):
+    """(da_z, da_n, R{da_z}, R{da_n}) of `_gru_gate_gradients`, with R{h} = v_h, R{z} = r_z,
+    R{n} = r_n and R{dh'} = r_dh_new:
+        R{da_z} = R{dh'} (h - n) z (1 - z) + dh' (v_h - R{n}) z (1 - z) + dh' (h - n)
+                  (1 - 2 z) R{z},
+        R{da_n} = R{dh'} (1 - z)(1 - n^2) - dh' R{z} (1 - n^2) - 2 dh' (1 - z) n R{n}."""
+    slope_z, slope_n = z * (1 - z), 1 - n * n
+    da_z, da_n = dh_new * (h - n) * slope_z, dh_new * (1 - z) * slope_n
+    r_da_z = (r_dh_new * (h - n) * slope_z + dh_new * (v_h - r_n) * slope_z
+              + dh_new * (h - n) * (1 - 2 * z) * r_z)
+    r_da_n = (r_dh_new * (1 - z) * slope_n - dh_new * r_z * slope_n
+              - 2 * dh_new * (1 - z) * n * r_n)
+    return da_z, da_n, r_da_z, r_da_n
 
 
 def _gru_state_tangent(h, z, n, dh, dz_pre, dn_pre) -> jax.Array:
@@ -579,9 +651,44 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
         return h_new, h_new, dh_new, dh_new
 
+    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
+        """The pullback above, each line differentiated in all its inputs, with the step
+        tangent's R{r}, R{z}, R{n} and R{rh}."""
+        _, _, (_, _, r, z, n, rh) = step(params, h, x)
+        inputs = x.shape[1]
+        w_x, u_rz, u_n = split(params["w"], inputs)
+        v_wx, v_urz, v_un = split(v_params["w"], inputs)
+        v_ax = _input_term(v_x, w_x, x @ v_wx + _row(v_params["b"]))
+        v_rz_pre = v_ax[:, :2 * hidden] + h @ v_urz + v_h @ u_rz
+        r_r = r * (1 - r) * v_rz_pre[:, :hidden]
+        r_z = z * (1 - z) * v_rz_pre[:, hidden:]
+        r_rh = r_r * h + r * v_h
+        r_n = (1 - n * n) * (v_ax[:, 2 * hidden:] + rh @ v_un + r_rh @ u_n)
+        dh_new, r_dh_new = dh_new + dy, r_dh_new + r_dy
+        da_z, da_n, r_da_z, r_da_n = _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n,
+                                                                  dh_new, r_dh_new)
+        drh, r_drh = da_n @ u_n.T, r_da_n @ u_n.T + da_n @ v_un.T
+        slope_r = r * (1 - r)
+        da_r = drh * h * slope_r
+        r_da_r = r_drh * h * slope_r + drh * v_h * slope_r + drh * h * (1 - 2 * r) * r_r
+        da_rz = jnp.concatenate([da_r, da_z], axis=-1)
+        r_da_rz = jnp.concatenate([r_da_r, r_da_z], axis=-1)
+        dh = dh_new * z + drh * r + da_rz @ u_rz.T
+        r_dh = (r_dh_new * z + dh_new * r_z + r_drh * r + drh * r_r + r_da_rz @ u_rz.T
+                + da_rz @ v_urz.T)
+        da = jnp.concatenate([da_rz, da_n], axis=-1)
+        r_da = jnp.concatenate([r_da_rz, r_da_n], axis=-1)
+        v_x_or_0 = jnp.zeros_like(x) if v_x is None else v_x
+        grads = assemble({"w_x": x.T @ da, "u_rz": h.T @ da_rz, "u_n": rh.T @ da_n,
+                          "b": jnp.sum(da, axis=0)})
+        r_grads = assemble({"w_x": v_x_or_0.T @ da + x.T @ r_da,
+                            "u_rz": v_h.T @ da_rz + h.T @ r_da_rz,
+                            "u_n": r_rh.T @ da_n + rh.T @ r_da_n, "b": jnp.sum(r_da, axis=0)})
+        return (grads, dh, da @ w_x.T, r_grads, r_dh, r_da @ w_x.T + da @ v_wx.T)
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  backward_weights, forward_weights=forward_weights, assemble=assemble,
-                 step_tangent=step_tangent)
+                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
 
 
 def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
@@ -665,9 +772,46 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
         return h_new, h_new, dh_new, dh_new
 
+    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
+        """The pullback above, each line differentiated in all its inputs, with the step
+        tangent's R{r}, R{z}, R{q} and R{n}."""
+        _, _, (_, _, r, z, n, q) = step(params, h, x)
+        inputs = x.shape[1]
+        w_x, w_h = params["w"][:inputs], params["w"][inputs:]
+        v_wx, v_wh = v_params["w"][:inputs], v_params["w"][inputs:]
+        v_a = _input_term(v_x, w_x, x @ v_wx + _row(v_params["b"]))
+        v_ah = h @ v_wh + v_h @ w_h
+        r_q = v_ah[:, 2 * hidden:] + _row(v_params["b_hn"])
+        v_rz_pre = v_a[:, :2 * hidden] + v_ah[:, :2 * hidden]
+        r_r = r * (1 - r) * v_rz_pre[:, :hidden]
+        r_z = z * (1 - z) * v_rz_pre[:, hidden:]
+        r_n = (1 - n * n) * (v_a[:, 2 * hidden:] + r_r * q + r * r_q)
+        dh_new, r_dh_new = dh_new + dy, r_dh_new + r_dy
+        da_z, da_n, r_da_z, r_da_n = _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n,
+                                                                  dh_new, r_dh_new)
+        dq, r_dq = da_n * r, r_da_n * r + da_n * r_r
+        slope_r = r * (1 - r)
+        da_r = da_n * q * slope_r
+        r_da_r = (r_da_n * q * slope_r + da_n * r_q * slope_r
+                  + da_n * q * (1 - 2 * r) * r_r)
+        da_x = jnp.concatenate([da_r, da_z, da_n], axis=-1)
+        r_da_x = jnp.concatenate([r_da_r, r_da_z, r_da_n], axis=-1)
+        da_h = jnp.concatenate([da_r, da_z, dq], axis=-1)
+        r_da_h = jnp.concatenate([r_da_r, r_da_z, r_dq], axis=-1)
+        dh = dh_new * z + da_h @ w_h.T
+        r_dh = r_dh_new * z + dh_new * r_z + r_da_h @ w_h.T + da_h @ v_wh.T
+        v_x_or_0 = jnp.zeros_like(x) if v_x is None else v_x
+        grads = assemble({"w_x": x.T @ da_x, "w_h": h.T @ da_h, "b": jnp.sum(da_x, axis=0),
+                          "b_hn": jnp.sum(dq, axis=0)})
+        r_grads = assemble({"w_x": v_x_or_0.T @ da_x + x.T @ r_da_x,
+                            "w_h": v_h.T @ da_h + h.T @ r_da_h, "b": jnp.sum(r_da_x, axis=0),
+                            "b_hn": jnp.sum(r_dq, axis=0)})
+        return (grads, dh, da_x @ w_x.T, r_grads, r_dh, r_da_x @ w_x.T + da_x @ v_wx.T)
+
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  backward_weights, pytorch_module="GRU", forward_weights=forward_weights,
-                 assemble=assemble, step_tangent=step_tangent)
+                 assemble=assemble, step_tangent=step_tangent,
+                 step_backward_tangent=step_backward_tangent)
 
 
 CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru", "gru_reset_after")

@@ -122,7 +122,9 @@ def test_conv_backward_tangent_is_jax(layer_args, input_shape, implementation, d
 
 HESSIAN_CASES = ("mlp_lecture_l2", "mlp_probabilities", "mlp_softmax_mass", "lenet1989_mse",
                  "rbf_map", "lenet5_softmax", "residual_mlp_layernorm", "transformer_lm",
-                 "transformer_lm_tied", "rnn_elman_last_step_softmax")
+                 "transformer_lm_tied", "rnn_elman_last_step_softmax", "rnn_lstm_gru_per_step",
+                 "rnn_bidirectional_per_step", "rnn_bidirectional_last_step_mse",
+                 "rnn_lstm_truncated")
 
 
 @pytest.mark.parametrize("name", HESSIAN_CASES)
@@ -226,15 +228,39 @@ def test_elman_sequence_models_hessian_product_is_jax(model):
     assert_close_tree(got, want, jnp.float64, model.name)
 
 
+@pytest.mark.parametrize("cell", [nets.lstm(5), nets.lstm(4, peepholes=True), nets.gru(5),
+                                  nets.gru_reset_after(4), nets.elman(5, "sigmoid")],
+                         ids=lambda cell: cell.name)
+@pytest.mark.parametrize("truncation", [None, 2], ids=["full", "truncated"])
+def test_every_cell_hessian_product_is_jax_at_random_parameters(cell, truncation, dtype):
+    """Each cell's `step_backward_tangent` through BPTT, every parameter random (nonzero
+    biases, b_hn and peepholes, whose terms vanish at the initial zeros), per step under the
+    sequence cross-entropy, over a first layer of the same cell (so that v_x moves too)."""
+    model = nets.sequence_model([cell, cell], 7, truncation=truncation)
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 6, 3))[1], dtype)
+    params = jax.tree.map(lambda leaf, noise: leaf + 0.5 * noise, params,
+                          random_like(jax.random.key(1), params, dtype))
+    x = jax.random.normal(jax.random.key(2), (3, 6, 3), dtype)
+    targets = jax.random.randint(jax.random.key(3), (3, 6), 0, 7)
+    objective = nets.Objective(nets.sequence_cross_entropy(), 0.01)
+    v = random_like(jax.random.key(4), params, dtype)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+        want = jax.jit(gradcheck.hessian_product_reference(model, objective))(
+            params, x, targets, v)
+    assert_close_tree(got, want, dtype, cell.name)
+
+
 def test_scan_backward_tangent_refuses_a_cell_without_one_and_directions_unlike_params():
     cell = nets.elman(3)
     params = cell.init(jax.random.key(0), 2)
     xs = jnp.ones((1, 4, 2))
     ys = jnp.ones((1, 4, 3))
-    with pytest.raises(ValueError, match="scan_backward_tangent\\(lstm\\): this cell has no "
-                                         "step backward tangent"):
-        nets.recurrent.scan_backward_tangent(nets.lstm(3), nets.lstm(3).init(
-            jax.random.key(0), 2), xs, params, None, ys, ys)
+    bare = nets.lstm(3)._replace(step_backward_tangent=None, name="own_lstm")
+    with pytest.raises(ValueError, match="scan_backward_tangent\\(own_lstm\\): this cell has "
+                                         "no step backward tangent"):
+        nets.recurrent.scan_backward_tangent(bare, bare.init(jax.random.key(0), 2), xs,
+                                             params, None, ys, ys)
     with pytest.raises(ValueError, match="v_params"):
         nets.recurrent.scan_backward_tangent(cell, params, xs, {"w": params["w"]}, None, ys,
                                              ys)
@@ -330,7 +356,7 @@ def test_hessian_is_gauss_newton_where_the_residuals_vanish():
                                     jax.flatten_util.ravel_pytree(gv)[0]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout"])
+@pytest.mark.parametrize("name", ["mlp_dropout", "transformer_lm_dropout", "rnn_dropout"])
 def test_hessian_product_holds_the_dropout_masks_of_a_key(name, dtype):
     """H of E with one key's masks held fixed (Dropout, dropout_after, a transformer's
     dropout), against jax's jvp of grad through apply with that key; another key, another
@@ -349,8 +375,9 @@ def test_alexnet_hessian_product_is_jax_with_its_dropout_masks():
     (nets.serial(nets.Dense(3), nets.layers.elementwise(jnp.tanh, lambda y: 1 - y * y,
                                                         name="own_tanh"), nets.Dense(2)),
      "own_tanh"),  # an activation built without its second derivative
-    (nets.sequence_model([nets.lstm(3)], 2, last_step=True), "lstm"),
-], ids=["without_second_derivative", "lstm"])
+    (nets.sequence_model([nets.lstm(3)._replace(step_backward_tangent=None, name="own_lstm")],
+                         2, last_step=True), "own_lstm"),
+], ids=["without_second_derivative", "cell_without_one"])
 def test_layers_without_an_r_operator_are_refused_by_name(model, refused):
     with pytest.raises(ValueError, match=f"layer '{refused}[^']*' has no backward_tangent"):
         hessian_product(model, nets.Objective(nets.mean_squared_error(), 0.0))
