@@ -3,6 +3,7 @@ and an LSTM (Martens and Sutskever 2011; Hochreiter and Schmidhuber 1997).
 
     python -m experiments.adding_hessian_free [--workdir DIR] [--lengths 50,100]
         [--hidden 32] [--methods hessian_free,sgd,adam,lstm_adam] [--hf-steps 100]
+        (also hessian_free_exact)
         [--passes 500] [--seeds 1]
 
 The problem of `experiments.adding_problem` (`adding_batch`: a value U(0, 1) and a marker at
@@ -22,6 +23,9 @@ sequences answered within 0.04 (Hochreiter and Schmidhuber's criterion). Four wa
                 mini-batches; --structural-damping mu for Martens and Sutskever's
                 structural damping (lambda mu S added to G + lambda I, S = J_h^T J_h / m
                 of every step's hidden state, `nets.engines.hidden_state_product`);
+  hessian_free_exact  the same with the exact Hessian in G's place (every H v a tangent
+                scan and BPTT's R-operator by hand, `nets.recurrent.scan_backward_tangent`;
+                conjugate gradients stop at non-positive curvature); not among the defaults;
   sgd           the same net and initial weights, --passes shuffled passes of mini-batches
                 of --batch-size, SGD with momentum 0.9 (--sgd-lr);
   adam          the same with Adam (--adam-lr);
@@ -72,7 +76,8 @@ from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "adding_hessian_free"
-METHODS = ("hessian_free", "sgd", "adam", "lstm_adam")
+METHODS = ("hessian_free", "hessian_free_exact", "sgd", "adam", "lstm_adam")
+DEFAULT_METHODS = ("hessian_free", "sgd", "adam", "lstm_adam")
 TOLERANCE = 0.04  # Hochreiter and Schmidhuber's: a sequence is answered within it
 
 
@@ -82,7 +87,8 @@ class Config:
     hidden: int = option(32, "units of the recurrent layer", ge=1)
     examples: int = option(2000, "training sequences per length and seed", ge=1)
     test_examples: int = option(1000, "test sequences per length and seed", ge=1)
-    methods: tuple[str, ...] = option(METHODS, "comma-separated methods", choices=METHODS)
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, "comma-separated methods",
+                                      choices=METHODS)
     hf_steps: int = option(100, "Hessian-free steps", ge=1)
     cg_iterations: int = option(50, "conjugate-gradient iterations per step", ge=1)
     curvature_examples: int = option(500, "sequences that give G (the first of each batch)",
@@ -105,6 +111,9 @@ def check(config) -> None:
         what = "--hf-batch-size" if config.hf_batch_size else "--examples"
         raise ConfigError(f"option --curvature-examples: got {config.curvature_examples}; "
                           f"allowed: at most {what} ({per_step})")
+    if config.structural_damping and "hessian_free_exact" in config.methods:
+        raise ConfigError("option --structural-damping: adds S to the Gauss-Newton matrix; "
+                          "not defined for the method hessian_free_exact")
     if config.hf_batch_size > config.examples:
         raise ConfigError(f"option --hf-batch-size: got {config.hf_batch_size}; allowed: at "
                           f"most --examples ({config.examples})")
@@ -117,13 +126,16 @@ def build(method, config):
 
 
 def procedure_of(method, config, model, objective, x, targets):
-    """(procedure, steps): one step a Hessian-free step, or a pass of mini-batches."""
-    if method == "hessian_free":
+    """(procedure, steps): one step a Hessian-free step (with G, or with the exact H for
+    "hessian_free_exact"), or a pass of mini-batches."""
+    if method.startswith("hessian_free"):
+        exact = method == "hessian_free_exact"
         return procedures.hessian_free(
             model, objective, x, targets, cg_iterations=config.cg_iterations,
             damping=config.damping, curvature_examples=config.curvature_examples,
             batch_size=config.hf_batch_size or None, stop_tolerance=None,
-            structural_damping=config.structural_damping), config.hf_steps
+            structural_damping=config.structural_damping,
+            curvature="hessian" if exact else "gauss_newton"), config.hf_steps
     optimizer = (optax.sgd(config.sgd_lr, momentum=0.9) if method == "sgd"
                  else optax.adam(config.adam_lr))
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,

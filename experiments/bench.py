@@ -45,7 +45,9 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
   rnn           Elman, LSTM, GRU (Cho et al.'s) and the reset-after GRU (batch 64, T 100,
                 hidden 256, 32 inputs, a Dense readout of the last step, MSE): manual BPTT /
                 jax.grad step (target <= 1.0); each one's Gauss-Newton product G v by hand
-                (a tangent scan, then BPTT) against jax's jvp-then-vjp (no target); the
+                (a tangent scan, then BPTT) against jax's jvp-then-vjp and its exact Hessian
+                product H v (a tangent scan, then BPTT's R-operator) against jax's jvp of
+                grad (no target); the
                 LSTM's `unroll` sweep 1, 2, 4, 8, 16
                 (ratio to unroll 1); the LSTM with gradient checkpointing through time
                 (`recompute_every` sqrt(T)) against every step's residuals kept, time and
@@ -122,6 +124,7 @@ TARGETS = {"engine": ("<=", 1.0), "engine/remat": None, "engine/accumulate": Non
            "recipe": ("<=", 1 / 60),
            "lenet5_torch": ("<=", 0.8),
            "rnn/engine": ("<=", 1.0), "rnn/torch": ("<=", 1.0), "rnn/gauss_newton": None,
+           "rnn/hessian": None,
            "per_example/vmap_vs_batch/mlp": ("<=", 2.0),
            "per_example/vmap_vs_batch/lenet5": ("<=", 4.0),
            "per_example/loop_vs_vmap": (">=", 10.0), "utilisation": (">=", 0.6),
@@ -1006,9 +1009,13 @@ def family_rnn(config, key, torch):
         yield row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
                   temp_bytes=temp_bytes(auto_fn))
         compiled_manual[kind], models[kind] = (manual_fn, args, manual_compile), model
-        # G v through time: a tangent scan and a BPTT scan by hand against jvp-then-vjp
+        # G v through time: a tangent scan and a BPTT scan by hand against jvp-then-vjp;
+        # H v: a tangent scan and BPTT's R-operator against jax's jvp of grad
         yield from gauss_newton_pair("rnn", f"{kind}/{shape}", model, mse, args, key,
                                      config.repeats)
+        yield from product_pair("rnn", f"hessian/{kind}/{shape}", model, mse, args, key,
+                                config.repeats, (nets.engines.hessian_product,
+                                                 hessian_product_reference))
     base_fn, base_args, _ = compiled_manual["lstm"]
     for unroll in (2, 4, 8, 16):
         model, args = rnn_problem("lstm", sizes, key, unroll=unroll)

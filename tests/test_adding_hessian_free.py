@@ -23,7 +23,8 @@ def test_experiment_writes_every_method_seed_and_record(tmp_path):
         "--cg-iterations", "5", "--passes", "2", "--records", "2", "--seeds", "2",
         "--structural-damping", "0.1"])
     assert set(metrics) == {"8"}
-    assert all(set(per_length) == set(experiment.METHODS) for per_length in metrics.values())
+    assert all(set(per_length) == set(experiment.DEFAULT_METHODS)
+               for per_length in metrics.values())
     document = json.loads((tmp_path / "results.json").read_text())
     history = document["history"]
     assert document["config"]["structural_damping"] == 0.1
@@ -43,6 +44,19 @@ def test_experiment_writes_every_method_seed_and_record(tmp_path):
     assert "lstm_adam" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_hessian_free_with_the_exact_hessian_runs_and_never_raises_e(tmp_path):
+    metrics = experiment.main([
+        "--workdir", str(tmp_path), "--lengths", "8", "--hidden", "4", "--examples", "60",
+        "--test-examples", "30", "--curvature-examples", "20", "--hf-steps", "4",
+        "--cg-iterations", "5", "--records", "2", "--methods", "hessian_free_exact"])
+    assert set(metrics["8"]) == {"hessian_free_exact"}
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    assert all(0 <= h["mean_cg_iterations"] <= 5 for h in history[1:])
+    assert history[-1]["train_mse"] <= history[0]["train_mse"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--examples", "100", "--curvature-examples", "200"],
      "--curvature-examples: got 200; allowed: at most --examples (100)"),
@@ -50,6 +64,9 @@ def test_experiment_writes_every_method_seed_and_record(tmp_path):
      "--curvature-examples: got 200; allowed: at most --hf-batch-size (100)"),
     (["--examples", "100", "--hf-batch-size", "200", "--curvature-examples", "50"],
      "--hf-batch-size: got 200; allowed: at most --examples (100)"),
+    (["--methods", "hessian_free_exact", "--structural-damping", "0.1"],
+     "--structural-damping: adds S to the Gauss-Newton matrix; not defined for the method "
+     "hessian_free_exact"),
 ])
 def test_options_beyond_the_sequences_are_refused(tmp_path, argv, message):
     assert_refused_before_the_run(experiment.main, tmp_path, argv, message)
