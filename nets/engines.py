@@ -322,17 +322,26 @@ def gauss_newton_product(model: Layer, objective: Objective):
         raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
 
     def product(params, x, targets, v, key=None):
-        outputs, doutputs = tangent_with_key(model, params, x, v, None, key)
-        if doutputs is None:  # nothing in the model moves its outputs
-            doutputs = jnp.zeros_like(outputs)
+        outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)
         _, residuals = forward_with_key(model, params, x, key)
         u = objective.loss.hessian_vector(outputs, targets, doutputs)
         gv, _ = model.backward(params, residuals, u)
-        penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
-        gv = jax.tree.map(lambda a, b: a + b, gv, penalty)
-        return _dtypes_of(sum_over_added_axes(gv, params), params)
+        return _plus_penalty(gv, v, objective, outputs.shape[0], params)
 
     return product
+
+
+def _outputs_and_tangent(model, params, x, v, key):
+    """(outputs, J v) by the tangent passes; J v zeros where nothing moves the outputs."""
+    outputs, doutputs = tangent_with_key(model, params, x, v, None, key)
+    return outputs, jnp.zeros_like(outputs) if doutputs is None else doutputs
+
+
+def _plus_penalty(product, v, objective, m, params):
+    """product + (lambda/m) v_weights (the L2 penalty's Hessian times v), summed over the
+    mapped axes params do not vary over and cast to params' dtypes."""
+    product = jax.tree.map(jnp.add, product, l2_penalty_grad(v, objective.l2, m))
+    return _dtypes_of(sum_over_added_axes(product, params), params)
 
 
 def hessian_product(model: Layer, objective: Objective):
@@ -364,16 +373,12 @@ def hessian_product(model: Layer, objective: Objective):
         raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
 
     def product(params, x, targets, v, key=None):
-        outputs, doutputs = tangent_with_key(model, params, x, v, None, key)
-        if doutputs is None:  # nothing in the model moves its outputs
-            doutputs = jnp.zeros_like(outputs)
+        outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)
         g_outputs = objective.loss.grad(outputs, targets)
         r_g_outputs = objective.loss.hessian_vector(outputs, targets, doutputs)
         _, _, hv, _ = backward_tangent_with_key(model, params, x, v, None, g_outputs,
                                                 r_g_outputs, key)
-        penalty = l2_penalty_grad(v, objective.l2, outputs.shape[0])
-        hv = jax.tree.map(lambda a, b: a + b, hv, penalty)
-        return _dtypes_of(sum_over_added_axes(hv, params), params)
+        return _plus_penalty(hv, v, objective, outputs.shape[0], params)
 
     return product
 
