@@ -232,10 +232,12 @@ def test_elman_sequence_models_hessian_product_is_jax(model):
                                   nets.gru_reset_after(4), nets.elman(5, "sigmoid")],
                          ids=lambda cell: cell.name)
 @pytest.mark.parametrize("truncation", [None, 2], ids=["full", "truncated"])
-def test_every_cell_hessian_product_is_jax_at_random_parameters(cell, truncation, dtype):
+def test_every_cell_hessian_product_is_jax_at_random_parameters(cell, truncation):
     """Each cell's `step_backward_tangent` through BPTT, every parameter random (nonzero
     biases, b_hn and peepholes, whose terms vanish at the initial zeros), per step under the
-    sequence cross-entropy, over a first layer of the same cell (so that v_x moves too)."""
+    sequence cross-entropy, over a first layer of the same cell (so that v_x moves too);
+    float64 (every cell's float32 runs among HESSIAN_CASES)."""
+    dtype = jnp.float64
     model = nets.sequence_model([cell, cell], 7, truncation=truncation)
     params = gradcheck.astype(model.init(jax.random.key(0), (-1, 6, 3))[1], dtype)
     params = jax.tree.map(lambda leaf, noise: leaf + 0.5 * noise, params,
