@@ -315,11 +315,7 @@ def gauss_newton_product(model: Layer, objective: Objective):
     scan_tangent`). A model with a layer that has no tangent (a user's layer or cell without
     one) is refused by name.
     """
-    if model.tangent is None:
-        raise ValueError(f"{model.name}: layer {_first_without(model, 'tangent')!r} has no "
-                         "tangent (forward-mode) pass")
-    if objective.loss.hessian_vector is None:
-        raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
+    _check_product_inputs(model, objective, "tangent", "tangent (forward-mode) pass")
 
     def product(params, x, targets, v, key=None):
         outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)
@@ -329,6 +325,15 @@ def gauss_newton_product(model: Layer, objective: Objective):
         return _plus_penalty(gv, v, objective, outputs.shape[0], params)
 
     return product
+
+
+def _check_product_inputs(model: Layer, objective: Objective, method: str, what: str) -> None:
+    """Refuse, by name, a model with a layer whose `method` (a field of Layer) is None and a
+    loss without a Hessian-vector product."""
+    if getattr(model, method) is None:
+        raise ValueError(f"{model.name}: layer {_first_without(model, method)!r} has no {what}")
+    if objective.loss.hessian_vector is None:
+        raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
 
 
 def _outputs_and_tangent(model, params, x, v, key):
@@ -366,11 +371,8 @@ def hessian_product(model: Layer, objective: Objective):
     through `nets.recurrent.scan_backward_tangent`; a model with a layer that has none (a
     user's, or a cell without `step_backward_tangent`) is refused by name.
     """
-    if model.backward_tangent is None:
-        raise ValueError(f"{model.name}: layer {_first_without(model, 'backward_tangent')!r} "
-                         "has no backward_tangent (R-operator) pass")
-    if objective.loss.hessian_vector is None:
-        raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
+    _check_product_inputs(model, objective, "backward_tangent",
+                          "backward_tangent (R-operator) pass")
 
     def product(params, x, targets, v, key=None):
         outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)

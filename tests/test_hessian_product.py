@@ -13,7 +13,7 @@ import nets
 from nets import gradcheck, models
 from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product, hessian_product
-from tests.helpers import F64, assert_close_tree, random_like
+from tests.helpers import F64, assert_close_tree, random_layer_point, random_like
 from tests.test_gauss_newton import (
     assert_alexnet_product_is_its_reference,
     assert_product_holds_the_masks_of_a_key,
@@ -29,14 +29,10 @@ def assert_backward_tangent_is_jax(layer, input_shape, dtype, scale=1.0, seed=0,
     of layer.apply at (params, x) for g_y, and `jax.jvp` of that pullback as a function of
     (params, x, g_y) along (v_params, v_x, r_g_y); with v_x None, along a zero v_x. params:
     the layer's initial ones unless given."""
-    keys = jax.random.split(jax.random.key(seed), 6)
-    if params is None:
-        params = layer.init(keys[0], (-1, *input_shape[1:]))[1]
-    params = gradcheck.astype(params, dtype)
-    x = scale * jax.random.normal(keys[1], input_shape, dtype)
-    v_params, v_x = random_like(keys[2], params, dtype), jax.random.normal(keys[3], x.shape, dtype)
+    params, x, v_params, v_x, keys = random_layer_point(layer, input_shape, dtype, scale, seed,
+                                                        params, more=2)
     y_shape = jax.eval_shape(layer.apply, params, x).shape
-    g_y, r_g_y = (jax.random.normal(key, y_shape, dtype) for key in keys[4:])
+    g_y, r_g_y = (jax.random.normal(key, y_shape, dtype) for key in keys)
 
     def pullback(params, x, g_y):
         return jax.vjp(layer.apply, params, x)[1](g_y)
