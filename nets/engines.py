@@ -35,10 +35,10 @@ import jax.numpy as jnp
 
 from nets.layers import (
     Layer,
-    backward_tangent_with_key,
     forward_with_key,
     is_count,
     serial,
+    tangent_backward_with_key,
     tangent_with_key,
 )
 from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
@@ -365,22 +365,26 @@ def hessian_product(model: Layer, objective: Objective):
     (`gauss_newton_product`) runs J^T alone, each layer here adds what its own second
     derivatives make of the gradient passing through it (an activation's g f''(x) v_x, a
     product's g v_w^T and v_x^T g). One tangent pass and one backward pass of twice the work,
-    no matrix formed. H is indefinite away from a minimum; it equals G where the outputs are
-    linear in the parameters, and differs from G by the terms weighted by the residual
-    gradient elsewhere. Every layer here has a `backward_tangent`, the sequence layers
-    through `nets.recurrent.scan_backward_tangent`; a model with a layer that has none (a
-    user's, or a cell without `step_backward_tangent`) is refused by name.
+    no matrix formed: the model's `tangent_backward` (`serial` hands each layer the layers
+    above it and the loss as its upstream), so that a sequence layer runs its forward scan
+    once and its reverse scan from the values that scan kept. H is indefinite away from a
+    minimum; it equals G where the outputs are linear in the parameters, and differs from G
+    by the terms weighted by the residual gradient elsewhere. Every layer here has a
+    `backward_tangent`, the sequence layers through `nets.recurrent.scan_backward_tangent`; a
+    model with a layer that has none (a user's, or a cell without `step_backward_tangent`) is
+    refused by name.
     """
     _check_product_inputs(model, objective, "backward_tangent",
                           "backward_tangent (R-operator) pass")
 
     def product(params, x, targets, v, key=None):
-        outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)
-        g_outputs = objective.loss.grad(outputs, targets)
-        r_g_outputs = objective.loss.hessian_vector(outputs, targets, doutputs)
-        _, _, hv, _ = backward_tangent_with_key(model, params, x, v, None, g_outputs,
-                                                r_g_outputs, key)
-        return _plus_penalty(hv, v, objective, outputs.shape[0], params)
+        def at_the_outputs(outputs, doutputs):
+            doutputs = jnp.zeros_like(outputs) if doutputs is None else doutputs
+            return (objective.loss.grad(outputs, targets),
+                    objective.loss.hessian_vector(outputs, targets, doutputs))
+
+        _, _, hv, _ = tangent_backward_with_key(model, params, x, v, None, at_the_outputs, key)
+        return _plus_penalty(hv, v, objective, targets.shape[0], params)
 
     return product
 

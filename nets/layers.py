@@ -11,6 +11,8 @@ The contract (README, "The contracts"), shared by every layer and by the combina
     tangent(params, x, dparams, dx) -> (y, dy)              # optional, see below
     backward_tangent(params, x, v_params, v_x, g_y, r_g_y)
                     -> (g_params, g_x, r_g_params, r_g_x)    # optional, see below
+    tangent_backward(params, x, v_params, v_x, upstream)
+                    -> (g_params, g_x, r_g_params, r_g_x)    # optional, see below
 
 A layer that draws random numbers (dropout) is marked `stochastic` and its forward also takes
 a keyword `key`: `forward(params, x, key=None)`, key None meaning inference (no draw). The
@@ -67,6 +69,14 @@ through a net, r_g_params is the exact Hessian's product H v
 (`nets.engines.hessian_product`). The layer recomputes what it needs from x; under jit XLA
 shares it with the forward pass. A stochastic layer's takes `key=` as its forward does
 (`backward_tangent_with_key`). Layers without it leave it None.
+
+`tangent_backward` (optional) is the tangent pass and the backward tangent pass in one, for a
+layer whose forward XLA would not share between them (a scan through time): it runs its
+tangent, asks `upstream(y, v_y) -> (g_y, r_g_y)` (the layers above and the loss) for the
+gradient arriving at its output and its tangent, and runs its backward tangent from what its
+own forward kept. `serial` passes each layer the layers above it as its upstream, so a net's
+every forward runs once (`tangent_backward_with_key`, which runs `tangent`, then
+`backward_tangent` for a layer without one). Layers without it leave it None.
 """
 from __future__ import annotations
 
@@ -107,6 +117,7 @@ __all__ = [
     "forward_with_key",
     "tangent_with_key",
     "backward_tangent_with_key",
+    "tangent_backward_with_key",
     "layer_keys",
     "StaticShape",
     "Factors",
@@ -135,6 +146,9 @@ TangentFn = Callable[[Params, jax.Array, Params, jax.Array | None],
                      tuple[jax.Array, jax.Array | None]]
 BackwardTangentFn = Callable[[Params, jax.Array, Params, jax.Array | None, jax.Array, jax.Array],
                              tuple[Params, jax.Array, Params, jax.Array]]
+UpstreamFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
+TangentBackwardFn = Callable[[Params, jax.Array, Params, jax.Array | None, UpstreamFn],
+                             tuple[Params, jax.Array, Params, jax.Array]]
 
 
 @jax.tree_util.register_static
@@ -158,6 +172,8 @@ class Layer(NamedTuple):
     optional forward-mode pass `(params, x, dparams, dx) -> (y, dy)` (module docstring).
     `backward_tangent` is the optional R-operator of the backward pass, `(params, x,
     v_params, v_x, g_y, r_g_y) -> (g_params, g_x, r_g_params, r_g_x)` (module docstring).
+    `tangent_backward` is the optional pair of both, `(params, x, v_params, v_x, upstream)
+    -> (g_params, g_x, r_g_params, r_g_x)` (module docstring).
     """
 
     name: str
@@ -170,6 +186,7 @@ class Layer(NamedTuple):
     factors: FactorsFn | None = None
     tangent: TangentFn | None = None
     backward_tangent: BackwardTangentFn | None = None
+    tangent_backward: TangentBackwardFn | None = None
 
     def apply(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The layer's output: `forward` without the residuals (key: `forward_with_key`)."""
@@ -183,24 +200,14 @@ def forward_with_key(layer: Layer, params: Params, x: jax.Array,
     A key is for a stochastic layer (one that draws random numbers, such as dropout); given
     to a layer with none it would change nothing, which is taken for a mistake: ValueError.
     """
-    if key is None:
-        return layer.forward(params, x)
-    if not layer.stochastic:
-        raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
-                         "numbers (no Dropout)")
-    return layer.forward(params, x, key=key)
+    return _with_key(layer, layer.forward, key, params, x)
 
 
 def tangent_with_key(layer: Layer, params: Params, x: jax.Array, dparams: Params,
                      dx: jax.Array | None, key: jax.Array | None = None):
     """`layer.tangent(params, x, dparams, dx)`, with `key=key` when a key is given (the
     rule of `forward_with_key`: a key for a layer that draws nothing is a ValueError)."""
-    if key is None:
-        return layer.tangent(params, x, dparams, dx)
-    if not layer.stochastic:
-        raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
-                         "numbers (no Dropout)")
-    return layer.tangent(params, x, dparams, dx, key=key)
+    return _with_key(layer, layer.tangent, key, params, x, dparams, dx)
 
 
 def backward_tangent_with_key(layer: Layer, params: Params, x: jax.Array, v_params: Params,
@@ -208,12 +215,31 @@ def backward_tangent_with_key(layer: Layer, params: Params, x: jax.Array, v_para
                               key: jax.Array | None = None):
     """`layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)`, with `key=key` when a
     key is given (the rule of `forward_with_key`)."""
+    return _with_key(layer, layer.backward_tangent, key, params, x, v_params, v_x, g_y, r_g_y)
+
+
+def tangent_backward_with_key(layer: Layer, params: Params, x: jax.Array, v_params: Params,
+                              v_x: jax.Array | None, upstream: UpstreamFn,
+                              key: jax.Array | None = None):
+    """`layer.tangent_backward(params, x, v_params, v_x, upstream)` (with `key=key` when a key
+    is given), or, for a layer without one, its tangent, then upstream(y, v_y) = (g_y,
+    r_g_y), then its backward tangent: (g_params, g_x, r_g_params, r_g_x)."""
+    if layer.tangent_backward is not None:
+        return _with_key(layer, layer.tangent_backward, key, params, x, v_params, v_x, upstream)
+    y, v_y = tangent_with_key(layer, params, x, v_params, v_x, key)
+    g_y, r_g_y = upstream(y, v_y)
+    return backward_tangent_with_key(layer, params, x, v_params, v_x, g_y, r_g_y, key)
+
+
+def _with_key(layer: Layer, function: Callable, key: jax.Array | None, *args):
+    """function(*args), with `key=key` when a key is given; a key for a layer that draws
+    nothing is a ValueError (`forward_with_key`)."""
     if key is None:
-        return layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)
+        return function(*args)
     if not layer.stochastic:
         raise ValueError(f"{layer.name}: a key was given, but no layer in it draws random "
                          "numbers (no Dropout)")
-    return layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=key)
+    return function(*args, key=key)
 
 
 def layer_keys(layers: tuple[Layer, ...], key: jax.Array | None) -> list[jax.Array | None]:
@@ -712,23 +738,27 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             x, dx = tangent_with_key(layer, layer_params, x, layer_dparams, dx, layer_key)
         return x, dx
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
-        """The tangent pass left to right, keeping each layer's (x, v_x), then each layer's
-        backward_tangent right to left, each stochastic layer with its key both ways."""
+    def tangent_backward(params, x, v_params, v_x, upstream, key=None):
+        """Each layer's `tangent_backward_with_key` with the layers above it (and upstream at
+        the top) as its upstream: the tangent passes left to right, the backward tangents
+        right to left, each stochastic layer with its key both ways."""
         _check_param_count(name, params, len(layers))
         keys = layer_keys(layers, key)
-        inputs = []
-        for layer, layer_params, layer_v, layer_key in zip(layers, params, v_params, keys):
-            inputs.append((x, v_x))
-            x, v_x = tangent_with_key(layer, layer_params, x, layer_v, v_x, layer_key)
-        g_params, r_g_params = [], []
-        for layer, layer_params, layer_v, (x, v_x), layer_key in reversed(
-                list(zip(layers, params, v_params, inputs, keys))):
-            layer_g, g_y, layer_r_g, r_g_y = backward_tangent_with_key(
-                layer, layer_params, x, layer_v, v_x, g_y, r_g_y, layer_key)
-            g_params.append(layer_g)
-            r_g_params.append(layer_r_g)
-        return tuple(reversed(g_params)), g_y, tuple(reversed(r_g_params)), r_g_y
+        g_params, r_g_params = [None] * len(layers), [None] * len(layers)
+
+        def from_layer(i, x, v_x):
+            if i == len(layers):
+                return upstream(x, v_x)
+            g_params[i], g_x, r_g_params[i], r_g_x = tangent_backward_with_key(
+                layers[i], params[i], x, v_params[i], v_x,
+                lambda y, v_y: from_layer(i + 1, y, v_y), keys[i])
+            return g_x, r_g_x
+
+        g_x, r_g_x = from_layer(0, x, v_x)
+        return tuple(g_params), g_x, tuple(r_g_params), r_g_x
+
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        return tangent_backward(params, x, v_params, v_x, lambda y, v_y: (g_y, r_g_y), key)
 
     has_curvature = all(layer.curvature is not None for layer in layers)
     has_tangent = all(layer.tangent is not None for layer in layers)
@@ -738,7 +768,8 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(layer.stochastic for layer in layers),
                  tangent=tangent if has_tangent else None,
-                 backward_tangent=backward_tangent if has_backward_tangent else None)
+                 backward_tangent=backward_tangent if has_backward_tangent else None,
+                 tangent_backward=tangent_backward if has_backward_tangent else None)
 
 
 def layer_outputs(model: Layer, params: Params, x: jax.Array) -> list[tuple[str, jax.Array]]:
@@ -817,7 +848,7 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
             return [dy] * len(branches)
         widths = [jax.eval_shape(branch.apply, branch_params, x).shape[-1]
                   for branch, branch_params in zip(branches, params)]
-        return jnp.split(dy, np.cumsum(widths)[:-1].tolist(), axis=-1)
+        return split_by(widths, dy)
 
     def backward_through(method):
         def run_backward(params, residuals, dy):
@@ -832,12 +863,8 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
 
         return run_backward
 
-    def tangent(params, x, dparams, dx, key=None):
-        """Each branch's (y_b, dy_b) on the same (x, dx), joined as the outputs are."""
-        _check_param_count(name, params, len(branches))
-        pairs = [tangent_with_key(branch, branch_params, x, branch_dparams, dx, branch_key)
-                 for branch, branch_params, branch_dparams, branch_key in zip(
-                     branches, params, dparams, layer_keys(branches, key))]
+    def join(pairs):
+        """The branches' (y_b, dy_b) joined as the outputs are (dy None if every dy_b is)."""
         outputs = [y for y, _ in pairs]
         joined_shape([y.shape for y in outputs])
         if all(dy is None for _, dy in pairs):
@@ -848,26 +875,59 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
             return jnp.concatenate(outputs, axis=-1), jnp.concatenate(moved, axis=-1)
         return sum_all(outputs), sum_all(moved)
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
-        """Each branch's backward_tangent on (x, v_x) with its share of (g_y, R{g_y}) (and
-        its key); g_x and R{g_x} summed over the branches, as x fans out to each."""
+    def tangent(params, x, dparams, dx, key=None):
+        """Each branch's (y_b, dy_b) on the same (x, dx), joined as the outputs are."""
         _check_param_count(name, params, len(branches))
-        parts = [backward_tangent_with_key(branch, branch_params, x, branch_v, v_x, g_b, r_g_b,
-                                           branch_key)
-                 for branch, branch_params, branch_v, g_b, r_g_b, branch_key in zip(
-                     branches, params, v_params, split(params, x, g_y),
-                     split(params, x, r_g_y), layer_keys(branches, key))]
+        return join([tangent_with_key(branch, branch_params, x, branch_dparams, dx, branch_key)
+                     for branch, branch_params, branch_dparams, branch_key in zip(
+                         branches, params, dparams, layer_keys(branches, key))])
+
+    def tangent_backward(params, x, v_params, v_x, upstream, key=None):
+        """Each branch's tangent_backward on (x, v_x), nested: branch b's upstream runs the
+        later branches' forwards, then upstream on the joined outputs, and hands each branch
+        its share of (g_y, R{g_y}); so every forward runs before any backward, each once.
+        g_x and R{g_x} summed over the branches, as x fans out to each."""
+        _check_param_count(name, params, len(branches))
+        keys = layer_keys(branches, key)
+        shares, parts = [], [None] * len(branches)
+
+        def from_branch(b, pairs):
+            if b == len(branches):
+                g_y, r_g_y = upstream(*join(pairs))
+                widths = [y.shape[-1] for y, _ in pairs]
+                shares.extend(zip(split_by(widths, g_y), split_by(widths, r_g_y)))
+                return
+
+            def above(y_b, v_y_b):
+                from_branch(b + 1, [*pairs, (y_b, v_y_b)])
+                return shares[b]
+
+            parts[b] = tangent_backward_with_key(branches[b], params[b], x, v_params[b], v_x,
+                                                 above, keys[b])
+
+        from_branch(0, [])
         return (tuple(part[0] for part in parts), sum_all([part[1] for part in parts]),
                 tuple(part[2] for part in parts), sum_all([part[3] for part in parts]))
 
+    def split_by(widths, dy):
+        """dy's share of each branch (of these output widths): its slice, or all of it."""
+        if combine == "sum":
+            return [dy] * len(branches)
+        return jnp.split(dy, np.cumsum(widths)[:-1].tolist(), axis=-1)
+
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
+        return tangent_backward(params, x, v_params, v_x, lambda y, v_y: (g_y, r_g_y), key)
+
     has_curvature = all(branch.curvature is not None for branch in branches)
     has_tangent = all(branch.tangent is not None for branch in branches)
-    has_backward_tangent = all(branch.backward_tangent is not None for branch in branches)
+    has_backward_tangent = has_tangent and all(
+        branch.backward_tangent is not None for branch in branches)
     return Layer(name, init, forward, backward_through("backward"), sublayers=tuple(branches),
                  curvature=backward_through("curvature") if has_curvature else None,
                  stochastic=any(branch.stochastic for branch in branches),
                  tangent=tangent if has_tangent else None,
-                 backward_tangent=backward_tangent if has_backward_tangent else None)
+                 backward_tangent=backward_tangent if has_backward_tangent else None,
+                 tangent_backward=tangent_backward if has_backward_tangent else None)
 
 
 def residual(block: Layer, name: str = "residual") -> Layer:

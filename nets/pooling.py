@@ -21,11 +21,11 @@ from nets.conv import channel_sum, check_image_input, pair
 from nets.layers import (
     Layer,
     StaticShape,
-    backward_tangent_with_key,
     forward_with_key,
     is_count,
     linear_backward_tangent,
     sum_all,
+    tangent_backward_with_key,
     tangent_with_key,
 )
 
@@ -512,10 +512,15 @@ def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
     name = name or layer.name
     dropout = Dropout(rate, name=f"{name}_dropout")
 
-    def forward(params, x, key=None):
-        inner_key = None
+    def split(key):
+        """(the inner layer's key, the dropout's): the inner one split off only when the
+        layer itself is stochastic."""
         if key is not None and layer.stochastic:
-            inner_key, key = jax.random.split(key)
+            return tuple(jax.random.split(key))
+        return None, key
+
+    def forward(params, x, key=None):
+        inner_key, key = split(key)
         y, residuals = forward_with_key(layer, params, x, inner_key)
         y, scale = dropout.forward((), y, key=key)
         return y, (residuals, scale)
@@ -529,24 +534,26 @@ def dropout_after(layer: Layer, rate: float, name: str | None = None) -> Layer:
         return layer.curvature(params, inner, dropout.curvature((), scale, d2y)[1])
 
     def tangent(params, x, dparams, dx, key=None):
-        inner_key = None
-        if key is not None and layer.stochastic:
-            inner_key, key = jax.random.split(key)
+        inner_key, key = split(key)
         y, dy = tangent_with_key(layer, params, x, dparams, dx, inner_key)
         return dropout.tangent((), y, (), dy, key=key)
 
+    def tangent_backward(params, x, v_params, v_x, upstream, key=None):
+        """layer's tangent_backward with the dropout and upstream above it: R{dy} m / p."""
+        inner_key, key = split(key)
+
+        def through_dropout(y, v_y):
+            _, g_y, _, r_g_y = tangent_backward_with_key(dropout, (), y, (), v_y, upstream, key)
+            return g_y, r_g_y
+
+        return tangent_backward_with_key(layer, params, x, v_params, v_x, through_dropout,
+                                         inner_key)
+
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
-        """layer's backward_tangent of dy m / p and R{dy} m / p."""
-        inner_key = None
-        if key is not None and layer.stochastic:
-            inner_key, key = jax.random.split(key)
-        y, _ = forward_with_key(layer, params, x, inner_key)
-        _, scale = dropout.forward((), y, key=key)
-        return backward_tangent_with_key(
-            layer, params, x, v_params, v_x, dropout.backward((), scale, g_y)[1],
-            dropout.backward((), scale, r_g_y)[1], inner_key)
+        return tangent_backward(params, x, v_params, v_x, lambda y, v_y: (g_y, r_g_y), key)
 
     return Layer(name, layer.init, forward, backward, sublayers=layer.sublayers,
                  curvature=None if layer.curvature is None else curvature, stochastic=True,
                  tangent=None if layer.tangent is None else tangent,
-                 backward_tangent=None if layer.backward_tangent is None else backward_tangent)
+                 backward_tangent=None if layer.backward_tangent is None else backward_tangent,
+                 tangent_backward=None if layer.backward_tangent is None else tangent_backward)

@@ -33,7 +33,13 @@ v_x, dcarry, dy_t, r_dcarry, r_dy_t) -> (dparams, dcarry_prev, dx_t, R{dparams},
 R{dcarry_prev}, R{dx_t})`, its step backward with the backward's directional derivative
 (Pearlmutter's R-operator: each line of the step backward differentiated in all its inputs,
 with the step tangent's values), which `scan_backward_tangent` runs back through time for
-the exact Hessian's product (`nets.engines.hessian_product`).
+the exact Hessian's product (`nets.engines.hessian_product`). Both are made of the cell's
+`tangent_parts` (`TangentParts`): a step tangent that also returns what the R-operator reads
+(the step's gate values, their tangents, [v_x, v_h]), and the R-operator from those kept
+values, so that `scan_backward_tangent` keeps them in its forward scan and its reverse scan
+recomputes nothing. A cell with only the two functions (a user's) is run by recomputing each
+step's values from the kept (carry, x_t, v_carry, v_x); one that replaces either function
+replaces (or drops) its `tangent_parts` too, which `scan_backward_tangent` runs first.
 
 A cell that a `torch.nn` module computes names it in `pytorch_module` (RNN, LSTM, GRU), and
 `to_pytorch`/`pytorch_gradients` map its params and gradients onto that module's state dict.
@@ -148,6 +154,7 @@ from nets.varying import vary_like, varying_axes
 __all__ = [
     "Cell",
     "GradientParts",
+    "TangentParts",
     "ScanResiduals",
     "RecomputeResiduals",
     "elman",
@@ -192,6 +199,15 @@ class GradientParts(NamedTuple):
     assemble: Callable[[Any], Params]
 
 
+class TangentParts(NamedTuple):
+    """A cell's step tangent keeping what its step's R-operator reads, and that R-operator
+    from what was kept (module docstring): `scan_backward_tangent` keeps every step's values
+    and tangents in the forward scan instead of recomputing them in the reverse one."""
+
+    step_tangent: Callable[..., tuple[Carry, jax.Array, Carry, jax.Array, Any]]
+    step_backward_tangent: Callable[..., tuple]
+
+
 class Cell(NamedTuple):
     """One recurrent step and its hand-written backward (module docstring)."""
 
@@ -209,6 +225,7 @@ class Cell(NamedTuple):
     gradient_parts: GradientParts | None = None
     step_tangent: Callable[..., tuple[Carry, jax.Array, Carry, jax.Array]] | None = None
     step_backward_tangent: Callable[..., tuple] | None = None
+    tangent_parts: TangentParts | None = None
 
     def step_weights(self, params: Params) -> Params:
         """What `scan_cell` hands to `step`: forward_weights(params), or params."""
@@ -266,13 +283,16 @@ def _input_term(dx: jax.Array | None, w_x: jax.Array, moved: jax.Array) -> jax.A
 
 def _cell(name, hidden, init, initial_carry, step, factors, pullback,
           backward_weights=None, pytorch_module=None, forward_weights=None,
-          assemble=None, step_tangent=None, step_backward_tangent=None) -> Cell:
+          assemble=None, tangent_parts=None) -> Cell:
     """A Cell whose step backward is `pullback(weights, factors(residuals), dcarry, dy)`, every
     local derivative of the step a factor of its products, and whose step curvature is the
     same pullback of the squared factors (bptt squares the weights): LeCun's diagonal rule
     d2in_i = sum_j J_ji^2 d2out_j, stage by stage through the step. With `assemble`, the
     pullback gives its parameter gradient in parts, `assemble(parts)` is dparams, and the cell
-    has `gradient_parts` for bptt (module docstring)."""
+    has `gradient_parts` for bptt (module docstring). With `tangent_parts`, its step tangent and
+    step backward tangent are made of them (`_step_tangents`)."""
+    step_tangent, step_backward_tangent = _step_tangents(tangent_parts)
+
     def backward_in_parts(weights, residuals, dcarry, dy):
         return pullback(weights, factors(residuals), dcarry, dy)
 
@@ -283,7 +303,8 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
     if assemble is None:
         return Cell(name, hidden, init, initial_carry, step, backward_in_parts, backward_weights,
                     curvature_in_parts, pytorch_module, forward_weights,
-                    step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
+                    step_tangent=step_tangent, step_backward_tangent=step_backward_tangent,
+                    tangent_parts=tangent_parts)
 
     def assembled(in_parts):
         def run(*args):
@@ -295,7 +316,25 @@ def _cell(name, hidden, init, initial_carry, step, factors, pullback,
     return Cell(name, hidden, init, initial_carry, step, assembled(backward_in_parts),
                 backward_weights, assembled(curvature_in_parts), pytorch_module,
                 forward_weights, GradientParts(backward_in_parts, curvature_in_parts, assemble),
-                step_tangent, step_backward_tangent)
+                step_tangent, step_backward_tangent, tangent_parts)
+
+
+def _step_tangents(parts: TangentParts | None):
+    """(step_tangent, step_backward_tangent) of a cell from its `TangentParts`: the step
+    tangent without what it keeps, and the R-operator from the kept values of the step tangent
+    at (carry, x_t) along (v_params, v_carry, v_x). (None, None) without parts."""
+    if parts is None:
+        return None, None
+
+    def step_tangent(params, carry, x, dparams, dcarry, dx):
+        return parts.step_tangent(params, carry, x, dparams, dcarry, dx)[:4]
+
+    def step_backward_tangent(params, carry, x, v_params, v_carry, v_x, dcarry, dy, r_dcarry,
+                              r_dy):
+        kept = parts.step_tangent(params, carry, x, v_params, v_carry, v_x)[4]
+        return parts.step_backward_tangent(params, kept, v_params, dcarry, dy, r_dcarry, r_dy)
+
+    return step_tangent, step_backward_tangent
 
 
 # --- cells ------------------------------------------------------------------------------------
@@ -349,23 +388,21 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         inputs = xh.shape[1] - hidden
         return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
 
-    def step_tangent(params, h, x, dparams, dh, dx):
-        h_new, _, (xh, _) = step(params, h, x)
-        w = params["w"]
-        inputs = x.shape[1]
-        moved = xh @ dparams["w"] + _row(dparams["b"]) + dh @ w[inputs:]
-        dh_new = derivative(h_new) * _input_term(dx, w[:inputs], moved)
-        return h_new, h_new, dh_new, dh_new
-
-    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
+    def step_tangent(params, h, x, v_params, v_h, v_x):
         h_new, _, (xh, _) = step(params, h, x)
         w, inputs = params["w"], x.shape[1]
         r_a = _input_term(v_x, w[:inputs], xh @ v_params["w"] + _row(v_params["b"])
                           + v_h @ w[inputs:])
+        v_h_new = derivative(h_new) * r_a
+        v_xh = jnp.concatenate([jnp.zeros_like(x) if v_x is None else v_x, v_h], axis=-1)
+        return h_new, h_new, v_h_new, v_h_new, (xh, h_new, r_a, v_xh)
+
+    def step_backward_tangent(params, kept, v_params, dh_new, dy, r_dh_new, r_dy):
+        xh, h_new, r_a, v_xh = kept
+        w, inputs = params["w"], xh.shape[1] - hidden
         dh, r_dh = dh_new + dy, r_dh_new + r_dy
         da = dh * derivative(h_new)
         r_da = r_dh * derivative(h_new) + dh * second_derivative(h_new) * r_a
-        v_xh = jnp.concatenate([jnp.zeros_like(x) if v_x is None else v_x, v_h], axis=-1)
         dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
         grads = {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}
         r_grads = {"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)}
@@ -374,7 +411,7 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
 
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  pytorch_module="RNN" if activation == "tanh" else None,
-                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
+                 tangent_parts=TangentParts(step_tangent, step_backward_tangent))
 
 
 def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
@@ -457,8 +494,9 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         dparams.update({"w": k["xh"].T @ da, "b": jnp.sum(da, axis=0)})
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
-    def step_with_tangents(params, carry, x, dparams, dcarry, dx):
-        """The step's values (the residuals' names) and their tangents, keyed "d" + name."""
+    def step_tangent(params, carry, x, dparams, dcarry, dx):
+        """The step in forward mode, keeping its values (the residuals' names), their
+        tangents (keyed "d" + name) and [dx_t, dh_{t-1}] for `step_backward_tangent`."""
         (h_new, c_new), _, (xh, c, _, i, f, g, o, tanh_c) = step(params, carry, x)
         dh, dc = dcarry
         w = params["w"]
@@ -475,20 +513,17 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
             dz_o = dz_o + _row(dparams["p"][2]) * c_new + _row(params["p"][2]) * dc_new
         do = o * (1 - o) * dz_o
         dtanh_c = (1 - tanh_c * tanh_c) * dc_new
-        return {"xh": xh, "c": c, "c_new": c_new, "i": i, "f": f, "g": g, "o": o,
-                "tanh_c": tanh_c, "h_new": h_new, "dc": dc, "dc_new": dc_new, "di": di,
-                "df": df, "dg": dg, "do": do, "dtanh_c": dtanh_c,
-                "dh_new": do * tanh_c + o * dtanh_c}
+        dh_new = do * tanh_c + o * dtanh_c
+        dxh = jnp.concatenate([jnp.zeros_like(x) if dx is None else dx, dh], axis=-1)
+        kept = {"xh": xh, "c": c, "c_new": c_new, "i": i, "f": f, "g": g, "o": o,
+                "tanh_c": tanh_c, "dxh": dxh, "dc": dc, "dc_new": dc_new, "di": di, "df": df,
+                "dg": dg, "do": do, "dtanh_c": dtanh_c}
+        return (h_new, c_new), h_new, (dh_new, dc_new), dh_new, kept
 
-    def step_tangent(params, carry, x, dparams, dcarry, dx):
-        k = step_with_tangents(params, carry, x, dparams, dcarry, dx)
-        return (k["h_new"], k["c_new"]), k["h_new"], (k["dh_new"], k["dc_new"]), k["dh_new"]
-
-    def step_backward_tangent(params, carry, x, v_params, v_carry, v_x, dcarry, dy, r_dcarry,
-                              r_dy):
+    def step_backward_tangent(params, k, v_params, dcarry, dy, r_dcarry, r_dy):
         """The pullback above, each line differentiated in all its inputs (R{.} of every
-        value is the step tangent's, R{dh} = R{dcarry_h} + R{dy_t}, R{dc} = R{dcarry_c})."""
-        k = step_with_tangents(params, carry, x, v_params, v_carry, v_x)
+        value is the step tangent's, kept in k; R{dh} = R{dcarry_h} + R{dy_t}, R{dc} =
+        R{dcarry_c})."""
         i, f, g, o, c, tanh_c = (k[name] for name in ("i", "f", "g", "o", "c", "tanh_c"))
         ri, rf, rg, ro, rc, rtanh = (k[name] for name in ("di", "df", "dg", "do", "dc",
                                                            "dtanh_c"))
@@ -524,8 +559,8 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
                                       jnp.sum(r_da_o * k["c_new"] + da_o * k["dc_new"], 0)])
         da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
         r_da = jnp.concatenate([r_da_i, r_da_f, r_da_g, r_da_o], axis=-1)
-        xh, w, inputs = k["xh"], params["w"], x.shape[1]
-        v_xh = jnp.concatenate([jnp.zeros_like(x) if v_x is None else v_x, v_carry[0]], -1)
+        xh, v_xh, w = k["xh"], k["dxh"], params["w"]
+        inputs = xh.shape[1] - hidden
         grads.update({"w": xh.T @ da, "b": jnp.sum(da, axis=0)})
         r_grads.update({"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)})
         dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
@@ -534,7 +569,7 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
 
     return _cell(name, hidden, init, _zeros_carry(hidden, True), step, factors, pullback,
                  backward_weights, pytorch_module=None if peepholes else "LSTM",
-                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
+                 tangent_parts=TangentParts(step_tangent, step_backward_tangent))
 
 
 def _gru_factors(x, h, r, z, n) -> dict:
@@ -565,11 +600,15 @@ def _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n, dh_new, r_dh_new):
     return da_z, da_n, r_da_z, r_da_n
 
 
-def _gru_state_tangent(h, z, n, dh, dz_pre, dn_pre) -> jax.Array:
-    """dh_t of h_t = z h + (1 - z) n, given dh = dh_{t-1} and the tangents of z's and n's
-    pre-activations: dz = z (1 - z) dz_pre, dn = (1 - n^2) dn_pre,
-    dh_t = dz (h - n) + z dh + (1 - z) dn."""
-    return z * (1 - z) * dz_pre * (h - n) + z * dh + (1 - z) * (1 - n * n) * dn_pre
+def _gru_state_tangent(values, v_x, v_h, tangents, **more) -> tuple[jax.Array, dict]:
+    """Both GRUs' h_t = z h + (1 - z) n in forward mode, R{h_t} = R{z} (h - n) + z v_h +
+    (1 - z) R{n}, and what their step backward tangent reads: the step's values (x, h, r, z,
+    n), v_x (zeros for None), v_h, the gates' tangents (R{r}, R{z}, R{n}) and `more`."""
+    x, h, r, z, n = values
+    r_r, r_z, r_n = tangents
+    kept = {"x": x, "h": h, "r": r, "z": z, "n": n, "v_h": v_h, "r_r": r_r, "r_z": r_z,
+            "r_n": r_n, "v_x": jnp.zeros_like(x) if v_x is None else v_x, **more}
+    return r_z * (h - n) + z * v_h + (1 - z) * r_n, kept
 
 
 def gru(hidden_size: int, name: str = "gru") -> Cell:
@@ -639,22 +678,10 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         w_h = jnp.concatenate([parts["u_rz"], parts["u_n"]], axis=1)
         return {"w": jnp.concatenate([parts["w_x"], w_h], axis=0), "b": parts["b"]}
 
-    def step_tangent(params, h, x, dparams, dh, dx):
+    def step_tangent(params, h, x, v_params, v_h, v_x):
+        """The step in forward mode, keeping its values, R{r}, R{z}, R{rh} and R{n} for
+        `step_backward_tangent`."""
         h_new, _, (_, _, r, z, n, rh) = step(params, h, x)
-        w_x, u_rz, u_n = split(params["w"], x.shape[1])
-        dw_x, du_rz, du_n = split(dparams["w"], x.shape[1])
-        da_x = _input_term(dx, w_x, x @ dw_x + _row(dparams["b"]))
-        drz_pre = da_x[:, :2 * hidden] + h @ du_rz + dh @ u_rz
-        dr = r * (1 - r) * drz_pre[:, :hidden]
-        drh = dr * h + r * dh
-        dn_pre = da_x[:, 2 * hidden:] + rh @ du_n + drh @ u_n
-        dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
-        return h_new, h_new, dh_new, dh_new
-
-    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
-        """The pullback above, each line differentiated in all its inputs, with the step
-        tangent's R{r}, R{z}, R{n} and R{rh}."""
-        _, _, (_, _, r, z, n, rh) = step(params, h, x)
         inputs = x.shape[1]
         w_x, u_rz, u_n = split(params["w"], inputs)
         v_wx, v_urz, v_un = split(v_params["w"], inputs)
@@ -664,6 +691,18 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         r_z = z * (1 - z) * v_rz_pre[:, hidden:]
         r_rh = r_r * h + r * v_h
         r_n = (1 - n * n) * (v_ax[:, 2 * hidden:] + rh @ v_un + r_rh @ u_n)
+        v_h_new, kept = _gru_state_tangent((x, h, r, z, n), v_x, v_h, (r_r, r_z, r_n),
+                                           rh=rh, r_rh=r_rh)
+        return h_new, h_new, v_h_new, v_h_new, kept
+
+    def step_backward_tangent(params, k, v_params, dh_new, dy, r_dh_new, r_dy):
+        """The pullback above, each line differentiated in all its inputs, with the step
+        tangent's R{r}, R{z}, R{n} and R{rh} (kept in k)."""
+        x, h, r, z, n, rh, v_h = (k[key] for key in ("x", "h", "r", "z", "n", "rh", "v_h"))
+        r_r, r_z, r_rh, r_n = (k[key] for key in ("r_r", "r_z", "r_rh", "r_n"))
+        inputs = x.shape[1]
+        w_x, u_rz, u_n = split(params["w"], inputs)
+        v_wx, v_urz, v_un = split(v_params["w"], inputs)
         dh_new, r_dh_new = dh_new + dy, r_dh_new + r_dy
         da_z, da_n, r_da_z, r_da_n = _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n,
                                                                   dh_new, r_dh_new)
@@ -678,17 +717,16 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
                 + da_rz @ v_urz.T)
         da = jnp.concatenate([da_rz, da_n], axis=-1)
         r_da = jnp.concatenate([r_da_rz, r_da_n], axis=-1)
-        v_x_or_0 = jnp.zeros_like(x) if v_x is None else v_x
         grads = assemble({"w_x": x.T @ da, "u_rz": h.T @ da_rz, "u_n": rh.T @ da_n,
                           "b": jnp.sum(da, axis=0)})
-        r_grads = assemble({"w_x": v_x_or_0.T @ da + x.T @ r_da,
+        r_grads = assemble({"w_x": k["v_x"].T @ da + x.T @ r_da,
                             "u_rz": v_h.T @ da_rz + h.T @ r_da_rz,
                             "u_n": r_rh.T @ da_n + rh.T @ r_da_n, "b": jnp.sum(r_da, axis=0)})
         return (grads, dh, da @ w_x.T, r_grads, r_dh, r_da @ w_x.T + da @ v_wx.T)
 
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  backward_weights, forward_weights=forward_weights, assemble=assemble,
-                 step_tangent=step_tangent, step_backward_tangent=step_backward_tangent)
+                 tangent_parts=TangentParts(step_tangent, step_backward_tangent))
 
 
 def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
@@ -759,33 +797,31 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         return {"w": jnp.concatenate([parts["w_x"], parts["w_h"]], axis=0), "b": parts["b"],
                 "b_hn": parts["b_hn"]}
 
-    def step_tangent(params, h, x, dparams, dh, dx):
+    def step_tangent(params, h, x, v_params, v_h, v_x):
+        """The step in forward mode, keeping its values, R{r}, R{z}, R{q} and R{n} for
+        `step_backward_tangent`."""
         h_new, _, (_, _, r, z, n, q) = step(params, h, x)
         inputs = x.shape[1]
-        w, dw = params["w"], dparams["w"]
-        da = _input_term(dx, w[:inputs], x @ dw[:inputs] + _row(dparams["b"]))
-        da_h = h @ dw[inputs:] + dh @ w[inputs:]
-        dq = da_h[:, 2 * hidden:] + _row(dparams["b_hn"])
-        drz_pre = da[:, :2 * hidden] + da_h[:, :2 * hidden]
-        dr = r * (1 - r) * drz_pre[:, :hidden]
-        dn_pre = da[:, 2 * hidden:] + dr * q + r * dq
-        dh_new = _gru_state_tangent(h, z, n, dh, drz_pre[:, hidden:], dn_pre)
-        return h_new, h_new, dh_new, dh_new
-
-    def step_backward_tangent(params, h, x, v_params, v_h, v_x, dh_new, dy, r_dh_new, r_dy):
-        """The pullback above, each line differentiated in all its inputs, with the step
-        tangent's R{r}, R{z}, R{q} and R{n}."""
-        _, _, (_, _, r, z, n, q) = step(params, h, x)
-        inputs = x.shape[1]
-        w_x, w_h = params["w"][:inputs], params["w"][inputs:]
-        v_wx, v_wh = v_params["w"][:inputs], v_params["w"][inputs:]
-        v_a = _input_term(v_x, w_x, x @ v_wx + _row(v_params["b"]))
-        v_ah = h @ v_wh + v_h @ w_h
+        w, v_w = params["w"], v_params["w"]
+        v_a = _input_term(v_x, w[:inputs], x @ v_w[:inputs] + _row(v_params["b"]))
+        v_ah = h @ v_w[inputs:] + v_h @ w[inputs:]
         r_q = v_ah[:, 2 * hidden:] + _row(v_params["b_hn"])
         v_rz_pre = v_a[:, :2 * hidden] + v_ah[:, :2 * hidden]
         r_r = r * (1 - r) * v_rz_pre[:, :hidden]
         r_z = z * (1 - z) * v_rz_pre[:, hidden:]
         r_n = (1 - n * n) * (v_a[:, 2 * hidden:] + r_r * q + r * r_q)
+        v_h_new, kept = _gru_state_tangent((x, h, r, z, n), v_x, v_h, (r_r, r_z, r_n),
+                                           q=q, r_q=r_q)
+        return h_new, h_new, v_h_new, v_h_new, kept
+
+    def step_backward_tangent(params, k, v_params, dh_new, dy, r_dh_new, r_dy):
+        """The pullback above, each line differentiated in all its inputs, with the step
+        tangent's R{r}, R{z}, R{q} and R{n} (kept in k)."""
+        x, h, r, z, n, q, v_h = (k[key] for key in ("x", "h", "r", "z", "n", "q", "v_h"))
+        r_r, r_z, r_q, r_n = (k[key] for key in ("r_r", "r_z", "r_q", "r_n"))
+        inputs = x.shape[1]
+        w_x, w_h = params["w"][:inputs], params["w"][inputs:]
+        v_wx, v_wh = v_params["w"][:inputs], v_params["w"][inputs:]
         dh_new, r_dh_new = dh_new + dy, r_dh_new + r_dy
         da_z, da_n, r_da_z, r_da_n = _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n,
                                                                   dh_new, r_dh_new)
@@ -800,18 +836,17 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         r_da_h = jnp.concatenate([r_da_r, r_da_z, r_dq], axis=-1)
         dh = dh_new * z + da_h @ w_h.T
         r_dh = r_dh_new * z + dh_new * r_z + r_da_h @ w_h.T + da_h @ v_wh.T
-        v_x_or_0 = jnp.zeros_like(x) if v_x is None else v_x
         grads = assemble({"w_x": x.T @ da_x, "w_h": h.T @ da_h, "b": jnp.sum(da_x, axis=0),
                           "b_hn": jnp.sum(dq, axis=0)})
-        r_grads = assemble({"w_x": v_x_or_0.T @ da_x + x.T @ r_da_x,
+        r_grads = assemble({"w_x": k["v_x"].T @ da_x + x.T @ r_da_x,
                             "w_h": v_h.T @ da_h + h.T @ r_da_h, "b": jnp.sum(r_da_x, axis=0),
                             "b_hn": jnp.sum(r_dq, axis=0)})
         return (grads, dh, da_x @ w_x.T, r_grads, r_dh, r_da_x @ w_x.T + da_x @ v_wx.T)
 
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
                  backward_weights, pytorch_module="GRU", forward_weights=forward_weights,
-                 assemble=assemble, step_tangent=step_tangent,
-                 step_backward_tangent=step_backward_tangent)
+                 assemble=assemble,
+                 tangent_parts=TangentParts(step_tangent, step_backward_tangent))
 
 
 CELLS = ("elman_tanh", "elman_sigmoid", "lstm", "lstm_peephole", "gru", "gru_reset_after")
@@ -1213,52 +1248,87 @@ def scan_backward_tangent(cell: Cell, params: Params, xs: jax.Array, v_params: P
                           v_xs: jax.Array | None, dys: jax.Array, r_dys: jax.Array,
                           truncation: int | None = None, unroll: int = 1):
     """BPTT and its R-operator (Pearlmutter 1994) from the zero state: a forward scan of the
-    cell's `step_tangent` keeping every step's (carry, its tangent), then a reverse scan of
-    its `step_backward_tangent` carrying (dcarry, R{dcarry}) and summing the parameter
-    gradient and its tangent. dys = dE/dys and r_dys its tangent (batch, time, hidden);
-    v_params the parameters' direction, v_xs the inputs' tangent (None for zero). Returns
-    (dparams, dxs, R{dparams}, R{dxs}). With truncation=k the carry's tangent and both
-    dcarry and R{dcarry} are cut where a window starts, as `scan_tangent` and `bptt` cut
-    them (the jvp of `bptt`'s gradient of `scan_cell`'s forward)."""
+    cell's step tangent keeping every step's values and tangents (`TangentParts`), then a
+    reverse scan of its step backward tangent from them, carrying (dcarry, R{dcarry}) and
+    summing the parameter gradient and its tangent. dys = dE/dys and r_dys its tangent
+    (batch, time, hidden); v_params the parameters' direction, v_xs the inputs' tangent (None
+    for zero). Returns (dparams, dxs, R{dparams}, R{dxs}). With truncation=k the carry's
+    tangent and both dcarry and R{dcarry} are cut where a window starts, as `scan_tangent`
+    and `bptt` cut them (the jvp of `bptt`'s gradient of `scan_cell`'s forward)."""
+    _, _, kept = _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll)
+    return _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll)
+
+
+def _tangent_parts(cell: Cell) -> TangentParts:
+    """The cell's `TangentParts`, or, for a cell with only `step_tangent` and
+    `step_backward_tangent` (a user's), parts keeping (carry, x_t, v_carry, v_x) and
+    recomputing the step from them in the reverse scan."""
+    if cell.tangent_parts is not None:
+        return cell.tangent_parts
+
+    def step_tangent(params, carry, x, v_params, v_carry, v_x):
+        return (*cell.step_tangent(params, carry, x, v_params, v_carry, v_x),
+                (carry, x, v_carry, v_x))
+
+    def step_backward_tangent(params, kept, v_params, dcarry, dy, r_dcarry, r_dy):
+        carry, x, v_carry, v_x = kept
+        return cell.step_backward_tangent(params, carry, x, v_params, v_carry, v_x, dcarry, dy,
+                                          r_dcarry, r_dy)
+
+    return TangentParts(step_tangent, step_backward_tangent)
+
+
+def _cut_at_window_start(truncation: int | None, t: jax.Array, tree: Any) -> Any:
+    """tree zeroed at a step where a truncation window starts (unchanged without one)."""
+    if truncation is None:
+        return tree
+    cut = _window_start(t, truncation)
+    return jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d), tree)
+
+
+def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll):
+    """The forward half of `scan_backward_tangent`: (ys, v_ys, kept), ys and v_ys (batch,
+    time, hidden), kept every step's values for the reverse scan (time-major)."""
     name = f"scan_backward_tangent({cell.name})"
     if cell.step_backward_tangent is None:
         raise ValueError(f"{name}: this cell has no step backward tangent (R-operator)")
     _check_options(name, xs, None, truncation)
+    _check_dtypes(name, params, xs)
     _check_like(name, "v_params", v_params, params)
-    batch, time = xs.shape[:2]
-    zeros = cell.initial_carry(batch, xs.dtype)
-
-    def cut_at_window_start(t, tree):
-        if truncation is None:
-            return tree
-        cut = _window_start(t, truncation)
-        return jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d), tree)
+    zeros = cell.initial_carry(xs.shape[0], xs.dtype)
+    parts = _tangent_parts(cell)
 
     def step_forward(carries, inputs):
         carry, v_carry = carries
         t, x_t, v_x_t = inputs
-        v_carry = cut_at_window_start(t, v_carry)
-        new_carry, _, new_v_carry, _ = cell.step_tangent(params, carry, x_t, v_params,
-                                                          v_carry, v_x_t)
-        return (new_carry, new_v_carry), (carry, v_carry)
+        v_carry = _cut_at_window_start(truncation, t, v_carry)
+        new_carry, y_t, new_v_carry, v_y_t, kept = parts.step_tangent(
+            params, carry, x_t, v_params, v_carry, v_x_t)
+        return (new_carry, new_v_carry), (y_t, v_y_t, kept)
 
-    steps = jnp.arange(time)
-    xs_tm = jnp.swapaxes(xs, 0, 1)
     v_xs_tm = None if v_xs is None else jnp.swapaxes(v_xs, 0, 1)
-    _, (carries, v_carries) = lax.scan(step_forward, (zeros, zeros), (steps, xs_tm, v_xs_tm),
-                                       unroll=unroll)
+    inputs = (jnp.arange(xs.shape[1]), jnp.swapaxes(xs, 0, 1), v_xs_tm)
+    _, (ys_tm, v_ys_tm, kept) = lax.scan(step_forward, (zeros, zeros), inputs, unroll=unroll)
+    return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(v_ys_tm, 0, 1), kept
+
+
+def _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll):
+    """The reverse half of `scan_backward_tangent`, from `_scan_tangent_keeping`'s kept."""
+    parts = _tangent_parts(cell)
+    zeros = cell.initial_carry(dys.shape[0], dys.dtype)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
 
     def step_back(state, inputs):
         dcarry, r_dcarry, grads, r_grads = state
-        t, carry, v_carry, x_t, v_x_t, dy_t, r_dy_t = inputs
-        g, dcarry_prev, dx_t, r_g, r_dcarry_prev, r_dx_t = cell.step_backward_tangent(
-            params, carry, x_t, v_params, v_carry, v_x_t, dcarry, dy_t, r_dcarry, r_dy_t)
-        dcarry_prev, r_dcarry_prev = cut_at_window_start(t, (dcarry_prev, r_dcarry_prev))
+        t, kept_t, dy_t, r_dy_t = inputs
+        g, dcarry_prev, dx_t, r_g, r_dcarry_prev, r_dx_t = parts.step_backward_tangent(
+            params, kept_t, v_params, dcarry, dy_t, r_dcarry, r_dy_t)
+        dcarry_prev, r_dcarry_prev = _cut_at_window_start(truncation, t,
+                                                          (dcarry_prev, r_dcarry_prev))
         return (dcarry_prev, r_dcarry_prev, jax.tree.map(jnp.add, grads, g),
                 jax.tree.map(jnp.add, r_grads, r_g)), (dx_t, r_dx_t)
 
-    inputs = (steps, carries, v_carries, xs_tm, v_xs_tm, jnp.swapaxes(dys, 0, 1),
+    inputs = (jnp.arange(dys.shape[1]), kept, jnp.swapaxes(dys, 0, 1),
               jnp.swapaxes(r_dys, 0, 1))
     (_, _, grads, r_grads), (dxs_tm, r_dxs_tm) = lax.scan(
         step_back, (zeros, zeros, zero_grads, zero_grads), inputs, reverse=True, unroll=unroll)
@@ -1468,20 +1538,28 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
                                      if reverse else dx, truncation=truncation, unroll=unroll)
         return in_order(ys), in_order(dys)
 
-    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
-        """`scan_backward_tangent` in the layer's order (every step's residuals recomputed
-        from x, so recompute_every changes nothing here)."""
+    def tangent_backward(params, x, v_params, v_x, upstream):
+        """`scan_backward_tangent` in the layer's order, asking upstream for (g_y, R{g_y})
+        between its forward scan and its reverse one (every step's values kept from that
+        forward scan, so recompute_every changes nothing here)."""
         _check_sequence(name, x, cell.input_size(params))
-        g_params, g_x, r_g_params, r_g_x = scan_backward_tangent(
-            cell, params, in_order(x), v_params, None if v_x is None else in_order(v_x),
-            in_order(g_y), in_order(r_g_y), truncation=truncation, unroll=unroll)
+        ys, v_ys, kept = _scan_tangent_keeping(cell, params, in_order(x), v_params,
+                                               None if v_x is None else in_order(v_x),
+                                               truncation, unroll)
+        g_y, r_g_y = upstream(in_order(ys), in_order(v_ys))
+        g_params, g_x, r_g_params, r_g_x = _bptt_tangent(
+            cell, params, kept, v_params, in_order(g_y), in_order(r_g_y), truncation, unroll)
         return g_params, in_order(g_x), r_g_params, in_order(r_g_x)
+
+    def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
+        return tangent_backward(params, x, v_params, v_x, lambda y, v_y: (g_y, r_g_y))
 
     has_backward_tangent = cell.step_tangent is not None and cell.step_backward_tangent is not None
     return Layer(name, init, forward, backward_by(False),
                  curvature=backward_by(True) if cell.step_curvature is not None else None,
                  tangent=tangent if cell.step_tangent is not None else None,
-                 backward_tangent=backward_tangent if has_backward_tangent else None)
+                 backward_tangent=backward_tangent if has_backward_tangent else None,
+                 tangent_backward=tangent_backward if has_backward_tangent else None)
 
 
 def bidirectional(forward_cell: Cell, backward_cell: Cell, *, truncation: int | None = None,

@@ -4,6 +4,7 @@ passes, `nets.engines.hessian_product`) against jax: each layer's `backward_tang
 matrix against `jax.hessian`, central differences of the gradient, a one-unit net's H worked
 out by hand, and H = G where the residuals vanish."""
 import jax
+import jax.extend
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
@@ -249,11 +250,60 @@ def test_every_cell_hessian_product_is_jax_at_random_parameters(cell, truncation
     assert_close_tree(got, want, dtype, cell.name)
 
 
-def test_scan_backward_tangent_refuses_a_cell_without_one_and_directions_unlike_params():
+def scans_in(jaxpr) -> int:
+    """The `lax.scan`s in a jaxpr, those inside other primitives' jaxprs included."""
+    count = 0
+    for equation in jaxpr.eqns:
+        count += equation.primitive.name == "scan"
+        for param in equation.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else [param]:
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    count += scans_in(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    count += scans_in(inner)
+    return count
+
+
+@pytest.mark.parametrize("model, layers", [
+    (nets.sequence_model([nets.lstm(4)], 3), 1),
+    (nets.sequence_model([nets.gru(4), nets.elman(3)], 3, dropout=0.5), 2),
+    (nets.sequence_model([nets.gru_reset_after(4)], 3, bidirectional=True), 2),
+], ids=["lstm", "stack_with_dropout", "bidirectional"])
+def test_hessian_product_scans_each_sequence_once_each_way(model, layers):
+    """H v runs each recurrent layer's forward scan once (its tangent, keeping every step's
+    values) and its reverse scan once from them: two scans a layer, through `serial`,
+    `dropout_after` and `parallel` (the model's `tangent_backward`), where a tangent pass and
+    then backward tangents would scan forward twice or three times."""
+    params = model.init(jax.random.key(0), (-1, 5, 2))[1]
+    x = jnp.ones((2, 5, 2), jnp.float32)
+    targets = jnp.zeros((2, 5), jnp.int32)
+    objective = nets.Objective(nets.sequence_cross_entropy(), 0.0)
+    key = jax.random.key(1) if model.stochastic else None
+    jaxpr = jax.make_jaxpr(hessian_product(model, objective))(params, x, targets, params, key)
+    assert scans_in(jaxpr.jaxpr) == 2 * layers
+
+
+def test_a_cell_without_tangent_parts_recomputes_its_steps_to_the_same_product():
+    """A cell with only `step_tangent` and `step_backward_tangent` (a user's, here the LSTM's
+    own without its `tangent_parts`) keeps (carry, x_t, v_carry, v_x) and recomputes each
+    step in the reverse scan: the same H v as jax's."""
+    own = nets.lstm(4)._replace(tangent_parts=None, name="own_lstm")
+    model = nets.sequence_model([own], 3)
+    params = gradcheck.astype(model.init(jax.random.key(0), (-1, 5, 2))[1], jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 2), jnp.float64)
+    targets = jax.random.randint(jax.random.key(2), (2, 5), 0, 3)
+    objective = nets.Objective(nets.sequence_cross_entropy(), 0.01)
+    v = random_like(jax.random.key(3), params, jnp.float64)
+    got = jax.jit(hessian_product(model, objective))(params, x, targets, v)
+    want = jax.jit(gradcheck.hessian_product_reference(model, objective))(params, x, targets, v)
+    assert_close_tree(got, want, jnp.float64, own.name)
+
+
+def test_scan_backward_tangent_refuses_a_bare_cell_directions_unlike_params_mixed_dtypes():
     cell = nets.elman(3)
     params = cell.init(jax.random.key(0), 2)
-    xs = jnp.ones((1, 4, 2))
-    ys = jnp.ones((1, 4, 3))
+    xs = jnp.ones((1, 4, 2), jnp.float32)
+    ys = jnp.ones((1, 4, 3), jnp.float32)
     bare = nets.lstm(3)._replace(step_backward_tangent=None, name="own_lstm")
     with pytest.raises(ValueError, match="scan_backward_tangent\\(own_lstm\\): this cell has "
                                          "no step backward tangent"):
@@ -262,6 +312,9 @@ def test_scan_backward_tangent_refuses_a_cell_without_one_and_directions_unlike_
     with pytest.raises(ValueError, match="v_params"):
         nets.recurrent.scan_backward_tangent(cell, params, xs, {"w": params["w"]}, None, ys,
                                              ys)
+    with pytest.raises(ValueError, match="input x has dtype float64 and the params"):
+        nets.recurrent.scan_backward_tangent(cell, params, xs.astype(jnp.float64), params,
+                                             None, ys, ys)
 
 
 def small_conv_net():
