@@ -120,6 +120,96 @@ def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
     np.testing.assert_allclose(moved, step, rtol=1e-10, atol=1e-12)
 
 
+def indefinite_matrix(eigenvalues, seed=4):
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    return basis @ np.diag(eigenvalues) @ basis.T, rng.normal(size=len(eigenvalues))
+
+
+def test_lanczos_with_as_many_iterations_as_dimensions_finds_every_eigenvalue():
+    """Lanczos on a symmetric indefinite 12 x 12 matrix, 12 iterations: Q orthonormal,
+    Q A Q^T the tridiagonal T, and T's eigenvalues A's (NumPy's eigvalsh), to rounding."""
+    matrix, start = indefinite_matrix([-3.0, -0.5, *np.linspace(0.5, 8, 10)])
+    found = jax.jit(lambda v: procedures.lanczos(lambda u: jnp.asarray(matrix) @ u, v, 12))(
+        jnp.asarray(start))
+    basis, tridiagonal = np.asarray(found.basis), np.asarray(found.tridiagonal)
+    assert int(found.dimension) == 12
+    np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-12)
+    np.testing.assert_allclose(basis @ matrix @ basis.T, tridiagonal, atol=1e-12)
+    assert np.abs(np.triu(tridiagonal, 2)).max() == 0
+    np.testing.assert_allclose(np.linalg.eigvalsh(tridiagonal), np.linalg.eigvalsh(matrix),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_stops_where_the_subspace_closes():
+    """A with three distinct eigenvalues (each four times): the Krylov subspace of any start
+    has dimension 3, so the iteration stops after 3 of 8 steps with those eigenvalues as its
+    Ritz values, the later rows of Q and T zero, nothing NaN."""
+    matrix, start = indefinite_matrix(np.repeat([-2.0, 1.0, 5.0], 4))
+    found = procedures.lanczos(lambda u: jnp.asarray(matrix) @ u, jnp.asarray(start), 8)
+    assert int(found.dimension) == 3
+    assert np.all(np.asarray(found.basis)[3:] == 0)
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(found.tridiagonal)[:3, :3]),
+                               [-2.0, 1.0, 5.0], rtol=1e-10)
+    assert np.all(np.asarray(found.tridiagonal)[3:] == 0)
+
+
+def test_a_saddle_free_step_in_the_whole_space_is_minus_abs_h_plus_lambda_inverse_g():
+    """With as many Lanczos iterations as dimensions, the saddle-free step on an indefinite
+    matrix is -(|H| + lambda I)^-1 g, |H| from NumPy's eigendecomposition, and its model
+    decrease g.d + d.|H| d / 2; the step descends along the negative eigenvectors, where
+    the damped Newton step climbs."""
+    eigenvalues = np.array([-3.0, -0.5, *np.linspace(0.5, 8, 10)])
+    matrix, g = indefinite_matrix(eigenvalues, seed=5)
+    damping = 0.3
+    step = procedures.saddle_free_step(lambda u: jnp.asarray(matrix) @ u, jnp.asarray(g),
+                                       damping, 12)
+    values, vectors = np.linalg.eigh(matrix)
+    absolute = vectors @ np.diag(np.abs(values)) @ vectors.T
+    want = -np.linalg.solve(absolute + damping * np.eye(12), g)
+    np.testing.assert_allclose(step.direction, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(step.model_decrease, g @ want + 0.5 * want @ absolute @ want,
+                               rtol=1e-10)
+    np.testing.assert_allclose(step.ritz_values, values, rtol=1e-10, atol=1e-12)
+    negative = vectors[:, :2]
+    newton = -np.linalg.solve(matrix + damping * np.eye(12), g)
+    assert np.all((negative.T @ np.asarray(step.direction)) * (negative.T @ g) < 0)
+    assert np.all((negative.T @ newton) * (negative.T @ g) > 0)
+
+
+def test_a_saddle_free_step_of_a_tanh_net_is_numpys_with_the_exact_hessian():
+    """curvature="saddle_free" on a tanh net whose H is indefinite, Lanczos over every
+    dimension of its 17 parameters: one step is -(|H| + lambda I)^-1 g, H from
+    `jax.hessian` of E and |H| from NumPy's eigendecomposition."""
+    model = nets.build_mlp(3, 2, hidden_units=3, activation="tanh", output_activation="tanh")
+    objective = nets.Objective(nets.mean_squared_error(), 0.1)
+    x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float64)
+    targets = jax.random.uniform(jax.random.key(1), (8, 2), jnp.float64, -0.9, 0.9)
+    params = gradcheck.astype(model.init(jax.random.key(2), (-1, 3))[1], jnp.float64)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def energy(flat):
+        return objective.value(unravel(flat), model.apply(unravel(flat), x), targets)
+
+    hessian, gradient = np.asarray(jax.hessian(energy)(flat)), np.asarray(jax.grad(energy)(flat))
+    values, vectors = np.linalg.eigh(hessian)
+    assert values.min() < 0
+    damping = 0.5
+    procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=flat.size,
+                                        damping=damping, preconditioner="none",
+                                        curvature="saddle_free")
+    state = procedure.init(params, jax.random.key(0))
+    new_state, record = jax.jit(procedure.step)(state, 0)
+    absolute = vectors @ np.diag(np.abs(values)) @ vectors.T
+    step = -np.linalg.solve(absolute + damping * np.eye(flat.size), gradient)
+    moved = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0]) - np.asarray(flat)
+    assert bool(record["accepted"]) and int(record["cg_iterations"]) == flat.size
+    np.testing.assert_allclose(moved, step, rtol=1e-10, atol=1e-12)
+    newton_residual = np.linalg.norm((hessian + damping * np.eye(flat.size)) @ step + gradient)
+    np.testing.assert_allclose(record["cg_residual"],
+                               newton_residual / np.linalg.norm(gradient), rtol=1e-8)
+
+
 def linear_gauss_newton(x, l2):
     """G = J^T J / m + (l2/m) on w of a Dense layer (3 -> 2) under squared error plus L2, for
     inputs x (m, 3), with the params flattened as ravel_pytree orders them: b (2), then w
@@ -341,6 +431,11 @@ def test_hidden_state_product_refusals():
     (dict(curvature="fisher"), "curvature must be one of"),
     (dict(curvature="hessian", structural_damping=0.1),
      "structural_damping adds S to the Gauss-Newton matrix"),
+    (dict(curvature="saddle_free", structural_damping=0.1),
+     "structural_damping adds S to the Gauss-Newton matrix; it is not defined with "
+     "curvature='saddle_free'"),
+    (dict(curvature="saddle_free"), "preconditioner='diagonal' does not apply to "
+                                    "curvature='saddle_free'"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     model, objective, _, x, targets, _ = linear_problem()

@@ -77,6 +77,10 @@ __all__ = [
     "perturb",
     "conjugate_gradient",
     "ConjugateGradientResult",
+    "lanczos",
+    "LanczosResult",
+    "saddle_free_step",
+    "SaddleFreeStep",
     "HessianFreeState",
     "hessian_free",
 ]
@@ -669,7 +673,7 @@ def _finish(state, proposal, index, stop_tolerance, monitor, record):
 # --- Hessian-free ----------------------------------------------------------------------------
 
 PRECONDITIONERS = ("none", "diagonal")
-CURVATURES = ("gauss_newton", "hessian")
+CURVATURES = ("gauss_newton", "hessian", "saddle_free")
 
 
 class ConjugateGradientResult(NamedTuple):
@@ -720,6 +724,86 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, x
     start = (x0, r, z, z, jnp.array(0, jnp.int32), jnp.array(True))
     (x, r, _, _, taken, _), _ = jax.lax.scan(step, start, length=iterations)
     return ConjugateGradientResult(x, jnp.linalg.norm(r), taken)
+
+
+class LanczosResult(NamedTuple):
+    """An orthonormal basis Q (k, n) of the Krylov subspace span{v0, A v0, ..., A^(k-1) v0}
+    and T = Q A Q^T (k, k), tridiagonal; `dimension` the basis vectors found before the
+    subspace closed (k unless A maps it into itself: the rows of Q after it are zero, and
+    so are T's)."""
+
+    basis: jax.Array
+    tridiagonal: jax.Array
+    dimension: jax.Array
+
+
+def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, iterations: int,
+            breakdown: float = 1e-10) -> LanczosResult:
+    """`iterations` steps of Lanczos (1950) on A symmetric, given as `matvec`, from v0:
+
+        q_1 = v0 / |v0|;  w = A q_j - alpha_j q_j - beta_(j-1) q_(j-1),  alpha_j = q_j.A q_j,
+        w -= Q^T (Q w) (full reorthogonalisation against every q so far),  beta_j = |w|,
+        q_(j+1) = w / beta_j.
+
+    T's eigenvalues (the Ritz values) approach A's extreme ones first, and with k = n they
+    are all of A's (in exact arithmetic; the reorthogonalisation keeps Q orthonormal in
+    floating point, so they come out to rounding). The iteration stops, the later rows of Q
+    and T staying zero, at beta_j <= `breakdown` |A q_j|: the subspace is then invariant
+    under A, and its Ritz values are eigenvalues of A. One product A q a step."""
+    n = v0.shape[0]
+    q0 = v0 / jnp.linalg.norm(v0)
+
+    def step(carry, j):
+        basis, alphas, betas, q, q_previous, beta_previous, going = carry
+        aq = matvec(q)
+        alpha = q @ aq
+        w = aq - alpha * q - beta_previous * q_previous
+        basis = basis.at[j].set(jnp.where(going, q, 0))
+        w = w - basis.T @ (basis @ w)
+        beta = jnp.linalg.norm(w)
+        alphas = alphas.at[j].set(jnp.where(going, alpha, 0))
+        going_on = going & (beta > breakdown * jnp.linalg.norm(aq))
+        betas = betas.at[j].set(jnp.where(going_on, beta, 0))
+        q_next = jnp.where(going_on, w / jnp.where(going_on, beta, 1), 0)
+        return (basis, alphas, betas, q_next, q, beta, going_on), going.astype(jnp.int32)
+
+    zeros = jnp.zeros((iterations,), v0.dtype)
+    start = (jnp.zeros((iterations, n), v0.dtype), zeros, zeros, q0, jnp.zeros_like(q0),
+             jnp.zeros((), v0.dtype), jnp.array(True))
+    (basis, alphas, betas, *_), counted = jax.lax.scan(step, start, jnp.arange(iterations))
+    off_diagonal = betas[:-1]
+    tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
+    return LanczosResult(basis, tridiagonal, jnp.sum(counted))
+
+
+class SaddleFreeStep(NamedTuple):
+    """d, q(d) = g.d + d.|H| d / 2 (the model's change of E, negative), T's eigenvalues (the
+    Ritz values of H, ascending; k - dimension zeros among them where the subspace closed
+    early) and the subspace's dimension."""
+
+    direction: jax.Array
+    model_decrease: jax.Array
+    ritz_values: jax.Array
+    dimension: jax.Array
+
+
+def saddle_free_step(hessian: Callable[[jax.Array], jax.Array], g: jax.Array, damping,
+                     iterations: int) -> SaddleFreeStep:
+    """The saddle-free Newton step (Dauphin et al. 2014) in the Krylov subspace of H and g:
+    `lanczos` from g gives Q and T = Q H Q^T = U diag(theta) U^T, and
+
+        d = -Q^T U diag(1 / (|theta| + lambda)) U^T Q g,
+
+    the minimiser of g.d + d.(|H| + lambda I) d / 2 over the subspace, |H| = U |diag(theta)|
+    U^T there: where Newton's step (H + lambda I)^-1 g climbs along a direction of negative
+    curvature theta < 0, this one descends along it as fast as along +|theta|. The subspace
+    holds g, so with no curvature (theta = 0) d = -g / lambda."""
+    found = lanczos(hessian, g, iterations)
+    theta, u = jnp.linalg.eigh(found.tridiagonal)
+    projected = u.T @ (found.basis @ g)
+    coefficients = -projected / (jnp.abs(theta) + damping)
+    decrease = projected @ coefficients + 0.5 * jnp.sum(jnp.abs(theta) * coefficients ** 2)
+    return SaddleFreeStep(found.basis.T @ (u @ coefficients), decrease, theta, found.dimension)
 
 
 class HessianFreeState(NamedTuple):
@@ -778,6 +862,15 @@ def hessian_free(
     Martens (2010, section 4.2) found G the better choice; `experiments.hessian_free` compares
     the two.
 
+    curvature="saddle_free" takes Dauphin et al.'s (2014) saddle-free Newton step in place of
+    the conjugate gradients' (`saddle_free_step`): `cg_iterations` Lanczos iterations on H
+    from g span a Krylov subspace, in which the step minimises g.d + d.(|H| + lambda I) d / 2,
+    |H| H with its eigenvalues' signs dropped, and q(d) uses |H| too: a direction of negative
+    curvature is descended rather than climbed or cut off. preconditioner must be "none" (the
+    subspace is H's own) and `decay` does not apply (each subspace starts from g); the
+    records' cg_iterations count the subspace's dimension and cg_residual is |(H + lambda I)
+    d + g| / |g|, how far the step lies from the damped Newton step (one more product).
+
     A run is a `lax.scan` of steps (`run`); the state checkpoints and resumes as the other
     procedures' do (opt_state: `HessianFreeState`). Records per step: energy, damping (the
     lambda the step used), rho, accepted, cg_residual (|r| / |g| after the conjugate
@@ -802,17 +895,21 @@ def hessian_free(
         raise ValueError(f"{name}: structural_damping must be >= 0, got {structural_damping!r}")
     if curvature not in CURVATURES:
         raise ValueError(f"{name}: curvature must be one of {CURVATURES}, got {curvature!r}")
-    if curvature == "hessian" and structural_damping:
+    if curvature != "gauss_newton" and structural_damping:
         raise ValueError(f"{name}: structural_damping adds S to the Gauss-Newton matrix; "
-                         "it is not defined with curvature='hessian'")
+                         f"it is not defined with curvature={curvature!r}")
+    if curvature == "saddle_free" and preconditioner != "none":
+        raise ValueError(f"{name}: preconditioner={preconditioner!r} does not apply to "
+                         "curvature='saddle_free' (Lanczos spans H's own Krylov subspace); "
+                         "pass preconditioner='none'")
     per_step = n if batch_size is None else batch_size
     if curvature_examples is not None and not 1 <= curvature_examples <= per_step:
         where = "the examples" if batch_size is None else "batch_size"
         raise ValueError(f"{name}: curvature_examples must be in [1, {per_step}] ({where}), "
                          f"got {curvature_examples!r}")
     value_and_grad = engines.manual(model, objective)
-    product = (engines.hessian_product if curvature == "hessian"
-               else engines.gauss_newton_product)(model, objective)
+    product = (engines.gauss_newton_product if curvature == "gauss_newton"
+               else engines.hessian_product)(model, objective)
     diagonal = engines.curvature_diagonal(model, objective)
     damped_product = (engines.structurally_damped_product(model, objective,
                                                           structural_layers)
@@ -863,9 +960,14 @@ def hessian_free(
                 params, x_curvature, targets_curvature, unravel(v),
                 hf.damping * structural_damping))[0] + hf.damping * v
 
-        d, residual, cg_taken = conjugate_gradient(damped, -g, decay * hf.direction,
-                                                   cg_iterations, inverse_preconditioner)
-        model_decrease = g @ d + 0.5 * d @ times_curvature(d)
+        if curvature == "saddle_free":
+            d, model_decrease, _, cg_taken = saddle_free_step(times_curvature, g, hf.damping,
+                                                              cg_iterations)
+            residual = jnp.linalg.norm(damped(d) + g)
+        else:
+            d, residual, cg_taken = conjugate_gradient(damped, -g, decay * hf.direction,
+                                                       cg_iterations, inverse_preconditioner)
+            model_decrease = g @ d + 0.5 * d @ times_curvature(d)
         new_params = unravel(flat_params + d)
         if batch_size is None:
             new_energy, new_grad = value_and_grad(new_params, x, targets)
