@@ -19,6 +19,9 @@ digits. Three ways from the same initial weights:
                 hessian_product`, Pearlmutter's R-operator by hand), conjugate gradients
                 stopping at the first direction of non-positive curvature (Martens 2010,
                 section 4.2, found G the better choice);
+  saddle_free   the saddle-free Newton step (Dauphin et al. 2014): --cg-iterations Lanczos
+                iterations on H from g span a Krylov subspace, in which the step is
+                -(|H| + lambda I)^-1 g, H's negative curvature descended (no preconditioner);
   sgd           --passes shuffled passes of mini-batches of --batch-size, step --sgd-lr;
   adam          the same passes with Adam (--adam-lr).
 
@@ -71,7 +74,9 @@ from training.harness import open_run
 from training.metrics import classification_error
 
 EXPERIMENT = "hessian_free"
-METHODS = ("hessian_free", "hessian_free_exact", "sgd", "adam")
+METHODS = ("hessian_free", "hessian_free_exact", "saddle_free", "sgd", "adam")
+CURVATURE_OF = {"hessian_free": "gauss_newton", "hessian_free_exact": "hessian",
+                "saddle_free": "saddle_free"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +89,8 @@ class Config:
     cg_iterations: int = option(50, "conjugate-gradient iterations per step", ge=1)
     curvature_examples: int = option(1800, "first digits that give G", ge=1)
     damping: float = option(1.0, "initial Levenberg-Marquardt lambda", gt=0)
-    preconditioner: str = option("diagonal", "conjugate gradients' preconditioner",
+    preconditioner: str = option("diagonal", "conjugate gradients' preconditioner (not "
+                                 "saddle_free's)",
                                  choices=procedures.PRECONDITIONERS)
     passes: int = option(400, "passes of SGD and of Adam", ge=1)
     batch_size: int = option(64, "SGD's and Adam's mini-batch", ge=1)
@@ -118,15 +124,16 @@ def build(config):
 
 
 def procedure_of(method, config, model, objective, x, targets):
-    """(procedure, steps): one step a Hessian-free step (with G, or with the exact H for
-    "hessian_free_exact"), or a pass of mini-batches."""
-    if method.startswith("hessian_free"):
+    """(procedure, steps): one step a Hessian-free step (with G, with the exact H for
+    "hessian_free_exact", saddle-free Newton's with |H| for "saddle_free"), or a pass of
+    mini-batches."""
+    if method in CURVATURE_OF:
+        curvature = CURVATURE_OF[method]
         return procedures.hessian_free(
             model, objective, x, targets, cg_iterations=config.cg_iterations,
             damping=config.damping, curvature_examples=config.curvature_examples,
-            preconditioner=config.preconditioner, stop_tolerance=None,
-            curvature="hessian" if method == "hessian_free_exact" else "gauss_newton"
-        ), config.hf_steps
+            preconditioner="none" if curvature == "saddle_free" else config.preconditioner,
+            stop_tolerance=None, curvature=curvature), config.hf_steps
     optimizer = optax.sgd(config.sgd_lr) if method == "sgd" else optax.adam(config.adam_lr)
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,
                                         batch_size=config.batch_size,

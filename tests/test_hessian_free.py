@@ -458,12 +458,12 @@ def test_experiment_writes_every_method_and_record(tmp_path):
     document = json.loads((tmp_path / "results.json").read_text())
     history = document["history"]
     for method, steps in (("hessian_free", [0, 2, 4]), ("hessian_free_exact", [0, 2, 4]),
-                          ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
+                          ("saddle_free", [0, 2, 4]), ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
         for seed in (0, 1):
             records = [h for h in history if h["method"] == method and h["seed"] == seed]
             assert [h["step"] for h in records] == steps
             assert records[-1]["loss"] < records[0]["loss"]
-            if method.startswith("hessian_free"):  # the chunks' own records, averaged
+            if method in experiment.CURVATURE_OF:  # the chunks' own records, averaged
                 assert all(0 <= h["mean_cg_iterations"] <= 5 and 0 <= h["mean_accepted"] <= 1
                            and h["mean_damping"] > 0 for h in records[1:])
             assert all(0 <= h["test_error"] <= 1 for h in records)
