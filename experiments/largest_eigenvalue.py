@@ -3,8 +3,8 @@ step size it allows (LeCun, Simard and Pearlmutter 1993; LeCun et al. 1998, "Eff
 BackProp", section 5).
 
     python -m experiments.largest_eigenvalue [--workdir DIR] [--model lenet1989|mlp]
-        [--examples 1000] [--iterations 30] [--negative-iterations 200] [--steps 100]
-        [--factors 0.5,1,2,4,8,16,32,64]
+        [--examples 1000] [--iterations 30] [--negative-iterations 200]
+        [--lanczos-iterations 30] [--steps 100] [--factors 0.5,1,2,4,8,16,32,64]
 
 On a quadratic E with Hessian H, gradient descent with step eta converges along every
 eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
@@ -20,7 +20,9 @@ eigenvector iff eta < 2 / lambda_max, fastest at 1 / lambda_max. This experiment
    Hessian's most negative eigenvalue, by power iteration with H - lambda_max(H) I (by
    hand), whose dominant eigenvalue is lambda_min(H) - lambda_max(H) (G has none below 0);
    and reports the largest entry of LeCun's backpropagated diagonal beside them (a lower
-   bound of lambda_max when exact);
+   bound of lambda_max when exact); and both ends of G's and H's spectra at once by
+   `--lanczos-iterations` Lanczos steps from the same start (`training.procedures.lanczos`,
+   the hand-written products), their extreme Ritz values after every step;
 3. runs full-batch gradient descent (manual engine) at eta = c / lambda_max for each
    factor c, re-estimating lambda_max every `--track-every` steps with a few power
    iterations warm-started from the last vector: the curvature the run meets, against the
@@ -36,12 +38,16 @@ lambda_max of G 123.03 after 30 iterations by hand and by jax's products (within
 every iteration; 0.43 s against 2.44 s for the 30 products, compiled), the Hessian's 111.83
 by hand and by jax (within 4.1e-7; 1.00 s against 4.30 s), its most negative eigenvalue
 -51.76 (-47.18 after 30 shifted iterations, -51.71 after 100, -51.76 after 150), the largest
-entry of LeCun's diagonal 0.78. So at the initial weights H has a direction of negative
-curvature about half as steep as its steepest positive one, which G, positive
-semi-definite, does not show. lambda_max falls to 16-49 within 10 steps at
-every c; the loss after 100 steps (6.11 at the start): c = 0.5, 1, 2, 4, 8, 16: 1.471,
-1.190, 0.907, 0.658, 0.469, 0.370 (lambda_max then 9-10, under 2 / eta = 15.4); c = 32 and 64
-stall at 1.613 and 1.976, the tanh units saturated (lambda_max 0.5-3).
+entry of LeCun's diagonal 0.78. Lanczos from the same start (a later run the same day):
+H's extremes 111.83 and -51.76 after 30 steps (0.96 s, compiled), within 0.01 of them
+after 9 and 17 products, where the power iterations needed 16 and then 131 more; G's
+largest 123.03 after 8, its smallest Ritz value 0.002 (G is positive semi-definite). So at
+the initial weights H has a direction of negative curvature about half as steep as its
+steepest positive one, which G, positive semi-definite, does not show. lambda_max falls to
+16-49 within 10 steps at every c; the loss after 100 steps (6.11 at the start): c = 0.5, 1,
+2, 4, 8, 16: 1.471, 1.190, 0.907, 0.658, 0.469, 0.370 (lambda_max then 9-10, under 2 / eta =
+15.4); c = 32 and 64 stall at 1.613 and 1.976 (1.600 and 1.995 in the later run, the others
+equal to the third decimal), the tanh units saturated (lambda_max 0.5-3).
 """
 from __future__ import annotations
 
@@ -49,13 +55,14 @@ import dataclasses
 import time
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
 import nets
 from nets import gradcheck, models
 from nets.engines import curvature_diagonal, gauss_newton_product, hessian_product
-from training import data, plots, results
+from training import data, plots, procedures, results
 from training.config import option, parse, run_main
 from training.harness import open_run
 
@@ -76,6 +83,8 @@ class Config:
                                         "comma-separated c: steps eta = c / lambda_max", gt=0)
     track_every: int = option(10, "re-estimate lambda_max every this many steps", ge=1)
     track_iterations: int = option(5, "warm-started power iterations per re-estimate", ge=1)
+    lanczos_iterations: int = option(30, "Lanczos iterations for both ends of G's and H's "
+                                         "spectra", ge=1)
     seed: int = option(0, "seed of the initial weights and the power iteration's start", ge=0)
 
 
@@ -127,6 +136,33 @@ def power_iteration(product, iterations: int):
         carry, estimates = jax.lax.scan(step, (params, x, targets, _normalised(v)),
                                         length=iterations)
         return estimates, carry[3]
+
+    return run
+
+
+def lanczos_extremes(product, iterations: int):
+    """A `(params, x, targets, v) -> (smallest, largest)`: after each of `iterations` Lanczos
+    steps from v (`training.procedures.lanczos`, full reorthogonalisation, one product a
+    step), the smallest and largest Ritz value of A (eigenvalues of T's leading block, in
+    float64). The largest is at least the Rayleigh quotient of any vector of the Krylov
+    subspace, so at least the power iteration's estimate after as many products."""
+
+    @jax.jit
+    def tridiagonal(params, x, targets, v):
+        flat, unravel = jax.flatten_util.ravel_pytree(v)
+
+        def matvec(u):
+            return jax.flatten_util.ravel_pytree(product(params, x, targets, unravel(u)))[0]
+
+        found = procedures.lanczos(matvec, flat, iterations)
+        return found.tridiagonal, found.dimension
+
+    def run(params, x, targets, v):
+        t, dimension = tridiagonal(params, x, targets, v)
+        t = np.asarray(t, np.float64)
+        ends = np.array([np.linalg.eigvalsh(t[:j, :j])[[0, -1]]
+                         for j in range(1, int(dimension) + 1)])
+        return ends[:, 0], ends[:, 1]
 
     return run
 
@@ -208,6 +244,17 @@ def main(argv=None):
                             config.negative_iterations)
     estimates["manual_hessian_most_negative"] = np.asarray(
         below(params, x, targets, start)[0]) + top_hessian
+    for name, product in (("gauss_newton", gauss_newton_product(model, objective)),
+                          ("hessian", hessian_product(model, objective))):
+        extremes = lanczos_extremes(product, config.lanczos_iterations)
+        began = time.perf_counter()
+        smallest, largest = extremes(params, x, targets, start)
+        seconds[f"lanczos_{name}_first_call"] = time.perf_counter() - began
+        began = time.perf_counter()
+        extremes(params, x, targets, start)
+        seconds[f"lanczos_{name}_run"] = time.perf_counter() - began
+        estimates[f"lanczos_{name}_largest"] = largest
+        estimates[f"lanczos_{name}_smallest"] = smallest
     diagonal = curvature_diagonal(model, objective)(params, x, targets)
     lambda_max = float(estimates["manual_gauss_newton"][-1])
     manual, reference = estimates["manual_gauss_newton"], estimates["jax_gauss_newton"]
@@ -232,6 +279,8 @@ def main(argv=None):
             np.abs(estimates["manual_hessian"] - estimates["jax_hessian"])
             / np.abs(estimates["jax_hessian"]))),
         "lambda_min_hessian": float(estimates["manual_hessian_most_negative"][-1]),
+        **{f"lanczos_{name}_{end}": float(estimates[f"lanczos_{name}_{end}"][-1])
+           for name in ("gauss_newton", "hessian") for end in ("largest", "smallest")},
         "manual_vs_jax_max_relative": float(np.max(np.abs(manual - reference)
                                                    / np.abs(reference))),
         "max_backpropagated_diagonal": float(max(jnp.max(leaf)

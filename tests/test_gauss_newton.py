@@ -404,13 +404,27 @@ def test_refusals_name_the_layer_the_loss_and_the_shape():
 def test_experiment_writes_the_estimates_agreeing_and_the_runs(tmp_path):
     metrics = largest_eigenvalue.main([
         "--workdir", str(tmp_path), "--model", "mlp", "--examples", "40", "--iterations", "8",
-        "--negative-iterations", "8",
+        "--negative-iterations", "8", "--lanczos-iterations", "8",
         "--steps", "4", "--track-every", "2", "--track-iterations", "2", "--factors", "1,50"])
     document = json.loads((tmp_path / "results.json").read_text())
     estimates = document["power_iterations"]
     assert set(estimates) == {"manual_gauss_newton", "jax_gauss_newton", "manual_hessian",
-                              "jax_hessian", "manual_hessian_most_negative"}
+                              "jax_hessian", "manual_hessian_most_negative",
+                              "lanczos_gauss_newton_largest", "lanczos_gauss_newton_smallest",
+                              "lanczos_hessian_largest", "lanczos_hessian_smallest"}
     assert all(len(values) == 8 for values in estimates.values())
+    # after j + 1 products, Lanczos' largest Ritz value bounds the power iteration's Rayleigh
+    # quotient (a vector of the same Krylov subspace) from above, its smallest the shifted
+    # iteration's from below; float32 rounding scales with the spectrum's extent
+    scale = max(abs(value) for values in estimates.values() for value in values)
+    slack = tolerance(jnp.float32) * scale
+    for name in ("gauss_newton", "hessian"):
+        assert all(lanczos >= power - slack for lanczos, power in zip(
+            estimates[f"lanczos_{name}_largest"], estimates[f"manual_{name}"]))
+    assert all(lanczos <= power + slack for lanczos, power in zip(
+        estimates["lanczos_hessian_smallest"], estimates["manual_hessian_most_negative"]))
+    assert metrics["lanczos_hessian_smallest"] < 0
+    assert metrics["lanczos_gauss_newton_smallest"] >= -slack  # G is positive semi-definite
     # float32 data: the hand-written and jax's products, iterated from one start
     assert metrics["manual_vs_jax_max_relative"] <= tolerance(jnp.float32)
     assert metrics["hessian_manual_vs_jax_max_relative"] <= tolerance(jnp.float32)

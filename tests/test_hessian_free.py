@@ -144,7 +144,8 @@ def test_lanczos_with_as_many_iterations_as_dimensions_finds_every_eigenvalue():
 def test_lanczos_stops_where_the_subspace_closes():
     """A with three distinct eigenvalues (each four times): the Krylov subspace of any start
     has dimension 3, so the iteration stops after 3 of 8 steps with those eigenvalues as its
-    Ritz values, the later rows of Q and T zero, nothing NaN."""
+    Ritz values, the later rows of Q and T zero, nothing NaN; from g = 0 the saddle-free step
+    is 0 (an empty subspace)."""
     matrix, start = indefinite_matrix(np.repeat([-2.0, 1.0, 5.0], 4))
     found = procedures.lanczos(lambda u: jnp.asarray(matrix) @ u, jnp.asarray(start), 8)
     assert int(found.dimension) == 3
@@ -152,6 +153,8 @@ def test_lanczos_stops_where_the_subspace_closes():
     np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(found.tridiagonal)[:3, :3]),
                                [-2.0, 1.0, 5.0], rtol=1e-10)
     assert np.all(np.asarray(found.tridiagonal)[3:] == 0)
+    step = procedures.saddle_free_step(lambda u: jnp.asarray(matrix) @ u, jnp.zeros(12), 0.1, 4)
+    assert int(step.dimension) == 0 and np.all(np.asarray(step.direction) == 0)
 
 
 def test_a_saddle_free_step_in_the_whole_space_is_minus_abs_h_plus_lambda_inverse_g():

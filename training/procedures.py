@@ -749,9 +749,11 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, iterations:
     are all of A's (in exact arithmetic; the reorthogonalisation keeps Q orthonormal in
     floating point, so they come out to rounding). The iteration stops, the later rows of Q
     and T staying zero, at beta_j <= `breakdown` |A q_j|: the subspace is then invariant
-    under A, and its Ritz values are eigenvalues of A. One product A q a step."""
+    under A, and its Ritz values are eigenvalues of A (v0 = 0: dimension 0, Q and T zero).
+    One product A q a step."""
     n = v0.shape[0]
-    q0 = v0 / jnp.linalg.norm(v0)
+    norm = jnp.linalg.norm(v0)
+    q0 = jnp.where(norm > 0, v0 / jnp.where(norm > 0, norm, 1), 0)
 
     def step(carry, j):
         basis, alphas, betas, q, q_previous, beta_previous, going = carry
@@ -769,7 +771,7 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, iterations:
 
     zeros = jnp.zeros((iterations,), v0.dtype)
     start = (jnp.zeros((iterations, n), v0.dtype), zeros, zeros, q0, jnp.zeros_like(q0),
-             jnp.zeros((), v0.dtype), jnp.array(True))
+             jnp.zeros((), v0.dtype), norm > 0)
     (basis, alphas, betas, *_), counted = jax.lax.scan(step, start, jnp.arange(iterations))
     off_diagonal = betas[:-1]
     tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
@@ -797,7 +799,7 @@ def saddle_free_step(hessian: Callable[[jax.Array], jax.Array], g: jax.Array, da
     the minimiser of g.d + d.(|H| + lambda I) d / 2 over the subspace, |H| = U |diag(theta)|
     U^T there: where Newton's step (H + lambda I)^-1 g climbs along a direction of negative
     curvature theta < 0, this one descends along it as fast as along +|theta|. The subspace
-    holds g, so with no curvature (theta = 0) d = -g / lambda."""
+    holds g, so with no curvature (theta = 0) d = -g / lambda; at g = 0, d = 0."""
     found = lanczos(hessian, g, iterations)
     theta, u = jnp.linalg.eigh(found.tridiagonal)
     projected = u.T @ (found.basis @ g)
