@@ -3,7 +3,7 @@ and an LSTM (Martens and Sutskever 2011; Hochreiter and Schmidhuber 1997).
 
     python -m experiments.adding_hessian_free [--workdir DIR] [--lengths 50,100]
         [--hidden 32] [--methods hessian_free,sgd,adam,lstm_adam] [--hf-steps 100]
-        (also hessian_free_exact)
+        (also hessian_free_exact, saddle_free)
         [--passes 500] [--seeds 1]
 
 The problem of `experiments.adding_problem` (`adding_batch`: a value U(0, 1) and a marker at
@@ -26,6 +26,9 @@ sequences answered within 0.04 (Hochreiter and Schmidhuber's criterion). Four wa
   hessian_free_exact  the same with the exact Hessian in G's place (every H v a tangent
                 scan and BPTT's R-operator by hand, `nets.recurrent.scan_backward_tangent`;
                 conjugate gradients stop at non-positive curvature); not among the defaults;
+  saddle_free   the saddle-free Newton step with H (--cg-iterations Lanczos steps on H from
+                g, then -(|H| + lambda I)^-1 g in that subspace; Dauphin et al. 2014); not
+                among the defaults;
   sgd           the same net and initial weights, --passes shuffled passes of mini-batches
                 of --batch-size, SGD with momentum 0.9 (--sgd-lr);
   adam          the same with Adam (--adam-lr);
@@ -78,13 +81,13 @@ import optax
 
 import nets
 from experiments.adding_problem import THRESHOLD, adding_batch
-from experiments.hessian_free import train
+from experiments.hessian_free import CURVATURE_OF, train
 from training import plots, procedures, results
 from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "adding_hessian_free"
-METHODS = ("hessian_free", "hessian_free_exact", "sgd", "adam", "lstm_adam")
+METHODS = ("hessian_free", "hessian_free_exact", "saddle_free", "sgd", "adam", "lstm_adam")
 DEFAULT_METHODS = ("hessian_free", "sgd", "adam", "lstm_adam")
 TOLERANCE = 0.04  # Hochreiter and Schmidhuber's: a sequence is answered within it
 
@@ -119,9 +122,11 @@ def check(config) -> None:
         what = "--hf-batch-size" if config.hf_batch_size else "--examples"
         raise ConfigError(f"option --curvature-examples: got {config.curvature_examples}; "
                           f"allowed: at most {what} ({per_step})")
-    if config.structural_damping and "hessian_free_exact" in config.methods:
+    with_h = [method for method in config.methods if CURVATURE_OF.get(method, "gauss_newton")
+              != "gauss_newton"]
+    if config.structural_damping and with_h:
         raise ConfigError("option --structural-damping: adds S to the Gauss-Newton matrix; "
-                          "not defined for the method hessian_free_exact")
+                          f"not defined for the method {with_h[0]}")
     if config.hf_batch_size > config.examples:
         raise ConfigError(f"option --hf-batch-size: got {config.hf_batch_size}; allowed: at "
                           f"most --examples ({config.examples})")
@@ -134,16 +139,18 @@ def build(method, config):
 
 
 def procedure_of(method, config, model, objective, x, targets):
-    """(procedure, steps): one step a Hessian-free step (with G, or with the exact H for
-    "hessian_free_exact"), or a pass of mini-batches."""
-    if method.startswith("hessian_free"):
-        exact = method == "hessian_free_exact"
-        return procedures.hessian_free(
+    """(procedure, steps): one step a Hessian-free step (with G, with the exact H for
+    "hessian_free_exact", saddle-free Newton's with |H| for "saddle_free"), or a pass of
+    mini-batches."""
+    if method in CURVATURE_OF:
+        curvature = CURVATURE_OF[method]
+        procedure = procedures.hessian_free(
             model, objective, x, targets, cg_iterations=config.cg_iterations,
             damping=config.damping, curvature_examples=config.curvature_examples,
             batch_size=config.hf_batch_size or None, stop_tolerance=None,
-            structural_damping=config.structural_damping,
-            curvature="hessian" if exact else "gauss_newton"), config.hf_steps
+            structural_damping=config.structural_damping, curvature=curvature,
+            preconditioner="none" if curvature == "saddle_free" else "diagonal")
+        return procedure, config.hf_steps
     optimizer = (optax.sgd(config.sgd_lr, momentum=0.9) if method == "sgd"
                  else optax.adam(config.adam_lr))
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,

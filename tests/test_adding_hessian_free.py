@@ -45,16 +45,18 @@ def test_experiment_writes_every_method_seed_and_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_hessian_free_with_the_exact_hessian_runs_and_never_raises_e(tmp_path):
+def test_hessian_free_with_the_exact_hessian_and_saddle_free_never_raise_e(tmp_path):
     metrics = experiment.main([
         "--workdir", str(tmp_path), "--lengths", "8", "--hidden", "4", "--examples", "60",
         "--test-examples", "30", "--curvature-examples", "20", "--hf-steps", "4",
-        "--cg-iterations", "5", "--records", "2", "--methods", "hessian_free_exact"])
-    assert set(metrics["8"]) == {"hessian_free_exact"}
+        "--cg-iterations", "5", "--records", "2", "--methods", "hessian_free_exact,saddle_free"])
+    assert set(metrics["8"]) == {"hessian_free_exact", "saddle_free"}
     history = json.loads((tmp_path / "results.json").read_text())["history"]
-    assert [h["step"] for h in history] == [0, 2, 4]
-    assert all(0 <= h["mean_cg_iterations"] <= 5 for h in history[1:])
-    assert history[-1]["train_mse"] <= history[0]["train_mse"]
+    for method in ("hessian_free_exact", "saddle_free"):
+        records = [h for h in history if h["method"] == method]
+        assert [h["step"] for h in records] == [0, 2, 4]
+        assert all(0 <= h["mean_cg_iterations"] <= 5 for h in records[1:])
+        assert records[-1]["train_mse"] <= records[0]["train_mse"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,6 +69,9 @@ def test_hessian_free_with_the_exact_hessian_runs_and_never_raises_e(tmp_path):
     (["--methods", "hessian_free_exact", "--structural-damping", "0.1"],
      "--structural-damping: adds S to the Gauss-Newton matrix; not defined for the method "
      "hessian_free_exact"),
+    (["--methods", "hessian_free,saddle_free", "--structural-damping", "0.1"],
+     "--structural-damping: adds S to the Gauss-Newton matrix; not defined for the method "
+     "saddle_free"),
 ])
 def test_options_beyond_the_sequences_are_refused(tmp_path, argv, message):
     assert_refused_before_the_run(experiment.main, tmp_path, argv, message)
