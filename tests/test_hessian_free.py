@@ -92,10 +92,10 @@ def test_conjugate_gradient_stops_at_negative_curvature():
     assert int(taken) == 24
 
 
-def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
-    """curvature="hessian" on a tanh net, with lambda large enough that H + lambda I is
-    positive definite: one step (no preconditioner, 40 iterations from zero) is -(H +
-    lambda I)^-1 g with H from `jax.hessian` of E and the solve in NumPy."""
+def tanh_net_problem():
+    """A 3-3-2 tanh net under squared error plus L2 on 8 examples (float64): (model,
+    objective, x, targets, params, flat params, H and g of E from `jax.hessian` and
+    `jax.grad`)."""
     model = nets.build_mlp(3, 2, hidden_units=3, activation="tanh", output_activation="tanh")
     objective = nets.Objective(nets.mean_squared_error(), 0.1)
     x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float64)
@@ -107,6 +107,14 @@ def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
         return objective.value(unravel(flat), model.apply(unravel(flat), x), targets)
 
     hessian, gradient = np.asarray(jax.hessian(energy)(flat)), np.asarray(jax.grad(energy)(flat))
+    return model, objective, x, targets, params, flat, hessian, gradient
+
+
+def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
+    """curvature="hessian" on a tanh net, with lambda large enough that H + lambda I is
+    positive definite: one step (no preconditioner, 40 iterations from zero) is -(H +
+    lambda I)^-1 g with H from `jax.hessian` of E and the solve in NumPy."""
+    model, objective, x, targets, params, flat, hessian, gradient = tanh_net_problem()
     damping = 1.0 + max(0.0, -np.linalg.eigvalsh(hessian).min())
     assert np.linalg.eigvalsh(hessian).min() < 0  # G would not be this: H is indefinite here
     procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=40,
@@ -184,17 +192,7 @@ def test_a_saddle_free_step_of_a_tanh_net_is_numpys_with_the_exact_hessian():
     """curvature="saddle_free" on a tanh net whose H is indefinite, Lanczos over every
     dimension of its 17 parameters: one step is -(|H| + lambda I)^-1 g, H from
     `jax.hessian` of E and |H| from NumPy's eigendecomposition."""
-    model = nets.build_mlp(3, 2, hidden_units=3, activation="tanh", output_activation="tanh")
-    objective = nets.Objective(nets.mean_squared_error(), 0.1)
-    x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float64)
-    targets = jax.random.uniform(jax.random.key(1), (8, 2), jnp.float64, -0.9, 0.9)
-    params = gradcheck.astype(model.init(jax.random.key(2), (-1, 3))[1], jnp.float64)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-
-    def energy(flat):
-        return objective.value(unravel(flat), model.apply(unravel(flat), x), targets)
-
-    hessian, gradient = np.asarray(jax.hessian(energy)(flat)), np.asarray(jax.grad(energy)(flat))
+    model, objective, x, targets, params, flat, hessian, gradient = tanh_net_problem()
     values, vectors = np.linalg.eigh(hessian)
     assert values.min() < 0
     damping = 0.5
