@@ -69,6 +69,16 @@ and 7.4% within 0.04 (means; 170-175 s a seed, 2.4x G's time), against G's 7.9e-
 conjugate gradients take one iteration and meet non-positive curvature at the next
 direction, the steps are accepted and lambda falls to 1e-5 to 1e-7, and the error does not
 move; at seed 2 they stop after 11-50 iterations and lambda wanders between 0.05 and 21.
+
+The saddle-free Newton step with H (--lengths 100 --methods hessian_free,saddle_free --seeds
+3, a later session the same day, 12 min 45 s): test MSE 5.7e-2, 2.1e-3 and 6.7e-3 (13.1%,
+75.7%, 53.1% within 0.04; mean 2.2e-2 and 47.3%), 149-155 s a seed; two of the three seeds
+below 0.01, after 143 s on average. Each leaves the mean's error at last (seeds 2, 0 and 1
+after 40, 70 and 70 steps), and all three were still descending at step 100; where H's
+Newton step never leaves it and G's solves every seed within 50 s. G in the same run:
+8.7e-5, 5.5e-4, 1.6e-3 (99.4%, 96.4%, 86.9%; mean 7.6e-4, 94.2%), 79-90 s a seed, against
+the 6.9e-5, 5.6e-4, 1.8e-3 above: the code of the session before, run on this session's
+host, gives seed 0's 8.7e-5 too, so the host's rounding moved them, not the code.
 """
 from __future__ import annotations
 
