@@ -1246,7 +1246,8 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
 
 def scan_backward_tangent(cell: Cell, params: Params, xs: jax.Array, v_params: Params,
                           v_xs: jax.Array | None, dys: jax.Array, r_dys: jax.Array,
-                          truncation: int | None = None, unroll: int = 1):
+                          truncation: int | None = None, unroll: int = 1,
+                          mask: jax.Array | None = None):
     """BPTT and its R-operator (Pearlmutter 1994) from the zero state: a forward scan of the
     cell's step tangent keeping every step's values and tangents (`TangentParts`), then a
     reverse scan of its step backward tangent from them, carrying (dcarry, R{dcarry}) and
@@ -1254,9 +1255,12 @@ def scan_backward_tangent(cell: Cell, params: Params, xs: jax.Array, v_params: P
     (batch, time, hidden); v_params the parameters' direction, v_xs the inputs' tangent (None
     for zero). Returns (dparams, dxs, R{dparams}, R{dxs}). With truncation=k the carry's
     tangent and both dcarry and R{dcarry} are cut where a window starts, as `scan_tangent`
-    and `bptt` cut them (the jvp of `bptt`'s gradient of `scan_cell`'s forward)."""
-    _, _, kept = _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll)
-    return _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll)
+    and `bptt` cut them (the jvp of `bptt`'s gradient of `scan_cell`'s forward). With a mask
+    (batch, time) a masked step passes the carry and its tangent on forward, and dcarry and
+    R{dcarry} back, and adds nothing to the gradients, as in `scan_cell` and `bptt`."""
+    _, _, kept = _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll,
+                                       mask)
+    return _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll, mask)
 
 
 def _tangent_parts(cell: Cell) -> TangentParts:
@@ -1286,50 +1290,69 @@ def _cut_at_window_start(truncation: int | None, t: jax.Array, tree: Any) -> Any
     return jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d), tree)
 
 
-def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll):
+def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll, mask=None):
     """The forward half of `scan_backward_tangent`: (ys, v_ys, kept), ys and v_ys (batch,
     time, hidden), kept every step's values for the reverse scan (time-major)."""
     name = f"scan_backward_tangent({cell.name})"
     if cell.step_backward_tangent is None:
         raise ValueError(f"{name}: this cell has no step backward tangent (R-operator)")
-    _check_options(name, xs, None, truncation)
+    _check_options(name, xs, mask, truncation)
     _check_dtypes(name, params, xs)
+    _check_mask(name, mask)
     _check_like(name, "v_params", v_params, params)
     zeros = cell.initial_carry(xs.shape[0], xs.dtype)
     parts = _tangent_parts(cell)
 
     def step_forward(carries, inputs):
         carry, v_carry = carries
-        t, x_t, v_x_t = inputs
+        t, x_t, v_x_t, m_t = inputs
         v_carry = _cut_at_window_start(truncation, t, v_carry)
         new_carry, y_t, new_v_carry, v_y_t, kept = parts.step_tangent(
             params, carry, x_t, v_params, v_carry, v_x_t)
+        if m_t is not None:
+            new_carry, new_v_carry = _select(m_t, (new_carry, new_v_carry), (carry, v_carry))
+            y_t, v_y_t = (jnp.where(m_t[:, None], a, jnp.zeros_like(a)) for a in (y_t, v_y_t))
         return (new_carry, new_v_carry), (y_t, v_y_t, kept)
 
     v_xs_tm = None if v_xs is None else jnp.swapaxes(v_xs, 0, 1)
-    inputs = (jnp.arange(xs.shape[1]), jnp.swapaxes(xs, 0, 1), v_xs_tm)
+    inputs = (jnp.arange(xs.shape[1]), jnp.swapaxes(xs, 0, 1), v_xs_tm, _time_major(mask))
     _, (ys_tm, v_ys_tm, kept) = lax.scan(step_forward, (zeros, zeros), inputs, unroll=unroll)
     return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(v_ys_tm, 0, 1), kept
 
 
-def _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll):
-    """The reverse half of `scan_backward_tangent`, from `_scan_tangent_keeping`'s kept."""
+def _time_major(mask: jax.Array | None) -> jax.Array | None:
+    """A (batch, time) mask as booleans (time, batch), or None."""
+    return None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
+
+
+def _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll, mask=None):
+    """The reverse half of `scan_backward_tangent`, from `_scan_tangent_keeping`'s kept; a
+    masked step's incoming (dcarry, R{dcarry}, dy, R{dy}) zeroed before it, as in `bptt`,
+    and (dcarry, R{dcarry}) passed on past it."""
     parts = _tangent_parts(cell)
     zeros = cell.initial_carry(dys.shape[0], dys.dtype)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
 
     def step_back(state, inputs):
         dcarry, r_dcarry, grads, r_grads = state
-        t, kept_t, dy_t, r_dy_t = inputs
+        t, kept_t, dy_t, r_dy_t, m_t = inputs
+        incoming = (dcarry, r_dcarry)
+        if m_t is not None:
+            incoming = _select(m_t, incoming, jax.tree.map(jnp.zeros_like, incoming))
+            dy_t, r_dy_t = (jnp.where(m_t[:, None], a, jnp.zeros_like(a))
+                            for a in (dy_t, r_dy_t))
         g, dcarry_prev, dx_t, r_g, r_dcarry_prev, r_dx_t = parts.step_backward_tangent(
-            params, kept_t, v_params, dcarry, dy_t, r_dcarry, r_dy_t)
+            params, kept_t, v_params, incoming[0], dy_t, incoming[1], r_dy_t)
+        if m_t is not None:
+            dcarry_prev, r_dcarry_prev = _select(m_t, (dcarry_prev, r_dcarry_prev),
+                                                 (dcarry, r_dcarry))
         dcarry_prev, r_dcarry_prev = _cut_at_window_start(truncation, t,
                                                           (dcarry_prev, r_dcarry_prev))
         return (dcarry_prev, r_dcarry_prev, jax.tree.map(jnp.add, grads, g),
                 jax.tree.map(jnp.add, r_grads, r_g)), (dx_t, r_dx_t)
 
     inputs = (jnp.arange(dys.shape[1]), kept, jnp.swapaxes(dys, 0, 1),
-              jnp.swapaxes(r_dys, 0, 1))
+              jnp.swapaxes(r_dys, 0, 1), _time_major(mask))
     (_, _, grads, r_grads), (dxs_tm, r_dxs_tm) = lax.scan(
         step_back, (zeros, zeros, zero_grads, zero_grads), inputs, reverse=True, unroll=unroll)
     return grads, jnp.swapaxes(dxs_tm, 0, 1), r_grads, jnp.swapaxes(r_dxs_tm, 0, 1)

@@ -14,12 +14,14 @@ import nets
 from nets import gradcheck, models
 from nets.conv import IMPLEMENTATIONS
 from nets.engines import gauss_newton_product, hessian_product
+from nets.recurrent import scan_cell
 from tests.helpers import F64, assert_close_tree, random_layer_point, random_like
 from tests.test_gauss_newton import (
     assert_alexnet_product_is_its_reference,
     assert_product_holds_the_masks_of_a_key,
     assert_product_is_its_reference,
 )
+from tests.test_recurrent_gauss_newton import MASK, cell_point
 
 LENET1989_CONV = dict(kernel_size=5, stride=2, padding=((2, 2), (2, 2)), pad_value=-1.0,
                       unshared_bias=True)
@@ -248,6 +250,31 @@ def test_every_cell_hessian_product_is_jax_at_random_parameters(cell, truncation
         want = jax.jit(gradcheck.hessian_product_reference(model, objective))(
             params, x, targets, v)
     assert_close_tree(got, want, dtype, cell.name)
+
+
+@pytest.mark.parametrize("kind", nets.recurrent.CELLS)
+def test_scan_backward_tangent_with_a_mask_is_jax_jvp_of_the_pullback(kind):
+    """BPTT's R-operator over padded sequences (holes, an early end, a late start), plain
+    and truncated every 2 steps: (dparams, dxs, R{dparams}, R{dxs}) against `jax.jvp` of
+    `jax.vjp` of `scan_cell` with the mask, in (params, xs, dys) along (v_params, v_xs,
+    R{dys}); a masked step's dx and R{dx} are zero (float64)."""
+    cell, params, xs, _, (v_params, v_xs, _) = cell_point(kind, jnp.float64)
+    keys = jax.random.split(jax.random.key(7), 2)
+    dys = jax.random.normal(keys[0], (*xs.shape[:2], cell.hidden_size), jnp.float64)
+    r_dys = jax.random.normal(keys[1], dys.shape, jnp.float64)
+    for truncation in (None, 2):
+        def pullback(params, xs, dys, truncation=truncation):
+            _, vjp = jax.vjp(lambda p, x: scan_cell(cell, p, x, mask=MASK,
+                                                    truncation=truncation)[0], params, xs)
+            return vjp(dys)
+
+        want, r_want = jax.jvp(pullback, (params, xs, dys), (v_params, v_xs, r_dys))
+        got = nets.recurrent.scan_backward_tangent(cell, params, xs, v_params, v_xs, dys,
+                                                   r_dys, truncation=truncation, mask=MASK)
+        assert_close_tree(got, (*want, *r_want), jnp.float64, f"{kind} {truncation}")
+        masked = MASK[..., None] == 0
+        assert float(jnp.max(jnp.abs(jnp.where(masked, got[1], 0)))) == 0
+        assert float(jnp.max(jnp.abs(jnp.where(masked, got[3], 0)))) == 0
 
 
 def scans_in(jaxpr) -> int:
