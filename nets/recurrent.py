@@ -600,6 +600,13 @@ def _gru_gate_gradient_tangents(h, z, n, v_h, r_z, r_n, dh_new, r_dh_new):
     return da_z, da_n, r_da_z, r_da_n
 
 
+def _gru_gate_tangents(r, z, v_rz_pre) -> tuple[jax.Array, jax.Array]:
+    """(R{r}, R{z}) of both GRUs' logistic gates from their pre-activations' tangent
+    v_rz_pre = [R{a_r}, R{a_z}] (batch, 2 hidden): R{r} = r (1 - r) R{a_r}, likewise z."""
+    hidden = r.shape[-1]
+    return r * (1 - r) * v_rz_pre[:, :hidden], z * (1 - z) * v_rz_pre[:, hidden:]
+
+
 def _gru_state_tangent(values, v_x, v_h, tangents, **more) -> tuple[jax.Array, dict]:
     """Both GRUs' h_t = z h + (1 - z) n in forward mode, R{h_t} = R{z} (h - n) + z v_h +
     (1 - z) R{n}, and what their step backward tangent reads: the step's values (x, h, r, z,
@@ -687,8 +694,7 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         v_wx, v_urz, v_un = split(v_params["w"], inputs)
         v_ax = _input_term(v_x, w_x, x @ v_wx + _row(v_params["b"]))
         v_rz_pre = v_ax[:, :2 * hidden] + h @ v_urz + v_h @ u_rz
-        r_r = r * (1 - r) * v_rz_pre[:, :hidden]
-        r_z = z * (1 - z) * v_rz_pre[:, hidden:]
+        r_r, r_z = _gru_gate_tangents(r, z, v_rz_pre)
         r_rh = r_r * h + r * v_h
         r_n = (1 - n * n) * (v_ax[:, 2 * hidden:] + rh @ v_un + r_rh @ u_n)
         v_h_new, kept = _gru_state_tangent((x, h, r, z, n), v_x, v_h, (r_r, r_z, r_n),
@@ -807,8 +813,7 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         v_ah = h @ v_w[inputs:] + v_h @ w[inputs:]
         r_q = v_ah[:, 2 * hidden:] + _row(v_params["b_hn"])
         v_rz_pre = v_a[:, :2 * hidden] + v_ah[:, :2 * hidden]
-        r_r = r * (1 - r) * v_rz_pre[:, :hidden]
-        r_z = z * (1 - z) * v_rz_pre[:, hidden:]
+        r_r, r_z = _gru_gate_tangents(r, z, v_rz_pre)
         r_n = (1 - n * n) * (v_a[:, 2 * hidden:] + r_r * q + r * r_q)
         v_h_new, kept = _gru_state_tangent((x, h, r, z, n), v_x, v_h, (r_r, r_z, r_n),
                                            q=q, r_q=r_q)
