@@ -1321,7 +1321,8 @@ def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll, 
 
     v_xs_tm = None if v_xs is None else jnp.swapaxes(v_xs, 0, 1)
     inputs = (jnp.arange(xs.shape[1]), jnp.swapaxes(xs, 0, 1), v_xs_tm, _time_major(mask))
-    _, (ys_tm, v_ys_tm, kept) = lax.scan(step_forward, (zeros, zeros), inputs, unroll=unroll)
+    carries0 = vary_like((zeros, zeros), varying_axes((params, v_params, inputs)))
+    _, (ys_tm, v_ys_tm, kept) = lax.scan(step_forward, carries0, inputs, unroll=unroll)
     return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(v_ys_tm, 0, 1), kept
 
 
@@ -1358,8 +1359,10 @@ def _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll, 
 
     inputs = (jnp.arange(dys.shape[1]), kept, jnp.swapaxes(dys, 0, 1),
               jnp.swapaxes(r_dys, 0, 1), _time_major(mask))
+    state0 = vary_like((zeros, zeros, zero_grads, zero_grads),
+                       varying_axes((params, v_params, inputs)))
     (_, _, grads, r_grads), (dxs_tm, r_dxs_tm) = lax.scan(
-        step_back, (zeros, zeros, zero_grads, zero_grads), inputs, reverse=True, unroll=unroll)
+        step_back, state0, inputs, reverse=True, unroll=unroll)
     return grads, jnp.swapaxes(dxs_tm, 0, 1), r_grads, jnp.swapaxes(r_dxs_tm, 0, 1)
 
 

@@ -9,10 +9,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nets
-from nets import engines, layers, losses, recurrent, varying
+from nets import engines, gradcheck, layers, losses, recurrent, varying
 from nets.gradcheck import relative_error
 from nets.models import lenet1989
-from tests.helpers import F64, random_batch
+from tests.helpers import F64, random_batch, random_like
 
 AXIS = "batch"
 DEVICES = 2
@@ -111,6 +111,27 @@ def test_the_curvature_diagonal_under_check_vma_is_summed_over_the_devices():
     got = over_devices(diagonal, params, x, targets)
     expected = sum_of_halves(diagonal, params, x, targets)
     assert_gradients_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["mlp_l2", "mlp_batch_norm", "lenet1989", "lstm",
+                                  "gru_bidirectional"])
+@pytest.mark.parametrize("product", ["gauss_newton", "hessian"])
+def test_curvature_products_under_check_vma_sum_the_devices_products(name, product):
+    """G v and H v of the replicated params inside shard_map with check_vma=True, v
+    replicated: the sum over the devices of each half's product, as jax's own products of the
+    whole energy give it (float64; the reference is jax's jvp and vjp on one device, each
+    half, summed). The recurrent nets' forward scans keep tangents and kept values varying
+    like their inputs while params and v do not."""
+    model, objective, x, targets = case(name)
+    params = params_of(model, x)
+    v = random_like(jax.random.key(5), params, jnp.float64)
+    manual = getattr(engines, f"{product}_product")(model, objective)
+    reference = getattr(gradcheck, f"{product}_product_reference")(model, objective)
+    got = over_devices(lambda pv, x, t: manual(pv[0], x, t, pv[1]), (params, v), x, targets)
+    want = sum_of_halves(lambda pv, x, t: reference(pv[0], x, t, pv[1]), (params, v), x,
+                         targets)
+    assert_gradients_equal(got, want)
+    assert relative_error(jax.tree.leaves(got)[0], jax.tree.leaves(want)[0] / 2) > 0.1
 
 
 def test_scans_under_check_vma_take_a_replicated_initial_state():
