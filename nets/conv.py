@@ -24,6 +24,7 @@ from jax import lax
 
 from nets import initializers
 from nets.layers import Factors, Layer, is_count
+from nets.varying import is_split, product_sharding
 
 __all__ = [
     "Conv2D",
@@ -101,11 +102,15 @@ def channel_sum(values: jax.Array) -> jax.Array:
 
     The k adjacent columns of the widest fold with k C <= CHANNEL_SUM_WIDTH (k divides W;
     k = 1 when C alone is wider) are summed as one last axis of k C values first, then the k
-    column sums: the same sum, in another order (above)."""
+    column sums: the same sum, in another order (above). A batch split over an Explicit mesh
+    axis keeps its own axis (a reshape may not merge it into the others)."""
     *_, width, channels = values.shape
     fold = max((k for k in range(1, width + 1)
                 if width % k == 0 and k * channels <= CHANNEL_SUM_WIDTH), default=1)
-    column_sums = jnp.sum(values.reshape(-1, fold * channels), axis=0)
+    if is_split(values):
+        column_sums = jnp.sum(values.reshape(values.shape[0], -1, fold * channels), axis=(0, 1))
+    else:
+        column_sums = jnp.sum(values.reshape(-1, fold * channels), axis=0)
     return jnp.sum(column_sums.reshape(fold, channels), axis=0)
 
 
@@ -296,7 +301,7 @@ def conv2d_backward_input(
 
 def conv2d_backward_kernel(
     xp: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], stride: tuple[int, int],
-    groups: int = 1,
+    groups: int = 1, w: jax.Array | None = None,
 ) -> jax.Array:
     """dw (kh, kw, C_g, O) of y = VALID conv(xp, w) with strides, from xp and dy.
 
@@ -309,15 +314,19 @@ def conv2d_backward_kernel(
     maps sums only over group g of the channels: one correlation per group
     (`_group_by_group`).
     Rows of xp that no window uses are cut off first, so the result is exactly (kh, kw).
+    A batch split over an Explicit mesh axis is summed into w's layout (given w;
+    `nets.varying.product_sharding`).
     """
     (kh, kw), (sh, sw) = kernel_size, stride
     used_h = (dy.shape[1] - 1) * sh + kh
     used_w = (dy.shape[2] - 1) * sw + kw
+    out_sharding = None if w is None else product_sharding(xp, w)
 
     def correlation(xp, dy):
         return lax.conv_general_dilated(
             xp[:, :used_h, :used_w, :], dy, window_strides=(1, 1), padding="VALID",
-            rhs_dilation=(sh, sw), dimension_numbers=("CHWN", "IHWO", "HWNC"))
+            rhs_dilation=(sh, sw), dimension_numbers=("CHWN", "IHWO", "HWNC"),
+            out_sharding=out_sharding)
 
     return _group_by_group(groups, correlation, xp, dy)
 
@@ -336,7 +345,7 @@ def _conv_transpose(call: _Call, x: jax.Array, saved: None, w: jax.Array, dy: ja
     """"conv": dw and dx by XLA's convolutions. The padded input is rebuilt from x (O(size
     of x), cheap next to the convolutions)."""
     xp = _pad(x, call.pads, call.pad_value) ** power
-    dw = conv2d_backward_kernel(xp, dy, call.kernel, call.stride, call.groups)
+    dw = conv2d_backward_kernel(xp, dy, call.kernel, call.stride, call.groups, w)
     dxp = conv2d_backward_input(dy, w, call.stride, call.padded_size, call.groups)
     return dw, _unpad(dxp, call.pads)
 

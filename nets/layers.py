@@ -89,6 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import initializers
+from nets.varying import product_sharding
 
 __all__ = [
     "Layer",
@@ -266,18 +267,21 @@ def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
 OUTER_PRODUCTS_MAX_BATCH = 4
 
 
-def weight_gradient(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """dw = x^T dy, (in, out), from x (batch, in) and dy (batch, out).
+def weight_gradient(x: jax.Array, dy: jax.Array, w: jax.Array | None = None) -> jax.Array:
+    """dw = x^T dy, (in, out), from x (batch, in) and dy (batch, out), laid out as w.
 
     For a batch of at most OUTER_PRODUCTS_MAX_BATCH examples, the sum of the examples' outer
     products x_n^T dy_n, which XLA fuses into what reads dw (an SGD update then makes one pass
     over w). As a product with so short an inner dimension, XLA:CPU wrote dw at a few GB/s:
     AlexNet's fc6 (9216 x 4096) at batch 2, dw and the update, 60 ms against 12 ms (2-core CPU,
     2026-12-05). One example is a single outer product either way (XLA rewrites the product).
+    A batch split over an Explicit mesh axis is summed by the product, into w's layout
+    (`nets.varying.product_sharding`: w replicated, an all-reduce).
     """
-    if 0 < x.shape[0] <= OUTER_PRODUCTS_MAX_BATCH:
+    out_sharding = None if w is None else product_sharding(x, w)
+    if out_sharding is None and 0 < x.shape[0] <= OUTER_PRODUCTS_MAX_BATCH:
         return sum(x[n][:, None] * dy[n][None, :] for n in range(x.shape[0]))
-    return x.T @ dy
+    return jnp.matmul(x.T, dy, out_sharding=out_sharding)
 
 
 def is_count(value) -> bool:
@@ -320,7 +324,7 @@ def Dense(
         return x @ params["w"] + params["b"][None, :], x
 
     def backward(params, x, dy):
-        dparams = {"w": weight_gradient(x, dy), "b": jnp.sum(dy, axis=0)}
+        dparams = {"w": weight_gradient(x, dy, params["w"]), "b": jnp.sum(dy, axis=0)}
         return dparams, dy @ params["w"].T
 
     def curvature(params, x, d2y):
@@ -345,7 +349,7 @@ def Dense(
         g_params, g_x = backward(params, x, g_y)
         r_g_params, r_g_x = backward(params, x, r_g_y)
         if v_x is not None:
-            r_g_params["w"] = r_g_params["w"] + weight_gradient(v_x, g_y)
+            r_g_params["w"] = r_g_params["w"] + weight_gradient(v_x, g_y, params["w"])
         return g_params, g_x, r_g_params, r_g_x + g_y @ v_params["w"].T
 
     return Layer(name, init, forward, backward, curvature=curvature, factors=factors,

@@ -16,6 +16,13 @@ code that is not `jax.grad`:
 
 Outside `shard_map`, and under `check_vma=False`, nothing varies and every function here
 returns its input unchanged.
+
+Under `jax.jit` with a mesh of Explicit axes (`jax.set_mesh`, `jax.sharding.AxisType.
+Explicit`) every value's type names the mesh axes it is split over (`float32[8@batch,4]`),
+and a product that contracts a split axis (a weight gradient x^T dy over a split batch) must
+say how its result is laid out. `product_sharding` gives the layout of the parameter it is
+the gradient of, as `jax.grad`'s transpose does; with no axis split (Auto axes, shard_map,
+one device) it gives None, which changes nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from typing import Any
 import jax
 from jax import lax
 
-__all__ = ["varying_axes", "vary_like", "sum_over_added_axes"]
+__all__ = ["varying_axes", "vary_like", "sum_over_added_axes", "is_split",
+           "product_sharding"]
 
 
 def _axes_of(leaf: Any) -> frozenset:
@@ -62,3 +70,16 @@ def sum_over_added_axes(cotangents: Any, primals: Any) -> Any:
         return lax.psum(cotangent, added) if added else cotangent
 
     return jax.tree.map(total, cotangents, primals)
+
+
+def is_split(x: Any) -> bool:
+    """Whether x's type names a mesh axis it is split over (only under Explicit axes)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return any(axis is not None for axis in getattr(sharding, "spec", ()))
+
+
+def product_sharding(operand: Any, like: Any):
+    """The `out_sharding` of a product that contracts `operand`'s split axes into something
+    laid out as `like` (a parameter): like's sharding where operand is split over an Explicit
+    mesh axis, else None (the product as it would be written without meshes)."""
+    return jax.typeof(like).sharding if is_split(operand) else None
