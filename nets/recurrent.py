@@ -149,7 +149,7 @@ from nets.layers import (
 )
 from nets.losses import Loss
 from nets.pooling import Dropout, dropout_after
-from nets.varying import vary_like, varying_axes
+from nets.varying import batch_product, split_like, vary_like, varying_axes
 
 __all__ = [
     "Cell",
@@ -386,7 +386,8 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         da = (dh_new + dy) * slope
         dxh = da @ params["w"].T
         inputs = xh.shape[1] - hidden
-        return {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}, dxh[:, inputs:], dxh[:, :inputs]
+        grads = {"w": batch_product(xh, da), "b": jnp.sum(da, axis=0)}
+        return grads, dxh[:, inputs:], dxh[:, :inputs]
 
     def step_tangent(params, h, x, v_params, v_h, v_x):
         h_new, _, (xh, _) = step(params, h, x)
@@ -404,8 +405,9 @@ def elman(hidden_size: int, activation: str = "tanh", name: str | None = None) -
         da = dh * derivative(h_new)
         r_da = r_dh * derivative(h_new) + dh * second_derivative(h_new) * r_a
         dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
-        grads = {"w": xh.T @ da, "b": jnp.sum(da, axis=0)}
-        r_grads = {"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)}
+        grads = {"w": batch_product(xh, da), "b": jnp.sum(da, axis=0)}
+        r_grads = {"w": batch_product(v_xh, da) + batch_product(xh, r_da),
+                   "b": jnp.sum(r_da, axis=0)}
         return (grads, dxh[:, inputs:], dxh[:, :inputs], r_grads, r_dxh[:, inputs:],
                 r_dxh[:, :inputs])
 
@@ -491,7 +493,7 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
             dparams["p"] = jnp.stack([jnp.sum(da_i * k["c"], 0), jnp.sum(da_f * k["c"], 0),
                                       jnp.sum(da_o * k["c_new"], 0)])
         da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
-        dparams.update({"w": k["xh"].T @ da, "b": jnp.sum(da, axis=0)})
+        dparams.update({"w": batch_product(k["xh"], da), "b": jnp.sum(da, axis=0)})
         return dparams, (da @ weights["w_h_t"], dc), da @ weights["w_x_t"]
 
     def step_tangent(params, carry, x, dparams, dcarry, dx):
@@ -561,8 +563,9 @@ def lstm(hidden_size: int, peepholes: bool = False, forget_bias: float = 1.0,
         r_da = jnp.concatenate([r_da_i, r_da_f, r_da_g, r_da_o], axis=-1)
         xh, v_xh, w = k["xh"], k["dxh"], params["w"]
         inputs = xh.shape[1] - hidden
-        grads.update({"w": xh.T @ da, "b": jnp.sum(da, axis=0)})
-        r_grads.update({"w": v_xh.T @ da + xh.T @ r_da, "b": jnp.sum(r_da, axis=0)})
+        grads.update({"w": batch_product(xh, da), "b": jnp.sum(da, axis=0)})
+        r_grads.update({"w": batch_product(v_xh, da) + batch_product(xh, r_da),
+                        "b": jnp.sum(r_da, axis=0)})
         dxh, r_dxh = da @ w.T, r_da @ w.T + da @ v_params["w"].T
         return (grads, (dxh[:, inputs:], dc), dxh[:, :inputs], r_grads, (r_dxh[:, inputs:], r_dc),
                 r_dxh[:, :inputs])
@@ -677,8 +680,8 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
         da_rz = jnp.concatenate([da_r, da_z], axis=-1)
         dh = dh_new * k["z"] + drh * k["r"] + da_rz @ weights["u_rz_t"]
         da = jnp.concatenate([da_rz, da_n], axis=-1)
-        parts = {"w_x": k["x"].T @ da, "u_rz": k["h"].T @ da_rz, "u_n": k["rh"].T @ da_n,
-                 "b": jnp.sum(da, axis=0)}
+        parts = {"w_x": batch_product(k["x"], da), "u_rz": batch_product(k["h"], da_rz),
+                 "u_n": batch_product(k["rh"], da_n), "b": jnp.sum(da, axis=0)}
         return parts, dh, da @ weights["w_x_t"]
 
     def assemble(parts):
@@ -723,11 +726,12 @@ def gru(hidden_size: int, name: str = "gru") -> Cell:
                 + da_rz @ v_urz.T)
         da = jnp.concatenate([da_rz, da_n], axis=-1)
         r_da = jnp.concatenate([r_da_rz, r_da_n], axis=-1)
-        grads = assemble({"w_x": x.T @ da, "u_rz": h.T @ da_rz, "u_n": rh.T @ da_n,
-                          "b": jnp.sum(da, axis=0)})
-        r_grads = assemble({"w_x": k["v_x"].T @ da + x.T @ r_da,
-                            "u_rz": v_h.T @ da_rz + h.T @ r_da_rz,
-                            "u_n": r_rh.T @ da_n + rh.T @ r_da_n, "b": jnp.sum(r_da, axis=0)})
+        grads = assemble({"w_x": batch_product(x, da), "u_rz": batch_product(h, da_rz),
+                          "u_n": batch_product(rh, da_n), "b": jnp.sum(da, axis=0)})
+        r_grads = assemble({"w_x": batch_product(k["v_x"], da) + batch_product(x, r_da),
+                            "u_rz": batch_product(v_h, da_rz) + batch_product(h, r_da_rz),
+                            "u_n": batch_product(r_rh, da_n) + batch_product(rh, r_da_n),
+                            "b": jnp.sum(r_da, axis=0)})
         return (grads, dh, da @ w_x.T, r_grads, r_dh, r_da @ w_x.T + da @ v_wx.T)
 
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
@@ -795,8 +799,8 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         da_x = jnp.concatenate([da_r, da_z, da_n], axis=-1)
         da_h = jnp.concatenate([da_r, da_z, dq], axis=-1)
         dh = dh_new * k["z"] + da_h @ weights["w_h_t"]
-        parts = {"w_x": k["x"].T @ da_x, "w_h": k["h"].T @ da_h, "b": jnp.sum(da_x, axis=0),
-                 "b_hn": jnp.sum(dq, axis=0)}
+        parts = {"w_x": batch_product(k["x"], da_x), "w_h": batch_product(k["h"], da_h),
+                 "b": jnp.sum(da_x, axis=0), "b_hn": jnp.sum(dq, axis=0)}
         return parts, dh, da_x @ weights["w_x_t"]
 
     def assemble(parts):
@@ -841,11 +845,11 @@ def gru_reset_after(hidden_size: int, name: str = "gru_reset_after") -> Cell:
         r_da_h = jnp.concatenate([r_da_r, r_da_z, r_dq], axis=-1)
         dh = dh_new * z + da_h @ w_h.T
         r_dh = r_dh_new * z + dh_new * r_z + r_da_h @ w_h.T + da_h @ v_wh.T
-        grads = assemble({"w_x": x.T @ da_x, "w_h": h.T @ da_h, "b": jnp.sum(da_x, axis=0),
-                          "b_hn": jnp.sum(dq, axis=0)})
-        r_grads = assemble({"w_x": k["v_x"].T @ da_x + x.T @ r_da_x,
-                            "w_h": v_h.T @ da_h + h.T @ r_da_h, "b": jnp.sum(r_da_x, axis=0),
-                            "b_hn": jnp.sum(r_dq, axis=0)})
+        grads = assemble({"w_x": batch_product(x, da_x), "w_h": batch_product(h, da_h),
+                          "b": jnp.sum(da_x, axis=0), "b_hn": jnp.sum(dq, axis=0)})
+        r_grads = assemble({"w_x": batch_product(k["v_x"], da_x) + batch_product(x, r_da_x),
+                            "w_h": batch_product(v_h, da_h) + batch_product(h, r_da_h),
+                            "b": jnp.sum(r_da_x, axis=0), "b_hn": jnp.sum(r_dq, axis=0)})
         return (grads, dh, da_x @ w_x.T, r_grads, r_dh, r_da_x @ w_x.T + da_x @ v_wx.T)
 
     return _cell(name, hidden, init, _zeros_carry(hidden, False), step, factors, pullback,
@@ -1174,7 +1178,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     _check_like(name, "carry0", carry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     weights = cell.step_weights(params)
-    carry0 = vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm)))
+    carry0 = split_like(vary_like(carry0, varying_axes((xs, weights, carry0, mask_tm))), xs)
     one_step = _forward_step(cell, weights, truncation)
     inputs = (jnp.arange(time), jnp.swapaxes(xs, 0, 1), mask_tm)
     if recompute_every is None:
@@ -1228,8 +1232,8 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
     _check_like(name, "dcarry0", dcarry0, zeros)
     mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1).astype(bool)
     dxs_tm = None if dxs is None else jnp.swapaxes(dxs, 0, 1)
-    carries0 = vary_like((carry0, dcarry0), varying_axes((xs, dxs, params, dparams, carry0,
-                                                          dcarry0, mask_tm)))
+    carries0 = split_like(vary_like((carry0, dcarry0), varying_axes(
+        (xs, dxs, params, dparams, carry0, dcarry0, mask_tm))), xs)
 
     def one_step(carries, inputs):
         carry, dcarry = carries
@@ -1321,7 +1325,8 @@ def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll, 
 
     v_xs_tm = None if v_xs is None else jnp.swapaxes(v_xs, 0, 1)
     inputs = (jnp.arange(xs.shape[1]), jnp.swapaxes(xs, 0, 1), v_xs_tm, _time_major(mask))
-    carries0 = vary_like((zeros, zeros), varying_axes((params, v_params, inputs)))
+    carries0 = split_like(vary_like((zeros, zeros), varying_axes((params, v_params, inputs))),
+                          xs)
     _, (ys_tm, v_ys_tm, kept) = lax.scan(step_forward, carries0, inputs, unroll=unroll)
     return jnp.swapaxes(ys_tm, 0, 1), jnp.swapaxes(v_ys_tm, 0, 1), kept
 
@@ -1359,6 +1364,7 @@ def _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll, 
 
     inputs = (jnp.arange(dys.shape[1]), kept, jnp.swapaxes(dys, 0, 1),
               jnp.swapaxes(r_dys, 0, 1), _time_major(mask))
+    zeros = split_like(zeros, dys)
     state0 = vary_like((zeros, zeros, zero_grads, zero_grads),
                        varying_axes((params, v_params, inputs)))
     (_, _, grads, r_grads), (dxs_tm, r_dxs_tm) = lax.scan(
@@ -1422,6 +1428,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResidua
     zero_dparams = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_gradient)
     dcarry_T, zero_dparams = vary_like((dcarry_T, zero_dparams), varying_axes(
         (weights, residuals, dys, dcarry_T)))
+    dcarry_T = split_like(dcarry_T, dys)
 
     def one_step_back(state, inputs):
         dcarry, dparams = state
@@ -1630,7 +1637,7 @@ def LastStep(name: str = "LastStep") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
-        return (), jnp.zeros(x_shape.shape, dy.dtype).at[:, -1, :].set(dy)
+        return (), split_like(jnp.zeros(x_shape.shape, dy.dtype), dy).at[:, -1, :].set(dy)
 
     def tangent(params, x, dparams, dx):
         y, _ = forward(params, x)
@@ -1669,7 +1676,7 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
-        dx = jnp.zeros(x_shape.shape, dy.dtype)
+        dx = split_like(jnp.zeros(x_shape.shape, dy.dtype), dy)
         dx = dx.at[:, -1, :forward_features].set(dy[:, :forward_features])
         return (), dx.at[:, 0, forward_features:].set(dy[:, forward_features:])
 

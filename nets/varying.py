@@ -22,7 +22,9 @@ Explicit`) every value's type names the mesh axes it is split over (`float32[8@b
 and a product that contracts a split axis (a weight gradient x^T dy over a split batch) must
 say how its result is laid out. `product_sharding` gives the layout of the parameter it is
 the gradient of, as `jax.grad`'s transpose does; with no axis split (Auto axes, shard_map,
-one device) it gives None, which changes nothing.
+one device) it gives None, which changes nothing. `batch_product` is such a product with a
+replicated result; `split_like` lays a state that starts from zeros (a scan's carry) out
+along the batch as the inputs are, so that it keeps its type through the scan.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["varying_axes", "vary_like", "sum_over_added_axes", "is_split",
-           "product_sharding"]
+           "product_sharding", "batch_product", "split_like"]
 
 
 def _axes_of(leaf: Any) -> frozenset:
@@ -83,3 +86,24 @@ def product_sharding(operand: Any, like: Any):
     laid out as `like` (a parameter): like's sharding where operand is split over an Explicit
     mesh axis, else None (the product as it would be written without meshes)."""
     return jax.typeof(like).sharding if is_split(operand) else None
+
+
+def batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T b = sum_n a_n^T b_n over the leading (batch) axis of a (batch, i) and b (batch, j):
+    (i, j), replicated where the batch is split over an Explicit mesh axis (the parameters'
+    layout of data parallelism)."""
+    if not is_split(a):
+        return a.T @ b
+    replicated = jax.sharding.NamedSharding(jax.typeof(a).sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    return jnp.matmul(a.T, b, out_sharding=replicated)
+
+
+def split_like(tree: Any, x: Any) -> Any:
+    """tree's leaves (batch, ...) split along their batch axis as x's (batch, ...) is over
+    Explicit mesh axes (`jax.sharding.reshard`); unchanged where x's batch is not split."""
+    if not is_split(x):
+        return tree
+    batch_axes = jax.typeof(x).sharding.spec[0]
+    return jax.tree.map(
+        lambda leaf: jax.sharding.reshard(leaf, jax.sharding.PartitionSpec(batch_axes)), tree)

@@ -45,11 +45,14 @@ def on_the_mesh(function, params, x, targets):
 
 
 # every case of the gradient report whose forward pass runs under Explicit axes (jax.grad's
-# included): Dense, the activations, LayerNorm, BatchNorm, dropout, remat, and "conv"
-# convolutions (AlexNet's groups and overlapping max pooling)
+# included): Dense, the activations, LayerNorm, BatchNorm, dropout, remat, "conv"
+# convolutions (AlexNet's groups and overlapping max pooling), and every recurrent cell,
+# stacked, bidirectional, with dropout between layers and BPTT recomputing segments
 CASES_THAT_RUN = ["mlp_lecture", "mlp_tanh_mse", "mlp_smooth_activations",
                   "residual_mlp_layernorm", "conv_batchnorm", "remat_blocks_dropout",
-                  "alexnet_67x67"]
+                  "alexnet_67x67", "rnn_lstm_peephole_elman_gru_reset_after",
+                  "rnn_elman_sigmoid_lstm_gru", "rnn_bidirectional_lstm_gru_reset_after",
+                  "rnn_bidirectional_stack_gru_elman_dropout", "rnn_lstm_gru_recompute_every_3"]
 
 
 @pytest.mark.parametrize("name", CASES_THAT_RUN)
@@ -66,12 +69,14 @@ def test_manual_gradient_on_a_split_batch_is_jax_grad_of_the_whole_batch(name):
         assert grad.sharding.is_fully_replicated
 
 
+@pytest.mark.parametrize("name", ["mlp_lecture", "rnn_lstm_peephole_elman_gru_reset_after",
+                                  "rnn_elman_sigmoid_lstm_gru"])
 @pytest.mark.parametrize("product", ["gauss_newton", "hessian"])
-def test_curvature_products_and_diagonal_on_a_split_batch_are_jaxs(product):
-    """G v and H v (the tangent and R-operator passes' weight gradients) and LeCun's
-    curvature diagonal of the lecture's net on the split batch: jax's products on one device
-    (`nets.gradcheck`'s references) and the diagonal on one device."""
-    model, objective, params, x, targets, _ = point("mlp_lecture")
+def test_curvature_products_and_diagonal_on_a_split_batch_are_jaxs(product, name):
+    """G v and H v (the tangent and R-operator passes, through time for the recurrent
+    stacks of every cell) and LeCun's curvature diagonal on the split batch: jax's products
+    on one device (`nets.gradcheck`'s references) and the diagonal on one device."""
+    model, objective, params, x, targets, _ = point(name)
     v = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size, dtype=leaf.dtype)
                                           ).reshape(leaf.shape), params)
     manual = getattr(engines, f"{product}_product")(model, objective)
