@@ -45,6 +45,7 @@ from nets.layers import remat as remat_layer
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
 from nets.recurrent import TimeDistributed
+from nets.varying import product_sharding
 
 __all__ = ["SelfAttention", "PositionalEmbedding", "transformer_lm", "attention_maps"]
 
@@ -94,8 +95,13 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
     def dense(params, z):
         return jnp.einsum("btf,fg->btg", z, params["w"]) + params["b"][None, None, :]
 
+    def weight_gradient(z, dz_out, w):
+        """sum over batch and time of z^T dz_out, laid out as w (a split batch summed)."""
+        return jnp.einsum("btf,btg->fg", z, dz_out, out_sharding=product_sharding(z, w))
+
     def dense_backward(params, z, dz_out):
-        dparams = {"w": jnp.einsum("btf,btg->fg", z, dz_out), "b": jnp.sum(dz_out, axis=(0, 1))}
+        dparams = {"w": weight_gradient(z, dz_out, params["w"]),
+                   "b": jnp.sum(dz_out, axis=(0, 1))}
         return dparams, jnp.einsum("btg,fg->btf", dz_out, params["w"])
 
     def forward(params, x):
@@ -185,7 +191,8 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
 
         g_out, g_o = dense_backward(params["out"], o, g_y)
         r_g_out, r_g_o = dense_backward(params["out"], o, r_g_y)
-        r_g_out = {"w": r_g_out["w"] + jnp.einsum("btf,btg->fg", r_o, g_y), "b": r_g_out["b"]}
+        r_g_out = {"w": r_g_out["w"] + weight_gradient(r_o, g_y, params["out"]["w"]),
+                   "b": r_g_out["b"]}
         r_g_o = r_g_o + jnp.einsum("btg,fg->btf", g_y, v_params["out"]["w"])
         g_o, r_g_o = split_heads(g_o), split_heads(r_g_o)
         g_p = jnp.einsum("bthd,bshd->bhts", g_o, v)
@@ -211,7 +218,8 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         r_g_qkv_params, r_g_x = dense_backward(params["qkv"], x, r_g_qkv)
         r_g_x = r_g_x + jnp.einsum("btg,fg->btf", g_qkv, v_params["qkv"]["w"])
         if v_x is not None:
-            r_g_qkv_params = {"w": r_g_qkv_params["w"] + jnp.einsum("btf,btg->fg", v_x, g_qkv),
+            r_g_qkv_params = {"w": r_g_qkv_params["w"]
+                              + weight_gradient(v_x, g_qkv, params["qkv"]["w"]),
                               "b": r_g_qkv_params["b"]}
         return ({"qkv": g_qkv_params, "out": g_out}, g_x,
                 {"qkv": r_g_qkv_params, "out": r_g_out}, r_g_x)

@@ -24,7 +24,7 @@ from jax import lax
 
 from nets import initializers
 from nets.layers import Factors, Layer, is_count
-from nets.varying import is_split, product_sharding
+from nets.varying import batch_product, is_split, product_sharding
 
 __all__ = [
     "Conv2D",
@@ -103,14 +103,13 @@ def channel_sum(values: jax.Array) -> jax.Array:
     The k adjacent columns of the widest fold with k C <= CHANNEL_SUM_WIDTH (k divides W;
     k = 1 when C alone is wider) are summed as one last axis of k C values first, then the k
     column sums: the same sum, in another order (above). A batch split over an Explicit mesh
-    axis keeps its own axis (a reshape may not merge it into the others)."""
+    axis is summed as it is (a reshape may not merge it into the others)."""
+    if is_split(values):
+        return jnp.sum(values, axis=(0, 1, 2))
     *_, width, channels = values.shape
     fold = max((k for k in range(1, width + 1)
                 if width % k == 0 and k * channels <= CHANNEL_SUM_WIDTH), default=1)
-    if is_split(values):
-        column_sums = jnp.sum(values.reshape(values.shape[0], -1, fold * channels), axis=(0, 1))
-    else:
-        column_sums = jnp.sum(values.reshape(-1, fold * channels), axis=0)
+    column_sums = jnp.sum(values.reshape(-1, fold * channels), axis=0)
     return jnp.sum(column_sums.reshape(fold, channels), axis=0)
 
 
@@ -369,7 +368,7 @@ def _whole_transpose(call: _Call, x: jax.Array, saved: None, w: jax.Array, dy: j
     """dw = flat(x^power)^T dy and dx = dy w^T, reshaped: a Dense layer's backward."""
     batch = x.shape[0]
     rows = dy.reshape(batch, -1)
-    dw = (x.reshape(batch, -1) ** power).T @ rows
+    dw = batch_product(x.reshape(batch, -1) ** power, rows)
     return dw.reshape(w.shape), (rows @ w.reshape(-1, w.shape[-1]).T).reshape(x.shape)
 
 
@@ -1006,12 +1005,14 @@ def Conv2D(
     def masked(w):
         return w if mask is None else w * jnp.asarray(mask, w.dtype)[None, None]
 
-    def products(call: _Call):
+    def products(call: _Call, x: jax.Array):
         """(forward, transpose) of `implementation`, or a Dense layer's where the one window
-        covers the whole input (`_sees_whole_input`)."""
+        covers the whole input (`_sees_whole_input`). With x's batch split over an Explicit
+        mesh axis, "conv"'s: the others merge the batch with the windows into rows, which a
+        split axis refuses (the same numbers within rounding, by XLA's convolutions)."""
         if _sees_whole_input(call):
             return _whole_forward, _whole_transpose
-        return _PRODUCTS[implementation]
+        return _PRODUCTS["conv" if is_split(x) else implementation]
 
     def call_geometry(size: tuple[int, int]) -> _Call:
         pads = _resolve_padding(padding, size, kernel, strides)
@@ -1022,7 +1023,7 @@ def Conv2D(
     def forward(params, x):
         check_forward_input(params, x)
         call = call_geometry(x.shape[1:3])
-        y, saved = products(call)[0](call, x, masked(params["w"]))
+        y, saved = products(call, x)[0](call, x, masked(params["w"]))
         b = params["b"]
         y = y + (b[None] if unshared_bias else b[None, None, None, :])
         # x, not the padded copy: backward reads the call geometry off its shape.
@@ -1033,7 +1034,7 @@ def Conv2D(
         gradient; 2: the Gauss-Newton diagonal, since every output is a sum of w * xp)."""
         x, saved = residuals
         call = call_geometry(x.shape[1:3])
-        dw, dx = products(call)[1](call, x, saved, masked(w) ** power, dy, power)
+        dw, dx = products(call, x)[1](call, x, saved, masked(w) ** power, dy, power)
         return {"w": masked(dw), "b": bias_gradient(dy)}, dx
 
     def bias_gradient(dy):
@@ -1064,7 +1065,7 @@ def Conv2D(
         in x but for the constant border, which does not move."""
         check_forward_input(params, x)
         call = call_geometry(x.shape[1:3])
-        forward_product = products(call)[0]
+        forward_product = products(call, x)[0]
         y, _ = forward(params, x)
         dy, _ = forward_product(call, x, masked(dparams["w"]))
         db = dparams["b"]
@@ -1080,7 +1081,7 @@ def Conv2D(
         implementation's own transposed products."""
         check_forward_input(params, x)
         call = call_geometry(x.shape[1:3])
-        forward_product, transpose_product = products(call)
+        forward_product, transpose_product = products(call, x)
         residuals = (x, forward_product(call, x, masked(params["w"]))[1])
         g_params, g_x = transpose(params["w"], residuals, g_y, 1)
         r_g_params, r_g_x = transpose(params["w"], residuals, r_g_y, 1)

@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import initializers
-from nets.varying import product_sharding
+from nets.varying import batch_spec, is_split, product_sharding
 
 __all__ = [
     "Layer",
@@ -391,22 +391,34 @@ def Embedding(
         a row that the gather fills with NaN and the scatter drops."""
         return jnp.where((ids >= 0) & (ids < vocabulary), ids, vocabulary)
 
+    def gather(w, ids, fill_value):
+        """w's rows at ids, fill_value where an id is outside the vocabulary; split along the
+        batch as ids are over an Explicit mesh axis."""
+        if is_split(ids):
+            return w.at[rows_of(ids)].get(mode="fill", fill_value=fill_value,
+                                          out_sharding=batch_spec(ids))
+        return jnp.take(w, rows_of(ids), axis=0, mode="fill", fill_value=fill_value)
+
     def forward(params, ids):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"{name}: input ids must be integers in [0, {vocabulary}), got "
                              f"dtype {ids.dtype} with shape {tuple(ids.shape)}")
-        y = jnp.take(params["w"], rows_of(ids), axis=0, mode="fill", fill_value=jnp.nan)
-        return y, ids
+        return gather(params["w"], ids, jnp.nan), ids
 
     def backward(params, ids, dy):
-        dw = jnp.zeros_like(params["w"]).at[rows_of(ids).reshape(-1)].add(
-            dy.reshape(-1, dy.shape[-1]), mode="drop")
+        zeros = jnp.zeros_like(params["w"])
+        if is_split(ids):  # the batch's scatter-add summed into w's layout
+            dw = zeros.at[rows_of(ids)].add(dy, mode="drop",
+                                            out_sharding=product_sharding(ids, params["w"]))
+        else:
+            dw = zeros.at[rows_of(ids).reshape(-1)].add(dy.reshape(-1, dy.shape[-1]),
+                                                        mode="drop")
         return {"w": dw}, np.zeros(ids.shape, jax.dtypes.float0)
 
     def tangent(params, ids, dparams, dx):
         """dy = dw[ids] (ids are integers: nothing moves them, and dx is None)."""
         y, _ = forward(params, ids)
-        return y, jnp.take(dparams["w"], rows_of(ids), axis=0, mode="fill", fill_value=0)
+        return y, gather(dparams["w"], ids, 0)
 
     def backward_tangent(params, ids, v_params, v_x, g_y, r_g_y):
         """dw is linear in dy for fixed ids: R{dw} = the scatter-add of R{dy}."""

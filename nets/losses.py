@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nets.varying import split_like
+
 __all__ = [
     "Loss",
     "Objective",
@@ -206,7 +208,7 @@ def lecun1998_map(j: float = 10.0) -> Loss:
         raise ValueError(f"lecun1998_map: j must be > 0, got {j}")
 
     def log_partition(s):
-        rubbish = jnp.full((*s.shape[:-1], 1), -j, s.dtype)
+        rubbish = split_like(jnp.full((*s.shape[:-1], 1), -j, s.dtype), s)
         return jax.nn.logsumexp(jnp.concatenate([s, rubbish], axis=-1), axis=-1, keepdims=True)
 
     def value(s, t):

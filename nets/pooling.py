@@ -28,6 +28,7 @@ from nets.layers import (
     tangent_backward_with_key,
     tangent_with_key,
 )
+from nets.varying import reshape_keeping_batch
 
 __all__ = [
     "AvgPool",
@@ -79,7 +80,7 @@ def window_sum_transpose(
         (kh, kw), (batch, out_h, out_w, channels) = window, ds.shape
         tiles = jnp.broadcast_to(ds[:, :, None, :, None, :],
                                  (batch, out_h, kh, out_w, kw, channels))
-        dx = tiles.reshape(batch, out_h * kh, out_w * kw, channels)
+        dx = reshape_keeping_batch(tiles, (batch, out_h * kh, out_w * kw, channels))
         return jnp.pad(dx, ((0, 0), (0, size[0] - out_h * kh), (0, size[1] - out_w * kw), (0, 0)))
     pads = [(0, 0)]
     for k, s, n, out in zip(window, stride, size, ds.shape[1:3]):

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["varying_axes", "vary_like", "sum_over_added_axes", "is_split",
-           "product_sharding", "batch_product", "split_like"]
+           "product_sharding", "batch_product", "split_like", "reshape_keeping_batch",
+           "batch_spec"]
 
 
 def _axes_of(leaf: Any) -> frozenset:
@@ -83,9 +84,13 @@ def is_split(x: Any) -> bool:
 
 def product_sharding(operand: Any, like: Any):
     """The `out_sharding` of a product that contracts `operand`'s split axes into something
-    laid out as `like` (a parameter): like's sharding where operand is split over an Explicit
-    mesh axis, else None (the product as it would be written without meshes)."""
-    return jax.typeof(like).sharding if is_split(operand) else None
+    laid out as `like` (a parameter): like's layout on operand's mesh where operand is split
+    over an Explicit mesh axis (a constant like, on no mesh, gives a replicated result), else
+    None (the product as it would be written without meshes)."""
+    if not is_split(operand):
+        return None
+    return jax.sharding.NamedSharding(jax.typeof(operand).sharding.mesh,
+                                      jax.typeof(like).sharding.spec)
 
 
 def batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -104,6 +109,18 @@ def split_like(tree: Any, x: Any) -> Any:
     Explicit mesh axes (`jax.sharding.reshard`); unchanged where x's batch is not split."""
     if not is_split(x):
         return tree
-    batch_axes = jax.typeof(x).sharding.spec[0]
-    return jax.tree.map(
-        lambda leaf: jax.sharding.reshard(leaf, jax.sharding.PartitionSpec(batch_axes)), tree)
+    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, batch_spec(x)), tree)
+
+
+def reshape_keeping_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x.reshape(shape), shape[0] x's batch, the result split along its batch as x is (JAX
+    asks for the layout of a reshape of a split array)."""
+    if not is_split(x):
+        return x.reshape(shape)
+    return jnp.reshape(x, shape, out_sharding=batch_spec(x))
+
+
+def batch_spec(x: Any) -> jax.sharding.PartitionSpec | None:
+    """The layout of a (batch, ...) value split along its batch as x's (batch, ...) is over
+    Explicit mesh axes; None where x is not split."""
+    return jax.sharding.PartitionSpec(jax.typeof(x).sharding.spec[0]) if is_split(x) else None

@@ -29,7 +29,8 @@ def point(name, batch=4):
     case = BY_NAME[name]
     model, objective = case.build()
     key = case_key(0, case)
-    x, targets = (a.astype(jnp.float64) for a in case_batch(case, batch, key))
+    x, targets = (a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+                  for a in case_batch(case, batch, key))
     params = gradcheck.astype(model.init(key, (-1,) + x.shape[1:])[1], jnp.float64)
     return model, objective, params, x, targets, jax.random.key(3) if case.dropout else None
 
@@ -44,22 +45,12 @@ def on_the_mesh(function, params, x, targets):
                                  jax.device_put(targets, split))
 
 
-# every case of the gradient report whose forward pass runs under Explicit axes (jax.grad's
-# included): Dense, the activations, LayerNorm, BatchNorm, dropout, remat, "conv"
-# convolutions (AlexNet's groups and overlapping max pooling), and every recurrent cell,
-# stacked, bidirectional, with dropout between layers and BPTT recomputing segments
-CASES_THAT_RUN = ["mlp_lecture", "mlp_tanh_mse", "mlp_smooth_activations",
-                  "residual_mlp_layernorm", "conv_batchnorm", "remat_blocks_dropout",
-                  "alexnet_67x67", "rnn_lstm_peephole_elman_gru_reset_after",
-                  "rnn_elman_sigmoid_lstm_gru", "rnn_bidirectional_lstm_gru_reset_after",
-                  "rnn_bidirectional_stack_gru_elman_dropout", "rnn_lstm_gru_recompute_every_3"]
-
-
-@pytest.mark.parametrize("name", CASES_THAT_RUN)
+@pytest.mark.parametrize("name", list(BY_NAME))
 def test_manual_gradient_on_a_split_batch_is_jax_grad_of_the_whole_batch(name):
-    """E and dE/dparams by the manual engine, the batch of 4 split over the mesh (2 examples a
-    device; on one device a batch this small takes the outer products): jax.grad's on one
-    device, and each gradient laid out as its parameter (replicated)."""
+    """Every case of the gradient report (every layer, loss, cell and model): E and
+    dE/dparams by the manual engine, the batch of 4 split over the mesh (2 examples a device;
+    on one device a batch this small takes the outer products): jax.grad's on one device, and
+    each gradient laid out as its parameter (replicated)."""
     model, objective, params, x, targets, key = point(name)
     energy, grads = on_the_mesh(lambda p, x, t: engines.manual(model, objective)(p, x, t, key),
                                 params, x, targets)
@@ -70,12 +61,15 @@ def test_manual_gradient_on_a_split_batch_is_jax_grad_of_the_whole_batch(name):
 
 
 @pytest.mark.parametrize("name", ["mlp_lecture", "rnn_lstm_peephole_elman_gru_reset_after",
-                                  "rnn_elman_sigmoid_lstm_gru"])
+                                  "rnn_elman_sigmoid_lstm_gru", "lenet1989", "lenet5",
+                                  "transformer_lm_tied_gelu"])
 @pytest.mark.parametrize("product", ["gauss_newton", "hessian"])
 def test_curvature_products_and_diagonal_on_a_split_batch_are_jaxs(product, name):
-    """G v and H v (the tangent and R-operator passes, through time for the recurrent
-    stacks of every cell) and LeCun's curvature diagonal on the split batch: jax's products
-    on one device (`nets.gradcheck`'s references) and the diagonal on one device."""
+    """G v and H v (the tangent and R-operator passes: through time for the recurrent stacks
+    of every cell, through LeNet-1989's -1 borders, unshared biases and table, LeNet-5's
+    subsampling, the transformer's attention and tied embedding) and LeCun's curvature
+    diagonal on the split batch: jax's products on one device (`nets.gradcheck`'s
+    references) and the diagonal on one device."""
     model, objective, params, x, targets, _ = point(name)
     v = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size, dtype=leaf.dtype)
                                           ).reshape(leaf.shape), params)
