@@ -1,6 +1,7 @@
 """Time per step over examples and over devices: per-example gradients, and data parallelism.
 
-    python -m experiments.scaling [--workdir DIR] [--model mlp] [--forms shard_map,pmap,jit]
+    python -m experiments.scaling [--workdir DIR] [--model mlp]
+                                  [--forms shard_map,pmap,jit,explicit]
                                   [--engines manual,autodiff] [--no-per-example] ...
 
 Part 1, per example (`training.parallel.per_example_value_and_grad`), for the MLP (256 inputs,

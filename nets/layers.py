@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import initializers
-from nets.varying import batch_spec, is_split, product_sharding
+from nets.varying import batch_sharding, is_split, product_sharding
 
 __all__ = [
     "Layer",
@@ -396,7 +396,7 @@ def Embedding(
         batch as ids are over an Explicit mesh axis."""
         if is_split(ids):
             return w.at[rows_of(ids)].get(mode="fill", fill_value=fill_value,
-                                          out_sharding=batch_spec(ids))
+                                          out_sharding=batch_sharding(ids))
         return jnp.take(w, rows_of(ids), axis=0, mode="fill", fill_value=fill_value)
 
     def forward(params, ids):

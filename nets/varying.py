@@ -37,7 +37,7 @@ from jax import lax
 
 __all__ = ["varying_axes", "vary_like", "sum_over_added_axes", "is_split",
            "product_sharding", "batch_product", "split_like", "reshape_keeping_batch",
-           "batch_spec"]
+           "batch_sharding"]
 
 
 def _axes_of(leaf: Any) -> frozenset:
@@ -109,7 +109,7 @@ def split_like(tree: Any, x: Any) -> Any:
     Explicit mesh axes (`jax.sharding.reshard`); unchanged where x's batch is not split."""
     if not is_split(x):
         return tree
-    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, batch_spec(x)), tree)
+    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, batch_sharding(x)), tree)
 
 
 def reshape_keeping_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -117,10 +117,13 @@ def reshape_keeping_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     asks for the layout of a reshape of a split array)."""
     if not is_split(x):
         return x.reshape(shape)
-    return jnp.reshape(x, shape, out_sharding=batch_spec(x))
+    return jnp.reshape(x, shape, out_sharding=batch_sharding(x))
 
 
-def batch_spec(x: Any) -> jax.sharding.PartitionSpec | None:
+def batch_sharding(x: Any) -> jax.sharding.NamedSharding | None:
     """The layout of a (batch, ...) value split along its batch as x's (batch, ...) is over
-    Explicit mesh axes; None where x is not split."""
-    return jax.sharding.PartitionSpec(jax.typeof(x).sharding.spec[0]) if is_split(x) else None
+    Explicit mesh axes, on x's mesh (no `jax.set_mesh` needed); None where x is not split."""
+    if not is_split(x):
+        return None
+    sharding = jax.typeof(x).sharding
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))

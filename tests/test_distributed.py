@@ -94,10 +94,13 @@ def test_process_slices_tile_the_global_batch():
 
 # --- real processes --------------------------------------------------------------------------
 
-def test_two_processes_end_with_the_single_process_parameters(tmp_path):
+@pytest.mark.parametrize("form", ["shard_map", "explicit"])
+def test_two_processes_end_with_the_single_process_parameters(tmp_path, form):
+    """Two processes of one CPU device each, the demo's default form and Explicit mesh axes
+    (every value typed by its layout across both processes)."""
     steps = 5
     command = [sys.executable, "-m", "experiments.multihost_demo", "--workdir", str(tmp_path),
-               "--steps", str(steps), "--dump-params"]
+               "--steps", str(steps), "--dump-params", "--form", form]
     finished = distributed.launch_local(command, 2, timeout=150, init_timeout=60,
                                         env=subprocess_environment())
     for index, process in enumerate(finished):

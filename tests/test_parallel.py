@@ -28,6 +28,7 @@ from training import metrics, parallel
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENGINES = {"manual": engines.manual, "autodiff": engines.autodiff}
 FLOAT32 = 1e-5  # the float32 tolerance of nets.gradcheck.TOLERANCES
+WHOLE_PROGRAM = ("jit", "explicit")  # the forms that run the single-device step's program
 
 
 # --- problems --------------------------------------------------------------------------------
@@ -588,9 +589,9 @@ def test_two_devices_equal_one_device(form, engine):
 @pytest.mark.parametrize("form", parallel.FORMS)
 def test_batch_norm_over_two_devices_uses_each_shards_statistics_or_the_global_ones(form):
     """"shard_map"/"pmap": each shard normalised with its own statistics, the step the mean
-    of the shards' single-device gradients (with lambda/2); "jit": the global batch's
-    statistics, the single-device gradient. The shards' statistics differ (the second is
-    shifted by 3), so the two expectations differ and each form can meet only its own."""
+    of the shards' single-device gradients (with lambda/2); "jit" and "explicit": the global
+    batch's statistics, the single-device gradient. The shards' statistics differ (the second
+    is shifted by 3), so the two expectations differ and each form can meet only its own."""
     # BatchNorm after the activation: a bias just before one would have gradient exactly 0
     model = nets.serial(nets.Dense(4, name="hidden"), nets.Tanh(name="act"),
                         nets.BatchNorm(4, name="norm"), nets.Dense(3, name="out"))
@@ -607,7 +608,7 @@ def test_batch_norm_over_two_devices_uses_each_shards_statistics_or_the_global_o
     shards = [shard(params, x[4 * i:4 * i + 4], targets[4 * i:4 * i + 4]) for i in range(2)]
     per_shard = jax.tree.map(lambda a, b: (a + b) / 2, *shards)
     assert abs(float(single[0]) - float(per_shard[0])) > 1e-3
-    expected = single if form == "jit" else per_shard
+    expected = single if form in WHOLE_PROGRAM else per_shard
     assert_close_tree(run.fetch((energy, grad)), expected, jnp.float64, form)
 
 
@@ -633,7 +634,7 @@ def test_synchronised_batch_norm_over_two_devices_equals_one_device(form, engine
                                       x, targets, 3)
     dp_grad, dp_final, _ = data_parallel_steps(synchronised, objective, optimizer,
                                                ENGINES[engine], form, params, x, targets, 3)
-    if form != "jit":
+    if form not in WHOLE_PROGRAM:
         own_grad = data_parallel_steps(plain, objective, optimizer, ENGINES[engine], form,
                                        params, x, targets, 1)[0]
         assert relative_error(*(jax.flatten_util.ravel_pytree(t)[0]
@@ -644,17 +645,17 @@ def test_synchronised_batch_norm_over_two_devices_equals_one_device(form, engine
 
 @pytest.mark.parametrize("form", parallel.FORMS)
 def test_two_devices_with_dropout_give_each_shard_its_own_masks(form):
-    """"jit": the single-device gradient with the same key. "shard_map"/"pmap": the mean over
-    the two shards of the single-device gradient of shard i with key fold_in(key, i) (and
-    lambda/2, the module docstring's split): a step that gave both shards one key, or none,
-    fails it."""
+    """"jit" and "explicit": the single-device gradient with the same key. "shard_map"/"pmap":
+    the mean over the two shards of the single-device gradient of shard i with key
+    fold_in(key, i) (and lambda/2, the module docstring's split): a step that gave both
+    shards one key, or none, fails it."""
     model, objective, params, x, targets = dropout_problem(8, jnp.float64)
     key = jax.random.key(5)
     run = parallel.data_parallel(model, objective, optax.sgd(0.1), form=form)
     energy, grad = run.value_and_grad(run.place_state(params),
                                       *run.place_batch(np.asarray(x), np.asarray(targets)),
                                       key=key)
-    if form == "jit":
+    if form in WHOLE_PROGRAM:
         expected = engines.manual(model, objective)(params, x, targets, key)
     else:
         shard = engines.manual(model, objective._replace(l2=objective.l2 / 2))
@@ -802,6 +803,8 @@ FOUR_DEVICE_CASES = [  # (problem, engine, form): every model in every form, eac
     ("lenet1989", "autodiff", "shard_map"), ("lenet1989", "manual", "pmap"),
     ("lenet1989", "autodiff", "jit"),
     ("lstm", "manual", "shard_map"), ("lstm", "autodiff", "pmap"), ("lstm", "manual", "jit"),
+    ("mlp", "autodiff", "explicit"), ("lenet1989", "manual", "explicit"),
+    ("lstm", "manual", "explicit"),
 ]
 
 

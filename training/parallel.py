@@ -25,7 +25,7 @@ the gradients themselves; `ghost_norms` gives the norms alone. `pick_hardest_mis
 ranks the misclassified examples by their gradient norm or loss, for the lecture's "pick
 misclassified examples" procedure.
 
-Over devices, one step with three spellings (`form`), all over a 1-D mesh whose axis is
+Over devices, one step with four spellings (`form`), all over a 1-D mesh whose axis is
 `BATCH_AXIS` and all with any engine and any optax optimizer:
 
     "shard_map"  jit(shard_map(local step)): explicit in_specs P() for the replicated params and
@@ -37,14 +37,19 @@ Over devices, one step with three spellings (`form`), all over a 1-D mesh whose 
                  is implemented with jit and shard_map), batch laid out (devices, batch/devices).
     "jit"        the plain single-device step under `jax.jit` with NamedSharding annotations
                  (params replicated, batch split); XLA's partitioner inserts the all-reduce.
+    "explicit"   the same step on the mesh's devices with its axis Explicit (JAX's sharding
+                 in types): every value's type says how it is laid out, and each weight
+                 gradient, a product over the split batch, is laid out as its parameter
+                 (`nets.varying`), which puts the all-reduce there.
 
 `data_parallel(...)` returns a `DataParallel` with `step(params, opt_state, x, targets, key=None)
 -> (params, opt_state, energy, grad)`, `value_and_grad(params, x, targets, key=None) -> (energy,
 grad)`, and the placement helpers `place_state`, `place_batch` and `fetch`. The key is for a
-model with dropout (pass a new one each step, the same in every process): "jit" draws the masks
-of the single-device step with that key; "shard_map" and "pmap" give each device its own key,
-the key folded with the device's index (`device_key`), so that no two shards share masks, and
-their step equals the mean of the single-device gradients of the shards under those keys.
+model with dropout (pass a new one each step, the same in every process): "jit" and
+"explicit" draw the masks of the single-device step with that key; "shard_map" and "pmap" give
+each device its own key, the key folded with the device's index (`device_key`), so that no two
+shards share masks, and their step equals the mean of the single-device gradients of the
+shards under those keys.
 
 Devices may span several processes (`training.distributed`): each process passes
 `place_batch` the examples it holds, and the global batch is their concatenation in process
@@ -53,8 +58,8 @@ order.
 A model with BatchNorm layers (`nets.batch_coupled_layers`) steps differently per form: under
 "shard_map" and "pmap" each device normalises its shard with the shard's own statistics (as
 PyTorch's BatchNorm under DistributedDataParallel), so the step is the mean of the shards'
-single-device steps; under "jit" the program is the single-device one, so XLA computes the
-statistics over the global batch and the step is the single-device step. A BatchNorm built
+single-device steps; under "jit" and "explicit" the program is the single-device one, so the
+statistics are the global batch's and the step is the single-device step. A BatchNorm built
 with `axis_name=BATCH_AXIS` synchronises its statistics over the devices (SyncBatchNorm), and
 then every form steps as the single-device step on the global batch.
 
@@ -104,7 +109,7 @@ __all__ = [
 ]
 
 BATCH_AXIS = "batch"
-FORMS = ("shard_map", "pmap", "jit")
+FORMS = ("shard_map", "pmap", "jit", "explicit")
 
 PerExample = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -627,7 +632,7 @@ class DataParallel(NamedTuple):
     place_state(tree) -> the tree replicated on every device of the mesh.
     place_batch(x, targets) -> the global batch split over the devices, from the examples this
         process holds (all of them in a single process): (batch, ...) for "shard_map" and
-        "jit", (local devices, batch / devices, ...) for "pmap".
+        "jit" and "explicit", (local devices, batch / devices, ...) for "pmap".
     fetch(tree) -> one copy of a replicated tree, as NumPy arrays on the host.
     """
 
@@ -836,7 +841,31 @@ def _jit_form(model, objective, optimizer, engine, mesh):
             place_batch)
 
 
-_FORM_BUILDERS = {"shard_map": _shard_map_form, "pmap": _pmap_form, "jit": _jit_form}
+def _explicit_form(model, objective, optimizer, engine, mesh):
+    """(step, value_and_grad, place_batch) by `jax.jit` of the whole batch's step on `mesh`
+    with Explicit axes (`data_parallel` makes it): the inputs' layouts are their types, and
+    no annotation is needed inside."""
+    value_and_grad = engine(model, objective)
+
+    def full_step(params, opt_state, x, targets, key):
+        energy, grad = value_and_grad(params, x, targets, key)
+        params, opt_state = _update(optimizer, params, opt_state, grad)
+        return params, opt_state, energy, grad
+
+    def place_batch(x, targets):
+        return _split_batch(mesh, (x, targets))
+
+    return (_checked(jax.jit(full_step), 4, mesh.size),
+            _checked(jax.jit(value_and_grad), 3, mesh.size), place_batch)
+
+
+def _with_axis_type(mesh: Mesh, axis_type: AxisType) -> Mesh:
+    """The same devices and axis names, every axis of `axis_type`."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type,) * len(mesh.axis_names))
+
+
+_FORM_BUILDERS = {"shard_map": _shard_map_form, "pmap": _pmap_form, "jit": _jit_form,
+                  "explicit": _explicit_form}
 
 
 def data_parallel(
@@ -846,7 +875,7 @@ def data_parallel(
 ) -> DataParallel:
     """The data-parallel training step of `form` over `mesh` (default `batch_mesh()`).
 
-    See the module docstring for the three forms; the step and gradient are the same up to
+    See the module docstring for the four forms; the step and gradient are the same up to
     float rounding in all of them, and equal to the single-device ones, except for a model
     with BatchNorm layers (the module docstring says which statistics each form uses).
     """
@@ -856,6 +885,8 @@ def data_parallel(
     if mesh.axis_names != (BATCH_AXIS,):
         raise ValueError(f"data_parallel: the mesh must be 1-D with axis {BATCH_AXIS!r}, got "
                          f"axes {mesh.axis_names}")
+    if form == "explicit":
+        mesh = _with_axis_type(mesh, AxisType.Explicit)
     step, value_and_grad, place_batch = _FORM_BUILDERS[form](model, objective, optimizer,
                                                              engine, mesh)
 
