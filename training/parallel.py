@@ -828,35 +828,29 @@ def _jit_form(model, objective, optimizer, engine, mesh):
     def full_gradient(params, x, targets, key):
         return full_value_and_grad(*annotated(params, x, targets), key)
 
-    def full_step(params, opt_state, x, targets, key):
-        energy, grad = full_gradient(params, x, targets, key)
-        params, opt_state = _update(optimizer, params, opt_state, grad)
-        return params, opt_state, energy, grad
-
-    def place_batch(x, targets):
-        return _split_batch(mesh, (x, targets))
-
-    return (_checked(jax.jit(full_step, out_shardings=replicated), 4, mesh.size),
-            _checked(jax.jit(full_gradient, out_shardings=replicated), 3, mesh.size),
-            place_batch)
+    return _whole_batch_functions(full_gradient, optimizer, mesh, out_shardings=replicated)
 
 
 def _explicit_form(model, objective, optimizer, engine, mesh):
     """(step, value_and_grad, place_batch) by `jax.jit` of the whole batch's step on `mesh`
     with Explicit axes (`data_parallel` makes it): the inputs' layouts are their types, and
     no annotation is needed inside."""
-    value_and_grad = engine(model, objective)
+    return _whole_batch_functions(engine(model, objective), optimizer, mesh)
 
+
+def _whole_batch_functions(gradient, optimizer, mesh, **jit_options):
+    """(step, value_and_grad, place_batch) from `gradient(params, x, targets, key) -> (E,
+    dE/dparams)` of the whole batch, both jitted with `jit_options`."""
     def full_step(params, opt_state, x, targets, key):
-        energy, grad = value_and_grad(params, x, targets, key)
+        energy, grad = gradient(params, x, targets, key)
         params, opt_state = _update(optimizer, params, opt_state, grad)
         return params, opt_state, energy, grad
 
     def place_batch(x, targets):
         return _split_batch(mesh, (x, targets))
 
-    return (_checked(jax.jit(full_step), 4, mesh.size),
-            _checked(jax.jit(value_and_grad), 3, mesh.size), place_batch)
+    return (_checked(jax.jit(full_step, **jit_options), 4, mesh.size),
+            _checked(jax.jit(gradient, **jit_options), 3, mesh.size), place_batch)
 
 
 def _with_axis_type(mesh: Mesh, axis_type: AxisType) -> Mesh:
