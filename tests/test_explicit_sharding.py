@@ -7,6 +7,7 @@ of a small batch, while `jax.grad` of the same forward pass runs. The reference 
 the whole batch on one device, without a mesh (float64, <= 1e-10)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from experiments.gradcheck import CASES, case_batch, case_key
 from nets import engines, gradcheck
 from tests.helpers import assert_close_tree
+from training import parallel
 
 AXIS = "batch"
 BY_NAME = {case.name: case for case in CASES}
@@ -80,3 +82,21 @@ def test_curvature_products_and_diagonal_on_a_split_batch_are_jaxs(product, name
     diagonal = engines.curvature_diagonal(model, objective)
     assert_close_tree(on_the_mesh(diagonal, params, x, targets),
                       diagonal(params, x, targets), jnp.float64, "curvature diagonal")
+
+
+def test_per_example_gradients_and_ghost_norms_of_an_mlp_on_a_split_batch():
+    """`training.parallel`'s per-example gradients (vmap of the manual engine) and ghost norms
+    of the lecture's net on the split batch: jax.grad's per-example gradients on one device
+    (vmap of the autodiff engine) and their norms. (A convolutional net's per-example pass
+    is refused there inside vmap's batching of the patch gather: not supported.)"""
+    model, objective, params, x, targets, _ = point("mlp_lecture")
+    want_values, want_grads = parallel.per_example_value_and_grad(
+        model, objective, engines.autodiff)(params, x, targets)
+    values, grads = on_the_mesh(parallel.per_example_value_and_grad(model, objective), params,
+                                x, targets)
+    assert_close_tree((values, grads), (want_values, want_grads), jnp.float64, "per example")
+    ghost_values, norms = on_the_mesh(parallel.ghost_norms(model, objective), params, x,
+                                      targets)
+    want_norms = np.sqrt(sum(np.sum(np.square(leaf).reshape(leaf.shape[0], -1), axis=1)
+                             for leaf in jax.tree.leaves(want_grads)))
+    assert_close_tree((ghost_values, norms), (want_values, want_norms), jnp.float64, "ghost")
