@@ -1,4 +1,5 @@
-"""The manual mesh axes a value varies over, for code run inside `jax.shard_map`.
+"""The mesh axes a value varies over inside `jax.shard_map`, or is split over under Explicit
+mesh axes: what hand-written code needs so that it runs in both as `jax.grad` does.
 
 Under `jax.shard_map(..., check_vma=True)`, JAX's default, every value is typed by the mesh
 axes over which it differs from device to device (`jax.typeof(x)`: `{V:batch}` for a batch
@@ -24,7 +25,9 @@ say how its result is laid out. `product_sharding` gives the layout of the param
 the gradient of, as `jax.grad`'s transpose does; with no axis split (Auto axes, shard_map,
 one device) it gives None, which changes nothing. `batch_product` is such a product with a
 replicated result; `split_like` lays a state that starts from zeros (a scan's carry) out
-along the batch as the inputs are, so that it keeps its type through the scan.
+along the batch as the inputs are, so that it keeps its type through the scan;
+`reshape_keeping_batch` and `batch_sharding` give a reshape or a gather the layout JAX asks
+for. Every layout is built on the operand's own mesh, so no `jax.set_mesh` is needed.
 """
 from __future__ import annotations
 
