@@ -788,13 +788,18 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
                  tangent_backward=tangent_backward if has_backward_tangent else None)
 
 
+def is_serial(model: Layer) -> bool:
+    """Whether model was built by `serial` (its params then a tuple, one entry a sublayer)."""
+    return model.forward.__qualname__.startswith("serial.")
+
+
 def layer_outputs(model: Layer, params: Params, x: jax.Array) -> list[tuple[str, jax.Array]]:
     """[(name, output)] of every layer of a `serial` model for inputs x, in order (a layer's
     output is the next one's input; the last output is model.apply(params, x)).
 
     Stochastic layers run as when measuring (no key): dropout passes its input through.
     """
-    if not model.forward.__qualname__.startswith("serial."):
+    if not is_serial(model):
         raise ValueError(f"layer_outputs: {model.name!r} is not a serial model")
     _check_param_count(model.name, params, len(model.sublayers))
     outputs = []

@@ -1,7 +1,8 @@
 """Update rules as `optax.GradientTransformation`s.
 
 Any optax optimiser works with either gradient engine, since both return the same pytree;
-this module adds the rule of the lecture and LeCun's diagonal second-order steps.
+this module adds the rule of the lecture, LeCun's diagonal second-order steps and
+Kronecker-factored ones (K-FAC).
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nets.kronecker import KroneckerBlock, block_shape
+
 __all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState",
-           "lecun1998_schedule"]
+           "lecun1998_schedule", "scale_by_kronecker_factors", "KroneckerFactoredState",
+           "DampedFactors", "kfac"]
 
 
 def _is_positive_finite(value: Any) -> bool:
@@ -116,3 +120,121 @@ def lecun1998_schedule(learning_rate: float, updates_per_pass: int) -> optax.Sch
     return optax.piecewise_constant_schedule(learning_rate, {
         2 * updates_per_pass: 0.4, 5 * updates_per_pass: 0.5, 8 * updates_per_pass: 0.5,
         12 * updates_per_pass: 0.2})
+
+
+class KroneckerFactoredState(NamedTuple):
+    """The running averages of each leaf's Kronecker blocks (`nets.kronecker.KroneckerBlock`
+    in place of every leaf; identities until the first estimate), the Cholesky factors of
+    their damped A and G (`DampedFactors`, computed when the blocks change), and how many
+    estimates the averages hold."""
+
+    blocks: Any
+    damped: Any
+    estimates: jax.Array
+
+
+class DampedFactors(NamedTuple):
+    """The lower Cholesky factors of one leaf's A + pi sqrt(gamma) I (K, K) and G + sqrt(gamma)
+    / pi I (C, C), and its mask (K, C)."""
+
+    a: jax.Array
+    g: jax.Array
+    mask: jax.Array
+
+
+def _is_block(value: Any) -> bool:
+    return isinstance(value, KroneckerBlock)
+
+
+def _identity_block(path: tuple[Any, ...], leaf: jax.Array) -> KroneckerBlock:
+    k, c = block_shape(path, leaf.shape)
+    return KroneckerBlock(jnp.eye(k, dtype=leaf.dtype), jnp.eye(c, dtype=leaf.dtype),
+                          jnp.ones((k, c), leaf.dtype), jnp.zeros((), leaf.dtype))
+
+
+def _damped_factors(block: KroneckerBlock, damping: float) -> DampedFactors:
+    """Factored Tikhonov damping (Martens and Grosse 2015, section 6.3): A + pi sqrt(gamma) I
+    and G + sqrt(gamma) / pi I, gamma = damping + the block's L2 share, pi^2 = (tr A / K) /
+    (tr G / C), the ratio that makes each added term as large relative to its factor; both
+    Cholesky-factored."""
+    k, c = block.mask.shape
+    gamma = damping + block.penalty
+    tiny = jnp.finfo(block.a.dtype).tiny
+    pi = jnp.sqrt(jnp.maximum(jnp.trace(block.a) / k, tiny)
+                  / jnp.maximum(jnp.trace(block.g) / c, tiny))
+    a = block.a + pi * jnp.sqrt(gamma) * jnp.eye(k, dtype=block.a.dtype)
+    g = block.g + jnp.sqrt(gamma) / pi * jnp.eye(c, dtype=block.g.dtype)
+    return DampedFactors(jnp.linalg.cholesky(a), jnp.linalg.cholesky(g), block.mask)
+
+
+def _solve(damped: DampedFactors, gradient: jax.Array) -> jax.Array:
+    """(A + pi sqrt(gamma) I)^-1 V (G + sqrt(gamma) / pi I)^-1, masked, for the leaf's gradient
+    read as V (K, C)."""
+    k, c = damped.mask.shape
+    solved = jax.scipy.linalg.cho_solve((damped.a, True), gradient.reshape(k, c))
+    solved = jax.scipy.linalg.cho_solve((damped.g, True), solved.T).T
+    return (solved * damped.mask).reshape(gradient.shape).astype(gradient.dtype)
+
+
+def scale_by_kronecker_factors(damping: float, decay: float = 0.95
+                               ) -> optax.GradientTransformationExtraArgs:
+    """Each leaf's gradient preconditioned by its Kronecker-factored Gauss-Newton block:
+    V <- (A + pi sqrt(gamma) I)^-1 V (G + sqrt(gamma)/pi I)^-1 (K-FAC's direction, Martens and
+    Grosse 2015, with their factored Tikhonov damping; without their adaptive step and
+    momentum, which a chained optax rule supplies). The blocks are not computed here: pass
+    fresh ones (`nets.kronecker.kronecker_factors(model, objective)(params, x, targets)`) as
+    `update(grads, state, params, blocks=...)`; the state keeps their running average,
+    A <- decay A + (1 - decay) A_new (the first estimate taken whole), and the Cholesky
+    factors of its damped A and G, made when the blocks arrive and used until the next ones
+    (so a step between estimates costs two triangular solves per leaf).
+
+    Args:
+      damping: gamma > 0, finite: the Tikhonov damping, to which each weight's block adds
+        its L2 share lambda/m.
+      decay: in [0, 1), the running averages' weight on the past.
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; before any estimate the blocks are
+      identities (the step is the gradient scaled by 1/(1 + sqrt(gamma))^2).
+    Raises:
+      ValueError for a damping that is not a finite number > 0 or a decay outside [0, 1).
+    """
+    if not _is_positive_finite(damping):
+        raise ValueError(f"scale_by_kronecker_factors: damping must be > 0 and finite, got "
+                         f"{damping}")
+    if isinstance(decay, (bool, np.bool_)) or not (0 <= decay < 1):
+        raise ValueError(f"scale_by_kronecker_factors: decay must be in [0, 1), got {decay}")
+
+    def factored(blocks):
+        return jax.tree.map(lambda block: _damped_factors(block, damping), blocks,
+                            is_leaf=_is_block)
+
+    def init(params):
+        blocks = jax.tree_util.tree_map_with_path(_identity_block, params)
+        return KroneckerFactoredState(blocks, factored(blocks), jnp.zeros((), jnp.int32))
+
+    def averaged(old, new, first):
+        def mix(past, fresh):
+            return jnp.where(first, fresh, decay * past + (1 - decay) * fresh).astype(past.dtype)
+        return KroneckerBlock(mix(old.a, new.a), mix(old.g, new.g), new.mask.astype(
+            old.mask.dtype), jnp.asarray(new.penalty, old.penalty.dtype))
+
+    def update(updates, state, params=None, *, blocks=None, **extra_args):
+        del params, extra_args
+        if blocks is not None:
+            first = state.estimates == 0
+            averages = jax.tree.map(lambda old, new: averaged(old, new, first), state.blocks,
+                                    blocks, is_leaf=_is_block)
+            state = KroneckerFactoredState(averages, factored(averages), state.estimates + 1)
+        steps = jax.tree.map(lambda g, damped: _solve(damped, g), updates, state.damped)
+        return steps, state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def kfac(learning_rate: float | optax.Schedule, damping: float, decay: float = 0.95,
+         momentum: float | None = None) -> optax.GradientTransformationExtraArgs:
+    """K-FAC's steps: `scale_by_kronecker_factors(damping, decay)` then optax's SGD with
+    `learning_rate` (a number or a schedule) and `momentum` (None for none). Pass the blocks
+    as `update(grads, state, params, blocks=...)` whenever they are re-estimated."""
+    return optax.chain(scale_by_kronecker_factors(damping, decay),
+                       optax.sgd(learning_rate, momentum))

@@ -82,7 +82,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nets import engines
-from nets.layers import Factors, Layer, forward_with_key, layer_keys
+from nets.layers import Factors, Layer, forward_with_key, is_serial, layer_keys
 from nets.losses import Objective, is_weight, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
@@ -299,13 +299,9 @@ def _vmap_clipped_sum(model: Layer, objective: Objective, engine: engines.Engine
     return run
 
 
-def _is_serial(model: Layer) -> bool:
-    return model.forward.__qualname__.startswith("serial.")
-
-
 def _chain(model: Layer) -> tuple[Layer, ...]:
     """The layers `ghost_clipped_sum` walks: a `serial` model's sublayers, or the model."""
-    return model.sublayers if _is_serial(model) else (model,)
+    return model.sublayers if is_serial(model) else (model,)
 
 
 def _fold_example_axis(leaf: jax.Array) -> jax.Array:
@@ -402,7 +398,7 @@ def _ghost_pass(model: Layer, objective: Objective, caller: str):
     program.
     """
     layers = _chain(model)
-    chained = _is_serial(model)
+    chained = is_serial(model)
     penalised = not _is_python_zero(objective.l2)
 
     def one_example(params, x_i, key_i):
@@ -543,7 +539,7 @@ def ghost_clipped_sum(model: Layer, objective: Objective):
                 summed.append(weighted_sum(ghost.formed[index], scale))
             else:
                 summed.append(jax.tree.map(jnp.zeros_like, layer_params))
-        summed = tuple(summed) if _is_serial(model) else summed[0]
+        summed = tuple(summed) if is_serial(model) else summed[0]
         if not _is_python_zero(objective.l2):
             penalty = l2_penalty_grad(params, objective.l2, x.shape[0])
             summed = jax.tree.map(lambda g, p: g + jnp.sum(scale) * p, summed, penalty)
