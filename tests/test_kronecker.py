@@ -1,0 +1,269 @@
+"""K-FAC: the Kronecker blocks of `nets.kronecker` against the Gauss-Newton matrix built by jax
+(`jax.jacobian` of the outputs, `jax.hessian` of the loss), and the preconditioned step of
+`training.optim` against a dense solve in NumPy. Float64 throughout (conftest enables it)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+from nets import losses
+from nets.gradcheck import relative_error
+from nets.kronecker import KroneckerBlock, kronecker_factors
+from tests.helpers import F64
+from training import optim
+
+
+def _f64(tree):
+    return jax.tree.map(lambda leaf: leaf.astype(jnp.float64), tree)
+
+
+def _init(model, input_shape, seed=0):
+    _, params = model.init(jax.random.PRNGKey(seed), input_shape)
+    return _f64(params)
+
+
+def _with_leaf(params, index, key, value):
+    chain = list(params)
+    chain[index] = {**chain[index], key: value}
+    return tuple(chain)
+
+
+def _loss_hessian(objective, outputs, targets):
+    """d2E/do2 of the data term, (m k, m k), by jax."""
+    size = outputs.size
+    return jax.hessian(lambda flat: objective.loss.value(flat.reshape(outputs.shape), targets))(
+        outputs.reshape(-1)).reshape(size, size)
+
+
+def exact_block(model, objective, params, x, targets, index, key):
+    """J^T H J for one leaf, J = d outputs / d leaf by `jax.jacobian`, plus the L2 term's
+    (lambda/m) I for a weight."""
+    leaf = params[index][key]
+    outputs = model.apply(params, x)
+    jacobian = jax.jacobian(lambda flat: model.apply(
+        _with_leaf(params, index, key, flat.reshape(leaf.shape)), x).reshape(-1))(
+        leaf.reshape(-1))
+    block = jacobian.T @ _loss_hessian(objective, outputs, targets) @ jacobian
+    if key == "w":
+        block = block + objective.l2 / x.shape[0] * jnp.eye(leaf.size)
+    return np.asarray(block)
+
+
+def kronecker_block(block: KroneckerBlock):
+    """A (x) G + penalty I, the leaf read row-major as (K, C)."""
+    return np.kron(block.a, block.g) + float(block.penalty) * np.eye(block.mask.size)
+
+
+MLP = nets.serial(nets.Dense(6, name="hidden"), nets.Tanh(name="tanh"),
+                  nets.Dense(4, name="out"), name="mlp")
+PROBABILITY_MLP = nets.serial(nets.Dense(6, name="hidden"), nets.Tanh(name="tanh"),
+                              nets.Dense(4, name="out"), nets.Sigmoid(name="sigmoid"),
+                              name="probability_mlp")
+# Kernels as large as their padded inputs: one window each (T = 1), as a Dense layer.
+ONE_WINDOW_CONV = nets.serial(
+    nets.Conv2D(3, kernel_size=4, padding=((1, 0), (0, 1)), pad_value=-1.0,
+                unshared_bias=True, name="conv1"),
+    nets.Tanh(name="act1"), nets.Flatten(name="flat"), nets.Dense(4, name="out"),
+    name="one_window_conv")
+OBJECTIVES = {
+    "softmax": losses.Objective(losses.softmax_cross_entropy(), 0.0),
+    "squared": losses.Objective(losses.mean_squared_error(), 0.0),
+    "sigmoid_logits_l2": losses.lecture_objective(l2=0.3),
+}
+
+
+def _targets(key, batch, classes=4):
+    return jax.nn.one_hot(jax.random.randint(key, (batch,), 0, classes), classes,
+                          dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("objective_name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("model, input_shape", [(MLP, (1, 5)), (ONE_WINDOW_CONV, (1, 3, 3, 2))],
+                         ids=["mlp", "one_window_conv"])
+def test_one_example_blocks_are_the_exact_gauss_newton_blocks(model, input_shape,
+                                                               objective_name):
+    """With one example and one window, sum_n a a^T (x) b b^T has one term: K-FAC is exact."""
+    objective = OBJECTIVES[objective_name]
+    params = _init(model, (-1,) + input_shape[1:])
+    x = jax.random.normal(jax.random.PRNGKey(1), input_shape, jnp.float64)
+    targets = _targets(jax.random.PRNGKey(2), 1)
+    blocks = kronecker_factors(model, objective)(params, x, targets)
+    for index, layer_params in enumerate(params):
+        for key in layer_params:
+            expected = exact_block(model, objective, params, x, targets, index, key)
+            assert relative_error(kronecker_block(blocks[index][key]), expected) <= F64, (
+                model.sublayers[index].name, key)
+
+
+def test_the_lecture_objective_from_probabilities_with_l2():
+    """The sigmoid output and the cross-entropy of probabilities (the lecture's net): G is
+    taken in the probabilities' Hessian, as `gauss_newton_product` takes it."""
+    objective = losses.lecture_objective(l2=0.5, from_logits=False)
+    params = _init(PROBABILITY_MLP, (-1, 5))
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 5), jnp.float64)
+    targets = _targets(jax.random.PRNGKey(4), 1)
+    blocks = kronecker_factors(PROBABILITY_MLP, objective)(params, x, targets)
+    for index in (0, 2):
+        for key in ("w", "b"):
+            expected = exact_block(PROBABILITY_MLP, objective, params, x, targets, index, key)
+            assert relative_error(kronecker_block(blocks[index][key]), expected) <= F64
+
+
+def test_lenet1989_bias_blocks_are_exact_at_any_batch():
+    """A bias has A = 1 and G = sum_n J_n^T H_n J_n: exact for Dense biases and for the 1989
+    net's unshared biases (one per unit), at a batch of 3."""
+    model = nets.lenet1989()
+    objective = OBJECTIVES["squared"]
+    params = _init(model, (-1, 16, 16, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(5), (3, 16, 16, 1), jnp.float64, -1, 1)
+    targets = 2 * _targets(jax.random.PRNGKey(6), 3, 10) - 1
+    blocks = kronecker_factors(model, objective)(params, x, targets)
+    for index in (0, 2, 5, 7):  # H1, H2, H3, output
+        expected = exact_block(model, objective, params, x, targets, index, "b")
+        assert relative_error(kronecker_block(blocks[index]["b"]), expected) <= F64, index
+
+
+def _layer_output_jacobians(model, params, x, index):
+    """(the layer's input, d outputs_n / d the layer's output) by jax, the latter (m, k, m,
+    ...): the rest of the net as a function of the layer's output."""
+    before = nets.serial(*model.sublayers[:index]) if index else None
+    layer_input = x if before is None else before.apply(params[:index], x)
+    layer_output = model.sublayers[index].apply(params[index], layer_input)
+    after = nets.serial(*model.sublayers[index + 1:])
+    jacobian = jax.jacobian(lambda y: after.apply(params[index + 1:], y))(layer_output)
+    return layer_input, layer_output, jacobian
+
+
+@pytest.mark.parametrize("index, name", [(0, "H1"), (5, "H3")])
+def test_lenet1989_weight_factors_follow_their_definitions(index, name):
+    """At a batch of 4: A = (1/m) sum_n sum_t a_nt a_nt^T with a_nt = d y_ntc / d w_:c (the
+    -1 border included), G = (1/T) sum_n sum_t J_nt^T H_n J_nt with J_nt = d o_n / d y_nt,
+    both from jax's derivatives of the forward pass."""
+    model = nets.lenet1989()
+    objective = OBJECTIVES["squared"]
+    params = _init(model, (-1, 16, 16, 1))
+    batch = 4
+    x = jax.random.uniform(jax.random.PRNGKey(7), (batch, 16, 16, 1), jnp.float64, -1, 1)
+    targets = 2 * _targets(jax.random.PRNGKey(8), batch, 10) - 1
+    block = kronecker_factors(model, objective)(params, x, targets)[index]["w"]
+    layer = model.sublayers[index]
+    layer_input, layer_output, jacobian = _layer_output_jacobians(model, params, x, index)
+    w = params[index]["w"]
+    channels = w.shape[-1]
+    # a_nt: the output's first channel in the first column of w
+    inputs = jax.jacobian(lambda w0: layer.apply(
+        {**params[index], "w": w.at[..., 0].set(w0)}, layer_input)[..., 0])(w[..., 0])
+    a = inputs.reshape(batch, -1, w.size // channels)
+    windows = a.shape[1]
+    expected_a = np.einsum("ntk,ntl->kl", a, a) / batch
+    hessian = _loss_hessian(objective, model.apply(params, x), targets).reshape(
+        batch, 10, batch, 10)
+    per_window = jacobian.reshape(batch, 10, batch, windows, channels)
+    expected_g = sum(np.einsum("kta,kl,ltb->ab", per_window[n, :, n], hessian[n, :, n, :],
+                               per_window[n, :, n]) for n in range(batch)) / windows
+    assert layer_output.shape[0] == batch
+    assert relative_error(block.a, expected_a) <= F64
+    assert relative_error(block.g, expected_g) <= F64
+
+
+def test_sampled_columns_estimate_g_without_bias():
+    """One N(0, I) column per example: over 4,000 keys the mean of G is the exact G within
+    five standard errors of that mean, entry by entry."""
+    objective = OBJECTIVES["softmax"]
+    params = _init(MLP, (-1, 5))
+    x = jax.random.normal(jax.random.PRNGKey(9), (6, 5), jnp.float64)
+    targets = _targets(jax.random.PRNGKey(10), 6)
+    blocks = kronecker_factors(MLP, objective)
+    exact = blocks(params, x, targets)[0]["w"].g
+    keys = jax.random.split(jax.random.PRNGKey(11), 4000)
+    sampled = jax.jit(jax.vmap(lambda k: blocks(params, x, targets, sample_key=k)[0]["w"].g))(keys)
+    mean = np.mean(sampled, axis=0)
+    standard_error = np.std(sampled, axis=0) / np.sqrt(len(keys))
+    assert np.all(np.abs(mean - exact) <= 5 * standard_error + 1e-15)
+    assert relative_error(blocks(params, x, targets, sample_key=keys[0])[0]["w"].a,
+                          blocks(params, x, targets)[0]["w"].a) <= F64  # A needs no sample
+
+
+def _dense_step(a, g, mask, penalty, damping, gradient):
+    """The damped Kronecker solve by NumPy: kron(A + pi s I, G + s/pi I)^-1 vec(V), masked."""
+    k, c = mask.shape
+    s = np.sqrt(damping + penalty)
+    pi = np.sqrt((np.trace(a) / k) / (np.trace(g) / c))
+    matrix = np.kron(a + pi * s * np.eye(k), g + s / pi * np.eye(c))
+    return np.linalg.solve(matrix, gradient.reshape(-1)).reshape(k, c) * mask
+
+
+def _spd(key, size):
+    m = jax.random.normal(key, (size, size), jnp.float64)
+    return np.asarray(m @ m.T / size)
+
+
+def test_the_step_is_the_damped_kronecker_solve_and_blocks_are_averaged():
+    keys = jax.random.split(jax.random.PRNGKey(12), 6)
+    a1, a2, g1, g2 = _spd(keys[0], 3), _spd(keys[1], 3), _spd(keys[2], 4), _spd(keys[3], 4)
+    mask = np.array([[1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], np.float64)
+    params = {"w": jnp.zeros((3, 4), jnp.float64)}
+    gradient = {"w": jax.random.normal(keys[4], (3, 4), jnp.float64) * mask}
+    damping, penalty, decay = 0.1, 0.05, 0.25
+    transform = optim.scale_by_kronecker_factors(damping, decay)
+    state = transform.init(params)
+    before, _ = transform.update(gradient, state, params)  # identity blocks
+    assert relative_error(before["w"], gradient["w"] / (1 + np.sqrt(damping)) ** 2) <= F64
+
+    def blocks(a, g):
+        return {"w": KroneckerBlock(jnp.asarray(a), jnp.asarray(g), jnp.asarray(mask),
+                                    jnp.asarray(penalty))}
+
+    first, state = transform.update(gradient, state, params, blocks=blocks(a1, g1))
+    assert relative_error(first["w"], _dense_step(a1, g1, mask, penalty, damping,
+                                                  np.asarray(gradient["w"]))) <= F64
+    second, state = transform.update(gradient, state, params, blocks=blocks(a2, g2))
+    a, g = decay * a1 + (1 - decay) * a2, decay * g1 + (1 - decay) * g2
+    expected = _dense_step(a, g, mask, penalty, damping, np.asarray(gradient["w"]))
+    assert relative_error(second["w"], expected) <= F64
+    kept, _ = transform.update(gradient, state, params)  # no new blocks: the same average
+    assert relative_error(kept["w"], expected) <= F64
+
+
+def test_one_step_solves_least_squares_with_centred_inputs():
+    """A linear model under squared error: its Gauss-Newton matrix is its Hessian, and with
+    centred inputs the weight and bias blocks do not couple, so K-FAC's blocks are exact and
+    one undamped step lands on the least-squares solution (numpy.linalg.lstsq)."""
+    model = nets.serial(nets.Dense(3, name="linear"), name="linear_model")
+    objective = OBJECTIVES["squared"]
+    x = jax.random.normal(jax.random.PRNGKey(13), (50, 4), jnp.float64)
+    x = x - x.mean(axis=0)[None]
+    targets = jax.random.normal(jax.random.PRNGKey(14), (50, 3), jnp.float64)
+    params = _init(model, (-1, 4))
+    _, grads = nets.manual(model, objective)(params, x, targets)
+    optimizer = optim.kfac(1.0, damping=1e-24)
+    state = optimizer.init(params)
+    blocks = kronecker_factors(model, objective)(params, x, targets)
+    updates, _ = optimizer.update(grads, state, params, blocks=blocks)
+    solved = optax.apply_updates(params, updates)[0]
+    design = np.concatenate([np.asarray(x), np.ones((50, 1))], axis=1)
+    expected = np.linalg.lstsq(design, np.asarray(targets), rcond=None)[0]
+    assert relative_error(solved["w"], expected[:4]) <= F64
+    assert relative_error(solved["b"], expected[4]) <= F64
+
+
+def test_refusals_name_the_layer_and_the_value():
+    with_norm = nets.serial(nets.Dense(4, name="hidden"), nets.BatchNorm(4, name="norm"),
+                            nets.Dense(2, name="out"), name="normed")
+    params = _init(with_norm, (-1, 3))
+    x = jnp.ones((2, 3), jnp.float64)
+    with pytest.raises(ValueError, match="layer 'norm' has parameters but no `factors`"):
+        kronecker_factors(with_norm, OBJECTIVES["squared"])(params, x, jnp.ones((2, 2)))
+    maps = nets.serial(nets.Conv2D(2, kernel_size=1, name="pointwise"), name="maps")
+    map_params = _init(maps, (-1, 2, 2, 1))
+    with pytest.raises(ValueError, match=r"outputs of shape \(2, 2, 2, 2\), expected"):
+        kronecker_factors(maps, OBJECTIVES["squared"])(map_params, jnp.ones((2, 2, 2, 1)),
+                                                       jnp.ones((2, 2)))
+    for damping in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="damping must be > 0 and finite"):
+            optim.kfac(0.1, damping)
+    for decay in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+            optim.scale_by_kronecker_factors(0.1, decay)
