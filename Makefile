@@ -14,7 +14,7 @@ endif
 REPRODUCTIONS := lenet1989 lenet5 seed_table curvature adding_problem vanishing char_rnn \
 	char_transformer \
 	precision pretraining memory_time depth scaling alexnet_step layer_profile xla_profile \
-	private memory_tradeoffs largest_eigenvalue hessian_free adding_hessian_free
+	private memory_tradeoffs largest_eigenvalue hessian_free adding_hessian_free kfac
 $(REPRODUCTIONS): $(VENV)/.installed
 	$(PY) -m experiments.$@
 

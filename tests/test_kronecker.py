@@ -1,6 +1,8 @@
 """K-FAC: the Kronecker blocks of `nets.kronecker` against the Gauss-Newton matrix built by jax
 (`jax.jacobian` of the outputs, `jax.hessian` of the loss), and the preconditioned step of
 `training.optim` against a dense solve in NumPy. Float64 throughout (conftest enables it)."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 import nets
+from experiments import kfac as kfac_experiment
 from nets import losses
 from nets.gradcheck import relative_error
 from nets.kronecker import KroneckerBlock, kronecker_factors
@@ -267,3 +270,30 @@ def test_refusals_name_the_layer_and_the_value():
     for decay in (1.0, -0.1, True):
         with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
             optim.scale_by_kronecker_factors(0.1, decay)
+
+
+@pytest.mark.slow
+def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
+    """`experiments.kfac` on 256 digits, one epoch of 4 batches: the schema, a run per step
+    size, each optimiser's best picked by its final training loss, K-FAC's loss falling."""
+    metrics = kfac_experiment.main([
+        "--workdir", str(tmp_path), "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+        "--train-examples", "256", "--test-examples", "100", "--sgd-lr", "0.01,0.1",
+        "--adam-lr", "0.01", "--kfac-lr", "0.1", "--refresh-every", "2"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    runs = document["runs"]
+    assert [(run["optimizer"], run["learning_rate"]) for run in runs] == [
+        ("sgd", 0.01), ("sgd", 0.1), ("adam", 0.01), ("kfac", 0.1)]
+    for run in runs:
+        assert [row["epoch"] for row in run["history"]] == [0, 1]
+        assert set(run["history"][1]) == {"epoch", "seconds", "train_loss", "test_error",
+                                          "test_misses"}
+        assert run["history"][1]["test_misses"] == round(100 * run["history"][1]["test_error"])
+    sgd_losses = [run["final_train_loss"] for run in runs[:2]]
+    assert metrics["sgd_train_loss"] == min(sgd_losses)
+    assert metrics["sgd_learning_rate"] == runs[int(np.argmin(sgd_losses))]["learning_rate"]
+    kfac_run = runs[3]
+    assert kfac_run["history"][1]["train_loss"] < kfac_run["history"][0]["train_loss"]
+    assert metrics["kfac_seconds_per_step"] == pytest.approx(kfac_run["seconds"] / 4)
+    assert (tmp_path / "kfac.png").stat().st_size > 10_000
+    assert "kfac" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,238 @@
+"""K-FAC against SGD and Adam on the zip-code digits, by epochs and by seconds.
+
+    python -m experiments.kfac [--workdir DIR] [--model lenet1989|mlp] [--epochs 10]
+        [--batch-size 256] [--optimizers sgd,adam,kfac] [--sgd-lr 0.003,0.01,0.03]
+        [--adam-lr 0.003,0.01,0.03] [--kfac-lr 0.003,0.01,0.03] [--damping 0.03]
+        [--refresh-every 1] [--exact] [--seed 0]
+
+Martens and Grosse's (2015) Kronecker-factored approximate curvature with every factor from
+the hand-written passes (`nets.kronecker.kronecker_factors`: the layers' inputs, or patches,
+and the loss's curvature sent back through the backward passes) and the step of
+`training.optim.kfac` (each leaf's gradient under its damped block A (x) G, then SGD with
+momentum 0.9). The net is the 1989 recipe's (LeNet-1989, tanh, squared error against +-1
+targets, U(+-2.4/sqrt(F)) weights) or a 256-100-10 tanh MLP, trained in mini-batches of
+`--batch-size` from the same initial weights and the same shuffled batches for every
+optimiser: SGD with momentum 0.9 and Adam at each step size of their grids, K-FAC at each of
+its own with the blocks re-estimated every `--refresh-every` steps from that step's batch
+(one sampled curvature column per digit; `--exact` backpropagates all ten). After every
+epoch: the loss on all 7,291 training digits and the error on the 2,007 test digits.
+Each optimiser's best step size is the one with the lowest final training loss.
+
+Writes results.json (metrics: each optimiser's best final training loss, test error and
+seconds; "runs": every run's per-epoch history), results.md (every run) and kfac.png
+(training loss against epoch and against seconds, each optimiser at its best step size).
+The seconds are the runs' own, compilation apart (`seconds`: each run's compile time).
+
+Measured on the 2-core CPU (jax 0.10.2, 2026-12-06), defaults (seed 0; 80 s): the best final
+training loss K-FAC 0.0301 at 0.01 (test error 6.18%, 124 misses), Adam 0.0997 at 0.01
+(7.67%, 154), SGD 0.2212 at 0.01 (10.01%, 201); K-FAC passes Adam's final loss after 5
+epochs. A K-FAC step took 48.8 ms against Adam's 4.3 (13.7 s against 1.2 s for the ten
+epochs), so by the clock Adam leads on this net. `--refresh-every 10`: 13.3 ms a step, loss
+0.0703; `--exact`: 0.0280 at 226 ms a step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nets
+from nets import models
+from nets.kronecker import kronecker_factors
+from training import data, optim, plots, results
+from training.config import option, parse, run_main
+from training.harness import open_run
+from training.logbook import Progress
+
+EXPERIMENT = "kfac"
+MODELS = ("lenet1989", "mlp")
+OPTIMIZERS = ("sgd", "adam", "kfac")
+MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = option("lenet1989", "the net: LeNet-1989 or a 256-100-10 tanh MLP",
+                        choices=MODELS)
+    optimizers: tuple[str, ...] = option(OPTIMIZERS, "comma-separated optimisers to run",
+                                         choices=OPTIMIZERS)
+    epochs: int = option(10, "passes over the training digits", ge=1)
+    batch_size: int = option(256, "digits per step (the last partial batch is dropped)", ge=1)
+    sgd_lr: tuple[float, ...] = option((0.003, 0.01, 0.03), "SGD's step sizes (momentum 0.9)",
+                                       gt=0)
+    adam_lr: tuple[float, ...] = option((0.003, 0.01, 0.03), "Adam's step sizes", gt=0)
+    kfac_lr: tuple[float, ...] = option((0.003, 0.01, 0.03), "K-FAC's step sizes (momentum "
+                                        "0.9)", gt=0)
+    damping: float = option(0.03, "K-FAC's Tikhonov damping gamma", gt=0)
+    decay: float = option(0.95, "K-FAC's running average of the blocks: weight on the past",
+                          ge=0, lt=1)
+    refresh_every: int = option(1, "re-estimate K-FAC's blocks every this many steps", ge=1)
+    exact: bool = option(False, "K-FAC's G from all ten curvature columns, not one sample")
+    train_examples: int = option(0, "first USPS training digits (0: all 7,291)", ge=0)
+    test_examples: int = option(0, "first USPS test digits (0: all 2,007)", ge=0)
+    seed: int = option(0, "seed of the initial weights, the batches and K-FAC's samples", ge=0)
+
+
+def build(config: Config):
+    """(model, objective, ((x, targets, labels) train, (...) test)); targets +-1."""
+    splits = []
+    for images, labels in data.load_usps_splits(config.train_examples, config.test_examples):
+        x = images.reshape(-1, 16, 16, 1) if config.model == "lenet1989" else images
+        splits.append((jnp.asarray(x), jnp.asarray(2 * data.one_hot(labels, 10) - 1),
+                       jnp.asarray(labels)))
+    if config.model == "lenet1989":
+        model = models.lenet1989()
+    else:
+        model = nets.build_mlp(256, 10, hidden_units=100, activation="tanh",
+                               output_activation="tanh")
+    return model, nets.Objective(nets.mean_squared_error(), 0.0), splits
+
+
+def optimizer(name: str, learning_rate: float, config: Config) -> optax.GradientTransformation:
+    if name == "sgd":
+        return optax.sgd(learning_rate, MOMENTUM)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    return optim.kfac(learning_rate, config.damping, config.decay, MOMENTUM)
+
+
+def step_functions(model, objective, name: str, transform, config: Config):
+    """Jitted `step(params, state, x, targets, step_key) -> (params, state, loss)`, and for
+    K-FAC a second one that re-estimates the blocks from the batch first."""
+    value_and_grad = nets.manual(model, objective)
+    blocks_of = kronecker_factors(model, objective)
+
+    def step(params, state, x, targets, step_key, refresh):
+        loss, grads = value_and_grad(params, x, targets)
+        extra = {}
+        if refresh:
+            extra["blocks"] = blocks_of(params, x, targets,
+                                        sample_key=None if config.exact else step_key)
+        updates, state = transform.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, loss
+
+    plain = jax.jit(lambda *args: step(*args, refresh=False))
+    refreshing = jax.jit(lambda *args: step(*args, refresh=True)) if name == "kfac" else None
+    return plain, refreshing
+
+
+def evaluate(model, objective, params, train, test) -> dict:
+    x, targets, _ = train
+    test_x, _, test_labels = test
+    wrong = jnp.argmax(model.apply(params, test_x), axis=1) != test_labels
+    return {"train_loss": float(objective.value(params, model.apply(params, x), targets)),
+            "test_error": float(jnp.mean(wrong)), "test_misses": int(jnp.sum(wrong))}
+
+
+def train_one(model, objective, params, splits, name: str, learning_rate: float,
+              config: Config) -> dict:
+    """One optimiser at one step size: the per-epoch history, the seconds of its steps
+    (compilation apart) and its compile time."""
+    train, test = splits
+    transform = optimizer(name, learning_rate, config)
+    state = transform.init(params)
+    plain, refreshing = step_functions(model, objective, name, transform, config)
+    examples = train[0].shape[0]
+    batches = examples // config.batch_size
+    if batches == 0:
+        raise ValueError(f"kfac: --batch-size {config.batch_size} exceeds the "
+                         f"{examples} training digits")
+    sample_keys = jax.random.split(jax.random.key(config.seed + 1), config.epochs * batches)
+    host_x, host_targets = np.asarray(train[0]), np.asarray(train[1])  # batches cut on the host
+    first_batch = host_x[:config.batch_size], host_targets[:config.batch_size]
+    began = time.perf_counter()
+    compiled = [function.lower(params, state, *first_batch, sample_keys[0]).compile()
+                for function in (plain, refreshing) if function is not None]
+    compile_seconds = time.perf_counter() - began
+    plain, refreshing = compiled[0], compiled[-1]
+    for function in {id(f): f for f in (plain, refreshing)}.values():  # warm-up, discarded
+        jax.block_until_ready(function(params, state, *first_batch, sample_keys[0]))
+    history = [{"epoch": 0, "seconds": 0.0, **evaluate(model, objective, params, train, test)}]
+    seconds, step = 0.0, 0
+    progress = Progress(config.epochs * batches, every=batches,
+                        description=f"{name} {learning_rate:g}")
+    for epoch in range(1, config.epochs + 1):
+        order = np.random.default_rng([config.seed, epoch]).permutation(examples)
+        began = time.perf_counter()
+        for batch in range(batches):
+            rows = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+            refresh = name == "kfac" and step % config.refresh_every == 0
+            params, state, loss = (refreshing if refresh else plain)(
+                params, state, host_x[rows], host_targets[rows], sample_keys[step])
+            step += 1
+        jax.block_until_ready(params)
+        seconds += time.perf_counter() - began
+        progress.update(step, float(loss))
+        history.append({"epoch": epoch, "seconds": seconds,
+                        **evaluate(model, objective, params, train, test)})
+    progress.close()
+    last = history[-1]
+    return {"optimizer": name, "learning_rate": learning_rate, "history": history,
+            "final_train_loss": last["train_loss"], "final_test_error": last["test_error"],
+            "final_test_misses": last["test_misses"], "seconds": seconds,
+            "seconds_per_step": seconds / step, "compile_seconds": compile_seconds,
+            "diverged": not np.isfinite(last["train_loss"])}
+
+
+def best_runs(runs: list[dict]) -> dict[str, dict]:
+    """Each optimiser's run with the lowest final training loss (a diverged one last)."""
+    best = {}
+    for run in runs:
+        loss = run["final_train_loss"] if np.isfinite(run["final_train_loss"]) else np.inf
+        kept = best.get(run["optimizer"])
+        if kept is None or loss < kept["final_train_loss"]:
+            best[run["optimizer"]] = {**run, "final_train_loss": loss}
+    return best
+
+
+def plot(path, best: dict[str, dict]) -> None:
+    def series(x_key):
+        return {f"{name} ({run['learning_rate']:g})": (
+            [row[x_key] for row in run["history"]],
+            [row["train_loss"] for row in run["history"]]) for name, run in best.items()}
+
+    plots.save_curves(path, [
+        {"xlabel": "epoch", "ylabel": "training loss", "log": True, "series": series("epoch")},
+        {"xlabel": "seconds (compilation apart)", "ylabel": "training loss", "log": True,
+         "series": series("seconds")},
+        {"xlabel": "epoch", "ylabel": "test error", "series": {
+            f"{name} ({run['learning_rate']:g})": (
+                [row["epoch"] for row in run["history"]],
+                [row["test_error"] for row in run["history"]]) for name, run in best.items()}},
+    ], title="K-FAC, SGD and Adam on the zip-code digits")
+
+
+def main(argv=None):
+    config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    run = open_run(EXPERIMENT, config, args)
+    model, objective, splits = build(config)
+    params = model.init(jax.random.key(config.seed), (-1, *splits[0][0].shape[1:]))[1]
+    grids = {"sgd": config.sgd_lr, "adam": config.adam_lr, "kfac": config.kfac_lr}
+    runs = [train_one(model, objective, params, splits, name, learning_rate, config)
+            for name in config.optimizers for learning_rate in grids[name]]
+    best = best_runs(runs)
+    metrics = {f"{name}_{key}": best[name][field] for name in best for key, field in (
+        ("learning_rate", "learning_rate"), ("train_loss", "final_train_loss"),
+        ("test_error", "final_test_error"), ("test_misses", "final_test_misses"),
+        ("seconds", "seconds"), ("seconds_per_step", "seconds_per_step"))}
+    seconds = {f"{run['optimizer']}_{run['learning_rate']:g}_compile": run["compile_seconds"]
+               for run in runs}
+    results.write_results(run.workdir, EXPERIMENT, dataclasses.asdict(config), metrics, [],
+                          seconds, runs=runs)
+    plot(run.workdir / "kfac.png", best)
+    rows = [{"optimizer": r["optimizer"], "step size": r["learning_rate"],
+             "train loss": r["final_train_loss"], "test error": r["final_test_error"],
+             "test misses": r["final_test_misses"], "seconds": r["seconds"],
+             "ms a step": 1000 * r["seconds_per_step"], "compile s": r["compile_seconds"],
+             "best": best[r["optimizer"]]["learning_rate"] == r["learning_rate"]} for r in runs]
+    results.save_and_print_table(run.workdir, results.markdown_table(rows)
+                                 + f"\nResults in {run.workdir}\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main, EXPERIMENT)
