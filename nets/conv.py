@@ -15,6 +15,7 @@ This module follows the layer contract of `nets.layers` (init, forward, backward
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -24,7 +25,13 @@ from jax import lax
 
 from nets import initializers
 from nets.layers import Factors, Layer, is_count
-from nets.varying import batch_product, is_split, product_sharding
+from nets.varying import (
+    batch_product,
+    is_split,
+    product_sharding,
+    reshape_keeping_batch,
+    split_like,
+)
 
 __all__ = [
     "Conv2D",
@@ -578,8 +585,9 @@ def conv2d_gather_patches(x: jax.Array, pads: Pads, pad_value: float,
     position holding the pad value (`window_index`); the padded input is never built."""
     batch, height, width, channels = x.shape
     index, _ = window_index((height, width), pads, kernel_size, stride)
-    border = jnp.full((batch, 1, channels), pad_value, x.dtype)
-    return jnp.concatenate([x.reshape(batch, height * width, channels), border], axis=1)[:, index]
+    border = split_like(jnp.full((batch, 1, channels), pad_value, x.dtype), x)
+    flat = reshape_keeping_batch(x, (batch, height * width, channels))
+    return jnp.concatenate([flat, border], axis=1)[:, index]
 
 
 def _gather_product(patches: jax.Array, w: jax.Array, groups: int) -> jax.Array:
@@ -1052,12 +1060,15 @@ def Conv2D(
         biases (`Factors`). One group only."""
         batch, windows = x.shape[0], dy.shape[1] * dy.shape[2]
         patches = conv2d_gather_patches(x, call_geometry(x.shape[1:3]).pads, pad_value, kernel,
-                                        strides).reshape(batch, windows, -1)
+                                        strides)
+        patches = reshape_keeping_batch(patches, (batch, windows, patches.shape[2]
+                                                  * patches.shape[3]))
         w_mask = None if mask is None else jnp.broadcast_to(
             jnp.asarray(mask, dy.dtype)[None, None], params["w"].shape).reshape(-1, out_channels)
-        rows = dy.reshape(batch, windows, out_channels)
-        ones = jnp.ones((batch, 1 if unshared_bias else windows, 1), dy.dtype)
-        bias = dy.reshape(batch, 1, -1) if unshared_bias else rows
+        rows = reshape_keeping_batch(dy, (batch, windows, out_channels))
+        ones = split_like(jnp.ones((batch, 1 if unshared_bias else windows, 1), dy.dtype), dy)
+        bias = (reshape_keeping_batch(dy, (batch, 1, math.prod(dy.shape[1:])))
+                if unshared_bias else rows)
         return {"w": Factors(patches, rows, w_mask), "b": Factors(ones, bias)}
 
     def tangent(params, x, dparams, dx):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key, is_serial, layer_keys
 from nets.losses import Objective, is_weight
+from nets.varying import batch_product, is_split, reshape_keeping_batch, split_like
 
 __all__ = ["KroneckerBlock", "kronecker_factors", "block_shape"]
 
@@ -90,6 +91,15 @@ def curvature_columns(objective: Objective, outputs: jax.Array,
     return jnp.transpose(roots, (2, 0, 1))
 
 
+def _over_columns(function, columns: jax.Array) -> jax.Array:
+    """function of each column (batch, ...) of columns (classes, batch, ...), stacked: vmapped,
+    or one after another (`lax.map`) where the batch is split over Explicit mesh axes, whose
+    layouts JAX's batching of the layers' reshapes does not carry."""
+    if is_split(columns[0]):
+        return jax.lax.map(function, columns)
+    return jax.vmap(function)(columns)
+
+
 def _layer_blocks(layer: Layer, layer_params: Any, x: jax.Array, columns: jax.Array,
                   penalty: float) -> Any:
     """{leaf key: KroneckerBlock} of one layer from its input x (batch, ...) and the
@@ -99,8 +109,8 @@ def _layer_blocks(layer: Layer, layer_params: Any, x: jax.Array, columns: jax.Ar
     if set(first) != set(layer_params):
         raise ValueError(f"kronecker_factors: layer {layer.name!r} gives factors for "
                          f"{sorted(first)}, its parameters are {sorted(layer_params)}")
-    b = jax.vmap(lambda dy: {key: f.b for key, f in layer.factors(layer_params, x,
-                                                                  dy).items()})(columns)
+    b = _over_columns(lambda dy: {key: f.b for key, f in layer.factors(layer_params, x,
+                                                                       dy).items()}, columns)
     blocks = {}
     for key, factors in first.items():
         leaf = layer_params[key]
@@ -110,8 +120,12 @@ def _layer_blocks(layer: Layer, layer_params: Any, x: jax.Array, columns: jax.Ar
                              f"{tuple(leaf.shape)}: factors of (K, C) = {(k, c)}, expected "
                              f"{block_shape((jax.tree_util.DictKey(key),), leaf.shape)}")
         windows = factors.b.shape[1]
-        a = jnp.einsum("ntk,ntl->kl", factors.a, factors.a) / examples
-        g = jnp.einsum("jntc,jntd->cd", b[key], b[key]) / windows
+        rows = reshape_keeping_batch(factors.a, (examples * windows, k))
+        a = batch_product(rows, rows) / examples
+        gradients = jnp.moveaxis(b[key], 0, 1)  # (batch, columns, T, C): the batch leading
+        gradients = reshape_keeping_batch(gradients, (gradients.shape[0] * gradients.shape[1]
+                                                      * windows, c))
+        g = batch_product(gradients, gradients) / windows
         mask = (jnp.ones((k, c), leaf.dtype) if factors.mask is None
                 else factors.mask.astype(leaf.dtype))
         share = penalty if key == "w" else 0.0
@@ -155,7 +169,7 @@ def kronecker_factors(model: Layer, objective: Objective):
                              f"{tuple(x.shape)}, expected (batch, classes)")
         columns = curvature_columns(objective, x, targets)
         if sample_key is not None:  # one column u_n = L_n e_n, e_n ~ N(0, I): E[u u^T] = H_n
-            draws = jax.random.normal(sample_key, x.shape, x.dtype)
+            draws = split_like(jax.random.normal(sample_key, x.shape, x.dtype), x)
             columns = jnp.einsum("jni,nj->ni", columns, draws)[None]
         penalty = objective.l2 / x.shape[0]
         per_layer = list(chain_params)  # layers without parameters keep their ()
@@ -165,9 +179,9 @@ def kronecker_factors(model: Layer, objective: Objective):
                 per_layer[index] = _layer_blocks(layer, layer_params, inputs[index], columns,
                                                  penalty)
             if index > 0 and any(jax.tree.leaves(p) for p in chain_params[:index]):
-                columns = jax.vmap(lambda dy, layer=layer, layer_params=layer_params,
-                                   kept=residuals[index]: layer.backward(layer_params, kept,
-                                                                         dy)[1])(columns)
+                columns = _over_columns(
+                    lambda dy, layer=layer, layer_params=layer_params, kept=residuals[index]:
+                    layer.backward(layer_params, kept, dy)[1], columns)
         return tuple(per_layer) if chained else per_layer[0]
 
     return blocks

@@ -297,3 +297,67 @@ def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
     assert metrics["kfac_seconds_per_step"] == pytest.approx(kfac_run["seconds"] / 4)
     assert (tmp_path / "kfac.png").stat().st_size > 10_000
     assert "kfac" in (tmp_path / "results.md").read_text()
+
+
+SPLIT_CASES = {
+    "mlp": (MLP, (5,), OBJECTIVES["softmax"], 4),
+    "lenet1989": (nets.lenet1989(), (16, 16, 1), losses.Objective(losses.mean_squared_error(),
+                                                                  0.1), 10),
+}
+
+
+def _split_case(name):
+    model, shape, objective, classes = SPLIT_CASES[name]
+    params = _init(model, (-1,) + shape)
+    x = jax.random.normal(jax.random.PRNGKey(15), (4,) + shape, jnp.float64)
+    return model, objective, params, x, _targets(jax.random.PRNGKey(16), 4, classes)
+
+
+def _sampled_or_exact(blocks, sampled):
+    if sampled:
+        return lambda p, x, t: blocks(p, x, t, sample_key=jax.random.PRNGKey(17))
+    return blocks
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["exact", "sampled"])
+@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
+def test_blocks_on_a_batch_split_over_explicit_axes_are_the_whole_batchs(name, sampled):
+    """Under `jax.set_mesh` with the batch of 4 split over 2 devices (Explicit axes), the
+    blocks equal those of the whole batch on one device (the columns then run back one after
+    another: JAX's batching of the layers' reshapes loses their layouts)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    model, objective, params, x, targets = _split_case(name)
+    blocks = _sampled_or_exact(kronecker_factors(model, objective), sampled)
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2],
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        split, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+        got = jax.jit(blocks)(jax.device_put(params, whole), jax.device_put(x, split),
+                              jax.device_put(targets, split))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(blocks(params, x, targets))):
+        assert relative_error(a, b) <= F64
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
+def test_blocks_inside_shard_map_averaged_over_devices(name):
+    """Inside `jax.shard_map` (check_vma) each device's blocks are its half's; their `pmean`
+    is the mean of the two halves' blocks on one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    model, objective, params, x, targets = _split_case(name)
+    blocks = kronecker_factors(model, objective)
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2],
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+
+    def averaged(p, x, t):
+        return jax.tree.map(lambda leaf: jax.lax.pmean(leaf, "batch"), blocks(p, x, t))
+
+    mapped = jax.jit(jax.shard_map(averaged, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                                   out_specs=P(), check_vma=True))
+    split = NamedSharding(mesh, P("batch"))
+    got = mapped(jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(x, split),
+                 jax.device_put(targets, split))
+    halves = [blocks(params, x[:2], targets[:2]), blocks(params, x[2:], targets[2:])]
+    for a, b, c in zip(jax.tree.leaves(got), *map(jax.tree.leaves, halves)):
+        assert relative_error(a, (b + c) / 2) <= F64
