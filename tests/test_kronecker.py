@@ -14,7 +14,7 @@ from experiments import kfac as kfac_experiment
 from nets import losses
 from nets.gradcheck import relative_error
 from nets.kronecker import KroneckerBlock, kronecker_factors
-from tests.helpers import F64
+from tests.helpers import F64, tolerance
 from training import optim
 
 
@@ -279,7 +279,8 @@ def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
     metrics = kfac_experiment.main([
         "--workdir", str(tmp_path), "--model", "mlp", "--epochs", "1", "--batch-size", "64",
         "--train-examples", "256", "--test-examples", "100", "--sgd-lr", "0.01,0.1",
-        "--adam-lr", "0.01", "--kfac-lr", "0.1", "--refresh-every", "2"])
+        "--adam-lr", "0.01", "--kfac-lr", "0.1", "--refresh-every", "2",
+        "--quality-examples", "8"])
     document = json.loads((tmp_path / "results.json").read_text())
     runs = document["runs"]
     assert [(run["optimizer"], run["learning_rate"]) for run in runs] == [
@@ -297,6 +298,17 @@ def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
     assert metrics["kfac_seconds_per_step"] == pytest.approx(kfac_run["seconds"] / 4)
     assert (tmp_path / "kfac.png").stat().st_size > 10_000
     assert "kfac" in (tmp_path / "results.md").read_text()
+    quality = document["block_quality"]
+    assert set(quality) == {"initial", "after_kfac"}
+    for rows in quality.values():
+        by_leaf = {(row["layer"], row["leaf"]): row for row in rows}
+        assert by_leaf["hidden1", "w"]["kfac_relative_error"] is None  # 25,600: too large
+        assert by_leaf["hidden1", "w"]["parameters"] == 25_600
+        for leaf in ("hidden1", "b"), ("output", "b"):  # a bias block is exact (float32)
+            assert by_leaf[leaf]["kfac_relative_error"] <= tolerance(jnp.float32)
+        output = by_leaf["output", "w"]  # 8 examples of 100 inputs: approximate
+        assert 1e-3 < output["kfac_relative_error"] < 1
+        assert 0 < output["diagonal_relative_error"] < 1
 
 
 SPLIT_CASES = {
