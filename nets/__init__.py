@@ -1,8 +1,8 @@
 """Neural networks as pure functions with hand-written backward passes.
 
 Layers (`nets.layers`), losses (`nets.losses`), models (`nets.mlp`), the two gradient engines
-(`nets.engines`) and the checks between them (`nets.gradcheck`). Nothing here knows about
-optimisers, devices or files.
+(`nets.engines`), the Kronecker-factored curvature (`nets.kronecker`) and the checks between
+them (`nets.gradcheck`). Nothing here knows about optimisers, devices or files.
 """
 from nets import (
     accounting,
@@ -11,6 +11,7 @@ from nets import (
     engines,
     gradcheck,
     initializers,
+    kronecker,
     layers,
     losses,
     mlp,
@@ -24,6 +25,7 @@ from nets.accounting import count as count_model
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import accumulated, autodiff, get_engine, manual, manual_vjp, with_manual_vjp
+from nets.kronecker import KroneckerBlock, kronecker_factors
 from nets.layers import (
     ACTIVATIONS,
     Dense,
@@ -106,6 +108,9 @@ __all__ = [
     "engines",
     "gradcheck",
     "initializers",
+    "kronecker",
+    "KroneckerBlock",
+    "kronecker_factors",
     "layers",
     "losses",
     "mlp",
