@@ -84,7 +84,7 @@ from training.harness import open_run
 from training.metrics import classification_error
 
 EXPERIMENT = "hessian_free"
-METHODS = ("hessian_free", "hessian_free_exact", "saddle_free", "sgd", "adam")
+METHODS = ("hessian_free", "hessian_free_exact", "saddle_free", "sgd", "adam", "kfac")
 CURVATURE_OF = {"hessian_free": "gauss_newton", "hessian_free_exact": "hessian",
                 "saddle_free": "saddle_free"}
 
@@ -106,6 +106,10 @@ class Config:
     batch_size: int = option(64, "SGD's and Adam's mini-batch", ge=1)
     sgd_lr: float = option(0.1, "SGD's step", gt=0)
     adam_lr: float = option(1e-3, "Adam's step", gt=0)
+    kfac_passes: int = option(20, "passes of K-FAC", ge=1)
+    kfac_batch_size: int = option(256, "K-FAC's mini-batch", ge=1)
+    kfac_damping: float = option(1.0, "K-FAC's initial lambda", gt=0)
+    kfac_relative: bool = option(False, "K-FAC's blocks damped relative to their scale")
     records: int = option(10, "chunks each run is timed and measured in", ge=1)
     seeds: int = option(1, "seeds 0 .. seeds - 1: initial weights and orders", ge=1)
     l2: float = option(0.0, "lambda of the lecture's L2 penalty lambda/(2m) |w|^2", ge=0)
@@ -144,6 +148,10 @@ def procedure_of(method, config, model, objective, x, targets):
             damping=config.damping, curvature_examples=config.curvature_examples,
             preconditioner="none" if curvature == "saddle_free" else config.preconditioner,
             stop_tolerance=None, curvature=curvature), config.hf_steps
+    if method == "kfac":
+        return procedures.kfac_passes(
+            model, objective, x, targets, batch_size=config.kfac_batch_size,
+            initial_damping=config.kfac_damping, relative=config.kfac_relative), config.kfac_passes
     optimizer = optax.sgd(config.sgd_lr) if method == "sgd" else optax.adam(config.adam_lr)
     return procedures.stochastic_passes(model, objective, optimizer, x, targets,
                                         batch_size=config.batch_size,
@@ -230,7 +238,8 @@ def main(argv=None):
     save_plot(run.workdir / "hessian_free.png", config, history)
     results.save_and_print_table(
         run.workdir, f"Mean over {config.seeds} seed(s), after {config.hf_steps} Hessian-free "
-        f"steps or {config.passes} passes\n\n" + results.markdown_table(rows)
+        f"steps, {config.passes} passes of SGD and Adam or {config.kfac_passes} of K-FAC\n\n"
+        + results.markdown_table(rows)
         + f"\nResults in {run.workdir}\n")
     return metrics
 

@@ -454,12 +454,14 @@ def test_experiment_writes_every_method_and_record(tmp_path):
     metrics = experiment.main([
         "--workdir", str(tmp_path), "--hidden-layers", "2", "--width", "8", "--examples", "300",
         "--curvature-examples", "100", "--hf-steps", "4", "--cg-iterations", "5",
-        "--passes", "2", "--records", "2", "--seeds", "2"])
+        "--passes", "2", "--kfac-passes", "2", "--kfac-batch-size", "64", "--records", "2",
+        "--seeds", "2"])
     assert set(metrics) == set(experiment.METHODS)
     document = json.loads((tmp_path / "results.json").read_text())
     history = document["history"]
     for method, steps in (("hessian_free", [0, 2, 4]), ("hessian_free_exact", [0, 2, 4]),
-                          ("saddle_free", [0, 2, 4]), ("sgd", [0, 1, 2]), ("adam", [0, 1, 2])):
+                          ("saddle_free", [0, 2, 4]), ("sgd", [0, 1, 2]), ("adam", [0, 1, 2]),
+                          ("kfac", [0, 1, 2])):
         for seed in (0, 1):
             records = [h for h in history if h["method"] == method and h["seed"] == seed]
             assert [h["step"] for h in records] == steps

@@ -12,10 +12,11 @@ import pytest
 import nets
 from experiments import kfac as kfac_experiment
 from nets import losses
+from nets.engines import gauss_newton_product
 from nets.gradcheck import relative_error
 from nets.kronecker import KroneckerBlock, kronecker_factors
 from tests.helpers import F64, tolerance
-from training import optim
+from training import optim, procedures
 
 
 def _f64(tree):
@@ -373,3 +374,125 @@ def test_blocks_inside_shard_map_averaged_over_devices(name):
     halves = [blocks(params, x[:2], targets[:2]), blocks(params, x[2:], targets[2:])]
     for a, b, c in zip(jax.tree.leaves(got), *map(jax.tree.leaves, halves)):
         assert relative_error(a, (b + c) / 2) <= F64
+
+
+def test_relative_damping_scales_gamma_by_each_blocks_mean_eigenvalue():
+    keys = jax.random.split(jax.random.PRNGKey(18), 3)
+    a, g = _spd(keys[0], 3), _spd(keys[1], 4) * 1e-6  # G far smaller than A
+    mask = np.ones((3, 4))
+    gradient = {"w": jax.random.normal(keys[2], (3, 4), jnp.float64)}
+    transform = optim.scale_by_kronecker_factors(0.1, relative=True)
+    params = {"w": jnp.zeros((3, 4), jnp.float64)}
+    step, _ = transform.update(gradient, transform.init(params), params, blocks={
+        "w": KroneckerBlock(jnp.asarray(a), jnp.asarray(g), jnp.asarray(mask),
+                            jnp.asarray(0.0))})
+    gamma = 0.1 * (np.trace(a) / 3) * (np.trace(g) / 4)
+    expected = _dense_step(a, g, mask, 0.0, gamma, np.asarray(gradient["w"]))
+    assert relative_error(step["w"], expected) <= F64
+
+
+def _quadratic_problem(seed=19):
+    """A 3 x 4 weight under E(w) = 1/2 vec(w)^T H vec(w) + c^T vec(w), G = H, and blocks whose
+    Kronecker product is not H (so the preconditioned direction is not Newton's)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    hessian = _spd(keys[0], 12) + np.eye(12)
+    c = np.asarray(jax.random.normal(keys[1], (12,), jnp.float64))
+    blocks = {"w": KroneckerBlock(jnp.asarray(_spd(keys[2], 3) + np.eye(3)),
+                                  jnp.asarray(_spd(keys[3], 4) + np.eye(4)),
+                                  jnp.ones((3, 4), jnp.float64), jnp.asarray(0.0))}
+
+    def energy(params):
+        w = params["w"].reshape(-1)
+        return 0.5 * w @ jnp.asarray(hessian) @ w + jnp.asarray(c) @ w
+
+    def gauss_newton(v):
+        return {"w": (jnp.asarray(hessian) @ v["w"].reshape(-1)).reshape(3, 4)}
+
+    w0 = {"w": jax.random.normal(keys[4], (3, 4), jnp.float64)}
+    return hessian, c, blocks, energy, gauss_newton, w0
+
+
+def test_adaptive_kfac_steps_minimise_the_quadratic_model_over_direction_and_last_step():
+    """First step: alpha d with alpha = -g^T d / d^T (G + lambda I) d; second: alpha d + mu p
+    with (alpha, mu) NumPy's solution of the 2 x 2 model, d the damped Kronecker direction
+    (NumPy's dense solve) and p the first step."""
+    hessian, c, blocks, energy, gauss_newton, params = _quadratic_problem()
+    damping = 0.5
+    transform = optim.kfac_adaptive(initial_damping=damping, decay=0.0)
+    state = transform.init(params)
+    previous = np.zeros(12)
+    for step_number in range(2):
+        w = np.asarray(params["w"]).reshape(-1)
+        g = hessian @ w + c
+        damping = float(state.damping)
+        a, gg = np.asarray(blocks["w"].a), np.asarray(blocks["w"].g)
+        d = -_dense_step(a, gg, np.ones((3, 4)), 0.0, damping, g.reshape(3, 4)).reshape(-1)
+        curvature = hessian + damping * np.eye(12)
+        if step_number == 0:
+            expected = -(g @ d) / (d @ curvature @ d) * d
+        else:
+            m = np.array([[d @ curvature @ d, d @ curvature @ previous],
+                          [d @ curvature @ previous, previous @ curvature @ previous]])
+            alpha, mu = np.linalg.solve(m, -np.array([g @ d, g @ previous]))
+            expected = alpha * d + mu * previous
+        updates, state = transform.update({"w": jnp.asarray(g.reshape(3, 4))}, state, params,
+                                          blocks=blocks, gauss_newton=gauss_newton,
+                                          batch_energy=energy)
+        assert relative_error(updates["w"].reshape(-1), expected) <= F64
+        params = optax.apply_updates(params, updates)
+        previous = expected
+
+
+def test_adaptive_kfac_damping_follows_the_reduction_ratio():
+    """On E equal to its quadratic model the ratio is 1 (> 3/4): lambda shrinks by omega; on
+    E plus a term the model does not see that raises E, the ratio is < 1/4: lambda grows."""
+    hessian, c, blocks, energy, gauss_newton, params = _quadratic_problem()
+    g = {"w": jnp.asarray((hessian @ np.asarray(params["w"]).reshape(-1) + c).reshape(3, 4))}
+    transform = optim.kfac_adaptive(initial_damping=0.5, omega=0.8)
+    state = transform.init(params)
+    _, trusted = transform.update(g, state, params, blocks=blocks, gauss_newton=gauss_newton,
+                                  batch_energy=energy)
+    assert float(trusted.ratio) == pytest.approx(1.0, rel=1e-9)
+    assert float(trusted.damping) == pytest.approx(0.5 * 0.8, rel=1e-6)
+
+    def raised(at):
+        return energy(at) + 100 * jnp.sum((at["w"] - params["w"]) ** 2)
+
+    _, refused = transform.update(g, state, params, blocks=blocks, gauss_newton=gauss_newton,
+                                  batch_energy=raised)
+    assert float(refused.ratio) < 0.25
+    assert float(refused.damping) == pytest.approx(0.5 / 0.8, rel=1e-6)
+    for options, message in ((dict(initial_damping=0.0), "initial_damping must be > 0"),
+                             (dict(omega=1.0), r"omega must be in \(0, 1\)"),
+                             (dict(decay=1.0), r"decay must be in \[0, 1\)")):
+        with pytest.raises(ValueError, match="kfac_adaptive: " + message):
+            optim.kfac_adaptive(**options)
+
+
+def test_a_kfac_pass_of_one_batch_is_one_adaptive_update_with_that_batchs_parts():
+    """`procedures.kfac_passes` with the whole data as its one batch (no shuffling, every
+    curvature column): each pass is `optim.kfac_adaptive`'s update given the batch's
+    Kronecker blocks, `gauss_newton_product` and E, applied by hand (float64, L2 on)."""
+    model = nets.build_mlp(5, 3, hidden_layers=2, hidden_units=4, activation="sigmoid")
+    objective = nets.lecture_objective(0.2)
+    x = jax.random.normal(jax.random.PRNGKey(20), (12, 5), jnp.float64)
+    targets = _targets(jax.random.PRNGKey(21), 12, 3)
+    params = _init(model, (-1, 5))
+    procedure = procedures.kfac_passes(model, objective, x, targets, batch_size=12,
+                                       initial_damping=0.3, sampled=False, shuffle=False,
+                                       guard=None)
+    state = procedure.init(params, jax.random.key(22))
+    state, _ = jax.jit(procedures.run_steps, static_argnums=(0, 3))(procedure, state, 0, 2)
+    transform = optim.kfac_adaptive(initial_damping=0.3)
+    by_hand, by_hand_state = params, transform.init(params)
+    for _ in range(2):
+        _, grads = nets.manual(model, objective)(by_hand, x, targets)
+        updates, by_hand_state = transform.update(
+            grads, by_hand_state, by_hand,
+            blocks=kronecker_factors(model, objective)(by_hand, x, targets),
+            gauss_newton=lambda v, at=by_hand: gauss_newton_product(model, objective)(
+                at, x, targets, v),
+            batch_energy=lambda at: objective.value(at, model.apply(at, x), targets))
+        by_hand = optax.apply_updates(by_hand, updates)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(by_hand)):
+        assert relative_error(a, b) <= F64

@@ -46,8 +46,10 @@ import jax.numpy as jnp
 import optax
 
 from nets import engines
+from nets.kronecker import kronecker_factors
 from nets.layers import Layer
 from nets.losses import Objective
+from training import optim
 from training.metrics import classification_error, predicted_labels, target_labels
 
 __all__ = [
@@ -455,6 +457,7 @@ def stochastic_passes(
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     monitor: Monitor | None = None, guard: Guard | None = DEFAULT_GUARD,
     guard_every_step: bool = False,
+    per_batch: Callable[..., dict] | None = None,
 ) -> Procedure:
     """Stochastic gradient descent in which one step of the procedure is one pass over the data.
 
@@ -464,7 +467,11 @@ def stochastic_passes(
     examples of its order. `curvature(params) -> h` (e.g. the Gauss-Newton diagonal averaged
     over a subset) is evaluated once at the start of each pass and handed to the optimizer as
     `update(..., curvature=h)` (`optim.diagonal_levenberg_marquardt`); optimizers that take
-    no such argument ignore it. `augment(key, x_batch) -> x_batch` transforms each batch.
+    no such argument ignore it. `per_batch(params, x_batch, targets_batch, key, objective)
+    -> dict` is evaluated before every batch's update and its entries handed to the
+    optimizer as extra arguments (`kfac_passes`: the batch's Kronecker blocks, Gauss-Newton
+    product and objective), with a key of its own from the batch's and the objective the
+    batch's gradient is of. `augment(key, x_batch) -> x_batch` transforms each batch.
     A model with dropout (`model.stochastic`) gets a new key every batch, from the state's
     key like the order; E after the pass is measured at inference (no dropout).
     The L2 term keeps lambda/(2m) with m the size of the data set (module docstring of
@@ -485,7 +492,8 @@ def stochastic_passes(
     if not 1 <= batch_size <= examples:
         raise ValueError(
             f"stochastic_passes: batch_size must be in [1, {examples}], got {batch_size}")
-    value_and_grad = engine(model, objective._replace(l2=objective.l2 * batch_size / examples))
+    batch_objective = objective._replace(l2=objective.l2 * batch_size / examples)
+    value_and_grad = engine(model, batch_objective)
     optimizer = optax.with_extra_args_support(optimizer)
 
     def init(params, key):
@@ -509,11 +517,16 @@ def stochastic_passes(
             if model.stochastic:
                 batch_key, dropout_key = jax.random.split(batch_key)
             energy, grad = value_and_grad(params, xb, targets[batch], dropout_key)
+            batch_extra = extra
+            if per_batch is not None:
+                batch_key, extra_key = jax.random.split(batch_key)
+                batch_extra = {**extra, **per_batch(params, xb, targets[batch], extra_key,
+                                                    batch_objective)}
             if guard is not None and step_guard is None:  # guarded_update injects otherwise
                 grad = _inject_nan(guard, grad, index)
             params, opt_state, guard_state = guarded_update(
                 optimizer, params, opt_state, guard_state, energy, grad, index, step_guard,
-                **extra)
+                **batch_extra)
             finite = finite & jnp.isfinite(energy)
             return (params, opt_state, guard_state, finite, batch_key), None
 
@@ -534,6 +547,34 @@ def stochastic_passes(
         return _finish(state, proposal, index, None, monitor, {})
 
     return Procedure(init, step)
+
+
+def kfac_passes(model: Layer, objective: Objective, x: jax.Array, targets: jax.Array, *,
+                batch_size: int, initial_damping: float = 1.0, decay: float = 0.95,
+                relative: bool = False, sampled: bool = True, shuffle: bool = True,
+                **options: Any) -> Procedure:
+    """`stochastic_passes` with Martens and Grosse's K-FAC (`optim.kfac_adaptive`): before
+    each batch's update, its Kronecker blocks (`nets.kronecker.kronecker_factors`, one
+    sampled curvature column per example unless `sampled=False`), its Gauss-Newton product
+    (`nets.engines.gauss_newton_product`) and its objective E are handed to the optimizer,
+    which rescales the preconditioned direction by the quadratic model and adapts its
+    damping. `options` go to `stochastic_passes` (engine, monitor, guard, ...).
+    record: as `stochastic_passes`'."""
+    def per_batch(params, x_batch, targets_batch, key, batch_objective):
+        def gauss_newton(v):
+            return engines.gauss_newton_product(model, batch_objective)(params, x_batch,
+                                                                        targets_batch, v)
+
+        def energy(at):
+            return batch_objective.value(at, model.apply(at, x_batch), targets_batch)
+
+        blocks = kronecker_factors(model, batch_objective)(
+            params, x_batch, targets_batch, sample_key=key if sampled else None)
+        return {"blocks": blocks, "gauss_newton": gauss_newton, "batch_energy": energy}
+
+    optimizer = optim.kfac_adaptive(initial_damping, decay, relative)
+    return stochastic_passes(model, objective, optimizer, x, targets, batch_size=batch_size,
+                             shuffle=shuffle, per_batch=per_batch, **options)
 
 
 def _checked_after_the_pass(scan_pass, guard: Guard):
