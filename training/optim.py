@@ -152,6 +152,17 @@ def _identity_block(path: tuple[Any, ...], leaf: jax.Array) -> KroneckerBlock:
                           jnp.ones((k, c), leaf.dtype), jnp.zeros((), leaf.dtype))
 
 
+def _averaged(old: Any, new: Any, first: jax.Array, decay: float) -> Any:
+    """The blocks' running averages, A <- decay A + (1 - decay) A_new (G alike; the new one
+    whole on the first estimate), with the new masks and penalties."""
+    def mix(past, fresh):
+        return jnp.where(first, fresh, decay * past + (1 - decay) * fresh).astype(past.dtype)
+
+    return jax.tree.map(lambda o, n: KroneckerBlock(
+        mix(o.a, n.a), mix(o.g, n.g), n.mask.astype(o.mask.dtype),
+        jnp.asarray(n.penalty, o.penalty.dtype)), old, new, is_leaf=_is_block)
+
+
 def _damped_factors(block: KroneckerBlock, damping: float, relative: bool) -> DampedFactors:
     """Factored Tikhonov damping (Martens and Grosse 2015, section 6.3): A + pi sqrt(gamma) I
     and G + sqrt(gamma) / pi I, gamma = damping (times the block's scale (tr A / K)(tr G / C)
@@ -225,18 +236,10 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
         blocks = jax.tree_util.tree_map_with_path(_identity_block, params)
         return KroneckerFactoredState(blocks, factored(blocks), jnp.zeros((), jnp.int32))
 
-    def averaged(old, new, first):
-        def mix(past, fresh):
-            return jnp.where(first, fresh, decay * past + (1 - decay) * fresh).astype(past.dtype)
-        return KroneckerBlock(mix(old.a, new.a), mix(old.g, new.g), new.mask.astype(
-            old.mask.dtype), jnp.asarray(new.penalty, old.penalty.dtype))
-
     def update(updates, state, params=None, *, blocks=None, **extra_args):
         del params, extra_args
         if blocks is not None:
-            first = state.estimates == 0
-            averages = jax.tree.map(lambda old, new: averaged(old, new, first), state.blocks,
-                                    blocks, is_leaf=_is_block)
+            averages = _averaged(state.blocks, blocks, state.estimates == 0, decay)
             state = KroneckerFactoredState(averages, factored(averages), state.estimates + 1)
         steps = jax.tree.map(lambda g, damped: _solve(damped, g), updates, state.damped)
         return steps, state
@@ -327,13 +330,7 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
     def update(updates, state, params=None, *, blocks, gauss_newton, batch_energy,
                **extra_args):
         del extra_args
-        first = state.estimates == 0
-        averages = jax.tree.map(
-            lambda old, new: KroneckerBlock(*(
-                jnp.where(first, n, decay * o + (1 - decay) * n).astype(o.dtype)
-                for o, n in zip(old[:2], new[:2])), new.mask.astype(old.mask.dtype),
-                jnp.asarray(new.penalty, old.penalty.dtype)),
-            state.blocks, blocks, is_leaf=_is_block)
+        averages = _averaged(state.blocks, blocks, state.estimates == 0, decay)
         damping = state.damping
         damped = jax.tree.map(lambda block: _damped_factors(block, damping, relative),
                               averages, is_leaf=_is_block)
