@@ -1,6 +1,6 @@
 """K-FAC against SGD and Adam on the zip-code digits, by epochs and by seconds.
 
-    python -m experiments.kfac [--workdir DIR] [--model lenet1989|mlp] [--epochs 10]
+    python -m experiments.kfac [--workdir DIR] [--model lenet1989|mlp|lenet5] [--epochs 10]
         [--batch-size 256] [--optimizers sgd,adam,kfac,kfac_adaptive]
         [--sgd-lr 0.003,0.01,0.03] [--adam-lr 0.003,0.01,0.03] [--kfac-lr 0.003,0.01,0.03]
         [--damping 0.03] [--adaptive-damping 1] [--refresh-every 1] [--exact] [--seed 0]
@@ -10,7 +10,12 @@ the hand-written passes (`nets.kronecker.kronecker_factors`: the layers' inputs,
 and the loss's curvature sent back through the backward passes) and the step of
 `training.optim.kfac` (each leaf's gradient under its damped block A (x) G, then SGD with
 momentum 0.9). The net is the 1989 recipe's (LeNet-1989, tanh, squared error against +-1
-targets, U(+-2.4/sqrt(F)) weights) or a 256-100-10 tanh MLP, trained in mini-batches of
+targets, U(+-2.4/sqrt(F)) weights) or a 256-100-10 tanh MLP on the zip-code digits, or
+LeNet-5 (its scaled tanh, a Dense output under softmax cross-entropy) on MNIST's test images
+(the first 8,000 for training, the last 2,000 for testing, as `experiments.lenet5` without
+the full files), where the trainable subsampling layers S2 and S4 have no Kronecker form
+and get the exact diagonal of their Gauss-Newton blocks (`nets.kronecker.DiagonalBlock`;
+the optimisers are given the model). It is trained in mini-batches of
 `--batch-size` from the same initial weights and the same shuffled batches for every
 optimiser: SGD with momentum 0.9 and Adam at each step size of their grids, K-FAC at each of
 its own with the blocks re-estimated every `--refresh-every` steps from that step's batch
@@ -59,16 +64,17 @@ import numpy as np
 import optax
 
 import nets
+from experiments.lenet5 import to_lenet5_input
 from nets import models
 from nets.engines import gauss_newton_product
-from nets.kronecker import kronecker_factors
+from nets.kronecker import DiagonalBlock, kronecker_factors
 from training import data, optim, plots, results
-from training.config import option, parse, run_main
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 from training.logbook import Progress
 
 EXPERIMENT = "kfac"
-MODELS = ("lenet1989", "mlp")
+MODELS = ("lenet1989", "mlp", "lenet5")
 OPTIMIZERS = ("sgd", "adam", "kfac", "kfac_adaptive")
 MOMENTUM = 0.9
 QUALITY_MAX_PARAMETERS = 6000  # a leaf's exact block is its size squared (6000: 144 MB)
@@ -76,8 +82,8 @@ QUALITY_MAX_PARAMETERS = 6000  # a leaf's exact block is its size squared (6000:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = option("lenet1989", "the net: LeNet-1989 or a 256-100-10 tanh MLP",
-                        choices=MODELS)
+    model: str = option("lenet1989", "the net: LeNet-1989 or a 256-100-10 tanh MLP on USPS, "
+                        "or LeNet-5 on MNIST's test images", choices=MODELS)
     optimizers: tuple[str, ...] = option(OPTIMIZERS, "comma-separated optimisers to run",
                                          choices=OPTIMIZERS)
     epochs: int = option(10, "passes over the training digits", ge=1)
@@ -94,16 +100,37 @@ class Config:
                           ge=0, lt=1)
     refresh_every: int = option(1, "re-estimate K-FAC's blocks every this many steps", ge=1)
     exact: bool = option(False, "K-FAC's G from all ten curvature columns, not one sample")
-    train_examples: int = option(0, "first USPS training digits (0: all 7,291)", ge=0)
-    test_examples: int = option(0, "first USPS test digits (0: all 2,007)", ge=0)
+    train_examples: int = option(0, "first training digits (0: all 7,291 of USPS, 8,000 of "
+                                 "MNIST)", ge=0)
+    test_examples: int = option(0, "first test digits (0: all 2,007 of USPS, 2,000 of MNIST)",
+                                ge=0)
     seed: int = option(0, "seed of the initial weights, the batches and K-FAC's samples", ge=0)
     quality_examples: int = option(64, "training digits on which each leaf's Kronecker block "
                                        "is set beside its exact Gauss-Newton block (0: none)",
                                    ge=0)
 
 
+def _mnist_splits(config: Config):
+    """LeNet-5's ((x, one-hot targets, labels) train, (...) test) from MNIST's test images."""
+    images, labels = data.load_mnist("test")
+    splits = []
+    for rows, limit in ((slice(0, 8000), config.train_examples),
+                        (slice(8000, None), config.test_examples)):
+        x, y = images[rows], labels[rows]
+        if limit > len(x):
+            raise ConfigError(f"option --{'train' if rows.start == 0 else 'test'}-examples: "
+                              f"got {limit}; allowed: at most {len(x)}")
+        x, y = (x[:limit], y[:limit]) if limit else (x, y)
+        splits.append((to_lenet5_input(x), jnp.asarray(data.one_hot(y, 10)), jnp.asarray(y)))
+    return splits
+
+
 def build(config: Config):
-    """(model, objective, ((x, targets, labels) train, (...) test)); targets +-1."""
+    """(model, objective, ((x, targets, labels) train, (...) test)); targets +-1 (USPS) or
+    one-hot (MNIST)."""
+    if config.model == "lenet5":
+        return (models.lenet5(), nets.Objective(nets.softmax_cross_entropy(), 0.0),
+                _mnist_splits(config))
     splits = []
     for images, labels in data.load_usps_splits(config.train_examples, config.test_examples):
         x = images.reshape(-1, 16, 16, 1) if config.model == "lenet1989" else images
@@ -117,14 +144,15 @@ def build(config: Config):
     return model, nets.Objective(nets.mean_squared_error(), 0.0), splits
 
 
-def optimizer(name: str, learning_rate: float, config: Config) -> optax.GradientTransformation:
+def optimizer(name: str, learning_rate: float, config: Config, model
+              ) -> optax.GradientTransformation:
     if name == "sgd":
         return optax.sgd(learning_rate, MOMENTUM)
     if name == "adam":
         return optax.adam(learning_rate)
     if name == "kfac_adaptive":
-        return optim.kfac_adaptive(learning_rate, config.decay)
-    return optim.kfac(learning_rate, config.damping, config.decay, MOMENTUM)
+        return optim.kfac_adaptive(learning_rate, config.decay, model=model)
+    return optim.kfac(learning_rate, config.damping, config.decay, MOMENTUM, model=model)
 
 
 def step_functions(model, objective, name: str, transform, config: Config):
@@ -166,7 +194,7 @@ def train_one(model, objective, params, splits, name: str, learning_rate: float,
     """One optimiser at one step size: (the trained params, a record of the per-epoch
     history, the seconds of its steps (compilation apart) and its compile time)."""
     train, test = splits
-    transform = optimizer(name, learning_rate, config)
+    transform = optimizer(name, learning_rate, config, model)
     state = transform.init(params)
     plain, refreshing = step_functions(model, objective, name, transform, config)
     examples = train[0].shape[0]
@@ -222,8 +250,9 @@ def _with_leaf(params, index: int, key: str, value):
 def block_quality(model, objective, params, x, targets) -> list[dict]:
     """For each leaf, its exact Gauss-Newton block B = J^T H J on (x, targets) (J by
     `jax.jacobian` of the outputs in the leaf, H by `jax.hessian` of E in the outputs) beside
-    K-FAC's exact-column A (x) G (`kronecker_factors`): the relative Frobenius error of A (x) G,
-    and for comparison that of B's own diagonal (what a diagonal method such as LeCun's
+    K-FAC's exact-column A (x) G (`kronecker_factors`; a `DiagonalBlock` as its diagonal
+    matrix): the relative Frobenius error of A (x) G, and for comparison that of B's own
+    diagonal (what a diagonal method such as LeCun's
     keeps at best), over the leaf's parameters (a connection table's zeros left out). A leaf
     of more than QUALITY_MAX_PARAMETERS is listed with its size and no errors."""
     blocks = kronecker_factors(model, objective)(params, x, targets)
@@ -243,13 +272,18 @@ def block_quality(model, objective, params, x, targets) -> list[dict]:
                 leaf.reshape(-1))
             exact = np.asarray(jacobian.T @ hessian @ jacobian, np.float64)
             block = blocks[index][key]
-            kept = np.asarray(block.mask).reshape(-1) > 0
+            if isinstance(block, DiagonalBlock):  # a layer without factors: its diagonal
+                kept = np.ones(leaf.size, bool)
+                approximation = np.diag(np.asarray(block.diagonal, np.float64).reshape(-1))
+            else:
+                kept = np.asarray(block.mask).reshape(-1) > 0
+                approximation = np.kron(np.asarray(block.a, np.float64),
+                                        np.asarray(block.g, np.float64))[np.ix_(kept, kept)]
             exact = exact[np.ix_(kept, kept)]
-            kronecker = np.kron(np.asarray(block.a, np.float64),
-                                np.asarray(block.g, np.float64))[np.ix_(kept, kept)]
             norm = np.linalg.norm(exact)
             rows.append({"layer": layer.name, "leaf": key, "parameters": int(kept.sum()),
-                         "kfac_relative_error": float(np.linalg.norm(kronecker - exact) / norm),
+                         "kfac_relative_error": float(np.linalg.norm(approximation - exact)
+                                                      / norm),
                          "diagonal_relative_error": float(np.linalg.norm(
                              exact - np.diag(np.diag(exact))) / norm)})
     return rows
@@ -280,7 +314,7 @@ def plot(path, best: dict[str, dict]) -> None:
             f"{name} ({run['learning_rate']:g})": (
                 [row["epoch"] for row in run["history"]],
                 [row["test_error"] for row in run["history"]]) for name, run in best.items()}},
-    ], title="K-FAC, SGD and Adam on the zip-code digits")
+    ], title="K-FAC, SGD and Adam")
 
 
 def main(argv=None):

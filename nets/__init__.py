@@ -25,7 +25,7 @@ from nets.accounting import count as count_model
 from nets.attention import PositionalEmbedding, SelfAttention, transformer_lm
 from nets.conv import Conv2D, lenet5_c3_table, lenet1989_h2_table
 from nets.engines import accumulated, autodiff, get_engine, manual, manual_vjp, with_manual_vjp
-from nets.kronecker import KroneckerBlock, kronecker_factors
+from nets.kronecker import DiagonalBlock, KroneckerBlock, kronecker_factors
 from nets.layers import (
     ACTIVATIONS,
     Dense,
@@ -110,6 +110,7 @@ __all__ = [
     "initializers",
     "kronecker",
     "KroneckerBlock",
+    "DiagonalBlock",
     "kronecker_factors",
     "layers",
     "losses",

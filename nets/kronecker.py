@@ -22,6 +22,15 @@ leaf, so each leaf is its own block: a weight with (K, C) = (fan-in, outputs) an
 with K = 1 (its A is 1, or T for a shared convolution bias; its G is exact for a Dense or an
 unshared bias). The leaf, read as a (K, C) matrix V (`leaf.reshape(K, C)`, the
 `Factors` order), is multiplied by the block as A V G.
+
+A layer with parameters but no `factors` (LeNet-5's trainable subsampling, LayerNorm, an
+embedding, a recurrent cell, attention, ...) gets the diagonal of its exact Gauss-Newton
+block instead (`DiagonalBlock`, as kfac-jax treats the layers it has no Kronecker form for):
+
+    diag(G_theta) = sum_n sum_j (J_n^T u_nj)^2,
+
+each term the square of one example's parameter gradient from one curvature column, by the
+layer's own backward pass on a batch of one (vmapped over the examples and the columns).
 """
 from __future__ import annotations
 
@@ -32,9 +41,11 @@ import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key, is_serial, layer_keys
 from nets.losses import Objective, is_weight
+from nets.normalization import batch_coupled_layers
 from nets.varying import batch_product, is_split, reshape_keeping_batch, split_like
 
-__all__ = ["KroneckerBlock", "kronecker_factors", "block_shape"]
+__all__ = ["KroneckerBlock", "DiagonalBlock", "kronecker_factors", "block_shape",
+           "identity_blocks"]
 
 
 class KroneckerBlock(NamedTuple):
@@ -49,6 +60,22 @@ class KroneckerBlock(NamedTuple):
     g: jax.Array
     mask: jax.Array
     penalty: jax.Array
+
+
+class DiagonalBlock(NamedTuple):
+    """One parameter leaf's Gauss-Newton block kept as its diagonal (module docstring).
+
+    diagonal, the leaf's shape: diag(sum_n J_n^T H_n J_n) for that leaf; penalty as in
+    `KroneckerBlock` (lambda/m on a weight, 0 on other leaves), which adds (lambda/m) I.
+    """
+
+    diagonal: jax.Array
+    penalty: jax.Array
+
+
+def is_block(value: Any) -> bool:
+    """Whether a value is one leaf's block (Kronecker or diagonal): `jax.tree` `is_leaf`."""
+    return isinstance(value, (KroneckerBlock, DiagonalBlock))
 
 
 def block_shape(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, int]:
@@ -66,13 +93,49 @@ def _chain(model: Layer) -> tuple[Layer, ...]:
     return model.sublayers if is_serial(model) else (model,)
 
 
+def _has_diagonal_blocks(layer: Layer, layer_params: Any) -> bool:
+    return bool(jax.tree.leaves(layer_params)) and layer.factors is None
+
+
 def _check_model(model: Layer, params: Any) -> None:
-    """Every layer with parameters gives `factors` for each of its leaves."""
+    """Every layer with parameters but no `factors` sees each example alone (no BatchNorm on
+    batch statistics) and draws no random numbers, so that its diagonal comes from its
+    backward on a batch of one."""
     for layer, layer_params in zip(_chain(model), params if is_serial(model) else (params,)):
-        if jax.tree.leaves(layer_params) and layer.factors is None:
-            raise ValueError(f"kronecker_factors: {model.name}: layer {layer.name!r} has "
-                             "parameters but no `factors` (Kronecker blocks exist for Dense "
-                             "and ungrouped Conv2D layers)")
+        if not _has_diagonal_blocks(layer, layer_params):
+            continue
+        coupled = batch_coupled_layers(layer, layer_params)
+        if coupled:
+            raise ValueError(f"kronecker_factors: {model.name}: layer {layer.name!r} has no "
+                             f"`factors` and its layers {coupled} normalise with their batch's "
+                             "statistics (BatchNorm), so its diagonal blocks have no "
+                             "per-example form")
+        if layer.stochastic:
+            raise ValueError(f"kronecker_factors: {model.name}: layer {layer.name!r} has no "
+                             "`factors` and draws random numbers: its diagonal blocks would "
+                             "need the batch's masks one example at a time")
+
+
+def identity_blocks(model: Layer, params: Any) -> Any:
+    """params' structure with the block `kronecker_factors(model, ...)` gives each leaf, as
+    an identity (A = I, G = I, or a diagonal of ones; penalty 0, mask 1): the blocks an
+    optimiser holds before its first estimate (`training.optim`'s `model=`)."""
+    _check_model(model, params)
+
+    def kronecker(path, leaf):
+        k, c = block_shape(path, leaf.shape)
+        return KroneckerBlock(jnp.eye(k, dtype=leaf.dtype), jnp.eye(c, dtype=leaf.dtype),
+                              jnp.ones((k, c), leaf.dtype), jnp.zeros((), leaf.dtype))
+
+    def diagonal(leaf):
+        return DiagonalBlock(jnp.ones_like(leaf), jnp.zeros((), leaf.dtype))
+
+    chain_params = params if is_serial(model) else (params,)
+    per_layer = tuple(
+        jax.tree.map(diagonal, layer_params) if _has_diagonal_blocks(layer, layer_params)
+        else jax.tree_util.tree_map_with_path(kronecker, layer_params)
+        for layer, layer_params in zip(_chain(model), chain_params))
+    return per_layer if is_serial(model) else per_layer[0]
 
 
 def curvature_columns(objective: Objective, outputs: jax.Array,
@@ -134,6 +197,32 @@ def _layer_blocks(layer: Layer, layer_params: Any, x: jax.Array, columns: jax.Ar
     return blocks
 
 
+def _diagonal_blocks(layer: Layer, layer_params: Any, x: jax.Array, columns: jax.Array,
+                     penalty: float) -> Any:
+    """params' structure with a `DiagonalBlock` per leaf of one layer without `factors`, from
+    its input x (batch, ...) and the curvature columns at its output (classes, batch, ...):
+    sum_n sum_j (the layer's parameter gradient for example n alone, column j)^2. The
+    per-example gradients are formed (batch x columns x the layer's parameters at once)."""
+    if is_split(x):
+        raise ValueError(f"kronecker_factors: layer {layer.name!r} has no `factors`: its "
+                         "diagonal blocks are formed one example at a time, which a batch "
+                         "split over Explicit mesh axes does not support")
+
+    def squares(x_n, columns_n):
+        _, kept = layer.forward(layer_params, x_n[None])
+        grads = jax.vmap(lambda dy: layer.backward(layer_params, kept, dy[None])[0])(columns_n)
+        return jax.tree.map(lambda g: jnp.sum(g ** 2, axis=0), grads)
+
+    summed = jax.tree.map(lambda s: jnp.sum(s, axis=0),
+                          jax.vmap(squares, in_axes=(0, 1))(x, columns))
+
+    def block(path, leaf, diagonal):
+        share = penalty if is_weight(path) else 0.0
+        return DiagonalBlock(diagonal.astype(leaf.dtype), jnp.asarray(share, leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(block, layer_params, summed)
+
+
 def kronecker_factors(model: Layer, objective: Objective):
     """The Kronecker blocks of E's Gauss-Newton matrix (module docstring), by hand.
 
@@ -144,11 +233,15 @@ def kronecker_factors(model: Layer, objective: Objective):
     with parameters turns its input and the columns at its output into A and G by its
     `factors`. With a `sample_key`, one random column per example, u_n = L_n e_n with e_n ~
     N(0, I), whose u_n u_n^T has mean H_n (Martens and Grosse's Monte Carlo estimate): one
-    backward pass in place of one per output, and G an unbiased estimate. The model
-    is a `serial` chain (or one layer) whose layers with parameters all have `factors`
-    (Dense, Conv2D with one group: MLPs, LeNet-1989, the modern LeNet); others are refused
-    by name, as are outputs that are not (batch, classes). A key runs a stochastic model
-    (dropout) with those masks held fixed, as the engines do.
+    backward pass in place of one per output, and G an unbiased estimate. The model is a
+    `serial` chain (or one layer). Its layers with `factors` (Dense, Conv2D with one group)
+    get a `KroneckerBlock` per leaf; the others with parameters a `DiagonalBlock` per leaf
+    (the exact diagonal, or with a `sample_key` its unbiased estimate; module docstring), so
+    LeNet-5 (its subsampling), the recurrent nets and the transformer get blocks too; a
+    wrapper such as `residual` is one layer, all of it diagonal. Refused by name: such a
+    layer that normalises over the batch (BatchNorm) or draws random numbers, or on a batch
+    split over Explicit mesh axes, and outputs that are not (batch, classes). A key runs a
+    stochastic model (dropout) with those masks held fixed, as the engines do.
     """
     chained = is_serial(model)
     layers = _chain(model)
@@ -175,7 +268,10 @@ def kronecker_factors(model: Layer, objective: Objective):
         per_layer = list(chain_params)  # layers without parameters keep their ()
         for index in reversed(range(len(layers))):
             layer, layer_params = layers[index], chain_params[index]
-            if jax.tree.leaves(layer_params):
+            if _has_diagonal_blocks(layer, layer_params):
+                per_layer[index] = _diagonal_blocks(layer, layer_params, inputs[index],
+                                                    columns, penalty)
+            elif jax.tree.leaves(layer_params):
                 per_layer[index] = _layer_blocks(layer, layer_params, inputs[index], columns,
                                                  penalty)
             if index > 0 and any(jax.tree.leaves(p) for p in chain_params[:index]):

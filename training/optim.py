@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nets.kronecker import KroneckerBlock, block_shape
+from nets.kronecker import DiagonalBlock, KroneckerBlock, block_shape, identity_blocks, is_block
 
 __all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenbergMarquardtState",
            "lecun1998_schedule", "scale_by_kronecker_factors", "KroneckerFactoredState",
-           "DampedFactors", "kfac", "kfac_adaptive", "AdaptiveKroneckerState"]
+           "DampedFactors", "DampedDiagonal", "kfac", "kfac_adaptive", "AdaptiveKroneckerState"]
 
 
 def _is_positive_finite(value: Any) -> bool:
@@ -142,8 +142,10 @@ class DampedFactors(NamedTuple):
     mask: jax.Array
 
 
-def _is_block(value: Any) -> bool:
-    return isinstance(value, KroneckerBlock)
+class DampedDiagonal(NamedTuple):
+    """The inverse of a leaf's damped diagonal block, 1 / (d + gamma), the leaf's shape."""
+
+    inverse: jax.Array
 
 
 def _identity_block(path: tuple[Any, ...], leaf: jax.Array) -> KroneckerBlock:
@@ -152,15 +154,43 @@ def _identity_block(path: tuple[Any, ...], leaf: jax.Array) -> KroneckerBlock:
                           jnp.ones((k, c), leaf.dtype), jnp.zeros((), leaf.dtype))
 
 
+def _initial_blocks(params: Any, model) -> Any:
+    """Identity blocks of the kinds `nets.kronecker.kronecker_factors(model, ...)` gives, or
+    Kronecker ones for every leaf without a model."""
+    if model is None:
+        return jax.tree_util.tree_map_with_path(_identity_block, params)
+    return identity_blocks(model, params)
+
+
 def _averaged(old: Any, new: Any, first: jax.Array, decay: float) -> Any:
-    """The blocks' running averages, A <- decay A + (1 - decay) A_new (G alike; the new one
-    whole on the first estimate), with the new masks and penalties."""
+    """The blocks' running averages, A <- decay A + (1 - decay) A_new (G and a diagonal
+    alike; the new one whole on the first estimate), with the new masks and penalties."""
     def mix(past, fresh):
         return jnp.where(first, fresh, decay * past + (1 - decay) * fresh).astype(past.dtype)
 
-    return jax.tree.map(lambda o, n: KroneckerBlock(
-        mix(o.a, n.a), mix(o.g, n.g), n.mask.astype(o.mask.dtype),
-        jnp.asarray(n.penalty, o.penalty.dtype)), old, new, is_leaf=_is_block)
+    def average(o, n):
+        if type(o) is not type(n):
+            raise ValueError(f"K-FAC: a {type(n).__name__} arrived for a leaf the optimiser "
+                             f"holds a {type(o).__name__} for: give the optimiser the model "
+                             "(`model=`) so that it starts from the blocks' own kinds")
+        penalty = jnp.asarray(n.penalty, o.penalty.dtype)
+        if isinstance(o, DiagonalBlock):
+            return DiagonalBlock(mix(o.diagonal, n.diagonal), penalty)
+        return KroneckerBlock(mix(o.a, n.a), mix(o.g, n.g), n.mask.astype(o.mask.dtype),
+                              penalty)
+
+    return jax.tree.map(average, old, new, is_leaf=is_block)
+
+
+def _damped(block: KroneckerBlock | DiagonalBlock, damping: float, relative: bool
+            ) -> DampedFactors | DampedDiagonal:
+    """A block damped and inverted: `_damped_factors` for a Kronecker one; 1 / (d + gamma)
+    for a diagonal one, gamma = damping (times mean(d) if relative) + its L2 share."""
+    if isinstance(block, KroneckerBlock):
+        return _damped_factors(block, damping, relative)
+    scale = jnp.maximum(jnp.mean(block.diagonal), jnp.finfo(block.diagonal.dtype).tiny)
+    gamma = damping * (scale if relative else 1) + block.penalty
+    return DampedDiagonal(1 / (block.diagonal + gamma))
 
 
 def _damped_factors(block: KroneckerBlock, damping: float, relative: bool) -> DampedFactors:
@@ -186,16 +216,18 @@ def _spd_inverse(matrix: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(matrix, lower=True), identity)
 
 
-def _solve(damped: DampedFactors, gradient: jax.Array) -> jax.Array:
+def _solve(damped: DampedFactors | DampedDiagonal, gradient: jax.Array) -> jax.Array:
     """(A + pi sqrt(gamma) I)^-1 V (G + sqrt(gamma) / pi I)^-1, masked, for the leaf's gradient
-    read as V (K, C)."""
+    read as V (K, C); a diagonal block's gradient / (d + gamma)."""
+    if isinstance(damped, DampedDiagonal):
+        return (gradient * damped.inverse).astype(gradient.dtype)
     k, c = damped.mask.shape
     solved = damped.a @ gradient.reshape(k, c) @ damped.g
     return (solved * damped.mask).reshape(gradient.shape).astype(gradient.dtype)
 
 
-def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bool = False
-                               ) -> optax.GradientTransformationExtraArgs:
+def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bool = False,
+                               *, model=None) -> optax.GradientTransformationExtraArgs:
     """Each leaf's gradient preconditioned by its Kronecker-factored Gauss-Newton block:
     V <- (A + pi sqrt(gamma) I)^-1 V (G + sqrt(gamma)/pi I)^-1 (K-FAC's direction, Martens and
     Grosse 2015, with their factored Tikhonov damping; without their adaptive step and
@@ -215,10 +247,16 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
         curvature: in a deep sigmoid net the blocks' scales span 1e-10 to 0.2 (USPS, eight
         hidden layers), and one absolute gamma either swamps the lowest layers' curvature
         (their steps then plain gradient steps of size 1/gamma) or leaves the top ones'
-        undamped.
+        undamped. A diagonal block (`nets.kronecker.DiagonalBlock`) is damped as d + gamma,
+        gamma = damping (times mean(d) if relative) + its L2 share.
+      model: the model the blocks come from, when some of its layers get diagonal blocks
+        (layers without `factors`: LeNet-5's subsampling, recurrent cells, ...): the state
+        then starts from identities of the same kinds (`nets.kronecker.identity_blocks`).
+        Without it every leaf starts from a Kronecker identity.
     Returns:
       An `optax.GradientTransformationExtraArgs`; before any estimate the blocks are
-      identities (the step is the gradient scaled by 1/(1 + sqrt(gamma))^2).
+      identities (the step is the gradient scaled by 1/(1 + sqrt(gamma))^2, or by
+      1/(1 + gamma) on a diagonal block).
     Raises:
       ValueError for a damping that is not a finite number > 0 or a decay outside [0, 1).
     """
@@ -229,11 +267,11 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
         raise ValueError(f"scale_by_kronecker_factors: decay must be in [0, 1), got {decay}")
 
     def factored(blocks):
-        return jax.tree.map(lambda block: _damped_factors(block, damping, relative), blocks,
-                            is_leaf=_is_block)
+        return jax.tree.map(lambda block: _damped(block, damping, relative), blocks,
+                            is_leaf=is_block)
 
     def init(params):
-        blocks = jax.tree_util.tree_map_with_path(_identity_block, params)
+        blocks = _initial_blocks(params, model)
         return KroneckerFactoredState(blocks, factored(blocks), jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None, *, blocks=None, **extra_args):
@@ -248,12 +286,13 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
 
 
 def kfac(learning_rate: float | optax.Schedule, damping: float, decay: float = 0.95,
-         momentum: float | None = None, relative: bool = False
+         momentum: float | None = None, relative: bool = False, *, model=None
          ) -> optax.GradientTransformationExtraArgs:
-    """K-FAC's steps: `scale_by_kronecker_factors(damping, decay, relative)` then optax's SGD
-    with `learning_rate` (a number or a schedule) and `momentum` (None for none). Pass the
-    blocks as `update(grads, state, params, blocks=...)` whenever they are re-estimated."""
-    return optax.chain(scale_by_kronecker_factors(damping, decay, relative),
+    """K-FAC's steps: `scale_by_kronecker_factors(damping, decay, relative, model=model)` then
+    optax's SGD with `learning_rate` (a number or a schedule) and `momentum` (None for none).
+    Pass the blocks as `update(grads, state, params, blocks=...)` whenever they are
+    re-estimated."""
+    return optax.chain(scale_by_kronecker_factors(damping, decay, relative, model=model),
                        optax.sgd(learning_rate, momentum))
 
 
@@ -286,7 +325,8 @@ def _step_coefficients(m11, m12, m22, b1, b2):
 
 
 def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: bool = False,
-                  omega: float = 19 / 20) -> optax.GradientTransformationExtraArgs:
+                  omega: float = 19 / 20, *, model=None
+                  ) -> optax.GradientTransformationExtraArgs:
     """K-FAC as Martens and Grosse (2015, sections 6-7) step: the preconditioned direction,
     rescaled and given momentum by the exact quadratic model, with Levenberg-Marquardt damping.
 
@@ -309,6 +349,7 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
       decay: in [0, 1), the blocks' running averages' weight on the past.
       relative: damp the blocks (step 1) relative to each one's scale.
       omega: in (0, 1), lambda's factor.
+      model: as `scale_by_kronecker_factors`' (needed when some blocks are diagonal).
     Raises:
       ValueError for values outside those ranges.
     """
@@ -321,7 +362,7 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
         raise ValueError(f"kfac_adaptive: omega must be in (0, 1), got {omega}")
 
     def init(params):
-        blocks = jax.tree_util.tree_map_with_path(_identity_block, params)
+        blocks = _initial_blocks(params, model)
         return AdaptiveKroneckerState(blocks, jnp.zeros((), jnp.int32),
                                       jnp.asarray(initial_damping, jnp.float32),
                                       jax.tree.map(jnp.zeros_like, params),
@@ -332,8 +373,8 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
         del extra_args
         averages = _averaged(state.blocks, blocks, state.estimates == 0, decay)
         damping = state.damping
-        damped = jax.tree.map(lambda block: _damped_factors(block, damping, relative),
-                              averages, is_leaf=_is_block)
+        damped = jax.tree.map(lambda block: _damped(block, damping, relative),
+                              averages, is_leaf=is_block)
         proposal = jax.tree.map(lambda g, factors: -_solve(factors, g), updates, damped)
         previous = state.previous
         g_proposal, g_previous = gauss_newton(proposal), gauss_newton(previous)

@@ -572,7 +572,7 @@ def kfac_passes(model: Layer, objective: Objective, x: jax.Array, targets: jax.A
             params, x_batch, targets_batch, sample_key=key if sampled else None)
         return {"blocks": blocks, "gauss_newton": gauss_newton, "batch_energy": energy}
 
-    optimizer = optim.kfac_adaptive(initial_damping, decay, relative)
+    optimizer = optim.kfac_adaptive(initial_damping, decay, relative, model=model)
     return stochastic_passes(model, objective, optimizer, x, targets, batch_size=batch_size,
                              shuffle=shuffle, per_batch=per_batch, **options)
 
