@@ -52,10 +52,16 @@ and 0.939 at the initial weights, 0.563 and 0.565 after K-FAC's run; the convolu
 (H1) and 0.888 (H2) against 0.955 and 0.996 (0.828, 0.919 after): KFC's assumption of
 spatially uncorrelated output gradients holds poorly on 8x8 and 4x4 maps with unshared
 biases.
+
+`--model lenet5` (2026-12-06, seed 0, 7 min 42 s): best final training loss K-FAC 0.0010 at
+0.01 (test error 1.95%, 39 of 2,000 missed), Adam 0.0032 at 0.01 (2.80%), SGD 0.0223 at 0.03
+(2.25%); kfac_adaptive 0.0022 (1.45%, 29 missed). A step: K-FAC 74.1 ms, kfac_adaptive
+129.4, Adam 15.1, SGD 15.4.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -110,16 +116,27 @@ class Config:
                                    ge=0)
 
 
+# (training, test) examples of each model's data: USPS's, or MNIST's test images cut in two
+SIZES = {"lenet1989": (7291, 2007), "mlp": (7291, 2007), "lenet5": (8000, 2000)}
+
+
+def check_sizes(config: Config) -> None:
+    """--train-examples and --test-examples within the data (a ConfigError before the run)."""
+    for option_name, asked, available in zip(("train", "test"), (
+            config.train_examples, config.test_examples), SIZES[config.model]):
+        if asked > available:
+            raise ConfigError(f"option --{option_name}-examples: got {asked}; allowed: at "
+                              f"most {available} with --model {config.model}")
+
+
 def _mnist_splits(config: Config):
     """LeNet-5's ((x, one-hot targets, labels) train, (...) test) from MNIST's test images."""
     images, labels = data.load_mnist("test")
+    train, _ = SIZES["lenet5"]
     splits = []
-    for rows, limit in ((slice(0, 8000), config.train_examples),
-                        (slice(8000, None), config.test_examples)):
+    for rows, limit in ((slice(0, train), config.train_examples),
+                        (slice(train, None), config.test_examples)):
         x, y = images[rows], labels[rows]
-        if limit > len(x):
-            raise ConfigError(f"option --{'train' if rows.start == 0 else 'test'}-examples: "
-                              f"got {limit}; allowed: at most {len(x)}")
         x, y = (x[:limit], y[:limit]) if limit else (x, y)
         splits.append((to_lenet5_input(x), jnp.asarray(data.one_hot(y, 10)), jnp.asarray(y)))
     return splits
@@ -247,6 +264,17 @@ def _with_leaf(params, index: int, key: str, value):
     return tuple(chain)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _exact_block(model, params, x, hessian, index: int, key: str) -> jax.Array:
+    """J^T H J of one leaf, J by `jax.jacobian` of the outputs in it (compiled: run op by op
+    it took most of a small LeNet-5 run's time)."""
+    leaf = params[index][key]
+    jacobian = jax.jacobian(lambda flat: model.apply(
+        _with_leaf(params, index, key, flat.reshape(leaf.shape)), x).reshape(-1))(
+        leaf.reshape(-1))
+    return jacobian.T @ hessian @ jacobian
+
+
 def block_quality(model, objective, params, x, targets) -> list[dict]:
     """For each leaf, its exact Gauss-Newton block B = J^T H J on (x, targets) (J by
     `jax.jacobian` of the outputs in the leaf, H by `jax.hessian` of E in the outputs) beside
@@ -267,10 +295,7 @@ def block_quality(model, objective, params, x, targets) -> list[dict]:
                 rows.append({"layer": layer.name, "leaf": key, "parameters": int(leaf.size),
                              "kfac_relative_error": None, "diagonal_relative_error": None})
                 continue
-            jacobian = jax.jacobian(lambda flat, index=index, key=key, leaf=leaf: model.apply(
-                _with_leaf(params, index, key, flat.reshape(leaf.shape)), x).reshape(-1))(
-                leaf.reshape(-1))
-            exact = np.asarray(jacobian.T @ hessian @ jacobian, np.float64)
+            exact = np.asarray(_exact_block(model, params, x, hessian, index, key), np.float64)
             block = blocks[index][key]
             if isinstance(block, DiagonalBlock):  # a layer without factors: its diagonal
                 kept = np.ones(leaf.size, bool)
@@ -319,6 +344,7 @@ def plot(path, best: dict[str, dict]) -> None:
 
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    check_sizes(config)
     run = open_run(EXPERIMENT, config, args)
     model, objective, splits = build(config)
     params = model.init(jax.random.key(config.seed), (-1, *splits[0][0].shape[1:]))[1]

@@ -15,7 +15,7 @@ from nets import losses
 from nets.engines import gauss_newton_product
 from nets.gradcheck import relative_error
 from nets.kronecker import DiagonalBlock, KroneckerBlock, kronecker_factors
-from tests.helpers import F64, tolerance
+from tests.helpers import F64, assert_refused_before_the_run, tolerance
 from training import optim, procedures
 
 
@@ -316,6 +316,33 @@ def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
         output = by_leaf["output", "w"]  # 8 examples of 100 inputs: approximate
         assert 1e-3 < output["kfac_relative_error"] < 1
         assert 0 < output["diagonal_relative_error"] < 1
+
+
+@pytest.mark.slow
+def test_experiment_on_lenet5_takes_mnist_and_diagonal_blocks(tmp_path):
+    """`--model lenet5`: MNIST's first test images for training and its last for testing,
+    K-FAC's runs with the subsampling layers' diagonal blocks, whose quality row is the
+    exact block's own diagonal (the two errors equal up to float32)."""
+    kfac_experiment.main([
+        "--workdir", str(tmp_path), "--model", "lenet5", "--epochs", "1", "--batch-size", "16",
+        "--train-examples", "32", "--test-examples", "20", "--optimizers", "kfac",
+        "--kfac-lr", "0.01", "--quality-examples", "2"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    (run,) = document["runs"]
+    assert run["history"][1]["test_misses"] == round(20 * run["history"][1]["test_error"])
+    rows = {(row["layer"], row["leaf"]): row for row in document["block_quality"]["initial"]}
+    for leaf in ("S2", "w"), ("S2", "b"), ("S4", "w"), ("S4", "b"):
+        row = rows[leaf]
+        assert row["kfac_relative_error"] == pytest.approx(row["diagonal_relative_error"],
+                                                           rel=tolerance(jnp.float32)), leaf
+    assert rows["C5", "b"]["kfac_relative_error"] <= tolerance(jnp.float32)  # a Dense-like bias
+    assert_refused_before_the_run(kfac_experiment.main, tmp_path,
+                                  ["--model", "lenet5", "--train-examples", "8001"],
+                                  "option --train-examples: got 8001; allowed: at most 8000 "
+                                  "with --model lenet5")
+    assert_refused_before_the_run(kfac_experiment.main, tmp_path,
+                                  ["--model", "mlp", "--test-examples", "2008"],
+                                  "option --test-examples: got 2008; allowed: at most 2007")
 
 
 SPLIT_CASES = {
