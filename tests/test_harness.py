@@ -272,6 +272,47 @@ def test_the_compilation_cache_can_be_moved_or_turned_off(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def _cache_entry(directory, key, size, used_s, recorded_s=None):
+    """A fake cache entry of `size` bytes (sparse: no disk), last used `used_s` seconds after
+    the epoch, with JAX's own record of a later use when `recorded_s` is given."""
+    entry = directory / f"{key}-cache"
+    with open(entry, "wb") as file:
+        file.truncate(size)
+    os.utime(entry, (used_s, used_s))
+    if recorded_s is not None:
+        (directory / f"{key}-atime").write_bytes((recorded_s * 10**9).to_bytes(8, "little"))
+    return entry
+
+
+def test_pruning_keeps_the_most_recently_used_entries_within_the_limit(tmp_path):
+    """Oldest use first (a file's times, or JAX's record where it is later), until the sizes
+    sum to at most the limit; the records go with their entries."""
+    for key, used, recorded in (("k0", 1000, 9000), ("k1", 2000, None), ("k2", 3000, None),
+                                ("k3", 4000, 1500), ("k4", 5000, None)):
+        _cache_entry(tmp_path, key, 100, used, recorded)
+    assert harness.prune_compilation_cache(tmp_path, 250) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k0-atime", "k0-cache", "k4-cache"]
+    assert harness.prune_compilation_cache(tmp_path, 250) == 0
+    assert harness.prune_compilation_cache(tmp_path / "absent", 0) == 0
+
+
+def test_the_cache_is_pruned_when_turned_on_and_not_on_each_write(tmp_path):
+    """Three entries of 1 GiB (sparse) in the default directory: the oldest goes when the
+    cache is turned on, leaving the 2 GiB limit; the process's own entries are then written
+    beside the other two without JAX's eviction, which would have removed one (and fails
+    on entries without its records)."""
+    default = tmp_path / "cache" / "jax-compilation"
+    default.mkdir(parents=True)
+    kept = [_cache_entry(default, key, 2**30, used) for key, used in (
+        ("old", 1000), ("newer", 2000), ("newest", 3000))][1:]
+    assert cache_probe(tmp_path, "cache") == {"directory": str(default), "hits": 0}
+    entries = {p.name for p in default.glob("*-cache")}
+    assert "old-cache" not in entries and {p.name for p in kept} <= entries
+    written = entries - {p.name for p in kept}
+    assert written and all(name.startswith("jit_") for name in written)
+    assert not list(default.glob("*-atime"))
+
+
 def test_a_benchmark_run_compiles_cold_even_with_a_user_cache(tmp_path):
     users = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "users"),
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
