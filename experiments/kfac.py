@@ -198,12 +198,19 @@ def step_functions(model, objective, name: str, transform, config: Config):
     return plain, refreshing
 
 
-def evaluate(model, objective, params, train, test) -> dict:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _losses_and_misses(model, objective, params, train, test):
     x, targets, _ = train
     test_x, _, test_labels = test
     wrong = jnp.argmax(model.apply(params, test_x), axis=1) != test_labels
-    return {"train_loss": float(objective.value(params, model.apply(params, x), targets)),
-            "test_error": float(jnp.mean(wrong)), "test_misses": int(jnp.sum(wrong))}
+    return objective.value(params, model.apply(params, x), targets), jnp.sum(wrong)
+
+
+def evaluate(model, objective, params, train, test) -> dict:
+    """The training loss and the test error and misses, compiled once per model."""
+    train_loss, misses = _losses_and_misses(model, objective, params, train, test)
+    return {"train_loss": float(train_loss), "test_error": int(misses) / test[0].shape[0],
+            "test_misses": int(misses)}
 
 
 def train_one(model, objective, params, splits, name: str, learning_rate: float,
@@ -283,10 +290,10 @@ def block_quality(model, objective, params, x, targets) -> list[dict]:
     diagonal (what a diagonal method such as LeCun's
     keeps at best), over the leaf's parameters (a connection table's zeros left out). A leaf
     of more than QUALITY_MAX_PARAMETERS is listed with its size and no errors."""
-    blocks = kronecker_factors(model, objective)(params, x, targets)
-    outputs = model.apply(params, x)
-    hessian = jax.hessian(lambda flat: objective.loss.value(flat.reshape(outputs.shape),
-                                                            targets))(outputs.reshape(-1))
+    blocks = jax.jit(kronecker_factors(model, objective))(params, x, targets)
+    outputs = jax.jit(model.apply)(params, x)
+    hessian = jax.jit(jax.hessian(lambda flat: objective.loss.value(
+        flat.reshape(outputs.shape), targets)))(outputs.reshape(-1))
     rows = []
     for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
         for key in (sorted(layer_params) if isinstance(layer_params, dict) else ()):
