@@ -237,10 +237,11 @@ def kronecker_factors(model: Layer, objective: Objective):
     `serial` chain (or one layer). Its layers with `factors` (Dense, Conv2D with one group)
     get a `KroneckerBlock` per leaf; the others with parameters a `DiagonalBlock` per leaf
     (the exact diagonal, or with a `sample_key` its unbiased estimate; module docstring), so
-    LeNet-5 (its subsampling), the recurrent nets and the transformer get blocks too; a
+    LeNet-5 (its subsampling) and a recurrent net read at its last step get blocks too; a
     wrapper such as `residual` is one layer, all of it diagonal. Refused by name: such a
     layer that normalises over the batch (BatchNorm) or draws random numbers, or on a batch
-    split over Explicit mesh axes, and outputs that are not (batch, classes). A key runs a
+    split over Explicit mesh axes, and outputs that are not (batch, classes) (a language
+    model's (batch, time, vocabulary), for one). A key runs a
     stochastic model (dropout) with those masks held fixed, as the engines do.
     """
     chained = is_serial(model)
