@@ -23,6 +23,7 @@ so that entries whose true gradient is nearly zero do not dominate. Cosine simil
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import jax
@@ -439,8 +440,15 @@ def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: ja
     between one example's outputs for softmax cross-entropy and the MAP criterion, whose
     `curvature` keeps only H's diagonal. The independent reference for
     `engines.curvature_diagonal`, whose rule is exact where it is (LeCun et al. 1989: one
-    path per output and a diagonal H).
+    path per output and a diagonal H). Compiled as one program (run op by op, its many
+    small operations each compiled alone took most of a test's time).
     """
+    return jax.jit(functools.partial(_gauss_newton_diagonal, model, objective))(
+        params, x, targets)
+
+
+def _gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,
+                           targets: jax.Array) -> Any:
     flat, unravel, outputs_of = _flat_function(lambda p: model.apply(p, x), params)
     outputs = model.apply(params, x)
     jacobian = jax.jacrev(outputs_of)(flat).reshape(outputs.size, -1)  # (outputs, parameters)
@@ -513,7 +521,11 @@ def hidden_state_product_reference(model: Layer, layers: int):
 
 def hessian_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,
                      targets: jax.Array) -> Any:
-    """jnp.diag(jax.hessian(E)) over all parameters: the true second derivatives."""
-    flat, unravel, energy = _flat_function(
-        lambda p: objective.value(p, model.apply(p, x), targets), params)
-    return unravel(jnp.diag(jax.hessian(energy)(flat)))
+    """jnp.diag(jax.hessian(E)) over all parameters: the true second derivatives (compiled as
+    one program, as `gauss_newton_diagonal`)."""
+    def diagonal(params, x, targets):
+        flat, unravel, energy = _flat_function(
+            lambda p: objective.value(p, model.apply(p, x), targets), params)
+        return unravel(jnp.diag(jax.hessian(energy)(flat)))
+
+    return jax.jit(diagonal)(params, x, targets)
