@@ -54,16 +54,33 @@ def vjp_reference(layer, params, x, dy):
     return pullback(dy)
 
 
+def forward_and_backward(layer, params, x, dy):
+    """y and the hand-written (dparams, dx), compiled as one program (run op by op, each
+    test compiled some hundred single operations)."""
+
+    @jax.jit
+    def run(params, x, dy):
+        y, residuals = layer.forward(params, x)
+        return y, layer.backward(params, residuals, dy)
+
+    return run(params, x, dy)
+
+
+def forward_backward_and_vjp(layer, params, x, dy):
+    """y, the hand-written (dparams, dx) and jax.vjp's (dparams, dx), each compiled whole."""
+    y, manual = forward_and_backward(layer, params, x, dy)
+    return y, manual, jax.jit(lambda *args: vjp_reference(layer, *args))(params, x, dy)
+
+
 @pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_conv_backward_matches_vjp(config, implementation, dtype):
     name, kwargs, input_shape = config
     layer = conv.Conv2D(**kwargs, implementation=implementation, name=name)
     params, x, dy = random_problem(layer, input_shape, dtype)
-    y, residuals = layer.forward(params, x)
+    y, manual, reference = forward_backward_and_vjp(layer, params, x, dy)
     assert y.shape == dy.shape and y.dtype == jnp.dtype(dtype)
-    manual = layer.backward(params, residuals, dy)
-    assert_close_tree(manual, vjp_reference(layer, params, x, dy), dtype, name)
+    assert_close_tree(manual, reference, dtype, name)
     assert float(jnp.linalg.norm(manual[1])) > 0 and float(jnp.linalg.norm(manual[0]["w"])) > 0
 
 
@@ -183,10 +200,9 @@ def test_conv_against_numpy_loops(variant, implementation):
         assert np.all(params["w"][:, :, ~table] != 0)
     expected_y, numpy_backward = numpy_conv_reference(
         x, params["w"], params["b"], (2, 2), pads, -1.0, **extra)
-    y, residuals = layer.forward(params, x)
+    y, (dparams, dx) = forward_and_backward(layer, params, x, dy)
     assert y.shape == expected_y.shape == (2, 5, 5, params["b"].shape[-1])
     assert relative_error(y, expected_y) <= F64
-    dparams, dx = layer.backward(params, residuals, dy)
     for name, got, want in zip(("dw", "db", "dx"), (dparams["w"], dparams["b"], dx),
                                numpy_backward(dy)):
         assert relative_error(got, want) <= F64, name
@@ -210,12 +226,12 @@ def test_a_window_over_the_whole_input_is_a_dense_layer(implementation):
     assert layer.init(jax.random.key(0), (3, 4, 3, 4))[0] == (3, 1, 1, 6)
     expected_y, numpy_backward = numpy_conv_reference(
         x, params["w"], params["b"], (2, 2), ((0, 0), (0, 0)), 0.0, mask=table)
-    y, residuals = layer.forward(params, x)
+    y, (dparams, dx) = forward_and_backward(layer, params, x, dy)
     assert relative_error(y, expected_y) <= F64
-    dparams, dx = layer.backward(params, residuals, dy)
     for name, got, want in zip(("dw", "db", "dx"), (dparams["w"], dparams["b"], dx),
                                numpy_backward(dy)):
         assert relative_error(got, want) <= F64, name
+    _, residuals = layer.forward(params, x)
     _, numpy_curvature = numpy_conv_reference(x**2, params["w"] ** 2, params["b"], (2, 2),
                                               ((0, 0), (0, 0)), 0.0, mask=table)
     d2y = jnp.abs(dy)
@@ -502,11 +518,11 @@ def assert_matches_conv_and_vjp(implementation, name, kwargs, input_shape):
     hand-written backward against jax.vjp, both in float64."""
     layer = conv.Conv2D(**kwargs, implementation=implementation, name=name)
     params, x, dy = random_problem(layer, input_shape, jnp.float64)
-    y, residuals = layer.forward(params, x)
-    expected_y = conv.Conv2D(**kwargs, implementation="conv", name=name).apply(params, x)
+    y, manual, reference = forward_backward_and_vjp(layer, params, x, dy)
+    expected_y = jax.jit(conv.Conv2D(**kwargs, implementation="conv", name=name).apply)(
+        params, x)
     assert relative_error(y, expected_y) <= F64
-    assert_close_tree(layer.backward(params, residuals, dy),
-                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+    assert_close_tree(manual, reference, jnp.float64, name)
 
 
 @pytest.mark.parametrize("min_size", [0, 2**40], ids=["col2im_in_place", "col2im_sum_of_pads"])
@@ -535,13 +551,12 @@ def test_patches_forward_takes_either_product(max_size, monkeypatch):
     name, kwargs, input_shape = CONFIGS[3]  # LeNet-1989's H1: stride 2, -1 padding, unshared
     layer = conv.Conv2D(**kwargs, implementation="patches", name=name)
     params, x, dy = random_problem(layer, input_shape, jnp.float64)
-    y, residuals = layer.forward(params, x)
+    y, manual, reference = forward_backward_and_vjp(layer, params, x, dy)
     expected_y = jax.lax.conv_general_dilated(
         jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0), params["w"],
         (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"][None]
     assert relative_error(y, expected_y) <= F64
-    assert_close_tree(layer.backward(params, residuals, dy),
-                      vjp_reference(layer, params, x, dy), jnp.float64, name)
+    assert_close_tree(manual, reference, jnp.float64, name)
 
 
 @pytest.mark.parametrize("implementation", ["rows", "tiles"])
