@@ -280,7 +280,12 @@ def transformer_case(sizes):
 
 def random_problem(model, input_shape, batch, key):
     """params, inputs (batch, *input_shape) and targets one-hot over 10 classes; for
-    `TokenWindows` ids (batch, context) in and the next ids out."""
+    `TokenWindows` ids (batch, context) in and the next ids out. Drawn by one compiled
+    program (op by op, a model's initialisation compiled each of its draws apart)."""
+    return jax.jit(functools.partial(_random_problem, model, input_shape, batch))(key)
+
+
+def _random_problem(model, input_shape, batch, key):
     label_key = jax.random.fold_in(key, 2)
     if isinstance(input_shape, TokenWindows):
         params = model.init(key, (-1, input_shape.context))[1]
@@ -396,13 +401,15 @@ def product_pair(family, name, model, objective, args, key, repeats, products):
     """The rows `{name}` of `family`: a curvature product by hand and by jax, `products` =
     (manual, reference), each `(model, objective) -> (params, x, targets, v) -> like
     params`, at (params, x, targets) = args for a random v, alternated."""
-    params = args[0]
-    leaves, structure = jax.tree.flatten(params)
-    v = jax.tree.unflatten(structure, [
-        jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
-        for leaf_key, leaf in zip(jax.random.split(jax.random.fold_in(key, 3), len(leaves)),
-                                  leaves)])
-    args = (*args, v)
+
+    @jax.jit
+    def direction(params, key):
+        leaves, structure = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 3), len(leaves))
+        return jax.tree.unflatten(structure, [jax.random.normal(leaf_key, leaf.shape, leaf.dtype)
+                                              for leaf_key, leaf in zip(keys, leaves)])
+
+    args = (*args, direction(args[0], key))
     (manual_fn, manual_compile), (jax_fn, jax_compile) = [
         benchmark.compile_jitted(product(model, objective), *args) for product in products]
     manual, reference = benchmark.compare(manual_fn, args, jax_fn, args, repeats)
@@ -545,7 +552,8 @@ def recipe_agreement(torch, params, images, targets):
     t = torch.tensor(np.asarray(targets[:1]), device=torch_device(torch))
     return torch_agreement(
         torch, "recipe",
-        lambda: value_and_grad(params, jnp.asarray(images[:1]), jnp.asarray(targets[:1])),
+        lambda: jax.jit(value_and_grad)(params, jnp.asarray(images[:1]),
+                                        jnp.asarray(targets[:1])),
         lenet1989_to_torch, lambda x, t: 0.5 * torch.sum((forward(x) - t) ** 2), parameters,
         (x, t))
 
@@ -732,7 +740,7 @@ def family_lenet5_torch(config, key, torch):
     labels = torch.tensor(np.asarray(jnp.argmax(args[2], axis=-1)), dtype=torch.long,
                           device=torch_device(torch))
     agreement = torch_agreement(torch, "lenet5_torch",
-                                lambda: nets.engines.manual(model, objective)(*args),
+                                lambda: jax.jit(nets.engines.manual(model, objective))(*args),
                                 lenet5_to_torch, loss, parameters, (x, labels))
     torch_step = torch_sgd_step(torch, loss, parameters)
     ours, theirs = benchmark.compare(step, args, torch_step, (x, labels), config.repeats)
@@ -926,11 +934,17 @@ def rnn_problem(kind, sizes, key, unroll=1, recompute_every=None):
     model = recurrent.sequence_model([recurrent.make_cell(kind, hidden)], RNN_OUTPUTS,
                                      last_step=True, unroll=unroll,
                                      recompute_every=recompute_every)
-    params = model.init(key, (-1, time_steps, RNN_INPUTS))[1]
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, time_steps, RNN_INPUTS),
-                          jnp.float32)
-    targets = jax.random.normal(jax.random.fold_in(key, 2), (batch, RNN_OUTPUTS), jnp.float32)
-    return model, (params, x, targets)
+
+    @jax.jit
+    def draw(key):
+        params = model.init(key, (-1, time_steps, RNN_INPUTS))[1]
+        x = jax.random.normal(jax.random.fold_in(key, 1), (batch, time_steps, RNN_INPUTS),
+                              jnp.float32)
+        targets = jax.random.normal(jax.random.fold_in(key, 2), (batch, RNN_OUTPUTS),
+                                    jnp.float32)
+        return params, x, targets
+
+    return model, draw(key)
 
 
 def torch_rnn(torch, cell, params):
@@ -1037,7 +1051,7 @@ def family_rnn(config, key, torch):
                            for a in args[1:])
         check = functools.partial(
             torch_agreement, torch, f"rnn/{kind}",
-            functools.partial(nets.manual(models[kind], mse), *args),
+            functools.partial(jax.jit(nets.manual(models[kind], mse)), *args),
             functools.partial(rnn_torch_gradients, cell), loss, parameters, torch_args)
         agreement = check()
         native = kind == "lstm" and torch_device(torch) == "cpu"

@@ -84,14 +84,21 @@ def diagonals(name, model, objective, input_shape, classes, with_hessian, vocabu
               batch, seed):
     """[(layer, param, backpropagated, gauss_newton, hessian or None)], one per parameter
     tensor, as float64 NumPy arrays, at a random point and batch drawn from seed and name."""
-    key_params, key_x, key_t = jax.random.split(jax.random.fold_in(jax.random.key(seed),
-                                                                   len(name)), 3)
-    with jax.enable_x64(True):
+    def random_point(key):
+        key_params, key_x, key_t = jax.random.split(key, 3)
         params = gradcheck.astype(model.init(key_params, (-1, *input_shape))[1], jnp.float64)
         x = (jax.random.normal(key_x, (batch, *input_shape), jnp.float64) if vocabulary is None
              else jax.random.randint(key_x, (batch, *input_shape), 0, vocabulary))
         targets = jnp.where(jax.random.bernoulli(key_t, 0.5, (batch, classes)), 1.0, -1.0)
-        backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
+        return params, x, targets
+
+    with jax.enable_x64(True):
+        # compiled whole, not run op by op: for two small nets that compiled 141 programs,
+        # now 12 (20.3 against 16.1 s)
+        params, x, targets = jax.jit(random_point)(
+            jax.random.fold_in(jax.random.key(seed), len(name)))
+        backpropagated = jax.jit(nets.engines.curvature_diagonal(model, objective))(
+            params, x, targets)
         exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
         hessian = (jax.tree.leaves(gradcheck.hessian_diagonal(model, objective, params, x,
                                                                targets))

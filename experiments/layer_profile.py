@@ -197,7 +197,8 @@ def profile_model(name: str, case, seed: int, repeats: int,
     label, model, objective, input_shape, batch = case
     key = jax.random.key(seed)
     params, x, targets = bench.random_problem(model, input_shape, batch, key)
-    inputs = [x] + [output for _, output in nets.layer_outputs(model, params, x)]
+    inputs = [x] + jax.jit(lambda p, x: [y for _, y in nets.layer_outputs(model, p, x)])(
+        params, x)
     rows = []
     for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
         y = inputs[index + 1]

@@ -266,7 +266,17 @@ def _frozen(state: TrainState) -> jax.Array:
 
 # --- procedures ----------------------------------------------------------------------------
 
+def _energy_function(model: Layer, objective: Objective):
+    """(params, x, targets) -> E, compiled as one program. A procedure's init runs where the
+    caller runs it, usually outside jit, where op by op it compiled every single operation of
+    the forward pass (LeNet-1989's: 58 programs)."""
+    return jax.jit(lambda params, x, targets: objective.value(params, model.apply(params, x),
+                                                              targets))
+
+
 def _full_batch_init(value_and_grad, optimizer, x, targets, stop_window):
+    value_and_grad = jax.jit(value_and_grad)  # one program, as `_energy_function`
+
     def init(params, key):
         energy, grad = value_and_grad(params, x, targets)
         return TrainState(params, optimizer.init(params), energy, grad, _key_data(key),
@@ -388,9 +398,10 @@ def misclassified(
     batch_value_and_grad = engine(model, objective._replace(
         l2=objective.l2 * batch_size / examples))
     true_labels = target_labels(targets)
+    energy_of = _energy_function(model, objective)
 
     def init(params, key):
-        energy = objective.value(params, model.apply(params, x), targets)
+        energy = energy_of(params, x, targets)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return TrainState(params, optimizer.init(params), energy, zeros, _key_data(key),
                           jnp.array(0, jnp.int32), _stop_init(stop_window, energy),
@@ -495,10 +506,10 @@ def stochastic_passes(
     batch_objective = objective._replace(l2=objective.l2 * batch_size / examples)
     value_and_grad = engine(model, batch_objective)
     optimizer = optax.with_extra_args_support(optimizer)
+    energy_of = _energy_function(model, objective)
 
     def init(params, key):
-        energy = objective.value(params, model.apply(params, x), targets)
-        return initial_state(params, optimizer.init(params), key, energy)
+        return initial_state(params, optimizer.init(params), key, energy_of(params, x, targets))
 
     def step(state, index):
         key, order_key = _split(state.key)
@@ -971,8 +982,10 @@ def hessian_free(
         energy, grad = value_and_grad(state.params, x_batch, targets_batch)
         return key, x_batch, targets_batch, energy.astype(state.energy.dtype), grad
 
+    initial_value_and_grad = jax.jit(value_and_grad)  # one program, as `_energy_function`
+
     def init(params, key):
-        energy, grad = value_and_grad(params, x, targets)
+        energy, grad = initial_value_and_grad(params, x, targets)
         flat, _ = jax.flatten_util.ravel_pytree(params)
         state = HessianFreeState(jnp.asarray(damping, flat.dtype), jnp.zeros_like(flat))
         return TrainState(params, state, energy, grad, _key_data(key), jnp.array(0, jnp.int32),
