@@ -111,7 +111,7 @@ def test_parallel_curvature_is_exact_where_each_branch_reaches_the_outputs_once(
     params = generic(model.init(keys[0], (-1, 4))[1], keys[1], jnp.float64)
     x = jax.random.normal(keys[2], (5, 4), jnp.float64)
     y = jax.random.normal(keys[3], (5, 5), jnp.float64)
-    assert_close_tree(engines.curvature_diagonal(model, objective)(params, x, y),
+    assert_close_tree(jax.jit(engines.curvature_diagonal(model, objective))(params, x, y),
                       gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
                       jnp.float64, "parallel")
 
@@ -126,6 +126,18 @@ def test_accounting_counts_every_branch_on_the_same_input():
     assert (count.neurons, count.params, count.macs) == (5, 30, 25)
 
 
+def manual_and_autodiff(model, objective, params, x, targets, key=None):
+    """(E, gradient) of engines.manual and of engines.autodiff (jax.grad), both with `key`,
+    compiled as one program."""
+
+    @jax.jit
+    def run(params, x, targets, key):
+        return (engines.manual(model, objective)(params, x, targets, key),
+                engines.autodiff(model, objective)(params, x, targets, key))
+
+    return run(params, x, targets, key)
+
+
 def test_each_stochastic_branch_draws_its_own_mask_and_the_engines_agree():
     model = layers.serial(layers.parallel(nets.Dropout(0.5, name="a"), nets.Dropout(0.5, name="b")),
                           layers.Dense(2, name="out"))
@@ -137,8 +149,7 @@ def test_each_stochastic_branch_draws_its_own_mask_and_the_engines_agree():
     assert not np.array_equal(y[:, :40] == 0, y[:, 40:] == 0)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     targets = jnp.zeros((3, 2))
-    manual = engines.manual(model, objective)(params, x, targets, key)
-    autodiff = engines.autodiff(model, objective)(params, x, targets, key)
+    manual, autodiff = manual_and_autodiff(model, objective, params, x, targets, key)
     assert_close_tree(manual, autodiff, jnp.float32, "dropout branches")
 
 
@@ -238,16 +249,22 @@ def test_remat_per_example_gradients_and_ghost_norms_match_the_unwrapped_model()
     targets = jax.random.normal(keys[3], (5, 2), jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
 
-    def per_example(net):
+    def per_example_and_ghost_norms(net):
+        """Each example's manual gradient (jax.vmap over examples) and parallel.ghost_norms,
+        compiled as one program."""
         value_and_grad = engines.manual(net, objective)
-        return jax.vmap(lambda xi, ti: value_and_grad(params, xi[None], ti[None])[1])(
-            x, targets)
 
-    assert_close_tree(jax.jit(per_example, static_argnums=0)(model),
-                      jax.jit(per_example, static_argnums=0)(plain), jnp.float64, "vmap")
-    assert_close_tree(parallel.ghost_norms(model, objective)(params, x, targets),
-                      parallel.ghost_norms(plain, objective)(params, x, targets),
-                      jnp.float64, "ghost norms")
+        @jax.jit
+        def run(params, x, targets):
+            per_example = jax.vmap(lambda xi, ti: value_and_grad(params, xi[None], ti[None])[1])
+            return per_example(x, targets), parallel.ghost_norms(net, objective)(params, x, targets)
+
+        return run(params, x, targets)
+
+    remat_grads, remat_norms = per_example_and_ghost_norms(model)
+    plain_grads, plain_norms = per_example_and_ghost_norms(plain)
+    assert_close_tree(remat_grads, plain_grads, jnp.float64, "vmap")
+    assert_close_tree(remat_norms, plain_norms, jnp.float64, "ghost norms")
 
 
 def test_remat_blocks_cut_xlas_temporaries_of_the_step():
@@ -296,9 +313,15 @@ def test_tie_keeps_one_matrix_and_sums_the_gradients_of_its_two_uses(dtype):
     # no penalty where the untied net is the reference: it would count the matrix twice
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     np.testing.assert_array_equal(tied.apply(params, x), untied.apply(untied_params(params), x))
-    _, manual = engines.manual(tied, objective)(params, x, targets)
-    reference = jax.grad(lambda p: objective.value(p, untied.apply(p, x), targets))(
-        untied_params(params))
+
+    @jax.jit
+    def gradients(params, x, targets):
+        """The tied net's manual gradient, and jax.grad of the untied one at b.w = a.w^T."""
+        reference = jax.grad(lambda p: objective.value(p, untied.apply(p, x), targets))(
+            untied_params(params))
+        return engines.manual(tied, objective)(params, x, targets)[1], reference
+
+    manual, reference = gradients(params, x, targets)
     expected = (
         {**reference[0], "w": reference[0]["w"] + reference[2]["w"].T}, (),
         {"b": reference[2]["b"]})
@@ -308,9 +331,15 @@ def test_tie_keeps_one_matrix_and_sums_the_gradients_of_its_two_uses(dtype):
     assert [(row["layer"], row["param"], row["passed"]) for row in report] == [
         ("a", "b", True), ("a", "w", True), ("b", "b", True)]
     if dtype == "float64":
-        tied_h = engines.curvature_diagonal(tied, objective)(params, x, targets)
-        untied_h = engines.curvature_diagonal(untied, objective)(untied_params(params), x,
-                                                                  targets)
+
+        @jax.jit
+        def curvatures(params, x, targets):
+            """The tied net's curvature diagonal, and the untied one's at b.w = a.w^T."""
+            return (engines.curvature_diagonal(tied, objective)(params, x, targets),
+                    engines.curvature_diagonal(untied, objective)(untied_params(params), x,
+                                                                  targets))
+
+        tied_h, untied_h = curvatures(params, x, targets)
         assert_close_tree(tied_h, ({**untied_h[0], "w": untied_h[0]["w"] + untied_h[2]["w"].T},
                                    (), {"b": untied_h[2]["b"]}), dtype, "tied curvature")
 

@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 
 from nets import gradcheck, initializers, layers
-from tests.helpers import F64, assert_close_tree
+from tests.helpers import F64, assert_close_tree, backward_and_vjp
 
 SHAPES = [(1, 1, 1), (3, 5, 2), (17, 8, 13), (64, 33, 10)]  # (batch, in, out)
 
 
-def vjp_reference(layer, params, x, dy):
-    """(dparams, dx) from jax.vjp of layer.apply: the independent reference."""
-    _, pullback = jax.vjp(layer.apply, params, x)
-    return pullback(dy)
+def output_shape_of(layer, params, x):
+    """The shape of layer.apply(params, x), traced only (nothing run)."""
+    return jax.eval_shape(layer.apply, params, x).shape
 
 
 @pytest.mark.parametrize("batch,features_in,features_out", SHAPES)
@@ -24,10 +23,9 @@ def test_dense_backward_matches_vjp(batch, features_in, features_out, dtype):
     params = gradcheck.astype(params, dtype)
     params["b"] = jax.random.normal(keys[2], params["b"].shape, dtype)
     x = jax.random.normal(keys[1], (batch, features_in), dtype)
-    y, residuals = layer.forward(params, x)
-    dy = jax.random.normal(keys[2], y.shape, dtype)
-    assert_close_tree(layer.backward(params, residuals, dy),
-                      vjp_reference(layer, params, x, dy), dtype, "Dense")
+    dy = jax.random.normal(keys[2], output_shape_of(layer, params, x), dtype)
+    manual, reference = backward_and_vjp(layer, params, x, dy)
+    assert_close_tree(manual, reference, dtype, "Dense")
 
 
 ACTIVATION_LAYERS = [layers.Sigmoid, layers.Tanh, layers.Relu, layers.Identity,
@@ -42,11 +40,10 @@ def test_activation_backward_matches_vjp(make_layer, shape, dtype):
     layer = make_layer()
     x_key, dy_key = jax.random.split(jax.random.key(shape[1]))
     x = 3 * jax.random.normal(x_key, shape, dtype)
-    y, residuals = layer.forward((), x)
-    dy = jax.random.normal(dy_key, y.shape, dtype)
-    dparams, dx = layer.backward((), residuals, dy)
+    dy = jax.random.normal(dy_key, output_shape_of(layer, (), x), dtype)
+    (dparams, dx), (_, reference) = backward_and_vjp(layer, (), x, dy)
     assert dparams == ()
-    assert_close_tree(dx, vjp_reference(layer, (), x, dy)[1], dtype, layer.name)
+    assert_close_tree(dx, reference, dtype, layer.name)
 
 
 @pytest.mark.parametrize("make_layer", ACTIVATION_LAYERS)
@@ -55,10 +52,8 @@ def test_activation_backward_at_kinks_and_far_out_matches_vjp(make_layer):
     tiny and large |x| (softplus's -expm1(-y), GELU's tails), float64."""
     layer = make_layer()
     x = jnp.array([[-40.0, -8.0, -1e-3, -1e-12, 0.0, 1e-12, 1e-3, 8.0, 40.0]], jnp.float64)
-    y, residuals = layer.forward((), x)
     dy = jnp.linspace(0.5, 1.5, x.shape[1], dtype=jnp.float64)[None]
-    _, dx = layer.backward((), residuals, dy)
-    reference = vjp_reference(layer, (), x, dy)[1]
+    (_, dx), (_, reference) = backward_and_vjp(layer, (), x, dy)
     np.testing.assert_allclose(dx, reference, rtol=F64, atol=0, err_msg=layer.name)
 
 
@@ -98,6 +93,19 @@ def mish_slope(x):
     return t + x * (1 - t * t) * jax.nn.sigmoid(x)
 
 
+def x_curvature_and_squared_jacobian(layer, x, d2y):
+    """A parameter-free layer's d2x from its forward's residuals, and sum_j (dy_j/dx_i)^2 d2y_j
+    with jax.jacobian's dy/dx (the exact Gauss-Newton diagonal), compiled as one program."""
+
+    @jax.jit
+    def run(x, d2y):
+        _, residuals = layer.forward((), x)
+        jacobian = jax.jacobian(layer.apply, argnums=1)((), x)
+        return layer.curvature((), residuals, d2y)[1], jnp.tensordot(d2y, jacobian**2, axes=2)
+
+    return run(x, d2y)
+
+
 def test_an_activation_of_ones_own_from_elementwise(dtype):
     """Mish (Misra 2019) built with nets.elementwise from its slope worked out by hand, kept
     input: backward against jax.vjp, curvature against jax.jacobian squared (float64)."""
@@ -107,13 +115,12 @@ def test_an_activation_of_ones_own_from_elementwise(dtype):
     y, kept = mish.forward((), x)
     assert kept is x
     dy = jax.random.normal(jax.random.key(1), y.shape, dtype)
-    assert_close_tree(mish.backward((), kept, dy)[1], vjp_reference(mish, (), x, dy)[1], dtype,
-                      "mish")
+    (_, dx), (_, reference) = backward_and_vjp(mish, (), x, dy)
+    assert_close_tree(dx, reference, dtype, "mish")
     if dtype == "float64":
         d2y = jax.random.uniform(jax.random.key(2), y.shape, jnp.float64)
-        jacobian = jax.jacobian(mish.apply, argnums=1)((), x)
-        expected = jnp.tensordot(d2y, jacobian**2, axes=2)
-        np.testing.assert_allclose(mish.curvature((), kept, d2y)[1], expected, rtol=F64)
+        d2x, expected = x_curvature_and_squared_jacobian(mish, x, d2y)
+        np.testing.assert_allclose(d2x, expected, rtol=F64)
     with pytest.raises(ValueError, match="mish: of must be 'output' or 'input', got 'x'"):
         layers.elementwise(jnp.tanh, mish_slope, of="x", name="mish")
 
@@ -151,10 +158,9 @@ def test_serial_backward_matches_vjp_and_runs_right_to_left(dtype):
     assert output_shape == (-1, 4)
     params = gradcheck.astype(params, dtype)
     x = jax.random.normal(jax.random.key(1), (9, 5), dtype)
-    y, residuals = model.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape, dtype)
-    assert_close_tree(model.backward(params, residuals, dy),
-                      vjp_reference(model, params, x, dy), dtype, "serial")
+    dy = jax.random.normal(jax.random.key(2), output_shape_of(model, params, x), dtype)
+    manual, reference = backward_and_vjp(model, params, x, dy)
+    assert_close_tree(manual, reference, dtype, "serial")
 
 
 def test_serial_of_serials_equals_flat_serial():
@@ -238,13 +244,19 @@ def test_embedding_backward_matches_vjp_and_gives_ids_no_gradient(ids_shape, dty
     of the ids' shape (what jax.vjp gives an integer input)."""
     layer, params, ids = random_embedding(ids_shape, dtype=dtype)
     dy = jax.random.normal(jax.random.key(9), (*ids_shape, 3), dtype)
-    _, residuals = layer.forward(params, ids)
-    dparams, dx = layer.backward(params, residuals, dy)
-    _, pullback = jax.vjp(lambda p: layer.apply(p, ids), params)
-    assert_close_tree(dparams, pullback(dy)[0], dtype, f"Embedding{ids_shape}")
+
+    @jax.jit
+    def manual_and_references(params, ids, dy):
+        """backward's (dparams, dx); jax.vjp's dparams in params alone, and its d(ids)."""
+        _, residuals = layer.forward(params, ids)
+        _, pullback = jax.vjp(lambda p: layer.apply(p, ids), params)
+        _, pullback_both = jax.vjp(layer.apply, params, ids)
+        return layer.backward(params, residuals, dy), pullback(dy)[0], pullback_both(dy)[1]
+
+    (dparams, dx), reference, reference_dids = manual_and_references(params, ids, dy)
+    assert_close_tree(dparams, reference, dtype, f"Embedding{ids_shape}")
     assert dx.shape == ids.shape and dx.dtype == jax.dtypes.float0
-    _, pullback_both = jax.vjp(layer.apply, params, ids)
-    assert pullback_both(dy)[1].dtype == jax.dtypes.float0
+    assert reference_dids.dtype == jax.dtypes.float0
 
 
 def test_embedding_is_the_bias_free_dense_on_one_hot_rows():
@@ -264,10 +276,17 @@ def test_embedding_curvature_is_the_exact_gauss_newton_diagonal():
     """d2w against diag(J^T diag(d2y) J), J = dy/dw from jax.jacobian: exact for a lookup."""
     layer, params, ids = random_embedding((3, 4), vocabulary=4, features=2)
     d2y = jax.random.uniform(jax.random.key(5), (3, 4, 2), jnp.float64)
-    _, residuals = layer.forward(params, ids)
-    d2w = layer.curvature(params, residuals, d2y)[0]["w"]
-    jacobian = jax.jacobian(lambda w: layer.apply({"w": w}, ids))(params["w"]).reshape(24, 8)
-    exact = jnp.diag(jacobian.T @ (d2y.reshape(-1)[:, None] * jacobian)).reshape(4, 2)
+
+    @jax.jit
+    def curvature_and_exact(params, ids, d2y):
+        """d2w from the forward's residuals, and diag(J^T diag(d2y) J)."""
+        _, residuals = layer.forward(params, ids)
+        jacobian = jax.jacobian(lambda w: layer.apply({"w": w}, ids))(params["w"])
+        jacobian = jacobian.reshape(24, 8)
+        exact = jnp.diag(jacobian.T @ (d2y.reshape(-1)[:, None] * jacobian)).reshape(4, 2)
+        return layer.curvature(params, residuals, d2y)[0]["w"], exact
+
+    d2w, exact = curvature_and_exact(params, ids, d2y)
     np.testing.assert_allclose(d2w, exact, rtol=1e-14, atol=0)
 
 
@@ -305,11 +324,10 @@ def random_rbf(batch, features, classes, dtype, seed=0):
 @pytest.mark.parametrize("batch,features,classes", [(1, 1, 1), (3, 5, 2), (16, 84, 10)])
 def test_euclidean_rbf_backward_matches_vjp(batch, features, classes, dtype):
     layer, x = random_rbf(batch, features, classes, dtype)
-    s, residuals = layer.forward((), x)
-    ds = jax.random.normal(jax.random.key(features), s.shape, dtype)
-    dparams, dx = layer.backward((), residuals, ds)
+    ds = jax.random.normal(jax.random.key(features), output_shape_of(layer, (), x), dtype)
+    (dparams, dx), (_, reference) = backward_and_vjp(layer, (), x, ds)
     assert dparams == () and dx.dtype == jnp.dtype(dtype)
-    assert_close_tree(dx, vjp_reference(layer, (), x, ds)[1], dtype, "EuclideanRBF")
+    assert_close_tree(dx, reference, dtype, "EuclideanRBF")
 
 
 def test_euclidean_rbf_scores_are_minus_squared_distances():

@@ -33,6 +33,18 @@ def random_batch_norm(shape, dtype, seed=0, eps=1e-5):
     return random_norm(BatchNorm, shape, dtype, seed, eps)
 
 
+def x_curvature_and_exact(layer, params, x, d2y, exact):
+    """layer.curvature's d2x from the forward's residuals, and the reference exact(params, x,
+    d2y), compiled as one program."""
+
+    @jax.jit
+    def run(params, x, d2y):
+        _, residuals = layer.forward(params, x)
+        return layer.curvature(params, residuals, d2y)[1], exact(params, x, d2y)
+
+    return run(params, x, d2y)
+
+
 # BatchNorm has no group of 2 values here: there dx vanishes as eps -> 0
 # (test_batch_norm_hand_computed_column), and its relative error would measure the rounding of
 # that cancellation, not the backward pass.
@@ -83,11 +95,14 @@ def test_curvature_of_x_is_the_squared_jacobian_against_d2y(shape):
     """d2x_i = sum_j (dy_j/dx_i)^2 d2y_j, with the Jacobian from jax.jacobian."""
     layer, params, x = random_layer_norm(shape, jnp.float64, seed=3)
     d2y = jax.random.uniform(jax.random.key(4), shape, jnp.float64)
-    _, residuals = layer.forward(params, x)
-    _, d2x = layer.curvature(params, residuals, d2y)
-    rows = x.reshape(-1, shape[-1])
-    jacobians = jax.vmap(jax.jacobian(lambda row: layer.apply(params, row[None])[0]))(rows)
-    expected = jnp.einsum("rji,rj->ri", jacobians**2, d2y.reshape(-1, shape[-1]))
+
+    def squared_jacobians_of_rows(params, x, d2y):
+        """sum_j (dy_j/dx_i)^2 d2y_j within each row, (rows, features)."""
+        rows = x.reshape(-1, shape[-1])
+        jacobians = jax.vmap(jax.jacobian(lambda row: layer.apply(params, row[None])[0]))(rows)
+        return jnp.einsum("rji,rj->ri", jacobians**2, d2y.reshape(-1, shape[-1]))
+
+    d2x, expected = x_curvature_and_exact(layer, params, x, d2y, squared_jacobians_of_rows)
     assert_close_tree(d2x.reshape(-1, shape[-1]), expected, jnp.float64, "d2x")
 
 
@@ -114,7 +129,7 @@ def test_curvature_of_g_and_b_is_the_exact_gauss_newton_diagonal_at_the_outputs(
     y = jax.random.normal(jax.random.key(3), (6, 4 * 4 * 5 if convolutional else 5),
                           jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    backpropagated = jax.jit(engines.curvature_diagonal(model, objective))(params, x, y)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
     assert_close_tree(backpropagated[1], exact[1], jnp.float64, f"{norm} norm g, b")
 
@@ -238,10 +253,14 @@ def test_batch_norm_curvature_of_x_is_the_squared_jacobian_against_d2y(shape):
     examples) from jax.jacobian."""
     layer, params, x = random_batch_norm(shape, jnp.float64, seed=3)
     d2y = jax.random.uniform(jax.random.key(4), shape, jnp.float64)
-    _, residuals = layer.forward(params, x)
-    _, d2x = layer.curvature(params, residuals, d2y)
-    jacobian = jax.jacobian(lambda x: layer.apply(params, x))(x).reshape(x.size, x.size)
-    expected = (jacobian**2).T @ d2y.reshape(-1)
+
+    def squared_jacobian_of_the_batch(params, x, d2y):
+        """sum_j (dy_j/dx_i)^2 d2y_j over the whole batch, flat."""
+        jacobian = jax.jacobian(lambda x: layer.apply(params, x))(x).reshape(x.size, x.size)
+        return (jacobian**2).T @ d2y.reshape(-1)
+
+    d2x, expected = x_curvature_and_exact(layer, params, x, d2y,
+                                          squared_jacobian_of_the_batch)
     assert_close_tree(d2x.reshape(-1), expected, jnp.float64, "d2x")
 
 
@@ -273,7 +292,7 @@ def test_batch_norm_in_a_net_every_gradient_passes_the_report(convolutional):
     params64, x64 = gradcheck.astype(params, jnp.float64), x.astype(jnp.float64)
     targets64 = targets.astype(jnp.float64)
     for engine in (engines.manual, engines.autodiff):
-        _, grads = engine(model, objective)(params64, x64, targets64)
+        _, grads = jax.jit(engine(model, objective))(params64, x64, targets64)
         weight_norm = float(jnp.linalg.norm(grads[0]["w"]))
         for index in ([0] if convolutional else [0, 3]):
             assert float(jnp.max(jnp.abs(grads[index]["b"]))) <= 1e-12 * weight_norm
@@ -331,7 +350,7 @@ def test_fixed_statistics_curvature_is_the_exact_gauss_newton_diagonal_at_the_ou
     x = jax.random.normal(jax.random.key(2), (6, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(3), (6, 5), jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    backpropagated = jax.jit(engines.curvature_diagonal(model, objective))(params, x, y)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
     assert_close_tree(backpropagated, exact, jnp.float64, "fixed BatchNorm")
 
@@ -343,6 +362,19 @@ def conv_net_with_batch_norms():
     return layers.serial(nets.Conv2D(3, (3, 3), name="conv"), BatchNorm(3, name="bn"),
                          layers.Relu(name="relu"), layers.residual(block, name="res"),
                          nets.Flatten(name="flat"), layers.Dense(2, name="out"))
+
+
+def batch_norm_inputs(model, params, x):
+    """The inputs of `conv_net_with_batch_norms`' two BatchNorms on x, each (examples *
+    positions, 3) in NumPy: the first conv's output, and the inner conv's on the relu's
+    output (batch statistics), compiled as one program."""
+
+    @jax.jit
+    def run(params, x):
+        relu_out = dict(layers.layer_outputs(model, params, x))["relu"]
+        return model.sublayers[0].apply(params[0], x), block_conv_apply(model, params, relu_out)
+
+    return tuple(np.asarray(a).reshape(-1, 3) for a in run(params, x))
 
 
 def test_population_statistics_are_each_batch_norm_inputs_mean_and_variance():
@@ -357,16 +389,15 @@ def test_population_statistics_are_each_batch_norm_inputs_mean_and_variance():
     assert nets.batch_coupled_layers(model) == ["bn", "inner_bn"]
     fixed = nets.with_population_statistics(model, params, x)
     assert nets.batch_coupled_layers(model, fixed) == []
-    conv_out = np.asarray(model.sublayers[0].apply(params[0], x)).reshape(-1, 3)
+    conv_out, inner = batch_norm_inputs(model, params, x)
     np.testing.assert_allclose(fixed[1]["mean"], conv_out.mean(0), rtol=1e-12)
     np.testing.assert_allclose(fixed[1]["var"], conv_out.var(0), rtol=1e-12)
-    relu_out = dict(layers.layer_outputs(model, params, x))["relu"]
-    inner = np.asarray(block_conv_apply(model, params, relu_out)).reshape(-1, 3)
     np.testing.assert_allclose(fixed[3][1][1]["mean"], inner.mean(0), rtol=1e-12)
     np.testing.assert_allclose(fixed[3][1][1]["var"], inner.var(0), rtol=1e-12)
-    batch_output = model.apply(params, x)
-    np.testing.assert_allclose(model.apply(fixed, x), batch_output, rtol=1e-10, atol=1e-12)
-    one = model.apply(fixed, x[3:4])
+    apply = jax.jit(model.apply)
+    batch_output = apply(params, x)
+    np.testing.assert_allclose(apply(fixed, x), batch_output, rtol=1e-10, atol=1e-12)
+    one = apply(fixed, x[3:4])
     np.testing.assert_allclose(one, batch_output[3:4], rtol=1e-10, atol=1e-12)
 
 
@@ -380,16 +411,14 @@ def test_population_statistics_in_batches_are_those_of_the_whole_set(batch_size)
     _, params = model.init(jax.random.key(0), (-1, 6, 6, 2))
     params = gradcheck.astype(params, jnp.float64)
     x = jax.random.normal(jax.random.key(1), (7, 6, 6, 2), jnp.float64) + 3.0
-    conv_out = np.asarray(model.sublayers[0].apply(params[0], x)).reshape(-1, 3)
-    relu_out = dict(layers.layer_outputs(model, params, x))["relu"]
-    inner = np.asarray(block_conv_apply(model, params, relu_out)).reshape(-1, 3)
+    conv_out, inner = batch_norm_inputs(model, params, x)
     measure = functools.partial(nets.with_population_statistics, model, batch_size=batch_size)
+    apply = jax.jit(model.apply)
     for fixed in (measure(params, x), jax.jit(measure)(params, x)):
         for statistics, values in ((fixed[1], conv_out), (fixed[3][1][1], inner)):
             np.testing.assert_allclose(statistics["mean"], values.mean(0), rtol=1e-12)
             np.testing.assert_allclose(statistics["var"], values.var(0), rtol=1e-12)
-        np.testing.assert_allclose(model.apply(fixed, x), model.apply(params, x), rtol=1e-10,
-                                   atol=1e-12)
+        np.testing.assert_allclose(apply(fixed, x), apply(params, x), rtol=1e-10, atol=1e-12)
 
 
 def test_population_statistics_in_float32_batches_keep_float32_accuracy():
@@ -437,8 +466,14 @@ def test_per_example_gradients_need_fixed_statistics_and_average_to_the_batch_gr
                                          r" layers \['norm1'\] normalise with their batch"):
         per_example(params, x, targets)
     fixed = nets.with_population_statistics(model, params, x)
-    _, grads = per_example(fixed, x, targets)
-    _, batch = engines.autodiff(model, objective)(fixed, x, targets)
+
+    @jax.jit
+    def per_example_and_batch_gradients(params, x, targets):
+        """Each example's manual gradient, and jax.grad's of the whole batch."""
+        return (per_example(params, x, targets)[1],
+                engines.autodiff(model, objective)(params, x, targets)[1])
+
+    grads, batch = per_example_and_batch_gradients(fixed, x, targets)
     assert_close_tree(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), batch, jnp.float64,
                       "mean of per-example gradients")
 
@@ -499,11 +534,11 @@ SHARDS = "shards"
 
 def over_shards(function, mapping, shards, *arrays):
     """function(*slices) on `shards` equal slices of each array's batch axis, under
-    `jax.vmap` or `jax.shard_map` over as many CPU devices, both naming the axis SHARDS.
-    Returns function's outputs with the slices' results put back together."""
+    `jax.vmap` or `jax.shard_map` over as many CPU devices, both naming the axis SHARDS and
+    jitted. Returns function's outputs with the slices' results put back together."""
     if mapping == "vmap":
         split = [a.reshape((shards, a.shape[0] // shards) + a.shape[1:]) for a in arrays]
-        outputs = jax.vmap(function, axis_name=SHARDS)(*split)
+        outputs = jax.jit(jax.vmap(function, axis_name=SHARDS))(*split)
         return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), outputs)
     mesh = jax.make_mesh((shards,), (SHARDS,), devices=jax.devices()[:shards],
                          axis_types=(jax.sharding.AxisType.Auto,))
@@ -536,13 +571,21 @@ def test_synchronised_statistics_give_the_whole_batchs_passes(mapping, shards, s
 
     y, dx, d2x, (dparams, d2params) = over_shards(each_shard, mapping, shards, x, dy, d2y)
     dparams, d2params = jax.tree.map(lambda a: a[0], (dparams, d2params))
-    expected_y, pullback = jax.vjp(layer.apply, params, x)
-    expected_dparams, expected_dx = pullback(dy)
+
+    @jax.jit
+    def whole_batch(params, x, dy, d2y):
+        """Plain BatchNorm on the whole batch: y, jax.vjp's (dparams, dx), and d2x from its
+        squared jax.jacobian (in float64) against d2y."""
+        expected_y, pullback = jax.vjp(layer.apply, params, x)
+        local = gradcheck.astype(params, jnp.float64), x.astype(jnp.float64)
+        jacobian = jax.jacobian(lambda x: layer.apply(local[0], x))(local[1])
+        jacobian = jacobian.reshape(x.size, x.size)
+        expected_d2x = ((jacobian**2).T @ d2y.astype(jnp.float64).reshape(-1)).reshape(shape)
+        return expected_y, pullback(dy), expected_d2x
+
+    expected_y, (expected_dparams, expected_dx), expected_d2x = whole_batch(params, x, dy, d2y)
     assert_close_tree((y, dparams, dx), (expected_y, expected_dparams, expected_dx), dtype,
                       f"{mapping}{shape} y, dparams, dx")
-    local = gradcheck.astype(params, jnp.float64), x.astype(jnp.float64)
-    jacobian = jax.jacobian(lambda x: layer.apply(local[0], x))(local[1]).reshape(x.size, x.size)
-    expected_d2x = ((jacobian**2).T @ d2y.astype(jnp.float64).reshape(-1)).reshape(shape)
     xs = np.asarray(x, np.float64).reshape(-1, shape[-1])
     xhat = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5)
     d2ys = np.asarray(d2y, np.float64).reshape(-1, shape[-1])

@@ -28,6 +28,64 @@ def vjp_reference(apply, params, x, dy):
     return pullback(dy)
 
 
+def forward_and_backward(layer, params, x, dy):
+    """y and the hand-written (dparams, dx) from the forward's residuals, compiled as one
+    program."""
+
+    @jax.jit
+    def run(params, x, dy):
+        y, residuals = layer.forward(params, x)
+        return y, layer.backward(params, residuals, dy)
+
+    return run(params, x, dy)
+
+
+def forward_backward_and_curvature(layer, params, x, dy, d2y):
+    """y, the hand-written (dparams, dx) for dy and (d2params, d2x) for d2y, both from the
+    forward's residuals, compiled as one program."""
+
+    @jax.jit
+    def run(params, x, dy, d2y):
+        y, residuals = layer.forward(params, x)
+        return y, layer.backward(params, residuals, dy), layer.curvature(params, residuals, d2y)
+
+    return run(params, x, dy, d2y)
+
+
+def forward_backward_and_vjp(layer, params, x, dy, key=None):
+    """y, the hand-written (dparams, dx) from the forward's residuals, and jax.vjp's (dparams,
+    dx) of layer.apply, all with `key` (None: no key), compiled as one program (run op by op,
+    each test compiled some hundred single operations)."""
+
+    @jax.jit
+    def run(params, x, dy, key):
+        y, residuals = layers.forward_with_key(layer, params, x, key)
+        reference = vjp_reference(lambda p, x: layer.apply(p, x, key), params, x, dy)
+        return y, layer.backward(params, residuals, dy), reference
+
+    return run(params, x, dy, key)
+
+
+def curvature_and_squared_jacobian(layer, params, x, d2y, key):
+    """The hand-written d2params from the forward's residuals with `key`, and the exact
+    Gauss-Newton diagonal of the layer alone, sum (dy/dparams)^2 d2y with jax.jacobian's
+    dy/dparams at the same key, compiled as one program."""
+
+    @jax.jit
+    def run(params, x, d2y, key):
+        _, residuals = layer.forward(params, x, key=key)
+        jacobian = jax.jacobian(lambda p: layer.apply(p, x, key))(params)
+        exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j ** 2, axes=2), jacobian)
+        return layer.curvature(params, residuals, d2y)[0], exact
+
+    return run(params, x, d2y, key)
+
+
+def squared_output_input_gradients(apply, params, x):
+    """Each example's d/dx1 sum(apply(params, x1[None])^2), jax.grad under jax.vmap, jitted."""
+    return jax.jit(jax.vmap(jax.grad(lambda x1: jnp.sum(apply(params, x1[None]) ** 2))))(x)
+
+
 # (layer, input shape): windows that do and do not divide H and W, overlapping 3x3 stride 2.
 CASES = [
     (lambda: pooling.AvgPool(2), (2, 6, 5, 3)),
@@ -54,11 +112,10 @@ def test_backward_matches_vjp(case, dtype):
         params = {"w": normal(params["w"].shape, dtype, 1),
                   "b": normal(params["b"].shape, dtype, 2)}
     x = tie_free(input_shape, dtype)
-    y, residuals = layer.forward(params, x)
+    dy = normal(jax.eval_shape(layer.apply, params, x).shape, dtype, 3)
+    y, manual, reference = forward_backward_and_vjp(layer, params, x, dy)
     assert y.shape == tuple(output_shape) and y.dtype == jnp.dtype(dtype)
-    dy = normal(y.shape, dtype, 3)
-    manual = layer.backward(params, residuals, dy)
-    assert_close_tree(manual, vjp_reference(layer.apply, params, x, dy), dtype, layer.name)
+    assert_close_tree(manual, reference, dtype, layer.name)
     assert float(jnp.linalg.norm(manual[1])) > 0
 
 
@@ -66,9 +123,7 @@ def test_dropout_backward_matches_vjp(dtype):
     layer = pooling.Dropout(0.5)
     key = jax.random.key(7)
     x, dy = normal((4, 3, 5), dtype, 0), normal((4, 3, 5), dtype, 1)
-    y, residuals = layer.forward((), x, key=key)
-    manual = layer.backward((), residuals, dy)
-    reference = vjp_reference(lambda p, x: layer.forward(p, x, key=key)[0], (), x, dy)
+    _, manual, reference = forward_backward_and_vjp(layer, (), x, dy, key)
     assert_close_tree(manual, reference, dtype, "Dropout")
     assert relative_error(manual[1], dy) > 0.1  # the mask did something
 
@@ -81,9 +136,9 @@ def image(rows):
 def test_avg_pool_by_hand():
     """x = 0..15 in a 4x4 grid; the 2x2 means are (0+1+4+5)/4 = 2.5, 4.5, 10.5, 12.5."""
     layer = pooling.AvgPool(2)
-    y, residuals = layer.forward((), image(np.arange(16.0).reshape(4, 4)))
+    y, (_, dx) = forward_and_backward(layer, (), image(np.arange(16.0).reshape(4, 4)),
+                                      image([[4, 8], [12, 16]]))
     np.testing.assert_array_equal(y[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
-    _, dx = layer.backward((), residuals, image([[4, 8], [12, 16]]))
     np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 1, 2, 2], [1, 1, 2, 2],
                                                    [3, 3, 4, 4], [3, 3, 4, 4]])
 
@@ -121,17 +176,15 @@ def test_max_pool_routes_gradient_only_to_the_max():
                [0, 0, 0, 0, 0],
                [6, 0, 7, 0, 8]])
     layer = pooling.MaxPool(3, stride=2)
-    y, residuals = layer.forward((), x)
+    y, (_, dx) = forward_and_backward(layer, (), x, image([[1, 2], [3, 4]]))
     np.testing.assert_array_equal(y[0, :, :, 0], [[9, 9], [9, 9]])
-    _, dx = layer.backward((), residuals, image([[1, 2], [3, 4]]))
     expected = np.zeros((5, 5))
     expected[2, 2] = 1 + 2 + 3 + 4
     np.testing.assert_array_equal(dx[0, :, :, 0], expected)
     # Non-overlapping 2x2 on 4x5: each dy goes to its window's max; the last column is unused.
     x = image([[1, 5, 0, 2, 9], [3, 2, 7, 1, 9], [0, 0, 1, 2, 9], [8, 1, 3, 4, 9]])
-    y, residuals = pooling.MaxPool(2).forward((), x)
+    y, (_, dx) = forward_and_backward(pooling.MaxPool(2), (), x, image([[10, 20], [30, 40]]))
     np.testing.assert_array_equal(y[0, :, :, 0], [[5, 7], [8, 4]])
-    _, dx = pooling.MaxPool(2).backward((), residuals, image([[10, 20], [30, 40]]))
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 10, 0, 0, 0], [0, 0, 20, 0, 0],
                                                    [0, 0, 0, 0, 0], [30, 0, 0, 40, 0]])
 
@@ -142,13 +195,12 @@ def test_max_pool_splits_a_tie_evenly_by_hand():
     x = image([[3, 3, 0, 0, 5, 1],
                [1, 3, 0, 0, 2, 4]])
     layer = pooling.MaxPool(2)
-    y, residuals = layer.forward((), x)
+    twelves = image([[12, 12, 12]])
+    y, (_, dx), (_, d2x) = forward_backward_and_curvature(layer, (), x, twelves, twelves)
     np.testing.assert_array_equal(y[0, :, :, 0], [[3, 0, 5]])
-    _, dx = layer.backward((), residuals, image([[12, 12, 12]]))
     np.testing.assert_array_equal(dx[0, :, :, 0], [[4, 4, 3, 3, 12, 0],
                                                   [0, 4, 3, 3, 0, 0]])
     # the Gauss-Newton diagonal squares the Jacobian's 1/k: 12/9, 12/16, 12
-    _, d2x = layer.curvature((), residuals, image([[12, 12, 12]]))
     np.testing.assert_allclose(d2x[0, :, :, 0], [[12 / 9, 12 / 9, 0.75, 0.75, 12, 0],
                                                  [0, 12 / 9, 0.75, 0.75, 0, 0]], rtol=1e-15)
 
@@ -157,10 +209,8 @@ def test_max_pool_with_a_nan_gives_nan_and_routes_the_rest_as_before():
     """The window holding the NaN outputs NaN and passes its dy to no input (documented in
     MaxPool); the other window is unaffected."""
     x = image([[1.0, 2.0, 3.0, 4.0], [5.0, np.nan, 7.0, 8.0]])
-    layer = pooling.MaxPool(2)
-    y, residuals = layer.forward((), x)
+    y, (_, dx) = forward_and_backward(pooling.MaxPool(2), (), x, image([[1.0, 1.0]]))
     assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 1, 0] == 8.0
-    _, dx = layer.backward((), residuals, image([[1.0, 1.0]]))
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 0, 0, 0], [0, 0, 0, 1]])
 
 
@@ -173,13 +223,12 @@ def test_max_pool_backward_matches_vjp_with_ties(window, stride, dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, 9, 8, 3)), 0), dtype)
     layer = pooling.MaxPool(window, stride)
-    y, residuals = layer.forward((), x)
-    dy = normal(y.shape, dtype, 1)
-    manual = layer.backward((), residuals, dy)
-    assert_close_tree(manual, vjp_reference(layer.apply, (), x, dy), dtype, "MaxPool")
+    dy = normal(jax.eval_shape(layer.apply, (), x).shape, dtype, 1)
+    y, manual, reference = forward_backward_and_vjp(layer, (), x, dy)
+    assert_close_tree(manual, reference, dtype, "MaxPool")
     # the comparison can fail: routing each tie to its first position is far off
-    winner = np.argmax(np.stack([np.asarray(v) for v in pooling._window_views(
-        x, window, stride, y.shape[1:3])]), axis=0)
+    winner = np.argmax(np.stack(pooling._window_views(
+        np.asarray(x), window, stride, y.shape[1:3])), axis=0)
     first_only = np.zeros(x.shape)
     (kh, kw), (sh, sw) = window, stride
     for offset in range(kh * kw):
@@ -200,9 +249,9 @@ def test_subsampling_by_hand():
     assert output_shape == (-1, 2, 2, 1) and params["w"].shape == params["b"].shape == (1,)
     assert float(jnp.abs(params["w"][0])) <= 2.4 / 2  # fan-in 4
     params = {"w": jnp.asarray([0.5], jnp.float64), "b": jnp.asarray([1.0], jnp.float64)}
-    y, residuals = layer.forward(params, image(np.arange(16.0).reshape(4, 4)))
+    y, (dparams, dx) = forward_and_backward(layer, params, image(np.arange(16.0).reshape(4, 4)),
+                                            jnp.ones((1, 2, 2, 1), jnp.float64))
     np.testing.assert_array_equal(y[0, :, :, 0], [[6, 10], [22, 26]])
-    dparams, dx = layer.backward(params, residuals, jnp.ones((1, 2, 2, 1), jnp.float64))
     np.testing.assert_array_equal(dparams["w"], [120])
     np.testing.assert_array_equal(dparams["b"], [4])
     np.testing.assert_array_equal(dx, 0.5)
@@ -263,6 +312,18 @@ def dropout_mlp():
         layers.Dense(3, name="out"))
 
 
+def values_and_gradients(model, objective, params, x, targets, key=None):
+    """{engine name: (E, gradient)} of engines.autodiff, manual and manual_vjp, all with `key`
+    (None: at inference), compiled as one program."""
+
+    @jax.jit
+    def run(params, x, targets, key):
+        return {engine.__name__: engine(model, objective)(params, x, targets, key)
+                for engine in (engines.autodiff, engines.manual, engines.manual_vjp)}
+
+    return run(params, x, targets, key)
+
+
 def dropout_problem(dtype):
     model = dropout_mlp()
     params = gradcheck.astype(model.init(jax.random.key(0), (-1, 5))[1], dtype)
@@ -312,13 +373,13 @@ def test_engines_agree_with_dropout_active(dtype):
     jax.grad at the tolerance of dtype, and E differs from E at inference (no key)."""
     model, params, x, targets, objective = dropout_problem(dtype)
     key = jax.random.key(7)
-    reference_value, reference = jax.jit(engines.autodiff(model, objective))(
-        params, x, targets, key)
+    results = values_and_gradients(model, objective, params, x, targets, key)
+    reference_value, reference = results["autodiff"]
     for engine in (engines.manual, engines.manual_vjp):
-        value, grads = jax.jit(engine(model, objective))(params, x, targets, key)
+        value, grads = results[engine.__name__]
         assert relative_error(value, reference_value) <= tolerance(dtype)
         assert_close_tree(grads, reference, dtype, engine.__name__)
-    inference_value, _ = engines.autodiff(model, objective)(params, x, targets)
+    inference_value, _ = jax.jit(engines.autodiff(model, objective))(params, x, targets)
     assert abs(float(inference_value) - float(reference_value)) > 1e-3
 
 
@@ -331,10 +392,16 @@ def test_dropped_units_get_no_gradient_on_their_incoming_weights():
     x = normal((1, 5), jnp.float64, 3)
     targets = jnp.array([[0.0, 1.0, 0.0]], jnp.float64)
     key = jax.random.key(11)
-    _, residuals = model.forward(params, x, key=key)
+
+    @jax.jit
+    def residuals_and_gradient(params, x, targets, key):
+        """The forward's residuals and the manual engine's gradient, both with key."""
+        return (model.forward(params, x, key=key)[1],
+                engines.manual(model, objective)(params, x, targets, key)[1])
+
+    residuals, grads = residuals_and_gradient(params, x, targets, key)
     kept = np.asarray(residuals[2])[0] != 0  # d1's scale m/p, one example
     assert 0 < kept.sum() < kept.size
-    _, grads = engines.manual(model, objective)(params, x, targets, key)
     dw = np.asarray(grads[0]["w"])
     np.testing.assert_array_equal(dw[:, ~kept], 0.0)
     active = (np.asarray(residuals[1])[0] > 0) & kept  # ReLU on and kept
@@ -412,9 +479,10 @@ def test_lenet_like_stack_under_jit_manual_matches_autodiff(dtype):
     targets = jax.nn.one_hot(jnp.arange(3), 4, dtype=dtype)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.1)
     for key in (None, jax.random.key(8)):
-        _, reference = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
+        results = values_and_gradients(model, objective, params, x, targets, key)
+        _, reference = results["autodiff"]
         for engine in (engines.manual, engines.manual_vjp):
-            _, grads = jax.jit(engine(model, objective))(params, x, targets, key)
+            _, grads = results[engine.__name__]
             assert_close_tree(grads, reference, dtype, f"{engine.__name__}, key {key}")
 
 
@@ -431,12 +499,12 @@ def test_layers_that_need_only_the_input_shape_keep_no_copy_of_the_input(layer, 
     _, params = layer.init(jax.random.key(0), x.shape)
     residuals = jax.jit(layer.forward)(params, x)[1]
     assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(residuals)] == kept
-    dy = normal(layer.apply(params, x).shape, jnp.float32, 1)
-    expected = vjp_reference(layer.apply, params, x, dy)
+    dy = normal(jax.eval_shape(layer.apply, params, x).shape, jnp.float32, 1)
+    expected = jax.jit(lambda *args: vjp_reference(layer.apply, *args))(params, x, dy)
     assert_close_tree(jax.jit(layer.backward)(params, residuals, dy), expected, jnp.float32)
     wrapped = engines.with_manual_vjp(layer)
-    per_example = jax.vmap(jax.grad(lambda x1: jnp.sum(wrapped(params, x1[None]) ** 2)))(x)
-    by_jax = jax.vmap(jax.grad(lambda x1: jnp.sum(layer.apply(params, x1[None]) ** 2)))(x)
+    per_example = squared_output_input_gradients(wrapped, params, x)
+    by_jax = squared_output_input_gradients(layer.apply, params, x)
     assert_close_tree(per_example, by_jax, jnp.float32)
 
 
@@ -464,16 +532,12 @@ def test_dropout_after_keeps_the_layers_params_and_its_curvature_is_exact():
                                   np.asarray(dense.apply(params, x)))
 
     dy = jax.random.normal(jax.random.key(3), (5, 3), jnp.float64)
-    _, residuals = wrapped.forward(params, x, key=key)
-    manual = wrapped.backward(params, residuals, dy)
-    _, pullback = jax.vjp(lambda p, x: wrapped.apply(p, x, key), params, x)
-    assert_close_tree(manual, pullback(dy), jnp.float64, "dropout_after")
+    _, manual, reference = forward_backward_and_vjp(wrapped, params, x, dy, key)
+    assert_close_tree(manual, reference, jnp.float64, "dropout_after")
 
     d2y = jax.random.uniform(jax.random.key(4), (5, 3), jnp.float64)
-    jacobian = jax.jacobian(lambda p: wrapped.apply(p, x, key))(params)
-    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j ** 2, axes=2), jacobian)
-    assert_close_tree(wrapped.curvature(params, residuals, d2y)[0], exact, jnp.float64,
-                      "dropout_after curvature")
+    curvature, exact = curvature_and_squared_jacobian(wrapped, params, x, d2y, key)
+    assert_close_tree(curvature, exact, jnp.float64, "dropout_after curvature")
 
 
 def test_dropout_after_a_stochastic_layer_draws_two_independent_masks():
