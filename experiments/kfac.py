@@ -354,7 +354,8 @@ def main(argv=None):
     check_sizes(config)
     run = open_run(EXPERIMENT, config, args)
     model, objective, splits = build(config)
-    params = model.init(jax.random.key(config.seed), (-1, *splits[0][0].shape[1:]))[1]
+    params = jax.jit(lambda key: model.init(key, (-1, *splits[0][0].shape[1:]))[1])(
+        jax.random.key(config.seed))  # one program, not each draw apart
     grids = {"sgd": config.sgd_lr, "adam": config.adam_lr, "kfac": config.kfac_lr,
              "kfac_adaptive": config.adaptive_damping}
     trained = [train_one(model, objective, params, splits, name, learning_rate, config)

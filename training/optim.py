@@ -270,9 +270,12 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
         return jax.tree.map(lambda block: _damped(block, damping, relative), blocks,
                             is_leaf=is_block)
 
+    # optax's init usually runs outside jit, where the inverses took 40 single programs
+    initial_factors = jax.jit(factored)
+
     def init(params):
         blocks = _initial_blocks(params, model)
-        return KroneckerFactoredState(blocks, factored(blocks), jnp.zeros((), jnp.int32))
+        return KroneckerFactoredState(blocks, initial_factors(blocks), jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None, *, blocks=None, **extra_args):
         del params, extra_args
