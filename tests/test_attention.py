@@ -59,6 +59,18 @@ def numpy_attention(params, x, heads, causal):
     return y
 
 
+def manual_backward(layer, params, x, dy):
+    """The hand-written (dparams, dx) at x, from the layer's own forward's residuals,
+    compiled as one program (run op by op, each operation compiles apart)."""
+
+    @jax.jit
+    def run(params, x, dy):
+        _, residuals = layer.forward(params, x)
+        return layer.backward(params, residuals, dy)
+
+    return run(params, x, dy)
+
+
 @pytest.mark.parametrize("shape, heads, causal", [
     ((1, 1, 4), 1, True), ((2, 5, 12), 3, True), ((2, 5, 12), 3, False),
     ((3, 7, 8), 8, True), ((2, 6, 6), 1, False)])
@@ -91,8 +103,7 @@ def test_causal_outputs_ignore_the_future_and_its_gradient_is_zero():
     np.testing.assert_allclose(layer.apply(params, later)[:, :4], layer.apply(params, x)[:, :4],
                                rtol=1e-12)
     dy = jnp.zeros_like(x).at[:, 2].set(1.0)
-    _, residuals = layer.forward(params, x)
-    _, dx = layer.backward(params, residuals, dy)
+    _, dx = manual_backward(layer, params, x, dy)
     assert float(jnp.max(jnp.abs(dx[:, 3:]))) == 0.0
     assert float(jnp.min(jnp.abs(dx[:, :3]))) > 0.0
     full = SelfAttention(4, 2, causal=False)
@@ -106,10 +117,9 @@ def test_positions_backward_matches_vjp(steps, dtype):
     params = gradcheck.astype(params, dtype)
     x = jax.random.normal(jax.random.key(1), (2, steps, 4), dtype)
     dy = jax.random.normal(jax.random.key(2), (2, steps, 4), dtype)
-    _, residuals = layer.forward(params, x)
-    _, pullback = jax.vjp(layer.apply, params, x)
-    assert_close_tree(layer.backward(params, residuals, dy), pullback(dy), dtype, "positions")
-    dparams, _ = layer.backward(params, residuals, dy)
+    manual, reference = backward_and_vjp(layer, params, x, dy)
+    assert_close_tree(manual, reference, dtype, "positions")
+    dparams, _ = manual
     assert np.all(np.asarray(dparams["p"][steps:]) == 0)
 
 
@@ -370,6 +380,20 @@ def stagewise_curvature(params, x, heads, causal, d2y):
     return {"qkv": {"w": d2w, "b": d2b}, "out": {"w": d2w_o, "b": d2b_o}}, d2x
 
 
+def curvature_and_stagewise_reference(layer, params, x, heads, causal, d2y):
+    """(layer.curvature's (d2params, d2x) from its own forward's residuals, the same by
+    `stagewise_curvature`), compiled as one program: op by op, the reference's Jacobians
+    compiled some 170 single operations per shape."""
+
+    @jax.jit
+    def both(params, x, d2y):
+        _, residuals = layer.forward(params, x)
+        return (layer.curvature(params, residuals, d2y),
+                stagewise_curvature(params, x, heads, causal, d2y))
+
+    return both(params, x, d2y)
+
+
 @pytest.mark.parametrize("shape, heads, causal", [
     ((2, 3, 4), 2, True), ((2, 3, 4), 2, False), ((1, 4, 6), 3, True), ((2, 1, 4), 1, True)])
 def test_curvature_is_the_diagonal_rule_through_each_stage(shape, heads, causal):
@@ -377,9 +401,8 @@ def test_curvature_is_the_diagonal_rule_through_each_stage(shape, heads, causal)
     float64, <= 1e-10; every entry is >= 0."""
     layer, params, x = random_attention(shape, heads, causal, jnp.float64, seed=4)
     d2y = jax.random.uniform(jax.random.key(6), shape, jnp.float64)
-    _, residuals = layer.forward(params, x)
-    curvature = layer.curvature(params, residuals, d2y)
-    reference = stagewise_curvature(params, x, heads, causal, d2y)
+    curvature, reference = curvature_and_stagewise_reference(layer, params, x, heads, causal,
+                                                             d2y)
     assert_close_tree(curvature, reference, jnp.float64, f"SelfAttention{shape} curvature")
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(curvature))
 
@@ -397,7 +420,7 @@ def test_transformer_curvature_is_exact_after_the_last_block_and_an_approximatio
     params = perturbed(params, jnp.float64, 3, 0.1)
     ids = jax.random.randint(jax.random.key(1), (3, 6), 0, 5)
     targets = jnp.where(jax.random.bernoulli(jax.random.key(2), 0.5, (3, 30)), 1.0, -1.0)
-    backpropagated = engines.curvature_diagonal(model, objective)(params, ids, targets)
+    backpropagated = jax.jit(engines.curvature_diagonal(model, objective))(params, ids, targets)
     exact = gradcheck.gauss_newton_diagonal(model, objective, params, ids, targets)
     errors = {(layer, param): gradcheck.relative_error(a, b) for (layer, param, _), a, b in zip(
         gradcheck.named_parameters(model, params), jax.tree.leaves(backpropagated),

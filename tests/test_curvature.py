@@ -24,6 +24,13 @@ def problem(model, objective, features, classes, batch=6, targets="one_hot"):
     return params, x, y
 
 
+def backpropagated_and_exact(model, objective, params, x, y):
+    """(engines.curvature_diagonal's diagonal, gradcheck.gauss_newton_diagonal's exact one),
+    each compiled as one program (op by op, each operation compiles apart)."""
+    return (jax.jit(engines.curvature_diagonal(model, objective))(params, x, y),
+            gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+
+
 @pytest.mark.parametrize("objective", [
     losses.Objective(losses.mean_squared_error(), 0.3),
     losses.lecture_objective(0.7),
@@ -33,8 +40,7 @@ def test_one_hidden_layer_one_output_is_exact(objective):
     model = nets.build_mlp(5, 1, hidden_units=4, activation="tanh")
     params, x, y = problem(model, objective, 5, 1, batch=7)
     y = (y > 0).astype(y.dtype) if objective.loss.name.startswith("sigmoid") else y
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
-    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    backpropagated, exact = backpropagated_and_exact(model, objective, params, x, y)
     assert_close_tree(backpropagated, exact, jnp.float64, "one path")
 
 
@@ -48,17 +54,20 @@ def test_a_loss_that_couples_the_outputs_is_exact_only_at_the_output_layer(loss)
     model = nets.build_mlp(4, 3, hidden_units=5, activation="tanh")
     objective = losses.Objective(loss, 0.2)
     params, x, y = problem(model, objective, 4, 3, batch=5)
-    reference = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    outputs = model.apply(params, x)
-    jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x))(flat).reshape(15, -1)
-    hessian = jax.hessian(lambda o: loss.value(o.reshape(5, 3), y))(
-        outputs.reshape(-1)).reshape(15, 15)
-    penalty = jax.flatten_util.ravel_pytree(
-        losses.l2_penalty_grad(jax.tree.map(jnp.ones_like, params), 0.2, 5))[0]
-    written_out = unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian) + penalty)
-    assert_close_tree(reference, written_out, jnp.float64, "J^T H J")
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
+    backpropagated, reference = backpropagated_and_exact(model, objective, params, x, y)
+
+    @jax.jit  # one program
+    def write_out(params, x, y):
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        outputs = model.apply(params, x)
+        jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x))(flat).reshape(15, -1)
+        hessian = jax.hessian(lambda o: loss.value(o.reshape(5, 3), y))(
+            outputs.reshape(-1)).reshape(15, 15)
+        penalty = jax.flatten_util.ravel_pytree(
+            losses.l2_penalty_grad(jax.tree.map(jnp.ones_like, params), 0.2, 5))[0]
+        return unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian) + penalty)
+
+    assert_close_tree(reference, write_out(params, x, y), jnp.float64, "J^T H J")
     assert_close_tree(backpropagated[2], reference[2], jnp.float64, "output layer")  # "output"
     assert relative_error(backpropagated[0]["w"], reference[0]["w"]) > 0.1
 
@@ -71,12 +80,12 @@ def test_curvature_on_subset_is_the_exact_diagonal_on_the_first_examples():
     model = nets.build_mlp(5, 1, hidden_units=4, activation="tanh")
     objective = losses.Objective(losses.mean_squared_error(), 0.3)
     params, x, y = problem(model, objective, 5, 1, batch=9)
-    first_four = procedures.curvature_on_subset(model, objective, x, y, 4)(params)
+    first_four = jax.jit(procedures.curvature_on_subset(model, objective, x, y, 4))(params)
     assert_close_tree(first_four, gradcheck.gauss_newton_diagonal(
         model, objective, params, x[:4], y[:4]), jnp.float64, "first 4 of 9")
     assert relative_error(first_four[0]["w"], gradcheck.gauss_newton_diagonal(
         model, objective, params, x, y)[0]["w"]) > 1e-3
-    every = procedures.curvature_on_subset(model, objective, x, y, 9)(params)
+    every = jax.jit(procedures.curvature_on_subset(model, objective, x, y, 9))(params)
     assert_close_tree(every, gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
                       jnp.float64, "all 9")
 
@@ -86,8 +95,7 @@ def test_the_last_layer_is_exact_in_any_net():
                            output_activation="tanh")
     objective = losses.Objective(losses.mean_squared_error(), 0.1)
     params, x, y = problem(model, objective, 6, 3, targets="plus_minus_one")
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
-    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    backpropagated, exact = backpropagated_and_exact(model, objective, params, x, y)
     assert_close_tree(backpropagated[-2], exact[-2], jnp.float64, "output layer")
     # deeper layers: the diagonal approximation differs (cross terms), and is still positive
     assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
@@ -117,8 +125,7 @@ def conv_problem(conv, size):
     x = jax.random.normal(jax.random.key(1), (3, size, size, 3), jnp.float64)
     objective = losses.Objective(losses.mean_squared_error(), 0.2)
     y = jnp.ones((3, 1), jnp.float64)
-    return (engines.curvature_diagonal(model, objective)(params, x, y),
-            gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+    return backpropagated_and_exact(model, objective, params, x, y)
 
 
 def test_conv_curvature_is_exact_where_each_weight_is_used_once():
@@ -139,6 +146,19 @@ def test_shared_weights_are_where_the_diagonal_approximation_differs():
     assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
 
 
+def curvature_and_hessian_diagonal(loss, outputs, y):
+    """(loss.curvature, the diagonal of jax.hessian of loss.value), (batch, classes) each, in
+    the outputs, compiled as one program (op by op, jax.hessian compiles its many
+    operations apart)."""
+
+    @jax.jit
+    def both(outputs, y):
+        hessian = jax.hessian(lambda o: loss.value(o, y))(outputs)
+        return loss.curvature(outputs, y), jnp.einsum("bcbc->bc", hessian)
+
+    return both(outputs, y)
+
+
 @pytest.mark.parametrize("targets", ["one_hot", "soft"])
 def test_loss_curvatures_are_the_diagonal_of_jax_hessian(targets):
     """Each loss's curvature against the diagonal of jax.hessian of its value, float64; with
@@ -153,9 +173,8 @@ def test_loss_curvatures_are_the_diagonal_of_jax_hessian(targets):
                           (losses.sigmoid_cross_entropy(from_logits=False), jax.nn.sigmoid(z)),
                           (losses.softmax_cross_entropy(), z),
                           (losses.lecun1998_map(1.0), z)):
-        hessian = jax.hessian(lambda o, loss=loss: loss.value(o, y))(outputs)
-        diagonal = jnp.einsum("bcbc->bc", hessian)
-        assert relative_error(loss.curvature(outputs, y), diagonal) <= F64, loss.name
+        curvature, diagonal = curvature_and_hessian_diagonal(loss, outputs, y)
+        assert relative_error(curvature, diagonal) <= F64, loss.name
 
 
 def test_hessian_reference_agrees_with_gauss_newton_at_zero_residual():
@@ -205,8 +224,7 @@ def curvature_and_gauss_newton(model, params, x):
     mean squared error against zero targets."""
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     y = jnp.zeros((x.shape[0], 1), jnp.float64)
-    return (engines.curvature_diagonal(model, objective)(params, x, y),
-            gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+    return backpropagated_and_exact(model, objective, params, x, y)
 
 
 @pytest.mark.parametrize("pool", [nets.AvgPool(2), nets.MaxPool(2), nets.Subsampling(2)])
@@ -303,6 +321,23 @@ def squared_jacobian_pullback(apply, x, d2y):
     return jnp.tensordot(d2y, jacobian**2, axes=d2y.ndim)
 
 
+def curvature_and_squared_jacobian(layer, x, d2y, key=None):
+    """(layer.curvature's (d2params, d2x) from its own forward's residuals, the
+    `squared_jacobian_pullback` of its output at x), for a layer without params (key: its
+    dropout mask), compiled as one program (op by op, jax.jacobian compiles its many
+    operations apart)."""
+
+    def apply(x):
+        return layers.forward_with_key(layer, (), x, key)[0]
+
+    @jax.jit
+    def both(x, d2y):
+        _, residuals = layers.forward_with_key(layer, (), x, key)
+        return layer.curvature((), residuals, d2y), squared_jacobian_pullback(apply, x, d2y)
+
+    return both(x, d2y)
+
+
 @pytest.mark.parametrize("make_layer, shape, key", [
     (lambda: nets.LocalResponseNorm(size=5, k=0.5, alpha=0.3, beta=0.75), (2, 2, 2, 7), None),
     (lambda: nets.LocalResponseNorm(size=3, k=1.0, alpha=0.8, beta=0.6), (1, 3, 1, 4), None),
@@ -322,11 +357,9 @@ def test_parameter_free_curvature_is_the_squared_jacobian(make_layer, shape, key
     layer = make_layer()
     x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
     rng = None if key is None else jax.random.key(key)
-    y, residuals = layers.forward_with_key(layer, (), x, rng)
+    y = jax.eval_shape(lambda x: layers.forward_with_key(layer, (), x, rng)[0], x)
     d2y = jax.random.uniform(jax.random.key(2), y.shape, jnp.float64)
-    _, d2x = layer.curvature((), residuals, d2y)
-    expected = squared_jacobian_pullback(
-        lambda x: layers.forward_with_key(layer, (), x, rng)[0], x, d2y)
+    (_, d2x), expected = curvature_and_squared_jacobian(layer, x, d2y, rng)
     assert relative_error(d2x, expected) <= F64
 
 
@@ -344,8 +377,7 @@ def test_channel_groups_curvature_is_exact_for_a_last_layer():
     params = astype(params, jnp.float64)
     x = jax.random.normal(jax.random.key(1), (3, 4, 4, 4), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (3, 64), jnp.float64)
-    assert_close_tree(engines.curvature_diagonal(model, objective)(params, x, y),
-                      gradcheck.gauss_newton_diagonal(model, objective, params, x, y),
+    assert_close_tree(*backpropagated_and_exact(model, objective, params, x, y),
                       jnp.float64, "channel groups")
 
 
@@ -357,20 +389,24 @@ def test_euclidean_rbf_curvature_is_gauss_newton_plus_the_penalty_quadratic():
     centres = np.sign(np.arange(15).reshape(3, 5) % 3 - 0.5)
     layer = nets.EuclideanRBF(centres)
     x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
-    s, residuals = layer.forward((), x)
+    s = jax.eval_shape(lambda x: layer.forward((), x)[0], x)
     d2s = jax.random.uniform(jax.random.key(2), s.shape, jnp.float64)
-    dparams, d2x = layer.curvature((), residuals, d2s)
+    (dparams, d2x), expected = curvature_and_squared_jacobian(layer, x, d2s)
     assert dparams == ()
-    expected = squared_jacobian_pullback(lambda x: layer.apply((), x), x, d2s)
     assert relative_error(d2x - 2 / 4, expected) <= F64
 
     loss = losses.lecun1998_map(1.0)
     far = 40 + x  # every squared distance >= 5 * 39^2: exp(-y) is 0 in float64
     targets = jax.nn.one_hot(jnp.array([0, 1, 2, 0]), 3, dtype=jnp.float64)
-    scores, residuals = layer.forward((), far)
-    _, d2x = layer.curvature((), residuals, loss.curvature(scores, targets))
-    hessian = jax.hessian(lambda x: loss.value(layer.apply((), x), targets))(far)
-    exact = jnp.einsum("bfbf->bf", hessian)
+
+    @jax.jit  # one program
+    def curvature_and_exact(far, targets):
+        scores, residuals = layer.forward((), far)
+        _, d2x = layer.curvature((), residuals, loss.curvature(scores, targets))
+        hessian = jax.hessian(lambda x: loss.value(layer.apply((), x), targets))(far)
+        return d2x, jnp.einsum("bfbf->bf", hessian)
+
+    d2x, exact = curvature_and_exact(far, targets)
     assert float(jnp.max(jnp.abs(exact - 2 / 4))) == 0.0
     assert relative_error(d2x, exact) <= F64
 
@@ -385,12 +421,17 @@ def test_with_a_key_the_diagonal_holds_the_dropout_masks_fixed():
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
     params, x, y = problem(model, objective, 4, 1, batch=5)
     key = jax.random.key(7)
-    diagonal = engines.curvature_diagonal(model, objective)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x, key))(flat).reshape(5, -1)
-    outputs = model.apply(params, x, key)
-    hessian = jax.hessian(lambda o: objective.loss.value(o.reshape(5, 1), y))(
-        outputs.reshape(-1))
-    expected = unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian))
+    diagonal = jax.jit(engines.curvature_diagonal(model, objective))
+
+    @jax.jit  # one program
+    def write_out(params, x, y, key):
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        jacobian = jax.jacobian(lambda p: model.apply(unravel(p), x, key))(flat).reshape(5, -1)
+        outputs = model.apply(params, x, key)
+        hessian = jax.hessian(lambda o: objective.loss.value(o.reshape(5, 1), y))(
+            outputs.reshape(-1))
+        return unravel(jnp.einsum("op,oq,qp->p", jacobian, hessian, jacobian))
+
+    expected = write_out(params, x, y, key)
     assert_close_tree(diagonal(params, x, y, key), expected, jnp.float64, "with masks")
     assert relative_error(diagonal(params, x, y)[0]["w"], expected[0]["w"]) > 0.1

@@ -182,7 +182,7 @@ def test_lenet1989_forward_matches_numpy(scaled):
     else:
         squash = np.tanh
     expected = numpy_lenet1989(params, np.asarray(x), squash)
-    actual = model.apply(params, x)
+    actual = jax.jit(model.apply)(params, x)
     assert relative_error(actual, expected) <= F64
     # The comparison can fail: without the table (masked kernel entries used) it is far off.
     first = squash(numpy_lenet1989_conv(np.asarray(x), np.asarray(params[0]["w"]),
@@ -232,9 +232,13 @@ def gradients(model, input_shape, loss, dtype, classes=10, params=None, key=None
         objective = nets.Objective(loss_function, 0.5)
         targets = targets_for(input_shape[0], classes, dtype)
     x = random_inputs(input_shape, dtype)
-    manual = jax.jit(engines.manual(model, objective))(params, x, targets, key)
-    autodiff = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
-    return params, manual, autodiff
+
+    @jax.jit  # one program
+    def both(params, x, targets, key):
+        return (engines.manual(model, objective)(params, x, targets, key),
+                engines.autodiff(model, objective)(params, x, targets, key))
+
+    return params, *both(params, x, targets, key)
 
 
 TABLES = {"lenet1989": (2, conv.lenet1989_h2_table()),
@@ -326,13 +330,19 @@ def test_channel_groups_backward_matches_jax_vjp(dtype):
     assert output_shape == (-1, 6) and shapes[0]["w"].shape == (4, 3)
     params = numpy_params(shapes, dtype)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8)), dtype)
-    y, residuals = layer.forward(params, x)
-    expected = jnp.concatenate([x[:, :4] @ params[0]["w"] + params[0]["b"][None],
-                                x[:, 4:] @ params[1]["w"] + params[1]["b"][None]], axis=-1)
-    assert_close_tree(y, expected, dtype, "forward")
     dy = jnp.asarray(np.random.default_rng(1).standard_normal((5, 6)), dtype)
-    _, pullback = jax.vjp(layer.apply, params, x)
-    assert_close_tree(layer.backward(params, residuals, dy), pullback(dy), dtype, "towers")
+
+    @jax.jit  # one program
+    def everything(params, x, dy):
+        y, residuals = layer.forward(params, x)
+        expected = jnp.concatenate([x[:, :4] @ params[0]["w"] + params[0]["b"][None],
+                                    x[:, 4:] @ params[1]["w"] + params[1]["b"][None]], axis=-1)
+        _, pullback = jax.vjp(layer.apply, params, x)
+        return y, expected, layer.backward(params, residuals, dy), pullback(dy)
+
+    y, expected, manual, reference = everything(params, x, dy)
+    assert_close_tree(y, expected, dtype, "forward")
+    assert_close_tree(manual, reference, dtype, "towers")
 
 
 def test_channel_groups_give_each_group_its_own_dropout_mask():

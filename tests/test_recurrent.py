@@ -76,6 +76,13 @@ def manual_gradients(cell, mask, truncation, read_y, read_carry, unroll=1):
     return gradients
 
 
+def backpropagated_and_exact(model, objective, params, x, y):
+    """(engines.curvature_diagonal's diagonal, gradcheck.gauss_newton_diagonal's exact one),
+    each compiled as one program (op by op, each operation compiles apart)."""
+    return (jax.jit(nets.engines.curvature_diagonal(model, objective))(params, x, y),
+            nets.gradcheck.gauss_newton_diagonal(model, objective, params, x, y))
+
+
 CASES = {
     # name: (time, dtype, mask, carry0, truncation); unroll: in the masked-steps test
     "T1": (1, "float64", False, False, None),
@@ -153,8 +160,13 @@ def test_recomputed_residuals_keep_a_carry_per_segment_and_the_first_steps():
     cell = recurrent.lstm(3)
     params = cell.init(jax.random.key(0), 2)
     xs = jax.random.normal(jax.random.key(1), (4, 23, 2), jnp.float32)
-    _, _, plain = recurrent.scan_cell(cell, params, xs)
-    ys, _, kept = recurrent.scan_cell(cell, params, xs, recompute_every=5)
+
+    @jax.jit  # one program
+    def both(params, xs):
+        return (recurrent.scan_cell(cell, params, xs),
+                recurrent.scan_cell(cell, params, xs, recompute_every=5))
+
+    (_, _, plain), (ys, _, kept) = both(params, xs)
     assert isinstance(kept, recurrent.RecomputeResiduals)
     assert kept.mask is None and kept.xs.shape == (4, 5, 4, 2)
     np.testing.assert_array_equal(kept.xs, jnp.swapaxes(xs[:, 3:], 0, 1).reshape(4, 5, 4, 2))
@@ -237,8 +249,14 @@ def test_masked_steps_keep_the_carry_and_contribute_no_gradient():
     assert np.all(np.asarray(dxs[:, length:]) == 0)
     assert_close_tree((dparams, dxs[:, :length], dcarry0),
                       (dparams_short, dxs_short, dcarry0_short), "float64", "padded vs short")
-    ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, mask=mask, unroll=3)
-    ys_short, carry_short, _ = recurrent.scan_cell(cell, params, xs[:, :length])
+
+    @jax.jit  # one program
+    def forwards(params, xs):
+        ys, carry_T, _ = recurrent.scan_cell(cell, params, xs, mask=mask, unroll=3)
+        ys_short, carry_short, _ = recurrent.scan_cell(cell, params, xs[:, :length])
+        return ys, carry_T, ys_short, carry_short
+
+    ys, carry_T, ys_short, carry_short = forwards(params, xs)
     assert np.all(np.asarray(ys[:, length:]) == 0)
     assert_close_tree((ys[:, :length], carry_T), (ys_short, carry_short), "float64", "forward")
 
@@ -249,11 +267,17 @@ def test_causality_output_at_t_does_not_depend_on_later_inputs(kind):
     zero at s = t."""
     time, t = 8, 3
     cell, params, xs, _, _, _, _ = problem(kind, time, "float64", 5, False, False)
-    ys = recurrent.scan_cell(cell, params, xs)[0]
-    read = jnp.zeros_like(ys).at[:, t].set(1.0)
-    _, _, residuals = recurrent.scan_cell(cell, params, xs)
-    _, dxs_manual, _ = recurrent.bptt(cell, params, residuals, read)
-    dxs_autodiff = jax.grad(lambda x: jnp.sum(recurrent.scan_cell(cell, params, x)[0] * read))(xs)
+    ys = jax.eval_shape(lambda xs: recurrent.scan_cell(cell, params, xs)[0], xs)
+    read = jnp.zeros(ys.shape, ys.dtype).at[:, t].set(1.0)
+
+    @jax.jit  # one program
+    def both(params, xs, read):
+        _, _, residuals = recurrent.scan_cell(cell, params, xs)
+        _, dxs_manual, _ = recurrent.bptt(cell, params, residuals, read)
+        return dxs_manual, jax.grad(
+            lambda x: jnp.sum(recurrent.scan_cell(cell, params, x)[0] * read))(xs)
+
+    dxs_manual, dxs_autodiff = both(params, xs, read)
     for dxs in (dxs_manual, dxs_autodiff):
         assert np.all(np.asarray(dxs[:, t + 1:]) == 0)
         assert np.any(np.asarray(dxs[:, t]) != 0)
@@ -265,9 +289,6 @@ def test_dcarries_are_the_gradients_of_each_step_state():
     time = 12
     cell, params, xs, _, _, read_y, read_carry = problem("lstm", time, "float64", 13, False,
                                                          False)
-    _, _, residuals = recurrent.scan_cell(cell, params, xs)
-    dcarries = recurrent.bptt(cell, params, residuals, read_y, read_carry,
-                              return_dcarries=True)[3]
     batch = xs.shape[0]
 
     def perturbed_energy(deltas):
@@ -283,8 +304,16 @@ def test_dcarries_are_the_gradients_of_each_step_state():
         pairs = zip(jax.tree.leaves(carry_T), jax.tree.leaves(read_carry))
         return jnp.sum(jnp.swapaxes(ys, 0, 1) * read_y) + sum(jnp.sum(c * r) for c, r in pairs)
 
-    zeros = jax.tree.map(jnp.zeros_like, dcarries)
-    assert_close_tree(dcarries, jax.grad(perturbed_energy)(zeros), "float64", "dcarries")
+    @jax.jit  # one program
+    def both(params, xs):
+        _, _, residuals = recurrent.scan_cell(cell, params, xs)
+        dcarries = recurrent.bptt(cell, params, residuals, read_y, read_carry,
+                                  return_dcarries=True)[3]
+        zeros = jax.tree.map(jnp.zeros_like, dcarries)
+        return dcarries, jax.grad(perturbed_energy)(zeros)
+
+    dcarries, expected = both(params, xs)
+    assert_close_tree(dcarries, expected, "float64", "dcarries")
 
 
 def test_sequence_models_agree_across_engines_and_with_finite_differences():
@@ -411,7 +440,7 @@ def test_time_distributed_dropout_draws_per_step_and_the_engines_agree():
     x = jax.random.normal(jax.random.key(1), (2, 4, 3), jnp.float64)
     targets = jax.nn.one_hot(jnp.array([0, 2]), 3, dtype=jnp.float64)
     key = jax.random.key(2)
-    scale = np.asarray(model.forward(params, x, key=key)[1][0][2])
+    scale = np.asarray(jax.jit(model.forward)(params, x, key=key)[1][0][2])
     assert scale.shape == (8, 6) and len({row.tobytes() for row in scale}) > 4
     objective = nets.Objective(nets.softmax_cross_entropy(), 0.1)
     _, manual = jax.jit(nets.manual(model, objective))(params, x, targets, key)
@@ -432,8 +461,7 @@ def test_time_distributed_curvature_is_the_exact_gauss_newton_diagonal_of_one_hi
     x = jax.random.normal(jax.random.key(1), (3, 5, 2), jnp.float64)
     targets = jax.random.normal(jax.random.key(2), (3, 15), jnp.float64)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
-    backpropagated = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
-    exact = nets.gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
+    backpropagated, exact = backpropagated_and_exact(model, objective, params, x, targets)
     assert_close_tree(backpropagated, exact, jnp.float64, "per-step net")
 
 
@@ -442,7 +470,7 @@ def test_sequence_cross_entropy_curvature_is_the_diagonal_of_its_hessian():
     loss = recurrent.sequence_cross_entropy()
     z = jax.random.normal(jax.random.key(0), (2, 3, 4), jnp.float64)
     y = jax.random.randint(jax.random.key(1), (2, 3), 0, 4)
-    hessian = jax.hessian(lambda z: loss.value(z, y))(z).reshape(24, 24)
+    hessian = jax.jit(jax.hessian(loss.value))(z, y).reshape(24, 24)
     np.testing.assert_allclose(loss.curvature(z, y), jnp.diag(hessian).reshape(2, 3, 4),
                                rtol=1e-12, atol=0)
 
@@ -467,10 +495,15 @@ def test_one_step_curvature_is_the_exact_gauss_newton_diagonal(kind):
     carry0 = jax.tree.map(lambda c: jax.random.normal(jax.random.key(3), c.shape, jnp.float64),
                           cell.initial_carry(4, jnp.float64))
     d2y = jax.random.uniform(jax.random.key(4), (4, 1, 3), jnp.float64)
-    _, _, residuals = recurrent.scan_cell(cell, params, x, carry0)
-    d2params = recurrent.bptt(cell, params, residuals, d2y, curvature=True)[0]
-    jacobian = jax.jacobian(lambda p: recurrent.scan_cell(cell, p, x, carry0)[0])(params)
-    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+
+    @jax.jit  # one program
+    def both(params, x, carry0, d2y):
+        _, _, residuals = recurrent.scan_cell(cell, params, x, carry0)
+        d2params = recurrent.bptt(cell, params, residuals, d2y, curvature=True)[0]
+        jacobian = jax.jacobian(lambda p: recurrent.scan_cell(cell, p, x, carry0)[0])(params)
+        return d2params, jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+
+    d2params, exact = both(params, x, carry0, d2y)
     assert_close_tree(d2params, exact, jnp.float64, f"{kind} one step")
 
 
@@ -555,9 +588,7 @@ def test_a_sequence_model_has_lecuns_curvature():
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(1), (3, 5, 2), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
-    from nets import engines, gradcheck
-    backpropagated = engines.curvature_diagonal(model, objective)(params, x, y)
-    exact = gradcheck.gauss_newton_diagonal(model, objective, params, x, y)
+    backpropagated, exact = backpropagated_and_exact(model, objective, params, x, y)
     assert_close_tree(backpropagated[-1], exact[-1], jnp.float64, "readout")
     assert relative_error(backpropagated[0]["w"], exact[0]["w"]) > 1e-3
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(backpropagated))
@@ -582,14 +613,19 @@ def test_stack_curvature_from_given_states_is_the_exact_gauss_newton_diagonal(ki
                              cell.initial_carry(4, jnp.float64)),)
     d2y = jax.random.uniform(jax.random.key(11), (4, 1, 1), jnp.float64)
 
+    @jax.jit  # one program for the given states, one for None (the zero states)
     def curvature(carries0):
         _, _, residuals = recurrent.stack_forward([cell], params, x, carries0, dropout=dropout,
                                                   key=key)
         return recurrent.stack_backward([cell], params, residuals, d2y, curvature=True)[0]
 
-    jacobian = jax.jacobian(lambda p: recurrent.stack_forward(
-        [cell], p, x, carries0, dropout=dropout, key=key)[0])(params)
-    exact = jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+    @jax.jit  # one program
+    def gauss_newton(params):
+        jacobian = jax.jacobian(lambda p: recurrent.stack_forward(
+            [cell], p, x, carries0, dropout=dropout, key=key)[0])(params)
+        return jax.tree.map(lambda j: jnp.tensordot(d2y, j**2, axes=3), jacobian)
+
+    exact = gauss_newton(params)
     assert_close_tree(curvature(carries0), exact, jnp.float64, f"{kind} stack curvature")
     zero_state = curvature(None)
     assert relative_error(zero_state[0]["w"], exact[0]["w"]) > 1e-3
@@ -608,11 +644,17 @@ def test_stack_curvature_from_zero_states_is_the_sequence_models():
     params = random_like(np.random.default_rng(12), shapes, jnp.float64, 0.5)
     x = jax.random.normal(jax.random.key(13), (3, 5, 2), jnp.float64)
     y = jax.random.randint(jax.random.key(14), (3, 5), 0, 5)
-    outputs, _, residuals = recurrent.stack_forward(cells, params, x)
-    stacked = recurrent.stack_backward(cells, params, residuals,
-                                       objective.loss.curvature(outputs, y), curvature=True)[0]
-    assert_close_tree(stacked, engines.curvature_diagonal(model, objective)(params, x, y),
-                      jnp.float64, "stack vs model")
+
+    @jax.jit  # one program
+    def both(params, x, y):
+        outputs, _, residuals = recurrent.stack_forward(cells, params, x)
+        stacked = recurrent.stack_backward(cells, params, residuals,
+                                           objective.loss.curvature(outputs, y),
+                                           curvature=True)[0]
+        return stacked, engines.curvature_diagonal(model, objective)(params, x, y)
+
+    stacked, diagonal = both(params, x, y)
+    assert_close_tree(stacked, diagonal, jnp.float64, "stack vs model")
     assert all(float(jnp.min(leaf)) >= 0 for leaf in jax.tree.leaves(stacked))
 
 
@@ -958,14 +1000,18 @@ def test_a_bidirectional_sequence_model_reads_each_directions_final_state():
         in_order = (lambda s: jnp.flip(s, axis=1)) if reverse else (lambda s: s)
         return in_order(recurrent.scan_cell(cell, cell_params, in_order(xs))[0])
 
-    hs = x
-    for cell, (forward_params, backward_params) in zip(cells, params[:2]):
-        hs = jnp.concatenate([direction(cell, forward_params, hs, False),
-                              direction(cell, backward_params, hs, True)], axis=2)
+    @jax.jit  # one program
+    def by_the_directions(params, x):
+        hs = x
+        for cell, (forward_params, backward_params) in zip(cells, params[:2]):
+            hs = jnp.concatenate([direction(cell, forward_params, hs, False),
+                                  direction(cell, backward_params, hs, True)], axis=2)
+        final = jnp.concatenate([hs[:, -1, :3], hs[:, 0, 3:]], axis=1)
+        return hs, final @ params[-1]["w"] + params[-1]["b"][None, :]
+
+    hs, expected = by_the_directions(params, x)
     assert hs.shape == (3, 6, 6)
-    final = jnp.concatenate([hs[:, -1, :3], hs[:, 0, 3:]], axis=1)
-    expected = final @ params[-1]["w"] + params[-1]["b"][None, :]
-    assert relative_error(model.forward(params, x)[0], expected) <= 1e-14
+    assert relative_error(jax.jit(model.forward)(params, x)[0], expected) <= 1e-14
 
     targets = random_like(rng, jnp.zeros((3, 2)), jnp.float64)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
@@ -1092,14 +1138,23 @@ def test_scan_bidirectional_reads_each_padded_sequence_over_its_own_length():
     lengths = [6, 3, 1]
     xs = random_like(rng, jnp.zeros((3, 6, 4)), jnp.float64)
     mask = lengths_mask(lengths, 6)
-    ys, carries, residuals = recurrent.scan_bidirectional(forward_cell, backward_cell, params,
-                                                          xs, mask)
-    assert ys.shape == (3, 6, 5)
-    for i, length in enumerate(lengths):
-        alone = xs[i:i + 1, :length]
+
+    def scan(params, xs, recompute_every=None):
+        return recurrent.scan_bidirectional(forward_cell, backward_cell, params, xs, mask,
+                                            recompute_every=recompute_every)
+
+    @jax.jit  # one program for each length
+    def both_directions_alone(params, alone):
         forward, forward_T, _ = recurrent.scan_cell(forward_cell, params[0], alone)
         backward, backward_T, _ = recurrent.scan_cell(backward_cell, params[1],
                                                       jnp.flip(alone, axis=1))
+        return forward, forward_T, backward, backward_T
+
+    ys, carries, residuals = jax.jit(scan)(params, xs)
+    assert ys.shape == (3, 6, 5)
+    for i, length in enumerate(lengths):
+        alone = xs[i:i + 1, :length]
+        forward, forward_T, backward, backward_T = both_directions_alone(params, alone)
         expected = jnp.concatenate([forward, jnp.flip(backward, axis=1)], axis=2)[0]
         assert relative_error(ys[i, :length], expected) <= 1e-14
         assert np.all(np.asarray(ys[i, length:]) == 0)
@@ -1115,15 +1170,18 @@ def test_scan_bidirectional_reads_each_padded_sequence_over_its_own_length():
         products = jax.tree.map(lambda c, r: jnp.sum(c * r), carries, read_carries)
         return jnp.sum(ys * read) + sum(jax.tree.leaves(products))
 
-    expected = jax.grad(energy, argnums=(0, 1))(params, xs)
-    manual = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, residuals, read,
-                                          read_carries)
+    @jax.jit  # one program
+    def gradients(params, xs, residuals):
+        manual = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, residuals,
+                                              read, read_carries)
+        _, _, kept = scan(params, xs, recompute_every=4)
+        recomputed = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, kept,
+                                                  read, read_carries)
+        return jax.grad(energy, argnums=(0, 1))(params, xs), manual, recomputed
+
+    expected, manual, recomputed = gradients(params, xs, residuals)
     assert_close_tree(manual, expected, "float64", "bptt_bidirectional")
     assert np.all(np.asarray(manual[1][2, 1:]) == 0)  # the one-step sequence's padding
-    _, _, kept = recurrent.scan_bidirectional(forward_cell, backward_cell, params, xs, mask,
-                                              recompute_every=4)
-    recomputed = recurrent.bptt_bidirectional(forward_cell, backward_cell, params, kept, read,
-                                              read_carries)
     assert_close_tree(recomputed, expected, "float64", "bptt_bidirectional, recompute_every=4")
 
 
@@ -1142,15 +1200,19 @@ def test_stack_dropout_backward_matches_jax_grad_with_the_same_key():
                                                 key=key)
         return jnp.sum(outputs * read_out)
 
-    outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5,
-                                                    key=key)
-    scales = residuals[1]
+    @jax.jit  # one program
+    def everything(params, xs, carries0):
+        outputs, _, residuals = recurrent.stack_forward(cells, params, xs, carries0,
+                                                        dropout=0.5, key=key)
+        inference = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5)[0]
+        manual = recurrent.stack_backward(cells, params, residuals, read_out)
+        expected = jax.grad(energy, argnums=(0, 1, 2))(params, xs, carries0)
+        return outputs, residuals[1], inference, manual, expected
+
+    outputs, scales, inference, manual, expected = everything(params, xs, carries0)
     assert all(0 < int(jnp.sum(s == 0)) < s.size for s in scales)
     assert not np.array_equal(np.asarray(scales[0]), np.asarray(scales[1]))
-    inference = recurrent.stack_forward(cells, params, xs, carries0, dropout=0.5)[0]
     assert float(jnp.max(jnp.abs(outputs - inference))) > 1e-3
-    manual = recurrent.stack_backward(cells, params, residuals, read_out)
-    expected = jax.grad(energy, argnums=(0, 1, 2))(params, xs, carries0)
     assert_close_tree(manual, expected, "float64", "stack dropout")
     with pytest.raises(ValueError, match="a key was given, but dropout is 0"):
         recurrent.stack_forward(cells, params, xs, key=key)
@@ -1185,5 +1247,5 @@ def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree
         params, x, targets, key)
     assert relative_error(value, reference_value) <= 1e-10
     assert_close_tree(manual, reference, jnp.float64, "sequence_model dropout")
-    inference_value, _ = nets.manual(plain, objective)(params, x, targets)
+    inference_value, _ = jax.jit(nets.manual(plain, objective))(params, x, targets)
     assert abs(float(inference_value) - float(value)) > 1e-3
