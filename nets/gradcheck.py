@@ -305,7 +305,7 @@ def _gradient_report(
         def energy(p):
             return objective.value(p, model.apply(p, x64, key), targets64)
 
-        energy_value = jax.jit(energy)(params64)  # eagerly, one compilation per primitive
+        energy_value = jax.jit(energy)(params64)
 
     tolerance = TOLERANCES[dtype_name]
     rng = np.random.default_rng(seed)
