@@ -33,7 +33,8 @@ def point(name, batch=4):
     key = case_key(0, case)
     x, targets = (a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
                   for a in case_batch(case, batch, key))
-    params = gradcheck.astype(model.init(key, (-1,) + x.shape[1:])[1], jnp.float64)
+    params = jax.jit(lambda key: gradcheck.astype(model.init(key, (-1,) + x.shape[1:])[1],
+                                                  jnp.float64))(key)  # one program
     return model, objective, params, x, targets, jax.random.key(3) if case.dropout else None
 
 
@@ -56,7 +57,8 @@ def test_manual_gradient_on_a_split_batch_is_jax_grad_of_the_whole_batch(name):
     model, objective, params, x, targets, key = point(name)
     energy, grads = on_the_mesh(lambda p, x, t: engines.manual(model, objective)(p, x, t, key),
                                 params, x, targets)
-    want_energy, want_grads = engines.autodiff(model, objective)(params, x, targets, key)
+    want_energy, want_grads = jax.jit(engines.autodiff(model, objective))(params, x, targets,
+                                                                          key)
     assert_close_tree((energy, grads), (want_energy, want_grads), jnp.float64, name)
     for grad in jax.tree.leaves(grads):
         assert grad.sharding.is_fully_replicated
@@ -73,15 +75,15 @@ def test_curvature_products_and_diagonal_on_a_split_batch_are_jaxs(product, name
     diagonal on the split batch: jax's products on one device (`nets.gradcheck`'s
     references) and the diagonal on one device."""
     model, objective, params, x, targets, _ = point(name)
-    v = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size, dtype=leaf.dtype)
-                                          ).reshape(leaf.shape), params)
+    v = jax.tree.map(lambda leaf: jnp.asarray(np.cos(np.arange(leaf.size, dtype=leaf.dtype))
+                                              .reshape(leaf.shape)), params)
     manual = getattr(engines, f"{product}_product")(model, objective)
     reference = getattr(gradcheck, f"{product}_product_reference")(model, objective)
     got = on_the_mesh(lambda p, x, t: manual(p, x, t, v), params, x, targets)
-    assert_close_tree(got, reference(params, x, targets, v), jnp.float64, product)
+    assert_close_tree(got, jax.jit(reference)(params, x, targets, v), jnp.float64, product)
     diagonal = engines.curvature_diagonal(model, objective)
     assert_close_tree(on_the_mesh(diagonal, params, x, targets),
-                      diagonal(params, x, targets), jnp.float64, "curvature diagonal")
+                      jax.jit(diagonal)(params, x, targets), jnp.float64, "curvature diagonal")
 
 
 def test_per_example_gradients_and_ghost_norms_of_an_mlp_on_a_split_batch():
@@ -90,8 +92,8 @@ def test_per_example_gradients_and_ghost_norms_of_an_mlp_on_a_split_batch():
     (vmap of the autodiff engine) and their norms. (A convolutional net's per-example pass
     is refused there inside vmap's batching of the patch gather: not supported.)"""
     model, objective, params, x, targets, _ = point("mlp_lecture")
-    want_values, want_grads = parallel.per_example_value_and_grad(
-        model, objective, engines.autodiff)(params, x, targets)
+    want_values, want_grads = jax.jit(parallel.per_example_value_and_grad(
+        model, objective, engines.autodiff))(params, x, targets)
     values, grads = on_the_mesh(parallel.per_example_value_and_grad(model, objective), params,
                                 x, targets)
     assert_close_tree((values, grads), (want_values, want_grads), jnp.float64, "per example")

@@ -169,7 +169,8 @@ def test_per_example_gradients_with_dropout_equal_a_loop_with_split_keys(engine)
         assert abs(float(values[i]) - float(value)) <= F64 * abs(float(value))
         assert_close_tree(jax.tree.map(lambda leaf, i=i: leaf[i], grads), grad, jnp.float64,
                           f"{engine} example {i}")
-    without = parallel.per_example_value_and_grad(model, objective)(params, x, targets)[0]
+    without = jax.jit(parallel.per_example_value_and_grad(model, objective))(params, x,
+                                                                            targets)[0]
     assert float(jnp.max(jnp.abs(without - values))) > 1e-3  # the masks were drawn
 
 
@@ -329,7 +330,8 @@ def test_ghost_norms_and_clipped_sum_equal_the_per_example_gradients(name):
     model = nets.build_mlp(5, 4, **kwargs)
     params = cast(model.init(jax.random.key(0), (-1, 5))[1], jnp.float64)
     x, targets = random_batch(jax.random.key(1), 9, 5, 4, jnp.float64)
-    _, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets)
+    _, grads = jax.jit(parallel.per_example_value_and_grad(model, objective))(params, x,
+                                                                              targets)
     norms = np.linalg.norm(flat_rows(grads), axis=1)
     clip = float(np.median(norms))
     energy, ghost_norms, summed = jax.jit(parallel.ghost_clipped_sum(model, objective),
@@ -431,8 +433,8 @@ def test_ghost_norms_with_the_penalty_share_equal_the_per_example_gradients(name
     model, objective, params, x, targets = problems[name](5, jnp.float64)
     assert objective.l2 > 0
     key = jax.random.key(5) if model.stochastic else None
-    values, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets,
-                                                                          key)
+    values, grads = jax.jit(parallel.per_example_value_and_grad(model, objective))(
+        params, x, targets, key)
     norms = np.linalg.norm(flat_rows(grads), axis=1)
     ghost_values, ghost_norms = jax.jit(parallel.ghost_norms(model, objective))(
         params, x, targets, key)
@@ -479,8 +481,9 @@ def test_grouped_convolutions_have_no_factors_and_are_formed():
     x = jax.random.normal(jax.random.key(1), (3, 3, 3, 2), jnp.float64)
     targets = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
     objective = nets.Objective(nets.mean_squared_error(), 0.1)
-    _, grads = parallel.per_example_value_and_grad(model, objective)(params, x, targets)
-    _, norms = parallel.ghost_norms(model, objective)(params, x, targets)
+    _, grads = jax.jit(parallel.per_example_value_and_grad(model, objective))(params, x,
+                                                                              targets)
+    _, norms = jax.jit(parallel.ghost_norms(model, objective))(params, x, targets)
     assert relative_error(norms, np.linalg.norm(flat_rows(grads), axis=1)) <= F64
 
 
