@@ -22,6 +22,16 @@ test is the same; the experiments' and benchmarks' numbers in README.md are meas
 defaults. A jaxlib that no longer knows these flags would abort every process on them, so they
 are first tried in a subprocess and left out if refused.
 
+Most programs are also compiled with XLA's optimisations off (`jax_disable_most_optimizations`,
+through its environment variable, so in the experiments a test starts as subprocesses too: LLVM
+at level 0, its expensive passes skipped): most tests compile programs and run each a few
+times. The whole suite took 986 s against 1,350 s, its workers' compilations 646 s against
+1,342 s (one run each, 2026-12-07, the same host). A test whose time goes into running its
+programs (the lecture's restarts, AlexNet at full size) carries the `runs_long` mark and keeps
+the optimisations; so do the subprocesses of the killed-and-resumed run and of the GPU
+command's stages. Unoptimised code rounds differently in places (no fused multiply-adds), so
+a test that compares bit for bit compares two programs compiled alike.
+
 Float64 is enabled for the whole test process so that the tight checks (manual vs jax.grad
 <= 1e-10) can run; float32 tests build their arrays in float32 explicitly. Layers initialise in
 float32 whatever the setting, and `nets.gradcheck.astype` casts.
@@ -63,6 +73,8 @@ if _OWNS_CACHE:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["NETS_TEST_COMPILATION_CACHE"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Read by JAX as it starts, in this process and in every process the tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -96,6 +108,18 @@ def _jax_settings_restored():
     for name, value in saved.items():
         if getattr(jax.config, name) != value:
             jax.config.update(name, value)
+
+
+@pytest.fixture(autouse=True)
+def _optimised_if_it_runs_long(request):
+    """XLA's optimisations on for a test marked `runs_long` (the module docstring)."""
+    if request.node.get_closest_marker("runs_long") is None:
+        yield
+        return
+    unoptimised = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", unoptimised)
 
 
 @pytest.fixture(params=DTYPES)

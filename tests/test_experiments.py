@@ -20,6 +20,7 @@ def read_results(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.runs_long
 def test_lecture_reaches_95_percent_on_the_digits(tmp_path):
     """The default run, as `make run` does it: test accuracy >= 0.95 (issue 2)."""
     metrics = lecture.main(["--workdir", str(tmp_path)])

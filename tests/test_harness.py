@@ -178,6 +178,7 @@ def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp
     config_argv = ["--steps", "1500", "--checkpoint-every", "100", *SMALL]
     command = [sys.executable, "-m", "experiments.lecture", *config_argv]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
+    environment.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # runs long (tests/conftest.py)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
 
     def start(workdir, log):

@@ -110,6 +110,7 @@ def tanh_net_problem():
     return model, objective, x, targets, params, flat, hessian, gradient
 
 
+@pytest.mark.runs_long
 def test_a_hessian_step_is_the_damped_newton_step_with_the_exact_hessian():
     """curvature="hessian" on a tanh net, with lambda large enough that H + lambda I is
     positive definite: one step (no preconditioner, 40 iterations from zero) is -(H +

@@ -443,6 +443,7 @@ def test_hessian_product_holds_the_dropout_masks_of_a_key(name, dtype):
         hessian_product, gradcheck.hessian_product_reference, name, dtype)
 
 
+@pytest.mark.runs_long
 def test_alexnet_hessian_product_is_jax_with_its_dropout_masks():
     """LRN's second derivatives in two channel groups, grouped convolutions, dropout."""
     assert_alexnet_product_is_its_reference(hessian_product,

@@ -368,6 +368,7 @@ def test_tower_lrn_keeps_towers_apart():
         towers.apply(params, x[..., :7])
 
 
+@pytest.mark.runs_long
 def test_alexnet_full_size_forward_on_cpu():
     """One real 227x227 forward pass (not just shapes): 61 M parameters, finite outputs."""
     model = models.alexnet()

@@ -298,6 +298,7 @@ def test_adding_problem_with_lecuns_method_runs_and_its_options_need_it(tmp_path
         adding_problem.main([*common, "--curvature-every", "3"])
 
 
+@pytest.mark.runs_long
 def test_char_rnn_with_lecuns_method_trains_and_its_options_need_it(tmp_path):
     """--optimizer sdlm: h backpropagated through the stacked LSTM from the carried states
     every 4 windows, the gradients with --recompute-every 4; 2 short epochs bring the
