@@ -8,29 +8,29 @@ and in subprocesses, and compiling them again took about a fifth of the suite's 
 
 Most tests compile many small programs and run each briefly, so XLA:CPU compiles its fusions
 with its loop emitters rather than its newer MLIR fusion emitters
-(`--xla_cpu_use_fusion_emitters=false`): a one-multiply program compiles in 35 ms rather than
-60 ms, tests/test_curvature.py took 64-85 s against 110-118 s, and the longest-running tests
-were no slower (the lecture's 5 restarts 126 against 124 s, AlexNet's full-size step 48
-against 53 s). For the same reason LLVM optimises the compiled code at level 1, not XLA's
-default 2 (`--xla_backend_optimization_level=1`): the whole suite took 834 s against 1,145 s,
-one run each on the same host and day (2026-12-03); tests/test_conv.py with
-tests/test_curvature.py, one worker, 229 against 257 s; AlexNet's full-size step 29 against
-35 s, the lecture's restarts 61 s either way (one test of the 32 timed in both full runs was
-clearly slower: the four-device one, 46 against 37 s). Level 0 compiles faster still (199 s
-for those two files) but runs slowly: AlexNet's step 106 s, the lecture 106 s. The code under
-test is the same; the experiments' and benchmarks' numbers in README.md are measured with XLA's
+(`--xla_cpu_use_fusion_emitters=false`): a one-multiply program compiles in 35 ms rather than 60
+ms, tests/test_curvature.py took 64-85 s against 110-118 s, and the longest-running tests were
+no slower (the lecture's 5 restarts 126 against 124 s, AlexNet's full-size step 48 against 53
+s). For the same reason LLVM optimises the compiled code at level 1, not XLA's default 2
+(`--xla_backend_optimization_level=1`): the whole suite took 834 s against 1,145 s, one run each
+on the same host and day (2026-12-03); tests/test_conv.py with tests/test_curvature.py, one
+worker, 229 against 257 s; AlexNet's full-size step 29 against 35 s, the lecture's restarts 61 s
+either way (one test of the 32 timed in both full runs was clearly slower: the four-device one,
+46 against 37 s). Level 0 compiles faster still (199 s for those two files) but runs slowly:
+AlexNet's step 106 s, the lecture 106 s (hence the `runs_long` mark below). The code under test
+is the same; the experiments' and benchmarks' numbers in README.md are measured with XLA's
 defaults. A jaxlib that no longer knows these flags would abort every process on them, so they
 are first tried in a subprocess and left out if refused.
 
 Most programs are also compiled with XLA's optimisations off (`jax_disable_most_optimizations`,
 through its environment variable, so in the experiments a test starts as subprocesses too: LLVM
-at level 0, its expensive passes skipped): most tests compile programs and run each a few
-times. The whole suite took 986 s against 1,350 s, its workers' compilations 646 s against
-1,342 s (one run each, 2026-12-07, the same host). A test whose time goes into running its
-programs (the lecture's restarts, AlexNet at full size) carries the `runs_long` mark and keeps
-the optimisations; so do the subprocesses of the killed-and-resumed run and of the GPU
-command's stages. Unoptimised code rounds differently in places (no fused multiply-adds), so
-a test that compares bit for bit compares two programs compiled alike.
+at level 0, its expensive passes skipped): most tests compile programs and run each a few times.
+The whole suite took 986 s against 1,350 s, its workers' compilations 646 s against 1,342 s (one
+run each, 2026-12-07, the same host; 974 s with the marks below). A test whose time goes into
+running its programs (the lecture's restarts, AlexNet at full size) carries the `runs_long` mark
+and keeps the optimisations; so do the subprocesses of the killed-and-resumed run and of the GPU
+command's stages. Unoptimised code rounds differently in places (initial weights one ulp apart),
+so a test that compares bit for bit compares two programs compiled alike.
 
 Float64 is enabled for the whole test process so that the tight checks (manual vs jax.grad
 <= 1e-10) can run; float32 tests build their arrays in float32 explicitly. Layers initialise in
