@@ -1313,7 +1313,8 @@ def main(argv=None):
                         xlabel="ratio (this codebase / reference; see ratio_of)", log=True)
     columns = ["family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s",
                "temp_bytes", "temp_ratio", "ratio", "ratio_of", "target", "target_met"]
-    header = (f"device {device_name()} ({len(jax.devices())} devices), jax "
+    header = (f"device {device_name()} ({len(jax.devices())} devices; host CPU "
+              f"{results.cpu_model()}), jax "
               f"{jax.__version__}, torch {None if torch is None else torch.__version__}, threads "
               f"{benchmark.thread_settings()}\n\n")
     results.save_and_print_table(run.workdir, header + results.markdown_table(rows, columns)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import lecture
-from training import harness
+from training import harness, results
 from training.checkpoints import Checkpointer
 from training.config import ConfigError
 from training.harness import NonFiniteError
@@ -44,12 +44,26 @@ def test_run_directory_files(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     environment = json.loads((tmp_path / "environment.json").read_text())
     for key in ("jax", "jaxlib", "optax", "flax", "backend", "devices", "process_count",
-                "git_commit", "command", "compilation_cache"):
+                "git_commit", "command", "compilation_cache", "cpu", "cpu_count"):
         assert key in environment
+    assert environment["cpu_count"] == os.cpu_count()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["experiment"] == "lecture" and config["config"]["steps"] == 20
     assert [json.loads(line)["step"] for line in metrics_lines(tmp_path)] == list(range(1, 21))
     assert Checkpointer(tmp_path / "checkpoints").steps() == [10, 20]
+
+
+def test_the_cpu_model_is_the_first_model_name_of_cpuinfo(tmp_path):
+    """Two processors listed: the first's name, spaces trimmed; without the file, platform's
+    answer (here compared with an empty string: the machine's architecture at least)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC "
+                       "9R14  \nflags\t\t: fpu avx512f\n\nprocessor\t: 1\nmodel name\t: "
+                       "Other\n")
+    assert results.cpu_model(cpuinfo) == "AMD EPYC 9R14"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t:\n")  # a name left empty: skipped
+    assert results.cpu_model(cpuinfo) == results.cpu_model(tmp_path / "absent")
+    assert results.cpu_model(tmp_path / "absent") != ""
 
 
 def test_a_different_config_is_refused_unless_forced(tmp_path):

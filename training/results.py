@@ -3,8 +3,8 @@
 An experiment's work directory receives `results.json`:
 
     {"experiment": NAME, "config": {...}, "environment": {"jax": ..., "backend": ...,
-     "devices": [...]}, "metrics": {...}, "history": [...], "seconds": {"compile": s,
-     "run": s}, ...experiment-specific keys}
+     "devices": [...], "cpu": ..., "cpu_count": ...}, "metrics": {...}, "history": [...],
+     "seconds": {"compile": s, "run": s}, ...experiment-specific keys}
 
 and `results.md`, the printed table. Results are written before they are printed.
 """
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import sys
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 __all__ = [
     "default_workdir",
     "environment",
+    "cpu_model",
     "markdown_table",
     "to_jsonable",
     "write_results",
@@ -41,8 +43,23 @@ def default_workdir(experiment: str, root: str | os.PathLike = "runs") -> pathli
     return pathlib.Path(root) / experiment / stamp
 
 
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The host processor's name: the first "model name" of `cpuinfo` (Linux), else what
+    `platform` knows ("" when nothing). Timings and even float32 roundings move between
+    hosts of the same core count, so every result records it."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """Versions, backend and devices of this process."""
+    """Versions, backend and devices of this process, and the host's processor."""
     import jaxlib
     import optax
 
@@ -54,6 +71,8 @@ def environment() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(device) for device in jax.devices()],
         "x64": bool(jax.config.read("jax_enable_x64")),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }
 
 
