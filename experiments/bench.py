@@ -80,10 +80,15 @@ intra-op pools are both left at the machine's core count, and recorded
 call of a step whose temporaries exceed 32 MB (the LSTM's 61 MB, the GRUs' 47.5 MB)
 page-faults them in afresh, about 15% of those steps; nn.LSTM paid as much.
 
+--quick times every target with 10 repetitions and one pass of the recipe, and leaves out the
+rows without a target (the curvature products, remat, accumulation, recompute, the unroll
+sweep, the per-step products, DP-SGD and picking; `--untargeted on` keeps them): 2 min 16 s
+on the 2-core AMD EPYC host of 2026-12-07, where with them it took 5 min 50 s.
+
 Writes results.json ({"benchmarks": [{"family", "name", "variant", "median_s", "p10_s",
-"p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the README's keys),
-results.md and ratios.png. BENCHMARKS.md at the top of the repository keeps the latest table
-per machine.
+"p90_s", "compile_s", "ratio", "ratio_of", "device", ...}], plus the README's keys, and
+"seconds": the run's and each family's wall time), results.md and ratios.png. BENCHMARKS.md
+at the top of the repository keeps the latest table per machine.
 """
 from __future__ import annotations
 
@@ -149,6 +154,10 @@ class Config:
                                  "= the core count, 1 = no such rows. Takes effect only "
                                  "before JAX starts (a process whose JAX has started keeps "
                                  "its devices; results.json records them)", ge=0)
+    untargeted: str = option("auto", "the rows without a target (curvature products, remat, "
+                                     "accumulation, recompute, unroll, per-step products, "
+                                     "DP-SGD and picking): on, off, or auto (off with "
+                                     "--quick, on otherwise)", choices=("auto", "on", "off"))
     reuse_memory: bool = option(False, "keep freed memory for reuse (glibc malloc, both "
                                        "sides: training.benchmark.reuse_freed_memory): no "
                                        "page faults for steps with over 32 MB of "
@@ -313,6 +322,12 @@ def memory_extras(manual_fn, auto_fn) -> dict:
     return {"temp_bytes": manual, "temp_ratio": ratio}
 
 
+def untargeted_rows(config) -> bool:
+    """Whether the families also time their rows without a target (`--untargeted`): --quick
+    leaves them out unless asked, so that it times every target in under 5 minutes."""
+    return config.untargeted == "on" or (config.untargeted == "auto" and not config.quick)
+
+
 def family_engine(config, key):
     for name, model, objective, input_shape, batch in engine_cases(sizes_of(config)):
         args = random_problem(model, input_shape, batch, key)
@@ -327,9 +342,10 @@ def family_engine(config, key):
         yield row("engine", name, "manual", manual, manual.median_s / auto.median_s,
                   "manual/autodiff", **memory_extras(manual_fn, auto_fn))
         yield row("engine", name, "autodiff", auto, temp_bytes=temp_bytes(auto_fn))
-    yield from remat_rows(sizes_of(config), key, config.repeats)
-    yield from accumulation_rows(sizes_of(config), key, config.repeats)
-    yield from gauss_newton_rows(sizes_of(config), key, config.repeats)
+    if untargeted_rows(config):
+        yield from remat_rows(sizes_of(config), key, config.repeats)
+        yield from accumulation_rows(sizes_of(config), key, config.repeats)
+        yield from gauss_newton_rows(sizes_of(config), key, config.repeats)
 
 
 REMAT_BLOCKS = 8
@@ -819,9 +835,10 @@ def family_per_example(config, key):
                                                 max(10, config.repeats // 2))
         yield row("per_example", f"loop_vs_vmap/{name}", "python_loop", loop,
                   loop.median_s / vmapped_again.median_s, "python_loop/vmap")
-        yield from dp_sgd_rows(name, model, softmax, args, batch_step, config.repeats)
-        if name == "mlp":
-            yield from pick_rows(model, softmax._replace(l2=1e-4), args)
+        if untargeted_rows(config):
+            yield from dp_sgd_rows(name, model, softmax, args, batch_step, config.repeats)
+            if name == "mlp":
+                yield from pick_rows(model, softmax._replace(l2=1e-4), args)
 
 
 def dp_sgd_rows(model_name, model, objective, args, batch_step, repeats):
@@ -1023,24 +1040,20 @@ def family_rnn(config, key, torch):
         yield row("rnn", f"engine/{kind}/{shape}", "autodiff", auto,
                   temp_bytes=temp_bytes(auto_fn))
         compiled_manual[kind], models[kind] = (manual_fn, args, manual_compile), model
-        # G v through time: a tangent scan and a BPTT scan by hand against jvp-then-vjp;
-        # H v: a tangent scan and BPTT's R-operator against jax's jvp of grad
-        yield from gauss_newton_pair("rnn", f"{kind}/{shape}", model, mse, args, key,
-                                     config.repeats)
-        yield from product_pair("rnn", f"hessian/{kind}/{shape}", model, mse, args, key,
-                                config.repeats, (nets.engines.hessian_product,
-                                                 hessian_product_reference))
-    base_fn, base_args, _ = compiled_manual["lstm"]
-    for unroll in (2, 4, 8, 16):
-        model, args = rnn_problem("lstm", sizes, key, unroll=unroll)
-        unrolled_fn, compile_s = benchmark.compile_jitted(sgd_step(model, mse, nets.manual),
-                                                          *args)
-        unrolled, base = benchmark.compare(unrolled_fn, args, base_fn, base_args,
-                                           config.repeats)
-        unrolled.compile_s = compile_s
-        yield row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
-                  unrolled.median_s / base.median_s, "unroll_k/unroll_1")
-    yield from recompute_rows(sizes, key, mse, shape, base_fn, base_args, config.repeats)
+        if untargeted_rows(config):
+            # G v through time: a tangent scan and a BPTT scan by hand against
+            # jvp-then-vjp; H v: a tangent scan and BPTT's R-operator against jax's jvp of
+            # grad
+            yield from gauss_newton_pair("rnn", f"{kind}/{shape}", model, mse, args, key,
+                                         config.repeats)
+            yield from product_pair("rnn", f"hessian/{kind}/{shape}", model, mse, args, key,
+                                    config.repeats, (nets.engines.hessian_product,
+                                                     hessian_product_reference))
+    if untargeted_rows(config):
+        yield from unroll_rows(sizes, key, mse, shape, compiled_manual["lstm"],
+                               config.repeats)
+        base_fn, base_args, _ = compiled_manual["lstm"]
+        yield from recompute_rows(sizes, key, mse, shape, base_fn, base_args, config.repeats)
     for kind in TORCH_RNNS:
         ours_fn, args, compile_s = compiled_manual[kind]
         if torch is None:
@@ -1072,8 +1085,22 @@ def family_rnn(config, key, torch):
         if native:
             yield from native_lstm_rows(torch, shape, ours_fn, args, native_agreement,
                                         torch_step, torch_args, config.repeats)
-    if torch is not None:
+    if torch is not None and untargeted_rows(config):
         yield from product_rows(torch, batch, time_steps, hidden, key, config.repeats)
+
+
+def unroll_rows(sizes, key, mse, shape, compiled_lstm, repeats):
+    """The LSTM's manual step with its scan unrolled 2, 4, 8 and 16 steps against unroll 1
+    (`compiled_lstm`: its compiled step, arguments and compile time), alternated. No target."""
+    base_fn, base_args, _ = compiled_lstm
+    for unroll in (2, 4, 8, 16):
+        model, args = rnn_problem("lstm", sizes, key, unroll=unroll)
+        unrolled_fn, compile_s = benchmark.compile_jitted(sgd_step(model, mse, nets.manual),
+                                                          *args)
+        unrolled, base = benchmark.compare(unrolled_fn, args, base_fn, base_args, repeats)
+        unrolled.compile_s = compile_s
+        yield row("rnn", f"unroll/lstm/{shape}", f"unroll_{unroll}", unrolled,
+                  unrolled.median_s / base.median_s, "unroll_k/unroll_1")
 
 
 def step_products(batch, hidden):
@@ -1261,8 +1288,10 @@ def target_met(entry):
     return None, None
 
 
-def write_benchmarks(workdir, config, rows, seconds, torch) -> None:
-    """results.json with the rows so far, each with its target and whether it was met."""
+def write_benchmarks(workdir, config, rows, seconds, torch, family_seconds=None) -> None:
+    """results.json with the rows so far, each with its target and whether it was met;
+    `seconds`: "run", the whole run's wall time so far, and "families", each finished
+    family's (compilation, warm-up, timing and its references)."""
     for entry in rows:
         if entry["ratio"] is not None:
             entry["target"], entry["target_met"] = target_met(entry)
@@ -1272,7 +1301,7 @@ def write_benchmarks(workdir, config, rows, seconds, torch) -> None:
                     if r["ratio"] is not None},
          "targets_met": sum(bool(r.get("target_met")) for r in rows),
          "targets_missed": sum(r.get("target_met") is False for r in rows)},
-        [], {"run": seconds}, benchmarks=rows,
+        [], {"run": seconds, "families": dict(family_seconds or {})}, benchmarks=rows,
         threads=benchmark.thread_settings(), torch=None if torch is None else torch.__version__,
         devices=[str(d) for d in jax.devices()],
         matmul_precision=str(jax.config.jax_default_matmul_precision))
@@ -1298,14 +1327,20 @@ def main(argv=None):
                "utilisation": lambda: family_utilisation(config, key),
                "rnn": lambda: family_rnn(config, key, torch),
                "scaling": lambda: family_scaling(config, run.workdir / "scaling")}
-    rows, start = [], time.perf_counter()
+    rows, start, family_seconds = [], time.perf_counter(), {}
     for family in config.families:
         print(f"bench: {family} ...", flush=True)
+        family_start = time.perf_counter()
         for entry in runners[family]():
             rows.append(entry)
             print(f"  {row_summary(entry)}", flush=True)
             # after every row, so that a run cut short (a time limit) keeps what it measured
-            write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch)
+            write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch,
+                             family_seconds)
+        family_seconds[family] = time.perf_counter() - family_start
+        print(f"bench: {family} took {family_seconds[family]:.1f} s", flush=True)
+    write_benchmarks(run.workdir, config, rows, time.perf_counter() - start, torch,
+                     family_seconds)
     ratios = [r for r in rows if r["ratio"] is not None]
     if ratios:
         plots.save_bars(run.workdir / "ratios.png",

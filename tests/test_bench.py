@@ -29,10 +29,14 @@ def test_the_quick_groups_are_every_family_once():
 
 @pytest.mark.parametrize("families", FAMILY_GROUPS, ids=lambda group: "+".join(group))
 def test_quick_smallest_run_writes_the_schema(tmp_path, families):
+    """Every row, those without a target too (which --quick alone leaves out)."""
     rows = bench.main(["--workdir", str(tmp_path), "--quick", "--size", "smallest",
-                       "--families", ",".join(families)])
+                       "--families", ",".join(families), "--untargeted", "on"])
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["benchmarks"] == json.loads(json.dumps(rows))
+    family_seconds = document["seconds"]["families"]
+    assert list(family_seconds) == list(families) and min(family_seconds.values()) > 0
+    assert sum(family_seconds.values()) <= document["seconds"]["run"]
     assert {r["family"] for r in rows} == set(families)
     for entry in rows:
         assert ROW_KEYS <= set(entry), entry
@@ -49,6 +53,24 @@ def test_quick_smallest_run_writes_the_schema(tmp_path, families):
         assert all(r["target"] is None for r in rows if r["ratio_of"] == "manual/jax")
     assert (tmp_path / "results.md").read_text().startswith("device ")
     assert (tmp_path / "ratios.png").stat().st_size > 5_000
+
+
+def test_quick_leaves_out_the_rows_without_a_target_unless_asked(tmp_path):
+    """--quick alone: per_example's targeted rows and none of its DP-SGD or picking rows (a
+    full run, or --untargeted on, has them: the schema test above)."""
+    rows = bench.main(["--workdir", str(tmp_path), "--quick", "--size", "smallest",
+                       "--families", "per_example"])
+    assert [(r["name"], r["variant"]) for r in rows] == [
+        ("vmap_vs_batch/mlp", "vmap_per_example"), ("vmap_vs_batch/mlp", "batch"),
+        ("loop_vs_vmap/mlp", "python_loop"), ("vmap_vs_batch/lenet5", "vmap_per_example"),
+        ("vmap_vs_batch/lenet5", "batch"), ("loop_vs_vmap/lenet5", "python_loop")]
+    assert all(r["target"] is not None for r in rows if r["ratio"] is not None)
+    config = bench.parse(bench.Config, ["--quick"], "")[0]
+    assert not bench.untargeted_rows(config)
+    assert bench.untargeted_rows(bench.parse(bench.Config, [], "")[0])
+    assert bench.untargeted_rows(bench.parse(bench.Config, ["--quick", "--untargeted", "on"],
+                                             "")[0])
+    assert not bench.untargeted_rows(bench.parse(bench.Config, ["--untargeted", "off"], "")[0])
 
 
 def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
