@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Factors, Layer, is_count
+from nets.layers import Factors, Layer, check_gradient, check_parameter, is_count
 from nets.varying import (
     batch_product,
     is_split,
@@ -999,7 +999,16 @@ def Conv2D(
         return (input_shape[0], out_h, out_w, out_channels), params
 
     def check_forward_input(params, x):
-        kernel_in = params["w"].shape[2] * groups
+        w_shape = tuple(params["w"].shape)
+        if len(w_shape) != 4 or w_shape[:2] != kernel or w_shape[3] != out_channels:
+            raise ValueError(f"{name}: params 'w' has shape {w_shape}, expected "
+                             f"{_pretty((*kernel, 'channels / groups', out_channels))}")
+        if not unshared_bias:
+            check_parameter(name, params, "b", (out_channels,))
+        elif params["b"].ndim != 3 or params["b"].shape[2] != out_channels:
+            raise ValueError(f"{name}: params 'b' has shape {tuple(params['b'].shape)}, "
+                             f"expected (out_h, out_w, {out_channels}) (an unshared bias)")
+        kernel_in = w_shape[2] * groups
         check_image_input(name, x.shape, kernel_in, min_size)
         if unshared_bias:
             want = params["b"].shape[:2]
@@ -1042,6 +1051,8 @@ def Conv2D(
         gradient; 2: the Gauss-Newton diagonal, since every output is a sum of w * xp)."""
         x, saved = residuals
         call = call_geometry(x.shape[1:3])
+        check_gradient(name, dy, (x.shape[0], *call.out_size, out_channels),
+                       "dy" if power == 1 else "d2y")
         dw, dx = products(call, x)[1](call, x, saved, masked(w) ** power, dy, power)
         return {"w": masked(dw), "b": bias_gradient(dy)}, dx
 

@@ -115,6 +115,8 @@ __all__ = [
     "tie",
     "plain_layers",
     "check_input",
+    "check_gradient",
+    "check_parameter",
     "forward_with_key",
     "tangent_with_key",
     "backward_tangent_with_key",
@@ -263,6 +265,24 @@ def check_input(layer_name: str, x: jax.Array, expected: Shape) -> None:
         raise ValueError(f"{layer_name}: input x has shape {tuple(x.shape)}, expected {pretty}")
 
 
+def check_gradient(layer_name: str, dy: jax.Array, expected: Shape, what: str = "dy") -> None:
+    """Raise a ValueError unless the gradient arriving at a layer's output (`what`: dy, or
+    d2y for the curvature) has the output's shape, `expected`: the backward's products would
+    broadcast a size-1 axis, or clamp an index past the end, silently."""
+    if tuple(dy.shape) != tuple(expected):
+        raise ValueError(f"{layer_name}: {what} has shape {tuple(dy.shape)}, expected the "
+                         f"output's {tuple(expected)}")
+
+
+def check_parameter(layer_name: str, params: Params, key: str, expected: Shape) -> None:
+    """Raise a ValueError unless params[key] has shape `expected` (params from another init
+    would be broadcast, or used with another kernel size, silently)."""
+    found = tuple(params[key].shape)
+    if found != tuple(expected):
+        raise ValueError(f"{layer_name}: params {key!r} has shape {found}, expected "
+                         f"{tuple(expected)}")
+
+
 # Up to this many examples a dense layer's weight gradient is a sum of outer products.
 OUTER_PRODUCTS_MAX_BATCH = 4
 
@@ -307,7 +327,7 @@ def Dense(
     w_init = w_init or initializers.fan_in_uniform()
 
     def init(key, input_shape):
-        if len(input_shape) != 2:
+        if len(input_shape) != 2 or not is_count(input_shape[-1]) or input_shape[-1] < 1:
             raise ValueError(
                 f"{name}: input_shape {tuple(input_shape)} must be (batch, features)"
             )
@@ -320,15 +340,18 @@ def Dense(
         return (input_shape[0], out_features), params
 
     def forward(params, x):
+        check_parameter(name, params, "b", params["w"].shape[1:])
         check_input(name, x, (-1, params["w"].shape[0]))
         return x @ params["w"] + params["b"][None, :], x
 
     def backward(params, x, dy):
+        check_gradient(name, dy, (x.shape[0], params["w"].shape[1]))
         dparams = {"w": weight_gradient(x, dy, params["w"]), "b": jnp.sum(dy, axis=0)}
         return dparams, dy @ params["w"].T
 
     def curvature(params, x, d2y):
         """d2w = (x^2)^T d2y, d2b = sum_batch d2y, d2x = d2y (w^2)^T."""
+        check_gradient(name, d2y, (x.shape[0], params["w"].shape[1]), "d2y")
         return backward({"w": params["w"] ** 2}, x**2, d2y)
 
     def factors(params, x, dy):
@@ -377,6 +400,8 @@ def Embedding(
     nothing to dw.
     """
     for argument, value in (("vocabulary", vocabulary), ("features", features)):
+        if not is_count(value):
+            raise ValueError(f"{name}: {argument} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
     w_init = w_init or initializers.glorot_uniform()
@@ -406,6 +431,7 @@ def Embedding(
         return gather(params["w"], ids, jnp.nan), ids
 
     def backward(params, ids, dy):
+        check_gradient(name, dy, (*ids.shape, params["w"].shape[1]))
         zeros = jnp.zeros_like(params["w"])
         if is_split(ids):  # the batch's scatter-add summed into w's layout
             dw = zeros.at[rows_of(ids)].add(dy, mode="drop",
@@ -478,11 +504,13 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
 
     def backward(params, x, ds):
         del params
+        check_gradient(name, ds, (x.shape[0], classes))
         c = jnp.asarray(centres, x.dtype)
         return (), -2 * (x * jnp.sum(ds, axis=1, keepdims=True) - ds @ c)
 
     def curvature(params, x, d2s):
         del params
+        check_gradient(name, d2s, (x.shape[0], classes), "d2y")
         c = jnp.asarray(centres, x.dtype)
         gauss_newton = 4 * (x**2 * jnp.sum(d2s, axis=1, keepdims=True) - 2 * x * (d2s @ c)
                             + d2s @ c**2)
@@ -544,10 +572,12 @@ def elementwise(
 
     def backward(params, kept, dy):
         del params
+        check_gradient(name, dy, kept.shape)
         return (), dy * derivative(kept)
 
     def curvature(params, kept, d2y):
         del params
+        check_gradient(name, d2y, kept.shape, "d2y")
         return (), d2y * derivative(kept) ** 2
 
     def tangent(params, x, dparams, dx):
@@ -737,6 +767,12 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
     def backward_through(method):
         def run_backward(params, residuals, dy):
+            _check_param_count(name, params, len(layers))
+            if not isinstance(residuals, tuple) or len(residuals) != len(layers):
+                found = len(residuals) if isinstance(residuals, tuple) else type(
+                    residuals).__name__
+                raise ValueError(f"{name}: residuals must hold {len(layers)} layer entries, "
+                                 f"got {found}")
             dparams = []
             for layer, layer_params, layer_residuals in reversed(
                 list(zip(layers, params, residuals))

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, is_count
+from nets.layers import Layer, check_gradient, check_parameter, is_count
 
 __all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers", "with_population_statistics"]
 
@@ -112,6 +112,12 @@ def _shape_check(name, features):
     return check
 
 
+def _check_gain_and_bias(name, params, features):
+    """g and b of (features,): one of (1,) would be broadcast over the features silently."""
+    for key in ("g", "b"):
+        check_parameter(name, params, key, (features,))
+
+
 def _gain_and_bias_init(check, features):
     def init(key, input_shape):
         del key
@@ -135,6 +141,7 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
         return jnp.sum(values.reshape(-1, features), axis=0)
 
     def forward(params, x):
+        _check_gain_and_bias(name, params, features)
         check(x.shape)
         xhat, s = _standardise(x, -1, eps)
         y = _along_features(params["g"], x.ndim) * xhat + _along_features(params["b"], x.ndim)
@@ -142,11 +149,13 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
 
     def backward(params, residuals, dy):
         xhat, s = residuals
+        check_gradient(name, dy, xhat.shape)
         dx = _standardise_backward(xhat, s, dy * _along_features(params["g"], dy.ndim), -1)
         return {"g": over_rows(dy * xhat), "b": over_rows(dy)}, dx
 
     def curvature(params, residuals, d2y):
         xhat, s = residuals
+        check_gradient(name, d2y, xhat.shape, "d2y")
         a = _along_features(params["g"], d2y.ndim) ** 2 * d2y / (s * s)
         d2x = _standardise_curvature(xhat, a, -1, features)
         return {"g": over_rows(d2y * xhat * xhat), "b": over_rows(d2y)}, d2x
@@ -260,6 +269,7 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
         return bool(given)
 
     def forward(params, x):
+        _check_gain_and_bias(name, params, features)
         check(x.shape)
         if fixed(params):
             s = jnp.sqrt(_along_features(params["var"], x.ndim) + eps)
@@ -272,6 +282,7 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
 
     def backward(params, residuals, dy):
         xhat, s = residuals
+        check_gradient(name, dy, xhat.shape)
         axes = tuple(range(dy.ndim - 1))
         dxhat = dy * _along_features(params["g"], dy.ndim)
         dparams = {"g": jnp.sum(dy * xhat, axis=axes), "b": jnp.sum(dy, axis=axes)}
@@ -284,6 +295,7 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
 
     def curvature(params, residuals, d2y):
         xhat, s = residuals
+        check_gradient(name, d2y, xhat.shape, "d2y")
         axes = tuple(range(d2y.ndim - 1))
         a = _along_features(params["g"], d2y.ndim) ** 2 * d2y / (s * s)
         d2params = {"g": jnp.sum(d2y * xhat * xhat, axis=axes), "b": jnp.sum(d2y, axis=axes)}

@@ -21,6 +21,8 @@ from nets.conv import channel_sum, check_image_input, pair
 from nets.layers import (
     Layer,
     StaticShape,
+    check_gradient,
+    check_parameter,
     forward_with_key,
     is_count,
     linear_backward_tangent,
@@ -102,6 +104,13 @@ def _pool_init(name, window, stride):
     return init
 
 
+def _pooled_shape(x_shape, window, stride):
+    """The output shape of a pooling of x_shape's (H, W) by windows without padding."""
+    batch, height, width, channels = x_shape
+    return (batch, _output_size(height, window[0], stride[0]),
+            _output_size(width, window[1], stride[1]), channels)
+
+
 def _window_and_stride(window, stride, name):
     window = pair(window, "window", name)
     return window, window if stride is None else pair(stride, "stride", name)
@@ -123,10 +132,12 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
+        check_gradient(name, dy, _pooled_shape(x_shape.shape, window, stride))
         return (), window_sum_transpose(dy, window, stride, x_shape.shape[1:3]) / area
 
     def curvature(params, x_shape, d2y):
         """Every Jacobian entry is 1/(kh kw): d2x = window_sum_transpose(d2y) / (kh kw)^2."""
+        check_gradient(name, d2y, _pooled_shape(x_shape.shape, window, stride), "d2y")
         return backward(params, x_shape, d2y / area)
 
     def tangent(params, x, dparams, dx):
@@ -183,6 +194,7 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
     def route_to_maxima(residuals, dy, power):
         """dx: dy / k**power to each of the k positions of a window that attain its max."""
         attained, x_shape = residuals
+        check_gradient(name, dy, attained.shape, "dy" if power == 1 else "d2y")
         (kh, kw), (sh, sw) = window, stride
         height, width = x_shape.shape[1:3]
         out_h, out_w = dy.shape[1:3]
@@ -267,6 +279,7 @@ def Subsampling(
         return output_shape, {"w": w_init(key_w, (channels,)), "b": b_init(key_b, (channels,))}
 
     def forward(params, x):
+        check_parameter(name, params, "b", params["w"].shape)
         check_image_input(name, x.shape, params["w"].shape[0], window)
         sums = window_sum(x, window, window)
         y = params["w"][None, None, None, :] * sums + params["b"][None, None, None, :]
@@ -274,6 +287,7 @@ def Subsampling(
 
     def backward(params, residuals, dy):
         sums, x_shape = residuals
+        check_gradient(name, dy, sums.shape)
         dparams = {"w": channel_sum(dy * sums), "b": channel_sum(dy)}
         dx = window_sum_transpose(dy * params["w"][None, None, None, :], window, window,
                                   x_shape.shape[1:3])
@@ -282,6 +296,7 @@ def Subsampling(
     def curvature(params, residuals, d2y):
         """d2w = sum d2y * sums^2, d2b = sum d2y, d2x = spread(d2y * w^2)."""
         sums, x_shape = residuals
+        check_gradient(name, d2y, sums.shape, "d2y")
         return backward({"w": params["w"] ** 2, "b": params["b"]}, (sums**2, x_shape), d2y)
 
     def tangent(params, x, dparams, dx):
@@ -330,6 +345,7 @@ def Flatten(name: str = "Flatten") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
+        check_gradient(name, dy, (x_shape.shape[0], math.prod(x_shape.shape[1:])))
         return (), dy.reshape(x_shape.shape)
 
     def tangent(params, x, dparams, dx):
@@ -402,12 +418,14 @@ def LocalResponseNorm(
     def backward(params, residuals, dy):
         del params
         x, d, d_power = residuals
+        check_gradient(name, dy, x.shape)
         scaled = dy * x * d_power / d
         return (), dy * d_power - 2 * alpha * beta * x * channel_window_sum(scaled)
 
     def curvature(params, residuals, d2y):
         del params
         x, d, d_power = residuals
+        check_gradient(name, d2y, x.shape, "d2y")
         squared = d_power * d_power
         window_terms = channel_window_sum(d2y * x * x * squared / (d * d))
         return (), (d2y * squared * (1 - 4 * alpha * beta * x * x / d)
@@ -480,10 +498,14 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
 
     def backward(params, scale, dy):
         del params
+        if scale is not None:
+            check_gradient(name, dy, scale.shape)
         return (), dy if scale is None else dy * scale
 
     def curvature(params, scale, d2y):
         del params
+        if scale is not None:
+            check_gradient(name, d2y, scale.shape, "d2y")
         return (), d2y if scale is None else d2y * scale * scale
 
     def tangent(params, x, dparams, dx, key=None):

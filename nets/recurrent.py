@@ -140,6 +140,7 @@ from nets.layers import (
     Layer,
     StaticShape,
     backward_tangent_with_key,
+    check_gradient,
     forward_with_key,
     is_count,
     linear_backward_tangent,
@@ -251,6 +252,8 @@ def _stacked_weights(key, input_size: int, hidden: int, gates: int) -> jax.Array
 
 
 def _check_size(name: str, hidden_size: int) -> None:
+    if not is_count(hidden_size):
+        raise ValueError(f"{name}: hidden_size must be an int, got {hidden_size!r}")
     if hidden_size < 1:
         raise ValueError(f"{name}: hidden_size must be >= 1, got {hidden_size}")
 
@@ -1637,6 +1640,8 @@ def LastStep(name: str = "LastStep") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
+        batch, _, features = x_shape.shape
+        check_gradient(name, dy, (batch, features))
         return (), split_like(jnp.zeros(x_shape.shape, dy.dtype), dy).at[:, -1, :].set(dy)
 
     def tangent(params, x, dparams, dx):
@@ -1676,6 +1681,8 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
 
     def backward(params, x_shape, dy):
         del params
+        batch, _, features = x_shape.shape
+        check_gradient(name, dy, (batch, features))
         dx = split_like(jnp.zeros(x_shape.shape, dy.dtype), dy)
         dx = dx.at[:, -1, :forward_features].set(dy[:, :forward_features])
         return (), dx.at[:, 0, forward_features:].set(dy[:, forward_features:])
@@ -1709,8 +1716,11 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         y, residuals = forward_with_key(layer, params, x.reshape(batch * time, features), key)
         return y.reshape(batch, time, y.shape[-1]), residuals
 
-    def folded(method):
+    def folded(method, what):
         def run(params, residuals, dy):
+            if dy.ndim != 3:  # the layer's own backward checks the folded rows
+                raise ValueError(f"{name}: {what} has shape {tuple(dy.shape)}, expected "
+                                 "(batch, time, features)")
             batch, time, out = dy.shape
             dparams, dx = method(params, residuals, dy.reshape(batch * time, out))
             return dparams, dx.reshape(batch, time, dx.shape[-1])
@@ -1738,8 +1748,8 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
         return (g_params, g_x.reshape(batch, time, features), r_g_params,
                 r_g_x.reshape(batch, time, features))
 
-    curvature = None if layer.curvature is None else folded(layer.curvature)
-    return Layer(name, init, forward, folded(layer.backward), curvature=curvature,
+    curvature = None if layer.curvature is None else folded(layer.curvature, "d2y")
+    return Layer(name, init, forward, folded(layer.backward, "dy"), curvature=curvature,
                  stochastic=layer.stochastic,
                  tangent=None if layer.tangent is None else tangent,
                  backward_tangent=None if layer.backward_tangent is None else backward_tangent)

@@ -149,3 +149,123 @@ def test_random_shifts_translate_each_image_by_one_of_every_offset_with_the_fill
                         for dy, dx in offsets])  # (25 offsets, 400 images)
     np.testing.assert_array_equal(matches.sum(axis=0), 1)
     assert np.all(matches.any(axis=1))
+
+
+def _one_layer(layer, input_shape, dtype=jnp.float64):
+    """(params, residuals, y) of layer's init and forward on a random x (params cast to dtype)."""
+    _, params = layer.init(KEY, input_shape)
+    params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
+    y, residuals = layer.forward(params, jax.random.normal(KEY, input_shape, dtype))
+    return params, residuals, y
+
+
+GRADIENT_LAYERS = {
+    "Dense": (lambda: nets.Dense(3, name="hidden"), (4, 5)),
+    "Tanh": (lambda: nets.Tanh(name="act"), (4, 5)),
+    "EuclideanRBF": (lambda: nets.EuclideanRBF(np.eye(3, 5), name="rbf"), (4, 5)),
+    "Conv2D": (lambda: nets.Conv2D(4, 3, name="conv"), (2, 6, 6, 3)),
+    "Conv2D patches": (lambda: nets.Conv2D(4, 3, implementation="patches", name="conv"),
+                       (2, 6, 6, 3)),
+    "AvgPool": (lambda: nets.AvgPool(2, name="pool"), (2, 6, 6, 3)),
+    "MaxPool": (lambda: nets.MaxPool(2, name="pool"), (2, 6, 6, 3)),
+    "Subsampling": (lambda: nets.Subsampling(2, name="S2"), (2, 6, 6, 3)),
+    "Flatten": (lambda: nets.Flatten(name="flat"), (2, 3, 3, 2)),
+    "LocalResponseNorm": (lambda: nets.LocalResponseNorm(name="lrn"), (2, 3, 3, 4)),
+    "LayerNorm": (lambda: nets.LayerNorm(5, name="norm"), (4, 5)),
+    "BatchNorm": (lambda: nets.BatchNorm(5, name="norm"), (4, 5)),
+    "LastStep": (lambda: nets.LastStep(name="last"), (2, 4, 3)),
+    "FinalStates": (lambda: nets.FinalStates(1, name="final"), (2, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADIENT_LAYERS))
+@pytest.mark.parametrize("wrong", ["one example", "axes reversed"])
+def test_a_gradient_not_shaped_as_the_output_is_refused_by_name(case, wrong):
+    """backward (and curvature) with a dy that is not the output's shape: a batch of one, which
+    the products broadcast (Dense clamped its outer products' index past the batch, Tanh and
+    the norms broadcast it), or the output's axes reversed, which Flatten reshaped silently,
+    and the convolutions and pools met with raw reshape and dot_general errors."""
+    build, input_shape = GRADIENT_LAYERS[case]
+    layer = build()
+    params, residuals, y = _one_layer(layer, input_shape)
+    dy = jnp.ones((1, *y.shape[1:]) if wrong == "one example" else y.shape[::-1])
+    expected = re.escape(f"{layer.name}: dy has shape {dy.shape}, expected the output's "
+                         f"{y.shape}")
+    with pytest.raises(ValueError, match=expected):
+        layer.backward(params, residuals, dy)
+    if layer.curvature is not None:
+        with pytest.raises(ValueError, match=f"{layer.name}: d2?y has shape"):
+            layer.curvature(params, residuals, dy)
+
+
+def test_dense_backward_with_a_short_batch_is_refused_not_clamped():
+    """A dy of 3 rows for 4 examples: weight_gradient's outer products read dy[3], which JAX
+    clamps to dy[2], and returned a dw and a dx of 3 rows without a word."""
+    layer = nets.Dense(3, name="hidden")
+    params, x, _ = _one_layer(layer, (4, 5))
+    with pytest.raises(ValueError, match=re.escape(
+            "hidden: dy has shape (3, 3), expected the output's (4, 3)")):
+        layer.backward(params, x, jnp.ones((3, 3)))
+
+
+def test_serial_backward_with_residuals_of_fewer_layers_is_refused():
+    """zip stopped at the shorter: the gradient of the first layer alone, for a net of two."""
+    model = nets.serial(nets.Dense(3, name="hidden"), nets.Tanh(name="act"), name="net")
+    params, residuals, y = _one_layer(model, (4, 5))
+    with pytest.raises(ValueError, match="net: residuals must hold 2 layer entries, got 1"):
+        model.backward(params, residuals[:1], jnp.ones(y.shape))
+    with pytest.raises(ValueError, match="net: params must hold 2 layer entries, got 1"):
+        model.backward(params[:1], residuals, jnp.ones(y.shape))
+
+
+PARAMETER_CASES = {
+    "Dense bias of one": (
+        lambda: nets.Dense(3, name="hidden"), (4, 5), "b", (1,),
+        "hidden: params 'b' has shape (1,), expected (3,)"),
+    "Conv2D kernel of another size": (
+        lambda: nets.Conv2D(4, 3, name="conv"), (2, 6, 6, 3), "w", (5, 5, 3, 4),
+        "conv: params 'w' has shape (5, 5, 3, 4), expected (3, 3, channels / groups, 4)"),
+    "Conv2D bias of one": (
+        lambda: nets.Conv2D(4, 3, name="conv"), (2, 6, 6, 3), "b", (1,),
+        "conv: params 'b' has shape (1,), expected (4,)"),
+    "Conv2D unshared bias of another width": (
+        lambda: nets.Conv2D(4, 3, unshared_bias=True, name="conv"), (2, 6, 6, 3), "b",
+        (4, 4, 1), "conv: params 'b' has shape (4, 4, 1), expected (out_h, out_w, 4)"),
+    "Subsampling bias of one": (
+        lambda: nets.Subsampling(2, name="S2"), (2, 6, 6, 3), "b", (1,),
+        "S2: params 'b' has shape (1,), expected (3,)"),
+    "LayerNorm gain of one": (
+        lambda: nets.LayerNorm(5, name="norm"), (4, 5), "g", (1,),
+        "norm: params 'g' has shape (1,), expected (5,)"),
+    "BatchNorm bias of one": (
+        lambda: nets.BatchNorm(5, name="norm"), (4, 5), "b", (1,),
+        "norm: params 'b' has shape (1,), expected (5,)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAMETER_CASES))
+def test_params_of_the_wrong_shape_are_refused_by_name(case):
+    """A parameter from another init: a bias or gain of one entry was broadcast over every
+    output, and Conv2D's "conv" form ran a 5x5 kernel given to a 3x3 layer, a (2, 2, 2, 4)
+    output for (2, 4, 4, 4), all silently."""
+    build, input_shape, key, shape, message = PARAMETER_CASES[case]
+    layer = build()
+    _, params = layer.init(KEY, input_shape)
+    params = {**params, key: jnp.ones(shape, jnp.float32)}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer.forward(params, jnp.ones(input_shape, jnp.float32))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: nets.Embedding(2.5, 4, name="embed"), "embed: vocabulary must be an int, got 2.5"),
+    (lambda: nets.Embedding(10, "4", name="embed"), "embed: features must be an int, got '4'"),
+    (lambda: nets.elman(2.5), "elman_tanh: hidden_size must be an int, got 2.5"),
+    (lambda: nets.lstm("8"), "lstm: hidden_size must be an int, got '8'"),
+    (lambda: nets.Dense(3, name="hidden").init(KEY, (4, 0)),
+     "hidden: input_shape (4, 0) must be (batch, features)"),
+])
+def test_sizes_that_are_not_whole_numbers_are_refused_by_name(build, message):
+    """Embedding(2.5) and elman(2.5) were built (and failed later, inside init); a str
+    size was a raw TypeError of `<`; a Dense over 0 features a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
