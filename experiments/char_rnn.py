@@ -153,11 +153,14 @@ class Corpus:
         return "".join(self.vocabulary[int(i)] for i in ids)
 
 
-def as_streams(ids: np.ndarray, streams: int) -> np.ndarray:
-    """ids (n,) as (streams, n // streams): stream b is the b-th contiguous part."""
+def as_streams(ids: np.ndarray, streams: int, flag: str = "batch-size",
+               part: str = "training") -> np.ndarray:
+    """ids (n,) as (streams, n // streams): stream b is the b-th contiguous part. Fewer than
+    two characters a stream is a ConfigError naming --flag, the option that set `streams`."""
     length = len(ids) // streams
     if length < 2:
-        raise ConfigError(f"{len(ids)} characters cannot make {streams} streams of >= 2")
+        raise ConfigError(f"option --{flag}: got {streams}; allowed: at most {len(ids) // 2}, "
+                          f"two of the {len(ids)} {part} characters for each stream")
     return ids[: streams * length].reshape(streams, length)
 
 
@@ -411,7 +414,8 @@ def main(argv=None):
     objective = nets.Objective(recurrent.sequence_cross_entropy(), 0.0)
     params = model.init(jax.random.key(config.seed), (-1, config.window, vocabulary))[1]
     train_streams = jnp.asarray(as_streams(corpus.train, config.batch_size))
-    eval_streams = jnp.asarray(as_streams(corpus.held_out, config.eval_streams))
+    eval_streams = jnp.asarray(as_streams(corpus.held_out, config.eval_streams,
+                                          "eval-streams", "held-out"))
     eval_window = min(config.window, eval_streams.shape[1] - 1)
 
     def monitor(params):

@@ -5,9 +5,11 @@
 Reads each run's results.json (the README's keys): the "history" records become curves, one
 panel per numeric quantity the runs share (loss, errors, ...), one line per run, against the
 step, pass, epoch or seed the records count (COUNTERS; their index otherwise); the scalar
-"metrics" (nested ones flattened as a.b) become a table with one column per run. Writes
-DIR/compare.png, DIR/results.json ({"runs": [...], "metrics": {name: [value per run]}}) and
-DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/.
+"metrics" (nested ones flattened as a.b) become a table with one column per run; a --metrics
+name that no run has is refused. Writes DIR/compare.png, DIR/results.json (every experiment's
+keys, with "metrics": {name: [value per run]}, and "runs", "labels", "curves") and
+DIR/results.md, then prints the table. DIR defaults to runs/compare/<UTC timestamp>/; a DIR
+holding another experiment's results.json (one of the runs) is refused, not overwritten.
 
 When every directory is a sweep of `experiments.seeds`, the table has one row per sweep
 instead: its experiment options, its number of seeds, and for each metric (--metrics picks
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import time
 
 import numpy as np
 
@@ -194,6 +197,22 @@ def labels_for(directories: list[pathlib.Path]) -> list[str]:
     return [str(d) for d in directories]
 
 
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Refuse a --workdir that holds another experiment's results (one of the runs compared,
+    say): its results.json would be overwritten by the comparison's."""
+    path = workdir / "results.json"
+    if not path.is_file():
+        return
+    try:
+        experiment = json.loads(path.read_text()).get("experiment", EXPERIMENT)
+    except (OSError, ValueError, AttributeError):  # not a results.json this project wrote
+        experiment = None
+    if experiment != EXPERIMENT:
+        raise ConfigError(f"option --workdir: {path} holds the results of "
+                          + (f"a run of {experiment}" if experiment else "something else")
+                          + ", which the comparison would overwrite; choose another --workdir")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,10 +222,11 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default="",
                         help="comma-separated metric names to show (default: all shared)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     documents = [results.read_results(directory) for directory in args.runs]
     labels = labels_for(args.runs)
     workdir = args.workdir or results.default_workdir(EXPERIMENT)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir)
 
     requested = [m for m in args.metrics.split(",") if m]
     sweeps = missed = against_first = None
@@ -217,10 +237,16 @@ def main(argv=None) -> int:
         against_first = differences(documents, labels, names)
         requested = [f"{name}.{stat}" for name in names for stat in SWEEP_STATS]
     flat = [flatten(document.get("metrics", {})) for document in documents]
-    wanted = requested or sorted(set().union(*flat))
+    known = sorted(set().union(*flat))
+    unknown = [name for name in requested if name not in known]
+    if unknown:  # a misspelt name would be a row of "-"
+        raise ConfigError(f"option --metrics: got {', '.join(unknown)}; allowed: the metrics "
+                          f"of the runs, {', '.join(known)}")
+    wanted = requested or known
     table = {name: [f.get(name) for f in flat] for name in wanted}
     histories = [document.get("history", []) for document in documents]
     curves, x_key = shared_curves(histories), counter(histories)
+    workdir.mkdir(parents=True, exist_ok=True)  # once the options are checked
     if sweeps is not None:
         plots.save_spreads(workdir / "compare.png", [
             {"xlabel": name, "rows": {label: [record[name] for record in history]
@@ -234,14 +260,16 @@ def main(argv=None) -> int:
                                 np.array([r[name] for r in history], dtype=float))
                         for label, history in zip(labels, histories)}}
             for name in curves], title="runs compared")
-    summary = {"runs": [str(d) for d in args.runs], "labels": labels,
-               "experiments": [document.get("experiment") for document in documents],
-               "metrics": table, "curves": curves,
-               **({"sweeps": sweeps, "differences": against_first} if sweeps is not None
-                  else {}),
-               **({"missed_by_every_run": missed} if sweeps is not None and missed is not None
-                  else {})}
-    (workdir / "results.json").write_text(json.dumps(results.to_jsonable(summary), indent=2))
+    # The keys every experiment writes (README, "Experiments"; no history of its own), then
+    # the comparison's.
+    results.write_results(
+        workdir, EXPERIMENT, {"runs": [str(d) for d in args.runs], "metrics": args.metrics},
+        table, [], {"run": time.perf_counter() - started},
+        runs=[str(d) for d in args.runs], labels=labels,
+        experiments=[document.get("experiment") for document in documents], curves=curves,
+        **({"sweeps": sweeps, "differences": against_first} if sweeps is not None else {}),
+        **({"missed_by_every_run": missed} if sweeps is not None and missed is not None
+           else {}))
     if sweeps is not None:
         text = sweep_table(sweeps)
         if against_first:

@@ -43,7 +43,8 @@ class Config:
     settings: str = option("", "the settings, separated by ';', each a string of the "
                                "experiment's options (e.g. \"--lr 0.01; --lr 0.02\")")
     seeds: tuple[int, ...] = option((0, 1, 2), "the seeds of every setting, comma-separated; "
-                                               "A-B for A to B", ge=0)
+                                               "A-B for A to B", ge=0,
+                                    distinct=False)  # seeds.check_seeds names them
     metrics: tuple[str, ...] = option((), "the metrics to compare, in order (default: all)")
     jobs: int = option(1, "runs at once (experiments.seeds --jobs)", ge=1)
 

@@ -54,7 +54,8 @@ class Config:
     perturbation: float = option(1e-3, "std of the perturbation after a rejected step "
                                 "(--procedure cost_checked)", ge=0)
     stop_window: int = option(100, "steps over which E must keep decreasing", ge=1)
-    stop_tolerance: float = option(1e-4, "least relative decrease over the window", ge=0)
+    stop_tolerance: float = option(1e-4, "least relative decrease over the window (inf: stop "
+                                   "once the window is full)", ge=0, finite=False)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
     procedure: str = option("cost_checked", "cost_checked: full-batch descent with the cost "
                             "check; misclassified: steps on batches of misclassified examples",

@@ -109,14 +109,11 @@ def load(config):
     """({"train": (x, t), "test": (x, t)}, protocol), and "held_out": (x, t) with --held-out N
     (the last N training images, taken out of "train"): x (n, 32, 32, 1), t (n, 10)."""
     split = config.split
-    if split == "auto":
-        try:
-            data.load_mnist("train", download=False)
-            split = "full"
-        except data.DataError:
-            split = "test-only"
-    if split == "full":
-        (x_train, y_train), (x_test, y_test) = data.load_mnist("train"), data.load_mnist("test")
+    if split == "auto":  # training files found but corrupt, or one of two, are an error
+        split = "full" if data.mnist_present("train") else "test-only"
+    if split == "full":  # downloaded only when asked for (auto takes what it finds)
+        (x_train, y_train) = data.load_mnist("train", download=config.split == "full")
+        (x_test, y_test) = data.load_mnist("test")
         protocol = "standard 60,000 / 10,000 split"
     else:
         images, labels = data.load_mnist("test")

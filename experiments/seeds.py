@@ -68,7 +68,7 @@ class Config:
     experiment: str = option("lecture", "the experiment to run (a module of experiments/ whose "
                              "Config has a seed)")
     seeds: tuple[int, ...] = option((0, 1, 2), "the seeds, comma-separated; A-B for A to B",
-                                    ge=0)
+                                    ge=0, distinct=False)  # check_seeds names them
     metrics: tuple[str, ...] = option((), "the metrics to summarise, in order (default: all)")
     at_most: str = option("", "METRIC=VALUE: count the seeds with METRIC <= VALUE")
     at_least: str = option("", "METRIC=VALUE: count the seeds with METRIC >= VALUE")

@@ -102,7 +102,8 @@ class Config:
         "one in the headline metrics", gt=0)
     threshold: float = option(0.1, "final E above this is a local minimum (failure)", gt=0)
     stop_window: int = option(50, "steps of the stopping rule's window", ge=1)
-    stop_tolerance: float = option(0.0, "the lecture's stopping rule; 0 runs every step", ge=0)
+    stop_tolerance: float = option(0.0, "the lecture's stopping rule; 0 runs every step",
+                                   ge=0, finite=False)
     engine: str = option("manual", "gradient engine", choices=tuple(nets.engines.ENGINES))
 
 

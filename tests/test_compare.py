@@ -156,3 +156,43 @@ def test_standard_errors_of_sweeps_of_different_sizes(tmp_path):
     assert row["shared_seeds"] == 3
     assert row["paired_difference"] == pytest.approx(2.0, rel=1e-12)
     assert row["paired_se"] == pytest.approx(3 ** -0.5, rel=1e-12)
+
+
+def test_a_metric_no_run_has_is_refused_and_nothing_is_written(tmp_path):
+    """A misspelt --metrics name used to be a row of "-" in the table."""
+    write_run(tmp_path / "a", "pass", [0.09, 0.06])
+    write_run(tmp_path / "b", "pass", [0.10, 0.05])
+    with pytest.raises(ConfigError, match="option --metrics: got test_eror; allowed: the "
+                                          "metrics of the runs, test_error"):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--metrics",
+                      "test_eror,test_error", "--workdir", str(tmp_path / "cmp")])
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_workdir_holding_a_run_is_refused_not_overwritten(tmp_path):
+    """--workdir set to one of the runs (or any run): its results.json stays as it was; a
+    comparison's own workdir may be written again."""
+    write_run(tmp_path / "a", "pass", [0.09, 0.06])
+    write_run(tmp_path / "b", "pass", [0.10, 0.05])
+    before = (tmp_path / "a" / "results.json").read_text()
+    with pytest.raises(ConfigError, match=r"option --workdir: .*a/results.json holds the "
+                                          "results of a run of lenet1989"):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                      "--workdir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "results.json").read_text() == before
+    for _ in range(2):
+        assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                             "--workdir", str(tmp_path / "cmp")]) == 0
+
+
+def test_the_comparison_writes_every_experiments_keys(tmp_path):
+    """results.json has the keys every experiment writes (README, "Experiments")."""
+    write_run(tmp_path / "a", "pass", [0.09, 0.06])
+    write_run(tmp_path / "b", "pass", [0.10, 0.05])
+    compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--workdir", str(tmp_path / "cmp")])
+    summary = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    for key in ("experiment", "config", "environment", "metrics", "history", "seconds"):
+        assert key in summary, key
+    assert summary["experiment"] == "compare"
+    assert summary["config"]["runs"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert summary["metrics"]["test_error"] == [0.06, 0.05]

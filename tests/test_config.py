@@ -155,3 +155,66 @@ def test_an_empty_list_is_refused_where_the_default_is_not_empty(flag, text, all
                                           r"value, each >= 1"):
         check(Lists(depths=()))
     assert parse(Lists, ["--nan-steps", ""])[0].nan_steps == ()
+
+
+@pytest.mark.parametrize("text", ["1,,2", "1,", ",2", "1, ,2"])
+def test_an_empty_item_beside_others_is_refused_not_skipped(text, capsys):
+    """`--depths 1,,2` was read as (1, 2) without a word: a value left out by mistake."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Lists, ["--depths", text])
+    assert exit_info.value.code == 2
+    assert (f"argument --depths: got {text!r}; an empty item in the list"
+            in capsys.readouterr().err)
+    assert parse(Lists, ["--depths", "1, 2"])[0].depths == (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floats:
+    lr: float = option(0.1, "learning rate", gt=0)
+    rates: tuple[float, ...] = option((0.1, 0.2), "rates", ge=0)
+    dropout: float = option(0.0, "dropout", ge=0, lt=1)
+    tolerance: float = option(1e-4, "stops at once when inf", ge=0, finite=False)
+
+
+@pytest.mark.parametrize("flag,text,allowed", [
+    ("--lr", "inf", "> 0 and finite"),
+    ("--lr", "Infinity", "> 0 and finite"),
+    ("--rates", "0.1,inf", ">= 0 and finite"),
+    ("--dropout", "inf", ">= 0 and < 1"),
+])
+def test_an_infinite_float_is_refused_unless_the_option_allows_it(flag, text, allowed, capsys):
+    """`--lr inf` used to pass the bounds (inf > 0) and fail deep in the run with a
+    traceback; an option that gives inf a meaning says so (finite=False)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Floats, [flag, text])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"option --lr: got inf; allowed: > 0 and finite"):
+        check(Floats(lr=float("inf")))
+    assert parse(Floats, ["--tolerance", "inf"])[0].tolerance == float("inf")
+    assert check(Floats(tolerance=float("inf"))).tolerance == float("inf")
+
+
+@pytest.mark.parametrize("flag,text,allowed", [
+    ("--depths", "1,2,1", "distinct values, each >= 1"),
+    ("--depths", "1-3,2", "distinct values, each >= 1"),
+    ("--cells", "lstm,lstm", "distinct values, each one of elman, lstm"),
+    ("--nan-steps", "4,4", "distinct values, each >= 1"),
+])
+def test_a_repeated_list_item_is_refused(flag, text, allowed, capsys):
+    """`--depths 1,1` ran the same runs twice and kept one result under the repeated key."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Lists, [flag, text])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"option --depths: got \(2, 2\); allowed: distinct "
+                                          r"values, each >= 1"):
+        check(Lists(depths=(2, 2)))
+
+
+def test_a_list_that_checks_its_own_items_may_repeat_them():
+    @dataclasses.dataclass(frozen=True)
+    class Seeds:
+        seeds: tuple[int, ...] = option((0, 1), "seeds", ge=0, distinct=False)
+
+    assert parse(Seeds, ["--seeds", "1,1"])[0].seeds == (1, 1)

@@ -359,6 +359,19 @@ def test_missing_file_without_download(data_dir, isolated_dirs, split):
     assert data.REGISTRY[relpath].url in message and "NETS_DATA_DIR" in message
 
 
+@pytest.mark.parametrize("relpath", ["usps/zip.test.gz", "mnist/train-labels-idx1-ubyte.gz"])
+def test_a_missing_file_names_the_checksum_its_copy_must_match(data_dir, relpath):
+    """Missing and not downloaded (download=False, or the download failed): the message
+    names what to fetch and the checksum the copy will be verified against."""
+    with pytest.raises(data.DataError) as info:
+        data.fetch(relpath, download=False)
+    algorithm, digest = data.REGISTRY[relpath].checksum
+    assert f"{algorithm} {digest}" in str(info.value)
+    with pytest.raises(data.DataError) as info:
+        data.fetch(relpath, url="http://127.0.0.1:9/absent.gz")
+    assert "could not download" in str(info.value) and digest in str(info.value)
+
+
 def test_missing_mnist_train_names_its_url(shared):
     with pytest.raises(data.DataError, match="ossci-datasets.*train-images-idx3-ubyte.gz"):
         data.load_mnist("train", download=False)

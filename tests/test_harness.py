@@ -76,6 +76,37 @@ def test_a_different_config_is_refused_unless_forced(tmp_path):
     assert len(metrics_lines(tmp_path)) == 20
 
 
+def test_a_forced_change_of_config_is_recorded_with_the_results(tmp_path):
+    """A finished run re-run under --force with another --lr trains nothing more: its
+    results.json must not pass for the new config's alone, so config.json and results.json
+    keep each earlier config and what changed, in order; a later plain resume keeps them."""
+    base = ["--workdir", str(tmp_path), "--checkpoint-every", "10", "--steps", "10", *SMALL]
+    first = lecture.main(base)
+    assert results.FORCED not in results.read_results(tmp_path)
+    again = lecture.main([*base, "--lr", "0.3", "--force"])
+    assert again == first  # nothing retrained: the results are the first config's
+    lecture.main([*base, "--lr", "0.5", "--force"])
+    lecture.main([*base, "--lr", "0.5"])  # no change: nothing more recorded
+    saved = json.loads((tmp_path / "config.json").read_text())
+    document = results.read_results(tmp_path)
+    assert saved["config"]["lr"] == document["config"]["lr"] == 0.5
+    default_lr = lecture.Config().lr
+    for forced in (saved[results.FORCED], document[results.FORCED]):
+        assert [entry["changed"] for entry in forced] == [
+            [f"lr: {default_lr} -> 0.3"], ["lr: 0.3 -> 0.5"]]
+        assert [entry["config"]["lr"] for entry in forced] == [default_lr, 0.3]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_a_workdir_whose_config_json_is_not_a_config_is_refused(tmp_path, text):
+    """A hand-edited or truncated config.json was a raw JSONDecodeError traceback."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"--workdir {tmp_path}: config.json (cannot be read "
+                                          r"as|holds a list, not) a run's config"):
+        lecture.main(["--workdir", str(tmp_path), "--steps", "10", *SMALL])
+    assert (tmp_path / "config.json").read_text() == text  # left as it was
+
+
 def test_a_workdir_of_another_experiment_is_refused(tmp_path):
     """The same config under another experiment's name is still a different run."""
     lecture.main(["--workdir", str(tmp_path), "--steps", "10", "--checkpoint-every", "10",

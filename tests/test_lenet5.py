@@ -155,6 +155,27 @@ def test_auto_split_takes_the_full_files_when_the_training_set_is_present(tmp_pa
     np.testing.assert_array_equal(np.asarray(x_train[:1]), np.asarray(expected))
 
 
+@pytest.mark.parametrize("present, message", [
+    (("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), "checksum mismatch"),
+    (("train-images-idx3-ubyte",), "train-labels-idx1-ubyte.gz not found")])
+def test_auto_split_refuses_a_corrupt_or_half_present_training_set(tmp_path, monkeypatch,
+                                                                    present, message):
+    """--split auto with MNIST's training files found but corrupt, or only one of the two:
+    a DataError naming the file, not a silent fall back to the test-only split."""
+    shared = data.data_dirs()[0]
+    directory = tmp_path / "data" / "mnist"
+    directory.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (directory / name).symlink_to(shared / "mnist" / name)
+    for name in present:
+        (directory / name).write_bytes(b"not MNIST")
+    monkeypatch.setenv("NETS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("NETS_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(data.DataError, match=message):
+        lenet5.load(lenet5.Config(split="auto"))
+    assert not (tmp_path / "cache").exists()  # nothing downloaded: auto takes what it finds
+
+
 def test_test_only_split_is_the_first_8000_and_last_2000_images_of_the_test_file():
     """--split test-only: training images are the MNIST test file's images 0-7,999 and test
     images 8,000-9,999, each with its own label, read here straight from the file

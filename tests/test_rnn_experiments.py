@@ -153,6 +153,21 @@ def test_char_rnn_refuses_more_text_than_there_is(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_char_rnn_names_the_option_with_more_streams_than_the_text_holds(tmp_path):
+    """More held-out streams than half the held-out characters: the error names
+    --eval-streams and how many the text allows (it named no option)."""
+    tiny = ["--workdir", str(tmp_path), "--layers", "1", "--hidden", "4", "--window", "8",
+            "--batch-size", "4", "--epochs", "1", "--sample-chars", "5",
+            "--progress-every", "0", "--train-chars", "2000"]
+    with pytest.raises(ConfigError, match=r"option --eval-streams: got 32; allowed: at most "
+                                          r"25, two of the 50 held-out characters"):
+        char_rnn.main([*tiny, "--eval-chars", "50", "--eval-streams", "32"])
+    with pytest.raises(ConfigError, match=r"option --batch-size: got 4; allowed: at most 2, "
+                                          r"two of the 5 training characters"):
+        char_rnn.as_streams(np.arange(5), 4)
+    assert not (tmp_path / "config.json").exists()
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_char_rnn_engines_agree_on_a_window_from_given_states(dropout):
     """The truncated-BPTT step of char_rnn by the manual and the autodiff engine, float64,

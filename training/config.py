@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import sys
 import typing
@@ -40,14 +41,23 @@ class ConfigError(ValueError):
     """A config value that is not allowed, raised before any work starts."""
 
 
-def option(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None, choices=None):
+def option(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None, choices=None,
+           finite: bool = True, distinct: bool = True):
     """A config field with its help text and the values it allows.
 
     A list option (a tuple) whose default is not empty must not be given empty: `--cells ""`
     would run nothing. One whose default is empty (`--nan-steps`, `--metrics`: "none" or
-    "all") may be."""
+    "all") may be. A float option refuses an infinite value (`--lr inf` would fail deep in
+    the run, or train on nothing but NaNs) unless finite=False says that it means something
+    (a stopping tolerance that stops at once). A list option refuses a repeated item
+    (`--depths 1,1` would run the same thing twice and keep one result) unless
+    distinct=False (an option that checks its items itself)."""
+    floats = isinstance(default, float) or (
+        isinstance(default, tuple) and any(isinstance(item, float) for item in default))
     metadata = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices,
-                "nonempty": isinstance(default, tuple) and len(default) > 0}
+                "nonempty": isinstance(default, tuple) and len(default) > 0,
+                "finite": finite and floats,
+                "distinct": distinct and isinstance(default, tuple)}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -56,6 +66,8 @@ def _allowed(meta: dict) -> str:
     for key, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if meta.get(key) is not None:
             parts.append(f"{symbol} {meta[key]}")
+    if meta.get("finite") and meta.get("lt") is None and meta.get("le") is None:
+        parts.append("finite")  # an upper bound says so already
     if meta.get("choices"):
         parts.append("one of " + ", ".join(map(str, meta["choices"])))
     return " and ".join(parts) or "any value"
@@ -67,6 +79,9 @@ def _refusal(value: Any, meta: dict) -> str | None:
     if isinstance(value, tuple) and not value and meta.get("nonempty"):
         allowed = _allowed(meta)
         return "at least one value" + ("" if allowed == "any value" else f", each {allowed}")
+    if isinstance(value, tuple) and meta.get("distinct") and len(set(value)) < len(value):
+        allowed = _allowed(meta)
+        return "distinct values" + ("" if allowed == "any value" else f", each {allowed}")
     for item in value if isinstance(value, tuple) else (value,):
         bad = (
             (meta.get("gt") is not None and not item > meta["gt"])
@@ -74,6 +89,7 @@ def _refusal(value: Any, meta: dict) -> str | None:
             or (meta.get("lt") is not None and not item < meta["lt"])
             or (meta.get("le") is not None and not item <= meta["le"])
             or (meta.get("choices") and item not in meta["choices"])
+            or (meta.get("finite") and isinstance(item, float) and math.isinf(item))
         )
         if bad:
             return _allowed(meta)
@@ -150,8 +166,13 @@ def _parser_type(name: str, kind, meta: dict):
                 f"got {text!r}; expected {item_kind.__name__} ({_allowed(meta)})") from None
 
     def items(text):
-        """The comma-separated items; for integers "A-B" (0 <= A <= B) stands for A, ..., B."""
-        for item in (t.strip() for t in text.split(",")):
+        """The comma-separated items; for integers "A-B" (0 <= A <= B) stands for A, ..., B.
+        "" (or ",") is the empty list; an empty item beside others ("1,,2", "1,") is refused,
+        not skipped."""
+        parts = [t.strip() for t in text.split(",")]
+        if any(parts) and not all(parts):
+            raise argparse.ArgumentTypeError(f"got {text!r}; an empty item in the list")
+        for item in parts:
             first, dash, last = item.partition("-")
             if item_kind is int and dash and first.isdigit() and last.isdigit():
                 if int(last) < int(first):

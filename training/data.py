@@ -51,6 +51,7 @@ __all__ = [
     "load_usps_splits",
     "load_usps",
     "load_mnist",
+    "mnist_present",
     "load_text",
     "one_hot",
     "split",
@@ -167,6 +168,8 @@ def _how_to_obtain(relpath: str, url: str | None = None) -> str:
     remote = REGISTRY.get(relpath)
     url = url or (remote.url if remote else None)
     source = f"download it from {url}" if url else "obtain a copy"
+    if remote is not None:  # what the copy must match: a missing file's message names it too
+        source += " ({} {})".format(*remote.checksum)
     return (
         f"To fix: {source} and set NETS_DATA_DIR to a directory holding it as {relpath} "
         f"(or put it in the cache, {cache_dir() / relpath})."
@@ -467,6 +470,21 @@ def _mnist_path(relpath: str, download: bool) -> pathlib.Path:
     return fetch(relpath, download=download)
 
 
+def _mnist_relpaths(split: str) -> tuple[str, str]:
+    """The registry's (images, labels) ``.gz`` paths of an MNIST split."""
+    prefix = "t10k" if split == "test" else "train"
+    return f"mnist/{prefix}-images-idx3-ubyte.gz", f"mnist/{prefix}-labels-idx1-ubyte.gz"
+
+
+def mnist_present(split: str) -> bool:
+    """Whether a data directory holds any of the MNIST ``split``'s files (gzipped or not),
+    checked or not: what decides to load them, so that a corrupt or half-present copy is
+    loaded, and refused, rather than passed over as absent."""
+    _check_split(split, "mnist_present")
+    return any(_locate(relpath) is not None or _locate(relpath.removesuffix(".gz")) is not None
+               for relpath in _mnist_relpaths(split))
+
+
 def load_mnist(split: str, *, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """MNIST from the canonical IDX files, gzipped or not.
 
@@ -477,9 +495,7 @@ def load_mnist(split: str, *, download: bool = True) -> tuple[np.ndarray, np.nda
       images: (n, 784) float32 in [0, 1], 28x28 row-major; labels: (n,) int32 in 0..9.
     """
     _check_split(split, "load_mnist")
-    prefix = "t10k" if split == "test" else "train"
-    images_relpath = f"mnist/{prefix}-images-idx3-ubyte.gz"
-    labels_relpath = f"mnist/{prefix}-labels-idx1-ubyte.gz"
+    images_relpath, labels_relpath = _mnist_relpaths(split)
     images_path = _mnist_path(images_relpath, download)
     labels_path = _mnist_path(labels_relpath, download)
     images = _parse_file(images_path, images_relpath, _parse_mnist_images)

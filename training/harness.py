@@ -164,6 +164,19 @@ def _write_json(path: pathlib.Path, document: dict) -> None:
     os.replace(temporary, path)
 
 
+def _read_saved_config(path: pathlib.Path, workdir: pathlib.Path) -> dict:
+    """config.json of the run in `workdir`, refused as a ConfigError if it is not one."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--workdir {workdir}: {path.name} cannot be read as a run's config "
+                          f"({error}); choose another --workdir") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--workdir {workdir}: {path.name} holds a {type(saved).__name__}, "
+                          "not a run's config; choose another --workdir")
+    return saved
+
+
 def open_run(experiment: str, config: Any, args: HarnessArgs,
              compilation_cache: bool = True) -> Run:
     """Create or reopen the run directory and write config.json and environment.json, which
@@ -180,8 +193,9 @@ def open_run(experiment: str, config: Any, args: HarnessArgs,
     resuming = config_path.exists()
     if args.resume and not resuming:
         raise ConfigError(f"option --resume: {workdir} holds no run (no config.json) to resume")
+    forced = []  # the configs the run had before each --force that changed one
     if resuming:
-        saved = json.loads(config_path.read_text())
+        saved = _read_saved_config(config_path, workdir)
         # Compared as config.json stores it: an infinite float is the string "inf" there.
         changed = differences(saved.get("config", {}), results.to_jsonable(to_dict(config)))
         if saved.get("experiment") != experiment:
@@ -191,12 +205,16 @@ def open_run(experiment: str, config: Any, args: HarnessArgs,
                 f"--workdir {workdir} holds a run with a different config ("
                 + "; ".join(changed) + "); pass --force to resume it with the new config, or "
                 "choose another --workdir")
+        forced = list(saved.get(results.FORCED, []))
+        if changed:
+            forced.append({"changed": changed, "config": saved.get("config", {})})
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"option --workdir: cannot create {workdir}: {error.strerror}") from None
     if jax.process_index() == 0:  # one writer in a multi-process run
-        _write_json(config_path, {"experiment": experiment, "config": to_dict(config)})
+        _write_json(config_path, {"experiment": experiment, "config": to_dict(config),
+                                  **({results.FORCED: forced} if forced else {})})
         _write_json(workdir / "environment.json",
                     {**environment(), "compilation_cache": cache})
     return Run(experiment, workdir, config, resuming)

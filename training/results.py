@@ -107,7 +107,12 @@ def write_results(
     seconds: dict | None = None,
     **extra: Any,
 ) -> pathlib.Path:
-    """Write `workdir/results.json` (atomically) and return its path (process 0 only)."""
+    """Write `workdir/results.json` (atomically) and return its path (process 0 only).
+
+    A run continued under --force with another config (`training.harness.open_run`) has the
+    configs it ran under before in its config.json; results.json repeats them as FORCED, so
+    that results made partly, or wholly, under an earlier config do not pass for the new one's.
+    """
     workdir = pathlib.Path(workdir)
     if jax.process_index() != 0:
         return workdir / "results.json"
@@ -119,6 +124,7 @@ def write_results(
         "metrics": metrics,
         "history": list(history),
         "seconds": seconds or {},
+        **_forced_configs(workdir),
         **extra,
     }
     path = workdir / "results.json"
@@ -126,6 +132,19 @@ def write_results(
     temporary.write_text(json.dumps(to_jsonable(document), indent=2) + "\n")
     os.replace(temporary, path)
     return path
+
+
+FORCED = "forced"  # config.json's and results.json's list of {"changed", "config"}
+
+
+def _forced_configs(workdir: pathlib.Path) -> dict:
+    """{FORCED: [...]} from workdir/config.json where a --force changed the config, else {}."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    forced = saved.get(FORCED) if isinstance(saved, dict) else None
+    return {FORCED: forced} if forced else {}
 
 
 def read_results(workdir: str | os.PathLike) -> dict:
