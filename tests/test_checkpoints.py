@@ -157,6 +157,37 @@ def test_an_unreadable_manifest_or_contents_fall_back(tmp_path):
     assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["2", "3"]
 
 
+def test_a_step_set_aside_twice_keeps_both_copies(tmp_path):
+    """A second corrupt checkpoint of a step already in corrupt/ goes beside it, numbered,
+    and the message says where the earlier copy is: nothing set aside is overwritten."""
+    messages = []
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, say=messages.append)
+    checkpointer.save(1, state(1.0))
+    for value in (2.0, 3.0):
+        checkpointer.save(2, state(value))
+        (tmp_path / "ckpt" / "2" / MANIFEST).write_text(json.dumps({"value": value}))
+        assert checkpointer.restore_latest(state(0.0))[0] == 1
+    corrupt = tmp_path / "corrupt"
+    assert sorted(p.name for p in corrupt.iterdir()) == ["2", "2.1"]
+    assert json.loads((corrupt / "2" / MANIFEST).read_text()) == {"value": 2.0}
+    assert json.loads((corrupt / "2.1" / MANIFEST).read_text()) == {"value": 3.0}
+    assert f"moved to {corrupt / '2.1'} (an earlier copy of step 2 stays in " \
+           f"{corrupt / '2'})" in messages[-1]
+
+
+@pytest.mark.parametrize("step", [-1, 2.5, True])
+def test_a_step_that_restore_would_not_see_is_refused(tmp_path, step):
+    """Steps -1 and 2.5 were saved as directories '-1' and '2.5', which `steps` skips: never
+    restored, never pruned. A numpy integer is a step like any other."""
+    checkpointer = Checkpointer(tmp_path / "ckpt", say=lambda m: None)
+    with pytest.raises(ValueError, match=re.escape(
+            f"Checkpointer.save: step must be an integer >= 0, got {step!r}")):
+        checkpointer.save(step, state(1.0))
+    assert checkpointer.steps() == [] and list((tmp_path / "ckpt").iterdir()) == []
+    checkpointer.save(np.int64(4), state(4.0))
+    assert checkpointer.steps() == [4] and checkpointer.restore_latest(state(0.0))[0] == 4
+
+
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="Checkpointer: keep must be >= 1, got 0"):
         Checkpointer(tmp_path / "ckpt", keep=0)

@@ -147,6 +147,12 @@ def test_learning_curves_measure_batch_norm_nets_with_the_training_statistics():
      "labelled_subsets: size must be in [1, 40] (the examples given), got 41"),
     (lambda: curves.labelled_subsets(*labelled_data(), 0, 2, 0, classes=4),
      "labelled_subsets: size must be in [1, 40] (the examples given), got 0"),
+    (lambda: curves.labelled_subsets(labelled_data()[0], labelled_data(n=50)[1], 10, 2, 0,
+                                     classes=4),
+     "labelled_subsets: x_train has 40 examples and y_train 50 labels; expected one label per "
+     "example"),
+    (lambda: curves.labelled_subsets(*labelled_data(), 10, 0, 0, classes=4),
+     "labelled_subsets: seeds must be >= 1, got 0"),
     (lambda: curves.passes_for(100, 10, 5, 0), "passes_for: records must be >= 1, got 0"),
     (lambda: curves.passes_for(100, 10, 0, 2), "passes_for: batch_size must be >= 1, got 0"),
     (lambda: curves.passes_for(100, 0, 5, 2), "passes_for: examples must be >= 1, got 0"),
@@ -154,7 +160,8 @@ def test_learning_curves_measure_batch_norm_nets_with_the_training_statistics():
 ])
 def test_sizes_outside_the_data_are_refused(call, message):
     """A subset larger than the data was silently the whole data, size 0 an empty subset; a
-    zero batch or record count divided by zero."""
+    zero batch or record count divided by zero. Labels more than the examples were silently
+    cut to the first 40 (fewer an IndexError), and no seeds failed in np.stack."""
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
 
@@ -172,3 +179,19 @@ def test_learning_curves_count_a_partial_last_batch_as_an_update():
                                       separable_problem(jax.random.key(4), 5),
                                       updates=12, batch_size=4, records=2)
     assert curve["updates"] == [6, 12]
+
+
+def test_learning_curves_refuse_test_targets_unlike_the_test_examples():
+    """5 test examples with 4 targets was a TypeError from inside the jitted error count
+    ('ne got incompatible shapes for broadcasting: (5,), (4,)'), after compiling the run."""
+    model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=4)
+    keys = jax.random.split(jax.random.key(1), 1)
+    params = curves.init_params(model, keys, 4)
+    x, targets = separable_problem(jax.random.key(2), 10)
+    x_test, t_test = separable_problem(jax.random.key(4), 5)
+    with pytest.raises(ValueError, match=re.escape(
+            "learning_curves: the test set's x has shape (5, 4) and targets (4, 3); expected "
+            "as many targets as examples")):
+        curves.learning_curves(model, nets.lecture_objective(), optax.sgd(0.1), params, keys,
+                               (x[None], targets[None]), (x_test, t_test[:4]), updates=4,
+                               batch_size=4, records=1)

@@ -602,6 +602,100 @@ def test_procedure_arguments_that_would_do_nothing_sensible_are_refused(call, me
         call()
 
 
+def build(name, x, targets, **options):
+    """Procedure `name` of the small problem's model on (x, targets), gradient descent."""
+    model, objective, rule = small_problem()[0], losses.lecture_objective(0.0), \
+        optim.gradient_descent(0.1)
+    if name == "hessian_free":
+        return procedures.hessian_free(model, objective, x, targets, **options)
+    return getattr(procedures, name)(model, objective, rule, x, targets, **options)
+
+
+PROCEDURES = {"full_batch": {}, "cost_checked": {}, "misclassified": {"batch_size": 2},
+              "stochastic_passes": {"batch_size": 2}, "hessian_free": {}}
+FUNCTION_NAMES = {"misclassified": "misclassified_descent"}
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURES))
+@pytest.mark.parametrize("examples, labelled", [(0, 0), (39, 40), (40, 25)])
+def test_procedures_refuse_data_without_examples_or_with_unmatched_targets(name, examples,
+                                                                           labelled):
+    """Empty data ran full_batch, cost_checked and hessian_free to NaN energies without a word
+    (the picking and stochastic ones blamed 'batch_size must be in [1, 0]'), and x and
+    targets of different lengths were reported by the loss, not the procedure."""
+    _, _, x, targets = small_problem()
+    with pytest.raises(ValueError, match=re.escape(
+            f"{FUNCTION_NAMES.get(name, name)}: x has shape ({examples}, 4) and targets "
+            f"({labelled}, 3); expected the same number (>= 1) of examples along their first "
+            "axis")):
+        build(name, x[:examples], targets[:labelled], **PROCEDURES[name])
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURES))
+@pytest.mark.parametrize("key, got", [
+    (0, "int 0"),
+    (jax.random.key(0, impl="rbg"), "key<rbg> array of shape ()"),
+    (jax.random.split(jax.random.key(0), 3), "key<fry> array of shape (3,)"),
+    (jnp.zeros(2, jnp.float32), "float32 array of shape (2,)"),
+])
+def test_procedures_refuse_a_key_of_another_kind_by_name(name, key, got):
+    """An int seed was an AttributeError ('int' object has no attribute 'dtype'), a key of
+    another implementation an error about key data shapes from inside the first split (or no
+    error at all in full_batch, which stored its data), several keys a broadcast further on.
+    A typed key and the raw data of one (jax.random.PRNGKey) both still work."""
+    model, params, x, targets = small_problem()
+    procedure = build(name, x, targets, **PROCEDURES[name])
+    with pytest.raises(TypeError, match=re.escape(
+            "procedure init: key must be one PRNG key of the default implementation, "
+            f"jax.random.key(seed) or its uint32 key data of shape (2,), got {got}")):
+        procedure.init(params, key)
+    typed = procedure.init(params, jax.random.key(3))
+    raw = procedure.init(params, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(typed.key, raw.key)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: procedures.run(build("full_batch", *small_problem()[2:]), small_problem()[1],
+                            jax.random.key(0), 2.5), "run: steps must be an integer, got 2.5"),
+    (lambda: build("stochastic_passes", *small_problem()[2:], batch_size=2.5),
+     "stochastic_passes: batch_size must be an integer, got 2.5"),
+    (lambda: build("stochastic_passes", *small_problem()[2:], batch_size=True),
+     "stochastic_passes: batch_size must be an integer, got True"),
+    (lambda: build("misclassified", *small_problem()[2:], batch_size=4.0),
+     "misclassified_descent: batch_size must be an integer, got 4.0"),
+    (lambda: build("full_batch", *small_problem()[2:], stop_window=2.5).init(
+        small_problem()[1], jax.random.key(0)),
+     "stopping rule: stop_window must be an integer, got 2.5"),
+])
+def test_counts_that_are_not_integers_are_refused(call, message):
+    """steps=2.5 ran 3 steps and reported a stop step of 2.5; batch_size=True ran batches of
+    one; a float batch size or window was a TypeError about shapes from inside jax."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize("keys, held_out, message", [
+    (jax.random.key(0), 40, "random_restarts: keys must be (restarts,) PRNG keys, restarts >= 1 "
+     "(jax.random.split(key, restarts)), got key<fry> keys of shape ()"),
+    (jax.random.split(jax.random.key(0), 2)[:0], 40, "random_restarts: keys must be "
+     "(restarts,) PRNG keys, restarts >= 1 (jax.random.split(key, restarts)), got key<fry> "
+     "keys of shape (0,)"),
+    (jax.random.split(jax.random.key(0), 2), 0, "random_restarts: x_held_out has shape (0, 4) "
+     "and targets_held_out (0, 3); expected the same number (>= 1) of examples"),
+])
+def test_random_restarts_refuse_no_restarts_or_no_held_out_examples(keys, held_out, message):
+    """One key (not a batch of them) was vmap's rank error, no keys argmin's 'empty sequence',
+    and no held-out examples made every error NaN and picked restart 0 without a word."""
+    model, _, x, targets = small_problem()
+
+    def never_trained(params, key):
+        raise AssertionError("refused before training")
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        procedures.random_restarts(lambda key: model.init(key, (-1, 4))[1], never_trained,
+                                   keys, model, x[:held_out], targets[:held_out])
+
+
 @pytest.mark.parametrize("window, tolerance, fires", [(1, 1e-4, False), (3, 0.02, True)])
 def test_misclassified_picking_every_example_stops_as_full_batch_descent(window, tolerance,
                                                                          fires):

@@ -6,7 +6,8 @@ written last, after orbax has finalised the checkpoint, so a checkpoint without 
 between) or whose files do not match it (truncated, corrupted) is invalid. Old checkpoints are
 deleted only after a newer one is complete and verified, so the only good checkpoint is never
 removed first. An invalid checkpoint found on restore is moved to `DIR/../corrupt/<step>/`
-(kept for inspection), and restore falls back to the previous one, saying so.
+(kept for inspection; `corrupt/<step>.1/`, `.2/`, ... if that step was set aside before, so no
+earlier copy is overwritten), and restore falls back to the previous one, saying so.
 
 A valid checkpoint whose arrays differ from the state to restore (another tree structure, a
 shape or a dtype: another model or config, or a float64 run resumed without x64) is not
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import pathlib
 import shutil
@@ -118,7 +120,14 @@ class Checkpointer:
             return False
 
     def save(self, step: int, state: Any) -> None:
-        """Write checkpoint `step`, verify it, then drop all but the newest `keep` valid ones."""
+        """Write checkpoint `step`, verify it, then drop all but the newest `keep` valid ones.
+        ValueError for a step that is not an integer >= 0, which `steps` would not list."""
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) \
+                or step < 0:
+            raise ValueError(f"Checkpointer.save: step must be an integer >= 0, got {step!r} "
+                             f"(it would be saved as {self.directory / str(step)} and never "
+                             "restored)")
+        step = int(step)
         if (self.directory / str(step)).exists():
             self._set_aside(step, "replaced by a new save of the same step")
             self._manager.reload()
@@ -187,9 +196,15 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def _set_aside(self, step: int, reason: str) -> None:
-        target = self.directory.parent / "corrupt" / str(step)
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Move DIR/<step> to corrupt/<step>/, or corrupt/<step>.1/, .2/, ... where an earlier
+        copy of that step was set aside already: that one is kept, never overwritten."""
+        corrupt = self.directory.parent / "corrupt"
+        target, copies = corrupt / str(step), 0
+        while target.exists():
+            copies += 1
+            target = corrupt / f"{step}.{copies}"
+        corrupt.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), target)
-        self.say(f"checkpoint {step} in {self.directory}: {reason}; moved to {target}")
+        earlier = (f" (an earlier copy of step {step} stays in {corrupt / str(step)})"
+                   if copies else "")
+        self.say(f"checkpoint {step} in {self.directory}: {reason}; moved to {target}{earlier}")

@@ -46,10 +46,16 @@ def labelled_subsets(x_train, y_train, size, seeds, base_seed, *, classes):
     """(x, targets) of shape (seeds, size, ...) and (seeds, size, classes): a random subset of
     `size` examples per seed, without repeats, with one-hot targets.
 
-    x_train: (n, ...); y_train: (n,) integer labels in 0..classes-1; 1 <= size <= n, else
-    ValueError. Seed s draws its subset from the numpy seed sequence [base_seed, s, size]: the
-    same arguments give the same subsets.
+    x_train: (n, ...); y_train: (n,) integer labels in 0..classes-1; 1 <= size <= n and
+    seeds >= 1, else ValueError (as for labels and examples of different lengths). Seed s
+    draws its subset from the numpy seed sequence [base_seed, s, size]: the same arguments
+    give the same subsets.
     """
+    if len(x_train) != len(y_train):
+        raise ValueError(f"labelled_subsets: x_train has {len(x_train)} examples and y_train "
+                         f"{len(y_train)} labels; expected one label per example")
+    if seeds < 1:
+        raise ValueError(f"labelled_subsets: seeds must be >= 1, got {seeds}")
     if not 1 <= size <= len(x_train):
         raise ValueError(f"labelled_subsets: size must be in [1, {len(x_train)}] (the examples "
                          f"given), got {size}")
@@ -74,6 +80,9 @@ def learning_curves(model, objective, optimizer, params, keys, subset, test, *, 
     {"compile": s, "run": s}).
     """
     (x, targets), (x_test, t_test) = subset, test
+    if x_test.shape[0] != t_test.shape[0]:
+        raise ValueError(f"learning_curves: the test set's x has shape {x_test.shape} and "
+                         f"targets {t_test.shape}; expected as many targets as examples")
     passes, batch = passes_for(updates, x.shape[1], batch_size, records)
 
     def one(params, key, x, targets, x_test, t_test):

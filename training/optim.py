@@ -23,9 +23,13 @@ __all__ = ["gradient_descent", "diagonal_levenberg_marquardt", "DiagonalLevenber
 
 
 def _is_positive_finite(value: Any) -> bool:
-    """Whether value is a number > 0 and finite; a bool is not a number here."""
+    """Whether value is a number > 0 and finite; a bool is not a number here. A traced value
+    passes: `optax.inject_hyperparams` rebuilds the rule with traced hyperparameters in each
+    jitted update, after its init has checked them concretely."""
     if isinstance(value, (bool, np.bool_)):
         return False
+    if isinstance(value, jax.core.Tracer):
+        return True
     try:
         return value > 0 and math.isfinite(value)
     except TypeError:  # not a number at all
@@ -98,11 +102,37 @@ def diagonal_levenberg_marquardt(
     def update(updates, state, params=None, *, curvature=None, **extra_args):
         del params, extra_args
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        h = state.curvature if curvature is None else curvature
+        h = (_curvature_like(updates, state.curvature, "the state's curvature (from init)")
+             if curvature is None else _curvature_like(updates, curvature, "curvature"))
         steps = jax.tree.map(lambda g, hk: (-eta * g / (mu + hk)).astype(g.dtype), updates, h)
         return steps, DiagonalLevenbergMarquardtState(h, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _curvature_like(updates: Any, h: Any, what: str) -> Any:
+    """h checked against the gradients: their tree structure and each leaf's shape, else a
+    ValueError naming the first leaf that differs (a (1,) or (n, 1) h would broadcast into the
+    step). Where `optax.masked` masked a gradient out (`optax.MaskedNode`) h's leaf is
+    dropped, so that the whole tree's h can be passed to a masked rule."""
+    def masked(node):
+        return isinstance(node, optax.MaskedNode)
+
+    expected, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=masked)
+    try:
+        given = treedef.flatten_up_to(h)
+    except (ValueError, TypeError):
+        raise ValueError(f"diagonal_levenberg_marquardt: {what} does not have the gradients' "
+                         f"tree structure (made for other params?): expected "
+                         f"{jax.tree.structure(updates)}, got {jax.tree.structure(h)}"
+                         ) from None
+    for (path, gradient), leaf in zip(expected, given):
+        if not masked(gradient) and np.shape(leaf) != np.shape(gradient):
+            raise ValueError(f"diagonal_levenberg_marquardt: {what} at "
+                             f"{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, "
+                             f"expected the gradient's {np.shape(gradient)}")
+    return treedef.unflatten([gradient if masked(gradient) else leaf
+                              for (_, gradient), leaf in zip(expected, given)])
 
 
 def lecun1998_schedule(learning_rate: float, updates_per_pass: int) -> optax.Schedule:
@@ -294,7 +324,11 @@ def kfac(learning_rate: float | optax.Schedule, damping: float, decay: float = 0
     """K-FAC's steps: `scale_by_kronecker_factors(damping, decay, relative, model=model)` then
     optax's SGD with `learning_rate` (a number or a schedule) and `momentum` (None for none).
     Pass the blocks as `update(grads, state, params, blocks=...)` whenever they are
-    re-estimated."""
+    re-estimated. ValueError for a learning rate that is not a finite number > 0 (or a
+    schedule), and as `scale_by_kronecker_factors`."""
+    if not (callable(learning_rate) or _is_positive_finite(learning_rate)):
+        raise ValueError(f"kfac: learning_rate must be > 0 and finite (or a schedule), got "
+                         f"{learning_rate}")
     return optax.chain(scale_by_kronecker_factors(damping, decay, relative, model=model),
                        optax.sgd(learning_rate, momentum))
 

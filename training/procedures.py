@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nets import engines
@@ -184,9 +186,20 @@ def _select(condition: jax.Array, if_true: Any, if_false: Any) -> Any:
 
 
 def _key_data(key: jax.Array) -> jax.Array:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return key
+    """Raw key data from a typed key (`jax.random.key`) or from raw key data
+    (`jax.random.PRNGKey`), of the default implementation, which `_split` wraps it as;
+    TypeError naming what arrived otherwise (an int seed, a key of another implementation)."""
+    default = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    if hasattr(key, "dtype") and hasattr(key, "shape"):
+        data = (jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                else key)
+        if data.shape == default.shape and data.dtype == default.dtype:
+            return data
+    described = (f"{type(key).__name__} {key!r}" if not hasattr(key, "dtype")
+                 else f"{key.dtype} array of shape {key.shape}")
+    raise TypeError(f"procedure init: key must be one PRNG key of the default implementation, "
+                    f"jax.random.key(seed) or its {default.dtype} key data of shape "
+                    f"{default.shape}, got {described}")
 
 
 def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -195,9 +208,38 @@ def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.random.key_data(next_key), step_key
 
 
+def _check_data(name: str, x: jax.Array, targets: jax.Array,
+                names: tuple[str, str] = ("x", "targets")) -> int:
+    """The number of examples in x, ValueError unless x has some and targets as many."""
+    examples, labelled = x.shape[0], targets.shape[0]
+    if examples < 1 or examples != labelled:
+        raise ValueError(f"{name}: {names[0]} has shape {x.shape} and {names[1]} "
+                         f"{targets.shape}; expected the same number (>= 1) of examples along "
+                         "their first axis")
+    return examples
+
+
+def _is_integer(value: Any) -> bool:
+    """Whether value is an integer (a Python, NumPy or concrete JAX one), not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_batch_size(name: str, batch_size: Any) -> None:
+    if not _is_integer(batch_size):
+        raise ValueError(f"{name}: batch_size must be an integer, got {batch_size!r}")
+
+
 # --- stopping rule -------------------------------------------------------------------------
 
 def _stop_init(window: int, energy: jax.Array) -> StopState:
+    if not _is_integer(window):
+        raise ValueError(f"stopping rule: stop_window must be an integer, got {window!r}")
     if window < 1:
         raise ValueError(f"stopping rule: stop_window must be >= 1, got {window}")
     best_energies = jnp.full((window,), jnp.inf, energy.dtype).at[-1].set(energy)
@@ -297,6 +339,7 @@ def full_batch(
     The baseline for `cost_checked`. Shapes: x (batch, features), targets (batch, classes):
     the whole training set.
     """
+    _check_data("full_batch", x, targets)
     value_and_grad = engine(model, objective)
 
     def step(state, index):
@@ -333,6 +376,7 @@ def cost_checked(
 
     Shapes: x (batch, features), targets (batch, classes): the whole training set.
     """
+    _check_data("cost_checked", x, targets)
     value_and_grad = engine(model, objective)
 
     def step(state, index):
@@ -390,7 +434,8 @@ def misclassified(
     whole set after each step, record["wrong"] the number of misclassified training examples
     after it, and the monitor sees the params after it.
     """
-    examples = x.shape[0]
+    examples = _check_data("misclassified_descent", x, targets)
+    _check_batch_size("misclassified_descent", batch_size)
     if not 1 <= batch_size <= examples:
         raise ValueError(
             f"misclassified_descent: batch_size must be in [1, {examples}], got {batch_size}"
@@ -499,7 +544,8 @@ def stochastic_passes(
 
     record: "energy", E on the whole set after the pass, and monitor(params).
     """
-    examples = x.shape[0]
+    examples = _check_data("stochastic_passes", x, targets)
+    _check_batch_size("stochastic_passes", batch_size)
     if not 1 <= batch_size <= examples:
         raise ValueError(
             f"stochastic_passes: batch_size must be in [1, {examples}], got {batch_size}")
@@ -941,7 +987,7 @@ def hessian_free(
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"{name}: preconditioner must be one of {PRECONDITIONERS}, got "
                          f"{preconditioner!r}")
-    n = x.shape[0]
+    n = _check_data(name, x, targets)
     if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size <= n):
         raise ValueError(f"{name}: batch_size must be an int in [1, {n}] (the examples) or "
                          f"None, got {batch_size!r}")
@@ -1059,7 +1105,9 @@ def run_steps(procedure: Procedure, state: TrainState, start, length: int):
 
 
 def run(procedure: Procedure, params: Any, key: jax.Array, steps: int) -> TrainResult:
-    """A whole run from params: `steps` (>= 1, else ValueError) steps as one scan."""
+    """A whole run from params: `steps` (an integer >= 1, else ValueError) steps as one scan."""
+    if not _is_integer(steps):
+        raise ValueError(f"run: steps must be an integer, got {steps!r}")
     if steps < 1:
         raise ValueError(f"run: steps must be >= 1, got {steps}")
     state, history = run_steps(procedure, procedure.init(params, key), 0, steps)
@@ -1109,7 +1157,18 @@ def random_restarts(
     Under vmap a `lax.cond` in the step (the cost check of `cost_checked`) becomes a select
     that computes both branches at every step: for nets big enough to keep the CPU busy,
     one at a time is faster (experiments.lecture: 9.7 against 18.4 ms a step).
+    x_held_out and targets_held_out without examples or of different lengths, or keys that are
+    not a (restarts,) batch of keys, are a ValueError.
     """
+    _check_data("random_restarts", x_held_out, targets_held_out,
+                ("x_held_out", "targets_held_out"))
+    default = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    data = (jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+            else keys)
+    if data.ndim != 1 + len(default.shape) or data.shape[0] < 1:
+        raise ValueError(f"random_restarts: keys must be (restarts,) PRNG keys, restarts >= 1 "
+                         f"(jax.random.split(key, restarts)), got {keys.dtype} keys of shape "
+                         f"{keys.shape}")
 
     def one_restart(key):
         init_key, train_key = jax.random.split(key)
