@@ -40,7 +40,21 @@ import jax.numpy as jnp
 
 from nets import initializers
 from nets.accounting import layer_kind, wrapped_layer
-from nets.layers import ACTIVATIONS, Dense, Embedding, Layer, residual, serial, tie
+from nets.layers import (
+    ACTIVATIONS,
+    Dense,
+    Embedding,
+    Layer,
+    StaticShape,
+    check_direction,
+    check_gradient,
+    check_parameter,
+    is_count,
+    is_finite_number,
+    residual,
+    serial,
+    tie,
+)
 from nets.layers import remat as remat_layer
 from nets.normalization import LayerNorm
 from nets.pooling import Dropout
@@ -67,8 +81,12 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
     docstring gives the forward and backward math.
     """
     for argument, value in (("features", features), ("heads", heads)):
+        if not is_count(value):  # 2.5 heads were built, and failed inside init's reshape
+            raise ValueError(f"{name}: {argument} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
+    if not isinstance(causal, bool):  # a str such as "no" was true
+        raise ValueError(f"{name}: causal must be True or False, got {causal!r}")
     if features % heads:
         raise ValueError(f"{name}: features ({features}) must be a multiple of heads ({heads})")
     width = features // heads
@@ -104,8 +122,16 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
                    "b": jnp.sum(dz_out, axis=(0, 1))}
         return dparams, jnp.einsum("btg,fg->btf", dz_out, params["w"])
 
+    def check_params(params):
+        """Each weight and bias of its own shape: a bias of one entry, or an output matrix of
+        one column, was broadcast over the features silently."""
+        for group, columns in (("qkv", 3 * features), ("out", features)):
+            check_parameter(name, params[group], "w", (features, columns), f"params {group}")
+            check_parameter(name, params[group], "b", (columns,), f"params {group}")
+
     def forward(params, x):
         _check_sequence(name, x.shape, features)
+        check_params(params)
         q, k, v = (split_heads(z) for z in jnp.split(dense(params["qkv"], x), 3, axis=-1))
         s = jnp.einsum("bthd,bshd->bhts", q, k) * scale
         if causal:
@@ -117,16 +143,9 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         o = merge_heads(jnp.einsum("bhts,bshd->bthd", p, v))
         return dense(params["out"], o), (x, q, k, v, p, o)
 
-    def check_gradient(x, dy, what):
-        """dy and d2y come shaped as the output, which is shaped as x: einsum would
-        broadcast a size-1 axis silently."""
-        if tuple(dy.shape) != tuple(x.shape):
-            raise ValueError(f"{name}: {what} has shape {tuple(dy.shape)}, expected the "
-                             f"output's {tuple(x.shape)}")
-
     def backward(params, residuals, dy):
         x, q, k, v, p, o = residuals
-        check_gradient(x, dy, "dy")
+        check_gradient(name, dy, x.shape)  # the output is shaped as x
         dout, do = dense_backward(params["out"], o, dy)
         do = split_heads(do)
         dp = jnp.einsum("bthd,bshd->bhts", do, v)
@@ -140,7 +159,7 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
 
     def curvature(params, residuals, d2y):
         x, q, k, v, p, o = residuals
-        check_gradient(x, d2y, "d2y")
+        check_gradient(name, d2y, x.shape, "d2y")
         squared = jax.tree.map(jnp.square, params)
         d2out, d2o = dense_backward(squared["out"], o * o, d2y)
         d2o = split_heads(d2o)
@@ -158,6 +177,8 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
         ds = (dq k^T + q dk^T) / sqrt(D), dp = p * (ds - rowsum(p * ds)), do = dp v + p dv,
         dy = o dW_o + db_o + do W_o (masked scores: p = 0, so dp = 0 there)."""
         y, (x, q, k, v, p, o) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dqkv = dense(dparams["qkv"], x)
         if dx is not None:
             dqkv = dqkv + jnp.einsum("btf,fg->btg", dx, params["qkv"]["w"])
@@ -178,7 +199,10 @@ def SelfAttention(features: int, heads: int, causal: bool = True,
             R{dW_qkv} = R{x}^T d[q k v] + x^T R{d[q k v]},
             R{dx} = R{d[q k v]} W_qkv^T + d[q k v] V_qkv^T."""
         _, (x, q, k, v, p, o) = forward(params, x)
-        check_gradient(x, g_y, "dy")
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
+        check_gradient(name, g_y, x.shape)
+        check_gradient(name, r_g_y, x.shape, "R{dy}")
         r_qkv = dense(v_params["qkv"], x)
         if v_x is not None:
             r_qkv = r_qkv + jnp.einsum("btf,fg->btg", v_x, params["qkv"]["w"])
@@ -238,8 +262,12 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
     lecture's L2 penalty.
     """
     for argument, value in (("context", context), ("features", features)):
+        if not is_count(value):
+            raise ValueError(f"{name}: {argument} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name}: {argument} must be >= 1, got {value}")
+    if not (is_finite_number(std) and std >= 0):  # NaN drew NaN positions
+        raise ValueError(f"{name}: std must be a finite number >= 0, got {std!r}")
 
     def check(shape, what="input x"):
         _check_sequence(name, shape, features, what)
@@ -253,26 +281,33 @@ def PositionalEmbedding(context: int, features: int, std: float = 0.02,
 
     def forward(params, x):
         check(x.shape)
-        return x + params["p"][None, : x.shape[1]], None
+        # a p of one position (or one feature) was broadcast over them all
+        check_parameter(name, params, "p", (context, features))
+        return x + params["p"][None, : x.shape[1]], StaticShape(x.shape)
 
-    def backward(params, residuals, dy):
-        del residuals
+    def backward(params, x_shape, dy, what="dy"):
+        check_gradient(name, dy, x_shape.shape, what)  # .set() broadcast one of (2, 3, 1)
         dp = jnp.zeros_like(params["p"]).at[: dy.shape[1]].set(jnp.sum(dy, axis=0))
         return {"p": dp}, dy
 
-    def curvature(params, residuals, d2y):
-        return backward(params, residuals, d2y)
+    def curvature(params, x_shape, d2y):
+        return backward(params, x_shape, d2y, "d2y")
 
     def tangent(params, x, dparams, dx):
         """dy = dx + dp[:T]."""
         y, _ = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy = jnp.broadcast_to(dparams["p"][None, : x.shape[1]], y.shape)
         return y, dy if dx is None else dy + dx
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
         """Linear in x and p: the backward of R{dy}."""
-        g_params, g_x = backward(params, None, g_y)
-        r_g_params, r_g_x = backward(params, None, r_g_y)
+        _, x_shape = forward(params, x)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
+        g_params, g_x = backward(params, x_shape, g_y)
+        r_g_params, r_g_x = backward(params, x_shape, r_g_y, "R{dy}")
         return g_params, g_x, r_g_params, r_g_x
 
     return Layer(name, init, forward, backward, curvature=curvature, tangent=tangent,

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Factors, Layer, check_gradient, check_parameter, is_count
+from nets.layers import Factors, Layer, check_gradient, check_parameter, is_count, is_finite_number
 from nets.varying import (
     batch_product,
     is_split,
@@ -961,6 +961,8 @@ def Conv2D(
     kernel = pair(kernel_size, "kernel_size", name)
     strides = pair(stride, "stride", name)
     padding = _validate_padding(padding, name)
+    if not is_finite_number(pad_value):  # NaN or inf filled every border window's output
+        raise ValueError(f"{name}: pad_value must be a finite number, got {pad_value!r}")
     groups = feature_group_count
     if not is_count(groups) or groups < 1 or out_channels % groups:
         raise ValueError(f"{name}: feature_group_count {feature_group_count} must be >= 1 and "

@@ -117,6 +117,8 @@ __all__ = [
     "check_input",
     "check_gradient",
     "check_parameter",
+    "check_direction",
+    "is_finite_number",
     "forward_with_key",
     "tangent_with_key",
     "backward_tangent_with_key",
@@ -209,7 +211,11 @@ def forward_with_key(layer: Layer, params: Params, x: jax.Array,
 def tangent_with_key(layer: Layer, params: Params, x: jax.Array, dparams: Params,
                      dx: jax.Array | None, key: jax.Array | None = None):
     """`layer.tangent(params, x, dparams, dx)`, with `key=key` when a key is given (the
-    rule of `forward_with_key`: a key for a layer that draws nothing is a ValueError)."""
+    rule of `forward_with_key`: a key for a layer that draws nothing is a ValueError).
+    dparams and dx shaped otherwise than params and x are a ValueError (`check_direction`),
+    for every layer a combinator runs, whatever its own tangent checks."""
+    check_direction(layer.name, "dparams", dparams, params, "params")
+    check_direction(layer.name, "dx", dx, x, "x")
     return _with_key(layer, layer.tangent, key, params, x, dparams, dx)
 
 
@@ -217,7 +223,10 @@ def backward_tangent_with_key(layer: Layer, params: Params, x: jax.Array, v_para
                               v_x: jax.Array | None, g_y: jax.Array, r_g_y: jax.Array,
                               key: jax.Array | None = None):
     """`layer.backward_tangent(params, x, v_params, v_x, g_y, r_g_y)`, with `key=key` when a
-    key is given (the rule of `forward_with_key`)."""
+    key is given (the rule of `forward_with_key`); v_params and v_x checked as
+    `tangent_with_key` checks its directions."""
+    check_direction(layer.name, "v_params", v_params, params, "params")
+    check_direction(layer.name, "v_x", v_x, x, "x")
     return _with_key(layer, layer.backward_tangent, key, params, x, v_params, v_x, g_y, r_g_y)
 
 
@@ -228,6 +237,8 @@ def tangent_backward_with_key(layer: Layer, params: Params, x: jax.Array, v_para
     is given), or, for a layer without one, its tangent, then upstream(y, v_y) = (g_y,
     r_g_y), then its backward tangent: (g_params, g_x, r_g_params, r_g_x)."""
     if layer.tangent_backward is not None:
+        check_direction(layer.name, "v_params", v_params, params, "params")
+        check_direction(layer.name, "v_x", v_x, x, "x")
         return _with_key(layer, layer.tangent_backward, key, params, x, v_params, v_x, upstream)
     y, v_y = tangent_with_key(layer, params, x, v_params, v_x, key)
     g_y, r_g_y = upstream(y, v_y)
@@ -274,13 +285,51 @@ def check_gradient(layer_name: str, dy: jax.Array, expected: Shape, what: str = 
                          f"output's {tuple(expected)}")
 
 
-def check_parameter(layer_name: str, params: Params, key: str, expected: Shape) -> None:
+def check_parameter(layer_name: str, params: Params, key: str, expected: Shape,
+                    what: str = "params") -> None:
     """Raise a ValueError unless params[key] has shape `expected` (params from another init
-    would be broadcast, or used with another kernel size, silently)."""
+    would be broadcast, or used with another kernel size, silently). `what` names params in
+    the message (a nested group: "params qkv")."""
     found = tuple(params[key].shape)
     if found != tuple(expected):
-        raise ValueError(f"{layer_name}: params {key!r} has shape {found}, expected "
+        raise ValueError(f"{layer_name}: {what} {key!r} has shape {found}, expected "
                          f"{tuple(expected)}")
+
+
+def check_direction(layer_name: str, what: str, direction: Any, primal: Any,
+                    primal_name: str) -> None:
+    """Raise a ValueError unless a tangent pass's direction (`what`: dx, v_x, dparams,
+    v_params) has the structure and the shapes of its primal (`primal_name`: x, params): dx
+    of one example was broadcast over the batch, a bias direction of one entry over the
+    features, a weight direction of another width gave a dy of that width, and a tuple of
+    fewer layers' directions was cut short by zip, all silently. None (a zero direction)
+    passes."""
+    if direction is None:
+        return
+    found, tree = jax.tree_util.tree_flatten_with_path(direction)
+    wanted, wanted_tree = jax.tree_util.tree_flatten_with_path(primal)
+    if tree != wanted_tree:
+        def shapes(value):
+            return jax.tree.map(lambda leaf: tuple(np.shape(leaf)), value)
+
+        raise ValueError(f"{layer_name}: {what} is {shapes(direction)}, expected "
+                         f"{primal_name}'s {shapes(primal)}")
+    for (path, leaf), (_, like) in zip(found, wanted):
+        if tuple(np.shape(leaf)) != tuple(np.shape(like)):
+            where = jax.tree_util.keystr(path)
+            raise ValueError(f"{layer_name}: {what}{where} has shape {tuple(np.shape(leaf))}, "
+                             f"expected {primal_name}{where}'s {tuple(np.shape(like))}")
+
+
+def is_finite_number(value) -> bool:
+    """Whether value is one finite real number (Python's, NumPy's or a 0-d array's), not a
+    bool or a str: a layer's constant such as a slope, an epsilon or a pad value."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
 
 
 # Up to this many examples a dense layer's weight gradient is a sum of outer products.
@@ -362,6 +411,8 @@ def Dense(
     def tangent(params, x, dparams, dx):
         """dy = x @ dw + db + dx @ w (y is linear in w and b, and in x)."""
         y, _ = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy = x @ dparams["w"] + dparams["b"][None, :]
         return y, dy if dx is None else dy + dx @ params["w"]
 
@@ -369,6 +420,8 @@ def Dense(
         """The backward's products, each moved in both factors: R{dw} = v_x^T g_y +
         x^T R{g_y}, R{db} = sum_batch R{g_y}, R{dx} = R{g_y} w^T + g_y v_w^T."""
         check_input(name, x, (-1, params["w"].shape[0]))
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
         g_params, g_x = backward(params, x, g_y)
         r_g_params, r_g_x = backward(params, x, r_g_y)
         if v_x is not None:
@@ -444,6 +497,7 @@ def Embedding(
     def tangent(params, ids, dparams, dx):
         """dy = dw[ids] (ids are integers: nothing moves them, and dx is None)."""
         y, _ = forward(params, ids)
+        check_direction(name, "dparams", dparams, params, "params")
         return y, gather(dparams["w"], ids, 0)
 
     def backward_tangent(params, ids, v_params, v_x, g_y, r_g_y):
@@ -519,6 +573,7 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
     def tangent(params, x, dparams, dx):
         """ds = 2 dx c^T - 2 (x . dx) (no parameters: dparams is ())."""
         s, _ = forward(params, x)
+        check_direction(name, "dx", dx, x, "x")
         if dx is None:
             return s, None
         c = jnp.asarray(centres, x.dtype)
@@ -527,6 +582,8 @@ def EuclideanRBF(centres, name: str = "rbf") -> Layer:
     def backward_tangent(params, x, v_params, v_x, g_s, r_g_s):
         """R{dx} = -2 (x sum_i R{ds_i} - R{ds} c) - 2 v_x sum_i ds_i (the quadratic's own
         second derivative, 2 per unit, times the gradient)."""
+        check_input(name, x, (-1, features))
+        check_direction(name, "v_x", v_x, x, "x")
         _, g_x = backward(params, x, g_s)
         _, r_g_x = backward(params, x, r_g_s)
         if v_x is not None:
@@ -583,11 +640,15 @@ def elementwise(
     def tangent(params, x, dparams, dx):
         """dy = f'(x) dx: the Jacobian is diagonal, so this is backward's product."""
         y, kept = forward(params, x)
+        check_direction(name, "dx", dx, x, "x")
         return y, None if dx is None else dx * derivative(kept)
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
         """g_x = g_y f'(x); R{g_x} = R{g_y} f'(x) + g_y f''(x) v_x."""
         _, kept = forward(params, x)
+        check_direction(name, "v_x", v_x, x, "x")
+        check_gradient(name, g_y, x.shape)
+        check_gradient(name, r_g_y, x.shape, "R{dy}")
         slope = derivative(kept)
         r_g_x = r_g_y * slope
         if v_x is not None and not piecewise_linear:
@@ -710,7 +771,7 @@ def Gelu(approximate: bool = False, name: str = "Gelu") -> Layer:
 
 
 def _positive(layer_name: str, argument: str, value: float) -> float:
-    if not (np.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise ValueError(f"{layer_name}: {argument} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -785,6 +846,7 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
     def tangent(params, x, dparams, dx, key=None):
         _check_param_count(name, params, len(layers))
+        _check_param_count(name, dparams, len(layers), "dparams")
         for layer, layer_params, layer_dparams, layer_key in zip(
                 layers, params, dparams, layer_keys(layers, key)):
             x, dx = tangent_with_key(layer, layer_params, x, layer_dparams, dx, layer_key)
@@ -795,6 +857,7 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
         the top) as its upstream: the tangent passes left to right, the backward tangents
         right to left, each stochastic layer with its key both ways."""
         _check_param_count(name, params, len(layers))
+        _check_param_count(name, v_params, len(layers), "v_params")
         keys = layer_keys(layers, key)
         g_params, r_g_params = [None] * len(layers), [None] * len(layers)
 
@@ -935,6 +998,7 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
     def tangent(params, x, dparams, dx, key=None):
         """Each branch's (y_b, dy_b) on the same (x, dx), joined as the outputs are."""
         _check_param_count(name, params, len(branches))
+        _check_param_count(name, dparams, len(branches), "dparams")
         return join([tangent_with_key(branch, branch_params, x, branch_dparams, dx, branch_key)
                      for branch, branch_params, branch_dparams, branch_key in zip(
                          branches, params, dparams, layer_keys(branches, key))])
@@ -945,6 +1009,7 @@ def parallel(*branches: Layer, combine: str = "concat", name: str = "parallel") 
         its share of (g_y, R{g_y}); so every forward runs before any backward, each once.
         g_x and R{g_x} summed over the branches, as x fans out to each."""
         _check_param_count(name, params, len(branches))
+        _check_param_count(name, v_params, len(branches), "v_params")
         keys = layer_keys(branches, key)
         shares, parts = [], [None] * len(branches)
 
@@ -1116,16 +1181,25 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
 
         return run_backward
 
+    def untied(direction, what):
+        """A direction as the params hold it: without the target, which `filled` would
+        overwrite with the source's direction silently (one of the untied model's)."""
+        if _leaf_at(direction, path_of(direction, *target, must_exist=False)) is not None:
+            raise ValueError(f"{name}: {what} holds {target[0]}.{target[1]}, which is tied to "
+                             f"{source[0]}.{source[1]}; expected the tied params' entries "
+                             "(the source's direction moves both)")
+        return filled(direction)
+
     def tangent(params, x, dparams, dx, key=None):
         """The model's tangent with the target filled in both params and dparams: a direction
         moves the shared value in both of its places."""
-        return tangent_with_key(model, filled(params), x, filled(dparams), dx, key)
+        return tangent_with_key(model, filled(params), x, untied(dparams, "dparams"), dx, key)
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """The model's, with the target filled in params and v_params, and both the gradient
         and its tangent folded onto the source."""
         g_params, g_x, r_g_params, r_g_x = backward_tangent_with_key(
-            model, filled(params), x, filled(v_params), v_x, g_y, r_g_y, key)
+            model, filled(params), x, untied(v_params, "v_params"), v_x, g_y, r_g_y, key)
         return folded(g_params), g_x, folded(r_g_params), r_g_x
 
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,
@@ -1182,7 +1256,7 @@ def sum_all(arrays: list[jax.Array]) -> jax.Array:
     return total
 
 
-def _check_param_count(name: str, params: Params, expected: int) -> None:
+def _check_param_count(name: str, params: Params, expected: int, what: str = "params") -> None:
     if not isinstance(params, (tuple, list)) or len(params) != expected:
         found = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
-        raise ValueError(f"{name}: params must hold {expected} layer entries, got {found}")
+        raise ValueError(f"{name}: {what} must hold {expected} layer entries, got {found}")

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, check_gradient, check_parameter, is_count
+from nets.layers import Layer, check_gradient, check_parameter, is_count, is_finite_number
 
 __all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers", "with_population_statistics"]
 
@@ -100,6 +100,8 @@ def _along_features(vector, ndim):
 def _check_arguments(name, features, eps):
     if not is_count(features) or features < 1:
         raise ValueError(f"{name}: features must be an int >= 1, got {features!r}")
+    if not is_finite_number(eps):  # inf made every output b, a str was a TypeError
+        raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
     if not eps > 0:
         raise ValueError(f"{name}: eps must be > 0, got {eps}")
 

@@ -25,6 +25,7 @@ from nets.layers import (
     check_parameter,
     forward_with_key,
     is_count,
+    is_finite_number,
     linear_backward_tangent,
     sum_all,
     tangent_backward_with_key,
@@ -478,8 +479,8 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
     scaling by 1/p during training instead has the same expectation and makes inference the
     identity. Tangent: dy = dx * m / p with the mask of the same key.
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name}: rate must lie in [0, 1), got {rate}")
+    if not is_finite_number(rate) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}: rate must lie in [0, 1), got {rate!r}")
     keep = 1.0 - rate
 
     def init(key, input_shape):

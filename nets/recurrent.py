@@ -140,6 +140,7 @@ from nets.layers import (
     Layer,
     StaticShape,
     backward_tangent_with_key,
+    check_direction,
     check_gradient,
     forward_with_key,
     is_count,
@@ -1070,8 +1071,29 @@ def _check_options(name: str, xs, mask, truncation) -> None:
     if mask is not None and tuple(mask.shape) != tuple(xs.shape[:2]):
         raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, expected (batch, time) = "
                          f"{tuple(xs.shape[:2])}")
-    if truncation is not None and truncation < 1:
+    _check_truncation(name, truncation)
+
+
+def _check_truncation(name: str, truncation: int | None) -> None:
+    """A whole number of steps >= 1, or None: a float such as 2.5 cut the windows where
+    t % 2.5 == 0 (every 5 steps) and True every step, silently."""
+    if truncation is None:
+        return
+    if not is_count(truncation):
+        raise ValueError(f"{name}: truncation must be a whole number of steps (or None), got "
+                         f"{truncation!r}")
+    if truncation < 1:
         raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+
+
+def _check_outputs_gradient(name: str, what: str, dys: jax.Array, xs: jax.Array,
+                            hidden: int) -> None:
+    """dys (and its tangent) shaped as the scan's outputs, (batch, time, hidden) of xs: one
+    of a single example or unit was broadcast in the reverse scan silently."""
+    expected = (*xs.shape[:2], hidden)
+    if tuple(dys.shape) != expected:
+        raise ValueError(f"{name}: {what} has shape {tuple(dys.shape)}, expected (batch, "
+                         f"time, hidden) = {expected}")
 
 
 def _check_recompute_every(name: str, recompute_every: int | None) -> None:
@@ -1272,6 +1294,9 @@ def scan_backward_tangent(cell: Cell, params: Params, xs: jax.Array, v_params: P
     R{dcarry} back, and adds nothing to the gradients, as in `scan_cell` and `bptt`."""
     _, _, kept = _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll,
                                        mask)
+    for what, gradient in (("dys", dys), ("r_dys", r_dys)):
+        _check_outputs_gradient(f"scan_backward_tangent({cell.name})", what, gradient, xs,
+                                cell.hidden_size)
     return _bptt_tangent(cell, params, kept, v_params, dys, r_dys, truncation, unroll, mask)
 
 
@@ -1312,6 +1337,8 @@ def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll, 
     _check_dtypes(name, params, xs)
     _check_mask(name, mask)
     _check_like(name, "v_params", v_params, params)
+    if v_xs is not None:
+        _check_like(name, "v_xs", v_xs, xs)
     zeros = cell.initial_carry(xs.shape[0], xs.dtype)
     parts = _tangent_parts(cell)
 
@@ -1397,9 +1424,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResidua
     as `scan_cell` made them), then its steps backward, then the first T mod k steps from
     their kept residuals: the same sums in the same order as from `ScanResiduals`.
     """
-    if truncation is not None and truncation < 1:
-        raise ValueError(f"bptt({cell.name}): truncation must be >= 1 (or None), got "
-                         f"{truncation}")
+    _check_truncation(f"bptt({cell.name})", truncation)
     parts = cell.gradient_parts
     step_back = cell.step_backward if parts is None else parts.step_backward
     recompute = isinstance(residuals, RecomputeResiduals)
@@ -1546,8 +1571,7 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
     The Layer contract has one input, so there is no mask here: batches of padded sequences
     call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
     name = name or cell.name
-    if truncation is not None and truncation < 1:
-        raise ValueError(f"{name}: truncation must be >= 1 (or None), got {truncation}")
+    _check_truncation(name, truncation)
     _check_recompute_every(name, recompute_every)
 
     def in_order(sequence):
@@ -1588,6 +1612,8 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
                                                None if v_x is None else in_order(v_x),
                                                truncation, unroll)
         g_y, r_g_y = upstream(in_order(ys), in_order(v_ys))
+        check_gradient(name, g_y, ys.shape)
+        check_gradient(name, r_g_y, ys.shape, "R{dy}")
         g_params, g_x, r_g_params, r_g_x = _bptt_tangent(
             cell, params, kept, v_params, in_order(g_y), in_order(r_g_y), truncation, unroll)
         return g_params, in_order(g_x), r_g_params, in_order(r_g_x)
@@ -1646,6 +1672,7 @@ def LastStep(name: str = "LastStep") -> Layer:
 
     def tangent(params, x, dparams, dx):
         y, _ = forward(params, x)
+        check_direction(name, "dx", dx, x, "x")
         return y, None if dx is None else dx[:, -1, :]
 
     return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
@@ -1659,6 +1686,8 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
     bidirectional module, the two directions side by side). The backward puts each half of dy
     at its step and zeros elsewhere; the curvature does the same with d2y, and the tangent
     selects dx as the forward selects x."""
+    if not is_count(forward_features):  # 1.5 was built, and failed in the forward's slices
+        raise ValueError(f"{name}: forward_features must be an int, got {forward_features!r}")
 
     def init(key, input_shape):
         del key
@@ -1689,6 +1718,7 @@ def FinalStates(forward_features: int, name: str = "FinalStates") -> Layer:
 
     def tangent(params, x, dparams, dx):
         y, _ = forward(params, x)
+        check_direction(name, "dx", dx, x, "x")
         return y, None if dx is None else forward(params, dx)[0]
 
     return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
@@ -1729,6 +1759,7 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
     def tangent(params, x, dparams, dx, key=None):
         _check_sequence(name, x, None)
+        check_direction(name, "dx", dx, x, "x")  # the fold met another batch as a reshape error
         batch, time, features = x.shape
         y, dy = tangent_with_key(layer, params, x.reshape(batch * time, features), dparams,
                                  None if dx is None else dx.reshape(batch * time, features),
@@ -1738,7 +1769,12 @@ def TimeDistributed(layer: Layer, name: str | None = None) -> Layer:
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         _check_sequence(name, x, None)
+        check_direction(name, "v_x", v_x, x, "x")
         batch, time, features = x.shape
+        for what, gradient in (("dy", g_y), ("R{dy}", r_g_y)):
+            if gradient.shape[:2] != (batch, time) or gradient.ndim != 3:
+                raise ValueError(f"{name}: {what} has shape {tuple(gradient.shape)}, expected "
+                                 f"(batch, time, features) with (batch, time) = {(batch, time)}")
 
         def fold(z):
             return None if z is None else z.reshape(batch * time, z.shape[-1])

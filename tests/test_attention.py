@@ -477,3 +477,50 @@ def test_transformer_with_remat_has_the_plain_gradients_and_curvature():
     assert_remat_matches_the_plain_model(model, plain, objective,
                                          (params, x, targets, jax.random.key(8)),
                                          "remat transformer")
+
+
+def test_sizes_params_and_directions_that_would_broadcast_are_refused_by_name():
+    """Each was accepted without a word: 2.5 heads (an error deep in init's reshape), a str
+    causal (true), a bias of one entry or an output matrix of one column (broadcast over the
+    features), a direction of one example (broadcast over the batch), a gradient's tangent
+    of one example; PositionalEmbedding's positions of one row (added to every step), a dy
+    of one feature (set into every feature of dp), a NaN std."""
+    with pytest.raises(ValueError, match="att: heads must be an int, got 2.5"):
+        SelfAttention(10, 2.5, name="att")
+    with pytest.raises(ValueError, match="att: causal must be True or False, got 'no'"):
+        SelfAttention(4, 2, causal="no", name="att")
+    layer, params, x = random_attention((2, 3, 4), 2, True, jnp.float64)
+    for group, key, shape, expected in (("qkv", "b", (1,), (12,)), ("out", "w", (4, 1), (4, 4))):
+        bad = {**params, group: {**params[group], key: jnp.ones(shape)}}
+        with pytest.raises(ValueError, match=re.escape(
+                f"attention: params {group} {key!r} has shape {shape}, expected {expected}")):
+            layer.apply(bad, x)
+    ones = jax.tree.map(jnp.ones_like, params)
+    for bad in [(1, 3, 4), (2, 1, 4)]:
+        with pytest.raises(ValueError, match=re.escape(
+                f"attention: dx has shape {bad}, expected x's (2, 3, 4)")):
+            layer.tangent(params, x, ones, jnp.ones(bad))
+    with pytest.raises(ValueError, match=re.escape(
+            "attention: dparams['out']['b'] has shape (1,), expected params['out']['b']'s (4,)")):
+        layer.tangent(params, x, {**ones, "out": {**ones["out"], "b": jnp.ones(1)}}, None)
+    with pytest.raises(ValueError, match=re.escape(
+            "attention: R{dy} has shape (1, 3, 4), expected the output's (2, 3, 4)")):
+        layer.backward_tangent(params, x, ones, None, jnp.ones(x.shape), jnp.ones((1, 3, 4)))
+
+    positions = PositionalEmbedding(5, 4, name="pos")
+    _, pos_params = positions.init(jax.random.key(0), (-1, 3, 4))
+    with pytest.raises(ValueError, match=re.escape(
+            "pos: params 'p' has shape (1, 4), expected (5, 4)")):
+        positions.apply({"p": jnp.ones((1, 4))}, x)
+    _, residuals = positions.forward(pos_params, x)
+    for bad in [(1, 3, 4), (2, 2, 4), (2, 3, 1)]:
+        with pytest.raises(ValueError, match=re.escape(
+                f"pos: dy has shape {bad}, expected the output's (2, 3, 4)")):
+            positions.backward(pos_params, residuals, jnp.ones(bad))
+    with pytest.raises(ValueError, match=re.escape(
+            "pos: dparams['p'] has shape (1, 4), expected params['p']'s (5, 4)")):
+        positions.tangent(pos_params, x, {"p": jnp.ones((1, 4))}, None)
+    with pytest.raises(ValueError, match="pos: std must be a finite number >= 0, got nan"):
+        PositionalEmbedding(5, 4, std=float("nan"), name="pos")
+    with pytest.raises(ValueError, match="pos: context must be an int, got 2.5"):
+        PositionalEmbedding(2.5, 4, name="pos")

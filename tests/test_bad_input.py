@@ -85,6 +85,24 @@ REFUSED = {
         lambda: procedures.full_batch(*TINY, optim.gradient_descent(0.1), *TINY_DATA,
                                       stop_window=0).init(TINY_PARAMS, KEY),
         ValueError, "stopping rule: stop_window must be >= 1, got 0"),
+    "Conv2D padded with NaN": (  # every border window's output was NaN
+        lambda: nets.Conv2D(4, 3, padding="SAME", pad_value=float("nan"), name="conv"),
+        ValueError, "conv: pad_value must be a finite number, got nan"),
+    "Conv2D padded with a str": (
+        lambda: nets.Conv2D(4, 3, padding="SAME", pad_value="-1", name="conv"),
+        ValueError, "conv: pad_value must be a finite number, got '-1'"),
+    "LeakyRelu of a str slope": (  # a raw TypeError of np.isfinite
+        lambda: nets.LeakyRelu("a", name="act"),
+        ValueError, "act: negative_slope must be a finite number > 0, got 'a'"),
+    "LayerNorm of a str eps": (  # a raw TypeError of >
+        lambda: nets.LayerNorm(4, eps="a", name="norm"),
+        ValueError, "norm: eps must be a finite number > 0, got 'a'"),
+    "LayerNorm of an infinite eps": (  # every output was its bias
+        lambda: nets.LayerNorm(4, eps=float("inf"), name="norm"),
+        ValueError, "norm: eps must be a finite number > 0, got inf"),
+    "BatchNorm of an infinite eps": (
+        lambda: nets.BatchNorm(4, eps=float("inf"), name="norm"),
+        ValueError, "norm: eps must be a finite number > 0, got inf"),
     "stochastic_passes with batches larger than the data": (
         lambda: procedures.stochastic_passes(*TINY, optim.gradient_descent(0.1), *TINY_DATA,
                                              batch_size=9),
@@ -269,3 +287,108 @@ def test_sizes_that_are_not_whole_numbers_are_refused_by_name(build, message):
     size was a raw TypeError of `<`; a Dense over 0 features a ZeroDivisionError."""
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
+
+
+def _directions(params, **replaced):
+    """A direction of ones shaped as params, with the named leaves of a layer's params dict
+    replaced."""
+    ones = jax.tree.map(jnp.ones_like, params)
+    if isinstance(ones, dict):
+        return {**ones, **replaced}
+    return ones
+
+
+def _tangent_case(layer, input_shape, dparams=None, dx_shape=None, ids=False):
+    """A call of layer.tangent on a random x (integer ids for an Embedding) with the given
+    dparams (ones shaped as params by default) and a dx of dx_shape (None: no dx)."""
+    _, params = layer.init(KEY, input_shape)
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    x = (jnp.zeros(input_shape, jnp.int32) if ids
+         else jax.random.normal(KEY, input_shape, jnp.float64))
+    dparams = _directions(params) if dparams is None else dparams(params)
+    dx = None if dx_shape is None else jnp.ones(dx_shape)
+    return lambda: layer.tangent(params, x, dparams, dx)
+
+
+TANGENT_CASES = {
+    "Dense weight direction of one column": (  # a dy of 4 columns from w's 1, broadcast
+        lambda: _tangent_case(nets.Dense(4, name="hidden"), (2, 3),
+                              lambda p: _directions(p, w=jnp.ones((3, 1)))),
+        "hidden: dparams['w'] has shape (3, 1), expected params['w']'s (3, 4)"),
+    "Dense weight direction of another layer": (
+        lambda: _tangent_case(nets.Dense(4, name="hidden"), (2, 3),
+                              lambda p: _directions(p, w=jnp.ones((5, 4)))),
+        "hidden: dparams['w'] has shape (5, 4), expected params['w']'s (3, 4)"),
+    "Dense bias direction of one": (
+        lambda: _tangent_case(nets.Dense(4, name="hidden"), (2, 3),
+                              lambda p: _directions(p, b=jnp.ones(1))),
+        "hidden: dparams['b'] has shape (1,), expected params['b']'s (4,)"),
+    "Dense dx of one example": (  # broadcast over the batch
+        lambda: _tangent_case(nets.Dense(4, name="hidden"), (2, 3), dx_shape=(1, 3)),
+        "hidden: dx has shape (1, 3), expected x's (2, 3)"),
+    "Tanh dx of one row": (
+        lambda: _tangent_case(nets.Tanh(name="act"), (2, 3), dx_shape=(3,)),
+        "act: dx has shape (3,), expected x's (2, 3)"),
+    "EuclideanRBF dx of one example": (
+        lambda: _tangent_case(nets.EuclideanRBF(np.eye(3), name="rbf"), (2, 3),
+                              dx_shape=(1, 3)),
+        "rbf: dx has shape (1, 3), expected x's (2, 3)"),
+    "Embedding direction of one feature": (  # gave a dy of one feature
+        lambda: _tangent_case(nets.Embedding(10, 4, name="embed"), (2, 3),
+                              lambda p: _directions(p, w=jnp.ones((10, 1))), ids=True),
+        "embed: dparams['w'] has shape (10, 1), expected params['w']'s (10, 4)"),
+    "serial directions of fewer layers": (  # zip stopped: the first layer's y and dy alone
+        lambda: _tangent_case(nets.serial(nets.Dense(4, name="hidden"), nets.Tanh(name="act"),
+                                          name="net"), (2, 3), lambda p: _directions(p)[:1]),
+        "net: dparams must hold 2 layer entries, got 1"),
+    "parallel directions of fewer branches": (  # a (2, 2) dy for a (2, 4) output
+        lambda: _tangent_case(nets.parallel(nets.Dense(2, name="a"), nets.Dense(2, name="b"),
+                                            name="both"), (2, 3),
+                              lambda p: _directions(p)[:1]),
+        "both: dparams must hold 2 layer entries, got 1"),
+    "a convolution's bias direction of one, inside serial": (
+        lambda: _tangent_case(nets.serial(nets.Conv2D(4, 3, name="conv"), name="net"),
+                              (2, 5, 5, 3),
+                              lambda p: ({**_directions(p[0]), "b": jnp.ones(1)},)),
+        "conv: dparams['b'] has shape (1,), expected params['b']'s (4,)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TANGENT_CASES))
+def test_tangent_directions_not_shaped_as_their_primals_are_refused_by_name(case):
+    """layer.tangent(params, x, dparams, dx) with a direction of another shape than its
+    primal: each of these returned a y and a dy without a word (a dy of the wrong width, or
+    one example's direction spread over the batch)."""
+    build, message = TANGENT_CASES[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()()
+
+
+def test_backward_tangent_directions_and_gradients_are_checked():
+    """Dense's R-operator read a v_x of one example as the first of its outer products (the
+    rest dropped); an activation's broadcast an R{dy} of one example over the batch."""
+    dense = nets.Dense(4, name="hidden")
+    params, x, y = _one_layer(dense, (2, 3))
+    ones = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match=re.escape("hidden: v_x has shape (1, 3), expected "
+                                                   "x's (2, 3)")):
+        dense.backward_tangent(params, x, ones, jnp.ones((1, 3)), jnp.ones(y.shape),
+                               jnp.ones(y.shape))
+    act = nets.Tanh(name="act")
+    with pytest.raises(ValueError, match=re.escape("act: R{dy} has shape (1, 3), expected the "
+                                                   "output's (2, 3)")):
+        act.backward_tangent((), x, (), None, jnp.ones((2, 3)), jnp.ones((1, 3)))
+
+
+def test_a_tied_models_direction_holding_the_target_is_refused():
+    """A direction of the untied model's entries: the target's own direction was overwritten
+    with the source's, silently."""
+    model = nets.tie(nets.serial(nets.Dense(3, name="a"), nets.Dense(3, name="b"), name="net"),
+                     ("a", "w"), ("b", "w"))
+    _, params = model.init(KEY, (2, 3))
+    x = jnp.ones((2, 3))
+    untied = (params[0], {**params[1], "w": jnp.ones((3, 3))})
+    with pytest.raises(ValueError, match="net: dparams holds b.w, which is tied to a.w"):
+        model.tangent(params, x, untied, None)
+    y, dy = model.tangent(params, x, params, None)  # the tied entries alone pass
+    assert y.shape == dy.shape == (2, 3)

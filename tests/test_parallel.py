@@ -9,6 +9,7 @@ an LSTM, float32 with matmul precision "highest", tolerance 1e-5.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ import nets
 from nets import engines, models, recurrent
 from nets.gradcheck import relative_error
 from tests.helpers import F64, assert_close_tree, random_batch
-from training import metrics, parallel
+from training import distributed, metrics, parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENGINES = {"manual": engines.manual, "autodiff": engines.autodiff}
@@ -743,6 +744,49 @@ def test_a_batch_not_divisible_by_the_devices_is_a_clear_error(form):
         run.place_batch(x, targets)
     with pytest.raises(ValueError, match="5"):
         run.step(run.place_state(params), run.place_state(optimizer.init(params)), x, targets)
+
+
+@pytest.mark.parametrize("form", parallel.FORMS)
+def test_targets_of_another_batch_than_x_are_a_clear_error(form):
+    """x of 8 examples with targets of 6: place_batch split them without a word, and the
+    step's loss then named the shards' shapes ((4, 3) and (3, 3)), not the batch's; under
+    "pmap" targets of one device's rows were a raw sharding error."""
+    model, objective, params, x, targets = mlp_problem(8, jnp.float32)
+    optimizer = optax.sgd(0.1)
+    run = parallel.data_parallel(model, objective, optimizer, form=form)
+    message = re.escape("x has shape (8, 6) and targets (6, 3); expected one target per "
+                        "example")
+    with pytest.raises(ValueError, match=message):
+        run.place_batch(np.asarray(x), np.asarray(targets[:6]))
+    state = (run.place_state(params), run.place_state(optimizer.init(params)))
+    if form == "pmap":
+        placed_x, placed_targets = run.place_batch(np.asarray(x), np.asarray(targets))
+        with pytest.raises(ValueError, match=re.escape(
+                "data parallel (pmap): x has shape (2, 4, 6) and targets (1, 4, 3)")):
+            run.step(*state, placed_x, placed_targets[:1])
+    else:
+        with pytest.raises(ValueError, match=message):
+            run.step(*state, x, targets[:6])
+
+
+def test_numpy_counts_infinite_noise_and_process_indices_out_of_range_are_refused():
+    """An expected batch of np.int64(0) passed the check (a Python int's) and divided the sum
+    by 0; infinite noise made every gradient inf; a count of 2.5 was a raw TypeError;
+    process 2 of 2 got the empty slice [8:12) of a batch of 8."""
+    model, objective, params, x, targets = mlp_problem(8, jnp.float64)
+    value_and_grad = parallel.private_value_and_grad(model, objective, clip_norm=1.0)
+    with pytest.raises(ValueError, match="expected_batch must be > 0, got 0"):
+        value_and_grad(params, x, targets, weights=jnp.ones(8), expected_batch=np.int64(0))
+    with pytest.raises(ValueError, match="noise_multiplier must be finite, got inf"):
+        parallel.private_value_and_grad(model, objective, clip_norm=1.0,
+                                        noise_multiplier=float("inf"))
+    pick = parallel.pick_hardest_misclassified(model, objective, count=2.5)
+    with pytest.raises(ValueError, match=r"count must be in \[1, 8\], got 2.5"):
+        pick(params, x, targets)
+    for index, count in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=re.escape(
+                f"distributed: process index {index} of {count} processes")):
+            distributed.process_slice(8, index, count)
 
 
 def test_unknown_form_and_mesh_are_rejected():

@@ -453,6 +453,9 @@ def test_pool_and_subsampling_reject_small_or_mismatched_inputs():
         pooling.MaxPool(True)
     with pytest.raises(ValueError, match="rate must lie in"):
         pooling.Dropout(1.0)
+    for rate in ("a", float("nan"), True):  # a raw TypeError, or nan passing as a rate
+        with pytest.raises(ValueError, match=rf"drop: rate must lie in \[0, 1\), got {rate!r}"):
+            pooling.Dropout(rate, name="drop")
     with pytest.raises(ValueError, match=r"MaxPool: window \(6, 6\) has 36 positions; at most 31"):
         pooling.MaxPool(6)
 

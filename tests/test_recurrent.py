@@ -1249,3 +1249,52 @@ def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree
     assert_close_tree(manual, reference, jnp.float64, "sequence_model dropout")
     inference_value, _ = jax.jit(nets.manual(plain, objective))(params, x, targets)
     assert abs(float(inference_value) - float(value)) > 1e-3
+
+
+def test_truncations_and_directions_that_would_be_misread_are_refused_by_name():
+    """Each was accepted without a word: a truncation of 2.5 steps cut the windows where
+    t % 2.5 == 0 (every 5 steps) and True every step; scan_backward_tangent broadcast an
+    R{dys} of one example or one unit in its reverse scan; LastStep's and FinalStates'
+    tangents read a dx of one example as the batch's dy; FinalStates(1.5) was built. A
+    v_xs or an rnn's dy of another batch was a raw concatenate or scan-carry TypeError."""
+    cell = recurrent.lstm(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
+    _, _, residuals = recurrent.scan_cell(cell, params, xs)
+    dys = jnp.ones((2, 5, 4), jnp.float32)
+    refused = [
+        (lambda: recurrent.scan_cell(cell, params, xs, truncation=2.5),
+         r"scan_cell\(lstm\): truncation must be a whole number of steps \(or None\), got 2.5"),
+        (lambda: recurrent.scan_cell(cell, params, xs, truncation=True),
+         r"scan_cell\(lstm\): truncation must be a whole number of steps \(or None\), got True"),
+        (lambda: recurrent.rnn(cell, truncation=2.5, name="layer"),
+         r"layer: truncation must be a whole number of steps \(or None\), got 2.5"),
+        (lambda: recurrent.bptt(cell, params, residuals, dys, truncation=2.5),
+         r"bptt\(lstm\): truncation must be a whole number of steps \(or None\), got 2.5"),
+        (lambda: recurrent.scan_backward_tangent(cell, params, xs, params, None, dys,
+                                                 dys[:1]),
+         r"scan_backward_tangent\(lstm\): r_dys has shape \(1, 5, 4\), expected \(batch, "
+         r"time, hidden\) = \(2, 5, 4\)"),
+        (lambda: recurrent.scan_backward_tangent(cell, params, xs, params, None, dys,
+                                                 dys[..., :1]),
+         r"scan_backward_tangent\(lstm\): r_dys has shape \(2, 5, 1\)"),
+        (lambda: recurrent.scan_backward_tangent(cell, params, xs, params, xs[:1], dys, dys),
+         r"scan_backward_tangent\(lstm\): v_xs is \(1, 5, 3\) float32, expected \(2, 5, 3\) "
+         r"float32"),
+        (lambda: recurrent.rnn(cell, name="layer").backward_tangent(
+            params, xs, params, None, dys[:1], dys[:1]),
+         r"layer: dy has shape \(1, 5, 4\), expected the output's \(2, 5, 4\)"),
+        (lambda: recurrent.LastStep(name="last").tangent((), xs, (), xs[:1]),
+         r"last: dx has shape \(1, 5, 3\), expected x's \(2, 5, 3\)"),
+        (lambda: recurrent.FinalStates(1, name="final").tangent((), xs, (), xs[:, :1]),
+         r"final: dx has shape \(2, 1, 3\), expected x's \(2, 5, 3\)"),
+        (lambda: recurrent.FinalStates(1.5, name="final"),
+         r"final: forward_features must be an int, got 1.5"),
+        (lambda: recurrent.TimeDistributed(nets.Dense(2), name="steps").tangent(
+            {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}, xs, {"w": jnp.ones((3, 2)),
+                                                            "b": jnp.ones(2)}, xs[:1]),
+         r"steps: dx has shape \(1, 5, 3\), expected x's \(2, 5, 3\)"),
+    ]
+    for call, message in refused:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -189,6 +189,9 @@ def process_slice(global_batch: int, index: int | None = None,
     (default: this process): equal contiguous slices in process order."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
+    if count < 1 or not 0 <= index < count:  # index 2 of 2 was an empty slice, silently
+        raise ValueError(f"distributed: process index {index} of {count} processes; expected "
+                         f"a count >= 1 and an index in [0, {count})")
     if global_batch % count:
         raise ValueError(f"distributed: a global batch of {global_batch} examples does not "
                          f"split evenly over {count} processes")

@@ -71,6 +71,7 @@ uses lambda/N, whose mean over devices gives back lambda/(2m) sum w^2 for the gl
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -82,7 +83,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nets import engines
-from nets.layers import Factors, Layer, forward_with_key, is_serial, layer_keys
+from nets.layers import (
+    Factors,
+    Layer,
+    forward_with_key,
+    is_count,
+    is_finite_number,
+    is_serial,
+    layer_keys,
+)
 from nets.losses import Objective, is_weight, l2_penalty, l2_penalty_grad
 from nets.normalization import batch_coupled_layers
 from training.metrics import predicted_labels, target_labels
@@ -230,6 +239,9 @@ def private_value_and_grad(
     if not noise_multiplier >= 0:
         raise ValueError(f"private_value_and_grad: noise_multiplier must be >= 0, got "
                          f"{noise_multiplier}")
+    if not math.isfinite(noise_multiplier):  # inf noise made every gradient inf or NaN
+        raise ValueError(f"private_value_and_grad: noise_multiplier must be finite, got "
+                         f"{noise_multiplier}")
     if not clip_norm > 0:  # < 0 stepped against the gradient, NaN gave NaN
         raise ValueError(f"private_value_and_grad: clip_norm must be > 0, got {clip_norm}")
     _check_per_example("private_value_and_grad", per_example, engine)
@@ -243,7 +255,10 @@ def private_value_and_grad(
         if weights is not None and weights.shape != (x.shape[0],):
             raise ValueError(f"private_value_and_grad: weights must have shape "
                              f"({x.shape[0]},), one per example, got {weights.shape}")
-        if isinstance(expected_batch, (int, float)) and not expected_batch > 0:
+        # checked where its value is known (not traced), NumPy's numbers too: np.int64(0)
+        # divided the sum by 0 silently
+        if (expected_batch is not None and not isinstance(expected_batch, jax.core.Tracer)
+                and not (is_finite_number(expected_batch) and expected_batch > 0)):
             raise ValueError(f"private_value_and_grad: expected_batch must be > 0, got "
                              f"{expected_batch}")
         examples = x.shape[0] if expected_batch is None else expected_batch
@@ -582,7 +597,7 @@ def pick_hardest_misclassified(
             return values, gradient_norms(grads)
 
     def pick(params, x, targets):
-        if not 1 <= count <= x.shape[0]:
+        if not (is_count(count) and 1 <= count <= x.shape[0]):
             raise ValueError(f"pick_hardest_misclassified: count must be in [1, {x.shape[0]}],"
                              f" got {count}")
         values, norms = values_and_norms(params, x, targets)
@@ -604,6 +619,20 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,),
                          devices=devices)
+
+
+def _check_examples(caller: str, x: Any, targets: Any, axes: int = 1) -> int:
+    """x's number of examples (its first axis; its first `axes` for a batch laid out per
+    device), after checking that targets hold as many: x of 8 examples with targets of 6 was
+    split into shards of 4 and 3, and the loss named those shapes, not the batch's."""
+    x_shape, target_shape = np.shape(x), np.shape(targets)
+    if len(x_shape) < axes:
+        raise ValueError(f"{caller}: x has shape {x_shape}; expected a leading batch axis")
+    if target_shape[:axes] != x_shape[:axes]:
+        raise ValueError(f"{caller}: x has shape {x_shape} and targets {target_shape}; "
+                         f"expected one target per example, the same leading "
+                         f"{'axis' if axes == 1 else f'{axes} axes'}")
+    return x_shape[0]
 
 
 def check_batch(global_batch: int, devices: int) -> None:
@@ -729,7 +758,7 @@ def _checked(function: Callable, arity: int, devices: int) -> Callable:
     (the second-to-last argument) splits evenly over `devices`."""
     def run(*args, key=None):
         args, key = _with_key(args, key, arity)
-        check_batch(np.shape(args[-2])[0], devices)
+        check_batch(_check_examples("data parallel", *args[-2:]), devices)
         return function(*args, key)
 
     return run
@@ -791,6 +820,7 @@ def _pmap_form(model, objective, optimizer, engine, mesh):
 
         def run(*args, key=None):
             args, key = _with_key(args, key, arity)
+            _check_examples("data parallel (pmap)", *args[-2:], axes=min(np.ndim(args[-2]), 2))
             if np.shape(args[-2])[0] != local_devices:
                 raise ValueError(
                     f"data parallel (pmap): x has shape {np.shape(args[-2])}; expected "
@@ -881,7 +911,8 @@ def data_parallel(
                                                              engine, mesh)
 
     def place_batch_checked(x, targets):
-        check_batch(np.shape(x)[0] * jax.process_count(), mesh.size)
+        check_batch(_check_examples("data parallel", x, targets) * jax.process_count(),
+                    mesh.size)
         return place_batch(x, targets)
 
     def place_state(tree):
