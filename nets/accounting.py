@@ -50,7 +50,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nets.layers import Layer
+from nets.layers import Layer, is_count
 
 __all__ = [
     "LayerCount",
@@ -324,8 +324,14 @@ def _walk(layer: Layer, input_shape: Shape) -> tuple[Shape, list[LayerCount]]:
 def count(model: Layer, input_shape: Shape) -> ModelCount:
     """Units, parameters, connections and multiply-adds of `model` on inputs of input_shape.
 
-    input_shape: (batch, ...) with batch -1 or any size; the figures are per example.
+    input_shape: (batch, ...) with batch -1 or any size; the figures are per example. Every
+    size is a whole number (int() read 28.7 as 28, True as 1 and the str "15" as (1, 5)).
     """
+    if isinstance(input_shape, (str, bytes)) or not (
+            np.ndim(input_shape) == 1 and len(input_shape) >= 1
+            and all(is_count(d) for d in input_shape)):
+        raise ValueError(f"accounting: {getattr(model, 'name', model)}: input_shape must be "
+                         f"(batch, ...) of whole numbers, got {input_shape!r}")
     input_shape = tuple(int(d) for d in input_shape)
     _, rows = _walk(model, input_shape)
     inputs = LayerCount("input", "input", input_shape, math.prod(input_shape[1:]), 0, 0, 0)

@@ -24,7 +24,15 @@ import numpy as np
 from jax import lax
 
 from nets import initializers
-from nets.layers import Factors, Layer, check_gradient, check_parameter, is_count, is_finite_number
+from nets.layers import (
+    Factors,
+    Layer,
+    check_direction,
+    check_gradient,
+    check_parameter,
+    is_count,
+    is_finite_number,
+)
 from nets.varying import (
     batch_product,
     is_split,
@@ -1091,6 +1099,8 @@ def Conv2D(
         call = call_geometry(x.shape[1:3])
         forward_product = products(call, x)[0]
         y, _ = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy, _ = forward_product(call, x, masked(dparams["w"]))
         db = dparams["b"]
         dy = dy + (db[None] if unshared_bias else db[None, None, None, :])
@@ -1104,6 +1114,8 @@ def Conv2D(
         = the bias sum of R{g_y}, R{dx} = conv^T(R{g_y}, w) + conv^T(g_y, v_w), all by this
         implementation's own transposed products."""
         check_forward_input(params, x)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
         call = call_geometry(x.shape[1:3])
         forward_product, transpose_product = products(call, x)
         residuals = (x, forward_product(call, x, masked(params["w"]))[1])

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import engines, losses
-from nets.layers import Layer, forward_with_key, plain_layers, serial
+from nets.layers import Layer, forward_with_key, is_count, is_finite_number, plain_layers, serial
 from nets.losses import Objective
 
 __all__ = [
@@ -65,16 +65,28 @@ TOLERANCES = {
 FINITE_DIFFERENCE_STEP = 1e-6
 
 
+def _flat_pair(function: str, a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """a and b raveled in float64; a ValueError where their sizes differ (one of size 1, or
+    a (1, n) against an (n, n), would have been broadcast against the other)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size != b.size:
+        raise ValueError(f"{function}: a has shape {a.shape} and b {b.shape}; expected as "
+                         "many entries in each")
+    return a.ravel(), b.ravel()
+
+
 def relative_error(a: Any, b: Any) -> float:
-    """||a - b|| / max(||a||, ||b||, tiny), computed in float64 NumPy."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    """||a - b|| / max(||a||, ||b||, tiny), computed in float64 NumPy (a ValueError for a and b
+    of different sizes)."""
+    a, b = _flat_pair("relative_error", a, b)
     scale = max(np.linalg.norm(a), np.linalg.norm(b), np.finfo(np.float64).tiny)
     return float(np.linalg.norm(a - b) / scale)
 
 
 def cosine_similarity(a: Any, b: Any) -> float:
-    """<a, b> / (||a|| ||b||); 1.0 when both are zero, 0.0 when exactly one is."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    """<a, b> / (||a|| ||b||); 1.0 when both are zero, 0.0 when exactly one is (a ValueError
+    for a and b of different sizes)."""
+    a, b = _flat_pair("cosine_similarity", a, b)
     norms = np.linalg.norm(a) * np.linalg.norm(b)
     if norms == 0:
         return float(np.array_equal(a, b))
@@ -162,11 +174,15 @@ def shifted_energies(
     rounding error, eps |E|: XLA may sum E in another order in the other program.
     """
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    offsets, offset = {}, 0
+    offsets, sizes, offset = {}, {}, 0
     for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         offsets[_raw(leaf_path)] = offset
+        sizes[_raw(leaf_path)] = int(np.size(leaf))
         offset += int(np.size(leaf))
-    wanted = {_raw(path): np.asarray(indices, np.int64) for path, indices in coordinates.items()}
+    wanted = {_raw(path): _leaf_indices(path, indices, sizes) for path, indices
+              in coordinates.items()}
+    if not wanted:
+        return {}
     indices = np.concatenate([offsets[path] + local for path, local in wanted.items()])
 
     def shifted_energy(flat, index, sign):
@@ -185,6 +201,24 @@ def shifted_energies(
     values = np.asarray(jax.jit(both_sides)(flat, jnp.asarray(indices)))
     split = np.cumsum([local.size for local in wanted.values()])[:-1]
     return {path: (pair[:, 0], pair[:, 1]) for path, pair in zip(wanted, np.split(values, split))}
+
+
+def _leaf_indices(path: tuple, indices: Any, sizes: dict[tuple, int]) -> np.ndarray:
+    """The flat indices of the leaf at path, checked: a path params do not have, and an index
+    that is not a whole number in [0, leaf size), are ValueErrors (an index past the leaf, or
+    a negative one, perturbed a neighbouring leaf, and 1.7 was read as 1)."""
+    raw = _raw(path)
+    if raw not in sizes:
+        raise ValueError(f"finite differences: params have no leaf at {raw}; they have "
+                         f"{list(sizes)}")
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"finite differences: the indices of leaf {raw} must be a 1-d array "
+                         f"of integers, got {indices.dtype} {indices.shape}")
+    if indices.size and not (indices.min() >= 0 and indices.max() < sizes[raw]):
+        raise ValueError(f"finite differences: the indices of leaf {raw} must lie in [0, "
+                         f"{sizes[raw]}), got {indices.min()} to {indices.max()}")
+    return indices.astype(np.int64)
 
 
 def kink_gaps(plus: np.ndarray, minus: np.ndarray, energy: float, step: float) -> np.ndarray:
@@ -279,6 +313,13 @@ def gradient_report(
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in TOLERANCES:
         raise ValueError(f"gradient_report: dtype {dtype_name}; choose one of {list(TOLERANCES)}")
+    # 0 coordinates passed every tensor on a finite-difference error of 0.0 measured on none
+    if not (is_count(max_fd_coordinates) and max_fd_coordinates >= 1):
+        raise ValueError(f"gradient_report: max_fd_coordinates must be a whole number >= 1, got "
+                         f"{max_fd_coordinates!r}")
+    if not (is_finite_number(fd_step) and fd_step > 0):  # 0 or NaN made every difference NaN
+        raise ValueError(f"gradient_report: fd_step must be a finite number > 0, got "
+                         f"{fd_step!r}")
     # float64 needs jax_enable_x64; enable it for this report only, whatever the process set.
     precision = jax.enable_x64(True) if dtype_name == "float64" else contextlib.nullcontext()
     # Full-precision float32 products on every backend (a GPU's default may use TF32, whose
@@ -324,15 +365,20 @@ def _gradient_report(
     for layer_name, param_name, path in leaves:
         manual_leaf = np.asarray(_get(manual_grad, path))
         autodiff_leaf = np.asarray(_get(autodiff_grad, path))
+        # compared flattened; a gradient of another size has no error to measure (its
+        # difference would have been broadcast), and fails by its mismatch below
+        same_size = manual_leaf.size == autodiff_leaf.size
         row = {
             "model": model_name or model.name,
             "layer": layer_name,
             "param": param_name,
             "dtype": dtype_name,
             "shape": list(manual_leaf.shape),
-            "max_abs_err": float(np.max(np.abs(manual_leaf - autodiff_leaf), initial=0.0)),
-            "rel_err_vs_autodiff": relative_error(manual_leaf, autodiff_leaf),
-            "cosine": cosine_similarity(manual_leaf, autodiff_leaf),
+            "max_abs_err": float(np.max(np.abs(manual_leaf.ravel() - autodiff_leaf.ravel()),
+                                        initial=0.0)) if same_size else float("inf"),
+            "rel_err_vs_autodiff": (relative_error(manual_leaf, autodiff_leaf) if same_size
+                                    else float("inf")),
+            "cosine": cosine_similarity(manual_leaf, autodiff_leaf) if same_size else 0.0,
             "rel_err_vs_finite_diff": None,
             "autodiff_rel_err_vs_finite_diff": None,
             "fd_coordinates": 0,
@@ -356,7 +402,7 @@ def _gradient_report(
             row["fd_coordinates"] = int(smooth.sum())
             row["fd_kinks"] = int(chosen.size - smooth.sum())
             row["rel_err_vs_finite_diff"] = relative_error(
-                manual_leaf.ravel()[chosen][smooth], fd[smooth])
+                manual_leaf.ravel()[chosen][smooth], fd[smooth]) if same_size else float("inf")
             row["autodiff_rel_err_vs_finite_diff"] = relative_error(
                 autodiff_chosen[smooth], fd[smooth])
             passed = passed and 2 * row["fd_coordinates"] >= chosen.size and max(
@@ -443,15 +489,18 @@ def gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: ja
     path per output and a diagonal H). Compiled as one program (run op by op, its many
     small operations each compiled alone took most of a test's time).
     """
-    return jax.jit(functools.partial(_gauss_newton_diagonal, model, objective))(
+    diagonal = jax.jit(functools.partial(_gauss_newton_diagonal, model, objective))(
         params, x, targets)
+    return jax.tree.map(lambda d, p: d.astype(jnp.result_type(p)), diagonal, params)
 
 
 def _gauss_newton_diagonal(model: Layer, objective: Objective, params: Any, x: jax.Array,
                            targets: jax.Array) -> Any:
     flat, unravel, outputs_of = _flat_function(lambda p: model.apply(p, x), params)
     outputs = model.apply(params, x)
-    jacobian = jax.jacrev(outputs_of)(flat).reshape(outputs.size, -1)  # (outputs, parameters)
+    # (outputs, parameters), in the outputs' dtype: float32 params met by float64 data gave
+    # float32 columns, which jax.jvp refused as tangents of the float64 outputs
+    jacobian = jax.jacrev(outputs_of)(flat).reshape(outputs.size, -1).astype(outputs.dtype)
 
     def loss_gradient(flat_outputs):
         return jax.grad(lambda o: objective.loss.value(o.reshape(outputs.shape), targets))(

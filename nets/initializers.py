@@ -34,6 +34,22 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[-2] * receptive_field, shape[-1] * receptive_field
 
 
+def _check_scale(function: str, argument: str, value) -> None:
+    """A spread must be a finite number >= 0: NaN or inf filled every weight with NaN or inf,
+    silently, a negative scale made jax.random.uniform's minval exceed its maxval and every
+    weight equal +limit, and a str failed only at the first init."""
+    if isinstance(value, (bool, str, bytes)) or not (
+            math.isfinite(_as_float(value)) and value >= 0):
+        raise ValueError(f"{function}: {argument} must be a finite number >= 0, got {value!r}")
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def fan_in_uniform(scale: float = 2.4, exponent: float = 0.5) -> Initializer:
     """U(-scale/F^exponent, +scale/F^exponent), F the fan-in.
 
@@ -44,6 +60,7 @@ def fan_in_uniform(scale: float = 2.4, exponent: float = 0.5) -> Initializer:
     """
     if not exponent >= 0:
         raise ValueError(f"fan_in_uniform: exponent must be >= 0, got {exponent}")
+    _check_scale("fan_in_uniform", "scale", scale)
 
     def init(key, shape, dtype=jnp.float32):
         limit = scale / fans(shape)[0] ** exponent
@@ -75,6 +92,7 @@ def he_normal() -> Initializer:
 
 def normal(std: float) -> Initializer:
     """N(0, std^2)."""
+    _check_scale("normal", "std", std)
 
     def init(key, shape, dtype=jnp.float32):
         return std * jax.random.normal(key, shape, dtype)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key, is_serial, layer_keys
-from nets.losses import Objective, is_weight
+from nets.losses import Objective, _check_l2, is_weight
 from nets.normalization import batch_coupled_layers
 from nets.varying import batch_product, is_split, reshape_keeping_batch, split_like
 
@@ -93,6 +93,20 @@ def _chain(model: Layer) -> tuple[Layer, ...]:
     return model.sublayers if is_serial(model) else (model,)
 
 
+def _chain_params(model: Layer, params: Any) -> tuple:
+    """params as one entry per layer of `_chain(model)`; for a `serial` model, params of
+    another number of layers are a ValueError naming both counts (zipped with the layers,
+    identity_blocks cut them short silently and the blocks raised a raw IndexError)."""
+    if not is_serial(model):
+        return (params,)
+    layers = len(model.sublayers)
+    if not isinstance(params, (tuple, list)) or len(params) != layers:
+        got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
+        raise ValueError(f"kronecker_factors: {model.name}: params must hold one entry per "
+                         f"layer ({layers}), got {got}")
+    return tuple(params)
+
+
 def _has_diagonal_blocks(layer: Layer, layer_params: Any) -> bool:
     return bool(jax.tree.leaves(layer_params)) and layer.factors is None
 
@@ -101,7 +115,7 @@ def _check_model(model: Layer, params: Any) -> None:
     """Every layer with parameters but no `factors` sees each example alone (no BatchNorm on
     batch statistics) and draws no random numbers, so that its diagonal comes from its
     backward on a batch of one."""
-    for layer, layer_params in zip(_chain(model), params if is_serial(model) else (params,)):
+    for layer, layer_params in zip(_chain(model), _chain_params(model, params)):
         if not _has_diagonal_blocks(layer, layer_params):
             continue
         coupled = batch_coupled_layers(layer, layer_params)
@@ -130,7 +144,7 @@ def identity_blocks(model: Layer, params: Any) -> Any:
     def diagonal(leaf):
         return DiagonalBlock(jnp.ones_like(leaf), jnp.zeros((), leaf.dtype))
 
-    chain_params = params if is_serial(model) else (params,)
+    chain_params = _chain_params(model, params)
     per_layer = tuple(
         jax.tree.map(diagonal, layer_params) if _has_diagonal_blocks(layer, layer_params)
         else jax.tree_util.tree_map_with_path(kronecker, layer_params)
@@ -248,10 +262,13 @@ def kronecker_factors(model: Layer, objective: Objective):
     layers = _chain(model)
     if objective.loss.hessian_vector is None:
         raise ValueError(f"kronecker_factors: {objective.loss.name} defines no Hessian")
+    # its penalty lambda/m is read here, not through l2_penalty: a negative or NaN lambda
+    # made every block's penalty that, silently
+    _check_l2("kronecker_factors", objective.l2)
 
     def blocks(params, x, targets, key=None, *, sample_key=None):
         _check_model(model, params)
-        chain_params = params if chained else (params,)
+        chain_params = _chain_params(model, params)
         keys = layer_keys(layers, key) if chained else [key]
         inputs, residuals = [], []
         for layer, layer_params, layer_key in zip(layers, chain_params, keys):

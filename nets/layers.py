@@ -786,14 +786,19 @@ ACTIVATIONS: dict[str, Callable[..., Layer]] = {
 LeakyRelu (0.01) and Elu (1.0) are at their defaults."""
 
 
-def linear_backward_tangent(forward: ForwardFn, backward: BackwardFn) -> BackwardTangentFn:
+def linear_backward_tangent(forward: ForwardFn, backward: BackwardFn,
+                            name: str | None = None) -> BackwardTangentFn:
     """The backward_tangent of a layer without parameters whose output is linear in x, or
     piecewise linear with pieces that an infinitesimal change does not switch (max pooling's
     maxima): the backward is then the same linear map of dy at x + t v_x, so R{dx} =
-    backward(R{dy})."""
+    backward(R{dy}). With the layer's `name`, v_params and v_x are checked to be shaped as
+    params and x (`check_direction`), as a direct call's other directions are."""
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y):
         _, residuals = forward(params, x)
+        if name is not None:
+            check_direction(name, "v_params", v_params, params, "params")
+            check_direction(name, "v_x", v_x, x, "x")
         _, g_x = backward(params, residuals, g_y)
         _, r_g_x = backward(params, residuals, r_g_y)
         return (), g_x, (), r_g_x
@@ -1122,10 +1127,11 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
     `transpose`), e.g. a language model's output weights tied to its token embedding (Press
     and Wolf 2017): tie(model, ("embed", "w"), ("output", "w"), transpose=True).
 
-    params: the model's, without the target's entry. Forward: the model's, with the target
-    filled in from the source. Backward: the model's, and since the shared value is used
-    twice, its gradient is the sum of both uses, d source + d target (transposed back); the
-    curvature pass sums the two diagonals the same way (a shared weight's rule, as for a
+    params: the model's, without the target's entry (params or a direction holding it, the
+    untied model's, are a ValueError: the entry was overwritten silently). Forward: the model's,
+    with the target filled in from the source. Backward: the model's, and since the shared value
+    is used twice, its gradient is the sum of both uses, d source + d target (transposed back);
+    the curvature pass sums the two diagonals the same way (a shared weight's rule, as for a
     convolution's). The names, the engines and the reports see one parameter.
     """
     name = name or model.name
@@ -1163,8 +1169,18 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
         value = _leaf_at(params, path_of(params, *source))
         return _with_leaf(params, path_of(params, *target, must_exist=False), shared(value))
 
+    def untied(params, what="params"):
+        """params (or a direction) as the tied params hold them, without the target, filled
+        in: a target left in them (the untied model's params, or one of its directions) would
+        be overwritten with the source's value silently."""
+        if _leaf_at(params, path_of(params, *target, must_exist=False)) is not None:
+            raise ValueError(f"{name}: {what} holds {target[0]}.{target[1]}, which is tied to "
+                             f"{source[0]}.{source[1]}; expected the tied params' entries, "
+                             "without it (the source's value is used in both places)")
+        return filled(params)
+
     def forward(params, x, key=None):
-        return forward_with_key(model, filled(params), x, key)
+        return forward_with_key(model, untied(params), x, key)
 
     def folded(dparams):
         """The target's gradient added to the source's, the target's entry None again."""
@@ -1176,30 +1192,21 @@ def tie(model: Layer, source: tuple[str, str], target: tuple[str, str],
 
     def backward_through(method):
         def run_backward(params, residuals, dy):
-            dparams, dx = getattr(model, method)(filled(params), residuals, dy)
+            dparams, dx = getattr(model, method)(untied(params), residuals, dy)
             return folded(dparams), dx
 
         return run_backward
 
-    def untied(direction, what):
-        """A direction as the params hold it: without the target, which `filled` would
-        overwrite with the source's direction silently (one of the untied model's)."""
-        if _leaf_at(direction, path_of(direction, *target, must_exist=False)) is not None:
-            raise ValueError(f"{name}: {what} holds {target[0]}.{target[1]}, which is tied to "
-                             f"{source[0]}.{source[1]}; expected the tied params' entries "
-                             "(the source's direction moves both)")
-        return filled(direction)
-
     def tangent(params, x, dparams, dx, key=None):
         """The model's tangent with the target filled in both params and dparams: a direction
         moves the shared value in both of its places."""
-        return tangent_with_key(model, filled(params), x, untied(dparams, "dparams"), dx, key)
+        return tangent_with_key(model, untied(params), x, untied(dparams, "dparams"), dx, key)
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """The model's, with the target filled in params and v_params, and both the gradient
         and its tangent folded onto the source."""
         g_params, g_x, r_g_params, r_g_x = backward_tangent_with_key(
-            model, filled(params), x, untied(v_params, "v_params"), v_x, g_y, r_g_y, key)
+            model, untied(params), x, untied(v_params, "v_params"), v_x, g_y, r_g_y, key)
         return folded(g_params), g_x, folded(r_g_params), r_g_x
 
     return Layer(name, init, forward, backward_through("backward"), sublayers=model.sublayers,

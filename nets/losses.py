@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nets.layers import is_finite_number
 from nets.varying import split_like
 
 __all__ = [
@@ -60,6 +61,9 @@ def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
             f"{name}: outputs have shape {tuple(outputs.shape)} and targets "
             f"{tuple(targets.shape)}; expected equal shapes (batch, classes)"
         )
+    if outputs.shape[0] == 0:  # a mean over no examples: NaN, and lambda/(2m) divides by 0
+        raise ValueError(f"{name}: outputs have shape {tuple(outputs.shape)}; expected a "
+                         "batch of at least one example")
 
 
 def _checked(name: str, value, grad, curvature, hessian_vector=None) -> Loss:
@@ -240,7 +244,7 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 
     A Python lambda of 0 gives an exact 0 without touching the weights (so that XLA drops
     the sums, and an infinite weight does not make the penalty NaN)."""
-    _check_l2("l2_penalty", l2)
+    _check_l2("l2_penalty", l2, m)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if _is_zero(l2):
         arrays = [leaf for _, leaf in leaves]
@@ -252,18 +256,29 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 def l2_penalty_grad(params: Any, l2: float, m: int) -> Any:
     """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest (all 0 for a
     Python lambda of 0)."""
-    _check_l2("l2_penalty_grad", l2)
+    _check_l2("l2_penalty_grad", l2, m)
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: (l2 / m) * leaf if is_weight(path) and not _is_zero(l2)
         else jnp.zeros_like(leaf), params
     )
 
 
-def _check_l2(name: str, l2: Any) -> None:
-    """A Python lambda below 0 (or NaN) would reward large weights: ValueError. A traced one
-    (swept under vmap) is the caller's to check."""
-    if isinstance(l2, (int, float)) and not l2 >= 0:
-        raise ValueError(f"{name}: the L2 coefficient lambda must be >= 0, got {l2}")
+def _check_l2(name: str, l2: Any, m: Any = 1) -> None:
+    """A lambda below 0 (or NaN) would reward large weights, an infinite one make every
+    weight's penalty inf (NaN at 0): ValueError, for a Python or NumPy number or a concrete
+    0-d array alike (a NumPy float32 or a jnp scalar went unchecked). A traced one (swept
+    under vmap) is the caller's to check. m, the batch's examples, is a finite number > 0 (0
+    divided by zero, a negative m turned the penalty into a reward); not necessarily whole:
+    DP-SGD's Poisson batches divide by their expected size q N (`parallel.
+    private_value_and_grad`), which may also be traced."""
+    if not (isinstance(m, jax.core.Tracer) or (is_finite_number(m) and m > 0)):
+        raise ValueError(f"{name}: m, the number of examples, must be a finite number > 0, "
+                         f"got {m!r}")
+    if isinstance(l2, jax.core.Tracer):
+        return
+    if not (is_finite_number(l2) and l2 >= 0):
+        raise ValueError(f"{name}: the L2 coefficient lambda must be >= 0, got {l2!r}; "
+                         "expected a finite number")
 
 
 def _is_zero(l2: Any) -> bool:
@@ -284,6 +299,8 @@ class Objective(NamedTuple):
 
 def lecture_objective(l2: float = 0.0, from_logits: bool = True) -> Objective:
     """The lecture's E(w): sigmoid cross-entropy plus lambda/(2m) sum w^2 (module docstring)."""
-    if l2 < 0:
-        raise ValueError(f"lecture_objective: l2 must be >= 0, got {l2}")
+    if not (isinstance(l2, jax.core.Tracer) or (is_finite_number(l2) and l2 >= 0)):
+        # NaN and inf passed `l2 < 0`, to be refused by the first l2_penalty
+        raise ValueError(f"lecture_objective: l2 must be >= 0, got {l2!r}; expected a finite "
+                         "number")
     return Objective(sigmoid_cross_entropy(from_logits=from_logits), l2)

@@ -47,11 +47,15 @@ def mlp(
     its activation, where Ioffe and Szegedy (2015) put it: act(BN(h W + b)) (b is then
     redundant, kept so that the parameters are the plain net's plus g and b per norm).
     """
+    # an input_dim of 64.5 made STEP 0's width 194 and a hidden_layers of True one layer,
+    # both silently (and 2.0 layers a raw TypeError of range)
     for argument, value in (("input_dim", input_dim), ("num_classes", num_classes)):
-        if value < 1:
-            raise ValueError(f"mlp: {argument} must be >= 1, got {value}")
-    if hidden_layers < 0:
-        raise ValueError(f"mlp: hidden_layers must be >= 0, got {hidden_layers}")
+        if not is_count(value) or value < 1:
+            raise ValueError(f"mlp: {argument} must be >= 1, got {value!r}; expected a whole "
+                             "number")
+    if not is_count(hidden_layers) or hidden_layers < 0:
+        raise ValueError(f"mlp: hidden_layers must be >= 0, got {hidden_layers!r}; expected a "
+                         "whole number")
     for argument, name in (("activation", activation), ("output_activation", output_activation)):
         if name not in ACTIVATIONS:
             raise ValueError(f"mlp: {argument}={name!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -95,10 +99,12 @@ def residual_mlp(
     """
     for argument, value in (("input_dim", input_dim), ("num_classes", num_classes),
                             ("width", width)):
-        if value < 1:
-            raise ValueError(f"residual_mlp: {argument} must be >= 1, got {value}")
-    if blocks < 0:
-        raise ValueError(f"residual_mlp: blocks must be >= 0, got {blocks}")
+        if not is_count(value) or value < 1:
+            raise ValueError(f"residual_mlp: {argument} must be >= 1, got {value!r}; expected "
+                             "a whole number")
+    if not is_count(blocks) or blocks < 0:
+        raise ValueError(f"residual_mlp: blocks must be >= 0, got {blocks!r}; expected a whole "
+                         "number")
     if activation not in ACTIVATIONS:
         raise ValueError(f"residual_mlp: activation={activation!r}; choose one of "
                          f"{sorted(ACTIVATIONS)}")

@@ -76,8 +76,11 @@ from nets.layers import (
     Sigmoid,
     Tanh,
     backward_tangent_with_key,
+    check_direction,
     elementwise,
     forward_with_key,
+    is_count,
+    is_finite_number,
     layer_keys,
     serial,
     tangent_with_key,
@@ -118,8 +121,16 @@ def ScaledTanh(
     Shapes: any; y has the shape of x; params ().
     Backward, from the output y: dy/dx = A S (1 - tanh^2(S x)) = (S / A) (A^2 - y^2), so
         dx = dy * (S / A) * (A^2 - y^2),
-    and f''(x) = -2 (S / A) y f'(x).
+    and f''(x) = -2 (S / A) y f'(x). A is a finite number other than 0 (its derivative
+    divides by A: 0 was a ZeroDivisionError at the first backward, NaN or inf a NaN gradient
+    that jax.grad did not have) and S a finite number.
     """
+    if not (is_finite_number(amplitude) and amplitude != 0):
+        raise ValueError(f"{name}: amplitude must be a finite number other than 0, got "
+                         f"{amplitude!r}")
+    if not is_finite_number(slope):
+        raise ValueError(f"{name}: slope must be a finite number, got {slope!r}")
+
     def derivative(y):
         return (slope / amplitude) * (amplitude * amplitude - y * y)
 
@@ -140,8 +151,16 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
     splits x, dx and dparams and joins y and dy likewise.
     """
     name = name or f"{layer.name}_x{groups}"
-    if groups < 1:
-        raise ValueError(f"{name}: groups must be >= 1, got {groups}")
+    if not is_count(groups) or groups < 1:  # 2.0 was a raw TypeError, True one group
+        raise ValueError(f"{name}: groups must be >= 1, got {groups!r}; expected a whole "
+                         "number")
+
+    def check_groups(what, entries):
+        """params, residuals or directions must hold one entry a group: zip cut fewer short."""
+        if not isinstance(entries, (tuple, list)) or len(entries) != groups:
+            found = len(entries) if isinstance(entries, (tuple, list)) else type(
+                entries).__name__
+            raise ValueError(f"{name}: {what} must hold {groups} group entries, got {found}")
 
     def split(x):
         if x.shape[-1] % groups:
@@ -163,6 +182,7 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
         return (*output_shape[:-1], out_channels), tuple(params)
 
     def forward(params, x, key=None):
+        check_groups("params", params)
         keys = layer_keys((layer,) * groups, key)
         outputs, residuals = zip(*(
             forward_with_key(layer, group_params, part, group_key)
@@ -172,6 +192,8 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
 
     def backward_by(method):
         def run(params, residuals, dy):
+            check_groups("params", params)
+            check_groups("residuals", residuals)
             dparams, dx = zip(*(
                 getattr(layer, method)(group_params, group_residuals, part)
                 for group_params, group_residuals, part in zip(params, residuals, split(dy))
@@ -181,6 +203,9 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
         return run
 
     def tangent(params, x, dparams, dx, key=None):
+        check_groups("params", params)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         keys = layer_keys((layer,) * groups, key)
         dx_parts = split(dx) if dx is not None else [None] * groups
         outputs, moved = zip(*(
@@ -194,6 +219,9 @@ def channel_groups(layer: Layer, groups: int, name: str | None = None) -> Layer:
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """Each group's on its slices of x, v_x, dy and R{dy}; dx and R{dx} joined."""
+        check_groups("params", params)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
         keys = layer_keys((layer,) * groups, key)
         v_parts = split(v_x) if v_x is not None else [None] * groups
         parts = [backward_tangent_with_key(layer, *arguments) for arguments in zip(
@@ -388,8 +416,8 @@ def alexnet(towers: int = 2, num_classes: int = 1000, dropout_rate: float = 0.5)
     (3x3, pad 1, grouped), ReLU each; pool -> 6x6x256; fc6 4096, fc7 4096 (ReLU, dropout);
     output num_classes. The module docstring lists the assumptions.
     """
-    if towers not in (1, 2):
-        raise ValueError(f"alexnet: towers must be 1 or 2, got {towers}")
+    if not is_count(towers) or towers not in (1, 2):  # 2.0 and True passed `in (1, 2)`
+        raise ValueError(f"alexnet: towers must be 1 or 2, got {towers!r}")
 
     def conv(out_channels, kernel, name, stride=1, padding="VALID", groups=1, bias=0.0):
         pads = padding if isinstance(padding, str) else ((padding, padding),) * 2

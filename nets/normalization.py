@@ -37,7 +37,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nets.layers import Layer, check_gradient, check_parameter, is_count, is_finite_number
+from nets.layers import (
+    Layer,
+    check_direction,
+    check_gradient,
+    check_parameter,
+    is_count,
+    is_finite_number,
+)
 
 __all__ = ["LayerNorm", "BatchNorm", "batch_coupled_layers", "with_population_statistics"]
 
@@ -120,6 +127,15 @@ def _check_gain_and_bias(name, params, features):
         check_parameter(name, params, key, (features,))
 
 
+def _check_backward_tangent(name, params, x, v_params, v_x, g_y, r_g_y):
+    """The directions shaped as params and x, and dy and R{dy} as the output (x's shape):
+    one of (1,) or of one example would be broadcast silently."""
+    check_direction(name, "v_params", v_params, params, "params")
+    check_direction(name, "v_x", v_x, x, "x")
+    check_gradient(name, g_y, x.shape)
+    check_gradient(name, r_g_y, x.shape, "R{dy}")
+
+
 def _gain_and_bias_init(check, features):
     def init(key, input_shape):
         del key
@@ -166,6 +182,8 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
         """dy = dg xhat + db + g dxhat; the row's Jacobian of xhat is symmetric, so dxhat is
         backward's product applied to dx."""
         y, (xhat, s) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy = (_along_features(dparams["g"], x.ndim) * xhat
               + _along_features(dparams["b"], x.ndim))
         if dx is not None:
@@ -178,6 +196,7 @@ def LayerNorm(features: int, eps: float = 1e-5, name: str = "LayerNorm") -> Laye
         with dxhat = dy g (R{dxhat} = R{dy} g + dy v_g) and with xhat and s
         (`_standardise_backward_tangent`)."""
         _, (xhat, s) = forward(params, x)
+        _check_backward_tangent(name, params, x, v_params, v_x, g_y, r_g_y)
         gain, v_gain = (_along_features(p["g"], x.ndim) for p in (params, v_params))
         g_x, r_g_x = _standardise_backward_tangent(xhat, s, g_y * gain,
                                                    r_g_y * gain + g_y * v_gain, v_x, -1)
@@ -313,6 +332,8 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
         product applied to dx (the group's Jacobian is symmetric); with fixed ones, dxhat =
         (dx - dmean) / s - xhat dvar / (2 s^2)."""
         y, (xhat, s) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy = (_along_features(dparams["g"], x.ndim) * xhat
               + _along_features(dparams["b"], x.ndim))
         if fixed(params):
@@ -335,6 +356,7 @@ def BatchNorm(features: int, eps: float = 1e-5, name: str = "BatchNorm", *,
         sum(u) v_var / (2 s^3), R{dvar} = -sum(R{u} xhat + u R{xhat}) / (2 s^2) + sum(u xhat)
         v_var / (2 s^4)."""
         _, (xhat, s) = forward(params, x)
+        _check_backward_tangent(name, params, x, v_params, v_x, g_y, r_g_y)
         axes = tuple(range(x.ndim - 1))
         gain, v_gain = (_along_features(p["g"], x.ndim) for p in (params, v_params))
         u, r_u = g_y * gain, r_g_y * gain + g_y * v_gain

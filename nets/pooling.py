@@ -21,6 +21,7 @@ from nets.conv import channel_sum, check_image_input, pair
 from nets.layers import (
     Layer,
     StaticShape,
+    check_direction,
     check_gradient,
     check_parameter,
     forward_with_key,
@@ -144,11 +145,13 @@ def AvgPool(window, stride=None, name: str = "AvgPool") -> Layer:
     def tangent(params, x, dparams, dx):
         """Linear in x: dy = window_sum(dx) / (kh kw)."""
         y, _ = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         return y, None if dx is None else window_sum(dx, window, stride) / area
 
     return Layer(name, _pool_init(name, window, stride), forward, backward,
                  curvature=curvature, tangent=tangent,
-                 backward_tangent=linear_backward_tangent(forward, backward))
+                 backward_tangent=linear_backward_tangent(forward, backward, name))
 
 
 def _window_views(x, window, stride, out_size):
@@ -228,6 +231,8 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
         """dy: the mean of dx over the k positions of a window that attain its max (the
         Jacobian's row, as backward routes it)."""
         y, (attained, _) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         if dx is None:
             return y, None
         ties = lax.population_count(attained).astype(dx.dtype)
@@ -238,7 +243,7 @@ def MaxPool(window, stride=None, name: str = "MaxPool") -> Layer:
 
     return Layer(name, _pool_init(name, window, stride), forward, backward,
                  curvature=curvature, tangent=tangent,
-                 backward_tangent=linear_backward_tangent(forward, backward))
+                 backward_tangent=linear_backward_tangent(forward, backward, name))
 
 
 def _coefficient_init(window):
@@ -303,6 +308,8 @@ def Subsampling(
     def tangent(params, x, dparams, dx):
         """dy = dw[c] s + db[c] + w[c] window_sum(dx)."""
         y, (sums, _) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         dy = dparams["w"][None, None, None, :] * sums + dparams["b"][None, None, None, :]
         if dx is not None:
             dy = dy + params["w"][None, None, None, :] * window_sum(dx, window, window)
@@ -312,6 +319,8 @@ def Subsampling(
         """y = w s + b is bilinear in (w, x): R{dw} = sum R{g_y} s + g_y window_sum(v_x),
         R{db} = sum R{g_y}, R{dx} = spread(R{g_y} w + g_y v_w)."""
         _, residuals = forward(params, x)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
         g_params, g_x = backward(params, residuals, g_y)
         r_g_params, r_g_x = backward(params, residuals, r_g_y)
         r_g_x = r_g_x + backward(v_params, residuals, g_y)[1]
@@ -351,10 +360,12 @@ def Flatten(name: str = "Flatten") -> Layer:
 
     def tangent(params, x, dparams, dx):
         y, _ = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         return y, None if dx is None else dx.reshape(y.shape)
 
     return Layer(name, init, forward, backward, curvature=backward, tangent=tangent,
-                 backward_tangent=linear_backward_tangent(forward, backward))
+                 backward_tangent=linear_backward_tangent(forward, backward, name))
 
 
 def _negative_power(d: jax.Array, beta: float) -> jax.Array:
@@ -435,6 +446,8 @@ def LocalResponseNorm(
     def tangent(params, x, dparams, dx):
         """dy = dx d^(-beta) - 2 alpha beta x d^(-beta - 1) sum_{j in window(c)} x[j] dx[j]."""
         y, (x, d, d_power) = forward(params, x)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         if dx is None:
             return y, None
         return y, dx * d_power - 2 * alpha * beta * x * d_power / d * channel_window_sum(x * dx)
@@ -446,6 +459,8 @@ def LocalResponseNorm(
             R{dx} = R{dy} P + dy R{P} - 2 alpha beta (v_x W(dy x q)
                     + x W(R{dy} x q + dy v_x q + dy x R{q}))."""
         _, residuals = forward(params, x)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
         _, g_x = backward(params, residuals, g_y)
         _, r_g_x = backward(params, residuals, r_g_y)
         if v_x is None:
@@ -512,11 +527,17 @@ def Dropout(rate: float, name: str = "Dropout") -> Layer:
     def tangent(params, x, dparams, dx, key=None):
         """dy = dx * m / p, the mask drawn from key as the forward draws it (or dx)."""
         y, scale = forward(params, x, key)
+        check_direction(name, "dparams", dparams, params, "params")
+        check_direction(name, "dx", dx, x, "x")
         return y, dx if dx is None or scale is None else dx * scale
 
     def backward_tangent(params, x, v_params, v_x, g_y, r_g_y, key=None):
         """Linear in x for the mask of the key: dx = dy m / p, R{dx} = R{dy} m / p."""
         _, scale = forward(params, x, key)
+        check_direction(name, "v_params", v_params, params, "params")
+        check_direction(name, "v_x", v_x, x, "x")
+        check_gradient(name, g_y, x.shape)  # backward checks them against a mask alone
+        check_gradient(name, r_g_y, x.shape, "R{dy}")
         return (), backward(params, scale, g_y)[1], (), backward(params, scale, r_g_y)[1]
 
     return Layer(name, init, forward, backward, curvature=curvature, stochastic=True,

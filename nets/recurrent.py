@@ -1066,12 +1066,21 @@ def _check_sequence(name: str, x: jax.Array, features: int | None) -> None:
                          f"{want})")
 
 
-def _check_options(name: str, xs, mask, truncation) -> None:
+def _check_options(name: str, xs, mask, truncation, unroll=1) -> None:
     _check_sequence(name, xs, None)
     if mask is not None and tuple(mask.shape) != tuple(xs.shape[:2]):
         raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, expected (batch, time) = "
                          f"{tuple(xs.shape[:2])}")
     _check_truncation(name, truncation)
+    _check_unroll(name, unroll)
+
+
+def _check_unroll(name: str, unroll: int | bool) -> None:
+    """What lax.scan takes, an int >= 0 or a bool: 2.5 was a TypeError from deep in the
+    scan's shapes, "2" a bare comparison error."""
+    if not (isinstance(unroll, (bool, np.bool_)) or (is_count(unroll) and unroll >= 0)):
+        raise ValueError(f"{name}: unroll must be an int >= 0 (steps per scan iteration) or a "
+                         f"bool, got {unroll!r}")
 
 
 def _check_truncation(name: str, truncation: int | None) -> None:
@@ -1192,7 +1201,7 @@ def scan_cell(cell: Cell, params: Params, xs: jax.Array, carry0: Carry = None,
     checkpointing through time: stored steps T / k + k instead of T, one forward pass more).
     """
     name = f"scan_cell({cell.name})"
-    _check_options(name, xs, mask, truncation)
+    _check_options(name, xs, mask, truncation, unroll)
     _check_recompute_every(name, recompute_every)
     _check_dtypes(name, params, xs)
     _check_mask(name, mask)
@@ -1243,7 +1252,7 @@ def scan_tangent(cell: Cell, params: Params, xs: jax.Array, dparams: Params,
     name = f"scan_tangent({cell.name})"
     if cell.step_tangent is None:
         raise ValueError(f"{name}: this cell has no step tangent (forward-mode) pass")
-    _check_options(name, xs, mask, truncation)
+    _check_options(name, xs, mask, truncation, unroll)
     _check_dtypes(name, params, xs)
     _check_mask(name, mask)
     _check_like(name, "dparams", dparams, params)
@@ -1333,7 +1342,7 @@ def _scan_tangent_keeping(cell, params, xs, v_params, v_xs, truncation, unroll, 
     name = f"scan_backward_tangent({cell.name})"
     if cell.step_backward_tangent is None:
         raise ValueError(f"{name}: this cell has no step backward tangent (R-operator)")
-    _check_options(name, xs, mask, truncation)
+    _check_options(name, xs, mask, truncation, unroll)
     _check_dtypes(name, params, xs)
     _check_mask(name, mask)
     _check_like(name, "v_params", v_params, params)
@@ -1425,6 +1434,7 @@ def bptt(cell: Cell, params: Params, residuals: ScanResiduals | RecomputeResidua
     their kept residuals: the same sums in the same order as from `ScanResiduals`.
     """
     _check_truncation(f"bptt({cell.name})", truncation)
+    _check_unroll(f"bptt({cell.name})", unroll)
     parts = cell.gradient_parts
     step_back = cell.step_backward if parts is None else parts.step_backward
     recompute = isinstance(residuals, RecomputeResiduals)
@@ -1572,6 +1582,7 @@ def rnn(cell: Cell, *, truncation: int | None = None, unroll: int = 1, reverse: 
     call `scan_cell`/`bptt` with their mask directly (as the tests do)."""
     name = name or cell.name
     _check_truncation(name, truncation)
+    _check_unroll(name, unroll)
     _check_recompute_every(name, recompute_every)
 
     def in_order(sequence):

@@ -227,3 +227,14 @@ def test_dropout_after_counts_as_the_layer_it_wraps():
               for rate in (0.0, 0.5)]
     assert [stack.params for stack in stacks] == [stacks[0].params] * 2
     assert stacks[0].params == 4 * (5 + 8 + 1) * 8 + 4 * (8 + 8 + 1) * 8 + 8 * 5 + 5
+
+
+@pytest.mark.parametrize("input_shape", [(1, 5.7), (1, True), "15", 5, ()])
+def test_count_refuses_an_input_shape_of_sizes_that_are_not_whole_numbers(input_shape):
+    """int() read a size of 5.7 as 5 and True as 1, counting another net than the one meant,
+    and the str "15" as the shape (1, 5); an int alone was a raw TypeError."""
+    model = serial(Dense(4, name="hidden"), Dense(3, name="output"), name="net")
+    assert accounting.count(model, (-1, np.int64(5))).params == 5 * 4 + 4 + 4 * 3 + 3
+    with pytest.raises(ValueError, match=r"accounting: net: input_shape must be \(batch, \.\.\.\) "
+                                         r"of whole numbers, got"):
+        accounting.count(model, input_shape)

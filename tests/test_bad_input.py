@@ -392,3 +392,150 @@ def test_a_tied_models_direction_holding_the_target_is_refused():
         model.tangent(params, x, untied, None)
     y, dy = model.tangent(params, x, params, None)  # the tied entries alone pass
     assert y.shape == dy.shape == (2, 3)
+
+
+def test_a_tied_models_params_holding_the_target_are_refused():
+    """tie's forward, backward and curvature filled the target in from the source over a
+    value left in params (the untied model's params, say), which was ignored silently; its
+    tangent already refused such a direction."""
+    model = nets.tie(nets.serial(nets.Dense(3, name="a"), nets.Dense(3, name="b"), name="net"),
+                     ("a", "w"), ("b", "w"))
+    _, params = model.init(KEY, (2, 3))
+    x = jnp.ones((2, 3))
+    untied = (params[0], {**params[1], "w": jnp.ones((3, 3))})
+    message = "net: params holds b.w, which is tied to a.w"
+    with pytest.raises(ValueError, match=message):
+        model.forward(untied, x)
+    y, residuals = model.forward(params, x)  # the tied entries alone pass
+    for method in ("backward", "curvature"):
+        with pytest.raises(ValueError, match=message):
+            getattr(model, method)(untied, residuals, jnp.ones(y.shape))
+    with pytest.raises(ValueError, match=message):
+        model.tangent(untied, x, params, None)
+    with pytest.raises(ValueError, match=message):
+        model.backward_tangent(untied, x, params, None, jnp.ones(y.shape), jnp.ones(y.shape))
+
+
+IMAGE = (2, 6, 6, 4)
+ONE_IMAGE = (1, 6, 6, 4)
+DIRECT_LAYERS = {  # built with the name their messages give
+    "Conv2D": lambda: nets.Conv2D(3, 3, name="conv"),
+    "LayerNorm": lambda: nets.LayerNorm(4, name="ln"),
+    "BatchNorm": lambda: nets.BatchNorm(4, name="bn"),
+    "AvgPool": lambda: nets.AvgPool(2, name="avg"),
+    "MaxPool": lambda: nets.MaxPool(2, name="max"),
+    "Subsampling": lambda: nets.Subsampling(2, name="sub"),
+    "LocalResponseNorm": lambda: nets.LocalResponseNorm(name="lrn"),
+    "Flatten": lambda: nets.Flatten(name="flat"),
+    "Dropout": lambda: nets.Dropout(0.5, name="drop"),
+}
+
+
+def _direct_call(layer, method, direction=None, dx_shape=IMAGE, **replaced):
+    """layer.tangent(params, x, dparams, dx) or layer.backward_tangent(params, x, v_params,
+    v_x, dy, R{dy}) called directly (not through serial), float64, on x of IMAGE; the
+    parameter direction is ones shaped as params but for the `replaced` leaves, dx (v_x) ones
+    of dx_shape, dy and R{dy} ones shaped as the output (or `direction`'s shape for R{dy})."""
+    _, params = layer.init(KEY, IMAGE)
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    x = jax.random.normal(KEY, IMAGE, jnp.float64)
+    key = {"key": KEY} if layer.stochastic else {}
+    dparams = _directions(params, **replaced)
+    dx = jnp.ones(dx_shape)
+    if method == "tangent":
+        return layer.tangent(params, x, dparams, dx, **key)
+    y, _ = layer.forward(params, x, **key)
+    r_dy = jnp.ones(y.shape if direction is None else direction)
+    return layer.backward_tangent(params, x, dparams, dx, jnp.ones(y.shape), r_dy, **key)
+
+
+@pytest.mark.parametrize("case", sorted(DIRECT_LAYERS))
+def test_direct_tangents_refuse_a_direction_of_one_example_by_name(case):
+    """Called directly, these layers' tangent and backward_tangent did not check their
+    directions (serial and the engines do): a dx or v_x of one example was broadcast over
+    the batch (or, for the linear layers' R-operator, ignored), a dy of one example given
+    back for Conv2D, the pooling layers and Flatten."""
+    layer = DIRECT_LAYERS[case]()
+    name = layer.name
+    y, dy = _direct_call(layer, "tangent")  # shaped as x: passes
+    assert dy.shape == y.shape
+    assert [part.shape for part in jax.tree.leaves(
+        _direct_call(layer, "backward_tangent")) if part.ndim == 4][-1] == IMAGE
+    for method, what in (("tangent", "dx"), ("backward_tangent", "v_x")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"{name}: {what} has shape {ONE_IMAGE}, expected x's {IMAGE}")):
+            _direct_call(layer, method, dx_shape=ONE_IMAGE)
+
+
+@pytest.mark.parametrize("case, channels", [("Conv2D", 3), ("LayerNorm", 4), ("BatchNorm", 4),
+                                            ("Subsampling", 4)])
+def test_direct_tangents_refuse_a_bias_direction_of_one_by_name(case, channels):
+    """A bias direction of (1,) was broadcast over the channels, silently."""
+    layer = DIRECT_LAYERS[case]()
+    for method, what in (("tangent", "dparams"), ("backward_tangent", "v_params")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"{layer.name}: {what}['b'] has shape (1,), expected params['b']'s "
+                f"({channels},)")):
+            _direct_call(layer, method, b=jnp.ones(1))
+
+
+@pytest.mark.parametrize("case", ["LayerNorm", "BatchNorm"])
+def test_normalisation_backward_tangents_refuse_a_gradient_of_one_example(case):
+    """LayerNorm's and BatchNorm's R-operators do not call their backward, which checks dy:
+    an R{dy} of one example was broadcast over the batch."""
+    layer = DIRECT_LAYERS[case]()
+    with pytest.raises(ValueError, match=re.escape(
+            f"{layer.name}: R{{dy}} has shape {ONE_IMAGE}, expected the output's {IMAGE}")):
+        _direct_call(layer, "backward_tangent", direction=ONE_IMAGE)
+
+
+def test_dropout_at_inference_refuses_a_gradient_of_one_example():
+    """Without a key (no mask) Dropout's backward cannot see x's shape; its R-operator can."""
+    layer = nets.Dropout(0.5, name="drop")
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=re.escape(
+            "drop: R{dy} has shape (1, 3), expected the output's (2, 3)")):
+        layer.backward_tangent((), x, (), None, jnp.ones((2, 3)), jnp.ones((1, 3)))
+
+
+# nets.initializers: the spread of a distribution (2026-12-07, losses/engines/gradcheck review)
+@pytest.mark.parametrize("build, message", [
+    (lambda: initializers.normal(float("nan")),
+     "normal: std must be a finite number >= 0, got nan"),
+    (lambda: initializers.normal(float("inf")),
+     "normal: std must be a finite number >= 0, got inf"),
+    (lambda: initializers.normal("0.01"), "normal: std must be a finite number >= 0, got '0.01'"),
+    (lambda: initializers.fan_in_uniform(-2.4),
+     "fan_in_uniform: scale must be a finite number >= 0, got -2.4"),
+    (lambda: initializers.fan_in_uniform(float("nan")),
+     "fan_in_uniform: scale must be a finite number >= 0, got nan"),
+])
+def test_initializers_refuse_a_spread_that_is_not_a_finite_number_at_least_0(build, message):
+    """NaN or inf filled every weight with NaN or inf, silently (a Dense's params, then its
+    outputs and gradients); a negative scale gave jax.random.uniform a minval above its maxval,
+    which clamps every draw to +limit: all weights equal. A str failed only at init."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+    assert float(jnp.std(initializers.normal(0.5)(KEY, (1000,)))) == pytest.approx(0.5, rel=0.1)
+
+
+def test_channel_groups_refuse_params_and_directions_for_another_number_of_groups():
+    """zip cut a tuple of fewer groups short: with 2 groups and one group's params or
+    directions, the forward, backward and tangents gave half the channels, silently."""
+    layer = nets.channel_groups(nets.Dense(3, name="dense"), 2, name="towers")
+    _, params = layer.init(KEY, (4, 6))
+    x = jax.random.normal(KEY, (4, 6))
+    y, residuals = layer.forward(params, x)
+    assert y.shape == (4, 6)
+    few = "towers: {} must hold 2 group entries, got 1"
+    with pytest.raises(ValueError, match=re.escape(few.format("params"))):
+        layer.forward(params[:1], x)
+    with pytest.raises(ValueError, match=re.escape(few.format("residuals"))):
+        layer.backward(params, residuals[:1], y)
+    with pytest.raises(ValueError, match=r"towers: dparams is .*, expected params's"):
+        layer.tangent(params, x, params[:1], x)
+    with pytest.raises(ValueError, match=re.escape(
+            "towers: dx has shape (1, 6), expected x's (4, 6)")):
+        layer.tangent(params, x, params, x[:1])
+    with pytest.raises(ValueError, match=r"towers: v_params is .*, expected params's"):
+        layer.backward_tangent(params, x, params[:1], x, y, y)

@@ -1,4 +1,6 @@
 """The gradient report: its error measures, finite differences, and that it can fail."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,3 +265,79 @@ def test_layer_report_of_a_net_token_ids_and_a_gradient_of_the_wrong_shape():
     with pytest.raises(ValueError, match="layer_report: dtype float16"):
         gradcheck.layer_report(flat, {}, jnp.ones((2, 3)), jnp.float16)
 
+
+
+def test_relative_error_and_cosine_refuse_arrays_of_different_sizes():
+    """An array of one entry was broadcast against the other: relative_error([1, 1, 1], [1])
+    was 0.0; cosine_similarity raised a raw matmul error. Same sizes in other shapes are
+    still compared flattened (a (1, n) bias gradient, below)."""
+    for function in (gradcheck.relative_error, gradcheck.cosine_similarity):
+        with pytest.raises(ValueError, match=rf"{function.__name__}: a has shape \(3,\) and b "
+                                             r"\(1,\); expected as many entries in each"):
+            function(np.ones(3), np.ones(1))
+    assert gradcheck.relative_error(np.ones((1, 3)), np.ones(3)) == 0.0
+
+
+def _small_report_case():
+    model = nets.build_mlp(4, 3, hidden_units=3)
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 5, 4, 3, jnp.float64)
+    return model, losses.lecture_objective(0.1), params, x, targets
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("max_fd_coordinates", 0, "max_fd_coordinates must be a whole number >= 1, got 0"),
+    ("max_fd_coordinates", -1, "max_fd_coordinates must be a whole number >= 1, got -1"),
+    ("max_fd_coordinates", 2.5, "max_fd_coordinates must be a whole number >= 1, got 2.5"),
+    ("fd_step", 0.0, "fd_step must be a finite number > 0, got 0.0"),
+    ("fd_step", float("nan"), "fd_step must be a finite number > 0, got nan"),
+])
+def test_the_report_refuses_no_finite_difference_coordinates_and_a_step_of_0(argument, value,
+                                                                              message):
+    """max_fd_coordinates=0 passed every tensor with rel_err_vs_finite_diff 0.0 measured on no
+    coordinate; -1 and 2.5 were raw NumPy errors; a step of 0 or NaN made every difference
+    NaN, the tensors failing with no word of why."""
+    with pytest.raises(ValueError, match=re.escape(f"gradient_report: {message}")):
+        gradcheck.gradient_report(*_small_report_case(), **{argument: value})
+
+
+def test_finite_differences_refuse_indices_outside_their_leaf_and_an_unknown_path():
+    """Flat index 20 of a (5, 4) leaf, or -1, perturbed a neighbouring leaf's entry (the
+    difference was that leaf's derivative, or 0 past the end); 1.7 was read as 1; a path
+    params do not have was a KeyError of (None, None)."""
+    params = {"u": jnp.array([1.0, 2.0]), "w": jnp.arange(20.0).reshape(5, 4)}
+
+    def energy(p):
+        return jnp.sum(p["u"] ** 2) + jnp.sum(p["w"] ** 3)
+
+    path = (jax.tree_util.DictKey("w"),)
+    with jax.enable_x64(True):
+        params = gradcheck.astype(params, jnp.float64)
+        np.testing.assert_allclose(gradcheck.finite_difference_grad(
+            energy, params, path, np.array([0, 19]), 1e-5), [0.0, 3 * 19.0**2], atol=1e-4)
+        for indices, message in ((np.array([20]), r"must lie in \[0, 20\), got 20 to 20"),
+                                 (np.array([-1]), r"must lie in \[0, 20\), got -1 to -1"),
+                                 (np.array([1.7]), "must be a 1-d array of integers")):
+            with pytest.raises(ValueError, match=r"finite differences: the indices of leaf "
+                                                 r"\('w',\) " + message):
+                gradcheck.finite_difference_grad(energy, params, path, indices, 1e-5)
+        with pytest.raises(ValueError, match=r"params have no leaf at \('v',\); they have "
+                                             r"\[\('u',\), \('w',\)\]"):
+            gradcheck.finite_difference_grad(energy, params, (jax.tree_util.DictKey("v"),),
+                                             np.array([0]), 1e-5)
+        assert gradcheck.finite_difference_grads(energy, params, {}, 1e-5) == {}
+
+
+def test_the_gauss_newton_diagonal_reference_of_float32_params_on_float64_data():
+    """float32 params (init's) on float64 data (NumPy arrays under x64) gave float32 Jacobian
+    columns, which jax.jvp refused as tangents of the float64 outputs: a raw TypeError. Now
+    the reference agrees with the engine's diagonal, in the params' dtypes."""
+    model = nets.serial(nets.Dense(3, name="out"), name="net")  # one layer: the rule is exact
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    x, targets = random_batch(jax.random.key(1), 5, 4, 3, jnp.float64)
+    objective = losses.lecture_objective(0.1)
+    reference = gradcheck.gauss_newton_diagonal(model, objective, params, x, targets)
+    ours = nets.engines.curvature_diagonal(model, objective)(params, x, targets)
+    for leaf, expected in zip(jax.tree.leaves(reference), jax.tree.leaves(ours)):
+        assert leaf.dtype == jnp.float32
+        np.testing.assert_allclose(leaf, expected, rtol=1e-5)

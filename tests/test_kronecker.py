@@ -2,6 +2,7 @@
 (`jax.jacobian` of the outputs, `jax.hessian` of the loss), and the preconditioned step of
 `training.optim` against a dense solve in NumPy. Float64 throughout (conftest enables it)."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -274,7 +275,7 @@ def test_refusals_name_the_layer_and_the_value():
     for damping in (0.0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="damping must be > 0 and finite"):
             optim.kfac(0.1, damping)
-    for decay in (1.0, -0.1, True):
+    for decay in (1.0, -0.1, True, "0.5"):  # "0.5" was a bare comparison TypeError
         with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
             optim.scale_by_kronecker_factors(0.1, decay)
 
@@ -497,7 +498,9 @@ def test_adaptive_kfac_damping_follows_the_reduction_ratio():
     assert float(refused.damping) == pytest.approx(0.5 / 0.8, rel=1e-6)
     for options, message in ((dict(initial_damping=0.0), "initial_damping must be > 0"),
                              (dict(omega=1.0), r"omega must be in \(0, 1\)"),
-                             (dict(decay=1.0), r"decay must be in \[0, 1\)")):
+                             (dict(decay=1.0), r"decay must be in \[0, 1\)"),
+                             (dict(decay="0.5"), r"decay must be in \[0, 1\), got '0.5'"),
+                             (dict(omega="0.5"), r"omega must be in \(0, 1\), got '0.5'")):
         with pytest.raises(ValueError, match="kfac_adaptive: " + message):
             optim.kfac_adaptive(**options)
 
@@ -684,3 +687,25 @@ def test_lenet5_gets_kronecker_blocks_and_diagonal_ones_and_a_kfac_step_descends
 
     before, after = energies(params, blocks)
     assert float(after) < float(before) / 10
+
+
+def test_kronecker_factors_refuse_params_of_another_number_of_layers_and_a_negative_lambda():
+    """Params of the first 4 of a 6-layer MLP's layers were zipped with its layers: the blocks
+    ran the 4 layers forward and then raised a raw IndexError, and identity_blocks returned 4
+    blocks, silently. The L2 share lambda/m is read from the objective here, not through
+    l2_penalty, so a negative or NaN lambda became every weight block's penalty."""
+    model = nets.build_mlp(5, 3, hidden_layers=2, hidden_units=3)
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    x, targets = jnp.ones((8, 5)), jnp.zeros((8, 3))
+    objective = nets.Objective(losses.mean_squared_error(), 0.1)
+    blocks = kronecker_factors(model, objective)
+    assert len(blocks(params, x, targets)) == 6
+    message = "kronecker_factors: mlp2x3_sigmoid: params must hold one entry per layer (6), got 4"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        blocks(params[:4], x, targets)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nets.kronecker.identity_blocks(model, params[:4])
+    for l2 in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"kronecker_factors: the L2 coefficient lambda must be >= 0, got {l2}")):
+            kronecker_factors(model, nets.Objective(losses.mean_squared_error(), l2))

@@ -177,3 +177,61 @@ def test_sigmoid_cross_entropy_at_logits_of_exactly_zero():
     autodiff = nets.engines.autodiff(model, objective)(params, x, y)[1]
     assert_close_tree(manual, autodiff, jnp.float64, "zero logits")
     np.testing.assert_allclose(manual["b"], jnp.sum(0.5 - y, axis=0) / 2, rtol=F64)
+
+
+@pytest.mark.parametrize("l2", [float("nan"), float("inf"), np.float64("nan"), -1.5, "0.1",
+                                None])
+def test_lecture_objective_refuses_a_lambda_that_is_not_a_finite_number_at_least_0(l2):
+    """NaN and inf passed `l2 < 0` (to be refused only by the first l2_penalty, or to make
+    every penalty inf); a str or None was a raw TypeError of <."""
+    with pytest.raises(ValueError, match=r"lecture_objective: l2 must be >= 0, got .*; "
+                                         r"expected a finite number"):
+        losses.lecture_objective(l2)
+    assert losses.lecture_objective(np.float32(0.5)).l2 == 0.5
+
+
+@pytest.mark.parametrize("l2", [np.float32(-1.0), np.int64(-2), jnp.array(-1.0),
+                                float("inf"), True])
+def test_the_l2_penalty_refuses_numpy_and_array_lambdas_below_0_or_infinite(l2):
+    """A NumPy float32 or int64, or a concrete jnp scalar, below 0 was not a Python float and
+    went unchecked: a negative penalty that rewards large weights; inf made it inf."""
+    params = {"w": jnp.ones((2, 2))}
+    for penalty in (losses.l2_penalty, losses.l2_penalty_grad):
+        with pytest.raises(ValueError, match=rf"{penalty.__name__}: the L2 coefficient lambda "
+                                             r"must be >= 0, got"):
+            penalty(params, l2, 3)
+    # a traced lambda (swept under vmap) is still the caller's to check
+    swept = jax.vmap(lambda lam: losses.l2_penalty(params, lam, 4))(jnp.array([0.0, 2.0]))
+    np.testing.assert_allclose(swept, [0.0, 2.0 / 8 * 4])
+
+
+@pytest.mark.parametrize("m", [0, -1, float("inf"), "8"])
+def test_the_l2_penalty_refuses_a_number_of_examples_not_above_0(m):
+    """m = 0 was a raw ZeroDivisionError and -1 a negative penalty. A fractional m is allowed:
+    DP-SGD divides by its Poisson batches' expected size q N (`experiments.private` passes
+    256.0), traced or not."""
+    for penalty in (losses.l2_penalty, losses.l2_penalty_grad):
+        with pytest.raises(ValueError, match=rf"{penalty.__name__}: m, the number of examples, "
+                                             rf"must be a finite number > 0, got {m!r}"):
+            penalty({"w": jnp.ones((2, 2))}, 0.1, m)
+    params = {"w": jnp.full((2, 2), 3.0)}
+    np.testing.assert_allclose(losses.l2_penalty(params, 0.1, 2.5), 0.1 / 5 * 36)
+    np.testing.assert_allclose(jax.jit(lambda m: losses.l2_penalty_grad(params, 0.1, m)["w"])(
+        2.5), jnp.full((2, 2), 0.1 / 2.5 * 3))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_loss_refuses_an_empty_batch(name):
+    """A mean over no examples was NaN (0/0) from every loss, and the engines raised a raw
+    ZeroDivisionError from lambda/(2m)."""
+    loss = LOSSES[name][0]
+    empty = jnp.zeros((0, 3))
+    for function in (loss.value, loss.grad, loss.curvature):
+        with pytest.raises(ValueError, match=r"outputs have shape \(0, 3\); expected a batch "
+                                             r"of at least one example"):
+            function(empty, empty)
+    model = nets.serial(nets.Dense(3, name="out"), name="net")
+    _, params = model.init(jax.random.key(0), (-1, 4))
+    for engine in (nets.engines.manual, nets.engines.autodiff):
+        with pytest.raises(ValueError, match="expected a batch of at least one example"):
+            engine(model, nets.Objective(loss, 0.1))(params, jnp.zeros((0, 4)), empty)

@@ -1,4 +1,6 @@
 """The lecture's network: STEP 0 defaults, and its objective and recursion in plain NumPy."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,22 @@ def test_stack_encoders_refuses_more_encoders_than_hidden_layers_and_other_nets(
                                          r"`mlp`"):
         autoencoder.stack_encoders(normed, [encoder])
     assert len(autoencoder.stack_encoders(mlp_params, [encoder] * 2)) == len(mlp_params)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: nets.build_mlp(64.5, 10), "mlp: input_dim must be >= 1, got 64.5"),
+    (lambda: nets.build_mlp(64, 10.0), "mlp: num_classes must be >= 1, got 10.0"),
+    (lambda: nets.build_mlp(64, 10, hidden_layers=2.0), "mlp: hidden_layers must be >= 0, got 2.0"),
+    (lambda: nets.build_mlp(64, 10, hidden_layers=True),
+     "mlp: hidden_layers must be >= 0, got True"),
+    (lambda: nets.residual_mlp(64.5, 10), "residual_mlp: input_dim must be >= 1, got 64.5"),
+    (lambda: nets.residual_mlp(64, 10, blocks=2.0), "residual_mlp: blocks must be >= 0, got 2.0"),
+    (lambda: nets.residual_mlp(64, 10, blocks=True),
+     "residual_mlp: blocks must be >= 0, got True"),
+])
+def test_mlp_sizes_that_are_not_whole_numbers_are_refused_by_name(build, message):
+    """An input_dim of 64.5 gave STEP 0's width round(193.5) = 194 and a hidden_layers of True
+    one layer (named mlpTruex192), both silently; 2.0 layers or blocks were a raw TypeError of
+    range."""
+    with pytest.raises(ValueError, match=re.escape(message + "; expected a whole number")):
+        build()

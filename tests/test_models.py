@@ -1,5 +1,7 @@
 """nets.models: shapes, the 1989 net against an independent NumPy forward, the manual engine
 against jax.grad for every model, the scaled tanh and the channel-group combinator."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -392,3 +394,30 @@ def test_lenet1989_init_limits_follow_each_units_fan_in(exponent):
         live = weights[weights > 0]  # H2's masked weights are exactly 0
         limit = 2.4 / fan_in**exponent
         assert live.max() <= limit and live.max() >= 0.9 * limit, (index, live.max(), limit)
+
+
+@pytest.mark.parametrize("amplitude, slope, message", [
+    (0.0, 2 / 3, "amplitude must be a finite number other than 0, got 0.0"),
+    (float("nan"), 2 / 3, "amplitude must be a finite number other than 0, got nan"),
+    ("1.7159", 2 / 3, "amplitude must be a finite number other than 0, got '1.7159'"),
+    (1.7159, float("inf"), "slope must be a finite number, got inf"),
+])
+def test_scaled_tanh_refuses_an_amplitude_of_0_and_constants_that_are_not_finite(amplitude, slope,
+                                                                                 message):
+    """Its derivative (S/A)(A^2 - y^2) divides by A: 0 was a ZeroDivisionError at the first
+    backward, and NaN or inf a NaN gradient that jax.grad did not have."""
+    with pytest.raises(ValueError, match=re.escape(f"squash: {message}")):
+        models.ScaledTanh(amplitude, slope, name="squash")
+
+
+@pytest.mark.parametrize("groups", [2.0, True, "2"])
+def test_channel_groups_and_alexnet_towers_refuse_counts_that_are_not_whole_numbers(groups):
+    """channel_groups(layer, 2.0) was a raw TypeError at init and True one group, silently;
+    alexnet(towers=2.0) passed `towers in (1, 2)` to fail as a raw TypeError."""
+    with pytest.raises(ValueError, match=re.escape(f"towers: groups must be >= 1, got "
+                                                   f"{groups!r}; expected a whole number")):
+        models.channel_groups(pooling.LocalResponseNorm(), groups, name="towers")
+    if groups != "2":
+        with pytest.raises(ValueError, match=re.escape(f"alexnet: towers must be 1 or 2, got "
+                                                       f"{groups!r}")):
+            models.alexnet(towers=groups)

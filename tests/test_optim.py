@@ -103,3 +103,32 @@ def test_kfac_refuses_a_learning_rate_as_the_other_rules_do(learning_rate):
             f"kfac: learning_rate must be > 0 and finite (or a schedule), got {learning_rate}")):
         optim.kfac(learning_rate, 0.1)
     assert optim.kfac(optax.constant_schedule(0.1), 0.1) is not None
+
+
+def test_sdlm_keeps_a_curvature_of_another_dtype_in_the_states_dtype_in_a_scan():
+    """A float64 curvature for float32 params was stored in the state as given: the state's
+    h turned float64, and a jitted lax.scan over the steps refused its carry's new dtype. It
+    is now kept in the state's dtype (init's, the params'), masked or not, and the steps are
+    those of the float32 curvature."""
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
+    grads = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), GRADS)
+    curvature = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), CURVATURE)
+    for rule, masked in ((optim.diagonal_levenberg_marquardt(0.1, mu=0.5), False),
+                         (optax.masked(optim.diagonal_levenberg_marquardt(0.1, mu=0.5),
+                                       {"w": True, "b": False}), True)):
+
+        def step(carry, _, rule=rule):
+            params, state = carry
+            updates, state = rule.update(grads, state, params, curvature=curvature)
+            return (optax.apply_updates(params, updates), state), None
+
+        (final, state), _ = jax.jit(lambda carry, rule=rule, step=step: jax.lax.scan(
+            step, carry, None, length=3))((params, rule.init(params)))
+        assert jax.tree.map(lambda leaf: leaf.dtype, final) == {"w": jnp.float32,
+                                                               "b": jnp.float32}
+        h = (state.inner_state if masked else state).curvature
+        assert h["w"].dtype == jnp.float32
+        expected = params["w"] - 3 * 0.1 * grads["w"] / (0.5 + jnp.float32(0.5))
+        np.testing.assert_allclose(final["w"], expected, rtol=1e-6)
+        if not masked:
+            assert h["b"].dtype == jnp.float32

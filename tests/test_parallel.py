@@ -926,6 +926,15 @@ def test_bad_arguments_are_refused_by_name(mlp_case):
         with pytest.raises(ValueError, match=rf"private_value_and_grad: clip_norm must be > 0, "
                                              rf"got {clip_norm}"):
             parallel.private_value_and_grad(model, objective, clip_norm=clip_norm)
+    infinite = parallel.private_value_and_grad(model, objective, clip_norm=float("inf"))
+    assert_close_tree(  # no clipping without noise: the plain gradient
+        infinite(params, x, targets)[1], engines.manual(model, objective)(params, x, targets)[1],
+        "float64", "clip_norm=inf")
+    with pytest.raises(ValueError, match=r"private_value_and_grad: clip_norm must be finite with "
+                                         r"noise_multiplier 1.0 > 0 \(the noise's scale is sigma "
+                                         r"C\), got inf"):  # every gradient's noise was inf
+        parallel.private_value_and_grad(model, objective, clip_norm=float("inf"),
+                                        noise_multiplier=1.0)
     with pytest.raises(ValueError, match="pick_hardest_misclassified: by='margin'; choose "
                                          "'grad_norm' or 'loss'"):
         parallel.pick_hardest_misclassified(model, objective, count=1, by="margin")

@@ -207,6 +207,17 @@ def test_a_nan_gradient_is_rejected_and_the_learning_rate_lowered(make):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
 
 
+def test_a_nan_leaf_past_the_gradients_leaves_is_refused_by_name():
+    """nan_leaf=4 of an MLP's 4 gradient leaves was a bare IndexError from the traced step."""
+    model, params, x, targets = small_problem()
+    guard = procedures.Guard(nan_steps=(0,), nan_leaf=4)
+    procedure = procedures.full_batch(model, losses.lecture_objective(0.1),
+                                      optim.gradient_descent(0.2), x, targets, guard=guard)
+    with pytest.raises(ValueError, match=re.escape(
+            "Guard: nan_leaf 4 is out of range: the gradient has 4 leaves (0 to 3)")):
+        procedures.run_steps(procedure, procedure.init(params, jax.random.key(0)), 0, 1)
+
+
 def test_consecutive_failures_freeze_the_run_and_name_the_leaf():
     model, params, x, targets = small_problem()
     guard = procedures.Guard(factor=0.5, max_failures=3, nan_steps=(4, 5, 6, 7, 8), nan_leaf=2)
@@ -576,7 +587,12 @@ def never_called(key):
 @pytest.mark.parametrize("call, message", [
     (lambda: procedures.Guard(factor=-1.0), "Guard: factor must be in (0, 1), got -1.0"),
     (lambda: procedures.Guard(factor=1.5), "Guard: factor must be in (0, 1), got 1.5"),
-    (lambda: procedures.Guard(max_failures=0), "Guard: max_failures must be >= 1, got 0"),
+    (lambda: procedures.Guard(max_failures=0), "Guard: max_failures must be an int >= 1, got 0"),
+    # 1.5 acted as 2 (a count of rejections compared with it)
+    (lambda: procedures.Guard(max_failures=1.5),
+     "Guard: max_failures must be an int >= 1, got 1.5"),
+    (lambda: procedures.Guard(nan_leaf=-1),  # -1 poisoned the last leaf
+     "Guard: nan_leaf must be an int >= 0 (a flat index of the gradient's leaves), got -1"),
     (lambda: procedures.online(*small_problem()[:1], losses.lecture_objective(0.0),
                                optim.gradient_descent(0.1), never_called, steps_per_record=0),
      "online: steps_per_record must be >= 1, got 0"),

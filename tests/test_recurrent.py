@@ -4,6 +4,7 @@ Compilation dominates the cost here, so each cell is checked on a few lengths (1
 sizes drawn from a seeded generator, every option switched on in some case.
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -1249,6 +1250,39 @@ def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree
     assert_close_tree(manual, reference, jnp.float64, "sequence_model dropout")
     inference_value, _ = jax.jit(nets.manual(plain, objective))(params, x, targets)
     assert abs(float(inference_value) - float(value)) > 1e-3
+
+
+def test_unroll_counts_that_lax_scan_cannot_take_are_refused_by_name():
+    """unroll=2.5 was a TypeError from deep inside the scan ("Shapes must be 1D sequences of
+    concrete values of integer type"), unroll="2" a bare comparison TypeError; lax.scan's own
+    values (an int >= 0, or a bool) still run."""
+    cell = recurrent.elman(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
+    _, _, residuals = recurrent.scan_cell(cell, params, xs)
+    dys = jnp.ones((2, 5, 4), jnp.float32)
+    refused = [
+        (lambda: recurrent.scan_cell(cell, params, xs, unroll=2.5), "scan_cell(elman_tanh)",
+         "2.5"),
+        (lambda: recurrent.bptt(cell, params, residuals, dys, unroll="2"), "bptt(elman_tanh)",
+         "'2'"),
+        (lambda: recurrent.scan_tangent(cell, params, xs, params, unroll=2.5),
+         "scan_tangent(elman_tanh)", "2.5"),
+        (lambda: recurrent.scan_backward_tangent(cell, params, xs, params, None, dys, dys,
+                                                 unroll=-1),
+         "scan_backward_tangent(elman_tanh)", "-1"),
+        (lambda: recurrent.rnn(cell, unroll=2.5, name="layer"), "layer", "2.5"),
+        (lambda: nets.sequence_model([cell], 2, unroll=2.5), "elman_tanh_0", "2.5"),
+    ]
+    for call, name, value in refused:
+        with pytest.raises(ValueError, match=re.escape(
+                f"{name}: unroll must be an int >= 0 (steps per scan iteration) or a bool, got "
+                f"{value}")):
+            call()
+    ys, _, _ = recurrent.scan_cell(cell, params, xs)
+    for unroll in (2, True):
+        np.testing.assert_allclose(recurrent.scan_cell(cell, params, xs, unroll=unroll)[0], ys,
+                                   atol=1e-6)  # float32, fused otherwise
 
 
 def test_truncations_and_directions_that_would_be_misread_are_refused_by_name():

@@ -36,6 +36,20 @@ def _is_positive_finite(value: Any) -> bool:
         return False
 
 
+def _is_fraction(value: Any, low_open: bool = False) -> bool:
+    """Whether value is a number in [0, 1) ((0, 1) with low_open); a bool or a str is not (a
+    str such as "0.5" was a bare comparison TypeError). A traced value passes, as in
+    `_is_positive_finite`."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, jax.core.Tracer):
+        return True
+    try:
+        return bool(0 < value < 1) if low_open else bool(0 <= value < 1)
+    except (TypeError, ValueError):  # not a number, or an array of several
+        return False
+
+
 def gradient_descent(learning_rate: float) -> optax.GradientTransformation:
     """The lecture's rule w <- w - eta * dE/dw, with no state.
 
@@ -77,7 +91,8 @@ def diagonal_levenberg_marquardt(
     (LeCun et al. 1989, section 5; "Efficient BackProp", section 9.1, the stochastic diagonal
     Levenberg-Marquardt method). h is not computed here: pass a fresh estimate (a pytree like
     the params, e.g. from `nets.engines.curvature_diagonal` averaged over a subset of examples)
-    as `update(grads, state, params, curvature=h)`; between estimates the last one is kept.
+    as `update(grads, state, params, curvature=h)`; between estimates the last one is kept,
+    in the state's dtypes (the params', from init), whatever the estimate's dtype.
     mu > 0 keeps the step finite where h is near 0.
 
     Args:
@@ -102,8 +117,12 @@ def diagonal_levenberg_marquardt(
     def update(updates, state, params=None, *, curvature=None, **extra_args):
         del params, extra_args
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        h = (_curvature_like(updates, state.curvature, "the state's curvature (from init)")
-             if curvature is None else _curvature_like(updates, curvature, "curvature"))
+        h = _curvature_like(updates, state.curvature, "the state's curvature (from init)")
+        if curvature is not None:
+            # kept in the state's dtypes (init's: the params'), so that a float64 estimate
+            # for float32 params neither promotes the state nor changes a lax.scan's carry
+            h = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype),
+                             _curvature_like(updates, curvature, "curvature"), h)
         steps = jax.tree.map(lambda g, hk: (-eta * g / (mu + hk)).astype(g.dtype), updates, h)
         return steps, DiagonalLevenbergMarquardtState(h, state.count + 1)
 
@@ -293,8 +312,9 @@ def scale_by_kronecker_factors(damping: float, decay: float = 0.95, relative: bo
     if not _is_positive_finite(damping):
         raise ValueError(f"scale_by_kronecker_factors: damping must be > 0 and finite, got "
                          f"{damping}")
-    if isinstance(decay, (bool, np.bool_)) or not (0 <= decay < 1):
-        raise ValueError(f"scale_by_kronecker_factors: decay must be in [0, 1), got {decay}")
+    if not _is_fraction(decay):
+        raise ValueError(f"scale_by_kronecker_factors: decay must be in [0, 1), got "
+                         f"{decay!r}")
 
     def factored(blocks):
         return jax.tree.map(lambda block: _damped(block, damping, relative), blocks,
@@ -393,10 +413,10 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
     if not _is_positive_finite(initial_damping):
         raise ValueError(f"kfac_adaptive: initial_damping must be > 0 and finite, got "
                          f"{initial_damping}")
-    if isinstance(decay, (bool, np.bool_)) or not (0 <= decay < 1):
-        raise ValueError(f"kfac_adaptive: decay must be in [0, 1), got {decay}")
-    if isinstance(omega, (bool, np.bool_)) or not (0 < omega < 1):
-        raise ValueError(f"kfac_adaptive: omega must be in (0, 1), got {omega}")
+    if not _is_fraction(decay):
+        raise ValueError(f"kfac_adaptive: decay must be in [0, 1), got {decay!r}")
+    if not _is_fraction(omega, low_open=True):
+        raise ValueError(f"kfac_adaptive: omega must be in (0, 1), got {omega!r}")
 
     def init(params):
         blocks = _initial_blocks(params, model)

@@ -219,18 +219,18 @@ def private_value_and_grad(
 
         g = (1/m) (sum_i clip_C(dloss_i/dw) + sigma C xi) + (lambda/m) w,   xi ~ N(0, I)
 
-    Returns `value_and_grad(params, x, targets, key=None, *, weights=None,
-    expected_batch=None) -> (E, g)`; with noise_multiplier sigma = 0 it has the engine's
-    signature. For Poisson sampling (each training example drawn with probability q, the
-    sampling Abadi et al.'s analysis and the privacy accountants assume), pad the drawn
-    examples to a fixed batch and give `weights` (batch,): 1 for a drawn example, 0 for a
-    padding row (which must be finite; it counts for nothing), and `expected_batch` = q N,
-    which then replaces m above (so that the noise's scale does not depend on the number
-    drawn); E is then the mean loss over the drawn examples. The L2 term does not depend on
-    the data, so its gradient is added after clipping, untouched (a departure from clipping
-    E_i whole, which would shrink the penalty with the data term). sigma > 0 needs an
-    explicit `key`; for a model with dropout the key is split into the noise's and the
-    masks' (without a key the model runs at inference, as in the engines).
+    Returns `value_and_grad(params, x, targets, key=None, *, weights=None, expected_batch=None)
+    -> (E, g)`; with noise_multiplier sigma = 0 it has the engine's signature, and clip_norm =
+    inf clips nothing (with sigma > 0 C must be finite). For Poisson sampling (each training
+    example drawn with probability q, the sampling Abadi et al.'s analysis and the privacy
+    accountants assume), pad the drawn examples to a fixed batch and give `weights` (batch,): 1
+    for a drawn example, 0 for a padding row (which must be finite; it counts for nothing), and
+    `expected_batch` = q N, which then replaces m above (so that the noise's scale does not
+    depend on the number drawn); E is then the mean loss over the drawn examples. The L2 term
+    does not depend on the data, so its gradient is added after clipping, untouched (a departure
+    from clipping E_i whole, which would shrink the penalty with the data term). sigma > 0 needs
+    an explicit `key`; for a model with dropout the key is split into the noise's and the masks'
+    (without a key the model runs at inference, as in the engines).
 
     per_example="vmap" computes every example's gradient (`per_example_value_and_grad`, any
     engine) and weights them; "ghost" never forms the Dense layers' ones (`ghost_clipped_sum`,
@@ -244,6 +244,10 @@ def private_value_and_grad(
                          f"{noise_multiplier}")
     if not clip_norm > 0:  # < 0 stepped against the gradient, NaN gave NaN
         raise ValueError(f"private_value_and_grad: clip_norm must be > 0, got {clip_norm}")
+    if noise_multiplier > 0 and not math.isfinite(clip_norm):  # noise of sigma C: inf
+        raise ValueError(f"private_value_and_grad: clip_norm must be finite with "
+                         f"noise_multiplier {noise_multiplier} > 0 (the noise's scale is "
+                         f"sigma C), got {clip_norm}")
     _check_per_example("private_value_and_grad", per_example, engine)
     data_objective = objective._replace(l2=0.0)
     if per_example == "ghost":

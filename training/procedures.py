@@ -49,7 +49,7 @@ import optax
 
 from nets import engines
 from nets.kronecker import kronecker_factors
-from nets.layers import Layer
+from nets.layers import Layer, is_count
 from nets.losses import Objective
 from training import optim
 from training.metrics import classification_error, predicted_labels, target_labels
@@ -97,8 +97,9 @@ class Guard:
     """How steps with a non-finite energy or gradient are handled (module docstring).
 
     factor: each rejection multiplies the learning rate by it, in (0, 1); max_failures: the
-    consecutive rejections, >= 1, after which the run fails; nan_steps, nan_leaf: where NaN
-    gradients are injected, for tests. ValueError for a factor or max_failures outside those.
+    consecutive rejections, an int >= 1, after which the run fails; nan_steps, nan_leaf: where
+    NaN gradients are injected, for tests (nan_leaf a flat index of the gradient's leaves).
+    ValueError for a factor, max_failures or nan_leaf outside those.
     """
 
     factor: float = 0.5
@@ -109,8 +110,13 @@ class Guard:
     def __post_init__(self):
         if not 0 < self.factor < 1:  # nan fails both comparisons
             raise ValueError(f"Guard: factor must be in (0, 1), got {self.factor}")
-        if not self.max_failures >= 1:
-            raise ValueError(f"Guard: max_failures must be >= 1, got {self.max_failures}")
+        # 1.5 acted as 2 (a count compared with it), a str was a bare TypeError
+        if not is_count(self.max_failures) or not self.max_failures >= 1:
+            raise ValueError(f"Guard: max_failures must be an int >= 1, got "
+                             f"{self.max_failures!r}")
+        if not is_count(self.nan_leaf) or self.nan_leaf < 0:  # -1 read as the last leaf
+            raise ValueError(f"Guard: nan_leaf must be an int >= 0 (a flat index of the "
+                             f"gradient's leaves), got {self.nan_leaf!r}")
 
 
 DEFAULT_GUARD = Guard()
@@ -271,6 +277,9 @@ def _inject_nan(guard: Guard, grad: Any, index: jax.Array) -> Any:
         return grad
     poisoned = jnp.any(index == jnp.array(guard.nan_steps))
     leaves, treedef = jax.tree.flatten(grad)
+    if guard.nan_leaf >= len(leaves):  # was a bare IndexError
+        raise ValueError(f"Guard: nan_leaf {guard.nan_leaf} is out of range: the gradient "
+                         f"has {len(leaves)} leaves (0 to {len(leaves) - 1})")
     target = leaves[guard.nan_leaf]
     leaves[guard.nan_leaf] = jnp.where(poisoned, jnp.full_like(target, jnp.nan), target)
     return jax.tree.unflatten(treedef, leaves)
