@@ -14,6 +14,17 @@ from nets.normalization import BatchNorm, LayerNorm
 
 __all__ = ["ACTIVATIONS", "mlp", "residual_mlp", "step0_hidden_units"]
 
+
+def _check_counts(function: str, counts) -> None:
+    """Each (value, argument, least) a whole number >= least, else a ValueError naming it: an
+    input_dim of 64.5 made STEP 0's width 194 and a hidden_layers of True one layer, both
+    silently (and 2.0 layers a raw TypeError of range)."""
+    for value, argument, least in counts:
+        if not is_count(value) or value < least:
+            raise ValueError(f"{function}: {argument} must be >= {least}, got {value!r}; "
+                             "expected a whole number")
+
+
 def step0_hidden_units(input_dim: int, factor: float = 3.0) -> int:
     """The lecture's hidden width: `factor` (3 to 4) times the input dimension."""
     if not 3.0 <= factor <= 4.0:
@@ -47,15 +58,8 @@ def mlp(
     its activation, where Ioffe and Szegedy (2015) put it: act(BN(h W + b)) (b is then
     redundant, kept so that the parameters are the plain net's plus g and b per norm).
     """
-    # an input_dim of 64.5 made STEP 0's width 194 and a hidden_layers of True one layer,
-    # both silently (and 2.0 layers a raw TypeError of range)
-    for argument, value in (("input_dim", input_dim), ("num_classes", num_classes)):
-        if not is_count(value) or value < 1:
-            raise ValueError(f"mlp: {argument} must be >= 1, got {value!r}; expected a whole "
-                             "number")
-    if not is_count(hidden_layers) or hidden_layers < 0:
-        raise ValueError(f"mlp: hidden_layers must be >= 0, got {hidden_layers!r}; expected a "
-                         "whole number")
+    _check_counts("mlp", ((input_dim, "input_dim", 1), (num_classes, "num_classes", 1),
+                          (hidden_layers, "hidden_layers", 0)))
     for argument, name in (("activation", activation), ("output_activation", output_activation)):
         if name not in ACTIVATIONS:
             raise ValueError(f"mlp: {argument}={name!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -97,14 +101,8 @@ def residual_mlp(
     final_norm, output. With remat, each block is a `nets.remat`: its backward keeps only the
     block's input and runs the block again (the same params, names and gradients).
     """
-    for argument, value in (("input_dim", input_dim), ("num_classes", num_classes),
-                            ("width", width)):
-        if not is_count(value) or value < 1:
-            raise ValueError(f"residual_mlp: {argument} must be >= 1, got {value!r}; expected "
-                             "a whole number")
-    if not is_count(blocks) or blocks < 0:
-        raise ValueError(f"residual_mlp: blocks must be >= 0, got {blocks!r}; expected a whole "
-                         "number")
+    _check_counts("residual_mlp", ((input_dim, "input_dim", 1), (num_classes, "num_classes", 1),
+                                   (width, "width", 1), (blocks, "blocks", 0)))
     if activation not in ACTIVATIONS:
         raise ValueError(f"residual_mlp: activation={activation!r}; choose one of "
                          f"{sorted(ACTIVATIONS)}")
