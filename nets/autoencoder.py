@@ -70,7 +70,16 @@ def stack_encoders(mlp_params: Sequence[Any], encoders: Sequence[Any]) -> tuple[
     if len(encoders) > hidden:  # the last would have replaced the output layer
         raise ValueError(f"stack_encoders: {len(encoders)} encoders for an MLP of {hidden} "
                          "hidden layers")
-    for index, (encoder_dense, _) in enumerate(encoders):
+    for index, entry in enumerate(encoders):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+                and isinstance(entry[0], dict) and set(entry[0]) == {"w", "b"}):
+            found = (f"{len(entry)} entries" if isinstance(entry, (tuple, list))
+                     else type(entry).__name__)
+            raise ValueError(f"stack_encoders: encoder {index + 1} must be the params of "
+                             "`encoder` ((encoder's {'w', 'b'}, code's ()), as encoder_params "
+                             f"returns them), got {found}; an autoencoder's whole params go "
+                             "through encoder_params first")
+        encoder_dense = entry[0]
         target = params[2 * index]
         for name in ("w", "b"):
             if encoder_dense[name].shape != target[name].shape:

@@ -41,7 +41,7 @@ from nets.layers import (
     tangent_backward_with_key,
     tangent_with_key,
 )
-from nets.losses import Loss, Objective, l2_penalty, l2_penalty_grad
+from nets.losses import Loss, Objective, check_l2, l2_penalty, l2_penalty_grad
 from nets.varying import sum_over_added_axes, vary_like, varying_axes
 
 __all__ = [
@@ -74,25 +74,59 @@ def _dtypes_of(tree: Any, like: Any) -> Any:
                         tree, like)
 
 
+def _check_objective(engine: str, objective: Objective) -> None:
+    """Refuse, when the engine is built, an Objective whose L2 coefficient is NaN, infinite
+    or negative: built directly, `Objective(loss, l2)` cannot check it itself (a NamedTuple),
+    and the first `l2_penalty` refused it only inside the first call. A traced l2 (swept under
+    vmap) is left to the caller (`nets.losses.check_l2`)."""
+    check_l2(engine, objective.l2)
+
+
+def _lists_as_tuples(tree: Any) -> Any:
+    """tree with every list made a tuple, its contents too: params held as lists (`serial`'s
+    forward takes a list of layer entries as a tuple) laid out as the layers' backward and
+    tangent passes give their gradients, in tuples. Without a list, tree itself."""
+    if not any(isinstance(node, list) for node in jax.tree.leaves(
+            tree, is_leaf=lambda node: isinstance(node, list))):
+        return tree
+    return jax.tree.map(lambda node: tuple(_lists_as_tuples(list_entry) for list_entry in node)
+                        if isinstance(node, list) else node,
+                        tree, is_leaf=lambda node: isinstance(node, list))
+
+
+def _held_as(tree: Any, params: Any, held: Any) -> Any:
+    """tree, laid out as `held` (params with their lists made tuples, `_lists_as_tuples`),
+    laid out as params are: the gradient of params held in a list is a list, as jax.grad's
+    is (and as optax needs it, one tree with the params')."""
+    if held is params:
+        return tree
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              jax.tree.structure(held).flatten_up_to(tree))
+
+
 def manual(model: Layer, objective: Objective) -> ValueAndGrad:
     """E and its gradient by the hand-written backward passes (no jax.grad anywhere). Each
-    gradient leaf has its parameter's dtype."""
+    gradient leaf has its parameter's dtype; params held in lists get their gradient in lists,
+    as from `autodiff`."""
+    _check_objective("manual", objective)
 
     def value_and_grad(params, x, targets, key=None):
-        outputs, residuals = forward_with_key(model, params, x, key)
+        held = _lists_as_tuples(params)
+        outputs, residuals = forward_with_key(model, held, x, key)
         m = outputs.shape[0]
-        value = objective.value(params, outputs, targets)
+        value = objective.value(held, outputs, targets)
         doutputs = objective.loss.grad(outputs, targets)
-        dparams, _ = model.backward(params, residuals, doutputs)
-        dpenalty = l2_penalty_grad(params, objective.l2, m)
-        grads = sum_over_added_axes(jax.tree.map(lambda a, b: a + b, dparams, dpenalty), params)
-        return value, _dtypes_of(grads, params)
+        dparams, _ = model.backward(held, residuals, doutputs)
+        dpenalty = l2_penalty_grad(held, objective.l2, m)
+        grads = sum_over_added_axes(jax.tree.map(lambda a, b: a + b, dparams, dpenalty), held)
+        return value, _held_as(_dtypes_of(grads, held), params, held)
 
     return value_and_grad
 
 
 def autodiff(model: Layer, objective: Objective) -> ValueAndGrad:
     """E and its gradient by `jax.value_and_grad` of the forward pass (the reference)."""
+    _check_objective("autodiff", objective)
 
     def energy(params, x, targets, key=None):
         return objective.value(params, model.apply(params, x, key), targets)
@@ -162,6 +196,7 @@ def manual_vjp(model: Layer, objective: Objective) -> ValueAndGrad:
 
     The L2 term is differentiated by JAX (its gradient is (lambda/m) w, a single line).
     """
+    _check_objective("manual_vjp", objective)
     apply = with_manual_vjp(model)
     loss_value = loss_with_manual_vjp(objective.loss)
 
@@ -169,7 +204,15 @@ def manual_vjp(model: Layer, objective: Objective) -> ValueAndGrad:
         outputs = apply(params, x, key)
         return loss_value(outputs, targets) + l2_penalty(params, objective.l2, outputs.shape[0])
 
-    return jax.value_and_grad(energy)
+    energy_and_grad = jax.value_and_grad(energy)
+
+    def value_and_grad(params, x, targets, key=None):
+        # the custom_vjp's cotangent must have params' own tree: run it on tuples
+        held = _lists_as_tuples(params)
+        value, grads = energy_and_grad(held, x, targets, key)
+        return value, _held_as(grads, params, held)
+
+    return value_and_grad
 
 
 def accumulated(engine: Engine, micro_batches: int) -> Engine:
@@ -194,14 +237,25 @@ def accumulated(engine: Engine, micro_batches: int) -> Engine:
     def make(model: Layer, objective: Objective) -> ValueAndGrad:
         from nets.normalization import batch_coupled_layers  # it imports nets.layers only
 
+        _check_objective("accumulated", objective)
         part_value_and_grad = engine(model, objective._replace(l2=0.0))
 
         def value_and_grad(params, x, targets, key=None):
+            held = _lists_as_tuples(params)
+            value, grads = held_value_and_grad(held, x, targets, key)
+            return value, _held_as(grads, params, held)
+
+        def held_value_and_grad(params, x, targets, key):
             coupled = batch_coupled_layers(model, params)
             if coupled:
                 raise ValueError(f"accumulated: {model.name}: layers {coupled} normalise with "
                                  "their batch's statistics (BatchNorm), which each micro-batch "
                                  "would compute over itself")
+            for what, array in (("x", x), ("targets", targets)):
+                if jnp.ndim(array) < 1:
+                    raise ValueError(f"accumulated: {what} has shape {jnp.shape(array)}, "
+                                     "expected (batch, ...): a batch to split into "
+                                     f"{micro_batches} micro-batches")
             m = x.shape[0]
             if m % micro_batches or targets.shape[0] != m:
                 raise ValueError(f"accumulated: a batch of {m} inputs and "
@@ -281,15 +335,17 @@ def curvature_diagonal(model: Layer, objective: Objective):
                          "curvature (Gauss-Newton) backward")
     if objective.loss.curvature is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no curvature")
+    _check_objective("curvature_diagonal", objective)
 
     def diagonal(params, x, targets, key=None):
-        outputs, residuals = forward_with_key(model, params, x, key)
-        d2params, _ = model.curvature(params, residuals, objective.loss.curvature(outputs,
-                                                                                    targets))
-        ones = jax.tree.map(jnp.ones_like, params)
+        held = _lists_as_tuples(params)
+        outputs, residuals = forward_with_key(model, held, x, key)
+        d2params, _ = model.curvature(held, residuals, objective.loss.curvature(outputs,
+                                                                                  targets))
+        ones = jax.tree.map(jnp.ones_like, held)
         penalty = l2_penalty_grad(ones, objective.l2, outputs.shape[0])
         diagonal = jax.tree.map(lambda a, b: a + b, d2params, penalty)
-        return _dtypes_of(sum_over_added_axes(diagonal, params), params)
+        return _held_as(_dtypes_of(sum_over_added_axes(diagonal, held), held), params, held)
 
     return diagonal
 
@@ -315,25 +371,30 @@ def gauss_newton_product(model: Layer, objective: Objective):
     scan_tangent`). A model with a layer that has no tangent (a user's layer or cell without
     one) is refused by name.
     """
-    _check_product_inputs(model, objective, "tangent", "tangent (forward-mode) pass")
+    _check_product_inputs(model, objective, "tangent", "tangent (forward-mode) pass",
+                          "gauss_newton_product")
 
     def product(params, x, targets, v, key=None):
-        outputs, doutputs = _outputs_and_tangent(model, params, x, v, key)
-        _, residuals = forward_with_key(model, params, x, key)
+        held, v = _lists_as_tuples(params), _lists_as_tuples(v)
+        outputs, doutputs = _outputs_and_tangent(model, held, x, v, key)
+        _, residuals = forward_with_key(model, held, x, key)
         u = objective.loss.hessian_vector(outputs, targets, doutputs)
-        gv, _ = model.backward(params, residuals, u)
-        return _plus_penalty(gv, v, objective, outputs.shape[0], params)
+        gv, _ = model.backward(held, residuals, u)
+        return _held_as(_plus_penalty(gv, v, objective, outputs.shape[0], held), params, held)
 
     return product
 
 
-def _check_product_inputs(model: Layer, objective: Objective, method: str, what: str) -> None:
-    """Refuse, by name, a model with a layer whose `method` (a field of Layer) is None and a
-    loss without a Hessian-vector product."""
+def _check_product_inputs(model: Layer, objective: Objective, method: str, what: str,
+                          product: str) -> None:
+    """Refuse, by name, a model with a layer whose `method` (a field of Layer) is None, a
+    loss without a Hessian-vector product and an l2 the penalty would refuse (`product`, the
+    function's name, names it)."""
     if getattr(model, method) is None:
         raise ValueError(f"{model.name}: layer {_first_without(model, method)!r} has no {what}")
     if objective.loss.hessian_vector is None:
         raise ValueError(f"{objective.loss.name}: this loss defines no Hessian-vector product")
+    _check_objective(product, objective)
 
 
 def _outputs_and_tangent(model, params, x, v, key):
@@ -375,7 +436,7 @@ def hessian_product(model: Layer, objective: Objective):
     refused by name.
     """
     _check_product_inputs(model, objective, "backward_tangent",
-                          "backward_tangent (R-operator) pass")
+                          "backward_tangent (R-operator) pass", "hessian_product")
 
     def product(params, x, targets, v, key=None):
         def at_the_outputs(outputs, doutputs):
@@ -383,8 +444,9 @@ def hessian_product(model: Layer, objective: Objective):
             return (objective.loss.grad(outputs, targets),
                     objective.loss.hessian_vector(outputs, targets, doutputs))
 
-        _, _, hv, _ = tangent_backward_with_key(model, params, x, v, None, at_the_outputs, key)
-        return _plus_penalty(hv, v, objective, targets.shape[0], params)
+        held, v = _lists_as_tuples(params), _lists_as_tuples(v)
+        _, _, hv, _ = tangent_backward_with_key(model, held, x, v, None, at_the_outputs, key)
+        return _held_as(_plus_penalty(hv, v, objective, targets.shape[0], held), params, held)
 
     return product
 
@@ -407,14 +469,15 @@ def hidden_state_product(model: Layer, layers: int):
 
     def product(params, x, v):
         _check_per_sublayer(model, params)
-        head = tuple(params[:layers])
+        held, v = _lists_as_tuples(params), _lists_as_tuples(v)
+        head = held[:layers]
         hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
         if dhidden is None:  # nothing in the prefix moves
             dhidden = jnp.zeros_like(hidden)
         _, residuals = prefix.forward(head, x)
         back, _ = prefix.backward(head, residuals, dhidden / hidden.shape[0])
-        rest = jax.tree.map(jnp.zeros_like, tuple(params[layers:]))
-        return _as_params(tuple(back) + rest, params)
+        rest = jax.tree.map(jnp.zeros_like, held[layers:])
+        return _as_params(tuple(back) + rest, params, held)
 
     return product
 
@@ -427,14 +490,16 @@ def structurally_damped_product(model: Layer, objective: Objective, layers: int)
     runs once: S costs next to nothing (Martens and Sutskever 2011 share the passes too).
     Returns `product(params, x, targets, v, weight)` (no key: a model with dropout runs at
     inference, as `gauss_newton_product` without one); refusals as both products'."""
-    gauss_newton_product(model, objective)
+    _check_product_inputs(model, objective, "tangent", "tangent (forward-mode) pass",
+                          "structurally_damped_product")
     prefix = _hidden_prefix(model, layers)
     rest_layers = model.sublayers[layers:]
     suffix = serial(*rest_layers, name=f"{model.name}[{layers}:]") if rest_layers else None
 
     def product(params, x, targets, v, weight):
         _check_per_sublayer(model, params)
-        head, tail = tuple(params[:layers]), tuple(params[layers:])
+        held, v = _lists_as_tuples(params), _lists_as_tuples(v)
+        head, tail = held[:layers], held[layers:]
         hidden, dhidden = prefix.tangent(head, x, tuple(v[:layers]), None)
         if dhidden is None:
             dhidden = jnp.zeros_like(hidden)
@@ -450,7 +515,8 @@ def structurally_damped_product(model: Layer, objective: Objective, layers: int)
             tail, tail_residuals, u)
         dhead, _ = prefix.backward(head, head_residuals, dhidden_back + (weight / m) * dhidden)
         penalty = l2_penalty_grad(tuple(v), objective.l2, m)
-        return _as_params(jax.tree.map(jnp.add, tuple(dhead) + tuple(dtail), penalty), params)
+        return _as_params(jax.tree.map(jnp.add, tuple(dhead) + tuple(dtail), penalty), params,
+                          held)
 
     return product
 
@@ -480,8 +546,9 @@ def _check_per_sublayer(model: Layer, params: Any) -> None:
                          f"{len(params) if isinstance(params, (tuple, list)) else 1}")
 
 
-def _as_params(per_sublayer: tuple, params: Any) -> Any:
-    """A per-sublayer tuple of gradients as params are held (tuple or list), each leaf
-    summed over the mesh axes it gained and in its parameter's dtype."""
-    summed = sum_over_added_axes(per_sublayer, tuple(params))
-    return _dtypes_of(list(summed) if isinstance(params, list) else summed, params)
+def _as_params(per_sublayer: tuple, params: Any, held: tuple) -> Any:
+    """A per-sublayer tuple of gradients as params are held (tuples or lists; `held`, params
+    with their lists made tuples), each leaf summed over the mesh axes it gained and in its
+    parameter's dtype."""
+    summed = sum_over_added_axes(per_sublayer, held)
+    return _held_as(_dtypes_of(summed, held), params, held)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from nets.layers import Layer, forward_with_key, is_serial, layer_keys
-from nets.losses import Objective, _check_l2, is_weight
+from nets.losses import Objective, check_l2, is_weight
 from nets.normalization import batch_coupled_layers
 from nets.varying import batch_product, is_split, reshape_keeping_batch, split_like
 
@@ -264,7 +264,7 @@ def kronecker_factors(model: Layer, objective: Objective):
         raise ValueError(f"kronecker_factors: {objective.loss.name} defines no Hessian")
     # its penalty lambda/m is read here, not through l2_penalty: a negative or NaN lambda
     # made every block's penalty that, silently
-    _check_l2("kronecker_factors", objective.l2)
+    check_l2("kronecker_factors", objective.l2)
 
     def blocks(params, x, targets, key=None, *, sample_key=None):
         _check_model(model, params)

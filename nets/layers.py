@@ -1111,8 +1111,11 @@ def remat(layer: Layer, name: str | None = None) -> Layer:
 
 def plain_layers(model: Layer, params: Params, prefix: tuple = ()):
     """(layer, its params, the pytree path of those params in `params`) for every plain layer
-    of `model`, in order: combinators (layers with `sublayers`) are descended into."""
+    of `model`, in order: combinators (layers with `sublayers`) are descended into. A
+    combinator's params must hold one entry per sublayer (ValueError): zip cut params of
+    another number of layers short, silently."""
     if model.sublayers:
+        _check_param_count(model.name, params, len(model.sublayers))
         for index, (layer, layer_params) in enumerate(zip(model.sublayers, params)):
             yield from plain_layers(layer, layer_params,
                                     prefix + (jax.tree_util.SequenceKey(index),))

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nets.layers import is_finite_number
 from nets.varying import split_like
@@ -35,6 +36,7 @@ __all__ = [
     "l2_penalty",
     "l2_penalty_grad",
     "is_weight",
+    "check_l2",
 ]
 
 
@@ -115,7 +117,11 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
     when s rounds to 0 or 1).
     from_logits=False: outputs are the probabilities s in (0, 1) and the gradient is the
     lecture's dE/ds = (-y/s + (1 - y)/(1 - s))/m, to be backpropagated through a Sigmoid layer.
+    Anything but a bool is a ValueError (a string such as "no" was read as true).
     """
+    if not isinstance(from_logits, (bool, np.bool_)):
+        raise ValueError(f"sigmoid_cross_entropy: from_logits must be True or False, got "
+                         f"{from_logits!r}")
     if from_logits:
 
         def value(z, y):
@@ -208,8 +214,10 @@ def lecun1998_map(j: float = 10.0) -> Loss:
     curvature, the exact diagonal of the Hessian in s: q (1 - q) sum_k t_k / m; the whole
     Hessian per example (diag(q) - q q^T) sum_k t_k / m.
     """
-    if not j > 0:
-        raise ValueError(f"lecun1998_map: j must be > 0, got {j}")
+    # "a" was a raw TypeError and True read as 1; j = inf drops the rubbish class (softmax)
+    if not ((is_finite_number(j) or (isinstance(j, (float, np.floating)) and j == np.inf))
+            and j > 0):
+        raise ValueError(f"lecun1998_map: j must be > 0, got {j!r}; expected a number")
 
     def log_partition(s):
         rubbish = split_like(jnp.full((*s.shape[:-1], 1), -j, s.dtype), s)
@@ -244,7 +252,7 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 
     A Python lambda of 0 gives an exact 0 without touching the weights (so that XLA drops
     the sums, and an infinite weight does not make the penalty NaN)."""
-    _check_l2("l2_penalty", l2, m)
+    check_l2("l2_penalty", l2, m)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if _is_zero(l2):
         arrays = [leaf for _, leaf in leaves]
@@ -256,14 +264,14 @@ def l2_penalty(params: Any, l2: float, m: int) -> jax.Array:
 def l2_penalty_grad(params: Any, l2: float, m: int) -> Any:
     """d/dparams of `l2_penalty`: (lambda/m) w for weights, 0 for the rest (all 0 for a
     Python lambda of 0)."""
-    _check_l2("l2_penalty_grad", l2, m)
+    check_l2("l2_penalty_grad", l2, m)
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: (l2 / m) * leaf if is_weight(path) and not _is_zero(l2)
         else jnp.zeros_like(leaf), params
     )
 
 
-def _check_l2(name: str, l2: Any, m: Any = 1) -> None:
+def check_l2(name: str, l2: Any, m: Any = 1) -> None:
     """A lambda below 0 (or NaN) would reward large weights, an infinite one make every
     weight's penalty inf (NaN at 0): ValueError, for a Python or NumPy number or a concrete
     0-d array alike (a NumPy float32 or a jnp scalar went unchecked). A traced one (swept

@@ -7,7 +7,7 @@ many outputs as classes, one hidden layer by default, a hidden width that is a c
 from __future__ import annotations
 
 from nets import initializers
-from nets.layers import ACTIVATIONS, Dense, Layer, is_count, serial
+from nets.layers import ACTIVATIONS, Dense, Layer, is_count, is_finite_number, serial
 from nets.layers import remat as remat_layer
 from nets.layers import residual as residual_block
 from nets.normalization import BatchNorm, LayerNorm
@@ -25,10 +25,26 @@ def _check_counts(function: str, counts) -> None:
                              "expected a whole number")
 
 
+def _expecting_inputs(function: str, model: Layer, input_dim: int) -> Layer:
+    """model whose init refuses, by name, an input_shape whose last axis is not input_dim:
+    the first Dense takes its width from the shape it is initialised with, so a net built for
+    64 inputs (its STEP 0 width 3 x 64) was initialised for 32 silently."""
+
+    def init(key, input_shape):
+        if not len(input_shape) or input_shape[-1] != input_dim:
+            raise ValueError(f"{model.name}: input_shape {tuple(input_shape)}, expected "
+                             f"(batch, {input_dim}): {function} was built with "
+                             f"input_dim={input_dim}")
+        return model.init(key, input_shape)
+
+    return model._replace(init=init)
+
+
 def step0_hidden_units(input_dim: int, factor: float = 3.0) -> int:
     """The lecture's hidden width: `factor` (3 to 4) times the input dimension."""
-    if not 3.0 <= factor <= 4.0:
-        raise ValueError(f"mlp: hidden_factor must lie in [3, 4] (STEP 0), got {factor}")
+    if not (is_finite_number(factor) and 3.0 <= factor <= 4.0):  # "3" was a raw TypeError
+        raise ValueError(f"mlp: hidden_factor must lie in [3, 4] (STEP 0), got {factor!r}; "
+                         "expected a number")
     return round(factor * input_dim)
 
 
@@ -50,7 +66,8 @@ def mlp(
     the net returns logits for `sigmoid_cross_entropy(from_logits=True)`; with
     output_activation="sigmoid" it returns the lecture's s^L for the probability form.
     hidden_units overrides STEP 0's `hidden_factor * input_dim`. Layers are named
-    hidden1, act1, hidden2, act2, ..., output, output_act.
+    hidden1, act1, hidden2, act2, ..., output, output_act. Its init refuses an input_shape
+    other than (batch, input_dim).
     residual=True makes hidden layers 2, 3, ... residual blocks, h_l = h_(l-1) +
     act(h_(l-1) W_l + b_l) (`nets.layers.residual`, named block2, block3, ...), with the same
     parameters as the plain net: only the identity paths are added.
@@ -80,7 +97,8 @@ def mlp(
     layers.append(Dense(num_classes, name="output", **dense_kwargs))
     layers.append(ACTIVATIONS[output_activation](name="output_act"))
     suffix = ("_residual" if residual else "") + ("_batchnorm" if batch_norm else "")
-    return serial(*layers, name=f"mlp{hidden_layers}x{width}_{activation}{suffix}")
+    return _expecting_inputs("mlp", serial(
+        *layers, name=f"mlp{hidden_layers}x{width}_{activation}{suffix}"), input_dim)
 
 
 def residual_mlp(
@@ -118,4 +136,5 @@ def residual_mlp(
         layers.append(remat_layer(block) if remat else block)
     layers += [LayerNorm(width, name="final_norm"), Dense(num_classes, name="output",
                                                           **dense_kwargs)]
-    return serial(*layers, name=f"residual_mlp{blocks}x{width}_{activation}")
+    return _expecting_inputs("residual_mlp", serial(
+        *layers, name=f"residual_mlp{blocks}x{width}_{activation}"), input_dim)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import nets
-from nets import gradcheck, initializers
-from nets.autoencoder import autoencoder
+from nets import engines, gradcheck, initializers
+from nets.autoencoder import autoencoder, stack_encoders
 from nets.engines import curvature_diagonal
 from nets.losses import Loss
 from training import augment, data, optim, procedures
@@ -27,6 +27,9 @@ TINY = (nets.serial(nets.Dense(2, name="out"), name="tiny"),
         nets.Objective(nets.mean_squared_error(), 0.0))
 TINY_PARAMS = TINY[0].init(KEY, (8, 3))[1]
 TINY_DATA = (jnp.ones((8, 3)), jnp.zeros((8, 2)))
+TWO_LAYERS = nets.serial(nets.Dense(4, name="a"), nets.Tanh(name="act"),
+                         nets.Dense(2, name="b"), name="two")
+TWO_LAYERS_PARAMS = TWO_LAYERS.init(KEY, (8, 3))[1]
 
 REFUSED = {
     "Embedding init without a batch axis": (
@@ -107,7 +110,63 @@ REFUSED = {
         lambda: procedures.stochastic_passes(*TINY, optim.gradient_descent(0.1), *TINY_DATA,
                                              batch_size=9),
         ValueError, "stochastic_passes: batch_size must be in [1, 8], got 9"),
+    "named_parameters of params for fewer layers": (  # zip cut them short silently
+        lambda: list(gradcheck.named_parameters(TWO_LAYERS, TWO_LAYERS_PARAMS[:1])),
+        ValueError, "two: params must hold 3 layer entries, got 1"),
+    "parameter of params for more layers": (
+        lambda: gradcheck.parameter(TWO_LAYERS, TWO_LAYERS_PARAMS + ({},), "a", "w"),
+        ValueError, "two: params must hold 3 layer entries, got 4"),
+    "sigmoid_cross_entropy from_logits of a str": (  # "no" was read as true
+        lambda: nets.sigmoid_cross_entropy(from_logits="no"),
+        ValueError, "sigmoid_cross_entropy: from_logits must be True or False, got 'no'"),
+    "lecun1998_map of a str j": (  # a raw TypeError of >
+        lambda: nets.lecun1998_map(j="a"),
+        ValueError, "lecun1998_map: j must be > 0, got 'a'"),
+    "mlp of a str hidden_factor": (  # a raw TypeError of <=
+        lambda: nets.build_mlp(4, 2, hidden_factor="3"),
+        ValueError, "mlp: hidden_factor must lie in [3, 4] (STEP 0), got '3'"),
+    "mlp initialised for another input dimension": (  # a net of 32 inputs, silently
+        lambda: nets.build_mlp(64, 10).init(KEY, (-1, 32)),
+        ValueError, "mlp1x192_sigmoid: input_shape (-1, 32), expected (batch, 64): mlp was "
+                    "built with input_dim=64"),
+    "residual_mlp initialised for another input dimension": (
+        lambda: nets.residual_mlp(64, 10, width=8, blocks=1).init(KEY, (-1, 32)),
+        ValueError, "residual_mlp1x8_relu: input_shape (-1, 32), expected (batch, 64): "
+                    "residual_mlp was built with input_dim=64"),
+    "accumulated of a scalar x": (  # a raw IndexError
+        lambda: engines.accumulated(engines.manual, 2)(*TINY)(
+            TINY_PARAMS, jnp.float64(1.0), TINY_DATA[1]),
+        ValueError, "accumulated: x has shape (), expected (batch, ...)"),
+    "accumulated of scalar targets": (
+        lambda: engines.accumulated(engines.manual, 2)(*TINY)(
+            TINY_PARAMS, TINY_DATA[0], jnp.float64(0.0)),
+        ValueError, "accumulated: targets has shape (), expected (batch, ...)"),
+    "stack_encoders of an autoencoder's whole params": (  # a raw unpack error
+        lambda: stack_encoders(nets.build_mlp(3, 2, hidden_units=4).init(KEY, (-1, 3))[1],
+                               [autoencoder(3, 4).init(KEY, (-1, 3))[1]]),
+        ValueError, "stack_encoders: encoder 1 must be the params of `encoder`"),
 }
+
+# an Objective built directly is not checked by its NamedTuple: each engine refuses its l2
+# when it is built (the first l2_penalty refused it inside the first call)
+ENGINE_BUILDERS = {
+    "manual": engines.manual,
+    "autodiff": engines.autodiff,
+    "manual_vjp": engines.manual_vjp,
+    "accumulated": engines.accumulated(engines.manual, 2),
+    "curvature_diagonal": engines.curvature_diagonal,
+    "gauss_newton_product": engines.gauss_newton_product,
+    "hessian_product": engines.hessian_product,
+    "structurally_damped_product": lambda model, objective: (
+        engines.structurally_damped_product(model, objective, 1)),
+}
+for engine_name, build_engine in ENGINE_BUILDERS.items():
+    for bad_l2 in (float("nan"), float("inf"), -0.5, np.float32(-1.0)):
+        REFUSED[f"{engine_name} of an Objective with l2={bad_l2!r}"] = (
+            lambda build_engine=build_engine, bad_l2=bad_l2: build_engine(
+                TINY[0], nets.Objective(nets.softmax_cross_entropy(), bad_l2)),
+            ValueError, f"{engine_name}: the L2 coefficient lambda must be >= 0, got "
+                        f"{bad_l2!r}")
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))

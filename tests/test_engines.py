@@ -202,3 +202,61 @@ def test_accumulated_refuses_batch_statistics_uneven_batches_and_bad_counts():
         with pytest.raises(ValueError, match=r"accumulated: micro_batches must be a whole "
                                              rf"number >= 1, got {bad!r}"):
             engines.accumulated(engines.manual, bad)
+
+
+def _as_lists(tree):
+    """tree with every tuple (serial's and the combinators' params) made a list."""
+    if isinstance(tree, (tuple, list)):
+        return [_as_lists(entry) for entry in tree]
+    if isinstance(tree, dict):
+        return {key: _as_lists(value) for key, value in tree.items()}
+    return tree
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_params_held_as_a_list_get_a_list_gradient_from_every_engine(nested):
+    """serial's forward and autodiff take params held in a list; manual, manual_vjp,
+    accumulated, the curvature diagonal and the products did not (a raw pytree error). Each
+    now gives the tuple's result, held as params are (a list), as jax.grad does and optax
+    needs."""
+    model = nets.build_mlp(5, 4, hidden_layers=2, hidden_units=6, activation="tanh",
+                           residual=True)
+    objective = losses.Objective(losses.softmax_cross_entropy(), 0.3)
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    params = astype(params, jnp.float64)
+    x, targets = random_batch(jax.random.key(1), 6, 5, 4, jnp.float64)
+    listed = _as_lists(params) if nested else list(params)
+    v = jax.tree.map(lambda leaf: jnp.full_like(leaf, 0.5), params)
+    listed_v = jax.tree.map(lambda leaf: jnp.full_like(leaf, 0.5), listed)
+    for name, run in {
+        "manual": lambda p, w: engines.manual(model, objective)(p, x, targets),
+        "manual_vjp": lambda p, w: engines.manual_vjp(model, objective)(p, x, targets),
+        "autodiff": lambda p, w: engines.autodiff(model, objective)(p, x, targets),
+        "accumulated": lambda p, w: engines.accumulated(engines.manual, 2)(model, objective)(
+            p, x, targets),
+        "curvature_diagonal": lambda p, w: engines.curvature_diagonal(model, objective)(
+            p, x, targets),
+        "gauss_newton_product": lambda p, w: engines.gauss_newton_product(model, objective)(
+            p, x, targets, w),
+        "hessian_product": lambda p, w: engines.hessian_product(model, objective)(
+            p, x, targets, w),
+        "structurally_damped_product": lambda p, w: engines.structurally_damped_product(
+            model, objective, 1)(p, x, targets, w, 0.5),
+    }.items():
+        expected = run(params, v)
+        got = run(listed, listed_v)
+        got_grads = got[1] if isinstance(got, tuple) else got
+        assert jax.tree.structure(got_grads) == jax.tree.structure(listed), name
+        assert_close_tree(got, expected, jnp.float64, name)
+
+
+def test_engines_built_under_vmap_leave_a_traced_l2_alone():
+    """The engines check a concrete l2 when they are built; one swept under vmap is traced."""
+    model, _, params, x, targets = problem("tanh_mse", jnp.float64)
+
+    def value(l2):
+        objective = losses.Objective(losses.mean_squared_error(), l2)
+        return engines.manual(model, objective)(params, x, targets)[0]
+
+    swept = jax.vmap(value)(jnp.array([0.0, 0.5]))
+    np.testing.assert_allclose(swept, [value(0.0), value(0.5)], rtol=F64)
