@@ -118,7 +118,7 @@ from nets.gradcheck import (
 )
 from nets.models import lenet5, lenet1989
 from training import benchmark, data, optim, parallel, plots, procedures, results
-from training.config import option, parse, run_main
+from training.config import ConfigError, option, parse, run_main
 from training.harness import open_run
 
 EXPERIMENT = "bench"
@@ -1208,7 +1208,9 @@ def native_lstm_rows(torch, shape, ours_fn, args, checked, torch_step, torch_arg
 
 # --- family: device scaling ----------------------------------------------------------------
 
-def family_scaling(config, workdir):
+def family_scaling(config, workdir, force=False):
+    """`experiments.scaling` in a process of its own, in `workdir` (the bench's --force
+    passed on, so that a forced bench re-run with other --repeats may re-run it there)."""
     import json
     import os
     import subprocess
@@ -1216,9 +1218,9 @@ def family_scaling(config, workdir):
     small = config.size == "smallest"
     command = [sys.executable, "-m", "experiments.scaling", "--workdir", str(workdir),
                "--no-per-example", "--engines", "manual",
-               "--repetitions", str(config.repeats),
+               "--repetitions", str(config.repeats), "--seed", str(config.seed),
                *(["--forms", "shard_map", "--per-device-batch", "2", "--global-batch", "8"]
-                 if small else [])]
+                 if small else []), *(["--force"] if force else [])]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(__import__("pathlib").Path(__file__).resolve().parents[1]),
          os.environ.get("PYTHONPATH", "")])}
@@ -1307,13 +1309,30 @@ def write_benchmarks(workdir, config, rows, seconds, torch, family_seconds=None)
         matmul_precision=str(jax.config.jax_default_matmul_precision))
 
 
+QUICK = {"repeats": 10, "recipe_passes": 1}  # what --quick sets
+
+
+def quick_config(config):
+    """The config with --quick's settings; a --repeats or --recipe-passes changed from its
+    default beside --quick is a ConfigError, not replaced silently."""
+    if not config.quick:
+        return config
+    defaults = Config()
+    for name, value in QUICK.items():
+        given = getattr(config, name)
+        if given != getattr(defaults, name):
+            flag = name.replace("_", "-")
+            raise ConfigError(f"option --{flag}: got {given}; --quick sets it to {value} "
+                              f"(give --{flag} without --quick)")
+    return dataclasses.replace(config, **QUICK)
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    config = quick_config(config)
     request_cpu_devices(config.cpu_devices)
     if config.reuse_memory and not benchmark.reuse_freed_memory():
         announce("--reuse-memory: this malloc is not glibc's; left as it is")
-    if config.quick:
-        config = dataclasses.replace(config, repeats=10, recipe_passes=1)
     run = open_run(EXPERIMENT, config, args, compilation_cache=False)  # compile_s: cold
     torch = load_torch()
     if torch is not None:
@@ -1326,7 +1345,7 @@ def main(argv=None):
                "per_example": lambda: family_per_example(config, key),
                "utilisation": lambda: family_utilisation(config, key),
                "rnn": lambda: family_rnn(config, key, torch),
-               "scaling": lambda: family_scaling(config, run.workdir / "scaling")}
+               "scaling": lambda: family_scaling(config, run.workdir / "scaling", args.force)}
     rows, start, family_seconds = [], time.perf_counter(), {}
     for family in config.families:
         print(f"bench: {family} ...", flush=True)

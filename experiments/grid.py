@@ -63,7 +63,11 @@ def split_settings(text: str) -> list[list[str]]:
     if not text.strip():
         raise ConfigError("option --settings: got nothing; expected settings separated by "
                           "';', e.g. \"--lr 0.01; --lr 0.02\"")
-    settings = [shlex.split(part) for part in text.split(";")]
+    try:
+        settings = [shlex.split(part) for part in text.split(";")]
+    except ValueError as error:  # an unclosed quotation
+        raise ConfigError(f"option --settings: got {text!r}; {error}; expected settings "
+                          "separated by ';', each a string of options") from None
     if len({tuple(s) for s in settings}) != len(settings):
         raise ConfigError(f"option --settings: got {text!r}; allowed: distinct settings")
     return settings
@@ -88,8 +92,15 @@ def main(argv=None):
     settings = split_settings(config.settings)
     seeds.check_seeds(config.seeds)
     module = seeds.experiment_module(config.experiment)
-    for setting in settings:
-        seeds.check_experiment_options(module, [*common, *setting])
+    configs = [seeds.check_experiment_options(module, [*common, *setting])
+               for setting in settings]
+    for k, config_k in enumerate(configs):  # "--lr 0.01" and "--lr=0.01": the same runs
+        if config_k in configs[:k]:
+            first = configs.index(config_k)
+            raise ConfigError(f"option --settings: settings {first + 1} and {k + 1} "
+                              f"({' '.join(settings[first]) or '(defaults)'!r} and "
+                              f"{' '.join(settings[k]) or '(defaults)'!r}) give the same "
+                              f"config; allowed: distinct settings")
     if args.workdir is None:
         args = dataclasses.replace(args, workdir=results.default_workdir(
             f"{EXPERIMENT}/{config.experiment}"))

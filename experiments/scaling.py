@@ -61,7 +61,7 @@ import optax
 import nets
 from nets import engines, models
 from training import benchmark, parallel, plots, results
-from training.config import option, parse, run_main, to_dict
+from training.config import check_applicable, option, parse, run_main, to_dict
 from training.harness import open_run
 
 EXPERIMENT = "scaling"
@@ -97,6 +97,11 @@ class Config:
     lr: float = option(0.01, "SGD learning rate of every timed step", gt=0)
     matmul_precision: str = option("default", "float32 matmul precision", choices=PRECISIONS)
     seed: int = option(0, "seed of the parameters and the data", ge=0)
+
+
+# Part 1's options do nothing under --no-per-example: refused there, not ignored.
+ONLY_WITH = dict.fromkeys(("per_example_batch", "loop_repetitions", "clip_norm",
+                           "noise_multiplier"), ("per_example", True))
 
 
 # --- problems and timing ---------------------------------------------------------------------
@@ -321,6 +326,7 @@ def plot(path, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     config, harness_args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
+    check_applicable(config, ONLY_WITH)
     cpu_devices = simulate_cpu_devices(config.cpu_devices)
     workdir = open_run(EXPERIMENT, config, harness_args).workdir
     backend = jax.default_backend()

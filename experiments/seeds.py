@@ -130,18 +130,26 @@ def check_seeds(seeds: Sequence[int]) -> None:
                           "distinct seeds, at least one")
 
 
-def check_experiment_options(module, options: Sequence[str]) -> None:
+def check_experiment_options(module, options: Sequence[str]):
     """Refuse --seed and --workdir (set per run here), and any option the experiment would
     refuse, before the first run: a bad value, and one that would do nothing in the run (the
-    experiment's ONLY_WITH, `training.config.check_applicable`)."""
+    experiment's ONLY_WITH, `training.config.check_applicable`). Returns the experiment's
+    config at seed 0."""
+    flags = {"--help", "--workdir", "--resume", "--force",
+             *(f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(module.Config))}
     for flag in ("--seed", "--workdir"):
-        if any(o == flag or o.startswith(flag + "=") for o in options):
-            raise ConfigError(f"experiment option {flag}: it is set for each run by "
+        # argparse also takes an abbreviation that names one flag ("--see 3", "--work DIR"),
+        # and the run's own --seed or --workdir, given after it, would win silently
+        given = [o for o in options if o.startswith("--") and (o.partition("=")[0] == flag or [
+            f for f in flags if f.startswith(o.partition("=")[0])] == [flag])]
+        if given:
+            shown = "" if given[0].partition("=")[0] == flag else f" (given as {given[0]!r})"
+            raise ConfigError(f"experiment option {flag}{shown}: it is set for each run by "
                               f"experiments.{EXPERIMENT}; give the seeds with --seeds and the "
                               "directory with --workdir before the --")
     config, _ = parse(module.Config, [*options, "--seed", "0"],
                       prog=f"python -m {module.__name__}")
-    check_applicable(config, getattr(module, "ONLY_WITH", {}))
+    return check_applicable(config, getattr(module, "ONLY_WITH", {}))
 
 
 def threshold(text: str, flag: str) -> tuple[str, float] | None:
@@ -150,10 +158,13 @@ def threshold(text: str, flag: str) -> tuple[str, float] | None:
         return None
     name, _, value = text.partition("=")
     try:
-        return name.strip(), float(value)
+        number = float(value)
     except ValueError:
+        number = math.nan
+    if not name.strip() or math.isnan(number):  # "=100" or "x=nan" would count no seed
         raise ConfigError(f"option --{flag}: got {text!r}; expected METRIC=VALUE, e.g. "
-                          "test_misses=100") from None
+                          "test_misses=100")
+    return name.strip(), number
 
 
 def numbers(metrics: dict, prefix: str = "") -> dict[str, float]:

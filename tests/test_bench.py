@@ -12,6 +12,7 @@ import nets
 from experiments import bench
 from nets.gradcheck import TOLERANCES, relative_error
 from training import benchmark
+from training.config import ConfigError
 
 ROW_KEYS = {"family", "name", "variant", "median_s", "p10_s", "p90_s", "compile_s", "ratio",
             "ratio_of", "device"}
@@ -71,6 +72,45 @@ def test_quick_leaves_out_the_rows_without_a_target_unless_asked(tmp_path):
     assert bench.untargeted_rows(bench.parse(bench.Config, ["--quick", "--untargeted", "on"],
                                              "")[0])
     assert not bench.untargeted_rows(bench.parse(bench.Config, ["--untargeted", "off"], "")[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--repeats", "30"], "option --repeats: got 30; --quick sets it to 10"),
+    (["--quick", "--recipe-passes", "5"], "option --recipe-passes: got 5; --quick sets it to 1"),
+])
+def test_quick_refuses_a_setting_it_would_replace(tmp_path, argv, message):
+    """--quick sets --repeats 10 and --recipe-passes 1: a value given beside it is refused
+    before any work, not replaced silently."""
+    with pytest.raises(ConfigError, match=message):
+        bench.main(["--workdir", str(tmp_path / "run"), "--size", "smallest", "--families",
+                    "utilisation", *argv])
+    assert not (tmp_path / "run").exists()
+    config = bench.quick_config(bench.parse(bench.Config, ["--quick"], "")[0])
+    assert (config.repeats, config.recipe_passes) == (10, 1)
+    assert bench.quick_config(bench.parse(bench.Config, ["--repeats", "30"], "")[0]).repeats == 30
+
+
+def test_the_scaling_family_runs_with_the_benchs_seed_and_force(tmp_path, monkeypatch):
+    """The scaling family's process gets --seed, and --force when the bench has it: a forced
+    bench re-run with other --repeats would otherwise be refused by the scaling run left in
+    its workdir (a different config), after every other family had run."""
+    import subprocess
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        workdir = tmp_path / "scaling"
+        workdir.mkdir(exist_ok=True)
+        (workdir / "results.json").write_text(json.dumps({"metrics": {"scaling": []}}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    config = bench.Config(size="smallest", seed=3)
+    assert bench.family_scaling(config, tmp_path / "scaling") == []
+    assert bench.family_scaling(config, tmp_path / "scaling", force=True) == []
+    for command, force in zip(commands, (False, True)):
+        assert command[command.index("--seed") + 1] == "3"
+        assert ("--force" in command) == force
 
 
 def test_data_parallel_rows_time_the_step_over_the_cpu_devices():

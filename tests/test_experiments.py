@@ -118,6 +118,19 @@ def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
 
 
+@pytest.mark.parametrize("option", [["--clip-norm", "2"], ["--per-example-batch", "16"],
+                                    ["--loop-repetitions", "1"], ["--noise-multiplier", "0"]])
+def test_scaling_refuses_part_one_options_without_part_one(tmp_path, option):
+    """--no-per-example leaves out part 1: its options would do nothing, and are refused."""
+    from experiments import scaling
+
+    tiny = ["--cpu-devices", "0", "--max-devices", "1", "--forms", "shard_map", "--engines",
+            "manual", "--per-device-batch", "2", "--global-batch", "2", "--repetitions", "1"]
+    assert_refused_before_the_run(
+        scaling.main, tmp_path, [*tiny, "--no-per-example", *option],
+        f"option {option[0]}: got {option[1]}")
+
+
 def test_xla_profile_lists_the_steps_operations_with_their_source(tmp_path):
     """`experiments.xla_profile` in its own process (the trace flag must precede JAX): the
     LSTM step's thunks are instructions of the compiled program, the scan's per-step ones are

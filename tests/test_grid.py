@@ -57,6 +57,20 @@ def test_bad_settings_are_refused_before_any_run(tmp_path, settings, message):
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ("--steps '20", "--settings: got \"--steps '20\"; No closing quotation"),  # a traceback
+    # the same runs twice, under two settings
+    ("--steps 20; --steps=20", "--settings: settings 1 and 2 .* give the same config"),
+    ("--steps 20 --restarts 2; --steps 20", "--settings: settings 1 and 2 .* the same config"),
+])
+def test_unreadable_or_equivalent_settings_are_refused_before_any_run(tmp_path, settings,
+                                                                      message):
+    with pytest.raises(ConfigError, match=message):
+        grid.main(["--experiment", "lecture", "--seeds", "0", "--workdir", str(tmp_path / "g"),
+                   "--settings", settings, "--", *COMMON])
+    assert not (tmp_path / "g").exists()
+
+
 def test_repeated_seeds_are_refused_before_the_grid_claims_its_workdir(tmp_path):
     """--seeds 1,1 is refused before config.json is written: the corrected command may use
     the same --workdir."""

@@ -64,6 +64,24 @@ def test_bad_sweeps_are_refused_before_any_run(tmp_path, argv, message):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    # abbreviations, which argparse takes for the flag: the run's own --seed K, given after
+    # it, overrode it silently
+    (["--", "--see", "3"], r"experiment option --seed \(given as '--see'\): it is set"),
+    (["--", "--work=x"], r"experiment option --workdir \(given as '--work=x'\): it is set"),
+    # counted no seed at all, or stopped the sweep only after its first run
+    (["--at-most", "=100"], "--at-most: got '=100'; expected METRIC=VALUE"),
+    (["--at-least", "test_accuracy=nan"], "--at-least: got 'test_accuracy=nan'; expected"),
+])
+def test_abbreviated_flags_and_bad_thresholds_are_refused_before_any_run(tmp_path, argv,
+                                                                        message):
+    own, experiment = seeds.split_argv(argv)
+    with pytest.raises(ConfigError, match=message):
+        seeds.main(["--workdir", str(tmp_path / "sweep"), "--seeds", "0", *own, "--", *SMALL,
+                    *experiment])
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_experiments_without_metrics_are_not_sweepable():
     """gradcheck and scaling have a --seed but return an exit status: a sweep of them would
     stop after its first run with nothing to summarise, so they are refused up front."""
