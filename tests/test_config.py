@@ -57,8 +57,13 @@ def test_integer_tuples_take_ranges():
     (["--momentum", "0.9"], "unrecognized arguments: --momentum 0.9"),
 ])
 def test_bad_options_fail_before_any_work(argv, message, capsys):
+    assert_parse_refuses(Config, argv, message, capsys)
+
+
+def assert_parse_refuses(config_class, argv, message, capsys):
+    """parse exits with argparse's status 2 before any work, `message` on stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        parse(Config, argv)
+        parse(config_class, argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -147,10 +152,8 @@ class Lists:
 def test_an_empty_list_is_refused_where_the_default_is_not_empty(flag, text, allowed, capsys):
     """An empty list would run nothing (no cells, no depths); where the default is empty
     ("none", "all") an empty list is that default and stays allowed."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse(Lists, [flag, text])
-    assert exit_info.value.code == 2
-    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    assert_parse_refuses(Lists, [flag, text],
+                         f"argument {flag}: got {text!r}; allowed: {allowed}", capsys)
     with pytest.raises(ConfigError, match=r"option --depths: got \(\); allowed: at least one "
                                           r"value, each >= 1"):
         check(Lists(depths=()))
@@ -160,11 +163,8 @@ def test_an_empty_list_is_refused_where_the_default_is_not_empty(flag, text, all
 @pytest.mark.parametrize("text", ["1,,2", "1,", ",2", "1, ,2"])
 def test_an_empty_item_beside_others_is_refused_not_skipped(text, capsys):
     """`--depths 1,,2` was read as (1, 2) without a word: a value left out by mistake."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse(Lists, ["--depths", text])
-    assert exit_info.value.code == 2
-    assert (f"argument --depths: got {text!r}; an empty item in the list"
-            in capsys.readouterr().err)
+    assert_parse_refuses(Lists, ["--depths", text],
+                         f"argument --depths: got {text!r}; an empty item in the list", capsys)
     assert parse(Lists, ["--depths", "1, 2"])[0].depths == (1, 2)
 
 
@@ -185,10 +185,8 @@ class Floats:
 def test_an_infinite_float_is_refused_unless_the_option_allows_it(flag, text, allowed, capsys):
     """`--lr inf` used to pass the bounds (inf > 0) and fail deep in the run with a
     traceback; an option that gives inf a meaning says so (finite=False)."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse(Floats, [flag, text])
-    assert exit_info.value.code == 2
-    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    assert_parse_refuses(Floats, [flag, text],
+                         f"argument {flag}: got {text!r}; allowed: {allowed}", capsys)
     with pytest.raises(ConfigError, match=r"option --lr: got inf; allowed: > 0 and finite"):
         check(Floats(lr=float("inf")))
     assert parse(Floats, ["--tolerance", "inf"])[0].tolerance == float("inf")
@@ -203,10 +201,8 @@ def test_an_infinite_float_is_refused_unless_the_option_allows_it(flag, text, al
 ])
 def test_a_repeated_list_item_is_refused(flag, text, allowed, capsys):
     """`--depths 1,1` ran the same runs twice and kept one result under the repeated key."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse(Lists, [flag, text])
-    assert exit_info.value.code == 2
-    assert f"argument {flag}: got {text!r}; allowed: {allowed}" in capsys.readouterr().err
+    assert_parse_refuses(Lists, [flag, text],
+                         f"argument {flag}: got {text!r}; allowed: {allowed}", capsys)
     with pytest.raises(ConfigError, match=r"option --depths: got \(2, 2\); allowed: distinct "
                                           r"values, each >= 1"):
         check(Lists(depths=(2, 2)))

@@ -1252,15 +1252,20 @@ def test_a_sequence_model_with_dropout_has_the_same_params_and_the_engines_agree
     assert abs(float(inference_value) - float(value)) > 1e-3
 
 
+def scanned_for_refusals(cell):
+    """A cell of 4 units scanned over a (2, 5, 3) float32 batch: (cell, params, xs, residuals,
+    dys of ones), the valid arguments the refusal tests below spoil one at a time."""
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
+    _, _, residuals = recurrent.scan_cell(cell, params, xs)
+    return cell, params, xs, residuals, jnp.ones((2, 5, 4), jnp.float32)
+
+
 def test_unroll_counts_that_lax_scan_cannot_take_are_refused_by_name():
     """unroll=2.5 was a TypeError from deep inside the scan ("Shapes must be 1D sequences of
     concrete values of integer type"), unroll="2" a bare comparison TypeError; lax.scan's own
     values (an int >= 0, or a bool) still run."""
-    cell = recurrent.elman(4)
-    params = cell.init(jax.random.key(0), 3)
-    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
-    _, _, residuals = recurrent.scan_cell(cell, params, xs)
-    dys = jnp.ones((2, 5, 4), jnp.float32)
+    cell, params, xs, residuals, dys = scanned_for_refusals(recurrent.elman(4))
     refused = [
         (lambda: recurrent.scan_cell(cell, params, xs, unroll=2.5), "scan_cell(elman_tanh)",
          "2.5"),
@@ -1291,11 +1296,7 @@ def test_truncations_and_directions_that_would_be_misread_are_refused_by_name():
     R{dys} of one example or one unit in its reverse scan; LastStep's and FinalStates'
     tangents read a dx of one example as the batch's dy; FinalStates(1.5) was built. A
     v_xs or an rnn's dy of another batch was a raw concatenate or scan-carry TypeError."""
-    cell = recurrent.lstm(4)
-    params = cell.init(jax.random.key(0), 3)
-    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
-    _, _, residuals = recurrent.scan_cell(cell, params, xs)
-    dys = jnp.ones((2, 5, 4), jnp.float32)
+    cell, params, xs, residuals, dys = scanned_for_refusals(recurrent.lstm(4))
     refused = [
         (lambda: recurrent.scan_cell(cell, params, xs, truncation=2.5),
          r"scan_cell\(lstm\): truncation must be a whole number of steps \(or None\), got 2.5"),
