@@ -84,6 +84,23 @@ def test_conv_backward_matches_vjp(config, implementation, dtype):
     assert float(jnp.linalg.norm(manual[1])) > 0 and float(jnp.linalg.norm(manual[0]["w"])) > 0
 
 
+@pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[4]], ids=["same_stride2", "groups"])
+def test_x_of_another_dtype_than_the_params_is_promoted(config, implementation):
+    """float32 params and a float64 x: every implementation computes in float64, as a jnp
+    product of the two would ("conv" raised XLA's TypeError), and its backward matches jax.vjp
+    of apply at the same mixed inputs within float32's tolerance (the params' rounding)."""
+    name, kwargs, input_shape = config
+    layer = conv.Conv2D(**kwargs, implementation=implementation, name=name)
+    params, x, dy = random_problem(layer, input_shape, jnp.float64)
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params)
+    y, manual, reference = forward_backward_and_vjp(layer, params, x, dy)
+    assert y.dtype == jnp.float64 and manual[1].dtype == jnp.float64
+    assert_close_tree(y, layer.apply(jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params),
+                                     x), jnp.float32, name)
+    assert_close_tree(manual, reference, jnp.float32, name)
+
+
 def test_vjp_comparison_detects_an_unflipped_kernel():
     """The comparison above can fail: dx from the kernel without its spatial flip is far off."""
     layer = conv.Conv2D(3, 3, stride=2)
