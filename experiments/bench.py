@@ -1327,9 +1327,25 @@ def quick_config(config):
     return dataclasses.replace(config, **QUICK)
 
 
+FAMILY_OPTIONS = {"recipe_passes": "recipe", "utilisation_dtypes": "utilisation"}
+
+
+def check_family_options(config):
+    """A family's own option changed from its default while that family is not run is a
+    ConfigError (`--recipe-passes 2 --families engine` would time nothing of it)."""
+    defaults = Config()
+    for name, family in FAMILY_OPTIONS.items():
+        given = getattr(config, name)
+        if given != getattr(defaults, name) and family not in config.families:
+            raise ConfigError(f"option --{name.replace('_', '-')}: got {given!r}; it applies "
+                              f"only when --families includes {family} (got "
+                              f"{','.join(config.families)})")
+    return config
+
+
 def main(argv=None):
     config, args = parse(Config, argv, __doc__, prog=f"python -m experiments.{EXPERIMENT}")
-    config = quick_config(config)
+    config = quick_config(check_family_options(config))
     request_cpu_devices(config.cpu_devices)
     if config.reuse_memory and not benchmark.reuse_freed_memory():
         announce("--reuse-memory: this malloc is not glibc's; left as it is")

@@ -83,11 +83,30 @@ def test_quick_refuses_a_setting_it_would_replace(tmp_path, argv, message):
     before any work, not replaced silently."""
     with pytest.raises(ConfigError, match=message):
         bench.main(["--workdir", str(tmp_path / "run"), "--size", "smallest", "--families",
-                    "utilisation", *argv])
+                    "utilisation,recipe", *argv])
     assert not (tmp_path / "run").exists()
     config = bench.quick_config(bench.parse(bench.Config, ["--quick"], "")[0])
     assert (config.repeats, config.recipe_passes) == (10, 1)
     assert bench.quick_config(bench.parse(bench.Config, ["--repeats", "30"], "")[0]).repeats == 30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe-passes", "2", "--families", "engine,conv"],
+     "option --recipe-passes: got 2; it applies only when --families includes recipe "
+     "\\(got engine,conv\\)"),
+    (["--utilisation-dtypes", "float32", "--families", "recipe"],
+     "option --utilisation-dtypes: got 'float32'; it applies only when --families includes "
+     "utilisation"),
+])
+def test_a_familys_option_without_that_family_is_refused(tmp_path, argv, message):
+    """--recipe-passes and --utilisation-dtypes change one family each: given while that
+    family is not run they would change nothing, and are refused before any work."""
+    with pytest.raises(ConfigError, match=message):
+        bench.main(["--workdir", str(tmp_path / "run"), "--size", "smallest", *argv])
+    assert not (tmp_path / "run").exists()
+    for argv in (["--recipe-passes", "2", "--families", "engine,recipe"],
+                 ["--utilisation-dtypes", "float32", "--families", "utilisation"]):
+        bench.check_family_options(bench.parse(bench.Config, argv, "")[0])
 
 
 def test_the_scaling_family_runs_with_the_benchs_seed_and_force(tmp_path, monkeypatch):
