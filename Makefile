@@ -8,7 +8,7 @@ ifneq ($(wildcard ../shared/data),)
 export NETS_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: run test lint gradcheck xor bench bench-quick clean $(REPRODUCTIONS)
+.PHONY: run test lint gradcheck xor bench bench-quick mutants clean $(REPRODUCTIONS)
 
 # One target per reproduction: `make lenet1989` runs `python -m experiments.lenet1989`.
 REPRODUCTIONS := lenet1989 lenet5 seed_table curvature adding_problem vanishing char_rnn \
@@ -29,6 +29,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
+
+# One-operator mutants of the hand-written derivatives, each run against the tests (about an
+# hour on 2 cores): tests/mutants.py.
+mutants: $(VENV)/.installed
+	$(PY) -m tests.mutants
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check nets training experiments tests
