@@ -2,7 +2,7 @@
 the tests.
 
     python -m tests.mutants [--modules conv,losses] [--per-function 1] [--seed 0]
-                            [--workdir DIR] [--limit N]
+                            [--workdir DIR] [--limit N] [--only nets/conv.py:313,...]
 
 Every function of `nets/` whose name says it computes a derivative (backward, transpose,
 tangent, curvature, grad, hessian_vector, bptt, pullback, ...) is read with `ast`; each line
@@ -14,7 +14,8 @@ function (2 where it has more than 5 lines of them), from `--seed`.
 Each mutant is written into a copy of the tracked files (`git ls-files`, made once; the
 checkout itself is never changed) and the tests run there with `pytest -x -n 2`, in two
 stages: first `tests/test_<module>.py` and the files `RELATED` names for the module; if all
-of those pass, every test file that mentions the module. A mutant that passes both is a
+of those pass, every other test file that names the module or one of the names of its
+`__all__`. A mutant that passes both is a
 survivor: a change to a derivative that no test sees. Writes `results.json` (every mutant,
 killed or not, the test that failed first, seconds) and `results.md` into --workdir (default
 `runs/mutants/<UTC timestamp>/`). On the 2-core CPU a killed mutant takes 5-90 s.
@@ -43,10 +44,11 @@ OPERATORS = ((" + ", " - "), (" - ", " + "), (" * ", " / "), ("jnp.sum(", "jnp.m
 SKIPPED = ("raise ", "def ", "if ", "elif ", "assert ", "check", '"', "'", 'f"')
 # test files, besides tests/test_<module>.py, that check a module's derivatives first
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
-           "layers": ("combinators", "hessian_product"), "models": ("gauss_newton",),
+           "layers": ("combinators", "gauss_newton", "hessian_product"),
+           "models": ("gauss_newton",),
            "recurrent": ("recurrent_gauss_newton", "hessian_product"),
-           "attention": ("hessian_product",), "normalization": ("hessian_product",),
-           "pooling": ("hessian_product",), "conv": ("hessian_product",)}
+           **dict.fromkeys(("attention", "normalization", "pooling", "conv"),
+                           ("gauss_newton", "hessian_product"))}
 
 
 def derivative_spans(source: str) -> list[tuple[str, int, int]]:
@@ -102,11 +104,22 @@ def mutate(source: str, mutant: dict) -> str:
     return "\n".join(lines)
 
 
+def public_names(source: str) -> list[str]:
+    """The names a module's `__all__` lists (none without one)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(target, ast.Name) and target.id == "__all__" for target in node.targets):
+            return list(ast.literal_eval(node.value))
+    return []
+
+
 def test_stages(copy: pathlib.Path, module: str) -> list[list[str]]:
-    """[the module's own and related test files, the other files that mention it]."""
+    """[the module's own and related test files, the other files that name the module or
+    one of its public names (`BatchNorm` for normalization)]."""
     first = [f"tests/test_{name}.py" for name in (module, *RELATED.get(module, ()))
              if (copy / f"tests/test_{name}.py").exists()]
-    mention = re.compile(rf"\b{module}\b")
+    names = [module, *public_names((copy / "nets" / f"{module}.py").read_text())]
+    mention = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     rest = sorted(str(path.relative_to(copy)) for path in (copy / "tests").glob("test_*.py")
                   if str(path.relative_to(copy)) not in first
                   and mention.search(path.read_text()))
@@ -173,6 +186,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--per-function", type=int, default=1, help="mutants per function")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw")
     parser.add_argument("--limit", type=int, default=0, help="run at most this many (0: all)")
+    parser.add_argument("--only", default="", help="comma-separated FILE:LINE, e.g. "
+                        "nets/conv.py:313: those mutants alone (a survivor re-run after a "
+                        "new test), whatever --per-function draws")
     parser.add_argument("--workdir", default="", help="where results.json and results.md go")
     args = parser.parse_args(argv)
     if args.per_function < 1 or args.limit < 0:
@@ -185,6 +201,12 @@ def main(argv=None) -> list[dict]:
     mutants = [mutant for module in modules for mutant in mutants_of(
         f"nets/{module}.py", (ROOT / "nets" / f"{module}.py").read_text())]
     chosen = choose(mutants, args.per_function, args.seed)[:args.limit or None]
+    if args.only:
+        wanted = args.only.split(",")
+        chosen = [mutant for mutant in mutants if f"{mutant['file']}:{mutant['line']}" in wanted]
+        if missing := sorted(set(wanted) - {f"{m['file']}:{m['line']}" for m in chosen}):
+            parser.error(f"--only: no mutant at {missing} (a line of a derivative that holds "
+                         "an operator)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     workdir = pathlib.Path(args.workdir or ROOT / "runs" / "mutants" / stamp)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -62,3 +62,17 @@ def test_a_test_that_checks_the_value_kills_the_mutant_and_a_weak_one_does_not(
     assert (tmp_path / "nets" / "toy.py").read_text() == "def backward(x):\n    return 2 * x + 1\n"
     if killed:
         assert record["failure"].startswith("FAILED tests/test_toy.py::test_value")
+
+
+def test_the_second_stage_is_every_other_file_naming_the_module_or_its_public_names(tmp_path):
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "nets" / "toy.py").write_text('__all__ = ["Scale", "shift"]\n')
+    files = {"test_toy.py": "", "test_uses_scale.py": "from nets import Scale",
+             "test_imports_toy.py": "import nets.toy", "test_unrelated.py": "Scaled, shifty",
+             "test_other_shift.py": "x = shift(1)"}
+    for name, text in files.items():
+        (tmp_path / "tests" / name).write_text(text)
+    assert mutants.test_stages(tmp_path, "toy") == [
+        ["tests/test_toy.py"],
+        ["tests/test_imports_toy.py", "tests/test_other_shift.py", "tests/test_uses_scale.py"]]
