@@ -119,6 +119,7 @@ __all__ = [
     "check_parameter",
     "check_direction",
     "is_finite_number",
+    "concrete_values",
     "forward_with_key",
     "tangent_with_key",
     "backward_tangent_with_key",
@@ -330,6 +331,12 @@ def is_finite_number(value) -> bool:
         return bool(np.isfinite(float(value)))
     except (TypeError, ValueError):
         return False
+
+
+def concrete_values(array: Any) -> np.ndarray | None:
+    """array's values when they are known now (not traced by jit, grad, vmap or scan), else
+    None: value checks run on concrete inputs and are skipped inside a trace."""
+    return None if isinstance(array, jax.core.Tracer) else np.asarray(array)
 
 
 # Up to this many examples a dense layer's weight gradient is a sum of outer products.

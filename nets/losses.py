@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nets.layers import is_finite_number
+from nets.layers import concrete_values, is_finite_number
 from nets.varying import split_like
 
 __all__ = [
@@ -48,6 +48,10 @@ class Loss(NamedTuple):
     `hessian_vector(outputs, targets, u) -> (batch, classes)` is that whole Hessian times u
     (batch, classes): H u, H block-diagonal with one (classes, classes) block per example (the
     middle factor of the Gauss-Newton product J^T H J v, `nets.engines.gauss_newton_product`).
+    `check_targets(targets)` raises ValueError for target values the loss cannot take (a
+    sigmoid cross-entropy's outside [0, 1]); every function above runs it on concrete
+    targets, and the training procedures run it on the whole set before they compile. Inside
+    a trace (jit, vmap, grad, scan) the values are unknown and it checks nothing.
     """
 
     name: str
@@ -55,6 +59,7 @@ class Loss(NamedTuple):
     grad: Callable[[jax.Array, jax.Array], jax.Array]
     curvature: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     hessian_vector: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+    check_targets: Callable[[jax.Array], None] | None = None
 
 
 def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
@@ -68,18 +73,49 @@ def _check_pair(name: str, outputs: jax.Array, targets: jax.Array) -> None:
                          "batch of at least one example")
 
 
-def _checked(name: str, value, grad, curvature, hessian_vector=None) -> Loss:
+_UNIT = "each the probability that its output is on: outside [0, 1] the loss has no minimum"
+_MASS = ("a class's weight, one-hot, soft or several: with a negative one the loss has no "
+         "minimum")
+
+
+def _targets_within(name: str, low: float, high: float, why: str) -> Callable[[jax.Array], None]:
+    """A check_targets refusing concrete targets that are not finite or lie outside [low,
+    high], naming the first such value and its index (example, output)."""
+    if high == np.inf:
+        expected = "finite" if low == -np.inf else f"finite and >= {low:g}"
+    else:
+        expected = f"finite and in [{low:g}, {high:g}]"
+
+    def check_targets(targets):
+        values = concrete_values(targets)
+        if values is None:
+            return
+        bad = ~(np.isfinite(values) & (values >= low) & (values <= high))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name}: targets must be {expected} ({why}); found "
+                             f"{values[where].item()!r} at {where} ({int(bad.sum())} of the "
+                             f"{values.size} values)")
+
+    return check_targets
+
+
+def _checked(name: str, value, grad, curvature, hessian_vector, check_targets) -> Loss:
     """The loss with every function checking its outputs and targets (and u) first. Without
     a `hessian_vector`, the Hessian is the diagonal `curvature`: H u = curvature * u."""
+    def check(outputs, targets):
+        _check_pair(name, outputs, targets)
+        check_targets(targets)
+
     def checked(function):
         def run(outputs, targets):
-            _check_pair(name, outputs, targets)
+            check(outputs, targets)
             return function(outputs, targets)
 
         return run
 
     def checked_product(outputs, targets, u):
-        _check_pair(name, outputs, targets)
+        check(outputs, targets)
         if u.shape != outputs.shape:
             raise ValueError(f"{name}: hessian_vector's u has shape {tuple(u.shape)}, expected "
                              f"the outputs' {tuple(outputs.shape)}")
@@ -87,7 +123,8 @@ def _checked(name: str, value, grad, curvature, hessian_vector=None) -> Loss:
             return curvature(outputs, targets) * u
         return hessian_vector(outputs, targets, u)
 
-    return Loss(name, checked(value), checked(grad), checked(curvature), checked_product)
+    return Loss(name, checked(value), checked(grad), checked(curvature), checked_product,
+                check_targets)
 
 
 def _softmax_hessian_vector(p: jax.Array, row_mass: jax.Array, u: jax.Array) -> jax.Array:
@@ -137,7 +174,8 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
             del y
             return s * (1 - s) / z.shape[0]
 
-        return _checked("sigmoid_cross_entropy", value, grad, curvature)
+        return _checked("sigmoid_cross_entropy", value, grad, curvature, None,
+                        _targets_within("sigmoid_cross_entropy", 0, 1, _UNIT))
 
     def value_from_probabilities(s, y):
         m = s.shape[0]
@@ -149,8 +187,9 @@ def sigmoid_cross_entropy(from_logits: bool = True) -> Loss:
     def curvature_from_probabilities(s, y):
         return (y / s**2 + (1 - y) / (1 - s) ** 2) / s.shape[0]
 
-    return _checked("sigmoid_cross_entropy(probabilities)", value_from_probabilities,
-                    grad_from_probabilities, curvature_from_probabilities)
+    name = "sigmoid_cross_entropy(probabilities)"
+    return _checked(name, value_from_probabilities, grad_from_probabilities,
+                    curvature_from_probabilities, None, _targets_within(name, 0, 1, _UNIT))
 
 
 def mean_squared_error() -> Loss:
@@ -170,7 +209,9 @@ def mean_squared_error() -> Loss:
         del t
         return jnp.ones_like(o) / o.shape[0]
 
-    return _checked("mean_squared_error", value, grad, curvature)
+    return _checked("mean_squared_error", value, grad, curvature, None,
+                    _targets_within("mean_squared_error", -np.inf, np.inf,
+                                    "a NaN or infinite one makes it NaN or inf"))
 
 
 def softmax_cross_entropy() -> Loss:
@@ -195,7 +236,8 @@ def softmax_cross_entropy() -> Loss:
         return _softmax_hessian_vector(jax.nn.softmax(z, axis=-1),
                                        jnp.sum(y, axis=-1, keepdims=True), u)
 
-    return _checked("softmax_cross_entropy", value, grad, curvature, hessian_vector)
+    return _checked("softmax_cross_entropy", value, grad, curvature, hessian_vector,
+                    _targets_within("softmax_cross_entropy", 0, np.inf, _MASS))
 
 
 def lecun1998_map(j: float = 10.0) -> Loss:
@@ -239,7 +281,8 @@ def lecun1998_map(j: float = 10.0) -> Loss:
         return _softmax_hessian_vector(jnp.exp(s - log_partition(s)),
                                        jnp.sum(t, axis=-1, keepdims=True), u)
 
-    return _checked("lecun1998_map", value, grad, curvature, hessian_vector)
+    return _checked("lecun1998_map", value, grad, curvature, hessian_vector,
+                    _targets_within("lecun1998_map", 0, np.inf, _MASS))
 
 
 def is_weight(path: tuple[Any, ...]) -> bool:

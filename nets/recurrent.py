@@ -142,6 +142,7 @@ from nets.layers import (
     backward_tangent_with_key,
     check_direction,
     check_gradient,
+    concrete_values,
     forward_with_key,
     is_count,
     linear_backward_tangent,
@@ -1136,16 +1137,10 @@ def _check_like(name: str, what: str, value: Any, expected: Any) -> None:
         raise ValueError(f"{name}: {what} is {describe(value)}, expected {describe(expected)}")
 
 
-def _concrete(array: Any) -> np.ndarray | None:
-    """array's values when they are known now (not traced by jit, grad, vmap or scan), else
-    None: value checks run on concrete inputs and are skipped inside a trace."""
-    return None if isinstance(array, jax.core.Tracer) else np.asarray(array)
-
-
 def _check_mask(name: str, mask: jax.Array | None) -> None:
     """A mask marks real steps with True or 1 and padding with False or 0: any other value
     (0.5, a length, ...) is a ValueError where the values are known."""
-    values = None if mask is None else _concrete(mask)
+    values = None if mask is None else concrete_values(mask)
     if values is not None and values.dtype != bool and not np.isin(values, (0, 1)).all():
         raise ValueError(f"{name}: mask holds values {np.unique(values)[:5].tolist()}..., "
                          "expected booleans or 0 and 1")
@@ -1950,7 +1945,7 @@ def sequence_cross_entropy() -> Loss:
         if not jnp.issubdtype(y.dtype, jnp.integer):
             raise ValueError(f"{name}: targets have dtype {y.dtype}, expected integer class "
                              "ids")
-        values = _concrete(y)
+        values = concrete_values(y)
         if values is not None and values.size and not (
                 0 <= values.min() and values.max() < z.shape[-1]):
             raise ValueError(f"{name}: targets range over [{values.min()}, {values.max()}], "

@@ -1,7 +1,10 @@
 """Losses against direct NumPy evaluations and their hand-written gradients against jax.grad."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import nets
@@ -235,3 +238,65 @@ def test_a_loss_refuses_an_empty_batch(name):
     for engine in (nets.engines.manual, nets.engines.autodiff):
         with pytest.raises(ValueError, match="expected a batch of at least one example"):
             engine(model, nets.Objective(loss, 0.1))(params, jnp.zeros((0, 4)), empty)
+
+
+# (loss, a value its targets may not take, values they may) for each loss
+TARGET_RANGES = {
+    "sigmoid_ce_logits": (-0.5, (0.0, 0.3, 1.0), r"finite and in \[0, 1\]"),
+    "sigmoid_ce_probabilities": (1.5, (0.0, 0.7, 1.0), r"finite and in \[0, 1\]"),
+    "mse": (np.inf, (-3.0, 0.0, 1e6), r"finite \("),
+    "softmax_ce": (-1.0, (0.0, 0.25, 5.0), r"finite and >= 0"),
+    "lecun1998_map": (np.nan, (0.0, 0.5, 2.0), r"finite and >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_loss_refuses_target_values_outside_its_range_naming_the_first_and_its_index(name):
+    """A sigmoid cross-entropy given targets of -1 (a net switched from mean squared error
+    to it) trained towards a loss without minimum, silently: every function of every loss
+    now refuses concrete targets it cannot take, and accepts the edges of its range (soft
+    and multi-hot targets included)."""
+    loss, kind = LOSSES[name]
+    bad, good, expected = TARGET_RANGES[name]
+    outputs = sample(kind, jax.random.key(1), (3, 4), jnp.float64)
+    targets = np.zeros((3, 4))
+    for value in good:
+        targets[1, 2] = value
+        loss.value(outputs, targets), loss.grad(outputs, targets)
+    targets[1, 2], targets[2, 0] = bad, bad
+    functions = (loss.value, loss.grad, loss.curvature,
+                 lambda o, t: loss.hessian_vector(o, t, jnp.ones_like(o)))
+    for function in functions:
+        with pytest.raises(ValueError, match=rf"^{re.escape(loss.name)}: targets must be "
+                                             rf"{expected}.*found {bad!r} at \(1, 2\) \(2 of "
+                                             r"the 12 values\)$"):
+            function(outputs, targets)
+    loss.check_targets(jnp.zeros((3, 4)))
+    with pytest.raises(ValueError, match=re.escape(loss.name)):
+        loss.check_targets(jnp.asarray(targets))
+
+
+@pytest.mark.parametrize("name", ["sigmoid_ce_logits", "softmax_ce"])
+def test_a_loss_checks_nothing_inside_a_trace_and_the_procedures_check_the_whole_set(name):
+    """Under jit the targets' values are unknown: a loss computes with them as they are
+    (the gradient of its formula, whatever the targets), and the training procedures refuse
+    the set before they compile."""
+    from training import procedures
+
+    loss, _ = LOSSES[name]
+    outputs, targets = jnp.zeros((2, 3)), jnp.array([[0.0, 1.0, 0.0], [0.0, -1.0, 2.0]])
+    def formula(z):  # the loss written out again, for any targets
+        if name == "softmax_ce":
+            return -jnp.sum(targets * jax.nn.log_softmax(z)) / 2
+        return jnp.sum(jax.nn.softplus(z) - targets * z) / 2
+
+    np.testing.assert_allclose(jax.jit(loss.grad)(outputs, targets), jax.grad(formula)(outputs),
+                               rtol=F64)
+    model = nets.serial(nets.Dense(3, name="out"), name="net")
+    for build in (procedures.full_batch, procedures.cost_checked):
+        with pytest.raises(ValueError, match=rf"^{build.__name__}: {loss.name}: targets .*"
+                                             r"found -1.0 at \(1, 1\)"):
+            build(model, nets.Objective(loss), optax.sgd(0.1), jnp.zeros((2, 4)), targets)
+    with pytest.raises(ValueError, match=r"^stochastic_passes: .* found -1.0 at \(1, 1\)"):
+        procedures.stochastic_passes(model, nets.Objective(loss), optax.sgd(0.1),
+                                     jnp.zeros((2, 4)), targets, batch_size=1)

@@ -761,9 +761,10 @@ ZERO_DATA_TERM = losses.Loss("zero", lambda o, t: 0.0 * jnp.sum(o), lambda o, t:
 
 
 def float64_problem(examples=8):
-    """A 3 -> 4 -> 2 MLP in float64, x ~ N(0, 1) (examples, 3), +-1 targets of classes 0, 1."""
+    """A 3 -> 4 -> 2 MLP in float64, x ~ N(0, 1) (examples, 3), one-hot targets of classes 0
+    and 1 in turn (0/1: the lecture's sigmoid cross-entropy refuses +-1)."""
     x = jax.random.normal(jax.random.key(0), (examples, 3), jnp.float64)
-    targets = jax.nn.one_hot(jnp.arange(examples) % 2, 2, dtype=jnp.float64) * 2 - 1
+    targets = jax.nn.one_hot(jnp.arange(examples) % 2, 2, dtype=jnp.float64)
     model = nets.build_mlp(3, 2, hidden_units=4)
     _, params = model.init(jax.random.key(1), (-1, 3))
     return model, jax.tree.map(lambda p: p.astype(jnp.float64), params), x, targets

@@ -215,13 +215,21 @@ def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _check_data(name: str, x: jax.Array, targets: jax.Array,
-                names: tuple[str, str] = ("x", "targets")) -> int:
-    """The number of examples in x, ValueError unless x has some and targets as many."""
+                names: tuple[str, str] = ("x", "targets"),
+                objective: Objective | None = None) -> int:
+    """The number of examples in x, ValueError unless x has some and targets as many, and
+    (given the objective) unless its loss takes the targets' values: the whole set's, checked
+    once here where the compiled steps cannot (`nets.Loss.check_targets`)."""
     examples, labelled = x.shape[0], targets.shape[0]
     if examples < 1 or examples != labelled:
         raise ValueError(f"{name}: {names[0]} has shape {x.shape} and {names[1]} "
                          f"{targets.shape}; expected the same number (>= 1) of examples along "
                          "their first axis")
+    if objective is not None and objective.loss.check_targets is not None:
+        try:
+            objective.loss.check_targets(targets)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
     return examples
 
 
@@ -348,7 +356,7 @@ def full_batch(
     The baseline for `cost_checked`. Shapes: x (batch, features), targets (batch, classes):
     the whole training set.
     """
-    _check_data("full_batch", x, targets)
+    _check_data("full_batch", x, targets, objective=objective)
     value_and_grad = engine(model, objective)
 
     def step(state, index):
@@ -385,7 +393,7 @@ def cost_checked(
 
     Shapes: x (batch, features), targets (batch, classes): the whole training set.
     """
-    _check_data("cost_checked", x, targets)
+    _check_data("cost_checked", x, targets, objective=objective)
     value_and_grad = engine(model, objective)
 
     def step(state, index):
@@ -443,7 +451,7 @@ def misclassified(
     whole set after each step, record["wrong"] the number of misclassified training examples
     after it, and the monitor sees the params after it.
     """
-    examples = _check_data("misclassified_descent", x, targets)
+    examples = _check_data("misclassified_descent", x, targets, objective=objective)
     _check_batch_size("misclassified_descent", batch_size)
     if not 1 <= batch_size <= examples:
         raise ValueError(
@@ -553,7 +561,7 @@ def stochastic_passes(
 
     record: "energy", E on the whole set after the pass, and monitor(params).
     """
-    examples = _check_data("stochastic_passes", x, targets)
+    examples = _check_data("stochastic_passes", x, targets, objective=objective)
     _check_batch_size("stochastic_passes", batch_size)
     if not 1 <= batch_size <= examples:
         raise ValueError(
@@ -996,7 +1004,7 @@ def hessian_free(
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"{name}: preconditioner must be one of {PRECONDITIONERS}, got "
                          f"{preconditioner!r}")
-    n = _check_data(name, x, targets)
+    n = _check_data(name, x, targets, objective=objective)
     if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size <= n):
         raise ValueError(f"{name}: batch_size must be an int in [1, {n}] (the examples) or "
                          f"None, got {batch_size!r}")
