@@ -1937,15 +1937,26 @@ def sequence_cross_entropy() -> Loss:
     """
     name = "sequence_cross_entropy"
 
+    def class_ids(y):
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"{name}: targets have dtype {y.dtype}, expected integer class "
+                             "ids")
+        return concrete_values(y)
+
+    def check_targets(y):
+        """What holds without the outputs (the procedures' check of a whole set): integer
+        class ids, none below 0."""
+        values = class_ids(y)
+        if values is not None and values.size and values.min() < 0:
+            raise ValueError(f"{name}: targets range over [{values.min()}, {values.max()}], "
+                             "expected class ids >= 0")
+
     def check(z, y):
         if z.ndim != 3 or tuple(y.shape) != tuple(z.shape[:2]):
             raise ValueError(f"{name}: outputs have shape {tuple(z.shape)} and targets "
                              f"{tuple(y.shape)}; expected (batch, time, classes) and "
                              "(batch, time)")
-        if not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"{name}: targets have dtype {y.dtype}, expected integer class "
-                             "ids")
-        values = concrete_values(y)
+        values = class_ids(y)
         if values is not None and values.size and not (
                 0 <= values.min() and values.max() < z.shape[-1]):
             raise ValueError(f"{name}: targets range over [{values.min()}, {values.max()}], "
@@ -1979,4 +1990,4 @@ def sequence_cross_entropy() -> Loss:
         return picked * p * (u - jnp.sum(p * u, axis=-1, keepdims=True)) / (
             z.shape[0] * z.shape[1])
 
-    return Loss(name, value, grad, curvature, hessian_vector)
+    return Loss(name, value, grad, curvature, hessian_vector, check_targets)

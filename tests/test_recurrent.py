@@ -1333,3 +1333,26 @@ def test_truncations_and_directions_that_would_be_misread_are_refused_by_name():
     for call, message in refused:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_the_sequence_cross_entropys_check_of_a_whole_set_refuses_negative_and_float_ids():
+    """Without the outputs the number of classes is unknown, so the check the training
+    procedures run on the whole set before compiling refuses what it can: ids below 0 and a
+    float dtype; ids above the classes are refused where the outputs are given (above)."""
+    import optax
+
+    from training import procedures
+
+    loss = recurrent.sequence_cross_entropy()
+    loss.check_targets(jnp.array([[0, 70], [3, 1]]))
+    with pytest.raises(ValueError, match=r"^sequence_cross_entropy: targets range over "
+                                         r"\[-2, 3\], expected class ids >= 0$"):
+        loss.check_targets(jnp.array([[0, -2], [3, 1]]))
+    with pytest.raises(ValueError, match="targets have dtype float32, expected integer"):
+        loss.check_targets(jnp.zeros((2, 2), jnp.float32))
+    model = recurrent.sequence_model([recurrent.elman(3)], 4)
+    with pytest.raises(ValueError, match=r"^stochastic_passes: sequence_cross_entropy: "
+                                         r"targets range over \[-1, 2\]"):
+        procedures.stochastic_passes(model, nets.Objective(loss), optax.sgd(0.1),
+                                     jnp.zeros((2, 5, 2)), jnp.array([[0, 1, 2, -1, 0]] * 2),
+                                     batch_size=1)
