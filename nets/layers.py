@@ -334,9 +334,13 @@ def is_finite_number(value) -> bool:
 
 
 def concrete_values(array: Any) -> np.ndarray | None:
-    """array's values when they are known now (not traced by jit, grad, vmap or scan), else
-    None: value checks run on concrete inputs and are skipped inside a trace."""
-    return None if isinstance(array, jax.core.Tracer) else np.asarray(array)
+    """array's values when they are known now (not traced by jit, grad, vmap or scan) and
+    this process holds them whole (not a global array spread over several hosts' devices,
+    which NumPy cannot fetch), else None: value checks run on concrete inputs and are
+    skipped inside a trace."""
+    if isinstance(array, jax.core.Tracer) or not getattr(array, "is_fully_addressable", True):
+        return None
+    return np.asarray(array)
 
 
 # Up to this many examples a dense layer's weight gradient is a sum of outer products.

@@ -300,3 +300,20 @@ def test_a_loss_checks_nothing_inside_a_trace_and_the_procedures_check_the_whole
     with pytest.raises(ValueError, match=r"^stochastic_passes: .* found -1.0 at \(1, 1\)"):
         procedures.stochastic_passes(model, nets.Objective(loss), optax.sgd(0.1),
                                      jnp.zeros((2, 4)), targets, batch_size=1)
+
+
+def test_target_values_are_read_only_where_this_process_can_read_them_whole():
+    """Inside a trace nothing is read; nor from a global array over several hosts' devices
+    (NumPy cannot fetch it: the check would raise where the loss runs), which a single
+    process can only stand in for by an object that says so."""
+    from nets.layers import concrete_values
+
+    class SpreadOverHosts:
+        is_fully_addressable = False
+
+    assert concrete_values(SpreadOverHosts()) is None
+    losses.sigmoid_cross_entropy().check_targets(SpreadOverHosts())
+    seen = []
+    jax.jit(lambda t: seen.append(concrete_values(t)) or t)(jnp.ones(2))
+    assert seen == [None]
+    np.testing.assert_array_equal(concrete_values(jnp.arange(3)), [0, 1, 2])
