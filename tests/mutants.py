@@ -5,7 +5,9 @@ the tests.
                             [--workdir DIR] [--limit N] [--only nets/conv.py:313,...]
 
 Every function of `nets/` whose name says it computes a derivative (backward, transpose,
-tangent, curvature, grad, hessian_vector, bptt, pullback, ...) is read with `ast`; each line
+tangent, curvature, grad, hessian_vector, bptt, pullback, ...), and the functions `TRAINING`
+names in `training/` (SDLM's and K-FAC's steps, clipping and ghost norms, conjugate gradients
+and Lanczos; `--modules optim,parallel,procedures`), is read with `ast`; each line
 of its body that holds one of these operators gets one mutant, the first of them in this
 order changed: `a + b` -> `a - b`, `a - b` -> `a + b`, `a * b` -> `a / b`, `sum(` -> `mean(`,
 `[::-1` -> `[::1`, `** 2` -> `** 1`, `x.T` -> `x`. `--per-function N` draws N mutants a
@@ -43,20 +45,37 @@ OPERATORS = ((" + ", " - "), (" - ", " + "), (" * ", " / "), ("jnp.sum(", "jnp.m
              (".sum(", ".mean("), ("[::-1", "[::1"), (" ** 2", " ** 1"), (".T", ""))
 SKIPPED = ("raise ", "def ", "if ", "elif ", "assert ", "check", '"', "'", 'f"')
 # test files, besides tests/test_<module>.py, that check a module's derivatives first
+# hand-written math outside nets/: each file's functions to mutate, named
+TRAINING = {
+    "training/optim.py": ("diagonal_levenberg_marquardt", "_averaged", "_damped",
+                          "_damped_factors", "_spd_inverse", "_solve",
+                          "scale_by_kronecker_factors", "_dot", "_step_coefficients",
+                          "kfac_adaptive"),
+    "training/parallel.py": ("per_example_value_and_grad", "gradient_norms", "clip_gradients",
+                             "weighted_sum", "private_value_and_grad", "_clip_scale",
+                             "_mean_loss", "_weight_dot", "_gram_squares", "_factored_sum",
+                             "_gram_leaves", "_ghost_pass", "ghost_norms",
+                             "ghost_clipped_sum", "mean_over_devices"),
+    "training/procedures.py": ("curvature_on_subset", "conjugate_gradient", "lanczos",
+                               "saddle_free_step"),
+}
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
            "layers": ("combinators", "gauss_newton", "hessian_product"),
            "models": ("gauss_newton",),
            "recurrent": ("recurrent_gauss_newton", "hessian_product"),
            **dict.fromkeys(("attention", "normalization", "pooling", "conv"),
-                           ("gauss_newton", "hessian_product"))}
+                           ("gauss_newton", "hessian_product")),
+           "optim": ("kronecker",), "parallel": ("private",),
+           "procedures": ("hessian_free", "curvature")}
 
 
-def derivative_spans(source: str) -> list[tuple[str, int, int]]:
-    """(name, first line, last line) of every function named like a derivative, its
-    docstring left out."""
+def derivative_spans(source: str, names: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
+    """(name, first line, last line) of every function named like a derivative (or, given
+    names, of the functions so named), its docstring left out."""
     spans = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef) and DERIVATIVE.search(node.name):
+        if isinstance(node, ast.FunctionDef) and (
+                node.name in names if names else DERIVATIVE.search(node.name)):
             first = node.body[0]
             docstring = (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
                          and isinstance(first.value.value, str))
@@ -69,7 +88,7 @@ def mutants_of(path: str, source: str) -> list[dict]:
     """One mutant per eligible line (the first operator of OPERATORS on it), each line once
     even where functions nest."""
     lines, seen, mutants = source.splitlines(), set(), []
-    for name, first, last in derivative_spans(source):
+    for name, first, last in derivative_spans(source, TRAINING.get(path, ())):
         for number in range(first, last + 1):
             code = lines[number - 1].split("#")[0]
             if number in seen or not code.strip() or code.strip().startswith(SKIPPED) \
@@ -118,7 +137,9 @@ def test_stages(copy: pathlib.Path, module: str) -> list[list[str]]:
     one of its public names (`BatchNorm` for normalization)]."""
     first = [f"tests/test_{name}.py" for name in (module, *RELATED.get(module, ()))
              if (copy / f"tests/test_{name}.py").exists()]
-    names = [module, *public_names((copy / "nets" / f"{module}.py").read_text())]
+    path = copy / (f"nets/{module}.py" if (copy / "nets" / f"{module}.py").exists()
+                   else f"training/{module}.py")
+    names = [module, *public_names(path.read_text())]
     mention = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     rest = sorted(str(path.relative_to(copy)) for path in (copy / "tests").glob("test_*.py")
                   if str(path.relative_to(copy)) not in first
@@ -182,7 +203,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", default="", help="comma-separated modules of nets/ "
-                        "(default: every one)")
+                        f"or {', '.join(sorted(TRAINING))} (default: every one)")
     parser.add_argument("--per-function", type=int, default=1, help="mutants per function")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw")
     parser.add_argument("--limit", type=int, default=0, help="run at most this many (0: all)")
@@ -194,12 +215,14 @@ def main(argv=None) -> list[dict]:
     if args.per_function < 1 or args.limit < 0:
         parser.error(f"--per-function must be >= 1 and --limit >= 0, got {args.per_function} "
                      f"and {args.limit}")
-    known = sorted(path.stem for path in (ROOT / "nets").glob("*.py"))
+    files = {path.stem: f"nets/{path.name}" for path in (ROOT / "nets").glob("*.py")}
+    files.update((pathlib.Path(name).stem, name) for name in TRAINING)
+    known = sorted(files, key=files.get)
     modules = args.modules.split(",") if args.modules else known
     if unknown := sorted(set(modules) - set(known)):
         parser.error(f"--modules: unknown {unknown}; choose from {known}")
     mutants = [mutant for module in modules for mutant in mutants_of(
-        f"nets/{module}.py", (ROOT / "nets" / f"{module}.py").read_text())]
+        files[module], (ROOT / files[module]).read_text())]
     chosen = choose(mutants, args.per_function, args.seed)[:args.limit or None]
     if args.only:
         wanted = args.only.split(",")

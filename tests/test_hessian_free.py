@@ -150,17 +150,20 @@ def test_lanczos_with_as_many_iterations_as_dimensions_finds_every_eigenvalue():
                                rtol=1e-10, atol=1e-12)
 
 
-def test_lanczos_stops_where_the_subspace_closes():
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_lanczos_stops_where_the_subspace_closes(scale):
     """A with three distinct eigenvalues (each four times): the Krylov subspace of any start
     has dimension 3, so the iteration stops after 3 of 8 steps with those eigenvalues as its
     Ritz values, the later rows of Q and T zero, nothing NaN; from g = 0 the saddle-free step
-    is 0 (an empty subspace)."""
+    is 0 (an empty subspace). The same at every scale of A: the breakdown test is relative
+    to |A q| (a threshold of 1e-10 / |A q| missed the closing at 1e8)."""
     matrix, start = indefinite_matrix(np.repeat([-2.0, 1.0, 5.0], 4))
+    matrix = scale * matrix
     found = procedures.lanczos(lambda u: jnp.asarray(matrix) @ u, jnp.asarray(start), 8)
     assert int(found.dimension) == 3
     assert np.all(np.asarray(found.basis)[3:] == 0)
     np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(found.tridiagonal)[:3, :3]),
-                               [-2.0, 1.0, 5.0], rtol=1e-10)
+                               scale * np.array([-2.0, 1.0, 5.0]), rtol=1e-10)
     assert np.all(np.asarray(found.tridiagonal)[3:] == 0)
     step = procedures.saddle_free_step(lambda u: jnp.asarray(matrix) @ u, jnp.zeros(12), 0.1, 4)
     assert int(step.dimension) == 0 and np.all(np.asarray(step.direction) == 0)

@@ -228,8 +228,10 @@ def test_the_step_is_the_damped_kronecker_solve_and_blocks_are_averaged():
     a, g = decay * a1 + (1 - decay) * a2, decay * g1 + (1 - decay) * g2
     expected = _dense_step(a, g, mask, penalty, damping, np.asarray(gradient["w"]))
     assert relative_error(second["w"], expected) <= F64
-    kept, _ = transform.update(gradient, state, params)  # no new blocks: the same average
+    # no new blocks: the same average, and the state still counts two estimates
+    kept, kept_state = transform.update(gradient, state, params)
     assert relative_error(kept["w"], expected) <= F64
+    assert [int(state.estimates), int(kept_state.estimates)] == [2, 2]
 
 
 def test_one_step_solves_least_squares_with_centred_inputs():
@@ -449,7 +451,10 @@ def _quadratic_problem(seed=19):
 def test_adaptive_kfac_steps_minimise_the_quadratic_model_over_direction_and_last_step():
     """First step: alpha d with alpha = -g^T d / d^T (G + lambda I) d; second: alpha d + mu p
     with (alpha, mu) NumPy's solution of the 2 x 2 model, d the damped Kronecker direction
-    (NumPy's dense solve) and p the first step."""
+    (NumPy's dense solve) and p the first step. E is quadratic and G its Hessian, so the
+    undamped model is exact and the reduction ratio 1 at both steps (at the second only with
+    the model's cross term 2 alpha mu d^T G p and mu^2 p^T G p right: the first has mu = 0),
+    and the state counts the two estimates."""
     hessian, c, blocks, energy, gauss_newton, params = _quadratic_problem()
     damping = 0.5
     transform = optim.kfac_adaptive(initial_damping=damping, decay=0.0)
@@ -473,6 +478,9 @@ def test_adaptive_kfac_steps_minimise_the_quadratic_model_over_direction_and_las
                                           blocks=blocks, gauss_newton=gauss_newton,
                                           batch_energy=energy)
         assert relative_error(updates["w"].reshape(-1), expected) <= F64
+        # (E(w + delta) - E(w)) / q_0(delta), kept in float32 by the state
+        assert float(state.ratio) == pytest.approx(1.0, rel=tolerance(jnp.float32))
+        assert int(state.estimates) == step_number + 1
         params = optax.apply_updates(params, updates)
         previous = expected
 

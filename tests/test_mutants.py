@@ -76,3 +76,22 @@ def test_the_second_stage_is_every_other_file_naming_the_module_or_its_public_na
     assert mutants.test_stages(tmp_path, "toy") == [
         ["tests/test_toy.py"],
         ["tests/test_imports_toy.py", "tests/test_other_shift.py", "tests/test_uses_scale.py"]]
+
+
+def test_in_training_only_the_functions_named_for_the_file_get_mutants():
+    """training/ has no naming rule for its math: TRAINING names the functions (SDLM's and
+    K-FAC's steps, clipping and ghost norms, conjugate gradients), and a module of training/
+    gets its test stages as one of nets/ does."""
+    source = ("def _step_coefficients(a, b):\n    return a - b\n\n\n"
+              "def backward_helper(a, b):\n    return a + b\n")
+    found = mutants.mutants_of("training/optim.py", source)
+    assert [(m["line"], m["function"], m["old"]) for m in found] == [
+        (2, "_step_coefficients", " - ")]
+    assert [m["function"] for m in mutants.mutants_of("nets/toy.py", source)] == [
+        "backward_helper"]
+    for name, functions in mutants.TRAINING.items():
+        defined = set(mutants.derivative_spans((mutants.ROOT / name).read_text(), functions))
+        assert {span[0] for span in defined} == set(functions), name
+    stages = mutants.test_stages(mutants.ROOT, "optim")
+    assert stages[0] == ["tests/test_optim.py", "tests/test_kronecker.py"]
+    assert "tests/test_procedures.py" in stages[1]
