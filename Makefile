@@ -30,8 +30,8 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
 
-# One-operator mutants of the hand-written derivatives, each run against the tests (about an
-# hour on 2 cores): tests/mutants.py.
+# One-operator mutants of the hand-written derivatives, each run against the tests (107 at
+# seed 0: over an hour on 2 cores): tests/mutants.py.
 mutants: $(VENV)/.installed
 	$(PY) -m tests.mutants
 
