@@ -90,21 +90,24 @@ def random_like(key, tree, dtype):
 
 
 def random_layer_point(layer, input_shape, dtype, scale=1.0, seed=0, params=None, more=0):
-    """(params, x, dparams, dx, keys): the layer's initial params (or the given ones) in
-    dtype, x ~ scale N(0, 1) of input_shape, random directions of both, and `more` further
-    keys split from the same seed."""
-    keys = jax.random.split(jax.random.key(seed), 4 + more)
+    """(params, x, dparams, dx, keys): the layer's initial params moved by 0.5 N(0, 1) each
+    (or the given ones) in dtype, x ~ scale N(0, 1) of input_shape, random directions of both,
+    and `more` further keys split from the same seed. Initial params alone hid mistakes: a
+    LayerNorm's gain starts at 1, so a backward that divided by it passed."""
+    keys = jax.random.split(jax.random.key(seed), 5 + more)
     if params is None:
         params = layer.init(keys[0], (-1, *input_shape[1:]))[1]
+        params = jax.tree.map(lambda p, d: p + 0.5 * d.astype(p.dtype), params,
+                              random_like(keys[4], params, jnp.float64))
     params = gradcheck.astype(params, dtype)
     x = scale * jax.random.normal(keys[1], input_shape, dtype)
     dparams, dx = random_like(keys[2], params, dtype), jax.random.normal(keys[3], x.shape, dtype)
-    return params, x, dparams, dx, keys[4:]
+    return params, x, dparams, dx, keys[5:]
 
 
 def assert_tangent_is_jvp(layer, input_shape, dtype, scale=1.0, seed=0, params=None):
     """layer.tangent against jax.jvp of layer.apply in params and x, and with dx None
-    against jax.jvp with a zero dx, at random x, dparams and dx and the layer's initial (or
+    against jax.jvp with a zero dx, at random x, dparams and dx and the layer's moved initial (or
     the given) params."""
     params, x, dparams, dx, _ = random_layer_point(layer, input_shape, dtype, scale, seed,
                                                    params)

@@ -60,11 +60,11 @@ TRAINING = {
                                "saddle_free_step"),
 }
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
-           "layers": ("combinators", "gauss_newton", "hessian_product"),
+           "layers": ("combinators", "gauss_newton", "hessian_product", "curvature"),
            "models": ("gauss_newton",),
            "recurrent": ("recurrent_gauss_newton", "hessian_product"),
            **dict.fromkeys(("attention", "normalization", "pooling", "conv"),
-                           ("gauss_newton", "hessian_product")),
+                           ("gauss_newton", "hessian_product", "curvature")),
            "optim": ("kronecker",), "parallel": ("private",),
            "procedures": ("hessian_free", "curvature")}
 

@@ -31,7 +31,7 @@ def assert_backward_tangent_is_jax(layer, input_shape, dtype, scale=1.0, seed=0,
     """layer.backward_tangent's (g_params, g_x, R{g_params}, R{g_x}) against jax: the pullback
     of layer.apply at (params, x) for g_y, and `jax.jvp` of that pullback as a function of
     (params, x, g_y) along (v_params, v_x, r_g_y); with v_x None, along a zero v_x. params:
-    the layer's initial ones unless given."""
+    the layer's initial ones moved (`random_layer_point`) unless given."""
     params, x, v_params, v_x, keys = random_layer_point(layer, input_shape, dtype, scale, seed,
                                                         params, more=2)
     y_shape = jax.eval_shape(layer.apply, params, x).shape
