@@ -43,6 +43,7 @@ __all__ = [
     "named_parameters",
     "parameter",
     "astype",
+    "moved_parameters",
     "finite_difference_grad",
     "finite_difference_grads",
     "shifted_energies",
@@ -98,6 +99,33 @@ def astype(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
     )
+
+
+ZERO_LEAF_SPREAD = 0.2
+
+
+def moved_parameters(key: jax.Array, params: Any, scale: float = 0.5) -> Any:
+    """A generic point near the initial one: every floating-point leaf p moved to
+    p + scale * rms(p) * N(0, 1), entry by entry, where rms(p) = sqrt(mean(p^2)); an all-zero
+    leaf (a bias) as if its rms were `ZERO_LEAF_SPREAD`. Activations keep the scale the init
+    chose, but no gain stays at exactly 1 and no bias at 0, where a backward that divides by
+    a gain, or drops one, still agrees with jax.grad. scale 0 returns params unchanged.
+
+    A ValueError for a scale that is not a finite number >= 0.
+    """
+    if not is_finite_number(scale) or scale < 0:
+        raise ValueError(f"moved_parameters: scale must be a finite number >= 0, got {scale!r}")
+    leaves, structure = jax.tree.flatten(params)
+    keys = jax.random.split(key, max(len(leaves), 1))
+
+    def moved(leaf, leaf_key):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) or scale == 0:
+            return leaf
+        rms = jnp.sqrt(jnp.mean(jnp.square(leaf)))
+        spread = jnp.where(rms > 0, rms, ZERO_LEAF_SPREAD).astype(leaf.dtype)
+        return leaf + scale * spread * jax.random.normal(leaf_key, jnp.shape(leaf), leaf.dtype)
+
+    return jax.tree.unflatten(structure, [moved(leaf, k) for leaf, k in zip(leaves, keys)])
 
 
 def named_parameters(model: Layer, params: Any) -> Iterator[tuple[str, str, tuple]]:

@@ -265,23 +265,14 @@ CASES = {
 }
 
 
-def moved_params(key, params):
-    """Each leaf moved by half its own root mean square times N(0, 1) (by 0.1 N(0, 1) where it
-    is all zeros): the activations keep the scale the init chose, but no gain sits at exactly
-    1 and no bias at 0, where a backward that divides by a gain, or drops one, passes."""
-    def moved(leaf, noise):
-        rms = jnp.sqrt(jnp.mean(jnp.square(leaf)))
-        return leaf + 0.5 * jnp.where(rms > 0, rms, 0.2) * noise.astype(leaf.dtype)
-    return jax.tree.map(moved, params, random_like(key, params, jnp.float64))
-
-
 def case_point(name, dtype, batch=3):
     """(model, objective, params, x, targets, v) of CASES[name]: the model's initial params
-    moved (`moved_params`), a batch of inputs and targets of the case's kind, and a random v."""
+    moved (`gradcheck.moved_parameters`: at init a LayerNorm's gain is 1, where a backward
+    dividing by it passes), a batch of inputs and targets of the case's kind, a random v."""
     build, objective, input_shape, target_kind = CASES[name]
     model = build()
     keys = jax.random.split(jax.random.key(len(name)), 5)
-    params = moved_params(keys[4], model.init(keys[0], (-1, *input_shape))[1])
+    params = gradcheck.moved_parameters(keys[4], model.init(keys[0], (-1, *input_shape))[1])
     params = gradcheck.astype(params, dtype)
     if target_kind == "sequence":
         ids = jax.random.randint(keys[1], (batch, input_shape[0] + 1), 0, 7)

@@ -50,6 +50,63 @@ def test_report_passes_for_an_mlp_with_every_row_checked():
     assert [r["fd_coordinates"] for r in rows] == [8, 20, 8, 20, 3, 20]
 
 
+def test_moved_parameters_move_each_tensor_by_half_its_rms():
+    """Entry by entry p + 0.5 rms(p) N(0, 1): the spread of the moves over a large tensor,
+    measured against its own rms; an all-zero one by 0.5 * 0.2; integers and scale 0 stay."""
+    params = {"w": 3.0 * jax.random.normal(jax.random.key(0), (200, 100), jnp.float32),
+              "g": jnp.ones(20_000, jnp.float64), "b": jnp.zeros(20_000, jnp.float64),
+              "ids": jnp.arange(5)}
+    moved = gradcheck.moved_parameters(jax.random.key(1), params)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), moved) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), params)
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(params["w"].astype(jnp.float64)))))
+    # the sample sd of 20,000 normals is within 1.5% of 1 but with odds of about 1e-11
+    np.testing.assert_allclose(float(jnp.std(moved["w"] - params["w"])) / rms, 0.5, rtol=0.015)
+    np.testing.assert_allclose(float(jnp.std(moved["g"] - 1)), 0.5, rtol=0.015)
+    np.testing.assert_allclose(float(jnp.std(moved["b"])), 0.1, rtol=0.015)
+    assert abs(float(jnp.mean(moved["b"]))) < 0.005  # 7 standard errors
+    assert (moved["ids"] == params["ids"]).all()
+    unmoved = gradcheck.moved_parameters(jax.random.key(1), params, 0.0)
+    assert all((a == b).all() for a, b in zip(jax.tree.leaves(unmoved), jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), "0.5", True])
+def test_moved_parameters_refuse_a_scale_not_finite_and_at_least_0(scale):
+    with pytest.raises(ValueError, match=re.escape(
+            f"moved_parameters: scale must be a finite number >= 0, got {scale!r}")):
+        gradcheck.moved_parameters(jax.random.key(0), {"w": jnp.ones(3)}, scale)
+
+
+def layer_norm_dividing_by_its_gain(features):
+    """A LayerNorm whose backward passes dy / g, not dy g, back through its standardisation:
+    the same gradient wherever the gain is 1, as it is at init."""
+    good = nets.LayerNorm(features)
+
+    def backward(params, residuals, dy):
+        return good.backward({**params, "g": 1 / params["g"]}, residuals, dy)
+
+    return good._replace(backward=backward)
+
+
+def test_the_report_catches_a_backward_dividing_by_a_gain_only_at_moved_parameters():
+    """At init (gain 1) the wrong LayerNorm agrees with jax.grad; moved, its input's gradient
+    is wrong, and so is every gradient below it."""
+    model = layers.serial(layers.Dense(6, name="below"), layer_norm_dividing_by_its_gain(6),
+                          layers.Tanh(), layers.Dense(3, name="out"))
+    _, initial = model.init(jax.random.key(0), (-1, 5))
+    x, targets = random_batch(jax.random.key(1), 7, 5, 3, jnp.float64)
+
+    def verdicts(params):
+        rows = gradcheck.gradient_report(model, losses.lecture_objective(0.0), params, x,
+                                         targets, jnp.float64, max_fd_coordinates=10)
+        return {(r["layer"], r["param"]): r["passed"] for r in rows}
+
+    assert all(verdicts(initial).values())
+    moved = verdicts(gradcheck.moved_parameters(jax.random.key(2), initial))
+    assert moved == {("below", "b"): False, ("below", "w"): False, ("LayerNorm", "b"): True,
+                     ("LayerNorm", "g"): True, ("out", "b"): True, ("out", "w"): True}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_report_fails_for_a_wrong_backward(dtype):
     model = layers.serial(broken_dense(4, "bad"), layers.Sigmoid(), layers.Dense(3, name="ok"))
