@@ -61,7 +61,7 @@ TRAINING = {
 }
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
            "layers": ("combinators", "gauss_newton", "hessian_product", "curvature"),
-           "models": ("gauss_newton",),
+           "models": ("gauss_newton", "hessian_product"),
            "recurrent": ("recurrent_gauss_newton", "hessian_product"),
            **dict.fromkeys(("attention", "normalization", "pooling", "conv"),
                            ("gauss_newton", "hessian_product", "curvature")),
