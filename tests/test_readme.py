@@ -50,7 +50,7 @@ def test_readme_layer_example_passes_its_check_and_trains(example):
     assert max(row["rel_err_vs_autodiff"] for row in report) <= 1e-10
     assert [(row["param"], row["passed"]) for row in namespace["alone"]] == [
         ("dx", True), ("b", True), ("g", True)]
-    assert float(namespace["energy"]) < 0.05  # the README says 0.013 after 100 steps
+    assert float(namespace["energy"]) < 0.05  # the README says 0.0097 after 100 steps
 
 
 def test_readme_layer_example_check_catches_a_missing_gain_in_dx(example):
