@@ -8,7 +8,7 @@ ifneq ($(wildcard ../shared/data),)
 export NETS_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: run test lint gradcheck xor bench bench-quick mutants clean $(REPRODUCTIONS)
+.PHONY: run test test-gradients lint gradcheck xor bench bench-quick mutants clean $(REPRODUCTIONS)
 
 # One target per reproduction: `make lenet1989` runs `python -m experiments.lenet1989`.
 REPRODUCTIONS := lenet1989 lenet5 seed_table curvature adding_problem vanishing char_rnn \
@@ -29,6 +29,14 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
+
+# Every hand-written gradient, curvature and tangent of the layers, losses, combinators, models
+# and recurrent and attention nets against its reference, and the gradient report's own tests:
+# the files to run after writing a layer (a fifth of the suite's time).
+GRADIENT_TESTS := layers losses combinators conv pooling normalization engines models recurrent \
+	attention gradcheck
+test-gradients: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q $(GRADIENT_TESTS:%=tests/test_%.py)
 
 # One-operator mutants of the hand-written derivatives, each run against the tests (107 at
 # seed 0: over an hour on 2 cores): tests/mutants.py.
