@@ -31,10 +31,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
 
 # Every hand-written gradient, curvature and tangent of the layers, losses, combinators, models
-# and recurrent and attention nets against its reference, and the gradient report's own tests:
+# and recurrent and attention nets against its reference, the gradient report's own tests, and
+# that no hand-written pass is differentiated by JAX (tests/test_by_hand.py):
 # the files to run after writing a layer (a fifth of the suite's time).
 GRADIENT_TESTS := layers losses combinators conv pooling normalization engines models recurrent \
-	attention gradcheck
+	attention gradcheck by_hand
 test-gradients: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q $(GRADIENT_TESTS:%=tests/test_%.py)
 
