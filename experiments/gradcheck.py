@@ -17,8 +17,12 @@ float64 and float32, and both against central finite differences in float64, per
 parameter (nets/gradcheck.py has the tolerance table: float64 <= 1e-10, float32 <= 1e-5,
 finite differences <= 1e-6; finite differences on up to 256 coordinates a tensor).
 
+Each model's manual-engine program is also read for equations of JAX's differentiation
+(`nets.gradcheck.jax_differentiated`): a backward computed by `jax.vjp` agrees with jax.grad
+to rounding, and fails every row of its model ("by_hand" false).
+
 Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
-"rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", ...} and "passed": true/false,
+"rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", "by_hand", ...} and "passed",
 results.md, and errors.png (every tensor's relative errors beside the tolerances). Exits
 with status 1 if any check fails.
 
@@ -302,6 +306,7 @@ def main(argv=None) -> int:
         ),
         "fd_coordinates": sum(c["fd_coordinates"] for c in checks),
         "fd_kinks": sum(c["fd_kinks"] for c in checks),
+        "by_hand": all(c["by_hand"] for c in checks),
     }
     config = {**to_dict(config), "tolerances": TOLERANCES,
               "models": sorted({check["model"] for check in checks})}
@@ -310,7 +315,7 @@ def main(argv=None) -> int:
     save_error_plot(workdir / "errors.png", checks)
     columns = ["model", "layer", "param", "dtype", "rel_err_vs_autodiff",
                "rel_err_vs_finite_diff", "autodiff_rel_err_vs_finite_diff", "fd_kinks", "cosine",
-               "passed"]
+               "by_hand", "passed"]
     verdict = "all checks passed" if passed else f"{len(failed)} of {len(checks)} checks FAILED"
     results.save_and_print_table(
         workdir, results.markdown_table(checks, columns) + f"\n{verdict}; results in {workdir}\n"

@@ -15,6 +15,10 @@ One tolerance table (`TOLERANCES`) serves the tests, the experiments and the rep
              `smooth_coordinates`);
     float32: manual vs jax.grad relative error <= 1e-5.
 
+Both reports also read the hand-written pass's program (`jax_differentiated`): an equation
+that JAX's differentiation wrote there (a backward by `jax.vjp`, a tangent by `jax.jvp`)
+fails every row ("by_hand" false), as no comparison of values can see it.
+
 Relative error is a norm ratio over a whole parameter tensor,
     rel(a, b) = ||a - b|| / max(||a||, ||b||, tiny),
 so that entries whose true gradient is nearly zero do not dominate. Cosine similarity is
@@ -49,6 +53,7 @@ __all__ = [
     "shifted_energies",
     "kink_gaps",
     "smooth_coordinates",
+    "jax_differentiated",
     "gradient_report",
     "layer_report",
     "finite_difference_tolerance",
@@ -310,6 +315,38 @@ def _size(tree: Any) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(tree))
 
 
+AUTODIFF_MARKS = ("jvp(", "transpose(")
+
+
+def _name_stacks(jaxpr: Any, found: set[str]) -> set[str]:
+    for equation in jaxpr.eqns:
+        found.add(str(equation.source_info.name_stack))
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's, or a Jaxpr itself
+                if hasattr(inner, "eqns"):
+                    _name_stacks(inner, found)
+    return found
+
+
+def jax_differentiated(function: Any, *args: Any) -> list[str]:
+    """The name stacks, sorted, of the equations in `function(*args)`'s program that JAX's
+    differentiation wrote: [] for a pass written by hand.
+
+    Every equation that `jax.jvp`, `jax.linearize` or `jax.jacfwd` adds names `jvp(...)` in
+    its source's name stack, and every one that `jax.grad`, `jax.vjp` or `jax.jacrev` adds
+    `transpose(jvp(...))`, inside jit, scan, cond and remat too. The program is traced
+    (`jax.make_jaxpr`), not compiled. A backward that returns `jax.vjp` of its forward gives
+    the same numbers as `jax.grad`; only its program tells it apart.
+    """
+    return _differentiated(jax.make_jaxpr(function)(*args).jaxpr)
+
+
+def _differentiated(jaxpr: Any) -> list[str]:
+    stacks = _name_stacks(jaxpr, set())
+    return sorted(s for s in stacks if any(mark in s for mark in AUTODIFF_MARKS))
+
+
 def gradient_report(
     model: Layer,
     objective: Objective,
@@ -335,7 +372,8 @@ def gradient_report(
     autodiff_rel_err_vs_finite_diff, fd_coordinates (those compared), fd_kinks (those left
     out: a kink within h, see `smooth_coordinates`; at most half may be), mismatch (None, or
     the shape or dtype in which the manual gradient differs from jax.grad's: a failure),
-    passed. `key` goes
+    by_hand (the manual engine's program holds no equation of JAX's differentiation,
+    `jax_differentiated`; false fails every row), passed. `key` goes
     to a stochastic model (dropout): all three gradients then hold the same draws fixed.
     """
     dtype_name = jnp.dtype(dtype).name
@@ -364,7 +402,9 @@ def _gradient_report(
     fd_step, key,
 ):
     params, x, targets = astype(params, dtype), astype(x, dtype), astype(targets, dtype)
-    _, manual_grad = jax.jit(engines.manual(model, objective))(params, x, targets, key)
+    traced = jax.jit(engines.manual(model, objective)).trace(params, x, targets, key)
+    by_hand = not _differentiated(traced.jaxpr.jaxpr)  # the program compiled next
+    _, manual_grad = traced.lower().compile()(params, x, targets, key)
     _, autodiff_grad = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
 
     with_fd = dtype_name == "float64"
@@ -418,7 +458,9 @@ def _gradient_report(
                                 in (("shape", manual_leaf.shape, autodiff_leaf.shape),
                                     ("dtype", manual_leaf.dtype, autodiff_leaf.dtype))
                                 if ours != theirs), None)
-        passed = row["mismatch"] is None and row["rel_err_vs_autodiff"] <= tolerance["vs_autodiff"]
+        row["by_hand"] = by_hand
+        passed = (by_hand and row["mismatch"] is None
+                  and row["rel_err_vs_autodiff"] <= tolerance["vs_autodiff"])
         if with_fd:
             chosen, (plus, minus) = coordinates[path], shifted[_raw(path)]
             fd = (plus - minus) / (2 * fd_step)
@@ -457,11 +499,12 @@ def layer_report(
     Returns one dict for dx (when x is floating; token ids have none) and one per parameter
     leaf, with keys layer, param ("dx", or the leaf's name as `named_parameters` gives it),
     dtype, shape, rel_err_vs_vjp, cosine, mismatch (None, or the shape or dtype in which the
-    hand-written gradient differs: a failure) and passed (rel_err_vs_vjp <=
-    TOLERANCES[dtype]["vs_autodiff"]). Where `gradient_report` checks a layer inside a net,
-    an error in a layer's dx shows in the rows of the layers below it; here it is its own
-    "dx" row. `key` goes to a stochastic layer (both passes see the same draws). Products run
-    at matmul precision "highest".
+    hand-written gradient differs: a failure), by_hand (the backward's program holds no
+    equation of JAX's differentiation, `jax_differentiated`) and passed (by_hand, and
+    rel_err_vs_vjp <= TOLERANCES[dtype]["vs_autodiff"]). Where `gradient_report` checks a
+    layer inside a net, an error in a layer's dx shows in the rows of the layers below it;
+    here it is its own "dx" row. `key` goes to a stochastic layer (both passes see the same
+    draws). Products run at matmul precision "highest".
     """
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in TOLERANCES:
@@ -472,6 +515,7 @@ def layer_report(
         y, residuals = forward_with_key(layer, params, x, key)
         dy = jax.random.normal(jax.random.key(seed), y.shape, y.dtype)
         manual = layer.backward(params, residuals, dy)
+        by_hand = not jax_differentiated(lambda: layer.backward(params, residuals, dy))
         floating_x = jnp.issubdtype(x.dtype, jnp.floating)
         if floating_x:
             _, pullback = jax.vjp(lambda p, inputs: layer.apply(p, inputs, key), params, x)
@@ -493,8 +537,8 @@ def layer_report(
         rows.append({"layer": layer_name, "param": name, "dtype": dtype_name,
                      "shape": list(ours.shape), "rel_err_vs_vjp": error,
                      "cosine": cosine_similarity(ours, theirs) if mismatch is None else 0.0,
-                     "mismatch": mismatch,
-                     "passed": bool(mismatch is None
+                     "mismatch": mismatch, "by_hand": by_hand,
+                     "passed": bool(by_hand and mismatch is None
                                     and error <= TOLERANCES[dtype_name]["vs_autodiff"])})
     return rows
 

@@ -7,6 +7,7 @@ import pytest
 
 from nets import gradcheck
 from nets.gradcheck import TOLERANCES, relative_error
+from nets.layers import Layer
 
 
 def tolerance(dtype) -> float:
@@ -130,3 +131,34 @@ def assert_tangent_is_jvp(layer, input_shape, dtype, scale=1.0, seed=0, params=N
         assert not jax.tree.leaves(params) and float(jnp.max(jnp.abs(dy_alone_ref))) == 0
     else:
         assert gradcheck.relative_error(dy_alone, dy_alone_ref) <= bound, layer.name
+
+
+def scale_layer(differentiate: str, name="scale"):
+    """y = x * g, shapes x (batch, n), g (n,): its backward by `jax.vjp` of its apply
+    (differentiate="vjp") or its tangent by `jax.jvp` ("jvp"), the other written by hand, a
+    layer that cheats; None, both by hand. The same numbers every way."""
+
+    def init(key, input_shape):
+        del key
+        return tuple(input_shape), {"g": jnp.full((input_shape[-1],), 1.5)}
+
+    def apply(params, x):
+        return x * params["g"][None, :]
+
+    def forward(params, x):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        if differentiate == "vjp":
+            _, pullback = jax.vjp(apply, params, x)
+            return pullback(dy)
+        return {"g": jnp.sum(dy * x, axis=0)}, dy * params["g"][None, :]
+
+    def tangent(params, x, dparams, dx):
+        if differentiate == "jvp":
+            dx = jnp.zeros_like(x) if dx is None else dx
+            return jax.jvp(apply, (params, x), (dparams, dx))
+        moved = x * dparams["g"][None, :] + (0 if dx is None else dx * params["g"][None, :])
+        return apply(params, x), moved
+
+    return Layer(name, init, forward, backward, tangent=tangent)

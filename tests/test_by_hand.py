@@ -1,16 +1,14 @@
 """The hand-written passes are written by hand: JAX's differentiation takes no part in them.
 
 Every equation that JAX's differentiation adds to a program names its transformation in its
-source's name stack: `jvp(...)` for forward mode (`jax.jvp`, `jax.linearize`, `jax.jacfwd`),
-`transpose(jvp(...))` for the reverse pass that `jax.grad`, `jax.vjp` and `jax.jacrev` build,
-inside jit, scan, cond and remat too. So the program of each hand-written pass, traced with
-`jax.make_jaxpr` for every model of the gradient report (`experiments.gradcheck.CASES`), must
-hold no such equation: the manual engine's gradient, LeCun's curvature diagonal, the
-Gauss-Newton and Hessian products (tangent passes, then backward ones) and K-FAC's blocks;
-so must those of the layers the report's models leave out (each Conv2D implementation,
-AvgPool, TimeDistributed).
-The same model's `jax.grad` program holds them, and so does a layer whose backward or tangent
-calls `jax.vjp` or `jax.jvp`, so the check can fail. Only tracing: nothing is compiled.
+source's name stack (`nets.gradcheck.jax_differentiated`), so the program of each
+hand-written pass, traced for every model of the gradient report
+(`experiments.gradcheck.CASES`), must hold no such equation: the manual engine's gradient,
+LeCun's curvature diagonal, the Gauss-Newton and Hessian products (tangent passes, then
+backward ones) and K-FAC's blocks; so must those of the layers the report's models leave out
+(each Conv2D implementation, AvgPool, TimeDistributed). The same model's `jax.grad` program
+holds them, and so does a layer whose backward or tangent calls `jax.vjp` or `jax.jvp`, so
+the check can fail. Only tracing: nothing is compiled.
 """
 import jax
 import jax.numpy as jnp
@@ -20,10 +18,9 @@ import nets
 from experiments import gradcheck as report
 from nets import engines, kronecker
 from nets.conv import IMPLEMENTATIONS
-from nets.gradcheck import astype
-from nets.layers import Layer
+from nets.gradcheck import astype, jax_differentiated
+from tests.helpers import scale_layer
 
-AUTODIFF_MARKS = ("jvp(", "transpose(")
 PASSES = {  # name: (builder, whether it takes a direction v after the targets)
     "manual gradient": (engines.manual, False),
     "curvature diagonal": (engines.curvature_diagonal, False),
@@ -34,25 +31,6 @@ PASSES = {  # name: (builder, whether it takes a direction v after the targets)
 # K-FAC takes chains ending in (batch, classes) without batch statistics or random layers.
 KFAC_REFUSED = ("conv_batchnorm", "transformer_lm", "transformer_lm_tied_gelu",
                 "rnn_bidirectional_stack_gru_elman_dropout", "remat_blocks_dropout")
-
-
-def name_stacks(jaxpr, found=None) -> set[str]:
-    """The name stacks of every equation of `jaxpr` and of the jaxprs inside its equations."""
-    found = set() if found is None else found
-    for equation in jaxpr.eqns:
-        found.add(str(equation.source_info.name_stack))
-        for value in equation.params.values():
-            for inner in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    name_stacks(inner, found)
-    return found
-
-
-def autodiff_stacks(function, *args) -> list[str]:
-    """The name stacks of `function`'s program that JAX's differentiation wrote."""
-    stacks = name_stacks(jax.make_jaxpr(function)(*args).jaxpr)
-    return sorted(s for s in stacks if any(mark in s for mark in AUTODIFF_MARKS))
 
 
 def case_point(case):
@@ -82,7 +60,7 @@ CHECKED = [(case, name) for case in report.CASES for name in PASSES
 def test_no_hand_written_pass_is_differentiated_by_jax(case, name):
     model, objective, params, x, targets, key = case_point(case)
     function, args = pass_program(name, model, objective, params, x, targets, key)
-    assert autodiff_stacks(function, *args) == [], f"{case.name}: {name}"
+    assert jax_differentiated(function, *args) == [], f"{case.name}: {name}"
 
 
 def conv_net(implementation):
@@ -113,7 +91,7 @@ def test_the_other_layers_passes_are_not_differentiated_by_jax(model_name, name)
     model, objective, input_shape, x, targets = OTHER_MODELS[model_name]()
     params = model.init(jax.random.key(0), input_shape)[1]
     function, args = pass_program(name, model, objective, params, x, targets, None)
-    assert autodiff_stacks(function, *args) == [], f"{model_name}: {name}"
+    assert jax_differentiated(function, *args) == [], f"{model_name}: {name}"
 
 
 @pytest.mark.parametrize("case", report.CASES, ids=lambda case: case.name)
@@ -121,7 +99,7 @@ def test_jax_grad_of_each_model_is_seen_as_jaxs(case):
     """The check can fail: jax.grad of the same model's E writes transposed jvp equations."""
     model, objective, params, x, targets, key = case_point(case)
     run = engines.autodiff(model, objective)
-    stacks = autodiff_stacks(lambda *a: run(*a, key=key), params, x, targets)
+    stacks = jax_differentiated(lambda *a: run(*a, key=key), params, x, targets)
     assert any(stack.startswith("transpose(jvp(") for stack in stacks), case.name
 
 
@@ -138,36 +116,6 @@ def test_kfac_refuses_exactly_the_cases_left_out_above():
             assert "kronecker_factors" in str(error)
             refused.append(case.name)
     assert tuple(refused) == KFAC_REFUSED
-
-
-def scale_layer(differentiate: str, name="scale"):
-    """y = x * g with its backward by `jax.vjp` of the forward (differentiate="vjp") or its
-    tangent by `jax.jvp` ("jvp"), the other written by hand: a layer that cheats."""
-
-    def init(key, input_shape):
-        del key
-        return tuple(input_shape), {"g": jnp.full((input_shape[-1],), 1.5)}
-
-    def apply(params, x):
-        return x * params["g"][None, :]
-
-    def forward(params, x):
-        return apply(params, x), x
-
-    def backward(params, x, dy):
-        if differentiate == "vjp":
-            _, pullback = jax.vjp(apply, params, x)
-            return pullback(dy)
-        return {"g": jnp.sum(dy * x, axis=0)}, dy * params["g"][None, :]
-
-    def tangent(params, x, dparams, dx):
-        if differentiate == "jvp":
-            dx = jnp.zeros_like(x) if dx is None else dx
-            return jax.jvp(apply, (params, x), (dparams, dx))
-        moved = x * dparams["g"][None, :] + (0 if dx is None else dx * params["g"][None, :])
-        return apply(params, x), moved
-
-    return Layer(name, init, forward, backward, tangent=tangent)
 
 
 @pytest.mark.parametrize("differentiate, name, caught", [
@@ -187,4 +135,4 @@ def test_a_layer_differentiated_by_jax_is_caught(differentiate, name, caught):
     params = model.init(jax.random.key(0), (-1, 5))[1]
     x, targets = jnp.ones((2, 5), jnp.float32), jnp.zeros((2, 3), jnp.float32)
     function, args = pass_program(name, model, objective, params, x, targets, None)
-    assert bool(autodiff_stacks(function, *args)) is caught
+    assert bool(jax_differentiated(function, *args)) is caught

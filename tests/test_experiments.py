@@ -86,8 +86,9 @@ def test_gradcheck_writes_every_check_and_passes(tmp_path, names):
     assert {c["model"] for c in checks} == set(names)
     assert {c["dtype"] for c in checks} == {"float64", "float32"}
     required = {"model", "layer", "param", "dtype", "rel_err_vs_autodiff",
-                "rel_err_vs_finite_diff", "cosine", "passed"}
+                "rel_err_vs_finite_diff", "cosine", "by_hand", "passed"}
     assert all(required <= set(c) for c in checks)
+    assert document["metrics"]["by_hand"] is True
     assert all(c["rel_err_vs_autodiff"] <= F64 for c in checks if c["dtype"] == "float64")
     assert (tmp_path / "errors.png").stat().st_size > 10_000
 
@@ -116,6 +117,23 @@ def test_gradcheck_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(gradcheck, "CASES", [broken])
     assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "3"]) == 1
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
+
+
+def test_gradcheck_exits_nonzero_for_a_backward_by_jax_vjp(tmp_path, monkeypatch):
+    """Its numbers agree with jax.grad's; its program is jax's, and every row of it fails."""
+    import nets
+    from tests.helpers import scale_layer
+
+    cheat = gradcheck.Case(
+        "cheat", lambda: (nets.serial(nets.Dense(3, name="hidden"), scale_layer("vjp"),
+                                      nets.Dense(2, name="out")),
+                          nets.lecture_objective(0.0)), (4,), 2)
+    monkeypatch.setattr(gradcheck, "CASES", [cheat])
+    assert gradcheck.main(["--workdir", str(tmp_path), "--batch", "3"]) == 1
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["metrics"]["by_hand"] is False
+    assert max(c["rel_err_vs_autodiff"] for c in document["checks"]) <= 1e-6
+    assert {(c["by_hand"], c["passed"]) for c in document["checks"]} == {(False, False)}
 
 
 @pytest.mark.parametrize("option", [["--clip-norm", "2"], ["--per-example-batch", "16"],

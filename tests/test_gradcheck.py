@@ -8,7 +8,7 @@ import pytest
 
 import nets
 from nets import gradcheck, layers, losses
-from tests.helpers import F64, random_batch
+from tests.helpers import F64, random_batch, scale_layer
 from tests.test_engines import broken_dense
 
 
@@ -398,3 +398,42 @@ def test_the_gauss_newton_diagonal_reference_of_float32_params_on_float64_data()
     for leaf, expected in zip(jax.tree.leaves(reference), jax.tree.leaves(ours)):
         assert leaf.dtype == jnp.float32
         np.testing.assert_allclose(leaf, expected, rtol=1e-5)
+
+
+def test_jax_differentiated_names_what_jax_differentiation_wrote():
+    """[] for a plain function; jax.grad's program has the reverse pass's transposed jvp,
+    jax.jvp's its jvp, also under jit and inside a scan."""
+    def energy(w):
+        return jnp.sum(jnp.tanh(w) ** 2)
+
+    w = jnp.linspace(-1.0, 1.0, 5)
+    assert gradcheck.jax_differentiated(energy, w) == []
+    assert gradcheck.jax_differentiated(jax.jit(lambda w: 2 * w + energy(w)), w) == []
+    grad_stacks = gradcheck.jax_differentiated(jax.jit(jax.grad(energy)), w)
+    assert any(stack.startswith("transpose(jvp(") for stack in grad_stacks)
+    tangent = gradcheck.jax_differentiated(lambda w: jax.jvp(energy, (w,), (w,)), w)
+    assert tangent and all(stack.startswith("jvp(") for stack in tangent)
+
+    def scanned(w):
+        return jax.lax.scan(lambda c, _: (c + jax.grad(energy)(c), None), w, None, length=3)[0]
+
+    assert gradcheck.jax_differentiated(scanned, w) != []
+
+
+@pytest.mark.parametrize("differentiate", ["vjp", None])
+def test_the_reports_fail_a_backward_by_jax_vjp_whose_numbers_agree(differentiate):
+    """A backward that is jax.vjp of its forward agrees with jax.grad to rounding; the
+    reports read its program and fail every row, "by_hand" false. Written by hand, all pass."""
+    model = nets.serial(nets.Dense(4, name="hidden"), scale_layer(differentiate), nets.Tanh(),
+                        nets.Dense(3, name="out"))
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    x, targets = random_batch(jax.random.key(1), 6, 5, 3, jnp.float64)
+    rows = gradcheck.gradient_report(model, losses.lecture_objective(0.1), params, x, targets)
+    assert len(rows) == 5 and max(row["rel_err_vs_autodiff"] for row in rows) <= 1e-12
+    by_hand = differentiate is None
+    assert [(row["by_hand"], row["passed"]) for row in rows] == [(by_hand, by_hand)] * 5
+    alone = gradcheck.layer_report(scale_layer(differentiate), {"g": jnp.array([0.5, -2.0])},
+                                   jnp.ones((3, 2)))
+    assert [row["param"] for row in alone] == ["dx", "g"]
+    assert max(row["rel_err_vs_vjp"] for row in alone) <= 1e-12
+    assert [(row["by_hand"], row["passed"]) for row in alone] == [(by_hand, by_hand)] * 2
