@@ -17,9 +17,11 @@ harness, which does no work for it (experiments without checkpoints run it again
 process's JAX settings and its output in `DIR/seed_K.log`.
 
 Writes into DIR (default `runs/seeds/<experiment>/<UTC timestamp>/`):
-- `results.json`: `metrics` {metric: {n, mean, sd, median, min, max}} over the seeds (sd with
-  n - 1; 0 for one seed), `history` one record per seed {"seed", metric: value}, and with
-  `--at-most METRIC=VALUE` the seeds at or below the value, `--at-least` likewise; where
+- `results.json`: `metrics` {metric: {n, mean, sd, standard_error, median, min, max}} over
+  the seeds (sd with n - 1; 0 for one seed; standard_error of the mean, sd / sqrt(n)),
+  `history` one record per seed {"seed", metric: value}, and with `--at-most METRIC=VALUE`
+  the seeds at or below the value and how many standard errors the mean lies from it
+  (`mean_in_standard_errors`, positive above), `--at-least` likewise; where
   the runs list their misclassified test examples (lenet1989, lenet5), `misclassified`: how
   many seeds miss each example (the ten seeds above: 46 digits missed by all ten; results.md
   adds the most frequent confusions, there a 3 read as a 5 in 105 of the 1,045 mistakes);
@@ -182,11 +184,22 @@ def numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
-    """n, mean, sd (n - 1 in the denominator; 0 for one value), median, min, max."""
+    """n, mean, sd (n - 1 in the denominator; 0 for one value), standard_error (of the mean,
+    sd / sqrt(n)), median, min, max."""
     array = np.asarray(values, np.float64)
-    return {"n": int(array.size), "mean": float(np.mean(array)), "sd": results.sample_sd(array),
-            "median": float(np.median(array)), "min": float(np.min(array)),
-            "max": float(np.max(array))}
+    sd = results.sample_sd(array)
+    return {"n": int(array.size), "mean": float(np.mean(array)), "sd": sd,
+            "standard_error": sd / math.sqrt(array.size), "median": float(np.median(array)),
+            "min": float(np.min(array)), "max": float(np.max(array))}
+
+
+def standard_errors_from(values: Sequence[float], value: float) -> float | None:
+    """(mean - value) / standard error: how far the mean lies from a threshold, in standard
+    errors of the mean (above it if positive); None where the values do not vary."""
+    stats = summary(values)
+    if stats["standard_error"] == 0:
+        return None
+    return (stats["mean"] - value) / stats["standard_error"]
 
 
 def chosen_metrics(config: Config, per_seed: list[dict]) -> list[str]:
@@ -203,7 +216,9 @@ def chosen_metrics(config: Config, per_seed: list[dict]) -> list[str]:
 
 
 def counts(config: Config, per_seed: list[dict], seeds: Sequence[int]) -> dict:
-    """{"at_most" / "at_least": {"metric", "value", "seeds", "count"}} for the options given."""
+    """{"at_most" / "at_least": {"metric", "value", "seeds", "count",
+    "mean_in_standard_errors"}} for the options given: the seeds at or beyond the value, and
+    how far the mean over the seeds lies from it (`standard_errors_from`)."""
     out = {}
     for flag, compare in (("at_most", np.less_equal), ("at_least", np.greater_equal)):
         rule = threshold(getattr(config, flag), flag.replace("_", "-"))
@@ -214,7 +229,9 @@ def counts(config: Config, per_seed: list[dict], seeds: Sequence[int]) -> dict:
             raise ConfigError(f"option --{flag.replace('_', '-')}: no metric {name!r} in every "
                               f"run; allowed: {', '.join(per_seed[0])}")
         meeting = [seed for seed, row in zip(seeds, per_seed) if compare(row[name], value)]
-        out[flag] = {"metric": name, "value": value, "seeds": meeting, "count": len(meeting)}
+        out[flag] = {"metric": name, "value": value, "seeds": meeting, "count": len(meeting),
+                     "mean_in_standard_errors": standard_errors_from(
+                         [row[name] for row in per_seed], value)}
     return out
 
 
@@ -306,16 +323,18 @@ def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
            ensemble: dict | None = None) -> str:
     options = " ".join(config.experiment_options) or "(defaults)"
     lines = [f"## {config.experiment} at {len(config.seeds)} seeds: {options}", "",
-             "| metric | mean | sd | median | min | max |", "|---|---|---|---|---|---|"]
+             "| metric | mean | sd | standard error | median | min | max |",
+             "|---|---|---|---|---|---|---|"]
     for name in names:
         s = stats[name]
-        lines.append(f"| {name} | {s['mean']:.4g} | {s['sd']:.3g} | {number(s['median'])} | "
-                     f"{number(s['min'])} | {number(s['max'])} |")
+        lines.append(f"| {name} | {s['mean']:.4g} | {s['sd']:.3g} | {s['standard_error']:.3g} "
+                     f"| {number(s['median'])} | {number(s['min'])} | {number(s['max'])} |")
     for flag, sign in (("at_most", "<="), ("at_least", ">=")):
         if flag in tallies:
             t = tallies[flag]
             lines += ["", f"{t['count']} of {len(config.seeds)} seeds have {t['metric']} "
-                          f"{sign} {number(t['value'])}: {t['seeds']}"]
+                          f"{sign} {number(t['value'])}: {t['seeds']}"
+                          + mean_against(stats[t["metric"]]["mean"], t)]
     columns = per_seed_columns(config, names, stats)
     lines += ["", "| seed | " + " | ".join(columns) + " |",
               "|---|" + "---|" * len(columns)]
@@ -333,6 +352,17 @@ def render(config: Sweep, names: list[str], stats: dict, per_seed: list[dict],
                       f"({ensemble['error']:.2%})"]
     lines += ["", f"{len(config.seeds)} runs in {seconds:.1f} s"]
     return "\n".join(lines) + "\n"
+
+
+def mean_against(mean: float, tally: dict) -> str:
+    """"; the mean, M, lies D standard errors above (below) V", or "" for values that do
+    not vary."""
+    distance = tally["mean_in_standard_errors"]
+    if distance is None:
+        return ""
+    side = "above" if distance > 0 else "below"
+    return (f"; the mean, {mean:.4g}, lies {abs(distance):.2f} standard errors {side} "
+            f"{number(tally['value'])}")
 
 
 def seed_argv(config: Sweep, seed: int, workdir: pathlib.Path, force: bool) -> list[str]:

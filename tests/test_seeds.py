@@ -28,18 +28,25 @@ def test_a_sweep_summarises_the_runs_it_would_make_one_by_one(tmp_path, jobs):
         assert [row[name] for row in sweep["per_seed"]] == values
         assert sweep["summary"][name] == pytest.approx({
             "n": 3, "mean": statistics.mean(values), "sd": statistics.stdev(values),
+            "standard_error": statistics.stdev(values) / 3 ** 0.5,
             "median": statistics.median(values), "min": min(values), "max": max(values)},
             rel=1e-12)
     meeting = [seed for seed, m in zip((0, 2, 5), alone) if m["test_accuracy"] >= 0.73]
-    assert sweep["thresholds"]["at_least"] == {"metric": "test_accuracy", "value": 0.73,
-                                               "seeds": meeting, "count": len(meeting)}
+    accuracies = [float(m["test_accuracy"]) for m in alone]
+    distance = ((statistics.mean(accuracies) - 0.73)
+                / (statistics.stdev(accuracies) / 3 ** 0.5))
+    assert sweep["thresholds"]["at_least"] == {
+        "metric": "test_accuracy", "value": 0.73, "seeds": meeting, "count": len(meeting),
+        "mean_in_standard_errors": pytest.approx(distance, rel=1e-12)}
     document = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert document["metrics"] == sweep["summary"]
     assert document["config"]["experiment_options"] == SMALL
     for name in ("results.md", "spread.png", "seed_2/results.json", "seed_5/config.json"):
         assert (tmp_path / "sweep" / name).is_file(), name
-    assert f"{len(meeting)} of 3 seeds have test_accuracy >= 0.73" in (
-        tmp_path / "sweep" / "results.md").read_text()
+    side = "above" if distance > 0 else "below"
+    assert (f"{len(meeting)} of 3 seeds have test_accuracy >= 0.73: {meeting}; the mean, "
+            f"{statistics.mean(accuracies):.4g}, lies {abs(distance):.2f} standard errors "
+            f"{side} 0.73") in (tmp_path / "sweep" / "results.md").read_text()
     logs = sorted(p.name for p in (tmp_path / "sweep").glob("seed_*.log"))
     assert logs == ([] if jobs == 1 else ["seed_0.log", "seed_2.log", "seed_5.log"])
     if jobs > 1:  # each worker's output went to its log, not to the terminal
@@ -202,3 +209,19 @@ def test_the_ensemble_is_the_argmax_of_the_mean_not_one_run_nor_a_vote(tmp_path)
                                                       "examples": 3}
     assert seeds.ensemble_of(tmp_path, [1]) == {"runs": 1, "misses": 2, "error": 2 / 3,
                                                 "examples": 3}
+
+
+def test_the_mean_against_a_threshold_in_standard_errors_by_hand():
+    """Values 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), standard error sqrt(5/12); against 2 the
+    mean lies 0.5 / sqrt(5/12) = 0.7746 standard errors above. Values that do not vary have
+    no such distance."""
+    stats = seeds.summary([1, 2, 3, 4])
+    assert stats["standard_error"] == pytest.approx((5 / 12) ** 0.5, rel=1e-15)
+    assert seeds.standard_errors_from([1, 2, 3, 4], 2) == pytest.approx(0.7745966692414834)
+    assert seeds.standard_errors_from([1, 2, 3, 4], 3) == pytest.approx(-0.7745966692414834)
+    assert seeds.standard_errors_from([7, 7, 7], 5) is None
+    assert seeds.summary([7])["standard_error"] == 0
+    tally = {"value": 100, "mean_in_standard_errors": 1.846}
+    assert seeds.mean_against(102.7, tally) == (
+        "; the mean, 102.7, lies 1.85 standard errors above 100")
+    assert seeds.mean_against(7, {"value": 5, "mean_in_standard_errors": None}) == ""
