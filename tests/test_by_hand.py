@@ -5,7 +5,8 @@ source's name stack (`nets.gradcheck.jax_differentiated`), so the program of eac
 hand-written pass, traced for every model of the gradient report
 (`experiments.gradcheck.CASES`), must hold no such equation: the manual engine's gradient,
 LeCun's curvature diagonal, the Gauss-Newton and Hessian products (tangent passes, then
-backward ones) and K-FAC's blocks; so must those of the layers the report's models leave out
+backward ones), K-FAC's blocks, and `training.parallel`'s per-example passes (DP-SGD by vmap
+and by ghost norms, the ghost norms); so must those of the layers the report's models leave out
 (each Conv2D implementation, AvgPool, TimeDistributed). The same model's `jax.grad` program
 holds them, and so does a layer whose backward or tangent calls `jax.vjp` or `jax.jvp`, so
 the check can fail. Only tracing: nothing is compiled.
@@ -20,6 +21,7 @@ from nets import engines, kronecker
 from nets.conv import IMPLEMENTATIONS
 from nets.gradcheck import astype, jax_differentiated
 from tests.helpers import scale_layer
+from training import parallel
 
 PASSES = {  # name: (builder, whether it takes a direction v after the targets)
     "manual gradient": (engines.manual, False),
@@ -27,10 +29,20 @@ PASSES = {  # name: (builder, whether it takes a direction v after the targets)
     "Gauss-Newton product": (engines.gauss_newton_product, True),
     "Hessian product": (engines.hessian_product, True),
     "K-FAC blocks": (kronecker.kronecker_factors, False),
+    "DP-SGD by vmap": (lambda model, objective: parallel.private_value_and_grad(
+        model, objective, clip_norm=1.0), False),
+    "DP-SGD by ghost norms": (lambda model, objective: parallel.private_value_and_grad(
+        model, objective, clip_norm=1.0, per_example="ghost"), False),
+    "ghost norms": (parallel.ghost_norms, False),
 }
-# K-FAC takes chains ending in (batch, classes) without batch statistics or random layers.
-KFAC_REFUSED = ("conv_batchnorm", "transformer_lm", "transformer_lm_tied_gelu",
-                "rnn_bidirectional_stack_gru_elman_dropout", "remat_blocks_dropout")
+# The cases a pass refuses, by name (test_each_pass_refuses_exactly_the_cases_left_out): K-FAC
+# takes chains ending in (batch, classes) without batch statistics or random layers; no
+# example has a gradient of its own under BatchNorm's batch statistics.
+REFUSED = {"K-FAC blocks": ("conv_batchnorm", "transformer_lm", "transformer_lm_tied_gelu",
+                            "rnn_bidirectional_stack_gru_elman_dropout",
+                            "remat_blocks_dropout"),
+           "DP-SGD by vmap": ("conv_batchnorm",), "DP-SGD by ghost norms": ("conv_batchnorm",),
+           "ghost norms": ("conv_batchnorm",)}
 
 
 def case_point(case):
@@ -52,7 +64,7 @@ def pass_program(name, model, objective, params, x, targets, key):
 
 
 CHECKED = [(case, name) for case in report.CASES for name in PASSES
-           if not (name == "K-FAC blocks" and case.name in KFAC_REFUSED)]
+           if case.name not in REFUSED.get(name, ())]
 
 
 @pytest.mark.parametrize("case, name", CHECKED,
@@ -82,7 +94,8 @@ def per_step_readout():
 OTHER_MODELS = {**{f"conv_{name}_avg_pool": (lambda name=name: conv_net(name))
                    for name in IMPLEMENTATIONS},
                 "lstm_time_distributed": per_step_readout}
-ENGINE_PASSES = [name for name in PASSES if name != "K-FAC blocks"]
+ENGINE_PASSES = ["manual gradient", "curvature diagonal", "Gauss-Newton product",
+                 "Hessian product"]
 
 
 @pytest.mark.parametrize("model_name", sorted(OTHER_MODELS))
@@ -103,19 +116,19 @@ def test_jax_grad_of_each_model_is_seen_as_jaxs(case):
     assert any(stack.startswith("transpose(jvp(") for stack in stacks), case.name
 
 
-def test_kfac_refuses_exactly_the_cases_left_out_above():
-    """The cases K-FAC is not checked on are those it refuses, by name."""
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_each_pass_refuses_exactly_the_cases_left_out(name):
+    """The cases a pass is not checked on are those it refuses, by a ValueError naming it."""
     refused = []
     for case in report.CASES:
         model, objective, params, x, targets, key = case_point(case)
         try:
-            function, args = pass_program("K-FAC blocks", model, objective, params, x, targets,
-                                          key)
+            function, args = pass_program(name, model, objective, params, x, targets, key)
             jax.make_jaxpr(function)(*args)
         except ValueError as error:
-            assert "kronecker_factors" in str(error)
+            assert model.name in str(error), str(error)
             refused.append(case.name)
-    assert tuple(refused) == KFAC_REFUSED
+    assert tuple(refused) == REFUSED[name]
 
 
 @pytest.mark.parametrize("differentiate, name, caught", [
