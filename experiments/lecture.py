@@ -226,9 +226,10 @@ def plot_curves(workdir, all_history, kept_history, restarts, best_index):
 
 def render(report, restarts, metrics_out, seconds, workdir):
     columns = ["layer", "param", "dtype", "rel_err_vs_autodiff", "rel_err_vs_finite_diff",
-               "cosine", "passed"]
+               "cosine", "by_hand", "passed"]
     return "\n".join([
-        "## Gradient report at initialisation (manual vs jax.grad, and vs finite differences)",
+        "## Gradient report at initialisation (manual vs jax.grad, and vs finite differences; "
+        "by_hand: no equation of JAX's differentiation in the manual pass's program)",
         results.markdown_table(report, columns),
         "## Random restarts (cost-checked full-batch gradient descent)",
         results.markdown_table(restarts),
