@@ -337,7 +337,10 @@ def jax_differentiated(function: Any, *args: Any) -> list[str]:
     its source's name stack, and every one that `jax.grad`, `jax.vjp` or `jax.jacrev` adds
     `transpose(jvp(...))`, inside jit, scan, cond and remat too. The program is traced
     (`jax.make_jaxpr`), not compiled. A backward that returns `jax.vjp` of its forward gives
-    the same numbers as `jax.grad`; only its program tells it apart.
+    the same numbers as `jax.grad`; only its program tells it apart. The marks are JAX's
+    naming, not an API: tests/test_gradcheck.py checks that `jax.grad`'s and `jax.jvp`'s
+    programs are seen, so a JAX that named them otherwise fails there instead of every pass
+    passing here.
     """
     return _differentiated(jax.make_jaxpr(function)(*args).jaxpr)
 
