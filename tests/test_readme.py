@@ -80,6 +80,36 @@ def test_readme_links_to_its_own_headings_resolve():
     assert sorted(links - anchors) == []
 
 
+def markdown_files() -> list[pathlib.Path]:
+    root = README.parent
+    return [README, root / "BENCHMARKS.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def anchors_of(path: pathlib.Path) -> set[str]:
+    outside_code = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {github_anchor(h) for h in re.findall(r"^#+ (.+)$", outside_code, re.M)}
+
+
+def test_links_between_the_markdown_files_resolve():
+    """Every relative link of README.md, BENCHMARKS.md and docs/*.md names a file that
+    exists and, where it has one, a heading of that file: the notes moved out of the README
+    into docs/ keep their links into it."""
+    broken = []
+    for path in markdown_files():
+        outside_code = re.sub(r"```.*?```|`[^`\n]*`", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", outside_code):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors_of(linked):
+                broken.append(f"{path.name}: {target} (no such heading)")
+    assert len(markdown_files()) >= 3
+    assert broken == []
+
+
 def test_github_anchor_by_hand():
     assert github_anchor("Training procedures (`training/procedures.py`)") == \
         "training-procedures-trainingprocedurespy"
