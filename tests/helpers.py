@@ -135,8 +135,10 @@ def assert_tangent_is_jvp(layer, input_shape, dtype, scale=1.0, seed=0, params=N
 
 def scale_layer(differentiate: str, name="scale"):
     """y = x * g, shapes x (batch, n), g (n,): its backward by `jax.vjp` of its apply
-    (differentiate="vjp") or its tangent by `jax.jvp` ("jvp"), the other written by hand, a
-    layer that cheats; None, both by hand. The same numbers every way."""
+    (differentiate="vjp"), by `jax.linear_transpose` of apply in x and in g, which is linear
+    in each ("linear_transpose": JAX's transposition without a jvp), or its tangent by
+    `jax.jvp` ("jvp"), the other written by hand, a layer that cheats; None, both by hand.
+    The same numbers every way."""
 
     def init(key, input_shape):
         del key
@@ -152,6 +154,10 @@ def scale_layer(differentiate: str, name="scale"):
         if differentiate == "vjp":
             _, pullback = jax.vjp(apply, params, x)
             return pullback(dy)
+        if differentiate == "linear_transpose":
+            (dx,) = jax.linear_transpose(lambda u: apply(params, u), x)(dy)
+            (dparams,) = jax.linear_transpose(lambda p: apply(p, x), params)(dy)
+            return dparams, dx
         return {"g": jnp.sum(dy * x, axis=0)}, dy * params["g"][None, :]
 
     def tangent(params, x, dparams, dx):

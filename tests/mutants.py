@@ -5,9 +5,11 @@ the tests.
                             [--workdir DIR] [--limit N] [--only nets/conv.py:313,...]
 
 Every function of `nets/` whose name says it computes a derivative (backward, transpose,
-tangent, curvature, grad, hessian_vector, bptt, pullback, ...), and the functions `TRAINING`
+tangent, curvature, grad, hessian_vector, bptt, pullback, ...), the functions `TRAINING`
 names in `training/` (SDLM's and K-FAC's steps, clipping and ghost norms, conjugate gradients
-and Lanczos; `--modules optim,parallel,procedures`), is read with `ast`; each line
+and Lanczos; `--modules optim,parallel,procedures`), and the checkers `CHECKERS` names in
+`nets/gradcheck.py` (relative error, finite differences and their kinks and tolerance, the
+moved point, `layer_report`, `jax_differentiated`), is read with `ast`; each line
 of its body that holds one of these operators gets one mutant, the first of them in this
 order changed: `a + b` -> `a - b`, `a - b` -> `a + b`, `a * b` -> `a / b`, `sum(` -> `mean(`,
 `[::-1` -> `[::1`, `** 2` -> `** 1`, `x.T` -> `x`. `--per-function N` draws N mutants a
@@ -59,6 +61,14 @@ TRAINING = {
     "training/procedures.py": ("curvature_on_subset", "conjugate_gradient", "lanczos",
                                "saddle_free_step"),
 }
+# the references and verdicts of nets/gradcheck.py that the rule does not name (it takes
+# `gradient_report` and `finite_difference_grads`): a wrong checker passes wrong gradients
+CHECKERS = {
+    "nets/gradcheck.py": ("_flat_pair", "relative_error", "cosine_similarity",
+                          "moved_parameters", "shifted_energies", "_leaf_indices", "kink_gaps",
+                          "finite_difference_tolerance", "smooth_coordinates", "layer_report",
+                          "jax_differentiated", "_name_stacks", "_differentiated"),
+}
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
            "layers": ("combinators", "gauss_newton", "hessian_product", "curvature"),
            "models": ("gauss_newton", "hessian_product"),
@@ -88,7 +98,10 @@ def mutants_of(path: str, source: str) -> list[dict]:
     """One mutant per eligible line (the first operator of OPERATORS on it), each line once
     even where functions nest."""
     lines, seen, mutants = source.splitlines(), set(), []
-    for name, first, last in derivative_spans(source, TRAINING.get(path, ())):
+    spans = derivative_spans(source, TRAINING.get(path, ()))
+    if path in CHECKERS:
+        spans += derivative_spans(source, CHECKERS[path])
+    for name, first, last in spans:
         for number in range(first, last + 1):
             code = lines[number - 1].split("#")[0]
             if number in seen or not code.strip() or code.strip().startswith(SKIPPED) \

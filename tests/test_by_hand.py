@@ -133,6 +133,7 @@ def test_each_pass_refuses_exactly_the_cases_left_out(name):
 
 @pytest.mark.parametrize("differentiate, name, caught", [
     ("vjp", "manual gradient", True),
+    ("linear_transpose", "manual gradient", True),
     ("jvp", "manual gradient", False),
     ("jvp", "Gauss-Newton product", True),
     ("vjp", "Gauss-Newton product", True),

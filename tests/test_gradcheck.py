@@ -22,6 +22,9 @@ def test_relative_error_and_cosine_by_hand():
                                1 / np.sqrt(2), rtol=1e-15)
     assert gradcheck.cosine_similarity(np.zeros(2), np.zeros(2)) == 1.0
     assert gradcheck.cosine_similarity(np.zeros(2), np.ones(2)) == 0.0
+    # a gradient of the wrong sign reads -1, an orthogonal one 0
+    assert gradcheck.cosine_similarity([3.0, -4.0], [-3.0, 4.0]) == -1.0
+    assert gradcheck.cosine_similarity([1.0, 1.0], [1.0, -1.0]) == 0.0
 
 
 def test_finite_differences_of_a_known_function():
@@ -264,9 +267,11 @@ def test_a_coordinate_is_taken_for_a_kink_only_when_its_error_is_within_1_percen
     assert smooth.tolist() == [True, True, False, True]
 
 
-def feature_scale(dx_gain: bool = True, db_sum: bool = True):
-    """The README's FeatureScale, y = x g + b, optionally with its dx missing the gain or
-    its db one example's instead of the batch's sum."""
+def feature_scale(dx_gain: bool = True, db_sum: bool = True, dx_uses_dy: bool = True,
+                  dx_factor: float = 1.0):
+    """The README's FeatureScale, y = x g + b, optionally with its dx missing the gain, its
+    dx the local derivative g without the incoming dy (right only where dy is all ones), its
+    dx off by the factor dx_factor, or its db one example's instead of the batch's sum."""
 
     def init(key, input_shape):
         n = input_shape[-1]
@@ -278,17 +283,23 @@ def feature_scale(dx_gain: bool = True, db_sum: bool = True):
     def backward(params, x, dy):
         db = jnp.sum(dy, axis=0) if db_sum else dy[0]
         dx = dy * params["g"][None, :] if dx_gain else dy
-        return {"g": jnp.sum(dy * x, axis=0), "b": db}, dx
+        if not dx_uses_dy:
+            dx = jnp.broadcast_to(params["g"][None, :], dy.shape)
+        return {"g": jnp.sum(dy * x, axis=0), "b": db}, dx * dx_factor
 
     return layers.Layer("scale", init, forward, backward)
 
 
-@pytest.mark.parametrize("dx_gain, db_sum, failing", [
-    (True, True, set()), (False, True, {"dx"}), (True, False, {"b"})])
-def test_layer_report_names_the_wrong_gradient_of_a_layer_alone(dx_gain, db_sum, failing, dtype):
+@pytest.mark.parametrize("dx_gain, db_sum, dx_uses_dy, failing", [
+    (True, True, True, set()), (False, True, True, {"dx"}), (True, False, True, {"b"}),
+    (True, True, False, {"dx"})])
+def test_layer_report_names_the_wrong_gradient_of_a_layer_alone(dx_gain, db_sum, dx_uses_dy,
+                                                                 failing, dtype):
     """At g != 1 a dx without its gain fails the layer's own dx row (inside a net it shows
-    in the layers below); a db of one example fails the b row; the right layer passes."""
-    layer = feature_scale(dx_gain, db_sum)
+    in the layers below); a db of one example fails the b row; a dx that leaves out the
+    incoming dy fails, as the report's dy is random (it would pass a dy of ones); the right
+    layer passes."""
+    layer = feature_scale(dx_gain, db_sum, dx_uses_dy)
     params = {"g": jnp.array([0.5, 2.0, -1.5]), "b": jnp.array([0.1, 0.2, 0.3])}
     x = jax.random.normal(jax.random.key(0), (4, 3))
     rows = gradcheck.layer_report(layer, params, x, dtype)
@@ -297,6 +308,32 @@ def test_layer_report_names_the_wrong_gradient_of_a_layer_alone(dx_gain, db_sum,
     assert all(row["rel_err_vs_vjp"] > 1e-2 for row in rows if row["param"] in failing)
     assert all(row["rel_err_vs_vjp"] <= F64 for row in rows
                if row["param"] not in failing and dtype == "float64")
+
+
+@pytest.mark.parametrize("dtype_name, off, fails", [
+    ("float64", 3e-10, True), ("float64", 3e-11, False),
+    ("float32", 3e-5, True), ("float32", 3e-6, False)])
+def test_each_dtype_is_held_to_its_own_tolerance_in_both_reports(dtype_name, off, fails):
+    """A dx off by the relative amount `off`, 3x above or below the dtype's bound (float64
+    1e-10, float32 1e-5, `gradcheck.TOLERANCES`): above, that dtype's rows fail it (the
+    layer's own dx row alone; inside a net the rows of the layer below, whose gradients it
+    carries), below they pass it, in layer_report and gradient_report. A bound loosened or
+    tightened threefold, or one dtype's bound used for the other, fails one of the four."""
+    layer = feature_scale(dx_factor=1 + off)
+    params = {"g": jnp.array([0.5, 2.0, -1.5]), "b": jnp.array([0.1, 0.2, 0.3])}
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    rows = gradcheck.layer_report(layer, params, x, jnp.dtype(dtype_name))
+    assert [row["param"] for row in rows if not row["passed"]] == (["dx"] if fails else [])
+    np.testing.assert_allclose(rows[0]["rel_err_vs_vjp"], off, rtol=0.1)
+    model = layers.serial(layers.Dense(3, name="hidden"), layers.Tanh(), layer,
+                          layers.Dense(2, name="out"))
+    _, params = model.init(jax.random.key(0), (-1, 5))
+    x, targets = random_batch(jax.random.key(1), 6, 5, 2, jnp.float64)
+    rows = gradcheck.gradient_report(model, losses.lecture_objective(0.1), params, x, targets,
+                                     jnp.dtype(dtype_name))
+    assert {row["dtype"] for row in rows} == {dtype_name}
+    assert {row["layer"] for row in rows if not row["passed"]} == ({"hidden"} if fails
+                                                                   else set())
 
 
 def test_layer_report_of_a_net_token_ids_and_a_gradient_of_the_wrong_shape():
@@ -420,10 +457,11 @@ def test_jax_differentiated_names_what_jax_differentiation_wrote():
     assert gradcheck.jax_differentiated(scanned, w) != []
 
 
-@pytest.mark.parametrize("differentiate", ["vjp", None])
+@pytest.mark.parametrize("differentiate", ["vjp", "linear_transpose", None])
 def test_the_reports_fail_a_backward_by_jax_vjp_whose_numbers_agree(differentiate):
-    """A backward that is jax.vjp of its forward agrees with jax.grad to rounding; the
-    reports read its program and fail every row, "by_hand" false. Written by hand, all pass."""
+    """A backward that is jax.vjp of its forward, or jax.linear_transpose of it (JAX's
+    transposition alone, no jvp), agrees with jax.grad to rounding; the reports read its
+    program and fail every row, "by_hand" false. Written by hand, all pass."""
     model = nets.serial(nets.Dense(4, name="hidden"), scale_layer(differentiate), nets.Tanh(),
                         nets.Dense(3, name="out"))
     _, params = model.init(jax.random.key(0), (-1, 5))

@@ -78,6 +78,19 @@ def test_the_second_stage_is_every_other_file_naming_the_module_or_its_public_na
         ["tests/test_imports_toy.py", "tests/test_other_shift.py", "tests/test_uses_scale.py"]]
 
 
+def test_the_checkers_of_gradcheck_get_mutants_beside_the_rules_functions():
+    """nets/gradcheck.py's references and verdicts (`CHECKERS`) are mutated as well as the
+    functions the naming rule takes there; other files of nets/ by the rule alone."""
+    source = ("def relative_error(a, b):\n    return a - b\n\n\n"
+              "def gradient_report(a, b):\n    return a + b\n\n\n"
+              "def helper(a, b):\n    return a * b\n")
+    found = mutants.mutants_of("nets/gradcheck.py", source)
+    assert sorted((m["line"], m["function"]) for m in found) == [
+        (2, "relative_error"), (6, "gradient_report")]
+    assert [m["function"] for m in mutants.mutants_of("nets/toy.py", source)] == [
+        "gradient_report"]
+
+
 def test_in_training_only_the_functions_named_for_the_file_get_mutants():
     """training/ has no naming rule for its math: TRAINING names the functions (SDLM's and
     K-FAC's steps, clipping and ghost norms, conjugate gradients), and a module of training/
@@ -90,6 +103,9 @@ def test_in_training_only_the_functions_named_for_the_file_get_mutants():
     assert [m["function"] for m in mutants.mutants_of("nets/toy.py", source)] == [
         "backward_helper"]
     for name, functions in mutants.TRAINING.items():
+        defined = set(mutants.derivative_spans((mutants.ROOT / name).read_text(), functions))
+        assert {span[0] for span in defined} == set(functions), name
+    for name, functions in mutants.CHECKERS.items():
         defined = set(mutants.derivative_spans((mutants.ROOT / name).read_text(), functions))
         assert {span[0] for span in defined} == set(functions), name
     stages = mutants.test_stages(mutants.ROOT, "optim")
