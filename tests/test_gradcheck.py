@@ -8,7 +8,7 @@ import pytest
 
 import nets
 from nets import gradcheck, layers, losses
-from tests.helpers import F64, random_batch, scale_layer
+from tests.helpers import F64, assert_close_tree, random_batch, scale_layer
 from tests.test_engines import broken_dense
 
 
@@ -334,6 +334,24 @@ def test_each_dtype_is_held_to_its_own_tolerance_in_both_reports(dtype_name, off
     assert {row["dtype"] for row in rows} == {dtype_name}
     assert {row["layer"] for row in rows if not row["passed"]} == ({"hidden"} if fails
                                                                    else set())
+
+
+@pytest.mark.parametrize("dtype_name, bound", [("float64", 1e-10), ("float32", 1e-5)])
+def test_the_tests_own_comparison_holds_each_dtype_to_its_bound(dtype_name, bound):
+    """tests/helpers.py's `assert_close_tree`, which most layer tests compare with: a leaf
+    off by 3x its dtype's bound fails, naming the leaf; 3x below passes; leaves of another
+    shape, or trees of another structure, fail whatever their values."""
+    expected = {"b": np.array([1.0, -2.0]), "w": np.array([[0.5, 3.0], [4.0, -1.0]])}
+    assert_close_tree({"b": expected["b"], "w": expected["w"] * (1 + bound / 3)}, expected,
+                      dtype_name)
+    with pytest.raises(AssertionError, match=r"layer\['w'\]: rel err"):
+        assert_close_tree({"b": expected["b"], "w": expected["w"] * (1 + 3 * bound)},
+                          expected, dtype_name, "layer")
+    with pytest.raises(AssertionError, match="shapes differ"):
+        assert_close_tree({"b": expected["b"], "w": expected["w"].T.reshape(1, 4)}, expected,
+                          dtype_name)
+    with pytest.raises(AssertionError, match="tree structures differ"):
+        assert_close_tree({"w": expected["w"]}, expected, dtype_name)
 
 
 def test_layer_report_of_a_net_token_ids_and_a_gradient_of_the_wrong_shape():
