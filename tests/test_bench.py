@@ -521,3 +521,34 @@ def test_the_timed_step_products_are_the_reset_after_grus_own():
         assert relative_error(np.asarray(over_time), expected) <= TOLERANCES["float64"][
             "vs_autodiff"], label
     assert len(set(timed)) == 3, timed
+
+
+@pytest.mark.parametrize("family, name, inside, outside", [
+    ("engine", "lenet5/b128", 0.99, 1.01),
+    ("recipe", "lenet1989_recipe/23_passes_of_7291", 1 / 61, 1 / 59),
+    ("lenet5_torch", "lenet5/b128", 0.79, 0.81),
+    ("rnn", "engine/gru/b64_t100_h256", 0.99, 1.01),
+    ("rnn", "torch/lstm/b64_t100_h256", 0.99, 1.01),
+    ("per_example", "vmap_vs_batch/mlp", 1.99, 2.01),
+    ("per_example", "vmap_vs_batch/lenet5", 3.99, 4.01),
+    ("per_example", "loop_vs_vmap/lenet5", 10.1, 9.9),
+    ("utilisation", "mlp_784_1024_1024_10/b256", 0.61, 0.59),
+    ("utilisation", "mlp_784_1024_1024_10/b256/bfloat16", 0.51, 0.49),
+])
+def test_each_target_is_the_issues_bound(family, name, inside, outside):
+    """The benchmark issue's targets, by hand (manual / jax.grad <= 1, the recipe >= 60x
+    faster than PyTorch eager, LeNet-5 <= 0.8 of PyTorch, the scan RNNs <= 1 of nn.LSTM and
+    nn.GRU, vmap / batch <= 2 and <= 4, loop / vmap >= 10, utilisation >= 0.6 and bfloat16
+    >= 0.5), against the rows as the bench names them: a ratio just inside the bound meets
+    it, just outside misses it."""
+    entry = {"family": family, "name": name}
+    assert bench.target_met({**entry, "ratio": inside})[1] is True
+    assert bench.target_met({**entry, "ratio": outside})[1] is False
+
+
+@pytest.mark.parametrize("family, name", [
+    ("engine", "remat/8_blocks_256/b4096"), ("engine", "accumulate/mlp_784_1024_1024_10/b4096"),
+    ("engine", "gauss_newton/lenet5/b128"), ("engine", "hessian/lenet5/b128"),
+    ("rnn", "gauss_newton/lstm/b64_t100_h256"), ("per_example", "dp_sgd/lenet5/b128")])
+def test_rows_without_a_target_get_none(family, name):
+    assert bench.target_met({"family": family, "name": name, "ratio": 0.5}) == (None, None)
