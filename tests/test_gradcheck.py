@@ -475,6 +475,25 @@ def test_jax_differentiated_names_what_jax_differentiation_wrote():
     assert gradcheck.jax_differentiated(scanned, w) != []
 
 
+@pytest.mark.parametrize("transform", [
+    lambda g: lambda w: jax.linearize(g, w)[1](w), lambda g: jax.jacrev(g),
+    lambda g: jax.jacfwd(g), lambda g: jax.hessian(lambda w: jnp.sum(g(w))),
+    lambda g: lambda w: jax.vjp(jax.checkpoint(g), w)[1](w)[0],
+    lambda g: lambda w: jax.linear_transpose(lambda u: 2.0 * u, w)(w)[0],
+    lambda g: jax.vmap(jax.grad(lambda a: jnp.sum(g(a))))],
+    ids=["linearize", "jacrev", "jacfwd", "hessian", "vjp_of_checkpoint", "linear_transpose",
+         "vmap_of_grad"])
+def test_jax_differentiated_sees_every_way_jax_differentiates(transform):
+    """Each of JAX's differentiation transformations leaves its marks, so a backward that
+    used any of them is caught; the function itself has none."""
+    def g(w):
+        return jnp.tanh(w) * 2.0
+
+    w = jnp.linspace(-1.0, 1.0, 4)
+    assert gradcheck.jax_differentiated(g, w) == []
+    assert gradcheck.jax_differentiated(transform(g), w) != []
+
+
 @pytest.mark.parametrize("differentiate", ["vjp", "linear_transpose", None])
 def test_the_reports_fail_a_backward_by_jax_vjp_whose_numbers_agree(differentiate):
     """A backward that is jax.vjp of its forward, or jax.linear_transpose of it (JAX's
