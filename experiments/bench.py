@@ -23,9 +23,9 @@ in this process, interleaved A B A B, after warm-up; compile time reported apart
                 "gather"). No target: the evidence for each model's default.
   recipe        LeNet-1989's 1989 recipe (one-example SGD in a constant order over the 7,291
                 USPS digits; 23 passes, 1 with --quick), wall time including compilation,
-                against PyTorch eager running the same recipe from the same initial weights
-                (energy_after of both rows: the mean E over the digits at the end). Target:
-                >= 60x faster.
+                against PyTorch eager running the same recipe from the same initial weights,
+                each side computing the mean E over the digits after every pass
+                (energy_after of both rows: the last). Target: >= 60x faster.
   lenet5_torch  LeNet-5 batch-128 training step against PyTorch eager holding the same
                 parameters. Target <= 0.8.
                 Every PyTorch reference holds our parameters, and before it is timed the
