@@ -305,8 +305,8 @@ def tbptt_epochs(cells, objective, train_streams: jax.Array, vocabulary: int,
         carries, h = extra
         offset = jax.random.randint(epoch_key, (), 0, window)
         dtype = jax.tree.leaves(params)[0].dtype
-        ids = jax.lax.dynamic_slice(train_streams, (0, offset + index * window),
-                                    (batch, window + 1))
+        start = offset + index.astype(offset.dtype) * window
+        ids = jax.lax.dynamic_slice(train_streams, (0, start), (batch, window + 1))
         xs = jax.nn.one_hot(ids[:, :-1], vocabulary, dtype=dtype)
         dropout_key = jax.random.fold_in(epoch_key, index) if config.dropout else None
         energy, grad, new_carries = value_and_grad(params, xs, ids[:, 1:], carries, dropout_key)

@@ -202,7 +202,8 @@ def step_functions(model, objective, name: str, transform, config: Config):
 def _losses_and_misses(model, objective, params, train, test):
     x, targets, _ = train
     test_x, _, test_labels = test
-    wrong = jnp.argmax(model.apply(params, test_x), axis=1) != test_labels
+    predicted = jnp.argmax(model.apply(params, test_x), axis=1)
+    wrong = predicted.astype(test_labels.dtype) != test_labels
     return objective.value(params, model.apply(params, x), targets), jnp.sum(wrong)
 
 

@@ -136,7 +136,7 @@ def make_evaluate(model, objective):
     @jax.jit
     def evaluate(params, x, labels, targets):
         outputs = model.apply(params, x)
-        wrong = jnp.argmax(outputs, axis=-1) != labels
+        wrong = jnp.argmax(outputs, axis=-1).astype(labels.dtype) != labels
         return jnp.mean(wrong), objective.loss.value(outputs, targets)
 
     return evaluate

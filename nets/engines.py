@@ -233,6 +233,7 @@ def accumulated(engine: Engine, micro_batches: int) -> Engine:
     if not is_count(micro_batches) or micro_batches < 1:
         raise ValueError(f"accumulated: micro_batches must be a whole number >= 1, got "
                          f"{micro_batches!r}")
+    micro_batches = int(micro_batches)  # a NumPy integer would not divide float32 weakly
 
     def make(model: Layer, objective: Objective) -> ValueAndGrad:
         from nets.normalization import batch_coupled_layers  # it imports nets.layers only

@@ -1,5 +1,5 @@
-"""Test configuration: float64 available, implicit rank promotion an error, 2 CPU devices,
-float32 matrix products at full precision (matmul precision "highest", for GPUs).
+"""Test configuration: float64 available, implicit rank and dtype promotion errors, 2 CPU
+devices, float32 matrix products at full precision (matmul precision "highest", for GPUs).
 
 One JAX compilation cache serves the whole run (a fresh directory, removed at the end): the
 experiments build new closures over the same programs in test after test, in both xdist workers
@@ -81,6 +81,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# No implicit promotion between dtypes either (equinox's tests do the same): under x64 a
+# float64 constant or input met in a float32 test would otherwise promote its computation to
+# float64, and the float32 comparisons would test float64 arithmetic. A test of the layers'
+# promotion of mixed inputs carries the `standard_promotion` mark, and so does one that runs
+# optax's Adam or schedules (their `decay ** count` raises a Python float to an int32 count,
+# which strict promotion refuses).
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 # The float32 tolerances assume full float32 products; a GPU's default may use TF32.
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -98,7 +105,8 @@ def pytest_unconfigure(config):
 RESTORED_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
                      "jax_persistent_cache_min_compile_time_secs",
                      "jax_compilation_cache_max_size", "jax_enable_x64",
-                     "jax_numpy_rank_promotion", "jax_default_matmul_precision")
+                     "jax_numpy_rank_promotion", "jax_numpy_dtype_promotion",
+                     "jax_default_matmul_precision")
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +128,17 @@ def _optimised_if_it_runs_long(request):
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", unoptimised)
+
+
+@pytest.fixture(autouse=True)
+def _standard_promotion_if_marked(request):
+    """JAX's standard dtype promotion for a test marked `standard_promotion` (float32 params on
+    float64 data, as NumPy arrays are under x64; optax's Adam), strict for every other test."""
+    if request.node.get_closest_marker("standard_promotion") is None:
+        yield
+        return
+    with jax.numpy_dtype_promotion("standard"):
+        yield
 
 
 @pytest.fixture(params=DTYPES)

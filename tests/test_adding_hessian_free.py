@@ -15,6 +15,7 @@ def test_a_run_is_solved_at_its_first_record_below_the_threshold():
     assert experiment.seconds_to_solve(records[:2]) is None
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.slow
 def test_experiment_writes_every_method_seed_and_record(tmp_path):
     metrics = experiment.main([

@@ -26,7 +26,7 @@ def plain_squared_error() -> Loss:
 TINY = (nets.serial(nets.Dense(2, name="out"), name="tiny"),
         nets.Objective(nets.mean_squared_error(), 0.0))
 TINY_PARAMS = TINY[0].init(KEY, (8, 3))[1]
-TINY_DATA = (jnp.ones((8, 3)), jnp.zeros((8, 2)))
+TINY_DATA = (jnp.ones((8, 3), jnp.float32), jnp.zeros((8, 2), jnp.float32))
 TWO_LAYERS = nets.serial(nets.Dense(4, name="a"), nets.Tanh(name="act"),
                          nets.Dense(2, name="b"), name="two")
 TWO_LAYERS_PARAMS = TWO_LAYERS.init(KEY, (8, 3))[1]
@@ -445,8 +445,8 @@ def test_a_tied_models_direction_holding_the_target_is_refused():
     model = nets.tie(nets.serial(nets.Dense(3, name="a"), nets.Dense(3, name="b"), name="net"),
                      ("a", "w"), ("b", "w"))
     _, params = model.init(KEY, (2, 3))
-    x = jnp.ones((2, 3))
-    untied = (params[0], {**params[1], "w": jnp.ones((3, 3))})
+    x = jnp.ones((2, 3), jnp.float32)
+    untied = (params[0], {**params[1], "w": jnp.ones((3, 3), jnp.float32)})
     with pytest.raises(ValueError, match="net: dparams holds b.w, which is tied to a.w"):
         model.tangent(params, x, untied, None)
     y, dy = model.tangent(params, x, params, None)  # the tied entries alone pass
@@ -460,8 +460,8 @@ def test_a_tied_models_params_holding_the_target_are_refused():
     model = nets.tie(nets.serial(nets.Dense(3, name="a"), nets.Dense(3, name="b"), name="net"),
                      ("a", "w"), ("b", "w"))
     _, params = model.init(KEY, (2, 3))
-    x = jnp.ones((2, 3))
-    untied = (params[0], {**params[1], "w": jnp.ones((3, 3))})
+    x = jnp.ones((2, 3), jnp.float32)
+    untied = (params[0], {**params[1], "w": jnp.ones((3, 3), jnp.float32)})
     message = "net: params holds b.w, which is tied to a.w"
     with pytest.raises(ValueError, match=message):
         model.forward(untied, x)
@@ -583,7 +583,7 @@ def test_channel_groups_refuse_params_and_directions_for_another_number_of_group
     directions, the forward, backward and tangents gave half the channels, silently."""
     layer = nets.channel_groups(nets.Dense(3, name="dense"), 2, name="towers")
     _, params = layer.init(KEY, (4, 6))
-    x = jax.random.normal(KEY, (4, 6))
+    x = jax.random.normal(KEY, (4, 6), jnp.float32)
     y, residuals = layer.forward(params, x)
     assert y.shape == (4, 6)
     few = "towers: {} must hold 2 group entries, got 1"

@@ -135,7 +135,7 @@ def test_data_parallel_rows_time_the_step_over_the_cpu_devices():
     model = nets.build_mlp(6, 3, hidden_units=5)
     objective = nets.Objective(nets.mean_squared_error(), 0.0)
     args = bench.random_problem(model, (6,), 4, jax.random.key(0))[:2] + (
-        jax.random.normal(jax.random.key(1), (4, 3)),)
+        jax.random.normal(jax.random.key(1), (4, 3), jnp.float32),)
     single = jax.jit(bench.sgd_step(model, objective, nets.manual))
     rows = bench.data_parallel_rows("family", "mlp", model, objective, args,
                                     ("single", single, args, "dp/single"), repeats=10)
@@ -328,7 +328,8 @@ def test_lenet5_in_pytorchs_layout_is_the_same_function():
 
     model = nets.lenet5()
     params, x, _ = bench.random_problem(model, (32, 32, 1), 3, jax.random.key(5))
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape),
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape,
+                                                                a.dtype),
                           params)  # nonzero biases and coefficients other than their init
     p = {name: np.asarray(a, np.float64) for name, a in bench.lenet5_to_torch(params).items()}
     table = np.asarray(nets.lenet5_c3_table(), np.float64).T[:, :, None, None]
@@ -361,9 +362,10 @@ def test_lenet1989_in_pytorchs_layout_is_the_same_function():
     from numpy.lib.stride_tricks import sliding_window_view
 
     model = nets.lenet1989()
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape),
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape,
+                                                                a.dtype),
                           bench.lenet1989_initial_params(0))
-    x = jax.random.uniform(jax.random.key(7), (3, 16, 16, 1), minval=-1.0, maxval=1.0)
+    x = jax.random.uniform(jax.random.key(7), (3, 16, 16, 1), "float32", -1.0, 1.0)
     p = {name: np.asarray(a, np.float64) for name, a in bench.lenet1989_to_torch(params).items()}
     mask = np.asarray(nets.lenet1989_h2_table(), np.float64).T[:, :, None, None]
 

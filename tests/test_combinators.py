@@ -143,12 +143,12 @@ def test_each_stochastic_branch_draws_its_own_mask_and_the_engines_agree():
                           layers.Dense(2, name="out"))
     assert model.stochastic
     _, params = model.init(jax.random.key(0), (-1, 40))
-    x = jnp.ones((3, 40))
+    x = jnp.ones((3, 40), jnp.float32)
     key = jax.random.key(5)
     y, _ = model.sublayers[0].forward(params[0], x, key=key)
     assert not np.array_equal(y[:, :40] == 0, y[:, 40:] == 0)
     objective = losses.Objective(losses.mean_squared_error(), 0.0)
-    targets = jnp.zeros((3, 2))
+    targets = jnp.zeros((3, 2), jnp.float32)
     manual, autodiff = manual_and_autodiff(model, objective, params, x, targets, key)
     assert_close_tree(manual, autodiff, jnp.float32, "dropout branches")
 

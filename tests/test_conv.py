@@ -86,6 +86,7 @@ def test_conv_backward_matches_vjp(config, implementation, dtype):
 
 @pytest.mark.parametrize("implementation", conv.IMPLEMENTATIONS)
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[4]], ids=["same_stride2", "groups"])
+@pytest.mark.standard_promotion
 def test_x_of_another_dtype_than_the_params_is_promoted(config, implementation):
     """float32 params and a float64 x: every implementation computes in float64, as a jnp
     product of the two would ("conv" raised XLA's TypeError), and its backward matches jax.vjp

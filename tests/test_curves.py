@@ -87,6 +87,7 @@ def separable_problem(key, n, features=4, classes=3):
     return x, jax.nn.one_hot(jnp.argmax(x[:, :classes], axis=-1), classes, dtype=jnp.float32)
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_learning_curves_shapes_updates_and_errors_and_runs_are_independent():
     model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=8)
     keys = jax.random.split(jax.random.key(1), 2)
@@ -120,6 +121,7 @@ def test_learning_curves_shapes_updates_and_errors_and_runs_are_independent():
     np.testing.assert_allclose(alone["test_error"], curve["test_error"][1:], atol=1e-6)
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_learning_curves_measure_batch_norm_nets_with_the_training_statistics():
     """With BatchNorm, each test digit is measured with the statistics of its run's training
     set: the error of a one-example test set (which batch statistics cannot normalise: a

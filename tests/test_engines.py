@@ -110,6 +110,7 @@ def test_get_engine_names_the_choices():
         engines.get_engine("fast")
 
 
+@pytest.mark.standard_promotion
 @pytest.mark.parametrize("l2", [0.0, 0.3])
 def test_float32_params_with_float64_data_get_float32_gradients_from_every_engine(l2):
     """NumPy data under x64 is float64: the hand-written products then came out float64 (a

@@ -440,6 +440,7 @@ def test_finite_differences_refuse_indices_outside_their_leaf_and_an_unknown_pat
         assert gradcheck.finite_difference_grads(energy, params, {}, 1e-5) == {}
 
 
+@pytest.mark.standard_promotion
 def test_the_gauss_newton_diagonal_reference_of_float32_params_on_float64_data():
     """float32 params (init's) on float64 data (NumPy arrays under x64) gave float32 Jacobian
     columns, which jax.jvp refused as tangents of the float64 outputs: a raw TypeError. Now

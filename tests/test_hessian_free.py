@@ -285,9 +285,9 @@ def test_a_run_never_raises_e_and_trains_a_tanh_net():
     """On a non-convex net: every recorded energy at most the one before (steps that would
     raise E are refused), and 30 steps lower E to under a tenth of its start."""
     model = nets.build_mlp(4, 3, hidden_layers=2, hidden_units=6, activation="tanh")
-    x = jax.random.normal(jax.random.key(0), (40, 4))
+    x = jax.random.normal(jax.random.key(0), (40, 4), jnp.float32)
     labels = jnp.argmax(x[:, :3] + 0.3 * x[:, 3:], axis=1)
-    targets = jax.nn.one_hot(labels, 3)
+    targets = jax.nn.one_hot(labels, 3, dtype=jnp.float32)
     objective = nets.lecture_objective(0.0)
     params = model.init(jax.random.key(1), (-1, 4))[1]
     procedure = procedures.hessian_free(model, objective, x, targets, cg_iterations=10,
@@ -453,6 +453,7 @@ def test_chunks_cover_the_steps_larger_first():
     assert experiment.chunk_lengths(2, 5) == [1, 1]
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.slow
 def test_experiment_writes_every_method_and_record(tmp_path):
     metrics = experiment.main([
@@ -491,8 +492,8 @@ def test_a_run_in_chunks_is_the_run_in_one_scan_bit_for_bit(batch_size):
     the state after 3 give the same state and records as 6 steps in one scan (with
     mini-batches too: the batches come from the state's key)."""
     model = nets.build_mlp(4, 3, hidden_layers=1, hidden_units=5, activation="tanh")
-    x = jax.random.normal(jax.random.key(2), (30, 4))
-    targets = jax.nn.one_hot(jnp.argmax(x[:, :3], axis=1), 3)
+    x = jax.random.normal(jax.random.key(2), (30, 4), jnp.float32)
+    targets = jax.nn.one_hot(jnp.argmax(x[:, :3], axis=1), 3, dtype=jnp.float32)
     procedure = procedures.hessian_free(model, nets.lecture_objective(0.1), x, targets,
                                         cg_iterations=6, curvature_examples=10,
                                         batch_size=batch_size)

@@ -282,6 +282,7 @@ def test_refusals_name_the_layer_and_the_value():
             optim.scale_by_kronecker_factors(0.1, decay)
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.slow
 def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
     """`experiments.kfac` on 256 digits, one epoch of 4 batches: the schema, a run per step
@@ -321,6 +322,7 @@ def test_experiment_writes_every_run_and_kfac_descends(tmp_path):
         assert 0 < output["diagonal_relative_error"] < 1
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.slow
 def test_experiment_on_lenet5_takes_mnist_and_diagonal_blocks(tmp_path):
     """`--model lenet5`: MNIST's first test images for training and its last for testing,
@@ -704,7 +706,7 @@ def test_kronecker_factors_refuse_params_of_another_number_of_layers_and_a_negat
     l2_penalty, so a negative or NaN lambda became every weight block's penalty."""
     model = nets.build_mlp(5, 3, hidden_layers=2, hidden_units=3)
     _, params = model.init(jax.random.key(0), (-1, 5))
-    x, targets = jnp.ones((8, 5)), jnp.zeros((8, 3))
+    x, targets = jnp.ones((8, 5), jnp.float32), jnp.zeros((8, 3), jnp.float32)
     objective = nets.Objective(losses.mean_squared_error(), 0.1)
     blocks = kronecker_factors(model, objective)
     assert len(blocks(params, x, targets)) == 6

@@ -170,7 +170,7 @@ def test_serial_of_serials_equals_flat_serial():
                          layers.Dense(2, name="b"))
     _, nested_params = nested.init(jax.random.key(0), (-1, 4))
     flat_params = (nested_params[0][0], nested_params[0][1], nested_params[1])
-    x = jax.random.normal(jax.random.key(1), (5, 4))
+    x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float32)
     np.testing.assert_array_equal(nested.apply(nested_params, x), flat.apply(flat_params, x))
 
 

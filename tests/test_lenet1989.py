@@ -19,6 +19,7 @@ SMALL = ["--train-examples", "300", "--test-examples", "100", "--passes", "2",
          "--progress-every", "0"]
 
 
+@pytest.mark.standard_promotion  # optax.adamw and optax's schedules
 # two passes of training beat chance (0.9) by far even on 300 digits; the bounds leave room
 # for the seed's spread (seeds 0-3 measured: the first, second and last variants <= 0.36,
 # the small modern net 0.42-0.47)
@@ -54,6 +55,7 @@ def test_each_variant_runs_and_reports_per_pass(tmp_path, extra, most_train_erro
     assert ("Most frequent confusions" in (tmp_path / "results.md").read_text()) == bool(wrong)
 
 
+@pytest.mark.standard_promotion  # optax.adamw
 def test_modern_variant_with_dropout_trains_and_evaluates_without_it(tmp_path):
     """Dropout after H3 (a new mask each batch, none when measuring): two passes on 300 digits
     beat chance (90% error), though dropout slows these first passes (train error 0.48-0.72
@@ -350,6 +352,7 @@ def test_curvature_examples_above_the_training_digits_are_refused_unless_default
         assert calls == [expected]
 
 
+@pytest.mark.standard_promotion  # optax's schedules
 def test_sdlm_1998_schedule_keeps_eta_for_two_passes_then_lowers_it():
     """--schedule 1998 (LeCun et al. 1998, Appendix C): eta for the first 2 passes, 2e-4 (at
     --lr 5e-4) from the third: 3 passes over 10 digits match the constant schedule's for 2
@@ -372,6 +375,7 @@ def test_sdlm_1998_schedule_keeps_eta_for_two_passes_then_lowers_it():
     assert abs(scheduled[2] - constant[2]) > 1e-6 * abs(constant[2])
 
 
+@pytest.mark.standard_promotion  # float64 params on the float32 digits
 def test_the_1989_recipe_updates_after_each_pattern_in_the_files_order():
     """One pass of --optimizer sgd (--lr 0.5, to make the order matter; float64 params) over 3
     digits ends at the weights of three steps p <- p - eta grad E_n(p) taken by hand, digit 0,

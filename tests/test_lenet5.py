@@ -23,6 +23,7 @@ def test_inputs_are_centred_with_the_papers_levels():
     assert np.sum(np.isclose(x, 1.175)) == 1
 
 
+@pytest.mark.standard_promotion  # optax.adamw and optax's schedules
 @pytest.mark.parametrize("optimizer,output", [
     ("sgd", "dense"), ("sdlm", "dense"), ("adamw", "dense"), ("sdlm", "rbf")])
 def test_short_runs_report_per_pass(tmp_path, optimizer, output):
@@ -215,6 +216,7 @@ def test_reported_test_loss_is_the_criterion_of_the_saved_outputs(tmp_path, outp
     assert metrics["test_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.standard_promotion  # float64 params on the float32 images
 def test_per_example_sgd_steps_through_the_training_images_in_the_files_order():
     """--optimizer sgd at its default eta, 0.01, over 3 images: one pass ends at the weights
     of three steps p <- p - eta grad E_n(p) taken by hand on images 0, 1, 2 in turn, E_n the

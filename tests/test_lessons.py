@@ -121,6 +121,7 @@ def test_precision_residual_keeps_the_first_layer_gradient(tmp_path):
     assert norms[True] > 100 * norms[False]
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_pretraining(tmp_path):
     metrics = pretraining.main([
         "--workdir", str(tmp_path), "--labelled", "50", "--train-examples", "300",
@@ -213,6 +214,7 @@ def test_memory_tradeoffs_refuses_settings_it_cannot_build(tmp_path, flag, value
     assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_depth_reports_the_updates_it_made(tmp_path):
     """--updates 25 in 2 records of whole passes (one batch of 60 a pass) makes 13 passes a
     record, 26 updates: results.json, results.md and the history say 26."""
@@ -226,6 +228,7 @@ def test_depth_reports_the_updates_it_made(tmp_path):
         tmp_path / "results.md").read_text()
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.parametrize("variant", ["plain", "residual", "batch-norm"])
 def test_depth(tmp_path, variant):
     metrics = depth.main(["--workdir", str(tmp_path), "--depths", "1,3", "--sizes", "30,60",

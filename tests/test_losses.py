@@ -228,7 +228,7 @@ def test_a_loss_refuses_an_empty_batch(name):
     """A mean over no examples was NaN (0/0) from every loss, and the engines raised a raw
     ZeroDivisionError from lambda/(2m)."""
     loss = LOSSES[name][0]
-    empty = jnp.zeros((0, 3))
+    empty = jnp.zeros((0, 3), jnp.float32)
     for function in (loss.value, loss.grad, loss.curvature):
         with pytest.raises(ValueError, match=r"outputs have shape \(0, 3\); expected a batch "
                                              r"of at least one example"):
@@ -237,7 +237,8 @@ def test_a_loss_refuses_an_empty_batch(name):
     _, params = model.init(jax.random.key(0), (-1, 4))
     for engine in (nets.engines.manual, nets.engines.autodiff):
         with pytest.raises(ValueError, match="expected a batch of at least one example"):
-            engine(model, nets.Objective(loss, 0.1))(params, jnp.zeros((0, 4)), empty)
+            engine(model, nets.Objective(loss, 0.1))(params, jnp.zeros((0, 4), jnp.float32),
+                                                          empty)
 
 
 # (loss, a value its targets may not take, values they may) for each loss

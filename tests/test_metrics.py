@@ -10,7 +10,7 @@ def test_misclassified_lists_the_examples_the_error_counts():
     """The identity 'model' outputs its input: rows 1 and 3 point at the wrong class."""
     model = nets.Identity()
     outputs = jnp.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
-    targets = jnp.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]) * 2.0 - 1.0
+    targets = jnp.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]], jnp.float32) * 2.0 - 1.0
     wrong = metrics.misclassified(model, (), outputs, targets)
     assert wrong == [{"index": 1, "label": 0, "predicted": 1},
                      {"index": 3, "label": 2, "predicted": 0}]

@@ -155,7 +155,7 @@ def test_in_a_net_every_gradient_passes_the_report():
                           layers.Dense(3, name="out"))
     _, params = model.init(jax.random.key(0), (-1, 4))
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape))
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape, flat.dtype))
     x = jax.random.normal(jax.random.key(2), (10, 4))
     targets = jax.nn.one_hot(jnp.arange(10) % 3, 3)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
@@ -194,8 +194,9 @@ def test_batch_norm_refuses_a_single_value_per_feature():
     _, params = layer.init(jax.random.key(0), (-1, 4))
     with pytest.raises(ValueError, match=r"bn: input x has shape \(1, 4\): 1 value per "
                                          r"feature, expected at least 2"):
-        layer.apply(params, jnp.ones((1, 4)))
-    assert layer.apply(params, jnp.ones((1, 2, 1, 4))).shape == (1, 2, 1, 4)  # 2 positions
+        layer.apply(params, jnp.ones((1, 4), jnp.float32))
+    two_positions = jnp.ones((1, 2, 1, 4), jnp.float32)
+    assert layer.apply(params, two_positions).shape == (1, 2, 1, 4)
 
 
 # --- BatchNorm ------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_batch_norm_in_a_net_every_gradient_passes_the_report(convolutional):
     assert nets.batch_coupled_layers(model) == (["bn"] if convolutional else ["norm1", "norm2"])
     _, params = model.init(jax.random.key(0), (-1, *input_shape))
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape))
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.key(1), flat.shape, flat.dtype))
     x = jax.random.normal(jax.random.key(2), (8, *input_shape))
     targets = jax.nn.one_hot(jnp.arange(8) % 3, 3)
     objective = losses.Objective(losses.softmax_cross_entropy(), 0.0)
@@ -481,17 +482,19 @@ def test_per_example_gradients_need_fixed_statistics_and_average_to_the_batch_gr
 def test_statistics_must_come_in_pairs_of_the_right_shape():
     layer = BatchNorm(3, name="bn")
     _, params = layer.init(jax.random.key(0), (-1, 3))
+    x = jnp.ones((2, 3), jnp.float32)
     with pytest.raises(ValueError, match=r"bn: params hold statistics \{'mean': \(3,\)\}, "
                                          r"expected both 'mean' and 'var' of shape \(3,\)"):
-        layer.apply({**params, "mean": jnp.zeros(3)}, jnp.ones((2, 3)))
+        layer.apply({**params, "mean": jnp.zeros(3, jnp.float32)}, x)
     with pytest.raises(ValueError, match=r"'var': \(4,\)"):
-        layer.apply({**params, "mean": jnp.zeros(3), "var": jnp.ones(4)}, jnp.ones((2, 3)))
+        layer.apply({**params, "mean": jnp.zeros(3, jnp.float32),
+                     "var": jnp.ones(4, jnp.float32)}, x)
     model = layers.serial(layers.Dense(3, name="d"), layer)
     _, params = model.init(jax.random.key(0), (-1, 2))
     with pytest.raises(ValueError, match=r"with_population_statistics: bn: input x has shape "
                                          r"\(1, 3\), expected at least 2 values per feature"):
-        nets.with_population_statistics(model, params, jnp.ones((1, 2)))
-    for x in (jnp.ones((1, 2)), jnp.ones((0, 2))):
+        nets.with_population_statistics(model, params, jnp.ones((1, 2), jnp.float32))
+    for x in (jnp.ones((1, 2), jnp.float32), jnp.ones((0, 2), jnp.float32)):
         with pytest.raises(ValueError, match=rf"bn: input x has shape \({x.shape[0]}, 3\), "
                                              r"expected at least 2 values per feature"):
             nets.with_population_statistics(model, params, x, batch_size=4)

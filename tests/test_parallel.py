@@ -573,6 +573,7 @@ def data_parallel_steps(model, objective, optimizer, engine, form, params, x, ta
     return first_grad, run.fetch(placed_params), batch
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.parametrize("engine", ["manual", "autodiff"])
 @pytest.mark.parametrize("form", parallel.FORMS)
 def test_two_devices_equal_one_device(form, engine):
@@ -616,6 +617,7 @@ def test_batch_norm_over_two_devices_uses_each_shards_statistics_or_the_global_o
     assert_close_tree(run.fetch((energy, grad)), expected, jnp.float64, form)
 
 
+@pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.parametrize("engine", ["manual", "autodiff"])
 @pytest.mark.parametrize("form", parallel.FORMS)
 def test_synchronised_batch_norm_over_two_devices_equals_one_device(form, engine):

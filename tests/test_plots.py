@@ -59,7 +59,7 @@ def test_activation_maps_are_the_spatial_activations_of_one_example(tmp_path):
 
     model = nets.lenet1989()
     params = model.init(jax.random.key(0), (-1, 16, 16, 1))[1]
-    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), "float32", -1.0, 1.0)
     maps = plots.activation_maps(model, params, x[:1])
     assert [(name, array.shape) for name, array in maps] == [("H1", (8, 8, 12)),
                                                              ("H2", (4, 4, 12))]

@@ -13,8 +13,8 @@ from nets import engines, losses
 from tests.helpers import F64, assert_close_tree, random_batch
 from training import metrics, optim, procedures
 
-XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-XOR_Y = jnp.array([[0.0], [1.0], [1.0], [0.0]])
+XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], jnp.float32)
+XOR_Y = jnp.array([[0.0], [1.0], [1.0], [0.0]], jnp.float32)
 
 
 def small_problem(hidden_units=8, batch=40, seed=0):
@@ -89,9 +89,9 @@ def test_stopping_rule_fires_when_the_energy_stops_decreasing():
 def test_misclassified_descent_reaches_zero_errors_and_stops():
     """On a linearly separable set the picking procedure ends with nothing misclassified."""
     key = jax.random.key(3)
-    x = jax.random.normal(key, (60, 2))
+    x = jax.random.normal(key, (60, 2), jnp.float32)
     labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(jnp.int32)
-    targets = jax.nn.one_hot(labels, 2)
+    targets = jax.nn.one_hot(labels, 2, dtype=jnp.float32)
     model = nets.build_mlp(2, 2, hidden_layers=0)
     _, params = model.init(jax.random.key(0), (-1, 2))
     result = jax.jit(lambda p: procedures.misclassified_descent(
@@ -287,6 +287,7 @@ def test_stochastic_passes_train_through_dropout_and_measure_e_without_it():
     assert np.any(np.asarray(other.params[0]["w"]) != np.asarray(state.params[0]["w"]))
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_stochastic_passes_with_dropout_rate_zero_equal_the_plain_model():
     plain = nets.serial(nets.Dense(64, name="hidden"), nets.Relu(),
                         nets.Dense(3, name="output"))
@@ -470,8 +471,8 @@ def test_misclassified_descent_with_the_hardest_examples_picked():
     from training import parallel
 
     key = jax.random.key(3)
-    x = jax.random.normal(key, (40, 2))
-    targets = jax.nn.one_hot((x[:, 0] - x[:, 1] > 0).astype(jnp.int32), 2)
+    x = jax.random.normal(key, (40, 2), jnp.float32)
+    targets = jax.nn.one_hot((x[:, 0] - x[:, 1] > 0).astype(jnp.int32), 2, dtype=jnp.float32)
     model = nets.build_mlp(2, 2, hidden_layers=0)
     _, params = model.init(jax.random.key(0), (-1, 2))
     objective = losses.lecture_objective(0.0)
@@ -770,6 +771,7 @@ def float64_problem(examples=8):
     return model, jax.tree.map(lambda p: p.astype(jnp.float64), params), x, targets
 
 
+@pytest.mark.standard_promotion  # optax.piecewise_constant_schedule
 def test_sdlm_with_lecun1998_schedule_takes_the_papers_step_sizes_by_update_count():
     """LeCun et al. 1998, Appendix C: eta = 0.0005 for the first 2 passes, 0.0002 for the next
     3, 0.0001 for the next 3, 0.00005 for the next 4, 0.00001 after. With 2 updates a pass,

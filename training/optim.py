@@ -429,7 +429,7 @@ def kfac_adaptive(initial_damping: float = 1.0, decay: float = 0.95, relative: b
                **extra_args):
         del extra_args
         averages = _averaged(state.blocks, blocks, state.estimates == 0, decay)
-        damping = state.damping
+        damping = state.damping.astype(jax.tree.leaves(updates)[0].dtype)  # kept in float32
         damped = jax.tree.map(lambda block: _damped(block, damping, relative),
                               averages, is_leaf=is_block)
         proposal = jax.tree.map(lambda g, factors: -_solve(factors, g), updates, damped)

@@ -350,7 +350,7 @@ def _weight_dot(grads_i: Any, layer_params: Any) -> jax.Array:
     weights = jax.tree.leaves(layer_params)
     return sum((jnp.sum((leaf * weight[None]).reshape(leaf.shape[0], -1), axis=1)
                 for (path, leaf), weight in zip(paths_and_leaves, weights) if is_weight(path)),
-               jnp.zeros(()))
+               jnp.zeros((), weights[0].dtype))
 
 
 def _by_gram(factors: Factors) -> bool:
@@ -725,9 +725,12 @@ def mean_over_devices(tree: Any) -> Any:
         return tree
     small = [i for i, leaf in enumerate(leaves) if np.size(leaf) < SMALL_LEAF]
     large = [i for i, leaf in enumerate(leaves) if np.size(leaf) >= SMALL_LEAF]
-    flat, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in small])
+    # NumPy's promotion, explicit: float32 with float64 is float64, losslessly
+    common = np.result_type(*[leaves[i].dtype for i in small]) if small else None
+    flat, unravel = jax.flatten_util.ravel_pytree([leaves[i].astype(common) for i in small])
     flat, large_means = jax.lax.pmean((flat, [leaves[i] for i in large]), BATCH_AXIS)
-    for i, leaf in [*zip(small, unravel(flat)), *zip(large, large_means)]:
+    small_means = [mean.astype(leaves[i].dtype) for i, mean in zip(small, unravel(flat))]
+    for i, leaf in [*zip(small, small_means), *zip(large, large_means)]:
         leaves[i] = leaf
     return jax.tree.unflatten(treedef, leaves)
 

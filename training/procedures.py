@@ -283,7 +283,7 @@ def _guard_init() -> GuardState:
 def _inject_nan(guard: Guard, grad: Any, index: jax.Array) -> Any:
     if not guard.nan_steps:
         return grad
-    poisoned = jnp.any(index == jnp.array(guard.nan_steps))
+    poisoned = jnp.any(index == jnp.array(guard.nan_steps, jnp.result_type(index)))
     leaves, treedef = jax.tree.flatten(grad)
     if guard.nan_leaf >= len(leaves):  # was a bare IndexError
         raise ValueError(f"Guard: nan_leaf {guard.nan_leaf} is out of range: the gradient "
@@ -316,7 +316,7 @@ def _guard_update(guard: Guard, state: GuardState, ok, first_bad_leaf, index) ->
 
 
 def _scaled(updates: Any, scale: jax.Array) -> Any:
-    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
 
 
 def _frozen(state: TrainState) -> jax.Array:
@@ -473,7 +473,8 @@ def misclassified(
         key, pick_key = _split(state.key)
         wrong = predicted_labels(model.apply(state.params, x)) != true_labels
         wrong_count = jnp.sum(wrong)
-        weights = jnp.where(wrong_count > 0, wrong / jnp.maximum(wrong_count, 1), 1 / examples)
+        share = wrong.astype(jnp.float32) / jnp.maximum(wrong_count, 1).astype(jnp.float32)
+        weights = jnp.where(wrong_count > 0, share, 1 / examples)
         if pick is None:
             picked = jax.random.choice(pick_key, examples, (batch_size,), p=weights)
         else:
