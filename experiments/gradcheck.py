@@ -19,7 +19,8 @@ finite differences <= 1e-6; finite differences on up to 256 coordinates a tensor
 
 Each model's manual-engine program is also read for equations of JAX's differentiation
 (`nets.gradcheck.jax_differentiated`): a backward computed by `jax.vjp` agrees with jax.grad
-to rounding, and fails every row of its model ("by_hand" false).
+to rounding, and fails every row of its model ("by_hand" false); so does a float32 check
+whose program computes in float64 anywhere ("wider_floats", `nets.gradcheck.wider_floats`).
 
 Writes DIR/results.json with a list "checks" of {"model", "layer", "param", "dtype",
 "rel_err_vs_autodiff", "rel_err_vs_finite_diff", "cosine", "by_hand", ...} and "passed",
@@ -307,6 +308,8 @@ def main(argv=None) -> int:
         "fd_coordinates": sum(c["fd_coordinates"] for c in checks),
         "fd_kinks": sum(c["fd_kinks"] for c in checks),
         "by_hand": all(c["by_hand"] for c in checks),
+        # equations of a float32 check that compute in float64 (each fails its model's rows)
+        "wider_floats": sorted({f"{c['model']}: {e}" for c in checks for e in c["wider_floats"]}),
     }
     config = {**to_dict(config), "tolerances": TOLERANCES,
               "models": sorted({check["model"] for check in checks})}

@@ -17,7 +17,10 @@ One tolerance table (`TOLERANCES`) serves the tests, the experiments and the rep
 
 Both reports also read the hand-written pass's program (`jax_differentiated`): an equation
 that JAX's differentiation wrote there (a backward by `jax.vjp`, a tangent by `jax.jvp`)
-fails every row ("by_hand" false), as no comparison of values can see it.
+fails every row ("by_hand" false), as no comparison of values can see it. So does a float32
+check whose pass computes in float64 anywhere ("wider_floats", `wider_floats`): under x64 an
+array made without a dtype is float64 and promotes what meets it, and the float32 check
+would then measure float64 arithmetic.
 
 Relative error is a norm ratio over a whole parameter tensor,
     rel(a, b) = ||a - b|| / max(||a||, ||b||, tiny),
@@ -318,15 +321,20 @@ def _size(tree: Any) -> int:
 AUTODIFF_MARKS = ("jvp(", "transpose(")
 
 
-def _name_stacks(jaxpr: Any, found: set[str]) -> set[str]:
+def _equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, those of the jaxprs inside its equations' params too (scan,
+    cond, jit, remat)."""
     for equation in jaxpr.eqns:
-        found.add(str(equation.source_info.name_stack))
+        yield equation
         for value in equation.params.values():
             for inner in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's, or a Jaxpr itself
                 if hasattr(inner, "eqns"):
-                    _name_stacks(inner, found)
-    return found
+                    yield from _equations(inner)
+
+
+def _name_stacks(jaxpr: Any) -> set[str]:
+    return {str(equation.source_info.name_stack) for equation in _equations(jaxpr)}
 
 
 def jax_differentiated(function: Any, *args: Any) -> list[str]:
@@ -346,8 +354,31 @@ def jax_differentiated(function: Any, *args: Any) -> list[str]:
 
 
 def _differentiated(jaxpr: Any) -> list[str]:
-    stacks = _name_stacks(jaxpr, set())
+    stacks = _name_stacks(jaxpr)
     return sorted(s for s in stacks if any(mark in s for mark in AUTODIFF_MARKS))
+
+
+def wider_floats(function: Any, dtype: Any, *args: Any) -> list[str]:
+    """The equations of `function(*args)`'s program, as sorted "primitive -> dtype" strings,
+    that output floating-point values wider than dtype: [] when a float32 pass stays in
+    float32. Under x64 an array made without a dtype (`jnp.ones(n)`) is float64, and JAX's
+    standard promotion turns what it meets into float64 without a word. A weakly typed value
+    (from Python numbers alone: `jnp.where(c, 1.0, 0.5)`) takes the dtype of the array it
+    meets, so it is not counted. Traced, not compiled."""
+    return _wider_floats(jax.make_jaxpr(function)(*args).jaxpr, dtype)
+
+
+def _wider_floats(jaxpr: Any, dtype: Any) -> list[str]:
+    bits = jnp.finfo(dtype).bits
+    found = set()
+    for equation in _equations(jaxpr):
+        for variable in equation.outvars:
+            value_dtype = getattr(variable.aval, "dtype", None)
+            if (value_dtype is not None and not getattr(variable.aval, "weak_type", False)
+                    and jnp.issubdtype(value_dtype, jnp.floating)
+                    and jnp.finfo(value_dtype).bits > bits):
+                found.add(f"{equation.primitive.name} -> {jnp.dtype(value_dtype).name}")
+    return sorted(found)
 
 
 def gradient_report(
@@ -376,7 +407,9 @@ def gradient_report(
     out: a kink within h, see `smooth_coordinates`; at most half may be), mismatch (None, or
     the shape or dtype in which the manual gradient differs from jax.grad's: a failure),
     by_hand (the manual engine's program holds no equation of JAX's differentiation,
-    `jax_differentiated`; false fails every row), passed. `key` goes
+    `jax_differentiated`; false fails every row), wider_floats (the equations of that program
+    that compute in a wider float than dtype, `wider_floats`; any fails every row), passed.
+    `key` goes
     to a stochastic model (dropout): all three gradients then hold the same draws fixed.
     """
     dtype_name = jnp.dtype(dtype).name
@@ -407,6 +440,7 @@ def _gradient_report(
     params, x, targets = astype(params, dtype), astype(x, dtype), astype(targets, dtype)
     traced = jax.jit(engines.manual(model, objective)).trace(params, x, targets, key)
     by_hand = not _differentiated(traced.jaxpr.jaxpr)  # the program compiled next
+    wider = _wider_floats(traced.jaxpr.jaxpr, dtype)
     _, manual_grad = traced.lower().compile()(params, x, targets, key)
     _, autodiff_grad = jax.jit(engines.autodiff(model, objective))(params, x, targets, key)
 
@@ -462,7 +496,8 @@ def _gradient_report(
                                     ("dtype", manual_leaf.dtype, autodiff_leaf.dtype))
                                 if ours != theirs), None)
         row["by_hand"] = by_hand
-        passed = (by_hand and row["mismatch"] is None
+        row["wider_floats"] = wider
+        passed = (by_hand and not wider and row["mismatch"] is None
                   and row["rel_err_vs_autodiff"] <= tolerance["vs_autodiff"])
         if with_fd:
             chosen, (plus, minus) = coordinates[path], shifted[_raw(path)]
@@ -503,7 +538,9 @@ def layer_report(
     leaf, with keys layer, param ("dx", or the leaf's name as `named_parameters` gives it),
     dtype, shape, rel_err_vs_vjp, cosine, mismatch (None, or the shape or dtype in which the
     hand-written gradient differs: a failure), by_hand (the backward's program holds no
-    equation of JAX's differentiation, `jax_differentiated`) and passed (by_hand, and
+    equation of JAX's differentiation, `jax_differentiated`), wider_floats (the equations of
+    the forward and backward passes that compute in a wider float than dtype,
+    `wider_floats`) and passed (by_hand, no wider_floats, and
     rel_err_vs_vjp <= TOLERANCES[dtype]["vs_autodiff"]). Where `gradient_report` checks a
     layer inside a net, an error in a layer's dx shows in the rows of the layers below it;
     here it is its own "dx" row. `key` goes to a stochastic layer (both passes see the same
@@ -519,6 +556,8 @@ def layer_report(
         dy = jax.random.normal(jax.random.key(seed), y.shape, y.dtype)
         manual = layer.backward(params, residuals, dy)
         by_hand = not jax_differentiated(lambda: layer.backward(params, residuals, dy))
+        wider = wider_floats(lambda: layer.backward(params, *forward_with_key(
+            layer, params, x, key)[1:], dy), dtype)
         floating_x = jnp.issubdtype(x.dtype, jnp.floating)
         if floating_x:
             _, pullback = jax.vjp(lambda p, inputs: layer.apply(p, inputs, key), params, x)
@@ -540,8 +579,8 @@ def layer_report(
         rows.append({"layer": layer_name, "param": name, "dtype": dtype_name,
                      "shape": list(ours.shape), "rel_err_vs_vjp": error,
                      "cosine": cosine_similarity(ours, theirs) if mismatch is None else 0.0,
-                     "mismatch": mismatch, "by_hand": by_hand,
-                     "passed": bool(by_hand and mismatch is None
+                     "mismatch": mismatch, "by_hand": by_hand, "wider_floats": wider,
+                     "passed": bool(by_hand and not wider and mismatch is None
                                     and error <= TOLERANCES[dtype_name]["vs_autodiff"])})
     return rows
 

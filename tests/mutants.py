@@ -67,7 +67,8 @@ CHECKERS = {
     "nets/gradcheck.py": ("_flat_pair", "relative_error", "cosine_similarity",
                           "moved_parameters", "shifted_energies", "_leaf_indices", "kink_gaps",
                           "finite_difference_tolerance", "smooth_coordinates", "layer_report",
-                          "jax_differentiated", "_name_stacks", "_differentiated"),
+                          "jax_differentiated", "_equations", "_name_stacks", "_differentiated",
+                          "_wider_floats"),
 }
 RELATED = {"engines": ("curvature", "gauss_newton"), "losses": ("curvature",),
            "layers": ("combinators", "gauss_newton", "hessian_product", "curvature"),

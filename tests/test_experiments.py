@@ -86,9 +86,10 @@ def test_gradcheck_writes_every_check_and_passes(tmp_path, names):
     assert {c["model"] for c in checks} == set(names)
     assert {c["dtype"] for c in checks} == {"float64", "float32"}
     required = {"model", "layer", "param", "dtype", "rel_err_vs_autodiff",
-                "rel_err_vs_finite_diff", "cosine", "by_hand", "passed"}
+                "rel_err_vs_finite_diff", "cosine", "by_hand", "wider_floats", "passed"}
     assert all(required <= set(c) for c in checks)
     assert document["metrics"]["by_hand"] is True
+    assert document["metrics"]["wider_floats"] == []  # every float32 check ran in float32
     assert all(c["rel_err_vs_autodiff"] <= F64 for c in checks if c["dtype"] == "float64")
     assert (tmp_path / "errors.png").stat().st_size > 10_000
 

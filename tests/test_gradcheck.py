@@ -336,6 +336,49 @@ def test_each_dtype_is_held_to_its_own_tolerance_in_both_reports(dtype_name, off
                                                                    else set())
 
 
+def dense_scaled_in_float64(name):
+    """Dense whose backward multiplies its gradients by a float64 one and casts them back: the
+    same values and dtypes, computed in float64 for float32 params under x64 (as `jnp.ones(())`
+    would have it)."""
+    dense = layers.Dense(3, name=name)
+
+    def backward(params, x, dy):
+        dparams, dx = dense.backward(params, x, dy)
+        one = jnp.asarray(1.0, jnp.float64)
+        return {key: (value * one).astype(value.dtype) for key, value in dparams.items()}, dx
+
+    return dense._replace(backward=backward)
+
+
+@pytest.mark.standard_promotion  # a user's session: x64 on, JAX's standard promotion
+def test_a_float32_check_computed_in_float64_fails_both_reports():
+    """The float32 rows of a pass that computes in float64 anywhere fail, naming the
+    equations (`wider_floats`), though every value and dtype agrees with jax.grad's; the
+    float64 rows pass, and so do float32 rows of plain Dense."""
+    x, targets = random_batch(jax.random.key(1), 6, 5, 3, jnp.float32)
+    for layer, leaks in ((dense_scaled_in_float64("leaky"), True),
+                         (layers.Dense(3, name="leaky"), False)):
+        model = layers.serial(layer, layers.Tanh(), name="net")
+        _, params = model.init(jax.random.key(0), (-1, 5))
+        for dtype in (jnp.float32, jnp.float64):
+            expected = (["convert_element_type -> float64", "mul -> float64"]
+                        if leaks and dtype == jnp.float32 else [])
+            report = gradcheck.gradient_report(model, losses.lecture_objective(0.1), params, x,
+                                               targets, dtype)
+            alone = gradcheck.layer_report(layer, params[0], x, dtype)
+            for row in report + alone:
+                assert row["wider_floats"] == expected, (row, dtype)
+                assert row["passed"] is not bool(expected), (row, dtype)
+            assert max(row["rel_err_vs_autodiff"] for row in report) <= (
+                gradcheck.TOLERANCES[jnp.dtype(dtype).name]["vs_autodiff"])
+    assert gradcheck.wider_floats(lambda a: a * 2.0, jnp.float32, x) == []
+    # weakly typed float64 from Python numbers alone, cast: no float32 value met float64
+    assert gradcheck.wider_floats(lambda a: a * jnp.where(a > 0, 1.0, 0.5).astype(a.dtype),
+                                  jnp.float32, x) == []
+    assert gradcheck.wider_floats(lambda a: a.astype(jnp.float64) * 2.0, jnp.float32, x) == [
+        "convert_element_type -> float64", "mul -> float64"]
+
+
 @pytest.mark.parametrize("dtype_name, bound", [("float64", 1e-10), ("float32", 1e-5)])
 def test_the_tests_own_comparison_holds_each_dtype_to_its_bound(dtype_name, bound):
     """tests/helpers.py's `assert_close_tree`, which most layer tests compare with: a leaf
